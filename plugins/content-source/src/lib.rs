@@ -1,0 +1,242 @@
+//! Holdfast's default content-source plugin: a table of package-repository
+//! sources for the range cache.
+//!
+//! Each source names the hostnames it answers for (aliases share one cache
+//! namespace), the origin to fetch from, and path patterns for immutable
+//! content (packages) and for index files that must be revalidated. Patterns
+//! are globs: `*` matches within one path segment, `**` across segments.
+//! A request for an unknown host is denied with 403; so is a path that
+//! matches neither class when `other = "deny"`.
+//!
+//! Delivery Optimization clients send the real host in the
+//! `cacheHostOrigin` query parameter; it is honoured and removed from the
+//! cache key.
+//!
+//! ```toml
+//! [[plugins.content-source.config.sources]]
+//! name = "debian"
+//! hosts = ["deb.debian.org", "ftp.debian.org"]
+//! origin = "https://deb.debian.org"
+//! immutable = ["/**/*.deb", "/**/by-hash/**"]
+//! revalidate = ["/**/InRelease", "/**/Release", "/**/Packages*"]
+//! other = "revalidate"        # revalidate | pass-through | deny
+//! ttl_seconds = 300           # freshness of revalidated objects
+//! max_object_size = 4294967296
+//! ```
+
+use holdfast_sdk::content::{CachePlan, ContentClass, ContentSource, Decision, RequestHead};
+use holdfast_sdk::Config;
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    #[serde(default)]
+    sources: Vec<Source>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Other {
+    Revalidate,
+    PassThrough,
+    Deny,
+}
+
+fn default_other() -> Other {
+    Other::Revalidate
+}
+
+fn default_ttl() -> u32 {
+    300
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Source {
+    name: String,
+    hosts: Vec<String>,
+    origin: String,
+    #[serde(default)]
+    immutable: Vec<String>,
+    #[serde(default)]
+    revalidate: Vec<String>,
+    #[serde(default = "default_other")]
+    other: Other,
+    #[serde(default = "default_ttl")]
+    ttl_seconds: u32,
+    max_object_size: Option<u64>,
+}
+
+/// The default content-source plugin.
+#[derive(Debug)]
+pub struct DefaultContentSource {
+    sources: Vec<Source>,
+}
+
+/// Matches a path against a glob where `*` stays within a segment and `**`
+/// crosses segments.
+pub fn glob_match(pattern: &str, path: &str) -> bool {
+    fn go(p: &[u8], s: &[u8]) -> bool {
+        match p.first() {
+            None => s.is_empty(),
+            Some(b'*') if p.get(1) == Some(&b'*') => {
+                let rest = &p[2..];
+                // `**/` may also match zero segments.
+                let rest_noslash = rest.strip_prefix(b"/").unwrap_or(rest);
+                (0..=s.len()).any(|i| go(rest, &s[i..]) || (i == 0 && go(rest_noslash, s)))
+            }
+            Some(b'*') => {
+                let rest = &p[1..];
+                for i in 0..=s.len() {
+                    if go(rest, &s[i..]) {
+                        return true;
+                    }
+                    if i < s.len() && s[i] == b'/' {
+                        break;
+                    }
+                }
+                false
+            }
+            Some(c) => s.first() == Some(c) && go(&p[1..], &s[1..]),
+        }
+    }
+    go(pattern.as_bytes(), path.as_bytes())
+}
+
+fn strip_param(path_and_query: &str, name: &str) -> String {
+    let Some((path, query)) = path_and_query.split_once('?') else {
+        return path_and_query.to_string();
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|p| p.split('=').next() != Some(name) && !p.is_empty())
+        .collect();
+    if kept.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{}", kept.join("&"))
+    }
+}
+
+impl ContentSource for DefaultContentSource {
+    fn init(config: &Config) -> Result<Self, String> {
+        let settings: Settings = config.deserialize()?;
+        for (i, s) in settings.sources.iter().enumerate() {
+            let what = format!("sources[{i}] ({})", s.name);
+            if s.hosts.is_empty() {
+                return Err(format!("{what}: hosts is empty"));
+            }
+            if !(s.origin.starts_with("http://") || s.origin.starts_with("https://")) {
+                return Err(format!("{what}: origin must start with http:// or https://, got {:?}", s.origin));
+            }
+            for p in s.immutable.iter().chain(&s.revalidate) {
+                if !p.starts_with('/') {
+                    return Err(format!("{what}: pattern {p:?} must start with /"));
+                }
+            }
+        }
+        Ok(DefaultContentSource {
+            sources: settings.sources,
+        })
+    }
+
+    fn classify(&self, request: &RequestHead) -> Decision {
+        if request.method != "GET" && request.method != "HEAD" {
+            return Decision::Deny(format!("method {} is not cached", request.method));
+        }
+        let host = request
+            .query_param("cacheHostOrigin")
+            .map(|h| h.to_ascii_lowercase())
+            .unwrap_or_else(|| request.host.clone());
+        let Some(source) = self.sources.iter().find(|s| s.hosts.iter().any(|h| h.eq_ignore_ascii_case(&host))) else {
+            return Decision::Deny(format!("host {host:?} is not a configured source"));
+        };
+        let origin_path = strip_param(&request.path_and_query, "cacheHostOrigin");
+        let path = origin_path.split('?').next().unwrap_or("");
+        let class = if source.immutable.iter().any(|p| glob_match(p, path)) {
+            ContentClass::Immutable
+        } else if source.revalidate.iter().any(|p| glob_match(p, path)) {
+            ContentClass::Revalidate
+        } else {
+            match source.other {
+                Other::Revalidate => ContentClass::Revalidate,
+                Other::PassThrough => return Decision::PassThrough(source.origin.clone()),
+                Other::Deny => return Decision::Deny(format!("path {path:?} is not served for {}", source.name)),
+            }
+        };
+        Decision::Cache(CachePlan {
+            origin: source.origin.trim_end_matches('/').to_string(),
+            key: format!("{}:{}", source.name, origin_path),
+            origin_path,
+            class,
+            ttl_seconds: source.ttl_seconds,
+            max_object_size: source.max_object_size,
+        })
+    }
+}
+
+holdfast_sdk::export_content_source!(DefaultContentSource);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plugin() -> DefaultContentSource {
+        DefaultContentSource::init(
+            &Config::parse(
+                r#"{"sources":[{"name":"debian","hosts":["deb.debian.org","ftp.debian.org"],
+                "origin":"https://deb.debian.org/","immutable":["/**/*.deb"],
+                "revalidate":["/**/InRelease"],"other":"deny","max_object_size":100}]}"#,
+            )
+            .unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn aliases_share_a_namespace_and_classes_follow_patterns() {
+        let p = plugin();
+        let a = p.classify(&RequestHead::get("deb.debian.org", "/debian/pool/main/c/curl/curl_8.deb"));
+        let b = p.classify(&RequestHead::get("ftp.debian.org", "/debian/pool/main/c/curl/curl_8.deb"));
+        assert_eq!(a, b);
+        let Decision::Cache(plan) = a else { panic!("{a:?}") };
+        assert_eq!(plan.class, ContentClass::Immutable);
+        assert_eq!(plan.key, "debian:/debian/pool/main/c/curl/curl_8.deb");
+        assert_eq!(plan.origin, "https://deb.debian.org");
+        assert_eq!(plan.max_object_size, Some(100));
+        let Decision::Cache(idx) = p.classify(&RequestHead::get("deb.debian.org", "/debian/dists/bookworm/InRelease"))
+        else {
+            panic!()
+        };
+        assert_eq!(idx.class, ContentClass::Revalidate);
+        assert!(matches!(p.classify(&RequestHead::get("deb.debian.org", "/x.txt")), Decision::Deny(_)));
+        assert!(matches!(p.classify(&RequestHead::get("evil.example", "/a.deb")), Decision::Deny(_)));
+    }
+
+    #[test]
+    fn cache_host_origin_is_honoured_and_not_part_of_the_key() {
+        let p = plugin();
+        let d = p.classify(&RequestHead::get("10.0.0.1", "/pool/x.deb?cacheHostOrigin=deb.debian.org&a=1"));
+        let Decision::Cache(plan) = d else { panic!("{d:?}") };
+        assert_eq!(plan.origin_path, "/pool/x.deb?a=1");
+        assert_eq!(plan.key, "debian:/pool/x.deb?a=1");
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("/**/*.deb", "/a/b/c.deb"));
+        assert!(glob_match("/**/*.deb", "/c.deb"));
+        assert!(!glob_match("/*.deb", "/a/c.deb"));
+        assert!(glob_match("/dists/*/InRelease", "/dists/stable/InRelease"));
+        assert!(!glob_match("/dists/*/InRelease", "/dists/a/b/InRelease"));
+    }
+
+    #[test]
+    fn bad_config_is_rejected() {
+        let bad = r#"{"sources":[{"name":"x","hosts":[],"origin":"https://a"}]}"#;
+        assert!(DefaultContentSource::init(&Config::parse(bad).unwrap()).unwrap_err().contains("hosts is empty"));
+        let bad = r#"{"sources":[{"name":"x","hosts":["a"],"origin":"ftp://a"}]}"#;
+        assert!(DefaultContentSource::init(&Config::parse(bad).unwrap()).unwrap_err().contains("origin must"));
+    }
+}
