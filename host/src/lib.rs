@@ -1,1 +1,5 @@
-
+//! Holdfast: an offline-first IoT edge gateway.
+pub mod config;
+pub mod identity;
+pub mod metrics;
+pub mod plugins;

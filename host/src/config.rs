@@ -1,0 +1,428 @@
+//! The gateway configuration: one TOML file, every key optional.
+//!
+//! The config is the factory: [`Config`] is deserialized with every default
+//! filled in here, checked by [`Config::validate`], and the runtime is built
+//! from it. `docs/configuration.md` documents every key; keep them in step.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// A configuration error that names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("config is not valid TOML: {0}")]
+    Syntax(String),
+    /// A key has the wrong type or is unknown.
+    #[error("config key {key}: {message}")]
+    Key {
+        /// Dotted path of the key, e.g. `plugins.router.deadline_ms`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Key {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[node]`
+    pub node: NodeConfig,
+    /// `[log]`
+    pub log: LogConfig,
+    /// `[admin]`
+    pub admin: AdminConfig,
+    /// `[plugins]`
+    pub plugins: PluginsConfig,
+    /// `[[identities]]`: identities seeded from the config.
+    pub identities: Vec<IdentityConfig>,
+}
+
+/// `[node]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// This node's id, shown to plugins and in metrics. Default `holdfast`.
+    pub id: String,
+    /// Where all state lives. Default `./holdfast-data`.
+    pub data_dir: PathBuf,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            id: "holdfast".to_string(),
+            data_dir: PathBuf::from("./holdfast-data"),
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter, e.g. `info` or `holdfast=debug`. `RUST_LOG` overrides it. Default `info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_string(),
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Serve the admin API. Default true.
+    pub enabled: bool,
+    /// Listen address. Default `127.0.0.1:9600` (loopback only).
+    pub listen: SocketAddr,
+    /// Bearer token. Default: none, a random token is generated into
+    /// `<data_dir>/admin.token` (mode 0600) on first start.
+    pub token: Option<String>,
+    /// Require the token for `/metrics` too. Default false.
+    pub metrics_require_token: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9600)),
+            token: None,
+            metrics_require_token: false,
+        }
+    }
+}
+
+/// `[plugins]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Compiled-artifact cache. Default `<data_dir>/plugin-cache`.
+    pub cache_dir: Option<PathBuf>,
+    /// A folder watched for `router.wasm`, `auth.wasm`, `content-source.wasm`;
+    /// a changed file is swapped in. Default: none.
+    pub watch_dir: Option<PathBuf>,
+    /// How often the watched folder is scanned, ms. Default 1000.
+    pub watch_interval_ms: u64,
+    /// Capacity of the instance pool shared by all slots (instances alive at
+    /// once, idle or busy). Default 128.
+    pub max_instances: u32,
+    /// `[plugins.router]`
+    pub router: SlotConfig<RouterFailurePolicy>,
+    /// `[plugins.auth]`
+    pub auth: SlotConfig<AuthFailurePolicy>,
+    /// `[plugins.content-source]`
+    #[serde(rename = "content-source")]
+    pub content_source: SlotConfig<ContentFailurePolicy>,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            cache_dir: None,
+            watch_dir: None,
+            watch_interval_ms: 1000,
+            max_instances: 128,
+            router: SlotConfig::default(),
+            auth: SlotConfig::default(),
+            content_source: SlotConfig::default(),
+        }
+    }
+}
+
+/// One plugin slot: `[plugins.router]`, `[plugins.auth]`, `[plugins.content-source]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SlotConfig<P> {
+    /// A `.wasm` component to load instead of the embedded default.
+    pub file: Option<PathBuf>,
+    /// The plugin's own configuration, passed to its `init` as JSON.
+    pub config: toml::Table,
+    /// Deadline for one call, ms; a call running longer is interrupted. Default 10.
+    pub deadline_ms: u64,
+    /// Linear-memory cap per instance, MiB. Default 64.
+    pub memory_mib: u64,
+    /// Idle instances kept warm. Default 8.
+    pub pool_size: usize,
+    /// What a call that traps, times out or runs out of memory yields.
+    pub on_failure: P,
+}
+
+impl<P: Default> Default for SlotConfig<P> {
+    fn default() -> Self {
+        SlotConfig {
+            file: None,
+            config: toml::Table::new(),
+            deadline_ms: 10,
+            memory_mib: 64,
+            pool_size: 8,
+            on_failure: P::default(),
+        }
+    }
+}
+
+/// Router failure policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RouterFailurePolicy {
+    /// Keep the message aside in the dead-letter sink (default).
+    #[default]
+    DeadLetter,
+    /// Drop the message, counted under reason `plugin-failure`.
+    Drop,
+}
+
+/// Auth failure policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthFailurePolicy {
+    /// Refuse the CONNECT / deny the operation (default).
+    #[default]
+    Deny,
+}
+
+/// Content-source failure policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ContentFailurePolicy {
+    /// Forward the request uncached to the host it named (default).
+    #[default]
+    PassThrough,
+    /// Refuse with 403.
+    Deny,
+}
+
+/// `[[identities]]`: an identity seeded from the config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Device id, `{device}/{module}` for a module, gateway id, or username.
+    pub id: String,
+    /// `device`, `module`, `gateway` or `user`. Default `device`.
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// Parent gateway id.
+    pub parent: Option<String>,
+    /// Default true.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Primary symmetric key, base64.
+    pub sas_primary: Option<String>,
+    /// Secondary symmetric key, base64.
+    pub sas_secondary: Option<String>,
+    /// Certificate thumbprints (SHA-256, hex).
+    #[serde(default)]
+    pub thumbprints: Vec<String>,
+    /// Argon2 PHC hash (`holdfast passwd` prints one).
+    pub password_hash: Option<String>,
+}
+
+fn default_kind() -> String {
+    "device".to_string()
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The configuration `holdfast run` uses with no file: every default.
+pub const EMBEDDED_DEFAULT: &str = include_str!("default-config.toml");
+
+impl Config {
+    /// Parses and validates TOML text.
+    ///
+    /// # Errors
+    /// Syntax errors, unknown keys, wrong types and invalid values; the error
+    /// names the key.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let message = e.inner().message().to_string();
+            ConfigError::key(key, message)
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a file.
+    ///
+    /// # Errors
+    /// As [`Config::parse`], plus I/O errors.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// The embedded default configuration.
+    pub fn embedded_default() -> Self {
+        // The embedded file is checked by a unit test; a failure here is a build defect.
+        Self::parse(EMBEDDED_DEFAULT).unwrap_or_default()
+    }
+
+    /// Checks values that types alone cannot.
+    ///
+    /// # Errors
+    /// The first invalid value, by key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.id.is_empty() || self.node.id.len() > 128 {
+            return Err(ConfigError::key("node.id", "must be 1-128 characters"));
+        }
+        if !self.node.id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(ConfigError::key("node.id", "may contain only letters, digits, '-', '_' and '.'"));
+        }
+        if let Some(t) = &self.admin.token {
+            if t.len() < 16 {
+                return Err(ConfigError::key("admin.token", "must be at least 16 characters"));
+            }
+        }
+        if self.plugins.watch_interval_ms < 50 {
+            return Err(ConfigError::key("plugins.watch_interval_ms", "must be at least 50"));
+        }
+        if !(4..=10_000).contains(&self.plugins.max_instances) {
+            return Err(ConfigError::key("plugins.max_instances", "must be 4-10000"));
+        }
+        self.plugins.router.validate("plugins.router")?;
+        self.plugins.auth.validate("plugins.auth")?;
+        self.plugins.content_source.validate("plugins.content-source")?;
+        let mut seen = std::collections::HashSet::new();
+        for (i, id) in self.identities.iter().enumerate() {
+            let key = |k: &str| format!("identities[{i}].{k}");
+            if id.id.is_empty() {
+                return Err(ConfigError::key(key("id"), "is empty"));
+            }
+            if !seen.insert(id.id.as_str()) {
+                return Err(ConfigError::key(key("id"), format!("{:?} appears twice", id.id)));
+            }
+            if crate::identity::parse_kind(&id.kind).is_none() {
+                return Err(ConfigError::key(key("kind"), "must be device, module, gateway or user"));
+            }
+            for (k, v) in [("sas_primary", &id.sas_primary), ("sas_secondary", &id.sas_secondary)] {
+                if let Some(v) = v {
+                    use base64::Engine as _;
+                    if base64::engine::general_purpose::STANDARD.decode(v).is_err() {
+                        return Err(ConfigError::key(key(k), "is not base64"));
+                    }
+                }
+            }
+            for t in &id.thumbprints {
+                if t.len() != 64 || !t.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(ConfigError::key(key("thumbprints"), format!("{t:?} is not a SHA-256 hex thumbprint")));
+                }
+            }
+            if let Some(h) = &id.password_hash {
+                if argon2::PasswordHash::new(h).is_err() {
+                    return Err(ConfigError::key(key("password_hash"), "is not a PHC password hash (see `holdfast passwd`)"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The plugin artifact cache directory.
+    pub fn plugin_cache_dir(&self) -> PathBuf {
+        self.plugins
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| self.node.data_dir.join("plugin-cache"))
+    }
+}
+
+impl<P> SlotConfig<P> {
+    fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        if !(1..=60_000).contains(&self.deadline_ms) {
+            return Err(ConfigError::key(format!("{prefix}.deadline_ms"), "must be 1-60000"));
+        }
+        if !(1..=4096).contains(&self.memory_mib) {
+            return Err(ConfigError::key(format!("{prefix}.memory_mib"), "must be 1-4096"));
+        }
+        if !(1..=256).contains(&self.pool_size) {
+            return Err(ConfigError::key(format!("{prefix}.pool_size"), "must be 1-256"));
+        }
+        if let Some(f) = &self.file {
+            if f.as_os_str().is_empty() {
+                return Err(ConfigError::key(format!("{prefix}.file"), "is empty"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The plugin's config table as JSON text.
+    pub fn config_json(&self) -> String {
+        serde_json::to_string(&self.config).unwrap_or_else(|_| "{}".to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses_and_matches_the_built_in_defaults() {
+        let c = Config::parse(EMBEDDED_DEFAULT).unwrap();
+        assert_eq!(c.node.data_dir, PathBuf::from("./holdfast-data"));
+        assert_eq!(c.admin.listen, "127.0.0.1:9600".parse().unwrap());
+        assert_eq!(c.plugins.router.deadline_ms, 10);
+        assert_eq!(c.plugins.router.memory_mib, 64);
+        assert!(c.plugins.auth.config.get("allow_anonymous").is_some());
+        assert_eq!(Config::parse("").unwrap().plugins.router.deadline_ms, 10);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("[plugins.router]\ndeadline_ms = \"fast\"", "config key plugins.router.deadline_ms: invalid type"),
+            ("[plugins.router]\ndeadline_ms = 0", "config key plugins.router.deadline_ms: must be 1-60000"),
+            ("[plugins.auth]\non_failure = \"allow\"", "config key plugins.auth.on_failure: unknown variant `allow`"),
+            ("[admin]\nlisten = \"nowhere\"", "config key admin.listen: invalid socket address"),
+            ("[nodes]\nid = \"x\"", "unknown field `nodes`"),
+            ("[node]\nid = \"a b\"", "config key node.id: may contain only"),
+            ("[[identities]]\nid = \"d\"\nsas_primary = \"!!\"", "config key identities[0].sas_primary: is not base64"),
+            ("[[identities]]\nid = \"d\"\nkind = \"robot\"", "config key identities[0].kind"),
+            ("[plugins.content-source]\nmemory_mib = 99999", "config key plugins.content-source.memory_mib"),
+            ("node = 3 = 4", "config is not valid TOML"),
+        ];
+        for (text, want) in cases {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?}: got {err:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn plugin_config_becomes_json() {
+        let c = Config::parse("[plugins.router.config]\ndefault_lane = 3\nrules = [{filter = \"a/#\", local = true}]")
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&c.plugins.router.config_json()).unwrap();
+        assert_eq!(v["default_lane"], 3);
+        assert_eq!(v["rules"][0]["filter"], "a/#");
+    }
+}

@@ -1,0 +1,385 @@
+//! The plugin runtime: sandboxed WebAssembly components behind the WIT
+//! contract `holdfast:gateway@0.1.0`, one slot per plugin kind.
+//!
+//! - One wasmtime [`Engine`](wasmtime::Engine) with the pooling allocator;
+//!   compiled components are cached on disk by wasm hash and engine version.
+//! - Each slot keeps a pool of warm instances of its active version. A call
+//!   runs under an epoch deadline and a memory cap; an instance that traps,
+//!   times out or hits the cap is discarded and the slot's failure policy
+//!   answers instead ([`Failure`]). Other slots are unaffected.
+//! - [`PluginHost::swap`] compiles, type-checks, instantiates and runs
+//!   `init` before an atomic switch; any failure leaves the old version
+//!   active. The previous version is kept for [`PluginHost::rollback`].
+//!
+//! Only this module touches wasmtime.
+
+pub mod bindings;
+mod embedded;
+mod engine;
+pub mod message;
+mod slot;
+mod state;
+pub mod watch;
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use wasmtime::component::Resource;
+
+pub use self::bindings::{
+    Action, AuthzDecision, CachePlan, ContentClass, ContentDecision, ConnectInfo, LocalAction, Operation, Principal,
+    Refusal, RefusalCode, RequestHead, Transport, UpstreamAction,
+};
+pub use self::embedded::embedded_plugin;
+pub use self::engine::Runtime;
+pub use self::message::{Message, MessageRep};
+pub use self::slot::{Failure, SlotStatus, SwapRecord};
+pub use self::state::{NodeContext, LOG_MESSAGE_MAX, LOG_RECORDS_PER_CALL};
+pub use crate::metrics::FailureKind;
+use self::slot::{AuthKind, ContentKind, RouterKind, Slot, SlotLimits};
+use crate::config::{Config, ContentFailurePolicy, RouterFailurePolicy, SlotConfig};
+
+/// A plugin slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlotName {
+    /// Decides where messages go.
+    Router,
+    /// Decides who connects and what they may do.
+    Auth,
+    /// Decides what the range cache serves.
+    ContentSource,
+}
+
+impl SlotName {
+    /// Every slot.
+    pub const ALL: [SlotName; 3] = [SlotName::Router, SlotName::Auth, SlotName::ContentSource];
+
+    /// The slot's name as used in config, CLI and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotName::Router => "router",
+            SlotName::Auth => "auth",
+            SlotName::ContentSource => "content-source",
+        }
+    }
+}
+
+impl std::fmt::Display for SlotName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for SlotName {
+    type Err = PluginError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        SlotName::ALL
+            .into_iter()
+            .find(|n| n.as_str() == s)
+            .ok_or_else(|| PluginError::UnknownSlot(s.to_string()))
+    }
+}
+
+/// Errors loading, swapping or rolling back plugins.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// No such slot.
+    #[error("unknown plugin slot {0:?} (expected router, auth or content-source)")]
+    UnknownSlot(String),
+    /// The bytes are not a valid WebAssembly component.
+    #[error("not a valid plugin component: {0}")]
+    InvalidComponent(String),
+    /// The component does not implement the slot's world.
+    #[error("component does not implement the {slot} world of holdfast:gateway@0.1.0: {detail}")]
+    WrongWorld {
+        /// The slot.
+        slot: SlotName,
+        /// What wasmtime found missing or mismatched.
+        detail: String,
+    },
+    /// `init` returned an error or the instance could not be created.
+    #[error("plugin init failed: {0}")]
+    InitFailed(String),
+    /// `init` trapped, timed out or hit the memory cap.
+    #[error("plugin init trapped: {0}")]
+    InitTrapped(String),
+    /// Rollback with nothing to roll back to.
+    #[error("slot {0} has no previous version to roll back to")]
+    NoPrevious(SlotName),
+    /// A plugin file could not be read.
+    #[error("cannot read plugin file {path}: {source}")]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The engine could not be set up.
+    #[error("plugin engine: {0}")]
+    Engine(String),
+}
+
+/// The answer of a plugin call: the version that answered, the value after
+/// the failure policy, and the failure if there was one.
+#[derive(Debug, Clone)]
+pub struct Answer<T> {
+    /// Hash of the version that answered.
+    pub version: Arc<str>,
+    /// The value (the policy's value when the call failed).
+    pub value: T,
+    /// Set when the call failed and the policy answered.
+    pub failure: Option<Failure>,
+}
+
+/// What the router decided for a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteOutcome {
+    /// The plugin's actions; an empty list means drop with reason `no-route`.
+    Actions(Vec<Action>),
+    /// The plugin failed and the policy is `dead-letter`: keep the message aside.
+    DeadLetter(String),
+    /// The plugin failed and the policy is `drop`.
+    Drop(String),
+}
+
+/// The loaded plugins of a node.
+pub struct PluginHost {
+    runtime: Arc<Runtime>,
+    router: Slot<RouterKind>,
+    auth: Slot<AuthKind>,
+    content: Slot<ContentKind>,
+    router_policy: RouterFailurePolicy,
+    content_policy: ContentFailurePolicy,
+}
+
+impl std::fmt::Debug for PluginHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginHost")
+            .field("router", &self.router)
+            .field("auth", &self.auth)
+            .field("content", &self.content)
+            .finish_non_exhaustive()
+    }
+}
+
+fn limits<P>(c: &SlotConfig<P>) -> SlotLimits {
+    SlotLimits {
+        deadline_ms: c.deadline_ms,
+        memory_bytes: (c.memory_mib as usize) << 20,
+        pool_size: c.pool_size,
+    }
+}
+
+fn initial_bytes<P>(slot: SlotName, c: &SlotConfig<P>) -> Result<(Vec<u8>, String), PluginError> {
+    match &c.file {
+        Some(path) => std::fs::read(path)
+            .map(|b| (b, path.display().to_string()))
+            .map_err(|source| PluginError::Read {
+                path: path.clone(),
+                source,
+            }),
+        None => Ok((embedded_plugin(slot).to_vec(), "embedded".to_string())),
+    }
+}
+
+impl PluginHost {
+    /// Loads every slot from the config: the configured file, or the
+    /// embedded default plugin.
+    ///
+    /// # Errors
+    /// The engine cannot be built, or a slot's plugin does not load.
+    pub fn new(config: &Config, node: NodeContext) -> Result<Self, PluginError> {
+        let p = &config.plugins;
+        let max_memory = [p.router.memory_mib, p.auth.memory_mib, p.content_source.memory_mib]
+            .into_iter()
+            .max()
+            .unwrap_or(64) as usize;
+        let runtime = Arc::new(Runtime::new(p.max_instances, max_memory << 20, Some(config.plugin_cache_dir()))?);
+        let (bytes, source) = initial_bytes(SlotName::Router, &p.router)?;
+        let router = Slot::load(
+            runtime.clone(),
+            node.clone(),
+            limits(&p.router),
+            &bytes,
+            source,
+            p.router.config_json().into(),
+        )?;
+        let (bytes, source) = initial_bytes(SlotName::Auth, &p.auth)?;
+        let auth = Slot::load(runtime.clone(), node.clone(), limits(&p.auth), &bytes, source, p.auth.config_json().into())?;
+        let (bytes, source) = initial_bytes(SlotName::ContentSource, &p.content_source)?;
+        let content = Slot::load(
+            runtime.clone(),
+            node,
+            limits(&p.content_source),
+            &bytes,
+            source,
+            p.content_source.config_json().into(),
+        )?;
+        Ok(PluginHost {
+            runtime,
+            router,
+            auth,
+            content,
+            router_policy: p.router.on_failure,
+            content_policy: p.content_source.on_failure,
+        })
+    }
+
+    /// Routes one message.
+    pub fn route(&self, msg: Arc<Message>) -> Answer<RouteOutcome> {
+        let (version, result) = self.router.call(|b, store| {
+            let handle = store.data_mut().table.push(MessageRep(msg))?;
+            let borrow = Resource::<MessageRep>::new_borrow(handle.rep());
+            let result = b.call_route(&mut *store, borrow);
+            // Remove the handle whatever happened; the message stays with the caller.
+            store.data_mut().table.delete(handle)?;
+            result
+        });
+        match result {
+            Ok(actions) => Answer {
+                version,
+                value: RouteOutcome::Actions(actions),
+                failure: None,
+            },
+            Err(failure) => {
+                let reason = format!("router-failure:{}", failure.kind.as_str());
+                let value = match self.router_policy {
+                    RouterFailurePolicy::DeadLetter => RouteOutcome::DeadLetter(reason),
+                    RouterFailurePolicy::Drop => RouteOutcome::Drop(reason),
+                };
+                Answer {
+                    version,
+                    value,
+                    failure: Some(failure),
+                }
+            }
+        }
+    }
+
+    /// Decides a CONNECT. A failed call refuses it (policy `deny`).
+    pub fn authenticate(&self, info: &ConnectInfo) -> Answer<Result<Principal, Refusal>> {
+        let (version, result) = self.auth.call(|b, store| b.call_authenticate(store, info));
+        match result {
+            Ok(value) => Answer {
+                version,
+                value,
+                failure: None,
+            },
+            Err(failure) => Answer {
+                version,
+                value: Err(Refusal {
+                    code: RefusalCode::NotAuthorized,
+                    reason: format!("auth plugin failed ({failure}); policy deny"),
+                }),
+                failure: Some(failure),
+            },
+        }
+    }
+
+    /// Decides a PUBLISH or SUBSCRIBE. A failed call denies it.
+    pub fn authorize(&self, who: &Principal, op: Operation, topic: &str) -> Answer<AuthzDecision> {
+        let (version, result) = self.auth.call(|b, store| b.call_authorize(store, who, op, topic));
+        match result {
+            Ok(value) => Answer {
+                version,
+                value,
+                failure: None,
+            },
+            Err(failure) => Answer {
+                version,
+                value: AuthzDecision::Deny(format!("auth plugin failed ({failure}); policy deny")),
+                failure: Some(failure),
+            },
+        }
+    }
+
+    /// Classifies an HTTP request for the range cache. A failed call passes
+    /// the request through uncached to the host it named (or denies it,
+    /// per policy).
+    pub fn classify(&self, request: &RequestHead) -> Answer<ContentDecision> {
+        let (version, result) = self.content.call(|b, store| b.call_classify(store, request));
+        match result {
+            Ok(value) => Answer {
+                version,
+                value,
+                failure: None,
+            },
+            Err(failure) => {
+                let value = match self.content_policy {
+                    ContentFailurePolicy::PassThrough => {
+                        let port = request.port.map(|p| format!(":{p}")).unwrap_or_default();
+                        ContentDecision::PassThrough(format!("http://{}{port}", request.host))
+                    }
+                    ContentFailurePolicy::Deny => {
+                        ContentDecision::Deny(format!("content-source plugin failed ({failure}); policy deny"))
+                    }
+                };
+                Answer {
+                    version,
+                    value,
+                    failure: Some(failure),
+                }
+            }
+        }
+    }
+
+    /// Swaps the plugin in `slot` for `bytes`. `config_json` replaces the
+    /// plugin's config; `None` keeps the current one.
+    ///
+    /// # Errors
+    /// See [`PluginError`]; the old version stays active.
+    pub fn swap(
+        &self,
+        slot: SlotName,
+        bytes: &[u8],
+        source: String,
+        config_json: Option<String>,
+    ) -> Result<SwapRecord, PluginError> {
+        let config = config_json.map(Arc::<str>::from);
+        match slot {
+            SlotName::Router => self.router.swap(bytes, source, config),
+            SlotName::Auth => self.auth.swap(bytes, source, config),
+            SlotName::ContentSource => self.content.swap(bytes, source, config),
+        }
+    }
+
+    /// Rolls `slot` back to its previous version.
+    ///
+    /// # Errors
+    /// Nothing to roll back to, or the previous version no longer initialises.
+    pub fn rollback(&self, slot: SlotName) -> Result<SwapRecord, PluginError> {
+        match slot {
+            SlotName::Router => self.router.rollback(),
+            SlotName::Auth => self.auth.rollback(),
+            SlotName::ContentSource => self.content.rollback(),
+        }
+    }
+
+    /// Status of every slot.
+    pub fn list(&self) -> Vec<SlotStatus> {
+        vec![self.router.status(), self.auth.status(), self.content.status()]
+    }
+
+    /// The hash of the active version in `slot`.
+    pub fn version(&self, slot: SlotName) -> Arc<str> {
+        match slot {
+            SlotName::Router => self.router.version(),
+            SlotName::Auth => self.auth.version(),
+            SlotName::ContentSource => self.content.version(),
+        }
+    }
+
+    /// Every load, swap and rollback of every slot, oldest first.
+    pub fn history(&self) -> Vec<SwapRecord> {
+        let mut all: Vec<SwapRecord> = [self.router.history(), self.auth.history(), self.content.history()].concat();
+        all.sort_by_key(|r| r.at_unix_ms);
+        all
+    }
+
+    /// Compiled-artifact cache hits and misses since start.
+    pub fn cache_stats(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.runtime.cache_hits.load(Relaxed), self.runtime.cache_misses.load(Relaxed))
+    }
+}

@@ -1,0 +1,264 @@
+//! Per-instance store state and the host side of the WIT imports.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use wasmtime::component::{Resource, ResourceTable};
+use wasmtime::ResourceLimiter;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::auth::holdfast::gateway::{authn, crypto, identities};
+use super::bindings::content::holdfast::gateway::content;
+use super::bindings::router::holdfast::gateway::{host, routing, types};
+use super::message::MessageRep;
+use super::SlotName;
+use crate::identity::IdentityDirectory;
+use crate::metrics::Metrics;
+
+/// Log records one call may emit before further ones are dropped.
+pub const LOG_RECORDS_PER_CALL: u32 = 64;
+/// Longest log message kept, bytes.
+pub const LOG_MESSAGE_MAX: usize = 4096;
+
+/// What every instance of every plugin can see of the node.
+#[derive(Clone)]
+pub struct NodeContext {
+    /// `node.id`.
+    pub node_id: Arc<str>,
+    /// Fixed point for `monotonic-ns`.
+    pub started: Instant,
+    /// The identities auth plugins verify against.
+    pub identities: Arc<dyn IdentityDirectory>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for NodeContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeContext").field("node_id", &self.node_id).finish_non_exhaustive()
+    }
+}
+
+/// Caps an instance's linear memories and tables, and remembers when a cap was hit.
+#[derive(Debug)]
+pub struct Limits {
+    /// Bytes one linear memory may grow to.
+    pub memory_bytes: usize,
+    /// Elements one table may grow to.
+    pub table_elements: usize,
+    /// Set when a growth was refused: the failure that follows is a memory-cap failure.
+    pub hit: bool,
+}
+
+impl ResourceLimiter for Limits {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            self.hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.table_elements {
+            self.hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+}
+
+/// The data of one plugin instance's `Store`.
+pub struct PluginState {
+    pub(crate) node: NodeContext,
+    pub(crate) slot: SlotName,
+    /// Short hash of the version, for log records.
+    pub(crate) version: Arc<str>,
+    pub(crate) config_json: Arc<str>,
+    pub(crate) table: ResourceTable,
+    wasi: WasiCtx,
+    pub(crate) limits: Limits,
+    log_budget: u32,
+}
+
+impl PluginState {
+    pub(crate) fn new(node: NodeContext, slot: SlotName, version: Arc<str>, config_json: Arc<str>, memory_bytes: usize) -> Self {
+        PluginState {
+            node,
+            slot,
+            version,
+            config_json,
+            table: ResourceTable::new(),
+            // No preopens, sockets, environment or arguments: a plugin computes, the host does I/O.
+            wasi: WasiCtx::builder().build(),
+            limits: Limits {
+                memory_bytes,
+                table_elements: 100_000,
+                hit: false,
+            },
+            log_budget: LOG_RECORDS_PER_CALL,
+        }
+    }
+
+    /// Resets per-call state before a call.
+    pub(crate) fn begin_call(&mut self) {
+        self.limits.hit = false;
+        self.log_budget = LOG_RECORDS_PER_CALL;
+    }
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl host::Host for PluginState {
+    fn log(&mut self, level: host::Level, message: String) -> wasmtime::Result<()> {
+        if self.log_budget == 0 {
+            self.node
+                .metrics
+                .plugin_logs_dropped
+                .get_or_create(&crate::metrics::SlotLabels {
+                    slot: self.slot.as_str().to_string(),
+                })
+                .inc();
+            return Ok(());
+        }
+        self.log_budget -= 1;
+        let mut message = message;
+        if message.len() > LOG_MESSAGE_MAX {
+            let mut cut = LOG_MESSAGE_MAX;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str("…[truncated]");
+        }
+        let (slot, version) = (self.slot.as_str(), &*self.version);
+        match level {
+            host::Level::Trace => tracing::trace!(target: "holdfast::plugin", slot, version, "{message}"),
+            host::Level::Debug => tracing::debug!(target: "holdfast::plugin", slot, version, "{message}"),
+            host::Level::Info => tracing::info!(target: "holdfast::plugin", slot, version, "{message}"),
+            host::Level::Warn => tracing::warn!(target: "holdfast::plugin", slot, version, "{message}"),
+            host::Level::Error => tracing::error!(target: "holdfast::plugin", slot, version, "{message}"),
+        }
+        Ok(())
+    }
+
+    fn now_unix_ms(&mut self) -> wasmtime::Result<u64> {
+        Ok(SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0))
+    }
+
+    fn monotonic_ns(&mut self) -> wasmtime::Result<u64> {
+        Ok(self.node.started.elapsed().as_nanos() as u64)
+    }
+
+    fn node_id(&mut self) -> wasmtime::Result<String> {
+        Ok(self.node.node_id.to_string())
+    }
+
+    fn config(&mut self) -> wasmtime::Result<String> {
+        Ok(self.config_json.to_string())
+    }
+}
+
+impl types::Host for PluginState {}
+
+impl types::HostMessage for PluginState {
+    fn topic(&mut self, m: Resource<MessageRep>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&m)?.0.topic.clone())
+    }
+
+    fn payload(&mut self, m: Resource<MessageRep>) -> wasmtime::Result<Vec<u8>> {
+        Ok(self.table.get(&m)?.0.payload.clone())
+    }
+
+    fn payload_len(&mut self, m: Resource<MessageRep>) -> wasmtime::Result<u64> {
+        Ok(self.table.get(&m)?.0.payload.len() as u64)
+    }
+
+    fn qos(&mut self, m: Resource<MessageRep>) -> wasmtime::Result<u8> {
+        Ok(self.table.get(&m)?.0.qos)
+    }
+
+    fn retain(&mut self, m: Resource<MessageRep>) -> wasmtime::Result<bool> {
+        Ok(self.table.get(&m)?.0.retain)
+    }
+
+    fn content_type(&mut self, m: Resource<MessageRep>) -> wasmtime::Result<Option<String>> {
+        Ok(self.table.get(&m)?.0.content_type.clone())
+    }
+
+    fn property(&mut self, m: Resource<MessageRep>, name: String) -> wasmtime::Result<Option<String>> {
+        Ok(self
+            .table
+            .get(&m)?
+            .0
+            .properties
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.clone()))
+    }
+
+    fn properties(&mut self, m: Resource<MessageRep>) -> wasmtime::Result<Vec<(String, String)>> {
+        Ok(self.table.get(&m)?.0.properties.clone())
+    }
+
+    fn source(&mut self, m: Resource<MessageRep>) -> wasmtime::Result<types::Source> {
+        Ok(self.table.get(&m)?.0.source.clone())
+    }
+
+    fn drop(&mut self, m: Resource<MessageRep>) -> wasmtime::Result<()> {
+        // The host owns every message handle; a guest only ever borrows one.
+        self.table.delete(m)?;
+        Ok(())
+    }
+}
+
+impl routing::Host for PluginState {}
+impl authn::Host for PluginState {}
+impl content::Host for PluginState {}
+
+impl crypto::Host for PluginState {
+    fn hmac_sha256(&mut self, key: Vec<u8>, data: Vec<u8>) -> wasmtime::Result<Vec<u8>> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&key)?;
+        mac.update(&data);
+        Ok(mac.finalize().into_bytes().to_vec())
+    }
+
+    fn sha256(&mut self, data: Vec<u8>) -> wasmtime::Result<Vec<u8>> {
+        Ok(Sha256::digest(&data).to_vec())
+    }
+
+    fn constant_time_eq(&mut self, a: Vec<u8>, b: Vec<u8>) -> wasmtime::Result<bool> {
+        Ok(a.len() == b.len() && bool::from(a.ct_eq(&b)))
+    }
+}
+
+impl identities::Host for PluginState {
+    fn lookup(&mut self, id: String) -> wasmtime::Result<Option<identities::Identity>> {
+        Ok(self.node.identities.lookup(&id))
+    }
+
+    fn verify_sas(&mut self, id: String, string_to_sign: String, signature: Vec<u8>) -> wasmtime::Result<bool> {
+        Ok(self.node.identities.verify_sas(&id, &string_to_sign, &signature))
+    }
+
+    fn verify_password(&mut self, id: String, password: Vec<u8>) -> wasmtime::Result<bool> {
+        Ok(self.node.identities.verify_password(&id, &password))
+    }
+
+    fn verify_thumbprint(&mut self, id: String, thumbprint: String) -> wasmtime::Result<bool> {
+        Ok(self.node.identities.verify_thumbprint(&id, &thumbprint))
+    }
+}
