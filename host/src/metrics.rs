@@ -5,7 +5,9 @@
 
 use std::sync::Mutex;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use std::fmt::Write as _;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -20,7 +22,7 @@ pub struct SlotLabels {
 }
 
 /// Why a plugin call failed.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum FailureKind {
     /// The epoch deadline interrupted it.
     Timeout,
@@ -44,6 +46,12 @@ impl FailureKind {
     }
 }
 
+impl EncodeLabelValue for FailureKind {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
 /// Labels of plugin failures.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailureLabels {
@@ -54,12 +62,21 @@ pub struct FailureLabels {
 }
 
 /// Result of a swap attempt.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum SwapResult {
     /// Switched.
     Ok,
     /// Rejected; the old version stayed active.
     Rejected,
+}
+
+impl EncodeLabelValue for SwapResult {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(match self {
+            SwapResult::Ok => "ok",
+            SwapResult::Rejected => "rejected",
+        })
+    }
 }
 
 /// Labels of swaps.

@@ -1,1 +1,359 @@
+//! The plugin runtime against real wasm components: the default plugins,
+//! the example plugin, and the hostile test router.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use holdfast::config::Config;
+use holdfast::identity::MemoryDirectory;
+use holdfast::metrics::Metrics;
+use holdfast::plugins::{
+    embedded_plugin, Action, AuthzDecision, ConnectInfo, ContentDecision, FailureKind, Message, NodeContext,
+    Operation, PluginError, PluginHost, RequestHead, RouteOutcome, SlotName, Transport,
+};
+
+const TEST_ROUTER: &str = env!("HOLDFAST_TEST_ROUTER_WASM");
+const ALERT_ROUTER: &str = env!("HOLDFAST_EXAMPLE_ALERT_ROUTER_WASM");
+
+struct Fixture {
+    host: Arc<PluginHost>,
+    metrics: Arc<Metrics>,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture(extra: &str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[node]\nid = \"test-node\"\ndata_dir = {:?}\n{extra}\n{CONTENT_SOURCES}",
+        dir.path().display().to_string()
+    );
+    let config = Config::parse(&text).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let node = NodeContext {
+        node_id: "test-node".into(),
+        started: Instant::now(),
+        identities: Arc::new(MemoryDirectory::new()),
+        metrics: metrics.clone(),
+    };
+    Fixture {
+        host: Arc::new(PluginHost::new(&config, node).unwrap()),
+        metrics,
+        _dir: dir,
+    }
+}
+
+const CONTENT_SOURCES: &str = r#"
+[[plugins.content-source.config.sources]]
+name = "debian"
+hosts = ["deb.debian.org"]
+origin = "http://deb.debian.org"
+immutable = ["/**/*.deb"]
+"#;
+
+fn msg(topic: &str) -> Arc<Message> {
+    Arc::new(Message::new(topic, vec![1u8; 16], "client-1"))
+}
+
+fn test_router_config(tag: &str) -> String {
+    format!(r#"{{"tag":"{tag}"}}"#)
+}
+
+fn read(path: &str) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+fn metric(metrics: &Metrics, line_prefix: &str) -> f64 {
+    metrics
+        .render()
+        .lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn default_plugins_answer() {
+    let f = fixture("");
+    let a = f.host.route(msg("telemetry/t1"));
+    assert_eq!(
+        a.value,
+        RouteOutcome::Actions(vec![
+            Action::Upstream(holdfast::plugins::UpstreamAction {
+                lane: 5,
+                ttl_seconds: None,
+                topic: None,
+                payload: None,
+                add_properties: vec![],
+            }),
+            Action::Local(holdfast::plugins::LocalAction {
+                topic: "telemetry/t1".into(),
+                payload: None,
+                add_properties: vec![],
+            }),
+        ])
+    );
+    assert!(a.failure.is_none());
+
+    let info = ConnectInfo {
+        client_id: "c1".into(),
+        username: None,
+        password: None,
+        protocol_version: 5,
+        transport: Transport::Tcp,
+        peer_addr: "127.0.0.1:1".into(),
+        cert_thumbprint: None,
+        cert_common_name: None,
+    };
+    let who = f.host.authenticate(&info).value.unwrap();
+    assert_eq!(who.id, "anonymous");
+    assert_eq!(f.host.authorize(&who, Operation::Publish, "a/b").value, AuthzDecision::Allow);
+
+    let req = RequestHead {
+        method: "GET".into(),
+        host: "deb.debian.org".into(),
+        port: None,
+        path_and_query: "/debian/pool/main/c/curl/curl_8.deb".into(),
+        headers: vec![],
+    };
+    match f.host.classify(&req).value {
+        ContentDecision::Cache(plan) => assert_eq!(plan.key, "debian:/debian/pool/main/c/curl/curl_8.deb"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn example_plugin_loads_and_routes() {
+    let f = fixture("");
+    f.host.swap(SlotName::Router, &read(ALERT_ROUTER), "example".into(), Some("{}".into())).unwrap();
+    let lane = |topic: &str| match f.host.route(msg(topic)).value {
+        RouteOutcome::Actions(a) => a,
+        other => panic!("{other:?}"),
+    };
+    assert!(matches!(&lane("alerts/fire")[..], [Action::Upstream(u)] if u.lane == 0 && u.ttl_seconds == Some(86_400)));
+    assert_eq!(lane("debug/x"), vec![Action::Drop("debug-traffic".into())]);
+    assert!(matches!(&lane("telemetry")[..], [Action::Upstream(u)] if u.lane == 5));
+}
+
+#[test]
+fn infinite_loop_is_interrupted_within_its_deadline_and_the_policy_applies() {
+    let f = fixture("[plugins.router]\ndeadline_ms = 20\n");
+    f.host.swap(SlotName::Router, &read(TEST_ROUTER), "test".into(), Some(test_router_config("A"))).unwrap();
+    let t = Instant::now();
+    let a = f.host.route(msg("hostile/loop"));
+    let took = t.elapsed();
+    assert_eq!(a.failure.as_ref().map(|f| f.kind), Some(FailureKind::Timeout), "{:?}", a.failure);
+    assert_eq!(a.value, RouteOutcome::DeadLetter("router-failure:timeout".into()));
+    // Interrupted, not left running: well under a second (the deadline is 20 ms;
+    // this bound only guards against the loop never being stopped on a loaded machine).
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    eprintln!("hostile loop with a 20 ms deadline interrupted after {took:?}");
+    // The slot recovers with a fresh instance.
+    assert_eq!(f.host.route(msg("x")).value, RouteOutcome::Actions(vec![Action::Drop("test-router:A".into())]));
+    assert_eq!(metric(&f.metrics, "holdfast_plugin_failures_total{slot=\"router\",kind=\"timeout\"}"), 1.0);
+    let status = f.host.list().into_iter().find(|s| s.slot == SlotName::Router).unwrap();
+    assert_eq!((status.timeouts, status.traps), (1, 1));
+}
+
+#[test]
+fn memory_bomb_is_capped() {
+    let f = fixture("[plugins.router]\nmemory_mib = 16\non_failure = \"drop\"\n");
+    f.host.swap(SlotName::Router, &read(TEST_ROUTER), "test".into(), Some(test_router_config("A"))).unwrap();
+    let a = f.host.route(msg("hostile/bomb"));
+    assert_eq!(a.failure.as_ref().map(|f| f.kind), Some(FailureKind::Memory), "{:?}", a.failure);
+    assert_eq!(a.value, RouteOutcome::Drop("router-failure:memory".into()));
+    assert_eq!(f.host.route(msg("x")).value, RouteOutcome::Actions(vec![Action::Drop("test-router:A".into())]));
+    assert_eq!(metric(&f.metrics, "holdfast_plugin_failures_total{slot=\"router\",kind=\"memory\"}"), 1.0);
+}
+
+#[test]
+fn trap_discards_the_instance_and_a_fresh_one_answers() {
+    let f = fixture("");
+    f.host.swap(SlotName::Router, &read(TEST_ROUTER), "test".into(), Some(test_router_config("A"))).unwrap();
+    for _ in 0..3 {
+        let a = f.host.route(msg("hostile/trap"));
+        assert_eq!(a.failure.as_ref().map(|f| f.kind), Some(FailureKind::Trap));
+        assert_eq!(a.value, RouteOutcome::DeadLetter("router-failure:trap".into()));
+        assert_eq!(f.host.route(msg("ok")).value, RouteOutcome::Actions(vec![Action::Drop("test-router:A".into())]));
+    }
+    assert_eq!(metric(&f.metrics, "holdfast_plugin_failures_total{slot=\"router\",kind=\"trap\"}"), 3.0);
+}
+
+#[test]
+fn other_slots_keep_answering_while_one_misbehaves() {
+    let f = fixture("[plugins.router]\ndeadline_ms = 10\n");
+    f.host.swap(SlotName::Router, &read(TEST_ROUTER), "test".into(), Some(test_router_config("A"))).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let hostile = {
+        let (host, stop) = (f.host.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut failures = 0;
+            while !stop.load(Ordering::Relaxed) {
+                for t in ["hostile/loop", "hostile/bomb", "hostile/trap"] {
+                    failures += host.route(msg(t)).failure.is_some() as u32;
+                }
+            }
+            failures
+        })
+    };
+    let req = RequestHead {
+        method: "GET".into(),
+        host: "deb.debian.org".into(),
+        port: None,
+        path_and_query: "/a.deb".into(),
+        headers: vec![],
+    };
+    let deadline = Instant::now() + Duration::from_millis(500);
+    let mut ok = 0;
+    while Instant::now() < deadline {
+        let a = f.host.classify(&req);
+        assert!(a.failure.is_none(), "{:?}", a.failure);
+        assert!(matches!(a.value, ContentDecision::Cache(_)));
+        ok += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let failures = hostile.join().unwrap();
+    assert!(failures >= 3, "hostile calls failed {failures} times");
+    assert!(ok > 10, "content-source answered {ok} times");
+}
+
+#[test]
+fn bad_swaps_leave_the_old_version_active_with_a_clear_error() {
+    let f = fixture("");
+    let before = f.host.version(SlotName::Router);
+
+    let garbage = f.host.swap(SlotName::Router, b"not wasm at all", "x".into(), None).unwrap_err();
+    assert!(matches!(garbage, PluginError::InvalidComponent(_)), "{garbage}");
+
+    let core_module = f.host.swap(SlotName::Router, b"\0asm\x01\0\0\0", "x".into(), None).unwrap_err();
+    assert!(core_module.to_string().contains("core wasm module, not a component"), "{core_module}");
+
+    let wrong_world = f
+        .host
+        .swap(SlotName::Router, embedded_plugin(SlotName::Auth), "x".into(), None)
+        .unwrap_err();
+    assert!(matches!(wrong_world, PluginError::WrongWorld { slot: SlotName::Router, .. }), "{wrong_world}");
+
+    let init = f
+        .host
+        .swap(SlotName::Router, &read(TEST_ROUTER), "x".into(), Some(r#"{"fail_init":true}"#.into()))
+        .unwrap_err();
+    assert!(init.to_string().contains("init failure requested by config"), "{init}");
+
+    let bad_config = f
+        .host
+        .swap(SlotName::Router, embedded_plugin(SlotName::Router), "x".into(), Some(r#"{"default_lane":42}"#.into()))
+        .unwrap_err();
+    assert!(bad_config.to_string().contains("lane must be 0-9"), "{bad_config}");
+
+    assert_eq!(f.host.version(SlotName::Router), before);
+    assert!(matches!(f.host.route(msg("a")).value, RouteOutcome::Actions(_)));
+    assert_eq!(metric(&f.metrics, "holdfast_plugin_swaps_total{slot=\"router\",result=\"rejected\"}"), 5.0);
+    assert!(matches!(f.host.rollback(SlotName::Router), Err(PluginError::NoPrevious(SlotName::Router))));
+}
+
+#[test]
+fn rollback_restores_the_previous_version() {
+    let f = fixture("");
+    let default = f.host.version(SlotName::Router);
+    let rec = f.host.swap(SlotName::Router, &read(ALERT_ROUTER), "example".into(), None).unwrap();
+    assert_eq!(rec.old.as_deref(), Some(&*default));
+    assert_ne!(f.host.version(SlotName::Router), default);
+    let back = f.host.rollback(SlotName::Router).unwrap();
+    assert_eq!(back.new, &*default);
+    assert_eq!(f.host.version(SlotName::Router), default);
+    let actions = f.host.history().into_iter().filter(|r| r.slot == SlotName::Router).map(|r| r.action).collect::<Vec<_>>();
+    assert_eq!(actions, vec!["load", "swap", "rollback"]);
+}
+
+#[test]
+fn compiled_components_are_cached_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!("[node]\ndata_dir = {:?}\n", dir.path().display().to_string());
+    let config = Config::parse(&text).unwrap();
+    let node = || NodeContext {
+        node_id: "n".into(),
+        started: Instant::now(),
+        identities: Arc::new(MemoryDirectory::new()),
+        metrics: Arc::new(Metrics::new()),
+    };
+    let first = PluginHost::new(&config, node()).unwrap();
+    assert_eq!(first.cache_stats(), (0, 3));
+    let second = PluginHost::new(&config, node()).unwrap();
+    assert_eq!(second.cache_stats(), (3, 0));
+    // A damaged entry is ignored and rewritten, never trusted.
+    for entry in std::fs::read_dir(dir.path().join("plugin-cache")).unwrap() {
+        let path = entry.unwrap().path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let third = PluginHost::new(&config, node()).unwrap();
+    assert_eq!(third.cache_stats(), (0, 3));
+    assert!(matches!(third.route(msg("a")).value, RouteOutcome::Actions(_)));
+}
+
+/// Several threads route continuously while the router is swapped A→B→A.
+/// Every call is answered by exactly one version, none fails, and no call
+/// that starts after a swap returned is answered by the version it replaced.
+#[test]
+fn concurrent_calls_during_swaps_see_exactly_one_version() {
+    let f = fixture("");
+    let a = embedded_plugin(SlotName::Router).to_vec();
+    let b = read(ALERT_ROUTER);
+    let hash_a = f.host.version(SlotName::Router).to_string();
+    // Swap generations: the active version after swap n, and when swap n returned.
+    let generation = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = 4;
+    let barrier = Arc::new(Barrier::new(threads + 1));
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let (host, generation, stop, barrier) = (f.host.clone(), generation.clone(), stop.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::Acquire) {
+                    let gen_before = generation.load(Ordering::Acquire);
+                    let answer = host.route(msg("debug/x"));
+                    assert!(answer.failure.is_none(), "{:?}", answer.failure);
+                    // What the answer says about who answered must agree with the version hash.
+                    let by_b = answer.value == RouteOutcome::Actions(vec![Action::Drop("debug-traffic".into())]);
+                    seen.push((gen_before, answer.version.to_string(), by_b));
+                }
+                seen
+            })
+        })
+        .collect();
+    barrier.wait();
+    let mut swap_ms = Vec::new();
+    let mut expected = vec![hash_a.clone()];
+    for (i, bytes) in [&b, &a, &b, &a].into_iter().enumerate() {
+        std::thread::sleep(Duration::from_millis(50));
+        let rec = f.host.swap(SlotName::Router, bytes, format!("swap-{i}"), None).unwrap();
+        expected.push(rec.new.clone());
+        swap_ms.push(rec.duration_ms);
+        generation.store(i as u64 + 1, Ordering::Release);
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, Ordering::Release);
+    let hash_b = expected[1].clone();
+    let mut total = 0;
+    for w in workers {
+        for (gen_before, version, by_b) in w.join().unwrap() {
+            total += 1;
+            assert!(version == hash_a || version == hash_b);
+            assert_eq!(by_b, version == hash_b, "answer and version disagree");
+            // A call that started after swap n returned sees swap n's version
+            // (or a later one's, if another swap completed during the call).
+            let allowed: Vec<&String> = expected[gen_before as usize..].iter().collect();
+            assert!(allowed.contains(&&version), "call after swap {gen_before} saw an older version");
+        }
+    }
+    assert!(total > 100, "only {total} calls");
+    swap_ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    eprintln!("swap latency ms (sorted): {swap_ms:?}; calls during swaps: {total}");
+}
 

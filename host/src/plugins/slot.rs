@@ -385,8 +385,9 @@ impl<K: Kind> Slot<K> {
             Some(i) => i,
             None => new_instance::<K>(&self.runtime, &self.node, &self.limits, version)?,
         };
-        instance.store.data_mut().begin_call();
-        instance.store.set_epoch_deadline(self.limits.deadline_ticks());
+        let ticks = self.limits.deadline_ticks();
+        instance.store.data_mut().begin_call(ticks);
+        instance.store.set_epoch_deadline(ticks);
         match f(&instance.bindings, &mut instance.store) {
             Ok(value) => {
                 let mut idle = version.idle.lock().unwrap_or_else(|p| p.into_inner());
@@ -574,6 +575,8 @@ fn new_instance<K: Kind>(
     let state = PluginState::new(node.clone(), K::SLOT, short, version.config_json.clone(), limits.memory_bytes);
     let mut store = Store::new(&runtime.engine, state);
     store.limiter(|s| &mut s.limits);
+    store.epoch_deadline_callback(|mut ctx| Ok(ctx.data_mut().deadline.on_expiry()));
+    store.data_mut().begin_call(limits.init_ticks());
     store.set_epoch_deadline(limits.init_ticks());
     let bindings = K::instantiate(&version.pre, &mut store).map_err(|e| {
         let mut f = classify(&e, store.data());

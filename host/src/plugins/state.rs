@@ -1,18 +1,21 @@
 //! Per-instance store state and the host side of the WIT imports.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cpu_time::ThreadTime;
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use wasmtime::component::{Resource, ResourceTable};
-use wasmtime::ResourceLimiter;
+use wasmtime::{ResourceLimiter, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::auth::holdfast::gateway::{authn, crypto, identities};
 use super::bindings::content::holdfast::gateway::content;
 use super::bindings::router::holdfast::gateway::{host, routing, types};
+use super::engine::EPOCH_TICK;
 use super::message::MessageRep;
 use super::SlotName;
 use crate::identity::IdentityDirectory;
@@ -71,6 +74,54 @@ impl ResourceLimiter for Limits {
     }
 }
 
+/// Deadline bookkeeping of the call in progress.
+///
+/// The epoch deadline measures wall time, but a thread the OS has preempted
+/// is not running the plugin. When the deadline fires the callback samples
+/// the thread's CPU time and extends by short windows while the thread is
+/// mostly *not* on the CPU; a call that keeps the CPU through a window is
+/// interrupted. A wall-clock backstop of 20 deadlines ends every call.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct DeadlineProbe {
+    /// The call's deadline in ticks.
+    pub(crate) deadline_ticks: u64,
+    /// Set at the first expiry: (first expiry, last sample wall, last sample CPU).
+    sample: Option<(Instant, Instant, Duration)>,
+}
+
+impl DeadlineProbe {
+    fn window_ticks(&self) -> u64 {
+        (self.deadline_ticks / 10).max(1)
+    }
+
+    /// Called when the epoch deadline passes.
+    pub(crate) fn on_expiry(&mut self) -> UpdateDeadline {
+        let now = Instant::now();
+        // Without a CPU clock, assume the plugin is running: interrupt.
+        let Ok(cpu) = ThreadTime::try_now().map(|t| t.as_duration()) else {
+            return UpdateDeadline::Interrupt;
+        };
+        let window = self.window_ticks();
+        match self.sample {
+            None => {
+                self.sample = Some((now, now, cpu));
+                UpdateDeadline::Continue(window)
+            }
+            Some((first, last_wall, last_cpu)) => {
+                let on_cpu = cpu.saturating_sub(last_cpu);
+                let wall = now.saturating_duration_since(last_wall);
+                let backstop = EPOCH_TICK * (self.deadline_ticks as u32).saturating_mul(19);
+                if on_cpu * 2 >= wall || now.saturating_duration_since(first) >= backstop {
+                    UpdateDeadline::Interrupt
+                } else {
+                    self.sample = Some((first, now, cpu));
+                    UpdateDeadline::Continue(window)
+                }
+            }
+        }
+    }
+}
+
 /// The data of one plugin instance's `Store`.
 pub struct PluginState {
     pub(crate) node: NodeContext,
@@ -81,6 +132,7 @@ pub struct PluginState {
     pub(crate) table: ResourceTable,
     wasi: WasiCtx,
     pub(crate) limits: Limits,
+    pub(crate) deadline: DeadlineProbe,
     log_budget: u32,
 }
 
@@ -99,14 +151,19 @@ impl PluginState {
                 table_elements: 100_000,
                 hit: false,
             },
+            deadline: DeadlineProbe::default(),
             log_budget: LOG_RECORDS_PER_CALL,
         }
     }
 
-    /// Resets per-call state before a call.
-    pub(crate) fn begin_call(&mut self) {
+    /// Resets per-call state before a call with a deadline of `deadline_ticks`.
+    pub(crate) fn begin_call(&mut self, deadline_ticks: u64) {
         self.limits.hit = false;
         self.log_budget = LOG_RECORDS_PER_CALL;
+        self.deadline = DeadlineProbe {
+            deadline_ticks,
+            sample: None,
+        };
     }
 }
 
