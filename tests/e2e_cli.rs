@@ -1,1 +1,326 @@
+//! End to end: the real `holdfast` binary, started as a process, driven
+//! through its CLI and admin API.
 
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
+const ALERT_ROUTER: &str = env!("HOLDFAST_EXAMPLE_ALERT_ROUTER_WASM");
+const TEST_ROUTER: &str = env!("HOLDFAST_TEST_ROUTER_WASM");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Gateway {
+    child: Child,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    port: u16,
+}
+
+impl Gateway {
+    fn start(extra: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = dir.path().join("holdfast.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[node]\nid = \"e2e\"\ndata_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n{extra}",
+                dir.path().join("data").display().to_string()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut gw = Gateway { child, dir, config, port };
+        gw.wait_ready();
+        gw
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let mut err = String::new();
+                self.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                panic!("holdfast exited early with {status}: {err}");
+            }
+            if http_get(self.port, "/healthz", None).is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("holdfast did not become ready");
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove("HOLDFAST_ADMIN_TOKEN")
+            .output()
+            .unwrap()
+    }
+
+    fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn token(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("data/admin.token")).unwrap()
+    }
+
+    fn list(&self) -> serde_json::Value {
+        serde_json::from_str(&self.cli_ok(&["plugin", "list", "--json"])).unwrap()
+    }
+
+    fn router_version(&self) -> String {
+        self.list()["plugins"][0]["version"].as_str().unwrap().to_string()
+    }
+
+    fn stop(mut self) -> String {
+        // SIGTERM, then wait for a clean exit.
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let mut err = String::new();
+                self.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                assert!(status.success(), "exit {status}: {err}");
+                return err;
+            }
+            assert!(Instant::now() < deadline, "holdfast did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.1 GET over a raw socket: status and body.
+fn http_get(port: u16, path: &str, token: Option<&str>) -> Option<(u16, String)> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let code = resp.split(' ').nth(1)?.parse().ok()?;
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((code, body))
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn swap_rollback_and_errors_through_the_cli() {
+    let gw = Gateway::start("");
+    let list = gw.list();
+    let slots: Vec<&str> = list["plugins"].as_array().unwrap().iter().map(|p| p["slot"].as_str().unwrap()).collect();
+    assert_eq!(slots, ["router", "auth", "content-source"]);
+    assert_eq!(list["plugins"][0]["source"], "embedded");
+    let default = gw.router_version();
+
+    // A table a person can read.
+    let table = gw.cli_ok(&["plugin", "list"]);
+    assert!(table.starts_with("SLOT"), "{table}");
+    assert!(table.contains(&default[..12]));
+
+    // Swap in the example plugin with its own config.
+    let plugin_config = gw.dir.path().join("alert.toml");
+    std::fs::write(&plugin_config, "default_lane = 7\n").unwrap();
+    let out = gw.cli_ok(&["plugin", "swap", "router", ALERT_ROUTER, "--plugin-config", plugin_config.to_str().unwrap()]);
+    assert!(out.starts_with("swapped router: "), "{out}");
+    let example = gw.router_version();
+    assert_ne!(example, default);
+
+    // Invalid file, wrong world, failing init: one clear error, exit 1, old version active.
+    let garbage = gw.dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"\0asm garbage").unwrap();
+    let auth_wasm = gw.dir.path().join("auth.wasm");
+    std::fs::write(&auth_wasm, holdfast::plugins::embedded_plugin(holdfast::plugins::SlotName::Auth)).unwrap();
+    let failing = gw.dir.path().join("fail.json");
+    std::fs::write(&failing, r#"{"fail_init": true}"#).unwrap();
+    let cases: [(Vec<&str>, &str); 3] = [
+        (vec!["plugin", "swap", "router", garbage.to_str().unwrap()], "not a valid plugin component"),
+        (vec!["plugin", "swap", "router", auth_wasm.to_str().unwrap()], "does not implement the router world"),
+        (
+            vec!["plugin", "swap", "router", TEST_ROUTER, "--plugin-config", failing.to_str().unwrap()],
+            "init failure requested by config",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = gw.cli(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = stderr_of(&out);
+        assert!(err.starts_with("error: ") && err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+        assert_eq!(gw.router_version(), example);
+    }
+
+    // Rollback to the default, then rollback again flips back.
+    let out = gw.cli_ok(&["plugin", "rollback", "router"]);
+    assert!(out.contains(&format!("-> {}", &default[..12])), "{out}");
+    assert_eq!(gw.router_version(), default);
+    let history: serde_json::Value = serde_json::from_str(&gw.cli_ok(&["plugin", "history", "--json"])).unwrap();
+    let actions: Vec<&str> = history["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["slot"] == "router")
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["load", "swap", "rollback"]);
+
+    // Admin API: health and metrics need no token; the API does.
+    assert_eq!(http_get(gw.port, "/healthz", None).unwrap().0, 200);
+    assert_eq!(http_get(gw.port, "/api/v1/plugins", None).unwrap().0, 401);
+    assert_eq!(http_get(gw.port, "/api/v1/plugins", Some("wrong-token-wrong-token")).unwrap().0, 401);
+    assert_eq!(http_get(gw.port, "/api/v1/plugins", Some(gw.token().trim())).unwrap().0, 200);
+    let (code, metrics) = http_get(gw.port, "/metrics", None).unwrap();
+    assert_eq!(code, 200);
+    for want in [
+        "holdfast_plugin_swaps_total{slot=\"router\",result=\"ok\"} 1",
+        "holdfast_plugin_swaps_total{slot=\"router\",result=\"rejected\"} 3",
+        "holdfast_plugin_rollbacks_total{slot=\"router\"} 1",
+        "holdfast_plugin_call_duration_seconds_bucket",
+        "holdfast_admin_requests_total{code=\"401\"} 2",
+    ] {
+        assert!(metrics.contains(want), "metrics lack {want}:\n{metrics}");
+    }
+
+    // The token file is private.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(gw.dir.path().join("data/admin.token")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let log = gw.stop();
+    assert!(log.contains("plugin swapped"), "{log}");
+}
+
+#[test]
+fn watched_folder_swaps_changed_plugins() {
+    let watch = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&format!(
+        "[plugins]\nwatch_dir = {:?}\nwatch_interval_ms = 100\n[plugins.router.config]\n",
+        watch.path().display().to_string()
+    ));
+    let before = gw.router_version();
+    std::fs::copy(ALERT_ROUTER, watch.path().join("router.wasm")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = gw.list();
+        if list["plugins"][0]["version"] != before.as_str() {
+            assert!(list["plugins"][0]["source"].as_str().unwrap().ends_with("router.wasm"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "watched plugin was not swapped in");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A broken file in the folder is rejected and the running version stays.
+    let current = gw.router_version();
+    std::fs::write(watch.path().join("router.wasm"), b"broken").unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(gw.router_version(), current);
+    let log = gw.stop();
+    assert!(log.contains("watched plugin rejected"), "{log}");
+}
+
+#[test]
+fn config_check_names_the_offending_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[plugins.router]\ndeadline_ms = 0\n").unwrap();
+    let out = Command::new(BIN).args(["config", "check"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr_of(&out).trim(), "error: config key plugins.router.deadline_ms: must be 1-60000");
+
+    let good = dir.path().join("good.toml");
+    let default = Command::new(BIN).args(["config", "default"]).output().unwrap();
+    std::fs::write(&good, &default.stdout).unwrap();
+    let out = Command::new(BIN).args(["config", "check"]).arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+
+    let out = Command::new(BIN).args(["run", "--config"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_of(&out).contains("plugins.router.deadline_ms"));
+}
+
+#[test]
+fn admin_port_in_use_is_a_clear_error() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!("[node]\ndata_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n", dir.path().display().to_string()),
+    )
+    .unwrap();
+    let out = Command::new(BIN).args(["run", "--config"]).arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert!(err.contains(&format!("error: admin API cannot listen on 127.0.0.1:{port}")), "{err}");
+}
+
+/// `holdfast plugin new` makes a crate that builds against the SDK; its
+/// component loads into a running gateway.
+#[test]
+fn scaffolded_plugin_builds_and_swaps_in() {
+    let gw = Gateway::start("[plugins.router.config]\n");
+    let work = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["plugin", "new", "router", "my-router", "--dir"])
+        .arg(work.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let krate = work.path().join("my-router");
+    // Build it like an author would, sharing the plugins' target dir so the SDK is not rebuilt from scratch.
+    let target_dir = Path::new(env!("HOLDFAST_WASM_TARGET_DIR")).join("scaffold");
+    let build = Command::new(env!("CARGO"))
+        .args(["build", "--target", "wasm32-wasip2", "--release", "--target-dir"])
+        .arg(&target_dir)
+        .current_dir(&krate)
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .unwrap();
+    assert!(build.status.success(), "{}", stderr_of(&build));
+    let wasm = target_dir.join("wasm32-wasip2/release/my_router.wasm");
+    let out = gw.cli_ok(&["plugin", "swap", "router", wasm.to_str().unwrap()]);
+    assert!(out.starts_with("swapped router"), "{out}");
+    assert_eq!(gw.list()["plugins"][0]["source"], "admin-api");
+    // A second scaffold with the same name is refused.
+    let again = Command::new(BIN)
+        .args(["plugin", "new", "router", "my-router", "--dir"])
+        .arg(work.path())
+        .output()
+        .unwrap();
+    assert!(stderr_of(&again).contains("already exists"));
+    gw.stop();
+}

@@ -1,0 +1,466 @@
+//! The `holdfast` command line. Every admin operation goes through the
+//! admin API; `anyhow` is used here only, at the top.
+
+use std::io::Read as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use base64::Engine as _;
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::plugins::SlotName;
+use crate::scaffold::{self, PluginKind};
+
+/// Holdfast: an offline-first IoT edge gateway.
+#[derive(Debug, Parser)]
+#[command(name = "holdfast", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Options for talking to a running node.
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// How the CLI finds a running node's admin API.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// Config file: `run` uses it; admin commands read the admin address and
+    /// token location from it.
+    #[arg(long, short, global = true, env = "HOLDFAST_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Admin API base URL. Default: from --config, else http://127.0.0.1:9600.
+    #[arg(long, global = true, env = "HOLDFAST_ADMIN")]
+    pub admin: Option<String>,
+    /// Admin bearer token. Default: the token file.
+    #[arg(long, global = true, env = "HOLDFAST_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Admin token file. Default: <data_dir>/admin.token from --config, else ./holdfast-data/admin.token.
+    #[arg(long, global = true)]
+    pub token_file: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway (embedded defaults unless --config is given).
+    Run,
+    /// Work with configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Manage plugins on a running node, or scaffold a new one.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+    /// Hash a password (read from stdin) for an identity's `password_hash`.
+    Passwd,
+}
+
+/// `holdfast config …`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a config file; errors name the key.
+    Check {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Print the embedded default configuration.
+    Default,
+}
+
+/// `holdfast plugin …`
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// List slots: version hash, source, loaded-at, calls, traps.
+    List,
+    /// Show loads, swaps and rollbacks.
+    History,
+    /// Swap the plugin in a slot for a .wasm component.
+    Swap {
+        /// router, auth or content-source.
+        slot: SlotName,
+        /// The component.
+        file: PathBuf,
+        /// Replace the plugin's config with this TOML or JSON file.
+        #[arg(long)]
+        plugin_config: Option<PathBuf>,
+    },
+    /// Switch a slot back to its previous version.
+    Rollback {
+        /// router, auth or content-source.
+        slot: SlotName,
+    },
+    /// Create a new plugin crate that builds against holdfast-sdk.
+    New {
+        /// router, auth or content-source.
+        kind: PluginKind,
+        /// Crate name (also the directory name).
+        name: String,
+        /// Parent directory. Default: the current directory.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Path to the holdfast-sdk crate. Default: the SDK of the source tree this binary was built from, if present.
+        #[arg(long)]
+        sdk_path: Option<PathBuf>,
+    },
+}
+
+/// Runs a parsed command line (everything except `run`, which `main` owns).
+///
+/// # Errors
+/// Whatever the command hit, with context.
+pub fn execute(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run => bail!("`run` is handled by main"),
+        Command::Config(ConfigCommand::Check { file }) => {
+            Config::load(&file)?;
+            println!("{}: ok", file.display());
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Default) => {
+            print!("{}", crate::config::EMBEDDED_DEFAULT);
+            Ok(())
+        }
+        Command::Passwd => {
+            let mut password = String::new();
+            std::io::stdin().read_to_string(&mut password).context("reading the password from stdin")?;
+            let password = password.trim_end_matches(['\n', '\r']);
+            if password.is_empty() {
+                bail!("empty password on stdin");
+            }
+            let hash = crate::identity::hash_password(password).map_err(|e| anyhow!("hashing failed: {e}"))?;
+            println!("{hash}");
+            Ok(())
+        }
+        Command::Plugin(PluginCommand::New {
+            kind,
+            name,
+            dir,
+            sdk_path,
+        }) => {
+            let sdk = sdk_path.or_else(scaffold::default_sdk_path);
+            let path = scaffold::create(kind, &name, &dir, sdk.as_deref())?;
+            println!("created {}", path.display());
+            println!("next: cd {} && cargo build --target wasm32-wasip2 --release", path.display());
+            println!(
+                "then: holdfast plugin swap {} target/wasm32-wasip2/release/{}.wasm",
+                kind.slot(),
+                name.replace('-', "_")
+            );
+            Ok(())
+        }
+        Command::Plugin(cmd) => {
+            let client = AdminClient::discover(&cli.admin)?;
+            plugin_command(&client, cmd, cli.admin.json)
+        }
+    }
+}
+
+fn plugin_command(client: &AdminClient, cmd: PluginCommand, json: bool) -> Result<()> {
+    match cmd {
+        PluginCommand::List => {
+            let v = client.get("/api/v1/plugins")?;
+            if json {
+                return print_json(&v);
+            }
+            let rows: Vec<Vec<String>> = v["plugins"]
+                .as_array()
+                .map(|a| a.iter().map(plugin_row).collect())
+                .unwrap_or_default();
+            print_table(&["SLOT", "VERSION", "SOURCE", "LOADED", "CALLS", "TRAPS", "TIMEOUTS", "PREVIOUS"], &rows);
+            Ok(())
+        }
+        PluginCommand::History => {
+            let v = client.get("/api/v1/plugins/history")?;
+            if json {
+                return print_json(&v);
+            }
+            let rows: Vec<Vec<String>> = v["history"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|r| {
+                            vec![
+                                format_time(r["at_unix_ms"].as_u64()),
+                                str_of(&r["slot"]),
+                                str_of(&r["action"]),
+                                short(&r["old"]),
+                                short(&r["new"]),
+                                str_of(&r["source"]),
+                                format!("{:.1}", r["duration_ms"].as_f64().unwrap_or(0.0)),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print_table(&["TIME", "SLOT", "ACTION", "OLD", "NEW", "SOURCE", "MS"], &rows);
+            Ok(())
+        }
+        PluginCommand::Swap {
+            slot,
+            file,
+            plugin_config,
+        } => {
+            let wasm = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let v = match plugin_config {
+                Some(path) => {
+                    let config = read_plugin_config(&path)?;
+                    let body = serde_json::json!({
+                        "wasm_base64": base64::engine::general_purpose::STANDARD.encode(&wasm),
+                        "config": config,
+                    });
+                    client.post_json(&format!("/api/v1/plugins/{slot}/swap"), &body)?
+                }
+                None => client.post_bytes(&format!("/api/v1/plugins/{slot}/swap"), &wasm)?,
+            };
+            if json {
+                return print_json(&v);
+            }
+            println!(
+                "swapped {slot}: {} -> {} in {:.1} ms",
+                short(&v["old"]),
+                short(&v["new"]),
+                v["duration_ms"].as_f64().unwrap_or(0.0)
+            );
+            Ok(())
+        }
+        PluginCommand::Rollback { slot } => {
+            let v = client.post_bytes(&format!("/api/v1/plugins/{slot}/rollback"), &[])?;
+            if json {
+                return print_json(&v);
+            }
+            println!("rolled back {slot}: {} -> {}", short(&v["old"]), short(&v["new"]));
+            Ok(())
+        }
+        PluginCommand::New { .. } => unreachable_new(),
+    }
+}
+
+fn unreachable_new() -> Result<()> {
+    bail!("`plugin new` does not talk to a node")
+}
+
+fn read_plugin_config(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let value: Value = if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?
+    } else {
+        let table: toml::Table = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+        serde_json::to_value(table)?
+    };
+    if !value.is_object() {
+        bail!("{}: plugin config must be a table", path.display());
+    }
+    Ok(value)
+}
+
+fn plugin_row(p: &Value) -> Vec<String> {
+    vec![
+        str_of(&p["slot"]),
+        short(&p["version"]),
+        str_of(&p["source"]),
+        format_time(p["loaded_at_unix_ms"].as_u64()),
+        p["calls"].as_u64().unwrap_or(0).to_string(),
+        p["traps"].as_u64().unwrap_or(0).to_string(),
+        p["timeouts"].as_u64().unwrap_or(0).to_string(),
+        short(&p["previous"]),
+    ]
+}
+
+fn str_of(v: &Value) -> String {
+    v.as_str().map(str::to_string).unwrap_or_else(|| "-".to_string())
+}
+
+/// The first 12 hex digits of a version hash.
+fn short(v: &Value) -> String {
+    v.as_str().map(|s| s.chars().take(12).collect()).unwrap_or_else(|| "-".to_string())
+}
+
+fn format_time(ms: Option<u64>) -> String {
+    let Some(ms) = ms else { return "-".to_string() };
+    let secs = (ms / 1000) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+fn print_json(v: &Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(headers.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+/// A client of a node's admin API.
+#[derive(Debug)]
+pub struct AdminClient {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl AdminClient {
+    /// Finds the admin URL and token from flags, environment and config.
+    ///
+    /// # Errors
+    /// No token could be found, or the config does not load.
+    pub fn discover(args: &AdminArgs) -> Result<Self> {
+        let config = match &args.config {
+            Some(path) => Some(Config::load(path)?),
+            None => None,
+        };
+        let base = match (&args.admin, &config) {
+            (Some(url), _) => url.trim_end_matches('/').to_string(),
+            (None, Some(c)) => format!("http://{}", loopback_for(c.admin.listen)),
+            (None, None) => "http://127.0.0.1:9600".to_string(),
+        };
+        let token_file = args.token_file.clone().unwrap_or_else(|| match &config {
+            Some(c) => c.node.data_dir.join("admin.token"),
+            None => PathBuf::from("./holdfast-data/admin.token"),
+        });
+        let token = match (&args.token, config.as_ref().and_then(|c| c.admin.token.clone())) {
+            (Some(t), _) => t.clone(),
+            (None, Some(t)) => t,
+            (None, None) => std::fs::read_to_string(&token_file)
+                .map(|t| t.trim().to_string())
+                .with_context(|| {
+                    format!(
+                        "no admin token: pass --token, set HOLDFAST_ADMIN_TOKEN, or make {} readable",
+                        token_file.display()
+                    )
+                })?,
+        };
+        Ok(Self::new(base, token))
+    }
+
+    /// A client for `base` (e.g. `http://127.0.0.1:9600`) with `token`.
+    pub fn new(base: String, token: String) -> Self {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build()
+            .into();
+        AdminClient { base, token, agent }
+    }
+
+    fn finish(&self, what: &str, result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Value> {
+        let mut response = result.map_err(|e| anyhow!("cannot reach the admin API at {}: {e}", self.base))?;
+        let status = response.status();
+        let text = response
+            .body_mut()
+            .read_to_string()
+            .with_context(|| format!("reading the answer to {what}"))?;
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if !status.is_success() {
+            let message = value["error"].as_str().map(str::to_string).unwrap_or_else(|| value.to_string());
+            bail!("{what}: {message} (HTTP {})", status.as_u16());
+        }
+        Ok(value)
+    }
+
+    /// GET a JSON document.
+    ///
+    /// # Errors
+    /// Transport errors and non-2xx answers, with the server's message.
+    pub fn get(&self, path: &str) -> Result<Value> {
+        let r = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call();
+        self.finish(&format!("GET {path}"), r)
+    }
+
+    /// POST raw bytes.
+    ///
+    /// # Errors
+    /// As [`AdminClient::get`].
+    pub fn post_bytes(&self, path: &str, body: &[u8]) -> Result<Value> {
+        let r = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .header("Content-Type", "application/wasm")
+            .send(body);
+        self.finish(&format!("POST {path}"), r)
+    }
+
+    /// POST a JSON document.
+    ///
+    /// # Errors
+    /// As [`AdminClient::get`].
+    pub fn post_json(&self, path: &str, body: &Value) -> Result<Value> {
+        let r = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .header("Content-Type", "application/json")
+            .send(body.to_string().as_bytes());
+        self.finish(&format!("POST {path}"), r)
+    }
+}
+
+/// The address a local client should use for a listen address.
+fn loopback_for(listen: SocketAddr) -> SocketAddr {
+    match listen {
+        SocketAddr::V4(a) if a.ip().is_unspecified() => SocketAddr::from(([127, 0, 0, 1], a.port())),
+        SocketAddr::V6(a) if a.ip().is_unspecified() => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port())),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_render_in_utc() {
+        assert_eq!(format_time(Some(0)), "1970-01-01T00:00:00Z");
+        assert_eq!(format_time(Some(1_700_000_000_000)), "2023-11-14T22:13:20Z");
+        assert_eq!(format_time(Some(951_782_400_000)), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn cli_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["holdfast", "plugin", "swap", "router", "x.wasm", "--json"]).unwrap();
+        assert!(cli.admin.json);
+        assert!(Cli::try_parse_from(["holdfast", "plugin", "swap", "nope", "x.wasm"]).is_err());
+    }
+}

@@ -1,0 +1,269 @@
+//! A running node: builds every subsystem from the config, serves the admin
+//! API, and stops cleanly when told to.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::Engine as _;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin;
+use crate::config::Config;
+use crate::identity::{parse_kind, IdentityRecord, MemoryDirectory};
+use crate::metrics::Metrics;
+use crate::plugins::bindings::Identity;
+use crate::plugins::{watch::watch_folder, NodeContext, PluginError, PluginHost};
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory could not be prepared.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory or file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A plugin did not load.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    /// The admin listener could not bind.
+    #[error("admin API cannot listen on {addr}: {source}")]
+    AdminBind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// What the admin API and other subsystems share.
+pub struct NodeState {
+    /// The configuration the node started with.
+    pub config: Config,
+    /// Loaded plugins.
+    pub plugins: Arc<PluginHost>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Identities from the config.
+    pub identities: Arc<MemoryDirectory>,
+    /// When the node started.
+    pub started_at: SystemTime,
+    /// Monotonic start.
+    pub started: Instant,
+    /// The admin bearer token.
+    pub admin_token: String,
+}
+
+impl std::fmt::Debug for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeState").field("node", &self.config.node.id).finish_non_exhaustive()
+    }
+}
+
+/// A started node.
+#[derive(Debug)]
+pub struct Node {
+    state: Arc<NodeState>,
+    admin_addr: Option<SocketAddr>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Node {
+    /// Starts every subsystem described by `config`.
+    ///
+    /// # Errors
+    /// The data directory, a plugin or the admin listener fails.
+    pub async fn start(config: Config) -> Result<Node, StartError> {
+        let started = Instant::now();
+        let data_dir = config.node.data_dir.clone();
+        create_private_dir(&data_dir)?;
+        let metrics = Arc::new(Metrics::new());
+        let identities = Arc::new(identities_from_config(&config));
+        let context = NodeContext {
+            node_id: config.node.id.as_str().into(),
+            started,
+            identities: identities.clone(),
+            metrics: metrics.clone(),
+        };
+        let plugin_config = config.clone();
+        let plugins = tokio::task::spawn_blocking(move || PluginHost::new(&plugin_config, context))
+            .await
+            .map_err(|e| PluginError::Engine(format!("plugin loader task failed: {e}")))??;
+        let plugins = Arc::new(plugins);
+        let admin_token = match &config.admin.token {
+            Some(t) => t.clone(),
+            None => load_or_create_token(&data_dir.join("admin.token"))?,
+        };
+        let state = Arc::new(NodeState {
+            config,
+            plugins,
+            metrics,
+            identities,
+            started_at: SystemTime::now(),
+            started,
+            admin_token,
+        });
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let mut admin_addr = None;
+        if state.config.admin.enabled {
+            let addr = state.config.admin.listen;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::AdminBind { addr, source })?;
+            let bound = listener.local_addr().map_err(|source| StartError::AdminBind { addr, source })?;
+            admin_addr = Some(bound);
+            tasks.push(tokio::spawn(admin::serve(listener, state.clone(), wait_for(stopped.clone()))));
+            tracing::info!(addr = %bound, "admin API listening");
+        }
+        if let Some(dir) = state.config.plugins.watch_dir.clone() {
+            let interval = Duration::from_millis(state.config.plugins.watch_interval_ms);
+            tasks.push(tokio::spawn(watch_folder(state.plugins.clone(), dir, interval, wait_for(stopped.clone()))));
+        }
+        tracing::info!(
+            node = %state.config.node.id,
+            data_dir = %data_dir.display(),
+            startup_ms = started.elapsed().as_millis() as u64,
+            "holdfast node started"
+        );
+        Ok(Node {
+            state,
+            admin_addr,
+            stop,
+            tasks,
+        })
+    }
+
+    /// The shared state.
+    pub fn state(&self) -> &Arc<NodeState> {
+        &self.state
+    }
+
+    /// Where the admin API listens, if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Stops every task and waits for them.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        tracing::info!("holdfast node stopped");
+    }
+}
+
+/// Runs a node until `shutdown` resolves.
+///
+/// # Errors
+/// The node cannot start.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let node = Node::start(config).await?;
+    shutdown.await;
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for(mut stopped: watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|s| *s).await;
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), StartError> {
+    let err = |source| StartError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Reads the admin token file, or creates it with a random token, readable
+/// by the owner only.
+fn load_or_create_token(path: &Path) -> Result<String, StartError> {
+    let err = |source| StartError::DataDir {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::read_to_string(path) {
+        Ok(t) if t.trim().len() >= 16 => return Ok(t.trim().to_string()),
+        Ok(_) => tracing::warn!(path = %path.display(), "admin token file is too short; writing a new token"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let mut raw = [0u8; 32];
+    getrandom(&mut raw).map_err(err)?;
+    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(err)?;
+    std::io::Write::write_all(&mut file, token.as_bytes()).map_err(err)?;
+    tracing::info!(path = %path.display(), "generated admin token");
+    Ok(token)
+}
+
+fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    use argon2::password_hash::rand_core::{OsRng, RngCore};
+    OsRng.try_fill_bytes(buf).map_err(std::io::Error::other)
+}
+
+fn identities_from_config(config: &Config) -> MemoryDirectory {
+    let dir = MemoryDirectory::new();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for c in &config.identities {
+        // `Config::validate` has checked kinds and base64 already.
+        let Some(kind) = parse_kind(&c.kind) else { continue };
+        let (device_id, module_id) = match c.id.split_once('/') {
+            Some((d, m)) => (d.to_string(), Some(m.to_string())),
+            None => (c.id.clone(), None),
+        };
+        let sas_keys: Vec<Vec<u8>> = [&c.sas_primary, &c.sas_secondary]
+            .into_iter()
+            .flatten()
+            .filter_map(|k| b64.decode(k).ok())
+            .collect();
+        let mut credentials = Vec::new();
+        if !sas_keys.is_empty() {
+            credentials.push("sas".to_string());
+        }
+        if !c.thumbprints.is_empty() {
+            credentials.push("x509-thumbprint".to_string());
+        }
+        if c.password_hash.is_some() {
+            credentials.push("password".to_string());
+        }
+        dir.insert(IdentityRecord {
+            identity: Identity {
+                id: c.id.clone(),
+                kind,
+                device_id,
+                module_id,
+                parent: c.parent.clone(),
+                enabled: c.enabled,
+                credentials,
+            },
+            sas_keys,
+            thumbprints: c.thumbprints.iter().map(|t| t.to_ascii_lowercase()).collect(),
+            password_hash: c.password_hash.clone(),
+        });
+    }
+    dir
+}
