@@ -21,9 +21,19 @@ const TARGET: &str = "wasm32-wasip2";
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let root = manifest_dir.parent().expect("host/ is inside the workspace").to_path_buf();
+    let root = manifest_dir
+        .parent()
+        .expect("host/ is inside the workspace")
+        .to_path_buf();
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    for dir in ["wit", "sdk", "plugins", "tests/plugins", "examples/alert-router", "Cargo.lock"] {
+    for dir in [
+        "wit",
+        "sdk",
+        "plugins",
+        "tests/plugins",
+        "examples/alert-router",
+        "Cargo.lock",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
 
@@ -43,7 +53,15 @@ fn main() {
     for group in GROUPS {
         let mut cmd = Command::new(&cargo);
         cmd.current_dir(&root)
-            .args(["build", "--locked", "--target", TARGET, "--profile", "plugin", "--target-dir"])
+            .args([
+                "build",
+                "--locked",
+                "--target",
+                TARGET,
+                "--profile",
+                "plugin",
+                "--target-dir",
+            ])
             .arg(&target_dir);
         for (package, _) in *group {
             cmd.args(["-p", package]);
@@ -78,7 +96,10 @@ fn main() {
             copy(&built, &dest);
         }
     }
-    println!("cargo:rustc-env=HOLDFAST_TEST_ROUTER_WASM={}", out_dir.join("test-router.wasm").display());
+    println!(
+        "cargo:rustc-env=HOLDFAST_TEST_ROUTER_WASM={}",
+        out_dir.join("test-router.wasm").display()
+    );
     println!(
         "cargo:rustc-env=HOLDFAST_EXAMPLE_ALERT_ROUTER_WASM={}",
         out_dir.join("example-alert-router.wasm").display()

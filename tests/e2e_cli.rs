@@ -43,7 +43,12 @@ impl Gateway {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut gw = Gateway { child, dir, config, port };
+        let mut gw = Gateway {
+            child,
+            dir,
+            config,
+            port,
+        };
         gw.wait_ready();
         gw
     }
@@ -76,7 +81,11 @@ impl Gateway {
 
     fn cli_ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -121,12 +130,21 @@ fn http_get(port: u16, path: &str, token: Option<&str>) -> Option<(u16, String)>
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n").ok()?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut resp = String::new();
     s.read_to_string(&mut resp).ok()?;
     let code = resp.split(' ').nth(1)?.parse().ok()?;
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((code, body))
 }
 
@@ -138,7 +156,12 @@ fn stderr_of(out: &Output) -> String {
 fn swap_rollback_and_errors_through_the_cli() {
     let gw = Gateway::start("");
     let list = gw.list();
-    let slots: Vec<&str> = list["plugins"].as_array().unwrap().iter().map(|p| p["slot"].as_str().unwrap()).collect();
+    let slots: Vec<&str> = list["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["slot"].as_str().unwrap())
+        .collect();
     assert_eq!(slots, ["router", "auth", "content-source"]);
     assert_eq!(list["plugins"][0]["source"], "embedded");
     let default = gw.router_version();
@@ -151,7 +174,14 @@ fn swap_rollback_and_errors_through_the_cli() {
     // Swap in the example plugin with its own config.
     let plugin_config = gw.dir.path().join("alert.toml");
     std::fs::write(&plugin_config, "default_lane = 7\n").unwrap();
-    let out = gw.cli_ok(&["plugin", "swap", "router", ALERT_ROUTER, "--plugin-config", plugin_config.to_str().unwrap()]);
+    let out = gw.cli_ok(&[
+        "plugin",
+        "swap",
+        "router",
+        ALERT_ROUTER,
+        "--plugin-config",
+        plugin_config.to_str().unwrap(),
+    ]);
     assert!(out.starts_with("swapped router: "), "{out}");
     let example = gw.router_version();
     assert_ne!(example, default);
@@ -160,14 +190,31 @@ fn swap_rollback_and_errors_through_the_cli() {
     let garbage = gw.dir.path().join("garbage.wasm");
     std::fs::write(&garbage, b"\0asm garbage").unwrap();
     let auth_wasm = gw.dir.path().join("auth.wasm");
-    std::fs::write(&auth_wasm, holdfast::plugins::embedded_plugin(holdfast::plugins::SlotName::Auth)).unwrap();
+    std::fs::write(
+        &auth_wasm,
+        holdfast::plugins::embedded_plugin(holdfast::plugins::SlotName::Auth),
+    )
+    .unwrap();
     let failing = gw.dir.path().join("fail.json");
     std::fs::write(&failing, r#"{"fail_init": true}"#).unwrap();
     let cases: [(Vec<&str>, &str); 3] = [
-        (vec!["plugin", "swap", "router", garbage.to_str().unwrap()], "not a valid plugin component"),
-        (vec!["plugin", "swap", "router", auth_wasm.to_str().unwrap()], "does not implement the router world"),
         (
-            vec!["plugin", "swap", "router", TEST_ROUTER, "--plugin-config", failing.to_str().unwrap()],
+            vec!["plugin", "swap", "router", garbage.to_str().unwrap()],
+            "not a valid plugin component",
+        ),
+        (
+            vec!["plugin", "swap", "router", auth_wasm.to_str().unwrap()],
+            "does not implement the router world",
+        ),
+        (
+            vec![
+                "plugin",
+                "swap",
+                "router",
+                TEST_ROUTER,
+                "--plugin-config",
+                failing.to_str().unwrap(),
+            ],
             "init failure requested by config",
         ),
     ];
@@ -197,8 +244,16 @@ fn swap_rollback_and_errors_through_the_cli() {
     // Admin API: health and metrics need no token; the API does.
     assert_eq!(http_get(gw.port, "/healthz", None).unwrap().0, 200);
     assert_eq!(http_get(gw.port, "/api/v1/plugins", None).unwrap().0, 401);
-    assert_eq!(http_get(gw.port, "/api/v1/plugins", Some("wrong-token-wrong-token")).unwrap().0, 401);
-    assert_eq!(http_get(gw.port, "/api/v1/plugins", Some(gw.token().trim())).unwrap().0, 200);
+    assert_eq!(
+        http_get(gw.port, "/api/v1/plugins", Some("wrong-token-wrong-token"))
+            .unwrap()
+            .0,
+        401
+    );
+    assert_eq!(
+        http_get(gw.port, "/api/v1/plugins", Some(gw.token().trim())).unwrap().0,
+        200
+    );
     let (code, metrics) = http_get(gw.port, "/metrics", None).unwrap();
     assert_eq!(code, 200);
     for want in [
@@ -215,7 +270,10 @@ fn swap_rollback_and_errors_through_the_cli() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(gw.dir.path().join("data/admin.token")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(gw.dir.path().join("data/admin.token"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
     let log = gw.stop();
@@ -257,7 +315,10 @@ fn config_check_names_the_offending_key() {
     std::fs::write(&bad, "[plugins.router]\ndeadline_ms = 0\n").unwrap();
     let out = Command::new(BIN).args(["config", "check"]).arg(&bad).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert_eq!(stderr_of(&out).trim(), "error: config key plugins.router.deadline_ms: must be 1-60000");
+    assert_eq!(
+        stderr_of(&out).trim(),
+        "error: config key plugins.router.deadline_ms: must be 1-60000"
+    );
 
     let good = dir.path().join("good.toml");
     let default = Command::new(BIN).args(["config", "default"]).output().unwrap();
@@ -278,13 +339,23 @@ fn admin_port_in_use_is_a_clear_error() {
     let config = dir.path().join("c.toml");
     std::fs::write(
         &config,
-        format!("[node]\ndata_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n", dir.path().display().to_string()),
+        format!(
+            "[node]\ndata_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n",
+            dir.path().display().to_string()
+        ),
     )
     .unwrap();
-    let out = Command::new(BIN).args(["run", "--config"]).arg(&config).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = stderr_of(&out);
-    assert!(err.contains(&format!("error: admin API cannot listen on 127.0.0.1:{port}")), "{err}");
+    assert!(
+        err.contains(&format!("error: admin API cannot listen on 127.0.0.1:{port}")),
+        "{err}"
+    );
 }
 
 /// `holdfast plugin new` makes a crate that builds against the SDK; its

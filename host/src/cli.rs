@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine as _;
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
@@ -130,7 +130,9 @@ pub fn execute(cli: Cli) -> Result<()> {
         }
         Command::Passwd => {
             let mut password = String::new();
-            std::io::stdin().read_to_string(&mut password).context("reading the password from stdin")?;
+            std::io::stdin()
+                .read_to_string(&mut password)
+                .context("reading the password from stdin")?;
             let password = password.trim_end_matches(['\n', '\r']);
             if password.is_empty() {
                 bail!("empty password on stdin");
@@ -148,7 +150,10 @@ pub fn execute(cli: Cli) -> Result<()> {
             let sdk = sdk_path.or_else(scaffold::default_sdk_path);
             let path = scaffold::create(kind, &name, &dir, sdk.as_deref())?;
             println!("created {}", path.display());
-            println!("next: cd {} && cargo build --target wasm32-wasip2 --release", path.display());
+            println!(
+                "next: cd {} && cargo build --target wasm32-wasip2 --release",
+                path.display()
+            );
             println!(
                 "then: holdfast plugin swap {} target/wasm32-wasip2/release/{}.wasm",
                 kind.slot(),
@@ -174,7 +179,12 @@ fn plugin_command(client: &AdminClient, cmd: PluginCommand, json: bool) -> Resul
                 .as_array()
                 .map(|a| a.iter().map(plugin_row).collect())
                 .unwrap_or_default();
-            print_table(&["SLOT", "VERSION", "SOURCE", "LOADED", "CALLS", "TRAPS", "TIMEOUTS", "PREVIOUS"], &rows);
+            print_table(
+                &[
+                    "SLOT", "VERSION", "SOURCE", "LOADED", "CALLS", "TRAPS", "TIMEOUTS", "PREVIOUS",
+                ],
+                &rows,
+            );
             Ok(())
         }
         PluginCommand::History => {
@@ -252,7 +262,8 @@ fn read_plugin_config(path: &Path) -> Result<Value> {
     let value: Value = if path.extension().is_some_and(|e| e == "json") {
         serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?
     } else {
-        let table: toml::Table = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+        let table: toml::Table =
+            toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
         serde_json::to_value(table)?
     };
     if !value.is_object() {
@@ -280,7 +291,9 @@ fn str_of(v: &Value) -> String {
 
 /// The first 12 hex digits of a version hash.
 fn short(v: &Value) -> String {
-    v.as_str().map(|s| s.chars().take(12).collect()).unwrap_or_else(|| "-".to_string())
+    v.as_str()
+        .map(|s| s.chars().take(12).collect())
+        .unwrap_or_else(|| "-".to_string())
 }
 
 fn format_time(ms: Option<u64>) -> String {
@@ -288,7 +301,12 @@ fn format_time(ms: Option<u64>) -> String {
     let secs = (ms / 1000) as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -387,7 +405,10 @@ impl AdminClient {
             .with_context(|| format!("reading the answer to {what}"))?;
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         if !status.is_success() {
-            let message = value["error"].as_str().map(str::to_string).unwrap_or_else(|| value.to_string());
+            let message = value["error"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| value.to_string());
             bail!("{what}: {message} (HTTP {})", status.as_u16());
         }
         Ok(value)

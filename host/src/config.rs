@@ -297,13 +297,21 @@ impl Config {
         if self.node.id.is_empty() || self.node.id.len() > 128 {
             return Err(ConfigError::key("node.id", "must be 1-128 characters"));
         }
-        if !self.node.id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            return Err(ConfigError::key("node.id", "may contain only letters, digits, '-', '_' and '.'"));
+        if !self
+            .node
+            .id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(ConfigError::key(
+                "node.id",
+                "may contain only letters, digits, '-', '_' and '.'",
+            ));
         }
-        if let Some(t) = &self.admin.token {
-            if t.len() < 16 {
-                return Err(ConfigError::key("admin.token", "must be at least 16 characters"));
-            }
+        if let Some(t) = &self.admin.token
+            && t.len() < 16
+        {
+            return Err(ConfigError::key("admin.token", "must be at least 16 characters"));
         }
         if self.plugins.watch_interval_ms < 50 {
             return Err(ConfigError::key("plugins.watch_interval_ms", "must be at least 50"));
@@ -336,13 +344,19 @@ impl Config {
             }
             for t in &id.thumbprints {
                 if t.len() != 64 || !t.chars().all(|c| c.is_ascii_hexdigit()) {
-                    return Err(ConfigError::key(key("thumbprints"), format!("{t:?} is not a SHA-256 hex thumbprint")));
+                    return Err(ConfigError::key(
+                        key("thumbprints"),
+                        format!("{t:?} is not a SHA-256 hex thumbprint"),
+                    ));
                 }
             }
-            if let Some(h) = &id.password_hash {
-                if argon2::PasswordHash::new(h).is_err() {
-                    return Err(ConfigError::key(key("password_hash"), "is not a PHC password hash (see `holdfast passwd`)"));
-                }
+            if let Some(h) = &id.password_hash
+                && argon2::PasswordHash::new(h).is_err()
+            {
+                return Err(ConfigError::key(
+                    key("password_hash"),
+                    "is not a PHC password hash (see `holdfast passwd`)",
+                ));
             }
         }
         Ok(())
@@ -368,10 +382,10 @@ impl<P> SlotConfig<P> {
         if !(1..=256).contains(&self.pool_size) {
             return Err(ConfigError::key(format!("{prefix}.pool_size"), "must be 1-256"));
         }
-        if let Some(f) = &self.file {
-            if f.as_os_str().is_empty() {
-                return Err(ConfigError::key(format!("{prefix}.file"), "is empty"));
-            }
+        if let Some(f) = &self.file
+            && f.as_os_str().is_empty()
+        {
+            return Err(ConfigError::key(format!("{prefix}.file"), "is empty"));
         }
         Ok(())
     }
@@ -400,21 +414,61 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         let cases = [
-            ("[plugins.router]\ndeadline_ms = \"fast\"", "config key plugins.router.deadline_ms: invalid type"),
-            ("[plugins.router]\ndeadline_ms = 0", "config key plugins.router.deadline_ms: must be 1-60000"),
-            ("[plugins.auth]\non_failure = \"allow\"", "config key plugins.auth.on_failure: unknown variant `allow`"),
-            ("[admin]\nlisten = \"nowhere\"", "config key admin.listen: invalid socket address"),
+            (
+                "[plugins.router]\ndeadline_ms = \"fast\"",
+                "config key plugins.router.deadline_ms: invalid type",
+            ),
+            (
+                "[plugins.router]\ndeadline_ms = 0",
+                "config key plugins.router.deadline_ms: must be 1-60000",
+            ),
+            (
+                "[plugins.auth]\non_failure = \"allow\"",
+                "config key plugins.auth.on_failure: unknown variant `allow`",
+            ),
+            (
+                "[admin]\nlisten = \"nowhere\"",
+                "config key admin.listen: invalid socket address",
+            ),
             ("[nodes]\nid = \"x\"", "unknown field `nodes`"),
             ("[node]\nid = \"a b\"", "config key node.id: may contain only"),
-            ("[[identities]]\nid = \"d\"\nsas_primary = \"!!\"", "config key identities[0].sas_primary: is not base64"),
-            ("[[identities]]\nid = \"d\"\nkind = \"robot\"", "config key identities[0].kind"),
-            ("[plugins.content-source]\nmemory_mib = 99999", "config key plugins.content-source.memory_mib"),
+            (
+                "[[identities]]\nid = \"d\"\nsas_primary = \"!!\"",
+                "config key identities[0].sas_primary: is not base64",
+            ),
+            (
+                "[[identities]]\nid = \"d\"\nkind = \"robot\"",
+                "config key identities[0].kind",
+            ),
+            (
+                "[plugins.content-source]\nmemory_mib = 99999",
+                "config key plugins.content-source.memory_mib",
+            ),
             ("node = 3 = 4", "config is not valid TOML"),
         ];
         for (text, want) in cases {
             let err = Config::parse(text).unwrap_err().to_string();
             assert!(err.contains(want), "{text:?}: got {err:?}, want {want:?}");
         }
+    }
+
+    #[test]
+    fn example_configs_are_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                checked += 1;
+            }
+        }
+        assert!(checked >= 1);
+        // The documented password of the example user is the real one.
+        let example = Config::load(&dir.join("single-node.toml")).unwrap();
+        let identities = crate::identity::MemoryDirectory::from_config(&example);
+        use crate::identity::IdentityDirectory as _;
+        assert!(identities.verify_password("operator", b"secret"));
     }
 
     #[test]

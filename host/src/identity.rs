@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
+use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
@@ -60,7 +61,9 @@ pub trait IdentityDirectory: Send + Sync + 'static {
         // Check every key so timing does not tell which one matched.
         let mut ok = false;
         for key in &record.sas_keys {
-            let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else { continue };
+            let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
+                continue;
+            };
             mac.update(string_to_sign.as_bytes());
             let expected = mac.finalize().into_bytes();
             ok |= expected.len() == signature.len() && bool::from(expected.as_slice().ct_eq(signature));
@@ -71,7 +74,9 @@ pub trait IdentityDirectory: Send + Sync + 'static {
     /// True when `password` matches the stored argon2 hash.
     fn verify_password(&self, id: &str, password: &[u8]) -> bool {
         let Some(record) = self.get(id) else { return false };
-        let Some(hash) = record.password_hash.as_deref() else { return false };
+        let Some(hash) = record.password_hash.as_deref() else {
+            return false;
+        };
         match PasswordHash::new(hash) {
             Ok(parsed) => Argon2::default().verify_password(password, &parsed).is_ok(),
             Err(_) => false,
@@ -81,9 +86,9 @@ pub trait IdentityDirectory: Send + Sync + 'static {
     /// True when `thumbprint` is one of the identity's thumbprints.
     fn verify_thumbprint(&self, id: &str, thumbprint: &str) -> bool {
         self.get(id).is_some_and(|r| {
-            r.thumbprints
-                .iter()
-                .fold(false, |acc, t| acc | bool::from(t.as_bytes().ct_eq(thumbprint.to_ascii_lowercase().as_bytes())))
+            r.thumbprints.iter().fold(false, |acc, t| {
+                acc | bool::from(t.as_bytes().ct_eq(thumbprint.to_ascii_lowercase().as_bytes()))
+            })
         })
     }
 }
@@ -104,6 +109,50 @@ impl MemoryDirectory {
     pub fn insert(&self, record: IdentityRecord) {
         let mut map = self.records.write().unwrap_or_else(|p| p.into_inner());
         map.insert(record.identity.id.clone(), record);
+    }
+
+    /// A directory holding the `[[identities]]` of a validated config.
+    pub fn from_config(config: &crate::config::Config) -> MemoryDirectory {
+        let dir = MemoryDirectory::new();
+        let b64 = base64::engine::general_purpose::STANDARD;
+        for c in &config.identities {
+            // `Config::validate` has checked kinds and base64 already.
+            let Some(kind) = parse_kind(&c.kind) else { continue };
+            let (device_id, module_id) = match c.id.split_once('/') {
+                Some((d, m)) => (d.to_string(), Some(m.to_string())),
+                None => (c.id.clone(), None),
+            };
+            let sas_keys: Vec<Vec<u8>> = [&c.sas_primary, &c.sas_secondary]
+                .into_iter()
+                .flatten()
+                .filter_map(|k| b64.decode(k).ok())
+                .collect();
+            let mut credentials = Vec::new();
+            if !sas_keys.is_empty() {
+                credentials.push("sas".to_string());
+            }
+            if !c.thumbprints.is_empty() {
+                credentials.push("x509-thumbprint".to_string());
+            }
+            if c.password_hash.is_some() {
+                credentials.push("password".to_string());
+            }
+            dir.insert(IdentityRecord {
+                identity: Identity {
+                    id: c.id.clone(),
+                    kind,
+                    device_id,
+                    module_id,
+                    parent: c.parent.clone(),
+                    enabled: c.enabled,
+                    credentials,
+                },
+                sas_keys,
+                thumbprints: c.thumbprints.iter().map(|t| t.to_ascii_lowercase()).collect(),
+                password_hash: c.password_hash.clone(),
+            });
+        }
+        dir
     }
 
     /// Number of records.
@@ -128,7 +177,7 @@ impl IdentityDirectory for MemoryDirectory {
 /// # Errors
 /// Only if the platform's random source fails.
 pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
-    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+    use argon2::password_hash::{PasswordHasher, SaltString, rand_core::OsRng};
     let salt = SaltString::generate(&mut OsRng);
     Ok(Argon2::default().hash_password(password.as_bytes(), &salt)?.to_string())
 }

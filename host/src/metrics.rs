@@ -11,7 +11,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEn
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// Labels carrying a plugin slot.
@@ -159,7 +159,7 @@ impl Metrics {
         let plugin_call_duration: HistogramFamily<SlotLabels> = Family::new_with_constructor(call_histogram);
         registry.register(
             "plugin_call_duration_seconds",
-            "Duration of plugin calls including instance checkout",
+            "Duration of plugin calls including instance checkout (one call in 16 is sampled)",
             plugin_call_duration.clone(),
         );
         let plugin_swaps = Family::<SwapLabels, Counter>::default();
@@ -185,7 +185,11 @@ impl Metrics {
             plugin_logs_dropped.clone(),
         );
         let admin_requests = Family::<StatusLabels, Counter>::default();
-        registry.register("admin_requests", "Admin API requests, by status code", admin_requests.clone());
+        registry.register(
+            "admin_requests",
+            "Admin API requests, by status code",
+            admin_requests.clone(),
+        );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {

@@ -13,10 +13,9 @@ use tokio::task::JoinHandle;
 
 use crate::admin;
 use crate::config::Config;
-use crate::identity::{parse_kind, IdentityRecord, MemoryDirectory};
+use crate::identity::MemoryDirectory;
 use crate::metrics::Metrics;
-use crate::plugins::bindings::Identity;
-use crate::plugins::{watch::watch_folder, NodeContext, PluginError, PluginHost};
+use crate::plugins::{NodeContext, PluginError, PluginHost, watch::watch_folder};
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +61,9 @@ pub struct NodeState {
 
 impl std::fmt::Debug for NodeState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeState").field("node", &self.config.node.id).finish_non_exhaustive()
+        f.debug_struct("NodeState")
+            .field("node", &self.config.node.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -85,7 +86,7 @@ impl Node {
         let data_dir = config.node.data_dir.clone();
         create_private_dir(&data_dir)?;
         let metrics = Arc::new(Metrics::new());
-        let identities = Arc::new(identities_from_config(&config));
+        let identities = Arc::new(MemoryDirectory::from_config(&config));
         let context = NodeContext {
             node_id: config.node.id.as_str().into(),
             started,
@@ -118,14 +119,25 @@ impl Node {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| StartError::AdminBind { addr, source })?;
-            let bound = listener.local_addr().map_err(|source| StartError::AdminBind { addr, source })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| StartError::AdminBind { addr, source })?;
             admin_addr = Some(bound);
-            tasks.push(tokio::spawn(admin::serve(listener, state.clone(), wait_for(stopped.clone()))));
+            tasks.push(tokio::spawn(admin::serve(
+                listener,
+                state.clone(),
+                wait_for(stopped.clone()),
+            )));
             tracing::info!(addr = %bound, "admin API listening");
         }
         if let Some(dir) = state.config.plugins.watch_dir.clone() {
             let interval = Duration::from_millis(state.config.plugins.watch_interval_ms);
-            tasks.push(tokio::spawn(watch_folder(state.plugins.clone(), dir, interval, wait_for(stopped.clone()))));
+            tasks.push(tokio::spawn(watch_folder(
+                state.plugins.clone(),
+                dir,
+                interval,
+                wait_for(stopped.clone()),
+            )));
         }
         tracing::info!(
             node = %state.config.node.id,
@@ -223,47 +235,4 @@ fn load_or_create_token(path: &Path) -> Result<String, StartError> {
 fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     use argon2::password_hash::rand_core::{OsRng, RngCore};
     OsRng.try_fill_bytes(buf).map_err(std::io::Error::other)
-}
-
-fn identities_from_config(config: &Config) -> MemoryDirectory {
-    let dir = MemoryDirectory::new();
-    let b64 = base64::engine::general_purpose::STANDARD;
-    for c in &config.identities {
-        // `Config::validate` has checked kinds and base64 already.
-        let Some(kind) = parse_kind(&c.kind) else { continue };
-        let (device_id, module_id) = match c.id.split_once('/') {
-            Some((d, m)) => (d.to_string(), Some(m.to_string())),
-            None => (c.id.clone(), None),
-        };
-        let sas_keys: Vec<Vec<u8>> = [&c.sas_primary, &c.sas_secondary]
-            .into_iter()
-            .flatten()
-            .filter_map(|k| b64.decode(k).ok())
-            .collect();
-        let mut credentials = Vec::new();
-        if !sas_keys.is_empty() {
-            credentials.push("sas".to_string());
-        }
-        if !c.thumbprints.is_empty() {
-            credentials.push("x509-thumbprint".to_string());
-        }
-        if c.password_hash.is_some() {
-            credentials.push("password".to_string());
-        }
-        dir.insert(IdentityRecord {
-            identity: Identity {
-                id: c.id.clone(),
-                kind,
-                device_id,
-                module_id,
-                parent: c.parent.clone(),
-                enabled: c.enabled,
-                credentials,
-            },
-            sas_keys,
-            thumbprints: c.thumbprints.iter().map(|t| t.to_ascii_lowercase()).collect(),
-            password_hash: c.password_hash.clone(),
-        });
-    }
-    dir
 }

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 
 use crate::plugins::SlotName;
 
@@ -35,7 +35,9 @@ impl std::str::FromStr for PluginKind {
             "router" => Ok(PluginKind::Router),
             "auth" => Ok(PluginKind::Auth),
             "content-source" => Ok(PluginKind::ContentSource),
-            _ => Err(format!("unknown plugin kind {s:?} (expected router, auth or content-source)")),
+            _ => Err(format!(
+                "unknown plugin kind {s:?} (expected router, auth or content-source)"
+            )),
         }
     }
 }
@@ -149,8 +151,8 @@ impl Router for MyRouter {
 
     fn route(&self, msg: &Message<'_>) -> Vec<Action> {
         let topic = msg.topic();
-        if topic_matches("local/#", &topic) {
-            vec![Action::local(topic)]
+        if topic_matches("local/#", topic) {
+            vec![Action::local_same_topic()]
         } else {
             vec![Action::upstream(self.lane)]
         }
@@ -167,7 +169,7 @@ mod tests {
     fn routes() {
         let r = MyRouter::init(&Config::empty()).unwrap();
         assert_eq!(r.route(&Message::builder("a/b").build()), vec![Action::upstream(5)]);
-        assert_eq!(r.route(&Message::builder("local/x").build()), vec![Action::local("local/x")]);
+        assert_eq!(r.route(&Message::builder("local/x").build()), vec![Action::local_same_topic()]);
     }
 }
 "#;

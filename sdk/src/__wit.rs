@@ -39,10 +39,10 @@ pub mod content_source {
 
 pub use wit_bindgen;
 
-/// The `host` interface of whichever world this build exports.
-#[cfg(all(feature = "router", not(any(feature = "auth", feature = "content-source"))))]
-pub use router::holdfast::gateway::host;
 #[cfg(all(feature = "auth", not(any(feature = "router", feature = "content-source"))))]
 pub use auth::holdfast::gateway::host;
 #[cfg(all(feature = "content-source", not(any(feature = "router", feature = "auth"))))]
 pub use content_source::holdfast::gateway::host;
+/// The `host` interface of whichever world this build exports.
+#[cfg(all(feature = "router", not(any(feature = "auth", feature = "content-source"))))]
+pub use router::holdfast::gateway::host;

@@ -248,9 +248,9 @@ pub mod identities {
         pub fn verify_sas(id: &str, sts: &str, sig: &[u8]) -> bool {
             with_host(|h| {
                 h.identities.get(id).is_some_and(|t| {
-                    t.sas_keys
-                        .iter()
-                        .any(|k| crate::auth::crypto::constant_time_eq(&crate::auth::crypto::hmac_sha256(k, sts.as_bytes()), sig))
+                    t.sas_keys.iter().any(|k| {
+                        crate::auth::crypto::constant_time_eq(&crate::auth::crypto::hmac_sha256(k, sts.as_bytes()), sig)
+                    })
                 })
             })
         }
@@ -357,14 +357,14 @@ macro_rules! export_auth {
                 fn authorize(who: __w::Principal, op: __w::Operation, topic: ::std::string::String) -> __w::Decision {
                     let (who, op) = $crate::auth::__from_wit_authz(who, op);
                     __PLUGIN.with(|p| match &*p.borrow() {
-                        ::core::option::Option::Some(plugin) => {
-                            $crate::auth::__decision_into_wit(<$ty as $crate::auth::Auth>::authorize(plugin, &who, op, &topic))
-                        }
+                        ::core::option::Option::Some(plugin) => $crate::auth::__decision_into_wit(
+                            <$ty as $crate::auth::Auth>::authorize(plugin, &who, op, &topic),
+                        ),
                         ::core::option::Option::None => ::core::panic!("authorize called before init"),
                     })
                 }
             }
-            $crate::__wit::auth::__export_auth!(__HoldfastAuth with_types_in $crate::__wit::auth);
+    $crate::__wit::auth::__export_auth!(__HoldfastAuth with_types_in $crate::__wit::auth);
         };
         #[cfg(not(target_arch = "wasm32"))]
         const _: () = {

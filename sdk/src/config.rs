@@ -36,8 +36,7 @@ impl Config {
         if json.trim().is_empty() {
             return Ok(Self::empty());
         }
-        let value: Value =
-            serde_json::from_str(json).map_err(|e| format!("plugin config is not valid JSON: {e}"))?;
+        let value: Value = serde_json::from_str(json).map_err(|e| format!("plugin config is not valid JSON: {e}"))?;
         if !value.is_object() {
             return Err("plugin config must be a table (JSON object)".to_string());
         }

@@ -88,7 +88,6 @@ mod imp {
     pub fn config() -> String {
         wit::config()
     }
-
 }
 
 // A wasm build without a plugin kind has no host to call.

@@ -41,7 +41,7 @@
 //!         Ok(Alerts)
 //!     }
 //!     fn route(&self, msg: &Message) -> Vec<Action> {
-//!         let topic = msg.topic(); // the payload is never copied
+//!         let topic = msg.topic(); // passed with the message; the payload is never copied
 //!         if topic.starts_with("alerts/") {
 //!             vec![Action::upstream(0)]
 //!         } else {
@@ -93,6 +93,4 @@ pub mod __wit;
         all(feature = "auth", feature = "content-source")
     )
 ))]
-compile_error!(
-    "holdfast-sdk: enable exactly one of the features `router`, `auth`, `content-source` for a wasm plugin"
-);
+compile_error!("holdfast-sdk: enable exactly one of the features `router`, `auth`, `content-source` for a wasm plugin");

@@ -38,7 +38,7 @@ pub struct Message<'a> {
 
 enum Inner<'a> {
     #[cfg(all(target_arch = "wasm32", feature = "router"))]
-    Host(&'a crate::__wit::router::holdfast::gateway::types::Message),
+    Host(&'a crate::__wit::router::holdfast::gateway::types::Message, String),
     #[cfg_attr(all(target_arch = "wasm32", feature = "router"), allow(dead_code))]
     Owned(Box<OwnedMessage>, std::marker::PhantomData<&'a ()>),
 }
@@ -56,7 +56,9 @@ struct OwnedMessage {
 
 impl std::fmt::Debug for Message<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Message").field("topic", &self.topic()).finish_non_exhaustive()
+        f.debug_struct("Message")
+            .field("topic", &self.topic())
+            .finish_non_exhaustive()
     }
 }
 
@@ -73,16 +75,19 @@ impl<'a> Message<'a> {
 
     #[cfg(all(target_arch = "wasm32", feature = "router"))]
     #[doc(hidden)]
-    pub fn __from_host(msg: &'a crate::__wit::router::holdfast::gateway::types::Message) -> Self {
-        Message { inner: Inner::Host(msg) }
+    pub fn __from_host(topic: String, msg: &'a crate::__wit::router::holdfast::gateway::types::Message) -> Self {
+        Message {
+            inner: Inner::Host(msg, topic),
+        }
     }
 
-    /// The topic the message was published to.
-    pub fn topic(&self) -> String {
+    /// The topic the message was published to. The host passes it with the
+    /// message, so reading it costs nothing.
+    pub fn topic(&self) -> &str {
         match &self.inner {
             #[cfg(all(target_arch = "wasm32", feature = "router"))]
-            Inner::Host(m) => m.topic(),
-            Inner::Owned(m, _) => m.topic.clone(),
+            Inner::Host(_, topic) => topic,
+            Inner::Owned(m, _) => &m.topic,
         }
     }
 
@@ -90,7 +95,7 @@ impl<'a> Message<'a> {
     pub fn payload(&self) -> Vec<u8> {
         match &self.inner {
             #[cfg(all(target_arch = "wasm32", feature = "router"))]
-            Inner::Host(m) => m.payload(),
+            Inner::Host(m, _) => m.payload(),
             Inner::Owned(m, _) => m.payload.clone(),
         }
     }
@@ -99,7 +104,7 @@ impl<'a> Message<'a> {
     pub fn payload_len(&self) -> u64 {
         match &self.inner {
             #[cfg(all(target_arch = "wasm32", feature = "router"))]
-            Inner::Host(m) => m.payload_len(),
+            Inner::Host(m, _) => m.payload_len(),
             Inner::Owned(m, _) => m.payload.len() as u64,
         }
     }
@@ -108,7 +113,7 @@ impl<'a> Message<'a> {
     pub fn qos(&self) -> u8 {
         match &self.inner {
             #[cfg(all(target_arch = "wasm32", feature = "router"))]
-            Inner::Host(m) => m.qos(),
+            Inner::Host(m, _) => m.qos(),
             Inner::Owned(m, _) => m.qos,
         }
     }
@@ -117,7 +122,7 @@ impl<'a> Message<'a> {
     pub fn retain(&self) -> bool {
         match &self.inner {
             #[cfg(all(target_arch = "wasm32", feature = "router"))]
-            Inner::Host(m) => m.retain(),
+            Inner::Host(m, _) => m.retain(),
             Inner::Owned(m, _) => m.retain,
         }
     }
@@ -126,7 +131,7 @@ impl<'a> Message<'a> {
     pub fn content_type(&self) -> Option<String> {
         match &self.inner {
             #[cfg(all(target_arch = "wasm32", feature = "router"))]
-            Inner::Host(m) => m.content_type(),
+            Inner::Host(m, _) => m.content_type(),
             Inner::Owned(m, _) => m.content_type.clone(),
         }
     }
@@ -135,12 +140,8 @@ impl<'a> Message<'a> {
     pub fn property(&self, name: &str) -> Option<String> {
         match &self.inner {
             #[cfg(all(target_arch = "wasm32", feature = "router"))]
-            Inner::Host(m) => m.property(name),
-            Inner::Owned(m, _) => m
-                .properties
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone()),
+            Inner::Host(m, _) => m.property(name),
+            Inner::Owned(m, _) => m.properties.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()),
         }
     }
 
@@ -148,7 +149,7 @@ impl<'a> Message<'a> {
     pub fn properties(&self) -> Vec<(String, String)> {
         match &self.inner {
             #[cfg(all(target_arch = "wasm32", feature = "router"))]
-            Inner::Host(m) => m.properties(),
+            Inner::Host(m, _) => m.properties(),
             Inner::Owned(m, _) => m.properties.clone(),
         }
     }
@@ -157,7 +158,7 @@ impl<'a> Message<'a> {
     pub fn source(&self) -> Source {
         match &self.inner {
             #[cfg(all(target_arch = "wasm32", feature = "router"))]
-            Inner::Host(m) => {
+            Inner::Host(m, _) => {
                 let s = m.source();
                 Source {
                     client_id: s.client_id,
@@ -233,8 +234,8 @@ pub enum Action {
     },
     /// Deliver to local subscribers.
     Local {
-        /// Topic to deliver on.
-        topic: String,
+        /// Topic to deliver on; `None` keeps the message's own topic.
+        topic: Option<String>,
         /// Replacement payload.
         payload: Option<Vec<u8>>,
         /// User properties to add.
@@ -259,7 +260,17 @@ impl Action {
     /// Local delivery on `topic`, message unchanged.
     pub fn local(topic: impl Into<String>) -> Self {
         Action::Local {
-            topic: topic.into(),
+            topic: Some(topic.into()),
+            payload: None,
+            add_properties: Vec::new(),
+        }
+    }
+
+    /// Local delivery on the message's own topic, message unchanged. Cheaper
+    /// than `Action::local(msg.topic())`: no topic is copied back to the host.
+    pub fn local_same_topic() -> Self {
+        Action::Local {
+            topic: None,
             payload: None,
             add_properties: Vec::new(),
         }
@@ -287,11 +298,11 @@ impl Action {
         self
     }
 
-    /// Replaces the topic of an upstream action (local actions name their topic already).
+    /// Replaces the topic the message is sent upstream or delivered locally on.
     pub fn with_topic(mut self, new: impl Into<String>) -> Self {
         match &mut self {
             Action::Upstream { topic, .. } => *topic = Some(new.into()),
-            Action::Local { topic, .. } => *topic = new.into(),
+            Action::Local { topic, .. } => *topic = Some(new.into()),
             Action::Drop(_) => {}
         }
         self
@@ -357,20 +368,21 @@ macro_rules! export_router {
                     ::core::result::Result::Ok(())
                 }
                 fn route(
+                    topic: ::std::string::String,
                     msg: &$crate::__wit::router::holdfast::gateway::types::Message,
                 ) -> ::std::vec::Vec<$crate::__wit::router::holdfast::gateway::routing::Action> {
-                    let msg = $crate::router::Message::__from_host(msg);
+                    let msg = $crate::router::Message::__from_host(topic, msg);
                     __PLUGIN.with(|p| match &*p.borrow() {
-                        ::core::option::Option::Some(plugin) => $crate::router::__into_wit(
-                            <$ty as $crate::router::Router>::route(plugin, &msg),
-                        ),
+                        ::core::option::Option::Some(plugin) => {
+                            $crate::router::__into_wit(<$ty as $crate::router::Router>::route(plugin, &msg))
+                        }
                         ::core::option::Option::None => {
                             ::core::panic!("route called before init")
                         }
                     })
                 }
             }
-            $crate::__wit::router::__export_router!(__HoldfastRouter with_types_in $crate::__wit::router);
+    $crate::__wit::router::__export_router!(__HoldfastRouter with_types_in $crate::__wit::router);
         };
         #[cfg(not(target_arch = "wasm32"))]
         const _: () = {

@@ -7,8 +7,8 @@
 //! Build it with `cargo build --target wasm32-wasip2 --release -p holdfast-example-alert-router`
 //! and swap it in with `holdfast plugin swap router <file.wasm>`.
 
-use holdfast_sdk::router::{topic_matches, Action, Message, Router};
-use holdfast_sdk::{host, Config};
+use holdfast_sdk::router::{Action, Message, Router, topic_matches};
+use holdfast_sdk::{Config, host};
 use serde::Deserialize;
 
 /// The plugin's configuration (`[plugins.router.config]`).
@@ -42,9 +42,9 @@ impl Router for AlertRouter {
 
     fn route(&self, msg: &Message<'_>) -> Vec<Action> {
         let topic = msg.topic();
-        if topic_matches("alerts/#", &topic) {
+        if topic_matches("alerts/#", topic) {
             vec![Action::upstream(0).with_ttl(86_400)]
-        } else if topic_matches("debug/#", &topic) {
+        } else if topic_matches("debug/#", topic) {
             vec![Action::drop("debug-traffic")]
         } else {
             vec![Action::upstream(self.default_lane)]
@@ -69,7 +69,10 @@ mod tests {
         assert_eq!(route("telemetry/t1"), vec![Action::upstream(5)]);
         assert_eq!(
             TestHost::take_logs(),
-            vec![(holdfast_sdk::host::Level::Info, "alert-router ready on node site-1".to_string())]
+            vec![(
+                holdfast_sdk::host::Level::Info,
+                "alert-router ready on node site-1".to_string()
+            )]
         );
     }
 
@@ -77,9 +80,13 @@ mod tests {
     fn config_sets_the_default_lane_and_rejects_bad_values() {
         let router = AlertRouter::init(&Config::parse(r#"{"default_lane": 7}"#).unwrap()).unwrap();
         assert_eq!(router.route(&Message::builder("x").build()), vec![Action::upstream(7)]);
-        let err = AlertRouter::init(&Config::parse(r#"{"default_lane": 12}"#).unwrap()).err().unwrap();
+        let err = AlertRouter::init(&Config::parse(r#"{"default_lane": 12}"#).unwrap())
+            .err()
+            .unwrap();
         assert!(err.contains("default_lane must be 0-9"), "{err}");
-        let err = AlertRouter::init(&Config::parse(r#"{"lane": 1}"#).unwrap()).err().unwrap();
+        let err = AlertRouter::init(&Config::parse(r#"{"lane": 1}"#).unwrap())
+            .err()
+            .unwrap();
         assert!(err.contains("unknown field"), "{err}");
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -74,8 +74,15 @@ pub fn router(state: Arc<NodeState>) -> Router {
 }
 
 /// Serves the admin API on `listener` until `shutdown` resolves.
-pub async fn serve(listener: tokio::net::TcpListener, state: Arc<NodeState>, shutdown: impl Future<Output = ()> + Send + 'static) {
-    if let Err(e) = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<NodeState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    if let Err(e) = axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
         tracing::error!("admin API stopped: {e}");
     }
 }
@@ -171,14 +178,22 @@ async fn plugin_swap(
         let config = match req.config {
             None | Some(serde_json::Value::Null) => None,
             Some(v @ serde_json::Value::Object(_)) => Some(v.to_string()),
-            Some(_) => return Err(ApiError(StatusCode::BAD_REQUEST, "config must be a JSON object".to_string())),
+            Some(_) => {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    "config must be a JSON object".to_string(),
+                ));
+            }
         };
         (bytes, config)
     } else {
         (body.to_vec(), None)
     };
     if bytes.len() > MAX_PLUGIN_BYTES {
-        return Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("plugin is larger than {MAX_PLUGIN_BYTES} bytes")));
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("plugin is larger than {MAX_PLUGIN_BYTES} bytes"),
+        ));
     }
     let plugins = state.plugins.clone();
     let record = tokio::task::spawn_blocking(move || plugins.swap(slot, &bytes, "admin-api".to_string(), config))

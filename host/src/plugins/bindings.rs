@@ -42,11 +42,11 @@ pub mod content {
     });
 }
 
-pub use router::holdfast::gateway::host::Level as LogLevel;
-pub use router::holdfast::gateway::routing::{Action, LocalAction, UpstreamAction};
-pub use router::holdfast::gateway::types::Source;
 pub use auth::holdfast::gateway::authn::{
     ConnectInfo, Decision as AuthzDecision, Operation, Principal, Refusal, RefusalCode, Transport,
 };
 pub use auth::holdfast::gateway::identities::{Identity, IdentityKind};
 pub use content::holdfast::gateway::content::{CachePlan, ContentClass, Decision as ContentDecision, RequestHead};
+pub use router::holdfast::gateway::host::Level as LogLevel;
+pub use router::holdfast::gateway::routing::{Action, LocalAction, UpstreamAction};
+pub use router::holdfast::gateway::types::Source;

@@ -32,7 +32,9 @@ pub struct Runtime {
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runtime").field("cache_dir", &self.cache_dir).finish_non_exhaustive()
+        f.debug_struct("Runtime")
+            .field("cache_dir", &self.cache_dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -110,20 +112,23 @@ impl Runtime {
                 "this is a core wasm module, not a component: build for wasm32-wasip2".to_string(),
             ));
         }
-        let cached = self.cache_dir.as_ref().map(|d| d.join(format!("{hash}-{}.cwasm", self.engine_key)));
-        if let Some(path) = &cached {
-            if let Some(component) = self.load_cached(path) {
-                self.cache_hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(component);
-            }
+        let cached = self
+            .cache_dir
+            .as_ref()
+            .map(|d| d.join(format!("{hash}-{}.cwasm", self.engine_key)));
+        if let Some(path) = &cached
+            && let Some(component) = self.load_cached(path)
+        {
+            self.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(component);
         }
         self.cache_misses.fetch_add(1, Ordering::Relaxed);
         let component =
             Component::new(&self.engine, bytes).map_err(|e| PluginError::InvalidComponent(format!("{e:#}")))?;
-        if let Some(path) = &cached {
-            if let Err(e) = self.store_cached(path, &component) {
-                tracing::warn!(path = %path.display(), "cannot cache compiled plugin: {e}");
-            }
+        if let Some(path) = &cached
+            && let Err(e) = self.store_cached(path, &component)
+        {
+            tracing::warn!(path = %path.display(), "cannot cache compiled plugin: {e}");
         }
         Ok(component)
     }

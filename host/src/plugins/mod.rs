@@ -27,17 +27,17 @@ use serde::{Deserialize, Serialize};
 use wasmtime::component::Resource;
 
 pub use self::bindings::{
-    Action, AuthzDecision, CachePlan, ContentClass, ContentDecision, ConnectInfo, LocalAction, Operation, Principal,
+    Action, AuthzDecision, CachePlan, ConnectInfo, ContentClass, ContentDecision, LocalAction, Operation, Principal,
     Refusal, RefusalCode, RequestHead, Transport, UpstreamAction,
 };
 pub use self::embedded::embedded_plugin;
 pub use self::engine::Runtime;
 pub use self::message::{Message, MessageRep};
-pub use self::slot::{Failure, SlotStatus, SwapRecord};
-pub use self::state::{NodeContext, LOG_MESSAGE_MAX, LOG_RECORDS_PER_CALL};
-pub use crate::metrics::FailureKind;
 use self::slot::{AuthKind, ContentKind, RouterKind, Slot, SlotLimits};
+pub use self::slot::{Failure, SlotStatus, SwapRecord};
+pub use self::state::{LOG_MESSAGE_MAX, LOG_RECORDS_PER_CALL, NodeContext};
 use crate::config::{Config, ContentFailurePolicy, RouterFailurePolicy, SlotConfig};
+pub use crate::metrics::FailureKind;
 
 /// A plugin slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -195,7 +195,11 @@ impl PluginHost {
             .into_iter()
             .max()
             .unwrap_or(64) as usize;
-        let runtime = Arc::new(Runtime::new(p.max_instances, max_memory << 20, Some(config.plugin_cache_dir()))?);
+        let runtime = Arc::new(Runtime::new(
+            p.max_instances,
+            max_memory << 20,
+            Some(config.plugin_cache_dir()),
+        )?);
         let (bytes, source) = initial_bytes(SlotName::Router, &p.router)?;
         let router = Slot::load(
             runtime.clone(),
@@ -206,7 +210,14 @@ impl PluginHost {
             p.router.config_json().into(),
         )?;
         let (bytes, source) = initial_bytes(SlotName::Auth, &p.auth)?;
-        let auth = Slot::load(runtime.clone(), node.clone(), limits(&p.auth), &bytes, source, p.auth.config_json().into())?;
+        let auth = Slot::load(
+            runtime.clone(),
+            node.clone(),
+            limits(&p.auth),
+            &bytes,
+            source,
+            p.auth.config_json().into(),
+        )?;
         let (bytes, source) = initial_bytes(SlotName::ContentSource, &p.content_source)?;
         let content = Slot::load(
             runtime.clone(),
@@ -229,9 +240,10 @@ impl PluginHost {
     /// Routes one message.
     pub fn route(&self, msg: Arc<Message>) -> Answer<RouteOutcome> {
         let (version, result) = self.router.call(|b, store| {
+            let shared = msg.clone();
             let handle = store.data_mut().table.push(MessageRep(msg))?;
             let borrow = Resource::<MessageRep>::new_borrow(handle.rep());
-            let result = b.call_route(&mut *store, borrow);
+            let result = b.call_route(&mut *store, &shared.topic, borrow);
             // Remove the handle whatever happened; the message stays with the caller.
             store.data_mut().table.delete(handle)?;
             result
@@ -380,6 +392,9 @@ impl PluginHost {
     /// Compiled-artifact cache hits and misses since start.
     pub fn cache_stats(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
-        (self.runtime.cache_hits.load(Relaxed), self.runtime.cache_misses.load(Relaxed))
+        (
+            self.runtime.cache_hits.load(Relaxed),
+            self.runtime.cache_misses.load(Relaxed),
+        )
     }
 }

@@ -12,12 +12,12 @@ use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::{ResourceLimiter, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use super::SlotName;
 use super::bindings::auth::holdfast::gateway::{authn, crypto, identities};
 use super::bindings::content::holdfast::gateway::content;
 use super::bindings::router::holdfast::gateway::{host, routing, types};
 use super::engine::EPOCH_TICK;
 use super::message::MessageRep;
-use super::SlotName;
 use crate::identity::IdentityDirectory;
 use crate::metrics::Metrics;
 
@@ -41,7 +41,9 @@ pub struct NodeContext {
 
 impl std::fmt::Debug for NodeContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeContext").field("node_id", &self.node_id).finish_non_exhaustive()
+        f.debug_struct("NodeContext")
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -137,7 +139,13 @@ pub struct PluginState {
 }
 
 impl PluginState {
-    pub(crate) fn new(node: NodeContext, slot: SlotName, version: Arc<str>, config_json: Arc<str>, memory_bytes: usize) -> Self {
+    pub(crate) fn new(
+        node: NodeContext,
+        slot: SlotName,
+        version: Arc<str>,
+        config_json: Arc<str>,
+        memory_bytes: usize,
+    ) -> Self {
         PluginState {
             node,
             slot,

@@ -36,7 +36,9 @@ pub async fn watch_folder(
         }
         for slot in SlotName::ALL {
             let path = dir.join(format!("{}.wasm", slot.as_str()));
-            let Ok(meta) = tokio::fs::metadata(&path).await else { continue };
+            let Ok(meta) = tokio::fs::metadata(&path).await else {
+                continue;
+            };
             let now = Seen {
                 modified: meta.modified().ok(),
                 len: meta.len(),
@@ -66,7 +68,11 @@ fn scan_one(plugins: &PluginHost, slot: SlotName, path: &Path) {
         return;
     }
     match plugins.swap(slot, &bytes, path.display().to_string(), None) {
-        Ok(r) => tracing::info!(slot = slot.as_str(), version = &r.new[..12], "swapped from watched folder"),
+        Ok(r) => tracing::info!(
+            slot = slot.as_str(),
+            version = &r.new[..12],
+            "swapped from watched folder"
+        ),
         Err(e) => tracing::error!(slot = slot.as_str(), path = %path.display(), "watched plugin rejected: {e}"),
     }
 }

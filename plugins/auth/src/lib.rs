@@ -37,11 +37,10 @@
 
 use base64::Engine as _;
 use holdfast_sdk::auth::{
-    identities, ConnectInfo, Decision, Identity, IdentityKind, Operation, Principal, Refusal,
-    RefusalCode,
+    ConnectInfo, Decision, Identity, IdentityKind, Operation, Principal, Refusal, RefusalCode, identities,
 };
 use holdfast_sdk::content::percent_decode;
-use holdfast_sdk::{host, Config};
+use holdfast_sdk::{Config, host};
 use serde::Deserialize;
 
 /// Longest username or password accepted before any parsing.
@@ -181,12 +180,19 @@ fn parse_sas_token(password: &str) -> Result<SasToken, String> {
 
 impl DefaultAuth {
     fn authenticate_sas(&self, info: &ConnectInfo, username: &str, password: &str) -> Result<Principal, Refusal> {
-        let user = parse_sas_username(username)
-            .ok_or_else(|| refuse(RefusalCode::BadCredentials, "SAS username is not {hub}/{device}[/{module}]/?api-version=…"))?;
-        if let Some(hub) = &self.settings.hub_name {
-            if !hub.eq_ignore_ascii_case(user.hub) {
-                return Err(refuse(RefusalCode::NotAuthorized, format!("hub {:?} is not this hub", user.hub)));
-            }
+        let user = parse_sas_username(username).ok_or_else(|| {
+            refuse(
+                RefusalCode::BadCredentials,
+                "SAS username is not {hub}/{device}[/{module}]/?api-version=…",
+            )
+        })?;
+        if let Some(hub) = &self.settings.hub_name
+            && !hub.eq_ignore_ascii_case(user.hub)
+        {
+            return Err(refuse(
+                RefusalCode::NotAuthorized,
+                format!("hub {:?} is not this hub", user.hub),
+            ));
         }
         let token = parse_sas_token(password).map_err(|e| refuse(RefusalCode::BadCredentials, e))?;
         let now_s = host::now_unix_ms() / 1000;
@@ -203,7 +209,10 @@ impl DefaultAuth {
             None => user.device.to_string(),
         };
         if !token.resource.trim_end_matches('/').eq_ignore_ascii_case(&expected) {
-            return Err(refuse(RefusalCode::NotAuthorized, "SAS resource does not name this device"));
+            return Err(refuse(
+                RefusalCode::NotAuthorized,
+                "SAS resource does not name this device",
+            ));
         }
         if info.client_id != id {
             return Err(refuse(RefusalCode::BadClientId, format!("client id must be {id:?}")));
@@ -217,19 +226,28 @@ impl DefaultAuth {
     }
 
     fn enabled_identity(&self, id: &str) -> Result<Identity, Refusal> {
-        let identity = identities::lookup(id)
-            .ok_or_else(|| refuse(RefusalCode::NotAuthorized, format!("identity {id:?} is not known to this node")))?;
+        let identity = identities::lookup(id).ok_or_else(|| {
+            refuse(
+                RefusalCode::NotAuthorized,
+                format!("identity {id:?} is not known to this node"),
+            )
+        })?;
         if !identity.enabled {
-            return Err(refuse(RefusalCode::NotAuthorized, format!("identity {id:?} is disabled")));
+            return Err(refuse(
+                RefusalCode::NotAuthorized,
+                format!("identity {id:?} is disabled"),
+            ));
         }
         Ok(identity)
     }
 
     fn rule_decision(&self, who: &Principal, op: Operation, topic: &str) -> Option<Decision> {
         for rule in &self.settings.rules {
-            let op_matches = rule.operations.iter().any(|o| match (o, op) {
-                (Op::Publish, Operation::Publish) | (Op::Subscribe, Operation::Subscribe) => true,
-                _ => false,
+            let op_matches = rule.operations.iter().any(|o| {
+                matches!(
+                    (o, op),
+                    (Op::Publish, Operation::Publish) | (Op::Subscribe, Operation::Subscribe)
+                )
             });
             if !op_matches {
                 continue;
@@ -253,7 +271,11 @@ impl DefaultAuth {
 fn substitute(filter: &str, who: &Principal) -> Option<String> {
     let mut out = filter.replace("{principal}", &who.id);
     if out.contains("{client_id}") {
-        let client = who.attributes.iter().find(|(k, _)| k == "client_id").map(|(_, v)| v.as_str())?;
+        let client = who
+            .attributes
+            .iter()
+            .find(|(k, _)| k == "client_id")
+            .map(|(_, v)| v.as_str())?;
         out = out.replace("{client_id}", client);
     }
     if out.contains("{device_id}") {
@@ -272,7 +294,10 @@ fn principal_of(identity: &Identity) -> Principal {
         IdentityKind::Gateway => "gateway",
         IdentityKind::User => "user",
     };
-    let is_device = matches!(identity.kind, IdentityKind::Device | IdentityKind::Module | IdentityKind::Gateway);
+    let is_device = matches!(
+        identity.kind,
+        IdentityKind::Device | IdentityKind::Module | IdentityKind::Gateway
+    );
     Principal {
         id: identity.id.clone(),
         device_id: is_device.then(|| identity.device_id.clone()),
@@ -318,13 +343,19 @@ impl holdfast_sdk::auth::Auth for DefaultAuth {
                 }
             }
             (Some(_), None) | (None, Some(_)) => {
-                return Err(refuse(RefusalCode::BadCredentials, "username and password must come together"));
+                return Err(refuse(
+                    RefusalCode::BadCredentials,
+                    "username and password must come together",
+                ));
             }
             (None, None) => match &info.cert_thumbprint {
                 Some(tp) => {
                     let identity = self.enabled_identity(&info.client_id)?;
                     if !identities::verify_thumbprint(&info.client_id, tp) {
-                        return Err(refuse(RefusalCode::NotAuthorized, "certificate thumbprint does not match"));
+                        return Err(refuse(
+                            RefusalCode::NotAuthorized,
+                            "certificate thumbprint does not match",
+                        ));
                     }
                     principal_of(&identity)
                 }
@@ -337,7 +368,9 @@ impl holdfast_sdk::auth::Auth for DefaultAuth {
                 None => return Err(refuse(RefusalCode::NotAuthorized, "anonymous clients are not allowed")),
             },
         };
-        principal.attributes.push(("client_id".to_string(), info.client_id.clone()));
+        principal
+            .attributes
+            .push(("client_id".to_string(), info.client_id.clone()));
         Ok(principal)
     }
 
@@ -345,7 +378,11 @@ impl holdfast_sdk::auth::Auth for DefaultAuth {
         if let Some(d) = self.rule_decision(who, op, topic) {
             return d;
         }
-        let kind = who.attributes.iter().find(|(k, _)| k == "kind").map(|(_, v)| v.as_str());
+        let kind = who
+            .attributes
+            .iter()
+            .find(|(k, _)| k == "kind")
+            .map(|(_, v)| v.as_str());
         let allowed: Vec<String> = match kind {
             Some("anonymous") => self.settings.anonymous_topics.clone(),
             Some("user") => self.settings.user_topics.clone(),
@@ -368,7 +405,7 @@ holdfast_sdk::export_auth!(DefaultAuth);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use holdfast_sdk::auth::{crypto, Auth};
+    use holdfast_sdk::auth::{Auth, crypto};
     use holdfast_sdk::testing::{TestHost, TestIdentity};
 
     const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
@@ -402,10 +439,16 @@ mod tests {
         let auth = setup("{}");
         let exp = NOW_MS / 1000 + 3600;
         let user = "hub.example/dev1/?api-version=2021-04-12";
-        let ok = auth.authenticate(&connect("dev1", user, &sas("hub.example/devices/dev1", KEY, exp))).unwrap();
+        let ok = auth
+            .authenticate(&connect("dev1", user, &sas("hub.example/devices/dev1", KEY, exp)))
+            .unwrap();
         assert_eq!(ok.device_id.as_deref(), Some("dev1"));
 
-        let expired = auth.authenticate(&connect("dev1", user, &sas("hub.example/devices/dev1", KEY, NOW_MS / 1000 - 1)));
+        let expired = auth.authenticate(&connect(
+            "dev1",
+            user,
+            &sas("hub.example/devices/dev1", KEY, NOW_MS / 1000 - 1),
+        ));
         assert_eq!(expired.unwrap_err().reason, "SAS token expired");
 
         let wrong_key = auth.authenticate(&connect("dev1", user, &sas("hub.example/devices/dev1", b"nope", exp)));
@@ -439,7 +482,10 @@ mod tests {
             assert!(r.is_err(), "{pass}");
         }
         let huge = "x".repeat(MAX_CREDENTIAL_LEN + 1);
-        assert_eq!(auth.authenticate(&connect("c", &huge, "p")).unwrap_err().code, RefusalCode::BadCredentials);
+        assert_eq!(
+            auth.authenticate(&connect("c", &huge, "p")).unwrap_err().code,
+            RefusalCode::BadCredentials
+        );
         let mut garbage = ConnectInfo::new("c");
         garbage.username = Some("u".into());
         garbage.password = Some(vec![0xff, 0xfe, 0x00]);
@@ -449,7 +495,10 @@ mod tests {
     #[test]
     fn users_and_anonymous() {
         let auth = setup(r#"{"allow_anonymous": false}"#);
-        assert_eq!(auth.authenticate(&connect("c1", "alice", "s3cret")).unwrap().id, "alice");
+        assert_eq!(
+            auth.authenticate(&connect("c1", "alice", "s3cret")).unwrap().id,
+            "alice"
+        );
         assert_eq!(
             auth.authenticate(&connect("c1", "alice", "wrong")).unwrap_err().code,
             RefusalCode::BadCredentials
@@ -472,7 +521,11 @@ mod tests {
         );
         let exp = NOW_MS / 1000 + 60;
         let p = auth
-            .authenticate(&connect("dev1", "hub/dev1/?api-version=1", &sas("hub/devices/dev1", KEY, exp)))
+            .authenticate(&connect(
+                "dev1",
+                "hub/dev1/?api-version=1",
+                &sas("hub/devices/dev1", KEY, exp),
+            ))
             .unwrap();
         let allow = |op, t: &str| auth.authorize(&p, op, t) == Decision::Allow;
         assert!(allow(Operation::Publish, "devices/dev1/messages/events/a=b"));

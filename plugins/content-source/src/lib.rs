@@ -24,8 +24,8 @@
 //! max_object_size = 4294967296
 //! ```
 
-use holdfast_sdk::content::{CachePlan, ContentClass, ContentSource, Decision, RequestHead};
 use holdfast_sdk::Config;
+use holdfast_sdk::content::{CachePlan, ContentClass, ContentSource, Decision, RequestHead};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -128,7 +128,10 @@ impl ContentSource for DefaultContentSource {
                 return Err(format!("{what}: hosts is empty"));
             }
             if !(s.origin.starts_with("http://") || s.origin.starts_with("https://")) {
-                return Err(format!("{what}: origin must start with http:// or https://, got {:?}", s.origin));
+                return Err(format!(
+                    "{what}: origin must start with http:// or https://, got {:?}",
+                    s.origin
+                ));
             }
             for p in s.immutable.iter().chain(&s.revalidate) {
                 if !p.starts_with('/') {
@@ -149,7 +152,11 @@ impl ContentSource for DefaultContentSource {
             .query_param("cacheHostOrigin")
             .map(|h| h.to_ascii_lowercase())
             .unwrap_or_else(|| request.host.clone());
-        let Some(source) = self.sources.iter().find(|s| s.hosts.iter().any(|h| h.eq_ignore_ascii_case(&host))) else {
+        let Some(source) = self
+            .sources
+            .iter()
+            .find(|s| s.hosts.iter().any(|h| h.eq_ignore_ascii_case(&host)))
+        else {
             return Decision::Deny(format!("host {host:?} is not a configured source"));
         };
         let origin_path = strip_param(&request.path_and_query, "cacheHostOrigin");
@@ -197,8 +204,14 @@ mod tests {
     #[test]
     fn aliases_share_a_namespace_and_classes_follow_patterns() {
         let p = plugin();
-        let a = p.classify(&RequestHead::get("deb.debian.org", "/debian/pool/main/c/curl/curl_8.deb"));
-        let b = p.classify(&RequestHead::get("ftp.debian.org", "/debian/pool/main/c/curl/curl_8.deb"));
+        let a = p.classify(&RequestHead::get(
+            "deb.debian.org",
+            "/debian/pool/main/c/curl/curl_8.deb",
+        ));
+        let b = p.classify(&RequestHead::get(
+            "ftp.debian.org",
+            "/debian/pool/main/c/curl/curl_8.deb",
+        ));
         assert_eq!(a, b);
         let Decision::Cache(plan) = a else { panic!("{a:?}") };
         assert_eq!(plan.class, ContentClass::Immutable);
@@ -210,14 +223,23 @@ mod tests {
             panic!()
         };
         assert_eq!(idx.class, ContentClass::Revalidate);
-        assert!(matches!(p.classify(&RequestHead::get("deb.debian.org", "/x.txt")), Decision::Deny(_)));
-        assert!(matches!(p.classify(&RequestHead::get("evil.example", "/a.deb")), Decision::Deny(_)));
+        assert!(matches!(
+            p.classify(&RequestHead::get("deb.debian.org", "/x.txt")),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            p.classify(&RequestHead::get("evil.example", "/a.deb")),
+            Decision::Deny(_)
+        ));
     }
 
     #[test]
     fn cache_host_origin_is_honoured_and_not_part_of_the_key() {
         let p = plugin();
-        let d = p.classify(&RequestHead::get("10.0.0.1", "/pool/x.deb?cacheHostOrigin=deb.debian.org&a=1"));
+        let d = p.classify(&RequestHead::get(
+            "10.0.0.1",
+            "/pool/x.deb?cacheHostOrigin=deb.debian.org&a=1",
+        ));
         let Decision::Cache(plan) = d else { panic!("{d:?}") };
         assert_eq!(plan.origin_path, "/pool/x.deb?a=1");
         assert_eq!(plan.key, "debian:/pool/x.deb?a=1");
@@ -235,8 +257,16 @@ mod tests {
     #[test]
     fn bad_config_is_rejected() {
         let bad = r#"{"sources":[{"name":"x","hosts":[],"origin":"https://a"}]}"#;
-        assert!(DefaultContentSource::init(&Config::parse(bad).unwrap()).unwrap_err().contains("hosts is empty"));
+        assert!(
+            DefaultContentSource::init(&Config::parse(bad).unwrap())
+                .unwrap_err()
+                .contains("hosts is empty")
+        );
         let bad = r#"{"sources":[{"name":"x","hosts":["a"],"origin":"ftp://a"}]}"#;
-        assert!(DefaultContentSource::init(&Config::parse(bad).unwrap()).unwrap_err().contains("origin must"));
+        assert!(
+            DefaultContentSource::init(&Config::parse(bad).unwrap())
+                .unwrap_err()
+                .contains("origin must")
+        );
     }
 }

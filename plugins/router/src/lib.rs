@@ -7,7 +7,8 @@
 //!
 //! ```toml
 //! [plugins.router.config]
-//! default_lane = 5          # lane 0-9 for unmatched messages; omit for none
+//! default_lane = 5          # lane 0-9 for unmatched messages
+//! default_upstream = true   # false: unmatched messages do not go upstream
 //! local_by_default = true   # unmatched messages also reach local subscribers
 //!
 //! [[plugins.router.config.rules]]
@@ -24,23 +25,25 @@
 //! drop = "debug-traffic"
 //! ```
 
-use holdfast_sdk::router::{topic_matches, Action, Message, Router};
 use holdfast_sdk::Config;
+use holdfast_sdk::router::{Action, Message, Router, topic_matches};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Settings {
     #[serde(default = "default_lane")]
-    default_lane: Option<u8>,
+    default_lane: u8,
+    #[serde(default = "yes")]
+    default_upstream: bool,
     #[serde(default = "yes")]
     local_by_default: bool,
     #[serde(default)]
     rules: Vec<RuleConfig>,
 }
 
-fn default_lane() -> Option<u8> {
-    Some(5)
+fn default_lane() -> u8 {
+    5
 }
 
 fn yes() -> bool {
@@ -63,8 +66,6 @@ struct RuleConfig {
 struct Rule {
     filter: String,
     actions: Vec<Action>,
-    /// Local delivery on the message's own topic (filled in per message).
-    local_same_topic: bool,
 }
 
 /// The default router.
@@ -102,9 +103,7 @@ fn check_filter(filter: &str, what: &str) -> Result<(), String> {
 impl Router for DefaultRouter {
     fn init(config: &Config) -> Result<Self, String> {
         let settings: Settings = config.deserialize()?;
-        if let Some(lane) = settings.default_lane {
-            check_lane(lane, "default_lane")?;
-        }
+        check_lane(settings.default_lane, "default_lane")?;
         let mut rules = Vec::with_capacity(settings.rules.len());
         for (i, r) in settings.rules.into_iter().enumerate() {
             let what = format!("rules[{i}]");
@@ -126,13 +125,12 @@ impl Router for DefaultRouter {
             } else if r.ttl_seconds.is_some() {
                 return Err(format!("{what}: `ttl_seconds` needs `upstream_lane`"));
             }
-            let mut local_same_topic = false;
             if let Some(topic) = r.local_topic {
                 actions.push(Action::local(topic));
             } else if r.local {
-                local_same_topic = true;
+                actions.push(Action::local_same_topic());
             }
-            if actions.is_empty() && !local_same_topic {
+            if actions.is_empty() {
                 return Err(format!(
                     "{what}: a rule needs at least one of upstream_lane, local, local_topic, drop"
                 ));
@@ -140,31 +138,26 @@ impl Router for DefaultRouter {
             rules.push(Rule {
                 filter: r.filter,
                 actions,
-                local_same_topic,
             });
         }
         Ok(DefaultRouter {
             rules,
-            default_lane: settings.default_lane,
+            default_lane: settings.default_upstream.then_some(settings.default_lane),
             local_by_default: settings.local_by_default,
         })
     }
 
     fn route(&self, msg: &Message<'_>) -> Vec<Action> {
         let topic = msg.topic();
-        if let Some(rule) = self.rules.iter().find(|r| topic_matches(&r.filter, &topic)) {
-            let mut actions = rule.actions.clone();
-            if rule.local_same_topic {
-                actions.push(Action::local(topic));
-            }
-            return actions;
+        if let Some(rule) = self.rules.iter().find(|r| topic_matches(&r.filter, topic)) {
+            return rule.actions.clone();
         }
         let mut actions = Vec::with_capacity(2);
         if let Some(lane) = self.default_lane {
             actions.push(Action::upstream(lane));
         }
         if self.local_by_default {
-            actions.push(Action::local(topic));
+            actions.push(Action::local_same_topic());
         }
         actions
     }
@@ -187,7 +180,7 @@ mod tests {
     #[test]
     fn zero_config_sends_upstream_lane_5_and_delivers_locally() {
         let r = router("{}").unwrap();
-        assert_eq!(route(&r, "a/b"), vec![Action::upstream(5), Action::local("a/b")]);
+        assert_eq!(route(&r, "a/b"), vec![Action::upstream(5), Action::local_same_topic()]);
     }
 
     #[test]
@@ -198,12 +191,12 @@ mod tests {
                 {"filter":"debug/#","drop":"debug-traffic"},
                 {"filter":"plant/+/cmd","local":true},
                 {"filter":"plant/#","upstream_lane":3,"local_topic":"mirror/plant"}
-            ], "default_lane": null, "local_by_default": false}"#,
+            ], "default_upstream": false, "local_by_default": false}"#,
         )
         .unwrap();
         assert_eq!(route(&r, "alerts/fire/x"), vec![Action::upstream(0).with_ttl(60)]);
         assert_eq!(route(&r, "debug/x"), vec![Action::drop("debug-traffic")]);
-        assert_eq!(route(&r, "plant/7/cmd"), vec![Action::local("plant/7/cmd")]);
+        assert_eq!(route(&r, "plant/7/cmd"), vec![Action::local_same_topic()]);
         assert_eq!(
             route(&r, "plant/7/temp"),
             vec![Action::upstream(3), Action::local("mirror/plant")]
@@ -214,10 +207,22 @@ mod tests {
     #[test]
     fn bad_rules_are_rejected_with_their_index() {
         let cases = [
-            (r#"{"rules":[{"filter":"a/#/b","local":true}]}"#, "rules[0]: `#` must be"),
-            (r#"{"rules":[{"filter":"a","upstream_lane":10}]}"#, "rules[0]: lane must be 0-9"),
-            (r#"{"rules":[{"filter":"a","local":true},{"filter":"b"}]}"#, "rules[1]: a rule needs"),
-            (r#"{"rules":[{"filter":"a","drop":"x","local":true}]}"#, "cannot be combined"),
+            (
+                r#"{"rules":[{"filter":"a/#/b","local":true}]}"#,
+                "rules[0]: `#` must be",
+            ),
+            (
+                r#"{"rules":[{"filter":"a","upstream_lane":10}]}"#,
+                "rules[0]: lane must be 0-9",
+            ),
+            (
+                r#"{"rules":[{"filter":"a","local":true},{"filter":"b"}]}"#,
+                "rules[1]: a rule needs",
+            ),
+            (
+                r#"{"rules":[{"filter":"a","drop":"x","local":true}]}"#,
+                "cannot be combined",
+            ),
             (r#"{"default_lane":11}"#, "default_lane: lane must be 0-9"),
             (r#"{"rulez":[]}"#, "unknown field `rulez`"),
         ];

@@ -13,7 +13,7 @@
 //! With `fail_init = true` in its config, `init` fails.
 
 use holdfast_sdk::router::{Action, Message, Router};
-use holdfast_sdk::{host, Config};
+use holdfast_sdk::{Config, host};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -50,7 +50,7 @@ impl Router for TestRouter {
 
     fn route(&self, msg: &Message<'_>) -> Vec<Action> {
         let topic = msg.topic();
-        match topic.as_str() {
+        match topic {
             "hostile/loop" => {
                 let mut n: u64 = 0;
                 loop {
@@ -89,7 +89,10 @@ mod tests {
     #[test]
     fn answers_with_its_tag_and_routes_payloads_by_checksum() {
         let r = TestRouter::init(&Config::parse(r#"{"tag":"A"}"#).unwrap()).unwrap();
-        assert_eq!(r.route(&Message::builder("x").build()), vec![Action::drop("test-router:A")]);
+        assert_eq!(
+            r.route(&Message::builder("x").build()),
+            vec![Action::drop("test-router:A")]
+        );
         let m = Message::builder("payload/1").payload(vec![3u8, 4u8]).build();
         assert_eq!(r.route(&m), vec![Action::upstream(7)]);
         assert!(TestRouter::init(&Config::parse(r#"{"fail_init":true}"#).unwrap()).is_err());
