@@ -4,6 +4,47 @@
 //! Implement [`Auth`] and export it with [`export_auth!`](crate::export_auth).
 //! Credentials are checked through [`identities`] and [`crypto`]: the host
 //! keeps the secrets and answers yes or no.
+//!
+//! ## Example
+//!
+//! ```
+//! use holdfast_sdk::auth::{identities, Auth, ConnectInfo, Decision, Operation, Principal, Refusal, RefusalCode};
+//! use holdfast_sdk::Config;
+//!
+//! /// Users with a password the host verifies; each may use `users/{name}/#`.
+//! struct PasswordAuth;
+//!
+//! impl Auth for PasswordAuth {
+//!     fn init(_config: &Config) -> Result<Self, String> {
+//!         Ok(PasswordAuth)
+//!     }
+//!     fn authenticate(&self, info: &ConnectInfo) -> Result<Principal, Refusal> {
+//!         let (Some(user), Some(password)) = (&info.username, &info.password) else {
+//!             return Err(Refusal::new(RefusalCode::NotAuthorized, "credentials required"));
+//!         };
+//!         if !identities::verify_password(user, password) {
+//!             return Err(Refusal::new(RefusalCode::BadCredentials, "bad username or password"));
+//!         }
+//!         Ok(Principal { id: user.clone(), ..Principal::default() })
+//!     }
+//!     fn authorize(&self, who: &Principal, _op: Operation, topic: &str) -> Decision {
+//!         if topic.starts_with(&format!("users/{}/", who.id)) {
+//!             Decision::Allow
+//!         } else {
+//!             Decision::Deny("outside the user's topics".to_string())
+//!         }
+//!     }
+//! }
+//! holdfast_sdk::export_auth!(PasswordAuth);
+//!
+//! // Native test: the test host plays the gateway's identity store.
+//! use holdfast_sdk::testing::{TestHost, TestIdentity};
+//! TestHost::new().identity(TestIdentity::user("ann", "pw")).install();
+//! let auth = PasswordAuth::init(&Config::empty()).unwrap();
+//! let ann = auth.authenticate(&ConnectInfo::new("c1").with_credentials("ann", "pw")).unwrap();
+//! assert_eq!(auth.authorize(&ann, Operation::Publish, "users/ann/t"), Decision::Allow);
+//! assert!(auth.authenticate(&ConnectInfo::new("c1").with_credentials("ann", "no")).is_err());
+//! ```
 
 use crate::Config;
 

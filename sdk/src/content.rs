@@ -3,6 +3,46 @@
 //!
 //! Implement [`ContentSource`] and export it with
 //! [`export_content_source!`](crate::export_content_source).
+//!
+//! ## Example
+//!
+//! ```
+//! use holdfast_sdk::content::{CachePlan, ContentClass, ContentSource, Decision, RequestHead};
+//! use holdfast_sdk::Config;
+//!
+//! /// Caches deb.debian.org: packages never change, indexes are revalidated.
+//! struct Debian;
+//!
+//! impl ContentSource for Debian {
+//!     fn init(_config: &Config) -> Result<Self, String> {
+//!         Ok(Debian)
+//!     }
+//!     fn classify(&self, request: &RequestHead) -> Decision {
+//!         if request.host != "deb.debian.org" {
+//!             return Decision::Deny(format!("{} is not served here", request.host));
+//!         }
+//!         let class = if request.path().ends_with(".deb") {
+//!             ContentClass::Immutable
+//!         } else {
+//!             ContentClass::Revalidate
+//!         };
+//!         Decision::Cache(CachePlan {
+//!             origin: "http://deb.debian.org".to_string(),
+//!             origin_path: request.path_and_query.clone(),
+//!             key: format!("debian:{}", request.path_and_query),
+//!             class,
+//!             ttl_seconds: 300,
+//!             max_object_size: None,
+//!         })
+//!     }
+//! }
+//! holdfast_sdk::export_content_source!(Debian);
+//!
+//! let source = Debian::init(&Config::empty()).unwrap();
+//! let d = source.classify(&RequestHead::get("deb.debian.org", "/debian/pool/a.deb"));
+//! assert!(matches!(d, Decision::Cache(CachePlan { class: ContentClass::Immutable, .. })));
+//! assert!(matches!(source.classify(&RequestHead::get("evil.example", "/x")), Decision::Deny(_)));
+//! ```
 
 use crate::Config;
 
