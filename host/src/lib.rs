@@ -20,5 +20,7 @@ pub mod config;
 pub mod identity;
 pub mod metrics;
 pub mod node;
+pub mod outbox;
 pub mod plugins;
 pub mod scaffold;
+pub mod store;

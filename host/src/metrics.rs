@@ -95,6 +95,22 @@ pub struct StatusLabels {
     pub code: u16,
 }
 
+/// Labels carrying an outbox lane.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LaneLabels {
+    /// Lane 0-9.
+    pub lane: u8,
+}
+
+/// Labels of outbox removals that are not deliveries.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LaneReasonLabels {
+    /// Lane 0-9.
+    pub lane: u8,
+    /// Why: `quota`, `disk`, `ttl`, `damaged`, `invalid`.
+    pub reason: &'static str,
+}
+
 /// Labels of the build-info gauge.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
@@ -103,6 +119,21 @@ pub struct BuildLabels {
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// The metric for `labels` in `family`, as an owned handle.
+///
+/// `Family::get_or_create` returns a read guard. Taking a second metric from
+/// the same family while one is alive (e.g. two in one struct literal)
+/// deadlocks when the second must be created. This drops the guard before
+/// returning.
+pub fn handle<L, M, C>(family: &Family<L, M, C>, labels: &L) -> M
+where
+    L: Clone + std::hash::Hash + Eq,
+    M: Clone,
+    C: prometheus_client::metrics::family::MetricConstructor<M>,
+{
+    family.get_or_create(labels).clone()
+}
 
 fn call_histogram() -> Histogram {
     // 500 ns .. ~16 s.
@@ -130,6 +161,24 @@ pub struct Metrics {
     pub plugin_logs_dropped: Family<SlotLabels, Counter>,
     /// `holdfast_admin_requests_total{code}`
     pub admin_requests: Family<StatusLabels, Counter>,
+    /// `holdfast_outbox_enqueued_total{lane}`
+    pub outbox_enqueued: Family<LaneLabels, Counter>,
+    /// `holdfast_outbox_delivered_total{lane}`: acknowledged by the upstream and deleted.
+    pub outbox_delivered: Family<LaneLabels, Counter>,
+    /// `holdfast_outbox_expired_total{lane}`
+    pub outbox_expired: Family<LaneLabels, Counter>,
+    /// `holdfast_outbox_dropped_total{lane,reason}`: queued messages removed undelivered.
+    pub outbox_dropped: Family<LaneReasonLabels, Counter>,
+    /// `holdfast_outbox_rejected_total{lane,reason}`: appends refused.
+    pub outbox_rejected: Family<LaneReasonLabels, Counter>,
+    /// `holdfast_outbox_depth_messages{lane}`
+    pub outbox_depth: Family<LaneLabels, Gauge>,
+    /// `holdfast_outbox_depth_bytes{lane}`
+    pub outbox_bytes: Family<LaneLabels, Gauge>,
+    /// `holdfast_outbox_oldest_age_seconds{lane}`
+    pub outbox_oldest_age: Family<LaneLabels, Gauge>,
+    /// `holdfast_outbox_commits_total`: group commits (one sync each when they hold appends).
+    pub outbox_commits: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -190,6 +239,56 @@ impl Metrics {
             "Admin API requests, by status code",
             admin_requests.clone(),
         );
+        let outbox_enqueued = Family::<LaneLabels, Counter>::default();
+        registry.register(
+            "outbox_enqueued",
+            "Messages appended to the outbox, by lane",
+            outbox_enqueued.clone(),
+        );
+        let outbox_delivered = Family::<LaneLabels, Counter>::default();
+        registry.register(
+            "outbox_delivered",
+            "Messages acknowledged by the upstream and deleted, by lane",
+            outbox_delivered.clone(),
+        );
+        let outbox_expired = Family::<LaneLabels, Counter>::default();
+        registry.register(
+            "outbox_expired",
+            "Messages removed after their time-to-live",
+            outbox_expired.clone(),
+        );
+        let outbox_dropped = Family::<LaneReasonLabels, Counter>::default();
+        registry.register(
+            "outbox_dropped",
+            "Queued messages removed undelivered (quota: drop-oldest; damaged: quarantined)",
+            outbox_dropped.clone(),
+        );
+        let outbox_rejected = Family::<LaneReasonLabels, Counter>::default();
+        registry.register(
+            "outbox_rejected",
+            "Appends refused (quota, disk, invalid)",
+            outbox_rejected.clone(),
+        );
+        let outbox_depth = Family::<LaneLabels, Gauge>::default();
+        registry.register(
+            "outbox_depth_messages",
+            "Messages queued, by lane",
+            outbox_depth.clone(),
+        );
+        let outbox_bytes = Family::<LaneLabels, Gauge>::default();
+        registry.register(
+            "outbox_depth_bytes",
+            "Bytes queued (stored size), by lane",
+            outbox_bytes.clone(),
+        );
+        let outbox_oldest_age = Family::<LaneLabels, Gauge>::default();
+        registry.register(
+            "outbox_oldest_age_seconds",
+            "Age of the oldest queued message on the outbox clock, by lane",
+            outbox_oldest_age.clone(),
+        );
+        let outbox_commits = Counter::default();
+        registry.register("outbox_commits", "Outbox group commits", outbox_commits.clone());
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -208,6 +307,15 @@ impl Metrics {
             plugin_idle_instances,
             plugin_logs_dropped,
             admin_requests,
+            outbox_enqueued,
+            outbox_delivered,
+            outbox_expired,
+            outbox_dropped,
+            outbox_rejected,
+            outbox_depth,
+            outbox_bytes,
+            outbox_oldest_age,
+            outbox_commits,
         }
     }
 

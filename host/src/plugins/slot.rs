@@ -20,7 +20,7 @@ use super::bindings;
 use super::engine::{EPOCH_TICK, Runtime};
 use super::state::{NodeContext, PluginState};
 use super::{PluginError, SlotName};
-use crate::metrics::{FailureKind, FailureLabels, SlotLabels, SwapLabels, SwapResult};
+use crate::metrics::{FailureKind, FailureLabels, SlotLabels, SwapLabels, SwapResult, handle};
 
 /// Swap records kept per slot.
 const HISTORY_LEN: usize = 100;
@@ -251,33 +251,35 @@ impl SlotMetrics {
             slot: slot.as_str().to_string(),
         };
         let failure = |kind| {
-            m.plugin_failures
-                .get_or_create(&FailureLabels {
+            handle(
+                &m.plugin_failures,
+                &FailureLabels {
                     slot: slot.as_str().to_string(),
                     kind,
-                })
-                .clone()
+                },
+            )
         };
         let swaps = |result| {
-            m.plugin_swaps
-                .get_or_create(&SwapLabels {
+            handle(
+                &m.plugin_swaps,
+                &SwapLabels {
                     slot: slot.as_str().to_string(),
                     result,
-                })
-                .clone()
+                },
+            )
         };
         SlotMetrics {
-            calls: m.plugin_calls.get_or_create(&labels).clone(),
-            duration: m.plugin_call_duration.get_or_create(&labels).clone(),
-            idle: m.plugin_idle_instances.get_or_create(&labels).clone(),
+            calls: handle(&m.plugin_calls, &labels),
+            duration: handle(&m.plugin_call_duration, &labels),
+            idle: handle(&m.plugin_idle_instances, &labels),
             timeouts: failure(FailureKind::Timeout),
             memory: failure(FailureKind::Memory),
             traps: failure(FailureKind::Trap),
             unavailable: failure(FailureKind::Unavailable),
             swaps_ok: swaps(SwapResult::Ok),
             swaps_rejected: swaps(SwapResult::Rejected),
-            rollbacks: m.plugin_rollbacks.get_or_create(&labels).clone(),
-            swap_duration: m.plugin_swap_duration.get_or_create(&labels).clone(),
+            rollbacks: handle(&m.plugin_rollbacks, &labels),
+            swap_duration: handle(&m.plugin_swap_duration, &labels),
         }
     }
 }

@@ -1,0 +1,294 @@
+//! The on-disk form of a queued message.
+//!
+//! ```text
+//! u8   format version (1)
+//! u32  CRC-32 of everything after it (little endian)
+//! u64  enqueue time on the outbox clock, ms        } all integers
+//! u64  enqueue wall time, ms since the Unix epoch  } little endian
+//! u64  time-to-live, ms
+//! u8   qos        u8 flags (1 retain, 2 content type, 4 principal)
+//! str16 topic     [str16 content type]   str16 client id   [str16 principal]
+//! u16  path length, then str16 each
+//! u16  property count, then str16 name, str32 value each
+//! bytes32 payload
+//! ```
+//! `str16`/`str32` are a u16/u32 length then UTF-8 bytes. Decoding checks
+//! every length against what is left, the CRC and the UTF-8.
+
+use std::sync::Arc;
+
+use crate::plugins::Message;
+use crate::plugins::bindings::Source;
+
+const VERSION: u8 = 1;
+const F_RETAIN: u8 = 1;
+const F_CONTENT_TYPE: u8 = 2;
+const F_PRINCIPAL: u8 = 4;
+
+/// A message as stored in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Enqueue time on the outbox clock, ms.
+    pub enqueued_clock_ms: u64,
+    /// Enqueue wall time, ms since the Unix epoch (informational).
+    pub enqueued_wall_ms: u64,
+    /// Time-to-live, ms.
+    pub ttl_ms: u64,
+    /// The message.
+    pub message: Arc<Message>,
+}
+
+/// Why a stored record could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Unknown format version.
+    #[error("unknown record version {0}")]
+    Version(u8),
+    /// The checksum does not match.
+    #[error("checksum mismatch")]
+    Checksum,
+    /// The record ends early or has bytes left over.
+    #[error("truncated or malformed record")]
+    Malformed,
+    /// A string is not UTF-8.
+    #[error("string is not UTF-8")]
+    Utf8,
+}
+
+/// Why a message cannot be stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// A field is longer than its length prefix allows.
+    #[error("{0} is too long to store")]
+    TooLong(&'static str),
+}
+
+fn put_str16(out: &mut Vec<u8>, s: &str, what: &'static str) -> Result<(), EncodeError> {
+    let len = u16::try_from(s.len()).map_err(|_| EncodeError::TooLong(what))?;
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+    Ok(())
+}
+
+fn put_bytes32(out: &mut Vec<u8>, b: &[u8], what: &'static str) -> Result<(), EncodeError> {
+    let len = u32::try_from(b.len()).map_err(|_| EncodeError::TooLong(what))?;
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(b);
+    Ok(())
+}
+
+impl Record {
+    /// Encodes the record.
+    ///
+    /// # Errors
+    /// A field exceeds its length prefix.
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        let m = &self.message;
+        let mut out = Vec::with_capacity(64 + m.topic.len() + m.payload.len());
+        out.push(VERSION);
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&self.enqueued_clock_ms.to_le_bytes());
+        out.extend_from_slice(&self.enqueued_wall_ms.to_le_bytes());
+        out.extend_from_slice(&self.ttl_ms.to_le_bytes());
+        out.push(m.qos);
+        let mut flags = 0;
+        if m.retain {
+            flags |= F_RETAIN;
+        }
+        if m.content_type.is_some() {
+            flags |= F_CONTENT_TYPE;
+        }
+        if m.source.principal.is_some() {
+            flags |= F_PRINCIPAL;
+        }
+        out.push(flags);
+        put_str16(&mut out, &m.topic, "topic")?;
+        if let Some(ct) = &m.content_type {
+            put_str16(&mut out, ct, "content type")?;
+        }
+        put_str16(&mut out, &m.source.client_id, "client id")?;
+        if let Some(p) = &m.source.principal {
+            put_str16(&mut out, p, "principal")?;
+        }
+        let path_len = u16::try_from(m.source.path.len()).map_err(|_| EncodeError::TooLong("source path"))?;
+        out.extend_from_slice(&path_len.to_le_bytes());
+        for hop in &m.source.path {
+            put_str16(&mut out, hop, "source path entry")?;
+        }
+        let props = u16::try_from(m.properties.len()).map_err(|_| EncodeError::TooLong("property list"))?;
+        out.extend_from_slice(&props.to_le_bytes());
+        for (k, v) in &m.properties {
+            put_str16(&mut out, k, "property name")?;
+            put_bytes32(&mut out, v.as_bytes(), "property value")?;
+        }
+        put_bytes32(&mut out, &m.payload, "payload")?;
+        let crc = crc32fast::hash(&out[5..]);
+        out[1..5].copy_from_slice(&crc.to_le_bytes());
+        Ok(out)
+    }
+
+    /// Decodes a record.
+    ///
+    /// # Errors
+    /// Any damage: version, checksum, lengths, UTF-8.
+    pub fn decode(b: &[u8]) -> Result<Record, DecodeError> {
+        let (&version, rest) = b.split_first().ok_or(DecodeError::Malformed)?;
+        if version != VERSION {
+            return Err(DecodeError::Version(version));
+        }
+        if rest.len() < 4 {
+            return Err(DecodeError::Malformed);
+        }
+        let (crc, body) = rest.split_at(4);
+        if crc32fast::hash(body).to_le_bytes() != crc {
+            return Err(DecodeError::Checksum);
+        }
+        let mut r = Reader { b: body };
+        let enqueued_clock_ms = r.u64()?;
+        let enqueued_wall_ms = r.u64()?;
+        let ttl_ms = r.u64()?;
+        let qos = r.u8()?;
+        let flags = r.u8()?;
+        let topic = r.str16()?;
+        let content_type = if flags & F_CONTENT_TYPE != 0 {
+            Some(r.str16()?)
+        } else {
+            None
+        };
+        let client_id = r.str16()?;
+        let principal = if flags & F_PRINCIPAL != 0 {
+            Some(r.str16()?)
+        } else {
+            None
+        };
+        let path_len = r.u16()?;
+        let mut path = Vec::with_capacity(path_len.min(64) as usize);
+        for _ in 0..path_len {
+            path.push(r.str16()?);
+        }
+        let props = r.u16()?;
+        let mut properties = Vec::with_capacity(props.min(64) as usize);
+        for _ in 0..props {
+            let k = r.str16()?;
+            let v = String::from_utf8(r.bytes32()?.to_vec()).map_err(|_| DecodeError::Utf8)?;
+            properties.push((k, v));
+        }
+        let payload = r.bytes32()?.to_vec();
+        if !r.b.is_empty() {
+            return Err(DecodeError::Malformed);
+        }
+        Ok(Record {
+            enqueued_clock_ms,
+            enqueued_wall_ms,
+            ttl_ms,
+            message: Arc::new(Message {
+                topic,
+                payload,
+                qos,
+                retain: flags & F_RETAIN != 0,
+                content_type,
+                properties,
+                source: Source {
+                    client_id,
+                    principal,
+                    path,
+                },
+            }),
+        })
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.b.len() < n {
+            return Err(DecodeError::Malformed);
+        }
+        let (head, tail) = self.b.split_at(n);
+        self.b = tail;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn str16(&mut self) -> Result<String, DecodeError> {
+        let n = self.u16()? as usize;
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| DecodeError::Utf8)
+    }
+    fn bytes32(&mut self) -> Result<&'a [u8], DecodeError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Record {
+        let mut m = Message::new("devices/d1/messages/events/", b"hello".to_vec(), "d1");
+        m.qos = 1;
+        m.retain = true;
+        m.content_type = Some("application/json".into());
+        m.properties = vec![("$.mid".into(), "42".into()), ("k".into(), "v".into())];
+        m.source.principal = Some("d1".into());
+        m.source.path = vec!["gw-a".into(), "gw-b".into()];
+        Record {
+            enqueued_clock_ms: 12_345,
+            enqueued_wall_ms: 1_700_000_000_000,
+            ttl_ms: 7_200_000,
+            message: Arc::new(m),
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let r = sample();
+        assert_eq!(Record::decode(&r.encode().unwrap()).unwrap(), r);
+    }
+
+    #[test]
+    fn every_single_byte_flip_and_truncation_is_detected() {
+        let bytes = sample().encode().unwrap();
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x40;
+            assert!(Record::decode(&b).is_err(), "flip at {i} not detected");
+            assert!(Record::decode(&bytes[..i]).is_err(), "truncation at {i} not detected");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_garbage_never_panics(b in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Record::decode(&b);
+        }
+
+        #[test]
+        fn arbitrary_messages_round_trip(topic in ".{0,40}", payload in proptest::collection::vec(any::<u8>(), 0..300),
+                                         props in proptest::collection::vec((".{0,8}", ".{0,8}"), 0..4), ttl in any::<u64>()) {
+            let mut m = Message::new(topic, payload, "c");
+            m.properties = props;
+            let r = Record { enqueued_clock_ms: 1, enqueued_wall_ms: 2, ttl_ms: ttl, message: Arc::new(m) };
+            prop_assert_eq!(Record::decode(&r.encode().unwrap()).unwrap(), r);
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! The one fjall database of a node, under `<data_dir>/store`.
+//!
+//! Only this module touches fjall. Subsystems get a [`Space`] (a fjall
+//! keyspace) per concern and write through [`Batch`]es whose durability
+//! they state explicitly.
+
+use std::ops::RangeBounds;
+use std::path::Path;
+
+/// Storage errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A previous write or fsync failed (a hardware-level fault). The
+    /// database accepts no more writes; the process should restart.
+    #[error("storage is poisoned by an earlier write failure; restart the node: {0}")]
+    Poisoned(fjall::Error),
+    /// Another process has the database open.
+    #[error("the store at {0} is in use by another process")]
+    Locked(String),
+    /// Any other storage error.
+    #[error("storage error: {0}")]
+    Other(fjall::Error),
+}
+
+impl From<fjall::Error> for StoreError {
+    fn from(e: fjall::Error) -> Self {
+        match e {
+            fjall::Error::Poisoned => StoreError::Poisoned(e),
+            other => StoreError::Other(other),
+        }
+    }
+}
+
+/// How durable a commit must be before it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Handed to the OS: survives a process crash, not power loss.
+    Buffered,
+    /// `fdatasync`: survives power loss.
+    SyncData,
+    /// `fsync`: survives power loss, metadata included.
+    SyncAll,
+}
+
+impl Durability {
+    fn mode(self) -> fjall::PersistMode {
+        match self {
+            Durability::Buffered => fjall::PersistMode::Buffer,
+            Durability::SyncData => fjall::PersistMode::SyncData,
+            Durability::SyncAll => fjall::PersistMode::SyncAll,
+        }
+    }
+}
+
+/// The node's database.
+#[derive(Clone)]
+pub struct Store {
+    db: fjall::Database,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+/// One keyspace of the database.
+#[derive(Clone)]
+pub struct Space {
+    ks: fjall::Keyspace,
+}
+
+impl std::fmt::Debug for Space {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Space").finish_non_exhaustive()
+    }
+}
+
+/// An atomic write across spaces.
+pub struct Batch {
+    batch: fjall::OwnedWriteBatch,
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch").field("len", &self.batch.len()).finish()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database in `dir`.
+    ///
+    /// # Errors
+    /// I/O errors, another process holding it, or a damaged journal.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let db = fjall::Database::builder(dir).open().map_err(|e| match e {
+            fjall::Error::Locked => StoreError::Locked(dir.display().to_string()),
+            other => StoreError::from(other),
+        })?;
+        Ok(Store { db })
+    }
+
+    /// Opens (creating if needed) the space `name`.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn space(&self, name: &str) -> Result<Space, StoreError> {
+        Ok(Space {
+            ks: self.db.keyspace(name, fjall::KeyspaceCreateOptions::default)?,
+        })
+    }
+
+    /// Starts an atomic batch.
+    pub fn batch(&self) -> Batch {
+        Batch { batch: self.db.batch() }
+    }
+
+    /// Makes everything written so far durable.
+    ///
+    /// # Errors
+    /// Storage errors (a failure poisons the store).
+    pub fn persist(&self, durability: Durability) -> Result<(), StoreError> {
+        Ok(self.db.persist(durability.mode())?)
+    }
+
+    /// Bytes the whole database occupies on disk.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn disk_space(&self) -> Result<u64, StoreError> {
+        Ok(self.db.disk_space()?)
+    }
+}
+
+impl Batch {
+    /// Adds an insert.
+    pub fn insert(&mut self, space: &Space, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.batch.insert(&space.ks, key.into(), value.into());
+    }
+
+    /// Adds a removal.
+    pub fn remove(&mut self, space: &Space, key: impl Into<Vec<u8>>) {
+        self.batch.remove(&space.ks, key.into());
+    }
+
+    /// Number of operations.
+    pub fn len(&self) -> usize {
+        self.batch.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+
+    /// Applies the batch atomically; returns once it is as durable as asked.
+    ///
+    /// # Errors
+    /// Storage errors (a failed sync poisons the store).
+    pub fn commit(self, durability: Durability) -> Result<(), StoreError> {
+        Ok(self.batch.durability(Some(durability.mode())).commit()?)
+    }
+}
+
+impl Space {
+    /// The value under `key`.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.ks.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Key/value pairs in `range`, in key order.
+    pub fn range<R: RangeBounds<Vec<u8>>>(
+        &self,
+        range: R,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> {
+        self.ks.range(range).map(|guard| {
+            let (k, v) = guard.into_inner()?;
+            Ok((k.to_vec(), v.to_vec()))
+        })
+    }
+
+    /// Key/value pairs in `range`, in reverse key order.
+    pub fn range_rev<R: RangeBounds<Vec<u8>>>(
+        &self,
+        range: R,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> {
+        self.ks.range(range).rev().map(|guard| {
+            let (k, v) = guard.into_inner()?;
+            Ok((k.to_vec(), v.to_vec()))
+        })
+    }
+
+    /// Bytes this space occupies on disk (approximate).
+    pub fn disk_space(&self) -> u64 {
+        self.ks.disk_space()
+    }
+}
