@@ -395,3 +395,168 @@ fn stats_report_depth_bytes_and_age() {
     assert!(text.contains("holdfast_outbox_depth_messages{lane=\"5\"} 2"), "{text}");
     assert!(text.contains("holdfast_outbox_oldest_age_seconds{lane=\"5\"} 90"));
 }
+
+mod model {
+    //! Random sequences of append / lease / ack / release / time / sweep /
+    //! restart, checked against a plain in-memory model of the outbox.
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Append { lane: u8, short_ttl: bool },
+        Lease { max: usize },
+        Ack { pick: Vec<bool> },
+        Release,
+        Advance { ms: u64 },
+        Sweep,
+        Restart,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0u8..3, any::<bool>()).prop_map(|(lane, short_ttl)| Op::Append { lane, short_ttl }),
+            4 => (1usize..5).prop_map(|max| Op::Lease { max }),
+            3 => proptest::collection::vec(any::<bool>(), 0..8).prop_map(|pick| Op::Ack { pick }),
+            1 => Just(Op::Release),
+            2 => (0u64..1500).prop_map(|ms| Op::Advance { ms }),
+            1 => Just(Op::Sweep),
+            1 => Just(Op::Restart),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    struct M {
+        n: u64,
+        enqueued: u64,
+        ttl: u64,
+        leased: bool,
+    }
+
+    const SHORT_TTL_MS: u64 = 1000;
+
+    /// The model's lease: lowest lane with an unleased message; expired
+    /// ones met on the way are removed; up to `max` in order.
+    fn model_lease(lanes: &mut [Vec<M>; 3], now: u64, max: usize) -> Option<(u8, Vec<u64>)> {
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            let mut out = Vec::new();
+            let mut i = 0;
+            while i < lane.len() && out.len() < max {
+                if lane[i].leased {
+                    i += 1;
+                    continue;
+                }
+                if now - lane[i].enqueued >= lane[i].ttl {
+                    lane.remove(i);
+                    continue;
+                }
+                lane[i].leased = true;
+                out.push(lane[i].n);
+                i += 1;
+            }
+            if !out.is_empty() {
+                return Some((l as u8, out));
+            }
+        }
+        None
+    }
+
+    fn run(ops: Vec<Op>) {
+        let dir = tempfile::tempdir().unwrap();
+        let time = FakeTime::new();
+        let mut o = Some(open(dir.path(), config(""), time.clone()));
+        let mut lanes: [Vec<M>; 3] = Default::default();
+        let mut in_flight: Vec<(MessageId, u8, u64)> = Vec::new();
+        let mut next = 0u64;
+        for op in ops {
+            let ob = &o.as_ref().unwrap().outbox;
+            let now = time.boottime_ms.load(Ordering::SeqCst);
+            match op {
+                Op::Append { lane, short_ttl } => {
+                    let ttl = short_ttl.then(|| Duration::from_millis(SHORT_TTL_MS));
+                    ob.append_blocking(lane, msg("t", next), ttl).unwrap();
+                    lanes[lane as usize].push(M {
+                        n: next,
+                        enqueued: now,
+                        ttl: if short_ttl { SHORT_TTL_MS } else { 7_200_000 },
+                        leased: false,
+                    });
+                    next += 1;
+                }
+                Op::Lease { max } => {
+                    let got = ob.lease(max).unwrap().map(|b| {
+                        (
+                            b.lane,
+                            b.items
+                                .iter()
+                                .map(|l| (l.id, payload_n(&l.record.message)))
+                                .collect::<Vec<_>>(),
+                        )
+                    });
+                    let want = model_lease(&mut lanes, now, max);
+                    assert_eq!(
+                        got.as_ref()
+                            .map(|(l, items)| (*l, items.iter().map(|(_, n)| *n).collect::<Vec<_>>())),
+                        want
+                    );
+                    if let Some((lane, items)) = got {
+                        in_flight.extend(items.into_iter().map(|(id, n)| (id, lane, n)));
+                    }
+                }
+                Op::Ack { pick } => {
+                    let mut acked = Vec::new();
+                    let mut keep = Vec::new();
+                    for (i, f) in in_flight.drain(..).enumerate() {
+                        if pick.get(i).copied().unwrap_or(false) {
+                            acked.push(f);
+                        } else {
+                            keep.push(f);
+                        }
+                    }
+                    in_flight = keep;
+                    ob.ack_blocking(&acked.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())
+                        .unwrap();
+                    for (_, lane, n) in acked {
+                        lanes[lane as usize].retain(|m| m.n != n);
+                    }
+                }
+                Op::Release => {
+                    ob.release_all();
+                    in_flight.clear();
+                    lanes.iter_mut().flatten().for_each(|m| m.leased = false);
+                }
+                Op::Advance { ms } => time.advance(ms),
+                Op::Sweep => {
+                    ob.sweep_expired();
+                    for lane in lanes.iter_mut() {
+                        lane.retain(|m| m.leased || now - m.enqueued < m.ttl);
+                    }
+                }
+                Op::Restart => {
+                    drop(o.take());
+                    o = Some(open(dir.path(), config(""), time.clone()));
+                    in_flight.clear();
+                    lanes.iter_mut().flatten().for_each(|m| m.leased = false);
+                }
+            }
+        }
+        // Finally everything still queued and unexpired comes out, in order.
+        let ob = &o.as_ref().unwrap().outbox;
+        ob.release_all();
+        lanes.iter_mut().flatten().for_each(|m| m.leased = false);
+        let now = time.boottime_ms.load(Ordering::SeqCst);
+        let mut want = Vec::new();
+        while let Some((lane, ns)) = model_lease(&mut lanes, now, 64) {
+            want.extend(ns.into_iter().map(|n| (lane, n)));
+        }
+        assert_eq!(drain(ob), want);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, .. ProptestConfig::default() })]
+        #[test]
+        fn outbox_matches_the_model(ops in proptest::collection::vec(op(), 1..60)) {
+            run(ops);
+        }
+    }
+}
