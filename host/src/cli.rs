@@ -61,6 +61,30 @@ pub enum Command {
     Plugin(PluginCommand),
     /// Hash a password (read from stdin) for an identity's `password_hash`.
     Passwd,
+    /// Tools for tests and diagnosis.
+    #[command(subcommand, hide = true)]
+    Debug(DebugCommand),
+}
+
+/// `holdfast debug …` (hidden).
+#[derive(Debug, Subcommand)]
+pub enum DebugCommand {
+    /// Appends to an outbox at full speed from several threads and prints
+    /// `lane seq payload` for every acknowledged append, until killed.
+    OutboxFill {
+        /// The data directory (the store is `<dir>/store`).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Appending threads.
+        #[arg(long, default_value_t = 8)]
+        writers: u32,
+        /// Lanes used (0..lanes).
+        #[arg(long, default_value_t = 3)]
+        lanes: u8,
+        /// Prefix of payloads, to tell runs apart.
+        #[arg(long, default_value = "run")]
+        tag: String,
+    },
 }
 
 /// `holdfast config …`
@@ -161,11 +185,57 @@ pub fn execute(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Debug(DebugCommand::OutboxFill {
+            data_dir,
+            writers,
+            lanes,
+            tag,
+        }) => outbox_fill(&data_dir, writers, lanes.clamp(1, 10), &tag),
         Command::Plugin(cmd) => {
             let client = AdminClient::discover(&cli.admin)?;
             plugin_command(&client, cmd, cli.admin.json)
         }
     }
+}
+
+fn outbox_fill(data_dir: &Path, writers: u32, lanes: u8, tag: &str) -> Result<()> {
+    use std::io::Write as _;
+    use std::sync::{Arc, Mutex};
+    let store = crate::store::Store::open(&data_dir.join("store"))?;
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let outbox = Arc::new(crate::outbox::Outbox::open(
+        &store,
+        data_dir,
+        crate::config::OutboxConfig::default(),
+        metrics,
+        Arc::new(crate::outbox::SystemTimeSource),
+    )?);
+    let out = Arc::new(Mutex::new(std::io::stdout()));
+    let threads: Vec<_> = (0..writers)
+        .map(|w| {
+            let (outbox, out, tag) = (outbox.clone(), out.clone(), tag.to_string());
+            std::thread::spawn(move || -> Result<()> {
+                for i in 0u64.. {
+                    let lane = ((i + u64::from(w)) % u64::from(lanes)) as u8;
+                    let payload = format!("{tag}:{w}:{i}");
+                    let msg = Arc::new(crate::plugins::Message::new(
+                        "fill",
+                        payload.clone().into_bytes(),
+                        "fill",
+                    ));
+                    let id = outbox.append_blocking(lane, msg, None)?;
+                    let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+                    writeln!(o, "{} {} {payload}", id.lane, id.seq)?;
+                    o.flush()?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().map_err(|_| anyhow!("writer thread panicked"))??;
+    }
+    Ok(())
 }
 
 fn plugin_command(client: &AdminClient, cmd: PluginCommand, json: bool) -> Result<()> {
