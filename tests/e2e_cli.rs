@@ -262,6 +262,8 @@ fn swap_rollback_and_errors_through_the_cli() {
         "holdfast_plugin_rollbacks_total{slot=\"router\"} 1",
         "holdfast_plugin_call_duration_seconds_bucket",
         "holdfast_admin_requests_total{code=\"401\"} 2",
+        "holdfast_outbox_depth_messages{lane=\"0\"} 0",
+        "holdfast_outbox_oldest_age_seconds{lane=\"9\"} 0",
     ] {
         assert!(metrics.contains(want), "metrics lack {want}:\n{metrics}");
     }

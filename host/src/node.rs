@@ -15,7 +15,9 @@ use crate::admin;
 use crate::config::Config;
 use crate::identity::MemoryDirectory;
 use crate::metrics::Metrics;
+use crate::outbox::{Outbox, SystemTimeSource};
 use crate::plugins::{NodeContext, PluginError, PluginHost, watch::watch_folder};
+use crate::store::Store;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +33,9 @@ pub enum StartError {
     /// A plugin did not load.
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    /// The store or the outbox did not open.
+    #[error("outbox: {0}")]
+    Outbox(#[from] crate::outbox::OutboxError),
     /// The admin listener could not bind.
     #[error("admin API cannot listen on {addr}: {source}")]
     AdminBind {
@@ -51,6 +56,8 @@ pub struct NodeState {
     pub metrics: Arc<Metrics>,
     /// Identities from the config.
     pub identities: Arc<MemoryDirectory>,
+    /// The durable queue of upstream-bound messages.
+    pub outbox: Arc<Outbox>,
     /// When the node started.
     pub started_at: SystemTime,
     /// Monotonic start.
@@ -98,6 +105,22 @@ impl Node {
             .await
             .map_err(|e| PluginError::Engine(format!("plugin loader task failed: {e}")))??;
         let plugins = Arc::new(plugins);
+        let store_dir = data_dir.join("store");
+        let outbox_config = config.outbox.clone();
+        let outbox_metrics = metrics.clone();
+        let outbox = tokio::task::spawn_blocking(move || -> Result<Outbox, crate::outbox::OutboxError> {
+            let store = Store::open(&store_dir)?;
+            Outbox::open(
+                &store,
+                &store_dir,
+                outbox_config,
+                outbox_metrics,
+                Arc::new(SystemTimeSource),
+            )
+        })
+        .await
+        .map_err(|e| PluginError::Engine(format!("outbox open task failed: {e}")))??;
+        let outbox = Arc::new(outbox);
         let admin_token = match &config.admin.token {
             Some(t) => t.clone(),
             None => load_or_create_token(&data_dir.join("admin.token"))?,
@@ -107,6 +130,7 @@ impl Node {
             plugins,
             metrics,
             identities,
+            outbox,
             started_at: SystemTime::now(),
             started,
             admin_token,
@@ -169,6 +193,9 @@ impl Node {
         for t in self.tasks {
             let _ = t.await;
         }
+        // Commit what the writer holds, save the outbox clock, sync.
+        let outbox = self.state.outbox.clone();
+        let _ = tokio::task::spawn_blocking(move || outbox.close()).await;
         tracing::info!("holdfast node stopped");
     }
 }

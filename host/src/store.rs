@@ -7,6 +7,11 @@
 use std::ops::RangeBounds;
 use std::path::Path;
 
+/// Journal size at which fjall flushes memtables and starts a new journal.
+const JOURNAL_BYTES: u64 = 64 << 20;
+/// Memtable size per space; the most that is replayed per space on open.
+const MEMTABLE_BYTES: u64 = 16 << 20;
+
 /// Storage errors.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -93,10 +98,15 @@ impl Store {
     /// # Errors
     /// I/O errors, another process holding it, or a damaged journal.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let db = fjall::Database::builder(dir).open().map_err(|e| match e {
-            fjall::Error::Locked => StoreError::Locked(dir.display().to_string()),
-            other => StoreError::from(other),
-        })?;
+        // A bounded journal: what is not yet flushed to tables is replayed on
+        // open, so this bounds the time from open to the first delivery.
+        let db = fjall::Database::builder(dir)
+            .max_journaling_size(JOURNAL_BYTES)
+            .open()
+            .map_err(|e| match e {
+                fjall::Error::Locked => StoreError::Locked(dir.display().to_string()),
+                other => StoreError::from(other),
+            })?;
         Ok(Store { db })
     }
 
@@ -106,7 +116,9 @@ impl Store {
     /// Storage errors.
     pub fn space(&self, name: &str) -> Result<Space, StoreError> {
         Ok(Space {
-            ks: self.db.keyspace(name, fjall::KeyspaceCreateOptions::default)?,
+            ks: self.db.keyspace(name, || {
+                fjall::KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+            })?,
         })
     }
 

@@ -6,6 +6,7 @@
 //! | GET | `/healthz` | `ok` (no token) |
 //! | GET | `/metrics` | Prometheus text (no token unless `admin.metrics_require_token`) |
 //! | GET | `/api/v1/node` | node id, version, uptime |
+//! | GET | `/api/v1/outbox` | per lane: messages, bytes, in flight, oldest age |
 //! | GET | `/api/v1/plugins` | every slot: version hash, source, loaded-at, calls, traps |
 //! | GET | `/api/v1/plugins/history` | loads, swaps and rollbacks |
 //! | POST | `/api/v1/plugins/{slot}/swap` | body: the `.wasm` bytes, or JSON `{"wasm_base64": …, "config": {…}}` |
@@ -59,6 +60,7 @@ impl From<PluginError> for ApiError {
 pub fn router(state: Arc<NodeState>) -> Router {
     let api = Router::new()
         .route("/node", get(node_info))
+        .route("/outbox", get(outbox_stats))
         .route("/plugins", get(plugins_list))
         .route("/plugins/history", get(plugins_history))
         .route("/plugins/{slot}/swap", post(plugin_swap))
@@ -127,6 +129,8 @@ async fn metrics(State(state): State<Arc<NodeState>>, headers: HeaderMap) -> Res
     }
     // Refresh gauges that are sampled rather than counted.
     let _ = state.plugins.list();
+    let outbox = state.outbox.clone();
+    let _ = tokio::task::spawn_blocking(move || outbox.stats()).await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         state.metrics.render(),
@@ -141,6 +145,23 @@ async fn node_info(State(state): State<Arc<NodeState>>) -> Json<serde_json::Valu
         "uptime_seconds": state.started.elapsed().as_secs(),
         "data_dir": state.config.node.data_dir,
     }))
+}
+
+async fn outbox_stats(State(state): State<Arc<NodeState>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let outbox = state.outbox.clone();
+    let lanes = tokio::task::spawn_blocking(move || outbox.stats())
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("stats task failed: {e}")))?;
+    let lanes: Vec<serde_json::Value> = lanes
+        .iter()
+        .enumerate()
+        .map(|(lane, s)| json!({ "lane": lane, "messages": s.messages, "bytes": s.bytes, "in_flight": s.in_flight, "oldest_age_ms": s.oldest_age_ms }))
+        .collect();
+    Ok(Json(json!({
+        "instance": format!("{:016x}", state.outbox.instance()),
+        "max_bytes": state.outbox.max_bytes(),
+        "lanes": lanes,
+    })))
 }
 
 async fn plugins_list(State(state): State<Arc<NodeState>>) -> Json<serde_json::Value> {

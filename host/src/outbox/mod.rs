@@ -229,7 +229,7 @@ enum Request {
     Append {
         lane: u8,
         value: Vec<u8>,
-        reply: tokio::sync::oneshot::Sender<Result<MessageId, AppendError>>,
+        reply: AppendReply,
     },
     Remove {
         items: Vec<Remove>,
@@ -928,14 +928,12 @@ impl Inner {
     }
 }
 
+/// Where an append's result goes.
+type AppendReply = tokio::sync::oneshot::Sender<Result<MessageId, AppendError>>;
+
 /// What one commit changes, computed before it and applied after it.
 struct Pending {
-    appends: Vec<(
-        u8,
-        u64,
-        u64,
-        tokio::sync::oneshot::Sender<Result<MessageId, AppendError>>,
-    )>,
+    appends: Vec<(u8, u64, u64, AppendReply)>,
     removes: Vec<Remove>,
     ack_replies: Vec<tokio::sync::oneshot::Sender<Result<(), StoreError>>>,
     lanes: [(u64, u64, u64); LANES],
