@@ -84,12 +84,16 @@ impl Now {
     }
 }
 
-/// The kernel's boot id, or 0 when unavailable (then every open counts as a reboot).
+/// The kernel's boot id, or 0 when unavailable (then every open counts as a
+/// reboot). It cannot change while the process runs, so it is read once.
 fn boot_id() -> u128 {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .ok()
-        .and_then(|s| u128::from_str_radix(&s.trim().replace('-', ""), 16).ok())
-        .unwrap_or(0)
+    static BOOT_ID: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    *BOOT_ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .and_then(|s| u128::from_str_radix(&s.trim().replace('-', ""), 16).ok())
+            .unwrap_or(0)
+    })
 }
 
 /// How the clock resumed, for the log.
