@@ -266,6 +266,41 @@ fn reject_new_refuses_with_quota_exceeded_and_counts() {
 }
 
 #[test]
+fn the_free_disk_guard_and_the_byte_limit_refuse_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    // A guard larger than any disk: every append is refused, nothing is stored.
+    {
+        let o = open(
+            dir.path(),
+            config("min_free_disk_bytes = 1152921504606846976\n"),
+            FakeTime::new(),
+        );
+        let err = o.outbox.append_blocking(0, msg("t", 1), None).unwrap_err();
+        assert!(matches!(err, AppendError::DiskFull), "{err}");
+        assert_eq!(err.mqtt_reason_code(), 0x97);
+        assert_eq!(
+            metric(&o.metrics, "holdfast_outbox_rejected_total{lane=\"0\",reason=\"disk\"}"),
+            1.0
+        );
+        assert_eq!(o.outbox.stats()[0].messages, 0);
+    }
+    // A byte limit of about three records.
+    let dir = tempfile::tempdir().unwrap();
+    let o = open(dir.path(), config("max_bytes = 300\n"), FakeTime::new());
+    let mut stored = 0;
+    let err = loop {
+        match o.outbox.append_blocking(0, msg("t", stored), None) {
+            Ok(_) => stored += 1,
+            Err(e) => break e,
+        }
+        assert!(stored < 100, "the byte limit never applied");
+    };
+    assert!(matches!(err, AppendError::QuotaExceeded("bytes")), "{err}");
+    assert!(o.outbox.stats()[0].bytes <= 300);
+    assert!(stored >= 1);
+}
+
+#[test]
 fn drop_oldest_removes_from_the_lowest_priority_lane_first() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config("max_messages = 6\nwhen_full = \"drop-oldest\"\n");
