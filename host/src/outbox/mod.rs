@@ -465,6 +465,19 @@ impl Outbox {
             .map_err(|_| AppendError::Closed)
     }
 
+    /// Encodes the message and hands it to the writer; the receiver gets the result.
+    fn submit(
+        &self,
+        lane: u8,
+        message: Arc<Message>,
+        ttl: Option<Duration>,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<MessageId, AppendError>>, AppendError> {
+        let value = self.prepare(lane, message, ttl)?;
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.send(Request::Append { lane, value, reply })?;
+        Ok(rx)
+    }
+
     fn prepare(&self, lane: u8, message: Arc<Message>, ttl: Option<Duration>) -> Result<Vec<u8>, AppendError> {
         if lane as usize >= LANES {
             return Err(AppendError::BadLane(lane));
@@ -495,10 +508,9 @@ impl Outbox {
         message: Arc<Message>,
         ttl: Option<Duration>,
     ) -> Result<MessageId, AppendError> {
-        let value = self.prepare(lane, message, ttl)?;
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        self.send(Request::Append { lane, value, reply })?;
-        rx.await.map_err(|_| AppendError::Closed)?
+        self.submit(lane, message, ttl)?
+            .await
+            .map_err(|_| AppendError::Closed)?
     }
 
     /// [`Outbox::append`] for threads outside an async runtime.
@@ -511,10 +523,9 @@ impl Outbox {
         message: Arc<Message>,
         ttl: Option<Duration>,
     ) -> Result<MessageId, AppendError> {
-        let value = self.prepare(lane, message, ttl)?;
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        self.send(Request::Append { lane, value, reply })?;
-        rx.blocking_recv().map_err(|_| AppendError::Closed)?
+        self.submit(lane, message, ttl)?
+            .blocking_recv()
+            .map_err(|_| AppendError::Closed)?
     }
 
     /// Leases up to `max` messages from the lane the scheduling policy picks

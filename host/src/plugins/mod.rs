@@ -33,7 +33,7 @@ pub use self::bindings::{
 pub use self::embedded::embedded_plugin;
 pub use self::engine::Runtime;
 pub use self::message::{Message, MessageRep};
-use self::slot::{AuthKind, ContentKind, RouterKind, Slot, SlotLimits};
+use self::slot::{AuthKind, ContentKind, Kind, RouterKind, Slot, SlotLimits};
 pub use self::slot::{Failure, SlotStatus, SwapRecord};
 pub use self::state::{LOG_MESSAGE_MAX, LOG_RECORDS_PER_CALL, NodeContext};
 use crate::config::{Config, ContentFailurePolicy, RouterFailurePolicy, SlotConfig};
@@ -171,16 +171,30 @@ fn limits<P>(c: &SlotConfig<P>) -> SlotLimits {
     }
 }
 
-fn initial_bytes<P>(slot: SlotName, c: &SlotConfig<P>) -> Result<(Vec<u8>, String), PluginError> {
-    match &c.file {
-        Some(path) => std::fs::read(path)
-            .map(|b| (b, path.display().to_string()))
-            .map_err(|source| PluginError::Read {
+/// Loads a slot's first version: the configured file, or the embedded default.
+fn load_slot<K: Kind, P>(
+    runtime: &Arc<Runtime>,
+    node: &NodeContext,
+    c: &SlotConfig<P>,
+) -> Result<Slot<K>, PluginError> {
+    let (bytes, source) = match &c.file {
+        Some(path) => (
+            std::fs::read(path).map_err(|source| PluginError::Read {
                 path: path.clone(),
                 source,
-            }),
-        None => Ok((embedded_plugin(slot).to_vec(), "embedded".to_string())),
-    }
+            })?,
+            path.display().to_string(),
+        ),
+        None => (embedded_plugin(K::SLOT).to_vec(), "embedded".to_string()),
+    };
+    Slot::load(
+        runtime.clone(),
+        node.clone(),
+        limits(c),
+        &bytes,
+        source,
+        c.config_json().into(),
+    )
 }
 
 impl PluginHost {
@@ -200,33 +214,9 @@ impl PluginHost {
             max_memory << 20,
             Some(config.plugin_cache_dir()),
         )?);
-        let (bytes, source) = initial_bytes(SlotName::Router, &p.router)?;
-        let router = Slot::load(
-            runtime.clone(),
-            node.clone(),
-            limits(&p.router),
-            &bytes,
-            source,
-            p.router.config_json().into(),
-        )?;
-        let (bytes, source) = initial_bytes(SlotName::Auth, &p.auth)?;
-        let auth = Slot::load(
-            runtime.clone(),
-            node.clone(),
-            limits(&p.auth),
-            &bytes,
-            source,
-            p.auth.config_json().into(),
-        )?;
-        let (bytes, source) = initial_bytes(SlotName::ContentSource, &p.content_source)?;
-        let content = Slot::load(
-            runtime.clone(),
-            node,
-            limits(&p.content_source),
-            &bytes,
-            source,
-            p.content_source.config_json().into(),
-        )?;
+        let router = load_slot(&runtime, &node, &p.router)?;
+        let auth = load_slot(&runtime, &node, &p.auth)?;
+        let content = load_slot(&runtime, &node, &p.content_source)?;
         Ok(PluginHost {
             runtime,
             router,
