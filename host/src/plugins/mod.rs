@@ -132,6 +132,24 @@ pub struct Answer<T> {
     pub failure: Option<Failure>,
 }
 
+impl<T> Answer<T> {
+    /// The plugin's value, or on failure the policy's value for it.
+    fn new(version: Arc<str>, result: Result<T, Failure>, policy: impl FnOnce(&Failure) -> T) -> Self {
+        match result {
+            Ok(value) => Answer {
+                version,
+                value,
+                failure: None,
+            },
+            Err(failure) => Answer {
+                version,
+                value: policy(&failure),
+                failure: Some(failure),
+            },
+        }
+    }
+}
+
 /// What the router decided for a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteOutcome {
@@ -238,62 +256,32 @@ impl PluginHost {
             store.data_mut().table.delete(handle)?;
             result
         });
-        match result {
-            Ok(actions) => Answer {
-                version,
-                value: RouteOutcome::Actions(actions),
-                failure: None,
-            },
-            Err(failure) => {
-                let reason = format!("router-failure:{}", failure.kind.as_str());
-                let value = match self.router_policy {
-                    RouterFailurePolicy::DeadLetter => RouteOutcome::DeadLetter(reason),
-                    RouterFailurePolicy::Drop => RouteOutcome::Drop(reason),
-                };
-                Answer {
-                    version,
-                    value,
-                    failure: Some(failure),
-                }
+        Answer::new(version, result.map(RouteOutcome::Actions), |failure| {
+            let reason = format!("router-failure:{}", failure.kind.as_str());
+            match self.router_policy {
+                RouterFailurePolicy::DeadLetter => RouteOutcome::DeadLetter(reason),
+                RouterFailurePolicy::Drop => RouteOutcome::Drop(reason),
             }
-        }
+        })
     }
 
     /// Decides a CONNECT. A failed call refuses it (policy `deny`).
     pub fn authenticate(&self, info: &ConnectInfo) -> Answer<Result<Principal, Refusal>> {
         let (version, result) = self.auth.call(|b, store| b.call_authenticate(store, info));
-        match result {
-            Ok(value) => Answer {
-                version,
-                value,
-                failure: None,
-            },
-            Err(failure) => Answer {
-                version,
-                value: Err(Refusal {
-                    code: RefusalCode::NotAuthorized,
-                    reason: format!("auth plugin failed ({failure}); policy deny"),
-                }),
-                failure: Some(failure),
-            },
-        }
+        Answer::new(version, result, |failure| {
+            Err(Refusal {
+                code: RefusalCode::NotAuthorized,
+                reason: format!("auth plugin failed ({failure}); policy deny"),
+            })
+        })
     }
 
     /// Decides a PUBLISH or SUBSCRIBE. A failed call denies it.
     pub fn authorize(&self, who: &Principal, op: Operation, topic: &str) -> Answer<AuthzDecision> {
         let (version, result) = self.auth.call(|b, store| b.call_authorize(store, who, op, topic));
-        match result {
-            Ok(value) => Answer {
-                version,
-                value,
-                failure: None,
-            },
-            Err(failure) => Answer {
-                version,
-                value: AuthzDecision::Deny(format!("auth plugin failed ({failure}); policy deny")),
-                failure: Some(failure),
-            },
-        }
+        Answer::new(version, result, |failure| {
+            AuthzDecision::Deny(format!("auth plugin failed ({failure}); policy deny"))
+        })
     }
 
     /// Classifies an HTTP request for the range cache. A failed call passes
@@ -301,29 +289,15 @@ impl PluginHost {
     /// per policy).
     pub fn classify(&self, request: &RequestHead) -> Answer<ContentDecision> {
         let (version, result) = self.content.call(|b, store| b.call_classify(store, request));
-        match result {
-            Ok(value) => Answer {
-                version,
-                value,
-                failure: None,
-            },
-            Err(failure) => {
-                let value = match self.content_policy {
-                    ContentFailurePolicy::PassThrough => {
-                        let port = request.port.map(|p| format!(":{p}")).unwrap_or_default();
-                        ContentDecision::PassThrough(format!("http://{}{port}", request.host))
-                    }
-                    ContentFailurePolicy::Deny => {
-                        ContentDecision::Deny(format!("content-source plugin failed ({failure}); policy deny"))
-                    }
-                };
-                Answer {
-                    version,
-                    value,
-                    failure: Some(failure),
-                }
+        Answer::new(version, result, |failure| match self.content_policy {
+            ContentFailurePolicy::PassThrough => {
+                let port = request.port.map(|p| format!(":{p}")).unwrap_or_default();
+                ContentDecision::PassThrough(format!("http://{}{port}", request.host))
             }
-        }
+            ContentFailurePolicy::Deny => {
+                ContentDecision::Deny(format!("content-source plugin failed ({failure}); policy deny"))
+            }
+        })
     }
 
     /// Swaps the plugin in `slot` for `bytes`. `config_json` replaces the

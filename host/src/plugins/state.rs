@@ -79,21 +79,24 @@ impl ResourceLimiter for Limits {
 /// Deadline bookkeeping of the call in progress.
 ///
 /// The epoch deadline measures wall time, but a thread the OS has preempted
-/// is not running the plugin. When the deadline fires the callback samples
-/// the thread's CPU time and extends by short windows while the thread is
-/// mostly *not* on the CPU; a call that keeps the CPU through a window is
-/// interrupted. A wall-clock backstop of 20 deadlines ends every call.
+/// is not running the plugin. When the wall-clock deadline passes, the
+/// callback samples the thread's CPU time and checks every tick afterwards.
+/// The call is interrupted once it has used another quarter of its deadline
+/// in CPU time since the deadline passed. A spinning plugin therefore stops
+/// at about 1.25 deadlines, while a short call delayed by preemption is left
+/// to finish. A wall-clock backstop of 20 deadlines ends every call.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct DeadlineProbe {
     /// The call's deadline in ticks.
     pub(crate) deadline_ticks: u64,
-    /// Set at the first expiry: (first expiry, last sample wall, last sample CPU).
-    sample: Option<(Instant, Instant, Duration)>,
+    /// Set at the first expiry: (wall time, thread CPU time) then.
+    expired_at: Option<(Instant, Duration)>,
 }
 
 impl DeadlineProbe {
-    fn window_ticks(&self) -> u64 {
-        (self.deadline_ticks / 10).max(1)
+    /// CPU time a call may use after its deadline passed.
+    fn grace(&self) -> Duration {
+        EPOCH_TICK * (self.deadline_ticks / 4).max(1) as u32
     }
 
     /// Called when the epoch deadline passes.
@@ -103,21 +106,17 @@ impl DeadlineProbe {
         let Ok(cpu) = ThreadTime::try_now().map(|t| t.as_duration()) else {
             return UpdateDeadline::Interrupt;
         };
-        let window = self.window_ticks();
-        match self.sample {
+        match self.expired_at {
             None => {
-                self.sample = Some((now, now, cpu));
-                UpdateDeadline::Continue(window)
+                self.expired_at = Some((now, cpu));
+                UpdateDeadline::Continue(1)
             }
-            Some((first, last_wall, last_cpu)) => {
-                let on_cpu = cpu.saturating_sub(last_cpu);
-                let wall = now.saturating_duration_since(last_wall);
+            Some((wall0, cpu0)) => {
                 let backstop = EPOCH_TICK * (self.deadline_ticks as u32).saturating_mul(19);
-                if on_cpu * 2 >= wall || now.saturating_duration_since(first) >= backstop {
+                if cpu.saturating_sub(cpu0) >= self.grace() || now.saturating_duration_since(wall0) >= backstop {
                     UpdateDeadline::Interrupt
                 } else {
-                    self.sample = Some((first, now, cpu));
-                    UpdateDeadline::Continue(window)
+                    UpdateDeadline::Continue(1)
                 }
             }
         }
@@ -170,7 +169,7 @@ impl PluginState {
         self.log_budget = LOG_RECORDS_PER_CALL;
         self.deadline = DeadlineProbe {
             deadline_ticks,
-            sample: None,
+            expired_at: None,
         };
     }
 }
