@@ -319,12 +319,9 @@ fn plugin_command(client: &AdminClient, cmd: PluginCommand, json: bool) -> Resul
             println!("rolled back {slot}: {} -> {}", short(&v["old"]), short(&v["new"]));
             Ok(())
         }
-        PluginCommand::New { .. } => unreachable_new(),
+        // `execute` handles `new` before a client is made: it talks to no node.
+        PluginCommand::New { .. } => bail!("`plugin new` does not talk to a node"),
     }
-}
-
-fn unreachable_new() -> Result<()> {
-    bail!("`plugin new` does not talk to a node")
 }
 
 fn read_plugin_config(path: &Path) -> Result<Value> {

@@ -33,7 +33,7 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 
 use self::clock::{Clock, Now, Resumed, Saved};
-use self::record::{DecodeError, EncodeError, Record};
+use self::record::{EncodeError, Record};
 use crate::config::{OutboxConfig, Scheduling, SyncMode, WhenFull};
 use crate::metrics::{LaneLabels, LaneReasonLabels, Metrics, handle};
 use crate::plugins::Message;
@@ -1190,12 +1190,4 @@ fn drop_oldest(inner: &Inner, batch: &mut crate::store::Batch, pending: &mut Pen
             });
         }
     }
-}
-
-/// Decodes one stored record (for tools and tests).
-///
-/// # Errors
-/// The record is damaged.
-pub fn decode_record(bytes: &[u8]) -> Result<Record, DecodeError> {
-    Record::decode(bytes)
 }

@@ -44,59 +44,45 @@ pub trait Kind: Send + Sync + 'static {
     fn init(b: &Self::Bindings, store: &mut Store<PluginState>, config: &str) -> wasmtime::Result<Result<(), String>>;
 }
 
-/// The router world.
-#[derive(Debug)]
-pub struct RouterKind;
-impl Kind for RouterKind {
-    const SLOT: SlotName = SlotName::Router;
-    type Pre = bindings::router::RouterPre<PluginState>;
-    type Bindings = bindings::router::Router;
-    fn pre(pre: InstancePre<PluginState>) -> wasmtime::Result<Self::Pre> {
-        bindings::router::RouterPre::new(pre)
-    }
-    fn instantiate(pre: &Self::Pre, store: &mut Store<PluginState>) -> wasmtime::Result<Self::Bindings> {
-        pre.instantiate(store)
-    }
-    fn init(b: &Self::Bindings, store: &mut Store<PluginState>, config: &str) -> wasmtime::Result<Result<(), String>> {
-        b.call_init(store, config)
-    }
+/// Declares a world's kind: the generated `*Pre` and bindings differ only in name.
+macro_rules! world_kind {
+    ($(#[$doc:meta])* $kind:ident, $slot:expr, $module:ident :: $pre:ident, $bindings:ident) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $kind;
+        impl Kind for $kind {
+            const SLOT: SlotName = $slot;
+            type Pre = bindings::$module::$pre<PluginState>;
+            type Bindings = bindings::$module::$bindings;
+            fn pre(pre: InstancePre<PluginState>) -> wasmtime::Result<Self::Pre> {
+                bindings::$module::$pre::new(pre)
+            }
+            fn instantiate(pre: &Self::Pre, store: &mut Store<PluginState>) -> wasmtime::Result<Self::Bindings> {
+                pre.instantiate(store)
+            }
+            fn init(
+                b: &Self::Bindings,
+                store: &mut Store<PluginState>,
+                config: &str,
+            ) -> wasmtime::Result<Result<(), String>> {
+                b.call_init(store, config)
+            }
+        }
+    };
 }
 
-/// The auth world.
-#[derive(Debug)]
-pub struct AuthKind;
-impl Kind for AuthKind {
-    const SLOT: SlotName = SlotName::Auth;
-    type Pre = bindings::auth::AuthPre<PluginState>;
-    type Bindings = bindings::auth::Auth;
-    fn pre(pre: InstancePre<PluginState>) -> wasmtime::Result<Self::Pre> {
-        bindings::auth::AuthPre::new(pre)
-    }
-    fn instantiate(pre: &Self::Pre, store: &mut Store<PluginState>) -> wasmtime::Result<Self::Bindings> {
-        pre.instantiate(store)
-    }
-    fn init(b: &Self::Bindings, store: &mut Store<PluginState>, config: &str) -> wasmtime::Result<Result<(), String>> {
-        b.call_init(store, config)
-    }
-}
-
-/// The content-source world.
-#[derive(Debug)]
-pub struct ContentKind;
-impl Kind for ContentKind {
-    const SLOT: SlotName = SlotName::ContentSource;
-    type Pre = bindings::content::ContentSourcePre<PluginState>;
-    type Bindings = bindings::content::ContentSource;
-    fn pre(pre: InstancePre<PluginState>) -> wasmtime::Result<Self::Pre> {
-        bindings::content::ContentSourcePre::new(pre)
-    }
-    fn instantiate(pre: &Self::Pre, store: &mut Store<PluginState>) -> wasmtime::Result<Self::Bindings> {
-        pre.instantiate(store)
-    }
-    fn init(b: &Self::Bindings, store: &mut Store<PluginState>, config: &str) -> wasmtime::Result<Result<(), String>> {
-        b.call_init(store, config)
-    }
-}
+world_kind!(
+    /// The router world.
+    RouterKind, SlotName::Router, router::RouterPre, Router
+);
+world_kind!(
+    /// The auth world.
+    AuthKind, SlotName::Auth, auth::AuthPre, Auth
+);
+world_kind!(
+    /// The content-source world.
+    ContentKind, SlotName::ContentSource, content::ContentSourcePre, ContentSource
+);
 
 /// Per-slot limits.
 #[derive(Debug, Clone, Copy)]
