@@ -15,6 +15,7 @@
 //! # Ok(()) }
 //! ```
 pub mod admin;
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod identity;

@@ -111,6 +111,41 @@ pub struct LaneReasonLabels {
     pub reason: &'static str,
 }
 
+/// Labels of events counted by outcome.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `accepted`, or why not.
+    pub result: &'static str,
+}
+
+/// Labels of events counted by reason.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why.
+    pub reason: &'static str,
+}
+
+/// Labels carrying an MQTT QoS.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QosLabels {
+    /// 0, 1 or 2.
+    pub qos: u8,
+}
+
+/// Labels of routed messages.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    /// `upstream` or `local`.
+    pub action: &'static str,
+}
+
+/// Labels of MQTT connections by transport.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabels {
+    /// `tcp`, `tls` or `quic`.
+    pub transport: &'static str,
+}
+
 /// Labels of the build-info gauge.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
@@ -179,6 +214,28 @@ pub struct Metrics {
     pub outbox_oldest_age: Family<LaneLabels, Gauge>,
     /// `holdfast_outbox_commits_total`: group commits (one sync each when they hold appends).
     pub outbox_commits: Counter,
+    /// `holdfast_mqtt_connections{transport}`: connected MQTT clients.
+    pub mqtt_connections: Family<TransportLabels, Gauge>,
+    /// `holdfast_mqtt_sessions`: sessions kept (connected or persistent).
+    pub mqtt_sessions: Gauge,
+    /// `holdfast_mqtt_retained_messages`
+    pub mqtt_retained: Gauge,
+    /// `holdfast_mqtt_connects_total{result}`
+    pub mqtt_connects: Family<ResultLabels, Counter>,
+    /// `holdfast_mqtt_disconnects_total{reason}`
+    pub mqtt_disconnects: Family<ReasonLabels, Counter>,
+    /// `holdfast_mqtt_bad_packets_total{reason}`: malformed input and protocol errors.
+    pub mqtt_bad_packets: Family<ReasonLabels, Counter>,
+    /// `holdfast_mqtt_messages_received_total{qos}`
+    pub mqtt_received: Family<QosLabels, Counter>,
+    /// `holdfast_mqtt_messages_sent_total{qos}`
+    pub mqtt_sent: Family<QosLabels, Counter>,
+    /// `holdfast_mqtt_messages_routed_total{action}`
+    pub mqtt_routed: Family<ActionLabels, Counter>,
+    /// `holdfast_mqtt_messages_dropped_total{reason}`
+    pub mqtt_dropped: Family<ReasonLabels, Counter>,
+    /// `holdfast_mqtt_denied_total{reason}`: PUBLISH/SUBSCRIBE refused by authorization or limits.
+    pub mqtt_denied: Family<ReasonLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -289,6 +346,64 @@ impl Metrics {
         );
         let outbox_commits = Counter::default();
         registry.register("outbox_commits", "Outbox group commits", outbox_commits.clone());
+        let mqtt_connections = Family::<TransportLabels, Gauge>::default();
+        registry.register(
+            "mqtt_connections",
+            "Connected MQTT clients, by transport",
+            mqtt_connections.clone(),
+        );
+        let mqtt_sessions = Gauge::default();
+        registry.register(
+            "mqtt_sessions",
+            "MQTT sessions kept (connected, or persistent and waiting)",
+            mqtt_sessions.clone(),
+        );
+        let mqtt_retained = Gauge::default();
+        registry.register("mqtt_retained_messages", "Retained messages", mqtt_retained.clone());
+        let mqtt_connects = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "mqtt_connects",
+            "CONNECT attempts, by result (accepted or the refusal reason)",
+            mqtt_connects.clone(),
+        );
+        let mqtt_disconnects = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "mqtt_disconnects",
+            "MQTT connections ended, by reason",
+            mqtt_disconnects.clone(),
+        );
+        let mqtt_bad_packets = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "mqtt_bad_packets",
+            "Connections closed for malformed packets or protocol errors, by reason",
+            mqtt_bad_packets.clone(),
+        );
+        let mqtt_received = Family::<QosLabels, Counter>::default();
+        registry.register(
+            "mqtt_messages_received",
+            "PUBLISH packets received from clients, by QoS",
+            mqtt_received.clone(),
+        );
+        let mqtt_sent = Family::<QosLabels, Counter>::default();
+        registry.register("mqtt_messages_sent", "PUBLISH packets sent to clients, by QoS", mqtt_sent.clone());
+        let mqtt_routed = Family::<ActionLabels, Counter>::default();
+        registry.register(
+            "mqtt_messages_routed",
+            "Router actions taken on received messages: upstream (outbox) or local delivery",
+            mqtt_routed.clone(),
+        );
+        let mqtt_dropped = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "mqtt_messages_dropped",
+            "Messages dropped, by reason (router drop, no route, queue full, expired, too large, ...)",
+            mqtt_dropped.clone(),
+        );
+        let mqtt_denied = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "mqtt_denied",
+            "PUBLISH and SUBSCRIBE refused by authorization or limits, by reason",
+            mqtt_denied.clone(),
+        );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -316,6 +431,17 @@ impl Metrics {
             outbox_bytes,
             outbox_oldest_age,
             outbox_commits,
+            mqtt_connections,
+            mqtt_sessions,
+            mqtt_retained,
+            mqtt_connects,
+            mqtt_disconnects,
+            mqtt_bad_packets,
+            mqtt_received,
+            mqtt_sent,
+            mqtt_routed,
+            mqtt_dropped,
+            mqtt_denied,
         }
     }
 

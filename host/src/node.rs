@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin;
+use crate::broker::{Broker, listen};
 use crate::config::Config;
 use crate::identity::MemoryDirectory;
 use crate::metrics::Metrics;
@@ -36,6 +37,12 @@ pub enum StartError {
     /// The store or the outbox did not open.
     #[error("outbox: {0}")]
     Outbox(#[from] crate::outbox::OutboxError),
+    /// An MQTT listener could not start.
+    #[error(transparent)]
+    Listen(#[from] listen::ListenError),
+    /// The broker's storage did not open.
+    #[error("broker storage: {0}")]
+    BrokerStore(#[from] crate::store::StoreError),
     /// The admin listener could not bind.
     #[error("admin API cannot listen on {addr}: {source}")]
     AdminBind {
@@ -58,6 +65,10 @@ pub struct NodeState {
     pub identities: Arc<MemoryDirectory>,
     /// The durable queue of upstream-bound messages.
     pub outbox: Arc<Outbox>,
+    /// The MQTT broker, when enabled.
+    pub broker: Option<Arc<Broker>>,
+    /// Where the MQTT listeners are bound.
+    pub mqtt: listen::Bound,
     /// When the node started.
     pub started_at: SystemTime,
     /// Monotonic start.
@@ -108,19 +119,40 @@ impl Node {
         let store_dir = data_dir.join("store");
         let outbox_config = config.outbox.clone();
         let outbox_metrics = metrics.clone();
-        let outbox = tokio::task::spawn_blocking(move || -> Result<Outbox, crate::outbox::OutboxError> {
-            let store = Store::open(&store_dir)?;
-            Outbox::open(
-                &store,
-                &store_dir,
-                outbox_config,
-                outbox_metrics,
-                Arc::new(SystemTimeSource),
-            )
-        })
-        .await
-        .map_err(|e| PluginError::Engine(format!("outbox open task failed: {e}")))??;
+        let (store, outbox) =
+            tokio::task::spawn_blocking(move || -> Result<(Store, Outbox), crate::outbox::OutboxError> {
+                let store = Store::open(&store_dir)?;
+                let outbox = Outbox::open(
+                    &store,
+                    &store_dir,
+                    outbox_config,
+                    outbox_metrics,
+                    Arc::new(SystemTimeSource),
+                )?;
+                Ok((store, outbox))
+            })
+            .await
+            .map_err(|e| PluginError::Engine(format!("outbox open task failed: {e}")))??;
         let outbox = Arc::new(outbox);
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let mut bound = listen::Bound::default();
+        let broker = if config.mqtt.enabled {
+            let broker = {
+                let (mqtt, plugins, outbox, metrics, stopped) =
+                    (config.mqtt.clone(), plugins.clone(), outbox.clone(), metrics.clone(), stopped.clone());
+                tokio::task::spawn_blocking(move || Broker::open(mqtt, plugins, outbox, &store, metrics, stopped))
+                    .await
+                    .map_err(|e| PluginError::Engine(format!("broker open task failed: {e}")))??
+            };
+            let (b, listeners) = listen::start(&broker, stopped.clone()).await?;
+            bound = b;
+            tasks.extend(listeners);
+            tasks.push(tokio::spawn(broker.clone().sync_task()));
+            Some(broker)
+        } else {
+            None
+        };
         let admin_token = match &config.admin.token {
             Some(t) => t.clone(),
             None => load_or_create_token(&data_dir.join("admin.token"))?,
@@ -131,12 +163,12 @@ impl Node {
             metrics,
             identities,
             outbox,
+            broker,
+            mqtt: bound,
             started_at: SystemTime::now(),
             started,
             admin_token,
         });
-        let (stop, stopped) = watch::channel(false);
-        let mut tasks = Vec::new();
         let mut admin_addr = None;
         if state.config.admin.enabled {
             let addr = state.config.admin.listen;
@@ -192,6 +224,15 @@ impl Node {
         let _ = self.stop.send(true);
         for t in self.tasks {
             let _ = t.await;
+        }
+        // Connections say goodbye and detach their sessions; wait briefly.
+        if let Some(broker) = &self.state.broker {
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while broker.connections() > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let b = broker.clone();
+            let _ = tokio::task::spawn_blocking(move || b.sync()).await;
         }
         // Commit what the writer holds, save the outbox clock, sync.
         let outbox = self.state.outbox.clone();

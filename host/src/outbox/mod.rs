@@ -465,8 +465,14 @@ impl Outbox {
             .map_err(|_| AppendError::Closed)
     }
 
-    /// Encodes the message and hands it to the writer; the receiver gets the result.
-    fn submit(
+    /// Queues an append without waiting: the receiver resolves once the
+    /// message is durable (or the append failed). An immediate refusal
+    /// (quota, disk, invalid message) is returned at once. This lets a
+    /// connection keep reading while earlier appends wait for their sync.
+    ///
+    /// # Errors
+    /// As [`Outbox::append`].
+    pub fn submit(
         &self,
         lane: u8,
         message: Arc<Message>,

@@ -1,0 +1,327 @@
+//! The MQTT listeners: plain TCP, TLS (rustls, optional client
+//! certificates) and QUIC (quinn, ALPN `mqtt`, one MQTT connection on the
+//! first bidirectional stream of each QUIC connection).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::Digest as _;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::Broker;
+use super::conn::{Peer, serve};
+use crate::config::TlsListenerConfig;
+use crate::plugins::Transport;
+
+/// Why a listener could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    /// The address could not be bound.
+    #[error("MQTT {kind} listener cannot bind {addr}: {source}")]
+    Bind {
+        /// `tcp`, `tls` or `quic`.
+        kind: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A certificate or key file could not be read or parsed.
+    #[error("MQTT {kind} listener: {path}: {message}")]
+    Pem {
+        /// Listener.
+        kind: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// rustls or quinn refused the configuration.
+    #[error("MQTT {kind} listener: {message}")]
+    Tls {
+        /// Listener.
+        kind: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Where the listeners are bound.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Bound {
+    /// TCP.
+    pub tcp: Option<SocketAddr>,
+    /// TLS.
+    pub tls: Option<SocketAddr>,
+    /// QUIC (UDP).
+    pub quic: Option<SocketAddr>,
+}
+
+/// Binds every enabled listener and spawns its accept loop.
+///
+/// # Errors
+/// A listener cannot bind or its TLS material is unusable.
+pub async fn start(broker: &Arc<Broker>, stop: watch::Receiver<bool>) -> Result<(Bound, Vec<JoinHandle<()>>), ListenError> {
+    let cfg = broker.config().clone();
+    let mut bound = Bound::default();
+    let mut tasks = Vec::new();
+    if cfg.tcp.enabled {
+        let addr = cfg.tcp.listen;
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ListenError::Bind { kind: "tcp", addr, source })?;
+        let local = l.local_addr().map_err(|source| ListenError::Bind { kind: "tcp", addr, source })?;
+        bound.tcp = Some(local);
+        tracing::info!(addr = %local, "MQTT listening (tcp)");
+        tasks.push(tokio::spawn(accept_tcp(broker.clone(), l, None, stop.clone())));
+    }
+    if cfg.tls.enabled {
+        let tls = server_config("tls", &cfg.tls, Vec::new())?;
+        let addr = cfg.tls.listen;
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ListenError::Bind { kind: "tls", addr, source })?;
+        let local = l.local_addr().map_err(|source| ListenError::Bind { kind: "tls", addr, source })?;
+        bound.tls = Some(local);
+        tracing::info!(addr = %local, client_certs = cfg.tls.client_ca.is_some(), "MQTT listening (tls)");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        tasks.push(tokio::spawn(accept_tcp(broker.clone(), l, Some(acceptor), stop.clone())));
+    }
+    if cfg.quic.enabled {
+        let mut tls = server_config("quic", &cfg.quic, vec![b"mqtt".to_vec()])?;
+        tls.max_early_data_size = 0;
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| ListenError::Tls {
+            kind: "quic",
+            message: e.to_string(),
+        })?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        // MQTT keep-alive decides liveness; QUIC only reaps dead paths.
+        transport.max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(Duration::from_secs(600)).map_err(|e| ListenError::Tls {
+                kind: "quic",
+                message: e.to_string(),
+            })?,
+        ));
+        transport.max_concurrent_bidi_streams(1u32.into());
+        transport.max_concurrent_uni_streams(0u32.into());
+        server.transport_config(Arc::new(transport));
+        let addr = cfg.quic.listen;
+        let endpoint =
+            quinn::Endpoint::server(server, addr).map_err(|source| ListenError::Bind { kind: "quic", addr, source })?;
+        let local = endpoint
+            .local_addr()
+            .map_err(|source| ListenError::Bind { kind: "quic", addr, source })?;
+        bound.quic = Some(local);
+        tracing::info!(addr = %local, "MQTT listening (quic)");
+        tasks.push(tokio::spawn(accept_quic(broker.clone(), endpoint, stop)));
+    }
+    Ok((bound, tasks))
+}
+
+fn pem_err(kind: &'static str, path: &Path, e: impl std::fmt::Display) -> ListenError {
+    ListenError::Pem {
+        kind,
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+fn load_certs(kind: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ListenError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_err(kind, path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(kind, path, e))?;
+    if certs.is_empty() {
+        return Err(pem_err(kind, path, "no certificate in the file"));
+    }
+    Ok(certs)
+}
+
+/// Builds the rustls server configuration of a listener.
+fn server_config(kind: &'static str, l: &TlsListenerConfig, alpn: Vec<Vec<u8>>) -> Result<rustls::ServerConfig, ListenError> {
+    let tls_err = |e: &dyn std::fmt::Display| ListenError::Tls {
+        kind,
+        message: e.to_string(),
+    };
+    let (Some(cert), Some(key)) = (&l.cert, &l.key) else {
+        return Err(ListenError::Tls {
+            kind,
+            message: "cert and key are required".into(),
+        });
+    };
+    let certs = load_certs(kind, cert)?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err(kind, key, e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = if kind == "quic" {
+        &[&rustls::version::TLS13]
+    } else {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    };
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .map_err(|e| tls_err(&e))?;
+    let builder = match &l.client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in load_certs(kind, ca)? {
+                roots.add(c).map_err(|e| pem_err(kind, ca, e))?;
+            }
+            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let v = if l.require_client_cert {
+                v.build()
+            } else {
+                v.allow_unauthenticated().build()
+            }
+            .map_err(|e| tls_err(&e))?;
+            builder.with_client_cert_verifier(v)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(certs, key).map_err(|e| tls_err(&e))?;
+    config.alpn_protocols = alpn;
+    Ok(config)
+}
+
+/// SHA-256 thumbprint (lowercase hex) and common name of a client certificate.
+pub fn describe_cert(der: &[u8]) -> (String, Option<String>) {
+    let thumbprint = hex::encode(sha2::Sha256::digest(der));
+    let cn = x509_parser::parse_x509_certificate(der).ok().and_then(|(_, cert)| {
+        cert.subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_string)
+    });
+    (thumbprint, cn)
+}
+
+async fn accept_tcp(
+    broker: Arc<Broker>,
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            r = listener.accept() => r,
+        };
+        let (socket, addr) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors and the like: back off a little.
+                tracing::warn!(error = %e, "MQTT accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        let broker = broker.clone();
+        match &tls {
+            None => {
+                let peer = Peer {
+                    addr,
+                    transport: Transport::Tcp,
+                    cert_thumbprint: None,
+                    cert_common_name: None,
+                };
+                tokio::spawn(serve(broker, socket, peer));
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                let timeout = Duration::from_millis(broker.config().connect_timeout_ms);
+                tokio::spawn(async move {
+                    let stream = match tokio::time::timeout(timeout, acceptor.accept(socket)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
+                            broker.bad_tls("handshake");
+                            return;
+                        }
+                        Err(_) => {
+                            broker.bad_tls("handshake-timeout");
+                            return;
+                        }
+                    };
+                    let cert = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| describe_cert(c));
+                    let (cert_thumbprint, cert_common_name) = match cert {
+                        Some((t, cn)) => (Some(t), cn),
+                        None => (None, None),
+                    };
+                    let peer = Peer {
+                        addr,
+                        transport: Transport::Tls,
+                        cert_thumbprint,
+                        cert_common_name,
+                    };
+                    serve(broker, stream, peer).await;
+                });
+            }
+        }
+    }
+}
+
+async fn accept_quic(broker: Arc<Broker>, endpoint: quinn::Endpoint, mut stop: watch::Receiver<bool>) {
+    loop {
+        let incoming = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            i = endpoint.accept() => i,
+        };
+        let Some(incoming) = incoming else {
+            break;
+        };
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            let timeout = Duration::from_millis(broker.config().connect_timeout_ms);
+            let conn = match tokio::time::timeout(timeout, incoming).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "QUIC handshake failed");
+                    broker.bad_tls("quic-handshake");
+                    return;
+                }
+                Err(_) => {
+                    broker.bad_tls("handshake-timeout");
+                    return;
+                }
+            };
+            let addr = conn.remote_address();
+            let cert = conn
+                .peer_identity()
+                .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+                .and_then(|certs| certs.first().map(|c| describe_cert(c)));
+            let (send, recv) = match tokio::time::timeout(timeout, conn.accept_bi()).await {
+                Ok(Ok(s)) => s,
+                _ => {
+                    conn.close(0u32.into(), b"no stream");
+                    return;
+                }
+            };
+            let (cert_thumbprint, cert_common_name) = match cert {
+                Some((t, cn)) => (Some(t), cn),
+                None => (None, None),
+            };
+            let peer = Peer {
+                addr,
+                transport: Transport::Quic,
+                cert_thumbprint,
+                cert_common_name,
+            };
+            serve(broker, tokio::io::join(recv, send), peer).await;
+            conn.close(0u32.into(), b"bye");
+        });
+    }
+    endpoint.close(0u32.into(), b"shutting down");
+    endpoint.wait_idle().await;
+}

@@ -1,0 +1,547 @@
+//! The MQTT 3.1.1/5 broker for child devices and modules.
+//!
+//! Every CONNECT is decided by the auth plugin and every PUBLISH and
+//! SUBSCRIBE by its authorization. Every received PUBLISH goes through the
+//! router plugin: `upstream(lane)` appends it to the outbox (the PUBACK or
+//! PUBREC waits until the append is durable), `local(topic)` delivers it to
+//! this node's subscribers, `drop` counts it.
+//!
+//! - [`conn`]: one task per connection, generic over the stream (TCP, TLS,
+//!   a QUIC bidirectional stream).
+//! - [`session`]: what outlives a connection; [`persist`] keeps persistent
+//!   sessions and retained messages in the store.
+//! - [`subs`]: the subscription trie.
+//! - [`listen`]: the TCP, TLS and QUIC listeners.
+
+pub mod conn;
+pub mod listen;
+pub mod persist;
+pub mod session;
+pub mod subs;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use holdfast_mqtt::{QoS, topic};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::oneshot;
+use tokio::sync::watch;
+
+use self::persist::{Persist, SessionRecord};
+use self::session::{Msg, Outgoing, Session};
+use self::subs::{Sub, SubTree};
+use crate::config::MqttConfig;
+use crate::metrics::{self, ActionLabels, Metrics, QosLabels, ReasonLabels};
+use crate::outbox::{AppendError, MessageId, Outbox};
+use crate::plugins::bindings::Source;
+use crate::plugins::{Action, Message, PluginHost, RouteOutcome};
+use crate::store::{Store, StoreError};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Metric handles taken once, for the hot paths.
+pub(crate) struct Counters {
+    received: [Counter; 3],
+    sent: [Counter; 3],
+    routed_upstream: Counter,
+    routed_local: Counter,
+}
+
+impl Counters {
+    fn new(m: &Metrics) -> Counters {
+        let q = |f, qos| metrics::handle(f, &QosLabels { qos });
+        Counters {
+            received: [q(&m.mqtt_received, 0), q(&m.mqtt_received, 1), q(&m.mqtt_received, 2)],
+            sent: [q(&m.mqtt_sent, 0), q(&m.mqtt_sent, 1), q(&m.mqtt_sent, 2)],
+            routed_upstream: metrics::handle(&m.mqtt_routed, &ActionLabels { action: "upstream" }),
+            routed_local: metrics::handle(&m.mqtt_routed, &ActionLabels { action: "local" }),
+        }
+    }
+}
+
+/// What routing a message produced for its publisher's acknowledgement.
+#[derive(Debug, Default)]
+pub struct Routed {
+    /// Outbox appends to wait for before acknowledging.
+    pub waits: Vec<oneshot::Receiver<Result<MessageId, AppendError>>>,
+    /// An append refused at once: its MQTT 5 reason code.
+    pub refusal: Option<u8>,
+}
+
+/// The broker.
+pub struct Broker {
+    config: MqttConfig,
+    plugins: Arc<PluginHost>,
+    outbox: Arc<Outbox>,
+    metrics: Arc<Metrics>,
+    counters: Counters,
+    sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
+    subs: RwLock<SubTree>,
+    retained: RwLock<HashMap<String, Arc<Msg>>>,
+    persist: Persist,
+    connections: AtomicUsize,
+    next_conn_id: AtomicU64,
+    stop: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("connections", &self.connections.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Broker figures for the admin API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BrokerStats {
+    /// Connected clients.
+    pub connections: usize,
+    /// Sessions kept.
+    pub sessions: usize,
+    /// Subscriptions.
+    pub subscriptions: usize,
+    /// Retained messages.
+    pub retained: usize,
+}
+
+impl Broker {
+    /// Opens the broker's storage and restores persistent sessions and
+    /// retained messages.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn open(
+        config: MqttConfig,
+        plugins: Arc<PluginHost>,
+        outbox: Arc<Outbox>,
+        store: &Store,
+        metrics: Arc<Metrics>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Arc<Broker>, StoreError> {
+        let persist = Persist::open(store)?;
+        let (loaded, retained, damaged) = persist.load()?;
+        if damaged > 0 {
+            tracing::warn!(damaged, "skipped damaged broker records");
+            metrics::handle(&metrics.mqtt_dropped, &ReasonLabels { reason: "damaged" }).inc_by(damaged as u64);
+        }
+        let counters = Counters::new(&metrics);
+        let broker = Arc::new(Broker {
+            counters,
+            sessions: Mutex::new(HashMap::new()),
+            subs: RwLock::new(SubTree::default()),
+            retained: RwLock::new(HashMap::new()),
+            persist,
+            connections: AtomicUsize::new(0),
+            next_conn_id: AtomicU64::new(1),
+            stop,
+            config,
+            plugins,
+            outbox,
+            metrics,
+        });
+        let now = now_ms();
+        let mut restored = 0;
+        for s in loaded {
+            let r = &s.record;
+            let since = r.disconnected_at_ms.unwrap_or(now);
+            if since.saturating_add(u64::from(r.expiry_s) * 1000) <= now {
+                if let Err(e) = broker.persist.delete_session(&s.client_id) {
+                    tracing::warn!(error = %e, "cannot delete an expired session");
+                }
+                continue;
+            }
+            let id: Arc<str> = s.client_id.as_str().into();
+            let session = Arc::new(Session::new(id.clone(), r.expiry_s, r.version()));
+            {
+                let mut st = session.lock();
+                st.disconnected_at_ms = Some(since);
+                for (filter, sub) in r.sub_records() {
+                    broker.index_sub(&session, &filter, sub.options, sub.id);
+                    st.subs.insert(filter, sub);
+                }
+                for (out, released) in s.queue {
+                    st.next_seq = st.next_seq.max(out.seq + 1);
+                    if released {
+                        // The client has the message; only its PUBCOMP was
+                        // outstanding. The packet id is gone with the old
+                        // connection, so the entry is finished here.
+                        let _ = broker.persist.del_queued(&id, out.seq);
+                        continue;
+                    }
+                    st.queue.push_back(out);
+                }
+            }
+            let remaining = (since + u64::from(r.expiry_s) * 1000).saturating_sub(now);
+            broker.schedule_expiry(&session, Duration::from_millis(remaining));
+            broker.sessions_lock().insert(id, session);
+            restored += 1;
+        }
+        {
+            let mut map = broker.retained.write().unwrap_or_else(|p| p.into_inner());
+            for m in retained {
+                map.insert(m.topic.clone(), Arc::new(m));
+            }
+            broker.metrics.mqtt_retained.set(map.len() as i64);
+        }
+        broker.metrics.mqtt_sessions.set(restored as i64);
+        if restored > 0 {
+            tracing::info!(sessions = restored, "restored persistent MQTT sessions");
+        }
+        Ok(broker)
+    }
+
+    /// The broker's configuration.
+    pub fn config(&self) -> &MqttConfig {
+        &self.config
+    }
+
+    /// Figures for the admin API.
+    pub fn stats(&self) -> BrokerStats {
+        BrokerStats {
+            connections: self.connections.load(Ordering::Relaxed),
+            sessions: self.sessions_lock().len(),
+            subscriptions: self.subs.read().unwrap_or_else(|p| p.into_inner()).len(),
+            retained: self.retained.read().unwrap_or_else(|p| p.into_inner()).len(),
+        }
+    }
+
+    /// Syncs session and retained writes now.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.persist.sync()
+    }
+
+    /// Syncs session and retained writes every `mqtt.sync_interval_ms`
+    /// until stopped, then once more.
+    pub async fn sync_task(self: Arc<Self>) {
+        let mut stop = self.stop.clone();
+        let mut tick = tokio::time::interval(Duration::from_millis(self.config.sync_interval_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+            let b = self.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || b.persist.sync()).await {
+                tracing::error!(error = %e, "syncing MQTT sessions failed");
+            }
+        }
+        if let Err(e) = self.persist.sync() {
+            tracing::error!(error = %e, "syncing MQTT sessions failed");
+        }
+    }
+
+    fn sessions_lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn drop_reason(&self, reason: &'static str) {
+        metrics::handle(&self.metrics.mqtt_dropped, &ReasonLabels { reason }).inc();
+    }
+
+    pub(crate) fn bad_tls(&self, result: &'static str) {
+        metrics::handle(&self.metrics.mqtt_connects, &crate::metrics::ResultLabels { result }).inc();
+    }
+
+    /// Connected clients now.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn deny_reason(&self, reason: &'static str) {
+        metrics::handle(&self.metrics.mqtt_denied, &ReasonLabels { reason }).inc();
+    }
+
+    /// Adds a subscription to the index.
+    pub(crate) fn index_sub(&self, session: &Arc<Session>, filter: &str, options: holdfast_mqtt::SubOptions, id: Option<u32>) {
+        let (group, inner) = split_shared(filter);
+        let sub = Sub {
+            session: session.clone(),
+            options,
+            id,
+        };
+        self.subs
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(&session.client_id, group, inner, sub);
+    }
+
+    /// Removes a subscription from the index; true if it existed.
+    pub(crate) fn unindex_sub(&self, client: &str, filter: &str) -> bool {
+        let (group, inner) = split_shared(filter);
+        self.subs
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(client, group, inner)
+    }
+
+    /// Routes a received message through the router plugin and acts on
+    /// every action. `principal` is the authenticated identity.
+    pub fn route(&self, msg: &Arc<Msg>, principal: Option<&str>) -> Routed {
+        let pm = Arc::new(plugin_message(msg, principal));
+        let answer = self.plugins.route(pm.clone());
+        let mut routed = Routed::default();
+        match answer.value {
+            RouteOutcome::Actions(actions) => {
+                if actions.is_empty() {
+                    self.drop_reason("no-route");
+                }
+                for action in actions {
+                    match action {
+                        Action::Upstream(u) => {
+                            let m = if u.topic.is_some() || u.payload.is_some() || !u.add_properties.is_empty() {
+                                let mut m = (*pm).clone();
+                                if let Some(t) = u.topic {
+                                    m.topic = t;
+                                }
+                                if let Some(p) = u.payload {
+                                    m.payload = p;
+                                }
+                                m.properties.extend(u.add_properties);
+                                Arc::new(m)
+                            } else {
+                                pm.clone()
+                            };
+                            let ttl = u.ttl_seconds.map(|s| Duration::from_secs(u64::from(s)));
+                            match self.outbox.submit(u.lane, m, ttl) {
+                                Ok(rx) => {
+                                    self.counters.routed_upstream.inc();
+                                    routed.waits.push(rx);
+                                }
+                                Err(e) => {
+                                    tracing::debug!(error = %e, "outbox refused a message");
+                                    routed.refusal = Some(e.mqtt_reason_code());
+                                }
+                            }
+                        }
+                        Action::Local(l) => {
+                            let changed = l.topic.is_some() || l.payload.is_some() || !l.add_properties.is_empty();
+                            let local = if changed {
+                                let mut m = (**msg).clone();
+                                if let Some(t) = l.topic {
+                                    if !topic::valid_name(&t) || t.len() > self.config.max_topic_length {
+                                        self.drop_reason("invalid-local-topic");
+                                        continue;
+                                    }
+                                    m.topic = t;
+                                }
+                                if let Some(p) = l.payload {
+                                    m.payload = Bytes::from(p);
+                                }
+                                m.properties.user_properties.extend(l.add_properties);
+                                Arc::new(m)
+                            } else {
+                                msg.clone()
+                            };
+                            self.counters.routed_local.inc();
+                            self.deliver(local);
+                        }
+                        Action::Drop(reason) => {
+                            tracing::trace!(%reason, topic = %msg.topic, "router dropped a message");
+                            self.drop_reason("router-drop");
+                        }
+                    }
+                }
+            }
+            RouteOutcome::DeadLetter(reason) | RouteOutcome::Drop(reason) => {
+                tracing::debug!(%reason, topic = %msg.topic, "router failed; message dropped");
+                self.drop_reason("router-failure");
+            }
+        }
+        routed
+    }
+
+    /// Delivers a message to this node's subscribers (and stores it if it is
+    /// retained). Used for the router's `local` action, and by the upstream
+    /// link for messages coming down.
+    pub fn deliver(&self, msg: Arc<Msg>) {
+        if msg.retain {
+            self.set_retained(&msg);
+        }
+        let matches = self
+            .subs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .matches(&msg.topic, msg.publisher.as_deref());
+        for m in matches {
+            let out = Outgoing {
+                qos: msg.qos.min(m.qos),
+                retain: msg.retain && m.retain_as_published,
+                sub_ids: m.ids,
+                msg: msg.clone(),
+                seq: 0,
+            };
+            self.enqueue(&m.session, out);
+        }
+    }
+
+    /// Queues a message for a session and wakes its connection.
+    pub(crate) fn enqueue(&self, session: &Arc<Session>, mut out: Outgoing) {
+        let mut st = session.lock();
+        if out.qos == QoS::AtMostOnce && !session.is_connected() {
+            drop(st);
+            self.drop_reason("offline-qos0");
+            return;
+        }
+        if st.queue.len() >= self.config.max_queued_messages {
+            drop(st);
+            self.drop_reason("queue-full");
+            return;
+        }
+        if st.persistent() && out.qos != QoS::AtMostOnce {
+            out.seq = st.next_seq;
+            st.next_seq += 1;
+            if let Err(e) = self.persist.put_queued(&session.client_id, &out, false) {
+                tracing::error!(error = %e, client = %session.client_id, "cannot store a queued message");
+            }
+        }
+        st.queue.push_back(out);
+        drop(st);
+        session.wake.notify_one();
+    }
+
+    fn set_retained(&self, msg: &Arc<Msg>) {
+        let mut map = self.retained.write().unwrap_or_else(|p| p.into_inner());
+        if msg.payload.is_empty() {
+            map.remove(&msg.topic);
+        } else {
+            if map.len() >= self.config.max_retained && !map.contains_key(&msg.topic) {
+                drop(map);
+                self.deny_reason("retained-limit");
+                return;
+            }
+            // A copy, so the retained message does not pin a connection's read buffer.
+            let mut own = (**msg).clone();
+            own.payload = Bytes::copy_from_slice(&msg.payload);
+            map.insert(msg.topic.clone(), Arc::new(own));
+        }
+        self.metrics.mqtt_retained.set(map.len() as i64);
+        if let Err(e) = self.persist.put_retained(msg) {
+            tracing::error!(error = %e, topic = %msg.topic, "cannot store a retained message");
+        }
+    }
+
+    /// Retained messages matching `filter`, dropping expired ones.
+    pub(crate) fn retained_for(&self, filter: &str) -> Vec<Arc<Msg>> {
+        let now = now_ms();
+        self.retained
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|m| topic::matches(filter, &m.topic) && m.expires_at_ms.is_none_or(|e| e > now))
+            .cloned()
+            .collect()
+    }
+
+    pub(crate) fn save_session(&self, session: &Session) {
+        let record = {
+            let st = session.lock();
+            if !st.persistent() {
+                return;
+            }
+            SessionRecord::of(&st)
+        };
+        if let Err(e) = self.persist.save_session(&session.client_id, &record) {
+            tracing::error!(error = %e, client = %session.client_id, "cannot store a session");
+        }
+    }
+
+    pub(crate) fn del_queued(&self, session: &Session, seq: u64) {
+        if seq != 0
+            && let Err(e) = self.persist.del_queued(&session.client_id, seq)
+        {
+            tracing::error!(error = %e, client = %session.client_id, "cannot remove a delivered message");
+        }
+    }
+
+    pub(crate) fn put_released(&self, session: &Session, out: &Outgoing) {
+        if out.seq != 0
+            && let Err(e) = self.persist.put_queued(&session.client_id, out, true)
+        {
+            tracing::error!(error = %e, client = %session.client_id, "cannot store a released message");
+        }
+    }
+
+    /// Ends a session: its subscriptions and stored state go.
+    fn end_session(&self, session: &Arc<Session>) {
+        {
+            let mut map = self.sessions_lock();
+            if map.get(&session.client_id).is_some_and(|s| Arc::ptr_eq(s, session)) {
+                map.remove(&session.client_id);
+            }
+            self.metrics.mqtt_sessions.set(map.len() as i64);
+        }
+        let (filters, persistent) = {
+            let mut st = session.lock();
+            let filters: Vec<String> = st.subs.drain().map(|(f, _)| f).collect();
+            st.queue.clear();
+            st.inflight.clear();
+            (filters, st.persistent())
+        };
+        for f in filters {
+            self.unindex_sub(&session.client_id, &f);
+        }
+        if persistent && let Err(e) = self.persist.delete_session(&session.client_id) {
+            tracing::error!(error = %e, client = %session.client_id, "cannot delete a session");
+        }
+    }
+
+    /// Ends `session` after `delay` unless a connection attaches first.
+    fn schedule_expiry(self: &Arc<Self>, session: &Arc<Session>, delay: Duration) {
+        let generation = session.generation.load(Ordering::Acquire);
+        let broker = Arc::downgrade(self);
+        let session = Arc::downgrade(session);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let (Some(broker), Some(session)) = (broker.upgrade(), session.upgrade()) else {
+                return;
+            };
+            if session.generation.load(Ordering::Acquire) == generation && !session.is_connected() {
+                tracing::debug!(client = %session.client_id, "session expired");
+                broker.end_session(&session);
+            }
+        });
+    }
+
+    fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Splits `$share/group/filter` into the group and the filter.
+fn split_shared(filter: &str) -> (Option<&str>, &str) {
+    match topic::parse_shared(filter) {
+        Some(Ok((g, f))) => (Some(g), f),
+        _ => (None, filter),
+    }
+}
+
+/// The message the router plugin sees.
+fn plugin_message(msg: &Msg, principal: Option<&str>) -> Message {
+    Message {
+        topic: msg.topic.clone(),
+        payload: msg.payload.to_vec(),
+        qos: msg.qos as u8,
+        retain: msg.retain,
+        content_type: msg.properties.content_type.clone(),
+        properties: msg.properties.user_properties.clone(),
+        source: Source {
+            client_id: msg.publisher.as_deref().unwrap_or("").to_string(),
+            principal: principal.map(str::to_string),
+            path: Vec::new(),
+        },
+    }
+}

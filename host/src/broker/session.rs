@@ -1,0 +1,183 @@
+//! Sessions: what the broker keeps for a client between its connections —
+//! subscriptions, the queue of messages to send, and QoS 1/2 state.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use holdfast_mqtt::{Properties, QoS, SubOptions, Version};
+use tokio::sync::Notify;
+
+/// A message inside the broker, shared by every subscriber it goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Msg {
+    /// Topic name.
+    pub topic: String,
+    /// Payload.
+    pub payload: Bytes,
+    /// QoS it was published with.
+    pub qos: QoS,
+    /// Retain flag as published.
+    pub retain: bool,
+    /// MQTT 5 properties passed through to subscribers: payload format,
+    /// content type, response topic, correlation data, user properties.
+    pub properties: Properties,
+    /// When it expires, ms since the Unix epoch (MQTT 5 message expiry).
+    pub expires_at_ms: Option<u64>,
+    /// Client id of the publisher, for no-local.
+    pub publisher: Option<Arc<str>>,
+}
+
+/// A message waiting to be sent to one session.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The message.
+    pub msg: Arc<Msg>,
+    /// QoS granted for this delivery.
+    pub qos: QoS,
+    /// Retain flag on this delivery.
+    pub retain: bool,
+    /// Subscription identifiers to attach.
+    pub sub_ids: Vec<u32>,
+    /// Key of its stored copy (persistent sessions, QoS 1/2), else 0.
+    pub seq: u64,
+}
+
+/// A QoS 1/2 message sent and not yet acknowledged.
+#[derive(Debug, Clone)]
+pub struct Inflight {
+    /// Packet identifier.
+    pub pkid: u16,
+    /// What was sent.
+    pub out: Outgoing,
+    /// PUBREC received; waiting for PUBCOMP.
+    pub released: bool,
+}
+
+/// A subscription as the session remembers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubRecord {
+    /// Options.
+    pub options: SubOptions,
+    /// Subscription identifier.
+    pub id: Option<u32>,
+}
+
+/// The mutable part of a session.
+#[derive(Debug)]
+pub struct SessionState {
+    /// Session expiry interval, seconds; 0 ends the session with the connection.
+    pub expiry_s: u32,
+    /// Subscriptions by full filter (including `$share/…`).
+    pub subs: HashMap<String, SubRecord>,
+    /// Messages waiting to be sent.
+    pub queue: VecDeque<Outgoing>,
+    /// Sent, not yet acknowledged, in send order.
+    pub inflight: VecDeque<Inflight>,
+    /// Last packet identifier used.
+    pub last_pkid: u16,
+    /// QoS 2 packet ids received and PUBREC'd, waiting for PUBREL.
+    pub incoming_qos2: HashSet<u16>,
+    /// Id of the connection attached, 0 when none.
+    pub conn_id: u64,
+    /// Protocol of the current or last connection.
+    pub version: Version,
+    /// Most QoS 1/2 messages the client accepts unacknowledged.
+    pub client_receive_max: u16,
+    /// Largest packet the client accepts.
+    pub client_max_packet: u32,
+    /// When the last connection ended, ms since the Unix epoch.
+    pub disconnected_at_ms: Option<u64>,
+    /// Next sequence number for stored queue entries.
+    pub next_seq: u64,
+}
+
+/// A session.
+#[derive(Debug)]
+pub struct Session {
+    /// Client identifier.
+    pub client_id: Arc<str>,
+    state: Mutex<SessionState>,
+    /// Woken when there is something to send.
+    pub wake: Notify,
+    /// Woken to tell the attached connection another one takes over.
+    pub kick: Notify,
+    /// Set with `kick`; a connection woken without it ignores the wake-up.
+    pub kick_pending: AtomicBool,
+    connected: AtomicBool,
+    /// Bumped whenever a connection attaches; a pending will or expiry
+    /// timer checks it to know whether the client came back.
+    pub generation: AtomicU64,
+}
+
+impl Session {
+    /// A new, empty session.
+    pub fn new(client_id: Arc<str>, expiry_s: u32, version: Version) -> Session {
+        Session {
+            client_id,
+            state: Mutex::new(SessionState {
+                expiry_s,
+                subs: HashMap::new(),
+                queue: VecDeque::new(),
+                inflight: VecDeque::new(),
+                last_pkid: 0,
+                incoming_qos2: HashSet::new(),
+                conn_id: 0,
+                version,
+                client_receive_max: u16::MAX,
+                client_max_packet: u32::MAX,
+                disconnected_at_ms: None,
+                next_seq: 1,
+            }),
+            wake: Notify::new(),
+            kick: Notify::new(),
+            kick_pending: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// Locks the state. A panic while it was held cannot leave it half
+    /// written in a way that matters more than losing the connection, so a
+    /// poisoned lock is taken over.
+    pub fn lock(&self) -> MutexGuard<'_, SessionState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a connection is attached.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_connected(&self, on: bool) {
+        self.connected.store(on, Ordering::Release);
+    }
+}
+
+impl SessionState {
+    /// Whether the session outlives its connection.
+    pub fn persistent(&self) -> bool {
+        self.expiry_s > 0
+    }
+
+    /// The next packet identifier not in flight.
+    pub fn next_pkid(&mut self) -> u16 {
+        loop {
+            self.last_pkid = self.last_pkid.wrapping_add(1);
+            if self.last_pkid == 0 {
+                self.last_pkid = 1;
+            }
+            let id = self.last_pkid;
+            if !self.inflight.iter().any(|i| i.pkid == id) {
+                return id;
+            }
+        }
+    }
+
+    /// Removes the in-flight entry `pkid`.
+    pub fn take_inflight(&mut self, pkid: u16) -> Option<Inflight> {
+        let pos = self.inflight.iter().position(|i| i.pkid == pkid)?;
+        self.inflight.remove(pos)
+    }
+}

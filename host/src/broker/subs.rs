@@ -1,0 +1,257 @@
+//! The subscription index: a trie over topic levels with `+` and `#`
+//! branches, plain and shared (`$share/group/…`) subscribers at each node.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use holdfast_mqtt::{QoS, SubOptions};
+
+use super::session::Session;
+
+/// One subscription as stored in the index.
+#[derive(Clone)]
+pub struct Sub {
+    /// The subscriber.
+    pub session: Arc<Session>,
+    /// Its options.
+    pub options: SubOptions,
+    /// MQTT 5 subscription identifier.
+    pub id: Option<u32>,
+}
+
+#[derive(Default)]
+struct Group {
+    members: Vec<(Arc<str>, Sub)>,
+    next: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Node {
+    children: HashMap<Box<str>, Node>,
+    plus: Option<Box<Node>>,
+    /// Subscribers whose filter ends here with `#` (matching this level and below).
+    hash: HashMap<Arc<str>, Sub>,
+    hash_shared: HashMap<Box<str>, Group>,
+    /// Subscribers whose filter ends exactly here.
+    exact: HashMap<Arc<str>, Sub>,
+    exact_shared: HashMap<Box<str>, Group>,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty()
+            && self.plus.is_none()
+            && self.hash.is_empty()
+            && self.hash_shared.is_empty()
+            && self.exact.is_empty()
+            && self.exact_shared.is_empty()
+    }
+}
+
+/// A delivery the index found: one per session, merged over all the
+/// session's matching subscriptions.
+pub struct Match {
+    /// The subscriber.
+    pub session: Arc<Session>,
+    /// Highest granted QoS of the matching subscriptions.
+    pub qos: QoS,
+    /// Whether any matching subscription keeps the retain flag.
+    pub retain_as_published: bool,
+    /// Identifiers of the matching subscriptions.
+    pub ids: Vec<u32>,
+}
+
+/// The index.
+#[derive(Default)]
+pub struct SubTree {
+    root: Node,
+    count: usize,
+}
+
+impl SubTree {
+    /// Number of subscriptions.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Adds or replaces `client`'s subscription to `filter` (already
+    /// validated; `group` is the shared-subscription group). Returns true if
+    /// it replaced one.
+    pub fn insert(&mut self, client: &Arc<str>, group: Option<&str>, filter: &str, sub: Sub) -> bool {
+        let (node, hash) = Self::walk_mut(&mut self.root, filter);
+        let replaced = match group {
+            None => {
+                let map = if hash { &mut node.hash } else { &mut node.exact };
+                map.insert(client.clone(), sub).is_some()
+            }
+            Some(g) => {
+                let groups = if hash { &mut node.hash_shared } else { &mut node.exact_shared };
+                let group = groups.entry(g.into()).or_default();
+                match group.members.iter_mut().find(|(c, _)| c == client) {
+                    Some(m) => {
+                        m.1 = sub;
+                        true
+                    }
+                    None => {
+                        group.members.push((client.clone(), sub));
+                        false
+                    }
+                }
+            }
+        };
+        if !replaced {
+            self.count += 1;
+        }
+        replaced
+    }
+
+    fn walk_mut<'a>(mut node: &'a mut Node, filter: &str) -> (&'a mut Node, bool) {
+        for level in filter.split('/') {
+            match level {
+                "#" => return (node, true),
+                "+" => node = node.plus.get_or_insert_with(Default::default),
+                l => node = node.children.entry(l.into()).or_default(),
+            }
+        }
+        (node, false)
+    }
+
+    /// Removes `client`'s subscription to `filter`; true if it existed.
+    pub fn remove(&mut self, client: &str, group: Option<&str>, filter: &str) -> bool {
+        let levels: Vec<&str> = filter.split('/').collect();
+        let removed = Self::remove_at(&mut self.root, &levels, client, group);
+        if removed {
+            self.count -= 1;
+        }
+        removed
+    }
+
+    fn remove_at(node: &mut Node, levels: &[&str], client: &str, group: Option<&str>) -> bool {
+        let Some((first, rest)) = levels.split_first() else {
+            return Self::remove_here(node, false, client, group);
+        };
+        match *first {
+            "#" => Self::remove_here(node, true, client, group),
+            "+" => {
+                let Some(child) = node.plus.as_deref_mut() else {
+                    return false;
+                };
+                let removed = Self::remove_at(child, rest, client, group);
+                if child.is_empty() {
+                    node.plus = None;
+                }
+                removed
+            }
+            l => {
+                let Some(child) = node.children.get_mut(l) else {
+                    return false;
+                };
+                let removed = Self::remove_at(child, rest, client, group);
+                if child.is_empty() {
+                    node.children.remove(l);
+                }
+                removed
+            }
+        }
+    }
+
+    fn remove_here(node: &mut Node, hash: bool, client: &str, group: Option<&str>) -> bool {
+        match group {
+            None => {
+                let map = if hash { &mut node.hash } else { &mut node.exact };
+                map.remove(client).is_some()
+            }
+            Some(g) => {
+                let groups = if hash { &mut node.hash_shared } else { &mut node.exact_shared };
+                let Some(grp) = groups.get_mut(g) else {
+                    return false;
+                };
+                let before = grp.members.len();
+                grp.members.retain(|(c, _)| &**c != client);
+                let removed = grp.members.len() != before;
+                if grp.members.is_empty() {
+                    groups.remove(g);
+                }
+                removed
+            }
+        }
+    }
+
+    /// Every session subscribed to `topic`, one entry per session. Shared
+    /// groups pick one member each, round-robin, preferring connected ones.
+    /// `publisher` is skipped for its no-local subscriptions.
+    pub fn matches(&self, topic: &str, publisher: Option<&str>) -> Vec<Match> {
+        let mut out: Vec<Match> = Vec::new();
+        let dollar = topic.starts_with('$');
+        let levels: Vec<&str> = topic.split('/').collect();
+        Self::collect(&self.root, &levels, 0, dollar, publisher, &mut out);
+        out
+    }
+
+    fn collect(node: &Node, levels: &[&str], depth: usize, dollar: bool, publisher: Option<&str>, out: &mut Vec<Match>) {
+        // Wildcards at the first level do not match `$` topics.
+        let wild = !(dollar && depth == 0);
+        if wild {
+            for (client, sub) in &node.hash {
+                add(out, client, sub, publisher);
+            }
+            for group in node.hash_shared.values() {
+                pick(out, group, publisher);
+            }
+        }
+        match levels.split_first() {
+            None => {
+                for (client, sub) in &node.exact {
+                    add(out, client, sub, publisher);
+                }
+                for group in node.exact_shared.values() {
+                    pick(out, group, publisher);
+                }
+            }
+            Some((first, rest)) => {
+                if let Some(child) = node.children.get(*first) {
+                    Self::collect(child, rest, depth + 1, dollar, publisher, out);
+                }
+                if wild && let Some(child) = node.plus.as_deref() {
+                    Self::collect(child, rest, depth + 1, dollar, publisher, out);
+                }
+            }
+        }
+    }
+}
+
+fn add(out: &mut Vec<Match>, client: &Arc<str>, sub: &Sub, publisher: Option<&str>) {
+    if sub.options.no_local && publisher == Some(&**client) {
+        return;
+    }
+    if let Some(m) = out.iter_mut().find(|m| Arc::ptr_eq(&m.session, &sub.session)) {
+        m.qos = m.qos.max(sub.options.qos);
+        m.retain_as_published |= sub.options.retain_as_published;
+        m.ids.extend(sub.id);
+        return;
+    }
+    out.push(Match {
+        session: sub.session.clone(),
+        qos: sub.options.qos,
+        retain_as_published: sub.options.retain_as_published,
+        ids: sub.id.into_iter().collect(),
+    });
+}
+
+fn pick(out: &mut Vec<Match>, group: &Group, publisher: Option<&str>) {
+    let n = group.members.len();
+    if n == 0 {
+        return;
+    }
+    // Round-robin over members, preferring one that is connected.
+    let start = group.next.load(Ordering::Relaxed) % n;
+    let order = (0..n).map(|i| (start + i) % n);
+    let chosen = order
+        .clone()
+        .find(|&i| group.members[i].1.session.is_connected())
+        .unwrap_or(start);
+    group.next.store(chosen + 1, Ordering::Relaxed);
+    let (client, sub) = &group.members[chosen];
+    add(out, client, sub, publisher);
+}
