@@ -1,152 +1,16 @@
 //! End to end: the real `holdfast` binary, started as a process, driven
 //! through its CLI and admin API.
 
-use std::io::Read;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
+mod support;
+
+use support::{BIN, Gateway, http_get};
 const ALERT_ROUTER: &str = env!("HOLDFAST_EXAMPLE_ALERT_ROUTER_WASM");
 const TEST_ROUTER: &str = env!("HOLDFAST_TEST_ROUTER_WASM");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Gateway {
-    child: Child,
-    dir: tempfile::TempDir,
-    config: PathBuf,
-    port: u16,
-}
-
-impl Gateway {
-    fn start(extra: &str) -> Gateway {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let config = dir.path().join("holdfast.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[node]\nid = \"e2e\"\ndata_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n{extra}",
-                dir.path().join("data").display().to_string()
-            ),
-        )
-        .unwrap();
-        let child = Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut gw = Gateway {
-            child,
-            dir,
-            config,
-            port,
-        };
-        gw.wait_ready();
-        gw
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                let mut err = String::new();
-                self.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-                panic!("holdfast exited early with {status}: {err}");
-            }
-            if http_get(self.port, "/healthz", None).is_some_and(|(code, _)| code == 200) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("holdfast did not become ready");
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .env_remove("HOLDFAST_ADMIN_TOKEN")
-            .output()
-            .unwrap()
-    }
-
-    fn cli_ok(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn token(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("data/admin.token")).unwrap()
-    }
-
-    fn list(&self) -> serde_json::Value {
-        serde_json::from_str(&self.cli_ok(&["plugin", "list", "--json"])).unwrap()
-    }
-
-    fn router_version(&self) -> String {
-        self.list()["plugins"][0]["version"].as_str().unwrap().to_string()
-    }
-
-    fn stop(mut self) -> String {
-        // SIGTERM, then wait for a clean exit.
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                let mut err = String::new();
-                self.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-                assert!(status.success(), "exit {status}: {err}");
-                return err;
-            }
-            assert!(Instant::now() < deadline, "holdfast did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A minimal HTTP/1.1 GET over a raw socket: status and body.
-fn http_get(port: u16, path: &str, token: Option<&str>) -> Option<(u16, String)> {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).ok()?;
-    let code = resp.split(' ').nth(1)?.parse().ok()?;
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((code, body))
-}
 
 fn stderr_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -342,7 +206,7 @@ fn admin_port_in_use_is_a_clear_error() {
     std::fs::write(
         &config,
         format!(
-            "[node]\ndata_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n",
+            "[node]\ndata_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n[mqtt.tcp]\nlisten = \"127.0.0.1:0\"\n",
             dir.path().display().to_string()
         ),
     )

@@ -164,6 +164,10 @@ fn fixed_header(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, DecodeError> {
 /// # Errors
 /// [`DecodeError`]; the connection should be closed with its reason code.
 pub fn decode(buf: &mut BytesMut, version: Option<Version>, max_size: usize) -> Result<Option<Packet>, DecodeError> {
+    if version.is_none() && buf.first().is_some_and(|b| b >> 4 != 1) {
+        // Refuse a stream that does not start with CONNECT at its first byte.
+        return Err(DecodeError::Protocol("first packet is not CONNECT"));
+    }
     let Some((first, len, header)) = fixed_header(buf)? else {
         return Ok(None);
     };
@@ -316,7 +320,19 @@ fn decode_packet(r: &mut Reader, kind: u8, flags: u8, v: Version) -> Result<Pack
             if ack_flags & 0xFE != 0 {
                 return Err(DecodeError::Malformed("CONNACK reserved flags are set"));
             }
-            let code = r.u8()?;
+            let mut code = r.u8()?;
+            if !v.is_v5() {
+                // 3.1.1 return codes, as the MQTT 5 reason codes they mean.
+                code = match code {
+                    0 => reason::SUCCESS,
+                    1 => reason::UNSUPPORTED_PROTOCOL_VERSION,
+                    2 => reason::CLIENT_ID_NOT_VALID,
+                    3 => reason::SERVER_UNAVAILABLE,
+                    4 => reason::BAD_USERNAME_OR_PASSWORD,
+                    5 => reason::NOT_AUTHORIZED,
+                    _ => return Err(DecodeError::Malformed("CONNACK return code above 5")),
+                };
+            }
             Packet::ConnAck(ConnAck {
                 session_present: ack_flags & 1 != 0,
                 code,
@@ -416,6 +432,14 @@ fn decode_packet(r: &mut Reader, kind: u8, flags: u8, v: Version) -> Result<Pack
             let pkid = r.u16()?;
             let properties = props(r, Scope::SubAck)?;
             let codes = r.rest().to_vec();
+            if !v.is_v5() {
+                if kind == 11 && !codes.is_empty() {
+                    return Err(DecodeError::Malformed("3.1.1 UNSUBACK carries only a packet identifier"));
+                }
+                if kind == 9 && codes.iter().any(|c| !matches!(c, 0 | 1 | 2 | 0x80)) {
+                    return Err(DecodeError::Malformed("3.1.1 SUBACK return code is not 0, 1, 2 or 0x80"));
+                }
+            }
             let ack = SubAck {
                 pkid,
                 codes,

@@ -54,15 +54,13 @@ fn put_props(out: &mut BytesMut, p: &Properties, v: Version) {
 }
 
 fn ack(out: &mut BytesMut, first: u8, a: &Ack, v: Version) {
+    // With a reason code the property length is written even when zero:
+    // allowed either way (MQTT 5 §3.4.2.2.1), and some clients expect it.
     if v.is_v5() && (a.code != 0 || !a.properties.is_empty()) {
-        let with_props = !a.properties.is_empty();
-        let len = 3 + if with_props { a.properties.wire_len() } else { 0 };
-        header(out, first, len);
+        header(out, first, 3 + a.properties.wire_len());
         out.put_u16(a.pkid);
         out.put_u8(a.code);
-        if with_props {
-            a.properties.encode(out);
-        }
+        a.properties.encode(out);
     } else {
         header(out, first, 2);
         out.put_u16(a.pkid);
@@ -70,15 +68,8 @@ fn ack(out: &mut BytesMut, first: u8, a: &Ack, v: Version) {
 }
 
 fn reason_only(out: &mut BytesMut, first: u8, d: &Disconnect, v: Version) {
-    if !v.is_v5() {
+    if !v.is_v5() || (d.code == 0 && d.properties.is_empty()) {
         header(out, first, 0);
-    } else if d.properties.is_empty() {
-        if d.code == 0 {
-            header(out, first, 0);
-        } else {
-            header(out, first, 1);
-            out.put_u8(d.code);
-        }
     } else {
         header(out, first, 1 + d.properties.wire_len());
         out.put_u8(d.code);

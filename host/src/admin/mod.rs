@@ -61,6 +61,7 @@ pub fn router(state: Arc<NodeState>) -> Router {
     let api = Router::new()
         .route("/node", get(node_info))
         .route("/outbox", get(outbox_stats))
+        .route("/mqtt", get(mqtt_stats))
         .route("/plugins", get(plugins_list))
         .route("/plugins/history", get(plugins_history))
         .route("/plugins/{slot}/swap", post(plugin_swap))
@@ -144,6 +145,7 @@ async fn node_info(State(state): State<Arc<NodeState>>) -> Json<serde_json::Valu
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": state.started.elapsed().as_secs(),
         "data_dir": state.config.node.data_dir,
+        "mqtt": state.mqtt,
     }))
 }
 
@@ -162,6 +164,14 @@ async fn outbox_stats(State(state): State<Arc<NodeState>>) -> Result<Json<serde_
         "max_bytes": state.outbox.max_bytes(),
         "lanes": lanes,
     })))
+}
+
+async fn mqtt_stats(State(state): State<Arc<NodeState>>) -> Json<serde_json::Value> {
+    Json(json!({
+        "enabled": state.broker.is_some(),
+        "listeners": state.mqtt,
+        "stats": state.broker.as_ref().map(|b| b.stats()),
+    }))
 }
 
 async fn plugins_list(State(state): State<Arc<NodeState>>) -> Json<serde_json::Value> {

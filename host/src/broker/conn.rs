@@ -370,6 +370,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         };
         let mut stop = broker.stop.clone();
         let mut last_rx = Instant::now();
+        // Packets that arrived together with CONNECT.
+        if let Some(exit) = self.process(&session) {
+            return exit;
+        }
         loop {
             if self.out.len() < HIGH_WATER {
                 self.flush_session(&session);

@@ -319,6 +319,9 @@ async fn accept_quic(broker: Arc<Broker>, endpoint: quinn::Endpoint, mut stop: w
                 cert_common_name,
             };
             serve(broker, tokio::io::join(recv, send), peer).await;
+            // The stream was finished; give the client a moment to read the
+            // last bytes and close, rather than cutting them off.
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
             conn.close(0u32.into(), b"bye");
         });
     }

@@ -1,0 +1,727 @@
+//! End to end: the MQTT broker of the real `holdfast` binary, driven by real
+//! clients started by the tests — `mosquitto_pub`/`mosquitto_sub`, rumqttc
+//! (MQTT 3.1.1 and 5), Python paho-mqtt, raw sockets for malformed input —
+//! over TCP, TLS with client certificates, and QUIC.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use holdfast_mqtt as codec;
+use rumqttc::v5;
+
+mod support;
+
+use support::{Gateway, http_get};
+
+/// Anonymous clients may use every topic, `$test/…` included; messages go
+/// upstream (lane 5) and to local subscribers.
+const OPEN: &str = "[plugins.auth.config]\nallow_anonymous = true\nanonymous_topics = [\"#\", \"$test/#\"]\n";
+
+fn mqtt_stats(gw: &Gateway) -> serde_json::Value {
+    let token = gw.token();
+    let (code, body) = http_get(gw.port, "/api/v1/mqtt", Some(token.trim())).unwrap();
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Waits until the broker holds at least `n` subscriptions.
+fn wait_subscriptions(gw: &Gateway, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mqtt_stats(gw)["stats"]["subscriptions"].as_u64().unwrap_or(0) < n {
+        assert!(Instant::now() < deadline, "subscriptions did not arrive");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn mosquitto_pub(port: u16, args: &[&str]) {
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("mosquitto_pub is not installed: run scripts/setup.sh");
+    assert!(out.status.success(), "mosquitto_pub {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn mosquitto_sub(port: u16, args: &[&str]) -> std::process::Child {
+    Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub is not installed: run scripts/setup.sh")
+}
+
+fn output_of(child: std::process::Child) -> String {
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn mosquitto_clients_qos_matrix() {
+    let gw = Gateway::start(OPEN);
+    for version in ["mqttv311", "mqttv5"] {
+        // One subscriber per QoS; each receives one message per publish QoS.
+        let subs: Vec<_> = (0..3)
+            .map(|s| {
+                mosquitto_sub(
+                    gw.mqtt,
+                    &["-V", version, "-t", &format!("m/{version}/{s}/#"), "-q", &s.to_string(), "-F", "%q %t %p", "-C", "3", "-W", "20"],
+                )
+            })
+            .collect();
+        wait_subscriptions(&gw, 3);
+        for p in 0..3 {
+            for s in 0..3 {
+                mosquitto_pub(
+                    gw.mqtt,
+                    &["-V", version, "-t", &format!("m/{version}/{s}/p{p}"), "-q", &p.to_string(), "-m", &format!("payload-{p}")],
+                );
+            }
+        }
+        for (s, sub) in subs.into_iter().enumerate() {
+            let mut lines: Vec<String> = output_of(sub).lines().map(str::to_string).collect();
+            lines.sort();
+            let want: Vec<String> = (0..3)
+                .map(|p: usize| format!("{} m/{version}/{s}/p{p} payload-{p}", p.min(s)))
+                .collect();
+            assert_eq!(lines, want, "{version} subscriber at QoS {s}");
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while mqtt_stats(&gw)["stats"]["subscriptions"].as_u64() != Some(0) {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // Routed: the default router sends everything upstream (lane 5) too.
+    assert!(gw.metric("holdfast_outbox_enqueued_total{lane=\"5\"}") >= 18.0);
+}
+
+#[test]
+fn retained_messages_survive_a_restart_and_clear() {
+    let mut gw = Gateway::start(OPEN);
+    mosquitto_pub(gw.mqtt, &["-t", "r/keep", "-m", "v1", "-r", "-q", "1"]);
+    mosquitto_pub(gw.mqtt, &["-t", "r/keep", "-m", "v2", "-r", "-q", "1"]);
+    mosquitto_pub(gw.mqtt, &["-t", "r/other", "-m", "o", "-r"]);
+    gw.restart();
+    let sub = mosquitto_sub(gw.mqtt, &["-t", "r/#", "-F", "%r %t %p", "-C", "2", "-W", "10"]);
+    let mut lines: Vec<String> = output_of(sub).lines().map(str::to_string).collect();
+    lines.sort();
+    assert_eq!(lines, ["1 r/keep v2", "1 r/other o"]);
+    // A crash right after a retained publish keeps it too.
+    mosquitto_pub(gw.mqtt, &["-t", "r/crash", "-m", "c", "-r", "-q", "1"]);
+    gw.crash_restart();
+    let sub = mosquitto_sub(gw.mqtt, &["-t", "r/crash", "-F", "%r %p", "-C", "1", "-W", "10"]);
+    assert_eq!(output_of(sub).trim(), "1 c");
+    // An empty retained message clears it.
+    mosquitto_pub(gw.mqtt, &["-t", "r/keep", "-n", "-r"]);
+    let sub = mosquitto_sub(gw.mqtt, &["-t", "r/keep", "-C", "1", "-W", "2"]);
+    assert_eq!(output_of(sub), "");
+    assert_eq!(mqtt_stats(&gw)["stats"]["retained"], 2);
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Polls a v3 event loop until `f` returns `Some`, or panics after `secs`.
+async fn poll_v3<T>(
+    el: &mut rumqttc::EventLoop,
+    secs: u64,
+    mut f: impl FnMut(&rumqttc::Event) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let ev = tokio::time::timeout_at(deadline, el.poll())
+            .await
+            .expect("timed out waiting for an MQTT event")
+            .expect("MQTT connection failed");
+        if let Some(t) = f(&ev) {
+            return t;
+        }
+    }
+}
+
+async fn poll_v5<T>(el: &mut v5::EventLoop, secs: u64, mut f: impl FnMut(&v5::Event) -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let ev = tokio::time::timeout_at(deadline, el.poll())
+            .await
+            .expect("timed out waiting for an MQTT event")
+            .expect("MQTT connection failed");
+        if let Some(t) = f(&ev) {
+            return t;
+        }
+    }
+}
+
+fn v3_options(id: &str, port: u16, clean: bool) -> rumqttc::MqttOptions {
+    let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(10)).set_clean_session(clean);
+    o
+}
+
+/// Publishes QoS 1 messages `{prefix}{i}` for `i` in `range` and waits for
+/// every PUBACK.
+async fn publish_acked(port: u16, id: &str, topic: &str, prefix: &str, range: std::ops::Range<u32>) {
+    let (client, mut el) = rumqttc::AsyncClient::new(v3_options(id, port, true), 10);
+    let n = range.len();
+    let poller = tokio::spawn(async move {
+        let mut acked = 0;
+        poll_v3(&mut el, 60, |ev| {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = ev {
+                acked += 1;
+            }
+            (acked == n).then_some(())
+        })
+        .await;
+        el
+    });
+    for i in range {
+        client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, format!("{prefix}{i}"))
+            .await
+            .unwrap();
+    }
+    let mut el = poller.await.unwrap();
+    client.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(2), el.poll()).await;
+}
+
+#[test]
+fn persistent_session_survives_restart_and_crash() {
+    let mut gw = Gateway::start(OPEN);
+    let port = gw.mqtt;
+    let rt = rt();
+    // Subscribe with a persistent session, then go away.
+    rt.block_on(async {
+        let (client, mut el) = rumqttc::AsyncClient::new(v3_options("keeper", port, false), 10);
+        client.subscribe("keep/#", rumqttc::QoS::AtLeastOnce).await.unwrap();
+        poll_v3(&mut el, 10, |ev| matches!(ev, rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))).then_some(())).await;
+        client.disconnect().await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(2), el.poll()).await;
+        publish_acked(port, "feeder-1", "keep/a", "m", 0..20).await;
+    });
+    gw.restart();
+    rt.block_on(publish_acked(port, "feeder-2", "keep/a", "m", 20..40));
+    gw.crash_restart();
+    let got = rt.block_on(async {
+        let (client, mut el) = rumqttc::AsyncClient::new(v3_options("keeper", port, false), 10);
+        let present = poll_v3(&mut el, 10, |ev| match ev {
+            rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(c)) => Some(c.session_present),
+            _ => None,
+        })
+        .await;
+        assert!(present, "session not present after restart");
+        let mut got = Vec::new();
+        poll_v3(&mut el, 20, |ev| {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = ev {
+                got.push(String::from_utf8_lossy(&p.payload).into_owned());
+            }
+            (got.len() >= 40).then_some(())
+        })
+        .await;
+        client.disconnect().await.unwrap();
+        got
+    });
+    let want: Vec<String> = (0..40).map(|i| format!("m{i}")).collect();
+    assert_eq!(got, want, "queued messages in order, none lost");
+}
+
+#[test]
+fn puback_only_after_the_outbox_has_it() {
+    let mut gw = Gateway::start(&format!("{OPEN}[plugins.router.config]\ndefault_lane = 3\nlocal_by_default = false\n"));
+    let port = gw.mqtt;
+    rt().block_on(publish_acked(port, "durable", "up/x", "d", 0..200));
+    // Acknowledged means stored: a SIGKILL right after loses nothing.
+    gw.crash_restart();
+    let token = gw.token();
+    let (_, body) = http_get(gw.port, "/api/v1/outbox", Some(token.trim())).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["lanes"][3]["messages"], 200, "{body}");
+}
+
+#[test]
+fn will_takeover_and_v5_features_with_rumqttc() {
+    let gw = Gateway::start(OPEN);
+    let port = gw.mqtt;
+    rt().block_on(async {
+        // Watcher: v5, subscription identifier 7, no-local on its own topic.
+        let mut o = v5::MqttOptions::new("watcher", "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(10));
+        let (watcher, mut wel) = v5::AsyncClient::new(o, 10);
+        watcher
+            .subscribe_with_properties(
+                "w/#",
+                v5::mqttbytes::QoS::AtLeastOnce,
+                v5::mqttbytes::v5::SubscribeProperties {
+                    id: Some(7),
+                    user_properties: vec![],
+                },
+            )
+            .await
+            .unwrap();
+        let mut own = v5::mqttbytes::v5::Filter::new("self/#", v5::mqttbytes::QoS::AtLeastOnce);
+        own.nolocal = true;
+        watcher.subscribe_many([own]).await.unwrap();
+        let mut subacks = 0;
+        poll_v5(&mut wel, 10, |ev| {
+            if let v5::Event::Incoming(v5::mqttbytes::v5::Packet::SubAck(_)) = ev {
+                subacks += 1;
+            }
+            (subacks == 2).then_some(())
+        })
+        .await;
+
+        // A v3.1.1 client with a will dies without DISCONNECT.
+        let mut o = v3_options("mortal", port, true);
+        o.set_last_will(rumqttc::LastWill::new("w/will", "gone", rumqttc::QoS::AtLeastOnce, false));
+        let (_mortal, mut mel) = rumqttc::AsyncClient::new(o, 10);
+        poll_v3(&mut mel, 10, |ev| matches!(ev, rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))).then_some(())).await;
+        drop(mel);
+        let will = poll_v5(&mut wel, 10, |ev| match ev {
+            v5::Event::Incoming(v5::mqttbytes::v5::Packet::Publish(p)) => Some(p.clone()),
+            _ => None,
+        })
+        .await;
+        assert_eq!(&will.topic[..], b"w/will");
+        assert_eq!(&will.payload[..], b"gone");
+        assert_eq!(will.properties.unwrap().subscription_identifiers, vec![7]);
+
+        // Properties pass through; a topic alias stands for the topic.
+        let mut o = v5::MqttOptions::new("talker", "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(10));
+        let (talker, mut tel) = v5::AsyncClient::new(o, 10);
+        tokio::spawn(async move { while tel.poll().await.is_ok() {} });
+        let props = v5::mqttbytes::v5::PublishProperties {
+            user_properties: vec![("a".into(), "1".into()), ("b".into(), "2".into())],
+            content_type: Some("application/json".into()),
+            response_topic: Some("w/reply".into()),
+            correlation_data: Some(bytes::Bytes::from_static(b"corr")),
+            message_expiry_interval: Some(300),
+            topic_alias: Some(1),
+            ..Default::default()
+        };
+        talker
+            .publish_with_properties("w/props", v5::mqttbytes::QoS::AtLeastOnce, false, "{}", props)
+            .await
+            .unwrap();
+        let alias_only = v5::mqttbytes::v5::PublishProperties {
+            topic_alias: Some(1),
+            ..Default::default()
+        };
+        talker
+            .publish_with_properties("", v5::mqttbytes::QoS::AtLeastOnce, false, "again", alias_only)
+            .await
+            .unwrap();
+        // The watcher's own publish on a no-local subscription does not come back.
+        watcher.publish("self/x", v5::mqttbytes::QoS::AtLeastOnce, false, "echo").await.unwrap();
+        let mut got = Vec::new();
+        poll_v5(&mut wel, 10, |ev| {
+            if let v5::Event::Incoming(v5::mqttbytes::v5::Packet::Publish(p)) = ev {
+                got.push(p.clone());
+            }
+            (got.len() == 2).then_some(())
+        })
+        .await;
+        let first = got[0].properties.clone().unwrap();
+        assert_eq!(&got[0].topic[..], b"w/props");
+        assert_eq!(first.user_properties, vec![("a".into(), "1".into()), ("b".into(), "2".into())]);
+        assert_eq!(first.content_type.as_deref(), Some("application/json"));
+        assert_eq!(first.response_topic.as_deref(), Some("w/reply"));
+        assert_eq!(first.correlation_data.as_deref(), Some(&b"corr"[..]));
+        assert!(first.message_expiry_interval.is_some_and(|e| (299..=300).contains(&e)));
+        assert_eq!(&got[1].topic[..], b"w/props", "alias resolved to the topic");
+        assert_eq!(&got[1].payload[..], b"again");
+        // Nothing more arrives: no echo of self/x.
+        let extra = tokio::time::timeout(Duration::from_millis(500), async {
+            loop {
+                if let Ok(v5::Event::Incoming(v5::mqttbytes::v5::Packet::Publish(p))) = wel.poll().await {
+                    return p;
+                }
+            }
+        })
+        .await;
+        assert!(extra.is_err(), "no-local subscription echoed: {extra:?}");
+
+        // Session takeover: a second "watcher" connection ends the first with 0x8E.
+        let mut o = v5::MqttOptions::new("watcher", "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(10));
+        let (_second, mut sel) = v5::AsyncClient::new(o, 10);
+        poll_v5(&mut sel, 10, |ev| {
+            matches!(ev, v5::Event::Incoming(v5::mqttbytes::v5::Packet::ConnAck(_))).then_some(())
+        })
+        .await;
+        let reason = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match wel.poll().await {
+                    Ok(v5::Event::Incoming(v5::mqttbytes::v5::Packet::Disconnect(d))) => return d.reason_code,
+                    Ok(_) => {}
+                    Err(v5::ConnectionError::MqttState(v5::StateError::ServerDisconnect { reason_code, .. })) => {
+                        return reason_code;
+                    }
+                    Err(e) => panic!("the first connection ended without DISCONNECT: {e:?}"),
+                }
+            }
+        })
+        .await
+        .expect("the first connection was not ended");
+        assert_eq!(reason, v5::mqttbytes::v5::DisconnectReasonCode::SessionTakenOver);
+    });
+    assert!(gw.metric("holdfast_mqtt_disconnects_total{reason=\"session-taken-over\"}") >= 1.0);
+}
+
+/// Sends raw bytes after an optional CONNECT; returns what the broker sent
+/// back before closing (or after a second of silence).
+fn raw_exchange(port: u16, connect_v5: bool, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    if connect_v5 {
+        let c = codec::Connect {
+            version: codec::Version::V5,
+            client_id: format!("raw-{}", std::process::id()),
+            clean_start: true,
+            keep_alive: 30,
+            username: None,
+            password: None,
+            will: None,
+            properties: Default::default(),
+        };
+        let mut b = BytesMut::new();
+        codec::encode(&codec::Packet::Connect(Box::new(c)), codec::Version::V5, &mut b);
+        s.write_all(&b).unwrap();
+        let mut ack = [0u8; 64];
+        let n = s.read(&mut ack).unwrap();
+        assert!(n >= 4 && ack[0] == 0x20, "no CONNACK: {:?}", &ack[..n]);
+    }
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+fn decode_all(bytes: &[u8], version: codec::Version) -> Vec<codec::Packet> {
+    let mut b = BytesMut::from(bytes);
+    let mut out = Vec::new();
+    while let Ok(Some(p)) = codec::decode(&mut b, Some(version), 1 << 20) {
+        out.push(p);
+    }
+    out
+}
+
+#[test]
+fn malformed_input_closes_only_that_connection() {
+    let gw = Gateway::start(&format!("{OPEN}[mqtt]\nmax_packet_size = 1024\nconnect_timeout_ms = 500\n"));
+    let port = gw.mqtt;
+    // A healthy subscriber stays connected throughout.
+    let healthy = mosquitto_sub(port, &["-t", "ok/#", "-C", "1", "-W", "30"]);
+    wait_subscriptions(&gw, 1);
+    // Reserved packet type 0 after CONNECT: DISCONNECT 0x81, then closed.
+    let back = decode_all(&raw_exchange(port, true, &[0x00, 0x00]), codec::Version::V5);
+    assert!(
+        matches!(back.last(), Some(codec::Packet::Disconnect(d)) if d.code == codec::reason::MALFORMED),
+        "{back:?}"
+    );
+    // Too large: refused from the header with 0x95.
+    let back = decode_all(&raw_exchange(port, true, &[0x30, 0xFF, 0xFF, 0x03]), codec::Version::V5);
+    assert!(
+        matches!(back.last(), Some(codec::Packet::Disconnect(d)) if d.code == codec::reason::PACKET_TOO_LARGE),
+        "{back:?}"
+    );
+    // Garbage instead of CONNECT: closed with nothing sent.
+    assert!(raw_exchange(port, false, b"GET / HTTP/1.1\r\n\r\n").is_empty());
+    // Unknown protocol level: CONNACK "unacceptable protocol version".
+    let back = raw_exchange(port, false, &[0x10, 10, 0, 4, b'M', b'Q', b'T', b'T', 9, 2, 0, 0, 0, 0]);
+    assert_eq!(back, [0x20, 2, 0, 1]);
+    // An idle socket is closed after the CONNECT timeout.
+    let started = Instant::now();
+    let mut idle = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(idle.read(&mut buf).unwrap_or(0), 0);
+    assert!(started.elapsed() < Duration::from_secs(4));
+    // The healthy subscriber still works.
+    mosquitto_pub(port, &["-t", "ok/still", "-m", "fine"]);
+    assert_eq!(output_of(healthy).trim(), "fine");
+    assert!(gw.metric("holdfast_mqtt_bad_packets_total{reason=\"malformed\"}") >= 1.0);
+    assert!(gw.metric("holdfast_mqtt_bad_packets_total{reason=\"protocol-error\"}") >= 1.0);
+    assert!(gw.metric("holdfast_mqtt_bad_packets_total{reason=\"too-large\"}") >= 1.0);
+    assert!(gw.metric("holdfast_mqtt_connects_total{result=\"timeout\"}") >= 1.0);
+}
+
+#[test]
+fn limits_refuse_with_reason_codes() {
+    let gw = Gateway::start(&format!(
+        "{OPEN}[mqtt]\nmax_connections = 2\nmax_subscriptions_per_client = 1\n"
+    ));
+    let port = gw.mqtt;
+    rt().block_on(async {
+        let mut o = v5::MqttOptions::new("limited", "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(10));
+        let (c, mut el) = v5::AsyncClient::new(o, 10);
+        c.subscribe("a/1", v5::mqttbytes::QoS::AtMostOnce).await.unwrap();
+        c.subscribe("a/2", v5::mqttbytes::QoS::AtMostOnce).await.unwrap();
+        let mut codes = Vec::new();
+        poll_v5(&mut el, 10, |ev| {
+            if let v5::Event::Incoming(v5::mqttbytes::v5::Packet::SubAck(s)) = ev {
+                codes.extend(s.return_codes.clone());
+            }
+            (codes.len() == 2).then_some(())
+        })
+        .await;
+        assert_eq!(codes[0], v5::mqttbytes::v5::SubscribeReasonCode::Success(v5::mqttbytes::QoS::AtMostOnce));
+        assert_eq!(codes[1], v5::mqttbytes::v5::SubscribeReasonCode::QuotaExceeded);
+        // Two connections allowed; the third gets "server busy" (3.1.1: server unavailable).
+        let (_c2, mut el2) = rumqttc::AsyncClient::new(v3_options("second", port, true), 10);
+        poll_v3(&mut el2, 10, |ev| matches!(ev, rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))).then_some(())).await;
+        let (_c3, mut el3) = rumqttc::AsyncClient::new(v3_options("third", port, true), 10);
+        let err = tokio::time::timeout(Duration::from_secs(10), el3.poll()).await.unwrap();
+        assert!(
+            matches!(err, Err(rumqttc::ConnectionError::ConnectionRefused(rumqttc::ConnectReturnCode::ServiceUnavailable))),
+            "{err:?}"
+        );
+    });
+    assert!(gw.metric("holdfast_mqtt_connects_total{result=\"connection-limit\"}") >= 1.0);
+}
+
+#[test]
+fn swapping_the_auth_plugin_drops_cached_decisions() {
+    let gw = Gateway::start(OPEN);
+    let port = gw.mqtt;
+    let narrow = gw.dir.path().join("narrow.toml");
+    std::fs::write(&narrow, "allow_anonymous = true\nanonymous_topics = [\"other/#\"]\n").unwrap();
+    let auth_wasm = gw.dir.path().join("auth.wasm");
+    std::fs::write(&auth_wasm, holdfast::plugins::embedded_plugin(holdfast::plugins::SlotName::Auth)).unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let mut o = v5::MqttOptions::new("cached", "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(30));
+        let (c, mut el) = v5::AsyncClient::new(o, 10);
+        c.publish("a/b", v5::mqttbytes::QoS::AtLeastOnce, false, "1").await.unwrap();
+        let first = poll_v5(&mut el, 10, |ev| match ev {
+            v5::Event::Incoming(v5::mqttbytes::v5::Packet::PubAck(a)) => Some(a.reason),
+            _ => None,
+        })
+        .await;
+        assert_eq!(first, v5::mqttbytes::v5::PubAckReason::Success);
+        // Swap in the same plugin with a narrower config while connected.
+        let out = gw.cli_ok(&[
+            "plugin",
+            "swap",
+            "auth",
+            auth_wasm.to_str().unwrap(),
+            "--plugin-config",
+            narrow.to_str().unwrap(),
+        ]);
+        assert!(out.starts_with("swapped auth"), "{out}");
+        c.publish("a/b", v5::mqttbytes::QoS::AtLeastOnce, false, "2").await.unwrap();
+        let second = poll_v5(&mut el, 10, |ev| match ev {
+            v5::Event::Incoming(v5::mqttbytes::v5::Packet::PubAck(a)) => Some(a.reason),
+            _ => None,
+        })
+        .await;
+        assert_eq!(second, v5::mqttbytes::v5::PubAckReason::NotAuthorized);
+    });
+    assert!(gw.metric("holdfast_mqtt_denied_total{reason=\"publish-not-authorized\"}") >= 1.0);
+}
+
+struct Pki {
+    dir: std::path::PathBuf,
+    /// Of `tls-device` and `tls-watcher`.
+    thumbprints: Vec<String>,
+}
+
+/// A CA, a server certificate for localhost and client certificates for
+/// `tls-device` and `tls-watcher`, as PEM files.
+fn make_pki(dir: &std::path::Path) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "holdfast test ca");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &issuer)
+        .unwrap();
+    for (name, pem) in [
+        ("ca.pem", ca.pem()),
+        ("server.pem", server.pem()),
+        ("server.key", server_key.serialize_pem()),
+    ] {
+        std::fs::write(dir.join(name), pem).unwrap();
+    }
+    let mut thumbprints = Vec::new();
+    for device in ["tls-device", "tls-watcher"] {
+        let client_key = KeyPair::generate().unwrap();
+        let mut client_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        client_params.distinguished_name.push(DnType::CommonName, device);
+        let client = client_params.signed_by(&client_key, &issuer).unwrap();
+        std::fs::write(dir.join(format!("{device}.pem")), client.pem()).unwrap();
+        std::fs::write(dir.join(format!("{device}.key")), client_key.serialize_pem()).unwrap();
+        let (thumbprint, cn) = holdfast::broker::listen::describe_cert(client.der());
+        assert_eq!(cn.as_deref(), Some(device));
+        thumbprints.push(thumbprint);
+    }
+    Pki {
+        dir: dir.to_path_buf(),
+        thumbprints,
+    }
+}
+
+#[test]
+fn tls_client_certificates_and_quic() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(pki_dir.path());
+    let p = |f: &str| pki.dir.join(f).display().to_string();
+    let tls_port = support::free_port();
+    let quic_port = support::free_port();
+    let gw = Gateway::start(&format!(
+        "[plugins.auth.config]\nallow_anonymous = false\n\
+         [[plugins.auth.config.rules]]\neffect = \"allow\"\noperations = [\"subscribe\"]\nfilter = \"devices/#\"\n\
+         [[identities]]\nid = \"tls-device\"\nkind = \"device\"\nthumbprints = [\"{tp}\"]\n\
+         [[identities]]\nid = \"tls-watcher\"\nkind = \"device\"\nthumbprints = [\"{tw}\"]\n\
+         [mqtt.tls]\nenabled = true\nlisten = \"127.0.0.1:{tls_port}\"\ncert = {sc:?}\nkey = {sk:?}\nclient_ca = {ca:?}\n\
+         [mqtt.quic]\nenabled = true\nlisten = \"127.0.0.1:{quic_port}\"\ncert = {sc:?}\nkey = {sk:?}\nclient_ca = {ca:?}\n",
+        tp = pki.thumbprints[0],
+        tw = pki.thumbprints[1],
+        sc = p("server.pem"),
+        sk = p("server.key"),
+        ca = p("ca.pem"),
+    ));
+    let tls = |extra: &[&str]| {
+        let mut args = vec![
+            "-p".to_string(),
+            tls_port.to_string(),
+            "--cafile".into(),
+            p("ca.pem"),
+            "-i".into(),
+            "tls-watcher".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    // With its client certificate the watcher is authenticated by thumbprint.
+    let sub_args = tls(&["--cert", &p("tls-watcher.pem"), "--key", &p("tls-watcher.key"), "-t", "devices/tls-device/#", "-C", "1", "-W", "20", "-F", "%t %p"]);
+    let sub = Command::new("mosquitto_sub")
+        .args(["-h", "localhost"])
+        .args(&sub_args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_subscriptions(&gw, 1);
+    // Over QUIC, the device (its own certificate) publishes into its topic space.
+    quic_publish(quic_port, &pki, "devices/tls-device/telemetry", b"over-quic");
+    let out = sub.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "devices/tls-device/telemetry over-quic",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without a certificate (and no anonymous access) the CONNECT is refused.
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", "localhost"])
+        .args(tls(&["-t", "devices/tls-device/x", "-m", "no"]))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(gw.metric("holdfast_mqtt_connects_total{result=\"not-authorized\"}") >= 1.0);
+    assert!(gw.metric("holdfast_mqtt_connections{transport=\"tls\"}") >= 0.0);
+}
+
+/// Connects over QUIC with the client certificate, publishes one QoS 1
+/// message and waits for its PUBACK.
+fn quic_publish(port: u16, pki: &Pki, topic: &str, payload: &[u8]) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    rt().block_on(async {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(pki.dir.join("ca.pem")).unwrap())
+            .unwrap();
+        let certs = vec![CertificateDer::from_pem_file(pki.dir.join("tls-device.pem")).unwrap()];
+        let key = PrivateKeyDer::from_pem_file(pki.dir.join("tls-device.key")).unwrap();
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .unwrap();
+        tls.alpn_protocols = vec![b"mqtt".to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        let conn = endpoint
+            .connect(([127, 0, 0, 1], port).into(), "localhost")
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let mut b = BytesMut::new();
+        let c = codec::Connect {
+            version: codec::Version::V5,
+            client_id: "tls-device".into(),
+            clean_start: true,
+            keep_alive: 30,
+            username: None,
+            password: None,
+            will: None,
+            properties: Default::default(),
+        };
+        codec::encode(&codec::Packet::Connect(Box::new(c)), codec::Version::V5, &mut b);
+        codec::encode(
+            &codec::Packet::Publish(codec::Publish::new(topic, payload.to_vec(), codec::QoS::AtLeastOnce, 1)),
+            codec::Version::V5,
+            &mut b,
+        );
+        send.write_all(&b).await.unwrap();
+        let mut rbuf = BytesMut::new();
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !seen.iter().any(|p| matches!(p, codec::Packet::PubAck(_))) {
+            let mut chunk = [0u8; 512];
+            let n = tokio::time::timeout_at(deadline, recv.read(&mut chunk))
+                .await
+                .expect("no PUBACK over QUIC")
+                .unwrap()
+                .expect("stream closed");
+            rbuf.extend_from_slice(&chunk[..n]);
+            while let Some(p) = codec::decode(&mut rbuf, Some(codec::Version::V5), 1 << 20).unwrap() {
+                seen.push(p);
+            }
+        }
+        assert!(matches!(&seen[0], codec::Packet::ConnAck(a) if a.code == 0), "{seen:?}");
+        conn.close(0u32.into(), b"done");
+        endpoint.wait_idle().await;
+    });
+}
+
+#[test]
+fn paho_conformance_suite() {
+    let gw = Gateway::start(OPEN);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/mqtt/conformance.py");
+    let out = Command::new("python3")
+        .args([script, "--host", "127.0.0.1", "--port", &gw.mqtt.to_string()])
+        .output()
+        .expect("python3 is not installed: run scripts/setup.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "paho conformance failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("PASS"), "{stdout}");
+}

@@ -1,0 +1,207 @@
+//! Shared by the end-to-end tests: a `holdfast` process with its own data
+//! directory, admin port and MQTT port.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Gateway {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    /// Admin API port.
+    pub port: u16,
+    /// MQTT TCP port.
+    pub mqtt: u16,
+}
+
+impl Gateway {
+    /// Starts a gateway; `extra` is appended to its config. Unless `extra`
+    /// has its own `[mqtt.tcp]`, MQTT listens on a free loopback port.
+    pub fn start(extra: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mqtt = free_port();
+        let config = dir.path().join("holdfast.toml");
+        let mqtt_section = if extra.contains("[mqtt.tcp]") {
+            String::new()
+        } else {
+            format!("[mqtt.tcp]\nlisten = \"127.0.0.1:{mqtt}\"\n")
+        };
+        std::fs::write(
+            &config,
+            format!(
+                "[node]\nid = \"e2e\"\ndata_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n{mqtt_section}{extra}",
+                dir.path().join("data").display().to_string()
+            ),
+        )
+        .unwrap();
+        let child = spawn(&config);
+        let mut gw = Gateway {
+            child,
+            dir,
+            config,
+            port,
+            mqtt,
+        };
+        gw.wait_ready();
+        gw
+    }
+
+    /// Stops the process (SIGTERM) and starts it again on the same config and data.
+    pub fn restart(&mut self) {
+        self.terminate();
+        self.child = spawn(&self.config);
+        self.wait_ready();
+    }
+
+    /// Kills the process with SIGKILL and starts it again.
+    pub fn crash_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(&self.config);
+        self.wait_ready();
+    }
+
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    e.read_to_string(&mut err).unwrap();
+                }
+                panic!("holdfast exited early with {status}: {err}");
+            }
+            if http_get(self.port, "/healthz", None).is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("holdfast did not become ready");
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove("HOLDFAST_ADMIN_TOKEN")
+            .output()
+            .unwrap()
+    }
+
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("data/admin.token")).unwrap()
+    }
+
+    /// `holdfast plugin list --json`.
+    pub fn list(&self) -> serde_json::Value {
+        serde_json::from_str(&self.cli_ok(&["plugin", "list", "--json"])).unwrap()
+    }
+
+    /// The active router version.
+    pub fn router_version(&self) -> String {
+        self.list()["plugins"][0]["version"].as_str().unwrap().to_string()
+    }
+
+    /// The Prometheus text of the node.
+    pub fn metrics(&self) -> String {
+        http_get(self.port, "/metrics", None).unwrap().1
+    }
+
+    /// The value of one metric line (exact name with labels), 0 if absent.
+    pub fn metric(&self, line: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(line).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+
+    fn terminate(&mut self) -> String {
+        // SIGTERM, then wait for a clean exit.
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    e.read_to_string(&mut err).unwrap();
+                }
+                assert!(status.success(), "exit {status}: {err}");
+                return err;
+            }
+            assert!(Instant::now() < deadline, "holdfast did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stop(mut self) -> String {
+        self.terminate()
+    }
+}
+
+/// Starts `holdfast run`. With `HOLDFAST_TEST_LOG=<filter>` its log goes to
+/// the test's stderr at that level, for debugging.
+fn spawn(config: &std::path::Path) -> Child {
+    let log = std::env::var("HOLDFAST_TEST_LOG").ok();
+    Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", log.as_deref().unwrap_or("info"))
+        .stdout(Stdio::null())
+        .stderr(if log.is_some() { Stdio::inherit() } else { Stdio::piped() })
+        .spawn()
+        .unwrap()
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.1 GET over a raw socket: status and body.
+pub fn http_get(port: u16, path: &str, token: Option<&str>) -> Option<(u16, String)> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let code = resp.split(' ').nth(1)?.parse().ok()?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
