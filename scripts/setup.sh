@@ -15,3 +15,20 @@ if command -v rustup >/dev/null 2>&1; then
     rustup toolchain install "$toolchain" --profile minimal --component rustfmt,clippy >/dev/null
     rustup target add --toolchain "$toolchain" wasm32-wasip2 >/dev/null
 fi
+
+# Real peers for the end-to-end tests: Mosquitto's clients (and the broker,
+# the benchmarks' peer) from Debian, Python paho-mqtt from PyPI.
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null 2>&1; then sudo "$@"; else
+        echo "error: need root (or sudo) to run: $*" >&2
+        exit 1
+    fi
+}
+if ! command -v mosquitto_pub >/dev/null 2>&1 || ! command -v mosquitto_sub >/dev/null 2>&1 \
+    || ! { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; }; then
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+fi
+if ! python3 -c 'import paho.mqtt' >/dev/null 2>&1; then
+    python3 -m pip install --quiet 'paho-mqtt>=2,<3'
+fi

@@ -298,7 +298,6 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         self.client_max_packet = c.properties.maximum_packet_size.unwrap_or(u32::MAX);
         let receive_max = c.properties.receive_maximum.unwrap_or(u16::MAX);
         self.outbound_window = usize::from(receive_max.min(cfg.max_inflight));
-        self.aliases = vec![None; usize::from(cfg.topic_alias_maximum)];
         if let Some(w) = c.will.take() {
             self.will = Some(WillInfo {
                 delay_s: w.properties.will_delay_interval.unwrap_or(0),
@@ -370,6 +369,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         };
         let mut stop = broker.stop.clone();
         let mut last_rx = Instant::now();
+        let mut busy = false;
         // Packets that arrived together with CONNECT.
         if let Some(exit) = self.process(&session) {
             return exit;
@@ -381,8 +381,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             let reading = self.pending.len() < usize::from(broker.config.max_inflight) * 4;
             let keep_alive = self.keep_alive;
             let deadline = last_rx + keep_alive;
-            if self.rbuf.capacity() - self.rbuf.len() < 512 {
-                self.rbuf.reserve(4096);
+            // Small while idle, larger while the client keeps the buffer full.
+            if self.rbuf.capacity() - self.rbuf.len() < 256 {
+                self.rbuf.reserve(if busy { 16 << 10 } else { 1024 });
             }
             let Conn {
                 rd,
@@ -422,7 +423,8 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                 r = rd.read_buf(rbuf), if reading => {
                     match r {
                         Ok(0) | Err(_) => return Exit::Unclean("closed"),
-                        Ok(_) => {
+                        Ok(n) => {
+                            busy = n >= 1024;
                             last_rx = Instant::now();
                             if let Some(exit) = self.process(&session) {
                                 return exit;
@@ -555,8 +557,12 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         }
         if let Some(alias) = p.properties.topic_alias.take() {
             let slot = usize::from(alias);
-            if alias == 0 || slot > self.aliases.len() {
+            if alias == 0 || alias > broker.config.topic_alias_maximum {
                 return Some(Exit::Error(reason::TOPIC_ALIAS_INVALID, "topic-alias-invalid"));
+            }
+            if self.aliases.len() < slot {
+                // Grown on use, so connections without aliases pay nothing.
+                self.aliases.resize(slot, None);
             }
             if p.topic.is_empty() {
                 match &self.aliases[slot - 1] {

@@ -255,3 +255,90 @@ fn pick(out: &mut Vec<Match>, group: &Group, publisher: Option<&str>) {
     let (client, sub) = &group.members[chosen];
     add(out, client, sub, publisher);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use holdfast_mqtt::Version;
+
+    fn session(id: &str) -> Arc<Session> {
+        Arc::new(Session::new(id.into(), 0, Version::V5))
+    }
+
+    fn sub(s: &Arc<Session>, qos: QoS, id: Option<u32>) -> Sub {
+        Sub {
+            session: s.clone(),
+            options: SubOptions {
+                qos,
+                ..SubOptions::default()
+            },
+            id,
+        }
+    }
+
+    fn ids(t: &SubTree, topic: &str) -> Vec<String> {
+        let mut v: Vec<String> = t.matches(topic, None).iter().map(|m| m.session.client_id.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn wildcards_dollar_topics_and_removal() {
+        let mut t = SubTree::default();
+        let (a, b, c) = (session("a"), session("b"), session("c"));
+        t.insert(&a.client_id, None, "x/+/z", sub(&a, QoS::AtMostOnce, None));
+        t.insert(&b.client_id, None, "x/#", sub(&b, QoS::AtMostOnce, None));
+        t.insert(&c.client_id, None, "#", sub(&c, QoS::AtMostOnce, None));
+        t.insert(&c.client_id, None, "$SYS/#", sub(&c, QoS::AtMostOnce, None));
+        assert_eq!(ids(&t, "x/y/z"), ["a", "b", "c"]);
+        assert_eq!(ids(&t, "x"), ["b", "c"]);
+        assert_eq!(ids(&t, "$SYS/load"), ["c"]);
+        assert_eq!(t.len(), 4);
+        assert!(t.remove("b", None, "x/#"));
+        assert!(!t.remove("b", None, "x/#"));
+        assert_eq!(ids(&t, "x/y/z"), ["a", "c"]);
+        assert_eq!(t.len(), 3);
+    }
+
+    #[test]
+    fn overlapping_subscriptions_merge_per_session() {
+        let mut t = SubTree::default();
+        let a = session("a");
+        t.insert(&a.client_id, None, "x/#", sub(&a, QoS::AtMostOnce, Some(1)));
+        t.insert(&a.client_id, None, "x/y", sub(&a, QoS::ExactlyOnce, Some(2)));
+        let m = t.matches("x/y", None);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].qos, QoS::ExactlyOnce);
+        let mut got = m[0].ids.clone();
+        got.sort();
+        assert_eq!(got, [1, 2]);
+    }
+
+    #[test]
+    fn shared_groups_deliver_to_one_member_round_robin() {
+        let mut t = SubTree::default();
+        let (a, b) = (session("a"), session("b"));
+        a.set_connected(true);
+        b.set_connected(true);
+        t.insert(&a.client_id, Some("g"), "s/#", sub(&a, QoS::AtLeastOnce, None));
+        t.insert(&b.client_id, Some("g"), "s/#", sub(&b, QoS::AtLeastOnce, None));
+        let picks: Vec<String> = (0..4).map(|_| ids(&t, "s/1").join(",")).collect();
+        assert_eq!(picks, ["a", "b", "a", "b"]);
+        // A disconnected member is skipped while another is connected.
+        b.set_connected(false);
+        assert!((0..4).all(|_| ids(&t, "s/1") == ["a"]));
+        assert!(t.remove("a", Some("g"), "s/#"));
+        assert_eq!(ids(&t, "s/1"), ["b"]);
+    }
+
+    #[test]
+    fn no_local_skips_the_publisher() {
+        let mut t = SubTree::default();
+        let a = session("a");
+        let mut s = sub(&a, QoS::AtMostOnce, None);
+        s.options.no_local = true;
+        t.insert(&a.client_id, None, "n/#", s);
+        assert!(t.matches("n/1", Some("a")).is_empty());
+        assert_eq!(t.matches("n/1", Some("other")).len(), 1);
+    }
+}
