@@ -43,7 +43,11 @@ fn mosquitto_pub(port: u16, args: &[&str]) {
         .args(args)
         .output()
         .expect("mosquitto_pub is not installed: run scripts/setup.sh");
-    assert!(out.status.success(), "mosquitto_pub {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "mosquitto_pub {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn mosquitto_sub(port: u16, args: &[&str]) -> std::process::Child {
@@ -70,7 +74,20 @@ fn mosquitto_clients_qos_matrix() {
             .map(|s| {
                 mosquitto_sub(
                     gw.mqtt,
-                    &["-V", version, "-t", &format!("m/{version}/{s}/#"), "-q", &s.to_string(), "-F", "%q %t %p", "-C", "3", "-W", "20"],
+                    &[
+                        "-V",
+                        version,
+                        "-t",
+                        &format!("m/{version}/{s}/#"),
+                        "-q",
+                        &s.to_string(),
+                        "-F",
+                        "%q %t %p",
+                        "-C",
+                        "3",
+                        "-W",
+                        "20",
+                    ],
                 )
             })
             .collect();
@@ -79,7 +96,16 @@ fn mosquitto_clients_qos_matrix() {
             for s in 0..3 {
                 mosquitto_pub(
                     gw.mqtt,
-                    &["-V", version, "-t", &format!("m/{version}/{s}/p{p}"), "-q", &p.to_string(), "-m", &format!("payload-{p}")],
+                    &[
+                        "-V",
+                        version,
+                        "-t",
+                        &format!("m/{version}/{s}/p{p}"),
+                        "-q",
+                        &p.to_string(),
+                        "-m",
+                        &format!("payload-{p}"),
+                    ],
                 );
             }
         }
@@ -133,11 +159,7 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 /// Polls a v3 event loop until `f` returns `Some`, or panics after `secs`.
-async fn poll_v3<T>(
-    el: &mut rumqttc::EventLoop,
-    secs: u64,
-    mut f: impl FnMut(&rumqttc::Event) -> Option<T>,
-) -> T {
+async fn poll_v3<T>(el: &mut rumqttc::EventLoop, secs: u64, mut f: impl FnMut(&rumqttc::Event) -> Option<T>) -> T {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     loop {
         let ev = tokio::time::timeout_at(deadline, el.poll())
@@ -205,7 +227,10 @@ fn persistent_session_survives_restart_and_crash() {
     rt.block_on(async {
         let (client, mut el) = rumqttc::AsyncClient::new(v3_options("keeper", port, false), 10);
         client.subscribe("keep/#", rumqttc::QoS::AtLeastOnce).await.unwrap();
-        poll_v3(&mut el, 10, |ev| matches!(ev, rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))).then_some(())).await;
+        poll_v3(&mut el, 10, |ev| {
+            matches!(ev, rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))).then_some(())
+        })
+        .await;
         client.disconnect().await.unwrap();
         let _ = tokio::time::timeout(Duration::from_secs(2), el.poll()).await;
         publish_acked(port, "feeder-1", "keep/a", "m", 0..20).await;
@@ -238,7 +263,9 @@ fn persistent_session_survives_restart_and_crash() {
 
 #[test]
 fn puback_only_after_the_outbox_has_it() {
-    let mut gw = Gateway::start(&format!("{OPEN}[plugins.router.config]\ndefault_lane = 3\nlocal_by_default = false\n"));
+    let mut gw = Gateway::start(&format!(
+        "{OPEN}[plugins.router.config]\ndefault_lane = 3\nlocal_by_default = false\n"
+    ));
     let port = gw.mqtt;
     rt().block_on(publish_acked(port, "durable", "up/x", "d", 0..200));
     // Acknowledged means stored: a SIGKILL right after loses nothing.
@@ -283,9 +310,17 @@ fn will_takeover_and_v5_features_with_rumqttc() {
 
         // A v3.1.1 client with a will dies without DISCONNECT.
         let mut o = v3_options("mortal", port, true);
-        o.set_last_will(rumqttc::LastWill::new("w/will", "gone", rumqttc::QoS::AtLeastOnce, false));
+        o.set_last_will(rumqttc::LastWill::new(
+            "w/will",
+            "gone",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+        ));
         let (_mortal, mut mel) = rumqttc::AsyncClient::new(o, 10);
-        poll_v3(&mut mel, 10, |ev| matches!(ev, rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))).then_some(())).await;
+        poll_v3(&mut mel, 10, |ev| {
+            matches!(ev, rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))).then_some(())
+        })
+        .await;
         drop(mel);
         let will = poll_v5(&mut wel, 10, |ev| match ev {
             v5::Event::Incoming(v5::mqttbytes::v5::Packet::Publish(p)) => Some(p.clone()),
@@ -323,7 +358,10 @@ fn will_takeover_and_v5_features_with_rumqttc() {
             .await
             .unwrap();
         // The watcher's own publish on a no-local subscription does not come back.
-        watcher.publish("self/x", v5::mqttbytes::QoS::AtLeastOnce, false, "echo").await.unwrap();
+        watcher
+            .publish("self/x", v5::mqttbytes::QoS::AtLeastOnce, false, "echo")
+            .await
+            .unwrap();
         let mut got = Vec::new();
         poll_v5(&mut wel, 10, |ev| {
             if let v5::Event::Incoming(v5::mqttbytes::v5::Packet::Publish(p)) = ev {
@@ -334,7 +372,10 @@ fn will_takeover_and_v5_features_with_rumqttc() {
         .await;
         let first = got[0].properties.clone().unwrap();
         assert_eq!(&got[0].topic[..], b"w/props");
-        assert_eq!(first.user_properties, vec![("a".into(), "1".into()), ("b".into(), "2".into())]);
+        assert_eq!(
+            first.user_properties,
+            vec![("a".into(), "1".into()), ("b".into(), "2".into())]
+        );
         assert_eq!(first.content_type.as_deref(), Some("application/json"));
         assert_eq!(first.response_topic.as_deref(), Some("w/reply"));
         assert_eq!(first.correlation_data.as_deref(), Some(&b"corr"[..]));
@@ -419,7 +460,9 @@ fn decode_all(bytes: &[u8], version: codec::Version) -> Vec<codec::Packet> {
 
 #[test]
 fn malformed_input_closes_only_that_connection() {
-    let gw = Gateway::start(&format!("{OPEN}[mqtt]\nmax_packet_size = 1024\nconnect_timeout_ms = 500\n"));
+    let gw = Gateway::start(&format!(
+        "{OPEN}[mqtt]\nmax_packet_size = 1024\nconnect_timeout_ms = 500\n"
+    ));
     let port = gw.mqtt;
     // A healthy subscriber stays connected throughout.
     let healthy = mosquitto_sub(port, &["-t", "ok/#", "-C", "1", "-W", "30"]);
@@ -477,15 +520,26 @@ fn limits_refuse_with_reason_codes() {
             (codes.len() == 2).then_some(())
         })
         .await;
-        assert_eq!(codes[0], v5::mqttbytes::v5::SubscribeReasonCode::Success(v5::mqttbytes::QoS::AtMostOnce));
+        assert_eq!(
+            codes[0],
+            v5::mqttbytes::v5::SubscribeReasonCode::Success(v5::mqttbytes::QoS::AtMostOnce)
+        );
         assert_eq!(codes[1], v5::mqttbytes::v5::SubscribeReasonCode::QuotaExceeded);
         // Two connections allowed; the third gets "server busy" (3.1.1: server unavailable).
         let (_c2, mut el2) = rumqttc::AsyncClient::new(v3_options("second", port, true), 10);
-        poll_v3(&mut el2, 10, |ev| matches!(ev, rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))).then_some(())).await;
+        poll_v3(&mut el2, 10, |ev| {
+            matches!(ev, rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))).then_some(())
+        })
+        .await;
         let (_c3, mut el3) = rumqttc::AsyncClient::new(v3_options("third", port, true), 10);
         let err = tokio::time::timeout(Duration::from_secs(10), el3.poll()).await.unwrap();
         assert!(
-            matches!(err, Err(rumqttc::ConnectionError::ConnectionRefused(rumqttc::ConnectReturnCode::ServiceUnavailable))),
+            matches!(
+                err,
+                Err(rumqttc::ConnectionError::ConnectionRefused(
+                    rumqttc::ConnectReturnCode::ServiceUnavailable
+                ))
+            ),
             "{err:?}"
         );
     });
@@ -499,13 +553,19 @@ fn swapping_the_auth_plugin_drops_cached_decisions() {
     let narrow = gw.dir.path().join("narrow.toml");
     std::fs::write(&narrow, "allow_anonymous = true\nanonymous_topics = [\"other/#\"]\n").unwrap();
     let auth_wasm = gw.dir.path().join("auth.wasm");
-    std::fs::write(&auth_wasm, holdfast::plugins::embedded_plugin(holdfast::plugins::SlotName::Auth)).unwrap();
+    std::fs::write(
+        &auth_wasm,
+        holdfast::plugins::embedded_plugin(holdfast::plugins::SlotName::Auth),
+    )
+    .unwrap();
     let rt = rt();
     rt.block_on(async {
         let mut o = v5::MqttOptions::new("cached", "127.0.0.1", port);
         o.set_keep_alive(Duration::from_secs(30));
         let (c, mut el) = v5::AsyncClient::new(o, 10);
-        c.publish("a/b", v5::mqttbytes::QoS::AtLeastOnce, false, "1").await.unwrap();
+        c.publish("a/b", v5::mqttbytes::QoS::AtLeastOnce, false, "1")
+            .await
+            .unwrap();
         let first = poll_v5(&mut el, 10, |ev| match ev {
             v5::Event::Incoming(v5::mqttbytes::v5::Packet::PubAck(a)) => Some(a.reason),
             _ => None,
@@ -522,7 +582,9 @@ fn swapping_the_auth_plugin_drops_cached_decisions() {
             narrow.to_str().unwrap(),
         ]);
         assert!(out.starts_with("swapped auth"), "{out}");
-        c.publish("a/b", v5::mqttbytes::QoS::AtLeastOnce, false, "2").await.unwrap();
+        c.publish("a/b", v5::mqttbytes::QoS::AtLeastOnce, false, "2")
+            .await
+            .unwrap();
         let second = poll_v5(&mut el, 10, |ev| match ev {
             v5::Event::Incoming(v5::mqttbytes::v5::Packet::PubAck(a)) => Some(a.reason),
             _ => None,
@@ -546,7 +608,9 @@ fn make_pki(dir: &std::path::Path) -> Pki {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "holdfast test ca");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "holdfast test ca");
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
     let server_key = KeyPair::generate().unwrap();
@@ -612,7 +676,20 @@ fn tls_client_certificates_and_quic() {
         args
     };
     // With its client certificate the watcher is authenticated by thumbprint.
-    let sub_args = tls(&["--cert", &p("tls-watcher.pem"), "--key", &p("tls-watcher.key"), "-t", "devices/tls-device/#", "-C", "1", "-W", "20", "-F", "%t %p"]);
+    let sub_args = tls(&[
+        "--cert",
+        &p("tls-watcher.pem"),
+        "--key",
+        &p("tls-watcher.key"),
+        "-t",
+        "devices/tls-device/#",
+        "-C",
+        "1",
+        "-W",
+        "20",
+        "-F",
+        "%t %p",
+    ]);
     let sub = Command::new("mosquitto_sub")
         .args(["-h", "localhost"])
         .args(&sub_args)

@@ -385,7 +385,11 @@ impl Metrics {
             mqtt_received.clone(),
         );
         let mqtt_sent = Family::<QosLabels, Counter>::default();
-        registry.register("mqtt_messages_sent", "PUBLISH packets sent to clients, by QoS", mqtt_sent.clone());
+        registry.register(
+            "mqtt_messages_sent",
+            "PUBLISH packets sent to clients, by QoS",
+            mqtt_sent.clone(),
+        );
         let mqtt_routed = Family::<ActionLabels, Counter>::default();
         registry.register(
             "mqtt_messages_routed",

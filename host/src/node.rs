@@ -139,8 +139,13 @@ impl Node {
         let mut bound = listen::Bound::default();
         let broker = if config.mqtt.enabled {
             let broker = {
-                let (mqtt, plugins, outbox, metrics, stopped) =
-                    (config.mqtt.clone(), plugins.clone(), outbox.clone(), metrics.clone(), stopped.clone());
+                let (mqtt, plugins, outbox, metrics, stopped) = (
+                    config.mqtt.clone(),
+                    plugins.clone(),
+                    outbox.clone(),
+                    metrics.clone(),
+                    stopped.clone(),
+                );
                 tokio::task::spawn_blocking(move || Broker::open(mqtt, plugins, outbox, &store, metrics, stopped))
                     .await
                     .map_err(|e| PluginError::Engine(format!("broker open task failed: {e}")))??

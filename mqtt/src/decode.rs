@@ -434,10 +434,14 @@ fn decode_packet(r: &mut Reader, kind: u8, flags: u8, v: Version) -> Result<Pack
             let codes = r.rest().to_vec();
             if !v.is_v5() {
                 if kind == 11 && !codes.is_empty() {
-                    return Err(DecodeError::Malformed("3.1.1 UNSUBACK carries only a packet identifier"));
+                    return Err(DecodeError::Malformed(
+                        "3.1.1 UNSUBACK carries only a packet identifier",
+                    ));
                 }
                 if kind == 9 && codes.iter().any(|c| !matches!(c, 0 | 1 | 2 | 0x80)) {
-                    return Err(DecodeError::Malformed("3.1.1 SUBACK return code is not 0, 1, 2 or 0x80"));
+                    return Err(DecodeError::Malformed(
+                        "3.1.1 SUBACK return code is not 0, 1, 2 or 0x80",
+                    ));
                 }
             }
             let ack = SubAck {

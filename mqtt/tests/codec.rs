@@ -267,13 +267,17 @@ fn malformed_input_gets_the_right_reason_code() {
 fn v311_acks_decode_to_what_they_encode_from() {
     let v3 = Some(Version::V311);
     // Found by the fuzzer: 3.1.1 CONNACK codes map to MQTT 5 reason codes.
-    let Some(Packet::ConnAck(a)) = decode(&mut BytesMut::from(&[0x20, 2, 0, 5][..]), v3, 64).unwrap() else { panic!() };
+    let Some(Packet::ConnAck(a)) = decode(&mut BytesMut::from(&[0x20, 2, 0, 5][..]), v3, 64).unwrap() else {
+        panic!()
+    };
     assert_eq!(a.code, reason::NOT_AUTHORIZED);
     assert_eq!(err(&[0x20, 2, 0, 6], v3).reason_code(), reason::MALFORMED);
     assert_eq!(err(&[0x90, 3, 0, 1, 5], v3).reason_code(), reason::MALFORMED);
     assert_eq!(err(&[0xB0, 3, 0, 1, 0], v3).reason_code(), reason::MALFORMED);
     for code in [0u8, 1, 2, 0x80] {
-        let p = decode(&mut BytesMut::from(&[0x90, 3, 0, 1, code][..]), v3, 64).unwrap().unwrap();
+        let p = decode(&mut BytesMut::from(&[0x90, 3, 0, 1, code][..]), v3, 64)
+            .unwrap()
+            .unwrap();
         assert_eq!(round_trip(&p, Version::V311), p);
     }
 }

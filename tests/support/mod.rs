@@ -170,7 +170,11 @@ fn spawn(config: &std::path::Path) -> Child {
         .arg(config)
         .env("RUST_LOG", log.as_deref().unwrap_or("info"))
         .stdout(Stdio::null())
-        .stderr(if log.is_some() { Stdio::inherit() } else { Stdio::piped() })
+        .stderr(if log.is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::piped()
+        })
         .spawn()
         .unwrap()
 }
@@ -204,4 +208,3 @@ pub fn http_get(port: u16, path: &str, token: Option<&str>) -> Option<(u16, Stri
         .unwrap_or_default();
     Some((code, body))
 }
-

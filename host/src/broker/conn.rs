@@ -29,6 +29,11 @@ use crate::plugins::{AuthzDecision, ConnectInfo, Operation, Principal, RefusalCo
 /// Bytes buffered for the socket beyond which the session queue is not
 /// drained further until the client reads.
 const HIGH_WATER: usize = 256 << 10;
+/// A publisher whose message lands in a connected subscriber's queue deeper
+/// than this pauses reading for [`BACKPRESSURE_PAUSE`], so a fast publisher
+/// cannot outrun a slow subscriber into ever-growing queues.
+const BACKPRESSURE_DEPTH: usize = 1000;
+const BACKPRESSURE_PAUSE: Duration = Duration::from_millis(1);
 /// Most authorization decisions cached per connection.
 const AUTHZ_CACHE: usize = 1024;
 
@@ -84,6 +89,20 @@ struct PendingAck {
 }
 
 impl PendingAck {
+    /// The reason code if every append has finished, without waiting.
+    fn try_ready(&mut self) -> Option<u8> {
+        while let Some(rx) = self.waits.last_mut() {
+            match rx.try_recv() {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => self.code = e.mqtt_reason_code(),
+                Err(oneshot::error::TryRecvError::Closed) => self.code = reason::UNSPECIFIED,
+                Err(oneshot::error::TryRecvError::Empty) => return None,
+            }
+            self.waits.pop();
+        }
+        Some(self.code)
+    }
+
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<u8> {
         while let Some(rx) = self.waits.last_mut() {
             match Pin::new(rx).poll(cx) {
@@ -128,6 +147,7 @@ where
         will: None,
         outbound_window: 1,
         client_max_packet: u32::MAX,
+        paused_until: None,
     };
     let exit = match conn.handshake(over).await {
         Ok(()) => conn.run().await,
@@ -157,6 +177,8 @@ struct Conn<S> {
     will: Option<WillInfo>,
     outbound_window: usize,
     client_max_packet: u32,
+    /// Reading is paused until then (backpressure from slow subscribers).
+    paused_until: Option<Instant>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
@@ -177,7 +199,11 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
 
     fn bad_packet(&self, e: &DecodeError) {
         tracing::debug!(peer = %self.peer.addr, error = %e, "closing connection on a bad packet");
-        metrics::handle(&self.broker.metrics.mqtt_bad_packets, &ReasonLabels { reason: e.kind() }).inc();
+        metrics::handle(
+            &self.broker.metrics.mqtt_bad_packets,
+            &ReasonLabels { reason: e.kind() },
+        )
+        .inc();
     }
 
     /// Refuses the CONNECT with `code` and ends the connection.
@@ -370,15 +396,23 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         let mut stop = broker.stop.clone();
         let mut last_rx = Instant::now();
         let mut busy = false;
-        // Packets that arrived together with CONNECT.
-        if let Some(exit) = self.process(&session) {
-            return exit;
-        }
         loop {
+            if self.paused_until.is_some_and(|t| t <= Instant::now()) {
+                self.paused_until = None;
+            }
+            // Whole packets in the buffer (including any that came with
+            // CONNECT), unless paused by backpressure.
+            if self.paused_until.is_none()
+                && !self.rbuf.is_empty()
+                && let Some(exit) = self.process(&session)
+            {
+                return exit;
+            }
             if self.out.len() < HIGH_WATER {
                 self.flush_session(&session);
             }
-            let reading = self.pending.len() < usize::from(broker.config.max_inflight) * 4;
+            let paused_until = self.paused_until;
+            let reading = paused_until.is_none() && self.pending.len() < usize::from(broker.config.max_inflight) * 4;
             let keep_alive = self.keep_alive;
             let deadline = last_rx + keep_alive;
             // Small while idle, larger while the client keeps the buffer full.
@@ -419,6 +453,15 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                     {
                         return exit;
                     }
+                    // Every acknowledgement that is ready too, in order, so
+                    // they leave in one write.
+                    while let Some(code) = self.pending.front_mut().and_then(PendingAck::try_ready) {
+                        if let Some(p) = self.pending.pop_front()
+                            && let Some(exit) = self.acknowledge(&session, p.pkid, p.qos, code)
+                        {
+                            return exit;
+                        }
+                    }
                 }
                 r = rd.read_buf(rbuf), if reading => {
                     match r {
@@ -426,13 +469,11 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                         Ok(n) => {
                             busy = n >= 1024;
                             last_rx = Instant::now();
-                            if let Some(exit) = self.process(&session) {
-                                return exit;
-                            }
                         }
                     }
                 }
                 _ = session.wake.notified() => {}
+                _ = tokio::time::sleep_until(paused_until.unwrap_or_else(Instant::now)), if paused_until.is_some() => {}
                 _ = tokio::time::sleep_until(deadline), if !keep_alive.is_zero() => {
                     if Instant::now() >= last_rx + keep_alive {
                         return Exit::Error(reason::KEEP_ALIVE_TIMEOUT, "keep-alive-timeout");
@@ -444,7 +485,8 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
 
     /// Decodes and handles every whole packet in the read buffer.
     fn process(&mut self, session: &Arc<Session>) -> Option<Exit> {
-        loop {
+        // Stops early when a publish asked for backpressure; the rest waits.
+        while self.paused_until.is_none() {
             let max = self.broker.config.max_packet_size as usize;
             match decode(&mut self.rbuf, Some(self.version), max) {
                 Ok(None) => return None,
@@ -459,6 +501,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                 }
             }
         }
+        None
     }
 
     fn handle(&mut self, session: &Arc<Session>, packet: Packet) -> Option<Exit> {
@@ -552,7 +595,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             let in_flight = self.pending.len() + session.lock().incoming_qos2.len();
             if v5 && in_flight >= usize::from(broker.config.max_inflight) {
                 broker.deny_reason("receive-maximum");
-                return Some(Exit::Error(reason::RECEIVE_MAXIMUM_EXCEEDED, "receive-maximum-exceeded"));
+                return Some(Exit::Error(
+                    reason::RECEIVE_MAXIMUM_EXCEEDED,
+                    "receive-maximum-exceeded",
+                ));
             }
         }
         if let Some(alias) = p.properties.topic_alias.take() {
@@ -583,7 +629,11 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                 self.send(&Packet::PubRec(Ack::new(p.pkid)));
                 return None;
             }
-            if self.pending.iter().any(|a| a.pkid == p.pkid && a.qos == QoS::ExactlyOnce) {
+            if self
+                .pending
+                .iter()
+                .any(|a| a.pkid == p.pkid && a.qos == QoS::ExactlyOnce)
+            {
                 return None;
             }
         }
@@ -605,7 +655,14 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             publisher: Some(session.client_id.clone()),
         });
         let principal = self.principal.as_ref().map(|p| p.id.clone());
-        let Routed { waits, refusal } = broker.route(&msg, principal.as_deref());
+        let Routed {
+            waits,
+            refusal,
+            backlog,
+        } = broker.route(&msg, principal.as_deref());
+        if backlog > BACKPRESSURE_DEPTH {
+            self.paused_until = Some(Instant::now() + BACKPRESSURE_PAUSE);
+        }
         if p.qos == QoS::AtMostOnce {
             return None;
         }
@@ -859,7 +916,11 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             Exit::TakenOver => "session-taken-over",
             Exit::Shutdown => "server-shutdown",
         };
-        metrics::handle(&self.broker.metrics.mqtt_disconnects, &ReasonLabels { reason: reason_label }).inc();
+        metrics::handle(
+            &self.broker.metrics.mqtt_disconnects,
+            &ReasonLabels { reason: reason_label },
+        )
+        .inc();
         let code = match exit {
             Exit::Error(code, _) => Some(code),
             Exit::TakenOver => Some(reason::SESSION_TAKEN_OVER),
@@ -885,7 +946,8 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             _ => self.will.take(),
         };
         let principal = self.principal.as_ref().map(|p| p.id.clone());
-        self.broker.detach(&session, self.conn_id, will.map(|w| (w.msg, w.delay_s)), principal);
+        self.broker
+            .detach(&session, self.conn_id, will.map(|w| (w.msg, w.delay_s)), principal);
     }
 }
 
@@ -961,7 +1023,13 @@ impl Broker {
     /// Detaches connection `conn_id` from `session`: a non-persistent
     /// session ends, a persistent one waits for its expiry. The will is
     /// published now, or after its delay unless the client comes back.
-    fn detach(self: &Arc<Self>, session: &Arc<Session>, conn_id: u64, will: Option<(Msg, u32)>, principal: Option<String>) {
+    fn detach(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        conn_id: u64,
+        will: Option<(Msg, u32)>,
+        principal: Option<String>,
+    ) {
         let expiry_s = {
             let mut st = session.lock();
             if st.conn_id != conn_id {

@@ -66,7 +66,10 @@ pub struct Bound {
 ///
 /// # Errors
 /// A listener cannot bind or its TLS material is unusable.
-pub async fn start(broker: &Arc<Broker>, stop: watch::Receiver<bool>) -> Result<(Bound, Vec<JoinHandle<()>>), ListenError> {
+pub async fn start(
+    broker: &Arc<Broker>,
+    stop: watch::Receiver<bool>,
+) -> Result<(Bound, Vec<JoinHandle<()>>), ListenError> {
     let cfg = broker.config().clone();
     let mut bound = Bound::default();
     let mut tasks = Vec::new();
@@ -74,8 +77,16 @@ pub async fn start(broker: &Arc<Broker>, stop: watch::Receiver<bool>) -> Result<
         let addr = cfg.tcp.listen;
         let l = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|source| ListenError::Bind { kind: "tcp", addr, source })?;
-        let local = l.local_addr().map_err(|source| ListenError::Bind { kind: "tcp", addr, source })?;
+            .map_err(|source| ListenError::Bind {
+                kind: "tcp",
+                addr,
+                source,
+            })?;
+        let local = l.local_addr().map_err(|source| ListenError::Bind {
+            kind: "tcp",
+            addr,
+            source,
+        })?;
         bound.tcp = Some(local);
         tracing::info!(addr = %local, "MQTT listening (tcp)");
         tasks.push(tokio::spawn(accept_tcp(broker.clone(), l, None, stop.clone())));
@@ -85,12 +96,25 @@ pub async fn start(broker: &Arc<Broker>, stop: watch::Receiver<bool>) -> Result<
         let addr = cfg.tls.listen;
         let l = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|source| ListenError::Bind { kind: "tls", addr, source })?;
-        let local = l.local_addr().map_err(|source| ListenError::Bind { kind: "tls", addr, source })?;
+            .map_err(|source| ListenError::Bind {
+                kind: "tls",
+                addr,
+                source,
+            })?;
+        let local = l.local_addr().map_err(|source| ListenError::Bind {
+            kind: "tls",
+            addr,
+            source,
+        })?;
         bound.tls = Some(local);
         tracing::info!(addr = %local, client_certs = cfg.tls.client_ca.is_some(), "MQTT listening (tls)");
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        tasks.push(tokio::spawn(accept_tcp(broker.clone(), l, Some(acceptor), stop.clone())));
+        tasks.push(tokio::spawn(accept_tcp(
+            broker.clone(),
+            l,
+            Some(acceptor),
+            stop.clone(),
+        )));
     }
     if cfg.quic.enabled {
         let mut tls = server_config("quic", &cfg.quic, vec![b"mqtt".to_vec()])?;
@@ -102,21 +126,26 @@ pub async fn start(broker: &Arc<Broker>, stop: watch::Receiver<bool>) -> Result<
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
         // MQTT keep-alive decides liveness; QUIC only reaps dead paths.
-        transport.max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(Duration::from_secs(600)).map_err(|e| ListenError::Tls {
+        transport.max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(600)).map_err(
+            |e| ListenError::Tls {
                 kind: "quic",
                 message: e.to_string(),
-            })?,
-        ));
+            },
+        )?));
         transport.max_concurrent_bidi_streams(1u32.into());
         transport.max_concurrent_uni_streams(0u32.into());
         server.transport_config(Arc::new(transport));
         let addr = cfg.quic.listen;
-        let endpoint =
-            quinn::Endpoint::server(server, addr).map_err(|source| ListenError::Bind { kind: "quic", addr, source })?;
-        let local = endpoint
-            .local_addr()
-            .map_err(|source| ListenError::Bind { kind: "quic", addr, source })?;
+        let endpoint = quinn::Endpoint::server(server, addr).map_err(|source| ListenError::Bind {
+            kind: "quic",
+            addr,
+            source,
+        })?;
+        let local = endpoint.local_addr().map_err(|source| ListenError::Bind {
+            kind: "quic",
+            addr,
+            source,
+        })?;
         bound.quic = Some(local);
         tracing::info!(addr = %local, "MQTT listening (quic)");
         tasks.push(tokio::spawn(accept_quic(broker.clone(), endpoint, stop)));
@@ -144,7 +173,11 @@ fn load_certs(kind: &'static str, path: &Path) -> Result<Vec<CertificateDer<'sta
 }
 
 /// Builds the rustls server configuration of a listener.
-fn server_config(kind: &'static str, l: &TlsListenerConfig, alpn: Vec<Vec<u8>>) -> Result<rustls::ServerConfig, ListenError> {
+fn server_config(
+    kind: &'static str,
+    l: &TlsListenerConfig,
+    alpn: Vec<Vec<u8>>,
+) -> Result<rustls::ServerConfig, ListenError> {
     let tls_err = |e: &dyn std::fmt::Display| ListenError::Tls {
         kind,
         message: e.to_string(),

@@ -75,6 +75,9 @@ pub struct Routed {
     pub waits: Vec<oneshot::Receiver<Result<MessageId, AppendError>>>,
     /// An append refused at once: its MQTT 5 reason code.
     pub refusal: Option<u8>,
+    /// The deepest queue of a connected subscriber the message went to; the
+    /// publisher's connection slows down when it is deep.
+    pub backlog: usize,
 }
 
 /// The broker.
@@ -266,7 +269,13 @@ impl Broker {
     }
 
     /// Adds a subscription to the index.
-    pub(crate) fn index_sub(&self, session: &Arc<Session>, filter: &str, options: holdfast_mqtt::SubOptions, id: Option<u32>) {
+    pub(crate) fn index_sub(
+        &self,
+        session: &Arc<Session>,
+        filter: &str,
+        options: holdfast_mqtt::SubOptions,
+        id: Option<u32>,
+    ) {
         let (group, inner) = split_shared(filter);
         let sub = Sub {
             session: session.clone(),
@@ -347,7 +356,7 @@ impl Broker {
                                 msg.clone()
                             };
                             self.counters.routed_local.inc();
-                            self.deliver(local);
+                            routed.backlog = routed.backlog.max(self.deliver(local));
                         }
                         Action::Drop(reason) => {
                             tracing::trace!(%reason, topic = %msg.topic, "router dropped a message");
@@ -366,8 +375,9 @@ impl Broker {
 
     /// Delivers a message to this node's subscribers (and stores it if it is
     /// retained). Used for the router's `local` action, and by the upstream
-    /// link for messages coming down.
-    pub fn deliver(&self, msg: Arc<Msg>) {
+    /// link for messages coming down. Returns the deepest queue of a
+    /// connected subscriber after the delivery.
+    pub fn deliver(&self, msg: Arc<Msg>) -> usize {
         if msg.retain {
             self.set_retained(&msg);
         }
@@ -376,6 +386,7 @@ impl Broker {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .matches(&msg.topic, msg.publisher.as_deref());
+        let mut backlog = 0;
         for m in matches {
             let out = Outgoing {
                 qos: msg.qos.min(m.qos),
@@ -384,22 +395,24 @@ impl Broker {
                 msg: msg.clone(),
                 seq: 0,
             };
-            self.enqueue(&m.session, out);
+            backlog = backlog.max(self.enqueue(&m.session, out));
         }
+        backlog
     }
 
-    /// Queues a message for a session and wakes its connection.
-    pub(crate) fn enqueue(&self, session: &Arc<Session>, mut out: Outgoing) {
+    /// Queues a message for a session and wakes its connection. Returns the
+    /// queue's depth if the session is connected (0 if not).
+    pub(crate) fn enqueue(&self, session: &Arc<Session>, mut out: Outgoing) -> usize {
         let mut st = session.lock();
         if out.qos == QoS::AtMostOnce && !session.is_connected() {
             drop(st);
             self.drop_reason("offline-qos0");
-            return;
+            return 0;
         }
         if st.queue.len() >= self.config.max_queued_messages {
             drop(st);
             self.drop_reason("queue-full");
-            return;
+            return 0;
         }
         if st.persistent() && out.qos != QoS::AtMostOnce {
             out.seq = st.next_seq;
@@ -409,8 +422,10 @@ impl Broker {
             }
         }
         st.queue.push_back(out);
+        let depth = st.queue.len();
         drop(st);
         session.wake.notify_one();
+        if session.is_connected() { depth } else { 0 }
     }
 
     fn set_retained(&self, msg: &Arc<Msg>) {

@@ -43,7 +43,14 @@ impl SessionRecord {
                 .iter()
                 .map(|(f, s)| {
                     let o = s.options;
-                    (f.clone(), o.qos as u8, o.no_local, o.retain_as_published, o.retain_handling, s.id)
+                    (
+                        f.clone(),
+                        o.qos as u8,
+                        o.no_local,
+                        o.retain_as_published,
+                        o.retain_handling,
+                        s.id,
+                    )
                 })
                 .collect(),
         }

@@ -75,6 +75,11 @@ impl SubTree {
         self.count
     }
 
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
     /// Adds or replaces `client`'s subscription to `filter` (already
     /// validated; `group` is the shared-subscription group). Returns true if
     /// it replaced one.
@@ -86,7 +91,11 @@ impl SubTree {
                 map.insert(client.clone(), sub).is_some()
             }
             Some(g) => {
-                let groups = if hash { &mut node.hash_shared } else { &mut node.exact_shared };
+                let groups = if hash {
+                    &mut node.hash_shared
+                } else {
+                    &mut node.exact_shared
+                };
                 let group = groups.entry(g.into()).or_default();
                 match group.members.iter_mut().find(|(c, _)| c == client) {
                     Some(m) => {
@@ -163,7 +172,11 @@ impl SubTree {
                 map.remove(client).is_some()
             }
             Some(g) => {
-                let groups = if hash { &mut node.hash_shared } else { &mut node.exact_shared };
+                let groups = if hash {
+                    &mut node.hash_shared
+                } else {
+                    &mut node.exact_shared
+                };
                 let Some(grp) = groups.get_mut(g) else {
                     return false;
                 };
@@ -189,7 +202,14 @@ impl SubTree {
         out
     }
 
-    fn collect(node: &Node, levels: &[&str], depth: usize, dollar: bool, publisher: Option<&str>, out: &mut Vec<Match>) {
+    fn collect(
+        node: &Node,
+        levels: &[&str],
+        depth: usize,
+        dollar: bool,
+        publisher: Option<&str>,
+        out: &mut Vec<Match>,
+    ) {
         // Wildcards at the first level do not match `$` topics.
         let wild = !(dollar && depth == 0);
         if wild {
@@ -277,7 +297,11 @@ mod tests {
     }
 
     fn ids(t: &SubTree, topic: &str) -> Vec<String> {
-        let mut v: Vec<String> = t.matches(topic, None).iter().map(|m| m.session.client_id.to_string()).collect();
+        let mut v: Vec<String> = t
+            .matches(topic, None)
+            .iter()
+            .map(|m| m.session.client_id.to_string())
+            .collect();
         v.sort();
         v
     }

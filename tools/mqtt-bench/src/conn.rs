@@ -102,10 +102,7 @@ impl Conn {
             bail!("{addr}: expected CONNACK, got {}", ack.name());
         };
         if code != 0 {
-            bail!(
-                "{addr}: broker refused the connection: {}",
-                connack_reason(code)
-            );
+            bail!("{addr}: broker refused the connection: {}", connack_reason(code));
         }
         if let Some(m) = properties.receive_maximum {
             c.receive_max = m;
