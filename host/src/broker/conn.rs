@@ -1057,10 +1057,12 @@ impl Broker {
             } else {
                 let generation = session.generation.load(Ordering::Acquire);
                 let broker = Arc::downgrade(self);
-                let session = Arc::downgrade(session);
+                // Held strongly: the session may end (expiry) at the same
+                // moment, and its will must still go out.
+                let session = session.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
-                    let (Some(broker), Some(session)) = (broker.upgrade(), session.upgrade()) else {
+                    let Some(broker) = broker.upgrade() else {
                         return;
                     };
                     if session.generation.load(Ordering::Acquire) == generation {
