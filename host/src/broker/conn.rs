@@ -32,7 +32,7 @@ const HIGH_WATER: usize = 256 << 10;
 /// A publisher whose message lands in a connected subscriber's queue deeper
 /// than this pauses reading for [`BACKPRESSURE_PAUSE`], so a fast publisher
 /// cannot outrun a slow subscriber into ever-growing queues.
-const BACKPRESSURE_DEPTH: usize = 1000;
+const BACKPRESSURE_DEPTH: usize = 256;
 const BACKPRESSURE_PAUSE: Duration = Duration::from_millis(1);
 /// Most authorization decisions cached per connection.
 const AUTHZ_CACHE: usize = 1024;
