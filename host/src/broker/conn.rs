@@ -327,18 +327,14 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         if let Some(w) = c.will.take() {
             self.will = Some(WillInfo {
                 delay_s: w.properties.will_delay_interval.unwrap_or(0),
-                msg: Msg {
-                    expires_at_ms: w
-                        .properties
-                        .message_expiry_interval
-                        .map(|s| now_ms() + u64::from(s) * 1000),
-                    properties: pass_through(&w.properties),
-                    topic: w.topic,
-                    payload: w.payload,
-                    qos: w.qos,
-                    retain: w.retain,
-                    publisher: Some(c.client_id.as_str().into()),
-                },
+                msg: received(
+                    w.topic,
+                    w.payload,
+                    w.qos,
+                    w.retain,
+                    &w.properties,
+                    c.client_id.as_str().into(),
+                ),
             });
         }
         let client_id: Arc<str> = c.client_id.as_str().into();
@@ -642,18 +638,14 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             self.ack_now(p.pkid, p.qos, if v5 { reason::NOT_AUTHORIZED } else { 0 });
             return None;
         }
-        let msg = Arc::new(Msg {
-            expires_at_ms: p
-                .properties
-                .message_expiry_interval
-                .map(|s| now_ms() + u64::from(s) * 1000),
-            properties: pass_through(&p.properties),
-            topic: p.topic,
-            payload: p.payload,
-            qos: p.qos,
-            retain: p.retain,
-            publisher: Some(session.client_id.clone()),
-        });
+        let msg = Arc::new(received(
+            p.topic,
+            p.payload,
+            p.qos,
+            p.retain,
+            &p.properties,
+            session.client_id.clone(),
+        ));
         let principal = self.principal.as_ref().map(|p| p.id.clone());
         let Routed {
             waits,
@@ -1081,6 +1073,20 @@ impl Broker {
         tracing::debug!(topic = %msg.topic, "publishing a will");
         // Not waited for: there is no publisher left to acknowledge.
         let _ = self.route(&Arc::new(msg), principal);
+    }
+}
+
+/// A message as a client sent it (PUBLISH or will): expiry made absolute,
+/// only the properties that travel to subscribers kept.
+fn received(topic: String, payload: bytes::Bytes, qos: QoS, retain: bool, p: &Properties, publisher: Arc<str>) -> Msg {
+    Msg {
+        expires_at_ms: p.message_expiry_interval.map(|s| now_ms() + u64::from(s) * 1000),
+        properties: pass_through(p),
+        topic,
+        payload,
+        qos,
+        retain,
+        publisher: Some(publisher),
     }
 }
 
