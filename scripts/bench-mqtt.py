@@ -148,6 +148,7 @@ def main():
     ap.add_argument("--idle-clients", type=int, default=10000)
     ap.add_argument("--quick", action="store_true", help="1 round, 3 s runs, 1000 idle clients")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--memory-only", action="store_true", help="only the idle memory measurement")
     a = ap.parse_args()
     if a.quick:
         a.rounds, a.duration, a.idle_clients = 1, 3, 1000
@@ -168,6 +169,8 @@ def main():
         "local-qos1-10k": (LOCAL, ["--publishers", "4", "--subscribers", "1", "--qos", "1", "--payload", "256", "--rate", "10000"] + dur),
     }
     results = {}
+    if a.memory_only:
+        scenarios = {}
     for name, (router, args) in scenarios.items():
         for peer in ("holdfast", "mosquitto"):
             results[(name, peer)] = []
