@@ -802,3 +802,94 @@ fn paho_conformance_suite() {
     );
     assert!(stdout.contains("PASS"), "{stdout}");
 }
+
+/// A blocking MQTT 5 client on a raw socket, for flows the client libraries
+/// do not let a test stop in the middle of.
+struct Raw {
+    s: TcpStream,
+    buf: BytesMut,
+}
+
+impl Raw {
+    fn connect(port: u16, client_id: &str, clean_start: bool) -> (Raw, codec::ConnAck) {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut raw = Raw {
+            s,
+            buf: BytesMut::new(),
+        };
+        raw.send(&codec::Packet::Connect(Box::new(codec::Connect {
+            version: codec::Version::V5,
+            client_id: client_id.into(),
+            clean_start,
+            keep_alive: 60,
+            username: None,
+            password: None,
+            will: None,
+            properties: codec::Properties {
+                session_expiry_interval: Some(300),
+                ..Default::default()
+            },
+        })));
+        match raw.recv() {
+            codec::Packet::ConnAck(a) => (raw, a),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    fn send(&mut self, p: &codec::Packet) {
+        let mut b = BytesMut::new();
+        codec::encode(p, codec::Version::V5, &mut b);
+        self.s.write_all(&b).unwrap();
+    }
+
+    fn recv(&mut self) -> codec::Packet {
+        loop {
+            if let Some(p) = codec::decode(&mut self.buf, Some(codec::Version::V5), 1 << 20).unwrap() {
+                return p;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.s.read(&mut chunk).expect("no packet from the broker");
+            assert!(n > 0, "the broker closed the connection");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+#[test]
+fn qos2_release_state_survives_a_restart() {
+    let mut gw = Gateway::start(OPEN);
+    let (mut sub, _) = Raw::connect(gw.mqtt, "q2-keeper", true);
+    sub.send(&codec::Packet::Subscribe(codec::Subscribe {
+        pkid: 1,
+        filters: vec![(
+            "q2/#".into(),
+            codec::SubOptions {
+                qos: codec::QoS::ExactlyOnce,
+                ..Default::default()
+            },
+        )],
+        properties: Default::default(),
+    }));
+    assert!(matches!(sub.recv(), codec::Packet::SubAck(_)));
+    mosquitto_pub(gw.mqtt, &["-t", "q2/x", "-m", "exactly-once", "-q", "2"]);
+    let pkid = match sub.recv() {
+        codec::Packet::Publish(p) => {
+            assert_eq!(&p.payload[..], b"exactly-once");
+            p.pkid
+        }
+        other => panic!("expected PUBLISH, got {other:?}"),
+    };
+    // PUBREC, then the broker's PUBREL; the client goes away before PUBCOMP.
+    sub.send(&codec::Packet::PubRec(codec::Ack::new(pkid)));
+    assert!(matches!(sub.recv(), codec::Packet::PubRel(a) if a.pkid == pkid));
+    drop(sub);
+    gw.restart();
+    let (mut sub, ack) = Raw::connect(gw.mqtt, "q2-keeper", false);
+    assert!(ack.session_present);
+    // Only the PUBREL comes again, for the same packet id; the message is not redelivered.
+    assert!(matches!(sub.recv(), codec::Packet::PubRel(a) if a.pkid == pkid));
+    sub.send(&codec::Packet::PubComp(codec::Ack::new(pkid)));
+    sub.send(&codec::Packet::PingReq);
+    assert!(matches!(sub.recv(), codec::Packet::PingResp));
+}

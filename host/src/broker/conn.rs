@@ -532,7 +532,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                     }
                     Some(out) => {
                         drop(st);
-                        self.broker.put_released(session, &out);
+                        self.broker.put_released(session, &out, a.pkid);
                         self.send(&Packet::PubRel(Ack::new(a.pkid)));
                     }
                 }

@@ -31,7 +31,7 @@ use tokio::sync::oneshot;
 use tokio::sync::watch;
 
 use self::persist::{Persist, SessionRecord};
-use self::session::{Msg, Outgoing, Session};
+use self::session::{Inflight, Msg, Outgoing, Session};
 use self::subs::{Sub, SubTree};
 use crate::config::MqttConfig;
 use crate::metrics::{self, ActionLabels, Metrics, QosLabels, ReasonLabels};
@@ -174,14 +174,15 @@ impl Broker {
                 }
                 for (out, released) in s.queue {
                     st.next_seq = st.next_seq.max(out.seq + 1);
-                    if released {
-                        // The client has the message; only its PUBCOMP was
-                        // outstanding. The packet id is gone with the old
-                        // connection, so the entry is finished here.
-                        let _ = broker.persist.del_queued(&id, out.seq);
-                        continue;
+                    match released {
+                        // The client has it; PUBREL goes again on reconnect.
+                        Some(pkid) => st.inflight.push_back(Inflight {
+                            pkid,
+                            out,
+                            released: true,
+                        }),
+                        None => st.queue.push_back(out),
                     }
-                    st.queue.push_back(out);
                 }
             }
             let remaining = (since + u64::from(r.expiry_s) * 1000).saturating_sub(now);
@@ -417,7 +418,7 @@ impl Broker {
         if st.persistent() && out.qos != QoS::AtMostOnce {
             out.seq = st.next_seq;
             st.next_seq += 1;
-            if let Err(e) = self.persist.put_queued(&session.client_id, &out, false) {
+            if let Err(e) = self.persist.put_queued(&session.client_id, &out, None) {
                 tracing::error!(error = %e, client = %session.client_id, "cannot store a queued message");
             }
         }
@@ -482,9 +483,9 @@ impl Broker {
         }
     }
 
-    pub(crate) fn put_released(&self, session: &Session, out: &Outgoing) {
+    pub(crate) fn put_released(&self, session: &Session, out: &Outgoing, pkid: u16) {
         if out.seq != 0
-            && let Err(e) = self.persist.put_queued(&session.client_id, out, true)
+            && let Err(e) = self.persist.put_queued(&session.client_id, out, Some(pkid))
         {
             tracing::error!(error = %e, client = %session.client_id, "cannot store a released message");
         }

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::session::{Msg, Outgoing, SessionState, SubRecord};
 use crate::store::{Durability, Space, Store, StoreError};
 
-const FORMAT: u8 = 1;
+const FORMAT: u8 = 2;
 
 /// A stored session record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,8 +91,9 @@ pub struct LoadedSession {
     pub client_id: String,
     /// Its record.
     pub record: SessionRecord,
-    /// Queued messages in order, with the PUBREC-received flag.
-    pub queue: Vec<(Outgoing, bool)>,
+    /// Queued messages in order; for one whose PUBREC was received, its
+    /// packet identifier (only PUBREL/PUBCOMP was outstanding).
+    pub queue: Vec<(Outgoing, Option<u16>)>,
 }
 
 /// Errors decoding stored entries: the entry is skipped and counted.
@@ -135,12 +136,13 @@ fn queue_key(client: &str, seq: u64) -> Vec<u8> {
     k
 }
 
-/// Encodes a message with its delivery details.
-pub fn encode_msg(out: &Outgoing, released: bool) -> Vec<u8> {
+/// Encodes a message with its delivery details; `released` is the packet id
+/// of a QoS 2 delivery whose PUBREC was received.
+pub fn encode_msg(out: &Outgoing, released: Option<u16>) -> Vec<u8> {
     let m = &out.msg;
     let mut b = BytesMut::with_capacity(64 + m.topic.len() + m.payload.len());
     b.put_u8(FORMAT);
-    b.put_u8(u8::from(m.expires_at_ms.is_some()) | u8::from(released) << 1 | u8::from(out.retain) << 2);
+    b.put_u8(u8::from(m.expires_at_ms.is_some()) | u8::from(released.is_some()) << 1 | u8::from(out.retain) << 2);
     b.put_u8(out.qos as u8);
     b.put_u64(m.expires_at_ms.unwrap_or(0));
     let publisher = m.publisher.as_deref().unwrap_or("");
@@ -150,6 +152,7 @@ pub fn encode_msg(out: &Outgoing, released: bool) -> Vec<u8> {
     for id in out.sub_ids.iter().take(255) {
         b.put_u32(*id);
     }
+    b.put_u16(released.unwrap_or(0));
     let publish = Publish {
         dup: false,
         qos: m.qos,
@@ -167,7 +170,7 @@ pub fn encode_msg(out: &Outgoing, released: bool) -> Vec<u8> {
 ///
 /// # Errors
 /// The bytes are not such a record.
-pub fn decode_msg(value: &[u8]) -> Result<(Outgoing, bool), Damaged> {
+pub fn decode_msg(value: &[u8]) -> Result<(Outgoing, Option<u16>), Damaged> {
     let mut b = value;
     if b.remaining() < 13 || b.get_u8() != FORMAT {
         return Err(Damaged("unknown format"));
@@ -183,10 +186,19 @@ pub fn decode_msg(value: &[u8]) -> Result<(Outgoing, bool), Damaged> {
     let publisher: Option<Arc<str>> = (!publisher.is_empty()).then(|| publisher.into());
     b.advance(plen);
     let n = b.get_u8() as usize;
-    if b.remaining() < n * 4 {
+    if b.remaining() < n * 4 + 2 {
         return Err(Damaged("short"));
     }
     let sub_ids = (0..n).map(|_| b.get_u32()).collect();
+    let pkid = b.get_u16();
+    let released = if flags & 2 != 0 {
+        if pkid == 0 {
+            return Err(Damaged("released without a packet id"));
+        }
+        Some(pkid)
+    } else {
+        None
+    };
     let mut rest = BytesMut::from(b);
     let Ok(Some(Packet::Publish(p))) = holdfast_mqtt::decode(&mut rest, Some(Version::V5), usize::MAX) else {
         return Err(Damaged("stored publish does not decode"));
@@ -208,7 +220,7 @@ pub fn decode_msg(value: &[u8]) -> Result<(Outgoing, bool), Damaged> {
             sub_ids,
             seq: 0,
         },
-        flags & 2 != 0,
+        released,
     ))
 }
 
@@ -268,7 +280,7 @@ impl Persist {
     ///
     /// # Errors
     /// Storage errors.
-    pub fn put_queued(&self, client: &str, out: &Outgoing, released: bool) -> Result<(), StoreError> {
+    pub fn put_queued(&self, client: &str, out: &Outgoing, released: Option<u16>) -> Result<(), StoreError> {
         let value = encode_msg(out, released);
         self.commit(|b| b.insert(&self.sessions, queue_key(client, out.seq), value))
     }
@@ -297,7 +309,7 @@ impl Persist {
             sub_ids: Vec::new(),
             seq: 0,
         };
-        let value = encode_msg(&out, false);
+        let value = encode_msg(&out, None);
         self.commit(|b| b.insert(&self.retained, key, value))
     }
 
@@ -401,13 +413,14 @@ mod tests {
             sub_ids: vec![3, 9],
             seq: 0,
         };
-        let (back, released) = decode_msg(&encode_msg(&out, true)).unwrap();
-        assert!(released);
+        let (back, released) = decode_msg(&encode_msg(&out, Some(42))).unwrap();
+        assert_eq!(released, Some(42));
         assert_eq!(*back.msg, msg);
         assert_eq!(back.sub_ids, vec![3, 9]);
         assert_eq!(back.qos, QoS::AtLeastOnce);
         assert!(decode_msg(&[1, 2, 3]).is_err());
-        let mut bad = encode_msg(&out, false);
+        assert_eq!(decode_msg(&encode_msg(&out, None)).unwrap().1, None);
+        let mut bad = encode_msg(&out, None);
         bad.truncate(bad.len() - 2);
         assert!(decode_msg(&bad).is_err());
     }
