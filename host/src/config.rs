@@ -634,6 +634,9 @@ impl Config {
                 return Err(ConfigError::key(key, "must be at least 1"));
             }
         }
+        if m.max_client_id_length > 65_535 {
+            return Err(ConfigError::key("mqtt.max_client_id_length", "must be 1-65535"));
+        }
         if m.connect_timeout_ms < 100 {
             return Err(ConfigError::key("mqtt.connect_timeout_ms", "must be at least 100"));
         }
@@ -738,6 +741,14 @@ mod tests {
             (
                 "[plugins.content-source]\nmemory_mib = 99999",
                 "config key plugins.content-source.memory_mib",
+            ),
+            (
+                "[mqtt]\nmax_client_id_length = 70000",
+                "config key mqtt.max_client_id_length: must be 1-65535",
+            ),
+            (
+                "[mqtt.tls]\nenabled = true",
+                "config key mqtt.tls.cert: cert and key are required",
             ),
             ("node = 3 = 4", "config is not valid TOML"),
         ];

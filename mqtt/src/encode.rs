@@ -96,6 +96,10 @@ fn suback_v3(code: u8) -> u8 {
 
 /// Appends the wire form of `packet` in protocol `v` to `out`. Fields that
 /// `v` does not have (properties, reason codes in 3.1.1) are left out.
+///
+/// The caller keeps fields within their wire limits: strings and binary
+/// data at most 65,535 bytes, the packet at most 268,435,455. Everything
+/// [`decode`](crate::decode) returns is within them.
 pub fn encode(packet: &Packet, v: Version, out: &mut BytesMut) {
     match packet {
         Packet::Connect(c) => {

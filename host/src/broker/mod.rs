@@ -351,6 +351,14 @@ impl Broker {
                                 if let Some(p) = l.payload {
                                     m.payload = Bytes::from(p);
                                 }
+                                // What a plugin adds must still fit MQTT's wire limits.
+                                let too_long = |s: &String| s.len() > usize::from(u16::MAX);
+                                if m.payload.len() > self.config.max_packet_size as usize
+                                    || l.add_properties.iter().any(|(k, v)| too_long(k) || too_long(v))
+                                {
+                                    self.drop_reason("invalid-local-message");
+                                    continue;
+                                }
                                 m.properties.user_properties.extend(l.add_properties);
                                 Arc::new(m)
                             } else {
