@@ -34,7 +34,7 @@ const HIGH_WATER: usize = 256 << 10;
 /// cannot outrun a slow subscriber into ever-growing queues.
 const BACKPRESSURE_DEPTH: usize = 256;
 const BACKPRESSURE_PAUSE: Duration = Duration::from_millis(1);
-/// Most authorization decisions cached per connection.
+/// Most authorization decisions cached per connection and operation.
 const AUTHZ_CACHE: usize = 1024;
 
 /// Who is on the other end of a new connection.
@@ -142,7 +142,7 @@ where
         keep_alive: Duration::ZERO,
         aliases: Vec::new(),
         pending: VecDeque::new(),
-        authz: HashMap::new(),
+        authz: [HashMap::new(), HashMap::new()],
         authz_version: None,
         will: None,
         outbound_window: 1,
@@ -172,7 +172,8 @@ struct Conn<S> {
     keep_alive: Duration,
     aliases: Vec<Option<String>>,
     pending: VecDeque<PendingAck>,
-    authz: HashMap<(bool, String), bool>,
+    /// Cached authorization answers by topic: `[publish, subscribe]`.
+    authz: [HashMap<String, bool>; 2],
     authz_version: Option<Arc<str>>,
     will: Option<WillInfo>,
     outbound_window: usize,
@@ -800,11 +801,11 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         let version = plugins.version(SlotName::Auth);
         if self.authz_version.as_ref().is_none_or(|v| !Arc::ptr_eq(v, &version)) {
             // A different auth plugin answers now: forget the old answers.
-            self.authz.clear();
+            self.authz.iter_mut().for_each(HashMap::clear);
             self.authz_version = Some(version);
         }
-        let key = (subscribe, topic.to_string());
-        if let Some(&allowed) = self.authz.get(&key) {
+        let cache = &mut self.authz[usize::from(subscribe)];
+        if let Some(&allowed) = cache.get(topic) {
             return allowed;
         }
         let Some(principal) = &self.principal else {
@@ -824,10 +825,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             }
         };
         if answer.failure.is_none() {
-            if self.authz.len() >= AUTHZ_CACHE {
-                self.authz.clear();
+            if cache.len() >= AUTHZ_CACHE {
+                cache.clear();
             }
-            self.authz.insert(key, allowed);
+            cache.insert(topic.to_string(), allowed);
         }
         allowed
     }

@@ -75,18 +75,7 @@ pub async fn start(
     let mut tasks = Vec::new();
     if cfg.tcp.enabled {
         let addr = cfg.tcp.listen;
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| ListenError::Bind {
-                kind: "tcp",
-                addr,
-                source,
-            })?;
-        let local = l.local_addr().map_err(|source| ListenError::Bind {
-            kind: "tcp",
-            addr,
-            source,
-        })?;
+        let (l, local) = bind_tcp("tcp", addr).await?;
         bound.tcp = Some(local);
         tracing::info!(addr = %local, "MQTT listening (tcp)");
         tasks.push(tokio::spawn(accept_tcp(broker.clone(), l, None, stop.clone())));
@@ -94,18 +83,7 @@ pub async fn start(
     if cfg.tls.enabled {
         let tls = server_config("tls", &cfg.tls, Vec::new())?;
         let addr = cfg.tls.listen;
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| ListenError::Bind {
-                kind: "tls",
-                addr,
-                source,
-            })?;
-        let local = l.local_addr().map_err(|source| ListenError::Bind {
-            kind: "tls",
-            addr,
-            source,
-        })?;
+        let (l, local) = bind_tcp("tls", addr).await?;
         bound.tls = Some(local);
         tracing::info!(addr = %local, client_certs = cfg.tls.client_ca.is_some(), "MQTT listening (tls)");
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
@@ -151,6 +129,14 @@ pub async fn start(
         tasks.push(tokio::spawn(accept_quic(broker.clone(), endpoint, stop)));
     }
     Ok((bound, tasks))
+}
+
+/// Binds a TCP listener; returns it with the address it got.
+async fn bind_tcp(kind: &'static str, addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), ListenError> {
+    let err = |source| ListenError::Bind { kind, addr, source };
+    let l = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
+    let local = l.local_addr().map_err(err)?;
+    Ok((l, local))
 }
 
 fn pem_err(kind: &'static str, path: &Path, e: impl std::fmt::Display) -> ListenError {
