@@ -61,6 +61,12 @@ pub enum Command {
     Plugin(PluginCommand),
     /// Hash a password (read from stdin) for an identity's `password_hash`.
     Passwd,
+    /// Create a fleet CA and issue node certificates for the QUIC link.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// The upstream link of a running node.
+    #[command(subcommand)]
+    Link(LinkCommand),
     /// Tools for tests and diagnosis.
     #[command(subcommand, hide = true)]
     Debug(DebugCommand),
@@ -85,6 +91,50 @@ pub enum DebugCommand {
         #[arg(long, default_value = "run")]
         tag: String,
     },
+}
+
+/// `holdfast cert …`
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Create a fleet CA: <dir>/ca.pem and <dir>/ca.key (mode 0600).
+    Ca {
+        /// Where to write. Default ./certs.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "Holdfast fleet CA")]
+        name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a certificate for a node: <out>/<node-id>.pem and <node-id>.key.
+    Node {
+        /// The node's id (its `node.id`).
+        node_id: String,
+        /// Where the CA is. Default ./certs.
+        #[arg(long, default_value = "certs")]
+        ca_dir: PathBuf,
+        /// Where to write. Default: the CA directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `holdfast link …`
+#[derive(Debug, Subcommand)]
+pub enum LinkCommand {
+    /// Link state, counters and connected child gateways.
+    Status,
 }
 
 /// `holdfast config …`
@@ -194,6 +244,27 @@ pub fn execute(cli: Cli) -> Result<()> {
         Command::Plugin(cmd) => {
             let client = AdminClient::discover(&cli.admin)?;
             plugin_command(&client, cmd, cli.admin.json)
+        }
+        Command::Cert(CertCommand::Ca { dir, name, days, force }) => {
+            let (cert, key) = crate::tls::issue::ca(&dir, &name, days, force)?;
+            println!("fleet CA: {} (key {}, keep it safe)", cert.display(), key.display());
+            Ok(())
+        }
+        Command::Cert(CertCommand::Node {
+            node_id,
+            ca_dir,
+            out,
+            days,
+            force,
+        }) => {
+            let out = out.unwrap_or_else(|| ca_dir.clone());
+            let (cert, key) = crate::tls::issue::node(&ca_dir, &out, &node_id, days, force)?;
+            println!("node {node_id}: {} (key {})", cert.display(), key.display());
+            Ok(())
+        }
+        Command::Link(LinkCommand::Status) => {
+            let client = AdminClient::discover(&cli.admin)?;
+            link_status(&client, cli.admin.json)
         }
     }
 }
@@ -322,6 +393,48 @@ fn plugin_command(client: &AdminClient, cmd: PluginCommand, json: bool) -> Resul
         // `execute` handles `new` before a client is made: it talks to no node.
         PluginCommand::New { .. } => bail!("`plugin new` does not talk to a node"),
     }
+}
+
+fn link_status(client: &AdminClient, json: bool) -> Result<()> {
+    let v = client.get("/api/v1/link")?;
+    if json {
+        return print_json(&v);
+    }
+    let l = &v["link"];
+    let kind = str_of(&l["kind"]);
+    if kind == "none" {
+        println!("upstream: none (root)");
+    } else {
+        println!("upstream: {kind} {}", str_of(&l["target"]));
+        println!("state:    {} since {}", str_of(&l["state"]), format_time(l["since_ms"].as_u64()));
+        println!(
+            "connects: {}   failures: {}   sent: {}   acked: {}   window: {}",
+            l["connects"], l["failures"], l["sent"], l["acked"], l["window"]
+        );
+        if let Some(e) = l["last_error"].as_str() {
+            println!("last error: {e}");
+        }
+    }
+    if let Some(addr) = v["listen"].as_str() {
+        println!("children listen on {addr} (udp)");
+        let rows: Vec<Vec<String>> = l["children"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .map(|(id, c)| {
+                        vec![
+                            id.clone(),
+                            str_of(&c["addr"]),
+                            format_time(c["since_ms"].as_u64()),
+                            c["received"].to_string(),
+                        ]
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        print_table(&["CHILD", "ADDRESS", "SINCE", "RECEIVED"], &rows);
+    }
+    Ok(())
 }
 
 fn read_plugin_config(path: &Path) -> Result<Value> {

@@ -236,6 +236,28 @@ pub struct Metrics {
     pub mqtt_dropped: Family<ReasonLabels, Counter>,
     /// `holdfast_mqtt_denied_total{reason}`: PUBLISH/SUBSCRIBE refused by authorization or limits.
     pub mqtt_denied: Family<ReasonLabels, Counter>,
+    /// `holdfast_link_up`: 1 while the upstream link is connected (always 1 at a root).
+    pub link_up: Gauge,
+    /// `holdfast_link_connects_total{result}`: upstream connection attempts.
+    pub link_connects: Family<ResultLabels, Counter>,
+    /// `holdfast_link_disconnects_total{reason}`: established upstream links lost.
+    pub link_disconnects: Family<ReasonLabels, Counter>,
+    /// `holdfast_link_wakeups_total{reason}`: reconnects started before the back-off
+    /// timer because the parent answered a probe or the network changed.
+    pub link_wakeups: Family<ReasonLabels, Counter>,
+    /// `holdfast_link_messages_sent_total`: messages sent upstream (resends included).
+    pub link_sent: Counter,
+    /// `holdfast_link_messages_acked_total`: messages the upstream acknowledged.
+    pub link_acked: Counter,
+    /// `holdfast_link_children`: connected child gateways.
+    pub link_children: Gauge,
+    /// `holdfast_link_messages_received_total`: messages stored from child gateways.
+    pub link_received: Counter,
+    /// `holdfast_link_refused_total{reason}`: child connections and frames refused.
+    pub link_refused: Family<ReasonLabels, Counter>,
+    /// `holdfast_link_root_messages_total{result}`: what a root did with messages
+    /// reaching its outbox (delivered, already-delivered, no-broker).
+    pub link_root: Family<ResultLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -408,6 +430,34 @@ impl Metrics {
             "PUBLISH and SUBSCRIBE refused by authorization or limits, by reason",
             mqtt_denied.clone(),
         );
+        let link_up = Gauge::default();
+        registry.register("link_up", "1 while the upstream link is connected (always 1 at a root)", link_up.clone());
+        let link_connects = Family::<ResultLabels, Counter>::default();
+        registry.register("link_connects", "Upstream connection attempts, by result", link_connects.clone());
+        let link_disconnects = Family::<ReasonLabels, Counter>::default();
+        registry.register("link_disconnects", "Established upstream links lost, by reason", link_disconnects.clone());
+        let link_wakeups = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "link_wakeups",
+            "Reconnects started early: the parent answered a probe, or the network changed",
+            link_wakeups.clone(),
+        );
+        let link_sent = Counter::default();
+        registry.register("link_messages_sent", "Messages sent upstream, resends included", link_sent.clone());
+        let link_acked = Counter::default();
+        registry.register("link_messages_acked", "Messages the upstream acknowledged", link_acked.clone());
+        let link_children = Gauge::default();
+        registry.register("link_children", "Connected child gateways", link_children.clone());
+        let link_received = Counter::default();
+        registry.register("link_messages_received", "Messages stored from child gateways", link_received.clone());
+        let link_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register("link_refused", "Child connections and frames refused, by reason", link_refused.clone());
+        let link_root = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "link_root_messages",
+            "Messages reaching a root's outbox, by what was done with them",
+            link_root.clone(),
+        );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -446,6 +496,16 @@ impl Metrics {
             mqtt_routed,
             mqtt_dropped,
             mqtt_denied,
+            link_up,
+            link_connects,
+            link_disconnects,
+            link_wakeups,
+            link_sent,
+            link_acked,
+            link_children,
+            link_received,
+            link_refused,
+            link_root,
         }
     }
 

@@ -40,6 +40,9 @@ pub enum StartError {
     /// An MQTT listener could not start.
     #[error(transparent)]
     Listen(#[from] listen::ListenError),
+    /// The upstream link or the link listener could not start.
+    #[error(transparent)]
+    Link(#[from] crate::link::LinkError),
     /// The broker's storage did not open.
     #[error("broker storage: {0}")]
     BrokerStore(#[from] crate::store::StoreError),
@@ -69,6 +72,10 @@ pub struct NodeState {
     pub broker: Option<Arc<Broker>>,
     /// Where the MQTT listeners are bound.
     pub mqtt: listen::Bound,
+    /// The upstream link and connected children.
+    pub link: Arc<crate::link::Status>,
+    /// Where the link listener for child gateways is bound.
+    pub link_listen: Option<SocketAddr>,
     /// When the node started.
     pub started_at: SystemTime,
     /// Monotonic start.
@@ -161,6 +168,8 @@ impl Node {
         } else {
             None
         };
+        let link = Arc::new(crate::link::Status::new(&config));
+        let link_listen = start_link(&config, &outbox, &broker, &identities, &link, &metrics, &stopped, &mut tasks)?;
         let admin_token = match &config.admin.token {
             Some(t) => t.clone(),
             None => load_or_create_token(&data_dir.join("admin.token"))?,
@@ -173,6 +182,8 @@ impl Node {
             outbox,
             broker,
             mqtt: bound,
+            link,
+            link_listen,
             started_at: SystemTime::now(),
             started,
             admin_token,
@@ -247,6 +258,77 @@ impl Node {
         let _ = tokio::task::spawn_blocking(move || outbox.close()).await;
         tracing::info!("holdfast node stopped");
     }
+}
+
+/// Starts the link listener (if enabled) and the outbox's drainer: the QUIC
+/// link, the MQTT bridge, or the root's local delivery.
+#[allow(clippy::too_many_arguments)]
+fn start_link(
+    config: &Config,
+    outbox: &Arc<Outbox>,
+    broker: &Option<Arc<Broker>>,
+    identities: &Arc<MemoryDirectory>,
+    status: &Arc<crate::link::Status>,
+    metrics: &Arc<Metrics>,
+    stopped: &watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Result<Option<SocketAddr>, StartError> {
+    use crate::config::UpstreamKind;
+    use crate::link::{bridge, child, parent, root};
+    let mut listen = None;
+    if config.link.enabled {
+        let ctx = parent::Ctx {
+            node_id: config.node.id.clone(),
+            outbox: outbox.clone(),
+            identities: identities.clone(),
+            status: status.clone(),
+            metrics: metrics.clone(),
+            max_children: config.link.max_children,
+            max_frame: config.link.max_batch_bytes as usize,
+        };
+        let (addr, task) = parent::start(config, ctx, stopped.clone())?;
+        listen = Some(addr);
+        tasks.push(task);
+    }
+    let stop = stopped.clone();
+    match config.upstream.kind {
+        UpstreamKind::None => {
+            tracing::info!("no upstream: root role, the outbox drains to local subscribers");
+            tasks.push(tokio::spawn(root::run(
+                outbox.clone(),
+                broker.clone(),
+                metrics.clone(),
+                config.upstream.batch_messages,
+                stop,
+            )));
+        }
+        UpstreamKind::Quic => {
+            let client = child::client_config(config)?;
+            let ctx = child::Ctx {
+                node_id: config.node.id.clone(),
+                config: config.upstream.clone(),
+                outbox: outbox.clone(),
+                status: status.clone(),
+                metrics: metrics.clone(),
+            };
+            tracing::info!(parent = %config.upstream.quic.parent, parent_id = %config.upstream.quic.parent_id, "upstream: QUIC link to the parent");
+            tasks.push(tokio::spawn(child::run(ctx, client, stop)));
+        }
+        UpstreamKind::Mqtt => {
+            let ctx = bridge::Ctx {
+                node_id: config.node.id.clone(),
+                config: config.upstream.clone(),
+                outbox: outbox.clone(),
+                broker: broker.clone(),
+                status: status.clone(),
+                metrics: metrics.clone(),
+                tls: bridge::tls_connector(config)?,
+            };
+            tracing::info!(broker = %format!("{}:{}", config.upstream.mqtt.host, config.upstream.mqtt.port), "upstream: MQTT bridge");
+            tasks.push(tokio::spawn(bridge::run(ctx, stop)));
+        }
+    }
+    Ok(listen)
 }
 
 /// Runs a node until `shutdown` resolves.

@@ -7,6 +7,7 @@
 //! | GET | `/metrics` | Prometheus text (no token unless `admin.metrics_require_token`) |
 //! | GET | `/api/v1/node` | node id, version, uptime |
 //! | GET | `/api/v1/outbox` | per lane: messages, bytes, in flight, oldest age |
+//! | GET | `/api/v1/link` | upstream link state, counters, connected child gateways |
 //! | GET | `/api/v1/plugins` | every slot: version hash, source, loaded-at, calls, traps |
 //! | GET | `/api/v1/plugins/history` | loads, swaps and rollbacks |
 //! | POST | `/api/v1/plugins/{slot}/swap` | body: the `.wasm` bytes, or JSON `{"wasm_base64": …, "config": {…}}` |
@@ -62,6 +63,7 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/node", get(node_info))
         .route("/outbox", get(outbox_stats))
         .route("/mqtt", get(mqtt_stats))
+        .route("/link", get(link_status))
         .route("/plugins", get(plugins_list))
         .route("/plugins/history", get(plugins_history))
         .route("/plugins/{slot}/swap", post(plugin_swap))
@@ -146,6 +148,15 @@ async fn node_info(State(state): State<Arc<NodeState>>) -> Json<serde_json::Valu
         "uptime_seconds": state.started.elapsed().as_secs(),
         "data_dir": state.config.node.data_dir,
         "mqtt": state.mqtt,
+        "link_listen": state.link_listen,
+        "upstream": state.link.snapshot().kind,
+    }))
+}
+
+async fn link_status(State(state): State<Arc<NodeState>>) -> Json<serde_json::Value> {
+    Json(json!({
+        "link": state.link.snapshot(),
+        "listen": state.link_listen,
     }))
 }
 

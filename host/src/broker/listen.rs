@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use sha2::Digest as _;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -148,14 +147,7 @@ fn pem_err(kind: &'static str, path: &Path, e: impl std::fmt::Display) -> Listen
 }
 
 fn load_certs(kind: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ListenError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| pem_err(kind, path, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_err(kind, path, e))?;
-    if certs.is_empty() {
-        return Err(pem_err(kind, path, "no certificate in the file"));
-    }
-    Ok(certs)
+    crate::tls::load_certs(path).map_err(|e| pem_err(kind, path, e.message))
 }
 
 /// Builds the rustls server configuration of a listener.
@@ -175,7 +167,7 @@ fn server_config(
         });
     };
     let certs = load_certs(kind, cert)?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err(kind, key, e))?;
+    let key = crate::tls::load_key(key).map_err(|e| pem_err(kind, key, e.message))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let versions: &[&rustls::SupportedProtocolVersion] = if kind == "quic" {
         &[&rustls::version::TLS13]

@@ -309,11 +309,16 @@ impl Broker {
                 if actions.is_empty() {
                     self.drop_reason("no-route");
                 }
+                // A root delivers what reaches its outbox to local subscribers,
+                // except what its router has delivered here already.
+                let also_local = actions.iter().any(|a| matches!(a, Action::Local(_)));
                 for action in actions {
                     match action {
                         Action::Upstream(u) => {
-                            let m = if u.topic.is_some() || u.payload.is_some() || !u.add_properties.is_empty() {
+                            let m = if u.topic.is_some() || u.payload.is_some() || !u.add_properties.is_empty() || also_local
+                            {
                                 let mut m = (*pm).clone();
+                                m.delivered_locally = also_local;
                                 if let Some(t) = u.topic {
                                     m.topic = t;
                                 }
@@ -567,5 +572,7 @@ fn plugin_message(msg: &Msg, principal: Option<&str>) -> Message {
             principal: principal.map(str::to_string),
             path: Vec::new(),
         },
+        origin: None,
+        delivered_locally: false,
     }
 }

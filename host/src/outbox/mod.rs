@@ -263,6 +263,9 @@ struct Inner {
     state: Mutex<State>,
     metrics: Arc<Metrics>,
     counters: Vec<LaneCounters>,
+    /// Bumped after every commit that stored messages, and when leases are
+    /// released: a drainer waiting for work watches it.
+    work: tokio::sync::watch::Sender<u64>,
 }
 
 /// The outbox.
@@ -317,7 +320,8 @@ fn decode_lane_meta(b: &[u8]) -> Option<(u64, u64, u64)> {
     Some((at(0), at(8), at(16)))
 }
 
-fn random_u64() -> u64 {
+/// A random u64 from the OS.
+pub(crate) fn random_u64() -> u64 {
     use argon2::password_hash::rand_core::{OsRng, RngCore};
     OsRng.next_u64()
 }
@@ -425,6 +429,7 @@ impl Outbox {
             metrics,
             counters,
             config,
+            work: tokio::sync::watch::channel(0).0,
         });
         let (tx, rx) = mpsc::channel();
         let writer_inner = inner.clone();
@@ -617,6 +622,16 @@ impl Outbox {
             .map_err(OutboxError::Store)
     }
 
+    /// Acknowledges without waiting for the deletion to commit (as
+    /// [`Outbox::ack`], whose commit is buffered anyway). The messages are
+    /// claimed at once, so a following [`Outbox::release_all`] does not
+    /// hand them out again.
+    pub fn ack_detached(&self, ids: &[MessageId]) {
+        if let Err(e) = self.ack_request(ids) {
+            tracing::debug!(error = %e, "outbox: ack after close");
+        }
+    }
+
     fn ack_request(
         &self,
         ids: &[MessageId],
@@ -681,6 +696,15 @@ impl Outbox {
                 }
             }
         }
+        drop(st);
+        self.inner.work.send_modify(|n| *n += 1);
+    }
+
+    /// A receiver that changes whenever new messages are stored or leases are
+    /// released. A drainer marks it seen, leases, and waits for a change when
+    /// it found nothing, so no append is missed.
+    pub fn watch_work(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.work.subscribe()
     }
 
     /// Marks the start of live traffic on live-first lanes: what is queued now
@@ -1119,6 +1143,9 @@ fn commit(inner: &Inner, reqs: Vec<Request>) {
             }
             for reply in pending.ack_replies {
                 let _ = reply.send(Ok(()));
+            }
+            if any_append {
+                inner.work.send_modify(|n| *n += 1);
             }
         }
         Err(e) => {

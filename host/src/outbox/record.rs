@@ -1,12 +1,14 @@
 //! The on-disk form of a queued message.
 //!
 //! ```text
-//! u8   format version (1)
+//! u8   format version (2; version 1 lacks the origin and delivered flags)
 //! u32  CRC-32 of everything after it (little endian)
 //! u64  enqueue time on the outbox clock, ms        } all integers
 //! u64  enqueue wall time, ms since the Unix epoch  } little endian
 //! u64  time-to-live, ms
-//! u8   qos        u8 flags (1 retain, 2 content type, 4 principal)
+//! u8   qos        u8 flags (1 retain, 2 content type, 4 principal,
+//!                           8 origin id, 16 delivered locally)
+//! [u64 origin instance, u8 origin lane, u64 origin sequence]
 //! str16 topic     [str16 content type]   str16 client id   [str16 principal]
 //! u16  path length, then str16 each
 //! u16  property count, then str16 name, str32 value each
@@ -17,13 +19,16 @@
 
 use std::sync::Arc;
 
+use super::MessageId;
 use crate::plugins::Message;
 use crate::plugins::bindings::Source;
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 const F_RETAIN: u8 = 1;
 const F_CONTENT_TYPE: u8 = 2;
 const F_PRINCIPAL: u8 = 4;
+const F_ORIGIN: u8 = 8;
+const F_DELIVERED: u8 = 16;
 
 /// A message as stored in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,7 +106,18 @@ impl Record {
         if m.source.principal.is_some() {
             flags |= F_PRINCIPAL;
         }
+        if m.origin.is_some() {
+            flags |= F_ORIGIN;
+        }
+        if m.delivered_locally {
+            flags |= F_DELIVERED;
+        }
         out.push(flags);
+        if let Some(o) = &m.origin {
+            out.extend_from_slice(&o.instance.to_le_bytes());
+            out.push(o.lane);
+            out.extend_from_slice(&o.seq.to_le_bytes());
+        }
         put_str16(&mut out, &m.topic, "topic")?;
         if let Some(ct) = &m.content_type {
             put_str16(&mut out, ct, "content type")?;
@@ -133,7 +149,7 @@ impl Record {
     /// Any damage: version, checksum, lengths, UTF-8.
     pub fn decode(b: &[u8]) -> Result<Record, DecodeError> {
         let (&version, rest) = b.split_first().ok_or(DecodeError::Malformed)?;
-        if version != VERSION {
+        if version != VERSION && version != 1 {
             return Err(DecodeError::Version(version));
         }
         if rest.len() < 4 {
@@ -149,6 +165,18 @@ impl Record {
         let ttl_ms = r.u64()?;
         let qos = r.u8()?;
         let flags = r.u8()?;
+        if version == 1 && flags & (F_ORIGIN | F_DELIVERED) != 0 {
+            return Err(DecodeError::Malformed);
+        }
+        let origin = if flags & F_ORIGIN != 0 {
+            Some(MessageId {
+                instance: r.u64()?,
+                lane: r.u8()?,
+                seq: r.u64()?,
+            })
+        } else {
+            None
+        };
         let topic = r.str16()?;
         let content_type = if flags & F_CONTENT_TYPE != 0 {
             Some(r.str16()?)
@@ -193,6 +221,8 @@ impl Record {
                     principal,
                     path,
                 },
+                origin,
+                delivered_locally: flags & F_DELIVERED != 0,
             }),
         })
     }
@@ -251,6 +281,12 @@ mod tests {
         m.properties = vec![("$.mid".into(), "42".into()), ("k".into(), "v".into())];
         m.source.principal = Some("d1".into());
         m.source.path = vec!["gw-a".into(), "gw-b".into()];
+        m.origin = Some(MessageId {
+            instance: 0xfeed,
+            lane: 3,
+            seq: 99,
+        });
+        m.delivered_locally = true;
         Record {
             enqueued_clock_ms: 12_345,
             enqueued_wall_ms: 1_700_000_000_000,
@@ -263,6 +299,20 @@ mod tests {
     fn round_trips() {
         let r = sample();
         assert_eq!(Record::decode(&r.encode().unwrap()).unwrap(), r);
+    }
+
+    #[test]
+    fn version_1_records_still_decode() {
+        // A version 1 record written before origin ids existed.
+        let mut r = sample();
+        let m = Arc::make_mut(&mut r.message);
+        m.origin = None;
+        m.delivered_locally = false;
+        let mut b = r.encode().unwrap();
+        b[0] = 1;
+        let crc = crc32fast::hash(&b[5..]);
+        b[1..5].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(Record::decode(&b).unwrap(), r);
     }
 
     #[test]

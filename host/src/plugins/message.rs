@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use super::bindings::Source;
+use crate::outbox::MessageId;
 
 /// A message to route. The router plugin sees it through the `message`
 /// resource and copies out only the parts it asks for.
@@ -22,6 +23,14 @@ pub struct Message {
     pub properties: Vec<(String, String)>,
     /// Where it came from.
     pub source: Source,
+    /// The id the outbox of the node where it entered gave it, once it has
+    /// left that node: it travels with the message up the tree so the top
+    /// can recognise a redelivered duplicate. Host-only (not seen by plugins).
+    pub origin: Option<MessageId>,
+    /// True when the router of the node holding it also delivered it to that
+    /// node's local subscribers, so a root does not deliver it twice.
+    /// Host-only; cleared when the message moves to another node.
+    pub delivered_locally: bool,
 }
 
 impl Message {
@@ -39,6 +48,8 @@ impl Message {
                 principal: None,
                 path: Vec::new(),
             },
+            origin: None,
+            delivered_locally: false,
         }
     }
 }

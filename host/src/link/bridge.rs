@@ -1,0 +1,582 @@
+//! The MQTT bridge: drains the outbox to any MQTT broker (Mosquitto, EMQX,
+//! HiveMQ, a cloud hub), and optionally brings remote topics down to local
+//! subscribers.
+//!
+//! Messages go out as QoS 1 PUBLISH packets with an in-flight window of
+//! `upstream.mqtt.inflight`, capped by the receive maximum the broker
+//! announces (MQTT 5). A message is deleted from the outbox only when its
+//! PUBACK arrives; after a reconnect everything unacknowledged is sent
+//! again, in order. MQTT 5 publishes carry the message's id and path as the
+//! user properties `holdfast-id` and `holdfast-path`, and what remains of its
+//! time-to-live as the message expiry interval.
+//!
+//! The client is built on the `holdfast-mqtt` codec so that every PUBACK can
+//! be matched to the outbox message it acknowledges.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use holdfast_mqtt::{Ack, Connect, Packet, Properties, Publish, QoS, SubOptions, Subscribe, Version};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+use super::reconnect::{Backoff, Wakeups, probe_tcp, watch_network};
+use super::{LinkError, LinkState, PROP_ID, PROP_PATH, Status, origin_id, path_of};
+use crate::broker::Broker;
+use crate::broker::session::Msg;
+use crate::config::{BridgeConfig, BridgeProtocol, Config, UpstreamConfig};
+use crate::metrics::{Metrics, ReasonLabels, ResultLabels};
+use crate::outbox::{MessageId, Outbox};
+
+/// Largest packet accepted from the broker.
+const MAX_INBOUND: usize = 16 << 20;
+
+/// What the bridge needs.
+pub struct Ctx {
+    /// This node's id (the default client id).
+    pub node_id: String,
+    /// `[upstream]`
+    pub config: UpstreamConfig,
+    /// The outbox it drains.
+    pub outbox: Arc<Outbox>,
+    /// Local delivery for `in` mappings.
+    pub broker: Option<Arc<Broker>>,
+    /// Shared status.
+    pub status: Arc<Status>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// TLS, when configured.
+    pub tls: Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>,
+}
+
+/// Builds the TLS connector of the bridge, if `tls = true`.
+///
+/// # Errors
+/// Unusable certificates or keys, or a bad server name.
+pub fn tls_connector(
+    config: &Config,
+) -> Result<Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>, LinkError> {
+    let b = &config.upstream.mqtt;
+    if !b.tls {
+        return Ok(None);
+    }
+    let Some(ca) = b.ca.as_ref().or(config.fleet.ca.as_ref()) else {
+        return Err(LinkError::Tls("upstream.mqtt.ca is required with tls = true".into()));
+    };
+    let roots = crate::tls::load_roots(ca)?;
+    let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| LinkError::Tls(e.to_string()))?
+        .with_root_certificates(roots);
+    let tls = match (&b.cert, &b.key) {
+        (Some(cert), Some(key)) => builder
+            .with_client_auth_cert(crate::tls::load_certs(cert)?, crate::tls::load_key(key)?)
+            .map_err(|e| LinkError::Tls(e.to_string()))?,
+        _ => builder.with_no_client_auth(),
+    };
+    let name = b.server_name.clone().unwrap_or_else(|| b.host.clone());
+    let name = rustls::pki_types::ServerName::try_from(name.clone())
+        .map_err(|_| LinkError::Tls(format!("{name:?} is not a valid TLS server name")))?;
+    Ok(Some((tokio_rustls::TlsConnector::from(Arc::new(tls)), name)))
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+enum Ended {
+    Unreachable(String),
+    Refused(String),
+    Stopped,
+}
+
+/// Maps a local topic to the broker's namespace.
+pub fn map_out(b: &BridgeConfig, topic: &str) -> String {
+    let rest = topic.strip_prefix(b.strip_prefix.as_str()).unwrap_or(topic);
+    format!("{}{}", b.add_prefix, rest)
+}
+
+/// Runs the bridge until `stop`.
+pub async fn run(ctx: Ctx, mut stop: watch::Receiver<bool>) {
+    let ctx = Arc::new(ctx);
+    let wake = Arc::new(Wakeups::default());
+    if ctx.config.watch_network {
+        watch_network(wake.clone());
+    }
+    let mut backoff = Backoff::new(
+        Duration::from_millis(ctx.config.backoff_initial_ms),
+        Duration::from_millis(ctx.config.backoff_max_ms),
+    );
+    let mut probe: Option<tokio::task::JoinHandle<()>> = None;
+    let m = &ctx.metrics;
+    let target = format!("{}:{}", ctx.config.mqtt.host, ctx.config.mqtt.port);
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        ctx.status.set_state(LinkState::Connecting, None);
+        let addr = match tokio::net::lookup_host(&target).await.ok().and_then(|mut a| a.next()) {
+            Some(a) => a,
+            None => {
+                m.link_connects.get_or_create(&ResultLabels { result: "resolve" }).inc();
+                ctx.status.set_state(LinkState::Down, Some(format!("cannot resolve {target}")));
+                if wait(&mut backoff, &wake, &mut stop, false).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        if probe.is_none() && ctx.config.probe_interval_ms > 0 {
+            let interval = Duration::from_millis(ctx.config.probe_interval_ms);
+            probe = Some(tokio::spawn(probe_tcp(addr, interval, wake.clone())));
+        }
+        let connected = tokio::select! {
+            c = connect(&ctx, addr) => c,
+            _ = wake.restored.notified() => {
+                m.link_wakeups.get_or_create(&ReasonLabels { reason: "probe" }).inc();
+                continue;
+            }
+            _ = wake.network.notified() => {
+                m.link_wakeups.get_or_create(&ReasonLabels { reason: "network" }).inc();
+                continue;
+            }
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let ended = match connected {
+            Err(e) => e,
+            Ok(session) => {
+                if let Some(p) = probe.take() {
+                    p.abort();
+                }
+                backoff.reset();
+                ctx.status.set_state(LinkState::Up, None);
+                m.link_up.set(1);
+                tracing::info!(broker = %target, window = session.window, "bridge up");
+                ctx.outbox.mark_live();
+                let ended = session.run(&ctx, &mut stop).await;
+                let reason = match &ended {
+                    Ended::Unreachable(_) => "lost",
+                    Ended::Refused(_) => "closed",
+                    Ended::Stopped => "shutdown",
+                };
+                m.link_disconnects.get_or_create(&ReasonLabels { reason }).inc();
+                if let Ended::Unreachable(e) | Ended::Refused(e) = &ended {
+                    tracing::warn!(error = %e, "bridge down");
+                }
+                ended
+            }
+        };
+        ctx.outbox.release_all();
+        m.link_up.set(0);
+        let probing = match ended {
+            Ended::Stopped => break,
+            Ended::Unreachable(e) => {
+                ctx.status.set_state(LinkState::Down, Some(e));
+                true
+            }
+            Ended::Refused(e) => {
+                ctx.status.set_state(LinkState::Down, Some(e));
+                false
+            }
+        };
+        if wait(&mut backoff, &wake, &mut stop, probing).await {
+            break;
+        }
+    }
+    if let Some(p) = probe {
+        p.abort();
+    }
+    ctx.outbox.release_all();
+}
+
+async fn wait(backoff: &mut Backoff, wake: &Wakeups, stop: &mut watch::Receiver<bool>, probing: bool) -> bool {
+    let delay = backoff.next_delay();
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => false,
+        _ = wake.restored.notified(), if probing => false,
+        _ = wake.network.notified() => false,
+        _ = stop.wait_for(|s| *s) => true,
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+struct Session {
+    stream: Box<dyn Stream>,
+    version: Version,
+    window: usize,
+    max_packet: usize,
+    rbuf: BytesMut,
+}
+
+async fn connect(ctx: &Arc<Ctx>, addr: SocketAddr) -> Result<Session, Ended> {
+    let m = &ctx.metrics;
+    let result = |r: &'static str| {
+        m.link_connects.get_or_create(&ResultLabels { result: r }).inc();
+    };
+    let b = &ctx.config.mqtt;
+    let timeout = Duration::from_millis(ctx.config.connect_timeout_ms);
+    let tcp = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            result("unreachable");
+            return Err(Ended::Unreachable(format!("cannot connect to {addr}: {e}")));
+        }
+        Err(_) => {
+            result("timeout");
+            return Err(Ended::Unreachable(format!("no answer from {addr}")));
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let mut stream: Box<dyn Stream> = match &ctx.tls {
+        None => Box::new(tcp),
+        Some((connector, name)) => match tokio::time::timeout(timeout, connector.connect(name.clone(), tcp)).await {
+            Ok(Ok(s)) => Box::new(s),
+            Ok(Err(e)) => {
+                result("tls");
+                return Err(Ended::Refused(format!("TLS: {e}")));
+            }
+            Err(_) => {
+                result("timeout");
+                return Err(Ended::Unreachable("TLS handshake timed out".into()));
+            }
+        },
+    };
+    let version = match b.protocol {
+        BridgeProtocol::V311 => Version::V311,
+        BridgeProtocol::V5 => Version::V5,
+    };
+    let mut properties = Properties::default();
+    if version.is_v5() {
+        properties.receive_maximum = Some(b.inflight.max(1));
+        properties.maximum_packet_size = Some(MAX_INBOUND as u32);
+        if !b.clean_start {
+            properties.session_expiry_interval = Some(604_800);
+        }
+    }
+    let connect = Connect {
+        version,
+        client_id: b.client_id.clone().unwrap_or_else(|| ctx.node_id.clone()),
+        clean_start: b.clean_start,
+        keep_alive: b.keep_alive_seconds,
+        username: b.username.clone(),
+        password: b.password.clone().map(Bytes::from),
+        will: None,
+        properties,
+    };
+    let mut out = BytesMut::new();
+    holdfast_mqtt::encode(&Packet::Connect(Box::new(connect)), version, &mut out);
+    if let Err(e) = stream.write_all(&out).await {
+        result("unreachable");
+        return Err(Ended::Unreachable(format!("CONNECT: {e}")));
+    }
+    let mut rbuf = BytesMut::with_capacity(8192);
+    let connack = tokio::time::timeout(timeout, async {
+        loop {
+            match holdfast_mqtt::decode(&mut rbuf, Some(version), MAX_INBOUND) {
+                Ok(Some(p)) => return Ok(p),
+                Ok(None) => {}
+                Err(e) => return Err(format!("bad packet from the broker: {e}")),
+            }
+            match stream.read_buf(&mut rbuf).await {
+                Ok(0) => return Err("the broker closed the connection".to_string()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await;
+    let ack = match connack {
+        Ok(Ok(Packet::ConnAck(a))) => a,
+        Ok(Ok(other)) => {
+            result("error");
+            return Err(Ended::Refused(format!("expected CONNACK, got {other:?}")));
+        }
+        Ok(Err(e)) => {
+            result("error");
+            return Err(Ended::Unreachable(e));
+        }
+        Err(_) => {
+            result("timeout");
+            return Err(Ended::Unreachable("no CONNACK".into()));
+        }
+    };
+    if ack.code >= 0x80 {
+        result("refused");
+        tracing::error!(code = ack.code, "bridge: the broker refused the connection");
+        return Err(Ended::Refused(format!("the broker refused the connection (reason 0x{:02x})", ack.code)));
+    }
+    let window = usize::from(b.inflight)
+        .min(usize::from(ack.properties.receive_maximum.unwrap_or(u16::MAX)))
+        .min(ctx.config.window_messages.max(1));
+    let max_packet = ack.properties.maximum_packet_size.map(|m| m as usize).unwrap_or(268_435_460);
+    let mut session = Session {
+        stream,
+        version,
+        window,
+        max_packet,
+        rbuf,
+    };
+    if !b.inbound.is_empty() {
+        let sub = Subscribe {
+            pkid: 1,
+            filters: b
+                .inbound
+                .iter()
+                .map(|r| {
+                    let qos = if r.qos == Some(0) { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+                    (r.filter.clone(), SubOptions { qos, ..SubOptions::default() })
+                })
+                .collect(),
+            properties: Properties::default(),
+        };
+        out.clear();
+        holdfast_mqtt::encode(&Packet::Subscribe(sub), version, &mut out);
+        if let Err(e) = session.stream.write_all(&out).await {
+            result("unreachable");
+            return Err(Ended::Unreachable(format!("SUBSCRIBE: {e}")));
+        }
+    }
+    result("ok");
+    ctx.status.update(|s| s.window = window);
+    Ok(session)
+}
+
+impl Session {
+    async fn run(mut self, ctx: &Arc<Ctx>, stop: &mut watch::Receiver<bool>) -> Ended {
+        let b = &ctx.config.mqtt;
+        let mut work = ctx.outbox.watch_work();
+        let mut inflight: HashMap<u16, MessageId> = HashMap::new();
+        let mut next_pkid: u16 = 1;
+        let mut out = BytesMut::with_capacity(64 << 10);
+        let keep_alive = Duration::from_secs(u64::from(b.keep_alive_seconds.max(1)));
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
+        let mut last_heard = tokio::time::Instant::now();
+        let mut idle = false;
+        loop {
+            // Fill the window.
+            out.clear();
+            let room = self.window.saturating_sub(inflight.len());
+            if room > 0 {
+                work.borrow_and_update();
+                let leased = match ctx.outbox.lease(room.min(ctx.config.batch_messages)) {
+                    Ok(l) => l,
+                    Err(e) => return Ended::Refused(format!("outbox: {e}")),
+                };
+                idle = leased.is_none();
+                let now = ctx.outbox.clock_ms();
+                let mut sent = 0u64;
+                let mut skipped = Vec::new();
+                for item in leased.iter().flat_map(|l| l.items.iter()) {
+                    let r = &item.record;
+                    let left = r.ttl_ms.saturating_sub(now.saturating_sub(r.enqueued_clock_ms));
+                    if left == 0 {
+                        skipped.push(item.id);
+                        continue;
+                    }
+                    let msg = &r.message;
+                    while inflight.contains_key(&next_pkid) || next_pkid == 0 {
+                        next_pkid = next_pkid.wrapping_add(1);
+                    }
+                    let mut p = Publish::new(map_out(b, &msg.topic), msg.payload.clone(), QoS::AtLeastOnce, next_pkid);
+                    p.retain = msg.retain;
+                    if self.version.is_v5() {
+                        p.properties.content_type = msg.content_type.clone();
+                        p.properties.user_properties = msg.properties.clone();
+                        p.properties.user_properties.push((PROP_ID.into(), origin_id(item).to_string()));
+                        p.properties.user_properties.push((PROP_PATH.into(), path_of(msg)));
+                        p.properties.message_expiry_interval = Some(left.div_ceil(1000).min(u64::from(u32::MAX)) as u32);
+                    }
+                    let before = out.len();
+                    holdfast_mqtt::encode(&Packet::Publish(p), self.version, &mut out);
+                    if out.len() - before > self.max_packet {
+                        out.truncate(before);
+                        ctx.metrics
+                            .link_refused
+                            .get_or_create(&ReasonLabels { reason: "too-large-for-broker" })
+                            .inc();
+                        tracing::warn!(topic = %msg.topic, "bridge: message larger than the broker accepts; dropped");
+                        skipped.push(item.id);
+                        continue;
+                    }
+                    inflight.insert(next_pkid, item.id);
+                    next_pkid = next_pkid.wrapping_add(1);
+                    sent += 1;
+                }
+                if !skipped.is_empty() {
+                    ctx.outbox.ack_detached(&skipped);
+                }
+                if sent > 0 {
+                    ctx.metrics.link_sent.inc_by(sent);
+                    ctx.status.update(|s| s.sent += sent);
+                }
+            }
+            if !out.is_empty()
+                && let Err(e) = self.stream.write_all(&out).await
+            {
+                return Ended::Unreachable(format!("write: {e}"));
+            }
+            let can_send = inflight.len() < self.window;
+            tokio::select! {
+                r = self.stream.read_buf(&mut self.rbuf) => match r {
+                    Ok(0) => return Ended::Unreachable("the broker closed the connection".into()),
+                    Ok(_) => {
+                        last_heard = tokio::time::Instant::now();
+                        if let Some(e) = self.handle_input(ctx, &mut inflight).await {
+                            return e;
+                        }
+                    }
+                    Err(e) => return Ended::Unreachable(format!("read: {e}")),
+                },
+                r = work.changed(), if can_send && idle => if r.is_err() {
+                    return Ended::Stopped;
+                },
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > keep_alive * 3 / 2 + keep_alive {
+                        return Ended::Unreachable("the broker stopped answering (keep-alive)".into());
+                    }
+                    out.clear();
+                    holdfast_mqtt::encode(&Packet::PingReq, self.version, &mut out);
+                    if let Err(e) = self.stream.write_all(&out).await {
+                        return Ended::Unreachable(format!("write: {e}"));
+                    }
+                }
+                _ = stopped(stop) => {
+                    out.clear();
+                    holdfast_mqtt::encode(&Packet::Disconnect(Default::default()), self.version, &mut out);
+                    let _ = self.stream.write_all(&out).await;
+                    let _ = self.stream.shutdown().await;
+                    return Ended::Stopped;
+                }
+            }
+        }
+    }
+
+    /// Handles what the broker sent; `Some` ends the session.
+    async fn handle_input(&mut self, ctx: &Arc<Ctx>, inflight: &mut HashMap<u16, MessageId>) -> Option<Ended> {
+        let mut acked = Vec::new();
+        let mut replies = BytesMut::new();
+        let result = loop {
+            let packet = match holdfast_mqtt::decode(&mut self.rbuf, Some(self.version), MAX_INBOUND) {
+                Ok(Some(p)) => p,
+                Ok(None) => break None,
+                Err(e) => break Some(Ended::Unreachable(format!("bad packet from the broker: {e}"))),
+            };
+            match packet {
+                Packet::PubAck(a) => {
+                    let Some(id) = inflight.remove(&a.pkid) else { continue };
+                    match a.code {
+                        c if c < 0x80 => acked.push(id),
+                        0x97 => {
+                            // Quota exceeded: keep it, and try again later.
+                            break Some(Ended::Refused("the broker's quota is exceeded".into()));
+                        }
+                        c => {
+                            // Refused for good (not authorized, bad topic...): it would never pass.
+                            tracing::warn!(code = c, "bridge: the broker refused a message; dropped");
+                            ctx.metrics
+                                .link_refused
+                                .get_or_create(&ReasonLabels { reason: "broker-refused" })
+                                .inc();
+                            acked.push(id);
+                        }
+                    }
+                }
+                Packet::Publish(p) => {
+                    self.deliver_in(ctx, &p);
+                    if p.qos == QoS::AtLeastOnce {
+                        holdfast_mqtt::encode(&Packet::PubAck(Ack::new(p.pkid)), self.version, &mut replies);
+                    } else if p.qos == QoS::ExactlyOnce {
+                        holdfast_mqtt::encode(&Packet::PubRec(Ack::new(p.pkid)), self.version, &mut replies);
+                    }
+                }
+                Packet::PubRel(a) => {
+                    holdfast_mqtt::encode(&Packet::PubComp(Ack::new(a.pkid)), self.version, &mut replies);
+                }
+                Packet::SubAck(s) => {
+                    if s.codes.iter().any(|c| *c >= 0x80) {
+                        tracing::warn!(codes = ?s.codes, "bridge: the broker refused an `in` subscription");
+                    }
+                }
+                Packet::PingResp => {}
+                Packet::Disconnect(d) => {
+                    break Some(Ended::Refused(format!(
+                        "the broker disconnected the bridge (reason 0x{:02x})",
+                        d.code
+                    )));
+                }
+                other => {
+                    tracing::debug!(packet = ?other, "bridge: ignoring an unexpected packet");
+                }
+            }
+        };
+        if !acked.is_empty() {
+            let n = acked.len() as u64;
+            ctx.outbox.ack_detached(&acked);
+            ctx.metrics.link_acked.inc_by(n);
+            ctx.status.update(|s| s.acked += n);
+        }
+        if !replies.is_empty()
+            && let Err(e) = self.stream.write_all(&replies).await
+        {
+            return Some(Ended::Unreachable(format!("write: {e}")));
+        }
+        result
+    }
+
+    /// An `in` mapping's message, delivered to local subscribers.
+    fn deliver_in(&self, ctx: &Arc<Ctx>, p: &Publish) {
+        let b = &ctx.config.mqtt;
+        let Some(rule) = b
+            .inbound
+            .iter()
+            .find(|r| holdfast_mqtt::topic::matches(&r.filter, &p.topic))
+        else {
+            return;
+        };
+        let rest = p.topic.strip_prefix(rule.strip_prefix.as_str()).unwrap_or(&p.topic);
+        let topic = format!("{}{}", rule.add_prefix, rest);
+        if !holdfast_mqtt::topic::valid_name(&topic) {
+            ctx.metrics.link_refused.get_or_create(&ReasonLabels { reason: "bad-in-topic" }).inc();
+            return;
+        }
+        let Some(broker) = &ctx.broker else { return };
+        let mut properties = p.properties.clone();
+        properties.topic_alias = None;
+        properties.subscription_identifiers.clear();
+        let expires_at_ms = properties
+            .message_expiry_interval
+            .map(|s| crate::broker::now_ms() + u64::from(s) * 1000);
+        broker.deliver(Arc::new(Msg {
+            topic,
+            payload: p.payload.clone(),
+            qos: p.qos.min(QoS::AtLeastOnce),
+            retain: p.retain,
+            properties,
+            expires_at_ms,
+            publisher: None,
+        }));
+        ctx.metrics.link_root.get_or_create(&ResultLabels { result: "bridged-in" }).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_are_mapped_by_prefix() {
+        let b = BridgeConfig {
+            strip_prefix: "site/".into(),
+            add_prefix: "fleet/gw1/".into(),
+            ..BridgeConfig::default()
+        };
+        assert_eq!(map_out(&b, "site/line1/temp"), "fleet/gw1/line1/temp");
+        assert_eq!(map_out(&b, "other/x"), "fleet/gw1/other/x");
+        assert_eq!(map_out(&BridgeConfig::default(), "a/b"), "a/b");
+    }
+}

@@ -1,0 +1,461 @@
+//! The child end of the QUIC link: connects to the parent, says hello, and
+//! drains the outbox, one QUIC stream per lane.
+//!
+//! Each lane stream carries batches of records; the parent answers with the
+//! cumulative count it has stored, and only then are those messages deleted
+//! here. At most `upstream.window_messages` are unacknowledged per lane, so
+//! many batches are in flight per round trip. Lanes map to QUIC stream
+//! priorities (lane 0 highest). When the link drops, unacknowledged messages
+//! return to their lanes and are sent again, in order, on the next link.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::sync::{Notify, watch};
+
+use super::reconnect::{Backoff, Wakeups, probe_quic, watch_network};
+use super::wire::{self, Frame, close};
+use super::{LinkError, LinkState, Status, outgoing, transport};
+use crate::config::{Config, UpstreamConfig};
+use crate::metrics::{Metrics, ReasonLabels, ResultLabels};
+use crate::outbox::{LANES, MessageId, Outbox};
+
+/// Largest frame the parent may send (acks and refusals are small).
+const MAX_DOWN_FRAME: usize = 64 << 10;
+
+/// What the child link needs.
+pub struct Ctx {
+    /// This node's id.
+    pub node_id: String,
+    /// `[upstream]`
+    pub config: UpstreamConfig,
+    /// The outbox it drains.
+    pub outbox: Arc<Outbox>,
+    /// Shared status.
+    pub status: Arc<Status>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Builds the QUIC client endpoint configuration from `[fleet]`.
+///
+/// # Errors
+/// Unusable certificates or keys.
+pub fn client_config(config: &Config) -> Result<quinn::ClientConfig, LinkError> {
+    let f = &config.fleet;
+    let (Some(ca), Some(cert), Some(key)) = (&f.ca, &f.cert, &f.key) else {
+        return Err(LinkError::Tls("fleet.ca, fleet.cert and fleet.key are required".into()));
+    };
+    let roots = crate::tls::load_roots(ca)?;
+    let chain = crate::tls::load_certs(cert)?;
+    let key = crate::tls::load_key(key)?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| LinkError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| LinkError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| LinkError::Tls(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    let q = &config.upstream.quic;
+    client.transport_config(Arc::new(transport(
+        Duration::from_millis(q.keep_alive_ms),
+        Duration::from_millis(q.idle_timeout_ms),
+    )?));
+    Ok(client)
+}
+
+/// How an attempt or a link ended.
+enum Ended {
+    /// The parent could not be reached or went silent: probing helps.
+    Unreachable(String),
+    /// The parent answered and refused, or failed: back off.
+    Refused(String),
+    /// Shutting down.
+    Stopped,
+}
+
+/// Runs the link until `stop`.
+pub async fn run(ctx: Ctx, client: quinn::ClientConfig, mut stop: watch::Receiver<bool>) {
+    let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
+    let mut endpoint = match quinn::Endpoint::client(bind) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "link: cannot open a UDP socket; the upstream link is off");
+            ctx.status.set_state(LinkState::Down, Some(e.to_string()));
+            return;
+        }
+    };
+    endpoint.set_default_client_config(client);
+    let ctx = Arc::new(ctx);
+    let wake = Arc::new(Wakeups::default());
+    if ctx.config.watch_network {
+        watch_network(wake.clone());
+    }
+    let mut backoff = Backoff::new(
+        Duration::from_millis(ctx.config.backoff_initial_ms),
+        Duration::from_millis(ctx.config.backoff_max_ms),
+    );
+    let mut probe: Option<tokio::task::JoinHandle<()>> = None;
+    let metrics = &ctx.metrics;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        ctx.status.set_state(LinkState::Connecting, None);
+        let addr = match resolve(&ctx.config.quic.parent).await {
+            Ok(a) => a,
+            Err(e) => {
+                ctx.status.set_state(LinkState::Down, Some(e.clone()));
+                metrics.link_connects.get_or_create(&ResultLabels { result: "resolve" }).inc();
+                if wait(&mut backoff, &wake, &mut stop, false).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        // While the parent is unreachable, probe it.
+        if probe.is_none() && ctx.config.probe_interval_ms > 0 {
+            let interval = Duration::from_millis(ctx.config.probe_interval_ms);
+            probe = Some(tokio::spawn(probe_quic(addr, interval, wake.clone())));
+        }
+        let connected = tokio::select! {
+            c = connect(&ctx, &endpoint, addr) => c,
+            _ = wake.restored.notified() => {
+                metrics.link_wakeups.get_or_create(&ReasonLabels { reason: "probe" }).inc();
+                tracing::info!("link: the parent answers again; reconnecting now");
+                continue;
+            }
+            _ = wake.network.notified() => {
+                metrics.link_wakeups.get_or_create(&ReasonLabels { reason: "network" }).inc();
+                tracing::info!("link: the network changed; reconnecting now");
+                continue;
+            }
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let ended = match connected {
+            Err(e) => e,
+            Ok((conn, control, parent)) => {
+                if let Some(p) = probe.take() {
+                    p.abort();
+                }
+                backoff.reset();
+                ctx.status.set_state(LinkState::Up, None);
+                metrics.link_up.set(1);
+                tracing::info!(parent = %parent, %addr, rtt_ms = conn.rtt().as_millis() as u64, "link up");
+                ctx.outbox.mark_live();
+                let ended = tokio::select! {
+                    e = drain(&ctx, &conn) => e,
+                    _ = stop.wait_for(|s| *s) => {
+                        conn.close(close::SHUTDOWN.into(), b"shutting down");
+                        Ended::Stopped
+                    }
+                };
+                drop(control);
+                let reason = match &ended {
+                    Ended::Unreachable(_) => "lost",
+                    Ended::Refused(_) => "closed",
+                    Ended::Stopped => "shutdown",
+                };
+                metrics.link_disconnects.get_or_create(&ReasonLabels { reason }).inc();
+                if let Ended::Unreachable(e) | Ended::Refused(e) = &ended {
+                    tracing::warn!(error = %e, "link down");
+                }
+                ended
+            }
+        };
+        ctx.outbox.release_all();
+        ctx.metrics.link_up.set(0);
+        match ended {
+            Ended::Stopped => break,
+            Ended::Unreachable(e) => {
+                ctx.status.set_state(LinkState::Down, Some(e));
+                if wait(&mut backoff, &wake, &mut stop, true).await {
+                    break;
+                }
+            }
+            Ended::Refused(e) => {
+                ctx.status.set_state(LinkState::Down, Some(e));
+                if wait(&mut backoff, &wake, &mut stop, false).await {
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(p) = probe {
+        p.abort();
+    }
+    endpoint.close(close::SHUTDOWN.into(), b"shutting down");
+    ctx.outbox.release_all();
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+}
+
+/// Waits out a back-off delay, or less if woken. True when stopping.
+async fn wait(backoff: &mut Backoff, wake: &Wakeups, stop: &mut watch::Receiver<bool>, probing: bool) -> bool {
+    let delay = backoff.next_delay();
+    tracing::debug!(delay_ms = delay.as_millis() as u64, "link: waiting before the next attempt");
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => false,
+        _ = wake.restored.notified(), if probing => false,
+        _ = wake.network.notified() => false,
+        _ = stop.wait_for(|s| *s) => true,
+    }
+}
+
+async fn resolve(target: &str) -> Result<SocketAddr, String> {
+    let mut addrs = tokio::net::lookup_host(target)
+        .await
+        .map_err(|e| format!("cannot resolve {target}: {e}"))?;
+    addrs.next().ok_or_else(|| format!("{target} resolves to no address"))
+}
+
+/// One connection attempt: handshake and hello. Returns the connection, its
+/// control stream (kept open while the link lives) and the parent's id.
+async fn connect(
+    ctx: &Arc<Ctx>,
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+) -> Result<(quinn::Connection, quinn::SendStream, String), Ended> {
+    let m = &ctx.metrics;
+    let result = |r: &'static str| {
+        m.link_connects.get_or_create(&ResultLabels { result: r }).inc();
+    };
+    let connecting = match endpoint.connect(addr, &ctx.config.quic.parent_id) {
+        Ok(c) => c,
+        Err(e) => {
+            result("error");
+            return Err(Ended::Refused(format!("cannot connect: {e}")));
+        }
+    };
+    let timeout = Duration::from_millis(ctx.config.connect_timeout_ms);
+    let conn = match tokio::time::timeout(timeout, connecting).await {
+        Err(_) => {
+            result("timeout");
+            return Err(Ended::Unreachable(format!("no answer from {addr} within {} ms", timeout.as_millis())));
+        }
+        Ok(Err(e)) => return Err(classify_connect_error(e, &result)),
+        Ok(Ok(c)) => c,
+    };
+    let (mut send, mut recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => {
+            result("error");
+            return Err(Ended::Unreachable(format!("control stream: {e}")));
+        }
+    };
+    let mut buf = BytesMut::new();
+    Frame::Hello {
+        version: wire::VERSION,
+        node_id: ctx.node_id.clone(),
+        instance: ctx.outbox.instance(),
+    }
+    .encode(&mut buf);
+    if let Err(e) = send.write_all(&buf).await {
+        result("error");
+        return Err(Ended::Unreachable(format!("hello: {e}")));
+    }
+    let answer = tokio::time::timeout(timeout, wire::read_frame(&mut recv, MAX_DOWN_FRAME)).await;
+    let parent = match answer {
+        Ok(Ok(Some(Frame::Welcome { version, node_id }))) => {
+            if version != wire::VERSION {
+                result("refused");
+                return Err(Ended::Refused(format!("parent speaks link version {version}")));
+            }
+            node_id
+        }
+        Ok(Ok(Some(Frame::Refuse { code, reason }))) => {
+            result("refused");
+            tracing::error!(code, %reason, "link: the parent refused this node");
+            return Err(Ended::Refused(format!("refused by the parent: {reason}")));
+        }
+        Ok(Ok(other)) => {
+            result("error");
+            return Err(Ended::Refused(format!("unexpected answer to hello: {other:?}")));
+        }
+        Ok(Err(e)) => {
+            result("error");
+            return Err(Ended::Unreachable(format!("hello: {e}")));
+        }
+        Err(_) => {
+            result("timeout");
+            return Err(Ended::Unreachable("no answer to hello".into()));
+        }
+    };
+    result("ok");
+    Ok((conn, send, parent))
+}
+
+fn classify_connect_error(e: quinn::ConnectionError, result: &dyn Fn(&'static str)) -> Ended {
+    use quinn::ConnectionError as C;
+    match e {
+        // No answer, or the path reset: the parent may be back any moment.
+        C::TimedOut | C::Reset => {
+            result("timeout");
+            Ended::Unreachable(format!("handshake: {e}"))
+        }
+        // It answered and refused (TLS alert, wrong name, not registered...):
+        // a configuration problem, so back off.
+        _ => {
+            result("refused");
+            tracing::error!(error = %e, "link: the handshake with the parent failed");
+            Ended::Refused(format!("handshake: {e}"))
+        }
+    }
+}
+
+/// Drains every lane over `conn` until it fails.
+async fn drain(ctx: &Arc<Ctx>, conn: &quinn::Connection) -> Ended {
+    let mut lanes = tokio::task::JoinSet::new();
+    for lane in 0..LANES as u8 {
+        let (ctx, conn) = (ctx.clone(), conn.clone());
+        lanes.spawn(async move { lane_sender(ctx, conn, lane).await });
+    }
+    let closed = conn.closed().await;
+    lanes.abort_all();
+    while lanes.join_next().await.is_some() {}
+    use quinn::ConnectionError as C;
+    match closed {
+        C::ApplicationClosed(a) if a.error_code == close::FULL.into() => {
+            Ended::Refused("the parent's outbox is full; retrying later".into())
+        }
+        C::ApplicationClosed(a) => Ended::Refused(format!("closed by the parent: {a}")),
+        C::LocallyClosed => Ended::Stopped,
+        e => Ended::Unreachable(e.to_string()),
+    }
+}
+
+/// Sends one lane. Opens its stream at the first message. Any error closes
+/// the connection: the lanes are restarted together on the next link.
+async fn lane_sender(ctx: Arc<Ctx>, conn: quinn::Connection, lane: u8) {
+    if let Err(e) = lane_loop(&ctx, &conn, lane).await {
+        tracing::debug!(lane, error = %e, "link lane failed");
+        conn.close(close::PROTOCOL.into(), e.as_bytes());
+    }
+}
+
+async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8) -> Result<(), String> {
+    let mut work = ctx.outbox.watch_work();
+    let window = ctx.config.window_messages;
+    let batch_max = ctx.config.batch_messages;
+    let inflight: Arc<std::sync::Mutex<VecDeque<MessageId>>> = Arc::default();
+    let acked = Arc::new(Notify::new());
+    let mut stream: Option<quinn::SendStream> = None;
+    let mut acks: Option<tokio::task::JoinHandle<()>> = None;
+    let mut buf = BytesMut::new();
+    let result = async {
+        loop {
+            let room = window.saturating_sub(inflight.lock().unwrap_or_else(|p| p.into_inner()).len());
+            if room == 0 {
+                acked.notified().await;
+                continue;
+            }
+            work.borrow_and_update();
+            let leased = ctx
+                .outbox
+                .lease_lane(lane, batch_max.min(room))
+                .map_err(|e| format!("outbox: {e}"))?;
+            if leased.items.is_empty() {
+                tokio::select! {
+                    r = work.changed() => r.map_err(|_| "outbox closed".to_string())?,
+                    _ = acked.notified() => {}
+                }
+                continue;
+            }
+            if stream.is_none() {
+                let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+                // Higher value goes first: lane 0 highest.
+                let _ = send.set_priority(i32::from(LANES as u8 - lane));
+                buf.clear();
+                Frame::Lane(lane).encode(&mut buf);
+                send.write_all(&buf).await.map_err(|e| e.to_string())?;
+                acks = Some(tokio::spawn(ack_reader(ctx.clone(), conn.clone(), recv, inflight.clone(), acked.clone())));
+                stream = Some(send);
+            }
+            let now = ctx.outbox.clock_ms();
+            let mut records = Vec::with_capacity(leased.items.len());
+            let mut ids = Vec::with_capacity(leased.items.len());
+            let mut expired = Vec::new();
+            for item in &leased.items {
+                match outgoing(item, now).map(|r| r.encode()) {
+                    Some(Ok(b)) => {
+                        records.push(bytes::Bytes::from(b));
+                        ids.push(item.id);
+                    }
+                    // Expired since it was leased, or (impossible for a stored record) unencodable.
+                    _ => expired.push(item.id),
+                }
+            }
+            if !expired.is_empty() {
+                // Nothing to send for these; deleting them is what expiry would do.
+                let _ = ctx.outbox.ack(&expired).await;
+            }
+            if records.is_empty() {
+                continue;
+            }
+            buf.clear();
+            let n = records.len() as u64;
+            Frame::Batch(records).encode(&mut buf);
+            inflight.lock().unwrap_or_else(|p| p.into_inner()).extend(ids);
+            if let Some(s) = stream.as_mut() {
+                s.write_all(&buf).await.map_err(|e| e.to_string())?;
+            }
+            ctx.metrics.link_sent.inc_by(n);
+            ctx.status.update(|s| {
+                s.sent += n;
+                s.window = window;
+            });
+        }
+    }
+    .await;
+    if let Some(a) = acks {
+        a.abort();
+    }
+    result
+}
+
+/// Reads cumulative acks of one lane stream and deletes what they cover.
+async fn ack_reader(
+    ctx: Arc<Ctx>,
+    conn: quinn::Connection,
+    mut recv: quinn::RecvStream,
+    inflight: Arc<std::sync::Mutex<VecDeque<MessageId>>>,
+    acked: Arc<Notify>,
+) {
+    let mut through = 0u64;
+    loop {
+        match wire::read_frame(&mut recv, MAX_DOWN_FRAME).await {
+            Ok(Some(Frame::Ack(n))) if n >= through => {
+                let ids: Vec<MessageId> = {
+                    let mut q = inflight.lock().unwrap_or_else(|p| p.into_inner());
+                    let k = ((n - through) as usize).min(q.len());
+                    q.drain(..k).collect()
+                };
+                if ids.len() as u64 != n - through {
+                    conn.close(close::PROTOCOL.into(), b"ack beyond what was sent");
+                    return;
+                }
+                through = n;
+                if let Err(e) = ctx.outbox.ack(&ids).await {
+                    tracing::error!(error = %e, "link: cannot delete acknowledged messages");
+                }
+                ctx.metrics.link_acked.inc_by(ids.len() as u64);
+                ctx.status.update(|s| s.acked += ids.len() as u64);
+                acked.notify_one();
+            }
+            Ok(None) => return,
+            Ok(Some(_)) => {
+                conn.close(close::PROTOCOL.into(), b"unexpected frame on a lane stream");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "link: lane ack stream ended");
+                return;
+            }
+        }
+    }
+}

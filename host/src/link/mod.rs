@@ -1,0 +1,267 @@
+//! The upstream link: how a node's outbox drains, and how a parent takes in
+//! what its children send.
+//!
+//! - [`child`]: QUIC to a parent Holdfast node (mutual TLS with fleet
+//!   certificates, a control stream and one stream per outbox lane carrying
+//!   batches with cumulative acks).
+//! - [`parent`]: the QUIC listener children connect to. Every message is
+//!   stored in this node's outbox before the child is acknowledged.
+//! - [`bridge`]: MQTT to any broker, QoS 1 with an in-flight window.
+//! - [`root`]: no upstream: what reaches the outbox is delivered to local
+//!   subscribers.
+//! - [`reconnect`]: capped exponential back-off with full jitter, and the
+//!   two things that cut it short: the parent answering a probe, and the
+//!   machine's network changing.
+//!
+//! Only this module touches quinn for the link.
+
+pub mod bridge;
+pub mod child;
+pub mod parent;
+pub mod reconnect;
+pub mod root;
+pub mod wire;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::broker::session::Msg;
+use crate::config::Config;
+use crate::outbox::Leased;
+use crate::outbox::record::Record;
+use crate::plugins::Message;
+
+/// Why the link could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// Certificates or keys could not be used.
+    #[error("link TLS: {0}")]
+    Tls(String),
+    /// The listener could not bind.
+    #[error("link listener cannot bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+impl From<crate::tls::PemError> for LinkError {
+    fn from(e: crate::tls::PemError) -> Self {
+        LinkError::Tls(e.to_string())
+    }
+}
+
+/// State of the upstream link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkState {
+    /// Root role: there is no upstream.
+    Root,
+    /// Trying to connect.
+    Connecting,
+    /// Connected and draining.
+    Up,
+    /// Not connected; waiting to retry.
+    Down,
+}
+
+/// A connected child gateway.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChildInfo {
+    /// Its address.
+    pub addr: String,
+    /// Connected since, ms since the Unix epoch.
+    pub since_ms: u64,
+    /// Messages stored from it on this connection.
+    pub received: u64,
+    /// Which connection this entry belongs to.
+    #[serde(skip)]
+    pub(crate) conn_id: usize,
+}
+
+/// What the admin API shows about the link.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkStatus {
+    /// `none` (root), `quic` or `mqtt`.
+    pub kind: &'static str,
+    /// The parent or broker address.
+    pub target: String,
+    /// State now.
+    pub state: LinkState,
+    /// In this state since, ms since the Unix epoch.
+    pub since_ms: u64,
+    /// Connections established since start.
+    pub connects: u64,
+    /// Failed attempts and lost links since start.
+    pub failures: u64,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// Messages sent upstream (resends included) and acknowledged, since start.
+    pub sent: u64,
+    /// Acknowledged.
+    pub acked: u64,
+    /// The in-flight window in force (the bridge: capped by the broker's receive maximum).
+    pub window: usize,
+    /// Connected child gateways by node id.
+    pub children: BTreeMap<String, ChildInfo>,
+}
+
+/// The link's shared status.
+#[derive(Debug)]
+pub struct Status(Mutex<LinkStatus>);
+
+pub(crate) fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Status {
+    /// A status for `config`'s upstream.
+    pub fn new(config: &Config) -> Status {
+        use crate::config::UpstreamKind;
+        let (kind, target, state) = match config.upstream.kind {
+            UpstreamKind::None => ("none", String::new(), LinkState::Root),
+            UpstreamKind::Quic => ("quic", config.upstream.quic.parent.clone(), LinkState::Connecting),
+            UpstreamKind::Mqtt => (
+                "mqtt",
+                format!("{}:{}", config.upstream.mqtt.host, config.upstream.mqtt.port),
+                LinkState::Connecting,
+            ),
+        };
+        Status(Mutex::new(LinkStatus {
+            kind,
+            target,
+            state,
+            since_ms: wall_ms(),
+            connects: 0,
+            failures: 0,
+            last_error: None,
+            sent: 0,
+            acked: 0,
+            window: 0,
+            children: BTreeMap::new(),
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LinkStatus> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy for display.
+    pub fn snapshot(&self) -> LinkStatus {
+        self.lock().clone()
+    }
+
+    pub(crate) fn set_state(&self, state: LinkState, error: Option<String>) {
+        let mut s = self.lock();
+        if s.state != state {
+            s.since_ms = wall_ms();
+        }
+        match state {
+            LinkState::Up => s.connects += 1,
+            LinkState::Down => s.failures += 1,
+            _ => {}
+        }
+        s.state = state;
+        if error.is_some() {
+            s.last_error = error;
+        }
+    }
+
+    pub(crate) fn update(&self, f: impl FnOnce(&mut LinkStatus)) {
+        f(&mut self.lock());
+    }
+}
+
+/// A leased outbox message made ready to leave this node: its origin id set
+/// (its own id if it entered here), its time-to-live what remains of it.
+/// `None` if it has expired meanwhile.
+pub(crate) fn outgoing(item: &Leased, clock_ms: u64) -> Option<Record> {
+    let age = clock_ms.saturating_sub(item.record.enqueued_clock_ms);
+    let left = item.record.ttl_ms.checked_sub(age).filter(|l| *l > 0)?;
+    let mut message = item.record.message.clone();
+    if message.origin.is_none() || message.delivered_locally {
+        let m = Arc::make_mut(&mut message);
+        m.origin.get_or_insert(item.id);
+        m.delivered_locally = false;
+    }
+    Some(Record {
+        enqueued_clock_ms: 0,
+        enqueued_wall_ms: item.record.enqueued_wall_ms,
+        ttl_ms: left,
+        message,
+    })
+}
+
+/// The stable id a message is known by up the tree.
+pub fn origin_id(item: &Leased) -> crate::outbox::MessageId {
+    item.record.message.origin.unwrap_or(item.id)
+}
+
+/// User properties a root or the bridge adds so consumers can recognise a
+/// redelivered duplicate and see where a message came from.
+pub const PROP_ID: &str = "holdfast-id";
+/// `client/gw1/gw2`: the publishing client, then the gateways it crossed.
+pub const PROP_PATH: &str = "holdfast-path";
+
+/// The `holdfast-path` value of a message.
+pub fn path_of(m: &Message) -> String {
+    let mut p = m.source.client_id.clone();
+    for hop in &m.source.path {
+        p.push('/');
+        p.push_str(hop);
+    }
+    p
+}
+
+/// A stored message as an MQTT message for local delivery, stamped with its
+/// id and path; it expires when its time-to-live runs out.
+pub(crate) fn to_msg(m: &Message, id: crate::outbox::MessageId, ttl_left_ms: Option<u64>, topic: String) -> Msg {
+    use holdfast_mqtt::{Properties, QoS};
+    let mut properties = Properties {
+        content_type: m.content_type.clone(),
+        user_properties: m.properties.clone(),
+        ..Properties::default()
+    };
+    properties.user_properties.push((PROP_ID.to_string(), id.to_string()));
+    properties.user_properties.push((PROP_PATH.to_string(), path_of(m)));
+    Msg {
+        topic,
+        payload: Bytes::copy_from_slice(&m.payload),
+        qos: match m.qos {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        },
+        retain: m.retain,
+        properties,
+        expires_at_ms: ttl_left_ms.map(|t| crate::broker::now_ms() + t),
+        // A message from this node's own client keeps no-local semantics.
+        publisher: m.source.path.is_empty().then(|| Arc::from(m.source.client_id.as_str())),
+    }
+}
+
+/// QUIC transport settings of the link, both ends.
+pub(crate) fn transport(keep_alive: Duration, idle: Duration) -> Result<quinn::TransportConfig, LinkError> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(keep_alive));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(idle).map_err(|e| LinkError::Tls(e.to_string()))?,
+    ));
+    // One control stream and up to ten lanes.
+    t.max_concurrent_bidi_streams(16u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    // Room for a long fat pipe: 8 MiB per stream, 32 MiB per connection.
+    t.stream_receive_window((8u32 << 20).into());
+    t.receive_window((32u32 << 20).into());
+    t.send_window(32 << 20);
+    Ok(t)
+}

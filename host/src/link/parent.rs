@@ -1,0 +1,342 @@
+//! The parent end of the QUIC link: child gateways connect here.
+//!
+//! A child must present a certificate issued by the fleet CA that names an
+//! identity of kind `gateway` whose parent is this node, and its hello must
+//! carry the same node id. Each lane stream's batches are stored in this
+//! node's outbox, in the same lane, with the child appended to the source
+//! path; the cumulative ack for a batch is sent only once all of it is
+//! durable here. A root drains its outbox to local subscribers; any other
+//! node forwards it further up.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::wire::{self, Frame, close, refuse};
+use super::{ChildInfo, LinkError, Status, transport, wall_ms};
+use crate::config::Config;
+use crate::identity::IdentityDirectory;
+use crate::metrics::{Metrics, ReasonLabels};
+use crate::outbox::record::Record;
+use crate::outbox::{AppendError, LANES, MessageId, Outbox};
+use crate::plugins::bindings::IdentityKind;
+
+/// What the parent end needs.
+pub struct Ctx {
+    /// This node's id.
+    pub node_id: String,
+    /// Where children's messages are stored.
+    pub outbox: Arc<Outbox>,
+    /// Who may connect.
+    pub identities: Arc<dyn IdentityDirectory>,
+    /// Shared status (connected children).
+    pub status: Arc<Status>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Concurrent children.
+    pub max_children: usize,
+    /// Largest frame accepted.
+    pub max_frame: usize,
+}
+
+/// Binds the link listener and spawns its accept loop.
+///
+/// # Errors
+/// Unusable certificates, or the address cannot be bound.
+pub fn start(config: &Config, ctx: Ctx, stop: watch::Receiver<bool>) -> Result<(SocketAddr, JoinHandle<()>), LinkError> {
+    let f = &config.fleet;
+    let (Some(ca), Some(cert), Some(key)) = (&f.ca, &f.cert, &f.key) else {
+        return Err(LinkError::Tls("fleet.ca, fleet.cert and fleet.key are required".into()));
+    };
+    let roots = crate::tls::load_roots(ca)?;
+    let chain = crate::tls::load_certs(cert)?;
+    let key = crate::tls::load_key(key)?;
+    let provider = crate::tls::provider();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+        .build()
+        .map_err(|e| LinkError::Tls(e.to_string()))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| LinkError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| LinkError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| LinkError::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    // The child decides the keep-alive; this only reaps dead paths.
+    server.transport_config(Arc::new(transport(Duration::from_secs(5), Duration::from_secs(30))?));
+    let addr = config.link.listen;
+    let endpoint = quinn::Endpoint::server(server, addr).map_err(|source| LinkError::Bind { addr, source })?;
+    let local = endpoint.local_addr().map_err(|source| LinkError::Bind { addr, source })?;
+    tracing::info!(addr = %local, "link listening for child gateways (quic)");
+    Ok((local, tokio::spawn(accept(Arc::new(ctx), endpoint, stop))))
+}
+
+async fn accept(ctx: Arc<Ctx>, endpoint: quinn::Endpoint, mut stop: watch::Receiver<bool>) {
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i { Some(i) => i, None => break },
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let ctx = ctx.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let addr = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => serve(ctx, conn, stop).await,
+                Err(e) => {
+                    ctx.metrics.link_refused.get_or_create(&ReasonLabels { reason: "handshake" }).inc();
+                    tracing::info!(%addr, error = %e, "link: a child's handshake failed");
+                }
+            }
+        });
+    }
+    endpoint.close(close::SHUTDOWN.into(), b"shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+}
+
+fn refused(ctx: &Ctx, reason: &'static str) {
+    ctx.metrics.link_refused.get_or_create(&ReasonLabels { reason }).inc();
+}
+
+async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, mut stop: watch::Receiver<bool>) {
+    let addr = conn.remote_address();
+    let cert_id = conn
+        .peer_identity()
+        .and_then(|i| i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().and_then(|c| crate::tls::node_id_of(c)));
+    let Some(cert_id) = cert_id else {
+        refused(&ctx, "no-identity");
+        conn.close(close::REFUSED.into(), b"no node id in the certificate");
+        return;
+    };
+    let (mut send, mut recv) = match tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        _ => {
+            refused(&ctx, "no-hello");
+            conn.close(close::PROTOCOL.into(), b"no control stream");
+            return;
+        }
+    };
+    let hello = tokio::time::timeout(Duration::from_secs(10), wire::read_frame(&mut recv, 4096)).await;
+    let (refusal, child) = match hello {
+        Ok(Ok(Some(Frame::Hello { version, node_id, .. }))) => {
+            if version != wire::VERSION {
+                (Some((refuse::VERSION, "version", format!("link version {version} is not supported"))), node_id)
+            } else if node_id != cert_id {
+                (
+                    Some((
+                        refuse::IDENTITY_MISMATCH,
+                        "identity-mismatch",
+                        format!("hello says {node_id:?} but the certificate is for {cert_id:?}"),
+                    )),
+                    node_id,
+                )
+            } else if !is_child(&*ctx.identities, &node_id, &ctx.node_id) {
+                (
+                    Some((
+                        refuse::NOT_A_CHILD,
+                        "not-a-child",
+                        format!("{node_id} is not a registered child gateway of {}", ctx.node_id),
+                    )),
+                    node_id,
+                )
+            } else if ctx.status.snapshot().children.len() >= ctx.max_children
+                && !ctx.status.snapshot().children.contains_key(&node_id)
+            {
+                (Some((refuse::BUSY, "busy", "too many child gateways".to_string())), node_id)
+            } else {
+                (None, node_id)
+            }
+        }
+        _ => (Some((refuse::PROTOCOL, "protocol", "expected a hello".to_string())), cert_id.clone()),
+    };
+    let mut buf = BytesMut::new();
+    if let Some((code, label, reason)) = refusal {
+        refused(&ctx, label);
+        tracing::warn!(%addr, child = %child, %reason, "link: child refused");
+        Frame::Refuse { code, reason }.encode(&mut buf);
+        let _ = send.write_all(&buf).await;
+        let _ = send.finish();
+        // Let the refusal reach the child before closing.
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+        conn.close(close::REFUSED.into(), b"refused");
+        return;
+    }
+    Frame::Welcome {
+        version: wire::VERSION,
+        node_id: ctx.node_id.clone(),
+    }
+    .encode(&mut buf);
+    if send.write_all(&buf).await.is_err() {
+        return;
+    }
+    let child: Arc<str> = Arc::from(child.as_str());
+    tracing::info!(%addr, child = %child, "link: child gateway connected");
+    ctx.status.update(|s| {
+        s.children.insert(
+            child.to_string(),
+            ChildInfo {
+                addr: addr.to_string(),
+                since_ms: wall_ms(),
+                received: 0,
+                conn_id: conn.stable_id(),
+            },
+        );
+        ctx.metrics.link_children.set(s.children.len() as i64);
+    });
+    let conn_id = conn.stable_id();
+    let mut lanes = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => {
+                    let (ctx, conn, child) = (ctx.clone(), conn.clone(), child.clone());
+                    lanes.spawn(async move { lane(ctx, conn, child, send, recv).await });
+                }
+                Err(e) => {
+                    tracing::info!(child = %child, error = %e, "link: child gateway disconnected");
+                    break;
+                }
+            },
+            _ = stop.wait_for(|s| *s) => {
+                conn.close(close::SHUTDOWN.into(), b"shutting down");
+                break;
+            }
+        }
+    }
+    // Lanes finish what they have stored and exit when the connection is gone.
+    while lanes.join_next().await.is_some() {}
+    ctx.status.update(|s| {
+        // A reconnect may already have replaced this entry.
+        if s.children.get(&*child).is_some_and(|c| c.conn_id == conn_id) {
+            s.children.remove(&*child);
+        }
+        ctx.metrics.link_children.set(s.children.len() as i64);
+    });
+    drop(send);
+}
+
+/// True when `id` is an enabled gateway whose parent is `me`.
+pub fn is_child(identities: &dyn IdentityDirectory, id: &str, me: &str) -> bool {
+    identities
+        .lookup(id)
+        .is_some_and(|i| i.enabled && i.kind == IdentityKind::Gateway && i.parent.as_deref() == Some(me))
+}
+
+/// Stored messages acknowledged in order: each entry is a batch's appends.
+type Pending = Vec<tokio::sync::oneshot::Receiver<Result<MessageId, AppendError>>>;
+
+async fn lane(
+    ctx: Arc<Ctx>,
+    conn: quinn::Connection,
+    child: Arc<str>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let lane = match wire::read_frame(&mut recv, ctx.max_frame).await {
+        Ok(Some(Frame::Lane(l))) if (l as usize) < LANES => l,
+        _ => {
+            refused(&ctx, "protocol");
+            conn.close(close::PROTOCOL.into(), b"a lane stream starts with a lane frame");
+            return;
+        }
+    };
+    // Acks go out in order from their own task, so reading continues while
+    // earlier batches wait for their sync.
+    let (tx, mut rx) = mpsc::channel::<Pending>(64);
+    let acker = {
+        let (ctx, conn, child) = (ctx.clone(), conn.clone(), child.clone());
+        tokio::spawn(async move {
+            let mut stored = 0u64;
+            let mut buf = BytesMut::new();
+            while let Some(batch) = rx.recv().await {
+                let n = batch.len() as u64;
+                for r in batch {
+                    match r.await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(child = %child, lane, error = %e, "link: cannot store a child's message");
+                            refused(&ctx, "store");
+                            conn.close(close::FULL.into(), b"cannot store now");
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                }
+                stored += n;
+                ctx.metrics.link_received.inc_by(n);
+                ctx.status.update(|s| {
+                    if let Some(c) = s.children.get_mut(&*child) {
+                        c.received += n;
+                    }
+                });
+                buf.clear();
+                Frame::Ack(stored).encode(&mut buf);
+                if send.write_all(&buf).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    loop {
+        let records = match wire::read_frame(&mut recv, ctx.max_frame).await {
+            Ok(Some(Frame::Batch(records))) => records,
+            Ok(None) => break,
+            Ok(Some(_)) => {
+                refused(&ctx, "protocol");
+                conn.close(close::PROTOCOL.into(), b"expected a batch");
+                break;
+            }
+            Err(wire::ReadError::Wire(e)) => {
+                refused(&ctx, "malformed");
+                tracing::warn!(child = %child, error = %e, "link: malformed frame from a child");
+                conn.close(close::PROTOCOL.into(), b"malformed frame");
+                break;
+            }
+            Err(wire::ReadError::Stream(_)) => break,
+        };
+        let mut pending = Vec::with_capacity(records.len());
+        for raw in records {
+            let record = match Record::decode(&raw) {
+                Ok(r) if r.message.origin.is_some() => r,
+                _ => {
+                    refused(&ctx, "malformed");
+                    tracing::warn!(child = %child, "link: undecodable message from a child");
+                    conn.close(close::PROTOCOL.into(), b"malformed record");
+                    return;
+                }
+            };
+            let mut message = record.message;
+            {
+                let m = Arc::make_mut(&mut message);
+                m.source.path.push(child.to_string());
+                m.delivered_locally = false;
+            }
+            match ctx
+                .outbox
+                .submit(lane, message, Some(Duration::from_millis(record.ttl_ms)))
+            {
+                Ok(rx) => pending.push(rx),
+                Err(e) => {
+                    tracing::warn!(child = %child, lane, error = %e, "link: outbox refused a child's message");
+                    refused(&ctx, "full");
+                    conn.close(close::FULL.into(), b"cannot store now");
+                    return;
+                }
+            }
+        }
+        if tx.send(pending).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = acker.await;
+}

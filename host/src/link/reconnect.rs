@@ -1,0 +1,240 @@
+//! When to try the upstream again.
+//!
+//! Failed attempts back off exponentially, capped, with full jitter (a
+//! random delay between zero and the cap), so a fleet whose parent restarts
+//! does not reconnect in lock step. Two signals cut the wait short:
+//!
+//! - **Probe**: while the parent is unreachable, a 1200-byte QUIC packet with
+//!   a reserved version is sent to it every `upstream.probe_interval_ms`. A
+//!   QUIC server answers that with a stateless Version Negotiation packet, so
+//!   the first answer after a silence means the path is back; the link
+//!   reconnects at once instead of at the next back-off tick. (An MQTT
+//!   broker is probed with a TCP connect.)
+//! - **Network change**: on Linux, a netlink socket reports address, route
+//!   and link changes of the machine; any change starts an attempt at once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+/// Capped exponential back-off with full jitter.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// Starts at `initial`, never above `max`.
+    pub fn new(initial: Duration, max: Duration) -> Backoff {
+        Backoff {
+            initial,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The ceiling of the next delay, without jitter.
+    pub fn ceiling(&self) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+
+    /// The next delay: uniform in `[0, ceiling]`; the ceiling then doubles.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.ceiling();
+        self.attempt = self.attempt.saturating_add(1);
+        let ms = ceiling.as_millis() as u64;
+        Duration::from_millis(if ms == 0 {
+            0
+        } else {
+            crate::outbox::random_u64() % (ms + 1)
+        })
+    }
+
+    /// After a success: start from `initial` again.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// What wakes a waiting link early.
+#[derive(Debug, Default)]
+pub struct Wakeups {
+    /// The parent answered a probe after a silence.
+    pub restored: Notify,
+    /// The machine's network configuration changed.
+    pub network: Notify,
+}
+
+/// A QUIC packet with a reserved version (RFC 9000 §15: versions of the form
+/// 0x?a?a?a?a are never used), padded to 1200 bytes. A QUIC server answers it
+/// with Version Negotiation and keeps no state.
+fn probe_packet() -> Vec<u8> {
+    let mut p = Vec::with_capacity(1200);
+    let r = crate::outbox::random_u64();
+    p.push(0xc0 | (r as u8 & 0x3f));
+    p.extend_from_slice(&0x1a2a_3a4a_u32.to_be_bytes());
+    p.push(8);
+    p.extend_from_slice(&crate::outbox::random_u64().to_be_bytes());
+    p.push(8);
+    p.extend_from_slice(&r.to_be_bytes());
+    p.resize(1200, 0);
+    p
+}
+
+/// True for a Version Negotiation packet (long header, version 0).
+fn is_version_negotiation(b: &[u8]) -> bool {
+    b.len() >= 7 && b[0] & 0x80 != 0 && b[1..5] == [0, 0, 0, 0]
+}
+
+/// Probes the parent at `addr` every `interval` until dropped. When an
+/// answer arrives after at least one probe went unanswered, `restored` is
+/// notified. Errors (no route, and the like) count as no answer.
+pub async fn probe_quic(addr: SocketAddr, interval: Duration, wake: Arc<Wakeups>) {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let Ok(socket) = tokio::net::UdpSocket::bind(bind).await else {
+        return;
+    };
+    let packet = probe_packet();
+    let mut buf = vec![0u8; 2048];
+    let mut silent = false;
+    loop {
+        let _ = socket.send_to(&packet, addr).await;
+        let answered = tokio::time::timeout(interval, async {
+            loop {
+                match socket.recv_from(&mut buf).await {
+                    Ok((n, from)) if from == addr && is_version_negotiation(&buf[..n]) => return true,
+                    Ok(_) => continue,
+                    // ICMP unreachable surfaces here: no answer.
+                    Err(_) => return false,
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
+        if answered {
+            if silent {
+                wake.restored.notify_one();
+            }
+            silent = false;
+            // Answered at once: wait out the rest of the interval.
+            tokio::time::sleep(interval / 2).await;
+        } else {
+            silent = true;
+            // A failed send returns at once; do not spin.
+            tokio::time::sleep(interval / 4).await;
+        }
+    }
+}
+
+/// Probes an MQTT broker at `addr` with TCP connects, as [`probe_quic`].
+pub async fn probe_tcp(addr: SocketAddr, interval: Duration, wake: Arc<Wakeups>) {
+    let mut silent = false;
+    loop {
+        let started = tokio::time::Instant::now();
+        let answered = matches!(
+            tokio::time::timeout(interval, tokio::net::TcpStream::connect(addr)).await,
+            Ok(Ok(_))
+        );
+        if answered && silent {
+            wake.restored.notify_one();
+        }
+        silent = !answered;
+        tokio::time::sleep_until(started + interval).await;
+    }
+}
+
+/// Watches the machine's addresses, routes and links (Linux netlink) and
+/// notifies `network` on every change, from a thread of its own. Does
+/// nothing where netlink is unavailable.
+pub fn watch_network(wake: Arc<Wakeups>) {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::net::netlink::SocketAddrNetlink;
+        use rustix::net::{AddressFamily, SocketType};
+        // RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
+        const GROUPS: u32 = 0x1 | 0x10 | 0x40 | 0x100 | 0x400;
+        // Protocol 0 is NETLINK_ROUTE.
+        let socket = match rustix::net::socket(AddressFamily::NETLINK, SocketType::RAW, None) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "netlink unavailable; network changes are not watched");
+                return;
+            }
+        };
+        if let Err(e) = rustix::net::bind(&socket, &SocketAddrNetlink::new(0, GROUPS)) {
+            tracing::debug!(error = %e, "netlink bind failed; network changes are not watched");
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("holdfast-netwatch".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 16 << 10];
+                loop {
+                    match rustix::io::read(&socket, &mut buf) {
+                        Ok(0) => return,
+                        Ok(_) => {
+                            tracing::debug!("network configuration changed");
+                            wake.network.notify_one();
+                        }
+                        Err(rustix::io::Errno::INTR) | Err(rustix::io::Errno::NOBUFS) => {}
+                        Err(e) => {
+                            tracing::debug!(error = %e, "netlink read failed; no longer watching the network");
+                            return;
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the network watcher");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = wake;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_jitter_below_it() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(1000));
+        let ceilings: Vec<u64> = (0..6)
+            .map(|_| {
+                let c = b.ceiling();
+                assert!(b.next_delay() <= c);
+                c.as_millis() as u64
+            })
+            .collect();
+        assert_eq!(ceilings, [100, 200, 400, 800, 1000, 1000]);
+        b.reset();
+        assert_eq!(b.ceiling(), Duration::from_millis(100));
+        // Full jitter: the delays spread over the whole range.
+        let mut b = Backoff::new(Duration::from_millis(1000), Duration::from_millis(1000));
+        let delays: Vec<u64> = (0..200).map(|_| b.next_delay().as_millis() as u64).collect();
+        assert!(delays.iter().any(|d| *d < 250) && delays.iter().any(|d| *d > 750));
+        let mut huge = Backoff::new(Duration::from_millis(1), Duration::from_secs(60));
+        for _ in 0..100 {
+            assert!(huge.next_delay() <= Duration::from_secs(60));
+        }
+    }
+
+    #[test]
+    fn probe_packets_are_long_header_reserved_version_initial_sized() {
+        let p = probe_packet();
+        assert_eq!(p.len(), 1200);
+        assert_eq!(p[0] & 0xc0, 0xc0);
+        assert_eq!(&p[1..5], &[0x1a, 0x2a, 0x3a, 0x4a]);
+        assert!(!is_version_negotiation(&p));
+        assert!(is_version_negotiation(&[0x80, 0, 0, 0, 0, 0, 0]));
+    }
+}

@@ -1,0 +1,78 @@
+//! Root role: a node with no upstream is the top of its tree. What reaches
+//! its outbox (from its own clients' `upstream` routes and from child
+//! gateways) is delivered to its local subscribers, stamped with the
+//! message's id and path, then deleted. A message the root's own router
+//! already delivered locally is not delivered twice.
+//!
+//! Persistent subscribers (clean-start false, QoS 1) are the durable
+//! consumers: their queues are written through to the `sessions` space
+//! before the message leaves the outbox.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::{origin_id, to_msg};
+use crate::broker::Broker;
+use crate::metrics::{Metrics, ResultLabels};
+use crate::outbox::Outbox;
+
+/// Drains `outbox` into `broker` until `stop`.
+pub async fn run(
+    outbox: Arc<Outbox>,
+    broker: Option<Arc<Broker>>,
+    metrics: Arc<Metrics>,
+    batch: usize,
+    mut stop: watch::Receiver<bool>,
+) {
+    metrics.link_up.set(1);
+    let mut work = outbox.watch_work();
+    let count = |r: &'static str, n: u64| metrics.link_root.get_or_create(&ResultLabels { result: r }).inc_by(n);
+    loop {
+        work.borrow_and_update();
+        let leased = match outbox.lease(batch) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "root: cannot read the outbox");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let Some(leased) = leased else {
+            tokio::select! {
+                r = work.changed() => if r.is_err() { return },
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            continue;
+        };
+        let now = outbox.clock_ms();
+        let mut ids = Vec::with_capacity(leased.items.len());
+        for item in &leased.items {
+            ids.push(item.id);
+            let m = &item.record.message;
+            if m.delivered_locally {
+                count("already-delivered", 1);
+                continue;
+            }
+            let Some(broker) = &broker else {
+                count("no-broker", 1);
+                continue;
+            };
+            let left = item
+                .record
+                .ttl_ms
+                .saturating_sub(now.saturating_sub(item.record.enqueued_clock_ms));
+            let backlog = broker.deliver(Arc::new(to_msg(m, origin_id(item), Some(left), m.topic.clone())));
+            count("delivered", 1);
+            if backlog > 256 {
+                // A connected subscriber is behind: let it catch up.
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }
+        if let Err(e) = outbox.ack(&ids).await {
+            tracing::error!(error = %e, "root: cannot delete delivered messages");
+            outbox.release_all();
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! Frames of the QUIC parent link (ALPN `holdfast-link/1`).
+//!
+//! Every frame is `u32 length (LE)`, then `u8 type`, then the body; the length
+//! counts the type byte and the body. Integers are little endian; `str16` is
+//! a u16 length and UTF-8 bytes.
+//!
+//! ```text
+//! control stream (the first bidirectional stream, opened by the child)
+//!   child  → HELLO    magic "HFLK", u16 version, str16 node id, u64 outbox instance
+//!   parent → WELCOME  u16 version, str16 parent node id
+//!          | REFUSE   u16 code, str16 reason        (then the parent closes)
+//! lane stream (one bidirectional stream per outbox lane, opened by the child)
+//!   child  → LANE     u8 lane                        (first frame)
+//!   child  → BATCH    u32 count, then count × (u32 length, outbox record)
+//!   parent → ACK      u64 messages stored so far on this stream (cumulative)
+//! ```
+//!
+//! A batch carries outbox records ([`crate::outbox::record`]) whose
+//! time-to-live is what remains of it and whose origin id is set, so a
+//! message keeps its identity and its deadline across every hop.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// The ALPN protocol of the link.
+pub const ALPN: &[u8] = b"holdfast-link/1";
+/// The protocol version a node speaks.
+pub const VERSION: u16 = 1;
+const MAGIC: &[u8; 4] = b"HFLK";
+
+const T_HELLO: u8 = 1;
+const T_WELCOME: u8 = 2;
+const T_REFUSE: u8 = 3;
+const T_LANE: u8 = 10;
+const T_BATCH: u8 = 11;
+const T_ACK: u8 = 12;
+
+/// Why the parent refused a child.
+pub mod refuse {
+    /// The protocol version is not supported.
+    pub const VERSION: u16 = 1;
+    /// The certificate does not name a registered child gateway of this node.
+    pub const NOT_A_CHILD: u16 = 2;
+    /// The hello's node id differs from the certificate's.
+    pub const IDENTITY_MISMATCH: u16 = 3;
+    /// Too many children are connected.
+    pub const BUSY: u16 = 4;
+    /// The hello was malformed.
+    pub const PROTOCOL: u16 = 5;
+}
+
+/// QUIC application error codes used when closing a connection or stream.
+pub mod close {
+    /// Normal shutdown.
+    pub const DONE: u32 = 0;
+    /// The peer sent something malformed.
+    pub const PROTOCOL: u32 = 1;
+    /// Refused at hello (see the REFUSE frame).
+    pub const REFUSED: u32 = 2;
+    /// The parent cannot store more now (quota or disk); retry later.
+    pub const FULL: u32 = 3;
+    /// The node is shutting down.
+    pub const SHUTDOWN: u32 = 4;
+}
+
+/// A link frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Child → parent, first frame of the control stream.
+    Hello {
+        /// Protocol version.
+        version: u16,
+        /// The child's node id.
+        node_id: String,
+        /// The child's outbox instance id.
+        instance: u64,
+    },
+    /// Parent → child: accepted.
+    Welcome {
+        /// Protocol version.
+        version: u16,
+        /// The parent's node id.
+        node_id: String,
+    },
+    /// Parent → child: refused (see [`refuse`]).
+    Refuse {
+        /// Code.
+        code: u16,
+        /// Reason for people.
+        reason: String,
+    },
+    /// Child → parent: the lane this stream carries.
+    Lane(u8),
+    /// Child → parent: encoded outbox records, in order.
+    Batch(Vec<Bytes>),
+    /// Parent → child: messages stored so far on this stream.
+    Ack(u64),
+}
+
+/// A frame that cannot be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// Longer than allowed.
+    #[error("frame of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    /// Unknown type byte.
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    /// Truncated, trailing bytes, a bad magic or bad UTF-8.
+    #[error("malformed {0} frame")]
+    Malformed(&'static str),
+}
+
+fn put_str16(out: &mut BytesMut, s: &str) {
+    let s = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    out.put_u16_le(s.len() as u16);
+    out.put_slice(s);
+}
+
+fn get_str16(b: &mut Bytes, what: &'static str) -> Result<String, WireError> {
+    if b.remaining() < 2 {
+        return Err(WireError::Malformed(what));
+    }
+    let n = b.get_u16_le() as usize;
+    if b.remaining() < n {
+        return Err(WireError::Malformed(what));
+    }
+    String::from_utf8(b.split_to(n).to_vec()).map_err(|_| WireError::Malformed(what))
+}
+
+impl Frame {
+    /// Appends the encoded frame to `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        let start = out.len();
+        out.put_u32_le(0);
+        match self {
+            Frame::Hello {
+                version,
+                node_id,
+                instance,
+            } => {
+                out.put_u8(T_HELLO);
+                out.put_slice(MAGIC);
+                out.put_u16_le(*version);
+                put_str16(out, node_id);
+                out.put_u64_le(*instance);
+            }
+            Frame::Welcome { version, node_id } => {
+                out.put_u8(T_WELCOME);
+                out.put_u16_le(*version);
+                put_str16(out, node_id);
+            }
+            Frame::Refuse { code, reason } => {
+                out.put_u8(T_REFUSE);
+                out.put_u16_le(*code);
+                put_str16(out, reason);
+            }
+            Frame::Lane(l) => {
+                out.put_u8(T_LANE);
+                out.put_u8(*l);
+            }
+            Frame::Batch(records) => {
+                out.put_u8(T_BATCH);
+                out.put_u32_le(records.len() as u32);
+                for r in records {
+                    out.put_u32_le(r.len() as u32);
+                    out.put_slice(r);
+                }
+            }
+            Frame::Ack(n) => {
+                out.put_u8(T_ACK);
+                out.put_u64_le(*n);
+            }
+        }
+        let len = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    }
+
+    /// Decodes one frame body (type byte and body, without the length).
+    ///
+    /// # Errors
+    /// Unknown type or malformed body.
+    pub fn decode(mut b: Bytes) -> Result<Frame, WireError> {
+        if b.is_empty() {
+            return Err(WireError::Malformed("empty"));
+        }
+        let t = b.get_u8();
+        let frame = match t {
+            T_HELLO => {
+                if b.remaining() < 6 || &b[..4] != MAGIC {
+                    return Err(WireError::Malformed("hello"));
+                }
+                b.advance(4);
+                let version = b.get_u16_le();
+                let node_id = get_str16(&mut b, "hello")?;
+                if b.remaining() < 8 {
+                    return Err(WireError::Malformed("hello"));
+                }
+                Frame::Hello {
+                    version,
+                    node_id,
+                    instance: b.get_u64_le(),
+                }
+            }
+            T_WELCOME => {
+                if b.remaining() < 2 {
+                    return Err(WireError::Malformed("welcome"));
+                }
+                let version = b.get_u16_le();
+                Frame::Welcome {
+                    version,
+                    node_id: get_str16(&mut b, "welcome")?,
+                }
+            }
+            T_REFUSE => {
+                if b.remaining() < 2 {
+                    return Err(WireError::Malformed("refuse"));
+                }
+                let code = b.get_u16_le();
+                Frame::Refuse {
+                    code,
+                    reason: get_str16(&mut b, "refuse")?,
+                }
+            }
+            T_LANE => {
+                if b.remaining() < 1 {
+                    return Err(WireError::Malformed("lane"));
+                }
+                Frame::Lane(b.get_u8())
+            }
+            T_BATCH => {
+                if b.remaining() < 4 {
+                    return Err(WireError::Malformed("batch"));
+                }
+                let n = b.get_u32_le() as usize;
+                // Each record takes at least its 4-byte length.
+                if n > b.remaining() / 4 {
+                    return Err(WireError::Malformed("batch"));
+                }
+                let mut records = Vec::with_capacity(n);
+                for _ in 0..n {
+                    if b.remaining() < 4 {
+                        return Err(WireError::Malformed("batch"));
+                    }
+                    let len = b.get_u32_le() as usize;
+                    if b.remaining() < len {
+                        return Err(WireError::Malformed("batch"));
+                    }
+                    records.push(b.split_to(len));
+                }
+                Frame::Batch(records)
+            }
+            T_ACK => {
+                if b.remaining() < 8 {
+                    return Err(WireError::Malformed("ack"));
+                }
+                Frame::Ack(b.get_u64_le())
+            }
+            other => return Err(WireError::UnknownType(other)),
+        };
+        if b.has_remaining() {
+            return Err(WireError::Malformed("trailing bytes"));
+        }
+        Ok(frame)
+    }
+}
+
+/// Reads one frame from a QUIC stream; `Ok(None)` at a clean end of stream.
+///
+/// # Errors
+/// A frame over `max` bytes, a malformed frame, or a stream error.
+pub async fn read_frame(stream: &mut quinn::RecvStream, max: usize) -> Result<Option<Frame>, ReadError> {
+    let mut len = [0u8; 4];
+    match stream.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(ReadError::Wire(WireError::Malformed("truncated"))),
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(ReadError::Stream(e)),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > max {
+        return Err(ReadError::Wire(WireError::TooLarge(len)));
+    }
+    let mut body = vec![0u8; len];
+    match stream.read_exact(&mut body).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(ReadError::Wire(WireError::Malformed("truncated"))),
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(ReadError::Stream(e)),
+    }
+    Frame::decode(Bytes::from(body)).map(Some).map_err(ReadError::Wire)
+}
+
+/// Why reading a frame failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The bytes are not a valid frame.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The stream or connection failed.
+    #[error(transparent)]
+    Stream(#[from] quinn::ReadError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn round_trip(f: Frame) {
+        let mut out = BytesMut::new();
+        f.encode(&mut out);
+        let len = u32::from_le_bytes(out[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, out.len() - 4);
+        assert_eq!(Frame::decode(out.freeze().slice(4..)).unwrap(), f);
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        round_trip(Frame::Hello {
+            version: VERSION,
+            node_id: "gw-1".into(),
+            instance: 0xdead_beef,
+        });
+        round_trip(Frame::Welcome {
+            version: VERSION,
+            node_id: "root".into(),
+        });
+        round_trip(Frame::Refuse {
+            code: refuse::NOT_A_CHILD,
+            reason: "gw-9 is not a child of root".into(),
+        });
+        round_trip(Frame::Lane(7));
+        round_trip(Frame::Batch(vec![Bytes::from_static(b"abc"), Bytes::new()]));
+        round_trip(Frame::Ack(u64::MAX));
+    }
+
+    #[test]
+    fn malformed_frames_are_refused() {
+        for bad in [
+            &b""[..],
+            &[99],
+            &[T_HELLO, b'X', b'F', b'L', b'K', 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[T_BATCH, 0xff, 0xff, 0xff, 0xff],
+            &[T_BATCH, 1, 0, 0, 0, 9, 0, 0, 0, 1],
+            &[T_ACK, 1, 2],
+            &[T_LANE, 1, 2],
+        ] {
+            assert!(Frame::decode(Bytes::copy_from_slice(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(b in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Frame::decode(Bytes::from(b));
+        }
+    }
+}
