@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod client;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 
 pub fn free_port() -> u16 {
@@ -29,6 +31,11 @@ impl Gateway {
     /// Starts a gateway; `extra` is appended to its config. Unless `extra`
     /// has its own `[mqtt.tcp]`, MQTT listens on a free loopback port.
     pub fn start(extra: &str) -> Gateway {
+        Gateway::start_named("e2e", extra)
+    }
+
+    /// [`Gateway::start`] with node id `id`.
+    pub fn start_named(id: &str, extra: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mqtt = free_port();
@@ -41,7 +48,7 @@ impl Gateway {
         std::fs::write(
             &config,
             format!(
-                "[node]\nid = \"e2e\"\ndata_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n{mqtt_section}{extra}",
+                "[node]\nid = {id:?}\ndata_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n{mqtt_section}{extra}",
                 dir.path().join("data").display().to_string()
             ),
         )
@@ -73,15 +80,30 @@ impl Gateway {
         self.wait_ready();
     }
 
+    /// Kills the process with SIGKILL and leaves it down.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the process again after [`Gateway::kill`].
+    pub fn respawn(&mut self) {
+        self.child = spawn(&self.config);
+        self.wait_ready();
+    }
+
+    /// GET an admin API path with the node's token, as JSON.
+    pub fn api(&self, path: &str) -> serde_json::Value {
+        let (code, body) = http_get(self.port, path, Some(self.token().trim())).unwrap();
+        assert_eq!(code, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
     pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    e.read_to_string(&mut err).unwrap();
-                }
-                panic!("holdfast exited early with {status}: {err}");
+                panic!("holdfast exited early with {status}: {}", self.log());
             }
             if http_get(self.port, "/healthz", None).is_some_and(|(code, _)| code == 200) {
                 return;
@@ -144,10 +166,7 @@ impl Gateway {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    e.read_to_string(&mut err).unwrap();
-                }
+                let err = self.log();
                 assert!(status.success(), "exit {status}: {err}");
                 return err;
             }
@@ -159,22 +178,43 @@ impl Gateway {
     pub fn stop(mut self) -> String {
         self.terminate()
     }
+
+    /// Everything the process (and earlier runs on this config) logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(log_path(&self.config)).unwrap_or_default()
+    }
+
+    /// Node id and log, for a failing assertion's message.
+    pub fn describe(&self) -> String {
+        format!("--- log of {} ---\n{}", self.config.display(), self.log())
+    }
 }
 
-/// Starts `holdfast run`. With `HOLDFAST_TEST_LOG=<filter>` its log goes to
-/// the test's stderr at that level, for debugging.
+fn log_path(config: &std::path::Path) -> PathBuf {
+    config.with_extension("log")
+}
+
+/// Starts `holdfast run`; its log is appended to `<config>.log`. With
+/// `HOLDFAST_TEST_LOG=<filter>` it goes to the test's stderr at that level
+/// instead, for debugging.
 fn spawn(config: &std::path::Path) -> Child {
     let log = std::env::var("HOLDFAST_TEST_LOG").ok();
+    let stderr = if log.is_some() {
+        Stdio::inherit()
+    } else {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path(config))
+            .unwrap();
+        Stdio::from(file)
+    };
     Command::new(BIN)
         .args(["run", "--config"])
         .arg(config)
         .env("RUST_LOG", log.as_deref().unwrap_or("info"))
         .stdout(Stdio::null())
-        .stderr(if log.is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::piped()
-        })
+        .stderr(stderr)
         .spawn()
         .unwrap()
 }

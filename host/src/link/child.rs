@@ -323,6 +323,10 @@ async fn drain(ctx: &Arc<Ctx>, conn: &quinn::Connection) -> Ended {
         C::ApplicationClosed(a) if a.error_code == close::FULL.into() => {
             Ended::Refused("the parent's outbox is full; retrying later".into())
         }
+        C::ApplicationClosed(a) if a.error_code == close::SHUTDOWN.into() => {
+            // It will be back: probe for it.
+            Ended::Unreachable("the parent is shutting down".into())
+        }
         C::ApplicationClosed(a) => Ended::Refused(format!("closed by the parent: {a}")),
         C::LocallyClosed => Ended::Stopped,
         e => Ended::Unreachable(e.to_string()),

@@ -1,0 +1,476 @@
+//! End-to-end tests of the upstream link: several `holdfast` processes
+//! joined by QUIC links, the fault-injection link proxy between them, and
+//! the MQTT bridge to a real Mosquitto.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::client::{Client, Received};
+use support::{BIN, Gateway, free_port};
+
+/// Creates a fleet CA and a certificate for every node id.
+fn fleet(ids: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().to_str().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["cert", "ca", "--dir", certs]);
+    for id in ids {
+        run(&["cert", "node", id, "--ca-dir", certs]);
+    }
+    dir
+}
+
+fn fleet_section(certs: &Path, id: &str) -> String {
+    format!(
+        "[fleet]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        certs.join("ca.pem"),
+        certs.join(format!("{id}.pem")),
+        certs.join(format!("{id}.key"))
+    )
+}
+
+fn listen_section(port: u16) -> String {
+    format!("[link]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n")
+}
+
+/// A child whose link notices a dead path within 1.5 s.
+fn upstream_section(parent: SocketAddr, parent_id: &str) -> String {
+    format!(
+        "[upstream]\nkind = \"quic\"\nprobe_interval_ms = 50\nbackoff_max_ms = 2000\n\
+         [upstream.quic]\nparent = \"{parent}\"\nparent_id = \"{parent_id}\"\nkeep_alive_ms = 250\nidle_timeout_ms = 1500\n"
+    )
+}
+
+fn child_identity(id: &str, parent: &str) -> String {
+    format!("[[identities]]\nid = \"{id}\"\nkind = \"gateway\"\nparent = \"{parent}\"\n")
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Waits until `f` holds, or panics with `what` after `secs`.
+fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// The link proxy (tools/link-proxy), forwarding UDP to `target`.
+struct Proxy {
+    child: Child,
+    control: SocketAddr,
+    udp: SocketAddr,
+}
+
+impl Proxy {
+    fn start(target: SocketAddr) -> Proxy {
+        let bin = Path::new(BIN).with_file_name("holdfast-link-proxy");
+        assert!(
+            bin.exists(),
+            "{} is missing: build it with `cargo build -p holdfast-link-proxy` (cargo test --workspace does)",
+            bin.display()
+        );
+        let mut child = Command::new(bin)
+            .args(["--udp", &format!("127.0.0.1:0={target}")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        Proxy {
+            child,
+            control: v["control"].as_str().unwrap().parse().unwrap(),
+            udp: v["udp"][0].as_str().unwrap().parse().unwrap(),
+        }
+    }
+
+    fn cmd(&self, c: &str) {
+        let mut s = std::net::TcpStream::connect(self.control).unwrap();
+        writeln!(s, "{c}").unwrap();
+        let mut reply = String::new();
+        BufReader::new(s).read_line(&mut reply).unwrap();
+        assert_eq!(reply.trim(), "ok", "proxy command {c:?}");
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Collects everything a persistent QoS 1 subscriber at `port` receives.
+struct Consumer {
+    got: Arc<Mutex<Vec<Received>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Consumer {
+    fn start(port: u16, id: &str, filter: &str) -> Consumer {
+        let mut client = Client::connect(port, id, false).unwrap();
+        client.subscribe(filter).unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (g, s) = (got.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match client.recv(Duration::from_millis(100)) {
+                    Ok(Some(m)) => g.lock().unwrap().push(m),
+                    Ok(None) => {}
+                    Err(e) => panic!("consumer: {e}"),
+                }
+            }
+        });
+        Consumer {
+            got,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.got.lock().unwrap().len()
+    }
+
+    fn messages(&self) -> Vec<Received> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Checks what arrived against what was acknowledged: nothing acknowledged
+/// is missing, first arrivals are in publish order, and every duplicate
+/// carries the id of its first arrival. Returns the number of duplicates.
+fn check_delivery(acked: &[u64], got: &[Received]) -> usize {
+    let mut first: std::collections::HashMap<u64, String> = std::collections::HashMap::new();
+    let mut last_new = None;
+    let mut dups = 0;
+    for m in got {
+        let seq: u64 = m.payload.parse().unwrap();
+        let id = m.prop("holdfast-id").expect("holdfast-id").to_string();
+        match first.get(&seq) {
+            Some(prev) => {
+                assert_eq!(prev, &id, "duplicate of {seq} has another id");
+                dups += 1;
+            }
+            None => {
+                assert!(last_new < Some(seq), "{seq} arrived after {last_new:?}: order broken");
+                last_new = Some(seq);
+                first.insert(seq, id);
+            }
+        }
+    }
+    let missing: Vec<&u64> = acked.iter().filter(|s| !first.contains_key(s)).collect();
+    assert!(missing.is_empty(), "{} acknowledged messages lost, e.g. {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    let ids: std::collections::HashSet<&String> = first.values().collect();
+    assert_eq!(ids.len(), first.len(), "two messages share an id");
+    dups
+}
+
+#[test]
+fn two_levels_with_certificates_and_refusals() {
+    let certs = fleet(&["root", "gw1", "gw9"]);
+    let c = certs.path();
+    let root_link = free_port();
+    let root = Gateway::start_named(
+        "root",
+        &format!("{}{}{}", fleet_section(c, "root"), listen_section(root_link), child_identity("gw1", "root")),
+    );
+    let consumer = Consumer::start(root.mqtt, "backend", "site/#");
+    let gw1 = Gateway::start_named("gw1", &format!("{}{}", fleet_section(c, "gw1"), upstream_section(addr(root_link), "root")));
+    let mut device = Client::connect(gw1.mqtt, "dev1", true).unwrap();
+    let acked: Vec<u64> = (0..200)
+        .filter(|i| device.publish_acked("site/line1", &i.to_string(), Duration::from_secs(5)).unwrap())
+        .collect();
+    assert_eq!(acked.len(), 200);
+    wait_until(20, "200 messages at the root", || consumer.len() >= 200);
+    let got = consumer.messages();
+    assert_eq!(check_delivery(&acked, &got), 0, "no duplicates on a healthy link");
+    assert_eq!(got[0].prop("holdfast-path"), Some("dev1/gw1"));
+    assert_eq!(got[0].topic, "site/line1");
+    // The child's outbox is empty once acked; the root's status lists the child.
+    wait_until(10, "gw1's outbox to drain", || gw1.api("/api/v1/outbox")["lanes"][5]["messages"] == 0);
+    let status = root.cli_ok(&["link", "status"]);
+    assert!(status.contains("gw1"), "{status}");
+    let link = gw1.api("/api/v1/link");
+    assert_eq!(link["link"]["state"], "up", "{link}");
+    assert!(link["link"]["acked"].as_u64().unwrap() >= 200);
+
+    // A node with a fleet certificate that the root does not know as its child.
+    let gw9 = Gateway::start_named("gw9", &format!("{}{}", fleet_section(c, "gw9"), upstream_section(addr(root_link), "root")));
+    wait_until(15, "gw9 refused", || {
+        gw9.api("/api/v1/link")["link"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not a registered child"))
+    });
+    assert!(root.metric("holdfast_link_refused_total{reason=\"not-a-child\"}") >= 1.0);
+    // A node whose certificate comes from another CA fails the handshake.
+    let other = fleet(&["gw1"]);
+    let rogue = Gateway::start_named(
+        "gw1",
+        &format!("{}{}", fleet_section(other.path(), "gw1"), upstream_section(addr(root_link), "root")),
+    );
+    wait_until(15, "the rogue refused", || root.metric("holdfast_link_refused_total{reason=\"handshake\"}") >= 1.0);
+    assert_ne!(rogue.api("/api/v1/link")["link"]["state"], "up");
+    drop(rogue);
+    drop(gw9);
+    drop(consumer);
+}
+
+#[test]
+fn three_levels_survive_cuts_kills_and_long_outages() {
+    let certs = fleet(&["root", "gw2", "gw1"]);
+    let c = certs.path();
+    let (root_link, gw2_link) = (free_port(), free_port());
+    let root = Gateway::start_named(
+        "root",
+        &format!("{}{}{}", fleet_section(c, "root"), listen_section(root_link), child_identity("gw2", "root")),
+    );
+    let p2 = Proxy::start(addr(root_link));
+    let mut gw2 = Gateway::start_named(
+        "gw2",
+        &format!(
+            "{}{}{}{}",
+            fleet_section(c, "gw2"),
+            listen_section(gw2_link),
+            upstream_section(p2.udp, "root"),
+            child_identity("gw1", "gw2")
+        ),
+    );
+    let p1 = Proxy::start(addr(gw2_link));
+    let gw1 = Gateway::start_named("gw1", &format!("{}{}", fleet_section(c, "gw1"), upstream_section(p1.udp, "gw2")));
+    let consumer = Consumer::start(root.mqtt, "backend", "load/#");
+
+    // Steady load: one device publishing QoS 1 to gw1, one message every 2 ms.
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (acked, stop, port) = (acked.clone(), stop.clone(), gw1.mqtt);
+        std::thread::spawn(move || {
+            let mut device = Client::connect(port, "sensor-1", true).unwrap();
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if device.publish_acked("load/sensor-1", &seq.to_string(), Duration::from_secs(5)).unwrap() {
+                    acked.lock().unwrap().push(seq);
+                }
+                seq += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let pause = |ms| std::thread::sleep(Duration::from_millis(ms));
+    pause(1500);
+    // 1. The gw1 → gw2 path is cut (and forgotten), then restored. The cut
+    // outlasts QUIC's handshake retransmissions, so the probe finds it first.
+    p1.cmd("cut");
+    pause(4000);
+    p1.cmd("up");
+    pause(1500);
+    // 2. The gw2 → root path is black-holed, then restored.
+    p2.cmd("blackhole");
+    pause(2500);
+    p2.cmd("up");
+    pause(1500);
+    // 3. The middle node dies (SIGKILL) and comes back.
+    gw2.kill();
+    pause(1000);
+    gw2.respawn();
+    pause(1500);
+    // 4. The upstream is down for longer than the load lasts.
+    p2.cmd("cut");
+    pause(1000);
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    let acked = acked.lock().unwrap().clone();
+    pause(1500);
+    let before = consumer.len();
+    assert!(before < acked.len(), "the root got everything while its link was cut");
+    p2.cmd("up");
+    let last = *acked.last().unwrap();
+    wait_until(60, "every acknowledged message at the root", || {
+        consumer.messages().iter().any(|m| m.payload == last.to_string())
+    });
+    pause(500);
+    let got = consumer.messages();
+    let dups = check_delivery(&acked, &got);
+    eprintln!(
+        "published and acknowledged {}, received {} ({} duplicates)",
+        acked.len(),
+        got.len(),
+        dups
+    );
+    // Duplicates come only from the in-flight windows of the links that broke.
+    assert!(dups <= 3 * 8192, "{dups} duplicates");
+    assert!(got.iter().all(|m| m.prop("holdfast-path") == Some("sensor-1/gw1/gw2")));
+    // The restore was noticed by probing, not by waiting out a back-off.
+    assert!(
+        gw1.metric("holdfast_link_wakeups_total{reason=\"probe\"}") >= 1.0,
+        "{}",
+        gw1.metrics()
+    );
+    for gw in [&gw1, &gw2] {
+        wait_until(10, "outboxes to drain", || {
+            gw.api("/api/v1/outbox")["lanes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|l| l["messages"] == 0)
+        });
+    }
+}
+
+/// A Mosquitto broker for the bridge, on a free port, persisting to `dir`.
+struct Mosquitto {
+    child: Option<Child>,
+    conf: PathBuf,
+    port: u16,
+}
+
+impl Mosquitto {
+    fn start(dir: &Path) -> Mosquitto {
+        let port = free_port();
+        // Started as root, Mosquitto runs as the `mosquitto` user: let it
+        // write its database here.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_inflight_messages 10\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let mut m = Mosquitto {
+            child: None,
+            conf,
+            port,
+        };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto is installed (scripts/setup.sh)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_until(10, "mosquitto", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    }
+
+    /// SIGTERM: Mosquitto saves its sessions and exits.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn bridge_to_mosquitto_with_mapping_outage_and_cloud_to_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut mosquitto = Mosquitto::start(dir.path());
+    let gw = Gateway::start_named(
+        "gw1",
+        &format!(
+            "[upstream]\nkind = \"mqtt\"\nprobe_interval_ms = 50\nbackoff_max_ms = 2000\n\
+             [upstream.mqtt]\nhost = \"127.0.0.1\"\nport = {}\nadd_prefix = \"fleet/gw1/\"\n\
+             [[upstream.mqtt.in]]\nfilter = \"cmd/gw1/#\"\nstrip_prefix = \"cmd/gw1/\"\nadd_prefix = \"cmd/\"\n",
+            mosquitto.port
+        ),
+    );
+    let cloud = Consumer::start(mosquitto.port, "cloud", "fleet/#");
+    wait_until(10, "the bridge", || gw.api("/api/v1/link")["link"]["state"] == "up");
+    // The broker's receive maximum (max_inflight_messages 10) caps the window.
+    let window = gw.api("/api/v1/link")["link"]["window"].as_u64().unwrap();
+    assert!(window <= 10, "window {window}");
+
+    let mut device = Client::connect(gw.mqtt, "dev1", true).unwrap();
+    let mut acked = Vec::new();
+    for i in 0..300u64 {
+        if device.publish_acked("tele/dev1", &i.to_string(), Duration::from_secs(5)).unwrap() {
+            acked.push(i);
+        }
+    }
+    wait_until(20, "300 messages at Mosquitto", || cloud.len() >= 300);
+    let got = cloud.messages();
+    assert_eq!(got[0].topic, "fleet/gw1/tele/dev1");
+    assert_eq!(got[0].prop("holdfast-path"), Some("dev1"));
+    drop(cloud);
+
+    // Mosquitto goes away; messages queue; it comes back and gets them all.
+    mosquitto.stop();
+    for i in 300..500u64 {
+        if device.publish_acked("tele/dev1", &i.to_string(), Duration::from_secs(5)).unwrap() {
+            acked.push(i);
+        }
+    }
+    assert_eq!(acked.len(), 500, "the gateway acknowledges while the broker is down");
+    wait_until(10, "the bridge to notice", || gw.api("/api/v1/link")["link"]["state"] != "up");
+    mosquitto.spawn();
+    let cloud = Consumer::start(mosquitto.port, "cloud", "fleet/#");
+    wait_until(30, "the backlog at Mosquitto", || cloud.messages().iter().any(|m| m.payload == "499"));
+    let mut all = got;
+    all.extend(cloud.messages());
+    check_delivery(&acked, &all);
+    // The last PUBACKs may still be on their way back.
+    wait_until(10, "500 PUBACKs", || gw.metric("holdfast_link_messages_acked_total") >= 500.0);
+
+    // Cloud to device: a command published at Mosquitto reaches a local subscriber.
+    let mut local = Client::connect(gw.mqtt, "dev2", true).unwrap();
+    local.subscribe("cmd/#").unwrap();
+    let out = Command::new("mosquitto_pub")
+        .args(["-p", &mosquitto.port.to_string(), "-t", "cmd/gw1/reboot", "-m", "now", "-q", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let m = local.recv(Duration::from_secs(10)).unwrap().expect("the command");
+    assert_eq!((m.topic.as_str(), m.payload.as_str()), ("cmd/reboot", "now"));
+}
