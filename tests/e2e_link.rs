@@ -21,7 +21,11 @@ fn fleet(ids: &[&str]) -> tempfile::TempDir {
     let certs = dir.path().to_str().unwrap();
     let run = |args: &[&str]| {
         let out = Command::new(BIN).args(args).output().unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     run(&["cert", "ca", "--dir", certs]);
     for id in ids {
@@ -93,7 +97,9 @@ impl Proxy {
             .spawn()
             .unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         Proxy {
             child,
@@ -189,7 +195,12 @@ fn check_delivery(acked: &[u64], got: &[Received]) -> usize {
         }
     }
     let missing: Vec<&u64> = acked.iter().filter(|s| !first.contains_key(s)).collect();
-    assert!(missing.is_empty(), "{} acknowledged messages lost, e.g. {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged messages lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
     let ids: std::collections::HashSet<&String> = first.values().collect();
     assert_eq!(ids.len(), first.len(), "two messages share an id");
     dups
@@ -202,13 +213,29 @@ fn two_levels_with_certificates_and_refusals() {
     let root_link = free_port();
     let root = Gateway::start_named(
         "root",
-        &format!("{}{}{}", fleet_section(c, "root"), listen_section(root_link), child_identity("gw1", "root")),
+        &format!(
+            "{}{}{}",
+            fleet_section(c, "root"),
+            listen_section(root_link),
+            child_identity("gw1", "root")
+        ),
     );
     let consumer = Consumer::start(root.mqtt, "backend", "site/#");
-    let gw1 = Gateway::start_named("gw1", &format!("{}{}", fleet_section(c, "gw1"), upstream_section(addr(root_link), "root")));
+    let gw1 = Gateway::start_named(
+        "gw1",
+        &format!(
+            "{}{}",
+            fleet_section(c, "gw1"),
+            upstream_section(addr(root_link), "root")
+        ),
+    );
     let mut device = Client::connect(gw1.mqtt, "dev1", true).unwrap();
     let acked: Vec<u64> = (0..200)
-        .filter(|i| device.publish_acked("site/line1", &i.to_string(), Duration::from_secs(5)).unwrap())
+        .filter(|i| {
+            device
+                .publish_acked("site/line1", &i.to_string(), Duration::from_secs(5))
+                .unwrap()
+        })
         .collect();
     assert_eq!(acked.len(), 200);
     wait_until(20, "200 messages at the root", || consumer.len() >= 200);
@@ -217,7 +244,9 @@ fn two_levels_with_certificates_and_refusals() {
     assert_eq!(got[0].prop("holdfast-path"), Some("dev1/gw1"));
     assert_eq!(got[0].topic, "site/line1");
     // The child's outbox is empty once acked; the root's status lists the child.
-    wait_until(10, "gw1's outbox to drain", || gw1.api("/api/v1/outbox")["lanes"][5]["messages"] == 0);
+    wait_until(10, "gw1's outbox to drain", || {
+        gw1.api("/api/v1/outbox")["lanes"][5]["messages"] == 0
+    });
     let status = root.cli_ok(&["link", "status"]);
     assert!(status.contains("gw1"), "{status}");
     let link = gw1.api("/api/v1/link");
@@ -225,7 +254,14 @@ fn two_levels_with_certificates_and_refusals() {
     assert!(link["link"]["acked"].as_u64().unwrap() >= 200);
 
     // A node with a fleet certificate that the root does not know as its child.
-    let gw9 = Gateway::start_named("gw9", &format!("{}{}", fleet_section(c, "gw9"), upstream_section(addr(root_link), "root")));
+    let gw9 = Gateway::start_named(
+        "gw9",
+        &format!(
+            "{}{}",
+            fleet_section(c, "gw9"),
+            upstream_section(addr(root_link), "root")
+        ),
+    );
     wait_until(15, "gw9 refused", || {
         gw9.api("/api/v1/link")["link"]["last_error"]
             .as_str()
@@ -236,9 +272,15 @@ fn two_levels_with_certificates_and_refusals() {
     let other = fleet(&["gw1"]);
     let rogue = Gateway::start_named(
         "gw1",
-        &format!("{}{}", fleet_section(other.path(), "gw1"), upstream_section(addr(root_link), "root")),
+        &format!(
+            "{}{}",
+            fleet_section(other.path(), "gw1"),
+            upstream_section(addr(root_link), "root")
+        ),
     );
-    wait_until(15, "the rogue refused", || root.metric("holdfast_link_refused_total{reason=\"handshake\"}") >= 1.0);
+    wait_until(15, "the rogue refused", || {
+        root.metric("holdfast_link_refused_total{reason=\"handshake\"}") >= 1.0
+    });
     assert_ne!(rogue.api("/api/v1/link")["link"]["state"], "up");
     drop(rogue);
     drop(gw9);
@@ -252,7 +294,12 @@ fn three_levels_survive_cuts_kills_and_long_outages() {
     let (root_link, gw2_link) = (free_port(), free_port());
     let root = Gateway::start_named(
         "root",
-        &format!("{}{}{}", fleet_section(c, "root"), listen_section(root_link), child_identity("gw2", "root")),
+        &format!(
+            "{}{}{}",
+            fleet_section(c, "root"),
+            listen_section(root_link),
+            child_identity("gw2", "root")
+        ),
     );
     let p2 = Proxy::start(addr(root_link));
     let mut gw2 = Gateway::start_named(
@@ -266,7 +313,10 @@ fn three_levels_survive_cuts_kills_and_long_outages() {
         ),
     );
     let p1 = Proxy::start(addr(gw2_link));
-    let gw1 = Gateway::start_named("gw1", &format!("{}{}", fleet_section(c, "gw1"), upstream_section(p1.udp, "gw2")));
+    let gw1 = Gateway::start_named(
+        "gw1",
+        &format!("{}{}", fleet_section(c, "gw1"), upstream_section(p1.udp, "gw2")),
+    );
     let consumer = Consumer::start(root.mqtt, "backend", "load/#");
 
     // Steady load: one device publishing QoS 1 to gw1, one message every 2 ms.
@@ -278,7 +328,10 @@ fn three_levels_survive_cuts_kills_and_long_outages() {
             let mut device = Client::connect(port, "sensor-1", true).unwrap();
             let mut seq = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                if device.publish_acked("load/sensor-1", &seq.to_string(), Duration::from_secs(5)).unwrap() {
+                if device
+                    .publish_acked("load/sensor-1", &seq.to_string(), Duration::from_secs(5))
+                    .unwrap()
+                {
                     acked.lock().unwrap().push(seq);
                 }
                 seq += 1;
@@ -392,7 +445,9 @@ impl Mosquitto {
             .expect("mosquitto is installed (scripts/setup.sh)");
         self.child = Some(child);
         let port = self.port;
-        wait_until(10, "mosquitto", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        wait_until(10, "mosquitto", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
     }
 
     /// SIGTERM: Mosquitto saves its sessions and exits.
@@ -435,7 +490,10 @@ fn bridge_to_mosquitto_with_mapping_outage_and_cloud_to_device() {
     let mut device = Client::connect(gw.mqtt, "dev1", true).unwrap();
     let mut acked = Vec::new();
     for i in 0..300u64 {
-        if device.publish_acked("tele/dev1", &i.to_string(), Duration::from_secs(5)).unwrap() {
+        if device
+            .publish_acked("tele/dev1", &i.to_string(), Duration::from_secs(5))
+            .unwrap()
+        {
             acked.push(i);
         }
     }
@@ -448,26 +506,44 @@ fn bridge_to_mosquitto_with_mapping_outage_and_cloud_to_device() {
     // Mosquitto goes away; messages queue; it comes back and gets them all.
     mosquitto.stop();
     for i in 300..500u64 {
-        if device.publish_acked("tele/dev1", &i.to_string(), Duration::from_secs(5)).unwrap() {
+        if device
+            .publish_acked("tele/dev1", &i.to_string(), Duration::from_secs(5))
+            .unwrap()
+        {
             acked.push(i);
         }
     }
     assert_eq!(acked.len(), 500, "the gateway acknowledges while the broker is down");
-    wait_until(10, "the bridge to notice", || gw.api("/api/v1/link")["link"]["state"] != "up");
+    wait_until(10, "the bridge to notice", || {
+        gw.api("/api/v1/link")["link"]["state"] != "up"
+    });
     mosquitto.spawn();
     let cloud = Consumer::start(mosquitto.port, "cloud", "fleet/#");
-    wait_until(30, "the backlog at Mosquitto", || cloud.messages().iter().any(|m| m.payload == "499"));
+    wait_until(30, "the backlog at Mosquitto", || {
+        cloud.messages().iter().any(|m| m.payload == "499")
+    });
     let mut all = got;
     all.extend(cloud.messages());
     check_delivery(&acked, &all);
     // The last PUBACKs may still be on their way back.
-    wait_until(10, "500 PUBACKs", || gw.metric("holdfast_link_messages_acked_total") >= 500.0);
+    wait_until(10, "500 PUBACKs", || {
+        gw.metric("holdfast_link_messages_acked_total") >= 500.0
+    });
 
     // Cloud to device: a command published at Mosquitto reaches a local subscriber.
     let mut local = Client::connect(gw.mqtt, "dev2", true).unwrap();
     local.subscribe("cmd/#").unwrap();
     let out = Command::new("mosquitto_pub")
-        .args(["-p", &mosquitto.port.to_string(), "-t", "cmd/gw1/reboot", "-m", "now", "-q", "1"])
+        .args([
+            "-p",
+            &mosquitto.port.to_string(),
+            "-t",
+            "cmd/gw1/reboot",
+            "-m",
+            "now",
+            "-q",
+            "1",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success());

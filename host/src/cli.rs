@@ -406,7 +406,11 @@ fn link_status(client: &AdminClient, json: bool) -> Result<()> {
         println!("upstream: none (root)");
     } else {
         println!("upstream: {kind} {}", str_of(&l["target"]));
-        println!("state:    {} since {}", str_of(&l["state"]), format_time(l["since_ms"].as_u64()));
+        println!(
+            "state:    {} since {}",
+            str_of(&l["state"]),
+            format_time(l["since_ms"].as_u64())
+        );
         println!(
             "connects: {}   failures: {}   sent: {}   acked: {}   window: {}",
             l["connects"], l["failures"], l["sent"], l["acked"], l["window"]

@@ -889,6 +889,13 @@ impl Config {
         let f = &self.fleet;
         let fleet_needed = self.link.enabled || self.upstream.kind == UpstreamKind::Quic;
         if fleet_needed {
+            let id = &self.node.id;
+            if id.len() > 63 || id.contains('_') {
+                return Err(ConfigError::key(
+                    "node.id",
+                    "a node on a QUIC link is named in its certificate: at most 63 letters, digits, '-' or '.'",
+                ));
+            }
             for (k, v) in [("ca", &f.ca), ("cert", &f.cert), ("key", &f.key)] {
                 if v.is_none() {
                     return Err(ConfigError::key(
@@ -918,7 +925,10 @@ impl Config {
             ));
         }
         if u.probe_interval_ms != 0 && u.probe_interval_ms < 10 {
-            return Err(ConfigError::key("upstream.probe_interval_ms", "must be 0 (off) or at least 10"));
+            return Err(ConfigError::key(
+                "upstream.probe_interval_ms",
+                "must be 0 (off) or at least 10",
+            ));
         }
         if u.connect_timeout_ms < 100 {
             return Err(ConfigError::key("upstream.connect_timeout_ms", "must be at least 100"));
@@ -930,7 +940,11 @@ impl Config {
                 if q.parent.is_empty() {
                     return Err(ConfigError::key("upstream.quic.parent", "is required (host:port)"));
                 }
-                if q.parent.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+                if q.parent
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .is_none()
+                {
                     return Err(ConfigError::key("upstream.quic.parent", "must be host:port"));
                 }
                 if q.parent_id.is_empty() || rustls_pki_types::ServerName::try_from(q.parent_id.as_str()).is_err() {
@@ -964,7 +978,10 @@ impl Config {
                     return Err(ConfigError::key("upstream.mqtt.cert", "needs tls = true"));
                 }
                 if !m.add_prefix.is_empty() && !holdfast_mqtt::topic::valid_name(&m.add_prefix) {
-                    return Err(ConfigError::key("upstream.mqtt.add_prefix", "is not a valid topic prefix"));
+                    return Err(ConfigError::key(
+                        "upstream.mqtt.add_prefix",
+                        "is not a valid topic prefix",
+                    ));
                 }
                 for (i, r) in m.inbound.iter().enumerate() {
                     if !holdfast_mqtt::topic::valid_filter(&r.filter) {

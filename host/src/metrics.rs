@@ -431,11 +431,23 @@ impl Metrics {
             mqtt_denied.clone(),
         );
         let link_up = Gauge::default();
-        registry.register("link_up", "1 while the upstream link is connected (always 1 at a root)", link_up.clone());
+        registry.register(
+            "link_up",
+            "1 while the upstream link is connected (always 1 at a root)",
+            link_up.clone(),
+        );
         let link_connects = Family::<ResultLabels, Counter>::default();
-        registry.register("link_connects", "Upstream connection attempts, by result", link_connects.clone());
+        registry.register(
+            "link_connects",
+            "Upstream connection attempts, by result",
+            link_connects.clone(),
+        );
         let link_disconnects = Family::<ReasonLabels, Counter>::default();
-        registry.register("link_disconnects", "Established upstream links lost, by reason", link_disconnects.clone());
+        registry.register(
+            "link_disconnects",
+            "Established upstream links lost, by reason",
+            link_disconnects.clone(),
+        );
         let link_wakeups = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "link_wakeups",
@@ -443,15 +455,31 @@ impl Metrics {
             link_wakeups.clone(),
         );
         let link_sent = Counter::default();
-        registry.register("link_messages_sent", "Messages sent upstream, resends included", link_sent.clone());
+        registry.register(
+            "link_messages_sent",
+            "Messages sent upstream, resends included",
+            link_sent.clone(),
+        );
         let link_acked = Counter::default();
-        registry.register("link_messages_acked", "Messages the upstream acknowledged", link_acked.clone());
+        registry.register(
+            "link_messages_acked",
+            "Messages the upstream acknowledged",
+            link_acked.clone(),
+        );
         let link_children = Gauge::default();
         registry.register("link_children", "Connected child gateways", link_children.clone());
         let link_received = Counter::default();
-        registry.register("link_messages_received", "Messages stored from child gateways", link_received.clone());
+        registry.register(
+            "link_messages_received",
+            "Messages stored from child gateways",
+            link_received.clone(),
+        );
         let link_refused = Family::<ReasonLabels, Counter>::default();
-        registry.register("link_refused", "Child connections and frames refused, by reason", link_refused.clone());
+        registry.register(
+            "link_refused",
+            "Child connections and frames refused, by reason",
+            link_refused.clone(),
+        );
         let link_root = Family::<ResultLabels, Counter>::default();
         registry.register(
             "link_root_messages",

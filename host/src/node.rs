@@ -169,7 +169,16 @@ impl Node {
             None
         };
         let link = Arc::new(crate::link::Status::new(&config));
-        let link_listen = start_link(&config, &outbox, &broker, &identities, &link, &metrics, &stopped, &mut tasks)?;
+        let link_listen = start_link(
+            &config,
+            &outbox,
+            &broker,
+            &identities,
+            &link,
+            &metrics,
+            &stopped,
+            &mut tasks,
+        )?;
         let admin_token = match &config.admin.token {
             Some(t) => t.clone(),
             None => load_or_create_token(&data_dir.join("admin.token"))?,

@@ -88,8 +88,8 @@ pub mod issue {
     use std::path::{Path, PathBuf};
 
     use rcgen::{
-        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose,
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        KeyUsagePurpose,
     };
 
     /// What went wrong issuing a certificate.
@@ -188,7 +188,9 @@ pub mod issue {
     ) -> Result<(PathBuf, PathBuf), IssueError> {
         if node_id.is_empty()
             || node_id.len() > 63
-            || !node_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+            || !node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
             || rustls::pki_types::ServerName::try_from(node_id).is_err()
         {
             return Err(IssueError::BadName(node_id.to_string()));
@@ -209,7 +211,10 @@ pub mod issue {
         (params.not_before, params.not_after) = validity(days);
         let cert = params.signed_by(&key, &issuer)?;
         std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
-        let (cert_path, key_path) = (out_dir.join(format!("{node_id}.pem")), out_dir.join(format!("{node_id}.key")));
+        let (cert_path, key_path) = (
+            out_dir.join(format!("{node_id}.pem")),
+            out_dir.join(format!("{node_id}.key")),
+        );
         if cert_path.exists() && !force {
             return Err(IssueError::Exists(cert_path));
         }
@@ -243,6 +248,7 @@ mod tests {
         load_key(&key).unwrap();
         // The chain verifies against the CA as a server named gw-1.
         let roots = load_roots(&ca).unwrap();
+        use rustls::client::danger::ServerCertVerifier as _;
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
             .build()
             .unwrap();

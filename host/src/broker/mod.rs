@@ -315,7 +315,10 @@ impl Broker {
                 for action in actions {
                     match action {
                         Action::Upstream(u) => {
-                            let m = if u.topic.is_some() || u.payload.is_some() || !u.add_properties.is_empty() || also_local
+                            let m = if u.topic.is_some()
+                                || u.payload.is_some()
+                                || !u.add_properties.is_empty()
+                                || also_local
                             {
                                 let mut m = (*pm).clone();
                                 m.delivered_locally = also_local;

@@ -23,6 +23,7 @@ use holdfast_mqtt::{Ack, Connect, Packet, Properties, Publish, QoS, SubOptions, 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
+use super::child::wait;
 use super::reconnect::{Backoff, Wakeups, probe_tcp, watch_network};
 use super::{LinkError, LinkState, PROP_ID, PROP_PATH, Status, origin_id, path_of};
 use crate::broker::Broker;
@@ -121,8 +122,9 @@ pub async fn run(ctx: Ctx, mut stop: watch::Receiver<bool>) {
             Some(a) => a,
             None => {
                 m.link_connects.get_or_create(&ResultLabels { result: "resolve" }).inc();
-                ctx.status.set_state(LinkState::Down, Some(format!("cannot resolve {target}")));
-                if wait(&mut backoff, &wake, &mut stop, false).await {
+                ctx.status
+                    .set_state(LinkState::Down, Some(format!("cannot resolve {target}")));
+                if wait(&mut backoff, &wake, &mut stop, false, m).await {
                     break;
                 }
                 continue;
@@ -178,10 +180,14 @@ pub async fn run(ctx: Ctx, mut stop: watch::Receiver<bool>) {
             }
             Ended::Refused(e) => {
                 ctx.status.set_state(LinkState::Down, Some(e));
+                // The broker answers: probing would not tell anything new.
+                if let Some(p) = probe.take() {
+                    p.abort();
+                }
                 false
             }
         };
-        if wait(&mut backoff, &wake, &mut stop, probing).await {
+        if wait(&mut backoff, &wake, &mut stop, probing, m).await {
             break;
         }
     }
@@ -189,16 +195,6 @@ pub async fn run(ctx: Ctx, mut stop: watch::Receiver<bool>) {
         p.abort();
     }
     ctx.outbox.release_all();
-}
-
-async fn wait(backoff: &mut Backoff, wake: &Wakeups, stop: &mut watch::Receiver<bool>, probing: bool) -> bool {
-    let delay = backoff.next_delay();
-    tokio::select! {
-        _ = tokio::time::sleep(delay) => false,
-        _ = wake.restored.notified(), if probing => false,
-        _ = wake.network.notified() => false,
-        _ = stop.wait_for(|s| *s) => true,
-    }
 }
 
 async fn stopped(stop: &mut watch::Receiver<bool>) {
@@ -308,12 +304,19 @@ async fn connect(ctx: &Arc<Ctx>, addr: SocketAddr) -> Result<Session, Ended> {
     if ack.code >= 0x80 {
         result("refused");
         tracing::error!(code = ack.code, "bridge: the broker refused the connection");
-        return Err(Ended::Refused(format!("the broker refused the connection (reason 0x{:02x})", ack.code)));
+        return Err(Ended::Refused(format!(
+            "the broker refused the connection (reason 0x{:02x})",
+            ack.code
+        )));
     }
     let window = usize::from(b.inflight)
         .min(usize::from(ack.properties.receive_maximum.unwrap_or(u16::MAX)))
         .min(ctx.config.window_messages.max(1));
-    let max_packet = ack.properties.maximum_packet_size.map(|m| m as usize).unwrap_or(268_435_460);
+    let max_packet = ack
+        .properties
+        .maximum_packet_size
+        .map(|m| m as usize)
+        .unwrap_or(268_435_460);
     let mut session = Session {
         stream,
         version,
@@ -328,8 +331,18 @@ async fn connect(ctx: &Arc<Ctx>, addr: SocketAddr) -> Result<Session, Ended> {
                 .inbound
                 .iter()
                 .map(|r| {
-                    let qos = if r.qos == Some(0) { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-                    (r.filter.clone(), SubOptions { qos, ..SubOptions::default() })
+                    let qos = if r.qos == Some(0) {
+                        QoS::AtMostOnce
+                    } else {
+                        QoS::AtLeastOnce
+                    };
+                    (
+                        r.filter.clone(),
+                        SubOptions {
+                            qos,
+                            ..SubOptions::default()
+                        },
+                    )
                 })
                 .collect(),
             properties: Properties::default(),
@@ -387,9 +400,12 @@ impl Session {
                     if self.version.is_v5() {
                         p.properties.content_type = msg.content_type.clone();
                         p.properties.user_properties = msg.properties.clone();
-                        p.properties.user_properties.push((PROP_ID.into(), origin_id(item).to_string()));
+                        p.properties
+                            .user_properties
+                            .push((PROP_ID.into(), origin_id(item).to_string()));
                         p.properties.user_properties.push((PROP_PATH.into(), path_of(msg)));
-                        p.properties.message_expiry_interval = Some(left.div_ceil(1000).min(u64::from(u32::MAX)) as u32);
+                        p.properties.message_expiry_interval =
+                            Some(left.div_ceil(1000).min(u64::from(u32::MAX)) as u32);
                     }
                     let before = out.len();
                     holdfast_mqtt::encode(&Packet::Publish(p), self.version, &mut out);
@@ -397,7 +413,9 @@ impl Session {
                         out.truncate(before);
                         ctx.metrics
                             .link_refused
-                            .get_or_create(&ReasonLabels { reason: "too-large-for-broker" })
+                            .get_or_create(&ReasonLabels {
+                                reason: "too-large-for-broker",
+                            })
                             .inc();
                         tracing::warn!(topic = %msg.topic, "bridge: message larger than the broker accepts; dropped");
                         skipped.push(item.id);
@@ -480,7 +498,9 @@ impl Session {
                             tracing::warn!(code = c, "bridge: the broker refused a message; dropped");
                             ctx.metrics
                                 .link_refused
-                                .get_or_create(&ReasonLabels { reason: "broker-refused" })
+                                .get_or_create(&ReasonLabels {
+                                    reason: "broker-refused",
+                                })
                                 .inc();
                             acked.push(id);
                         }
@@ -541,7 +561,10 @@ impl Session {
         let rest = p.topic.strip_prefix(rule.strip_prefix.as_str()).unwrap_or(&p.topic);
         let topic = format!("{}{}", rule.add_prefix, rest);
         if !holdfast_mqtt::topic::valid_name(&topic) {
-            ctx.metrics.link_refused.get_or_create(&ReasonLabels { reason: "bad-in-topic" }).inc();
+            ctx.metrics
+                .link_refused
+                .get_or_create(&ReasonLabels { reason: "bad-in-topic" })
+                .inc();
             return;
         }
         let Some(broker) = &ctx.broker else { return };
@@ -560,7 +583,10 @@ impl Session {
             expires_at_ms,
             publisher: None,
         }));
-        ctx.metrics.link_root.get_or_create(&ResultLabels { result: "bridged-in" }).inc();
+        ctx.metrics
+            .link_root
+            .get_or_create(&ResultLabels { result: "bridged-in" })
+            .inc();
     }
 }
 

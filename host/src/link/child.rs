@@ -25,6 +25,9 @@ use crate::outbox::{LANES, MessageId, Outbox};
 
 /// Largest frame the parent may send (acks and refusals are small).
 const MAX_DOWN_FRAME: usize = 64 << 10;
+/// A batch stops growing at this size (one message may exceed it), well
+/// under the parent's `link.max_batch_bytes`.
+const MAX_BATCH_BYTES: usize = 1 << 20;
 
 /// What the child link needs.
 pub struct Ctx {
@@ -59,8 +62,7 @@ pub fn client_config(config: &Config) -> Result<quinn::ClientConfig, LinkError> 
         .with_client_auth_cert(chain, key)
         .map_err(|e| LinkError::Tls(e.to_string()))?;
     tls.alpn_protocols = vec![wire::ALPN.to_vec()];
-    let crypto =
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| LinkError::Tls(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| LinkError::Tls(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     let q = &config.upstream.quic;
     client.transport_config(Arc::new(transport(
@@ -112,8 +114,11 @@ pub async fn run(ctx: Ctx, client: quinn::ClientConfig, mut stop: watch::Receive
             Ok(a) => a,
             Err(e) => {
                 ctx.status.set_state(LinkState::Down, Some(e.clone()));
-                metrics.link_connects.get_or_create(&ResultLabels { result: "resolve" }).inc();
-                if wait(&mut backoff, &wake, &mut stop, false).await {
+                metrics
+                    .link_connects
+                    .get_or_create(&ResultLabels { result: "resolve" })
+                    .inc();
+                if wait(&mut backoff, &wake, &mut stop, false, metrics).await {
                     break;
                 }
                 continue;
@@ -175,13 +180,17 @@ pub async fn run(ctx: Ctx, client: quinn::ClientConfig, mut stop: watch::Receive
             Ended::Stopped => break,
             Ended::Unreachable(e) => {
                 ctx.status.set_state(LinkState::Down, Some(e));
-                if wait(&mut backoff, &wake, &mut stop, true).await {
+                if wait(&mut backoff, &wake, &mut stop, true, metrics).await {
                     break;
                 }
             }
             Ended::Refused(e) => {
                 ctx.status.set_state(LinkState::Down, Some(e));
-                if wait(&mut backoff, &wake, &mut stop, false).await {
+                // The parent answers: probing would not tell anything new.
+                if let Some(p) = probe.take() {
+                    p.abort();
+                }
+                if wait(&mut backoff, &wake, &mut stop, false, metrics).await {
                     break;
                 }
             }
@@ -196,13 +205,29 @@ pub async fn run(ctx: Ctx, client: quinn::ClientConfig, mut stop: watch::Receive
 }
 
 /// Waits out a back-off delay, or less if woken. True when stopping.
-async fn wait(backoff: &mut Backoff, wake: &Wakeups, stop: &mut watch::Receiver<bool>, probing: bool) -> bool {
+pub(crate) async fn wait(
+    backoff: &mut Backoff,
+    wake: &Wakeups,
+    stop: &mut watch::Receiver<bool>,
+    probing: bool,
+    metrics: &Metrics,
+) -> bool {
     let delay = backoff.next_delay();
-    tracing::debug!(delay_ms = delay.as_millis() as u64, "link: waiting before the next attempt");
+    tracing::debug!(
+        delay_ms = delay.as_millis() as u64,
+        "link: waiting before the next attempt"
+    );
+    let woke = |reason| metrics.link_wakeups.get_or_create(&ReasonLabels { reason }).inc();
     tokio::select! {
         _ = tokio::time::sleep(delay) => false,
-        _ = wake.restored.notified(), if probing => false,
-        _ = wake.network.notified() => false,
+        _ = wake.restored.notified(), if probing => {
+            woke("probe");
+            false
+        }
+        _ = wake.network.notified() => {
+            woke("network");
+            false
+        }
         _ = stop.wait_for(|s| *s) => true,
     }
 }
@@ -236,7 +261,10 @@ async fn connect(
     let conn = match tokio::time::timeout(timeout, connecting).await {
         Err(_) => {
             result("timeout");
-            return Err(Ended::Unreachable(format!("no answer from {addr} within {} ms", timeout.as_millis())));
+            return Err(Ended::Unreachable(format!(
+                "no answer from {addr} within {} ms",
+                timeout.as_millis()
+            )));
         }
         Ok(Err(e)) => return Err(classify_connect_error(e, &result)),
         Ok(Ok(c)) => c,
@@ -377,16 +405,30 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8) -> Result
                 buf.clear();
                 Frame::Lane(lane).encode(&mut buf);
                 send.write_all(&buf).await.map_err(|e| e.to_string())?;
-                acks = Some(tokio::spawn(ack_reader(ctx.clone(), conn.clone(), recv, inflight.clone(), acked.clone())));
+                acks = Some(tokio::spawn(ack_reader(
+                    ctx.clone(),
+                    conn.clone(),
+                    recv,
+                    inflight.clone(),
+                    acked.clone(),
+                )));
                 stream = Some(send);
             }
             let now = ctx.outbox.clock_ms();
             let mut records = Vec::with_capacity(leased.items.len());
             let mut ids = Vec::with_capacity(leased.items.len());
             let mut expired = Vec::new();
+            let mut batch_bytes = 0usize;
+            let mut unsent = Vec::new();
             for item in &leased.items {
+                if batch_bytes >= MAX_BATCH_BYTES {
+                    // The rest go in the next batch.
+                    unsent.push(item.id);
+                    continue;
+                }
                 match outgoing(item, now).map(|r| r.encode()) {
                     Some(Ok(b)) => {
+                        batch_bytes += b.len() + 4;
                         records.push(bytes::Bytes::from(b));
                         ids.push(item.id);
                     }
@@ -397,6 +439,9 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8) -> Result
             if !expired.is_empty() {
                 // Nothing to send for these; deleting them is what expiry would do.
                 let _ = ctx.outbox.ack(&expired).await;
+            }
+            if !unsent.is_empty() {
+                ctx.outbox.release(&unsent);
             }
             if records.is_empty() {
                 continue;

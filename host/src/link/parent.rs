@@ -47,7 +47,11 @@ pub struct Ctx {
 ///
 /// # Errors
 /// Unusable certificates, or the address cannot be bound.
-pub fn start(config: &Config, ctx: Ctx, stop: watch::Receiver<bool>) -> Result<(SocketAddr, JoinHandle<()>), LinkError> {
+pub fn start(
+    config: &Config,
+    ctx: Ctx,
+    stop: watch::Receiver<bool>,
+) -> Result<(SocketAddr, JoinHandle<()>), LinkError> {
     let f = &config.fleet;
     let (Some(ca), Some(cert), Some(key)) = (&f.ca, &f.cert, &f.key) else {
         return Err(LinkError::Tls("fleet.ca, fleet.cert and fleet.key are required".into()));
@@ -67,14 +71,15 @@ pub fn start(config: &Config, ctx: Ctx, stop: watch::Receiver<bool>) -> Result<(
         .map_err(|e| LinkError::Tls(e.to_string()))?;
     tls.alpn_protocols = vec![wire::ALPN.to_vec()];
     tls.max_early_data_size = 0;
-    let crypto =
-        quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| LinkError::Tls(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| LinkError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     // The child decides the keep-alive; this only reaps dead paths.
     server.transport_config(Arc::new(transport(Duration::from_secs(5), Duration::from_secs(30))?));
     let addr = config.link.listen;
     let endpoint = quinn::Endpoint::server(server, addr).map_err(|source| LinkError::Bind { addr, source })?;
-    let local = endpoint.local_addr().map_err(|source| LinkError::Bind { addr, source })?;
+    let local = endpoint
+        .local_addr()
+        .map_err(|source| LinkError::Bind { addr, source })?;
     tracing::info!(addr = %local, "link listening for child gateways (quic)");
     Ok((local, tokio::spawn(accept(Arc::new(ctx), endpoint, stop))))
 }
@@ -92,7 +97,10 @@ async fn accept(ctx: Arc<Ctx>, endpoint: quinn::Endpoint, mut stop: watch::Recei
             match incoming.await {
                 Ok(conn) => serve(ctx, conn, stop).await,
                 Err(e) => {
-                    ctx.metrics.link_refused.get_or_create(&ReasonLabels { reason: "handshake" }).inc();
+                    ctx.metrics
+                        .link_refused
+                        .get_or_create(&ReasonLabels { reason: "handshake" })
+                        .inc();
                     tracing::info!(%addr, error = %e, "link: a child's handshake failed");
                 }
             }
@@ -129,7 +137,14 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, mut stop: watch::Receiver
     let (refusal, child) = match hello {
         Ok(Ok(Some(Frame::Hello { version, node_id, .. }))) => {
             if version != wire::VERSION {
-                (Some((refuse::VERSION, "version", format!("link version {version} is not supported"))), node_id)
+                (
+                    Some((
+                        refuse::VERSION,
+                        "version",
+                        format!("link version {version} is not supported"),
+                    )),
+                    node_id,
+                )
             } else if node_id != cert_id {
                 (
                     Some((
@@ -151,12 +166,18 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, mut stop: watch::Receiver
             } else if ctx.status.snapshot().children.len() >= ctx.max_children
                 && !ctx.status.snapshot().children.contains_key(&node_id)
             {
-                (Some((refuse::BUSY, "busy", "too many child gateways".to_string())), node_id)
+                (
+                    Some((refuse::BUSY, "busy", "too many child gateways".to_string())),
+                    node_id,
+                )
             } else {
                 (None, node_id)
             }
         }
-        _ => (Some((refuse::PROTOCOL, "protocol", "expected a hello".to_string())), cert_id.clone()),
+        _ => (
+            Some((refuse::PROTOCOL, "protocol", "expected a hello".to_string())),
+            cert_id.clone(),
+        ),
     };
     let mut buf = BytesMut::new();
     if let Some((code, label, reason)) = refusal {

@@ -668,6 +668,29 @@ impl Outbox {
         Ok(Some(rx))
     }
 
+    /// Returns some leased messages to their lanes, to be leased again in
+    /// order (a sender that leased more than it sends).
+    pub fn release(&self, ids: &[MessageId]) {
+        let mut st = self.inner.lock();
+        for id in ids
+            .iter()
+            .filter(|id| id.instance == self.inner.instance && (id.lane as usize) < LANES)
+        {
+            let lane = &mut st.lanes[id.lane as usize];
+            if matches!(lane.claims.get(&id.seq), Some(Claim::Leased(_))) {
+                lane.claims.remove(&id.seq);
+                match &mut lane.live {
+                    Some((first_live, live_cursor)) if id.seq >= *first_live => {
+                        *live_cursor = (*live_cursor).min(id.seq);
+                    }
+                    _ => lane.cursor = lane.cursor.min(id.seq),
+                }
+            }
+        }
+        drop(st);
+        self.inner.work.send_modify(|n| *n += 1);
+    }
+
     /// Returns every leased, unacknowledged message to its lane, to be leased
     /// again in order (call when the link drops).
     pub fn release_all(&self) {
