@@ -133,8 +133,18 @@ struct Consumer {
 
 impl Consumer {
     fn start(port: u16, id: &str, filter: &str) -> Consumer {
-        let mut client = Client::connect(port, id, false).unwrap();
-        client.subscribe(filter).unwrap();
+        // A broker that has just started may still refuse the first connection.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut client = loop {
+            match Client::connect(port, id, false).and_then(|mut c| c.subscribe(filter).map(|_| c)) {
+                Ok(c) => break c,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("consumer {id}: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("consumer {id} cannot connect to {port}: {e}"),
+            }
+        };
         let got = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (g, s) = (got.clone(), stop.clone());

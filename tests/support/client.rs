@@ -14,6 +14,8 @@ pub struct Client {
     buf: BytesMut,
     version: Version,
     next: u16,
+    /// Messages that arrived while waiting for something else.
+    pending: std::collections::VecDeque<Received>,
 }
 
 /// A received message: topic, payload and user properties.
@@ -40,6 +42,7 @@ impl Client {
             buf: BytesMut::new(),
             version: Version::V5,
             next: 1,
+            pending: std::collections::VecDeque::new(),
         };
         let mut properties = Properties::default();
         if !clean {
@@ -128,28 +131,42 @@ impl Client {
             )],
             properties: Properties::default(),
         }))?;
-        match self.read(Duration::from_secs(10))? {
-            Some(Packet::SubAck(_)) => Ok(()),
-            other => Err(std::io::Error::other(format!("no SUBACK: {other:?}"))),
+        // A resumed session's queued messages may come before the SUBACK.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.read(deadline.saturating_duration_since(Instant::now()))? {
+                Some(Packet::SubAck(_)) => return Ok(()),
+                Some(Packet::Publish(p)) => {
+                    let m = self.accept(p)?;
+                    self.pending.push_back(m);
+                }
+                Some(_) => {}
+                None => return Err(std::io::Error::other("no SUBACK")),
+            }
         }
+    }
+
+    fn accept(&mut self, p: Publish) -> std::io::Result<Received> {
+        if p.qos == QoS::AtLeastOnce {
+            self.send(&Packet::PubAck(codec::Ack::new(p.pkid)))?;
+        }
+        Ok(Received {
+            topic: p.topic,
+            payload: String::from_utf8_lossy(&p.payload).into_owned(),
+            props: p.properties.user_properties,
+        })
     }
 
     /// The next message within `timeout`, acknowledged.
     pub fn recv(&mut self, timeout: Duration) -> std::io::Result<Option<Received>> {
+        if let Some(m) = self.pending.pop_front() {
+            return Ok(Some(m));
+        }
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.read(left)? {
-                Some(Packet::Publish(p)) => {
-                    if p.qos == QoS::AtLeastOnce {
-                        self.send(&Packet::PubAck(codec::Ack::new(p.pkid)))?;
-                    }
-                    return Ok(Some(Received {
-                        topic: p.topic,
-                        payload: String::from_utf8_lossy(&p.payload).into_owned(),
-                        props: p.properties.user_properties,
-                    }));
-                }
+                Some(Packet::Publish(p)) => return self.accept(p).map(Some),
                 Some(_) => continue,
                 None => return Ok(None),
             }
