@@ -263,8 +263,12 @@ fn persistent_session_survives_restart_and_crash() {
 
 #[test]
 fn puback_only_after_the_outbox_has_it() {
+    // An upstream that is down, so the outbox keeps what it stores (a root
+    // would deliver it locally and delete it).
     let mut gw = Gateway::start(&format!(
-        "{OPEN}[plugins.router.config]\ndefault_lane = 3\nlocal_by_default = false\n"
+        "{OPEN}[plugins.router.config]\ndefault_lane = 3\nlocal_by_default = false\n\
+         [upstream]\nkind = \"mqtt\"\nprobe_interval_ms = 0\n[upstream.mqtt]\nhost = \"127.0.0.1\"\nport = {}\n",
+        support::free_port()
     ));
     let port = gw.mqtt;
     rt().block_on(publish_acked(port, "durable", "up/x", "d", 0..200));
