@@ -59,6 +59,19 @@ fn child_identity(id: &str, parent: &str) -> String {
     format!("[[identities]]\nid = \"{id}\"\nkind = \"gateway\"\nparent = \"{parent}\"\n")
 }
 
+/// A root listening for children on `link_port`, with `child` registered.
+fn start_root(certs: &Path, link_port: u16, child: &str) -> Gateway {
+    Gateway::start_named(
+        "root",
+        &format!(
+            "{}{}{}",
+            fleet_section(certs, "root"),
+            listen_section(link_port),
+            child_identity(child, "root")
+        ),
+    )
+}
+
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -221,15 +234,7 @@ fn two_levels_with_certificates_and_refusals() {
     let certs = fleet(&["root", "gw1", "gw9"]);
     let c = certs.path();
     let root_link = free_port();
-    let root = Gateway::start_named(
-        "root",
-        &format!(
-            "{}{}{}",
-            fleet_section(c, "root"),
-            listen_section(root_link),
-            child_identity("gw1", "root")
-        ),
-    );
+    let root = start_root(c, root_link, "gw1");
     let consumer = Consumer::start(root.mqtt, "backend", "site/#");
     let gw1 = Gateway::start_named(
         "gw1",
@@ -302,15 +307,7 @@ fn three_levels_survive_cuts_kills_and_long_outages() {
     let certs = fleet(&["root", "gw2", "gw1"]);
     let c = certs.path();
     let (root_link, gw2_link) = (free_port(), free_port());
-    let root = Gateway::start_named(
-        "root",
-        &format!(
-            "{}{}{}",
-            fleet_section(c, "root"),
-            listen_section(root_link),
-            child_identity("gw2", "root")
-        ),
-    );
+    let root = start_root(c, root_link, "gw2");
     let p2 = Proxy::start(addr(root_link));
     let mut gw2 = Gateway::start_named(
         "gw2",
@@ -362,12 +359,19 @@ fn three_levels_survive_cuts_kills_and_long_outages() {
     pause(2500);
     p2.cmd("up");
     pause(1500);
-    // 3. The middle node dies (SIGKILL) and comes back.
+    // 3. A slow path (50 ms each way) that also flaps: 400 ms up, 400 ms down.
+    p1.cmd("delay 50");
+    p1.cmd("flap 400 400");
+    pause(3000);
+    p1.cmd("up");
+    p1.cmd("delay 0");
+    pause(1000);
+    // 4. The middle node dies (SIGKILL) and comes back.
     gw2.kill();
     pause(1000);
     gw2.respawn();
     pause(1500);
-    // 4. The upstream is down for longer than the load lasts.
+    // 5. The upstream is down for longer than the load lasts.
     p2.cmd("cut");
     pause(1000);
     stop.store(true, Ordering::Relaxed);

@@ -300,6 +300,13 @@ fn start_link(
         tasks.push(task);
     }
     let stop = stopped.clone();
+    let ctx = crate::link::Ctx {
+        node_id: config.node.id.clone(),
+        config: config.upstream.clone(),
+        outbox: outbox.clone(),
+        status: status.clone(),
+        metrics: metrics.clone(),
+    };
     match config.upstream.kind {
         UpstreamKind::None => {
             tracing::info!("no upstream: root role, the outbox drains to local subscribers");
@@ -313,28 +320,17 @@ fn start_link(
         }
         UpstreamKind::Quic => {
             let client = child::client_config(config)?;
-            let ctx = child::Ctx {
-                node_id: config.node.id.clone(),
-                config: config.upstream.clone(),
-                outbox: outbox.clone(),
-                status: status.clone(),
-                metrics: metrics.clone(),
-            };
             tracing::info!(parent = %config.upstream.quic.parent, parent_id = %config.upstream.quic.parent_id, "upstream: QUIC link to the parent");
             tasks.push(tokio::spawn(child::run(ctx, client, stop)));
         }
         UpstreamKind::Mqtt => {
-            let ctx = bridge::Ctx {
-                node_id: config.node.id.clone(),
-                config: config.upstream.clone(),
-                outbox: outbox.clone(),
+            let bridge = bridge::Bridge {
+                link: ctx,
                 broker: broker.clone(),
-                status: status.clone(),
-                metrics: metrics.clone(),
                 tls: bridge::tls_connector(config)?,
             };
             tracing::info!(broker = %format!("{}:{}", config.upstream.mqtt.host, config.upstream.mqtt.port), "upstream: MQTT bridge");
-            tasks.push(tokio::spawn(bridge::run(ctx, stop)));
+            tasks.push(tokio::spawn(bridge::run(bridge, stop)));
         }
     }
     Ok(listen)

@@ -23,32 +23,23 @@ use holdfast_mqtt::{Ack, Connect, Packet, Properties, Publish, QoS, SubOptions, 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
-use super::child::wait;
-use super::reconnect::{Backoff, Wakeups, probe_tcp, watch_network};
-use super::{LinkError, LinkState, PROP_ID, PROP_PATH, Status, origin_id, path_of};
+use super::reconnect::{Ended, Probe, Upstream, drive};
+use super::{Ctx, LinkError, PROP_ID, PROP_PATH, origin_id, path_of};
 use crate::broker::Broker;
 use crate::broker::session::Msg;
-use crate::config::{BridgeConfig, BridgeProtocol, Config, UpstreamConfig};
-use crate::metrics::{Metrics, ReasonLabels, ResultLabels};
-use crate::outbox::{MessageId, Outbox};
+use crate::config::{BridgeConfig, BridgeProtocol, Config};
+use crate::metrics::{ReasonLabels, ResultLabels};
+use crate::outbox::MessageId;
 
 /// Largest packet accepted from the broker.
 const MAX_INBOUND: usize = 16 << 20;
 
-/// What the bridge needs.
-pub struct Ctx {
-    /// This node's id (the default client id).
-    pub node_id: String,
-    /// `[upstream]`
-    pub config: UpstreamConfig,
-    /// The outbox it drains.
-    pub outbox: Arc<Outbox>,
+/// The bridge as [`drive`] runs it.
+pub struct Bridge {
+    /// What every upstream needs.
+    pub link: Ctx,
     /// Local delivery for `in` mappings.
     pub broker: Option<Arc<Broker>>,
-    /// Shared status.
-    pub status: Arc<Status>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
     /// TLS, when configured.
     pub tls: Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>,
 }
@@ -87,121 +78,46 @@ pub fn tls_connector(
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
-enum Ended {
-    Unreachable(String),
-    Refused(String),
-    Stopped,
-}
-
 /// Maps a local topic to the broker's namespace.
 pub fn map_out(b: &BridgeConfig, topic: &str) -> String {
     let rest = topic.strip_prefix(b.strip_prefix.as_str()).unwrap_or(topic);
     format!("{}{}", b.add_prefix, rest)
 }
 
+impl Upstream for Bridge {
+    type Session = Session;
+
+    fn ctx(&self) -> &Ctx {
+        &self.link
+    }
+
+    fn target(&self) -> String {
+        format!("{}:{}", self.link.config.mqtt.host, self.link.config.mqtt.port)
+    }
+
+    fn probe(&self) -> Probe {
+        Probe::Tcp
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<Session, Ended> {
+        connect(self, addr).await
+    }
+
+    async fn serve(&self, session: Session, stop: &mut watch::Receiver<bool>) -> Ended {
+        session.run(self, stop).await
+    }
+}
+
 /// Runs the bridge until `stop`.
-pub async fn run(ctx: Ctx, mut stop: watch::Receiver<bool>) {
-    let ctx = Arc::new(ctx);
-    let wake = Arc::new(Wakeups::default());
-    if ctx.config.watch_network {
-        watch_network(wake.clone());
-    }
-    let mut backoff = Backoff::new(
-        Duration::from_millis(ctx.config.backoff_initial_ms),
-        Duration::from_millis(ctx.config.backoff_max_ms),
-    );
-    let mut probe: Option<tokio::task::JoinHandle<()>> = None;
-    let m = &ctx.metrics;
-    let target = format!("{}:{}", ctx.config.mqtt.host, ctx.config.mqtt.port);
-    loop {
-        if *stop.borrow() {
-            break;
-        }
-        ctx.status.set_state(LinkState::Connecting, None);
-        let addr = match tokio::net::lookup_host(&target).await.ok().and_then(|mut a| a.next()) {
-            Some(a) => a,
-            None => {
-                m.link_connects.get_or_create(&ResultLabels { result: "resolve" }).inc();
-                ctx.status
-                    .set_state(LinkState::Down, Some(format!("cannot resolve {target}")));
-                if wait(&mut backoff, &wake, &mut stop, false, m).await {
-                    break;
-                }
-                continue;
-            }
-        };
-        if probe.is_none() && ctx.config.probe_interval_ms > 0 {
-            let interval = Duration::from_millis(ctx.config.probe_interval_ms);
-            probe = Some(tokio::spawn(probe_tcp(addr, interval, wake.clone())));
-        }
-        let connected = tokio::select! {
-            c = connect(&ctx, addr) => c,
-            _ = wake.restored.notified() => {
-                m.link_wakeups.get_or_create(&ReasonLabels { reason: "probe" }).inc();
-                continue;
-            }
-            _ = wake.network.notified() => {
-                m.link_wakeups.get_or_create(&ReasonLabels { reason: "network" }).inc();
-                continue;
-            }
-            _ = stop.wait_for(|s| *s) => break,
-        };
-        let ended = match connected {
-            Err(e) => e,
-            Ok(session) => {
-                if let Some(p) = probe.take() {
-                    p.abort();
-                }
-                backoff.reset();
-                ctx.status.set_state(LinkState::Up, None);
-                m.link_up.set(1);
-                tracing::info!(broker = %target, window = session.window, "bridge up");
-                ctx.outbox.mark_live();
-                let ended = session.run(&ctx, &mut stop).await;
-                let reason = match &ended {
-                    Ended::Unreachable(_) => "lost",
-                    Ended::Refused(_) => "closed",
-                    Ended::Stopped => "shutdown",
-                };
-                m.link_disconnects.get_or_create(&ReasonLabels { reason }).inc();
-                if let Ended::Unreachable(e) | Ended::Refused(e) = &ended {
-                    tracing::warn!(error = %e, "bridge down");
-                }
-                ended
-            }
-        };
-        ctx.outbox.release_all();
-        m.link_up.set(0);
-        let probing = match ended {
-            Ended::Stopped => break,
-            Ended::Unreachable(e) => {
-                ctx.status.set_state(LinkState::Down, Some(e));
-                true
-            }
-            Ended::Refused(e) => {
-                ctx.status.set_state(LinkState::Down, Some(e));
-                // The broker answers: probing would not tell anything new.
-                if let Some(p) = probe.take() {
-                    p.abort();
-                }
-                false
-            }
-        };
-        if wait(&mut backoff, &wake, &mut stop, probing, m).await {
-            break;
-        }
-    }
-    if let Some(p) = probe {
-        p.abort();
-    }
-    ctx.outbox.release_all();
+pub async fn run(bridge: Bridge, mut stop: watch::Receiver<bool>) {
+    drive(&bridge, &mut stop).await;
 }
 
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-struct Session {
+pub(crate) struct Session {
     stream: Box<dyn Stream>,
     version: Version,
     window: usize,
@@ -209,13 +125,13 @@ struct Session {
     rbuf: BytesMut,
 }
 
-async fn connect(ctx: &Arc<Ctx>, addr: SocketAddr) -> Result<Session, Ended> {
-    let m = &ctx.metrics;
+async fn connect(ctx: &Bridge, addr: SocketAddr) -> Result<Session, Ended> {
+    let m = &ctx.link.metrics;
     let result = |r: &'static str| {
         m.link_connects.get_or_create(&ResultLabels { result: r }).inc();
     };
-    let b = &ctx.config.mqtt;
-    let timeout = Duration::from_millis(ctx.config.connect_timeout_ms);
+    let b = &ctx.link.config.mqtt;
+    let timeout = Duration::from_millis(ctx.link.config.connect_timeout_ms);
     let tcp = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -256,7 +172,7 @@ async fn connect(ctx: &Arc<Ctx>, addr: SocketAddr) -> Result<Session, Ended> {
     }
     let connect = Connect {
         version,
-        client_id: b.client_id.clone().unwrap_or_else(|| ctx.node_id.clone()),
+        client_id: b.client_id.clone().unwrap_or_else(|| ctx.link.node_id.clone()),
         clean_start: b.clean_start,
         keep_alive: b.keep_alive_seconds,
         username: b.username.clone(),
@@ -311,7 +227,7 @@ async fn connect(ctx: &Arc<Ctx>, addr: SocketAddr) -> Result<Session, Ended> {
     }
     let window = usize::from(b.inflight)
         .min(usize::from(ack.properties.receive_maximum.unwrap_or(u16::MAX)))
-        .min(ctx.config.window_messages.max(1));
+        .min(ctx.link.config.window_messages.max(1));
     let max_packet = ack
         .properties
         .maximum_packet_size
@@ -355,14 +271,15 @@ async fn connect(ctx: &Arc<Ctx>, addr: SocketAddr) -> Result<Session, Ended> {
         }
     }
     result("ok");
-    ctx.status.update(|s| s.window = window);
+    tracing::info!(%addr, window, "bridge up");
+    ctx.link.status.update(|s| s.window = window);
     Ok(session)
 }
 
 impl Session {
-    async fn run(mut self, ctx: &Arc<Ctx>, stop: &mut watch::Receiver<bool>) -> Ended {
-        let b = &ctx.config.mqtt;
-        let mut work = ctx.outbox.watch_work();
+    async fn run(mut self, ctx: &Bridge, stop: &mut watch::Receiver<bool>) -> Ended {
+        let b = &ctx.link.config.mqtt;
+        let mut work = ctx.link.outbox.watch_work();
         let mut inflight: HashMap<u16, MessageId> = HashMap::new();
         let mut next_pkid: u16 = 1;
         let mut out = BytesMut::with_capacity(64 << 10);
@@ -376,12 +293,12 @@ impl Session {
             let room = self.window.saturating_sub(inflight.len());
             if room > 0 {
                 work.borrow_and_update();
-                let leased = match ctx.outbox.lease(room.min(ctx.config.batch_messages)) {
+                let leased = match ctx.link.outbox.lease(room.min(ctx.link.config.batch_messages)) {
                     Ok(l) => l,
                     Err(e) => return Ended::Refused(format!("outbox: {e}")),
                 };
                 idle = leased.is_none();
-                let now = ctx.outbox.clock_ms();
+                let now = ctx.link.outbox.clock_ms();
                 let mut sent = 0u64;
                 let mut skipped = Vec::new();
                 for item in leased.iter().flat_map(|l| l.items.iter()) {
@@ -411,7 +328,8 @@ impl Session {
                     holdfast_mqtt::encode(&Packet::Publish(p), self.version, &mut out);
                     if out.len() - before > self.max_packet {
                         out.truncate(before);
-                        ctx.metrics
+                        ctx.link
+                            .metrics
                             .link_refused
                             .get_or_create(&ReasonLabels {
                                 reason: "too-large-for-broker",
@@ -426,11 +344,11 @@ impl Session {
                     sent += 1;
                 }
                 if !skipped.is_empty() {
-                    ctx.outbox.ack_detached(&skipped);
+                    ctx.link.outbox.ack_detached(&skipped);
                 }
                 if sent > 0 {
-                    ctx.metrics.link_sent.inc_by(sent);
-                    ctx.status.update(|s| s.sent += sent);
+                    ctx.link.metrics.link_sent.inc_by(sent);
+                    ctx.link.status.update(|s| s.sent += sent);
                 }
             }
             if !out.is_empty()
@@ -475,7 +393,7 @@ impl Session {
     }
 
     /// Handles what the broker sent; `Some` ends the session.
-    async fn handle_input(&mut self, ctx: &Arc<Ctx>, inflight: &mut HashMap<u16, MessageId>) -> Option<Ended> {
+    async fn handle_input(&mut self, ctx: &Bridge, inflight: &mut HashMap<u16, MessageId>) -> Option<Ended> {
         let mut acked = Vec::new();
         let mut replies = BytesMut::new();
         let result = loop {
@@ -496,7 +414,8 @@ impl Session {
                         c => {
                             // Refused for good (not authorized, bad topic...): it would never pass.
                             tracing::warn!(code = c, "bridge: the broker refused a message; dropped");
-                            ctx.metrics
+                            ctx.link
+                                .metrics
                                 .link_refused
                                 .get_or_create(&ReasonLabels {
                                     reason: "broker-refused",
@@ -536,9 +455,9 @@ impl Session {
         };
         if !acked.is_empty() {
             let n = acked.len() as u64;
-            ctx.outbox.ack_detached(&acked);
-            ctx.metrics.link_acked.inc_by(n);
-            ctx.status.update(|s| s.acked += n);
+            ctx.link.outbox.ack_detached(&acked);
+            ctx.link.metrics.link_acked.inc_by(n);
+            ctx.link.status.update(|s| s.acked += n);
         }
         if !replies.is_empty()
             && let Err(e) = self.stream.write_all(&replies).await
@@ -549,8 +468,8 @@ impl Session {
     }
 
     /// An `in` mapping's message, delivered to local subscribers.
-    fn deliver_in(&self, ctx: &Arc<Ctx>, p: &Publish) {
-        let b = &ctx.config.mqtt;
+    fn deliver_in(&self, ctx: &Bridge, p: &Publish) {
+        let b = &ctx.link.config.mqtt;
         let Some(rule) = b
             .inbound
             .iter()
@@ -561,7 +480,8 @@ impl Session {
         let rest = p.topic.strip_prefix(rule.strip_prefix.as_str()).unwrap_or(&p.topic);
         let topic = format!("{}{}", rule.add_prefix, rest);
         if !holdfast_mqtt::topic::valid_name(&topic) {
-            ctx.metrics
+            ctx.link
+                .metrics
                 .link_refused
                 .get_or_create(&ReasonLabels { reason: "bad-in-topic" })
                 .inc();
@@ -583,7 +503,8 @@ impl Session {
             expires_at_ms,
             publisher: None,
         }));
-        ctx.metrics
+        ctx.link
+            .metrics
             .link_root
             .get_or_create(&ResultLabels { result: "bridged-in" })
             .inc();

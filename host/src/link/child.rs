@@ -16,12 +16,12 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::sync::{Notify, watch};
 
-use super::reconnect::{Backoff, Wakeups, probe_quic, watch_network};
+use super::reconnect::{Ended, Probe, Upstream, drive};
 use super::wire::{self, Frame, close};
-use super::{LinkError, LinkState, Status, outgoing, transport};
-use crate::config::{Config, UpstreamConfig};
-use crate::metrics::{Metrics, ReasonLabels, ResultLabels};
-use crate::outbox::{LANES, MessageId, Outbox};
+use super::{Ctx, LinkError, LinkState, fleet_material, outgoing, transport};
+use crate::config::Config;
+use crate::metrics::ResultLabels;
+use crate::outbox::{LANES, MessageId};
 
 /// Largest frame the parent may send (acks and refusals are small).
 const MAX_DOWN_FRAME: usize = 64 << 10;
@@ -29,32 +29,12 @@ const MAX_DOWN_FRAME: usize = 64 << 10;
 /// under the parent's `link.max_batch_bytes`.
 const MAX_BATCH_BYTES: usize = 1 << 20;
 
-/// What the child link needs.
-pub struct Ctx {
-    /// This node's id.
-    pub node_id: String,
-    /// `[upstream]`
-    pub config: UpstreamConfig,
-    /// The outbox it drains.
-    pub outbox: Arc<Outbox>,
-    /// Shared status.
-    pub status: Arc<Status>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-}
-
 /// Builds the QUIC client endpoint configuration from `[fleet]`.
 ///
 /// # Errors
 /// Unusable certificates or keys.
 pub fn client_config(config: &Config) -> Result<quinn::ClientConfig, LinkError> {
-    let f = &config.fleet;
-    let (Some(ca), Some(cert), Some(key)) = (&f.ca, &f.cert, &f.key) else {
-        return Err(LinkError::Tls("fleet.ca, fleet.cert and fleet.key are required".into()));
-    };
-    let roots = crate::tls::load_roots(ca)?;
-    let chain = crate::tls::load_certs(cert)?;
-    let key = crate::tls::load_key(key)?;
+    let (roots, chain, key) = fleet_material(config)?;
     let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| LinkError::Tls(e.to_string()))?
@@ -72,14 +52,45 @@ pub fn client_config(config: &Config) -> Result<quinn::ClientConfig, LinkError> 
     Ok(client)
 }
 
-/// How an attempt or a link ended.
-enum Ended {
-    /// The parent could not be reached or went silent: probing helps.
-    Unreachable(String),
-    /// The parent answered and refused, or failed: back off.
-    Refused(String),
-    /// Shutting down.
-    Stopped,
+/// The QUIC parent link as [`drive`] runs it.
+struct Quic {
+    ctx: Arc<Ctx>,
+    endpoint: quinn::Endpoint,
+}
+
+/// The control stream is kept open while the link lives.
+pub(crate) type Session = (quinn::Connection, quinn::SendStream);
+
+impl Upstream for Quic {
+    type Session = Session;
+
+    fn ctx(&self) -> &Ctx {
+        &self.ctx
+    }
+
+    fn target(&self) -> String {
+        self.ctx.config.quic.parent.clone()
+    }
+
+    fn probe(&self) -> Probe {
+        Probe::Quic
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<Session, Ended> {
+        connect(&self.ctx, &self.endpoint, addr).await
+    }
+
+    async fn serve(&self, (conn, control): Session, stop: &mut watch::Receiver<bool>) -> Ended {
+        let ended = tokio::select! {
+            e = drain(&self.ctx, &conn) => e,
+            _ = stop.wait_for(|s| *s) => {
+                conn.close(close::SHUTDOWN.into(), b"shutting down");
+                Ended::Stopped
+            }
+        };
+        drop(control);
+        ended
+    }
 }
 
 /// Runs the link until `stop`.
@@ -94,158 +105,18 @@ pub async fn run(ctx: Ctx, client: quinn::ClientConfig, mut stop: watch::Receive
         }
     };
     endpoint.set_default_client_config(client);
-    let ctx = Arc::new(ctx);
-    let wake = Arc::new(Wakeups::default());
-    if ctx.config.watch_network {
-        watch_network(wake.clone());
-    }
-    let mut backoff = Backoff::new(
-        Duration::from_millis(ctx.config.backoff_initial_ms),
-        Duration::from_millis(ctx.config.backoff_max_ms),
-    );
-    let mut probe: Option<tokio::task::JoinHandle<()>> = None;
-    let metrics = &ctx.metrics;
-    loop {
-        if *stop.borrow() {
-            break;
-        }
-        ctx.status.set_state(LinkState::Connecting, None);
-        let addr = match resolve(&ctx.config.quic.parent).await {
-            Ok(a) => a,
-            Err(e) => {
-                ctx.status.set_state(LinkState::Down, Some(e.clone()));
-                metrics
-                    .link_connects
-                    .get_or_create(&ResultLabels { result: "resolve" })
-                    .inc();
-                if wait(&mut backoff, &wake, &mut stop, false, metrics).await {
-                    break;
-                }
-                continue;
-            }
-        };
-        // While the parent is unreachable, probe it.
-        if probe.is_none() && ctx.config.probe_interval_ms > 0 {
-            let interval = Duration::from_millis(ctx.config.probe_interval_ms);
-            probe = Some(tokio::spawn(probe_quic(addr, interval, wake.clone())));
-        }
-        let connected = tokio::select! {
-            c = connect(&ctx, &endpoint, addr) => c,
-            _ = wake.restored.notified() => {
-                metrics.link_wakeups.get_or_create(&ReasonLabels { reason: "probe" }).inc();
-                tracing::info!("link: the parent answers again; reconnecting now");
-                continue;
-            }
-            _ = wake.network.notified() => {
-                metrics.link_wakeups.get_or_create(&ReasonLabels { reason: "network" }).inc();
-                tracing::info!("link: the network changed; reconnecting now");
-                continue;
-            }
-            _ = stop.wait_for(|s| *s) => break,
-        };
-        let ended = match connected {
-            Err(e) => e,
-            Ok((conn, control, parent)) => {
-                if let Some(p) = probe.take() {
-                    p.abort();
-                }
-                backoff.reset();
-                ctx.status.set_state(LinkState::Up, None);
-                metrics.link_up.set(1);
-                tracing::info!(parent = %parent, %addr, rtt_ms = conn.rtt().as_millis() as u64, "link up");
-                ctx.outbox.mark_live();
-                let ended = tokio::select! {
-                    e = drain(&ctx, &conn) => e,
-                    _ = stop.wait_for(|s| *s) => {
-                        conn.close(close::SHUTDOWN.into(), b"shutting down");
-                        Ended::Stopped
-                    }
-                };
-                drop(control);
-                let reason = match &ended {
-                    Ended::Unreachable(_) => "lost",
-                    Ended::Refused(_) => "closed",
-                    Ended::Stopped => "shutdown",
-                };
-                metrics.link_disconnects.get_or_create(&ReasonLabels { reason }).inc();
-                if let Ended::Unreachable(e) | Ended::Refused(e) = &ended {
-                    tracing::warn!(error = %e, "link down");
-                }
-                ended
-            }
-        };
-        ctx.outbox.release_all();
-        ctx.metrics.link_up.set(0);
-        match ended {
-            Ended::Stopped => break,
-            Ended::Unreachable(e) => {
-                ctx.status.set_state(LinkState::Down, Some(e));
-                if wait(&mut backoff, &wake, &mut stop, true, metrics).await {
-                    break;
-                }
-            }
-            Ended::Refused(e) => {
-                ctx.status.set_state(LinkState::Down, Some(e));
-                // The parent answers: probing would not tell anything new.
-                if let Some(p) = probe.take() {
-                    p.abort();
-                }
-                if wait(&mut backoff, &wake, &mut stop, false, metrics).await {
-                    break;
-                }
-            }
-        }
-    }
-    if let Some(p) = probe {
-        p.abort();
-    }
-    endpoint.close(close::SHUTDOWN.into(), b"shutting down");
-    ctx.outbox.release_all();
-    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-}
-
-/// Waits out a back-off delay, or less if woken. True when stopping.
-pub(crate) async fn wait(
-    backoff: &mut Backoff,
-    wake: &Wakeups,
-    stop: &mut watch::Receiver<bool>,
-    probing: bool,
-    metrics: &Metrics,
-) -> bool {
-    let delay = backoff.next_delay();
-    tracing::debug!(
-        delay_ms = delay.as_millis() as u64,
-        "link: waiting before the next attempt"
-    );
-    let woke = |reason| metrics.link_wakeups.get_or_create(&ReasonLabels { reason }).inc();
-    tokio::select! {
-        _ = tokio::time::sleep(delay) => false,
-        _ = wake.restored.notified(), if probing => {
-            woke("probe");
-            false
-        }
-        _ = wake.network.notified() => {
-            woke("network");
-            false
-        }
-        _ = stop.wait_for(|s| *s) => true,
-    }
-}
-
-async fn resolve(target: &str) -> Result<SocketAddr, String> {
-    let mut addrs = tokio::net::lookup_host(target)
-        .await
-        .map_err(|e| format!("cannot resolve {target}: {e}"))?;
-    addrs.next().ok_or_else(|| format!("{target} resolves to no address"))
+    let quic = Quic {
+        ctx: Arc::new(ctx),
+        endpoint,
+    };
+    drive(&quic, &mut stop).await;
+    quic.endpoint.close(close::SHUTDOWN.into(), b"shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(1), quic.endpoint.wait_idle()).await;
 }
 
 /// One connection attempt: handshake and hello. Returns the connection, its
 /// control stream (kept open while the link lives) and the parent's id.
-async fn connect(
-    ctx: &Arc<Ctx>,
-    endpoint: &quinn::Endpoint,
-    addr: SocketAddr,
-) -> Result<(quinn::Connection, quinn::SendStream, String), Ended> {
+async fn connect(ctx: &Ctx, endpoint: &quinn::Endpoint, addr: SocketAddr) -> Result<Session, Ended> {
     let m = &ctx.metrics;
     let result = |r: &'static str| {
         m.link_connects.get_or_create(&ResultLabels { result: r }).inc();
@@ -315,7 +186,8 @@ async fn connect(
         }
     };
     result("ok");
-    Ok((conn, send, parent))
+    tracing::info!(parent = %parent, %addr, rtt_ms = conn.rtt().as_millis() as u64, "link up");
+    Ok((conn, send))
 }
 
 fn classify_connect_error(e: quinn::ConnectionError, result: &dyn Fn(&'static str)) -> Ended {
@@ -426,7 +298,7 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8) -> Result
                     unsent.push(item.id);
                     continue;
                 }
-                match outgoing(item, now).map(|r| r.encode()) {
+                match outgoing(item, now) {
                     Some(Ok(b)) => {
                         batch_bytes += b.len() + 4;
                         records.push(bytes::Bytes::from(b));

@@ -57,6 +57,40 @@ impl From<crate::tls::PemError> for LinkError {
     }
 }
 
+/// What every kind of upstream needs.
+pub struct Ctx {
+    /// This node's id.
+    pub node_id: String,
+    /// `[upstream]`
+    pub config: crate::config::UpstreamConfig,
+    /// The outbox it drains.
+    pub outbox: Arc<crate::outbox::Outbox>,
+    /// Shared status.
+    pub status: Arc<Status>,
+    /// Metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// This node's fleet TLS material: the CA roots, its certificate chain and key.
+pub(crate) type FleetMaterial = (
+    Arc<rustls::RootCertStore>,
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+/// Loads `[fleet]`, as both ends of the QUIC link use it.
+pub(crate) fn fleet_material(config: &Config) -> Result<FleetMaterial, LinkError> {
+    let f = &config.fleet;
+    let (Some(ca), Some(cert), Some(key)) = (&f.ca, &f.cert, &f.key) else {
+        return Err(LinkError::Tls("fleet.ca, fleet.cert and fleet.key are required".into()));
+    };
+    Ok((
+        crate::tls::load_roots(ca)?,
+        crate::tls::load_certs(cert)?,
+        crate::tls::load_key(key)?,
+    ))
+}
+
 /// State of the upstream link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -176,29 +210,31 @@ impl Status {
         }
     }
 
+    /// True when `child` may connect: it is connected already (a
+    /// reconnect), or fewer than `max` children are.
+    pub(crate) fn has_room_for(&self, child: &str, max: usize) -> bool {
+        let s = self.lock();
+        s.children.contains_key(child) || s.children.len() < max
+    }
+
     pub(crate) fn update(&self, f: impl FnOnce(&mut LinkStatus)) {
         f(&mut self.lock());
     }
 }
 
-/// A leased outbox message made ready to leave this node: its origin id set
-/// (its own id if it entered here), its time-to-live what remains of it.
-/// `None` if it has expired meanwhile.
-pub(crate) fn outgoing(item: &Leased, clock_ms: u64) -> Option<Record> {
+/// A leased outbox message encoded to leave this node: its origin id set
+/// (its own id if it entered here), its time-to-live what remains of it, the
+/// delivered flag cleared. `None` if it has expired meanwhile.
+pub(crate) fn outgoing(item: &Leased, clock_ms: u64) -> Option<Result<Vec<u8>, crate::outbox::record::EncodeError>> {
     let age = clock_ms.saturating_sub(item.record.enqueued_clock_ms);
     let left = item.record.ttl_ms.checked_sub(age).filter(|l| *l > 0)?;
-    let mut message = item.record.message.clone();
-    if message.origin.is_none() || message.delivered_locally {
-        let m = Arc::make_mut(&mut message);
-        m.origin.get_or_insert(item.id);
-        m.delivered_locally = false;
-    }
-    Some(Record {
+    let record = Record {
         enqueued_clock_ms: 0,
         enqueued_wall_ms: item.record.enqueued_wall_ms,
         ttl_ms: left,
-        message,
-    })
+        message: item.record.message.clone(),
+    };
+    Some(record.encode_with(Some(origin_id(item)), false))
 }
 
 /// The stable id a message is known by up the tree.

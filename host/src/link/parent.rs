@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::wire::{self, Frame, close, refuse};
-use super::{ChildInfo, LinkError, Status, transport, wall_ms};
+use super::{ChildInfo, LinkError, Status, fleet_material, transport, wall_ms};
 use crate::config::Config;
 use crate::identity::IdentityDirectory;
 use crate::metrics::{Metrics, ReasonLabels};
@@ -52,13 +52,7 @@ pub fn start(
     ctx: Ctx,
     stop: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, JoinHandle<()>), LinkError> {
-    let f = &config.fleet;
-    let (Some(ca), Some(cert), Some(key)) = (&f.ca, &f.cert, &f.key) else {
-        return Err(LinkError::Tls("fleet.ca, fleet.cert and fleet.key are required".into()));
-    };
-    let roots = crate::tls::load_roots(ca)?;
-    let chain = crate::tls::load_certs(cert)?;
-    let key = crate::tls::load_key(key)?;
+    let (roots, chain, key) = fleet_material(config)?;
     let provider = crate::tls::provider();
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
         .build()
@@ -163,9 +157,7 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, mut stop: watch::Receiver
                     )),
                     node_id,
                 )
-            } else if ctx.status.snapshot().children.len() >= ctx.max_children
-                && !ctx.status.snapshot().children.contains_key(&node_id)
-            {
+            } else if !ctx.status.has_room_for(&node_id, ctx.max_children) {
                 (
                     Some((refuse::BUSY, "busy", "too many child gateways".to_string())),
                     node_id,

@@ -13,11 +13,194 @@
 //! - **Network change**: on Linux, a netlink socket reports address, route
 //!   and link changes of the machine; any change starts an attempt at once.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
+
+use super::{Ctx, LinkState};
+use crate::metrics::{Metrics, ReasonLabels, ResultLabels};
+
+/// How a connection attempt or an established link ended.
+#[derive(Debug)]
+pub(crate) enum Ended {
+    /// The upstream could not be reached or went silent: probing helps.
+    Unreachable(String),
+    /// The upstream answered and refused, or failed: back off.
+    Refused(String),
+    /// Shutting down.
+    Stopped,
+}
+
+/// How an upstream is probed while it does not answer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Probe {
+    /// QUIC Version Negotiation ([`probe_quic`]).
+    Quic,
+    /// TCP connect ([`probe_tcp`]).
+    Tcp,
+}
+
+/// One kind of upstream, as [`drive`] runs it: the QUIC parent link or the
+/// MQTT bridge.
+pub(crate) trait Upstream: Send + Sync {
+    /// An established connection.
+    type Session: Send;
+    /// What both kinds share.
+    fn ctx(&self) -> &Ctx;
+    /// `host:port`, resolved again before every attempt.
+    fn target(&self) -> String;
+    /// How to probe it.
+    fn probe(&self) -> Probe;
+    /// One attempt: connect and handshake.
+    fn connect(&self, addr: SocketAddr) -> impl Future<Output = Result<Self::Session, Ended>> + Send;
+    /// Drains the outbox over `session` until it ends or `stop`.
+    fn serve(&self, session: Self::Session, stop: &mut watch::Receiver<bool>) -> impl Future<Output = Ended> + Send;
+}
+
+/// Keeps `up` connected until `stop`: resolves, connects, serves, and after
+/// a failure backs off, cut short by a probe answer (when the upstream was
+/// unreachable) or a network change. Unacknowledged messages return to the
+/// outbox whenever a link ends.
+pub(crate) async fn drive<U: Upstream>(up: &U, stop: &mut watch::Receiver<bool>) {
+    let ctx = up.ctx();
+    let m = &ctx.metrics;
+    let wake = Arc::new(Wakeups::default());
+    if ctx.config.watch_network {
+        watch_network(wake.clone());
+    }
+    let mut backoff = Backoff::new(
+        Duration::from_millis(ctx.config.backoff_initial_ms),
+        Duration::from_millis(ctx.config.backoff_max_ms),
+    );
+    let mut probe: Option<tokio::task::JoinHandle<()>> = None;
+    let target = up.target();
+    let woke = |reason| m.link_wakeups.get_or_create(&ReasonLabels { reason }).inc();
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        ctx.status.set_state(LinkState::Connecting, None);
+        let addr = match resolve(&target).await {
+            Ok(a) => a,
+            Err(e) => {
+                m.link_connects.get_or_create(&ResultLabels { result: "resolve" }).inc();
+                ctx.status.set_state(LinkState::Down, Some(e));
+                if wait(&mut backoff, &wake, stop, false, m).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        // While the upstream is unreachable, probe it.
+        if probe.is_none() && ctx.config.probe_interval_ms > 0 {
+            let interval = Duration::from_millis(ctx.config.probe_interval_ms);
+            probe = Some(match up.probe() {
+                Probe::Quic => tokio::spawn(probe_quic(addr, interval, wake.clone())),
+                Probe::Tcp => tokio::spawn(probe_tcp(addr, interval, wake.clone())),
+            });
+        }
+        let connected = tokio::select! {
+            c = up.connect(addr) => c,
+            _ = wake.restored.notified() => {
+                woke("probe");
+                tracing::info!(%target, "link: the upstream answers again; reconnecting now");
+                continue;
+            }
+            _ = wake.network.notified() => {
+                woke("network");
+                tracing::info!(%target, "link: the network changed; reconnecting now");
+                continue;
+            }
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let ended = match connected {
+            Err(e) => e,
+            Ok(session) => {
+                if let Some(p) = probe.take() {
+                    p.abort();
+                }
+                backoff.reset();
+                ctx.status.set_state(LinkState::Up, None);
+                m.link_up.set(1);
+                ctx.outbox.mark_live();
+                let ended = up.serve(session, stop).await;
+                let reason = match &ended {
+                    Ended::Unreachable(_) => "lost",
+                    Ended::Refused(_) => "closed",
+                    Ended::Stopped => "shutdown",
+                };
+                m.link_disconnects.get_or_create(&ReasonLabels { reason }).inc();
+                if let Ended::Unreachable(e) | Ended::Refused(e) = &ended {
+                    tracing::warn!(%target, error = %e, "link down");
+                }
+                ended
+            }
+        };
+        ctx.outbox.release_all();
+        m.link_up.set(0);
+        let probing = match ended {
+            Ended::Stopped => break,
+            Ended::Unreachable(e) => {
+                ctx.status.set_state(LinkState::Down, Some(e));
+                true
+            }
+            Ended::Refused(e) => {
+                ctx.status.set_state(LinkState::Down, Some(e));
+                // It answers: probing would tell nothing new.
+                if let Some(p) = probe.take() {
+                    p.abort();
+                }
+                false
+            }
+        };
+        if wait(&mut backoff, &wake, stop, probing, m).await {
+            break;
+        }
+    }
+    if let Some(p) = probe {
+        p.abort();
+    }
+    m.link_up.set(0);
+    ctx.outbox.release_all();
+}
+
+/// Waits out a back-off delay, or less if woken. True when stopping.
+async fn wait(
+    backoff: &mut Backoff,
+    wake: &Wakeups,
+    stop: &mut watch::Receiver<bool>,
+    probing: bool,
+    metrics: &Metrics,
+) -> bool {
+    let delay = backoff.next_delay();
+    tracing::debug!(
+        delay_ms = delay.as_millis() as u64,
+        "link: waiting before the next attempt"
+    );
+    let woke = |reason| metrics.link_wakeups.get_or_create(&ReasonLabels { reason }).inc();
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => false,
+        _ = wake.restored.notified(), if probing => {
+            woke("probe");
+            false
+        }
+        _ = wake.network.notified() => {
+            woke("network");
+            false
+        }
+        _ = stop.wait_for(|s| *s) => true,
+    }
+}
+
+async fn resolve(target: &str) -> Result<SocketAddr, String> {
+    let mut addrs = tokio::net::lookup_host(target)
+        .await
+        .map_err(|e| format!("cannot resolve {target}: {e}"))?;
+    addrs.next().ok_or_else(|| format!("{target} resolves to no address"))
+}
 
 /// Capped exponential back-off with full jitter.
 #[derive(Debug, Clone)]

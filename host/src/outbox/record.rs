@@ -88,6 +88,15 @@ impl Record {
     /// # Errors
     /// A field exceeds its length prefix.
     pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        self.encode_with(self.message.origin, self.message.delivered_locally)
+    }
+
+    /// Encodes the record with the message's origin id and delivered flag
+    /// replaced, without copying the message (how a message leaves a node).
+    ///
+    /// # Errors
+    /// A field exceeds its length prefix.
+    pub fn encode_with(&self, origin: Option<MessageId>, delivered_locally: bool) -> Result<Vec<u8>, EncodeError> {
         let m = &self.message;
         let mut out = Vec::with_capacity(64 + m.topic.len() + m.payload.len());
         out.push(VERSION);
@@ -106,14 +115,14 @@ impl Record {
         if m.source.principal.is_some() {
             flags |= F_PRINCIPAL;
         }
-        if m.origin.is_some() {
+        if origin.is_some() {
             flags |= F_ORIGIN;
         }
-        if m.delivered_locally {
+        if delivered_locally {
             flags |= F_DELIVERED;
         }
         out.push(flags);
-        if let Some(o) = &m.origin {
+        if let Some(o) = &origin {
             out.extend_from_slice(&o.instance.to_le_bytes());
             out.push(o.lane);
             out.extend_from_slice(&o.seq.to_le_bytes());
@@ -299,6 +308,21 @@ mod tests {
     fn round_trips() {
         let r = sample();
         assert_eq!(Record::decode(&r.encode().unwrap()).unwrap(), r);
+    }
+
+    #[test]
+    fn encode_with_replaces_origin_and_flag_only() {
+        let r = sample();
+        let id = MessageId {
+            instance: 7,
+            lane: 1,
+            seq: 2,
+        };
+        let back = Record::decode(&r.encode_with(Some(id), false).unwrap()).unwrap();
+        assert_eq!(back.message.origin, Some(id));
+        assert!(!back.message.delivered_locally);
+        assert_eq!(back.message.payload, r.message.payload);
+        assert_eq!(back.message.source, r.message.source);
     }
 
     #[test]

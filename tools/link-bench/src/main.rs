@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Transport {
@@ -82,12 +82,7 @@ async fn quic(bytes: u64, chunk: usize) -> Result<f64> {
     let addr = endpoint.local_addr()?;
     let receiver = tokio::spawn(async move {
         let conn = endpoint.accept().await.context("no connection")?.await?;
-        let mut recv = conn.accept_uni().await?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut got = 0u64;
-        while let Some(n) = recv.read(&mut buf).await? {
-            got += n as u64;
-        }
+        let got = sink(conn.accept_uni().await?).await?;
         conn.close(0u32.into(), b"done");
         anyhow::Ok(got)
     });
@@ -105,13 +100,7 @@ async fn quic(bytes: u64, chunk: usize) -> Result<f64> {
     let conn = ep.connect(addr, "bench")?.await?;
     let started = Instant::now();
     let mut send = conn.open_uni().await?;
-    let data = vec![0x5au8; chunk];
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(chunk as u64) as usize;
-        send.write_all(&data[..n]).await?;
-        left -= n as u64;
-    }
+    pump(&mut send, bytes, chunk).await?;
     send.finish()?;
     let got = receiver.await??;
     let seconds = started.elapsed().as_secs_f64();
@@ -123,31 +112,41 @@ async fn tcp(bytes: u64, chunk: usize) -> Result<f64> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let receiver = tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut got = 0u64;
-        loop {
-            let n = s.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            got += n as u64;
-        }
-        anyhow::Ok(got)
+        let (s, _) = listener.accept().await?;
+        sink(s).await
     });
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
     let started = Instant::now();
-    let data = vec![0x5au8; chunk];
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(chunk as u64) as usize;
-        s.write_all(&data[..n]).await?;
-        left -= n as u64;
-    }
+    pump(&mut s, bytes, chunk).await?;
     s.shutdown().await?;
     let got = receiver.await??;
     let seconds = started.elapsed().as_secs_f64();
     anyhow::ensure!(got == bytes, "received {got} of {bytes} bytes");
     Ok(seconds)
+}
+
+/// Writes `bytes` bytes in writes of `chunk`.
+async fn pump(w: &mut (impl AsyncWrite + Unpin), bytes: u64, chunk: usize) -> Result<()> {
+    let data = vec![0x5au8; chunk];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk as u64) as usize;
+        w.write_all(&data[..n]).await?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// Reads to the end; returns how many bytes came.
+async fn sink(mut r: impl AsyncRead + Unpin) -> Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(got);
+        }
+        got += n as u64;
+    }
 }

@@ -224,20 +224,8 @@ pub async fn publisher(mut c: Conn, plan: PubPlan, t: Arc<Timeline>) -> PubStats
         };
         tokio::select! {
             ready = c.stream.ready(interest) => {
-                let ready = match ready {
-                    Ok(r) => r,
-                    Err(_) => { stats.errors.io += 1; break 'run; }
-                };
-                if ready.is_writable() && c.try_flush().is_err() {
-                    stats.errors.io += 1;
-                    break 'run;
-                }
-                if ready.is_readable() {
-                    match c.try_fill() {
-                        Ok(true) => {}
-                        Ok(false) => { stats.errors.disconnects += 1; break 'run; }
-                        Err(_) => { stats.errors.io += 1; break 'run; }
-                    }
+                let Some(read) = service(&mut c, ready, &mut stats.errors) else { break 'run };
+                if read {
                     let now = t.ns(Instant::now());
                     loop {
                         let packet = match c.next_packet() {
@@ -399,21 +387,8 @@ pub async fn subscriber(
         if !readable {
             tokio::select! {
                 ready = c.stream.ready(interest) => {
-                    let ready = match ready {
-                        Ok(r) => r,
-                        Err(_) => { stats.errors.io += 1; break 'run; }
-                    };
-                    if ready.is_writable() && c.try_flush().is_err() {
-                        stats.errors.io += 1;
-                        break 'run;
-                    }
-                    if ready.is_readable() {
-                        match c.try_fill() {
-                            Ok(true) => readable = true,
-                            Ok(false) => { stats.errors.disconnects += 1; break 'run; }
-                            Err(_) => { stats.errors.io += 1; break 'run; }
-                        }
-                    }
+                    let Some(read) = service(&mut c, ready, &mut stats.errors) else { break 'run };
+                    readable = read;
                 }
                 _ = ping.tick() => c.send(&Packet::PingReq),
                 _ = stop.changed() => break 'run,
@@ -485,6 +460,34 @@ pub async fn subscriber(
 }
 
 /// DISCONNECT (normal) and close, waiting at most `wait` for the socket.
+/// Services a ready socket: flushes it when writable, reads it when
+/// readable. `Some(true)` when it was read; `None`, counted in `errors`, when
+/// the connection failed or ended.
+fn service(c: &mut Conn, ready: std::io::Result<tokio::io::Ready>, errors: &mut Errors) -> Option<bool> {
+    let Ok(ready) = ready else {
+        errors.io += 1;
+        return None;
+    };
+    if ready.is_writable() && c.try_flush().is_err() {
+        errors.io += 1;
+        return None;
+    }
+    if !ready.is_readable() {
+        return Some(false);
+    }
+    match c.try_fill() {
+        Ok(true) => Some(true),
+        Ok(false) => {
+            errors.disconnects += 1;
+            None
+        }
+        Err(_) => {
+            errors.io += 1;
+            None
+        }
+    }
+}
+
 pub async fn goodbye(c: &mut Conn, wait: Duration) {
     c.send(&Packet::Disconnect(Disconnect::default()));
     let _ = tokio::time::timeout(wait, c.flush_all()).await;
