@@ -67,6 +67,9 @@ pub enum Command {
     /// The upstream link of a running node.
     #[command(subcommand)]
     Link(LinkCommand),
+    /// The device registry: devices, modules, child gateways, users, CAs.
+    #[command(subcommand)]
+    Device(DeviceCommand),
     /// Tools for tests and diagnosis.
     #[command(subcommand, hide = true)]
     Debug(DebugCommand),
@@ -135,6 +138,105 @@ pub enum CertCommand {
 pub enum LinkCommand {
     /// Link state, counters and connected child gateways.
     Status,
+}
+
+/// `holdfast device …`
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Register an identity. Prints its keys once (`show --keys` again later).
+    Add {
+        /// Device id, `{device}/{module}`, gateway node id, or username.
+        id: String,
+        /// device, module, gateway or user. Default: module when the id has a '/', else device.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Parent gateway.
+        #[arg(long)]
+        parent: Option<String>,
+        /// sas, x509-thumbprint, x509-ca, password or none. Default: sas (password for users).
+        #[arg(long)]
+        auth: Option<String>,
+        /// Primary symmetric key, base64 (generated when absent).
+        #[arg(long)]
+        primary_key: Option<String>,
+        /// Secondary symmetric key, base64 (generated when absent).
+        #[arg(long)]
+        secondary_key: Option<String>,
+        /// Certificate thumbprint (SHA-256 hex); give twice for primary and secondary.
+        #[arg(long)]
+        thumbprint: Vec<String>,
+        /// Read a password from stdin (for `--auth password`).
+        #[arg(long)]
+        password_stdin: bool,
+        /// Register it disabled.
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// List identities and the registry's role.
+    List {
+        /// Only this kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only children of this gateway.
+        #[arg(long)]
+        parent: Option<String>,
+    },
+    /// Show one identity.
+    Show {
+        /// The id.
+        id: String,
+        /// Include the symmetric keys.
+        #[arg(long)]
+        keys: bool,
+    },
+    /// Remove an identity (a device's modules go with it).
+    Rm {
+        /// The id.
+        id: String,
+    },
+    /// Put an identity under a gateway, or under none with --none.
+    SetParent {
+        /// The id.
+        id: String,
+        /// The parent gateway.
+        #[arg(required_unless_present = "none")]
+        parent: Option<String>,
+        /// Take it out from under its parent.
+        #[arg(long, conflicts_with = "parent")]
+        none: bool,
+    },
+    /// Replace symmetric keys with new random ones; connected clients using it are disconnected.
+    RotateKey {
+        /// The id.
+        id: String,
+        /// primary, secondary or both.
+        #[arg(long, default_value = "both")]
+        which: String,
+    },
+    /// Disable an identity: it is refused, and disconnected if connected.
+    Disable {
+        /// The id.
+        id: String,
+    },
+    /// Enable an identity.
+    Enable {
+        /// The id.
+        id: String,
+    },
+    /// Register a CA that `x509-ca` device certificates may be signed by.
+    CaAdd {
+        /// A name for it.
+        name: String,
+        /// The CA certificate, PEM.
+        pem: PathBuf,
+    },
+    /// List registered CAs.
+    CaList,
+    /// Remove a registered CA.
+    CaRm {
+        /// Its name.
+        name: String,
+    },
 }
 
 /// `holdfast config …`
@@ -266,7 +368,203 @@ pub fn execute(cli: Cli) -> Result<()> {
             let client = AdminClient::discover(&cli.admin)?;
             link_status(&client, cli.admin.json)
         }
+        Command::Device(cmd) => {
+            let client = AdminClient::discover(&cli.admin)?;
+            device_command(&client, cmd, cli.admin.json)
+        }
     }
+}
+
+/// Percent-encodes one path segment (a module id has a '/').
+fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn identity_row(v: &Value) -> Vec<String> {
+    let creds: Vec<String> = v["credentials"]
+        .as_array()
+        .map(|a| a.iter().map(str_of).collect())
+        .unwrap_or_default();
+    vec![
+        str_of(&v["id"]),
+        str_of(&v["kind"]),
+        str_of(&v["parent"]),
+        if v["enabled"].as_bool().unwrap_or(false) {
+            "yes"
+        } else {
+            "no"
+        }
+        .to_string(),
+        if creds.is_empty() {
+            "-".to_string()
+        } else {
+            creds.join(",")
+        },
+        str_of(&v["origin"]),
+    ]
+}
+
+fn print_identity(v: &Value) {
+    print_table(
+        &["ID", "KIND", "PARENT", "ENABLED", "CREDENTIALS", "ORIGIN"],
+        &[identity_row(v)],
+    );
+    for (label, key) in [("primary key", "sas_primary"), ("secondary key", "sas_secondary")] {
+        if let Some(k) = v[key].as_str() {
+            println!("{label}: {k}");
+        }
+    }
+    if let Some(t) = v["thumbprints"].as_array().filter(|a| !a.is_empty()) {
+        let t: Vec<String> = t.iter().map(str_of).collect();
+        println!("thumbprints: {}", t.join(", "));
+    }
+}
+
+fn device_command(client: &AdminClient, cmd: DeviceCommand, json: bool) -> Result<()> {
+    let path = |id: &str, rest: &str| format!("/api/v1/devices/{}{rest}", segment(id));
+    let v = match cmd {
+        DeviceCommand::Add {
+            id,
+            kind,
+            parent,
+            auth,
+            primary_key,
+            secondary_key,
+            thumbprint,
+            password_stdin,
+            disabled,
+        } => {
+            let password = if password_stdin {
+                let mut p = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut p)
+                    .context("reading the password from stdin")?;
+                Some(p.trim_end_matches(['\n', '\r']).to_string())
+            } else {
+                None
+            };
+            let body = serde_json::json!({
+                "id": id, "kind": kind, "parent": parent, "auth": auth,
+                "sas_primary": primary_key, "sas_secondary": secondary_key,
+                "thumbprints": thumbprint, "password": password, "enabled": !disabled,
+            });
+            client.post_json("/api/v1/devices", &body)?
+        }
+        DeviceCommand::List { kind, parent } => {
+            let mut query = Vec::new();
+            if let Some(k) = kind {
+                query.push(format!("kind={}", segment(&k)));
+            }
+            if let Some(p) = parent {
+                query.push(format!("parent={}", segment(&p)));
+            }
+            let q = if query.is_empty() {
+                String::new()
+            } else {
+                format!("?{}", query.join("&"))
+            };
+            let list = client.get(&format!("/api/v1/devices{q}"))?;
+            if json {
+                return print_json(&list);
+            }
+            let summary = client.get("/api/v1/registry")?;
+            match summary["role"].as_str() {
+                Some("replica") => println!(
+                    "registry: replica of {}'s scope; last full sync {}, last change {}",
+                    str_of(&summary["parent"]),
+                    format_time(summary["sync"]["full_sync_ms"].as_u64()),
+                    format_time(summary["sync"]["last_change_ms"].as_u64()),
+                ),
+                _ => println!("registry: owner"),
+            }
+            let rows: Vec<Vec<String>> = list["identities"]
+                .as_array()
+                .map(|a| a.iter().map(identity_row).collect())
+                .unwrap_or_default();
+            print_table(&["ID", "KIND", "PARENT", "ENABLED", "CREDENTIALS", "ORIGIN"], &rows);
+            return Ok(());
+        }
+        DeviceCommand::Show { id, keys } => client.get(&path(&id, if keys { "?keys=true" } else { "" }))?,
+        DeviceCommand::Rm { id } => {
+            let v = client.delete(&path(&id, ""))?;
+            if json {
+                return print_json(&v);
+            }
+            let removed: Vec<String> = v["removed"]
+                .as_array()
+                .map(|a| a.iter().map(str_of).collect())
+                .unwrap_or_default();
+            println!("removed {}", removed.join(", "));
+            return Ok(());
+        }
+        DeviceCommand::SetParent { id, parent, none } => {
+            let parent = if none { None } else { parent };
+            client.post_json(&path(&id, "/parent"), &serde_json::json!({ "parent": parent }))?
+        }
+        DeviceCommand::RotateKey { id, which } => {
+            client.post_json(&path(&id, "/rotate-key"), &serde_json::json!({ "which": which }))?
+        }
+        DeviceCommand::Disable { id } => client.post_json(&path(&id, "/disable"), &Value::Null)?,
+        DeviceCommand::Enable { id } => client.post_json(&path(&id, "/enable"), &Value::Null)?,
+        DeviceCommand::CaAdd { name, pem } => {
+            let pem = std::fs::read_to_string(&pem).with_context(|| format!("cannot read {}", pem.display()))?;
+            let v = client.post_json("/api/v1/registry/cas", &serde_json::json!({ "name": name, "pem": pem }))?;
+            if json {
+                return print_json(&v);
+            }
+            println!(
+                "CA {} registered: {} ({})",
+                str_of(&v["name"]),
+                str_of(&v["subject"]),
+                str_of(&v["thumbprint"])
+            );
+            return Ok(());
+        }
+        DeviceCommand::CaList => {
+            let v = client.get("/api/v1/registry/cas")?;
+            if json {
+                return print_json(&v);
+            }
+            let rows: Vec<Vec<String>> = v["cas"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|c| {
+                            vec![
+                                str_of(&c["name"]),
+                                str_of(&c["subject"]),
+                                short(&c["thumbprint"]),
+                                str_of(&c["origin"]),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print_table(&["NAME", "SUBJECT", "THUMBPRINT", "ORIGIN"], &rows);
+            return Ok(());
+        }
+        DeviceCommand::CaRm { name } => {
+            let v = client.delete(&format!("/api/v1/registry/cas/{}", segment(&name)))?;
+            if json {
+                return print_json(&v);
+            }
+            println!("CA {name} removed");
+            return Ok(());
+        }
+    };
+    if json {
+        return print_json(&v);
+    }
+    print_identity(&v);
+    Ok(())
 }
 
 fn outbox_fill(data_dir: &Path, writers: u32, lanes: u8, tag: &str) -> Result<()> {
@@ -623,6 +921,19 @@ impl AdminClient {
             .header("Content-Type", "application/wasm")
             .send(body);
         self.finish(&format!("POST {path}"), r)
+    }
+
+    /// DELETE a resource.
+    ///
+    /// # Errors
+    /// As [`AdminClient::get`].
+    pub fn delete(&self, path: &str) -> Result<Value> {
+        let r = self
+            .agent
+            .delete(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call();
+        self.finish(&format!("DELETE {path}"), r)
     }
 
     /// POST a JSON document.

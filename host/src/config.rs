@@ -329,6 +329,13 @@ pub struct MqttConfig {
     /// They are written through at once (surviving a process crash) and
     /// synced (surviving power loss) on this interval. Default 1000.
     pub sync_interval_ms: u64,
+    /// Failed authentications from one IP address before its CONNECTs are
+    /// slowed down. 0 = never. Default 3.
+    pub auth_backoff_after_failures: u32,
+    /// The first delay imposed, ms; it doubles with each further failure. Default 250.
+    pub auth_backoff_initial_ms: u64,
+    /// The longest delay, ms. Default 10000.
+    pub auth_backoff_max_ms: u64,
 }
 
 impl Default for MqttConfig {
@@ -351,6 +358,9 @@ impl Default for MqttConfig {
             max_client_id_length: 256,
             max_retained: 100_000,
             sync_interval_ms: 1000,
+            auth_backoff_after_failures: 3,
+            auth_backoff_initial_ms: 250,
+            auth_backoff_max_ms: 10_000,
         }
     }
 }
@@ -687,6 +697,9 @@ pub struct IdentityConfig {
     pub thumbprints: Vec<String>,
     /// Argon2 PHC hash (`holdfast passwd` prints one).
     pub password_hash: Option<String>,
+    /// Accept a certificate signed by a registered CA that names this identity.
+    #[serde(default)]
+    pub x509_ca: bool,
 }
 
 fn default_kind() -> String {
@@ -809,6 +822,11 @@ impl Config {
             }
             if crate::identity::parse_kind(&id.kind).is_none() {
                 return Err(ConfigError::key(key("kind"), "must be device, module, gateway or user"));
+            }
+            if let Some(kind) = crate::registry::Kind::parse(&id.kind)
+                && let Err(e) = crate::registry::check_id(&id.id, kind)
+            {
+                return Err(ConfigError::key(key("id"), e.to_string()));
             }
             for (k, v) in [("sas_primary", &id.sas_primary), ("sas_secondary", &id.sas_secondary)] {
                 if let Some(v) = v {

@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod node;
 pub mod outbox;
 pub mod plugins;
+pub mod registry;
 pub mod scaffold;
 pub mod store;
 pub mod tls;

@@ -22,6 +22,9 @@ fn main() -> ExitCode {
 }
 
 fn run(config_path: Option<&std::path::Path>) -> anyhow::Result<()> {
+    // Everything the node writes (the store holds device keys) is readable
+    // by its owner only.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let config = match config_path {
         Some(path) => Config::load(path)?,
         None => Config::embedded_default(),

@@ -258,6 +258,14 @@ pub struct Metrics {
     /// `holdfast_link_root_messages_total{result}`: what a root did with messages
     /// reaching its outbox (delivered, already-delivered, no-broker).
     pub link_root: Family<ResultLabels, Counter>,
+    /// `holdfast_mqtt_auth_delayed_total`: CONNECTs held back by the per-source auth back-off.
+    pub mqtt_auth_delayed: Counter,
+    /// `holdfast_mqtt_revoked_total`: connections closed because their credentials were revoked.
+    pub mqtt_revoked: Counter,
+    /// `holdfast_registry_identities`: identities this node can authenticate.
+    pub registry_identities: Gauge,
+    /// `holdfast_registry_syncs_total{result}`: scope syncs sent (`sent-full`, `sent-delta`) and applied (`full`, `delta`, `failed`).
+    pub registry_syncs: Family<ResultLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -486,6 +494,30 @@ impl Metrics {
             "Messages reaching a root's outbox, by what was done with them",
             link_root.clone(),
         );
+        let mqtt_auth_delayed = Counter::default();
+        registry.register(
+            "mqtt_auth_delayed",
+            "CONNECTs held back by the per-source authentication back-off",
+            mqtt_auth_delayed.clone(),
+        );
+        let mqtt_revoked = Counter::default();
+        registry.register(
+            "mqtt_revoked",
+            "Connections closed because their credentials were revoked",
+            mqtt_revoked.clone(),
+        );
+        let registry_identities = Gauge::default();
+        registry.register(
+            "registry_identities",
+            "Identities this node can authenticate",
+            registry_identities.clone(),
+        );
+        let registry_syncs = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "registry_syncs",
+            "Scope syncs sent to children and applied from the parent, by result",
+            registry_syncs.clone(),
+        );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -534,6 +566,10 @@ impl Metrics {
             link_received,
             link_refused,
             link_root,
+            mqtt_auth_delayed,
+            mqtt_revoked,
+            registry_identities,
+            registry_syncs,
         }
     }
 

@@ -14,10 +14,10 @@ use tokio::task::JoinHandle;
 use crate::admin;
 use crate::broker::{Broker, listen};
 use crate::config::Config;
-use crate::identity::MemoryDirectory;
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, SystemTimeSource};
 use crate::plugins::{NodeContext, PluginError, PluginHost, watch::watch_folder};
+use crate::registry::{Registry, Role};
 use crate::store::Store;
 
 /// Why a node could not start.
@@ -40,6 +40,9 @@ pub enum StartError {
     /// An MQTT listener could not start.
     #[error(transparent)]
     Listen(#[from] listen::ListenError),
+    /// The registry did not open.
+    #[error("registry: {0}")]
+    Registry(#[from] crate::registry::RegistryError),
     /// The upstream link or the link listener could not start.
     #[error(transparent)]
     Link(#[from] crate::link::LinkError),
@@ -64,8 +67,8 @@ pub struct NodeState {
     pub plugins: Arc<PluginHost>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Identities from the config.
-    pub identities: Arc<MemoryDirectory>,
+    /// The device registry (owned, or a replica of this node's scope).
+    pub registry: Arc<Registry>,
     /// The durable queue of upstream-bound messages.
     pub outbox: Arc<Outbox>,
     /// The MQTT broker, when enabled.
@@ -111,11 +114,41 @@ impl Node {
         let data_dir = config.node.data_dir.clone();
         create_private_dir(&data_dir)?;
         let metrics = Arc::new(Metrics::new());
-        let identities = Arc::new(MemoryDirectory::from_config(&config));
+        let store_dir = data_dir.join("store");
+        let outbox_config = config.outbox.clone();
+        let outbox_metrics = metrics.clone();
+        let role = match config.upstream.kind {
+            crate::config::UpstreamKind::Quic => Role::Replica {
+                parent: config.upstream.quic.parent_id.clone(),
+            },
+            _ => Role::Owner,
+        };
+        let seeds = config.identities.clone();
+        let (store, outbox, registry) =
+            tokio::task::spawn_blocking(move || -> Result<(Store, Outbox, Registry), StartError> {
+                let store = Store::open(&store_dir).map_err(crate::outbox::OutboxError::from)?;
+                let outbox = Outbox::open(
+                    &store,
+                    &store_dir,
+                    outbox_config,
+                    outbox_metrics,
+                    Arc::new(SystemTimeSource),
+                )?;
+                let registry = Registry::open(&store, role)?;
+                let seeded = registry.seed(&seeds)?;
+                if seeded > 0 {
+                    tracing::info!(changed = seeded, "registry: applied [[identities]] from the config");
+                }
+                Ok((store, outbox, registry))
+            })
+            .await
+            .map_err(|e| PluginError::Engine(format!("store open task failed: {e}")))??;
+        let registry = Arc::new(registry);
+        metrics.registry_identities.set(registry.len() as i64);
         let context = NodeContext {
             node_id: config.node.id.as_str().into(),
             started,
-            identities: identities.clone(),
+            identities: registry.clone(),
             metrics: metrics.clone(),
         };
         let plugin_config = config.clone();
@@ -126,58 +159,38 @@ impl Node {
         // Compiling plugins (on a cold artifact cache) leaves megabytes of freed
         // compiler memory in the allocator; give it back to the OS.
         release_freed_memory();
-        let store_dir = data_dir.join("store");
-        let outbox_config = config.outbox.clone();
-        let outbox_metrics = metrics.clone();
-        let (store, outbox) =
-            tokio::task::spawn_blocking(move || -> Result<(Store, Outbox), crate::outbox::OutboxError> {
-                let store = Store::open(&store_dir)?;
-                let outbox = Outbox::open(
-                    &store,
-                    &store_dir,
-                    outbox_config,
-                    outbox_metrics,
-                    Arc::new(SystemTimeSource),
-                )?;
-                Ok((store, outbox))
-            })
-            .await
-            .map_err(|e| PluginError::Engine(format!("outbox open task failed: {e}")))??;
         let outbox = Arc::new(outbox);
         let (stop, stopped) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut bound = listen::Bound::default();
         let broker = if config.mqtt.enabled {
             let broker = {
-                let (mqtt, plugins, outbox, metrics, stopped) = (
+                let (mqtt, plugins, outbox, metrics, registry, stopped) = (
                     config.mqtt.clone(),
                     plugins.clone(),
                     outbox.clone(),
                     metrics.clone(),
+                    registry.clone(),
                     stopped.clone(),
                 );
-                tokio::task::spawn_blocking(move || Broker::open(mqtt, plugins, outbox, &store, metrics, stopped))
-                    .await
-                    .map_err(|e| PluginError::Engine(format!("broker open task failed: {e}")))??
+                tokio::task::spawn_blocking(move || {
+                    Broker::open(mqtt, plugins, outbox, &store, metrics, registry, stopped)
+                })
+                .await
+                .map_err(|e| PluginError::Engine(format!("broker open task failed: {e}")))??
             };
             let (b, listeners) = listen::start(&broker, stopped.clone()).await?;
             bound = b;
             tasks.extend(listeners);
             tasks.push(tokio::spawn(broker.clone().sync_task()));
+            tasks.push(tokio::spawn(broker.clone().revocation_task()));
             Some(broker)
         } else {
             None
         };
         let link = Arc::new(crate::link::Status::new(&config));
         let link_listen = start_link(
-            &config,
-            &outbox,
-            &broker,
-            &identities,
-            &link,
-            &metrics,
-            &stopped,
-            &mut tasks,
+            &config, &outbox, &broker, &registry, &link, &metrics, &stopped, &mut tasks,
         )?;
         let admin_token = match &config.admin.token {
             Some(t) => t.clone(),
@@ -187,7 +200,7 @@ impl Node {
             config,
             plugins,
             metrics,
-            identities,
+            registry,
             outbox,
             broker,
             mqtt: bound,
@@ -276,7 +289,7 @@ fn start_link(
     config: &Config,
     outbox: &Arc<Outbox>,
     broker: &Option<Arc<Broker>>,
-    identities: &Arc<MemoryDirectory>,
+    registry: &Arc<Registry>,
     status: &Arc<crate::link::Status>,
     metrics: &Arc<Metrics>,
     stopped: &watch::Receiver<bool>,
@@ -289,7 +302,7 @@ fn start_link(
         let ctx = parent::Ctx {
             node_id: config.node.id.clone(),
             outbox: outbox.clone(),
-            identities: identities.clone(),
+            registry: registry.clone(),
             status: status.clone(),
             metrics: metrics.clone(),
             max_children: config.link.max_children,
@@ -306,6 +319,7 @@ fn start_link(
         outbox: outbox.clone(),
         status: status.clone(),
         metrics: metrics.clone(),
+        registry: matches!(config.upstream.kind, UpstreamKind::Quic).then(|| registry.clone()),
     };
     match config.upstream.kind {
         UpstreamKind::None => {

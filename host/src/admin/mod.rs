@@ -12,6 +12,10 @@
 //! | GET | `/api/v1/plugins/history` | loads, swaps and rollbacks |
 //! | POST | `/api/v1/plugins/{slot}/swap` | body: the `.wasm` bytes, or JSON `{"wasm_base64": …, "config": {…}}` |
 //! | POST | `/api/v1/plugins/{slot}/rollback` | back to the previous version |
+//!
+//! The device registry's routes are in [`registry`].
+
+mod registry;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -68,6 +72,7 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/plugins/history", get(plugins_history))
         .route("/plugins/{slot}/swap", post(plugin_swap))
         .route("/plugins/{slot}/rollback", post(plugin_rollback))
+        .merge(registry::routes())
         .layer(DefaultBodyLimit::max(MAX_PLUGIN_BYTES + MAX_PLUGIN_BYTES / 2))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -132,6 +137,7 @@ async fn metrics(State(state): State<Arc<NodeState>>, headers: HeaderMap) -> Res
     }
     // Refresh gauges that are sampled rather than counted.
     let _ = state.plugins.list();
+    state.metrics.registry_identities.set(state.registry.len() as i64);
     let outbox = state.outbox.clone();
     let _ = tokio::task::spawn_blocking(move || outbox.stats()).await;
     (

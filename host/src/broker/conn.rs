@@ -148,6 +148,7 @@ where
         outbound_window: 1,
         client_max_packet: u32::MAX,
         paused_until: None,
+        revoked: None,
     };
     let exit = match conn.handshake(over).await {
         Ok(()) => conn.run().await,
@@ -180,6 +181,8 @@ struct Conn<S> {
     client_max_packet: u32,
     /// Reading is paused until then (backpressure from slow subscribers).
     paused_until: Option<Instant>,
+    /// Fires when the principal's credentials are revoked.
+    revoked: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
@@ -283,12 +286,28 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             cert_thumbprint: self.peer.cert_thumbprint.clone(),
             cert_common_name: self.peer.cert_common_name.clone(),
         };
+        // A source that keeps failing waits before it is answered.
+        let ip = self.peer.addr.ip();
+        if let Some(delay) = broker.throttle.delay(ip, std::time::Instant::now()) {
+            broker.metrics.mqtt_auth_delayed.inc();
+            tokio::time::sleep(delay).await;
+        }
         let plugins = broker.plugins.clone();
         let answer = tokio::task::spawn_blocking(move || plugins.authenticate(&info)).await;
         let principal = match answer.map(|a| a.value) {
-            Ok(Ok(p)) => p,
+            Ok(Ok(p)) => {
+                broker.throttle.success(ip);
+                p
+            }
             Ok(Err(refusal)) => {
                 tracing::info!(client = %c.client_id, peer = %self.peer.addr, reason = %refusal.reason, "connection refused by the auth plugin");
+                let failure = broker.throttle.failure(ip, std::time::Instant::now());
+                if let Some(delay) = failure.delay {
+                    // Logged when back-off starts and then every tenth failure.
+                    if failure.failures == broker.config.auth_backoff_after_failures || failure.failures % 10 == 0 {
+                        tracing::warn!(source = %ip, failures = failure.failures, delay_ms = delay.as_millis() as u64, "repeated authentication failures: slowing this source down");
+                    }
+                }
                 let (code, result) = match refusal.code {
                     RefusalCode::BadCredentials => (reason::BAD_USERNAME_OR_PASSWORD, "bad-credentials"),
                     RefusalCode::NotAuthorized => (reason::NOT_AUTHORIZED, "not-authorized"),
@@ -299,6 +318,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             }
             Err(_) => return Err(self.refuse(reason::UNSPECIFIED, "auth-failed").await),
         };
+        self.revoked = Some(broker.register_principal(&principal.id, self.conn_id));
         self.principal = Some(principal);
         if let Some(w) = &c.will
             && !self.authorized(false, &w.topic)
@@ -416,6 +436,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             if self.rbuf.capacity() - self.rbuf.len() < 256 {
                 self.rbuf.reserve(if busy { 16 << 10 } else { 1024 });
             }
+            let revoked = self.revoked.clone();
             let Conn {
                 rd,
                 wr,
@@ -435,6 +456,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                     if session.kick_pending.swap(false, Ordering::AcqRel) {
                         return Exit::TakenOver;
                     }
+                }
+                _ = async { match &revoked { Some(r) => r.notified().await, None => std::future::pending().await } } => {
+                    broker.metrics.mqtt_revoked.inc();
+                    return Exit::Error(reason::NOT_AUTHORIZED, "revoked");
                 }
                 r = wr.write_buf(out), if !out.is_empty() => {
                     if r.is_err() || r.is_ok_and(|n| n == 0) {
@@ -902,6 +927,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
     /// Ends the connection: tells the client why, detaches the session,
     /// publishes the will if it is due.
     async fn finish(&mut self, exit: Exit) {
+        if let (Some(_), Some(p)) = (self.revoked.take(), &self.principal) {
+            self.broker.unregister_principal(&p.id, self.conn_id);
+        }
         let reason_label = match exit {
             Exit::Clean => "client-disconnect",
             Exit::Unclean(r) => r,

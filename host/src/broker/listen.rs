@@ -192,11 +192,84 @@ fn server_config(
             .map_err(|e| tls_err(&e))?;
             builder.with_client_cert_verifier(v)
         }
-        None => builder.with_no_client_auth(),
+        None => builder.with_client_cert_verifier(Arc::new(AnyClientCert { provider })),
     };
     let mut config = builder.with_single_cert(certs, key).map_err(|e| tls_err(&e))?;
     config.alpn_protocols = alpn;
     Ok(config)
+}
+
+/// Asks every client for a certificate, makes none mandatory, and accepts
+/// any whose holder proves it has the key and that is within its validity
+/// period. Whether the certificate means anything is the auth plugin's
+/// decision: a registered thumbprint, or a chain to a registered CA.
+#[derive(Debug)]
+struct AnyClientCert {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::server::danger::ClientCertVerifier for AnyClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        use rustls::CertificateError;
+        let (_, cert) = x509_parser::parse_x509_certificate(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        let now = x509_parser::time::ASN1Time::from_timestamp(now.as_secs() as i64)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        if !cert.validity().is_valid_at(now) {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Expired));
+        }
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Describes a verified client chain and hands it to the registry (for
+/// registered-CA checks): thumbprint and common name of the leaf.
+fn client_cert(broker: &Broker, chain: Option<&[CertificateDer<'static>]>) -> (Option<String>, Option<String>) {
+    let Some(chain) = chain.filter(|c| !c.is_empty()) else {
+        return (None, None);
+    };
+    let (thumbprint, cn) = describe_cert(&chain[0]);
+    broker.registry.presented(&thumbprint, chain.to_vec());
+    (Some(thumbprint), cn)
 }
 
 /// SHA-256 thumbprint (lowercase hex) and common name of a client certificate.
@@ -260,16 +333,8 @@ async fn accept_tcp(
                             return;
                         }
                     };
-                    let cert = stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .map(|c| describe_cert(c));
-                    let (cert_thumbprint, cert_common_name) = match cert {
-                        Some((t, cn)) => (Some(t), cn),
-                        None => (None, None),
-                    };
+                    let (cert_thumbprint, cert_common_name) =
+                        client_cert(&broker, stream.get_ref().1.peer_certificates());
                     let peer = Peer {
                         addr,
                         transport: Transport::Tls,
@@ -308,20 +373,16 @@ async fn accept_quic(broker: Arc<Broker>, endpoint: quinn::Endpoint, mut stop: w
                 }
             };
             let addr = conn.remote_address();
-            let cert = conn
+            let chain = conn
                 .peer_identity()
-                .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
-                .and_then(|certs| certs.first().map(|c| describe_cert(c)));
+                .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok());
+            let (cert_thumbprint, cert_common_name) = client_cert(&broker, chain.as_deref().map(Vec::as_slice));
             let (send, recv) = match tokio::time::timeout(timeout, conn.accept_bi()).await {
                 Ok(Ok(s)) => s,
                 _ => {
                     conn.close(0u32.into(), b"no stream");
                     return;
                 }
-            };
-            let (cert_thumbprint, cert_common_name) = match cert {
-                Some((t, cn)) => (Some(t), cn),
-                None => (None, None),
             };
             let peer = Peer {
                 addr,

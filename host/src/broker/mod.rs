@@ -18,6 +18,7 @@ pub mod listen;
 pub mod persist;
 pub mod session;
 pub mod subs;
+pub mod throttle;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -94,6 +95,12 @@ pub struct Broker {
     connections: AtomicUsize,
     next_conn_id: AtomicU64,
     stop: watch::Receiver<bool>,
+    /// The identities clients authenticate as.
+    pub(crate) registry: Arc<crate::registry::Registry>,
+    /// Connections by principal id, for revocation.
+    principals: Mutex<HashMap<String, HashMap<u64, Arc<tokio::sync::Notify>>>>,
+    /// Per-source back-off for failed authentication.
+    pub(crate) throttle: throttle::Throttle,
 }
 
 impl std::fmt::Debug for Broker {
@@ -129,6 +136,7 @@ impl Broker {
         outbox: Arc<Outbox>,
         store: &Store,
         metrics: Arc<Metrics>,
+        registry: Arc<crate::registry::Registry>,
         stop: watch::Receiver<bool>,
     ) -> Result<Arc<Broker>, StoreError> {
         let persist = Persist::open(store)?;
@@ -147,6 +155,13 @@ impl Broker {
             connections: AtomicUsize::new(0),
             next_conn_id: AtomicU64::new(1),
             stop,
+            registry,
+            principals: Mutex::new(HashMap::new()),
+            throttle: throttle::Throttle::new(
+                config.auth_backoff_after_failures,
+                Duration::from_millis(config.auth_backoff_initial_ms),
+                Duration::from_millis(config.auth_backoff_max_ms),
+            ),
             config,
             plugins,
             outbox,
@@ -550,6 +565,82 @@ impl Broker {
 
     fn next_conn_id(&self) -> u64 {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers connection `conn_id` as authenticated as `principal`; the
+    /// returned signal fires when its credentials are revoked.
+    pub(crate) fn register_principal(&self, principal: &str, conn_id: u64) -> Arc<tokio::sync::Notify> {
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let mut map = self.principals.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(principal.to_string())
+            .or_default()
+            .insert(conn_id, notify.clone());
+        notify
+    }
+
+    /// Forgets connection `conn_id`.
+    pub(crate) fn unregister_principal(&self, principal: &str, conn_id: u64) {
+        let mut map = self.principals.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(conns) = map.get_mut(principal) {
+            conns.remove(&conn_id);
+            if conns.is_empty() {
+                map.remove(principal);
+            }
+        }
+    }
+
+    /// Disconnects every connection authenticated as one of `ids`; returns
+    /// how many were told to leave.
+    pub fn revoke(&self, ids: &[String]) -> usize {
+        let map = self.principals.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for id in ids {
+            for notify in map.get(id).into_iter().flat_map(HashMap::values) {
+                notify.notify_one();
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Disconnects connections whose identity is gone or disabled (after
+    /// revocations were missed).
+    pub fn revoke_stale(&self) -> usize {
+        use crate::identity::IdentityDirectory as _;
+        let ids: Vec<String> = {
+            let map = self.principals.lock().unwrap_or_else(|p| p.into_inner());
+            map.keys().cloned().collect()
+        };
+        let stale: Vec<String> = ids
+            .into_iter()
+            .filter(|id| id != "anonymous" && !self.registry.lookup(id).is_some_and(|i| i.enabled))
+            .collect();
+        self.revoke(&stale)
+    }
+
+    /// Runs until `stop`: disconnects clients whose credentials the
+    /// registry revokes.
+    pub async fn revocation_task(self: Arc<Self>) {
+        let mut revocations = self.registry.revocations();
+        let mut stop = self.stop.clone();
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                r = revocations.recv() => match r {
+                    Ok(ids) => {
+                        let n = self.revoke(&ids);
+                        if n > 0 {
+                            tracing::info!(ids = ?ids, connections = n, "disconnecting clients whose credentials changed");
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        let n = self.revoke_stale();
+                        tracing::warn!(missed, disconnected = n, "missed registry revocations; rechecked every connection");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
     }
 }
 

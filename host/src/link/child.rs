@@ -25,6 +25,8 @@ use crate::outbox::{LANES, MessageId};
 
 /// Largest frame the parent may send (acks and refusals are small).
 const MAX_DOWN_FRAME: usize = 64 << 10;
+/// Largest scope-sync frame accepted from the parent.
+const MAX_SCOPE_FRAME: usize = 16 << 20;
 /// A batch stops growing at this size (one message may exceed it), well
 /// under the parent's `link.max_batch_bytes`.
 const MAX_BATCH_BYTES: usize = 1 << 20;
@@ -211,6 +213,15 @@ fn classify_connect_error(e: quinn::ConnectionError, result: &dyn Fn(&'static st
 /// Drains every lane over `conn` until it fails.
 async fn drain(ctx: &Arc<Ctx>, conn: &quinn::Connection) -> Ended {
     let mut lanes = tokio::task::JoinSet::new();
+    if let Some(registry) = &ctx.registry {
+        lanes.spawn(super::scope::receive(
+            registry.clone(),
+            ctx.metrics.clone(),
+            conn.clone(),
+            ctx.config.quic.parent_id.clone(),
+            MAX_SCOPE_FRAME,
+        ));
+    }
     for lane in 0..LANES as u8 {
         let (ctx, conn) = (ctx.clone(), conn.clone());
         lanes.spawn(async move { lane_sender(ctx, conn, lane).await });

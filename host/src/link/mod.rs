@@ -20,6 +20,7 @@ pub mod child;
 pub mod parent;
 pub mod reconnect;
 pub mod root;
+pub mod scope;
 pub mod wire;
 
 use std::collections::BTreeMap;
@@ -69,6 +70,8 @@ pub struct Ctx {
     pub status: Arc<Status>,
     /// Metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The registry replica scope sync fills (QUIC child only).
+    pub registry: Option<Arc<crate::registry::Registry>>,
 }
 
 /// This node's fleet TLS material: the CA roots, its certificate chain and key.
@@ -294,7 +297,8 @@ pub(crate) fn transport(keep_alive: Duration, idle: Duration) -> Result<quinn::T
     ));
     // One control stream and up to ten lanes.
     t.max_concurrent_bidi_streams(16u32.into());
-    t.max_concurrent_uni_streams(0u32.into());
+    // The parent opens one stream towards the child: scope sync.
+    t.max_concurrent_uni_streams(1u32.into());
     // Room for a long fat pipe: 8 MiB per stream, 32 MiB per connection.
     t.stream_receive_window((8u32 << 20).into());
     t.receive_window((32u32 << 20).into());

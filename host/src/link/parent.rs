@@ -31,8 +31,8 @@ pub struct Ctx {
     pub node_id: String,
     /// Where children's messages are stored.
     pub outbox: Arc<Outbox>,
-    /// Who may connect.
-    pub identities: Arc<dyn IdentityDirectory>,
+    /// Who may connect, and what each child's scope is.
+    pub registry: Arc<crate::registry::Registry>,
     /// Shared status (connected children).
     pub status: Arc<Status>,
     /// Metrics.
@@ -148,7 +148,7 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, mut stop: watch::Receiver
                     )),
                     node_id,
                 )
-            } else if !is_child(&*ctx.identities, &node_id, &ctx.node_id) {
+            } else if !is_child(&*ctx.registry, &node_id, &ctx.node_id) {
                 (
                     Some((
                         refuse::NOT_A_CHILD,
@@ -206,6 +206,13 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, mut stop: watch::Receiver
         ctx.metrics.link_children.set(s.children.len() as i64);
     });
     let conn_id = conn.stable_id();
+    let sync = tokio::spawn(super::scope::serve(
+        ctx.registry.clone(),
+        ctx.metrics.clone(),
+        conn.clone(),
+        child.clone(),
+        ctx.node_id.clone(),
+    ));
     let mut lanes = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -225,6 +232,7 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, mut stop: watch::Receiver
             }
         }
     }
+    sync.abort();
     // Lanes finish what they have stored and exit when the connection is gone.
     while lanes.join_next().await.is_some() {}
     ctx.status.update(|s| {

@@ -13,7 +13,16 @@
 //!   child  → LANE     u8 lane                        (first frame)
 //!   child  → BATCH    u32 count, then count × (u32 length, outbox record)
 //!   parent → ACK      u64 messages stored so far on this stream (cumulative)
+//! scope stream (one unidirectional stream, opened by the parent after WELCOME)
+//!   parent → SCOPE    u8 part, JSON body
+//!            part 1: some identities of a full sync, more follow
+//!            part 2: the last identities of a full sync, and the CAs
+//!            part 3: an incremental change (upserts, removals, CAs)
 //! ```
+//!
+//! A full sync goes out on every connection; incremental changes follow
+//! while it lasts. JSON keeps the identity records readable in a capture
+//! and lets fields be added without a new frame.
 //!
 //! A batch carries outbox records ([`crate::outbox::record`]) whose
 //! time-to-live is what remains of it and whose origin id is set, so a
@@ -33,6 +42,17 @@ const T_REFUSE: u8 = 3;
 const T_LANE: u8 = 10;
 const T_BATCH: u8 = 11;
 const T_ACK: u8 = 12;
+const T_SCOPE: u8 = 20;
+
+/// Parts of a scope sync (see the module docs).
+pub mod scope {
+    /// Identities of a full sync; more parts follow.
+    pub const FULL_PART: u8 = 1;
+    /// The last part of a full sync.
+    pub const FULL_END: u8 = 2;
+    /// An incremental change.
+    pub const DELTA: u8 = 3;
+}
 
 /// Why the parent refused a child.
 pub mod refuse {
@@ -94,6 +114,13 @@ pub enum Frame {
     Batch(Vec<Bytes>),
     /// Parent → child: messages stored so far on this stream.
     Ack(u64),
+    /// Parent → child: part of a scope sync (see [`scope`]), JSON.
+    Scope {
+        /// Which part.
+        part: u8,
+        /// JSON body.
+        body: Bytes,
+    },
 }
 
 /// A frame that cannot be decoded.
@@ -169,6 +196,11 @@ impl Frame {
             Frame::Ack(n) => {
                 out.put_u8(T_ACK);
                 out.put_u64_le(*n);
+            }
+            Frame::Scope { part, body } => {
+                out.put_u8(T_SCOPE);
+                out.put_u8(*part);
+                out.put_slice(body);
             }
         }
         let len = (out.len() - start - 4) as u32;
@@ -255,6 +287,17 @@ impl Frame {
                 }
                 Frame::Ack(b.get_u64_le())
             }
+            T_SCOPE => {
+                if b.remaining() < 1 {
+                    return Err(WireError::Malformed("scope"));
+                }
+                let part = b.get_u8();
+                if !(scope::FULL_PART..=scope::DELTA).contains(&part) {
+                    return Err(WireError::Malformed("scope"));
+                }
+                let body = b.split_off(0);
+                Frame::Scope { part, body }
+            }
             other => return Err(WireError::UnknownType(other)),
         };
         if b.has_remaining() {
@@ -315,6 +358,10 @@ mod tests {
 
     #[test]
     fn every_frame_round_trips() {
+        round_trip(Frame::Scope {
+            part: scope::DELTA,
+            body: Bytes::from_static(b"{}"),
+        });
         round_trip(Frame::Hello {
             version: VERSION,
             node_id: "gw-1".into(),

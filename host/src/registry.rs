@@ -1,0 +1,1478 @@
+//! The device registry: devices, modules, child gateways and users, each with
+//! at most one parent, their credentials, and the CAs device certificates
+//! may be signed by.
+//!
+//! A node whose upstream is not a Holdfast parent (`upstream.kind` `none` or
+//! `mqtt`) **owns** its registry: the admin API and the CLI change it, and
+//! `[[identities]]` in the config seed it. A node with a QUIC parent keeps a
+//! **replica** of its scope (every identity whose parent chain includes it),
+//! filled by scope sync over the link; it can still seed local identities
+//! from its own config (a plain MQTT user for a local tool, say).
+//!
+//! Everything lives in one fjall space, `registry`, written with `fsync`
+//! before a change is acknowledged, and in a map in memory that the auth
+//! plugin's lookups read. Secrets never leave this module except to the
+//! scope sync of a child gateway over mutual TLS, and in API answers that
+//! ask for them.
+//!
+//! Changes are announced two ways: [`Registry::changes`] (a counter every
+//! scope-sync task watches) and [`Registry::revocations`] (the ids whose
+//! credentials changed, were disabled or removed, which the broker
+//! disconnects).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+
+use base64::Engine as _;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+
+use crate::config::IdentityConfig;
+use crate::identity::{IdentityDirectory, IdentityRecord};
+use crate::plugins::bindings::{Identity, IdentityKind};
+use crate::store::{Durability, Space, Store, StoreError};
+
+/// Longest identity id (IoT Hub's device id limit).
+pub const MAX_ID_LEN: usize = 128;
+/// How many client certificates presented on TLS are remembered for
+/// registered-CA checks.
+const PRESENTED_CERTS: usize = 4096;
+/// Bytes of a generated symmetric key.
+const KEY_BYTES: usize = 32;
+
+const IDENTITY_PREFIX: &[u8] = b"i/";
+const CA_PREFIX: &[u8] = b"c/";
+const SYNC_KEY: &[u8] = b"s";
+
+/// What an identity is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// A leaf device.
+    Device,
+    /// A module on a device: id `{device}/{module}`.
+    Module,
+    /// A child gateway (another Holdfast node).
+    Gateway,
+    /// A plain MQTT user (username and password).
+    User,
+}
+
+impl Kind {
+    /// Parses `device`, `module`, `gateway` or `user`.
+    pub fn parse(s: &str) -> Option<Kind> {
+        Some(match s {
+            "device" => Kind::Device,
+            "module" => Kind::Module,
+            "gateway" => Kind::Gateway,
+            "user" => Kind::User,
+            _ => return None,
+        })
+    }
+
+    fn wit(self) -> IdentityKind {
+        match self {
+            Kind::Device => IdentityKind::Device,
+            Kind::Module => IdentityKind::Module,
+            Kind::Gateway => IdentityKind::Gateway,
+            Kind::User => IdentityKind::User,
+        }
+    }
+}
+
+/// Where an entry came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// `[[identities]]` in this node's config: the config manages it.
+    Config,
+    /// The admin API or the CLI on this node.
+    Api,
+    /// Scope sync from the parent.
+    Synced,
+}
+
+/// The credentials of an identity. Keys are base64 in the store and on the
+/// wire, as IoT Hub shows them.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    /// Primary symmetric key, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sas_primary: Option<String>,
+    /// Secondary symmetric key, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sas_secondary: Option<String>,
+    /// Certificate thumbprints (SHA-256, lowercase hex): primary, secondary.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub thumbprints: Vec<String>,
+    /// True when a certificate signed by a registered CA, naming the
+    /// identity, is accepted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub x509_ca: bool,
+    /// Argon2 PHC password hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_hash: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("kinds", &self.kinds())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    /// The credential kinds present: `sas`, `x509-thumbprint`, `x509-ca`, `password`.
+    pub fn kinds(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.sas_primary.is_some() || self.sas_secondary.is_some() {
+            out.push("sas".to_string());
+        }
+        if !self.thumbprints.is_empty() {
+            out.push("x509-thumbprint".to_string());
+        }
+        if self.x509_ca {
+            out.push("x509-ca".to_string());
+        }
+        if self.password_hash.is_some() {
+            out.push("password".to_string());
+        }
+        out
+    }
+
+    fn keys(&self) -> Vec<Vec<u8>> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        [&self.sas_primary, &self.sas_secondary]
+            .into_iter()
+            .flatten()
+            .filter_map(|k| b64.decode(k).ok())
+            .collect()
+    }
+}
+
+/// One identity in the registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Device id, `{device}/{module}`, gateway node id, or username.
+    pub id: String,
+    /// What it is.
+    pub kind: Kind,
+    /// The parent gateway. A module without one belongs to its device.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// Disabled identities are refused.
+    pub enabled: bool,
+    /// Credentials.
+    #[serde(default)]
+    pub credentials: Credentials,
+    /// Where it came from.
+    pub origin: Origin,
+    /// Last change, ms since the Unix epoch.
+    #[serde(default)]
+    pub updated_ms: u64,
+}
+
+impl Entry {
+    /// The device id and module id of the identity.
+    pub fn device_and_module(&self) -> (String, Option<String>) {
+        match (self.kind, self.id.split_once('/')) {
+            (Kind::Module, Some((d, m))) => (d.to_string(), Some(m.to_string())),
+            _ => (self.id.clone(), None),
+        }
+    }
+
+    /// The parent for scope: the explicit parent, else a module's device.
+    pub fn scope_parent(&self) -> Option<String> {
+        match (&self.parent, self.kind) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Kind::Module) => Some(self.device_and_module().0),
+            (None, _) => None,
+        }
+    }
+
+    /// The JSON shown by the admin API; secrets only when asked for.
+    pub fn to_json(&self, secrets: bool) -> serde_json::Value {
+        let c = &self.credentials;
+        let mut v = serde_json::json!({
+            "id": self.id,
+            "kind": self.kind,
+            "parent": self.parent,
+            "enabled": self.enabled,
+            "credentials": c.kinds(),
+            "thumbprints": c.thumbprints,
+            "origin": self.origin,
+            "updated_ms": self.updated_ms,
+        });
+        if secrets {
+            v["sas_primary"] = serde_json::json!(c.sas_primary);
+            v["sas_secondary"] = serde_json::json!(c.sas_secondary);
+        }
+        v
+    }
+
+    fn record(&self) -> IdentityRecord {
+        let (device_id, module_id) = self.device_and_module();
+        IdentityRecord {
+            identity: Identity {
+                id: self.id.clone(),
+                kind: self.kind.wit(),
+                device_id,
+                module_id,
+                parent: self.parent.clone(),
+                enabled: self.enabled,
+                credentials: self.credentials.kinds(),
+            },
+            sas_keys: self.credentials.keys(),
+            thumbprints: self.credentials.thumbprints.clone(),
+            password_hash: self.credentials.password_hash.clone(),
+        }
+    }
+
+    /// True when a connection authenticated as the old entry must be
+    /// dropped once it becomes `new` (`None`: removed).
+    fn revokes(&self, new: Option<&Entry>) -> bool {
+        match new {
+            None => true,
+            Some(n) => !n.enabled || n.credentials != self.credentials || n.kind != self.kind,
+        }
+    }
+}
+
+/// A CA that device certificates may be signed by.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaEntry {
+    /// Name.
+    pub name: String,
+    /// The CA certificate, PEM.
+    pub pem: String,
+    /// SHA-256 thumbprint of the certificate.
+    pub thumbprint: String,
+    /// Subject, for people.
+    pub subject: String,
+    /// Where it came from.
+    pub origin: Origin,
+    /// When it was added, ms since the Unix epoch.
+    pub added_ms: u64,
+}
+
+/// What a replica last received from its parent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncState {
+    /// The parent it came from.
+    pub parent: Option<String>,
+    /// When the last full sync completed, ms since the Unix epoch.
+    pub full_sync_ms: Option<u64>,
+    /// When the last change (full or incremental) was applied.
+    pub last_change_ms: Option<u64>,
+    /// Full syncs applied.
+    pub full_syncs: u64,
+    /// Incremental changes applied.
+    pub deltas: u64,
+}
+
+/// Who decides about the registry's content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// This node owns it.
+    Owner,
+    /// A replica of the scope this node's parent sends.
+    Replica {
+        /// The parent's node id.
+        parent: String,
+    },
+}
+
+/// Registry errors, each mapped to an HTTP status by the admin API.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// No such identity or CA.
+    #[error("{0} is not registered")]
+    NotFound(String),
+    /// It exists already.
+    #[error("{0} is already registered")]
+    Exists(String),
+    /// A value is not acceptable.
+    #[error("{0}")]
+    Invalid(String),
+    /// The change conflicts with other entries.
+    #[error("{0}")]
+    Conflict(String),
+    /// This node holds a replica; the registry is changed at the root.
+    #[error("this node's registry is a replica synced from {0}; change identities on the root")]
+    Replica(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// An identity to add.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewIdentity {
+    /// Id.
+    pub id: String,
+    /// `device` (default), `module`, `gateway` or `user`.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Parent gateway.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// Default true.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// `sas` (default for devices and modules), `x509-thumbprint`, `x509-ca`, `password` (default for users), `none`.
+    #[serde(default)]
+    pub auth: Option<String>,
+    /// Primary key, base64; generated for `sas` when absent.
+    #[serde(default)]
+    pub sas_primary: Option<String>,
+    /// Secondary key, base64; generated for `sas` when absent.
+    #[serde(default)]
+    pub sas_secondary: Option<String>,
+    /// Thumbprints for `x509-thumbprint`.
+    #[serde(default)]
+    pub thumbprints: Vec<String>,
+    /// Password for `password` (stored hashed).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// A PHC hash instead of a password.
+    #[serde(default)]
+    pub password_hash: Option<String>,
+}
+
+/// Which key `rotate_key` replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhichKey {
+    /// The primary key.
+    Primary,
+    /// The secondary key.
+    Secondary,
+    /// Both.
+    Both,
+}
+
+struct Inner {
+    entries: HashMap<String, Entry>,
+    cas: BTreeMap<String, CaEntry>,
+    sync: SyncState,
+    /// Verifies device certificates against the registered CAs; rebuilt when they change.
+    ca_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+}
+
+/// The registry (see the module docs).
+pub struct Registry {
+    space: Space,
+    store: Store,
+    role: Role,
+    inner: RwLock<Inner>,
+    changes: watch::Sender<u64>,
+    revocations: broadcast::Sender<Arc<Vec<String>>>,
+    presented: Mutex<(HashMap<String, Vec<CertificateDer<'static>>>, VecDeque<String>)>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("role", &self.role)
+            .field("entries", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn id_key(id: &str) -> Vec<u8> {
+    [IDENTITY_PREFIX, id.as_bytes()].concat()
+}
+
+fn ca_key(name: &str) -> Vec<u8> {
+    [CA_PREFIX, name.as_bytes()].concat()
+}
+
+fn prefix_range(prefix: &[u8]) -> std::ops::Range<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    prefix.to_vec()..end
+}
+
+/// Characters allowed in an id part besides ASCII letters and digits (IoT
+/// Hub's set, minus those with a meaning in topics or URLs).
+const ID_EXTRA: &[char] = &['-', '.', '_', ':', '@', '$', '!', '(', ')', '*', ',', '=', '\''];
+
+fn check_part(part: &str, what: &str) -> Result<(), RegistryError> {
+    if part.is_empty() {
+        return Err(RegistryError::Invalid(format!("{what} is empty")));
+    }
+    if let Some(c) = part
+        .chars()
+        .find(|c| !c.is_ascii_alphanumeric() && !ID_EXTRA.contains(c))
+    {
+        return Err(RegistryError::Invalid(format!("{what} {part:?} contains {c:?}")));
+    }
+    Ok(())
+}
+
+/// Checks an id for its kind.
+///
+/// # Errors
+/// [`RegistryError::Invalid`] naming the problem.
+pub fn check_id(id: &str, kind: Kind) -> Result<(), RegistryError> {
+    if id.len() > MAX_ID_LEN {
+        return Err(RegistryError::Invalid(format!(
+            "id is longer than {MAX_ID_LEN} characters"
+        )));
+    }
+    match kind {
+        Kind::Module => {
+            let Some((d, m)) = id.split_once('/') else {
+                return Err(RegistryError::Invalid(format!(
+                    "module id {id:?} must be {{device}}/{{module}}"
+                )));
+            };
+            check_part(d, "device id")?;
+            check_part(m, "module id")
+        }
+        Kind::Gateway => {
+            check_part(id, "gateway id")?;
+            if id.len() > 63 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
+                return Err(RegistryError::Invalid(format!(
+                    "gateway id {id:?} is a node id named in a certificate: at most 63 letters, digits, '-' or '.'"
+                )));
+            }
+            Ok(())
+        }
+        Kind::Device | Kind::User => check_part(id, "id"),
+    }
+}
+
+fn check_key(k: &str, what: &str) -> Result<(), RegistryError> {
+    match base64::engine::general_purpose::STANDARD.decode(k) {
+        Ok(raw) if (16..=64).contains(&raw.len()) => Ok(()),
+        Ok(_) => Err(RegistryError::Invalid(format!("{what} must be 16-64 bytes"))),
+        Err(_) => Err(RegistryError::Invalid(format!("{what} is not base64"))),
+    }
+}
+
+fn check_thumbprint(t: &str) -> Result<String, RegistryError> {
+    let t = t.to_ascii_lowercase().replace(':', "");
+    if t.len() != 64 || !t.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(RegistryError::Invalid(format!(
+            "{t:?} is not a SHA-256 thumbprint (64 hex digits)"
+        )));
+    }
+    Ok(t)
+}
+
+/// A fresh random symmetric key, base64.
+pub fn generate_key() -> Result<String, RegistryError> {
+    use argon2::password_hash::rand_core::{OsRng, RngCore};
+    let mut raw = [0u8; KEY_BYTES];
+    OsRng
+        .try_fill_bytes(&mut raw)
+        .map_err(|e| RegistryError::Invalid(format!("no randomness: {e}")))?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(raw))
+}
+
+impl Registry {
+    /// Opens the registry in `store`, for a node in `role`.
+    ///
+    /// # Errors
+    /// Storage errors, or stored entries that do not decode.
+    pub fn open(store: &Store, role: Role) -> Result<Registry, RegistryError> {
+        let space = store.space("registry")?;
+        let mut entries = HashMap::new();
+        for kv in space.range(prefix_range(IDENTITY_PREFIX)) {
+            let (_, v) = kv?;
+            match serde_json::from_slice::<Entry>(&v) {
+                Ok(e) => {
+                    entries.insert(e.id.clone(), e);
+                }
+                Err(e) => tracing::error!(error = %e, "registry: skipping an undecodable identity"),
+            }
+        }
+        let mut cas = BTreeMap::new();
+        for kv in space.range(prefix_range(CA_PREFIX)) {
+            let (_, v) = kv?;
+            match serde_json::from_slice::<CaEntry>(&v) {
+                Ok(c) => {
+                    cas.insert(c.name.clone(), c);
+                }
+                Err(e) => tracing::error!(error = %e, "registry: skipping an undecodable CA"),
+            }
+        }
+        let sync = match space.get(SYNC_KEY)? {
+            Some(v) => serde_json::from_slice(&v).unwrap_or_default(),
+            None => SyncState::default(),
+        };
+        let ca_verifier = build_ca_verifier(&cas);
+        Ok(Registry {
+            space,
+            store: store.clone(),
+            role,
+            inner: RwLock::new(Inner {
+                entries,
+                cas,
+                sync,
+                ca_verifier,
+            }),
+            changes: watch::channel(0).0,
+            revocations: broadcast::channel(256).0,
+            presented: Mutex::new((HashMap::new(), VecDeque::new())),
+        })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Who owns the content.
+    pub fn role(&self) -> &Role {
+        &self.role
+    }
+
+    /// A receiver that sees a new value after every change.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// A receiver of the ids whose connections must be dropped.
+    pub fn revocations(&self) -> broadcast::Receiver<Arc<Vec<String>>> {
+        self.revocations.subscribe()
+    }
+
+    /// Number of identities.
+    pub fn len(&self) -> usize {
+        self.read().entries.len()
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// One entry.
+    pub fn entry(&self, id: &str) -> Option<Entry> {
+        self.read().entries.get(id).cloned()
+    }
+
+    /// Every entry, sorted by id.
+    pub fn list(&self) -> Vec<Entry> {
+        let mut v: Vec<Entry> = self.read().entries.values().cloned().collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// Registered CAs.
+    pub fn cas(&self) -> Vec<CaEntry> {
+        self.read().cas.values().cloned().collect()
+    }
+
+    /// What the replica last received.
+    pub fn sync_state(&self) -> SyncState {
+        self.read().sync.clone()
+    }
+
+    fn owner_only(&self) -> Result<(), RegistryError> {
+        match &self.role {
+            Role::Owner => Ok(()),
+            Role::Replica { parent } => Err(RegistryError::Replica(parent.clone())),
+        }
+    }
+
+    /// Writes `upserts` and `removals` durably, then updates memory and
+    /// announces the change. The caller holds the write lock.
+    fn commit(
+        &self,
+        inner: &mut Inner,
+        upserts: Vec<Entry>,
+        removals: Vec<String>,
+        sync: Option<SyncState>,
+    ) -> Result<(), RegistryError> {
+        if upserts.is_empty() && removals.is_empty() && sync.is_none() {
+            return Ok(());
+        }
+        let mut batch = self.store.batch();
+        for e in &upserts {
+            let json = serde_json::to_vec(e).map_err(|err| RegistryError::Invalid(err.to_string()))?;
+            batch.insert(&self.space, id_key(&e.id), json);
+        }
+        for id in &removals {
+            batch.remove(&self.space, id_key(id));
+        }
+        if let Some(s) = &sync {
+            let json = serde_json::to_vec(s).map_err(|err| RegistryError::Invalid(err.to_string()))?;
+            batch.insert(&self.space, SYNC_KEY.to_vec(), json);
+        }
+        batch.commit(Durability::SyncAll)?;
+        let mut revoked = Vec::new();
+        for e in upserts {
+            if inner.entries.get(&e.id).is_some_and(|old| old.revokes(Some(&e))) {
+                revoked.push(e.id.clone());
+            }
+            inner.entries.insert(e.id.clone(), e);
+        }
+        for id in removals {
+            if inner.entries.remove(&id).is_some() {
+                revoked.push(id);
+            }
+        }
+        if let Some(s) = sync {
+            inner.sync = s;
+        }
+        self.changes.send_modify(|n| *n += 1);
+        if !revoked.is_empty() {
+            tracing::info!(ids = ?revoked, "registry: credentials revoked or changed");
+            let _ = self.revocations.send(Arc::new(revoked));
+        }
+        Ok(())
+    }
+
+    /// Applies `[[identities]]` from the config: adds new ones, updates
+    /// those the config still manages, removes those it no longer lists.
+    /// Entries changed through the API are left alone.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn seed(&self, identities: &[IdentityConfig]) -> Result<usize, RegistryError> {
+        let mut inner = self.write();
+        let mut upserts = Vec::new();
+        let mut listed = HashSet::new();
+        for c in identities {
+            listed.insert(c.id.as_str());
+            let Some(kind) = Kind::parse(&c.kind) else { continue };
+            let entry = Entry {
+                id: c.id.clone(),
+                kind,
+                parent: c.parent.clone(),
+                enabled: c.enabled,
+                credentials: Credentials {
+                    sas_primary: c.sas_primary.clone(),
+                    sas_secondary: c.sas_secondary.clone(),
+                    thumbprints: c.thumbprints.iter().map(|t| t.to_ascii_lowercase()).collect(),
+                    x509_ca: c.x509_ca,
+                    password_hash: c.password_hash.clone(),
+                },
+                origin: Origin::Config,
+                updated_ms: now_ms(),
+            };
+            match inner.entries.get(&c.id) {
+                None => upserts.push(entry),
+                Some(old) if old.origin == Origin::Config => {
+                    let same = Entry {
+                        updated_ms: old.updated_ms,
+                        ..entry.clone()
+                    };
+                    if &same != old {
+                        upserts.push(entry);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        let removals: Vec<String> = inner
+            .entries
+            .values()
+            .filter(|e| e.origin == Origin::Config && !listed.contains(e.id.as_str()))
+            .map(|e| e.id.clone())
+            .collect();
+        let n = upserts.len() + removals.len();
+        self.commit(&mut inner, upserts, removals, None)?;
+        Ok(n)
+    }
+
+    /// Adds an identity (owner only). Returns it with its generated keys.
+    ///
+    /// # Errors
+    /// Invalid values, an existing id, a missing or wrong parent.
+    pub fn add(&self, new: NewIdentity) -> Result<Entry, RegistryError> {
+        self.owner_only()?;
+        let kind = match new.kind.as_deref() {
+            None => {
+                if new.id.contains('/') {
+                    Kind::Module
+                } else {
+                    Kind::Device
+                }
+            }
+            Some(k) => Kind::parse(k)
+                .ok_or_else(|| RegistryError::Invalid(format!("kind {k:?} is not device, module, gateway or user")))?,
+        };
+        check_id(&new.id, kind)?;
+        let auth = new.auth.clone().unwrap_or_else(|| {
+            match (
+                kind,
+                new.password.is_some() || new.password_hash.is_some(),
+                new.thumbprints.is_empty(),
+            ) {
+                (Kind::User, _, _) | (_, true, _) => "password".to_string(),
+                (_, _, false) => "x509-thumbprint".to_string(),
+                _ => "sas".to_string(),
+            }
+        });
+        let mut credentials = Credentials::default();
+        match auth.as_str() {
+            "sas" => {
+                let primary = match new.sas_primary {
+                    Some(k) => k,
+                    None => generate_key()?,
+                };
+                let secondary = match new.sas_secondary {
+                    Some(k) => k,
+                    None => generate_key()?,
+                };
+                check_key(&primary, "sas_primary")?;
+                check_key(&secondary, "sas_secondary")?;
+                credentials.sas_primary = Some(primary);
+                credentials.sas_secondary = Some(secondary);
+            }
+            "x509-thumbprint" => {
+                if new.thumbprints.is_empty() || new.thumbprints.len() > 2 {
+                    return Err(RegistryError::Invalid(
+                        "x509-thumbprint needs one or two thumbprints (primary, secondary)".into(),
+                    ));
+                }
+                for t in &new.thumbprints {
+                    credentials.thumbprints.push(check_thumbprint(t)?);
+                }
+            }
+            "x509-ca" => credentials.x509_ca = true,
+            "password" => {
+                credentials.password_hash = Some(match (new.password, new.password_hash) {
+                    (Some(p), _) => {
+                        if p.is_empty() {
+                            return Err(RegistryError::Invalid("password is empty".into()));
+                        }
+                        crate::identity::hash_password(&p)
+                            .map_err(|e| RegistryError::Invalid(format!("cannot hash the password: {e}")))?
+                    }
+                    (None, Some(h)) => {
+                        argon2::PasswordHash::new(&h)
+                            .map_err(|_| RegistryError::Invalid("password_hash is not a PHC hash".into()))?;
+                        h
+                    }
+                    (None, None) => return Err(RegistryError::Invalid("auth password needs a password".into())),
+                });
+            }
+            "none" => {}
+            other => {
+                return Err(RegistryError::Invalid(format!(
+                    "auth {other:?} is not sas, x509-thumbprint, x509-ca, password or none"
+                )));
+            }
+        }
+        let mut inner = self.write();
+        if inner.entries.contains_key(&new.id) {
+            return Err(RegistryError::Exists(new.id));
+        }
+        if let Some(p) = &new.parent {
+            check_parent(&inner.entries, &new.id, p)?;
+        }
+        if kind == Kind::Module {
+            let device = new.id.split('/').next().unwrap_or_default();
+            if !inner.entries.contains_key(device) {
+                return Err(RegistryError::Invalid(format!(
+                    "module {:?}: device {device:?} is not registered",
+                    new.id
+                )));
+            }
+        }
+        let entry = Entry {
+            id: new.id,
+            kind,
+            parent: new.parent,
+            enabled: new.enabled.unwrap_or(true),
+            credentials,
+            origin: Origin::Api,
+            updated_ms: now_ms(),
+        };
+        self.commit(&mut inner, vec![entry.clone()], Vec::new(), None)?;
+        Ok(entry)
+    }
+
+    fn modify(
+        &self,
+        id: &str,
+        f: impl FnOnce(&HashMap<String, Entry>, &mut Entry) -> Result<(), RegistryError>,
+    ) -> Result<Entry, RegistryError> {
+        self.owner_only()?;
+        let mut inner = self.write();
+        let mut entry = inner
+            .entries
+            .get(id)
+            .cloned()
+            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+        f(&inner.entries, &mut entry)?;
+        entry.origin = Origin::Api;
+        entry.updated_ms = now_ms();
+        self.commit(&mut inner, vec![entry.clone()], Vec::new(), None)?;
+        Ok(entry)
+    }
+
+    /// Enables or disables an identity.
+    ///
+    /// # Errors
+    /// Unknown id, a replica, storage.
+    pub fn set_enabled(&self, id: &str, enabled: bool) -> Result<Entry, RegistryError> {
+        self.modify(id, |_, e| {
+            e.enabled = enabled;
+            Ok(())
+        })
+    }
+
+    /// Moves an identity under another gateway (or to no parent).
+    ///
+    /// # Errors
+    /// Unknown ids, a parent that is not a gateway, a cycle.
+    pub fn set_parent(&self, id: &str, parent: Option<String>) -> Result<Entry, RegistryError> {
+        self.modify(id, |entries, e| {
+            if let Some(p) = &parent {
+                check_parent(entries, id, p)?;
+            }
+            e.parent = parent;
+            Ok(())
+        })
+    }
+
+    /// Replaces symmetric keys with fresh random ones.
+    ///
+    /// # Errors
+    /// Unknown id, an identity without SAS keys.
+    pub fn rotate_key(&self, id: &str, which: WhichKey) -> Result<Entry, RegistryError> {
+        let primary = generate_key()?;
+        let secondary = generate_key()?;
+        self.modify(id, |_, e| {
+            if e.credentials.sas_primary.is_none() && e.credentials.sas_secondary.is_none() {
+                return Err(RegistryError::Conflict(format!("{id} has no symmetric keys to rotate")));
+            }
+            if matches!(which, WhichKey::Primary | WhichKey::Both) {
+                e.credentials.sas_primary = Some(primary);
+            }
+            if matches!(which, WhichKey::Secondary | WhichKey::Both) {
+                e.credentials.sas_secondary = Some(secondary);
+            }
+            Ok(())
+        })
+    }
+
+    /// Removes an identity, and the modules of a device.
+    ///
+    /// # Errors
+    /// Unknown id; identities still have it as their parent.
+    pub fn remove(&self, id: &str) -> Result<Vec<String>, RegistryError> {
+        self.owner_only()?;
+        let mut inner = self.write();
+        let Some(entry) = inner.entries.get(id) else {
+            return Err(RegistryError::NotFound(id.to_string()));
+        };
+        let mut removed = vec![id.to_string()];
+        if entry.kind != Kind::Module {
+            let prefix = format!("{id}/");
+            removed.extend(
+                inner
+                    .entries
+                    .values()
+                    .filter(|e| e.kind == Kind::Module && e.id.starts_with(&prefix))
+                    .map(|e| e.id.clone()),
+            );
+        }
+        let mut children: Vec<&str> = inner
+            .entries
+            .values()
+            .filter(|e| e.parent.as_deref() == Some(id) && !removed.contains(&e.id))
+            .map(|e| e.id.as_str())
+            .collect();
+        if !children.is_empty() {
+            children.sort_unstable();
+            return Err(RegistryError::Conflict(format!(
+                "{id} is the parent of {}; move or remove them first",
+                children.join(", ")
+            )));
+        }
+        self.commit(&mut inner, Vec::new(), removed.clone(), None)?;
+        Ok(removed)
+    }
+
+    /// Registers a CA for `x509-ca` identities.
+    ///
+    /// # Errors
+    /// A bad name, a PEM without exactly one CA certificate, an existing name.
+    pub fn add_ca(&self, name: &str, pem: &str) -> Result<CaEntry, RegistryError> {
+        self.owner_only()?;
+        check_part(name, "CA name")?;
+        let certs: Vec<CertificateDer<'static>> = rustls_pki_types::pem::PemObject::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| RegistryError::Invalid(format!("not a PEM certificate: {e}")))?;
+        let [cert] = certs.as_slice() else {
+            return Err(RegistryError::Invalid(format!(
+                "expected one certificate, found {}",
+                certs.len()
+            )));
+        };
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+            .map_err(|e| RegistryError::Invalid(format!("not an X.509 certificate: {e}")))?;
+        if !parsed.is_ca() {
+            return Err(RegistryError::Invalid(
+                "the certificate is not a CA (basicConstraints)".into(),
+            ));
+        }
+        let ca = CaEntry {
+            name: name.to_string(),
+            pem: pem.to_string(),
+            thumbprint: crate::broker::listen::describe_cert(cert).0,
+            subject: parsed.subject().to_string(),
+            origin: Origin::Api,
+            added_ms: now_ms(),
+        };
+        let mut inner = self.write();
+        if inner.cas.contains_key(name) {
+            return Err(RegistryError::Exists(format!("CA {name}")));
+        }
+        let json = serde_json::to_vec(&ca).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let mut batch = self.store.batch();
+        batch.insert(&self.space, ca_key(name), json);
+        batch.commit(Durability::SyncAll)?;
+        inner.cas.insert(name.to_string(), ca.clone());
+        inner.ca_verifier = build_ca_verifier(&inner.cas);
+        self.changes.send_modify(|n| *n += 1);
+        Ok(ca)
+    }
+
+    /// Removes a CA; identities that relied on it are disconnected.
+    ///
+    /// # Errors
+    /// Unknown name, storage.
+    pub fn remove_ca(&self, name: &str) -> Result<(), RegistryError> {
+        self.owner_only()?;
+        let mut inner = self.write();
+        if !inner.cas.contains_key(name) {
+            return Err(RegistryError::NotFound(format!("CA {name}")));
+        }
+        let mut batch = self.store.batch();
+        batch.remove(&self.space, ca_key(name));
+        batch.commit(Durability::SyncAll)?;
+        inner.cas.remove(name);
+        inner.ca_verifier = build_ca_verifier(&inner.cas);
+        let revoked: Vec<String> = inner
+            .entries
+            .values()
+            .filter(|e| e.credentials.x509_ca)
+            .map(|e| e.id.clone())
+            .collect();
+        self.changes.send_modify(|n| *n += 1);
+        if !revoked.is_empty() {
+            let _ = self.revocations.send(Arc::new(revoked));
+        }
+        Ok(())
+    }
+
+    /// Every identity whose parent chain includes `gateway`, and the CAs.
+    pub fn scope(&self, gateway: &str) -> Scope {
+        let inner = self.read();
+        let mut children: HashMap<String, Vec<&Entry>> = HashMap::new();
+        for e in inner.entries.values() {
+            if let Some(p) = e.scope_parent() {
+                children.entry(p).or_default().push(e);
+            }
+        }
+        let mut out = BTreeMap::new();
+        let mut queue = VecDeque::from([gateway.to_string()]);
+        let mut seen = HashSet::from([gateway.to_string()]);
+        while let Some(id) = queue.pop_front() {
+            for c in children.get(&id).into_iter().flatten() {
+                if seen.insert(c.id.clone()) {
+                    queue.push_back(c.id.clone());
+                    let mut synced = (*c).clone();
+                    synced.origin = Origin::Synced;
+                    out.insert(c.id.clone(), synced);
+                }
+            }
+        }
+        let cas = inner
+            .cas
+            .values()
+            .map(|c| {
+                let mut c = c.clone();
+                c.origin = Origin::Synced;
+                (c.name.clone(), c)
+            })
+            .collect();
+        Scope { entries: out, cas }
+    }
+
+    /// Replaces the synced part of a replica with `scope` (a full sync).
+    /// Returns how many entries changed.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn apply_full(&self, parent: &str, scope: Scope) -> Result<usize, RegistryError> {
+        let mut inner = self.write();
+        let removals: Vec<String> = inner
+            .entries
+            .values()
+            .filter(|e| e.origin == Origin::Synced && !scope.entries.contains_key(&e.id))
+            .map(|e| e.id.clone())
+            .collect();
+        let upserts = changed(&inner, scope.entries.into_values());
+        let n = upserts.len() + removals.len();
+        let now = now_ms();
+        let mut sync = inner.sync.clone();
+        sync.parent = Some(parent.to_string());
+        sync.full_sync_ms = Some(now);
+        sync.last_change_ms = Some(now);
+        sync.full_syncs += 1;
+        self.replace_cas(&mut inner, scope.cas)?;
+        self.commit(&mut inner, upserts, removals, Some(sync))?;
+        Ok(n)
+    }
+
+    /// Applies an incremental change from the parent.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn apply_delta(&self, parent: &str, delta: Delta) -> Result<usize, RegistryError> {
+        let mut inner = self.write();
+        let removals: Vec<String> = delta
+            .removed
+            .into_iter()
+            .filter(|id| inner.entries.get(id).is_some_and(|e| e.origin == Origin::Synced))
+            .collect();
+        let upserts = changed(&inner, delta.upserts.into_iter());
+        let n = upserts.len() + removals.len();
+        let mut sync = inner.sync.clone();
+        sync.parent = Some(parent.to_string());
+        sync.last_change_ms = Some(now_ms());
+        sync.deltas += 1;
+        if let Some(cas) = delta.cas {
+            self.replace_cas(&mut inner, cas)?;
+        }
+        self.commit(&mut inner, upserts, removals, Some(sync))?;
+        Ok(n)
+    }
+
+    /// Replaces the synced CAs of a replica.
+    fn replace_cas(&self, inner: &mut Inner, cas: BTreeMap<String, CaEntry>) -> Result<(), RegistryError> {
+        let current: BTreeMap<String, CaEntry> = inner
+            .cas
+            .iter()
+            .filter(|(_, c)| c.origin == Origin::Synced)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if current == cas {
+            return Ok(());
+        }
+        let mut batch = self.store.batch();
+        for name in current.keys() {
+            batch.remove(&self.space, ca_key(name));
+        }
+        for c in cas.values() {
+            let json = serde_json::to_vec(c).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+            batch.insert(&self.space, ca_key(&c.name), json);
+        }
+        batch.commit(Durability::SyncAll)?;
+        inner.cas.retain(|_, c| c.origin != Origin::Synced);
+        inner.cas.extend(cas);
+        inner.ca_verifier = build_ca_verifier(&inner.cas);
+        Ok(())
+    }
+
+    /// Remembers the certificate chain a TLS client presented, so that
+    /// `verify_thumbprint` can check an `x509-ca` identity's certificate
+    /// against the registered CAs.
+    pub fn presented(&self, thumbprint: &str, chain: Vec<CertificateDer<'static>>) {
+        let mut p = self.presented.lock().unwrap_or_else(|e| e.into_inner());
+        let (map, order) = &mut *p;
+        if map.insert(thumbprint.to_string(), chain).is_none() {
+            order.push_back(thumbprint.to_string());
+            while order.len() > PRESENTED_CERTS {
+                if let Some(old) = order.pop_front() {
+                    map.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// True when the certificate with `thumbprint`, presented on TLS, chains
+    /// to a registered CA and names `id` (common name or DNS name).
+    fn ca_signed(&self, id: &str, thumbprint: &str) -> bool {
+        let Some(verifier) = self.read().ca_verifier.clone() else {
+            return false;
+        };
+        let chain = {
+            let p = self.presented.lock().unwrap_or_else(|e| e.into_inner());
+            p.0.get(thumbprint).cloned()
+        };
+        let Some((end, intermediates)) = chain.as_ref().and_then(|c| c.split_first()) else {
+            return false;
+        };
+        if verifier
+            .verify_client_cert(end, intermediates, UnixTime::now())
+            .is_err()
+        {
+            return false;
+        }
+        names(end).iter().any(|n| n == id)
+    }
+
+    /// The registry's summary for the admin API.
+    pub fn summary(&self) -> serde_json::Value {
+        let inner = self.read();
+        let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+        for e in inner.entries.values() {
+            let k = match e.kind {
+                Kind::Device => "devices",
+                Kind::Module => "modules",
+                Kind::Gateway => "gateways",
+                Kind::User => "users",
+            };
+            *kinds.entry(k).or_default() += 1;
+        }
+        let (role, parent) = match &self.role {
+            Role::Owner => ("owner", None),
+            Role::Replica { parent } => ("replica", Some(parent.clone())),
+        };
+        serde_json::json!({
+            "role": role,
+            "parent": parent,
+            "identities": inner.entries.len(),
+            "kinds": kinds,
+            "cas": inner.cas.len(),
+            "sync": inner.sync,
+        })
+    }
+}
+
+/// Entries of `incoming` that differ from what `inner` holds, marked synced.
+fn changed(inner: &Inner, incoming: impl Iterator<Item = Entry>) -> Vec<Entry> {
+    incoming
+        .map(|mut e| {
+            e.origin = Origin::Synced;
+            e
+        })
+        .filter(|e| inner.entries.get(&e.id) != Some(e))
+        .collect()
+}
+
+/// Common names and DNS names of a certificate.
+fn names(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_string))
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(d) = n {
+                out.push((*d).to_string());
+            }
+        }
+    }
+    out
+}
+
+impl IdentityDirectory for Registry {
+    fn get(&self, id: &str) -> Option<IdentityRecord> {
+        self.read().entries.get(id).map(Entry::record)
+    }
+
+    fn verify_thumbprint(&self, id: &str, thumbprint: &str) -> bool {
+        let Some(entry) = self.entry(id) else { return false };
+        if !entry.enabled {
+            return false;
+        }
+        let tp = thumbprint.to_ascii_lowercase();
+        let listed = entry.credentials.thumbprints.iter().fold(false, |acc, t| {
+            acc | bool::from(subtle::ConstantTimeEq::ct_eq(t.as_bytes(), tp.as_bytes()))
+        });
+        listed || (entry.credentials.x509_ca && self.ca_signed(id, &tp))
+    }
+}
+
+/// An incremental scope change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delta {
+    /// Added or changed identities.
+    pub upserts: Vec<Entry>,
+    /// Ids that left the scope.
+    pub removed: Vec<String>,
+    /// The CAs, when they changed.
+    pub cas: Option<BTreeMap<String, CaEntry>>,
+}
+
+impl Scope {
+    /// What turns `sent` into `self`, or `None` when nothing changed.
+    pub fn delta_from(&self, sent: &Scope) -> Option<Delta> {
+        let upserts: Vec<Entry> = self
+            .entries
+            .values()
+            .filter(|e| sent.entries.get(&e.id) != Some(e))
+            .cloned()
+            .collect();
+        let removed: Vec<String> = sent
+            .entries
+            .keys()
+            .filter(|id| !self.entries.contains_key(*id))
+            .cloned()
+            .collect();
+        let cas = (self.cas != sent.cas).then(|| self.cas.clone());
+        if upserts.is_empty() && removed.is_empty() && cas.is_none() {
+            None
+        } else {
+            Some(Delta { upserts, removed, cas })
+        }
+    }
+}
+
+/// What a child gateway is sent: its scope.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scope {
+    /// Identities by id.
+    pub entries: BTreeMap<String, Entry>,
+    /// Registered CAs by name.
+    pub cas: BTreeMap<String, CaEntry>,
+}
+
+fn check_parent(entries: &HashMap<String, Entry>, id: &str, parent: &str) -> Result<(), RegistryError> {
+    let Some(p) = entries.get(parent) else {
+        return Err(RegistryError::Invalid(format!("parent {parent:?} is not registered")));
+    };
+    if p.kind != Kind::Gateway {
+        return Err(RegistryError::Invalid(format!("parent {parent:?} is not a gateway")));
+    }
+    // Walk up from the parent: meeting `id` would close a cycle.
+    let mut at = Some(parent.to_string());
+    let mut steps = 0;
+    while let Some(cur) = at {
+        if cur == id {
+            return Err(RegistryError::Conflict(format!(
+                "{id} cannot be under {parent}: {parent} is below {id}"
+            )));
+        }
+        steps += 1;
+        if steps > 64 {
+            break;
+        }
+        at = entries.get(&cur).and_then(Entry::scope_parent);
+    }
+    Ok(())
+}
+
+fn build_ca_verifier(cas: &BTreeMap<String, CaEntry>) -> Option<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+    if cas.is_empty() {
+        return None;
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in cas.values() {
+        for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(ca.pem.as_bytes()).flatten() {
+            let _ = roots.add(cert);
+        }
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), crate::tls::provider())
+        .build()
+        .map_err(|e| tracing::warn!(error = %e, "registry: cannot build the CA verifier"))
+        .ok()
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &std::path::Path, role: Role) -> Registry {
+        let store = Store::open(dir).unwrap();
+        Registry::open(&store, role).unwrap()
+    }
+
+    fn new(id: &str, kind: &str, parent: Option<&str>) -> NewIdentity {
+        NewIdentity {
+            id: id.into(),
+            kind: Some(kind.into()),
+            parent: parent.map(str::to_string),
+            ..NewIdentity::default()
+        }
+    }
+
+    fn tree(r: &Registry) {
+        r.add(new("gw2", "gateway", None)).unwrap();
+        r.add(new("gw1", "gateway", Some("gw2"))).unwrap();
+        r.add(new("dev1", "device", Some("gw1"))).unwrap();
+        r.add(new("dev1/temp", "module", None)).unwrap();
+        r.add(new("dev2", "device", Some("gw2"))).unwrap();
+        r.add(new("lonely", "device", None)).unwrap();
+    }
+
+    #[test]
+    fn scope_follows_parent_chains() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = open(dir.path(), Role::Owner);
+        tree(&r);
+        let ids = |g: &str| r.scope(g).entries.keys().cloned().collect::<Vec<_>>();
+        assert_eq!(ids("gw1"), ["dev1", "dev1/temp"]);
+        assert_eq!(ids("gw2"), ["dev1", "dev1/temp", "dev2", "gw1"]);
+        assert!(ids("dev2").is_empty());
+        let e = r.entry("dev1").unwrap();
+        assert_eq!(e.credentials.kinds(), ["sas"]);
+        assert!(r.scope("gw1").entries["dev1"].origin == Origin::Synced);
+    }
+
+    #[test]
+    fn parents_must_be_gateways_without_cycles() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = open(dir.path(), Role::Owner);
+        tree(&r);
+        assert!(matches!(
+            r.add(new("x", "device", Some("dev1"))),
+            Err(RegistryError::Invalid(_))
+        ));
+        assert!(matches!(
+            r.add(new("x", "device", Some("nope"))),
+            Err(RegistryError::Invalid(_))
+        ));
+        assert!(matches!(
+            r.set_parent("gw2", Some("gw1".into())),
+            Err(RegistryError::Conflict(_))
+        ));
+        assert!(matches!(
+            r.add(new("dev1", "device", None)),
+            Err(RegistryError::Exists(_))
+        ));
+        assert!(matches!(
+            r.add(new("a/b/c", "module", None)),
+            Err(RegistryError::Invalid(_))
+        ));
+        assert!(matches!(
+            r.add(new("ghost/m", "module", None)),
+            Err(RegistryError::Invalid(_))
+        ));
+        assert!(matches!(
+            r.add(new("has#hash", "device", None)),
+            Err(RegistryError::Invalid(_))
+        ));
+        assert!(matches!(r.remove("gw1"), Err(RegistryError::Conflict(_))));
+        // Moving dev1 takes its module with it.
+        r.set_parent("dev1", Some("gw2".into())).unwrap();
+        assert!(r.scope("gw1").entries.is_empty());
+        assert_eq!(r.remove("dev1").unwrap(), ["dev1", "dev1/temp"]);
+    }
+
+    #[test]
+    fn credential_changes_are_revocations_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let r = open(dir.path(), Role::Owner);
+            tree(&r);
+            let mut revoked = r.revocations();
+            let before = r.entry("dev2").unwrap();
+            let after = r.rotate_key("dev2", WhichKey::Primary).unwrap();
+            assert_ne!(before.credentials.sas_primary, after.credentials.sas_primary);
+            assert_eq!(before.credentials.sas_secondary, after.credentials.sas_secondary);
+            assert_eq!(*revoked.try_recv().unwrap(), ["dev2"]);
+            r.set_parent("dev2", None).unwrap();
+            assert!(revoked.try_recv().is_err(), "moving is not a revocation");
+            r.set_enabled("dev2", false).unwrap();
+            assert_eq!(*revoked.try_recv().unwrap(), ["dev2"]);
+        }
+        let r = open(dir.path(), Role::Owner);
+        assert_eq!(r.len(), 6);
+        assert!(!r.entry("dev2").unwrap().enabled);
+        assert!(
+            !format!("{:?}", r.entry("dev1").unwrap())
+                .contains(r.entry("dev1").unwrap().credentials.sas_primary.as_deref().unwrap())
+        );
+    }
+
+    #[test]
+    fn replicas_apply_full_and_delta_and_refuse_local_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let owner = open(dir.path(), Role::Owner);
+        tree(&owner);
+        let dir2 = tempfile::tempdir().unwrap();
+        let replica = open(dir2.path(), Role::Replica { parent: "gw2".into() });
+        let mut sent = owner.scope("gw1");
+        assert_eq!(replica.apply_full("gw2", sent.clone()).unwrap(), 2);
+        assert!(replica.verify_sas("dev1", "x", &[0; 32]) == false);
+        assert!(matches!(
+            replica.add(new("z", "device", None)),
+            Err(RegistryError::Replica(_))
+        ));
+        // Disable dev1, add dev3 under gw1, move the module's device away.
+        owner.set_enabled("dev1", false).unwrap();
+        owner.add(new("dev3", "device", Some("gw1"))).unwrap();
+        let now = owner.scope("gw1");
+        let delta = now.delta_from(&sent).unwrap();
+        assert_eq!(delta.upserts.len(), 2);
+        let mut revoked = replica.revocations();
+        replica.apply_delta("gw2", delta).unwrap();
+        assert_eq!(*revoked.try_recv().unwrap(), ["dev1"]);
+        assert!(now.delta_from(&now).is_none());
+        sent = now;
+        owner.set_parent("dev1", Some("gw2".into())).unwrap();
+        let delta = owner.scope("gw1").delta_from(&sent).unwrap();
+        assert_eq!(delta.removed, ["dev1", "dev1/temp"]);
+        replica.apply_delta("gw2", delta).unwrap();
+        assert_eq!(
+            replica.list().iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+            ["dev3"]
+        );
+        // A full sync removes what the scope no longer has, keeps local seeds.
+        replica
+            .seed(&[IdentityConfig {
+                id: "tool".into(),
+                kind: "user".into(),
+                parent: None,
+                enabled: true,
+                sas_primary: None,
+                sas_secondary: None,
+                thumbprints: Vec::new(),
+                password_hash: Some(crate::identity::hash_password("pw").unwrap()),
+                x509_ca: false,
+            }])
+            .unwrap();
+        replica.apply_full("gw2", Scope::default()).unwrap();
+        assert_eq!(
+            replica.list().iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+            ["tool"]
+        );
+        assert_eq!(replica.sync_state().full_syncs, 2);
+    }
+
+    #[test]
+    fn config_seeds_are_managed_by_the_config_until_the_api_changes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = open(dir.path(), Role::Owner);
+        let seed = |id: &str, enabled: bool| IdentityConfig {
+            id: id.into(),
+            kind: "device".into(),
+            parent: None,
+            enabled,
+            sas_primary: Some("MDEyMzQ1Njc4OWFiY2RlZg==".into()),
+            sas_secondary: None,
+            thumbprints: Vec::new(),
+            password_hash: None,
+            x509_ca: false,
+        };
+        assert_eq!(r.seed(&[seed("a", true), seed("b", true)]).unwrap(), 2);
+        assert_eq!(r.seed(&[seed("a", true), seed("b", true)]).unwrap(), 0);
+        r.set_enabled("b", false).unwrap();
+        assert_eq!(r.seed(&[seed("a", false)]).unwrap(), 1);
+        assert!(!r.entry("a").unwrap().enabled);
+        assert!(r.entry("b").is_some(), "the API owns b now");
+        assert_eq!(r.seed(&[]).unwrap(), 1);
+        assert!(r.entry("a").is_none());
+    }
+}
