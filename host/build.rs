@@ -104,6 +104,10 @@ fn main() {
         "cargo:rustc-env=HOLDFAST_EXAMPLE_ALERT_ROUTER_WASM={}",
         out_dir.join("example-alert-router.wasm").display()
     );
+    println!(
+        "cargo:rustc-env=HOLDFAST_AUTH_WASM={}",
+        out_dir.join("auth.wasm").display()
+    );
     println!("cargo:rustc-env=HOLDFAST_WASM_TARGET_DIR={}", target_dir.display());
 }
 

@@ -124,6 +124,7 @@ impl Node {
             _ => Role::Owner,
         };
         let seeds = config.identities.clone();
+        let node_id = config.node.id.clone();
         let (store, outbox, registry) =
             tokio::task::spawn_blocking(move || -> Result<(Store, Outbox, Registry), StartError> {
                 let store = Store::open(&store_dir).map_err(crate::outbox::OutboxError::from)?;
@@ -134,7 +135,7 @@ impl Node {
                     outbox_metrics,
                     Arc::new(SystemTimeSource),
                 )?;
-                let registry = Registry::open(&store, role)?;
+                let registry = Registry::open(&store, &node_id, role)?;
                 let seeded = registry.seed(&seeds)?;
                 if seeded > 0 {
                     tracing::info!(changed = seeded, "registry: applied [[identities]] from the config");

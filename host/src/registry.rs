@@ -365,6 +365,7 @@ struct Inner {
 
 /// The registry (see the module docs).
 pub struct Registry {
+    node_id: String,
     space: Space,
     store: Store,
     role: Role,
@@ -485,11 +486,12 @@ pub fn generate_key() -> Result<String, RegistryError> {
 }
 
 impl Registry {
-    /// Opens the registry in `store`, for a node in `role`.
+    /// Opens the registry in `store`, for node `node_id` in `role`. A
+    /// gateway whose parent is `node_id` is a child of this node.
     ///
     /// # Errors
     /// Storage errors, or stored entries that do not decode.
-    pub fn open(store: &Store, role: Role) -> Result<Registry, RegistryError> {
+    pub fn open(store: &Store, node_id: &str, role: Role) -> Result<Registry, RegistryError> {
         let space = store.space("registry")?;
         let mut entries = HashMap::new();
         for kv in space.range(prefix_range(IDENTITY_PREFIX)) {
@@ -517,6 +519,7 @@ impl Registry {
         };
         let ca_verifier = build_ca_verifier(&cas);
         Ok(Registry {
+            node_id: node_id.to_string(),
             space,
             store: store.clone(),
             role,
@@ -780,7 +783,7 @@ impl Registry {
             return Err(RegistryError::Exists(new.id));
         }
         if let Some(p) = &new.parent {
-            check_parent(&inner.entries, &new.id, p)?;
+            check_parent(&inner.entries, &self.node_id, &new.id, p)?;
         }
         if kind == Kind::Module {
             let device = new.id.split('/').next().unwrap_or_default();
@@ -839,9 +842,10 @@ impl Registry {
     /// # Errors
     /// Unknown ids, a parent that is not a gateway, a cycle.
     pub fn set_parent(&self, id: &str, parent: Option<String>) -> Result<Entry, RegistryError> {
+        let me = self.node_id.clone();
         self.modify(id, |entries, e| {
             if let Some(p) = &parent {
-                check_parent(entries, id, p)?;
+                check_parent(entries, &me, id, p)?;
             }
             e.parent = parent;
             Ok(())
@@ -1249,7 +1253,10 @@ pub struct Scope {
     pub cas: BTreeMap<String, CaEntry>,
 }
 
-fn check_parent(entries: &HashMap<String, Entry>, id: &str, parent: &str) -> Result<(), RegistryError> {
+fn check_parent(entries: &HashMap<String, Entry>, me: &str, id: &str, parent: &str) -> Result<(), RegistryError> {
+    if parent == me {
+        return Ok(());
+    }
     let Some(p) = entries.get(parent) else {
         return Err(RegistryError::Invalid(format!("parent {parent:?} is not registered")));
     };
@@ -1295,7 +1302,7 @@ mod tests {
 
     fn open(dir: &std::path::Path, role: Role) -> Registry {
         let store = Store::open(dir).unwrap();
-        Registry::open(&store, role).unwrap()
+        Registry::open(&store, "root", role).unwrap()
     }
 
     fn new(id: &str, kind: &str, parent: Option<&str>) -> NewIdentity {

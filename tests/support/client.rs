@@ -35,6 +35,21 @@ impl Received {
 impl Client {
     /// Connects with MQTT 5; `clean` false keeps the session for a day.
     pub fn connect(port: u16, client_id: &str, clean: bool) -> std::io::Result<Client> {
+        match Client::connect_as(port, client_id, clean, None, None)? {
+            Ok(c) => Ok(c),
+            Err(code) => Err(std::io::Error::other(format!("CONNACK refused with 0x{code:02x}"))),
+        }
+    }
+
+    /// Connects with MQTT 5 and credentials; `Ok(Err(code))` when the
+    /// server refuses with a CONNACK reason code.
+    pub fn connect_as(
+        port: u16,
+        client_id: &str,
+        clean: bool,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+    ) -> std::io::Result<Result<Client, u8>> {
         let stream = TcpStream::connect(("127.0.0.1", port))?;
         stream.set_nodelay(true)?;
         let mut c = Client {
@@ -53,15 +68,31 @@ impl Client {
             client_id: client_id.into(),
             clean_start: clean,
             keep_alive: 60,
-            username: None,
-            password: None,
+            username: username.map(str::to_string),
+            password: password.map(Bytes::copy_from_slice),
             will: None,
             properties,
         })))?;
-        match c.read(Duration::from_secs(10))? {
-            Some(Packet::ConnAck(a)) if a.code < 0x80 => Ok(c),
+        match c.read(Duration::from_secs(30))? {
+            Some(Packet::ConnAck(a)) if a.code < 0x80 => Ok(Ok(c)),
+            Some(Packet::ConnAck(a)) => Ok(Err(a.code)),
             other => Err(std::io::Error::other(format!("no CONNACK: {other:?}"))),
         }
+    }
+
+    /// Waits up to `timeout` for the server to end the connection: the
+    /// DISCONNECT reason code, 0 if it just closed, `None` if it stayed up.
+    pub fn wait_disconnect(&mut self, timeout: Duration) -> Option<u8> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            match self.read(deadline.saturating_duration_since(Instant::now())) {
+                Ok(Some(Packet::Disconnect(d))) => return Some(d.code),
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(_) => return Some(0),
+            }
+        }
+        None
     }
 
     fn send(&mut self, p: &Packet) -> std::io::Result<()> {

@@ -229,7 +229,7 @@ impl DefaultAuth {
         let identity = identities::lookup(id).ok_or_else(|| {
             refuse(
                 RefusalCode::NotAuthorized,
-                format!("identity {id:?} is not known to this node"),
+                format!("identity {id:?} is not in this node's scope (not registered here, or not synced yet)"),
             )
         })?;
         if !identity.enabled {
