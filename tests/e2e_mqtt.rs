@@ -722,6 +722,83 @@ fn tls_client_certificates_and_quic() {
     assert!(gw.metric("holdfast_mqtt_connections{transport=\"tls\"}") >= 0.0);
 }
 
+/// Without `client_ca`, the TLS listener takes any client certificate and
+/// the auth plugin decides: a registered thumbprint, or a chain to a CA in
+/// the registry that names the identity.
+#[test]
+fn registered_ca_and_thumbprint_certificates() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(pki_dir.path());
+    let p = |f: &str| pki.dir.join(f).display().to_string();
+    let tls_port = support::free_port();
+    let gw = Gateway::start(&format!(
+        "[plugins.auth.config]\nallow_anonymous = false\n\
+         [mqtt.tls]\nenabled = true\nlisten = \"127.0.0.1:{tls_port}\"\ncert = {sc:?}\nkey = {sk:?}\n",
+        sc = p("server.pem"),
+        sk = p("server.key"),
+    ));
+    // A certificate outside the CA, for a device that claims `x509-ca`.
+    let rogue_key = rcgen::KeyPair::generate().unwrap();
+    let mut rogue = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    rogue.distinguished_name.push(rcgen::DnType::CommonName, "rogue");
+    let rogue = rogue.self_signed(&rogue_key).unwrap();
+    std::fs::write(pki.dir.join("rogue.pem"), rogue.pem()).unwrap();
+    std::fs::write(pki.dir.join("rogue.key"), rogue_key.serialize_pem()).unwrap();
+
+    gw.cli_ok(&["device", "ca-add", "plant", &p("ca.pem")]);
+    gw.cli_ok(&["device", "add", "tls-device", "--auth", "x509-ca"]);
+    gw.cli_ok(&["device", "add", "rogue", "--auth", "x509-ca"]);
+    gw.cli_ok(&[
+        "device",
+        "add",
+        "tls-watcher",
+        "--auth",
+        "x509-thumbprint",
+        "--thumbprint",
+        &pki.thumbprints[1],
+    ]);
+    let publish = |id: &str, cert: &str| {
+        Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "localhost",
+                "-p",
+                &tls_port.to_string(),
+                "--cafile",
+                &p("ca.pem"),
+                "-q",
+                "1",
+            ])
+            .args([
+                "-i",
+                id,
+                "--cert",
+                &p(&format!("{cert}.pem")),
+                "--key",
+                &p(&format!("{cert}.key")),
+            ])
+            .args(["-t", &format!("devices/{id}/messages/events/"), "-m", "x"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(
+        publish("tls-device", "tls-device"),
+        "signed by the registered CA\n{}",
+        gw.describe()
+    );
+    assert!(publish("tls-watcher", "tls-watcher"), "registered thumbprint");
+    assert!(
+        !publish("tls-device", "tls-watcher"),
+        "a CA-signed certificate naming someone else"
+    );
+    assert!(!publish("rogue", "rogue"), "not signed by a registered CA");
+    gw.cli_ok(&["device", "ca-rm", "plant"]);
+    assert!(!publish("tls-device", "tls-device"), "its CA was removed");
+    assert!(publish("tls-watcher", "tls-watcher"), "thumbprints need no CA");
+}
+
 /// Connects over QUIC with the client certificate, publishes one QoS 1
 /// message and waits for its PUBACK.
 fn quic_publish(port: u16, pki: &Pki, topic: &str, payload: &[u8]) {

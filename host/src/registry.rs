@@ -372,8 +372,11 @@ pub struct Registry {
     inner: RwLock<Inner>,
     changes: watch::Sender<u64>,
     revocations: broadcast::Sender<Arc<Vec<String>>>,
-    presented: Mutex<(HashMap<String, Vec<CertificateDer<'static>>>, VecDeque<String>)>,
+    presented: Mutex<Presented>,
 }
+
+/// Client certificate chains by thumbprint, and their arrival order.
+type Presented = (HashMap<String, Vec<CertificateDer<'static>>>, VecDeque<String>);
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1412,7 +1415,7 @@ mod tests {
         let replica = open(dir2.path(), Role::Replica { parent: "gw2".into() });
         let mut sent = owner.scope("gw1");
         assert_eq!(replica.apply_full("gw2", sent.clone()).unwrap(), 2);
-        assert!(replica.verify_sas("dev1", "x", &[0; 32]) == false);
+        assert!(!replica.verify_sas("dev1", "x", &[0; 32]));
         assert!(matches!(
             replica.add(new("z", "device", None)),
             Err(RegistryError::Replica(_))

@@ -304,7 +304,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                 let failure = broker.throttle.failure(ip, std::time::Instant::now());
                 if let Some(delay) = failure.delay {
                     // Logged when back-off starts and then every tenth failure.
-                    if failure.failures == broker.config.auth_backoff_after_failures || failure.failures % 10 == 0 {
+                    if failure.failures == broker.config.auth_backoff_after_failures
+                        || failure.failures.is_multiple_of(10)
+                    {
                         tracing::warn!(source = %ip, failures = failure.failures, delay_ms = delay.as_millis() as u64, "repeated authentication failures: slowing this source down");
                     }
                 }
