@@ -101,6 +101,14 @@ class Node:
         return api(self.admin, "/api/v1/link")["link"]
 
 
+def write_json(name, out):
+    """Writes the results to target/<name>.json and says where."""
+    path = os.path.join(ROOT, f"target/{name}.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {path}")
+
+
 def fleet(work, ids):
     certs = os.path.join(work, "certs")
     subprocess.run([HOLDFAST, "cert", "ca", "--dir", certs], check=True, stdout=subprocess.DEVNULL)
@@ -358,10 +366,7 @@ def main():
                   f"{r['median_backoff_only_ms']:.0f} ms back-off only (ratio {r['ratio']:.1f})", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    path = os.path.join(ROOT, "target/bench-link.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {path}")
+    write_json("bench-link", out)
 
 
 if __name__ == "__main__":

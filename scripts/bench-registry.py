@@ -175,10 +175,7 @@ def main():
                   f"{r['median_revoke_ms']:.1f} ms median ({args.rounds} rounds)", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    path = os.path.join(ROOT, "target/bench-registry.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {path}")
+    link.write_json("bench-registry", out)
 
 
 if __name__ == "__main__":

@@ -485,10 +485,7 @@ fn device_command(client: &AdminClient, cmd: DeviceCommand, json: bool) -> Resul
                 ),
                 _ => println!("registry: owner"),
             }
-            let rows: Vec<Vec<String>> = list["identities"]
-                .as_array()
-                .map(|a| a.iter().map(identity_row).collect())
-                .unwrap_or_default();
+            let rows = rows_of(&list, "identities", identity_row);
             print_table(&["ID", "KIND", "PARENT", "ENABLED", "CREDENTIALS", "ORIGIN"], &rows);
             return Ok(());
         }
@@ -533,21 +530,14 @@ fn device_command(client: &AdminClient, cmd: DeviceCommand, json: bool) -> Resul
             if json {
                 return print_json(&v);
             }
-            let rows: Vec<Vec<String>> = v["cas"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|c| {
-                            vec![
-                                str_of(&c["name"]),
-                                str_of(&c["subject"]),
-                                short(&c["thumbprint"]),
-                                str_of(&c["origin"]),
-                            ]
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let rows = rows_of(&v, "cas", |c| {
+                vec![
+                    str_of(&c["name"]),
+                    str_of(&c["subject"]),
+                    short(&c["thumbprint"]),
+                    str_of(&c["origin"]),
+                ]
+            });
             print_table(&["NAME", "SUBJECT", "THUMBPRINT", "ORIGIN"], &rows);
             return Ok(());
         }
@@ -614,10 +604,7 @@ fn plugin_command(client: &AdminClient, cmd: PluginCommand, json: bool) -> Resul
             if json {
                 return print_json(&v);
             }
-            let rows: Vec<Vec<String>> = v["plugins"]
-                .as_array()
-                .map(|a| a.iter().map(plugin_row).collect())
-                .unwrap_or_default();
+            let rows = rows_of(&v, "plugins", plugin_row);
             print_table(
                 &[
                     "SLOT", "VERSION", "SOURCE", "LOADED", "CALLS", "TRAPS", "TIMEOUTS", "PREVIOUS",
@@ -631,24 +618,17 @@ fn plugin_command(client: &AdminClient, cmd: PluginCommand, json: bool) -> Resul
             if json {
                 return print_json(&v);
             }
-            let rows: Vec<Vec<String>> = v["history"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|r| {
-                            vec![
-                                format_time(r["at_unix_ms"].as_u64()),
-                                str_of(&r["slot"]),
-                                str_of(&r["action"]),
-                                short(&r["old"]),
-                                short(&r["new"]),
-                                str_of(&r["source"]),
-                                format!("{:.1}", r["duration_ms"].as_f64().unwrap_or(0.0)),
-                            ]
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let rows = rows_of(&v, "history", |r| {
+                vec![
+                    format_time(r["at_unix_ms"].as_u64()),
+                    str_of(&r["slot"]),
+                    str_of(&r["action"]),
+                    short(&r["old"]),
+                    short(&r["new"]),
+                    str_of(&r["source"]),
+                    format!("{:.1}", r["duration_ms"].as_f64().unwrap_or(0.0)),
+                ]
+            });
             print_table(&["TIME", "SLOT", "ACTION", "OLD", "NEW", "SOURCE", "MS"], &rows);
             Ok(())
         }
@@ -802,6 +782,14 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// One table row per element of the array `v[key]`.
+fn rows_of(v: &Value, key: &str, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
+    v[key]
+        .as_array()
+        .map(|a| a.iter().map(row).collect())
+        .unwrap_or_default()
 }
 
 fn print_json(v: &Value) -> Result<()> {

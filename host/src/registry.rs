@@ -309,7 +309,7 @@ pub enum RegistryError {
 }
 
 /// An identity to add.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewIdentity {
     /// Id.
@@ -341,6 +341,18 @@ pub struct NewIdentity {
     /// A PHC hash instead of a password.
     #[serde(default)]
     pub password_hash: Option<String>,
+}
+
+impl std::fmt::Debug for NewIdentity {
+    // Never print keys or passwords.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewIdentity")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("parent", &self.parent)
+            .field("auth", &self.auth)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Which key `rotate_key` replaces.
