@@ -155,6 +155,19 @@ fn sas_tokens_revocation_back_off_and_auth_plugin_swap() {
     assert!(gw.metric("holdfast_mqtt_connects_total{result=\"not-authorized\"}") >= 4.0);
     assert!(gw.log().contains("slowing this source down"), "{}", gw.describe());
 
+    // A broken request to the registry API is refused with a reason, not a crash.
+    let url = format!("http://127.0.0.1:{}/api/v1/devices", gw.port);
+    let auth = format!("Bearer {}", gw.token().trim());
+    for body in [
+        &b"\xff{not json"[..],
+        br#"{"id":"x","colour":"red"}"#,
+        br#"{"id":"","kind":"device"}"#,
+    ] {
+        let r = ureq::post(&url).header("Authorization", &auth).send(body);
+        assert!(matches!(r, Err(ureq::Error::StatusCode(400))), "{r:?}");
+    }
+    assert_eq!(device_ids(&gw), ["dev1", "dev2"]);
+
     // Revocation while connected: disable, rotate, remove.
     let mut c1 = connect(port, "dev1", &k1).unwrap();
     let (took, code) = disconnected_after(&mut c1, || {

@@ -1497,4 +1497,77 @@ mod tests {
         assert_eq!(r.seed(&[]).unwrap(), 1);
         assert!(r.entry("a").is_none());
     }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Add(u8, u8, Option<u8>),
+        SetParent(u8, Option<u8>),
+        Disable(u8),
+        Rotate(u8),
+        Remove(u8),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            // Parents are mostly gateways (0-3), now and then a device (refused).
+            3 => (0u8..8, 0u8..3, proptest::option::of(0u8..5)).prop_map(|(a, k, p)| Op::Add(a, k, p)),
+            2 => (0u8..8, proptest::option::of(0u8..5)).prop_map(|(a, p)| Op::SetParent(a, p)),
+            1 => (0u8..8).prop_map(Op::Disable),
+            1 => (0u8..8).prop_map(Op::Rotate),
+            1 => (0u8..8).prop_map(Op::Remove),
+        ]
+    }
+
+    fn name(n: u8) -> String {
+        // A few gateways, the rest devices; g0 is the child being synced.
+        if n < 4 { format!("g{n}") } else { format!("d{n}") }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// Whatever the owner goes through, a replica fed a full sync and
+        /// then only deltas holds exactly the child's scope, and the
+        /// parent chains never form a cycle.
+        #[test]
+        fn a_replica_fed_deltas_always_equals_the_scope(ops in proptest::collection::vec(op(), 1..60)) {
+            let dir = tempfile::tempdir().unwrap();
+            let owner = open(&dir.path().join("owner"), Role::Owner);
+            let replica = open(&dir.path().join("replica"), Role::Replica { parent: "root".into() });
+            owner.add(new("g0", "gateway", Some("root"))).unwrap();
+            let mut sent = owner.scope("g0");
+            replica.apply_full("root", sent.clone()).unwrap();
+            for op in ops {
+                // Errors are part of the model: a refused change changes nothing.
+                let _ = match op {
+                    Op::Add(a, k, p) => {
+                        let kind = if a < 4 { "gateway" } else { ["device", "device", "module"][k as usize] };
+                        let id = if kind == "module" { format!("{}/m", name(a)) } else { name(a) };
+                        owner.add(new(&id, kind, p.map(name).as_deref())).map(|_| ())
+                    }
+                    Op::SetParent(a, p) => owner.set_parent(&name(a), p.map(name)).map(|_| ()),
+                    Op::Disable(a) => owner.set_enabled(&name(a), false).map(|_| ()),
+                    Op::Rotate(a) => owner.rotate_key(&name(a), WhichKey::Both).map(|_| ()),
+                    Op::Remove(a) => owner.remove(&name(a)).map(|_| ()),
+                };
+                let now = owner.scope("g0");
+                if let Some(delta) = now.delta_from(&sent) {
+                    replica.apply_delta("root", delta).unwrap();
+                }
+                sent = now;
+                let want: Vec<Entry> = sent.entries.values().cloned().collect();
+                proptest::prop_assert_eq!(replica.list(), want);
+                for e in owner.list() {
+                    let mut at = e.scope_parent();
+                    let mut steps = 0;
+                    while let Some(p) = at {
+                        proptest::prop_assert!(p != e.id, "cycle through {}", e.id);
+                        steps += 1;
+                        proptest::prop_assert!(steps < 64);
+                        at = owner.entry(&p).and_then(|x| x.scope_parent());
+                    }
+                }
+            }
+        }
+    }
 }
