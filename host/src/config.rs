@@ -820,12 +820,10 @@ impl Config {
             if !seen.insert(id.id.as_str()) {
                 return Err(ConfigError::key(key("id"), format!("{:?} appears twice", id.id)));
             }
-            if crate::identity::parse_kind(&id.kind).is_none() {
+            let Some(kind) = crate::registry::Kind::parse(&id.kind) else {
                 return Err(ConfigError::key(key("kind"), "must be device, module, gateway or user"));
-            }
-            if let Some(kind) = crate::registry::Kind::parse(&id.kind)
-                && let Err(e) = crate::registry::check_id(&id.id, kind)
-            {
+            };
+            if let Err(e) = crate::registry::check_id(&id.id, kind) {
                 return Err(ConfigError::key(key("id"), e.to_string()));
             }
             for (k, v) in [("sas_primary", &id.sas_primary), ("sas_secondary", &id.sas_secondary)] {

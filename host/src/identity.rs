@@ -9,12 +9,11 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
-use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
-use crate::plugins::bindings::{Identity, IdentityKind};
+use crate::plugins::bindings::Identity;
 
 /// An identity with the secrets needed to verify it.
 #[derive(Clone)]
@@ -85,12 +84,17 @@ pub trait IdentityDirectory: Send + Sync + 'static {
 
     /// True when `thumbprint` is one of the identity's thumbprints.
     fn verify_thumbprint(&self, id: &str, thumbprint: &str) -> bool {
-        self.get(id).is_some_and(|r| {
-            r.thumbprints.iter().fold(false, |acc, t| {
-                acc | bool::from(t.as_bytes().ct_eq(thumbprint.to_ascii_lowercase().as_bytes()))
-            })
-        })
+        self.get(id)
+            .is_some_and(|r| thumbprint_listed(&r.thumbprints, &thumbprint.to_ascii_lowercase()))
     }
+}
+
+/// True when `thumbprint` (lowercase hex) is in `listed`; every entry is
+/// compared in constant time.
+pub fn thumbprint_listed(listed: &[String], thumbprint: &str) -> bool {
+    listed.iter().fold(false, |acc, t| {
+        acc | bool::from(t.as_bytes().ct_eq(thumbprint.as_bytes()))
+    })
 }
 
 /// An in-memory directory.
@@ -114,43 +118,8 @@ impl MemoryDirectory {
     /// A directory holding the `[[identities]]` of a validated config.
     pub fn from_config(config: &crate::config::Config) -> MemoryDirectory {
         let dir = MemoryDirectory::new();
-        let b64 = base64::engine::general_purpose::STANDARD;
-        for c in &config.identities {
-            // `Config::validate` has checked kinds and base64 already.
-            let Some(kind) = parse_kind(&c.kind) else { continue };
-            let (device_id, module_id) = match c.id.split_once('/') {
-                Some((d, m)) => (d.to_string(), Some(m.to_string())),
-                None => (c.id.clone(), None),
-            };
-            let sas_keys: Vec<Vec<u8>> = [&c.sas_primary, &c.sas_secondary]
-                .into_iter()
-                .flatten()
-                .filter_map(|k| b64.decode(k).ok())
-                .collect();
-            let mut credentials = Vec::new();
-            if !sas_keys.is_empty() {
-                credentials.push("sas".to_string());
-            }
-            if !c.thumbprints.is_empty() {
-                credentials.push("x509-thumbprint".to_string());
-            }
-            if c.password_hash.is_some() {
-                credentials.push("password".to_string());
-            }
-            dir.insert(IdentityRecord {
-                identity: Identity {
-                    id: c.id.clone(),
-                    kind,
-                    device_id,
-                    module_id,
-                    parent: c.parent.clone(),
-                    enabled: c.enabled,
-                    credentials,
-                },
-                sas_keys,
-                thumbprints: c.thumbprints.iter().map(|t| t.to_ascii_lowercase()).collect(),
-                password_hash: c.password_hash.clone(),
-            });
+        for entry in config.identities.iter().filter_map(crate::registry::Entry::from_config) {
+            dir.insert(entry.record());
         }
         dir
     }
@@ -182,17 +151,6 @@ pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Er
     Ok(Argon2::default().hash_password(password.as_bytes(), &salt)?.to_string())
 }
 
-/// Parses an identity kind name.
-pub fn parse_kind(s: &str) -> Option<IdentityKind> {
-    Some(match s {
-        "device" => IdentityKind::Device,
-        "module" => IdentityKind::Module,
-        "gateway" => IdentityKind::Gateway,
-        "user" => IdentityKind::User,
-        _ => return None,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,7 +159,7 @@ mod tests {
         IdentityRecord {
             identity: Identity {
                 id: "dev1".into(),
-                kind: IdentityKind::Device,
+                kind: crate::plugins::bindings::IdentityKind::Device,
                 device_id: "dev1".into(),
                 module_id: None,
                 parent: None,

@@ -27,4 +27,5 @@ pub mod plugins;
 pub mod registry;
 pub mod scaffold;
 pub mod store;
+pub mod sys;
 pub mod tls;

@@ -409,7 +409,7 @@ fn load_or_create_token(path: &Path) -> Result<String, StartError> {
         Err(e) => return Err(err(e)),
     }
     let mut raw = [0u8; 32];
-    getrandom(&mut raw).map_err(err)?;
+    crate::sys::fill_random(&mut raw).map_err(err)?;
     let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
@@ -422,9 +422,4 @@ fn load_or_create_token(path: &Path) -> Result<String, StartError> {
     std::io::Write::write_all(&mut file, token.as_bytes()).map_err(err)?;
     tracing::info!(path = %path.display(), "generated admin token");
     Ok(token)
-}
-
-fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
-    use argon2::password_hash::rand_core::{OsRng, RngCore};
-    OsRng.try_fill_bytes(buf).map_err(std::io::Error::other)
 }

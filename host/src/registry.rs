@@ -193,6 +193,26 @@ impl Entry {
         }
     }
 
+    /// An `[[identities]]` entry of the config (`None` for an unknown kind,
+    /// which config validation refuses).
+    pub fn from_config(c: &IdentityConfig) -> Option<Entry> {
+        Some(Entry {
+            id: c.id.clone(),
+            kind: Kind::parse(&c.kind)?,
+            parent: c.parent.clone(),
+            enabled: c.enabled,
+            credentials: Credentials {
+                sas_primary: c.sas_primary.clone(),
+                sas_secondary: c.sas_secondary.clone(),
+                thumbprints: c.thumbprints.iter().map(|t| t.to_ascii_lowercase()).collect(),
+                x509_ca: c.x509_ca,
+                password_hash: c.password_hash.clone(),
+            },
+            origin: Origin::Config,
+            updated_ms: crate::sys::unix_ms(),
+        })
+    }
+
     /// The JSON shown by the admin API; secrets only when asked for.
     pub fn to_json(&self, secrets: bool) -> serde_json::Value {
         let c = &self.credentials;
@@ -213,7 +233,8 @@ impl Entry {
         v
     }
 
-    fn record(&self) -> IdentityRecord {
+    /// What the auth plugin's lookups see, with the secrets to verify against.
+    pub fn record(&self) -> IdentityRecord {
         let (device_id, module_id) = self.device_and_module();
         IdentityRecord {
             identity: Identity {
@@ -399,11 +420,28 @@ impl std::fmt::Debug for Registry {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, RegistryError> {
+    serde_json::to_vec(v).map_err(|e| RegistryError::Invalid(e.to_string()))
+}
+
+/// One durable change to the registry.
+#[derive(Default)]
+struct Change {
+    upserts: Vec<Entry>,
+    removals: Vec<String>,
+    sync: Option<SyncState>,
+    /// The complete new set of CAs, when it changes.
+    cas: Option<BTreeMap<String, CaEntry>>,
+}
+
+impl Change {
+    fn entries(upserts: Vec<Entry>, removals: Vec<String>) -> Change {
+        Change {
+            upserts,
+            removals,
+            ..Change::default()
+        }
+    }
 }
 
 fn id_key(id: &str) -> Vec<u8> {
@@ -492,11 +530,8 @@ fn check_thumbprint(t: &str) -> Result<String, RegistryError> {
 
 /// A fresh random symmetric key, base64.
 pub fn generate_key() -> Result<String, RegistryError> {
-    use argon2::password_hash::rand_core::{OsRng, RngCore};
     let mut raw = [0u8; KEY_BYTES];
-    OsRng
-        .try_fill_bytes(&mut raw)
-        .map_err(|e| RegistryError::Invalid(format!("no randomness: {e}")))?;
+    crate::sys::fill_random(&mut raw).map_err(|e| RegistryError::Invalid(format!("no randomness: {e}")))?;
     Ok(base64::engine::general_purpose::STANDARD.encode(raw))
 }
 
@@ -612,32 +647,53 @@ impl Registry {
         }
     }
 
-    /// Writes `upserts` and `removals` durably, then updates memory and
-    /// announces the change. The caller holds the write lock.
-    fn commit(
-        &self,
-        inner: &mut Inner,
-        upserts: Vec<Entry>,
-        removals: Vec<String>,
-        sync: Option<SyncState>,
-    ) -> Result<(), RegistryError> {
-        if upserts.is_empty() && removals.is_empty() && sync.is_none() {
+    /// Writes a change durably in one batch, then updates memory and
+    /// announces it. The caller holds the write lock.
+    fn commit(&self, inner: &mut Inner, change: Change) -> Result<(), RegistryError> {
+        let Change {
+            upserts,
+            removals,
+            sync,
+            cas,
+        } = change;
+        let cas = cas.filter(|c| *c != inner.cas);
+        if upserts.is_empty() && removals.is_empty() && sync.is_none() && cas.is_none() {
             return Ok(());
         }
         let mut batch = self.store.batch();
         for e in &upserts {
-            let json = serde_json::to_vec(e).map_err(|err| RegistryError::Invalid(err.to_string()))?;
-            batch.insert(&self.space, id_key(&e.id), json);
+            batch.insert(&self.space, id_key(&e.id), to_json(e)?);
         }
         for id in &removals {
             batch.remove(&self.space, id_key(id));
         }
         if let Some(s) = &sync {
-            let json = serde_json::to_vec(s).map_err(|err| RegistryError::Invalid(err.to_string()))?;
-            batch.insert(&self.space, SYNC_KEY.to_vec(), json);
+            batch.insert(&self.space, SYNC_KEY.to_vec(), to_json(s)?);
+        }
+        if let Some(cas) = &cas {
+            for name in inner.cas.keys().filter(|n| !cas.contains_key(*n)) {
+                batch.remove(&self.space, ca_key(name));
+            }
+            for c in cas.values().filter(|c| inner.cas.get(&c.name) != Some(*c)) {
+                batch.insert(&self.space, ca_key(&c.name), to_json(c)?);
+            }
         }
         batch.commit(Durability::SyncAll)?;
         let mut revoked = Vec::new();
+        if let Some(cas) = cas {
+            // Identities that relied on a CA that is gone lose their connections.
+            if inner.cas.keys().any(|n| !cas.contains_key(n)) {
+                revoked.extend(
+                    inner
+                        .entries
+                        .values()
+                        .filter(|e| e.credentials.x509_ca)
+                        .map(|e| e.id.clone()),
+                );
+            }
+            inner.ca_verifier = build_ca_verifier(&cas);
+            inner.cas = cas;
+        }
         for e in upserts {
             if inner.entries.get(&e.id).is_some_and(|old| old.revokes(Some(&e))) {
                 revoked.push(e.id.clone());
@@ -653,6 +709,8 @@ impl Registry {
             inner.sync = s;
         }
         self.changes.send_modify(|n| *n += 1);
+        revoked.sort_unstable();
+        revoked.dedup();
         if !revoked.is_empty() {
             tracing::info!(ids = ?revoked, "registry: credentials revoked or changed");
             let _ = self.revocations.send(Arc::new(revoked));
@@ -672,22 +730,7 @@ impl Registry {
         let mut listed = HashSet::new();
         for c in identities {
             listed.insert(c.id.as_str());
-            let Some(kind) = Kind::parse(&c.kind) else { continue };
-            let entry = Entry {
-                id: c.id.clone(),
-                kind,
-                parent: c.parent.clone(),
-                enabled: c.enabled,
-                credentials: Credentials {
-                    sas_primary: c.sas_primary.clone(),
-                    sas_secondary: c.sas_secondary.clone(),
-                    thumbprints: c.thumbprints.iter().map(|t| t.to_ascii_lowercase()).collect(),
-                    x509_ca: c.x509_ca,
-                    password_hash: c.password_hash.clone(),
-                },
-                origin: Origin::Config,
-                updated_ms: now_ms(),
-            };
+            let Some(entry) = Entry::from_config(c) else { continue };
             match inner.entries.get(&c.id) {
                 None => upserts.push(entry),
                 Some(old) if old.origin == Origin::Config => {
@@ -709,7 +752,7 @@ impl Registry {
             .map(|e| e.id.clone())
             .collect();
         let n = upserts.len() + removals.len();
-        self.commit(&mut inner, upserts, removals, None)?;
+        self.commit(&mut inner, Change::entries(upserts, removals))?;
         Ok(n)
     }
 
@@ -816,9 +859,9 @@ impl Registry {
             enabled: new.enabled.unwrap_or(true),
             credentials,
             origin: Origin::Api,
-            updated_ms: now_ms(),
+            updated_ms: crate::sys::unix_ms(),
         };
-        self.commit(&mut inner, vec![entry.clone()], Vec::new(), None)?;
+        self.commit(&mut inner, Change::entries(vec![entry.clone()], Vec::new()))?;
         Ok(entry)
     }
 
@@ -836,8 +879,8 @@ impl Registry {
             .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
         f(&inner.entries, &mut entry)?;
         entry.origin = Origin::Api;
-        entry.updated_ms = now_ms();
-        self.commit(&mut inner, vec![entry.clone()], Vec::new(), None)?;
+        entry.updated_ms = crate::sys::unix_ms();
+        self.commit(&mut inner, Change::entries(vec![entry.clone()], Vec::new()))?;
         Ok(entry)
     }
 
@@ -922,7 +965,7 @@ impl Registry {
                 children.join(", ")
             )));
         }
-        self.commit(&mut inner, Vec::new(), removed.clone(), None)?;
+        self.commit(&mut inner, Change::entries(Vec::new(), removed.clone()))?;
         Ok(removed)
     }
 
@@ -955,19 +998,21 @@ impl Registry {
             thumbprint: crate::broker::listen::describe_cert(cert).0,
             subject: parsed.subject().to_string(),
             origin: Origin::Api,
-            added_ms: now_ms(),
+            added_ms: crate::sys::unix_ms(),
         };
         let mut inner = self.write();
         if inner.cas.contains_key(name) {
             return Err(RegistryError::Exists(format!("CA {name}")));
         }
-        let json = serde_json::to_vec(&ca).map_err(|e| RegistryError::Invalid(e.to_string()))?;
-        let mut batch = self.store.batch();
-        batch.insert(&self.space, ca_key(name), json);
-        batch.commit(Durability::SyncAll)?;
-        inner.cas.insert(name.to_string(), ca.clone());
-        inner.ca_verifier = build_ca_verifier(&inner.cas);
-        self.changes.send_modify(|n| *n += 1);
+        let mut cas = inner.cas.clone();
+        cas.insert(name.to_string(), ca.clone());
+        self.commit(
+            &mut inner,
+            Change {
+                cas: Some(cas),
+                ..Change::default()
+            },
+        )?;
         Ok(ca)
     }
 
@@ -981,22 +1026,15 @@ impl Registry {
         if !inner.cas.contains_key(name) {
             return Err(RegistryError::NotFound(format!("CA {name}")));
         }
-        let mut batch = self.store.batch();
-        batch.remove(&self.space, ca_key(name));
-        batch.commit(Durability::SyncAll)?;
-        inner.cas.remove(name);
-        inner.ca_verifier = build_ca_verifier(&inner.cas);
-        let revoked: Vec<String> = inner
-            .entries
-            .values()
-            .filter(|e| e.credentials.x509_ca)
-            .map(|e| e.id.clone())
-            .collect();
-        self.changes.send_modify(|n| *n += 1);
-        if !revoked.is_empty() {
-            let _ = self.revocations.send(Arc::new(revoked));
-        }
-        Ok(())
+        let mut cas = inner.cas.clone();
+        cas.remove(name);
+        self.commit(
+            &mut inner,
+            Change {
+                cas: Some(cas),
+                ..Change::default()
+            },
+        )
     }
 
     /// Every identity whose parent chain includes `gateway`, and the CAs.
@@ -1048,14 +1086,22 @@ impl Registry {
             .collect();
         let upserts = changed(&inner, scope.entries.into_values());
         let n = upserts.len() + removals.len();
-        let now = now_ms();
+        let now = crate::sys::unix_ms();
         let mut sync = inner.sync.clone();
         sync.parent = Some(parent.to_string());
         sync.full_sync_ms = Some(now);
         sync.last_change_ms = Some(now);
         sync.full_syncs += 1;
-        self.replace_cas(&mut inner, scope.cas)?;
-        self.commit(&mut inner, upserts, removals, Some(sync))?;
+        let cas = Some(with_synced_cas(&inner, scope.cas));
+        self.commit(
+            &mut inner,
+            Change {
+                upserts,
+                removals,
+                sync: Some(sync),
+                cas,
+            },
+        )?;
         Ok(n)
     }
 
@@ -1074,39 +1120,19 @@ impl Registry {
         let n = upserts.len() + removals.len();
         let mut sync = inner.sync.clone();
         sync.parent = Some(parent.to_string());
-        sync.last_change_ms = Some(now_ms());
+        sync.last_change_ms = Some(crate::sys::unix_ms());
         sync.deltas += 1;
-        if let Some(cas) = delta.cas {
-            self.replace_cas(&mut inner, cas)?;
-        }
-        self.commit(&mut inner, upserts, removals, Some(sync))?;
+        let cas = delta.cas.map(|cas| with_synced_cas(&inner, cas));
+        self.commit(
+            &mut inner,
+            Change {
+                upserts,
+                removals,
+                sync: Some(sync),
+                cas,
+            },
+        )?;
         Ok(n)
-    }
-
-    /// Replaces the synced CAs of a replica.
-    fn replace_cas(&self, inner: &mut Inner, cas: BTreeMap<String, CaEntry>) -> Result<(), RegistryError> {
-        let current: BTreeMap<String, CaEntry> = inner
-            .cas
-            .iter()
-            .filter(|(_, c)| c.origin == Origin::Synced)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        if current == cas {
-            return Ok(());
-        }
-        let mut batch = self.store.batch();
-        for name in current.keys() {
-            batch.remove(&self.space, ca_key(name));
-        }
-        for c in cas.values() {
-            let json = serde_json::to_vec(c).map_err(|e| RegistryError::Invalid(e.to_string()))?;
-            batch.insert(&self.space, ca_key(&c.name), json);
-        }
-        batch.commit(Durability::SyncAll)?;
-        inner.cas.retain(|_, c| c.origin != Origin::Synced);
-        inner.cas.extend(cas);
-        inner.ca_verifier = build_ca_verifier(&inner.cas);
-        Ok(())
     }
 
     /// Remembers the certificate chain a TLS client presented, so that
@@ -1144,7 +1170,7 @@ impl Registry {
         {
             return false;
         }
-        names(end).iter().any(|n| n == id)
+        crate::tls::cert_names(end).iter().any(|n| n == id)
     }
 
     /// The registry's summary for the admin API.
@@ -1175,6 +1201,21 @@ impl Registry {
     }
 }
 
+/// The CAs of `inner` with the synced ones replaced by `synced`.
+fn with_synced_cas(inner: &Inner, synced: BTreeMap<String, CaEntry>) -> BTreeMap<String, CaEntry> {
+    let mut cas: BTreeMap<String, CaEntry> = inner
+        .cas
+        .iter()
+        .filter(|(_, c)| c.origin != Origin::Synced)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    cas.extend(synced.into_iter().map(|(k, mut c)| {
+        c.origin = Origin::Synced;
+        (k, c)
+    }));
+    cas
+}
+
 /// Entries of `incoming` that differ from what `inner` holds, marked synced.
 fn changed(inner: &Inner, incoming: impl Iterator<Item = Entry>) -> Vec<Entry> {
     incoming
@@ -1184,26 +1225,6 @@ fn changed(inner: &Inner, incoming: impl Iterator<Item = Entry>) -> Vec<Entry> {
         })
         .filter(|e| inner.entries.get(&e.id) != Some(e))
         .collect()
-}
-
-/// Common names and DNS names of a certificate.
-fn names(der: &[u8]) -> Vec<String> {
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
-        return Vec::new();
-    };
-    let mut out: Vec<String> = cert
-        .subject()
-        .iter_common_name()
-        .filter_map(|cn| cn.as_str().ok().map(str::to_string))
-        .collect();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for n in &san.value.general_names {
-            if let x509_parser::extensions::GeneralName::DNSName(d) = n {
-                out.push((*d).to_string());
-            }
-        }
-    }
-    out
 }
 
 impl IdentityDirectory for Registry {
@@ -1217,10 +1238,8 @@ impl IdentityDirectory for Registry {
             return false;
         }
         let tp = thumbprint.to_ascii_lowercase();
-        let listed = entry.credentials.thumbprints.iter().fold(false, |acc, t| {
-            acc | bool::from(subtle::ConstantTimeEq::ct_eq(t.as_bytes(), tp.as_bytes()))
-        });
-        listed || (entry.credentials.x509_ca && self.ca_signed(id, &tp))
+        crate::identity::thumbprint_listed(&entry.credentials.thumbprints, &tp)
+            || (entry.credentials.x509_ca && self.ca_signed(id, &tp))
     }
 }
 

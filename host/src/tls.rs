@@ -67,20 +67,29 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// The node id a fleet certificate was issued for: its first DNS subject
 /// alternative name, else its common name.
 pub fn node_id_of(der: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let san = cert.subject_alternative_name().ok().flatten().and_then(|san| {
-        san.value.general_names.iter().find_map(|n| match n {
-            x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
-            _ => None,
-        })
-    });
-    san.or_else(|| {
+    cert_names(der).into_iter().next()
+}
+
+/// The names a certificate is issued for: its DNS subject alternative names,
+/// then its subject common names. Empty if it does not parse.
+pub fn cert_names(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(d) = n {
+                out.push((*d).to_string());
+            }
+        }
+    }
+    out.extend(
         cert.subject()
             .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .map(str::to_string)
-    })
+            .filter_map(|cn| cn.as_str().ok().map(str::to_string)),
+    );
+    out
 }
 
 /// Fleet certificate issuance for `holdfast cert`.

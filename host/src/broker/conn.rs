@@ -268,7 +268,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             if !c.clean_start && !v5 {
                 return Err(self.refuse(reason::CLIENT_ID_NOT_VALID, "bad-client-id").await);
             }
-            let id = format!("holdfast-{:016x}", rand_u64());
+            let id = format!("holdfast-{:016x}", crate::sys::random_u64());
             c.client_id = id.clone();
             assigned = Some(id);
         }
@@ -1131,9 +1131,4 @@ fn pass_through(p: &Properties) -> Properties {
         user_properties: p.user_properties.clone(),
         ..Properties::default()
     }
-}
-
-fn rand_u64() -> u64 {
-    use argon2::password_hash::rand_core::{OsRng, RngCore};
-    OsRng.next_u64()
 }

@@ -42,12 +42,7 @@ use crate::plugins::{Action, Message, PluginHost, RouteOutcome};
 use crate::store::{Store, StoreError};
 
 /// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use crate::sys::unix_ms as now_ms;
 
 /// Metric handles taken once, for the hot paths.
 pub(crate) struct Counters {

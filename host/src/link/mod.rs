@@ -25,7 +25,7 @@ pub mod wire;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -153,13 +153,6 @@ pub struct LinkStatus {
 #[derive(Debug)]
 pub struct Status(Mutex<LinkStatus>);
 
-pub(crate) fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Status {
     /// A status for `config`'s upstream.
     pub fn new(config: &Config) -> Status {
@@ -177,7 +170,7 @@ impl Status {
             kind,
             target,
             state,
-            since_ms: wall_ms(),
+            since_ms: crate::sys::unix_ms(),
             connects: 0,
             failures: 0,
             last_error: None,
@@ -200,7 +193,7 @@ impl Status {
     pub(crate) fn set_state(&self, state: LinkState, error: Option<String>) {
         let mut s = self.lock();
         if s.state != state {
-            s.since_ms = wall_ms();
+            s.since_ms = crate::sys::unix_ms();
         }
         match state {
             LinkState::Up => s.connects += 1,

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::wire::{self, Frame, close, refuse};
-use super::{ChildInfo, LinkError, Status, fleet_material, transport, wall_ms};
+use super::{ChildInfo, LinkError, Status, fleet_material, transport};
 use crate::config::Config;
 use crate::identity::IdentityDirectory;
 use crate::metrics::{Metrics, ReasonLabels};
@@ -198,7 +198,7 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, mut stop: watch::Receiver
             child.to_string(),
             ChildInfo {
                 addr: addr.to_string(),
-                since_ms: wall_ms(),
+                since_ms: crate::sys::unix_ms(),
                 received: 0,
                 conn_id: conn.stable_id(),
             },

@@ -320,12 +320,6 @@ fn decode_lane_meta(b: &[u8]) -> Option<(u64, u64, u64)> {
     Some((at(0), at(8), at(16)))
 }
 
-/// A random u64 from the OS.
-pub(crate) fn random_u64() -> u64 {
-    use argon2::password_hash::rand_core::{OsRng, RngCore};
-    OsRng.next_u64()
-}
-
 /// Free bytes on the file system holding `dir`.
 fn free_disk(dir: &Path) -> Option<u64> {
     let s = rustix::fs::statvfs(dir).ok()?;
@@ -351,7 +345,7 @@ impl Outbox {
         let instance = match meta.get(b"instance")? {
             Some(b) if b.len() == 8 => u64::from_be_bytes(b.try_into().unwrap_or([0; 8])),
             _ => {
-                let id = random_u64();
+                let id = crate::sys::random_u64();
                 fresh_meta.insert(&meta, b"instance".to_vec(), id.to_be_bytes().to_vec());
                 id
             }

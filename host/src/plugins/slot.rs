@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
@@ -193,13 +193,6 @@ pub struct Version<K: Kind> {
     memory_failures: AtomicU64,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Turns a call error into a failure, using what the store saw.
 fn classify(error: &wasmtime::Error, state: &PluginState) -> Failure {
     let kind = if matches!(error.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
@@ -309,7 +302,7 @@ impl<K: Kind> Slot<K> {
         let started = Instant::now();
         let version = build_version::<K>(&runtime, &node, &limits, bytes, source.clone(), config_json)?;
         let record = SwapRecord {
-            at_unix_ms: now_ms(),
+            at_unix_ms: crate::sys::unix_ms(),
             slot: K::SLOT,
             action: "load",
             old: None,
@@ -437,7 +430,7 @@ impl<K: Kind> Slot<K> {
         self.metrics.swaps_ok.inc();
         self.metrics.swap_duration.observe(duration.as_secs_f64());
         let record = SwapRecord {
-            at_unix_ms: now_ms(),
+            at_unix_ms: crate::sys::unix_ms(),
             slot: K::SLOT,
             action: "swap",
             old: Some(old_hash),
@@ -472,7 +465,7 @@ impl<K: Kind> Slot<K> {
         let old = self.current.swap(target.clone());
         old.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let record = SwapRecord {
-            at_unix_ms: now_ms(),
+            at_unix_ms: crate::sys::unix_ms(),
             slot: K::SLOT,
             action: "rollback",
             old: Some(old.hash.to_string()),
@@ -560,7 +553,7 @@ fn build_version<K: Kind>(
     let version = Version {
         hash,
         source,
-        loaded_at_unix_ms: now_ms(),
+        loaded_at_unix_ms: crate::sys::unix_ms(),
         config_json,
         pre,
         idle: Mutex::new(Vec::new()),
