@@ -329,38 +329,29 @@ pub enum RegistryError {
     Store(#[from] StoreError),
 }
 
-/// An identity to add.
+/// An identity to add; every field but `id` may be left out.
 #[derive(Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct NewIdentity {
     /// Id.
     pub id: String,
     /// `device` (default), `module`, `gateway` or `user`.
-    #[serde(default)]
     pub kind: Option<String>,
     /// Parent gateway.
-    #[serde(default)]
     pub parent: Option<String>,
     /// Default true.
-    #[serde(default)]
     pub enabled: Option<bool>,
     /// `sas` (default for devices and modules), `x509-thumbprint`, `x509-ca`, `password` (default for users), `none`.
-    #[serde(default)]
     pub auth: Option<String>,
     /// Primary key, base64; generated for `sas` when absent.
-    #[serde(default)]
     pub sas_primary: Option<String>,
     /// Secondary key, base64; generated for `sas` when absent.
-    #[serde(default)]
     pub sas_secondary: Option<String>,
     /// Thumbprints for `x509-thumbprint`.
-    #[serde(default)]
     pub thumbprints: Vec<String>,
     /// Password for `password` (stored hashed).
-    #[serde(default)]
     pub password: Option<String>,
     /// A PHC hash instead of a password.
-    #[serde(default)]
     pub password_hash: Option<String>,
 }
 
