@@ -1076,24 +1076,7 @@ impl Registry {
             .map(|e| e.id.clone())
             .collect();
         let upserts = changed(&inner, scope.entries.into_values());
-        let n = upserts.len() + removals.len();
-        let now = crate::sys::unix_ms();
-        let mut sync = inner.sync.clone();
-        sync.parent = Some(parent.to_string());
-        sync.full_sync_ms = Some(now);
-        sync.last_change_ms = Some(now);
-        sync.full_syncs += 1;
-        let cas = Some(with_synced_cas(&inner, scope.cas));
-        self.commit(
-            &mut inner,
-            Change {
-                upserts,
-                removals,
-                sync: Some(sync),
-                cas,
-            },
-        )?;
-        Ok(n)
+        self.apply_synced(&mut inner, parent, true, upserts, removals, Some(scope.cas))
     }
 
     /// Applies an incremental change from the parent.
@@ -1108,14 +1091,34 @@ impl Registry {
             .filter(|id| inner.entries.get(id).is_some_and(|e| e.origin == Origin::Synced))
             .collect();
         let upserts = changed(&inner, delta.upserts.into_iter());
+        self.apply_synced(&mut inner, parent, false, upserts, removals, delta.cas)
+    }
+
+    /// Commits what the parent sent, with the sync bookkeeping; returns how
+    /// many identities changed.
+    fn apply_synced(
+        &self,
+        inner: &mut Inner,
+        parent: &str,
+        full: bool,
+        upserts: Vec<Entry>,
+        removals: Vec<String>,
+        cas: Option<BTreeMap<String, CaEntry>>,
+    ) -> Result<usize, RegistryError> {
         let n = upserts.len() + removals.len();
+        let now = crate::sys::unix_ms();
         let mut sync = inner.sync.clone();
         sync.parent = Some(parent.to_string());
-        sync.last_change_ms = Some(crate::sys::unix_ms());
-        sync.deltas += 1;
-        let cas = delta.cas.map(|cas| with_synced_cas(&inner, cas));
+        sync.last_change_ms = Some(now);
+        if full {
+            sync.full_sync_ms = Some(now);
+            sync.full_syncs += 1;
+        } else {
+            sync.deltas += 1;
+        }
+        let cas = cas.map(|cas| with_synced_cas(inner, cas));
         self.commit(
-            &mut inner,
+            inner,
             Change {
                 upserts,
                 removals,
