@@ -75,6 +75,7 @@ pub mod auth;
 mod config;
 pub mod content;
 pub mod host;
+pub mod iothub;
 pub mod router;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;

@@ -24,10 +24,29 @@
 //! filter = "debug/#"
 //! drop = "debug-traffic"
 //! ```
+//!
+//! Routes in the spirit of IoT Edge (see [`route`] for the grammar) are
+//! checked when no rule matched. Every route whose source and condition
+//! match applies (fan-out); a message no route takes falls back to the
+//! defaults above. `priority` is the outbox lane, `ttl_seconds` the
+//! message's time-to-live upstream.
+//!
+//! ```toml
+//! [plugins.router.config.routes]
+//! hot = "FROM /messages/* WHERE temperature > 30 INTO $upstream"
+//! filter = { route = "FROM /messages/modules/sensor/outputs/out1 INTO BrokeredEndpoint(\"/modules/filter/inputs/in1\")" }
+//! alerts = { route = "FROM /messages/* WHERE $body.level = 'critical' INTO $upstream", priority = 0, ttl_seconds = 604800 }
+//! ```
+
+pub mod route;
+
+use std::collections::BTreeMap;
 
 use holdfast_sdk::Config;
 use holdfast_sdk::router::{Action, Message, Router, topic_matches};
 use serde::Deserialize;
+
+use crate::route::{Route, Sink, View};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,6 +59,45 @@ struct Settings {
     local_by_default: bool,
     #[serde(default)]
     rules: Vec<RuleConfig>,
+    #[serde(default)]
+    routes: BTreeMap<String, serde_json::Value>,
+}
+
+/// A route given as a table rather than a string.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteTable {
+    route: String,
+    priority: Option<u8>,
+    ttl_seconds: Option<u32>,
+}
+
+/// A route ready to evaluate.
+#[derive(Debug)]
+struct Compiled {
+    route: Route,
+    lane: u8,
+    ttl_seconds: Option<u32>,
+}
+
+fn compile(name: &str, value: serde_json::Value, default_lane: u8) -> Result<Compiled, String> {
+    let what = format!("routes.{name}");
+    let table = match value {
+        serde_json::Value::String(route) => RouteTable {
+            route,
+            priority: None,
+            ttl_seconds: None,
+        },
+        other => serde_json::from_value::<RouteTable>(other).map_err(|e| format!("{what}: {e}"))?,
+    };
+    let lane = table.priority.unwrap_or(default_lane);
+    check_lane(lane, &format!("{what}: priority"))?;
+    let route = route::parse(&table.route).map_err(|e| format!("{what}: {e}"))?;
+    Ok(Compiled {
+        route,
+        lane,
+        ttl_seconds: table.ttl_seconds,
+    })
 }
 
 fn default_lane() -> u8 {
@@ -72,6 +130,7 @@ struct Rule {
 #[derive(Debug)]
 pub struct DefaultRouter {
     rules: Vec<Rule>,
+    routes: Vec<Compiled>,
     default_lane: Option<u8>,
     local_by_default: bool,
 }
@@ -85,19 +144,67 @@ fn check_lane(lane: u8, what: &str) -> Result<(), String> {
 }
 
 fn check_filter(filter: &str, what: &str) -> Result<(), String> {
-    if filter.is_empty() {
-        return Err(format!("{what}: filter is empty"));
-    }
-    let levels: Vec<&str> = filter.split('/').collect();
-    for (i, level) in levels.iter().enumerate() {
-        if level.contains('#') && (*level != "#" || i != levels.len() - 1) {
-            return Err(format!("{what}: `#` must be a whole last level in filter {filter:?}"));
+    route::check_filter(filter).map_err(|e| format!("{what}: {e}"))
+}
+
+impl DefaultRouter {
+    /// The actions of every route that takes `msg`, merged: one upstream
+    /// action in the highest priority any of them asked for, and each local
+    /// topic once. `None` when no route takes it.
+    fn by_routes(&self, msg: &Message<'_>) -> Option<Vec<Action>> {
+        if self.routes.is_empty() {
+            return None;
         }
-        if level.contains('+') && *level != "+" {
-            return Err(format!("{what}: `+` must be a whole level in filter {filter:?}"));
+        let view = View::new(msg);
+        let mut upstream: Option<(u8, Option<u32>)> = None;
+        let mut local: Vec<Option<String>> = Vec::new();
+        let mut matched = false;
+        for c in self.routes.iter().filter(|c| view.matches(&c.route)) {
+            matched = true;
+            let topic = match &c.route.sink {
+                Sink::Upstream => {
+                    upstream = match upstream {
+                        Some((lane, ttl)) if lane < c.lane || (lane == c.lane && ttl >= c.ttl_seconds) => {
+                            Some((lane, ttl))
+                        }
+                        _ => Some((c.lane, c.ttl_seconds)),
+                    };
+                    continue;
+                }
+                Sink::Local => None,
+                Sink::Topic(t) => Some(t.clone()),
+                Sink::Input { device, module, input } => {
+                    let Some(device) = device.clone().or_else(|| view.dialect().map(|t| t.device().to_string()))
+                    else {
+                        // A plain MQTT message has no device whose module this is.
+                        continue;
+                    };
+                    Some(format!("devices/{device}/modules/{module}/inputs/{input}"))
+                }
+            };
+            if !local.contains(&topic) {
+                local.push(topic);
+            }
         }
+        if !matched {
+            return None;
+        }
+        let mut actions = Vec::with_capacity(local.len() + 1);
+        if let Some((lane, ttl)) = upstream {
+            let mut a = Action::upstream(lane);
+            if let Some(ttl) = ttl {
+                a = a.with_ttl(ttl);
+            }
+            actions.push(a);
+        }
+        for topic in local {
+            actions.push(match topic {
+                Some(t) => Action::local(t),
+                None => Action::local_same_topic(),
+            });
+        }
+        Some(actions)
     }
-    Ok(())
 }
 
 impl Router for DefaultRouter {
@@ -140,8 +247,14 @@ impl Router for DefaultRouter {
                 actions,
             });
         }
+        let routes = settings
+            .routes
+            .into_iter()
+            .map(|(name, value)| compile(&name, value, settings.default_lane))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(DefaultRouter {
             rules,
+            routes,
             default_lane: settings.default_upstream.then_some(settings.default_lane),
             local_by_default: settings.local_by_default,
         })
@@ -151,6 +264,9 @@ impl Router for DefaultRouter {
         let topic = msg.topic();
         if let Some(rule) = self.rules.iter().find(|r| topic_matches(&r.filter, topic)) {
             return rule.actions.clone();
+        }
+        if let Some(actions) = self.by_routes(msg) {
+            return actions;
         }
         let mut actions = Vec::with_capacity(2);
         if let Some(lane) = self.default_lane {
@@ -205,6 +321,46 @@ mod tests {
     }
 
     #[test]
+    fn routes_fan_out_and_merge_upstream() {
+        let r = router(
+            r#"{"default_upstream": false, "local_by_default": false, "routes": {
+                "hot": "FROM /messages/* WHERE temperature > 30 INTO $upstream",
+                "critical": {"route": "FROM /messages/* WHERE $body.level = 'critical' INTO $upstream", "priority": 0, "ttl_seconds": 600},
+                "filter": "FROM /messages/modules/sensor/outputs/out1 INTO BrokeredEndpoint(\"/modules/filter/inputs/in1\")",
+                "mirror": "FROM /topics/plant/# INTO topic('mirror/plant')",
+                "plain-input": "FROM /topics/plant/# INTO BrokeredEndpoint('/modules/filter/inputs/in1')"
+            }}"#,
+        )
+        .unwrap();
+        let m = |topic: &str, props: &[(&str, &str)], body: &str| {
+            let mut b = Message::builder(topic).payload(body.as_bytes().to_vec());
+            for (k, v) in props {
+                b = b.property(*k, *v);
+            }
+            r.route(&b.build())
+        };
+        assert_eq!(m("devices/d/messages/events/", &[("temperature", "31")], "{}"), vec![Action::upstream(5)]);
+        assert_eq!(
+            m("devices/d/messages/events/", &[("temperature", "31")], r#"{"level":"critical"}"#),
+            vec![Action::upstream(0).with_ttl(600)]
+        );
+        assert_eq!(m("devices/d/messages/events/", &[("temperature", "20")], "{}"), Vec::<Action>::new());
+        assert_eq!(
+            m("devices/d/modules/sensor/messages/events/", &[("$.on", "out1")], ""),
+            vec![Action::local("devices/d/modules/filter/inputs/in1")]
+        );
+        // A plain topic has no device for a short BrokeredEndpoint; the other route still applies.
+        assert_eq!(m("plant/1", &[], ""), vec![Action::local("mirror/plant")]);
+    }
+
+    #[test]
+    fn unmatched_by_routes_falls_back_to_the_defaults() {
+        let r = router(r#"{"routes": {"a": "FROM /topics/x INTO $local"}}"#).unwrap();
+        assert_eq!(route(&r, "x"), vec![Action::local_same_topic()]);
+        assert_eq!(route(&r, "y"), vec![Action::upstream(5), Action::local_same_topic()]);
+    }
+
+    #[test]
     fn bad_rules_are_rejected_with_their_index() {
         let cases = [
             (
@@ -225,6 +381,18 @@ mod tests {
             ),
             (r#"{"default_lane":11}"#, "default_lane: lane must be 0-9"),
             (r#"{"rulez":[]}"#, "unknown field `rulez`"),
+            (
+                r#"{"routes":{"r1":"FROM /* WHERE a = INTO $upstream"}}"#,
+                "routes.r1: column 19: expected a value",
+            ),
+            (
+                r#"{"routes":{"r2":{"route":"FROM /* INTO $upstream","priority":12}}}"#,
+                "routes.r2: priority: lane must be 0-9",
+            ),
+            (
+                r#"{"routes":{"r3":{"route":"FROM /* INTO $upstream","prio":1}}}"#,
+                "routes.r3: unknown field `prio`",
+            ),
         ];
         for (json, want) in cases {
             let err = router(json).err().unwrap_or_else(|| panic!("{json} accepted"));
