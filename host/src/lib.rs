@@ -19,6 +19,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod identity;
+pub mod iothub;
 pub mod link;
 pub mod metrics;
 pub mod node;

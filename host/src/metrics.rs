@@ -125,6 +125,13 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// Labels of events counted by kind.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    /// What happened.
+    pub event: &'static str,
+}
+
 /// Labels carrying an MQTT QoS.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QosLabels {
@@ -266,6 +273,9 @@ pub struct Metrics {
     pub registry_identities: Gauge,
     /// `holdfast_registry_syncs_total{result}`: scope syncs sent (`sent-full`, `sent-delta`) and applied (`full`, `delta`, `failed`).
     pub registry_syncs: Family<ResultLabels, Counter>,
+    /// `holdfast_iothub_events_total{event}`: twin requests, method calls and
+    /// answers, cloud-to-device forwarding, twin and method traffic on the link.
+    pub iothub_events: Family<EventLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -512,6 +522,12 @@ impl Metrics {
             "Identities this node can authenticate",
             registry_identities.clone(),
         );
+        let iothub_events = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "iothub_events",
+            "IoT Hub dialect events: twin requests, method calls and answers, cloud-to-device and link traffic",
+            iothub_events.clone(),
+        );
         let registry_syncs = Family::<ResultLabels, Counter>::default();
         registry.register(
             "registry_syncs",
@@ -570,6 +586,7 @@ impl Metrics {
             mqtt_revoked,
             registry_identities,
             registry_syncs,
+            iothub_events,
         }
     }
 

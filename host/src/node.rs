@@ -17,6 +17,8 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, SystemTimeSource};
 use crate::plugins::{NodeContext, PluginError, PluginHost, watch::watch_folder};
+use crate::iothub::Hub;
+use crate::iothub::twin::Twins;
 use crate::registry::{Registry, Role};
 use crate::store::Store;
 
@@ -69,6 +71,8 @@ pub struct NodeState {
     pub metrics: Arc<Metrics>,
     /// The device registry (owned, or a replica of this node's scope).
     pub registry: Arc<Registry>,
+    /// Twins, direct methods and cloud-to-device messages.
+    pub hub: Arc<Hub>,
     /// The durable queue of upstream-bound messages.
     pub outbox: Arc<Outbox>,
     /// The MQTT broker, when enabled.
@@ -125,8 +129,9 @@ impl Node {
         };
         let seeds = config.identities.clone();
         let node_id = config.node.id.clone();
-        let (store, outbox, registry) =
-            tokio::task::spawn_blocking(move || -> Result<(Store, Outbox, Registry), StartError> {
+        let replica = matches!(role, Role::Replica { .. });
+        let (store, outbox, registry, twins) =
+            tokio::task::spawn_blocking(move || -> Result<(Store, Outbox, Registry, Twins), StartError> {
                 let store = Store::open(&store_dir).map_err(crate::outbox::OutboxError::from)?;
                 let outbox = Outbox::open(
                     &store,
@@ -140,12 +145,14 @@ impl Node {
                 if seeded > 0 {
                     tracing::info!(changed = seeded, "registry: applied [[identities]] from the config");
                 }
-                Ok((store, outbox, registry))
+                let twins = Twins::open(&store, replica).map_err(crate::outbox::OutboxError::from)?;
+                Ok((store, outbox, registry, twins))
             })
             .await
             .map_err(|e| PluginError::Engine(format!("store open task failed: {e}")))??;
         let registry = Arc::new(registry);
         metrics.registry_identities.set(registry.len() as i64);
+        let hub = Hub::new(Arc::new(twins), registry.clone(), metrics.clone());
         let context = NodeContext {
             node_id: config.node.id.as_str().into(),
             started,
@@ -166,17 +173,15 @@ impl Node {
         let mut bound = listen::Bound::default();
         let broker = if config.mqtt.enabled {
             let broker = {
-                let (mqtt, plugins, outbox, metrics, registry, stopped) = (
+                let (mqtt, plugins, outbox, metrics, hub, stopped) = (
                     config.mqtt.clone(),
                     plugins.clone(),
                     outbox.clone(),
                     metrics.clone(),
-                    registry.clone(),
+                    hub.clone(),
                     stopped.clone(),
                 );
-                tokio::task::spawn_blocking(move || {
-                    Broker::open(mqtt, plugins, outbox, &store, metrics, registry, stopped)
-                })
+                tokio::task::spawn_blocking(move || Broker::open(mqtt, plugins, outbox, &store, metrics, hub, stopped))
                 .await
                 .map_err(|e| PluginError::Engine(format!("broker open task failed: {e}")))??
             };
@@ -185,13 +190,14 @@ impl Node {
             tasks.extend(listeners);
             tasks.push(tokio::spawn(broker.clone().sync_task()));
             tasks.push(tokio::spawn(broker.clone().revocation_task()));
+            tasks.push(tokio::spawn(hub.clone().desired_task(stopped.clone())));
             Some(broker)
         } else {
             None
         };
         let link = Arc::new(crate::link::Status::new(&config));
         let link_listen = start_link(
-            &config, &outbox, &broker, &registry, &link, &metrics, &stopped, &mut tasks,
+            &config, &outbox, &broker, &hub, &link, &metrics, &stopped, &mut tasks,
         )?;
         let admin_token = match &config.admin.token {
             Some(t) => t.clone(),
@@ -202,6 +208,7 @@ impl Node {
             plugins,
             metrics,
             registry,
+            hub,
             outbox,
             broker,
             mqtt: bound,
@@ -290,7 +297,7 @@ fn start_link(
     config: &Config,
     outbox: &Arc<Outbox>,
     broker: &Option<Arc<Broker>>,
-    registry: &Arc<Registry>,
+    hub: &Arc<Hub>,
     status: &Arc<crate::link::Status>,
     metrics: &Arc<Metrics>,
     stopped: &watch::Receiver<bool>,
@@ -303,9 +310,10 @@ fn start_link(
         let ctx = parent::Ctx {
             node_id: config.node.id.clone(),
             outbox: outbox.clone(),
-            registry: registry.clone(),
+            registry: hub.registry().clone(),
             status: status.clone(),
             metrics: metrics.clone(),
+            hub: hub.clone(),
             max_children: config.link.max_children,
             max_frame: config.link.max_batch_bytes as usize,
         };
@@ -320,7 +328,8 @@ fn start_link(
         outbox: outbox.clone(),
         status: status.clone(),
         metrics: metrics.clone(),
-        registry: matches!(config.upstream.kind, UpstreamKind::Quic).then(|| registry.clone()),
+        registry: matches!(config.upstream.kind, UpstreamKind::Quic).then(|| hub.registry().clone()),
+        hub: matches!(config.upstream.kind, UpstreamKind::Quic).then(|| hub.clone()),
     };
     match config.upstream.kind {
         UpstreamKind::None => {

@@ -1028,6 +1028,32 @@ impl Registry {
         )
     }
 
+    /// Where traffic for identity `id` goes from this node: to a client
+    /// connected here, or down to the child gateway on its parent chain.
+    pub fn next_hop(&self, id: &str) -> Hop {
+        let inner = self.read();
+        let Some(mut cur) = inner.entries.get(id) else {
+            return Hop::Unknown;
+        };
+        let mut hop = None;
+        // Bounded: parent cycles are refused, but a replica trusts its parent.
+        for _ in 0..64 {
+            match cur.scope_parent() {
+                Some(p) if p != self.node_id => match inner.entries.get(&p) {
+                    Some(e) => {
+                        if e.kind == Kind::Gateway {
+                            hop = Some(p);
+                        }
+                        cur = e;
+                    }
+                    None => break,
+                },
+                _ => break,
+            }
+        }
+        hop.map_or(Hop::Here, Hop::Child)
+    }
+
     /// Every identity whose parent chain includes `gateway`, and the CAs.
     pub fn scope(&self, gateway: &str) -> Scope {
         let inner = self.read();
@@ -1270,6 +1296,17 @@ impl Scope {
             Some(Delta { upserts, removed, cas })
         }
     }
+}
+
+/// Where traffic for an identity goes from this node ([`Registry::next_hop`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hop {
+    /// The identity connects to this node.
+    Here,
+    /// Behind this child gateway.
+    Child(String),
+    /// Not in this node's registry.
+    Unknown,
 }
 
 /// What a child gateway is sent: its scope.

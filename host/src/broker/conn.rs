@@ -666,15 +666,30 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             self.ack_now(p.pkid, p.qos, if v5 { reason::NOT_AUTHORIZED } else { 0 });
             return None;
         }
-        let msg = Arc::new(received(
+        let principal = self.principal.as_ref().map(|p| p.id.clone());
+        if crate::iothub::is_request(&p.topic) {
+            // Twin and method traffic is answered here, never routed.
+            broker
+                .hub
+                .device_request(&session.client_id, principal.as_deref(), &p.topic, &p.payload);
+            self.ack_now(p.pkid, p.qos, reason::SUCCESS);
+            return None;
+        }
+        let mut msg = received(
             p.topic,
             p.payload,
             p.qos,
             p.retain,
             &p.properties,
             session.client_id.clone(),
-        ));
-        let principal = self.principal.as_ref().map(|p| p.id.clone());
+        );
+        if let Err(e) = crate::iothub::annotate(&mut msg) {
+            broker.deny_reason("bad-property-bag");
+            tracing::debug!(client = %session.client_id, topic = %msg.topic, error = %e, "publish refused");
+            self.ack_now(p.pkid, p.qos, if v5 { reason::PAYLOAD_FORMAT_INVALID } else { 0 });
+            return None;
+        }
+        let msg = Arc::new(msg);
         let Routed {
             waits,
             refusal,

@@ -92,6 +92,8 @@ pub struct Broker {
     stop: watch::Receiver<bool>,
     /// The identities clients authenticate as.
     pub(crate) registry: Arc<crate::registry::Registry>,
+    /// Twins, direct methods, property bags.
+    pub(crate) hub: Arc<crate::iothub::Hub>,
     /// Connections by principal id, for revocation.
     principals: Mutex<HashMap<String, HashMap<u64, Arc<tokio::sync::Notify>>>>,
     /// Per-source back-off for failed authentication.
@@ -131,7 +133,7 @@ impl Broker {
         outbox: Arc<Outbox>,
         store: &Store,
         metrics: Arc<Metrics>,
-        registry: Arc<crate::registry::Registry>,
+        hub: Arc<crate::iothub::Hub>,
         stop: watch::Receiver<bool>,
     ) -> Result<Arc<Broker>, StoreError> {
         let persist = Persist::open(store)?;
@@ -150,7 +152,8 @@ impl Broker {
             connections: AtomicUsize::new(0),
             next_conn_id: AtomicU64::new(1),
             stop,
-            registry,
+            registry: hub.registry().clone(),
+            hub: hub.clone(),
             principals: Mutex::new(HashMap::new()),
             throttle: throttle::Throttle::new(
                 config.auth_backoff_after_failures,
@@ -208,6 +211,7 @@ impl Broker {
             broker.metrics.mqtt_retained.set(map.len() as i64);
         }
         broker.metrics.mqtt_sessions.set(restored as i64);
+        hub.attach(&broker);
         if restored > 0 {
             tracing::info!(sessions = restored, "restored persistent MQTT sessions");
         }
@@ -364,7 +368,11 @@ impl Broker {
                                         self.drop_reason("invalid-local-topic");
                                         continue;
                                     }
-                                    m.topic = t;
+                                    m.topic = crate::iothub::with_bag(t, &m.properties);
+                                    if m.topic.len() > self.config.max_topic_length {
+                                        self.drop_reason("invalid-local-topic");
+                                        continue;
+                                    }
                                 }
                                 if let Some(p) = l.payload {
                                     m.payload = Bytes::from(p);
@@ -405,6 +413,9 @@ impl Broker {
     /// link for messages coming down. Returns the deepest queue of a
     /// connected subscriber after the delivery.
     pub fn deliver(&self, msg: Arc<Msg>) -> usize {
+        if msg.topic.starts_with("devices/") && self.hub.forward_down(&msg) {
+            return 0;
+        }
         if msg.retain {
             self.set_retained(&msg);
         }
@@ -425,6 +436,37 @@ impl Broker {
             backlog = backlog.max(self.enqueue(&m.session, out));
         }
         backlog
+    }
+
+    /// Delivers `msg` to client `client_id` alone (twin and method
+    /// traffic): only if it is connected and subscribed to a matching
+    /// filter, at the highest QoS of those subscriptions.
+    pub(crate) fn deliver_to_client(&self, client_id: &str, msg: Arc<Msg>) -> bool {
+        let Some(session) = self.sessions_lock().get(client_id).cloned() else {
+            return false;
+        };
+        if !session.is_connected() {
+            return false;
+        }
+        let granted = session
+            .lock()
+            .subs
+            .iter()
+            .filter(|(f, _)| topic::matches(f, &msg.topic))
+            .map(|(_, s)| s.options.qos)
+            .max();
+        let Some(qos) = granted else {
+            return false;
+        };
+        let out = Outgoing {
+            qos: msg.qos.min(qos),
+            retain: false,
+            sub_ids: Vec::new(),
+            msg,
+            seq: 0,
+        };
+        self.enqueue(&session, out);
+        true
     }
 
     /// Queues a message for a session and wakes its connection. Returns the

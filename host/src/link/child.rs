@@ -222,6 +222,9 @@ async fn drain(ctx: &Arc<Ctx>, conn: &quinn::Connection) -> Ended {
             MAX_SCOPE_FRAME,
         ));
     }
+    if let Some(hub) = &ctx.hub {
+        lanes.spawn(super::service::child(hub.clone(), ctx.metrics.clone(), conn.clone()));
+    }
     for lane in 0..LANES as u8 {
         let (ctx, conn) = (ctx.clone(), conn.clone());
         lanes.spawn(async move { lane_sender(ctx, conn, lane).await });

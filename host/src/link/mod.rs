@@ -21,6 +21,7 @@ pub mod parent;
 pub mod reconnect;
 pub mod root;
 pub mod scope;
+pub mod service;
 pub mod wire;
 
 use std::collections::BTreeMap;
@@ -72,6 +73,8 @@ pub struct Ctx {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The registry replica scope sync fills (QUIC child only).
     pub registry: Option<Arc<crate::registry::Registry>>,
+    /// Twins and methods the service stream serves (QUIC child only).
+    pub hub: Option<Arc<crate::iothub::Hub>>,
 }
 
 /// This node's fleet TLS material: the CA roots, its certificate chain and key.

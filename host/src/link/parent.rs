@@ -41,6 +41,8 @@ pub struct Ctx {
     pub max_children: usize,
     /// Largest frame accepted.
     pub max_frame: usize,
+    /// Twins, methods and cloud-to-device messages for the children.
+    pub hub: Arc<crate::iothub::Hub>,
 }
 
 /// Binds the link listener and spawns its accept loop.
@@ -219,7 +221,7 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, mut stop: watch::Receiver
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
                     let (ctx, conn, child) = (ctx.clone(), conn.clone(), child.clone());
-                    lanes.spawn(async move { lane(ctx, conn, child, send, recv).await });
+                    lanes.spawn(async move { stream(ctx, conn, child, send, recv).await });
                 }
                 Err(e) => {
                     tracing::info!(child = %child, error = %e, "link: child gateway disconnected");
@@ -255,21 +257,39 @@ pub fn is_child(identities: &dyn IdentityDirectory, id: &str, me: &str) -> bool 
 /// Stored messages acknowledged in order: each entry is a batch's appends.
 type Pending = Vec<tokio::sync::oneshot::Receiver<Result<MessageId, AppendError>>>;
 
+/// A bidirectional stream from the child: a lane, or the service stream.
+async fn stream(
+    ctx: Arc<Ctx>,
+    conn: quinn::Connection,
+    child: Arc<str>,
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    match wire::read_frame(&mut recv, ctx.max_frame).await {
+        Ok(Some(Frame::Lane(l))) if (l as usize) < LANES => lane(ctx, conn, child, l, send, recv).await,
+        Ok(Some(Frame::Svc(body)))
+            if serde_json::from_slice::<super::service::Svc>(&body).ok() == Some(super::service::Svc::Hello) =>
+        {
+            super::service::parent(ctx.hub.clone(), ctx.metrics.clone(), conn, child, send, recv).await;
+        }
+        _ => {
+            refused(&ctx, "protocol");
+            conn.close(
+                close::PROTOCOL.into(),
+                b"a stream starts with a lane frame or a service hello",
+            );
+        }
+    }
+}
+
 async fn lane(
     ctx: Arc<Ctx>,
     conn: quinn::Connection,
     child: Arc<str>,
+    lane: u8,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let lane = match wire::read_frame(&mut recv, ctx.max_frame).await {
-        Ok(Some(Frame::Lane(l))) if (l as usize) < LANES => l,
-        _ => {
-            refused(&ctx, "protocol");
-            conn.close(close::PROTOCOL.into(), b"a lane stream starts with a lane frame");
-            return;
-        }
-    };
     // Acks go out in order from their own task, so reading continues while
     // earlier batches wait for their sync.
     let (tx, mut rx) = mpsc::channel::<Pending>(64);

@@ -18,6 +18,9 @@
 //!            part 1: some identities of a full sync, more follow
 //!            part 2: the last identities of a full sync, and the CAs
 //!            part 3: an incremental change (upserts, removals, CAs)
+//! service stream (one bidirectional stream, opened by the child after WELCOME)
+//!   both   → SVC      JSON body: twins, direct methods, cloud-to-device
+//!                     messages (see `service.rs`); the child's first is a hello
 //! ```
 //!
 //! A full sync goes out on every connection; incremental changes follow
@@ -43,6 +46,7 @@ const T_LANE: u8 = 10;
 const T_BATCH: u8 = 11;
 const T_ACK: u8 = 12;
 const T_SCOPE: u8 = 20;
+const T_SVC: u8 = 30;
 
 /// Parts of a scope sync (see the module docs).
 pub mod scope {
@@ -121,6 +125,9 @@ pub enum Frame {
         /// JSON body.
         body: Bytes,
     },
+    /// Either way on the service stream: a JSON message (see
+    /// [`super::service::Svc`]).
+    Svc(Bytes),
 }
 
 /// A frame that cannot be decoded.
@@ -200,6 +207,10 @@ impl Frame {
             Frame::Scope { part, body } => {
                 out.put_u8(T_SCOPE);
                 out.put_u8(*part);
+                out.put_slice(body);
+            }
+            Frame::Svc(body) => {
+                out.put_u8(T_SVC);
                 out.put_slice(body);
             }
         }
@@ -298,6 +309,7 @@ impl Frame {
                 let body = b.split_off(0);
                 Frame::Scope { part, body }
             }
+            T_SVC => Frame::Svc(b.split_off(0)),
             other => return Err(WireError::UnknownType(other)),
         };
         if b.has_remaining() {
@@ -358,6 +370,7 @@ mod tests {
 
     #[test]
     fn every_frame_round_trips() {
+        round_trip(Frame::Svc(Bytes::from_static(br#"{"t":"hello"}"#)));
         round_trip(Frame::Scope {
             part: scope::DELTA,
             body: Bytes::from_static(b"{}"),

@@ -1,0 +1,567 @@
+//! The IoT Hub device dialect on this node: property bags, twins, direct
+//! methods and cloud-to-device messages.
+//!
+//! The broker hands every PUBLISH on `$iothub/…` and `$holdfast/methods/…`
+//! to [`Hub::device_request`] instead of routing it, and every message on a
+//! telemetry topic through [`annotate`] (its property bag becomes user
+//! properties the router can match). Answers go to the requesting client
+//! only, on the topics IoT Hub uses:
+//!
+//! | the device publishes | it gets |
+//! |---|---|
+//! | `$iothub/twin/GET/?$rid={rid}` | `$iothub/twin/res/200/?$rid={rid}` with `{"desired", "reported"}` |
+//! | `$iothub/twin/PATCH/properties/reported/?$rid={rid}` | `$iothub/twin/res/204/?$rid={rid}&$version={v}` |
+//! | (desired changes) | `$iothub/twin/PATCH/properties/desired/?$version={v}` with the patch |
+//! | (a method call) | `$iothub/methods/POST/{name}/?$rid={rid}` |
+//! | `$iothub/methods/res/{status}/?$rid={rid}` | (the caller gets the answer) |
+//! | `$holdfast/methods/POST/{device}[/{module}]/{name}/?$rid={rid}` | `$holdfast/methods/res/{status}/?$rid={rid}` |
+//!
+//! Across the link, [`crate::link::service`] carries desired properties
+//! down, reported patches up, method calls down and their answers up, and
+//! cloud-to-device messages down.
+
+pub mod twin;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use holdfast_mqtt::{Properties, QoS};
+use holdfast_sdk::iothub::{self, Topic, system};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use self::twin::{DesiredChange, Twins};
+use crate::broker::Broker;
+use crate::broker::session::Msg;
+use crate::link::service::Svc;
+use crate::metrics::{EventLabels, Metrics};
+use crate::registry::{Hop, Registry};
+
+/// Longest a method call may wait for its answer.
+pub const MAX_METHOD_TIMEOUT: Duration = Duration::from_secs(300);
+/// What a method call waits for when the caller does not say.
+pub const DEFAULT_METHOD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Parses the property bag of a telemetry or output message into user
+/// properties; the content type also becomes the MQTT 5 content type, and
+/// `$.cdid`/`$.cmid` name the sender.
+///
+/// # Errors
+/// A malformed bag.
+pub fn annotate(msg: &mut Msg) -> Result<(), iothub::BagError> {
+    let Some(t) = iothub::parse(&msg.topic).filter(Topic::is_outbound) else {
+        return Ok(());
+    };
+    let mut pairs = iothub::parse_bag(t.bag())?;
+    if let Topic::Output { output, .. } = t
+        && !pairs.iter().any(|(k, _)| k == system::OUTPUT)
+    {
+        pairs.push((system::OUTPUT.into(), output.to_string()));
+    }
+    pairs.push((system::CONNECTION_DEVICE.into(), t.device().to_string()));
+    if let Some(m) = t.module() {
+        pairs.push((system::CONNECTION_MODULE.into(), m.to_string()));
+    }
+    let props = &mut msg.properties;
+    if props.content_type.is_none()
+        && let Some((_, ct)) = pairs.iter().find(|(k, _)| k == system::CONTENT_TYPE)
+    {
+        props.content_type = Some(ct.clone());
+    }
+    props.user_properties.extend(pairs);
+    Ok(())
+}
+
+/// True for a topic the hub answers instead of routing (`$iothub/…`,
+/// `$holdfast/methods/…`).
+pub fn is_request(topic: &str) -> bool {
+    topic.starts_with("$iothub/") || topic.starts_with("$holdfast/methods/")
+}
+
+/// True for a cloud-to-device or module-input topic.
+pub fn is_inbound(topic: &str) -> bool {
+    iothub::parse(topic).is_some_and(|t| !t.is_outbound())
+}
+
+/// The topic a message is delivered on when the router sends it to a
+/// module input or a device's cloud-to-device topic without a property
+/// bag: the bag is added from the message's properties, so IoT Hub SDK
+/// clients see them.
+pub fn with_bag(topic: String, props: &Properties) -> String {
+    let bare = match iothub::parse(&topic) {
+        Some(t @ (Topic::Input { .. } | Topic::DeviceBound { .. })) => t.bag().is_empty(),
+        _ => false,
+    };
+    if !bare {
+        return topic;
+    }
+    let mut pairs = props.user_properties.clone();
+    if let Some(ct) = &props.content_type
+        && !pairs.iter().any(|(k, _)| k == system::CONTENT_TYPE)
+    {
+        pairs.push((system::CONTENT_TYPE.into(), ct.clone()));
+    }
+    let mut out = topic;
+    if !out.ends_with('/') {
+        out.push('/');
+    }
+    out.push_str(&iothub::encode_bag(&pairs));
+    out
+}
+
+/// A method's answer.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MethodResult {
+    /// The status the device answered with.
+    pub status: i32,
+    /// The JSON payload it answered with.
+    pub payload: Value,
+}
+
+/// Why a method call got no answer from the device.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MethodError {
+    /// Not registered here.
+    #[error("no identity {0} in this node's scope")]
+    NotFound(String),
+    /// Registered, not connected (or not subscribed to methods).
+    #[error("{0} is not online (not connected, or not subscribed to $iothub/methods/POST/#)")]
+    NotOnline(String),
+    /// No answer in time.
+    #[error("{target} did not answer {name} within {ms} ms")]
+    Timeout {
+        /// Target.
+        target: String,
+        /// Method.
+        name: String,
+        /// The timeout.
+        ms: u64,
+    },
+    /// Bad request.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl MethodError {
+    /// The status IoT Hub would answer with.
+    pub fn status(&self) -> u16 {
+        match self {
+            MethodError::NotFound(_) | MethodError::NotOnline(_) => 404,
+            MethodError::Timeout { .. } => 504,
+            MethodError::Invalid(_) => 400,
+        }
+    }
+
+    /// The answer a local caller gets on `$holdfast/methods/res/{status}/`.
+    pub fn as_result(&self) -> MethodResult {
+        MethodResult {
+            status: i32::from(self.status()),
+            payload: serde_json::json!({ "error": self.to_string() }),
+        }
+    }
+}
+
+/// A call waiting for its answer.
+struct Waiting {
+    target: String,
+    tx: oneshot::Sender<MethodResult>,
+}
+
+/// The dialect's state on this node.
+pub struct Hub {
+    /// Twins.
+    pub twins: Arc<Twins>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    broker: OnceLock<Weak<Broker>>,
+    next_call: AtomicU64,
+    /// Calls waiting for a device here, by `$rid`.
+    waiting: Mutex<HashMap<String, Waiting>>,
+    /// Calls waiting for a child gateway, by call id.
+    down_calls: Mutex<HashMap<u64, oneshot::Sender<MethodResult>>>,
+    /// Connected child gateways' service streams.
+    downlinks: Mutex<HashMap<String, mpsc::UnboundedSender<Svc>>>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").field("twins", &self.twins).finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Splits `…/?$rid=…` into the path and its query pairs.
+fn path_and_query(topic: &str) -> (&str, Vec<(String, String)>) {
+    let path = topic.split_once('?').map_or(topic, |(p, _)| p);
+    (path.trim_end_matches('/'), iothub::query(topic))
+}
+
+fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    q.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+impl Hub {
+    /// A hub over `twins`.
+    pub fn new(twins: Arc<Twins>, registry: Arc<Registry>, metrics: Arc<Metrics>) -> Arc<Hub> {
+        Arc::new(Hub {
+            twins,
+            registry,
+            metrics,
+            broker: OnceLock::new(),
+            next_call: AtomicU64::new(1),
+            waiting: Mutex::new(HashMap::new()),
+            down_calls: Mutex::new(HashMap::new()),
+            downlinks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Connects the hub to the broker it answers through.
+    pub fn attach(&self, broker: &Arc<Broker>) {
+        let _ = self.broker.set(Arc::downgrade(broker));
+    }
+
+    fn broker(&self) -> Option<Arc<Broker>> {
+        self.broker.get().and_then(Weak::upgrade)
+    }
+
+    fn count(&self, what: &'static str) {
+        crate::metrics::handle(&self.metrics.iothub_events, &EventLabels { event: what }).inc();
+    }
+
+    /// Sends `payload` on `topic` to client `client_id` only, if it is
+    /// connected and subscribed to a matching filter.
+    fn send_to(&self, client_id: &str, topic: String, payload: Vec<u8>) -> bool {
+        let Some(broker) = self.broker() else {
+            return false;
+        };
+        let msg = Msg {
+            topic,
+            payload: Bytes::from(payload),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: Properties::default(),
+            expires_at_ms: None,
+            publisher: None,
+        };
+        broker.deliver_to_client(client_id, Arc::new(msg))
+    }
+
+    /// Handles a PUBLISH on `$iothub/…` or `$holdfast/methods/…` from
+    /// `client_id`, authenticated as `principal`. Answers go to that client.
+    pub fn device_request(self: &Arc<Self>, client_id: &str, principal: Option<&str>, topic: &str, payload: &[u8]) {
+        let (path, query) = path_and_query(topic);
+        let rid = param(&query, "$rid").unwrap_or("").to_string();
+        let levels: Vec<&str> = path.split('/').collect();
+        // A twin is the caller's own: the identity it authenticated as.
+        let own = principal.filter(|p| *p != "anonymous");
+        match levels.as_slice() {
+            ["$iothub", "twin", "GET"] => {
+                self.count("twin-get");
+                let (status, body) = match own {
+                    Some(id) => (200, self.twins.get(id).device_view().to_string()),
+                    None => (401, r#"{"error":"anonymous clients have no twin"}"#.to_string()),
+                };
+                self.send_to(
+                    client_id,
+                    format!("$iothub/twin/res/{status}/?$rid={rid}"),
+                    body.into_bytes(),
+                );
+            }
+            ["$iothub", "twin", "PATCH", "properties", "reported"] => {
+                self.count("twin-patch-reported");
+                let result = match (own, serde_json::from_slice::<Value>(payload)) {
+                    (None, _) => Err((401, "anonymous clients have no twin".to_string())),
+                    (_, Err(e)) => Err((400, format!("the patch is not JSON: {e}"))),
+                    (Some(id), Ok(patch)) => self
+                        .twins
+                        .patch_reported(id, &patch)
+                        .map_err(|e| (e.status(), e.to_string())),
+                };
+                match result {
+                    Ok(version) => {
+                        self.send_to(
+                            client_id,
+                            format!("$iothub/twin/res/204/?$rid={rid}&$version={version}"),
+                            Vec::new(),
+                        );
+                    }
+                    Err((status, why)) => {
+                        self.count("twin-refused");
+                        tracing::debug!(client = client_id, %why, "twin: reported patch refused");
+                        let body = serde_json::json!({ "error": why }).to_string();
+                        self.send_to(
+                            client_id,
+                            format!("$iothub/twin/res/{status}/?$rid={rid}"),
+                            body.into_bytes(),
+                        );
+                    }
+                }
+            }
+            ["$iothub", "methods", "res", status] => {
+                self.count("method-response");
+                let status = status.parse::<i32>().unwrap_or(500);
+                let payload = serde_json::from_slice(payload)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(payload).into_owned()));
+                let mut waiting = lock(&self.waiting);
+                match waiting.remove(&rid) {
+                    Some(w) if Some(w.target.as_str()) == own => {
+                        let _ = w.tx.send(MethodResult { status, payload });
+                    }
+                    Some(w) => {
+                        // Only the device that was called may answer.
+                        waiting.insert(rid, w);
+                        self.count("method-response-foreign");
+                    }
+                    None => self.count("method-response-late"),
+                }
+            }
+            ["$holdfast", "methods", "POST", target @ .., name] if (1..=2).contains(&target.len()) => {
+                self.count("method-invoke-local");
+                let target = target.join("/");
+                let name = name.to_string();
+                let timeout = param(&query, "$timeout")
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .map_or(DEFAULT_METHOD_TIMEOUT, Duration::from_secs);
+                let payload = serde_json::from_slice::<Value>(payload);
+                let (hub, client) = (self.clone(), client_id.to_string());
+                tokio::spawn(async move {
+                    let result = match payload {
+                        Ok(p) => hub.invoke(&target, &name, p, timeout).await,
+                        Err(e) => Err(MethodError::Invalid(format!("the payload is not JSON: {e}"))),
+                    };
+                    let r = result.unwrap_or_else(|e| e.as_result());
+                    hub.send_to(
+                        &client,
+                        format!("$holdfast/methods/res/{}/?$rid={rid}", r.status),
+                        r.payload.to_string().into_bytes(),
+                    );
+                });
+            }
+            _ => {
+                self.count("unknown");
+                tracing::debug!(client = client_id, topic, "dialect: unknown $iothub topic ignored");
+            }
+        }
+    }
+
+    /// Calls method `name` on `target` (a device or `device/module`) with
+    /// a JSON payload: on a client connected here, or through the child
+    /// gateway it is behind.
+    ///
+    /// # Errors
+    /// Unknown, not online, or no answer in time.
+    pub async fn invoke(
+        self: &Arc<Self>,
+        target: &str,
+        name: &str,
+        payload: Value,
+        timeout: Duration,
+    ) -> Result<MethodResult, MethodError> {
+        if name.is_empty() || name.contains(['/', '+', '#', '?']) {
+            return Err(MethodError::Invalid(format!("bad method name {name:?}")));
+        }
+        if timeout > MAX_METHOD_TIMEOUT {
+            return Err(MethodError::Invalid(format!(
+                "the timeout may be at most {} s",
+                MAX_METHOD_TIMEOUT.as_secs()
+            )));
+        }
+        let timed_out = || MethodError::Timeout {
+            target: target.to_string(),
+            name: name.to_string(),
+            ms: timeout.as_millis() as u64,
+        };
+        let id = self.next_call.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        match self.registry.next_hop(target) {
+            Hop::Unknown => return Err(MethodError::NotFound(target.to_string())),
+            Hop::Here => {
+                let rid = format!("{id:x}");
+                lock(&self.waiting).insert(
+                    rid.clone(),
+                    Waiting {
+                        target: target.to_string(),
+                        tx,
+                    },
+                );
+                let topic = format!("$iothub/methods/POST/{name}/?$rid={rid}");
+                if !self.send_to(target, topic, payload.to_string().into_bytes()) {
+                    lock(&self.waiting).remove(&rid);
+                    return Err(MethodError::NotOnline(target.to_string()));
+                }
+                let answer = tokio::time::timeout(timeout, rx).await;
+                lock(&self.waiting).remove(&rid);
+                match answer {
+                    Ok(Ok(r)) => Ok(r),
+                    _ => Err(timed_out()),
+                }
+            }
+            Hop::Child(gw) => {
+                let Some(down) = lock(&self.downlinks).get(&gw).cloned() else {
+                    return Err(MethodError::NotOnline(format!("{target} (behind {gw}, which is not connected)")));
+                };
+                lock(&self.down_calls).insert(id, tx);
+                let call = Svc::Method {
+                    call: id,
+                    target: target.to_string(),
+                    name: name.to_string(),
+                    payload,
+                    timeout_ms: timeout.as_millis() as u64,
+                };
+                if down.send(call).is_err() {
+                    lock(&self.down_calls).remove(&id);
+                    return Err(MethodError::NotOnline(format!("{target} (behind {gw})")));
+                }
+                let answer = tokio::time::timeout(timeout, rx).await;
+                lock(&self.down_calls).remove(&id);
+                match answer {
+                    Ok(Ok(r)) => Ok(r),
+                    _ => Err(timed_out()),
+                }
+            }
+        }
+    }
+
+    /// A child gateway answered call `call`.
+    pub fn method_answered(&self, call: u64, result: MethodResult) {
+        if let Some(tx) = lock(&self.down_calls).remove(&call) {
+            let _ = tx.send(result);
+        }
+    }
+
+    /// Registers a child gateway's service stream.
+    pub fn add_downlink(&self, child: &str, tx: mpsc::UnboundedSender<Svc>) {
+        lock(&self.downlinks).insert(child.to_string(), tx);
+    }
+
+    /// Forgets a child gateway's service stream, if it is still `tx`.
+    pub fn remove_downlink(&self, child: &str, tx: &mpsc::UnboundedSender<Svc>) {
+        let mut map = lock(&self.downlinks);
+        if map.get(child).is_some_and(|t| t.same_channel(tx)) {
+            map.remove(child);
+        }
+    }
+
+    /// Sends a cloud-to-device or module-input message down to the child
+    /// gateway its device is behind. True if it went down (it is then not
+    /// for this node's subscribers).
+    pub fn forward_down(&self, msg: &Msg) -> bool {
+        let Some(t) = iothub::parse(&msg.topic).filter(|t| !t.is_outbound()) else {
+            return false;
+        };
+        let Hop::Child(gw) = self.registry.next_hop(t.device()) else {
+            return false;
+        };
+        let Some(down) = lock(&self.downlinks).get(&gw).cloned() else {
+            self.count("c2d-child-offline");
+            tracing::debug!(topic = %msg.topic, gateway = %gw, "dialect: a device's gateway is not connected; message dropped");
+            return true;
+        };
+        use base64::Engine as _;
+        let sent = down.send(Svc::Message {
+            topic: msg.topic.clone(),
+            payload: base64::engine::general_purpose::STANDARD.encode(&msg.payload),
+            content_type: msg.properties.content_type.clone(),
+            properties: msg.properties.user_properties.clone(),
+        });
+        self.count(if sent.is_ok() { "c2d-forwarded" } else { "c2d-child-offline" });
+        true
+    }
+
+    /// Tells a device connected here about a desired change.
+    fn notify_desired(&self, change: &DesiredChange) {
+        let mut body = change.patch.clone();
+        body.insert("$version".into(), Value::from(change.version));
+        if self.send_to(
+            &change.id,
+            format!("$iothub/twin/PATCH/properties/desired/?$version={}", change.version),
+            Value::Object(body).to_string().into_bytes(),
+        ) {
+            self.count("twin-desired-notified");
+        }
+    }
+
+    /// Runs until `stop`: sends desired changes to the devices connected here.
+    pub async fn desired_task(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut changes = self.twins.desired_changes();
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                c = changes.recv() => match c {
+                    Ok(change) => self.notify_desired(&change),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "twins: desired changes were missed; devices get them at their next GET");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
+    }
+
+    /// The node's registry.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Delivers a message that came down from the parent to this node's
+    /// subscribers (or further down).
+    pub fn deliver_from_parent(&self, msg: Msg) {
+        if let Some(b) = self.broker() {
+            b.deliver(Arc::new(msg));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(topic: &str) -> Msg {
+        Msg {
+            topic: topic.into(),
+            payload: Bytes::new(),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: Properties::default(),
+            expires_at_ms: None,
+            publisher: None,
+        }
+    }
+
+    #[test]
+    fn telemetry_bags_become_properties() {
+        let mut m = msg("devices/d/modules/m/messages/events/%24.ct=application%2Fjson&%24.on=out1&temp=31");
+        annotate(&mut m).unwrap();
+        assert_eq!(m.properties.content_type.as_deref(), Some("application/json"));
+        let props = &m.properties.user_properties;
+        for (k, v) in [("$.on", "out1"), ("temp", "31"), ("$.cdid", "d"), ("$.cmid", "m")] {
+            assert!(props.iter().any(|(a, b)| a == k && b == v), "{k} in {props:?}");
+        }
+        let mut out = msg("devices/d/modules/m/outputs/o2");
+        annotate(&mut out).unwrap();
+        assert!(out.properties.user_properties.iter().any(|(a, b)| a == "$.on" && b == "o2"));
+        let mut plain = msg("plant/1");
+        annotate(&mut plain).unwrap();
+        assert!(plain.properties.user_properties.is_empty());
+        assert!(annotate(&mut msg("devices/d/messages/events/a=%zz")).is_err());
+    }
+
+    #[test]
+    fn inputs_get_a_bag_from_the_properties() {
+        let mut p = Properties::default();
+        p.user_properties.push(("temp".into(), "31 C".into()));
+        p.content_type = Some("application/json".into());
+        assert_eq!(
+            with_bag("devices/d/modules/f/inputs/in1".into(), &p),
+            "devices/d/modules/f/inputs/in1/temp=31%20C&%24.ct=application%2Fjson"
+        );
+        assert_eq!(with_bag("devices/d/messages/devicebound/x=1".into(), &p), "devices/d/messages/devicebound/x=1");
+        assert_eq!(with_bag("plant/1".into(), &p), "plant/1");
+    }
+}

@@ -1,0 +1,304 @@
+//! The service stream of the QUIC link: twins, direct methods and
+//! cloud-to-device messages between a parent and a child gateway.
+//!
+//! The child opens one bidirectional stream after WELCOME and sends SVC
+//! frames (JSON bodies, see [`Svc`]) both ways:
+//!
+//! - parent → child: the desired properties of every twin in the child's
+//!   scope on connect, then each change; calls of direct methods on
+//!   identities behind the child; cloud-to-device and module-input
+//!   messages for them; acknowledgements of reported patches.
+//! - child → parent: each twin's merged pending reported patch, again
+//!   until acknowledged; the answers to method calls.
+//!
+//! A reported patch is acknowledged once the parent has stored it; the
+//! child then drops it unless it changed meanwhile, so patches made while
+//! the link was down go up once, merged.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+
+use super::wire::{self, Frame, close};
+use crate::iothub::{Hub, MethodResult};
+use crate::metrics::{EventLabels, Metrics};
+
+/// Largest service frame accepted (a full twin is at most 64 KiB).
+pub const MAX_SVC_FRAME: usize = 1 << 20;
+
+/// One message of the service stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum Svc {
+    /// Child → parent: the first frame.
+    Hello,
+    /// Parent → child: a twin's desired properties.
+    Desired {
+        /// Twin id.
+        id: String,
+        /// Desired version.
+        version: u64,
+        /// The document.
+        desired: Map<String, Value>,
+    },
+    /// Child → parent: reported changes not yet acknowledged, merged.
+    Reported {
+        /// Twin id.
+        id: String,
+        /// The child's generation of this patch.
+        generation: u64,
+        /// The merged patch.
+        patch: Map<String, Value>,
+    },
+    /// Parent → child: a reported patch is stored.
+    ReportedAck {
+        /// Twin id.
+        id: String,
+        /// The generation stored.
+        generation: u64,
+    },
+    /// Parent → child: call a method.
+    Method {
+        /// Call id, echoed in the answer.
+        call: u64,
+        /// Device or `device/module`.
+        target: String,
+        /// Method name.
+        name: String,
+        /// JSON payload.
+        payload: Value,
+        /// How long the caller waits.
+        timeout_ms: u64,
+    },
+    /// Child → parent: a method's answer.
+    MethodResult {
+        /// Call id.
+        call: u64,
+        /// The answer.
+        result: MethodResult,
+    },
+    /// Parent → child: a message for a device or module input behind the child.
+    Message {
+        /// Topic.
+        topic: String,
+        /// Payload, base64.
+        payload: String,
+        /// Content type.
+        content_type: Option<String>,
+        /// User properties.
+        properties: Vec<(String, String)>,
+    },
+}
+
+impl Svc {
+    fn frame(&self) -> Result<BytesMut, String> {
+        let body = serde_json::to_vec(self).map_err(|e| e.to_string())?;
+        let mut buf = BytesMut::new();
+        Frame::Svc(body.into()).encode(&mut buf);
+        Ok(buf)
+    }
+}
+
+fn count(metrics: &Metrics, reason: &'static str) {
+    crate::metrics::handle(&metrics.iothub_events, &EventLabels { event: reason }).inc();
+}
+
+/// Reads the next SVC message; `None` when the stream ends.
+async fn read(recv: &mut quinn::RecvStream) -> Result<Option<Svc>, String> {
+    match wire::read_frame(recv, MAX_SVC_FRAME).await {
+        Ok(Some(Frame::Svc(body))) => serde_json::from_slice(&body)
+            .map(Some)
+            .map_err(|e| format!("undecodable service message: {e}")),
+        Ok(Some(other)) => Err(format!("expected a service frame, got {other:?}")),
+        Ok(None) | Err(wire::ReadError::Stream(_)) => Ok(None),
+        Err(wire::ReadError::Wire(e)) => Err(e.to_string()),
+    }
+}
+
+/// Writes queued messages until the queue or the stream ends.
+async fn writer(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<Svc>) {
+    while let Some(m) = rx.recv().await {
+        let Ok(buf) = m.frame() else { continue };
+        if send.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The parent's end for child `child`, after the child's hello.
+pub async fn parent(
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    conn: quinn::Connection,
+    child: Arc<str>,
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    // Subscribe before the snapshot so no change falls between them.
+    let mut changes = hub.twins.desired_changes();
+    let scope: Vec<String> = hub.registry().scope(&child).entries.into_keys().collect();
+    for (id, version, desired) in hub.twins.desired_of(scope.iter()) {
+        let _ = tx.send(Svc::Desired { id, version, desired });
+    }
+    hub.add_downlink(&child, tx.clone());
+    let write = tokio::spawn(writer(send, rx));
+    loop {
+        tokio::select! {
+            m = read(&mut recv) => match m {
+                Ok(Some(Svc::Reported { id, generation, patch })) => {
+                    let in_scope = hub.registry().next_hop(&id) == crate::registry::Hop::Child(child.to_string());
+                    let (twins, id2) = (hub.twins.clone(), id.clone());
+                    let stored = if in_scope {
+                        tokio::task::spawn_blocking(move || twins.patch_reported(&id2, &Value::Object(patch))).await
+                    } else {
+                        Ok(Err(crate::iothub::twin::TwinError::NotFound(id.clone())))
+                    };
+                    match stored {
+                        Ok(Ok(_)) => count(&metrics, "link-reported"),
+                        Ok(Err(e)) => {
+                            // Acknowledged anyway: resending cannot make it valid.
+                            count(&metrics, "link-reported-refused");
+                            tracing::warn!(child = %child, twin = %id, error = %e, "link: a child's reported patch was refused");
+                        }
+                        Err(_) => break,
+                    }
+                    let _ = tx.send(Svc::ReportedAck { id, generation });
+                }
+                Ok(Some(Svc::MethodResult { call, result })) => hub.method_answered(call, result),
+                Ok(Some(other)) => {
+                    tracing::warn!(child = %child, message = ?other, "link: unexpected service message from a child");
+                    conn.close(close::PROTOCOL.into(), b"unexpected service message");
+                    break;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(child = %child, error = %e, "link: malformed service frame from a child");
+                    conn.close(close::PROTOCOL.into(), b"malformed service frame");
+                    break;
+                }
+            },
+            c = changes.recv() => match c {
+                Ok(change) => {
+                    if hub.registry().next_hop(&change.id) == crate::registry::Hop::Child(child.to_string()) {
+                        let twin = hub.twins.get(&change.id);
+                        let _ = tx.send(Svc::Desired { id: change.id, version: twin.desired_version, desired: twin.desired });
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    // Resend the whole scope; the child applies only what differs.
+                    let scope: Vec<String> = hub.registry().scope(&child).entries.into_keys().collect();
+                    for (id, version, desired) in hub.twins.desired_of(scope.iter()) {
+                        let _ = tx.send(Svc::Desired { id, version, desired });
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            },
+        }
+    }
+    hub.remove_downlink(&child, &tx);
+    drop(tx);
+    write.abort();
+}
+
+/// The child's end: opens the stream, pushes pending reported patches,
+/// applies what the parent sends. Returns when the link ends.
+pub async fn child(hub: Arc<Hub>, metrics: Arc<Metrics>, conn: quinn::Connection) {
+    let Ok((send, mut recv)) = conn.open_bi().await else {
+        return;
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let _ = tx.send(Svc::Hello);
+    let write = tokio::spawn(writer(send, rx));
+    let mut pending = hub.twins.pending_changes();
+    // What went up and is not acknowledged: id → generation.
+    let mut sent: HashMap<String, u64> = HashMap::new();
+    let mut resend = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        for (id, generation, patch) in hub.twins.pending() {
+            if sent.get(&id) != Some(&generation) {
+                sent.insert(id.clone(), generation);
+                let _ = tx.send(Svc::Reported { id, generation, patch });
+            }
+        }
+        tokio::select! {
+            _ = pending.changed() => {}
+            // A parent that refused to store (full disk) gets the patch again.
+            _ = resend.tick() => sent.clear(),
+            m = read(&mut recv) => match m {
+                Ok(Some(Svc::Desired { id, version, desired })) => {
+                    let twins = hub.twins.clone();
+                    match tokio::task::spawn_blocking(move || twins.set_desired(&id, version, desired)).await {
+                        Ok(Ok(Some(_))) => count(&metrics, "link-desired"),
+                        Ok(Ok(None)) => {}
+                        Ok(Err(e)) => tracing::error!(error = %e, "link: cannot store desired properties"),
+                        Err(_) => break,
+                    }
+                }
+                Ok(Some(Svc::ReportedAck { id, generation })) => {
+                    let twins = hub.twins.clone();
+                    let id2 = id.clone();
+                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || twins.acknowledge(&id2, generation)).await {
+                        tracing::error!(error = %e, "link: cannot store a reported acknowledgement");
+                    }
+                    if sent.get(&id) == Some(&generation) {
+                        sent.remove(&id);
+                    }
+                }
+                Ok(Some(Svc::Method { call, target, name, payload, timeout_ms })) => {
+                    let (hub, tx) = (hub.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        let result = hub
+                            .invoke(&target, &name, payload, Duration::from_millis(timeout_ms))
+                            .await
+                            .unwrap_or_else(|e| e.as_result());
+                        let _ = tx.send(Svc::MethodResult { call, result });
+                    });
+                }
+                Ok(Some(Svc::Message { topic, payload, content_type, properties })) => {
+                    use base64::Engine as _;
+                    let Ok(payload) = base64::engine::general_purpose::STANDARD.decode(payload) else {
+                        conn.close(close::PROTOCOL.into(), b"malformed message payload");
+                        break;
+                    };
+                    let valid = holdfast_mqtt::topic::valid_name(&topic) && crate::iothub::is_inbound(&topic);
+                    if !valid {
+                        conn.close(close::PROTOCOL.into(), b"bad message topic");
+                        break;
+                    }
+                    let mut props = holdfast_mqtt::Properties::default();
+                    props.content_type = content_type;
+                    props.user_properties = properties;
+                    hub.deliver_from_parent(crate::broker::session::Msg {
+                        topic,
+                        payload: payload.into(),
+                        qos: holdfast_mqtt::QoS::AtLeastOnce,
+                        retain: false,
+                        properties: props,
+                        expires_at_ms: None,
+                        publisher: None,
+                    });
+                    count(&metrics, "link-c2d");
+                }
+                Ok(Some(other)) => {
+                    tracing::warn!(message = ?other, "link: unexpected service message from the parent");
+                    conn.close(close::PROTOCOL.into(), b"unexpected service message");
+                    break;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "link: malformed service frame from the parent");
+                    conn.close(close::PROTOCOL.into(), b"malformed service frame");
+                    break;
+                }
+            },
+        }
+    }
+    drop(tx);
+    write.abort();
+}
