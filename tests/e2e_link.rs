@@ -4,8 +4,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use support::client::{Client, Received};
 use support::fleet::{addr, fleet, fleet_section, listen_section, upstream_section, wait_until};
-use support::{BIN, Gateway, free_port};
+use support::proxy::Proxy;
+use support::{Gateway, free_port};
 
 fn child_identity(id: &str, parent: &str) -> String {
     format!("[[identities]]\nid = \"{id}\"\nkind = \"gateway\"\nparent = \"{parent}\"\n")
@@ -31,55 +30,6 @@ fn start_root(certs: &Path, link_port: u16, child: &str) -> Gateway {
             child_identity(child, "root")
         ),
     )
-}
-
-/// The link proxy (tools/link-proxy), forwarding UDP to `target`.
-struct Proxy {
-    child: Child,
-    control: SocketAddr,
-    udp: SocketAddr,
-}
-
-impl Proxy {
-    fn start(target: SocketAddr) -> Proxy {
-        let bin = Path::new(BIN).with_file_name("holdfast-link-proxy");
-        assert!(
-            bin.exists(),
-            "{} is missing: build it with `cargo build -p holdfast-link-proxy` (cargo test --workspace does)",
-            bin.display()
-        );
-        let mut child = Command::new(bin)
-            .args(["--udp", &format!("127.0.0.1:0={target}")])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        Proxy {
-            child,
-            control: v["control"].as_str().unwrap().parse().unwrap(),
-            udp: v["udp"][0].as_str().unwrap().parse().unwrap(),
-        }
-    }
-
-    fn cmd(&self, c: &str) {
-        let mut s = std::net::TcpStream::connect(self.control).unwrap();
-        writeln!(s, "{c}").unwrap();
-        let mut reply = String::new();
-        BufReader::new(s).read_line(&mut reply).unwrap();
-        assert_eq!(reply.trim(), "ok", "proxy command {c:?}");
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Collects everything a persistent QoS 1 subscriber at `port` receives.

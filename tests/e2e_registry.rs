@@ -6,49 +6,12 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 use support::client::Client;
+use support::sas::{HUB, in_an_hour, sas, username};
 use support::fleet::{addr, fleet, fleet_section, listen_section, upstream_section, wait_until};
 use support::{Gateway, free_port};
 
-const HUB: &str = "hub.example";
 const AUTH_WASM: &str = env!("HOLDFAST_AUTH_WASM");
-
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
-/// An IoT Hub SAS token for `device` signed with `key` (base64), valid until `expiry`.
-fn sas(device: &str, key: &str, expiry: u64) -> String {
-    let sr = url_encode(&format!("{HUB}/devices/{device}"));
-    let key = base64::engine::general_purpose::STANDARD.decode(key).unwrap();
-    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
-    mac.update(format!("{sr}\n{expiry}").as_bytes());
-    let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
-    format!("SharedAccessSignature sr={sr}&sig={}&se={expiry}", url_encode(&sig))
-}
-
-fn in_an_hour() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600
-}
-
-fn username(device: &str) -> String {
-    format!("{HUB}/{device}/?api-version=2021-04-12")
-}
 
 /// Connects as `device` with a SAS token made from `key`; the CONNACK code on refusal.
 fn connect(port: u16, device: &str, key: &str) -> Result<Client, u8> {

@@ -70,6 +70,12 @@ pub enum Command {
     /// The device registry: devices, modules, child gateways, users, CAs.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Device and module twins: desired and reported properties.
+    #[command(subcommand)]
+    Twin(TwinCommand),
+    /// Direct methods on devices and modules.
+    #[command(subcommand)]
+    Method(MethodCommand),
     /// Tools for tests and diagnosis.
     #[command(subcommand, hide = true)]
     Debug(DebugCommand),
@@ -239,6 +245,41 @@ pub enum DeviceCommand {
     },
 }
 
+/// `holdfast twin …`
+#[derive(Debug, Subcommand)]
+pub enum TwinCommand {
+    /// Show a twin: desired and reported properties and their versions.
+    Show {
+        /// Device id or `{device}/{module}`.
+        id: String,
+    },
+    /// Merge a JSON patch into the desired properties (null deletes a key).
+    /// Connected devices get the patch; gateways below get it over the link.
+    SetDesired {
+        /// Device id or `{device}/{module}`.
+        id: String,
+        /// The patch, e.g. '{"mode":"eco","fan":null}'.
+        patch: String,
+    },
+}
+
+/// `holdfast method …`
+#[derive(Debug, Subcommand)]
+pub enum MethodCommand {
+    /// Call a direct method and print the device's answer.
+    Invoke {
+        /// Device id or `{device}/{module}`.
+        target: String,
+        /// Method name.
+        name: String,
+        /// JSON payload. Default: null.
+        payload: Option<String>,
+        /// Seconds to wait for the answer (at most 300).
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+}
+
 /// `holdfast config …`
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
@@ -371,6 +412,33 @@ pub fn execute(cli: Cli) -> Result<()> {
         Command::Device(cmd) => {
             let client = AdminClient::discover(&cli.admin)?;
             device_command(&client, cmd, cli.admin.json)
+        }
+        Command::Twin(cmd) => {
+            let client = AdminClient::discover(&cli.admin)?;
+            twin_command(&client, cmd, cli.admin.json)
+        }
+        Command::Method(MethodCommand::Invoke {
+            target,
+            name,
+            payload,
+            timeout,
+        }) => {
+            let client = AdminClient::discover(&cli.admin)?;
+            let payload: Value = match payload {
+                Some(p) => serde_json::from_str(&p).context("the payload must be JSON")?,
+                None => Value::Null,
+            };
+            let body = serde_json::json!({ "payload": payload, "timeout_s": timeout });
+            let v = client.post_json(
+                &format!("/api/v1/devices/{}/methods/{}", segment(&target), segment(&name)),
+                &body,
+            )?;
+            if cli.admin.json {
+                return print_json(&v);
+            }
+            println!("status {}", str_of(&v["status"]));
+            println!("{}", serde_json::to_string_pretty(&v["payload"])?);
+            Ok(())
         }
     }
 }
@@ -554,6 +622,38 @@ fn device_command(client: &AdminClient, cmd: DeviceCommand, json: bool) -> Resul
         return print_json(&v);
     }
     print_identity(&v);
+    Ok(())
+}
+
+fn twin_command(client: &AdminClient, cmd: TwinCommand, json: bool) -> Result<()> {
+    let v = match cmd {
+        TwinCommand::Show { id } => client.get(&format!("/api/v1/twins/{}", segment(&id)))?,
+        TwinCommand::SetDesired { id, patch } => {
+            let patch: Value = serde_json::from_str(&patch).context("the patch must be JSON")?;
+            let v = client.post_json(&format!("/api/v1/twins/{}/desired", segment(&id)), &patch)?;
+            if json {
+                return print_json(&v);
+            }
+            println!("{id}: desired properties now at version {}", str_of(&v["desired_version"]));
+            return Ok(());
+        }
+    };
+    if json {
+        return print_json(&v);
+    }
+    println!("twin {}", str_of(&v["id"]));
+    println!(
+        "desired (version {}, owned by {}):",
+        str_of(&v["desired_version"]),
+        str_of(&v["desired_owner"])
+    );
+    println!("{}", serde_json::to_string_pretty(&v["desired"])?);
+    println!("reported (version {}):", str_of(&v["reported_version"]));
+    println!("{}", serde_json::to_string_pretty(&v["reported"])?);
+    if !v["pending_upstream"].is_null() {
+        println!("not yet pushed upstream:");
+        println!("{}", serde_json::to_string_pretty(&v["pending_upstream"])?);
+    }
     Ok(())
 }
 
@@ -748,7 +848,12 @@ fn plugin_row(p: &Value) -> Vec<String> {
 }
 
 fn str_of(v: &Value) -> String {
-    v.as_str().map(str::to_string).unwrap_or_else(|| "-".to_string())
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        _ => "-".to_string(),
+    }
 }
 
 /// The first 12 hex digits of a version hash.

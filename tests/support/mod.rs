@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 pub mod client;
 pub mod fleet;
+pub mod proxy;
+pub mod sas;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 
@@ -114,14 +116,23 @@ impl Gateway {
         panic!("holdfast did not become ready");
     }
 
-    pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .args(args)
+    /// POST a JSON body to an admin API path with the node's token: status and body.
+    pub fn post(&self, path: &str, body: &serde_json::Value) -> (u16, String) {
+        http_request(self.port, "POST", path, Some(self.token().trim()), Some(&body.to_string())).unwrap()
+    }
+
+    /// The CLI command for `args` against this node, not yet run.
+    pub fn cli_args(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args)
             .arg("--config")
             .arg(&self.config)
-            .env_remove("HOLDFAST_ADMIN_TOKEN")
-            .output()
-            .unwrap()
+            .env_remove("HOLDFAST_ADMIN_TOKEN");
+        c
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_args(args).output().unwrap()
     }
 
     pub fn cli_ok(&self, args: &[&str]) -> String {
@@ -229,15 +240,31 @@ impl Drop for Gateway {
 
 /// A minimal HTTP/1.1 GET over a raw socket: status and body.
 pub fn http_get(port: u16, path: &str, token: Option<&str>) -> Option<(u16, String)> {
+    http_request(port, "GET", path, token, None)
+}
+
+/// A minimal HTTP/1.1 request over a raw socket, with an optional JSON body:
+/// status and body.
+pub fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Option<(u16, String)> {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
+    let content = body
+        .map(|b| format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()))
+        .unwrap_or_default();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}{content}Connection: close\r\n\r\n{}",
+        body.unwrap_or("")
     )
     .ok()?;
     let mut resp = String::new();

@@ -15,6 +15,7 @@
 //!
 //! The device registry's routes are in [`registry`].
 
+mod iothub;
 mod registry;
 
 use std::future::Future;
@@ -73,6 +74,7 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/plugins/{slot}/swap", post(plugin_swap))
         .route("/plugins/{slot}/rollback", post(plugin_rollback))
         .merge(registry::routes())
+        .merge(iothub::routes())
         .layer(DefaultBodyLimit::max(MAX_PLUGIN_BYTES + MAX_PLUGIN_BYTES / 2))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()

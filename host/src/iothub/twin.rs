@@ -8,7 +8,7 @@
 //! it has not yet pushed up (`pending`), so a week of offline patches goes
 //! up as one.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::RwLock;
 
 use serde::{Deserialize, Serialize};
@@ -47,6 +47,10 @@ pub struct Twin {
     /// Bumped at every change of `pending`.
     #[serde(default)]
     pub pending_gen: u64,
+    /// The last patch generation applied from each child gateway, so a
+    /// patch resent after a lost acknowledgement is applied once.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub applied: BTreeMap<String, u64>,
 }
 
 impl Default for Twin {
@@ -58,6 +62,7 @@ impl Default for Twin {
             reported_version: 1,
             pending: None,
             pending_gen: 0,
+            applied: BTreeMap::new(),
         }
     }
 }
@@ -349,9 +354,29 @@ impl Twins {
     /// # Errors
     /// Invalid or too large, storage.
     pub fn patch_reported(&self, id: &str, patch: &Value) -> Result<u64, TwinError> {
+        self.apply_reported(id, patch, None)
+    }
+
+    /// [`Twins::patch_reported`] for the merged patch of generation
+    /// `generation` from child gateway `child`; one it already applied
+    /// changes nothing.
+    ///
+    /// # Errors
+    /// As [`Twins::patch_reported`].
+    pub fn patch_reported_from(&self, child: &str, generation: u64, id: &str, patch: &Value) -> Result<u64, TwinError> {
+        self.apply_reported(id, patch, Some((child, generation)))
+    }
+
+    fn apply_reported(&self, id: &str, patch: &Value, from: Option<(&str, u64)>) -> Result<u64, TwinError> {
         let patch = validate_patch(patch)?;
         let mut map = self.write();
         let mut twin = map.get(id).cloned().unwrap_or_default();
+        if let Some((child, generation)) = from {
+            if twin.applied.get(child).is_some_and(|g| *g >= generation) {
+                return Ok(twin.reported_version);
+            }
+            twin.applied.insert(child.to_string(), generation);
+        }
         merge(&mut twin.reported, patch);
         check_size(&twin.reported, "reported")?;
         twin.reported_version += 1;
@@ -565,5 +590,11 @@ mod tests {
         let t = twins.get("d");
         assert_eq!(Value::Object(t.reported), json!({"b": 2, "c": {"x": 1}}));
         assert_eq!(t.desired_version, 5);
+
+        // A parent applies each generation from a child once.
+        let v = twins.patch_reported_from("gw1", 7, "d", &json!({"b": 3})).unwrap();
+        assert_eq!(twins.patch_reported_from("gw1", 7, "d", &json!({"b": 3})).unwrap(), v);
+        assert_eq!(twins.patch_reported_from("gw1", 6, "d", &json!({"b": 1})).unwrap(), v);
+        assert_eq!(twins.patch_reported_from("gw2", 1, "d", &json!({"b": 4})).unwrap(), v + 1);
     }
 }

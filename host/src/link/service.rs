@@ -28,6 +28,10 @@ use super::wire::{self, Frame, close};
 use crate::iothub::{Hub, MethodResult};
 use crate::metrics::{EventLabels, Metrics};
 
+/// How long the child waits for an acknowledgement before sending a
+/// reported patch again.
+const RESEND: Duration = Duration::from_secs(5);
+
 /// Largest service frame accepted (a full twin is at most 64 KiB).
 pub const MAX_SVC_FRAME: usize = 1 << 20;
 
@@ -155,7 +159,11 @@ pub async fn parent(
                     let in_scope = hub.registry().next_hop(&id) == crate::registry::Hop::Child(child.to_string());
                     let (twins, id2) = (hub.twins.clone(), id.clone());
                     let stored = if in_scope {
-                        tokio::task::spawn_blocking(move || twins.patch_reported(&id2, &Value::Object(patch))).await
+                        let from = child.clone();
+                        tokio::task::spawn_blocking(move || {
+                            twins.patch_reported_from(&from, generation, &id2, &Value::Object(patch))
+                        })
+                        .await
                     } else {
                         Ok(Err(crate::iothub::twin::TwinError::NotFound(id.clone())))
                     };
@@ -218,7 +226,7 @@ pub async fn child(hub: Arc<Hub>, metrics: Arc<Metrics>, conn: quinn::Connection
     let mut pending = hub.twins.pending_changes();
     // What went up and is not acknowledged: id → generation.
     let mut sent: HashMap<String, u64> = HashMap::new();
-    let mut resend = tokio::time::interval(Duration::from_secs(5));
+    let mut resend = tokio::time::interval_at(tokio::time::Instant::now() + RESEND, RESEND);
     loop {
         for (id, generation, patch) in hub.twins.pending() {
             if sent.get(&id) != Some(&generation) {

@@ -16,8 +16,10 @@
 //!
 //! **Authorization**: the configured `rules` are evaluated first, in order;
 //! the first rule that matches the principal, operation and topic decides.
-//! Otherwise a device may use `devices/{device_id}/#` and `$iothub/#`, a
-//! module `devices/{device_id}/modules/{module_id}/#` and `$iothub/#`, a user
+//! Otherwise a device may use `devices/{device_id}/#`, `$iothub/#` and
+//! `$holdfast/methods/#` (calling direct methods of identities on this
+//! node; deny it with a rule), a module
+//! `devices/{device_id}/modules/{module_id}/#` and the same two, a user
 //! the filters in `user_topics`, and an anonymous client the filters in
 //! `anonymous_topics`. A SUBSCRIBE filter is allowed only when every topic
 //! it can match is allowed.
@@ -387,8 +389,16 @@ impl holdfast_sdk::auth::Auth for DefaultAuth {
             Some("anonymous") => self.settings.anonymous_topics.clone(),
             Some("user") => self.settings.user_topics.clone(),
             _ => match (&who.device_id, &who.module_id) {
-                (Some(d), Some(m)) => vec![format!("devices/{d}/modules/{m}/#"), "$iothub/#".to_string()],
-                (Some(d), None) => vec![format!("devices/{d}/#"), "$iothub/#".to_string()],
+                (Some(d), Some(m)) => vec![
+                    format!("devices/{d}/modules/{m}/#"),
+                    "$iothub/#".to_string(),
+                    "$holdfast/methods/#".to_string(),
+                ],
+                (Some(d), None) => vec![
+                    format!("devices/{d}/#"),
+                    "$iothub/#".to_string(),
+                    "$holdfast/methods/#".to_string(),
+                ],
                 _ => Vec::new(),
             },
         };
@@ -531,6 +541,7 @@ mod tests {
         assert!(allow(Operation::Publish, "devices/dev1/messages/events/a=b"));
         assert!(allow(Operation::Subscribe, "devices/dev1/messages/devicebound/#"));
         assert!(allow(Operation::Subscribe, "$iothub/twin/res/#"));
+        assert!(allow(Operation::Publish, "$holdfast/methods/POST/dev2/reboot/?$rid=1"));
         assert!(!allow(Operation::Publish, "devices/dev2/messages/events/"));
         assert!(!allow(Operation::Subscribe, "devices/+/messages/devicebound/#"));
         assert!(!allow(Operation::Subscribe, "#"));

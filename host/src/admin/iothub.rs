@@ -1,0 +1,159 @@
+//! Admin API routes of twins, direct methods and cloud-to-device messages.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/api/v1/twins/{id}` | the twin: desired and reported with their versions, a pending upstream patch |
+//! | PATCH, POST | `/api/v1/twins/{id}/desired` | merge a JSON patch into the desired properties (the registry's owner only) |
+//! | POST | `/api/v1/devices/{id}/methods/{name}` | `{"payload": any JSON, "timeout_s": 30}` → `{"status", "payload"}`; 404 not online, 504 no answer |
+//! | POST | `/api/v1/devices/{id}/messages` | cloud-to-device: `{"payload": "text", "properties": {"k": "v"}, "content_type": "…"}` |
+//!
+//! A module's id contains `/`: send it URL-encoded (`dev1%2Fmod1`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::ApiError;
+use crate::iothub::twin::TwinError;
+use crate::iothub::{DEFAULT_METHOD_TIMEOUT, MethodError};
+use crate::node::NodeState;
+
+impl From<TwinError> for ApiError {
+    fn from(e: TwinError) -> Self {
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<MethodError> for ApiError {
+    fn from(e: MethodError) -> Self {
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        ApiError(status, e.to_string())
+    }
+}
+
+/// The routes, to be nested under `/api/v1`.
+pub fn routes() -> Router<Arc<NodeState>> {
+    Router::new()
+        .route("/twins/{id}", get(show_twin))
+        .route("/twins/{id}/desired", post(patch_desired).patch(patch_desired))
+        .route("/devices/{id}/methods/{name}", post(invoke))
+        .route("/devices/{id}/messages", post(send_message))
+}
+
+fn known(state: &NodeState, id: &str) -> Result<(), ApiError> {
+    use crate::identity::IdentityDirectory as _;
+    match state.registry.lookup(id) {
+        Some(_) => Ok(()),
+        None => Err(TwinError::NotFound(id.to_string()).into()),
+    }
+}
+
+fn bad_json(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, format!("request body: {e}"))
+}
+
+async fn show_twin(State(state): State<Arc<NodeState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    known(&state, &id)?;
+    let t = state.hub.twins.get(&id);
+    Ok(Json(json!({
+        "id": id,
+        "desired": t.desired,
+        "desired_version": t.desired_version,
+        "reported": t.reported,
+        "reported_version": t.reported_version,
+        "pending_upstream": t.pending,
+        "desired_owner": if state.hub.twins.is_replica() { "parent" } else { "this node" },
+    })))
+}
+
+async fn patch_desired(
+    State(state): State<Arc<NodeState>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    known(&state, &id)?;
+    let patch: Value = serde_json::from_slice(&body).map_err(bad_json)?;
+    let twins = state.hub.twins.clone();
+    let id2 = id.clone();
+    let version = tokio::task::spawn_blocking(move || twins.patch_desired(&id2, &patch))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("twin task failed: {e}")))??;
+    Ok(Json(json!({ "id": id, "desired_version": version })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvokeBody {
+    #[serde(default)]
+    payload: Value,
+    timeout_s: Option<u64>,
+}
+
+async fn invoke(
+    State(state): State<Arc<NodeState>>,
+    Path((id, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let req: InvokeBody = if body.is_empty() {
+        InvokeBody {
+            payload: Value::Null,
+            timeout_s: None,
+        }
+    } else {
+        serde_json::from_slice(&body).map_err(bad_json)?
+    };
+    let timeout = req.timeout_s.map_or(DEFAULT_METHOD_TIMEOUT, Duration::from_secs);
+    let result = state.hub.invoke(&id, &name, req.payload, timeout).await?;
+    Ok(Json(json!({ "status": result.status, "payload": result.payload })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageBody {
+    payload: String,
+    #[serde(default)]
+    properties: BTreeMap<String, String>,
+    content_type: Option<String>,
+}
+
+async fn send_message(
+    State(state): State<Arc<NodeState>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    known(&state, &id)?;
+    if id.contains('/') {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "cloud-to-device messages go to devices; route module inputs with the router".into(),
+        ));
+    }
+    let req: MessageBody = serde_json::from_slice(&body).map_err(bad_json)?;
+    let Some(broker) = &state.broker else {
+        return Err(ApiError(StatusCode::CONFLICT, "the MQTT broker is disabled".into()));
+    };
+    let mut properties = holdfast_mqtt::Properties::default();
+    properties.user_properties = req.properties.into_iter().collect();
+    properties.content_type = req.content_type;
+    let topic = crate::iothub::with_bag(format!("devices/{id}/messages/devicebound/"), &properties);
+    let msg = crate::broker::session::Msg {
+        topic: topic.clone(),
+        payload: Bytes::from(req.payload.into_bytes()),
+        qos: holdfast_mqtt::QoS::AtLeastOnce,
+        retain: false,
+        properties,
+        expires_at_ms: None,
+        publisher: None,
+    };
+    broker.deliver(Arc::new(msg));
+    Ok((StatusCode::ACCEPTED, Json(json!({ "topic": topic }))))
+}
