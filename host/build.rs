@@ -105,10 +105,6 @@ fn main() {
         out_dir.join("example-alert-router.wasm").display()
     );
     println!(
-        "cargo:rustc-env=HOLDFAST_ROUTER_WASM={}",
-        out_dir.join("router.wasm").display()
-    );
-    println!(
         "cargo:rustc-env=HOLDFAST_AUTH_WASM={}",
         out_dir.join("auth.wasm").display()
     );

@@ -303,7 +303,7 @@ pub enum PluginCommand {
     Swap {
         /// router, auth or content-source.
         slot: SlotName,
-        /// The component.
+        /// The component, or `embedded` for this binary's default plugin.
         file: PathBuf,
         /// Replace the plugin's config with this TOML or JSON file.
         #[arg(long)]
@@ -737,7 +737,13 @@ fn plugin_command(client: &AdminClient, cmd: PluginCommand, json: bool) -> Resul
             file,
             plugin_config,
         } => {
-            let wasm = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            // `embedded`: this binary's own default plugin for the slot, e.g. to
+            // change the default router's routes.
+            let wasm = if file.as_os_str() == "embedded" {
+                crate::plugins::embedded_plugin(slot).to_vec()
+            } else {
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?
+            };
             let v = match plugin_config {
                 Some(path) => {
                     let config = read_plugin_config(&path)?;

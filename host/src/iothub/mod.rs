@@ -487,12 +487,20 @@ impl Hub {
         }
     }
 
-    /// Runs until `stop`: sends desired changes to the devices connected here.
+    /// Runs until `stop`: sends desired changes to the devices connected
+    /// here, and drops the twins of identities removed from the registry.
     pub async fn desired_task(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut changes = self.twins.desired_changes();
+        let mut registry = self.registry.changes();
+        registry.mark_changed();
         loop {
+            let mut removals = false;
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
+                r = registry.changed() => match r {
+                    Ok(()) => removals = true,
+                    Err(_) => return,
+                },
                 c = changes.recv() => match c {
                     Ok(change) => self.notify_desired(&change),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
@@ -500,6 +508,19 @@ impl Hub {
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 },
+            }
+            if removals {
+                let hub = self.clone();
+                let removed = tokio::task::spawn_blocking(move || {
+                    use crate::identity::IdentityDirectory as _;
+                    hub.twins.retain(|id| hub.registry.lookup(id).is_some())
+                })
+                .await;
+                match removed {
+                    Ok(Ok(n)) if n > 0 => tracing::info!(twins = n, "twins of removed identities deleted"),
+                    Ok(Err(e)) => tracing::error!(error = %e, "twins: cannot delete the twins of removed identities"),
+                    _ => {}
+                }
             }
         }
     }

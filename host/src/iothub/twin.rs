@@ -488,18 +488,25 @@ impl Twins {
             .collect()
     }
 
-    /// Forgets the twin of a removed identity.
+    /// Forgets the twins of identities `keep` says are gone; returns how many.
     ///
     /// # Errors
     /// Storage.
-    pub fn remove(&self, id: &str) -> Result<(), TwinError> {
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) -> Result<usize, TwinError> {
         let mut map = self.write();
-        if map.remove(id).is_some() {
-            let mut batch = self.store.batch();
-            batch.remove(&self.space, id.as_bytes().to_vec());
-            batch.commit(Durability::SyncAll)?;
+        let gone: Vec<String> = map.keys().filter(|id| !keep(id)).cloned().collect();
+        if gone.is_empty() {
+            return Ok(0);
         }
-        Ok(())
+        let mut batch = self.store.batch();
+        for id in &gone {
+            batch.remove(&self.space, id.as_bytes().to_vec());
+        }
+        batch.commit(Durability::SyncAll)?;
+        for id in &gone {
+            map.remove(id);
+        }
+        Ok(gone.len())
     }
 }
 
@@ -587,6 +594,9 @@ mod tests {
         let generation = twins.pending()[0].1;
         twins.acknowledge("d", generation).unwrap();
         assert!(twins.pending().is_empty());
+        twins.patch_reported("gone", &json!({"a": 1})).unwrap();
+        assert_eq!(twins.retain(|id| id != "gone").unwrap(), 1);
+        assert_eq!(twins.len(), 1);
         let t = twins.get("d");
         assert_eq!(Value::Object(t.reported), json!({"b": 2, "c": {"x": 1}}));
         assert_eq!(t.desired_version, 5);
