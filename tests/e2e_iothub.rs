@@ -193,7 +193,10 @@ fn key(n: u8) -> String {
 }
 
 fn identity(id: &str, kind: &str, n: u8) -> String {
-    format!("[[identities]]\nid = {id:?}\nkind = {kind:?}\nsas_primary = {:?}\n", key(n))
+    format!(
+        "[[identities]]\nid = {id:?}\nkind = {kind:?}\nsas_primary = {:?}\n",
+        key(n)
+    )
 }
 
 /// The query parameter `name` of a `…/?a=b&c=d` topic.
@@ -255,7 +258,11 @@ fn telemetry_routes_twins_and_methods_on_one_node() {
     );
     let got = watcher.recv(Duration::from_secs(10)).unwrap().expect("the hot message");
     assert_eq!(got.topic, "alerts/hot");
-    assert_eq!(got.prop("$.mid"), Some("hot-1"), "only the message matching every condition");
+    assert_eq!(
+        got.prop("$.mid"),
+        Some("hot-1"),
+        "only the message matching every condition"
+    );
     assert_eq!(got.prop("site"), Some("Plant 7"));
     assert_eq!(got.prop("$.cdid"), Some("dev1"));
     dev1.publish(&format!("{events}%zz=1"), "bad bag");
@@ -267,14 +274,14 @@ fn telemetry_routes_twins_and_methods_on_one_node() {
     let filter = Device::connect(gw.mqtt, "edge/filter", &key(6));
     filter.subscribe(&["devices/edge/modules/filter/inputs/#"]);
     let sensor = Device::connect(gw.mqtt, "edge/sensor", &key(5));
-    sensor.publish(
-        "devices/edge/modules/sensor/messages/events/%24.on=out1&unit=C",
-        "21.5",
-    );
+    sensor.publish("devices/edge/modules/sensor/messages/events/%24.on=out1&unit=C", "21.5");
     let (topic, payload) = filter.expect("devices/edge/modules/filter/inputs/in1/");
     assert_eq!(payload, b"21.5");
     let props = bag(&topic, "devices/edge/modules/filter/inputs/in1/");
-    assert!(has(&props, "unit", "C") && has(&props, "$.on", "out1") && has(&props, "$.cmid", "sensor"), "{props:?}");
+    assert!(
+        has(&props, "unit", "C") && has(&props, "$.on", "out1") && has(&props, "$.cmid", "sensor"),
+        "{props:?}"
+    );
     sensor.publish("devices/edge/modules/sensor/outputs/out1/n=2", "x");
     let (topic, _) = filter.expect("devices/edge/modules/filter/inputs/in1/");
     assert!(has(&bag(&topic, "devices/edge/modules/filter/inputs/in1/"), "n", "2"));
@@ -298,7 +305,11 @@ fn telemetry_routes_twins_and_methods_on_one_node() {
     assert_eq!(topic, "$iothub/twin/res/400/?$rid=3", "{err}");
     assert!(err["error"].as_str().unwrap().contains("deeper than 10"), "{err}");
     dev1.publish("$iothub/twin/PATCH/properties/reported/?$rid=4", "not json");
-    assert!(dev1.expect("$iothub/twin/res/").0.starts_with("$iothub/twin/res/400/?$rid=4"));
+    assert!(
+        dev1.expect("$iothub/twin/res/")
+            .0
+            .starts_with("$iothub/twin/res/400/?$rid=4")
+    );
     gw.cli_ok(&["twin", "set-desired", "dev1", r#"{"mode":"eco","fan":{"speed":2}}"#]);
     let (topic, patch) = dev1.expect_json("$iothub/twin/PATCH/properties/desired/");
     assert_eq!(topic, "$iothub/twin/PATCH/properties/desired/?$version=2");
@@ -308,25 +319,35 @@ fn telemetry_routes_twins_and_methods_on_one_node() {
     assert_eq!(patch, json!({"fan": {"speed": null}, "$version": 3}));
     let twin: Value = serde_json::from_str(&gw.cli_ok(&["twin", "show", "dev1", "--json"])).unwrap();
     assert_eq!(twin["reported"], json!({"firmware": "1.2", "net": {"rssi": -70}}));
-    assert_eq!((twin["reported_version"].as_u64(), twin["desired_version"].as_u64()), (Some(2), Some(3)));
+    assert_eq!(
+        (twin["reported_version"].as_u64(), twin["desired_version"].as_u64()),
+        (Some(2), Some(3))
+    );
     let shown = gw.cli_ok(&["twin", "show", "dev1"]);
-    assert!(shown.contains("reported (version 2)") && shown.contains("\"firmware\": \"1.2\""), "{shown}");
+    assert!(
+        shown.contains("reported (version 2)") && shown.contains("\"firmware\": \"1.2\""),
+        "{shown}"
+    );
     let bad = gw.cli(&["twin", "set-desired", "dev1", r#"{"a.b":1}"#]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("HTTP 400"));
 
     // Direct methods: from the CLI, from another device, timeouts, offline targets.
     let responder = Responder::start(gw.mqtt, "dev2", &key(2));
-    let out: Value = serde_json::from_str(&gw.cli_ok(&[
-        "method", "invoke", "dev2", "reboot", r#"{"delay":1}"#, "--json",
-    ]))
-    .unwrap();
-    assert_eq!(out, json!({"status": 200, "payload": {"device": "dev2", "method": "reboot", "echo": {"delay": 1}}}));
+    let out: Value =
+        serde_json::from_str(&gw.cli_ok(&["method", "invoke", "dev2", "reboot", r#"{"delay":1}"#, "--json"])).unwrap();
+    assert_eq!(
+        out,
+        json!({"status": 200, "payload": {"device": "dev2", "method": "reboot", "echo": {"delay": 1}}})
+    );
     let text = gw.cli_ok(&["method", "invoke", "dev2", "fail"]);
     assert!(text.starts_with("status 500"), "{text}");
     let start = Instant::now();
     let slow = gw.cli(&["method", "invoke", "dev2", "slow", "--timeout", "1"]);
     let err = String::from_utf8_lossy(&slow.stderr);
-    assert!(err.contains("did not answer slow within 1000 ms") && err.contains("HTTP 504"), "{err}");
+    assert!(
+        err.contains("did not answer slow within 1000 ms") && err.contains("HTTP 504"),
+        "{err}"
+    );
     assert!(start.elapsed() < Duration::from_secs(10));
     let offline = gw.cli(&["method", "invoke", "dev3", "reboot"]);
     assert!(String::from_utf8_lossy(&offline.stderr).contains("dev3 is not online"));
@@ -355,15 +376,25 @@ fn telemetry_routes_twins_and_methods_on_one_node() {
     std::thread::sleep(Duration::from_millis(300));
     dev3.publish(&format!("$iothub/methods/res/201/?$rid={rid}"), r#"{"real":true}"#);
     let out = caller.join().unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("status 201"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("status 201"),
+        "{out:?}"
+    );
 
     // Cloud-to-device through the admin API, with its property bag.
     dev1.subscribe(&["devices/dev1/messages/devicebound/#"]);
-    let (code, body) = gw.post("/api/v1/devices/dev1/messages", &json!({"payload": "hello", "properties": {"kind": "greeting"}}));
+    let (code, body) = gw.post(
+        "/api/v1/devices/dev1/messages",
+        &json!({"payload": "hello", "properties": {"kind": "greeting"}}),
+    );
     assert_eq!(code, 202, "{body}");
     let (topic, payload) = dev1.expect("devices/dev1/messages/devicebound/");
     assert_eq!(payload, b"hello");
-    assert!(has(&bag(&topic, "devices/dev1/messages/devicebound/"), "kind", "greeting"));
+    assert!(has(
+        &bag(&topic, "devices/dev1/messages/devicebound/"),
+        "kind",
+        "greeting"
+    ));
 
     // Routes change at runtime by a plugin swap with new routes; clients stay connected.
     let routes = gw.dir.path().join("routes.toml");
@@ -373,10 +404,24 @@ fn telemetry_routes_twins_and_methods_on_one_node() {
     )
     .unwrap();
     let broken = gw.dir.path().join("broken.toml");
-    std::fs::write(&broken, "[routes]\nhot = \"FROM /messages/* WHERE temperature > INTO $upstream\"\n").unwrap();
-    let refused = gw.cli(&["plugin", "swap", "router", "embedded", "--plugin-config", broken.to_str().unwrap()]);
+    std::fs::write(
+        &broken,
+        "[routes]\nhot = \"FROM /messages/* WHERE temperature > INTO $upstream\"\n",
+    )
+    .unwrap();
+    let refused = gw.cli(&[
+        "plugin",
+        "swap",
+        "router",
+        "embedded",
+        "--plugin-config",
+        broken.to_str().unwrap(),
+    ]);
     let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(err.contains("routes.hot: column 38: expected a value, found keyword INTO"), "{err}");
+    assert!(
+        err.contains("routes.hot: column 38: expected a value, found keyword INTO"),
+        "{err}"
+    );
     let connects = gw.metric("holdfast_mqtt_connects_total{result=\"ok\"}");
     gw.cli_ok(&[
         "plugin",
@@ -388,8 +433,14 @@ fn telemetry_routes_twins_and_methods_on_one_node() {
     ]);
     dev1.publish(&format!("{events}temperature=35"), "{}");
     dev1.publish(&format!("{events}temperature=45&%24.mid=after-swap"), "{}");
-    let got = watcher.recv(Duration::from_secs(10)).unwrap().expect("routed by the new table");
-    assert_eq!((got.topic.as_str(), got.prop("$.mid")), ("alerts/hotter", Some("after-swap")));
+    let got = watcher
+        .recv(Duration::from_secs(10))
+        .unwrap()
+        .expect("routed by the new table");
+    assert_eq!(
+        (got.topic.as_str(), got.prop("$.mid")),
+        ("alerts/hotter", Some("after-swap"))
+    );
     // The same connections carry on.
     dev1.publish("$iothub/twin/GET/?$rid=9", "");
     assert!(dev1.expect("$iothub/twin/res/200/?$rid=9").0.contains("$rid=9"));
@@ -444,10 +495,18 @@ fn twins_and_methods_across_a_cut_link() {
     // Online: desired down, reported up, a method and a C2D message from the root.
     root.cli_ok(&["twin", "set-desired", "dev1", r#"{"a":1}"#]);
     let (topic, patch) = dev1.expect_json("$iothub/twin/PATCH/properties/desired/");
-    assert_eq!((topic.as_str(), patch), ("$iothub/twin/PATCH/properties/desired/?$version=2", json!({"a": 1, "$version": 2})));
+    assert_eq!(
+        (topic.as_str(), patch),
+        (
+            "$iothub/twin/PATCH/properties/desired/?$version=2",
+            json!({"a": 1, "$version": 2})
+        )
+    );
     dev1.publish("$iothub/twin/PATCH/properties/reported/?$rid=1", r#"{"r":1}"#);
     dev1.expect("$iothub/twin/res/204/");
-    wait_until(10, "the reported patch to reach the root", || twin(&root, "dev1")["reported"] == json!({"r": 1}));
+    wait_until(10, "the reported patch to reach the root", || {
+        twin(&root, "dev1")["reported"] == json!({"r": 1})
+    });
     let out: Value = serde_json::from_str(&root.cli_ok(&["method", "invoke", "dev2", "status", "--json"])).unwrap();
     assert_eq!(out["status"], 200, "a method from upstream, through gw1: {out}");
     assert_eq!(out["payload"]["device"], "dev2");
@@ -458,18 +517,36 @@ fn twins_and_methods_across_a_cut_link() {
 
     // The link is cut.
     proxy.cmd("cut");
-    wait_until(20, "gw1 to notice the cut", || gw1.api("/api/v1/link")["link"]["state"] != "up");
+    wait_until(20, "gw1 to notice the cut", || {
+        gw1.api("/api/v1/link")["link"]["state"] != "up"
+    });
 
     // Offline at gw1: reported patches merge locally; methods between local devices work.
     dev1.publish("$iothub/twin/PATCH/properties/reported/?$rid=2", r#"{"r":2,"x":1}"#);
-    assert_eq!(dev1.expect("$iothub/twin/res/").0, "$iothub/twin/res/204/?$rid=2&$version=3");
-    dev1.publish("$iothub/twin/PATCH/properties/reported/?$rid=3", r#"{"x":null,"y":{"z":3}}"#);
-    assert_eq!(dev1.expect("$iothub/twin/res/").0, "$iothub/twin/res/204/?$rid=3&$version=4");
-    assert_eq!(twin(&gw1, "dev1")["pending_upstream"], json!({"r": 2, "x": null, "y": {"z": 3}}));
+    assert_eq!(
+        dev1.expect("$iothub/twin/res/").0,
+        "$iothub/twin/res/204/?$rid=2&$version=3"
+    );
+    dev1.publish(
+        "$iothub/twin/PATCH/properties/reported/?$rid=3",
+        r#"{"x":null,"y":{"z":3}}"#,
+    );
+    assert_eq!(
+        dev1.expect("$iothub/twin/res/").0,
+        "$iothub/twin/res/204/?$rid=3&$version=4"
+    );
+    assert_eq!(
+        twin(&gw1, "dev1")["pending_upstream"],
+        json!({"r": 2, "x": null, "y": {"z": 3}})
+    );
     dev1.publish("$holdfast/methods/POST/dev2/ping/?$rid=7", r#"{"offline":true}"#);
     let (topic, answer) = dev1.expect_json("$holdfast/methods/res/");
     assert_eq!(topic, "$holdfast/methods/res/200/?$rid=7");
-    assert_eq!(answer["echo"], json!({"offline": true}), "device to device while offline");
+    assert_eq!(
+        answer["echo"],
+        json!({"offline": true}),
+        "device to device while offline"
+    );
     // A method from the root cannot reach gw1 now.
     let unreachable = root.cli(&["method", "invoke", "dev2", "status", "--timeout", "2"]);
     assert!(!unreachable.status.success());
@@ -477,20 +554,30 @@ fn twins_and_methods_across_a_cut_link() {
     // Meanwhile the desired properties change twice at the root.
     root.cli_ok(&["twin", "set-desired", "dev1", r#"{"a":2,"b":{"c":1}}"#]);
     root.cli_ok(&["twin", "set-desired", "dev1", r#"{"a":null}"#]);
-    assert_eq!(twin(&root, "dev1")["reported"], json!({"r": 1}), "nothing went up while cut");
+    assert_eq!(
+        twin(&root, "dev1")["reported"],
+        json!({"r": 1}),
+        "nothing went up while cut"
+    );
     assert!(dev1.try_expect("$iothub/twin/PATCH/properties/desired/", 1).is_none());
 
     // The link returns: one desired diff down, one merged reported patch up.
     let reconnected = Instant::now();
     proxy.cmd("up");
     let (topic, patch) = dev1.expect_json("$iothub/twin/PATCH/properties/desired/");
-    println!("desired diff reached the device {} ms after the link returned", reconnected.elapsed().as_millis());
+    println!(
+        "desired diff reached the device {} ms after the link returned",
+        reconnected.elapsed().as_millis()
+    );
     assert_eq!(topic, "$iothub/twin/PATCH/properties/desired/?$version=4");
     assert_eq!(patch, json!({"a": null, "b": {"c": 1}, "$version": 4}));
     wait_until(15, "the merged patch to reach the root", || {
         twin(&root, "dev1")["reported"] == json!({"r": 2, "y": {"z": 3}})
     });
-    println!("merged reported patch reached the root {} ms after the link returned", reconnected.elapsed().as_millis());
+    println!(
+        "merged reported patch reached the root {} ms after the link returned",
+        reconnected.elapsed().as_millis()
+    );
     assert!(
         dev1.try_expect("$iothub/twin/PATCH/properties/desired/", 1).is_none(),
         "one diff, not one patch per change"
@@ -500,7 +587,9 @@ fn twins_and_methods_across_a_cut_link() {
         rep_version + 1,
         "pushed up once"
     );
-    wait_until(10, "gw1 to drop the acknowledged patch", || twin(&gw1, "dev1")["pending_upstream"].is_null());
+    wait_until(10, "gw1 to drop the acknowledged patch", || {
+        twin(&gw1, "dev1")["pending_upstream"].is_null()
+    });
     let out: Value = serde_json::from_str(&root.cli_ok(&["method", "invoke", "dev2", "status", "--json"])).unwrap();
     assert_eq!(out["status"], 200, "methods from upstream work again: {out}");
     drop(responder);

@@ -7,8 +7,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::client::Client;
-use support::sas::{HUB, in_an_hour, sas, username};
 use support::fleet::{addr, fleet, fleet_section, listen_section, upstream_section, wait_until};
+use support::sas::{in_an_hour, sas, username};
 use support::{Gateway, free_port};
 
 const AUTH_WASM: &str = env!("HOLDFAST_AUTH_WASM");

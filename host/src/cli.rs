@@ -634,7 +634,10 @@ fn twin_command(client: &AdminClient, cmd: TwinCommand, json: bool) -> Result<()
             if json {
                 return print_json(&v);
             }
-            println!("{id}: desired properties now at version {}", str_of(&v["desired_version"]));
+            println!(
+                "{id}: desired properties now at version {}",
+                str_of(&v["desired_version"])
+            );
             return Ok(());
         }
     };

@@ -14,11 +14,11 @@ use tokio::task::JoinHandle;
 use crate::admin;
 use crate::broker::{Broker, listen};
 use crate::config::Config;
+use crate::iothub::Hub;
+use crate::iothub::twin::Twins;
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, SystemTimeSource};
 use crate::plugins::{NodeContext, PluginError, PluginHost, watch::watch_folder};
-use crate::iothub::Hub;
-use crate::iothub::twin::Twins;
 use crate::registry::{Registry, Role};
 use crate::store::Store;
 
@@ -182,8 +182,8 @@ impl Node {
                     stopped.clone(),
                 );
                 tokio::task::spawn_blocking(move || Broker::open(mqtt, plugins, outbox, &store, metrics, hub, stopped))
-                .await
-                .map_err(|e| PluginError::Engine(format!("broker open task failed: {e}")))??
+                    .await
+                    .map_err(|e| PluginError::Engine(format!("broker open task failed: {e}")))??
             };
             let (b, listeners) = listen::start(&broker, stopped.clone()).await?;
             bound = b;
@@ -196,9 +196,7 @@ impl Node {
             None
         };
         let link = Arc::new(crate::link::Status::new(&config));
-        let link_listen = start_link(
-            &config, &outbox, &broker, &hub, &link, &metrics, &stopped, &mut tasks,
-        )?;
+        let link_listen = start_link(&config, &outbox, &broker, &hub, &link, &metrics, &stopped, &mut tasks)?;
         let admin_token = match &config.admin.token {
             Some(t) => t.clone(),
             None => load_or_create_token(&data_dir.join("admin.token"))?,

@@ -395,14 +395,17 @@ mod tests {
             ("empty".to_string(), String::new()),
         ];
         assert_eq!(parse_bag(&encode_bag(&pairs)).unwrap(), pairs);
-        assert_eq!(parse_bag("a&&b=1").unwrap(), vec![("a".into(), String::new()), ("b".into(), "1".into())]);
+        assert_eq!(
+            parse_bag("a&&b=1").unwrap(),
+            vec![("a".into(), String::new()), ("b".into(), "1".into())]
+        );
         assert_eq!(parse_bag("a=1+2").unwrap(), vec![("a".into(), "1 2".into())]);
         assert_eq!(parse_bag("x=%4").unwrap_err().at, 2);
         assert_eq!(parse_bag("=v").unwrap_err().reason, "a property has an empty name");
         assert!(parse_bag("a=%FF").is_err());
-        assert_eq!(query("$iothub/twin/res/200/?$rid=7&$version=3"), vec![
-            ("$rid".into(), "7".into()),
-            ("$version".into(), "3".into())
-        ]);
+        assert_eq!(
+            query("$iothub/twin/res/200/?$rid=7&$version=3"),
+            vec![("$rid".into(), "7".into()), ("$version".into(), "3".into())]
+        );
     }
 }

@@ -118,7 +118,14 @@ impl Gateway {
 
     /// POST a JSON body to an admin API path with the node's token: status and body.
     pub fn post(&self, path: &str, body: &serde_json::Value) -> (u16, String) {
-        http_request(self.port, "POST", path, Some(self.token().trim()), Some(&body.to_string())).unwrap()
+        http_request(
+            self.port,
+            "POST",
+            path,
+            Some(self.token().trim()),
+            Some(&body.to_string()),
+        )
+        .unwrap()
     }
 
     /// The CLI command for `args` against this node, not yet run.

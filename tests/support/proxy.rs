@@ -57,4 +57,3 @@ impl Drop for Proxy {
         let _ = self.child.wait();
     }
 }
-

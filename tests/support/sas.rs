@@ -49,4 +49,3 @@ pub fn in_an_hour() -> u64 {
 pub fn username(id: &str) -> String {
     format!("{HUB}/{id}/?api-version=2021-04-12")
 }
-

@@ -188,7 +188,9 @@ pub struct Hub {
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hub").field("twins", &self.twins).finish_non_exhaustive()
+        f.debug_struct("Hub")
+            .field("twins", &self.twins)
+            .finish_non_exhaustive()
     }
 }
 
@@ -380,7 +382,7 @@ impl Hub {
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         match self.registry.next_hop(target) {
-            Hop::Unknown => return Err(MethodError::NotFound(target.to_string())),
+            Hop::Unknown => Err(MethodError::NotFound(target.to_string())),
             Hop::Here => {
                 let rid = format!("{id:x}");
                 lock(&self.waiting).insert(
@@ -404,7 +406,9 @@ impl Hub {
             }
             Hop::Child(gw) => {
                 let Some(down) = lock(&self.downlinks).get(&gw).cloned() else {
-                    return Err(MethodError::NotOnline(format!("{target} (behind {gw}, which is not connected)")));
+                    return Err(MethodError::NotOnline(format!(
+                        "{target} (behind {gw}, which is not connected)"
+                    )));
                 };
                 lock(&self.down_calls).insert(id, tx);
                 let call = Svc::Method {
@@ -470,7 +474,11 @@ impl Hub {
             content_type: msg.properties.content_type.clone(),
             properties: msg.properties.user_properties.clone(),
         });
-        self.count(if sent.is_ok() { "c2d-forwarded" } else { "c2d-child-offline" });
+        self.count(if sent.is_ok() {
+            "c2d-forwarded"
+        } else {
+            "c2d-child-offline"
+        });
         true
     }
 
@@ -566,7 +574,12 @@ mod tests {
         }
         let mut out = msg("devices/d/modules/m/outputs/o2");
         annotate(&mut out).unwrap();
-        assert!(out.properties.user_properties.iter().any(|(a, b)| a == "$.on" && b == "o2"));
+        assert!(
+            out.properties
+                .user_properties
+                .iter()
+                .any(|(a, b)| a == "$.on" && b == "o2")
+        );
         let mut plain = msg("plant/1");
         annotate(&mut plain).unwrap();
         assert!(plain.properties.user_properties.is_empty());
@@ -582,7 +595,10 @@ mod tests {
             with_bag("devices/d/modules/f/inputs/in1".into(), &p),
             "devices/d/modules/f/inputs/in1/temp=31%20C&%24.ct=application%2Fjson"
         );
-        assert_eq!(with_bag("devices/d/messages/devicebound/x=1".into(), &p), "devices/d/messages/devicebound/x=1");
+        assert_eq!(
+            with_bag("devices/d/messages/devicebound/x=1".into(), &p),
+            "devices/d/messages/devicebound/x=1"
+        );
         assert_eq!(with_bag("plant/1".into(), &p), "plant/1");
     }
 }

@@ -269,7 +269,9 @@ pub struct Twins {
 
 impl std::fmt::Debug for Twins {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Twins").field("replica", &self.replica).finish_non_exhaustive()
+        f.debug_struct("Twins")
+            .field("replica", &self.replica)
+            .finish_non_exhaustive()
     }
 }
 
@@ -529,7 +531,10 @@ mod tests {
         let p2 = obj(json!({"b": {"d": null}, "a": 7}));
         let mut step = base.clone();
         merge(&mut step, &p1);
-        assert_eq!(Value::Object(step.clone()), json!({"b": {"c": 5, "d": 3}, "e": [1, 2], "f": {"h": 1}}));
+        assert_eq!(
+            Value::Object(step.clone()),
+            json!({"b": {"c": 5, "d": 3}, "e": [1, 2], "f": {"h": 1}})
+        );
         merge(&mut step, &p2);
         let mut composed = p1.clone();
         compose(&mut composed, &p2);
@@ -547,10 +552,21 @@ mod tests {
     fn limits_are_enforced() {
         // The patch itself, then ten nested objects, the last holding a value: allowed.
         let deep = (0..12).fold(json!(1), |v, _| json!({ "x": v }));
-        assert!(validate_patch(&deep).unwrap_err().to_string().contains("deeper than 10"));
+        assert!(
+            validate_patch(&deep)
+                .unwrap_err()
+                .to_string()
+                .contains("deeper than 10")
+        );
         let ok = (0..11).fold(json!(1), |v, _| json!({ "x": v }));
         validate_patch(&ok).unwrap();
-        for bad in [json!({"a.b": 1}), json!({"$x": 1}), json!({"a b": 1}), json!({"": 1}), json!([1])] {
+        for bad in [
+            json!({"a.b": 1}),
+            json!({"$x": 1}),
+            json!({"a b": 1}),
+            json!({"": 1}),
+            json!([1]),
+        ] {
             assert_eq!(validate_patch(&bad).unwrap_err().status(), 400, "{bad}");
         }
         let long = json!({ "k".repeat(1025): 1 });
@@ -562,7 +578,9 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let twins = Twins::open(&store, false).unwrap();
         for i in 0..8 {
-            twins.patch_reported("d", &json!({ format!("k{i}"): "v".repeat(4000) })).unwrap();
+            twins
+                .patch_reported("d", &json!({ format!("k{i}"): "v".repeat(4000) }))
+                .unwrap();
         }
         let e = twins.patch_reported("d", &json!({"k9": "v".repeat(4000)})).unwrap_err();
         assert_eq!(e.status(), 413, "{e}");
@@ -580,14 +598,22 @@ mod tests {
             assert_eq!(twins.patch_desired("d", &json!({"a": 1})).unwrap_err().status(), 409);
             let ch = twins.set_desired("d", 5, obj(json!({"mode": "eco"}))).unwrap().unwrap();
             assert_eq!((ch.version, Value::Object(ch.patch)), (5, json!({"mode": "eco"})));
-            assert!(twins.set_desired("d", 5, obj(json!({"mode": "eco"}))).unwrap().is_none());
+            assert!(
+                twins
+                    .set_desired("d", 5, obj(json!({"mode": "eco"})))
+                    .unwrap()
+                    .is_none()
+            );
         }
         let store = Store::open(dir.path()).unwrap();
         let twins = Twins::open(&store, true).unwrap();
         let pending = twins.pending();
         assert_eq!(pending.len(), 1);
         let (id, generation, patch) = &pending[0];
-        assert_eq!((id.as_str(), Value::Object(patch.clone())), ("d", json!({"a": null, "b": 1, "c": {"x": 1}})));
+        assert_eq!(
+            (id.as_str(), Value::Object(patch.clone())),
+            ("d", json!({"a": null, "b": 1, "c": {"x": 1}}))
+        );
         twins.patch_reported("d", &json!({"b": 2})).unwrap();
         twins.acknowledge("d", *generation).unwrap();
         assert_eq!(twins.pending().len(), 1, "a newer patch is not dropped by an older ack");
@@ -605,6 +631,9 @@ mod tests {
         let v = twins.patch_reported_from("gw1", 7, "d", &json!({"b": 3})).unwrap();
         assert_eq!(twins.patch_reported_from("gw1", 7, "d", &json!({"b": 3})).unwrap(), v);
         assert_eq!(twins.patch_reported_from("gw1", 6, "d", &json!({"b": 1})).unwrap(), v);
-        assert_eq!(twins.patch_reported_from("gw2", 1, "d", &json!({"b": 4})).unwrap(), v + 1);
+        assert_eq!(
+            twins.patch_reported_from("gw2", 1, "d", &json!({"b": 4})).unwrap(),
+            v + 1
+        );
     }
 }

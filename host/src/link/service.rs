@@ -279,9 +279,11 @@ pub async fn child(hub: Arc<Hub>, metrics: Arc<Metrics>, conn: quinn::Connection
                         conn.close(close::PROTOCOL.into(), b"bad message topic");
                         break;
                     }
-                    let mut props = holdfast_mqtt::Properties::default();
-                    props.content_type = content_type;
-                    props.user_properties = properties;
+                    let props = holdfast_mqtt::Properties {
+                        content_type,
+                        user_properties: properties,
+                        ..Default::default()
+                    };
                     hub.deliver_from_parent(crate::broker::session::Msg {
                         topic,
                         payload: payload.into(),

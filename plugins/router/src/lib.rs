@@ -174,7 +174,9 @@ impl DefaultRouter {
                 Sink::Local => None,
                 Sink::Topic(t) => Some(t.clone()),
                 Sink::Input { device, module, input } => {
-                    let Some(device) = device.clone().or_else(|| view.dialect().map(|t| t.device().to_string()))
+                    let Some(device) = device
+                        .clone()
+                        .or_else(|| view.dialect().map(|t| t.device().to_string()))
                     else {
                         // A plain MQTT message has no device whose module this is.
                         continue;
@@ -339,12 +341,22 @@ mod tests {
             }
             r.route(&b.build())
         };
-        assert_eq!(m("devices/d/messages/events/", &[("temperature", "31")], "{}"), vec![Action::upstream(5)]);
         assert_eq!(
-            m("devices/d/messages/events/", &[("temperature", "31")], r#"{"level":"critical"}"#),
+            m("devices/d/messages/events/", &[("temperature", "31")], "{}"),
+            vec![Action::upstream(5)]
+        );
+        assert_eq!(
+            m(
+                "devices/d/messages/events/",
+                &[("temperature", "31")],
+                r#"{"level":"critical"}"#
+            ),
             vec![Action::upstream(0).with_ttl(600)]
         );
-        assert_eq!(m("devices/d/messages/events/", &[("temperature", "20")], "{}"), Vec::<Action>::new());
+        assert_eq!(
+            m("devices/d/messages/events/", &[("temperature", "20")], "{}"),
+            Vec::<Action>::new()
+        );
         assert_eq!(
             m("devices/d/modules/sensor/messages/events/", &[("$.on", "out1")], ""),
             vec![Action::local("devices/d/modules/filter/inputs/in1")]

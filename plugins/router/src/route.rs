@@ -631,7 +631,9 @@ impl Parser {
             }
             _ => err(
                 col,
-                format!("expected a sink ($upstream, $local, BrokeredEndpoint(\"...\") or topic(\"...\")), found {tok}"),
+                format!(
+                    "expected a sink ($upstream, $local, BrokeredEndpoint(\"...\") or topic(\"...\")), found {tok}"
+                ),
             ),
         }
     }
@@ -804,7 +806,10 @@ impl Parser {
                     .iter()
                     .any(|k| w.eq_ignore_ascii_case(k)) =>
             {
-                return err(col, format!("expected a value, found keyword {}", w.to_ascii_uppercase()));
+                return err(
+                    col,
+                    format!("expected a value, found keyword {}", w.to_ascii_uppercase()),
+                );
             }
             Tok::Word(w) => Expr::App(w),
             other => return err(col, format!("expected a value, found {other}")),
@@ -924,9 +929,7 @@ impl<'m, 'a> View<'m, 'a> {
             Source::Messages => dialect.is_some(),
             Source::AnyModule => dialect.is_some_and(|t| t.module().is_some()),
             Source::Module(m) => dialect.is_some_and(|t| t.module() == Some(m)),
-            Source::ModuleOutputs(m) => {
-                dialect.is_some_and(|t| t.module() == Some(m)) && self.output().is_some()
-            }
+            Source::ModuleOutputs(m) => dialect.is_some_and(|t| t.module() == Some(m)) && self.output().is_some(),
             Source::ModuleOutput(m, o) => {
                 dialect.is_some_and(|t| t.module() == Some(m)) && self.output().as_deref() == Some(o)
             }
@@ -939,9 +942,7 @@ impl<'m, 'a> View<'m, 'a> {
         match e {
             Expr::Lit(v) => v.clone(),
             Expr::Sys(s) => self.sys(*s),
-            Expr::App(name) => self
-                .prop(name)
-                .map_or(Value::Undefined, |v| Value::Str(v.to_string())),
+            Expr::App(name) => self.prop(name).map_or(Value::Undefined, |v| Value::Str(v.to_string())),
             Expr::Body(path) => self.body(path),
             Expr::Not(inner) => match self.eval(inner) {
                 Value::Bool(b) => Value::Bool(!b),
@@ -1093,9 +1094,7 @@ fn call(f: Func, args: &[Value]) -> Value {
                 _ => Value::Undefined,
             }
         }
-        Func::IndexOf => two(&|s, sub| {
-            Value::Num(s.find(sub).map_or(-1.0, |byte| s[..byte].chars().count() as f64))
-        }),
+        Func::IndexOf => two(&|s, sub| Value::Num(s.find(sub).map_or(-1.0, |byte| s[..byte].chars().count() as f64))),
         Func::StartsWith => two(&|s, p| is(s.starts_with(p))),
         Func::EndsWith => two(&|s, p| is(s.ends_with(p))),
         Func::Contains => two(&|s, p| is(s.contains(p))),
@@ -1126,7 +1125,12 @@ mod tests {
     fn conditions_cover_properties_body_and_functions() {
         let m = msg(
             "devices/d1/messages/events/",
-            &[("$.ct", "application/json"), ("$.mid", "m-1"), ("temperature", "35"), ("site", "Plant 7")],
+            &[
+                ("$.ct", "application/json"),
+                ("$.mid", "m-1"),
+                ("temperature", "35"),
+                ("site", "Plant 7"),
+            ],
             r#"{"temp": {"value": 21.5, "unit": "C"}, "tags": ["a", "b"], "list": [{}, {"k": 2}], "ok": true, "none": null}"#,
         );
         let yes = [
@@ -1236,26 +1240,54 @@ mod tests {
             ("FROM /messages INTO $upstream", 6, "unknown source `/messages`"),
             ("FROM /topics/a/#/b INTO $upstream", 6, "`#` must be a whole last level"),
             ("FROM /* WHER x = 1 INTO $upstream", 9, "expected WHERE or INTO"),
-            ("FROM /* WHERE x = INTO $upstream", 19, "expected a value, found keyword INTO"),
+            (
+                "FROM /* WHERE x = INTO $upstream",
+                19,
+                "expected a value, found keyword INTO",
+            ),
             ("FROM /* WHERE x = 'abc INTO $upstream", 19, "no closing quote"),
             ("FROM /* WHERE (x = 1 INTO $upstream", 22, "expected `)`"),
             ("FROM /* WHERE x = 1", 20, "expected INTO or an operator, found the end"),
-            ("FROM /* WHERE $nope = 1 INTO $upstream", 15, "unknown system property `$nope`"),
-            ("FROM /* WHERE LOWR(x) = 'a' INTO $upstream", 15, "unknown function `LOWR`"),
-            ("FROM /* WHERE LOWER(x, y) = 'a' INTO $upstream", 15, "LOWER takes 1 argument(s), got 2"),
+            (
+                "FROM /* WHERE $nope = 1 INTO $upstream",
+                15,
+                "unknown system property `$nope`",
+            ),
+            (
+                "FROM /* WHERE LOWR(x) = 'a' INTO $upstream",
+                15,
+                "unknown function `LOWR`",
+            ),
+            (
+                "FROM /* WHERE LOWER(x, y) = 'a' INTO $upstream",
+                15,
+                "LOWER takes 1 argument(s), got 2",
+            ),
             ("FROM /* WHERE x # 1 INTO $upstream", 17, "unexpected character `#`"),
             ("FROM /* INTO $cloud", 14, "expected a sink"),
-            ("FROM /* INTO BrokeredEndpoint(\"/modules/m\")", 31, "BrokeredEndpoint takes"),
+            (
+                "FROM /* INTO BrokeredEndpoint(\"/modules/m\")",
+                31,
+                "BrokeredEndpoint takes",
+            ),
             ("FROM /* INTO topic('a/+')", 20, "without wildcards"),
             ("FROM /* INTO $upstream extra", 24, "unexpected `extra` after the sink"),
-            ("FROM /* WHERE x = 1 2 INTO $upstream", 21, "expected INTO or an operator, found number 2"),
+            (
+                "FROM /* WHERE x = 1 2 INTO $upstream",
+                21,
+                "expected INTO or an operator, found number 2",
+            ),
         ];
         for (text, column, reason) in cases {
             let e = parse(text).err().unwrap_or_else(|| panic!("{text} accepted"));
             assert!(e.reason.contains(reason), "{text}: {e}");
             assert_eq!(e.column, column, "{text}: {e}");
         }
-        let deep = format!("FROM /* WHERE {}x = 1{} INTO $upstream", "(".repeat(100), ")".repeat(100));
+        let deep = format!(
+            "FROM /* WHERE {}x = 1{} INTO $upstream",
+            "(".repeat(100),
+            ")".repeat(100)
+        );
         assert!(parse(&deep).unwrap_err().reason.contains("deeper than"));
         let nots = format!("FROM /* WHERE {} x = 1 INTO $upstream", "NOT ".repeat(100));
         assert!(parse(&nots).unwrap_err().reason.contains("deeper than"));
