@@ -594,3 +594,45 @@ fn twins_and_methods_across_a_cut_link() {
     assert_eq!(out["status"], 200, "methods from upstream work again: {out}");
     drop(responder);
 }
+
+/// The same dialect from another client library: paho-mqtt in Python, MQTT 3.1.1.
+#[test]
+fn a_paho_device_speaks_the_dialect() {
+    use std::io::{BufRead, BufReader};
+    let gw = Gateway::start(&identity("pump-7", "device", 9));
+    let mut watcher = Client::connect(gw.mqtt, "watcher", true).unwrap();
+    watcher.subscribe("devices/#").unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/iothub/paho_device.py");
+    let mut child = std::process::Command::new("python3")
+        .arg(&script)
+        .args([&gw.mqtt.to_string(), "pump-7", &key(9)])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 with paho-mqtt (scripts/setup.sh installs it)");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = || lines.next().expect("the script ended early").unwrap();
+    assert_eq!(next(), "telemetry sent");
+    let got = watcher.recv(Duration::from_secs(10)).unwrap().expect("the telemetry");
+    assert!(
+        got.topic.starts_with("devices/pump-7/messages/events/"),
+        "{}",
+        got.topic
+    );
+    assert_eq!(got.prop("source"), Some("paho"));
+    assert_eq!(got.prop("$.ct"), Some("application/json"));
+    assert_eq!(next(), "twin 200 desired=1 reported=1");
+    assert_eq!(next(), "patched $iothub/twin/res/204/?$rid=2&$version=2");
+    assert_eq!(next(), "READY");
+    let out: Value =
+        serde_json::from_str(&gw.cli_ok(&["method", "invoke", "pump-7", "reboot", r#"{"now":true}"#, "--json"]))
+            .unwrap();
+    assert_eq!(
+        out,
+        json!({"status": 200, "payload": {"from": "paho", "method": "reboot", "got": {"now": true}}})
+    );
+    assert_eq!(next(), "answered reboot");
+    gw.cli_ok(&["twin", "set-desired", "pump-7", r#"{"interval":30}"#]);
+    assert_eq!(next(), r#"desired 2 {"$version": 2, "interval": 30}"#);
+    assert!(child.wait().unwrap().success());
+    assert_eq!(twin(&gw, "pump-7")["reported"], json!({"client": "paho"}));
+}

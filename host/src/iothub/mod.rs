@@ -180,8 +180,8 @@ pub struct Hub {
     next_call: AtomicU64,
     /// Calls waiting for a device here, by `$rid`.
     waiting: Mutex<HashMap<String, Waiting>>,
-    /// Calls waiting for a child gateway, by call id.
-    down_calls: Mutex<HashMap<u64, oneshot::Sender<MethodResult>>>,
+    /// Calls waiting for a child gateway, by call id: the gateway and the caller.
+    down_calls: Mutex<HashMap<u64, (String, oneshot::Sender<MethodResult>)>>,
     /// Connected child gateways' service streams.
     downlinks: Mutex<HashMap<String, mpsc::UnboundedSender<Svc>>>,
 }
@@ -277,33 +277,32 @@ impl Hub {
             }
             ["$iothub", "twin", "PATCH", "properties", "reported"] => {
                 self.count("twin-patch-reported");
-                let result = match (own, serde_json::from_slice::<Value>(payload)) {
-                    (None, _) => Err((401, "anonymous clients have no twin".to_string())),
-                    (_, Err(e)) => Err((400, format!("the patch is not JSON: {e}"))),
-                    (Some(id), Ok(patch)) => self
-                        .twins
-                        .patch_reported(id, &patch)
-                        .map_err(|e| (e.status(), e.to_string())),
-                };
-                match result {
-                    Ok(version) => {
-                        self.send_to(
-                            client_id,
+                let parsed = serde_json::from_slice::<Value>(payload);
+                let (hub, client, own) = (self.clone(), client_id.to_string(), own.map(str::to_string));
+                // The patch is fsynced before it is answered: off the reactor.
+                tokio::task::spawn_blocking(move || {
+                    let result = match (own, parsed) {
+                        (None, _) => Err((401, "anonymous clients have no twin".to_string())),
+                        (_, Err(e)) => Err((400, format!("the patch is not JSON: {e}"))),
+                        (Some(id), Ok(patch)) => hub
+                            .twins
+                            .patch_reported(&id, &patch)
+                            .map_err(|e| (e.status(), e.to_string())),
+                    };
+                    let (topic, body) = match result {
+                        Ok(version) => (
                             format!("$iothub/twin/res/204/?$rid={rid}&$version={version}"),
                             Vec::new(),
-                        );
-                    }
-                    Err((status, why)) => {
-                        self.count("twin-refused");
-                        tracing::debug!(client = client_id, %why, "twin: reported patch refused");
-                        let body = serde_json::json!({ "error": why }).to_string();
-                        self.send_to(
-                            client_id,
-                            format!("$iothub/twin/res/{status}/?$rid={rid}"),
-                            body.into_bytes(),
-                        );
-                    }
-                }
+                        ),
+                        Err((status, why)) => {
+                            hub.count("twin-refused");
+                            tracing::debug!(client = %client, %why, "twin: reported patch refused");
+                            let body = serde_json::json!({ "error": why }).to_string();
+                            (format!("$iothub/twin/res/{status}/?$rid={rid}"), body.into_bytes())
+                        }
+                    };
+                    hub.send_to(&client, topic, body);
+                });
             }
             ["$iothub", "methods", "res", status] => {
                 self.count("method-response");
@@ -410,7 +409,7 @@ impl Hub {
                         "{target} (behind {gw}, which is not connected)"
                     )));
                 };
-                lock(&self.down_calls).insert(id, tx);
+                lock(&self.down_calls).insert(id, (gw.clone(), tx));
                 let call = Svc::Method {
                     call: id,
                     target: target.to_string(),
@@ -432,10 +431,19 @@ impl Hub {
         }
     }
 
-    /// A child gateway answered call `call`.
-    pub fn method_answered(&self, call: u64, result: MethodResult) {
-        if let Some(tx) = lock(&self.down_calls).remove(&call) {
-            let _ = tx.send(result);
+    /// Child gateway `child` answered call `call`; an answer to a call
+    /// that went to another child is ignored.
+    pub fn method_answered(&self, child: &str, call: u64, result: MethodResult) {
+        let mut calls = lock(&self.down_calls);
+        match calls.remove(&call) {
+            Some((gw, tx)) if gw == child => {
+                let _ = tx.send(result);
+            }
+            Some(other) => {
+                calls.insert(call, other);
+                self.count("method-response-foreign");
+            }
+            None => self.count("method-response-late"),
         }
     }
 

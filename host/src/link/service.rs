@@ -178,7 +178,7 @@ pub async fn parent(
                     }
                     let _ = tx.send(Svc::ReportedAck { id, generation });
                 }
-                Ok(Some(Svc::MethodResult { call, result })) => hub.method_answered(call, result),
+                Ok(Some(Svc::MethodResult { call, result })) => hub.method_answered(&child, call, result),
                 Ok(Some(other)) => {
                     tracing::warn!(child = %child, message = ?other, "link: unexpected service message from a child");
                     conn.close(close::PROTOCOL.into(), b"unexpected service message");
