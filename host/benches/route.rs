@@ -11,45 +11,22 @@
 //! default router, with the same `Arc<Message>` and the same output
 //! allocation, so the ratio is the price of the sandbox.
 
+mod common;
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
 
-use holdfast::config::Config;
-use holdfast::identity::MemoryDirectory;
-use holdfast::metrics::Metrics;
-use holdfast::plugins::{
-    Action, LocalAction, Message, NodeContext, PluginHost, RouteOutcome, SlotName, UpstreamAction, embedded_plugin,
-};
+use holdfast::plugins::{Action, LocalAction, Message, RouteOutcome, SlotName, UpstreamAction, embedded_plugin};
+
+use common::{measure, median, plugin_host};
 
 const TEST_ROUTER: &str = env!("HOLDFAST_TEST_ROUTER_WASM");
 const ALERT_ROUTER: &str = env!("HOLDFAST_EXAMPLE_ALERT_ROUTER_WASM");
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
-
-/// Median ns per call of `f` over `rounds` rounds of `n` calls.
-fn measure(rounds: usize, n: usize, mut f: impl FnMut()) -> f64 {
-    for _ in 0..n / 10 {
-        f();
-    }
-    let per_round: Vec<f64> = (0..rounds)
-        .map(|_| {
-            let t = Instant::now();
-            for _ in 0..n {
-                f();
-            }
-            t.elapsed().as_nanos() as f64 / n as f64
-        })
-        .collect();
-    median(per_round)
 }
 
 /// What the default router decides, natively.
@@ -76,16 +53,8 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (rounds, n) = if quick { (5, 20_000) } else { (15, 200_000) };
     let dir = tempfile::tempdir().expect("temp dir");
-    let config =
-        Config::parse(&format!("[node]\ndata_dir = {:?}\n", dir.path().display().to_string())).expect("config");
-    let node = NodeContext {
-        node_id: "bench".into(),
-        started: Instant::now(),
-        identities: Arc::new(MemoryDirectory::new()),
-        metrics: Arc::new(Metrics::new()),
-    };
-    let default_host = PluginHost::new(&config, node.clone()).expect("plugins");
-    let payload_host = PluginHost::new(&config, node).expect("plugins");
+    let default_host = plugin_host(dir.path());
+    let payload_host = plugin_host(dir.path());
     let test_router = std::fs::read(TEST_ROUTER).expect("test router wasm");
     payload_host
         .swap(SlotName::Router, &test_router, "bench".into(), Some("{}".into()))
@@ -169,21 +138,7 @@ fn main() {
     let a = embedded_plugin(SlotName::Router).to_vec();
     let b = std::fs::read(ALERT_ROUTER).expect("alert router wasm");
     let cold_dir = tempfile::tempdir().expect("temp dir");
-    let cold_config = Config::parse(&format!(
-        "[node]\ndata_dir = {:?}\n",
-        cold_dir.path().display().to_string()
-    ))
-    .expect("config");
-    let cold_host = PluginHost::new(
-        &cold_config,
-        NodeContext {
-            node_id: "bench".into(),
-            started: Instant::now(),
-            identities: Arc::new(MemoryDirectory::new()),
-            metrics: Arc::new(Metrics::new()),
-        },
-    )
-    .expect("plugins");
+    let cold_host = plugin_host(cold_dir.path());
     let first = cold_host
         .swap(SlotName::Router, &b, "bench".into(), Some("{}".into()))
         .expect("first swap");

@@ -12,14 +12,13 @@
 //! message is an IoT Hub telemetry message as the broker hands it over: its
 //! property bag already parsed into four user properties, a 256-byte JSON body.
 
+mod common;
+
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::Instant;
 
-use holdfast::config::Config;
-use holdfast::identity::MemoryDirectory;
-use holdfast::metrics::Metrics;
-use holdfast::plugins::{Message, NodeContext, PluginHost, SlotName, embedded_plugin};
+use common::{measure, plugin_host};
+use holdfast::plugins::{Message, SlotName, embedded_plugin};
 use holdfast_sdk::Config as PluginConfig;
 use holdfast_sdk::router::{Message as SdkMessage, Router as _};
 
@@ -44,26 +43,6 @@ fn body() -> Vec<u8> {
     }
     b.push_str("\"}");
     b.into_bytes()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn measure(rounds: usize, n: usize, mut f: impl FnMut()) -> f64 {
-    for _ in 0..n / 10 {
-        f();
-    }
-    let mut per = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
-        let t = Instant::now();
-        for _ in 0..n {
-            f();
-        }
-        per.push(t.elapsed().as_nanos() as f64 / n as f64);
-    }
-    median(per)
 }
 
 fn cases() -> Vec<(&'static str, String)> {
@@ -98,18 +77,7 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (rounds, n) = if quick { (5, 10_000) } else { (15, 100_000) };
     let dir = tempfile::tempdir().expect("temp dir");
-    let config =
-        Config::parse(&format!("[node]\ndata_dir = {:?}\n", dir.path().display().to_string())).expect("config");
-    let host = PluginHost::new(
-        &config,
-        NodeContext {
-            node_id: "bench".into(),
-            started: Instant::now(),
-            identities: Arc::new(MemoryDirectory::new()),
-            metrics: Arc::new(Metrics::new()),
-        },
-    )
-    .expect("plugins");
+    let host = plugin_host(dir.path());
     let router = embedded_plugin(SlotName::Router).to_vec();
     let mut msg = Message::new(TOPIC, body(), "d1");
     msg.properties = properties();

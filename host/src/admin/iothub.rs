@@ -26,17 +26,23 @@ use crate::iothub::twin::TwinError;
 use crate::iothub::{DEFAULT_METHOD_TIMEOUT, MethodError};
 use crate::node::NodeState;
 
+/// An error that knows its HTTP status.
+fn with_status(status: u16, e: &impl std::fmt::Display) -> ApiError {
+    ApiError(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        e.to_string(),
+    )
+}
+
 impl From<TwinError> for ApiError {
     fn from(e: TwinError) -> Self {
-        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        ApiError(status, e.to_string())
+        with_status(e.status(), &e)
     }
 }
 
 impl From<MethodError> for ApiError {
     fn from(e: MethodError) -> Self {
-        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        ApiError(status, e.to_string())
+        with_status(e.status(), &e)
     }
 }
 
