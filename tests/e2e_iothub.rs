@@ -471,6 +471,7 @@ fn twins_and_methods_across_a_cut_link() {
     add(&root, &["gw1", "--kind", "gateway", "--parent", "root"]);
     let k1 = add(&root, &["dev1", "--parent", "gw1"]);
     let k2 = add(&root, &["dev2", "--parent", "gw1"]);
+    add(&root, &["dev3", "--parent", "gw1"]);
     let proxy = Proxy::start(addr(link));
     let gw1 = Gateway::start_named(
         "gw1",
@@ -510,6 +511,12 @@ fn twins_and_methods_across_a_cut_link() {
     let out: Value = serde_json::from_str(&root.cli_ok(&["method", "invoke", "dev2", "status", "--json"])).unwrap();
     assert_eq!(out["status"], 200, "a method from upstream, through gw1: {out}");
     assert_eq!(out["payload"]["device"], "dev2");
+    let absent = root.cli(&["method", "invoke", "dev3", "status"]);
+    let err = String::from_utf8_lossy(&absent.stderr);
+    assert!(
+        err.contains("dev3 is not online") && err.contains("HTTP 404"),
+        "gw1's answer, passed up: {err}"
+    );
     let (code, _) = root.post("/api/v1/devices/dev1/messages", &json!({"payload": "from the cloud"}));
     assert_eq!(code, 202);
     assert_eq!(dev1.expect("devices/dev1/messages/devicebound/").1, b"from the cloud");

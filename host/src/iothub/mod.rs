@@ -44,6 +44,8 @@ use crate::registry::{Hop, Registry};
 pub const MAX_METHOD_TIMEOUT: Duration = Duration::from_secs(300);
 /// What a method call waits for when the caller does not say.
 pub const DEFAULT_METHOD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Calls that may wait for answers at once on a node.
+pub const MAX_WAITING_CALLS: usize = 4096;
 
 /// Parses the property bag of a telemetry or output message into user
 /// properties; the content type also becomes the MQTT 5 content type, and
@@ -143,6 +145,12 @@ pub enum MethodError {
     /// Bad request.
     #[error("{0}")]
     Invalid(String),
+    /// Too many calls are waiting for answers on this node.
+    #[error("too many method calls are waiting ({0}); try again later")]
+    Busy(usize),
+    /// A child gateway could not call the device: its status and reason.
+    #[error("{1}")]
+    Downstream(u16, String),
 }
 
 impl MethodError {
@@ -152,6 +160,8 @@ impl MethodError {
             MethodError::NotFound(_) | MethodError::NotOnline(_) => 404,
             MethodError::Timeout { .. } => 504,
             MethodError::Invalid(_) => 400,
+            MethodError::Busy(_) => 429,
+            MethodError::Downstream(status, _) => *status,
         }
     }
 
@@ -163,6 +173,9 @@ impl MethodError {
         }
     }
 }
+
+/// Where a call sent down to a child gateway gets its answer.
+type Answer = oneshot::Sender<Result<MethodResult, MethodError>>;
 
 /// A call waiting for its answer.
 struct Waiting {
@@ -181,7 +194,7 @@ pub struct Hub {
     /// Calls waiting for a device here, by `$rid`.
     waiting: Mutex<HashMap<String, Waiting>>,
     /// Calls waiting for a child gateway, by call id: the gateway and the caller.
-    down_calls: Mutex<HashMap<u64, (String, oneshot::Sender<MethodResult>)>>,
+    down_calls: Mutex<HashMap<u64, (String, Answer)>>,
     /// Connected child gateways' service streams.
     downlinks: Mutex<HashMap<String, mpsc::UnboundedSender<Svc>>>,
 }
@@ -378,11 +391,16 @@ impl Hub {
             name: name.to_string(),
             ms: timeout.as_millis() as u64,
         };
+        let waiting = lock(&self.waiting).len() + lock(&self.down_calls).len();
+        if waiting >= MAX_WAITING_CALLS {
+            self.count("method-busy");
+            return Err(MethodError::Busy(waiting));
+        }
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
         match self.registry.next_hop(target) {
             Hop::Unknown => Err(MethodError::NotFound(target.to_string())),
             Hop::Here => {
+                let (tx, rx) = oneshot::channel();
                 let rid = format!("{id:x}");
                 lock(&self.waiting).insert(
                     rid.clone(),
@@ -409,6 +427,7 @@ impl Hub {
                         "{target} (behind {gw}, which is not connected)"
                     )));
                 };
+                let (tx, rx) = oneshot::channel();
                 lock(&self.down_calls).insert(id, (gw.clone(), tx));
                 let call = Svc::Method {
                     call: id,
@@ -424,7 +443,7 @@ impl Hub {
                 let answer = tokio::time::timeout(timeout, rx).await;
                 lock(&self.down_calls).remove(&id);
                 match answer {
-                    Ok(Ok(r)) => Ok(r),
+                    Ok(Ok(r)) => r,
                     _ => Err(timed_out()),
                 }
             }
@@ -433,7 +452,7 @@ impl Hub {
 
     /// Child gateway `child` answered call `call`; an answer to a call
     /// that went to another child is ignored.
-    pub fn method_answered(&self, child: &str, call: u64, result: MethodResult) {
+    pub fn method_answered(&self, child: &str, call: u64, result: Result<MethodResult, MethodError>) {
         let mut calls = lock(&self.down_calls);
         match calls.remove(&call) {
             Some((gw, tx)) if gw == child => {

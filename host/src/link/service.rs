@@ -25,7 +25,7 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
 use super::wire::{self, Frame, close};
-use crate::iothub::{Hub, MethodResult};
+use crate::iothub::{Hub, MethodError, MethodResult};
 use crate::metrics::{EventLabels, Metrics};
 
 /// How long the child waits for an acknowledgement before sending a
@@ -85,6 +85,15 @@ pub enum Svc {
         call: u64,
         /// The answer.
         result: MethodResult,
+    },
+    /// Child → parent: the child could not call the device.
+    MethodFailed {
+        /// Call id.
+        call: u64,
+        /// The status (404, 504, …).
+        status: u16,
+        /// Why.
+        error: String,
     },
     /// Parent → child: a message for a device or module input behind the child.
     Message {
@@ -178,7 +187,11 @@ pub async fn parent(
                     }
                     let _ = tx.send(Svc::ReportedAck { id, generation });
                 }
-                Ok(Some(Svc::MethodResult { call, result })) => hub.method_answered(&child, call, result),
+                Ok(Some(Svc::MethodResult { call, result })) => hub.method_answered(&child, call, Ok(result)),
+                Ok(Some(Svc::MethodFailed { call, status, error })) => {
+                    let status = if (400..600).contains(&status) { status } else { 502 };
+                    hub.method_answered(&child, call, Err(MethodError::Downstream(status, error)));
+                }
                 Ok(Some(other)) => {
                     tracing::warn!(child = %child, message = ?other, "link: unexpected service message from a child");
                     conn.close(close::PROTOCOL.into(), b"unexpected service message");
@@ -261,11 +274,11 @@ pub async fn child(hub: Arc<Hub>, metrics: Arc<Metrics>, conn: quinn::Connection
                 Ok(Some(Svc::Method { call, target, name, payload, timeout_ms })) => {
                     let (hub, tx) = (hub.clone(), tx.clone());
                     tokio::spawn(async move {
-                        let result = hub
-                            .invoke(&target, &name, payload, Duration::from_millis(timeout_ms))
-                            .await
-                            .unwrap_or_else(|e| e.as_result());
-                        let _ = tx.send(Svc::MethodResult { call, result });
+                        let answer = match hub.invoke(&target, &name, payload, Duration::from_millis(timeout_ms)).await {
+                            Ok(result) => Svc::MethodResult { call, result },
+                            Err(e) => Svc::MethodFailed { call, status: e.status(), error: e.to_string() },
+                        };
+                        let _ = tx.send(answer);
                     });
                 }
                 Ok(Some(Svc::Message { topic, payload, content_type, properties })) => {
