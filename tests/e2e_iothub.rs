@@ -297,8 +297,13 @@ fn telemetry_routes_twins_and_methods_on_one_node() {
         "$iothub/twin/PATCH/properties/reported/?$rid=2",
         r#"{"firmware":"1.2","net":{"rssi":-70}}"#,
     );
+    // A GET right behind the patch sees it: answers come in request order.
+    dev1.publish("$iothub/twin/GET/?$rid=21", "");
     let (topic, _) = dev1.expect("$iothub/twin/res/");
     assert_eq!(topic, "$iothub/twin/res/204/?$rid=2&$version=2");
+    let (topic, doc) = dev1.expect_json("$iothub/twin/res/");
+    assert!(topic.starts_with("$iothub/twin/res/200/?$rid=21"), "{topic}");
+    assert_eq!(doc["reported"]["$version"], 2, "{doc}");
     let deep = (0..12).fold(json!(1), |v, _| json!({ "x": v }));
     dev1.publish("$iothub/twin/PATCH/properties/reported/?$rid=3", deep.to_string());
     let (topic, err) = dev1.expect_json("$iothub/twin/res/");

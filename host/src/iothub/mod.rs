@@ -292,8 +292,11 @@ impl Hub {
                 self.count("twin-patch-reported");
                 let parsed = serde_json::from_slice::<Value>(payload);
                 let (hub, client, own) = (self.clone(), client_id.to_string(), own.map(str::to_string));
-                // The patch is fsynced before it is answered: off the reactor.
-                tokio::task::spawn_blocking(move || {
+                // The patch is fsynced before it is answered. On the multi-thread
+                // runtime the connection waits for it (its other work moves to
+                // another thread), so its next request sees the patch; otherwise
+                // it goes to a blocking thread.
+                let work = move || {
                     let result = match (own, parsed) {
                         (None, _) => Err((401, "anonymous clients have no twin".to_string())),
                         (_, Err(e)) => Err((400, format!("the patch is not JSON: {e}"))),
@@ -315,7 +318,14 @@ impl Hub {
                         }
                     };
                     hub.send_to(&client, topic, body);
-                });
+                };
+                let multi = tokio::runtime::Handle::try_current()
+                    .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+                if multi {
+                    tokio::task::block_in_place(work);
+                } else {
+                    tokio::task::spawn_blocking(work);
+                }
             }
             ["$iothub", "methods", "res", status] => {
                 self.count("method-response");
