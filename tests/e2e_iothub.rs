@@ -453,12 +453,9 @@ fn telemetry_routes_twins_and_methods_on_one_node() {
     drop(responder);
 }
 
+/// Registers an identity at `gw`; its primary SAS key.
 fn add(gw: &Gateway, args: &[&str]) -> String {
-    let mut all = vec!["device", "add"];
-    all.extend_from_slice(args);
-    all.push("--json");
-    let v: Value = serde_json::from_str(&gw.cli_ok(&all)).unwrap();
-    v["sas_primary"].as_str().unwrap().to_string()
+    gw.add_identity(args).0
 }
 
 fn twin(gw: &Gateway, id: &str) -> Value {

@@ -29,14 +29,7 @@ fn connect_with(port: u16, client_id: &str, user: &str, password: &[u8]) -> Resu
 
 /// `holdfast device add … --json`; returns the primary and secondary keys.
 fn add(gw: &Gateway, args: &[&str]) -> (String, String) {
-    let mut all = vec!["device", "add"];
-    all.extend_from_slice(args);
-    all.push("--json");
-    let v: serde_json::Value = serde_json::from_str(&gw.cli_ok(&all)).unwrap();
-    (
-        v["sas_primary"].as_str().unwrap_or_default().to_string(),
-        v["sas_secondary"].as_str().unwrap_or_default().to_string(),
-    )
+    gw.add_identity(args)
 }
 
 fn device_ids(gw: &Gateway) -> Vec<String> {

@@ -152,6 +152,17 @@ impl Gateway {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// `holdfast device add <args> --json`: the new identity's SAS keys
+    /// (primary, secondary), empty when it has none.
+    pub fn add_identity(&self, args: &[&str]) -> (String, String) {
+        let mut all = vec!["device", "add"];
+        all.extend_from_slice(args);
+        all.push("--json");
+        let v: serde_json::Value = serde_json::from_str(&self.cli_ok(&all)).unwrap();
+        let key = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+        (key("sas_primary"), key("sas_secondary"))
+    }
+
     pub fn token(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("data/admin.token")).unwrap()
     }

@@ -174,13 +174,19 @@ impl MethodError {
     }
 }
 
-/// Where a call sent down to a child gateway gets its answer.
-type Answer = oneshot::Sender<Result<MethodResult, MethodError>>;
+/// Who may answer a call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Answerer {
+    /// The identity called, connected here (it answers on `$iothub/methods/res`).
+    Device(String),
+    /// The child gateway it is behind (it answers on the link).
+    Child(String),
+}
 
 /// A call waiting for its answer.
 struct Waiting {
-    target: String,
-    tx: oneshot::Sender<MethodResult>,
+    answerer: Answerer,
+    tx: oneshot::Sender<Result<MethodResult, MethodError>>,
 }
 
 /// The dialect's state on this node.
@@ -191,10 +197,8 @@ pub struct Hub {
     metrics: Arc<Metrics>,
     broker: OnceLock<Weak<Broker>>,
     next_call: AtomicU64,
-    /// Calls waiting for a device here, by `$rid`.
-    waiting: Mutex<HashMap<String, Waiting>>,
-    /// Calls waiting for a child gateway, by call id: the gateway and the caller.
-    down_calls: Mutex<HashMap<u64, (String, Answer)>>,
+    /// Calls waiting for an answer, by call id (a device's `$rid` is it in hex).
+    calls: Mutex<HashMap<u64, Waiting>>,
     /// Connected child gateways' service streams.
     downlinks: Mutex<HashMap<String, mpsc::UnboundedSender<Svc>>>,
 }
@@ -230,8 +234,7 @@ impl Hub {
             metrics,
             broker: OnceLock::new(),
             next_call: AtomicU64::new(1),
-            waiting: Mutex::new(HashMap::new()),
-            down_calls: Mutex::new(HashMap::new()),
+            calls: Mutex::new(HashMap::new()),
             downlinks: Mutex::new(HashMap::new()),
         })
     }
@@ -332,17 +335,13 @@ impl Hub {
                 let status = status.parse::<i32>().unwrap_or(500);
                 let payload = serde_json::from_slice(payload)
                     .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(payload).into_owned()));
-                let mut waiting = lock(&self.waiting);
-                match waiting.remove(&rid) {
-                    Some(w) if Some(w.target.as_str()) == own => {
-                        let _ = w.tx.send(MethodResult { status, payload });
-                    }
-                    Some(w) => {
-                        // Only the device that was called may answer.
-                        waiting.insert(rid, w);
-                        self.count("method-response-foreign");
-                    }
-                    None => self.count("method-response-late"),
+                match (own, u64::from_str_radix(&rid, 16)) {
+                    (Some(own), Ok(call)) => self.answered(
+                        &Answerer::Device(own.to_string()),
+                        call,
+                        Ok(MethodResult { status, payload }),
+                    ),
+                    _ => self.count("method-response-late"),
                 }
             }
             ["$holdfast", "methods", "POST", target @ .., name] if (1..=2).contains(&target.len()) => {
@@ -396,49 +395,35 @@ impl Hub {
                 MAX_METHOD_TIMEOUT.as_secs()
             )));
         }
-        let timed_out = || MethodError::Timeout {
-            target: target.to_string(),
-            name: name.to_string(),
-            ms: timeout.as_millis() as u64,
-        };
-        let waiting = lock(&self.waiting).len() + lock(&self.down_calls).len();
+        let waiting = lock(&self.calls).len();
         if waiting >= MAX_WAITING_CALLS {
             self.count("method-busy");
             return Err(MethodError::Busy(waiting));
         }
+        let answerer = match self.registry.next_hop(target) {
+            Hop::Unknown => return Err(MethodError::NotFound(target.to_string())),
+            Hop::Here => Answerer::Device(target.to_string()),
+            Hop::Child(gw) => Answerer::Child(gw),
+        };
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
-        match self.registry.next_hop(target) {
-            Hop::Unknown => Err(MethodError::NotFound(target.to_string())),
-            Hop::Here => {
-                let (tx, rx) = oneshot::channel();
-                let rid = format!("{id:x}");
-                lock(&self.waiting).insert(
-                    rid.clone(),
-                    Waiting {
-                        target: target.to_string(),
-                        tx,
-                    },
-                );
-                let topic = format!("$iothub/methods/POST/{name}/?$rid={rid}");
-                if !self.send_to(target, topic, payload.to_string().into_bytes()) {
-                    lock(&self.waiting).remove(&rid);
-                    return Err(MethodError::NotOnline(target.to_string()));
-                }
-                let answer = tokio::time::timeout(timeout, rx).await;
-                lock(&self.waiting).remove(&rid);
-                match answer {
-                    Ok(Ok(r)) => Ok(r),
-                    _ => Err(timed_out()),
+        let (tx, rx) = oneshot::channel();
+        lock(&self.calls).insert(
+            id,
+            Waiting {
+                answerer: answerer.clone(),
+                tx,
+            },
+        );
+        let sent = match &answerer {
+            Answerer::Device(device) => {
+                let topic = format!("$iothub/methods/POST/{name}/?$rid={id:x}");
+                if self.send_to(device, topic, payload.to_string().into_bytes()) {
+                    Ok(())
+                } else {
+                    Err(MethodError::NotOnline(target.to_string()))
                 }
             }
-            Hop::Child(gw) => {
-                let Some(down) = lock(&self.downlinks).get(&gw).cloned() else {
-                    return Err(MethodError::NotOnline(format!(
-                        "{target} (behind {gw}, which is not connected)"
-                    )));
-                };
-                let (tx, rx) = oneshot::channel();
-                lock(&self.down_calls).insert(id, (gw.clone(), tx));
+            Answerer::Child(gw) => {
                 let call = Svc::Method {
                     call: id,
                     target: target.to_string(),
@@ -446,30 +431,47 @@ impl Hub {
                     payload,
                     timeout_ms: timeout.as_millis() as u64,
                 };
-                if down.send(call).is_err() {
-                    lock(&self.down_calls).remove(&id);
-                    return Err(MethodError::NotOnline(format!("{target} (behind {gw})")));
-                }
-                let answer = tokio::time::timeout(timeout, rx).await;
-                lock(&self.down_calls).remove(&id);
-                match answer {
-                    Ok(Ok(r)) => r,
-                    _ => Err(timed_out()),
+                match lock(&self.downlinks).get(gw).map(|down| down.send(call)) {
+                    Some(Ok(())) => Ok(()),
+                    _ => Err(MethodError::NotOnline(format!(
+                        "{target} (behind {gw}, which is not connected)"
+                    ))),
                 }
             }
+        };
+        let answer = match sent {
+            Ok(()) => tokio::time::timeout(timeout, rx).await,
+            Err(e) => {
+                lock(&self.calls).remove(&id);
+                return Err(e);
+            }
+        };
+        lock(&self.calls).remove(&id);
+        match answer {
+            Ok(Ok(r)) => r,
+            _ => Err(MethodError::Timeout {
+                target: target.to_string(),
+                name: name.to_string(),
+                ms: timeout.as_millis() as u64,
+            }),
         }
     }
 
-    /// Child gateway `child` answered call `call`; an answer to a call
-    /// that went to another child is ignored.
+    /// Child gateway `child` answered call `call`.
     pub fn method_answered(&self, child: &str, call: u64, result: Result<MethodResult, MethodError>) {
-        let mut calls = lock(&self.down_calls);
+        self.answered(&Answerer::Child(child.to_string()), call, result);
+    }
+
+    /// `by` answered call `call`: passed to the caller if `by` is who was
+    /// asked, else ignored and counted.
+    fn answered(&self, by: &Answerer, call: u64, result: Result<MethodResult, MethodError>) {
+        let mut calls = lock(&self.calls);
         match calls.remove(&call) {
-            Some((gw, tx)) if gw == child => {
-                let _ = tx.send(result);
+            Some(w) if w.answerer == *by => {
+                let _ = w.tx.send(result);
             }
-            Some(other) => {
-                calls.insert(call, other);
+            Some(w) => {
+                calls.insert(call, w);
                 self.count("method-response-foreign");
             }
             None => self.count("method-response-late"),

@@ -143,6 +143,14 @@ async fn writer(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<Svc
     }
 }
 
+/// Queues the desired properties of every twin in `child`'s scope.
+fn send_scope(hub: &Hub, child: &str, tx: &mpsc::UnboundedSender<Svc>) {
+    let scope: Vec<String> = hub.registry().scope(child).entries.into_keys().collect();
+    for (id, version, desired) in hub.twins.desired_of(scope.iter()) {
+        let _ = tx.send(Svc::Desired { id, version, desired });
+    }
+}
+
 /// The parent's end for child `child`, after the child's hello.
 pub async fn parent(
     hub: Arc<Hub>,
@@ -155,10 +163,7 @@ pub async fn parent(
     let (tx, rx) = mpsc::unbounded_channel();
     // Subscribe before the snapshot so no change falls between them.
     let mut changes = hub.twins.desired_changes();
-    let scope: Vec<String> = hub.registry().scope(&child).entries.into_keys().collect();
-    for (id, version, desired) in hub.twins.desired_of(scope.iter()) {
-        let _ = tx.send(Svc::Desired { id, version, desired });
-    }
+    send_scope(&hub, &child, &tx);
     hub.add_downlink(&child, tx.clone());
     let write = tokio::spawn(writer(send, rx));
     loop {
@@ -213,10 +218,7 @@ pub async fn parent(
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     // Resend the whole scope; the child applies only what differs.
-                    let scope: Vec<String> = hub.registry().scope(&child).entries.into_keys().collect();
-                    for (id, version, desired) in hub.twins.desired_of(scope.iter()) {
-                        let _ = tx.send(Svc::Desired { id, version, desired });
-                    }
+                    send_scope(&hub, &child, &tx);
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
             },

@@ -655,16 +655,16 @@ impl Parser {
     }
 
     fn string_arg(&mut self) -> Result<(usize, String), RouteError> {
-        self.expect(&Tok::LParen)?;
+        self.expect_tok(&Tok::LParen)?;
         let (col, tok) = self.lx.next()?;
         let Tok::Str(s) = tok else {
             return err(col, format!("expected a quoted string, found {tok}"));
         };
-        self.expect(&Tok::RParen)?;
+        self.expect_tok(&Tok::RParen)?;
         Ok((col, s))
     }
 
-    fn expect(&mut self, want: &Tok) -> Result<(), RouteError> {
+    fn expect_tok(&mut self, want: &Tok) -> Result<(), RouteError> {
         let (col, tok) = self.lx.next()?;
         if &tok == want {
             Ok(())
@@ -762,7 +762,7 @@ impl Parser {
             Tok::Str(s) => Expr::Lit(Value::Str(Cow::Owned(s))),
             Tok::LParen => {
                 let e = self.or()?;
-                self.expect(&Tok::RParen)?;
+                self.expect_tok(&Tok::RParen)?;
                 e
             }
             Tok::Bracket(name) => Expr::App(name),
@@ -803,7 +803,7 @@ impl Parser {
                         }
                     }
                 }
-                self.expect(&Tok::RParen)?;
+                self.expect_tok(&Tok::RParen)?;
                 if args.len() < min || args.len() > max {
                     let want = if min == max {
                         format!("{min}")
