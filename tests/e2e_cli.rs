@@ -206,7 +206,7 @@ fn admin_port_in_use_is_a_clear_error() {
     std::fs::write(
         &config,
         format!(
-            "[node]\ndata_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n[mqtt.tcp]\nlisten = \"127.0.0.1:0\"\n",
+            "[node]\ndata_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n[mqtt.tcp]\nlisten = \"127.0.0.1:0\"\n[cache]\nlisten = \"127.0.0.1:0\"\n",
             dir.path().display().to_string()
         ),
     )

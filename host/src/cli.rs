@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine as _;
 use clap::{Args, Parser, Subcommand};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::config::Config;
 use crate::plugins::SlotName;
@@ -76,6 +76,9 @@ pub enum Command {
     /// Direct methods on devices and modules.
     #[command(subcommand)]
     Method(MethodCommand),
+    /// The range cache of a running node: totals, stored objects, purge.
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Tools for tests and diagnosis.
     #[command(subcommand, hide = true)]
     Debug(DebugCommand),
@@ -263,6 +266,31 @@ pub enum TwinCommand {
     },
 }
 
+/// `holdfast cache …`
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Totals: objects, bytes stored, budget, free space, fills in flight.
+    Stats,
+    /// Stored objects, largest first.
+    Objects {
+        /// Most objects to list.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Delete stored objects: one key, every key with a prefix, or all.
+    Purge {
+        /// A cache key, e.g. `debian:/debian/pool/main/c/curl/curl_8.deb`.
+        #[arg(long, conflicts_with_all = ["prefix", "all"])]
+        key: Option<String>,
+        /// Every key starting with this, e.g. `debian:`.
+        #[arg(long, conflicts_with = "all")]
+        prefix: Option<String>,
+        /// Everything.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
 /// `holdfast method …`
 #[derive(Debug, Subcommand)]
 pub enum MethodCommand {
@@ -416,6 +444,10 @@ pub fn execute(cli: Cli) -> Result<()> {
         Command::Twin(cmd) => {
             let client = AdminClient::discover(&cli.admin)?;
             twin_command(&client, cmd, cli.admin.json)
+        }
+        Command::Cache(cmd) => {
+            let client = AdminClient::discover(&cli.admin)?;
+            cache_command(&client, cmd, cli.admin.json)
         }
         Command::Method(MethodCommand::Invoke {
             target,
@@ -623,6 +655,90 @@ fn device_command(client: &AdminClient, cmd: DeviceCommand, json: bool) -> Resul
     }
     print_identity(&v);
     Ok(())
+}
+
+fn cache_command(client: &AdminClient, cmd: CacheCommand, json: bool) -> Result<()> {
+    match cmd {
+        CacheCommand::Stats => {
+            let v = client.get("/api/v1/cache")?;
+            if json {
+                return print_json(&v);
+            }
+            let bytes = |k: &str| v[k].as_u64().map_or_else(|| "-".to_string(), human_bytes);
+            print_table(
+                &[
+                    "listen", "objects", "stored", "max size", "min free", "free", "fills", "parent",
+                ],
+                &[vec![
+                    str_of(&v["listen"]),
+                    str_of(&v["objects"]),
+                    bytes("stored_bytes"),
+                    bytes("max_size"),
+                    bytes("min_free"),
+                    bytes("free_bytes"),
+                    str_of(&v["fills_in_flight"]),
+                    str_of(&v["parent"]),
+                ]],
+            );
+        }
+        CacheCommand::Objects { limit } => {
+            let v = client.get(&format!("/api/v1/cache/objects?limit={limit}"))?;
+            if json {
+                return print_json(&v);
+            }
+            let rows = rows_of(&v, "objects", |o| {
+                vec![
+                    str_of(&o["key"]),
+                    o["stored_bytes"].as_u64().map_or_else(|| "-".into(), human_bytes),
+                    o["length"].as_u64().map_or_else(|| "-".into(), human_bytes),
+                    str_of(&o["blocks"]),
+                    str_of(&o["class"]),
+                    str_of(&o["etag"]),
+                ]
+            });
+            print_table(&["key", "stored", "length", "blocks", "class", "etag"], &rows);
+        }
+        CacheCommand::Purge { key, prefix, all } => {
+            if key.is_none() && prefix.is_none() && !all {
+                bail!("give --key, --prefix or --all");
+            }
+            let body = json!({ "key": key, "prefix": prefix, "all": all });
+            let body = match body {
+                Value::Object(m) => Value::Object(
+                    m.into_iter()
+                        .filter(|(_, v)| !v.is_null() && *v != json!(false))
+                        .collect(),
+                ),
+                other => other,
+            };
+            let v = client.post_json("/api/v1/cache/purge", &body)?;
+            if json {
+                return print_json(&v);
+            }
+            println!(
+                "purged {} objects ({})",
+                str_of(&v["objects"]),
+                v["bytes"].as_u64().map_or_else(|| "-".into(), human_bytes)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `1.5 MiB`-style sizes.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 fn twin_command(client: &AdminClient, cmd: TwinCommand, json: bool) -> Result<()> {

@@ -66,6 +66,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// `[[identities]]`: identities seeded from the config.
     pub identities: Vec<IdentityConfig>,
+    /// `[cache]`: the HTTP range cache for update and package content.
+    pub cache: CacheConfig,
 }
 
 /// `[node]`
@@ -463,6 +465,59 @@ impl Default for LinkConfig {
     }
 }
 
+/// `[cache]`: the in-network HTTP range cache (docs/cache.md). Which
+/// requests it serves is decided by the content-source plugin.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Serve the cache. Default true.
+    pub enabled: bool,
+    /// TCP address of the HTTP/1.1 listener. Default `0.0.0.0:8080`; use
+    /// port 80 in production (update clients expect it).
+    pub listen: SocketAddr,
+    /// Where blocks are stored. Default `<data_dir>/cache`.
+    pub dir: Option<PathBuf>,
+    /// Block size in bytes: a power of two, 64 KiB-16 MiB. Default 1 MiB.
+    /// Use the same size at every level of a tree. Changing it empties the cache.
+    pub block_size: u64,
+    /// Most bytes of blocks stored. Default 10 GiB.
+    pub max_size: u64,
+    /// Free space to leave on the cache's file system, bytes. Default 1 GiB.
+    pub min_free: u64,
+    /// The parent node's cache, e.g. `http://10.0.0.1:8080`. Misses are
+    /// fetched through it (it fetches from its own parent or the origin)
+    /// instead of from the origin. Default none.
+    pub parent: Option<String>,
+    /// Bytes a fill keeps fetching after every client that was reading it
+    /// went away. Default 16 MiB.
+    pub orphan_fill_bytes: u64,
+    /// Timeout for connecting to an upstream and receiving its response
+    /// head, and for each read of its body, ms. Default 30000.
+    pub upstream_timeout_ms: u64,
+    /// Extra PEM trust anchors for https origins, besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Concurrent client connections. Default 1024.
+    pub max_connections: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            dir: None,
+            block_size: 1 << 20,
+            max_size: 10 << 30,
+            min_free: 1 << 30,
+            parent: None,
+            orphan_fill_bytes: 16 << 20,
+            upstream_timeout_ms: 30_000,
+            ca_file: None,
+            max_connections: 1024,
+        }
+    }
+}
+
 /// Where the outbox drains to.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -778,6 +833,27 @@ impl Config {
         if !(4..=10_000).contains(&self.plugins.max_instances) {
             return Err(ConfigError::key("plugins.max_instances", "must be 4-10000"));
         }
+        let c = &self.cache;
+        if !c.block_size.is_power_of_two() || !(64 << 10..=16 << 20).contains(&c.block_size) {
+            return Err(ConfigError::key(
+                "cache.block_size",
+                "must be a power of two from 65536 to 16777216",
+            ));
+        }
+        if c.max_size < c.block_size {
+            return Err(ConfigError::key("cache.max_size", "must be at least one block"));
+        }
+        if let Some(p) = &c.parent
+            && let Err(e) = crate::cache::upstream::Endpoint::parse(p)
+        {
+            return Err(ConfigError::key("cache.parent", &e));
+        }
+        if c.upstream_timeout_ms < 100 {
+            return Err(ConfigError::key("cache.upstream_timeout_ms", "must be at least 100"));
+        }
+        if c.max_connections == 0 {
+            return Err(ConfigError::key("cache.max_connections", "must be at least 1"));
+        }
         let o = &self.outbox;
         if o.default_ttl_seconds == 0 {
             return Err(ConfigError::key("outbox.default_ttl_seconds", "must be at least 1"));
@@ -1013,6 +1089,14 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The range cache's block directory.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.node.data_dir.join("cache"))
     }
 
     /// The plugin artifact cache directory.

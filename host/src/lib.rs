@@ -16,6 +16,7 @@
 //! ```
 pub mod admin;
 pub mod broker;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod identity;

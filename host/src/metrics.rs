@@ -132,6 +132,26 @@ pub struct EventLabels {
     pub event: &'static str,
 }
 
+/// Labels of range cache requests and bytes.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// The source (the cache key's namespace, e.g. `debian`).
+    pub source: String,
+    /// Who asked: `client` or `child-cache` (a nested node's cache).
+    pub client: &'static str,
+    /// `hit`, `miss`, `partial`, `pass`, `deny`, `not-modified`, `error`.
+    pub result: &'static str,
+}
+
+/// Labels of range cache fetches from upstream.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheUpstreamLabels {
+    /// The source.
+    pub source: String,
+    /// `origin` or `parent`.
+    pub upstream: &'static str,
+}
+
 /// Labels carrying an MQTT QoS.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QosLabels {
@@ -276,6 +296,28 @@ pub struct Metrics {
     /// `holdfast_iothub_events_total{event}`: twin requests, method calls and
     /// answers, cloud-to-device forwarding, twin and method traffic on the link.
     pub iothub_events: Family<EventLabels, Counter>,
+    /// `holdfast_cache_requests_total{source,client,result}`
+    pub cache_requests: Family<CacheLabels, Counter>,
+    /// `holdfast_cache_bytes_total{source,client,result}`: body bytes sent
+    /// from stored blocks (`hit`) and from blocks being fetched (`miss`).
+    pub cache_bytes: Family<CacheLabels, Counter>,
+    /// `holdfast_cache_upstream_requests_total{source,upstream}`
+    pub cache_upstream_requests: Family<CacheUpstreamLabels, Counter>,
+    /// `holdfast_cache_upstream_bytes_total{source,upstream}`
+    pub cache_upstream_bytes: Family<CacheUpstreamLabels, Counter>,
+    /// `holdfast_cache_fills_in_flight`
+    pub cache_fills: Gauge,
+    /// `holdfast_cache_stored_bytes`
+    pub cache_stored_bytes: Gauge,
+    /// `holdfast_cache_objects`
+    pub cache_objects: Gauge,
+    /// `holdfast_cache_evictions_total`: objects evicted for space.
+    pub cache_evictions: Counter,
+    /// `holdfast_cache_evicted_bytes_total`
+    pub cache_evicted_bytes: Counter,
+    /// `holdfast_cache_events_total{event}`: invalidations, revalidations,
+    /// refused admissions, aborted responses, loops, bad requests.
+    pub cache_events: Family<EventLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -528,6 +570,58 @@ impl Metrics {
             "IoT Hub dialect events: twin requests, method calls and answers, cloud-to-device and link traffic",
             iothub_events.clone(),
         );
+        let cache_requests = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "cache_requests",
+            "Range cache requests by source, client kind and result",
+            cache_requests.clone(),
+        );
+        let cache_bytes = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "cache_bytes",
+            "Range cache body bytes sent, from stored blocks (hit) or blocks being fetched (miss)",
+            cache_bytes.clone(),
+        );
+        let cache_upstream_requests = Family::<CacheUpstreamLabels, Counter>::default();
+        registry.register(
+            "cache_upstream_requests",
+            "Requests the range cache sent to the origin or its parent",
+            cache_upstream_requests.clone(),
+        );
+        let cache_upstream_bytes = Family::<CacheUpstreamLabels, Counter>::default();
+        registry.register(
+            "cache_upstream_bytes",
+            "Body bytes the range cache received from the origin or its parent",
+            cache_upstream_bytes.clone(),
+        );
+        let cache_fills = Gauge::default();
+        registry.register("cache_fills_in_flight", "Upstream fills running", cache_fills.clone());
+        let cache_stored_bytes = Gauge::default();
+        registry.register(
+            "cache_stored_bytes",
+            "Bytes of blocks stored by the range cache",
+            cache_stored_bytes.clone(),
+        );
+        let cache_objects = Gauge::default();
+        registry.register(
+            "cache_objects",
+            "Objects known to the range cache",
+            cache_objects.clone(),
+        );
+        let cache_evictions = Counter::default();
+        registry.register("cache_evictions", "Objects evicted for space", cache_evictions.clone());
+        let cache_evicted_bytes = Counter::default();
+        registry.register(
+            "cache_evicted_bytes",
+            "Bytes of blocks evicted for space",
+            cache_evicted_bytes.clone(),
+        );
+        let cache_events = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "cache_events",
+            "Range cache events: invalidations, revalidations, refused admissions, aborted responses, loops, bad requests",
+            cache_events.clone(),
+        );
         let registry_syncs = Family::<ResultLabels, Counter>::default();
         registry.register(
             "registry_syncs",
@@ -587,6 +681,16 @@ impl Metrics {
             registry_identities,
             registry_syncs,
             iothub_events,
+            cache_requests,
+            cache_bytes,
+            cache_upstream_requests,
+            cache_upstream_bytes,
+            cache_fills,
+            cache_stored_bytes,
+            cache_objects,
+            cache_evictions,
+            cache_evicted_bytes,
+            cache_events,
         }
     }
 

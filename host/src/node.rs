@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin;
 use crate::broker::{Broker, listen};
+use crate::cache::Cache;
 use crate::config::Config;
 use crate::iothub::Hub;
 use crate::iothub::twin::Twins;
@@ -59,6 +60,17 @@ pub enum StartError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The range cache did not open.
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
+    /// The range cache's listener could not bind.
+    #[error("range cache cannot listen on {addr}: {source}")]
+    CacheBind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
 }
 
 /// What the admin API and other subsystems share.
@@ -89,6 +101,8 @@ pub struct NodeState {
     pub started: Instant,
     /// The admin bearer token.
     pub admin_token: String,
+    /// The range cache, when enabled.
+    pub cache: Option<Arc<crate::cache::Cache>>,
 }
 
 impl std::fmt::Debug for NodeState {
@@ -130,8 +144,12 @@ impl Node {
         let seeds = config.identities.clone();
         let node_id = config.node.id.clone();
         let replica = matches!(role, Role::Replica { .. });
-        let (store, outbox, registry, twins) =
-            tokio::task::spawn_blocking(move || -> Result<(Store, Outbox, Registry, Twins), StartError> {
+        let cache_config = config.cache.clone();
+        let cache_dir = config.cache_dir();
+        let cache_metrics = metrics.clone();
+        let cache_node = config.node.id.clone();
+        let (store, outbox, registry, twins, cache) = tokio::task::spawn_blocking(
+            move || -> Result<(Store, Outbox, Registry, Twins, Option<Cache>), StartError> {
                 let store = Store::open(&store_dir).map_err(crate::outbox::OutboxError::from)?;
                 let outbox = Outbox::open(
                     &store,
@@ -146,10 +164,22 @@ impl Node {
                     tracing::info!(changed = seeded, "registry: applied [[identities]] from the config");
                 }
                 let twins = Twins::open(&store, replica).map_err(crate::outbox::OutboxError::from)?;
-                Ok((store, outbox, registry, twins))
-            })
-            .await
-            .map_err(|e| PluginError::Engine(format!("store open task failed: {e}")))??;
+                let cache = if cache_config.enabled {
+                    Some(Cache::open(
+                        &cache_config,
+                        cache_dir,
+                        &store,
+                        &cache_node,
+                        cache_metrics,
+                    )?)
+                } else {
+                    None
+                };
+                Ok((store, outbox, registry, twins, cache))
+            },
+        )
+        .await
+        .map_err(|e| PluginError::Engine(format!("store open task failed: {e}")))??;
         let registry = Arc::new(registry);
         metrics.registry_identities.set(registry.len() as i64);
         let hub = Hub::new(Arc::new(twins), registry.clone(), metrics.clone());
@@ -197,6 +227,28 @@ impl Node {
         };
         let link = Arc::new(crate::link::Status::new(&config));
         let link_listen = start_link(&config, &outbox, &broker, &hub, &link, &metrics, &stopped, &mut tasks)?;
+        let cache = match cache {
+            Some(cache) => {
+                let cache = Arc::new(cache);
+                let addr = config.cache.listen;
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::CacheBind { addr, source })?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|source| StartError::CacheBind { addr, source })?;
+                cache.set_listen(bound.to_string());
+                tasks.push(tokio::spawn(crate::cache::http::serve(
+                    cache.clone(),
+                    plugins.clone(),
+                    listener,
+                    wait_for(stopped.clone()),
+                )));
+                tracing::info!(addr = %bound, "range cache listening");
+                Some(cache)
+            }
+            None => None,
+        };
         let admin_token = match &config.admin.token {
             Some(t) => t.clone(),
             None => load_or_create_token(&data_dir.join("admin.token"))?,
@@ -215,6 +267,7 @@ impl Node {
             started_at: SystemTime::now(),
             started,
             admin_token,
+            cache,
         });
         let mut admin_addr = None;
         if state.config.admin.enabled {

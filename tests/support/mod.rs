@@ -28,6 +28,8 @@ pub struct Gateway {
     pub port: u16,
     /// MQTT TCP port.
     pub mqtt: u16,
+    /// Range cache port (0 when `extra` configures its own `[cache]`).
+    pub cache: u16,
 }
 
 impl Gateway {
@@ -48,10 +50,16 @@ impl Gateway {
         } else {
             format!("[mqtt.tcp]\nlisten = \"127.0.0.1:{mqtt}\"\n")
         };
+        let (cache, cache_section) = if extra.contains("[cache]") {
+            (0, String::new())
+        } else {
+            let p = free_port();
+            (p, format!("[cache]\nlisten = \"127.0.0.1:{p}\"\n"))
+        };
         std::fs::write(
             &config,
             format!(
-                "[node]\nid = {id:?}\ndata_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n{mqtt_section}{extra}",
+                "[node]\nid = {id:?}\ndata_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n{mqtt_section}{cache_section}{extra}",
                 dir.path().join("data").display().to_string()
             ),
         )
@@ -63,6 +71,7 @@ impl Gateway {
             config,
             port,
             mqtt,
+            cache,
         };
         gw.wait_ready();
         gw

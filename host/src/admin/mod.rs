@@ -13,8 +13,10 @@
 //! | POST | `/api/v1/plugins/{slot}/swap` | body: the `.wasm` bytes, or JSON `{"wasm_base64": …, "config": {…}}` |
 //! | POST | `/api/v1/plugins/{slot}/rollback` | back to the previous version |
 //!
-//! The device registry's routes are in [`registry`].
+//! The device registry's routes are in [`registry`]; twins and methods in
+//! [`iothub`]; the range cache's in [`cache`].
 
+mod cache;
 mod iothub;
 mod registry;
 
@@ -75,6 +77,7 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/plugins/{slot}/rollback", post(plugin_rollback))
         .merge(registry::routes())
         .merge(iothub::routes())
+        .merge(cache::routes())
         .layer(DefaultBodyLimit::max(MAX_PLUGIN_BYTES + MAX_PLUGIN_BYTES / 2))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()

@@ -1,0 +1,72 @@
+//! Admin API routes of the range cache.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/api/v1/cache` | totals: objects, stored bytes, budget, free space, fills in flight, parent |
+//! | GET | `/api/v1/cache/objects?limit=N` | stored objects, largest first (default 100) |
+//! | POST | `/api/v1/cache/purge` | `{"key": "…"}`, `{"prefix": "…"}` or `{"all": true}` → `{"objects", "bytes"}` |
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::ApiError;
+use crate::cache::Cache;
+use crate::node::NodeState;
+
+pub fn routes() -> Router<Arc<NodeState>> {
+    Router::new()
+        .route("/cache", get(stats))
+        .route("/cache/objects", get(objects))
+        .route("/cache/purge", post(purge))
+}
+
+fn cache(state: &NodeState) -> Result<&Arc<Cache>, ApiError> {
+    state.cache.as_ref().ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            "the range cache is disabled (cache.enabled)".into(),
+        )
+    })
+}
+
+async fn stats(State(state): State<Arc<NodeState>>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!(cache(&state)?.stats())))
+}
+
+#[derive(Deserialize)]
+struct ObjectsQuery {
+    limit: Option<usize>,
+}
+
+async fn objects(State(state): State<Arc<NodeState>>, Query(q): Query<ObjectsQuery>) -> Result<Json<Value>, ApiError> {
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    Ok(Json(json!({ "objects": cache(&state)?.objects(limit) })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeRequest {
+    key: Option<String>,
+    prefix: Option<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+async fn purge(State(state): State<Arc<NodeState>>, Json(req): Json<PurgeRequest>) -> Result<Json<Value>, ApiError> {
+    let cache = cache(&state)?;
+    let chosen = usize::from(req.key.is_some()) + usize::from(req.prefix.is_some()) + usize::from(req.all);
+    if chosen != 1 {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "give exactly one of key, prefix or all".into(),
+        ));
+    }
+    let (objects, bytes) = cache.purge(req.key.as_deref(), req.prefix.as_deref());
+    Ok(Json(json!({ "objects": objects, "bytes": bytes })))
+}

@@ -1,0 +1,893 @@
+//! The cache's HTTP/1.1 listener: which requests it takes (a configured
+//! source's Host, `cacheHostOrigin`, or an absolute URI as a forward proxy),
+//! the content-source plugin's decision, the loop guard, and the responses:
+//! 200, 206 (single range or `multipart/byteranges`), 304, 416.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use super::range::{self, ByteRange, Spec};
+use super::upstream::Endpoint;
+use super::{Cache, Fill, FillError, Meta, Plan, Source, now_secs};
+use crate::cache::disk::Class;
+use crate::metrics::CacheLabels;
+use crate::plugins::{ContentClass, ContentDecision, PluginHost, RequestHead};
+
+/// Response body.
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+/// How long a client may take to send a request head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn full(status: StatusCode, text: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(text)).map_err(|e| match e {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|e| match e {}).boxed()
+}
+
+/// A body fed by a channel; an `Err` aborts the response (the connection is
+/// closed, so the client sees an incomplete transfer, never a spliced one).
+struct ChannelBody {
+    rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+}
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
+    }
+}
+
+/// Accepts connections until `stop` resolves.
+pub async fn serve(cache: Arc<Cache>, plugins: Arc<PluginHost>, listener: TcpListener, stop: impl Future<Output = ()>) {
+    let limit = Arc::new(tokio::sync::Semaphore::new(cache.config().max_connections));
+    tokio::pin!(stop);
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = &mut stop => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cache: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            cache.event("connection-refused");
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (cache, plugins) = (cache.clone(), plugins.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let (cache, plugins) = (cache.clone(), plugins.clone());
+                async move { Ok::<_, Infallible>(handle(cache, plugins, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+            drop(permit);
+        });
+    }
+}
+
+/// Where a request is going: host, port, path and query.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Target {
+    /// Host, lowercase.
+    pub host: String,
+    /// Explicit port.
+    pub port: Option<u16>,
+    /// Path and query.
+    pub path_and_query: String,
+}
+
+/// The target of a request: its absolute URI (forward proxy) or Host header.
+pub fn target(parts: &Parts) -> Option<Target> {
+    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let (host, port) = match parts.uri.authority() {
+        Some(a) => (a.host().to_string(), a.port_u16()),
+        None => {
+            let h = parts.headers.get(header::HOST)?.to_str().ok()?;
+            let auth: hyper::http::uri::Authority = h.parse().ok()?;
+            (auth.host().to_string(), auth.port_u16())
+        }
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+    if host.is_empty() || !path_and_query.starts_with('/') {
+        return None;
+    }
+    Some(Target {
+        host,
+        port,
+        path_and_query,
+    })
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Whether `token` appears in the request's `Via` or `CDN-Loop`.
+fn is_loop(h: &HeaderMap, token: &str) -> bool {
+    let listed = |name: &str| {
+        h.get_all(name).iter().filter_map(|v| v.to_str().ok()).any(|v| {
+            v.split(',').any(|e| {
+                let e = e.trim();
+                // CDN-Loop: `token[; params]`; Via: `1.1 token [comment]`.
+                e.split([';', ' ']).any(|w| w.eq_ignore_ascii_case(token))
+            })
+        })
+    };
+    listed("cdn-loop") || listed("via")
+}
+
+fn client_kind(h: &HeaderMap) -> &'static str {
+    let from_cache = h
+        .get_all(header::VIA)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("holdfast-"));
+    if from_cache { "child-cache" } else { "client" }
+}
+
+async fn handle(cache: Arc<Cache>, plugins: Arc<PluginHost>, req: Request<Incoming>) -> Response<Body> {
+    let (parts, _body) = req.into_parts();
+    let kind = client_kind(&parts.headers);
+    let count = |source: &str, result: &'static str| {
+        cache
+            .metrics()
+            .cache_requests
+            .get_or_create(&CacheLabels {
+                source: source.to_string(),
+                client: kind,
+                result,
+            })
+            .inc();
+    };
+    if is_loop(&parts.headers, cache.token()) {
+        cache.event("loop");
+        count("none", "error");
+        return full(
+            StatusCode::LOOP_DETECTED,
+            format!("request loop: it already passed through {}\n", cache.token()),
+        );
+    }
+    let Some(t) = target(&parts) else {
+        cache.event("bad-request");
+        count("none", "error");
+        return full(
+            StatusCode::BAD_REQUEST,
+            "the request names no host (Host header or absolute URI)\n".into(),
+        );
+    };
+    let head = RequestHead {
+        method: parts.method.as_str().to_string(),
+        host: t.host.clone(),
+        port: t.port,
+        path_and_query: t.path_and_query.clone(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+    };
+    let decision = {
+        let plugins = plugins.clone();
+        tokio::task::block_in_place(move || plugins.classify(&head).value)
+    };
+    let is_get = parts.method == Method::GET || parts.method == Method::HEAD;
+    match decision {
+        ContentDecision::Deny(reason) => {
+            count("none", "deny");
+            full(StatusCode::FORBIDDEN, format!("{reason}\n"))
+        }
+        _ if !is_get => {
+            count("none", "deny");
+            let mut r = full(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method {} is not served by the cache\n", parts.method),
+            );
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            r
+        }
+        ContentDecision::PassThrough(origin) => match Endpoint::parse(&origin) {
+            Ok(origin) => {
+                count("none", "pass");
+                pass_through(&cache, &origin, &t.path_and_query, &parts).await
+            }
+            Err(e) => {
+                count("none", "error");
+                full(
+                    StatusCode::BAD_GATEWAY,
+                    format!("content-source plugin: bad origin: {e}\n"),
+                )
+            }
+        },
+        ContentDecision::Cache(p) => {
+            let origin = match Endpoint::parse(&p.origin) {
+                Ok(o) => o,
+                Err(e) => {
+                    count("none", "error");
+                    return full(
+                        StatusCode::BAD_GATEWAY,
+                        format!("content-source plugin: bad origin: {e}\n"),
+                    );
+                }
+            };
+            if !p.origin_path.starts_with('/') {
+                count("none", "error");
+                return full(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "content-source plugin: origin path {:?} must start with /\n",
+                        p.origin_path
+                    ),
+                );
+            }
+            let plan = Arc::new(Plan {
+                source: cache.source_label(&p.key),
+                origin,
+                origin_path: p.origin_path,
+                key: p.key,
+                class: match p.class {
+                    ContentClass::Immutable => Class::Immutable,
+                    ContentClass::Revalidate => Class::Revalidate,
+                },
+                ttl: p.ttl_seconds,
+                max_object_size: p.max_object_size,
+            });
+            serve_cached(&cache, plan, &parts, kind).await
+        }
+    }
+}
+
+/// Request headers forwarded on a pass-through.
+const FORWARDED: [HeaderName; 6] = [
+    header::RANGE,
+    header::IF_RANGE,
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::ACCEPT,
+    header::ACCEPT_LANGUAGE,
+];
+
+/// Hop-by-hop response headers not passed on.
+fn hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// Forwards the request uncached and streams the answer back.
+async fn pass_through(cache: &Arc<Cache>, origin: &Endpoint, path: &str, parts: &Parts) -> Response<Body> {
+    let mut headers = cache.upstream_headers(
+        header_str(&parts.headers, &header::VIA),
+        header_str(&parts.headers, &HeaderName::from_static("cdn-loop")),
+    );
+    for name in &FORWARDED {
+        if let Some(v) = header_str(&parts.headers, name) {
+            headers.push((name.clone(), v.to_string()));
+        }
+    }
+    match cache.client().send(&parts.method, origin, path, &headers).await {
+        Ok(resp) => {
+            let (up, body) = resp.into_parts();
+            let mut r = Response::new(body.map_err(std::io::Error::other).boxed());
+            *r.status_mut() = up.status;
+            for (k, v) in &up.headers {
+                if !hop_by_hop(k) {
+                    r.headers_mut().append(k.clone(), v.clone());
+                }
+            }
+            add_cache_headers(r.headers_mut(), cache, "fwd=uri-miss");
+            r
+        }
+        Err(e) => full(StatusCode::BAD_GATEWAY, format!("{e}\n")),
+    }
+}
+
+fn add_cache_headers(h: &mut HeaderMap, cache: &Cache, status: &str) {
+    if let Ok(v) = HeaderValue::from_str(&format!("1.1 {}", cache.token())) {
+        h.append(header::VIA, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("{}; {status}", cache.token())) {
+        h.append(HeaderName::from_static("cache-status"), v);
+    }
+}
+
+/// The first block and the fill's last byte for a cold object.
+fn cold_target(specs: Option<&[Spec]>, bs: u64) -> (u64, Option<u64>) {
+    match specs {
+        None => (0, None),
+        Some(s) => match range::known_start(s) {
+            Some(start) => {
+                let last = match s {
+                    [Spec::From { last: Some(l), .. }] => Some(align_end(l.saturating_add(1), bs)),
+                    _ => None,
+                };
+                (start / bs, last)
+            }
+            // A suffix or several ranges: learn the length from block 0.
+            None => (0, Some(bs - 1)),
+        },
+    }
+}
+
+/// The last byte of the block holding byte `end - 1`.
+fn align_end(end: u64, bs: u64) -> u64 {
+    end.div_ceil(bs).saturating_mul(bs).saturating_sub(1)
+}
+
+fn fill_error_response(cache: &Cache, e: &FillError) -> Response<Body> {
+    match e {
+        FillError::Upstream(m) => full(StatusCode::BAD_GATEWAY, format!("{m}\n")),
+        FillError::Status {
+            status,
+            content_type,
+            body,
+        } => {
+            let mut r = Response::new(Full::new(body.clone()).map_err(|e| match e {}).boxed());
+            *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY);
+            if let Some(ct) = content_type.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
+                r.headers_mut().insert(header::CONTENT_TYPE, ct);
+            }
+            add_cache_headers(r.headers_mut(), cache, "fwd=miss");
+            r
+        }
+        FillError::Unsatisfiable(len) => unsatisfiable(*len),
+        FillError::Uncacheable(m) => full(StatusCode::BAD_GATEWAY, format!("{m}\n")),
+        FillError::VersionChanged => full(StatusCode::BAD_GATEWAY, "the object changed upstream\n".into()),
+    }
+}
+
+fn unsatisfiable(len: u64) -> Response<Body> {
+    let mut r = full(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable\n".into());
+    if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+        r.headers_mut().insert(header::CONTENT_RANGE, v);
+    }
+    r
+}
+
+/// Answers a request whose fill failed before it had a version: passes an
+/// uncacheable object through, otherwise reports the failure.
+async fn failed_fill(
+    cache: &Arc<Cache>,
+    plan: &Plan,
+    parts: &Parts,
+    e: &FillError,
+    count: impl Fn(&'static str),
+) -> Response<Body> {
+    if let FillError::Uncacheable(why) = e {
+        tracing::debug!(key = %plan.key, why = %why, "cache: passing through");
+        count("pass");
+        return pass_through(cache, &plan.origin, &plan.origin_path, parts).await;
+    }
+    count("error");
+    fill_error_response(cache, e)
+}
+
+/// Serves a cacheable request.
+async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Parts, kind: &'static str) -> Response<Body> {
+    let count = |result: &'static str| {
+        cache
+            .metrics()
+            .cache_requests
+            .get_or_create(&CacheLabels {
+                source: plan.source.clone(),
+                client: kind,
+                result,
+            })
+            .inc();
+    };
+    if cache.uncacheable(&plan.key) {
+        count("pass");
+        return pass_through(cache, &plan.origin, &plan.origin_path, parts).await;
+    }
+    let pin = cache.pin(&plan.key);
+    let bs = cache.block_size();
+    let mut specs = match header_str(&parts.headers, &header::RANGE).map(range::parse) {
+        None => None,
+        Some(Ok(s)) => Some(s),
+        Some(Err(e)) => {
+            // RFC 9110 §14.2: an invalid Range is ignored.
+            tracing::debug!(error = ?e, "cache: ignoring a Range header");
+            cache.event("bad-range");
+            None
+        }
+    };
+    if let Some(m) = cache.meta_of(&plan.key)
+        && !m.fresh(now_secs())
+    {
+        cache.revalidate(&plan, &m).await;
+    }
+    let mut own: Option<Arc<Fill>> = None;
+    let mut meta = match cache.meta_of(&plan.key) {
+        Some(m) => m,
+        None => {
+            let (first, end) = cold_target(specs.as_deref(), bs);
+            let Ok(first) = u32::try_from(first) else {
+                count("error");
+                return full(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    "range starts past any object\n".into(),
+                );
+            };
+            match cache.acquire(&plan, first, None, end, &mut own) {
+                Source::Stored { meta, .. } => meta,
+                Source::Block(b) => match b.meta().await {
+                    Ok(m) => m,
+                    Err(e) => return failed_fill(cache, &plan, parts, &e, count).await,
+                },
+            }
+        }
+    };
+    // The head names one version. When blocks must be fetched, the first
+    // one's fill tells whether the origin still has that version; if not,
+    // the object was invalidated and the response is built for the new one.
+    let mut checks = 0;
+    let ranges = loop {
+        let ranges: Vec<ByteRange> = match &specs {
+            None => vec![ByteRange {
+                start: 0,
+                end: meta.validator.length,
+            }],
+            Some(s) => range::resolve(s, meta.validator.length),
+        };
+        let spans: Vec<(u64, u64)> = ranges.iter().map(|r| (r.start, r.end)).collect();
+        let Some((k, last)) = cache.first_missing(&plan.key, &meta, &spans) else {
+            break ranges;
+        };
+        if checks == 3 || parts.method == Method::HEAD {
+            break ranges;
+        }
+        checks += 1;
+        let end = align_end(last.saturating_add(1), bs).min(meta.validator.length.saturating_sub(1));
+        let src = match &own {
+            Some(f) => f.take(k).await.map(Source::Block),
+            None => None,
+        };
+        let src = src.unwrap_or_else(|| cache.acquire(&plan, k, Some(&meta.validator), Some(end), &mut own));
+        if let Source::Block(b) = src {
+            match b.meta().await {
+                Ok(m) if m.validator.same_version(&meta.validator) => {
+                    // Keep the block for the reader.
+                    if let Some(f) = &own {
+                        f.keep(k, b);
+                    }
+                    break ranges;
+                }
+                Ok(m) => {
+                    cache.event("version-changed-before-head");
+                    meta = m;
+                    if let Some(f) = &own {
+                        f.keep(k, b);
+                    }
+                }
+                Err(e) => return failed_fill(cache, &plan, parts, &e, count).await,
+            }
+        }
+    };
+    let v = &meta.validator;
+    let length = v.length;
+    // Conditionals (RFC 9110 §13.2.2): If-None-Match, else If-Modified-Since.
+    let not_modified = match header_str(&parts.headers, &header::IF_NONE_MATCH) {
+        Some(inm) => v.none_match(inm),
+        None => header_str(&parts.headers, &header::IF_MODIFIED_SINCE).is_some_and(|ims| v.not_modified_since(ims)),
+    };
+    if not_modified {
+        count("not-modified");
+        let mut r = Response::new(empty());
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        validator_headers(r.headers_mut(), &meta);
+        add_cache_headers(r.headers_mut(), cache, "hit");
+        return r;
+    }
+    let mut ranges = ranges;
+    if specs.is_some()
+        && let Some(ir) = header_str(&parts.headers, &header::IF_RANGE)
+        && !v.if_range_matches(ir)
+    {
+        specs = None;
+        ranges = vec![ByteRange { start: 0, end: length }];
+    }
+    if specs.is_some() && ranges.is_empty() {
+        count("error");
+        return unsatisfiable(length);
+    }
+    let ranged = specs.is_some();
+    let ct = meta
+        .content_type
+        .clone()
+        .unwrap_or_else(|| "application/octet-stream".into());
+    // Response layout: one body, or multipart parts with their headers.
+    let mut parts_out: Vec<(Option<Bytes>, ByteRange)> = Vec::new();
+    let mut trailer = None;
+    let mut total: u64 = 0;
+    let boundary = format!("holdfast{:016x}", boundary_seed(cache));
+    if ranges.len() > 1 {
+        for (i, r) in ranges.iter().enumerate() {
+            let lead = if i == 0 { "" } else { "\r\n" };
+            let h = format!(
+                "{lead}--{boundary}\r\nContent-Type: {ct}\r\nContent-Range: {}\r\n\r\n",
+                r.content_range(length)
+            );
+            total += h.len() as u64 + r.len();
+            parts_out.push((Some(Bytes::from(h)), *r));
+        }
+        let t = format!("\r\n--{boundary}--\r\n");
+        total += t.len() as u64;
+        trailer = Some(Bytes::from(t));
+    } else {
+        total = ranges[0].len();
+        parts_out.push((None, ranges[0]));
+    }
+    let spans: Vec<(u64, u64)> = ranges.iter().map(|r| (r.start, r.end)).collect();
+    let hit = cache.all_stored(&plan.key, &meta, &spans);
+    let mut resp = Response::new(empty());
+    {
+        let h = resp.headers_mut();
+        validator_headers(h, &meta);
+        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(total));
+        if ranges.len() > 1 {
+            if let Ok(v) = HeaderValue::from_str(&format!("multipart/byteranges; boundary={boundary}")) {
+                h.insert(header::CONTENT_TYPE, v);
+            }
+        } else {
+            if let Ok(v) = HeaderValue::from_str(&ct) {
+                h.insert(header::CONTENT_TYPE, v);
+            }
+            if ranged && let Ok(v) = HeaderValue::from_str(&ranges[0].content_range(length)) {
+                h.insert(header::CONTENT_RANGE, v);
+            }
+        }
+        add_cache_headers(h, cache, if hit { "hit" } else { "fwd=miss" });
+    }
+    *resp.status_mut() = if ranged {
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    };
+    if parts.method == Method::HEAD {
+        count(if hit { "hit" } else { "miss" });
+        return resp;
+    }
+    let (tx, rx) = mpsc::channel(8);
+    *resp.body_mut() = BodyExt::boxed(ChannelBody { rx });
+    let cache = cache.clone();
+    tokio::spawn(async move {
+        let mut reader = Reader {
+            cache: &cache,
+            plan: &plan,
+            meta: &meta,
+            own,
+            tx: &tx,
+            hit: 0,
+            miss: 0,
+        };
+        let mut result = Ok(());
+        for (head, r) in &parts_out {
+            if let Some(h) = head
+                && tx.send(Ok(h.clone())).await.is_err()
+            {
+                result = Err(ReadEnd::Closed);
+                break;
+            }
+            result = reader.copy(r.start, r.end).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        if result.is_ok()
+            && let Some(t) = trailer
+        {
+            let _ = tx.send(Ok(t)).await;
+        }
+        let (hit_bytes, miss_bytes) = (reader.hit, reader.miss);
+        let outcome = match &result {
+            Err(ReadEnd::Failed(e)) => {
+                let why = match &**e {
+                    FillError::VersionChanged => "aborted-version-changed",
+                    _ => "aborted-upstream-failed",
+                };
+                cache.event(why);
+                tracing::info!(key = %plan.key, error = ?e, "cache: response aborted after its head was sent");
+                let _ = tx
+                    .send(Err(std::io::Error::other(format!(
+                        "{why}: the response cannot be completed"
+                    ))))
+                    .await;
+                "error"
+            }
+            _ if miss_bytes == 0 => "hit",
+            _ if hit_bytes == 0 => "miss",
+            _ => "partial",
+        };
+        let m = cache.metrics();
+        let labels = |result| CacheLabels {
+            source: plan.source.clone(),
+            client: kind,
+            result,
+        };
+        m.cache_requests.get_or_create(&labels(outcome)).inc();
+        m.cache_bytes.get_or_create(&labels("hit")).inc_by(hit_bytes);
+        m.cache_bytes.get_or_create(&labels("miss")).inc_by(miss_bytes);
+        drop(pin);
+    });
+    resp
+}
+
+fn boundary_seed(cache: &Cache) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos
+        ^ cache
+            .fill_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .rotate_left(32)
+}
+
+fn validator_headers(h: &mut HeaderMap, meta: &Meta) {
+    if let Some(e) = meta
+        .validator
+        .etag
+        .as_deref()
+        .and_then(|e| HeaderValue::from_str(e).ok())
+    {
+        h.insert(header::ETAG, e);
+    }
+    if let Some(l) = meta
+        .validator
+        .last_modified
+        .as_deref()
+        .and_then(|l| HeaderValue::from_str(l).ok())
+    {
+        h.insert(header::LAST_MODIFIED, l);
+    }
+}
+
+enum ReadEnd {
+    /// The client went away.
+    Closed,
+    /// The bytes cannot be had for this version.
+    Failed(Arc<FillError>),
+}
+
+/// Streams byte ranges of one version of an object to a client.
+struct Reader<'a> {
+    cache: &'a Arc<Cache>,
+    plan: &'a Arc<Plan>,
+    meta: &'a Arc<Meta>,
+    own: Option<Arc<Fill>>,
+    tx: &'a mpsc::Sender<Result<Bytes, std::io::Error>>,
+    hit: u64,
+    miss: u64,
+}
+
+impl Reader<'_> {
+    async fn send(&self, b: Bytes) -> Result<(), ReadEnd> {
+        self.tx.send(Ok(b)).await.map_err(|_| ReadEnd::Closed)
+    }
+
+    /// Sends bytes `start..end`.
+    async fn copy(&mut self, start: u64, end: u64) -> Result<(), ReadEnd> {
+        let bs = self.cache.block_size();
+        let length = self.meta.validator.length;
+        let fill_end = align_end(end, bs).min(length.saturating_sub(1));
+        let mut pos = start;
+        while pos < end {
+            let k64 = pos / bs;
+            let Ok(k) = u32::try_from(k64) else {
+                return Err(ReadEnd::Failed(Arc::new(FillError::Upstream(
+                    "object too large".into(),
+                ))));
+            };
+            let bstart = k64 * bs;
+            let to = end.min(bstart + bs);
+            let mut failures = 0;
+            while pos < to {
+                let mine = match &self.own {
+                    Some(f) => f.take(k).await,
+                    None => None,
+                };
+                let src = match mine {
+                    Some(b) => Source::Block(b),
+                    None => self
+                        .cache
+                        .acquire(self.plan, k, Some(&self.meta.validator), Some(fill_end), &mut self.own),
+                };
+                let outcome = match src {
+                    Source::Stored { id, meta } => {
+                        if !meta.validator.same_version(&self.meta.validator) {
+                            return Err(ReadEnd::Failed(Arc::new(FillError::VersionChanged)));
+                        }
+                        match self.cache.read_stored(id, k, pos - bstart, to - bstart).await {
+                            Ok(b) => {
+                                self.hit += b.len() as u64;
+                                pos = to;
+                                self.send(b).await?;
+                                Ok(())
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, key = %self.plan.key, block = k, "cache: stored block unreadable; fetching it again");
+                                self.cache.drop_stored(&self.plan.key, id, k);
+                                continue;
+                            }
+                        }
+                    }
+                    Source::Block(b) => match b.meta().await {
+                        Ok(m) if !m.validator.same_version(&self.meta.validator) => {
+                            return Err(ReadEnd::Failed(Arc::new(FillError::VersionChanged)));
+                        }
+                        Ok(_) => self.stream(&b, &mut pos, bstart, to).await,
+                        Err(e) => Err(ReadEnd::Failed(e)),
+                    },
+                };
+                match outcome {
+                    Ok(()) => {}
+                    Err(ReadEnd::Closed) => return Err(ReadEnd::Closed),
+                    Err(ReadEnd::Failed(e)) => {
+                        failures += 1;
+                        if failures >= 3 || matches!(*e, FillError::VersionChanged) {
+                            return Err(ReadEnd::Failed(e));
+                        }
+                        // The next acquire starts a new fill from here.
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Streams `pos..to` of a block as its bytes arrive.
+    async fn stream(&mut self, block: &super::Block, pos: &mut u64, bstart: u64, to: u64) -> Result<(), ReadEnd> {
+        let mut rx = block.state.subscribe();
+        loop {
+            let state = rx.borrow_and_update().clone();
+            let (data, avail) = match state {
+                super::BlockState::Waiting => (None, 0),
+                super::BlockState::Writing { data, written } => (Some(data), written),
+                super::BlockState::Done(data) => {
+                    let len = data.len;
+                    (Some(data), len)
+                }
+                super::BlockState::Failed(e) => return Err(ReadEnd::Failed(e)),
+            };
+            if let Some(d) = data {
+                let from = *pos - bstart;
+                let upto = avail.min(to - bstart);
+                if upto > from {
+                    let bytes = d
+                        .buf
+                        .read(from, upto)
+                        .map_err(|e| ReadEnd::Failed(Arc::new(FillError::Upstream(format!("cache read: {e}")))))?;
+                    self.miss += bytes.len() as u64;
+                    *pos = bstart + upto;
+                    self.send(bytes).await?;
+                }
+                if *pos >= to {
+                    return Ok(());
+                }
+                if avail >= d.len {
+                    return Err(ReadEnd::Failed(Arc::new(FillError::Upstream(
+                        "block shorter than expected".into(),
+                    ))));
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(ReadEnd::Failed(Arc::new(FillError::Upstream("fill ended".into()))));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(uri: &str, host: Option<&str>) -> Parts {
+        let mut b = Request::builder().uri(uri);
+        if let Some(h) = host {
+            b = b.header(header::HOST, h);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn targets() {
+        let t = target(&parts("/pool/a.deb?x=1", Some("Deb.Debian.org:8080"))).unwrap();
+        assert_eq!(
+            t,
+            Target {
+                host: "deb.debian.org".into(),
+                port: Some(8080),
+                path_and_query: "/pool/a.deb?x=1".into()
+            }
+        );
+        let t = target(&parts("http://deb.debian.org/debian/InRelease", Some("ignored"))).unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("deb.debian.org", None));
+        assert_eq!(t.path_and_query, "/debian/InRelease");
+        assert!(target(&parts("/x", None)).is_none());
+        let t = target(&parts("/x", Some("[::1]:81"))).unwrap();
+        assert_eq!(t.host, "::1");
+    }
+
+    #[test]
+    fn loop_guard() {
+        let mut h = HeaderMap::new();
+        h.insert("cdn-loop", HeaderValue::from_static("holdfast-a, holdfast-b; x=1"));
+        assert!(is_loop(&h, "holdfast-b"));
+        assert!(is_loop(&h, "holdfast-a"));
+        assert!(!is_loop(&h, "holdfast-c"));
+        let mut h = HeaderMap::new();
+        h.insert(header::VIA, HeaderValue::from_static("1.1 proxy, 1.1 holdfast-c"));
+        assert!(is_loop(&h, "holdfast-c"));
+        assert_eq!(client_kind(&h), "child-cache");
+        assert_eq!(client_kind(&HeaderMap::new()), "client");
+    }
+
+    #[test]
+    fn cold_targets_are_block_aligned() {
+        let bs = 1 << 20;
+        assert_eq!(cold_target(None, bs), (0, None));
+        let s = range::parse("bytes=3145728-").unwrap();
+        assert_eq!(cold_target(Some(&s), bs), (3, None));
+        let s = range::parse("bytes=100-200").unwrap();
+        assert_eq!(cold_target(Some(&s), bs), (0, Some(bs - 1)));
+        let s = range::parse("bytes=1048570-1048580").unwrap();
+        assert_eq!(cold_target(Some(&s), bs), (0, Some(2 * bs - 1)));
+        let s = range::parse("bytes=-10").unwrap();
+        assert_eq!(cold_target(Some(&s), bs), (0, Some(bs - 1)));
+        assert_eq!(align_end(1, bs), bs - 1);
+        assert_eq!(align_end(bs, bs), bs - 1);
+        assert_eq!(align_end(bs + 1, bs), 2 * bs - 1);
+    }
+}
