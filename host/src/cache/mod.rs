@@ -237,6 +237,16 @@ impl Fill {
     }
 }
 
+/// What a fill may do with its next block.
+enum Claim {
+    /// Stored or fetched into storage by this fill.
+    Public(Arc<Block>),
+    /// Fetched for this fill's reader only.
+    Private,
+    /// Someone else has it, or nobody needs it: the fill ends.
+    Stop,
+}
+
 /// One cached object in memory.
 #[derive(Default)]
 struct Obj {
@@ -710,6 +720,23 @@ impl Cache {
         if let Some(b) = o.inflight.get(&k) {
             return Source::Block(b.clone());
         }
+        // Fetch only up to the next block already stored or being fetched.
+        let bs = self.cfg.block_size;
+        let next_held = o
+            .stored
+            .range(k + 1..)
+            .next()
+            .map(|(i, _)| *i)
+            .into_iter()
+            .chain(o.inflight.keys().copied().filter(|&i| i > k))
+            .min();
+        let end_byte = match next_held {
+            Some(n) => {
+                let before = u64::from(n) * bs - 1;
+                Some(end_byte.map_or(before, |e| e.min(before)))
+            }
+            None => end_byte,
+        };
         let block = Block::new();
         o.inflight.insert(k, block.clone());
         let obj_id = o.id;
@@ -904,7 +931,7 @@ impl Cache {
             length
         };
         let mut k = first;
-        let mut current = Some(self.start_block(plan, first_block, k, &meta, obj_id, length)?);
+        let mut current = Some(self.start_block(plan, first_block, k, &meta, obj_id, length));
         let mut orphan_bytes = 0u64;
         let timeout = self.client.timeout();
         while pos < end {
@@ -950,36 +977,43 @@ impl Cache {
                 *written += take as u64;
                 pos = block_start + *written;
                 let w = *written;
-                let full = w == bdata.len;
-                let d = bdata.clone();
-                block.state.send_modify(|s| {
-                    *s = if full {
-                        BlockState::Done(d)
-                    } else {
-                        BlockState::Writing { data: d, written: w }
-                    }
-                });
-                if full {
-                    let (block, bdata) = (block.clone(), bdata.clone());
-                    current = None;
-                    if matches!(bdata.buf, Buf::File(_)) {
-                        self.commit_block(plan.key.clone(), obj_id, k, block, bdata);
-                    }
-                    if pos >= end {
-                        break;
-                    }
-                    k += 1;
-                    if Arc::strong_count(fill) == 1 {
+                if w < bdata.len {
+                    let d = bdata.clone();
+                    block
+                        .state
+                        .send_modify(|s| *s = BlockState::Writing { data: d, written: w });
+                    continue;
+                }
+                // The block is complete. Claim the next one before saying
+                // so: a reader finishing this block must find the next one
+                // taken by this fill, not start a second fetch for it.
+                let (done, done_data) = (block.clone(), bdata.clone());
+                let mut next = Claim::Stop;
+                if pos < end {
+                    let orphaned = Arc::strong_count(fill) == 1 && {
                         orphan_bytes += bs;
-                        if orphan_bytes > self.cfg.orphan_fill_bytes {
-                            return Ok(());
-                        }
-                    }
-                    match self.claim(plan, fill, k, &meta, obj_id, length).await {
-                        Some(c) => current = Some(c),
-                        None => return Ok(()),
+                        orphan_bytes > self.cfg.orphan_fill_bytes
+                    };
+                    if !orphaned {
+                        next = self.try_claim(plan, fill, k + 1, obj_id);
                     }
                 }
+                let d = done_data.clone();
+                done.state.send_modify(|s| *s = BlockState::Done(d));
+                if matches!(done_data.buf, Buf::File(_)) {
+                    self.commit_block(plan.key.clone(), obj_id, k, done, done_data);
+                }
+                k += 1;
+                current = match next {
+                    Claim::Stop => return Ok(()),
+                    Claim::Public(b) => Some(self.open_claimed(plan, fill, k, b, &meta, obj_id, length, true)),
+                    Claim::Private => {
+                        if !self.private_room(fill).await {
+                            return Ok(());
+                        }
+                        Some(self.open_claimed(plan, fill, k, Block::new(), &meta, obj_id, length, false))
+                    }
+                };
             }
         }
         Ok(())
@@ -994,7 +1028,7 @@ impl Cache {
         meta: &Arc<Meta>,
         obj_id: u64,
         length: u64,
-    ) -> Result<(Arc<Block>, BlockData, u64), FillError> {
+    ) -> (Arc<Block>, BlockData, u64) {
         let public = {
             let inner = lock(&self.inner);
             inner
@@ -1002,7 +1036,7 @@ impl Cache {
                 .get(&plan.key)
                 .is_some_and(|o| o.id == obj_id && o.inflight.get(&k).is_some_and(|b| Arc::ptr_eq(b, block)))
         };
-        let data = self.buffer(plan, k, meta, obj_id, length, public)?;
+        let data = self.buffer(plan, k, meta, obj_id, length, public);
         if !matches!(data.buf, Buf::File(_)) && public {
             // Not admitted: serve it, do not store it.
             let mut inner = lock(&self.inner);
@@ -1016,20 +1050,12 @@ impl Cache {
         block
             .state
             .send_modify(|s| *s = BlockState::Writing { data: d, written: 0 });
-        Ok((block.clone(), data, 0))
+        (block.clone(), data, 0)
     }
 
     /// A buffer for block `k`: a `.part` file when it will be stored (room
     /// admitted), memory otherwise.
-    fn buffer(
-        &self,
-        plan: &Plan,
-        k: u32,
-        meta: &Arc<Meta>,
-        obj_id: u64,
-        length: u64,
-        public: bool,
-    ) -> Result<BlockData, FillError> {
+    fn buffer(&self, plan: &Plan, k: u32, meta: &Arc<Meta>, obj_id: u64, length: u64, public: bool) -> BlockData {
         let bs = self.cfg.block_size;
         let len = (length - u64::from(k) * bs).min(bs);
         let buf = if public && self.admit(&plan.key, len) {
@@ -1054,61 +1080,63 @@ impl Cache {
         } else {
             Buf::Mem(Arc::new(RwLock::new(Vec::with_capacity(len as usize))))
         };
-        Ok(BlockData {
+        BlockData {
             meta: meta.clone(),
             len,
             buf,
-        })
+        }
     }
 
     /// Claims block `k` for the fill: public if the object is still this
-    /// version and nobody holds `k`; `None` (stop) if someone does; private
-    /// if the object moved on (then only this fill's reader reads it).
-    async fn claim(
+    /// version and nobody holds `k`; stop if someone does; private if the
+    /// object moved on (then only this fill's reader reads it).
+    fn try_claim(&self, plan: &Plan, fill: &Fill, k: u32, obj_id: u64) -> Claim {
+        let mut inner = lock(&self.inner);
+        match inner.objects.get_mut(&plan.key) {
+            Some(o) if o.id == obj_id => {
+                if o.stored.contains_key(&k) || o.inflight.contains_key(&k) {
+                    drop(inner);
+                    fill.cursor.send_modify(|c| c.1 = true);
+                    return Claim::Stop;
+                }
+                let block = Block::new();
+                o.inflight.insert(k, block.clone());
+                Claim::Public(block)
+            }
+            _ => Claim::Private,
+        }
+    }
+
+    /// Waits until the fill's reader has taken enough private blocks; false
+    /// when the reader is gone (nobody else can use them).
+    async fn private_room(&self, fill: &Arc<Fill>) -> bool {
+        let mut rx = fill.cursor.subscribe();
+        loop {
+            if Arc::strong_count(fill) == 1 {
+                return false;
+            }
+            if lock(&fill.blocks).len() < PRIVATE_AHEAD {
+                return true;
+            }
+            // The reader takes blocks; poll its progress without spinning.
+            let _ = tokio::time::timeout(Duration::from_millis(20), rx.changed()).await;
+        }
+    }
+
+    /// Gives a claimed block its buffer and makes it visible to readers.
+    #[allow(clippy::too_many_arguments)]
+    fn open_claimed(
         &self,
         plan: &Plan,
-        fill: &Arc<Fill>,
+        fill: &Fill,
         k: u32,
+        block: Arc<Block>,
         meta: &Arc<Meta>,
         obj_id: u64,
         length: u64,
-    ) -> Option<(Arc<Block>, BlockData, u64)> {
-        let block = Block::new();
-        let public = {
-            let mut inner = lock(&self.inner);
-            match inner.objects.get_mut(&plan.key) {
-                Some(o) if o.id == obj_id => {
-                    if o.stored.contains_key(&k) || o.inflight.contains_key(&k) {
-                        drop(inner);
-                        fill.cursor.send_modify(|c| c.1 = true);
-                        return None;
-                    }
-                    o.inflight.insert(k, block.clone());
-                    true
-                }
-                _ => false,
-            }
-        };
-        if !public {
-            // Nobody but this fill's own reader can use it.
-            loop {
-                if Arc::strong_count(fill) == 1 {
-                    return None;
-                }
-                let ahead = lock(&fill.blocks).len();
-                if ahead < PRIVATE_AHEAD {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-        let data = match self.buffer(plan, k, meta, obj_id, length, public) {
-            Ok(d) => d,
-            Err(e) => {
-                block.fail(&Arc::new(e));
-                return None;
-            }
-        };
+        public: bool,
+    ) -> (Arc<Block>, BlockData, u64) {
+        let data = self.buffer(plan, k, meta, obj_id, length, public);
         if public && !matches!(data.buf, Buf::File(_)) {
             let mut inner = lock(&self.inner);
             if let Some(o) = inner.objects.get_mut(&plan.key)
@@ -1123,7 +1151,7 @@ impl Cache {
             .send_modify(|s| *s = BlockState::Writing { data: d, written: 0 });
         lock(&fill.blocks).insert(k, block.clone());
         fill.cursor.send_modify(|c| c.0 = k + 1);
-        Some((block, data, 0))
+        (block, data, 0)
     }
 
     /// Reserves room for `len` bytes, evicting least recently used objects

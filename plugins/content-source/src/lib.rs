@@ -66,6 +66,29 @@ struct Source {
     #[serde(default = "default_ttl")]
     ttl_seconds: u32,
     max_object_size: Option<u64>,
+    /// The origin's host and port, filled in by `init`: a request for the
+    /// origin itself (as a child cache sends) belongs to this source.
+    #[serde(skip)]
+    origin_authority: (String, u16),
+}
+
+/// Host and port of an `http(s)://host[:port]` URL.
+fn authority_of(url: &str) -> Option<(String, u16)> {
+    let (default, rest) = match url.split_once("://")? {
+        ("http", r) => (80, r),
+        ("https", r) => (443, r),
+        _ => return None,
+    };
+    let auth = rest.split('/').next()?;
+    if let Some(v6) = auth.strip_prefix('[') {
+        let (h, p) = v6.split_once(']')?;
+        let port = p.strip_prefix(':').map_or(Some(default), |p| p.parse().ok())?;
+        return Some((h.to_ascii_lowercase(), port));
+    }
+    match auth.rsplit_once(':') {
+        Some((h, p)) => Some((h.to_ascii_lowercase(), p.parse().ok()?)),
+        None => Some((auth.to_ascii_lowercase(), default)),
+    }
 }
 
 /// The default content-source plugin.
@@ -121,8 +144,8 @@ fn strip_param(path_and_query: &str, name: &str) -> String {
 
 impl ContentSource for DefaultContentSource {
     fn init(config: &Config) -> Result<Self, String> {
-        let settings: Settings = config.deserialize()?;
-        for (i, s) in settings.sources.iter().enumerate() {
+        let mut settings: Settings = config.deserialize()?;
+        for (i, s) in settings.sources.iter_mut().enumerate() {
             let what = format!("sources[{i}] ({})", s.name);
             if s.hosts.is_empty() {
                 return Err(format!("{what}: hosts is empty"));
@@ -133,6 +156,8 @@ impl ContentSource for DefaultContentSource {
                     s.origin
                 ));
             }
+            s.origin_authority =
+                authority_of(&s.origin).ok_or_else(|| format!("{what}: origin {:?} is not a URL", s.origin))?;
             for p in s.immutable.iter().chain(&s.revalidate) {
                 if !p.starts_with('/') {
                     return Err(format!("{what}: pattern {p:?} must start with /"));
@@ -152,11 +177,10 @@ impl ContentSource for DefaultContentSource {
             .query_param("cacheHostOrigin")
             .map(|h| h.to_ascii_lowercase())
             .unwrap_or_else(|| request.host.clone());
-        let Some(source) = self
-            .sources
-            .iter()
-            .find(|s| s.hosts.iter().any(|h| h.eq_ignore_ascii_case(&host)))
-        else {
+        let Some(source) = self.sources.iter().find(|s| {
+            s.hosts.iter().any(|h| h.eq_ignore_ascii_case(&host))
+                || (s.origin_authority.0 == host && request.port.is_none_or(|p| p == s.origin_authority.1))
+        }) else {
             return Decision::Deny(format!("host {host:?} is not a configured source"));
         };
         let origin_path = strip_param(&request.path_and_query, "cacheHostOrigin");
@@ -243,6 +267,29 @@ mod tests {
         let Decision::Cache(plan) = d else { panic!("{d:?}") };
         assert_eq!(plan.origin_path, "/pool/x.deb?a=1");
         assert_eq!(plan.key, "debian:/pool/x.deb?a=1");
+    }
+
+    #[test]
+    fn a_request_for_the_origin_itself_belongs_to_its_source() {
+        let p = DefaultContentSource::init(
+            &Config::parse(
+                r#"{"sources":[{"name":"t","hosts":["repo.test"],"origin":"http://127.0.0.1:8999","immutable":["/**"]}]}"#,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let mut head = RequestHead::get("127.0.0.1", "/a.deb");
+        head.port = Some(8999);
+        assert!(matches!(p.classify(&head), Decision::Cache(_)));
+        head.port = Some(9000);
+        assert!(matches!(p.classify(&head), Decision::Deny(_)));
+        head.port = None;
+        assert!(matches!(p.classify(&head), Decision::Cache(_)));
+        assert_eq!(authority_of("https://[::1]/"), Some(("::1".into(), 443)));
+        assert_eq!(
+            authority_of("http://Deb.Debian.org"),
+            Some(("deb.debian.org".into(), 80))
+        );
     }
 
     #[test]
