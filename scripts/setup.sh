@@ -29,6 +29,16 @@ if ! command -v mosquitto_pub >/dev/null 2>&1 || ! command -v mosquitto_sub >/de
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
 fi
+# The range cache's clients: curl, wget and apt-get (with dpkg-deb to build
+# the test repository's package).
+missing=""
+for tool in curl wget apt-get dpkg-deb; do
+    command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
+done
+if [ -n "$missing" ]; then
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl wget apt dpkg >/dev/null
+fi
 if ! python3 -c 'import paho.mqtt' >/dev/null 2>&1; then
     python3 -m pip install --quiet 'paho-mqtt>=2,<3'
 fi

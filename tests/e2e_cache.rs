@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Gateway, free_port, http_get};
+use support::{Gateway, free_port};
 
 const MIB: usize = 1 << 20;
 
@@ -18,16 +18,22 @@ struct Origin {
     child: Child,
     port: u16,
     root: tempfile::TempDir,
+    tls: bool,
 }
 
 impl Origin {
     fn start() -> Origin {
+        Origin::start_with(&[])
+    }
+
+    fn start_with(args: &[&str]) -> Origin {
         let root = tempfile::tempdir().unwrap();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/cache/origin.py");
         let mut child = Command::new("python3")
             .arg(script)
             .arg("--root")
             .arg(root.path())
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -36,8 +42,15 @@ impl Origin {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        let port = line.trim().strip_prefix("listening ").unwrap().parse().unwrap();
-        Origin { child, port, root }
+        let Some(port) = line.trim().strip_prefix("listening ").and_then(|p| p.parse().ok()) else {
+            panic!("the test origin did not start ({:?}): {line:?}", child.wait());
+        };
+        Origin {
+            child,
+            port,
+            root,
+            tls: args.contains(&"--tls-cert"),
+        }
     }
 
     fn put(&self, path: &str, data: &[u8]) {
@@ -70,8 +83,17 @@ impl Origin {
     }
 
     fn stats(&self, path: &str) -> serde_json::Value {
-        let (_, body) = http_get(self.port, "/_stats", None).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        // -k: the TLS origin's certificate is the test's own.
+        let out = Command::new("curl")
+            .args(["-s", "-k", "--max-time", "10"])
+            .arg(format!(
+                "{}://localhost:{}/_stats",
+                if self.tls { "https" } else { "http" },
+                self.port
+            ))
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         v[path].clone()
     }
 
@@ -466,6 +488,122 @@ fn concurrent_clients_share_one_upstream_fetch() {
         origin.ranges("/pool/c.bin")
     );
     origin.configure("delay_ms=0&throttle=0");
+}
+
+/// An https origin, fetched over rustls, trusting a CA from `cache.ca_file`.
+#[test]
+fn https_origin_over_rustls() {
+    let certs = tempfile::tempdir().unwrap();
+    let p = |name: &str| certs.path().join(name).display().to_string();
+    let (ca, cert, key) = (p("ca.pem"), p("cert.pem"), p("key.pem"));
+    std::fs::write(
+        p("ext.cnf"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    for args in [
+        [
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-days",
+                "2",
+                "-subj",
+                "/CN=test-ca",
+                "-keyout",
+                &p("ca.key"),
+                "-out",
+                &ca,
+            ],
+        ]
+        .concat(),
+        [
+            &["req"][..],
+            &ec,
+            &["-subj", "/CN=localhost", "-keyout", &key, "-out", &p("leaf.csr")],
+        ]
+        .concat(),
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            &p("leaf.csr"),
+            "-CA",
+            &ca,
+            "-CAkey",
+            &p("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &p("ext.cnf"),
+            "-out",
+            &cert,
+        ],
+    ] {
+        let st = Command::new("openssl")
+            .args(&args)
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(st.success(), "openssl {args:?}");
+    }
+    let origin = Origin::start_with(&["--tls-cert", &cert, "--tls-key", &key]);
+    let t = data(12, MIB + 5);
+    origin.put("/pool/t.bin", &t);
+    let sources = origin.sources().replace("http://127.0.0.1:", "https://localhost:");
+    let port = free_port();
+    let gw = Gateway::start_named(
+        "tls",
+        &format!("[cache]\nlisten = \"127.0.0.1:{port}\"\nca_file = {ca:?}\n{sources}"),
+    );
+    let g = curl(port, "/pool/t.bin", &["-r", "1048570-"]);
+    assert_eq!((g.status, g.body.as_slice()), (206, &t[1_048_570..]), "{}", gw.log());
+    let g = curl(port, "/pool/t.bin", &[]);
+    assert!(g.body == t);
+    assert_eq!(origin.bytes("/pool/t.bin"), t.len() as u64);
+    // Without the CA the origin's certificate is refused: 502, nothing served.
+    drop(gw);
+    let port = free_port();
+    let _gw = Gateway::start_named("notls", &format!("[cache]\nlisten = \"127.0.0.1:{port}\"\n{sources}"));
+    let g = curl(port, "/pool/t.bin", &["-r", "0-9"]);
+    assert_eq!(g.status, 502);
+    assert!(
+        String::from_utf8_lossy(&g.body).contains("cannot connect"),
+        "{:?}",
+        String::from_utf8_lossy(&g.body)
+    );
+}
+
+/// A fill goes on after its client disconnects, up to `orphan_fill_bytes`.
+#[test]
+fn a_fill_outlives_its_client_within_a_bound() {
+    let origin = Origin::start();
+    let o = data(11, 12 * MIB);
+    origin.put("/pool/o.bin", &o);
+    let gw = node("c6", &origin, "orphan_fill_bytes = 2097152\n");
+    origin.configure("throttle=4000000");
+    // The client gives up after 0.6 s, having received about 2.4 MB.
+    let g = curl(gw.cache, "/pool/o.bin", &["--max-time", "0.6"]);
+    assert_eq!(g.exit, 28, "curl should have timed out");
+    let received = g.body.len() as u64;
+    assert!(received > 0 && received < 6 * MIB as u64, "{received}");
+    wait_until("the fill to stop", || {
+        gw.metric("holdfast_cache_fills_in_flight") == 0.0 && gw.api("/api/v1/cache")["reserved_bytes"] == 0
+    });
+    let stored = stored_bytes(&gw);
+    // The block in progress and two more (2 MiB) were fetched after the
+    // client left; then the fill stopped.
+    assert!(
+        stored >= received + 2 * MIB as u64 && stored <= received + 4 * MIB as u64,
+        "received {received}, stored {stored}"
+    );
+    assert!(origin.bytes("/pool/o.bin") < o.len() as u64 - 4 * MIB as u64);
+    origin.configure("throttle=0");
+    // What was stored is served; the rest is fetched.
+    let g = curl(gw.cache, "/pool/o.bin", &[]);
+    assert!(g.body == o);
 }
 
 /// An object that changes at the origin: a response never mixes versions.

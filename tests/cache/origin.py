@@ -13,7 +13,8 @@ If-Modified-Since), and counts what it served. Control endpoints:
                                the response head, paths served without validators
                                or ignoring Range
 
-It prints "listening <port>" once ready (port 0 picks a free one).
+It prints "listening <port>" once ready (port 0 picks a free one). With
+--tls-cert and --tls-key it serves https.
 """
 
 import argparse
@@ -172,10 +173,20 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", required=True)
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--tls-cert", help="serve https with this PEM certificate chain")
+    ap.add_argument("--tls-key", help="and this PEM private key")
     args = ap.parse_args()
     ROOT = os.path.abspath(args.root)
+    # The default listen backlog (5) drops bursts of connections, which then
+    # wait a second for a SYN retry; caches open many at once.
+    ThreadingHTTPServer.request_queue_size = 256
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
+    if args.tls_cert:
+        import ssl
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
     print("listening %d" % server.server_address[1], flush=True)
     server.serve_forever()
 

@@ -209,10 +209,9 @@ async fn handle(cache: Arc<Cache>, plugins: Arc<PluginHost>, req: Request<Incomi
             })
             .collect(),
     };
-    let decision = {
-        let plugins = plugins.clone();
-        tokio::task::block_in_place(move || plugins.classify(&head).value)
-    };
+    // A plugin call is bounded by the slot's deadline (10 ms by default);
+    // typically microseconds, so it runs on this task like the broker's.
+    let decision = plugins.classify(&head).value;
     let is_get = parts.method == Method::GET || parts.method == Method::HEAD;
     match decision {
         ContentDecision::Deny(reason) => {
@@ -459,7 +458,7 @@ async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Parts, kind: 
                     "range starts past any object\n".into(),
                 );
             };
-            match cache.acquire(&plan, first, None, end, &mut own) {
+            match cache.acquire(&plan, first, end, &mut own) {
                 Source::Stored { meta, .. } => meta,
                 Source::Block(b) => match b.meta().await {
                     Ok(m) => m,
@@ -493,7 +492,14 @@ async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Parts, kind: 
             Some(f) => f.take(k).await.map(Source::Block),
             None => None,
         };
-        let src = src.unwrap_or_else(|| cache.acquire(&plan, k, Some(&meta.validator), Some(end), &mut own));
+        let src = src.unwrap_or_else(|| cache.acquire(&plan, k, Some(end), &mut own));
+        if let Source::Stored { meta: m, .. } = &src
+            && !m.validator.same_version(&meta.validator)
+        {
+            // The object moved on since this request looked it up.
+            meta = m.clone();
+            continue;
+        }
         if let Source::Block(b) = src {
             match b.meta().await {
                 Ok(m) if m.validator.same_version(&meta.validator) => {
@@ -740,9 +746,7 @@ impl Reader<'_> {
                 };
                 let src = match mine {
                     Some(b) => Source::Block(b),
-                    None => self
-                        .cache
-                        .acquire(self.plan, k, Some(&self.meta.validator), Some(fill_end), &mut self.own),
+                    None => self.cache.acquire(self.plan, k, Some(fill_end), &mut self.own),
                 };
                 let outcome = match src {
                     Source::Stored { id, meta } => {

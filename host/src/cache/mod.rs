@@ -45,6 +45,8 @@ use crate::store::{Store, StoreError};
 const UNCACHEABLE_FOR: Duration = Duration::from_secs(60);
 /// Most distinct `source` label values; more are counted as `other`.
 const MAX_SOURCES: usize = 64;
+/// Reads of stored blocks up to this size are done on the async task.
+const SMALL_READ: u64 = 1 << 20;
 /// Most private (unstored) blocks a fill keeps ahead of its reader.
 const PRIVATE_AHEAD: usize = 2;
 
@@ -322,10 +324,13 @@ impl Inner {
 
     /// Removes an object that holds nothing and nobody uses.
     fn forget_if_empty(&mut self, key: &str) {
-        let empty = self
-            .objects
-            .get(key)
-            .is_some_and(|o| o.readers == 0 && o.meta.is_none() && o.inflight.is_empty() && o.stored.is_empty());
+        let empty = self.objects.get(key).is_some_and(|o| {
+            o.readers == 0
+                && o.meta.is_none()
+                && o.inflight.is_empty()
+                && o.stored.is_empty()
+                && o.uncacheable_until.is_none_or(|t| Instant::now() >= t)
+        });
         if empty && let Some(o) = self.objects.remove(key) {
             self.lru.remove(&(o.tick, key.to_string()));
         }
@@ -688,13 +693,13 @@ impl Cache {
         None
     }
 
-    /// Finds block `k`: in the reader's own fill, stored (for `version`), in
-    /// flight, or by starting a fill for `k..=end_byte`.
+    /// Finds block `k`: stored (of whatever version: the caller compares),
+    /// in flight, or by starting a fill for `k..=end_byte` (which becomes
+    /// the reader's own fill).
     fn acquire(
         self: &Arc<Self>,
         plan: &Arc<Plan>,
         k: u32,
-        version: Option<&Validator>,
         end_byte: Option<u64>,
         own: &mut Option<Arc<Fill>>,
     ) -> Source {
@@ -708,9 +713,10 @@ impl Cache {
                 v.insert(Obj { id, ..Obj::default() })
             }
         };
+        // A stored block of another version is returned as it is: the
+        // reader sees the version differs and never mixes the two.
         if let Some(meta) = &o.meta
             && o.stored.contains_key(&k)
-            && version.is_none_or(|v| v.same_version(&meta.validator))
         {
             return Source::Stored {
                 id: o.id,
@@ -829,11 +835,11 @@ impl Cache {
                 .map(str::to_string)
         };
         let content_type = header(hyper::header::CONTENT_TYPE);
-        let (body_start, length) = match status {
+        let (body_start, body_end, length) = match status {
             206 => {
                 let cr = header(hyper::header::CONTENT_RANGE).unwrap_or_default();
                 match range::parse_content_range(&cr) {
-                    Some((a, _, Some(len))) if a == start => (a, len),
+                    Some((a, b, Some(len))) if a == start => (a, b + 1, len),
                     Some((_, _, None)) => return Err(FillError::Uncacheable("upstream sent no object length".into())),
                     _ => {
                         return Err(FillError::Upstream(format!(
@@ -843,7 +849,7 @@ impl Cache {
                 }
             }
             200 => match header(hyper::header::CONTENT_LENGTH).and_then(|l| l.parse::<u64>().ok()) {
-                Some(len) => (0, len),
+                Some(len) => (0, len, len),
                 None => return Err(FillError::Uncacheable("upstream sent no Content-Length".into())),
             },
             416 => {
@@ -925,11 +931,14 @@ impl Cache {
         // Stream the body into blocks.
         let mut body = resp.into_body();
         let mut pos = body_start;
-        let end = if status == 206 {
-            header_end(end_byte, length)
-        } else {
-            length
-        };
+        // A 206 may end before what was asked (never after); the last block
+        // it covers must still be whole unless it is the object's last.
+        let end = body_end;
+        if end < length && end % bs != 0 {
+            return Err(FillError::Upstream(format!(
+                "upstream answered a range ending at byte {end}, not on a block boundary"
+            )));
+        }
         let mut k = first;
         let mut current = Some(self.start_block(plan, first_block, k, &meta, obj_id, length));
         let mut orphan_bytes = 0u64;
@@ -1234,18 +1243,19 @@ impl Cache {
                 let mut inner = lock(&cache.inner);
                 inner.reserved_bytes = inner.reserved_bytes.saturating_sub(len);
                 let mut stored = false;
+                let mut replaced = 0;
                 if let Some(o) = inner.objects.get_mut(&key)
                     && o.id == obj_id
                     && o.inflight.get(&k).is_some_and(|b| Arc::ptr_eq(b, &block))
                 {
                     o.inflight.remove(&k);
                     if synced.is_ok() {
-                        o.stored.insert(k, len);
+                        replaced = o.stored.insert(k, len).unwrap_or(0);
                         stored = true;
                     }
                 }
                 if stored {
-                    inner.stored_bytes += len;
+                    inner.stored_bytes = inner.stored_bytes + len - replaced;
                 }
                 stored
             };
@@ -1282,14 +1292,14 @@ impl Cache {
     /// Reads bytes `from..to` of a stored block.
     async fn read_stored(&self, id: u64, k: u32, from: u64, to: u64) -> std::io::Result<Bytes> {
         let path = disk::block_path(&self.dir, id, k);
-        tokio::task::spawn_blocking(move || {
-            let f = File::open(path)?;
-            let mut v = vec![0u8; (to - from) as usize];
-            f.read_exact_at(&mut v, from)?;
-            Ok(Bytes::from(v))
-        })
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))?
+        if to - from <= SMALL_READ {
+            // Small reads come from the page cache in microseconds: a
+            // blocking-pool round trip would cost more than the read.
+            return read_file_range(&path, from, to);
+        }
+        tokio::task::spawn_blocking(move || read_file_range(&path, from, to))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?
     }
 
     /// Forgets a stored block whose file could not be read.
@@ -1495,13 +1505,25 @@ impl Cache {
     }
 }
 
-fn failed(b: &Block) -> bool {
-    matches!(&*b.state.borrow(), BlockState::Failed(_))
+/// Reads bytes `from..to` of a file into a buffer that is not zero-filled first.
+fn read_file_range(path: &std::path::Path, from: u64, to: u64) -> std::io::Result<Bytes> {
+    use std::io::{Read, Seek};
+    let mut f = File::open(path)?;
+    f.seek(std::io::SeekFrom::Start(from))?;
+    let want = (to - from) as usize;
+    let mut v = Vec::with_capacity(want);
+    f.take(want as u64).read_to_end(&mut v)?;
+    if v.len() != want {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "block file is short",
+        ));
+    }
+    Ok(Bytes::from(v))
 }
 
-/// The end (exclusive) of a 206 body for a request ending at `end_byte`.
-fn header_end(end_byte: Option<u64>, length: u64) -> u64 {
-    end_byte.map_or(length, |e| e.saturating_add(1).min(length))
+fn failed(b: &Block) -> bool {
+    matches!(&*b.state.borrow(), BlockState::Failed(_))
 }
 
 async fn read_capped(mut body: hyper::body::Incoming, cap: usize, timeout: Duration) -> Bytes {
