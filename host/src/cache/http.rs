@@ -605,6 +605,25 @@ async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Parts, kind: 
         count(if hit { "hit" } else { "miss" });
         return resp;
     }
+    // A small hit in one range is read here and sent whole: no task, no
+    // channel.
+    if hit
+        && parts_out.len() == 1
+        && let Some(bytes) = cache.read_small(&plan.key, &meta, ranges[0].start, ranges[0].end)
+    {
+        count("hit");
+        let m = cache.metrics();
+        m.cache_bytes
+            .get_or_create(&CacheLabels {
+                source: plan.source.clone(),
+                client: kind,
+                result: "hit",
+            })
+            .inc_by(bytes.len() as u64);
+        *resp.body_mut() = Full::new(bytes).map_err(|e| match e {}).boxed();
+        drop(pin);
+        return resp;
+    }
     let (tx, rx) = mpsc::channel(8);
     *resp.body_mut() = BodyExt::boxed(ChannelBody { rx });
     let cache = cache.clone();

@@ -653,6 +653,34 @@ impl Cache {
         }
     }
 
+    /// Bytes `start..end` (at most [`SMALL_READ`]) when every block holding
+    /// them is stored for `meta`'s version, read here and now; `None`
+    /// otherwise (the caller streams instead).
+    pub(crate) fn read_small(&self, key: &str, meta: &Meta, start: u64, end: u64) -> Option<Bytes> {
+        if end <= start || end - start > SMALL_READ {
+            return None;
+        }
+        let bs = self.cfg.block_size;
+        let (first, last) = (start / bs, (end - 1) / bs);
+        let id = {
+            let inner = lock(&self.inner);
+            let o = inner.objects.get(key)?;
+            let same = o.meta.as_deref()?.validator.same_version(&meta.validator);
+            let all = (first..=last).all(|k| u32::try_from(k).is_ok_and(|k| o.stored.contains_key(&k)));
+            (same && all).then_some(o.id)?
+        };
+        let mut parts = Vec::new();
+        for k in first..=last {
+            let b0 = k * bs;
+            let (from, to) = (start.max(b0) - b0, end.min(b0 + bs) - b0);
+            parts.push(read_file_range(&disk::block_path(&self.dir, id, u32::try_from(k).ok()?), from, to).ok()?);
+        }
+        if parts.len() == 1 {
+            return parts.pop();
+        }
+        Some(Bytes::from(parts.concat()))
+    }
+
     /// Whether every block of `ranges` is stored for `meta`'s version.
     fn all_stored(&self, key: &str, meta: &Meta, ranges: &[(u64, u64)]) -> bool {
         let bs = self.cfg.block_size;
