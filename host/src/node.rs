@@ -230,13 +230,11 @@ impl Node {
         let cache = match cache {
             Some(cache) => {
                 let cache = Arc::new(cache);
-                let addr = config.cache.listen;
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| StartError::CacheBind { addr, source })?;
-                let bound = listener
-                    .local_addr()
-                    .map_err(|source| StartError::CacheBind { addr, source })?;
+                let (listener, bound) = bind(config.cache.listen, |addr, source| StartError::CacheBind {
+                    addr,
+                    source,
+                })
+                .await?;
                 cache.set_listen(bound.to_string());
                 tasks.push(tokio::spawn(crate::cache::http::serve(
                     cache.clone(),
@@ -271,13 +269,11 @@ impl Node {
         });
         let mut admin_addr = None;
         if state.config.admin.enabled {
-            let addr = state.config.admin.listen;
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::AdminBind { addr, source })?;
-            let bound = listener
-                .local_addr()
-                .map_err(|source| StartError::AdminBind { addr, source })?;
+            let (listener, bound) = bind(state.config.admin.listen, |addr, source| StartError::AdminBind {
+                addr,
+                source,
+            })
+            .await?;
             admin_addr = Some(bound);
             tasks.push(tokio::spawn(admin::serve(
                 listener,
@@ -339,6 +335,16 @@ impl Node {
         let _ = tokio::task::spawn_blocking(move || outbox.close()).await;
         tracing::info!("holdfast node stopped");
     }
+}
+
+/// Binds a TCP listener; `wrap` names the listener in the error.
+async fn bind(
+    addr: SocketAddr,
+    wrap: fn(SocketAddr, std::io::Error) -> StartError,
+) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| wrap(addr, e))?;
+    let bound = listener.local_addr().map_err(|e| wrap(addr, e))?;
+    Ok((listener, bound))
 }
 
 /// Starts the link listener (if enabled) and the outbox's drainer: the QUIC

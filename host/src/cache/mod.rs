@@ -605,6 +605,32 @@ impl Cache {
         ]
     }
 
+    fn upstream_labels(&self, plan: &Plan) -> CacheUpstreamLabels {
+        CacheUpstreamLabels {
+            source: plan.source.clone(),
+            upstream: self.upstream_label(),
+        }
+    }
+
+    /// Sends one request for the plan's object upstream (counted), with the
+    /// standard headers and one more.
+    async fn upstream(
+        &self,
+        plan: &Plan,
+        method: hyper::Method,
+        extra: (hyper::header::HeaderName, String),
+    ) -> Result<hyper::Response<hyper::body::Incoming>, upstream::UpstreamError> {
+        let mut headers = self.upstream_headers(None, None);
+        headers.push(extra);
+        self.metrics
+            .cache_upstream_requests
+            .get_or_create(&self.upstream_labels(plan))
+            .inc();
+        self.client
+            .send(&method, &plan.origin, &plan.origin_path, &headers)
+            .await
+    }
+
     /// Pins `key` for a reader (no eviction while pinned) and touches it.
     fn pin(self: &Arc<Self>, key: &str) -> Pin {
         let mut inner = lock(&self.inner);
@@ -843,16 +869,9 @@ impl Cache {
             Some(e) => format!("bytes={start}-{e}"),
             None => format!("bytes={start}-"),
         };
-        let mut headers = self.upstream_headers(None, None);
-        headers.push((hyper::header::RANGE, range));
-        let labels = CacheUpstreamLabels {
-            source: plan.source.clone(),
-            upstream: self.upstream_label(),
-        };
-        self.metrics.cache_upstream_requests.get_or_create(&labels).inc();
+        let labels = self.upstream_labels(plan);
         let resp = self
-            .client
-            .send(&hyper::Method::GET, &plan.origin, &plan.origin_path, &headers)
+            .upstream(plan, hyper::Method::GET, (hyper::header::RANGE, range))
             .await
             .map_err(|e| FillError::Upstream(e.to_string()))?;
         let status = resp.status().as_u16();
@@ -1378,21 +1397,13 @@ impl Cache {
     }
 
     async fn revalidate_now(self: &Arc<Self>, plan: &Plan, meta: &Arc<Meta>) {
-        let mut headers = self.upstream_headers(None, None);
-        if let Some(e) = &meta.validator.etag {
-            headers.push((hyper::header::IF_NONE_MATCH, e.clone()));
-        } else if let Some(lm) = &meta.validator.last_modified {
-            headers.push((hyper::header::IF_MODIFIED_SINCE, lm.clone()));
-        }
-        let labels = CacheUpstreamLabels {
-            source: plan.source.clone(),
-            upstream: self.upstream_label(),
+        let condition = match (&meta.validator.etag, &meta.validator.last_modified) {
+            (Some(e), _) => (hyper::header::IF_NONE_MATCH, e.clone()),
+            (None, Some(lm)) => (hyper::header::IF_MODIFIED_SINCE, lm.clone()),
+            // A validator always has one of the two.
+            (None, None) => return,
         };
-        self.metrics.cache_upstream_requests.get_or_create(&labels).inc();
-        let resp = self
-            .client
-            .send(&hyper::Method::HEAD, &plan.origin, &plan.origin_path, &headers)
-            .await;
+        let resp = self.upstream(plan, hyper::Method::HEAD, condition).await;
         let unchanged = match &resp {
             Ok(r) if r.status().as_u16() == 304 => Some(true),
             Ok(r) if r.status().is_success() => {

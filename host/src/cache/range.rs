@@ -244,7 +244,11 @@ pub fn parse_http_date(s: &str) -> Option<i64> {
     let s = s.trim();
     let (_, rest) = s.split_once(", ")?;
     let mut it = rest.split(' ');
-    let day: u32 = it.next()?.parse().ok()?;
+    // IMF-fixdate: `day` and the time fields are 2DIGIT, `year` is 4DIGIT.
+    let digits = |s: &str, n: usize| -> Option<i64> {
+        (s.len() == n && s.bytes().all(|c| c.is_ascii_digit())).then(|| s.parse().ok())?
+    };
+    let day = digits(it.next()?, 2)?;
     let month = match it.next()? {
         "Jan" => 1,
         "Feb" => 2,
@@ -260,15 +264,22 @@ pub fn parse_http_date(s: &str) -> Option<i64> {
         "Dec" => 12,
         _ => return None,
     };
-    let year: i64 = it.next()?.parse().ok()?;
+    let year = digits(it.next()?, 4)?;
     let mut hms = it.next()?.split(':');
-    let h: i64 = hms.next()?.parse().ok()?;
-    let m: i64 = hms.next()?.parse().ok()?;
-    let sec: i64 = hms.next()?.parse().ok()?;
-    if it.next()? != "GMT" || it.next().is_some() || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
+    let h = digits(hms.next()?, 2)?;
+    let m = digits(hms.next()?, 2)?;
+    let sec = digits(hms.next()?, 2)?;
+    if hms.next().is_some()
+        || it.next()? != "GMT"
+        || it.next().is_some()
+        || !(1..=31).contains(&day)
+        || h > 23
+        || m > 59
+        || sec > 60
+    {
         return None;
     }
-    Some(days_from_civil(year, month, day) * 86_400 + h * 3600 + m * 60 + sec)
+    Some(days_from_civil(year, month, day as u32) * 86_400 + h * 3600 + m * 60 + sec)
 }
 
 /// Formats Unix seconds as an IMF-fixdate.
@@ -281,7 +292,7 @@ pub fn format_http_date(secs: i64) -> String {
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ][(mo - 1) as usize];
     format!(
-        "{wd}, {d:02} {mon} {y} {:02}:{:02}:{:02} GMT",
+        "{wd}, {d:02} {mon} {y:04} {:02}:{:02}:{:02} GMT",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60
@@ -417,6 +428,13 @@ mod tests {
         assert_eq!(parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"), Some(784_111_777));
         assert_eq!(format_http_date(784_111_777), "Sun, 06 Nov 1994 08:49:37 GMT");
         assert_eq!(parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT"), None);
+        // Found by the fuzzer: a year of 30 digits overflowed the day count.
+        assert_eq!(
+            parse_http_date("x, 06 Oct 000000000000000000000097000000000097 08:49:37 GMT"),
+            None
+        );
+        assert_eq!(parse_http_date("Sun, 6 Nov 1994 08:49:37 GMT"), None);
+        assert_eq!(parse_http_date("Sun, 06 Nov 1994 -8:49:37 GMT"), None);
     }
 
     #[test]
