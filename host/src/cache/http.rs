@@ -471,7 +471,12 @@ async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Parts, kind: 
     // one's fill tells whether the origin still has that version; if not,
     // the object was invalidated and the response is built for the new one.
     let mut checks = 0;
+    let if_range = header_str(&parts.headers, &header::IF_RANGE);
     let ranges = loop {
+        // If-Range (strong comparison) decides whether the Range applies.
+        if if_range.is_some_and(|ir| !meta.validator.if_range_matches(ir)) {
+            specs = None;
+        }
         let ranges: Vec<ByteRange> = match &specs {
             None => vec![ByteRange {
                 start: 0,
@@ -534,14 +539,6 @@ async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Parts, kind: 
         validator_headers(r.headers_mut(), &meta);
         add_cache_headers(r.headers_mut(), cache, "hit");
         return r;
-    }
-    let mut ranges = ranges;
-    if specs.is_some()
-        && let Some(ir) = header_str(&parts.headers, &header::IF_RANGE)
-        && !v.if_range_matches(ir)
-    {
-        specs = None;
-        ranges = vec![ByteRange { start: 0, end: length }];
     }
     if specs.is_some() && ranges.is_empty() {
         count("error");
