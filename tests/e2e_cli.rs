@@ -261,3 +261,117 @@ fn scaffolded_plugin_builds_and_swaps_in() {
     assert!(stderr_of(&again).contains("already exists"));
     gw.stop();
 }
+
+/// A request through the cache as a proxy: status and body.
+fn proxy_get(cache_port: u16, url: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "10", "-w", "\n%{http_code}", "-x"])
+        .arg(format!("http://127.0.0.1:{cache_port}"))
+        .arg(url)
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// SIGHUP (and `holdfast reload`) re-reads the config file: plugin configs
+/// are applied live, other changed keys are reported, a broken file changes
+/// nothing, and the process keeps running.
+#[test]
+fn sighup_reloads_plugin_configs_and_reports_the_rest() {
+    let source = |name: &str| {
+        format!(
+            "[[plugins.content-source.config.sources]]\nname = \"{name}\"\nhosts = [\"{name}.test\"]\n\
+             origin = \"http://127.0.0.1:1\"\nimmutable = [\"/**\"]\n"
+        )
+    };
+    let gw = Gateway::start(&source("a"));
+    let (code, body) = proxy_get(gw.cache, "http://b.test/x");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("host \"b.test\" is not a configured source"), "{body}");
+
+    // Add a source and change a key that needs a restart; send SIGHUP.
+    let original = std::fs::read_to_string(&gw.config).unwrap();
+    let changed = original.replace("[cache]\n", "[cache]\nmax_size = 5368709120\n") + &source("b");
+    write_atomic(&gw.config, &changed);
+    let st = Command::new("kill")
+        .args(["-HUP", &gw.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // The new source is served: its origin is unreachable, so 502, not 403.
+        let (code, body) = proxy_get(gw.cache, "http://b.test/x");
+        if code == 502 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not apply the new source: {code} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(gw.log().contains("config reloaded"), "{}", gw.log());
+    assert!(gw.log().contains("cache.max_size"), "{}", gw.log());
+
+    // `holdfast reload` reports the same: the plugin config is applied, the
+    // budget needs a restart.
+    let out = gw.cli_ok(&["reload"]);
+    assert!(out.contains("needs a restart:\n  cache.max_size"), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&gw.cli_ok(&["reload", "--json"])).unwrap();
+    assert_eq!(v["not_applied"], serde_json::json!(["cache.max_size"]));
+    assert_eq!(v["applied"], serde_json::json!([]));
+    // The plugin list shows the reconfigured slot.
+    let history = gw.api("/api/v1/plugins/history");
+    assert!(history.to_string().contains("reconfigure"), "{history}");
+
+    // A broken file: the reload is refused and nothing changes, whether
+    // through the CLI or SIGHUP.
+    write_atomic(&gw.config, "[cache\n");
+    let out = gw.cli(&["reload"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("config is not valid TOML"),
+        "{}",
+        stderr_of(&out)
+    );
+    let st = Command::new("kill")
+        .args(["-HUP", &gw.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !gw.log().contains("SIGHUP: config not reloaded") {
+        assert!(Instant::now() < deadline, "{}", gw.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        proxy_get(gw.cache, "http://b.test/x").0,
+        502,
+        "the running config is kept"
+    );
+    assert!(gw.child.try_wait_ok(), "SIGHUP must not stop the node");
+    write_atomic(&gw.config, &changed);
+}
+
+/// Replaces a file in one step, as editors do (a reload never reads half a file).
+fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+trait Alive {
+    fn try_wait_ok(&self) -> bool;
+}
+
+impl Alive for std::process::Child {
+    fn try_wait_ok(&self) -> bool {
+        Command::new("kill")
+            .args(["-0", &self.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}

@@ -79,6 +79,9 @@ pub enum Command {
     /// The range cache of a running node: totals, stored objects, purge.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Make a running node re-read its config file (as SIGHUP does) and
+    /// print what was applied live and what needs a restart.
+    Reload,
     /// Tools for tests and diagnosis.
     #[command(subcommand, hide = true)]
     Debug(DebugCommand),
@@ -448,6 +451,31 @@ pub fn execute(cli: Cli) -> Result<()> {
         Command::Cache(cmd) => {
             let client = AdminClient::discover(&cli.admin)?;
             cache_command(&client, cmd, cli.admin.json)
+        }
+        Command::Reload => {
+            let client = AdminClient::discover(&cli.admin)?;
+            let v = client.post_json("/api/v1/reload", &json!({}))?;
+            if cli.admin.json {
+                return print_json(&v);
+            }
+            println!("reloaded {}", str_of(&v["path"]));
+            for (title, key) in [
+                ("applied live", "applied"),
+                ("needs a restart", "not_applied"),
+                ("failed (old value kept)", "failed"),
+            ] {
+                let items: Vec<String> = v[key]
+                    .as_array()
+                    .map(|a| a.iter().map(str_of).collect())
+                    .unwrap_or_default();
+                if !items.is_empty() {
+                    println!("{title}:");
+                    for i in items {
+                        println!("  {i}");
+                    }
+                }
+            }
+            Ok(())
         }
         Command::Method(MethodCommand::Invoke {
             target,

@@ -68,6 +68,9 @@ pub struct Config {
     pub identities: Vec<IdentityConfig>,
     /// `[cache]`: the HTTP range cache for update and package content.
     pub cache: CacheConfig,
+    /// The file this config was read from (`None`: the embedded default).
+    #[serde(skip)]
+    pub source_path: Option<PathBuf>,
 }
 
 /// `[node]`
@@ -794,7 +797,9 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text)
+        let mut config = Self::parse(&text)?;
+        config.source_path = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// The embedded default configuration.

@@ -27,6 +27,7 @@ pub mod node;
 pub mod outbox;
 pub mod plugins;
 pub mod registry;
+pub mod reload;
 pub mod scaffold;
 pub mod store;
 pub mod sys;

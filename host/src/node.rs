@@ -103,6 +103,8 @@ pub struct NodeState {
     pub admin_token: String,
     /// The range cache, when enabled.
     pub cache: Option<Arc<crate::cache::Cache>>,
+    /// Re-reads the config file (SIGHUP, `holdfast reload`).
+    pub reloader: crate::reload::Reloader,
 }
 
 impl std::fmt::Debug for NodeState {
@@ -251,7 +253,9 @@ impl Node {
             Some(t) => t.clone(),
             None => load_or_create_token(&data_dir.join("admin.token"))?,
         };
+        let reloader = crate::reload::Reloader::new(config.source_path.clone(), config.clone());
         let state = Arc::new(NodeState {
+            reloader,
             config,
             plugins,
             metrics,
@@ -335,6 +339,32 @@ impl Node {
         let _ = tokio::task::spawn_blocking(move || outbox.close()).await;
         tracing::info!("holdfast node stopped");
     }
+}
+
+/// Reloads the config file on every SIGHUP (a failed reload is logged and
+/// changes nothing).
+async fn reload_on_sighup(state: Arc<NodeState>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGHUP: {e}");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            let s = state.clone();
+            match tokio::task::spawn_blocking(move || s.reloader.reload(&s.plugins)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!("SIGHUP: config not reloaded: {e}"),
+                Err(e) => tracing::warn!("SIGHUP: reload task failed: {e}"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = state;
 }
 
 /// Binds a TCP listener; `wrap` names the listener in the error.
@@ -423,7 +453,9 @@ fn start_link(
 /// The node cannot start.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let node = Node::start(config).await?;
+    let reloads = tokio::spawn(reload_on_sighup(node.state().clone()));
     shutdown.await;
+    reloads.abort();
     tracing::info!("shutting down");
     node.shutdown().await;
     Ok(())

@@ -12,6 +12,7 @@
 //! | GET | `/api/v1/plugins/history` | loads, swaps and rollbacks |
 //! | POST | `/api/v1/plugins/{slot}/swap` | body: the `.wasm` bytes, or JSON `{"wasm_base64": …, "config": {…}}` |
 //! | POST | `/api/v1/plugins/{slot}/rollback` | back to the previous version |
+//! | POST | `/api/v1/reload` | re-read the config file: `{"applied", "not_applied", "failed"}`; 422 if it does not load |
 //!
 //! The device registry's routes are in [`registry`]; twins and methods in
 //! [`iothub`]; the range cache's in [`cache`].
@@ -75,6 +76,7 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/plugins/history", get(plugins_history))
         .route("/plugins/{slot}/swap", post(plugin_swap))
         .route("/plugins/{slot}/rollback", post(plugin_rollback))
+        .route("/reload", post(reload))
         .merge(registry::routes())
         .merge(iothub::routes())
         .merge(cache::routes())
@@ -89,6 +91,15 @@ pub fn router(state: Arc<NodeState>) -> Router {
 }
 
 /// Serves the admin API on `listener` until `shutdown` resolves.
+async fn reload(State(state): State<Arc<NodeState>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let s = state.clone();
+    let report = tokio::task::spawn_blocking(move || s.reloader.reload(&s.plugins))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    Ok(Json(json!(report)))
+}
+
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<NodeState>,

@@ -300,6 +300,20 @@ impl PluginHost {
         })
     }
 
+    /// Re-initialises the plugin running in `slot` with a new config (a new
+    /// version with the same hash; the old one is kept for rollback).
+    ///
+    /// # Errors
+    /// See [`PluginError`]; the old version stays active.
+    pub fn reconfigure(&self, slot: SlotName, config_json: String) -> Result<SwapRecord, PluginError> {
+        let config = Arc::<str>::from(config_json);
+        match slot {
+            SlotName::Router => self.router.reconfigure(config),
+            SlotName::Auth => self.auth.reconfigure(config),
+            SlotName::ContentSource => self.content.reconfigure(config),
+        }
+    }
+
     /// Swaps the plugin in `slot` for `bytes`. `config_json` replaces the
     /// plugin's config; `None` keeps the current one.
     ///

@@ -420,6 +420,49 @@ impl<K: Kind> Slot<K> {
                 return Err(e);
             }
         };
+        Ok(self.install(version, started, source, "swap"))
+    }
+
+    /// Runs the current component again with a new plugin config: a new
+    /// version (same hash) whose instances are initialised with
+    /// `config_json`, switched to like a swap. The old one is kept for
+    /// rollback.
+    ///
+    /// # Errors
+    /// `init` refused the config or trapped; the old version stays active.
+    pub fn reconfigure(&self, config_json: Arc<str>) -> Result<SwapRecord, PluginError> {
+        let _guard = self.swap_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let started = Instant::now();
+        let current = self.current.load_full();
+        let version = Version {
+            hash: current.hash.clone(),
+            source: current.source.clone(),
+            loaded_at_unix_ms: crate::sys::unix_ms(),
+            config_json,
+            pre: current.pre.clone(),
+            idle: Mutex::new(Vec::new()),
+            calls: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            memory_failures: AtomicU64::new(0),
+        };
+        let version = match warm_up(&self.runtime, &self.node, &self.limits, version) {
+            Ok(v) => Arc::new(v),
+            Err(e) => {
+                self.metrics.swaps_rejected.inc();
+                tracing::warn!(
+                    slot = K::SLOT.as_str(),
+                    "plugin config rejected, old config stays active: {e}"
+                );
+                return Err(e);
+            }
+        };
+        let source = current.source.clone();
+        Ok(self.install(version, started, source, "reconfigure"))
+    }
+
+    /// Switches to `version`, keeping the current one for rollback.
+    fn install(&self, version: Arc<Version<K>>, started: Instant, source: String, action: &'static str) -> SwapRecord {
         let new_hash = version.hash.to_string();
         let old = self.current.swap(version);
         let duration = started.elapsed();
@@ -432,7 +475,7 @@ impl<K: Kind> Slot<K> {
         let record = SwapRecord {
             at_unix_ms: crate::sys::unix_ms(),
             slot: K::SLOT,
-            action: "swap",
+            action,
             old: Some(old_hash),
             new: new_hash,
             source,
@@ -446,7 +489,7 @@ impl<K: Kind> Slot<K> {
             duration_ms = record.duration_ms,
             "plugin swapped"
         );
-        Ok(record)
+        record
     }
 
     /// Switches back to the previous version; the current one becomes the previous.
@@ -562,6 +605,16 @@ fn build_version<K: Kind>(
         timeouts: AtomicU64::new(0),
         memory_failures: AtomicU64::new(0),
     };
+    warm_up(runtime, node, limits, version)
+}
+
+/// Creates a version's first instance (running `init` with its config).
+fn warm_up<K: Kind>(
+    runtime: &Runtime,
+    node: &NodeContext,
+    limits: &SlotLimits,
+    version: Version<K>,
+) -> Result<Version<K>, PluginError> {
     let first = new_instance::<K>(runtime, node, limits, &version).map_err(|f| match f.kind {
         FailureKind::Unavailable => PluginError::InitFailed(f.message),
         _ => PluginError::InitTrapped(f.to_string()),

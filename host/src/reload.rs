@@ -1,0 +1,195 @@
+//! Applying a changed config file to a running node: SIGHUP,
+//! `holdfast reload` and `POST /api/v1/reload`.
+//!
+//! What can change live is applied without dropping a connection: each plugin
+//! slot's `config` (routes, rules, package sources, auth settings) by
+//! re-initialising the running component with it, and a slot's `file` by a
+//! swap. Every other key that differs from the running config is reported as
+//! needing a restart. A file that does not parse or validate changes nothing.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+use crate::config::{Config, SlotConfig};
+use crate::plugins::{PluginHost, SlotName, embedded_plugin};
+
+/// What a reload did.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ReloadReport {
+    /// The file read.
+    pub path: String,
+    /// Keys applied live.
+    pub applied: Vec<String>,
+    /// Keys that differ but need a restart.
+    pub not_applied: Vec<String>,
+    /// Keys whose live change failed (the old value stays), with the reason.
+    pub failed: Vec<String>,
+}
+
+/// Keeps the config file's path and the config as last applied.
+#[derive(Debug)]
+pub struct Reloader {
+    path: Option<PathBuf>,
+    applied: Mutex<Config>,
+}
+
+impl Reloader {
+    /// For a node started from `config`, read from `path` (None: the
+    /// embedded default, which cannot be reloaded).
+    pub fn new(path: Option<PathBuf>, config: Config) -> Reloader {
+        Reloader {
+            path,
+            applied: Mutex::new(config),
+        }
+    }
+
+    /// Reads the file again and applies what can be applied live.
+    ///
+    /// # Errors
+    /// No file (embedded config), or the file does not load or validate;
+    /// then nothing changes.
+    pub fn reload(&self, plugins: &PluginHost) -> Result<ReloadReport, String> {
+        let Some(path) = &self.path else {
+            return Err("the node runs on the embedded default config; there is no file to reload".into());
+        };
+        let new = Config::load(path).map_err(|e| format!("{}: {e}; nothing was changed", path.display()))?;
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        let mut report = ReloadReport {
+            path: path.display().to_string(),
+            ..ReloadReport::default()
+        };
+        reload_slot(
+            plugins,
+            SlotName::Router,
+            &mut applied.plugins.router,
+            &new.plugins.router,
+            &mut report,
+        );
+        reload_slot(
+            plugins,
+            SlotName::Auth,
+            &mut applied.plugins.auth,
+            &new.plugins.auth,
+            &mut report,
+        );
+        reload_slot(
+            plugins,
+            SlotName::ContentSource,
+            &mut applied.plugins.content_source,
+            &new.plugins.content_source,
+            &mut report,
+        );
+        // Everything else: report the keys that differ.
+        let (old_v, new_v) = (
+            serde_json::to_value(&*applied).unwrap_or_default(),
+            serde_json::to_value(&new).unwrap_or_default(),
+        );
+        let mut differs = Vec::new();
+        diff_keys("", &old_v, &new_v, 2, &mut differs);
+        let slots = ["plugins.router", "plugins.auth", "plugins.content-source"];
+        report
+            .not_applied
+            .extend(differs.into_iter().filter(|k| !slots.iter().any(|s| k.starts_with(s))));
+        report.not_applied.sort();
+        report.not_applied.dedup();
+        tracing::info!(
+            applied = ?report.applied,
+            not_applied = ?report.not_applied,
+            failed = ?report.failed,
+            "config reloaded from {}",
+            report.path
+        );
+        Ok(report)
+    }
+}
+
+/// Applies one slot's `file` and `config`; reports its other keys.
+fn reload_slot<P: Serialize + PartialEq>(
+    plugins: &PluginHost,
+    slot: SlotName,
+    old: &mut SlotConfig<P>,
+    new: &SlotConfig<P>,
+    report: &mut ReloadReport,
+) {
+    let name = format!("plugins.{}", slot.as_str());
+    if old.file != new.file {
+        let loaded = match &new.file {
+            Some(p) => std::fs::read(p)
+                .map(|b| (b, p.display().to_string()))
+                .map_err(|e| format!("{}: {e}", p.display())),
+            None => Ok((embedded_plugin(slot).to_vec(), "embedded".to_string())),
+        };
+        match loaded.and_then(|(bytes, source)| {
+            plugins
+                .swap(slot, &bytes, source, Some(new.config_json()))
+                .map_err(|e| e.to_string())
+        }) {
+            Ok(_) => {
+                old.file = new.file.clone();
+                old.config = new.config.clone();
+                report.applied.push(format!("{name}.file"));
+            }
+            Err(e) => report.failed.push(format!("{name}.file: {e}")),
+        }
+    } else if old.config != new.config {
+        match plugins.reconfigure(slot, new.config_json()) {
+            Ok(_) => {
+                old.config = new.config.clone();
+                report.applied.push(format!("{name}.config"));
+            }
+            Err(e) => report.failed.push(format!("{name}.config: {e}")),
+        }
+    }
+    for (key, differs) in [
+        ("deadline_ms", old.deadline_ms != new.deadline_ms),
+        ("memory_mib", old.memory_mib != new.memory_mib),
+        ("pool_size", old.pool_size != new.pool_size),
+        ("on_failure", old.on_failure != new.on_failure),
+    ] {
+        if differs {
+            report.not_applied.push(format!("{name}.{key}"));
+        }
+    }
+}
+
+/// Dotted paths, down to `depth` levels, where two JSON values differ.
+fn diff_keys(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, depth: usize, out: &mut Vec<String>) {
+    if a == b {
+        return;
+    }
+    match (a, b) {
+        (serde_json::Value::Object(x), serde_json::Value::Object(y)) if depth > 0 => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let null = serde_json::Value::Null;
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                diff_keys(&p, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), depth - 1, out);
+            }
+        }
+        _ => out.push(if prefix.is_empty() {
+            "(root)".into()
+        } else {
+            prefix.to_string()
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn differing_keys_are_named() {
+        let a = serde_json::json!({"cache": {"max_size": 1, "listen": "x"}, "mqtt": {"tcp": {"listen": "a"}}});
+        let b = serde_json::json!({"cache": {"max_size": 2, "listen": "x"}, "mqtt": {"tcp": {"listen": "b"}}});
+        let mut out = Vec::new();
+        diff_keys("", &a, &b, 2, &mut out);
+        assert_eq!(out, ["cache.max_size", "mqtt.tcp"]);
+    }
+}
