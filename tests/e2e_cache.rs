@@ -606,6 +606,24 @@ fn a_fill_outlives_its_client_within_a_bound() {
     assert!(g.body == o);
 }
 
+/// The origin's connection breaks in the middle of a fill: the client still
+/// gets every byte (a new fill resumes at the broken block), and the block
+/// finished before the break is kept.
+#[test]
+fn a_fill_broken_midway_is_resumed_and_keeps_what_it_finished() {
+    let origin = Origin::start();
+    let u = data(13, 3 * MIB);
+    origin.put("/pool/u.bin", &u);
+    let gw = node("c7", &origin, "");
+    origin.configure("cut_after=1572864");
+    let g = curl(gw.cache, "/pool/u.bin", &[]);
+    assert_eq!((g.status, g.exit), (200, 0));
+    assert!(g.body == u, "the client's bytes differ");
+    assert_eq!(origin.ranges("/pool/u.bin"), ["bytes=0-", "bytes=1048576-3145727"]);
+    wait_until("all three blocks stored", || stored_bytes(&gw) == 3 * MIB as u64);
+    assert_eq!(origin.bytes("/pool/u.bin"), (3 * MIB + MIB / 2) as u64);
+}
+
 /// An object that changes at the origin: a response never mixes versions.
 #[test]
 fn a_changed_object_is_never_spliced() {

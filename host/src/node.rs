@@ -253,7 +253,7 @@ impl Node {
             Some(t) => t.clone(),
             None => load_or_create_token(&data_dir.join("admin.token"))?,
         };
-        let reloader = crate::reload::Reloader::new(config.source_path.clone(), config.clone());
+        let reloader = crate::reload::Reloader::new(config.clone());
         let state = Arc::new(NodeState {
             reloader,
             config,

@@ -36,11 +36,11 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// For a node started from `config`, read from `path` (None: the
-    /// embedded default, which cannot be reloaded).
-    pub fn new(path: Option<PathBuf>, config: Config) -> Reloader {
+    /// For a node started from `config` (from its `source_path`; without
+    /// one, the embedded default, which cannot be reloaded).
+    pub fn new(config: Config) -> Reloader {
         Reloader {
-            path,
+            path: config.source_path.clone(),
             applied: Mutex::new(config),
         }
     }
@@ -88,10 +88,16 @@ impl Reloader {
         );
         let mut differs = Vec::new();
         diff_keys("", &old_v, &new_v, 2, &mut differs);
-        let slots = ["plugins.router", "plugins.auth", "plugins.content-source"];
-        report
-            .not_applied
-            .extend(differs.into_iter().filter(|k| !slots.iter().any(|s| k.starts_with(s))));
+        // The slots' own keys were handled above.
+        let slots: Vec<String> = SlotName::ALL
+            .iter()
+            .map(|s| format!("plugins.{}", s.as_str()))
+            .collect();
+        report.not_applied.extend(
+            differs
+                .into_iter()
+                .filter(|k| !slots.iter().any(|s| k.starts_with(s.as_str()))),
+        );
         report.not_applied.sort();
         report.not_applied.dedup();
         tracing::info!(

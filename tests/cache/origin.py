@@ -8,10 +8,11 @@ If-Modified-Since), and counts what it served. Control endpoints:
   GET  /_stats                 JSON: per path, requests, ranges asked, bytes sent
   POST /_reset                 zero the counters
   POST /_replace?path=/a/b     replace a file with the request body (new ETag)
-  POST /_config?throttle=N&delay_ms=M&no_validator=/p&ignore_range=/p
+  POST /_config?throttle=N&delay_ms=M&no_validator=/p&ignore_range=/p&cut_after=B
                                bytes/s per response (0 = unlimited), delay before
                                the response head, paths served without validators
-                               or ignoring Range
+                               or ignoring Range, and closing the next response's
+                               connection after B body bytes (once)
 
 It prints "listening <port>" once ready (port 0 picks a free one). With
 --tls-cert and --tls-key it serves https.
@@ -29,7 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 
 LOCK = threading.Lock()
 STATS = {}
-CONFIG = {"throttle": 0, "delay_ms": 0, "no_validator": set(), "ignore_range": set()}
+CONFIG = {"throttle": 0, "delay_ms": 0, "no_validator": set(), "ignore_range": set(), "cut_after": 0}
 VERSIONS = {}
 ROOT = "."
 
@@ -91,6 +92,8 @@ class Handler(BaseHTTPRequestHandler):
                 CONFIG["throttle"] = int(q["throttle"][0])
             if "delay_ms" in q:
                 CONFIG["delay_ms"] = int(q["delay_ms"][0])
+            if "cut_after" in q:
+                CONFIG["cut_after"] = int(q["cut_after"][0])
             CONFIG["no_validator"].update(q.get("no_validator", []))
             CONFIG["ignore_range"].update(q.get("ignore_range", []))
             return self.reply(200, b"ok")
@@ -151,6 +154,11 @@ class Handler(BaseHTTPRequestHandler):
         sent = 0
         chunk = 64 * 1024
         throttle = CONFIG["throttle"]
+        with LOCK:
+            cut, CONFIG["cut_after"] = CONFIG["cut_after"], 0
+        if cut:
+            end = min(end, start + cut)
+            self.close_connection = True
         began = time.monotonic()
         try:
             pos = start

@@ -485,7 +485,7 @@ async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Parts, kind: 
             Some(s) => range::resolve(s, meta.validator.length),
         };
         let spans: Vec<(u64, u64)> = ranges.iter().map(|r| (r.start, r.end)).collect();
-        let Some((k, last)) = cache.first_missing(&plan.key, &meta, &spans) else {
+        let Err((k, last)) = cache.coverage(&plan.key, &meta, &spans) else {
             break ranges;
         };
         if checks == 3 || parts.method == Method::HEAD {
@@ -572,7 +572,7 @@ async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Parts, kind: 
         parts_out.push((None, ranges[0]));
     }
     let spans: Vec<(u64, u64)> = ranges.iter().map(|r| (r.start, r.end)).collect();
-    let hit = cache.all_stored(&plan.key, &meta, &spans);
+    let hit = cache.coverage(&plan.key, &meta, &spans).is_ok();
     let mut resp = Response::new(empty());
     {
         let h = resp.headers_mut();
@@ -692,7 +692,7 @@ fn boundary_seed(cache: &Cache) -> u64 {
         .map_or(0, |d| d.as_nanos() as u64);
     nanos
         ^ cache
-            .fill_seq
+            .boundary_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             .rotate_left(32)
 }

@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -43,6 +43,8 @@ use crate::store::{Store, StoreError};
 /// How long an object found uncacheable (no validator, too large) is passed
 /// through without trying to cache it again.
 const UNCACHEABLE_FOR: Duration = Duration::from_secs(60);
+/// Most keys remembered as uncacheable at once.
+const MAX_UNCACHEABLE: usize = 4096;
 /// Most distinct `source` label values; more are counted as `other`.
 const MAX_SOURCES: usize = 64;
 /// Reads of stored blocks up to this size are done on the async task.
@@ -116,8 +118,8 @@ pub enum FillError {
 /// Where a block's bytes are while it is being fetched.
 #[derive(Clone)]
 enum Buf {
-    /// A `.part` file (stored once complete).
-    File(Arc<File>),
+    /// A `.part` file (stored once complete), and its path.
+    File(Arc<File>, Arc<PathBuf>),
     /// Memory, for a block that is not stored (version changed, no room).
     Mem(Arc<RwLock<Vec<u8>>>),
 }
@@ -125,7 +127,7 @@ enum Buf {
 impl Buf {
     fn read(&self, from: u64, to: u64) -> std::io::Result<Bytes> {
         match self {
-            Buf::File(f) => {
+            Buf::File(f, _) => {
                 let mut v = vec![0u8; (to - from) as usize];
                 f.read_exact_at(&mut v, from)?;
                 Ok(Bytes::from(v))
@@ -139,7 +141,7 @@ impl Buf {
 
     fn write(&self, at: u64, data: &[u8]) -> std::io::Result<()> {
         match self {
-            Buf::File(f) => f.write_all_at(data, at),
+            Buf::File(f, _) => f.write_all_at(data, at),
             Buf::Mem(m) => {
                 m.write().unwrap_or_else(|p| p.into_inner()).extend_from_slice(data);
                 Ok(())
@@ -214,6 +216,8 @@ struct Fill {
     blocks: Mutex<BTreeMap<u32, Arc<Block>>>,
     /// Next block it will claim, and whether it stopped.
     cursor: watch::Sender<(u32, bool)>,
+    /// The block it is writing: failed if the fill fails.
+    writing: Mutex<Option<Arc<Block>>>,
 }
 
 impl Fill {
@@ -259,7 +263,6 @@ struct Obj {
     readers: usize,
     tick: u64,
     persisted_use: u64,
-    uncacheable_until: Option<Instant>,
     revalidating: Option<watch::Receiver<bool>>,
 }
 
@@ -303,6 +306,16 @@ impl Inner {
         }
     }
 
+    /// The object under `key`, created (empty, with a fresh id) if absent.
+    fn entry(&mut self, key: &str) -> &mut Obj {
+        let next_id = &mut self.next_id;
+        self.objects.entry(key.to_string()).or_insert_with(|| {
+            let id = *next_id;
+            *next_id += 1;
+            Obj { id, ..Obj::default() }
+        })
+    }
+
     fn new_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
@@ -324,13 +337,10 @@ impl Inner {
 
     /// Removes an object that holds nothing and nobody uses.
     fn forget_if_empty(&mut self, key: &str) {
-        let empty = self.objects.get(key).is_some_and(|o| {
-            o.readers == 0
-                && o.meta.is_none()
-                && o.inflight.is_empty()
-                && o.stored.is_empty()
-                && o.uncacheable_until.is_none_or(|t| Instant::now() >= t)
-        });
+        let empty = self
+            .objects
+            .get(key)
+            .is_some_and(|o| o.readers == 0 && o.meta.is_none() && o.inflight.is_empty() && o.stored.is_empty());
         if empty && let Some(o) = self.objects.remove(key) {
             self.lru.remove(&(o.tick, key.to_string()));
         }
@@ -397,7 +407,10 @@ pub struct Cache {
     token: String,
     sources: Mutex<BTreeSet<String>>,
     listen: Mutex<Option<String>>,
-    fill_seq: AtomicU64,
+    /// Objects found uncacheable, until when.
+    uncacheable: Mutex<HashMap<String, Instant>>,
+    /// Makes multipart boundaries unique.
+    boundary_seq: AtomicU64,
 }
 
 impl std::fmt::Debug for Cache {
@@ -521,7 +534,8 @@ impl Cache {
             token: format!("holdfast-{token}"),
             sources: Mutex::new(BTreeSet::new()),
             listen: Mutex::new(None),
-            fill_seq: AtomicU64::new(0),
+            uncacheable: Mutex::new(HashMap::new()),
+            boundary_seq: AtomicU64::new(0),
         })
     }
 
@@ -634,10 +648,7 @@ impl Cache {
     /// Pins `key` for a reader (no eviction while pinned) and touches it.
     fn pin(self: &Arc<Self>, key: &str) -> Pin {
         let mut inner = lock(&self.inner);
-        if !inner.objects.contains_key(key) {
-            let id = inner.new_id();
-            inner.objects.insert(key.to_string(), Obj { id, ..Obj::default() });
-        }
+        inner.entry(key);
         inner.touch(key);
         let mut persist = None;
         if let Some(o) = inner.objects.get_mut(key) {
@@ -666,17 +677,42 @@ impl Cache {
     }
 
     fn uncacheable(&self, key: &str) -> bool {
-        lock(&self.inner)
-            .objects
-            .get(key)
-            .and_then(|o| o.uncacheable_until)
-            .is_some_and(|t| Instant::now() < t)
+        lock(&self.uncacheable).get(key).is_some_and(|t| Instant::now() < *t)
     }
 
     fn mark_uncacheable(&self, key: &str) {
-        if let Some(o) = lock(&self.inner).objects.get_mut(key) {
-            o.uncacheable_until = Some(Instant::now() + UNCACHEABLE_FOR);
+        let mut m = lock(&self.uncacheable);
+        if m.len() >= MAX_UNCACHEABLE {
+            let now = Instant::now();
+            m.retain(|_, t| now < *t);
+            if m.len() >= MAX_UNCACHEABLE {
+                m.clear();
+            }
         }
+        m.insert(key.to_string(), Instant::now() + UNCACHEABLE_FOR);
+    }
+
+    /// For `meta`'s version: `Ok(object id)` when every block of `spans`
+    /// (byte ranges, end exclusive) is stored; otherwise the first block
+    /// that is not, with the last byte of its span.
+    fn coverage(&self, key: &str, meta: &Meta, spans: &[(u64, u64)]) -> Result<u64, (u32, u64)> {
+        let bs = self.cfg.block_size;
+        let inner = lock(&self.inner);
+        let o = inner.objects.get(key).filter(|o| {
+            o.meta
+                .as_deref()
+                .is_some_and(|m| m.validator.same_version(&meta.validator))
+        });
+        for &(s, e) in spans {
+            for k in s / bs..=(e.max(s + 1) - 1) / bs {
+                // Objects of more than u32::MAX blocks are never cached.
+                let k = u32::try_from(k).unwrap_or(u32::MAX);
+                if !o.is_some_and(|o| o.stored.contains_key(&k)) {
+                    return Err((k, e.saturating_sub(1)));
+                }
+            }
+        }
+        Ok(o.map_or(0, |o| o.id))
     }
 
     /// Bytes `start..end` (at most [`SMALL_READ`]) when every block holding
@@ -686,17 +722,10 @@ impl Cache {
         if end <= start || end - start > SMALL_READ {
             return None;
         }
+        let id = self.coverage(key, meta, &[(start, end)]).ok()?;
         let bs = self.cfg.block_size;
-        let (first, last) = (start / bs, (end - 1) / bs);
-        let id = {
-            let inner = lock(&self.inner);
-            let o = inner.objects.get(key)?;
-            let same = o.meta.as_deref()?.validator.same_version(&meta.validator);
-            let all = (first..=last).all(|k| u32::try_from(k).is_ok_and(|k| o.stored.contains_key(&k)));
-            (same && all).then_some(o.id)?
-        };
         let mut parts = Vec::new();
-        for k in first..=last {
+        for k in start / bs..=(end - 1) / bs {
             let b0 = k * bs;
             let (from, to) = (start.max(b0) - b0, end.min(b0 + bs) - b0);
             parts.push(read_file_range(&disk::block_path(&self.dir, id, u32::try_from(k).ok()?), from, to).ok()?);
@@ -705,46 +734,6 @@ impl Cache {
             return parts.pop();
         }
         Some(Bytes::from(parts.concat()))
-    }
-
-    /// Whether every block of `ranges` is stored for `meta`'s version.
-    fn all_stored(&self, key: &str, meta: &Meta, ranges: &[(u64, u64)]) -> bool {
-        let bs = self.cfg.block_size;
-        let inner = lock(&self.inner);
-        let Some(o) = inner.objects.get(key) else {
-            return false;
-        };
-        if !o
-            .meta
-            .as_deref()
-            .is_some_and(|m| m.validator.same_version(&meta.validator))
-        {
-            return false;
-        }
-        ranges.iter().all(|&(s, e)| {
-            let (a, b) = (s / bs, (e.max(s + 1) - 1) / bs);
-            (a..=b).all(|k| u32::try_from(k).is_ok_and(|k| o.stored.contains_key(&k)))
-        })
-    }
-
-    /// The first block of `spans` that is not stored for `meta`'s version,
-    /// with the last byte of its span.
-    fn first_missing(&self, key: &str, meta: &Meta, spans: &[(u64, u64)]) -> Option<(u32, u64)> {
-        let bs = self.cfg.block_size;
-        let inner = lock(&self.inner);
-        let o = inner.objects.get(key);
-        let same = o
-            .and_then(|o| o.meta.as_deref())
-            .is_some_and(|m| m.validator.same_version(&meta.validator));
-        for &(s, e) in spans {
-            for k in s / bs..=(e.max(s + 1) - 1) / bs {
-                let k32 = u32::try_from(k).ok()?;
-                if !same || !o.is_some_and(|o| o.stored.contains_key(&k32)) {
-                    return Some((k32, e - 1));
-                }
-            }
-        }
-        None
     }
 
     /// Finds block `k`: stored (of whatever version: the caller compares),
@@ -758,15 +747,7 @@ impl Cache {
         own: &mut Option<Arc<Fill>>,
     ) -> Source {
         let mut guard = lock(&self.inner);
-        let inner = &mut *guard;
-        let o = match inner.objects.entry(plan.key.clone()) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                let id = inner.next_id;
-                inner.next_id += 1;
-                v.insert(Obj { id, ..Obj::default() })
-            }
-        };
+        let o = guard.entry(&plan.key);
         // A stored block of another version is returned as it is: the
         // reader sees the version differs and never mixes the two.
         if let Some(meta) = &o.meta
@@ -804,22 +785,17 @@ impl Cache {
         let fill = Arc::new(Fill {
             blocks: Mutex::new(BTreeMap::from([(k, block.clone())])),
             cursor: watch::Sender::new((k + 1, false)),
+            writing: Mutex::new(None),
         });
         *own = Some(fill.clone());
         let cache = self.clone();
         let plan = plan.clone();
         let first = block.clone();
         self.metrics.cache_fills.inc();
-        self.fill_seq.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             let result = cache.run_fill(&plan, &fill, k, end_byte, obj_id, &first).await;
             if let Err(e) = result {
-                let e = Arc::new(e);
-                let blocks: Vec<Arc<Block>> = lock(&fill.blocks).values().cloned().collect();
-                for b in blocks.iter().chain([&first]) {
-                    cache.abandon(b, &e);
-                }
-                cache.release_failed(&plan.key, &fill);
+                cache.release_failed(&plan.key, &fill, &first, e);
             }
             fill.cursor.send_modify(|c| c.1 = true);
             cache.metrics.cache_fills.dec();
@@ -830,24 +806,41 @@ impl Cache {
     /// Fails a block that was not finished; gives back the room reserved for
     /// it and deletes its `.part` file.
     fn abandon(&self, block: &Block, e: &Arc<FillError>) {
-        let reserved = match &*block.state.borrow() {
-            BlockState::Writing { data, .. } if matches!(data.buf, Buf::File(_)) => Some(data.len),
+        let part = match &*block.state.borrow() {
+            BlockState::Writing {
+                data:
+                    BlockData {
+                        buf: Buf::File(_, path),
+                        len,
+                        ..
+                    },
+                ..
+            } => Some((path.clone(), *len)),
             _ => None,
         };
-        if let Some(len) = reserved {
+        if let Some((path, len)) = part {
             let mut inner = lock(&self.inner);
             inner.reserved_bytes = inner.reserved_bytes.saturating_sub(len);
+            drop(inner);
+            let _ = std::fs::remove_file(&*path);
         }
         block.fail(e);
     }
 
-    /// Removes a failed fill's claimed blocks from the object.
-    fn release_failed(&self, key: &str, fill: &Fill) {
-        let blocks: Vec<Arc<Block>> = lock(&fill.blocks).values().cloned().collect();
+    /// After a fill failed: fails the block it was writing (and its first
+    /// block, if it never got the upstream's answer), and takes failed
+    /// blocks out of the object. Blocks it finished stay: they are being
+    /// stored.
+    fn release_failed(&self, key: &str, fill: &Fill, first: &Block, e: FillError) {
+        let e = Arc::new(e);
+        let writing = lock(&fill.writing).take();
+        if let Some(b) = writing {
+            self.abandon(&b, &e);
+        }
+        self.abandon(first, &e);
         let mut inner = lock(&self.inner);
         if let Some(o) = inner.objects.get_mut(key) {
-            o.inflight
-                .retain(|_, b| !blocks.iter().any(|f| Arc::ptr_eq(f, b)) && !failed(b));
+            o.inflight.retain(|_, b| !failed(b));
         }
         inner.forget_if_empty(key);
     }
@@ -903,6 +896,10 @@ impl Cache {
                 let len = header(hyper::header::CONTENT_RANGE)
                     .and_then(|v| range::parse_unsatisfied(&v))
                     .unwrap_or(0);
+                // An empty object has no byte 0 to ask for: pass it through.
+                if len == 0 {
+                    return Err(FillError::Uncacheable("empty object".into()));
+                }
                 return Err(FillError::Unsatisfiable(len));
             }
             _ => {
@@ -926,6 +923,14 @@ impl Cache {
             self.mark_uncacheable(&plan.key);
             return Err(FillError::Uncacheable(format!(
                 "object of {length} bytes is larger than max_object_size"
+            )));
+        }
+        if length == 0 {
+            return Err(FillError::Uncacheable("empty object".into()));
+        }
+        if length.div_ceil(bs) > u64::from(u32::MAX) {
+            return Err(FillError::Uncacheable(format!(
+                "object of {length} bytes has too many blocks"
             )));
         }
         if start >= length {
@@ -987,7 +992,14 @@ impl Cache {
             )));
         }
         let mut k = first;
-        let mut current = Some(self.start_block(plan, first_block, k, &meta, obj_id, length));
+        let public = {
+            let inner = lock(&self.inner);
+            inner
+                .objects
+                .get(&plan.key)
+                .is_some_and(|o| o.id == obj_id && o.inflight.get(&k).is_some_and(|b| Arc::ptr_eq(b, first_block)))
+        };
+        let mut current = Some(self.open_claimed(plan, fill, k, first_block.clone(), &meta, obj_id, length, public));
         let mut orphan_bytes = 0u64;
         let timeout = self.client.timeout();
         while pos < end {
@@ -1056,7 +1068,7 @@ impl Cache {
                 }
                 let d = done_data.clone();
                 done.state.send_modify(|s| *s = BlockState::Done(d));
-                if matches!(done_data.buf, Buf::File(_)) {
+                if matches!(done_data.buf, Buf::File(..)) {
                     self.commit_block(plan.key.clone(), obj_id, k, done, done_data);
                 }
                 k += 1;
@@ -1075,40 +1087,6 @@ impl Cache {
         Ok(())
     }
 
-    /// Gives the first block its data buffer.
-    fn start_block(
-        &self,
-        plan: &Plan,
-        block: &Arc<Block>,
-        k: u32,
-        meta: &Arc<Meta>,
-        obj_id: u64,
-        length: u64,
-    ) -> (Arc<Block>, BlockData, u64) {
-        let public = {
-            let inner = lock(&self.inner);
-            inner
-                .objects
-                .get(&plan.key)
-                .is_some_and(|o| o.id == obj_id && o.inflight.get(&k).is_some_and(|b| Arc::ptr_eq(b, block)))
-        };
-        let data = self.buffer(plan, k, meta, obj_id, length, public);
-        if !matches!(data.buf, Buf::File(_)) && public {
-            // Not admitted: serve it, do not store it.
-            let mut inner = lock(&self.inner);
-            if let Some(o) = inner.objects.get_mut(&plan.key)
-                && o.inflight.get(&k).is_some_and(|b| Arc::ptr_eq(b, block))
-            {
-                o.inflight.remove(&k);
-            }
-        }
-        let d = data.clone();
-        block
-            .state
-            .send_modify(|s| *s = BlockState::Writing { data: d, written: 0 });
-        (block.clone(), data, 0)
-    }
-
     /// A buffer for block `k`: a `.part` file when it will be stored (room
     /// admitted), memory otherwise.
     fn buffer(&self, plan: &Plan, k: u32, meta: &Arc<Meta>, obj_id: u64, length: u64, public: bool) -> BlockData {
@@ -1125,7 +1103,7 @@ impl Cache {
                     .open(&path)
             });
             match file {
-                Ok(f) => Buf::File(Arc::new(f)),
+                Ok(f) => Buf::File(Arc::new(f), Arc::new(path)),
                 Err(e) => {
                     tracing::warn!(error = %e, path = %path.display(), "cache: cannot create block file; serving without storing");
                     self.event("write-failed");
@@ -1179,7 +1157,8 @@ impl Cache {
         }
     }
 
-    /// Gives a claimed block its buffer and makes it visible to readers.
+    /// Gives a claimed block its buffer (a file when `public` and admitted)
+    /// and makes it visible to readers.
     #[allow(clippy::too_many_arguments)]
     fn open_claimed(
         &self,
@@ -1193,7 +1172,7 @@ impl Cache {
         public: bool,
     ) -> (Arc<Block>, BlockData, u64) {
         let data = self.buffer(plan, k, meta, obj_id, length, public);
-        if public && !matches!(data.buf, Buf::File(_)) {
+        if public && !matches!(data.buf, Buf::File(..)) {
             let mut inner = lock(&self.inner);
             if let Some(o) = inner.objects.get_mut(&plan.key)
                 && o.inflight.get(&k).is_some_and(|b| Arc::ptr_eq(b, &block))
@@ -1206,7 +1185,8 @@ impl Cache {
             .state
             .send_modify(|s| *s = BlockState::Writing { data: d, written: 0 });
         lock(&fill.blocks).insert(k, block.clone());
-        fill.cursor.send_modify(|c| c.0 = k + 1);
+        *lock(&fill.writing) = Some(block.clone());
+        fill.cursor.send_modify(|c| c.0 = c.0.max(k + 1));
         (block, data, 0)
     }
 
@@ -1275,13 +1255,14 @@ impl Cache {
     fn commit_block(self: &Arc<Self>, key: String, obj_id: u64, k: u32, block: Arc<Block>, data: BlockData) {
         let cache = self.clone();
         tokio::spawn(async move {
-            let Buf::File(file) = data.buf else {
+            let Buf::File(file, part) = data.buf else {
                 return;
             };
             let (dir, len) = (cache.dir.clone(), data.len);
+            let part_path = part.clone();
             let synced = tokio::task::spawn_blocking(move || {
                 file.sync_data()?;
-                std::fs::rename(disk::part_path(&dir, obj_id, k), disk::block_path(&dir, obj_id, k))
+                std::fs::rename(&*part_path, disk::block_path(&dir, obj_id, k))
             })
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))
@@ -1318,7 +1299,7 @@ impl Cache {
                 (Err(e), _) => {
                     tracing::warn!(error = %e, "cache: cannot sync a block; not stored");
                     cache.event("write-failed");
-                    let _ = std::fs::remove_file(disk::part_path(&cache.dir, obj_id, k));
+                    let _ = std::fs::remove_file(&*part);
                 }
             }
             cache.update_gauges();

@@ -193,6 +193,24 @@ pub struct Version<K: Kind> {
     memory_failures: AtomicU64,
 }
 
+impl<K: Kind> Version<K> {
+    /// A version not yet warmed up, loaded now, with zeroed counters.
+    fn new(hash: Arc<str>, source: String, config_json: Arc<str>, pre: K::Pre) -> Self {
+        Version {
+            hash,
+            source,
+            loaded_at_unix_ms: crate::sys::unix_ms(),
+            config_json,
+            pre,
+            idle: Mutex::new(Vec::new()),
+            calls: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            memory_failures: AtomicU64::new(0),
+        }
+    }
+}
+
 /// Turns a call error into a failure, using what the store saw.
 fn classify(error: &wasmtime::Error, state: &PluginState) -> Failure {
     let kind = if matches!(error.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
@@ -402,25 +420,26 @@ impl<K: Kind> Slot<K> {
         let _guard = self.swap_lock.lock().unwrap_or_else(|p| p.into_inner());
         let started = Instant::now();
         let config_json = config_json.unwrap_or_else(|| self.current.load().config_json.clone());
-        let version = match build_version::<K>(
+        let built = build_version::<K>(
             &self.runtime,
             &self.node,
             &self.limits,
             bytes,
             source.clone(),
             config_json,
-        ) {
-            Ok(v) => Arc::new(v),
-            Err(e) => {
-                self.metrics.swaps_rejected.inc();
-                tracing::warn!(
-                    slot = K::SLOT.as_str(),
-                    "plugin swap rejected, old version stays active: {e}"
-                );
-                return Err(e);
-            }
-        };
+        );
+        let version = self.accept(built, "plugin swap rejected, old version stays active")?;
         Ok(self.install(version, started, source, "swap"))
+    }
+
+    /// A built version, or the error counted and logged (the old version
+    /// stays active).
+    fn accept(&self, built: Result<Version<K>, PluginError>, what: &str) -> Result<Arc<Version<K>>, PluginError> {
+        built.map(Arc::new).map_err(|e| {
+            self.metrics.swaps_rejected.inc();
+            tracing::warn!(slot = K::SLOT.as_str(), "{what}: {e}");
+            e
+        })
     }
 
     /// Runs the current component again with a new plugin config: a new
@@ -434,29 +453,14 @@ impl<K: Kind> Slot<K> {
         let _guard = self.swap_lock.lock().unwrap_or_else(|p| p.into_inner());
         let started = Instant::now();
         let current = self.current.load_full();
-        let version = Version {
-            hash: current.hash.clone(),
-            source: current.source.clone(),
-            loaded_at_unix_ms: crate::sys::unix_ms(),
+        let version = Version::new(
+            current.hash.clone(),
+            current.source.clone(),
             config_json,
-            pre: current.pre.clone(),
-            idle: Mutex::new(Vec::new()),
-            calls: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-            timeouts: AtomicU64::new(0),
-            memory_failures: AtomicU64::new(0),
-        };
-        let version = match warm_up(&self.runtime, &self.node, &self.limits, version) {
-            Ok(v) => Arc::new(v),
-            Err(e) => {
-                self.metrics.swaps_rejected.inc();
-                tracing::warn!(
-                    slot = K::SLOT.as_str(),
-                    "plugin config rejected, old config stays active: {e}"
-                );
-                return Err(e);
-            }
-        };
+            current.pre.clone(),
+        );
+        let built = warm_up(&self.runtime, &self.node, &self.limits, version);
+        let version = self.accept(built, "plugin config rejected, old config stays active")?;
         let source = current.source.clone();
         Ok(self.install(version, started, source, "reconfigure"))
     }
@@ -593,19 +597,7 @@ fn build_version<K: Kind>(
             slot: K::SLOT,
             detail: format!("{e:#}"),
         })?;
-    let version = Version {
-        hash,
-        source,
-        loaded_at_unix_ms: crate::sys::unix_ms(),
-        config_json,
-        pre,
-        idle: Mutex::new(Vec::new()),
-        calls: AtomicU64::new(0),
-        failures: AtomicU64::new(0),
-        timeouts: AtomicU64::new(0),
-        memory_failures: AtomicU64::new(0),
-    };
-    warm_up(runtime, node, limits, version)
+    warm_up(runtime, node, limits, Version::new(hash, source, config_json, pre))
 }
 
 /// Creates a version's first instance (running `init` with its config).
