@@ -15,6 +15,9 @@ use crate::config::Config;
 use crate::plugins::SlotName;
 use crate::scaffold::{self, PluginKind};
 
+mod ops;
+pub use self::ops::INIT_CONFIG;
+
 /// Holdfast: an offline-first IoT edge gateway.
 #[derive(Debug, Parser)]
 #[command(name = "holdfast", version, about, propagate_version = true)]
@@ -53,6 +56,29 @@ pub struct AdminArgs {
 pub enum Command {
     /// Run the gateway (embedded defaults unless --config is given).
     Run,
+    /// Write an annotated config file: every key with its default and what it does.
+    Init {
+        /// Where to write it.
+        #[arg(default_value = "holdfast.toml")]
+        path: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// A running node at a glance: link, backlog, clients, plugins, cache.
+    Status,
+    /// The outbox of a running node: backlog per lane; `wait-empty` waits for it to drain.
+    Queue {
+        /// `wait-empty`; without one, the lanes are listed.
+        #[command(subcommand)]
+        command: Option<QueueCommand>,
+    },
+    /// MQTT clients connected to a running node.
+    Clients {
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -142,6 +168,26 @@ pub enum CertCommand {
         /// Replace existing files.
         #[arg(long)]
         force: bool,
+    },
+}
+
+/// `holdfast queue …`
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// Backlog per lane (the default).
+    List,
+    /// Wait until the outbox (or one lane) is empty, with a progress bar;
+    /// exits non-zero on timeout.
+    WaitEmpty {
+        /// Only this lane (0-9).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=9))]
+        lane: Option<u8>,
+        /// Give up after this many seconds (default: wait for ever).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Poll interval, milliseconds.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..))]
+        interval_ms: u64,
     },
 }
 
@@ -367,6 +413,26 @@ pub enum PluginCommand {
 pub fn execute(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run => bail!("`run` is handled by main"),
+        Command::Init { path, force } => ops::init(&path, force),
+        Command::Status => ops::status(&AdminClient::discover(&cli.admin)?, cli.admin.json),
+        Command::Queue { command } => {
+            let client = AdminClient::discover(&cli.admin)?;
+            match command.unwrap_or(QueueCommand::List) {
+                QueueCommand::List => ops::queue(&client, cli.admin.json),
+                QueueCommand::WaitEmpty {
+                    lane,
+                    timeout,
+                    interval_ms,
+                } => ops::wait_empty(
+                    &client,
+                    lane,
+                    timeout.map(Duration::from_secs),
+                    Duration::from_millis(interval_ms),
+                    cli.admin.json,
+                ),
+            }
+        }
+        Command::Clients { limit } => ops::clients(&AdminClient::discover(&cli.admin)?, limit, cli.admin.json),
         Command::Config(ConfigCommand::Check { file }) => {
             Config::load(&file)?;
             println!("{}: ok", file.display());

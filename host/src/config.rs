@@ -300,7 +300,9 @@ pub struct MqttConfig {
     pub tcp: TcpListenerConfig,
     /// `[mqtt.tls]`: TLS over TCP. Default off, `0.0.0.0:8883`.
     pub tls: TlsListenerConfig,
-    /// `[mqtt.quic]`: MQTT over QUIC (ALPN `mqtt`). Default off, UDP `0.0.0.0:14567`.
+    /// `[mqtt.quic]`: MQTT over QUIC (ALPN `mqtt`). Default off, UDP `0.0.0.0:14567`
+    /// (also when the table is given without `listen`).
+    #[serde(deserialize_with = "quic_listener")]
     pub quic: TlsListenerConfig,
     /// Largest packet accepted or sent, bytes. Default 1 MiB.
     pub max_packet_size: u32,
@@ -349,7 +351,7 @@ impl Default for MqttConfig {
             enabled: true,
             tcp: TcpListenerConfig::default(),
             tls: TlsListenerConfig::with_port(8883),
-            quic: TlsListenerConfig::with_port(14567),
+            quic: TlsListenerConfig::with_port(MQTT_QUIC_PORT),
             max_packet_size: 1 << 20,
             max_topic_length: 1024,
             max_subscriptions_per_client: 100,
@@ -407,6 +409,20 @@ pub struct TlsListenerConfig {
     pub client_ca: Option<PathBuf>,
     /// Refuse clients without a valid certificate. Default false.
     pub require_client_cert: bool,
+}
+
+/// The QUIC listener's default port (UDP).
+const MQTT_QUIC_PORT: u16 = 14567;
+
+/// Reads `[mqtt.quic]`: a table without `listen` gets the QUIC port, not
+/// the TLS listener's.
+fn quic_listener<'de, D: serde::Deserializer<'de>>(d: D) -> Result<TlsListenerConfig, D::Error> {
+    use serde::de::Error as _;
+    let mut table = toml::Table::deserialize(d)?;
+    table
+        .entry("listen")
+        .or_insert_with(|| toml::Value::String(format!("0.0.0.0:{MQTT_QUIC_PORT}")));
+    TlsListenerConfig::deserialize(toml::Value::Table(table)).map_err(D::Error::custom)
 }
 
 impl TlsListenerConfig {
@@ -1151,6 +1167,17 @@ mod tests {
         assert_eq!(c.plugins.router.memory_mib, 64);
         assert!(c.plugins.auth.config.get("allow_anonymous").is_some());
         assert_eq!(Config::parse("").unwrap().plugins.router.deadline_ms, 10);
+    }
+
+    #[test]
+    fn a_quic_table_without_listen_keeps_the_quic_port() {
+        let c = Config::parse("[mqtt.quic]\nenabled = false\n[mqtt.tls]\nenabled = false\n").unwrap();
+        assert_eq!(c.mqtt.quic.listen.port(), 14567);
+        assert_eq!(c.mqtt.tls.listen.port(), 8883);
+        let c = Config::parse("[mqtt.quic]\nlisten = \"127.0.0.1:9999\"\n").unwrap();
+        assert_eq!(c.mqtt.quic.listen.port(), 9999);
+        let e = Config::parse("[mqtt.quic]\nlisen = \"127.0.0.1:9999\"\n").unwrap_err();
+        assert!(e.to_string().contains("lisen"), "{e}");
     }
 
     #[test]

@@ -8,22 +8,21 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::ApiError;
+use super::{ApiError, Routes};
 use crate::cache::Cache;
 use crate::node::NodeState;
 
-pub fn routes() -> Router<Arc<NodeState>> {
-    Router::new()
-        .route("/cache", get(stats))
-        .route("/cache/objects", get(objects))
-        .route("/cache/purge", post(purge))
+pub fn routes() -> Routes {
+    Routes::default()
+        .get("/cache", stats)
+        .get("/cache/objects", objects)
+        .post("/cache/purge", purge)
 }
 
 fn cache(state: &NodeState) -> Result<&Arc<Cache>, ApiError> {

@@ -13,15 +13,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::ApiError;
+use super::{ApiError, Routes};
 use crate::iothub::twin::TwinError;
 use crate::iothub::{DEFAULT_METHOD_TIMEOUT, MethodError};
 use crate::node::NodeState;
@@ -47,12 +46,13 @@ impl From<MethodError> for ApiError {
 }
 
 /// The routes, to be nested under `/api/v1`.
-pub fn routes() -> Router<Arc<NodeState>> {
-    Router::new()
-        .route("/twins/{id}", get(show_twin))
-        .route("/twins/{id}/desired", post(patch_desired).patch(patch_desired))
-        .route("/devices/{id}/methods/{name}", post(invoke))
-        .route("/devices/{id}/messages", post(send_message))
+pub fn routes() -> Routes {
+    Routes::default()
+        .get("/twins/{id}", show_twin)
+        .post("/twins/{id}/desired", patch_desired)
+        .patch("/twins/{id}/desired", patch_desired)
+        .post("/devices/{id}/methods/{name}", invoke)
+        .post("/devices/{id}/messages", send_message)
 }
 
 fn known(state: &NodeState, id: &str) -> Result<(), ApiError> {

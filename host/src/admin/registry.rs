@@ -18,14 +18,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::ApiError;
+use super::{ApiError, Routes};
 use crate::node::NodeState;
 use crate::registry::{NewIdentity, Registry, RegistryError, WhichKey};
 
@@ -42,17 +41,20 @@ impl From<RegistryError> for ApiError {
 }
 
 /// The registry's routes, to be nested under `/api/v1`.
-pub fn routes() -> Router<Arc<NodeState>> {
-    Router::new()
-        .route("/registry", get(summary))
-        .route("/registry/cas", get(list_cas).post(add_ca))
-        .route("/registry/cas/{name}", delete(remove_ca))
-        .route("/devices", get(list).post(add))
-        .route("/devices/{id}", get(show).delete(remove))
-        .route("/devices/{id}/parent", post(set_parent))
-        .route("/devices/{id}/rotate-key", post(rotate_key))
-        .route("/devices/{id}/disable", post(disable))
-        .route("/devices/{id}/enable", post(enable))
+pub fn routes() -> Routes {
+    Routes::default()
+        .get("/registry", summary)
+        .get("/registry/cas", list_cas)
+        .post("/registry/cas", add_ca)
+        .delete("/registry/cas/{name}", remove_ca)
+        .get("/devices", list)
+        .post("/devices", add)
+        .get("/devices/{id}", show)
+        .delete("/devices/{id}", remove)
+        .post("/devices/{id}/parent", set_parent)
+        .post("/devices/{id}/rotate-key", rotate_key)
+        .post("/devices/{id}/disable", disable)
+        .post("/devices/{id}/enable", enable)
 }
 
 /// Runs a registry change off the reactor (it syncs to disk).

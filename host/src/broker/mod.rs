@@ -121,6 +121,23 @@ pub struct BrokerStats {
     pub retained: usize,
 }
 
+/// A connected client, for the admin API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClientInfo {
+    /// Client identifier.
+    pub client_id: String,
+    /// MQTT protocol version: `3.1.1` or `5`.
+    pub protocol: &'static str,
+    /// Subscriptions.
+    pub subscriptions: usize,
+    /// Messages waiting to be sent to it.
+    pub queued: usize,
+    /// Sent to it and not yet acknowledged.
+    pub in_flight: usize,
+    /// Whether the session outlives the connection.
+    pub persistent: bool,
+}
+
 impl Broker {
     /// Opens the broker's storage and restores persistent sessions and
     /// retained messages.
@@ -231,6 +248,37 @@ impl Broker {
             subscriptions: self.subs.read().unwrap_or_else(|p| p.into_inner()).len(),
             retained: self.retained.read().unwrap_or_else(|p| p.into_inner()).len(),
         }
+    }
+
+    /// Connected clients, by client id, at most `limit` of them.
+    pub fn clients(&self, limit: usize) -> Vec<ClientInfo> {
+        let sessions: Vec<Arc<Session>> = self
+            .sessions_lock()
+            .values()
+            .filter(|s| s.is_connected())
+            .cloned()
+            .collect();
+        let mut out: Vec<ClientInfo> = sessions
+            .iter()
+            .map(|s| {
+                let st = s.lock();
+                ClientInfo {
+                    client_id: s.client_id.to_string(),
+                    protocol: match st.version {
+                        holdfast_mqtt::Version::V31 => "3.1",
+                        holdfast_mqtt::Version::V311 => "3.1.1",
+                        holdfast_mqtt::Version::V5 => "5",
+                    },
+                    subscriptions: st.subs.len(),
+                    queued: st.queue.len(),
+                    in_flight: st.inflight.len(),
+                    persistent: st.expiry_s > 0,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        out.truncate(limit);
+        out
     }
 
     /// Syncs session and retained writes now.

@@ -23,7 +23,6 @@ use super::range::{self, ByteRange, Spec};
 use super::upstream::Endpoint;
 use super::{Cache, Fill, FillError, Meta, Plan, Source, now_secs};
 use crate::cache::disk::Class;
-use crate::metrics::CacheLabels;
 use crate::plugins::{ContentClass, ContentDecision, PluginHost, RequestHead};
 
 /// Response body.
@@ -166,17 +165,7 @@ fn client_kind(h: &HeaderMap) -> &'static str {
 async fn handle(cache: Arc<Cache>, plugins: Arc<PluginHost>, req: Request<Incoming>) -> Response<Body> {
     let (parts, _body) = req.into_parts();
     let kind = client_kind(&parts.headers);
-    let count = |source: &str, result: &'static str| {
-        cache
-            .metrics()
-            .cache_requests
-            .get_or_create(&CacheLabels {
-                source: source.to_string(),
-                client: kind,
-                result,
-            })
-            .inc();
-    };
+    let count = |source: &str, result: &'static str| cache.count_request(source, kind, result);
     if is_loop(&parts.headers, cache.token()) {
         cache.event("loop");
         count("none", "error");
@@ -414,17 +403,7 @@ async fn failed_fill(
 
 /// Serves a cacheable request.
 async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Parts, kind: &'static str) -> Response<Body> {
-    let count = |result: &'static str| {
-        cache
-            .metrics()
-            .cache_requests
-            .get_or_create(&CacheLabels {
-                source: plan.source.clone(),
-                client: kind,
-                result,
-            })
-            .inc();
-    };
+    let count = |result: &'static str| cache.count_request(&plan.source, kind, result);
     if cache.uncacheable(&plan.key) {
         count("pass");
         return pass_through(cache, &plan.origin, &plan.origin_path, parts).await;
@@ -609,14 +588,7 @@ async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Parts, kind: 
         && let Some(bytes) = cache.read_small(&plan.key, &meta, ranges[0].start, ranges[0].end)
     {
         count("hit");
-        let m = cache.metrics();
-        m.cache_bytes
-            .get_or_create(&CacheLabels {
-                source: plan.source.clone(),
-                client: kind,
-                result: "hit",
-            })
-            .inc_by(bytes.len() as u64);
+        cache.count_served(&plan.source, kind, bytes.len() as u64, 0);
         *resp.body_mut() = Full::new(bytes).map_err(|e| match e {}).boxed();
         drop(pin);
         return resp;
@@ -672,15 +644,8 @@ async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Parts, kind: 
             _ if hit_bytes == 0 => "miss",
             _ => "partial",
         };
-        let m = cache.metrics();
-        let labels = |result| CacheLabels {
-            source: plan.source.clone(),
-            client: kind,
-            result,
-        };
-        m.cache_requests.get_or_create(&labels(outcome)).inc();
-        m.cache_bytes.get_or_create(&labels("hit")).inc_by(hit_bytes);
-        m.cache_bytes.get_or_create(&labels("miss")).inc_by(miss_bytes);
+        cache.count_request(&plan.source, kind, outcome);
+        cache.count_served(&plan.source, kind, hit_bytes, miss_bytes);
         drop(pin);
     });
     resp

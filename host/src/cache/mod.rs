@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -37,7 +37,7 @@ use self::disk::{Class, Index, ObjRecord};
 use self::range::Validator;
 use self::upstream::{Client, Endpoint};
 use crate::config::CacheConfig;
-use crate::metrics::{CacheUpstreamLabels, EventLabels, Metrics};
+use crate::metrics::{CacheLabels, CacheUpstreamLabels, EventLabels, Metrics};
 use crate::store::{Store, StoreError};
 
 /// How long an object found uncacheable (no validator, too large) is passed
@@ -393,6 +393,22 @@ pub struct Stats {
     pub fills_in_flight: i64,
     /// The parent cache, if any.
     pub parent: Option<String>,
+    /// Requests for cacheable content since start (every result).
+    pub requests: u64,
+    /// Of those, answered wholly from storage.
+    pub hit_requests: u64,
+    /// Bytes sent to clients from storage since start.
+    pub hit_bytes: u64,
+    /// Bytes sent to clients as they were fetched since start.
+    pub miss_bytes: u64,
+    /// Bytes fetched from origins or the parent for storage since start.
+    pub upstream_bytes: u64,
+    /// `hit_bytes / (hit_bytes + miss_bytes)`; `None` before the first byte.
+    pub byte_hit_ratio: Option<f64>,
+    /// Bytes sent to clients that did not have to be fetched:
+    /// `hit_bytes + miss_bytes - upstream_bytes` (one fetch shared by
+    /// several clients counts as saved for all but one).
+    pub saved_bytes: u64,
 }
 
 /// The range cache.
@@ -411,6 +427,19 @@ pub struct Cache {
     uncacheable: Mutex<HashMap<String, Instant>>,
     /// Makes multipart boundaries unique.
     boundary_seq: AtomicU64,
+    /// Totals since start for the status page.
+    totals: Totals,
+}
+
+/// Request and byte totals since start, all sources together (the metrics
+/// have them by source; these are summed for the status page).
+#[derive(Debug, Default)]
+struct Totals {
+    requests: AtomicU64,
+    hit_requests: AtomicU64,
+    hit_bytes: AtomicU64,
+    miss_bytes: AtomicU64,
+    upstream_bytes: AtomicU64,
 }
 
 impl std::fmt::Debug for Cache {
@@ -536,6 +565,7 @@ impl Cache {
             listen: Mutex::new(None),
             uncacheable: Mutex::new(HashMap::new()),
             boundary_seq: AtomicU64::new(0),
+            totals: Totals::default(),
         })
     }
 
@@ -568,8 +598,40 @@ impl Cache {
         self.metrics.cache_events.get_or_create(&EventLabels { event }).inc();
     }
 
-    pub(crate) fn metrics(&self) -> &Metrics {
-        &self.metrics
+    /// Counts a request by its result (`hit`, `miss`, `partial`, `pass`,
+    /// `denied`, `error`, …).
+    pub(crate) fn count_request(&self, source: &str, client: &'static str, result: &'static str) {
+        self.metrics
+            .cache_requests
+            .get_or_create(&CacheLabels {
+                source: source.to_string(),
+                client,
+                result,
+            })
+            .inc();
+        self.totals.requests.fetch_add(1, Ordering::Relaxed);
+        if result == "hit" {
+            self.totals.hit_requests.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts bytes sent to a client from storage (`hit`) and from fills
+    /// (`miss`).
+    pub(crate) fn count_served(&self, source: &str, client: &'static str, hit: u64, miss: u64) {
+        for (result, n) in [("hit", hit), ("miss", miss)] {
+            if n > 0 {
+                self.metrics
+                    .cache_bytes
+                    .get_or_create(&CacheLabels {
+                        source: source.to_string(),
+                        client,
+                        result,
+                    })
+                    .inc_by(n);
+            }
+        }
+        self.totals.hit_bytes.fetch_add(hit, Ordering::Relaxed);
+        self.totals.miss_bytes.fetch_add(miss, Ordering::Relaxed);
     }
 
     /// The `source` label for a key: its namespace before `:`, capped in
@@ -1025,6 +1087,9 @@ impl Cache {
                 .cache_upstream_bytes
                 .get_or_create(&labels)
                 .inc_by(data.len() as u64);
+            self.totals
+                .upstream_bytes
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
             // A 200 from an origin that ignores ranges: skip to our start.
             if pos < start {
                 let skip = (start - pos).min(data.len() as u64) as usize;
@@ -1509,6 +1574,13 @@ impl Cache {
         let free = rustix::fs::statvfs(&self.dir)
             .ok()
             .map(|s| s.f_bavail.saturating_mul(s.f_frsize));
+        let t = &self.totals;
+        let (hit_bytes, miss_bytes) = (
+            t.hit_bytes.load(Ordering::Relaxed),
+            t.miss_bytes.load(Ordering::Relaxed),
+        );
+        let upstream_bytes = t.upstream_bytes.load(Ordering::Relaxed);
+        let served = hit_bytes + miss_bytes;
         let inner = lock(&self.inner);
         Stats {
             listen: lock(&self.listen).clone(),
@@ -1521,6 +1593,13 @@ impl Cache {
             free_bytes: free,
             fills_in_flight: self.metrics.cache_fills.get(),
             parent: self.cfg.parent.clone(),
+            requests: t.requests.load(Ordering::Relaxed),
+            hit_requests: t.hit_requests.load(Ordering::Relaxed),
+            hit_bytes,
+            miss_bytes,
+            upstream_bytes,
+            byte_hit_ratio: (served > 0).then(|| hit_bytes as f64 / served as f64),
+            saved_bytes: served.saturating_sub(upstream_bytes),
         }
     }
 }

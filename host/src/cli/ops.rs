@@ -1,0 +1,405 @@
+//! `holdfast status`, `holdfast queue …`, `holdfast clients` and
+//! `holdfast init`: the operator's view of a running node.
+
+use std::io::{IsTerminal as _, Write as _};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use super::{AdminClient, format_time, human_bytes, plugin_row, print_json, print_table, rows_of, short, str_of};
+
+/// The annotated config `holdfast init` writes.
+pub const INIT_CONFIG: &str = include_str!("../init-config.toml");
+
+/// Writes the annotated config to `path` (refusing to overwrite unless `force`).
+pub fn init(path: &Path, force: bool) -> Result<()> {
+    if path.exists() && !force {
+        bail!("{} exists; use --force to overwrite it", path.display());
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    std::fs::write(path, INIT_CONFIG).with_context(|| format!("cannot write {}", path.display()))?;
+    println!("wrote {}", path.display());
+    println!("check it:  holdfast config check {}", path.display());
+    println!("run it:    holdfast run --config {}", path.display());
+    Ok(())
+}
+
+/// `2 h 5 min`-style durations.
+fn human_ms(ms: Option<u64>) -> String {
+    let Some(ms) = ms else { return "-".to_string() };
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min {} s", s / 60, s % 60),
+        3600..86_400 => format!("{} h {} min", s / 3600, s % 3600 / 60),
+        _ => format!("{} d {} h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+fn bytes_of(v: &Value) -> String {
+    v.as_u64().map_or_else(|| "-".to_string(), human_bytes)
+}
+
+/// `holdfast status`: the status page as text.
+pub fn status(client: &AdminClient, json: bool) -> Result<()> {
+    let v = client.get("/api/v1/status")?;
+    if json {
+        return print_json(&v);
+    }
+    let n = &v["node"];
+    println!(
+        "node     {}  version {}  up {}",
+        str_of(&n["id"]),
+        str_of(&n["version"]),
+        human_ms(n["uptime_seconds"].as_u64().map(|s| s * 1000))
+    );
+    let l = &v["link"];
+    if l["kind"] == "none" {
+        println!("link     root (no upstream)");
+    } else {
+        println!(
+            "link     {} {} → {}  since {}  connects {}  failures {}  sent {}  acked {}",
+            str_of(&l["state"]),
+            str_of(&l["kind"]),
+            str_of(&l["target"]),
+            format_time(l["since_ms"].as_u64()),
+            str_of(&l["connects"]),
+            str_of(&l["failures"]),
+            str_of(&l["sent"]),
+            str_of(&l["acked"]),
+        );
+        if l["state"] != "up"
+            && let Some(e) = l["last_error"].as_str()
+        {
+            println!("         last error: {e}");
+        }
+    }
+    let o = &v["outbox"];
+    println!(
+        "backlog  {} messages, {} of {}, oldest {}",
+        str_of(&o["messages"]),
+        bytes_of(&o["bytes"]),
+        bytes_of(&o["max_bytes"]),
+        human_ms(o["oldest_age_ms"].as_u64())
+    );
+    let lanes = lane_rows(o);
+    if !lanes.is_empty() {
+        print_table(&["LANE", "MESSAGES", "BYTES", "IN FLIGHT", "OLDEST"], &lanes);
+    }
+    let m = &v["mqtt"];
+    if m["enabled"] == true {
+        let s = &m["stats"];
+        println!(
+            "clients  {} connected, {} sessions, {} subscriptions, {} retained",
+            str_of(&s["connections"]),
+            str_of(&s["sessions"]),
+            str_of(&s["subscriptions"]),
+            str_of(&s["retained"])
+        );
+    } else {
+        println!("clients  the MQTT broker is disabled");
+    }
+    println!();
+    let plugins = rows_of(&v, "plugins", plugin_row);
+    print_table(
+        &[
+            "SLOT", "VERSION", "SOURCE", "LOADED", "CALLS", "TRAPS", "TIMEOUTS", "PREVIOUS",
+        ],
+        &plugins,
+    );
+    let swaps: Vec<Vec<String>> = rows_of(&v, "recent_swaps", |r| {
+        vec![
+            format_time(r["at_unix_ms"].as_u64()),
+            str_of(&r["slot"]),
+            str_of(&r["action"]),
+            short(&r["old"]),
+            short(&r["new"]),
+            str_of(&r["source"]),
+        ]
+    })
+    .into_iter()
+    .take(5)
+    .collect();
+    if !swaps.is_empty() {
+        println!();
+        print_table(&["WHEN", "SLOT", "ACTION", "FROM", "TO", "SOURCE"], &swaps);
+    }
+    println!();
+    let c = &v["cache"];
+    if c.is_null() {
+        println!("cache    disabled");
+    } else {
+        let ratio = c["byte_hit_ratio"]
+            .as_f64()
+            .map_or_else(|| "-".to_string(), |r| format!("{:.1} %", r * 100.0));
+        println!(
+            "cache    hit ratio {ratio} (bytes), {} of {} requests hits, saved {}, stored {} of {} in {} objects",
+            str_of(&c["hit_requests"]),
+            str_of(&c["requests"]),
+            bytes_of(&c["saved_bytes"]),
+            bytes_of(&c["stored_bytes"]),
+            bytes_of(&c["max_size"]),
+            str_of(&c["objects"]),
+        );
+    }
+    Ok(())
+}
+
+fn lane_rows(outbox: &Value) -> Vec<Vec<String>> {
+    rows_of(outbox, "lanes", |l| {
+        vec![
+            str_of(&l["lane"]),
+            str_of(&l["messages"]),
+            bytes_of(&l["bytes"]),
+            str_of(&l["in_flight"]),
+            human_ms(l["oldest_age_ms"].as_u64()),
+        ]
+    })
+    .into_iter()
+    .filter(|r| r[1] != "0")
+    .collect()
+}
+
+/// `holdfast queue`: the outbox lanes.
+pub fn queue(client: &AdminClient, json: bool) -> Result<()> {
+    let v = client.get("/api/v1/outbox")?;
+    if json {
+        return print_json(&v);
+    }
+    println!(
+        "{} messages, {} of {}, oldest {}",
+        str_of(&v["messages"]),
+        bytes_of(&v["bytes"]),
+        bytes_of(&v["max_bytes"]),
+        human_ms(v["oldest_age_ms"].as_u64())
+    );
+    let rows = lane_rows(&v);
+    if !rows.is_empty() {
+        print_table(&["LANE", "MESSAGES", "BYTES", "IN FLIGHT", "OLDEST"], &rows);
+    }
+    Ok(())
+}
+
+/// What `wait-empty` looks at: messages and bytes of one lane or of all.
+fn backlog(v: &Value, lane: Option<u8>) -> Result<(u64, u64)> {
+    match lane {
+        None => Ok((v["messages"].as_u64().unwrap_or(0), v["bytes"].as_u64().unwrap_or(0))),
+        Some(n) => {
+            let l = v["lanes"]
+                .as_array()
+                .and_then(|a| a.iter().find(|l| l["lane"].as_u64() == Some(u64::from(n))))
+                .with_context(|| format!("the node has no lane {n}"))?;
+            Ok((l["messages"].as_u64().unwrap_or(0), l["bytes"].as_u64().unwrap_or(0)))
+        }
+    }
+}
+
+/// Draws `[#####-----] 50 %  1,000 of 2,000 left …` on one terminal line.
+struct Progress {
+    start: Instant,
+    /// The most messages seen waiting (the bar's 0 %).
+    high: u64,
+    tty: bool,
+    last_line: Instant,
+}
+
+impl Progress {
+    fn draw(&mut self, left: u64, bytes: u64) {
+        self.high = self.high.max(left);
+        let done = self.high - left;
+        let elapsed = self.start.elapsed().as_secs_f64();
+        let rate = if elapsed > 0.5 { done as f64 / elapsed } else { 0.0 };
+        let eta = if rate > 0.0 && left > 0 {
+            format!("  about {} left", human_ms(Some((left as f64 / rate * 1000.0) as u64)))
+        } else {
+            String::new()
+        };
+        let frac = if self.high == 0 {
+            1.0
+        } else {
+            done as f64 / self.high as f64
+        };
+        const WIDTH: usize = 30;
+        let filled = ((frac * WIDTH as f64).round() as usize).min(WIDTH);
+        let line = format!(
+            "[{}{}] {:>3.0} %  {left} messages ({}) waiting  {rate:.0} msg/s{eta}",
+            "#".repeat(filled),
+            "-".repeat(WIDTH - filled),
+            frac * 100.0,
+            human_bytes(bytes),
+        );
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            let _ = write!(err, "\r\x1b[2K{line}");
+            let _ = err.flush();
+        } else if self.last_line.elapsed() >= Duration::from_secs(5) || left == 0 {
+            // Not a terminal (a log, CI): a line every 5 s.
+            let _ = writeln!(err, "{line}");
+            self.last_line = Instant::now();
+        }
+    }
+
+    fn finish(&self) {
+        if self.tty {
+            let _ = writeln!(std::io::stderr());
+        }
+    }
+}
+
+/// `holdfast queue wait-empty`: polls the outbox until it (or one lane) is
+/// empty, drawing a progress bar; an error on timeout.
+pub fn wait_empty(
+    client: &AdminClient,
+    lane: Option<u8>,
+    timeout: Option<Duration>,
+    interval: Duration,
+    json: bool,
+) -> Result<()> {
+    let start = Instant::now();
+    let mut progress = Progress {
+        start,
+        high: 0,
+        tty: std::io::stderr().is_terminal() && !json,
+        last_line: start - Duration::from_secs(60),
+    };
+    loop {
+        let v = client.get("/api/v1/outbox")?;
+        let (left, bytes) = backlog(&v, lane)?;
+        if !json {
+            progress.draw(left, bytes);
+        }
+        if left == 0 {
+            progress.finish();
+            let waited = start.elapsed();
+            if json {
+                print_json(&serde_json::json!({ "empty": true, "waited_ms": waited.as_millis() as u64 }))?;
+            } else {
+                println!("outbox empty after {:.1} s", waited.as_secs_f64());
+            }
+            return Ok(());
+        }
+        if let Some(t) = timeout
+            && start.elapsed() >= t
+        {
+            progress.finish();
+            if json {
+                print_json(&serde_json::json!({ "empty": false, "messages": left, "bytes": bytes }))?;
+            }
+            bail!(
+                "timed out after {} s with {left} messages ({}) still waiting",
+                t.as_secs(),
+                human_bytes(bytes)
+            );
+        }
+        std::thread::sleep(interval);
+    }
+}
+
+/// `holdfast clients`: connected MQTT clients.
+pub fn clients(client: &AdminClient, limit: usize, json: bool) -> Result<()> {
+    let v = client.get(&format!("/api/v1/mqtt/clients?limit={limit}"))?;
+    if json {
+        return print_json(&v);
+    }
+    let rows = rows_of(&v, "clients", |c| {
+        vec![
+            str_of(&c["client_id"]),
+            str_of(&c["protocol"]),
+            str_of(&c["subscriptions"]),
+            str_of(&c["queued"]),
+            str_of(&c["in_flight"]),
+            if c["persistent"] == true { "yes" } else { "no" }.to_string(),
+        ]
+    });
+    println!("{} connected", str_of(&v["connections"]));
+    print_table(
+        &[
+            "CLIENT ID",
+            "MQTT",
+            "SUBSCRIPTIONS",
+            "QUEUED",
+            "IN FLIGHT",
+            "PERSISTENT",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(human_ms(None), "-");
+        assert_eq!(human_ms(Some(999)), "0 s");
+        assert_eq!(human_ms(Some(61_000)), "1 min 1 s");
+        assert_eq!(human_ms(Some(7_260_000)), "2 h 1 min");
+        assert_eq!(human_ms(Some(90_000_000)), "1 d 1 h");
+    }
+
+    #[test]
+    fn backlog_of_one_lane_or_all() {
+        let v = serde_json::json!({
+            "messages": 7, "bytes": 700,
+            "lanes": [{"lane": 0, "messages": 2, "bytes": 200}, {"lane": 5, "messages": 5, "bytes": 500}],
+        });
+        assert_eq!(backlog(&v, None).unwrap(), (7, 700));
+        assert_eq!(backlog(&v, Some(5)).unwrap(), (5, 500));
+        assert!(backlog(&v, Some(9)).is_err());
+    }
+
+    /// Dotted paths of every leaf key under `v`, except plugin configs (the
+    /// plugin's business), identities and bridge subscriptions (lists).
+    fn leaf_keys(prefix: &str, v: &Value, out: &mut Vec<String>) {
+        let Some(map) = v.as_object() else {
+            out.push(prefix.to_string());
+            return;
+        };
+        for (k, child) in map {
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            let skip = path == "identities"
+                || path == "upstream.mqtt.in"
+                || (path.starts_with("plugins.") && path.ends_with(".config"));
+            if !skip {
+                leaf_keys(&path, child, out);
+            }
+        }
+    }
+
+    #[test]
+    fn init_config_is_the_embedded_default_and_names_every_key() {
+        use crate::config::Config;
+        let init = Config::parse(INIT_CONFIG).unwrap();
+        assert_eq!(
+            serde_json::to_value(&init).unwrap(),
+            serde_json::to_value(Config::embedded_default()).unwrap()
+        );
+        let mut present = std::collections::HashSet::new();
+        let mut section = String::new();
+        for line in INIT_CONFIG.lines() {
+            let l = line.trim_start_matches('#').trim();
+            if l.starts_with('[') {
+                section = l.trim_matches(['[', ']']).to_string();
+            } else if let Some((k, _)) = l.split_once(" = ")
+                && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            {
+                present.insert(format!("{section}.{k}"));
+            }
+        }
+        let mut keys = Vec::new();
+        leaf_keys("", &serde_json::to_value(Config::default()).unwrap(), &mut keys);
+        assert!(keys.len() > 100, "{keys:?}");
+        let missing: Vec<&String> = keys.iter().filter(|k| !present.contains(*k)).collect();
+        assert!(missing.is_empty(), "holdfast init's config lacks {missing:?}");
+    }
+}
