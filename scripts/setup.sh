@@ -39,6 +39,15 @@ if [ -n "$missing" ]; then
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl wget apt dpkg >/dev/null
 fi
+# The status page's test drives headless Chromium through chromedriver.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
 if ! python3 -c 'import paho.mqtt' >/dev/null 2>&1; then
     python3 -m pip install --quiet 'paho-mqtt>=2,<3'
+fi
+# The admin API's OpenAPI document is checked with openapi-spec-validator.
+if ! python3 -c 'import openapi_spec_validator' >/dev/null 2>&1; then
+    python3 -m pip install --quiet 'openapi-spec-validator>=0.7,<1'
 fi

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 mod support;
 
+use support::client::Client;
 use support::{BIN, Gateway, http_get};
 const ALERT_ROUTER: &str = env!("HOLDFAST_EXAMPLE_ALERT_ROUTER_WASM");
 const TEST_ROUTER: &str = env!("HOLDFAST_TEST_ROUTER_WASM");
@@ -276,10 +277,11 @@ fn proxy_get(cache_port: u16, url: &str) -> (u16, String) {
 }
 
 /// SIGHUP (and `holdfast reload`) re-reads the config file: plugin configs
-/// are applied live, other changed keys are reported, a broken file changes
-/// nothing, and the process keeps running.
+/// and limits are applied live without dropping a connection, other changed
+/// keys are reported, a broken file changes nothing, and the process keeps
+/// running.
 #[test]
-fn sighup_reloads_plugin_configs_and_reports_the_rest() {
+fn sighup_reloads_plugin_configs_and_limits_and_reports_the_rest() {
     let source = |name: &str| {
         format!(
             "[[plugins.content-source.config.sources]]\nname = \"{name}\"\nhosts = [\"{name}.test\"]\n\
@@ -290,10 +292,15 @@ fn sighup_reloads_plugin_configs_and_reports_the_rest() {
     let (code, body) = proxy_get(gw.cache, "http://b.test/x");
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("host \"b.test\" is not a configured source"), "{body}");
+    // A client connected before the reload.
+    let mut first = Client::connect(gw.mqtt, "before-reload", true).unwrap();
 
-    // Add a source and change a key that needs a restart; send SIGHUP.
+    // Add a source, lower two limits, change a key that needs a restart;
+    // send SIGHUP.
     let original = std::fs::read_to_string(&gw.config).unwrap();
-    let changed = original.replace("[cache]\n", "[cache]\nmax_size = 5368709120\n") + &source("b");
+    let changed = original.replace("[cache]\n", "[cache]\nmax_size = 5368709120\nblock_size = 2097152\n")
+        + "[mqtt]\nmax_connections = 1\n"
+        + &source("b");
     write_atomic(&gw.config, &changed);
     hup(&gw);
     // The new source is served: its origin is unreachable, so 502, not 403.
@@ -301,15 +308,38 @@ fn sighup_reloads_plugin_configs_and_reports_the_rest() {
         proxy_get(gw.cache, "http://b.test/x").0 == 502
     });
     assert!(gw.log().contains("config reloaded"), "{}", gw.log());
-    assert!(gw.log().contains("cache.max_size"), "{}", gw.log());
+    assert!(gw.log().contains("cache.block_size"), "{}", gw.log());
+    // The limits are in force: the cache's budget is the new one, and a
+    // second client is refused (0x89, server busy) while the first, connected
+    // before the reload, still works.
+    assert_eq!(gw.api("/api/v1/cache")["max_size"], 5_368_709_120u64);
+    match Client::connect_as(gw.mqtt, "after-reload", true, None, None).unwrap() {
+        Err(code) => assert_eq!(code, 0x89),
+        Ok(_) => panic!("a second client connected past mqtt.max_connections = 1"),
+    }
+    assert!(
+        first
+            .publish_acked("echo/1", "still here", Duration::from_secs(5))
+            .unwrap()
+    );
 
     // `holdfast reload` reports the same: the plugin config is applied, the
     // budget needs a restart.
     let out = gw.cli_ok(&["reload"]);
-    assert!(out.contains("needs a restart:\n  cache.max_size"), "{out}");
+    assert!(out.contains("needs a restart:\n  cache.block_size"), "{out}");
     let v: serde_json::Value = serde_json::from_str(&gw.cli_ok(&["reload", "--json"])).unwrap();
-    assert_eq!(v["not_applied"], serde_json::json!(["cache.max_size"]));
+    assert_eq!(v["not_applied"], serde_json::json!(["cache.block_size"]));
+    // The limits were applied by the SIGHUP; nothing changed since.
     assert_eq!(v["applied"], serde_json::json!([]));
+    let log = gw.log();
+    let applied_line = log.lines().find(|l| l.contains("config reloaded")).unwrap_or_default();
+    for key in [
+        "cache.max_size",
+        "mqtt.max_connections",
+        "plugins.content-source.config",
+    ] {
+        assert!(applied_line.contains(key), "{applied_line}");
+    }
     // The plugin list shows the reconfigured slot.
     let history = gw.api("/api/v1/plugins/history");
     assert!(history.to_string().contains("reconfigure"), "{history}");
@@ -335,6 +365,31 @@ fn sighup_reloads_plugin_configs_and_reports_the_rest() {
     );
     assert!(gw.child.try_wait().unwrap().is_none(), "SIGHUP must not stop the node");
     write_atomic(&gw.config, &changed);
+}
+
+/// `holdfast init` writes the annotated config, which `config check` passes;
+/// it does not overwrite a file without `--force`.
+#[test]
+fn init_writes_an_annotated_config_that_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("etc/holdfast.toml");
+    let init = |extra: &[&str]| Command::new(BIN).arg("init").arg(&path).args(extra).output().unwrap();
+    let out = init(&[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text, holdfast::cli::INIT_CONFIG);
+    assert!(text.contains("# shutdown_timeout_ms = 10000"), "{text}");
+    let out = Command::new(BIN).args(["config", "check"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with(": ok\n"));
+
+    std::fs::write(&path, "# mine\n").unwrap();
+    let out = init(&[]);
+    assert!(!out.status.success());
+    assert!(stderr_of(&out).contains("exists; use --force"), "{}", stderr_of(&out));
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "# mine\n");
+    assert!(init(&["--force"]).status.success());
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), holdfast::cli::INIT_CONFIG);
 }
 
 /// Replaces a file in one step, as editors do (a reload never reads half a file).

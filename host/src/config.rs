@@ -81,6 +81,9 @@ pub struct NodeConfig {
     pub id: String,
     /// Where all state lives. Default `./holdfast-data`.
     pub data_dir: PathBuf,
+    /// How long a SIGTERM may take: connections finish the writes they
+    /// started, tasks stop, then the store is synced. Default 10000.
+    pub shutdown_timeout_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -88,6 +91,7 @@ impl Default for NodeConfig {
         NodeConfig {
             id: "holdfast".to_string(),
             data_dir: PathBuf::from("./holdfast-data"),
+            shutdown_timeout_ms: 10_000,
         }
     }
 }
@@ -842,6 +846,12 @@ impl Config {
                 "node.id",
                 "may contain only letters, digits, '-', '_' and '.'",
             ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(ConfigError::key("log.level", format!("not a tracing filter: {e}")));
+        }
+        if !(100..=600_000).contains(&self.node.shutdown_timeout_ms) {
+            return Err(ConfigError::key("node.shutdown_timeout_ms", "must be 100-600000"));
         }
         if let Some(t) = &self.admin.token
             && t.len() < 16

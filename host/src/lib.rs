@@ -11,7 +11,8 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = holdfast::config::Config::embedded_default();
-//! holdfast::node::run(config, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! let ctrl_c = || async { let _ = tokio::signal::ctrl_c().await; };
+//! holdfast::node::run(config, ctrl_c(), ctrl_c()).await?;
 //! # Ok(()) }
 //! ```
 pub mod admin;
@@ -22,6 +23,7 @@ pub mod config;
 pub mod identity;
 pub mod iothub;
 pub mod link;
+pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod outbox;

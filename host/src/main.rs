@@ -29,20 +29,40 @@ fn run(config_path: Option<&std::path::Path>) -> anyhow::Result<()> {
         Some(path) => Config::load(path)?,
         None => Config::embedded_default(),
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
-        .map_err(|e| anyhow::anyhow!("config key log.level: {e}"))?;
+    let from_env = tracing_subscriber::EnvFilter::try_from_default_env().ok();
+    let set_by_config = from_env.is_none();
+    let filter = match from_env {
+        Some(f) => f,
+        None => tracing_subscriber::EnvFilter::try_new(&config.log.level)
+            .map_err(|e| anyhow::anyhow!("config key log.level: {e}"))?,
+    };
     use std::io::IsTerminal as _;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
         .init();
+    if set_by_config {
+        holdfast::logging::install(Box::new(move |level| {
+            let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+            handle.reload(filter).map_err(|e| e.to_string())
+        }));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("holdfast")
         .build()?;
-    runtime.block_on(holdfast::node::run(config, shutdown_signal()))?;
+    let result = runtime.block_on(holdfast::node::run(config, shutdown_signal(), shutdown_signal()));
+    // Blocking tasks still running (a plugin compile, a cache read) do not
+    // hold the exit up: everything acknowledged is synced already.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result?;
     Ok(())
 }
 

@@ -319,25 +319,52 @@ impl Node {
         self.admin_addr
     }
 
-    /// Stops every task and waits for them.
+    /// Stops the node within `node.shutdown_timeout_ms`: the listeners stop
+    /// accepting, connections wait for the writes they started and send
+    /// their acknowledgements, tasks end; then the broker's sessions and the
+    /// outbox are synced whatever is left running. An append is
+    /// acknowledged only after it is durable, so nothing acknowledged
+    /// depends on the wait.
     pub async fn shutdown(self) {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.state.config.node.shutdown_timeout_ms);
         let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = t.await;
+        let mut tasks = self.tasks;
+        for t in &mut tasks {
+            if tokio::time::timeout_at(deadline, t).await.is_err() {
+                break;
+            }
         }
-        // Connections say goodbye and detach their sessions; wait briefly.
+        let running = tasks.iter().filter(|t| !t.is_finished()).count();
+        if running > 0 {
+            tracing::warn!(
+                running,
+                "shutdown: tasks still running at the time limit; stopping them"
+            );
+            for t in &tasks {
+                t.abort();
+            }
+        }
         if let Some(broker) = &self.state.broker {
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while broker.connections() > 0 && Instant::now() < deadline {
+            while broker.connections() > 0 && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
+            let left = broker.connections();
+            if left > 0 {
+                tracing::warn!(connections = left, "shutdown: connections still open at the time limit");
+            }
             let b = broker.clone();
-            let _ = tokio::task::spawn_blocking(move || b.sync()).await;
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || b.sync()).await {
+                tracing::error!(error = %e, "shutdown: syncing MQTT sessions failed");
+            }
         }
         // Commit what the writer holds, save the outbox clock, sync.
         let outbox = self.state.outbox.clone();
         let _ = tokio::task::spawn_blocking(move || outbox.close()).await;
-        tracing::info!("holdfast node stopped");
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "holdfast node stopped"
+        );
     }
 }
 
@@ -356,7 +383,7 @@ async fn reload_on_sighup(state: Arc<NodeState>) {
         };
         while hup.recv().await.is_some() {
             let s = state.clone();
-            match tokio::task::spawn_blocking(move || s.reloader.reload(&s.plugins)).await {
+            match tokio::task::spawn_blocking(move || s.reloader.reload(&s)).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::warn!("SIGHUP: config not reloaded: {e}"),
                 Err(e) => tracing::warn!("SIGHUP: reload task failed: {e}"),
@@ -447,17 +474,26 @@ fn start_link(
     Ok(listen)
 }
 
-/// Runs a node until `shutdown` resolves.
+/// Runs a node until `shutdown` resolves, then stops it; `force` resolving
+/// during the stop (a second SIGTERM or Ctrl-C) ends the wait at once. What
+/// was acknowledged is durable either way.
 ///
 /// # Errors
 /// The node cannot start.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    force: impl Future<Output = ()>,
+) -> Result<(), StartError> {
     let node = Node::start(config).await?;
     let reloads = tokio::spawn(reload_on_sighup(node.state().clone()));
     shutdown.await;
     reloads.abort();
-    tracing::info!("shutting down");
-    node.shutdown().await;
+    tracing::info!("shutting down (again to stop at once)");
+    tokio::select! {
+        () = node.shutdown() => {}
+        () = force => tracing::warn!("second signal: stopping without waiting"),
+    }
     Ok(())
 }
 

@@ -3,9 +3,10 @@
 //!
 //! What can change live is applied without dropping a connection: each plugin
 //! slot's `config` (routes, rules, package sources, auth settings) by
-//! re-initialising the running component with it, and a slot's `file` by a
-//! swap. Every other key that differs from the running config is reported as
-//! needing a restart. A file that does not parse or validate changes nothing.
+//! re-initialising the running component with it, a slot's `file` by a
+//! swap, the limits in [`LIVE_KEYS`], and `log.level`. Every other key that
+//! differs from the running config is reported as needing a restart. A file
+//! that does not parse or validate changes nothing.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -13,7 +14,26 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 use crate::config::{Config, SlotConfig};
+use crate::node::NodeState;
 use crate::plugins::{PluginHost, SlotName, embedded_plugin};
+
+/// Keys besides plugin configs and files that a reload applies live (the
+/// components compare them with what they run, so these are never reported
+/// as needing a restart). `log.level` is applied unless `RUST_LOG` is set.
+pub const LIVE_KEYS: &[&str] = &[
+    "log.level",
+    "mqtt.max_connections",
+    "mqtt.max_queued_messages",
+    "mqtt.max_retained",
+    "outbox.default_ttl_seconds",
+    "outbox.max_messages",
+    "outbox.max_bytes",
+    "outbox.min_free_disk_bytes",
+    "outbox.when_full",
+    "cache.max_size",
+    "cache.min_free",
+    "cache.orphan_fill_bytes",
+];
 
 /// What a reload did.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -50,7 +70,8 @@ impl Reloader {
     /// # Errors
     /// No file (embedded config), or the file does not load or validate;
     /// then nothing changes.
-    pub fn reload(&self, plugins: &PluginHost) -> Result<ReloadReport, String> {
+    pub fn reload(&self, state: &NodeState) -> Result<ReloadReport, String> {
+        let plugins = &state.plugins;
         let Some(path) = &self.path else {
             return Err("the node runs on the embedded default config; there is no file to reload".into());
         };
@@ -82,6 +103,28 @@ impl Reloader {
             &mut report,
         );
         // Everything else: report the keys that differ.
+        if let Some(broker) = &state.broker {
+            report
+                .applied
+                .extend(broker.apply_limits(&new.mqtt).into_iter().map(String::from));
+        }
+        report
+            .applied
+            .extend(state.outbox.apply_limits(&new.outbox).into_iter().map(String::from));
+        if let Some(cache) = &state.cache {
+            report
+                .applied
+                .extend(cache.apply_limits(&new.cache).into_iter().map(String::from));
+        }
+        if applied.log.level != new.log.level {
+            match crate::logging::set_level(&new.log.level) {
+                Ok(()) => {
+                    applied.log.level = new.log.level.clone();
+                    report.applied.push("log.level".into());
+                }
+                Err(e) => report.failed.push(format!("log.level: {e}")),
+            }
+        }
         let (old_v, new_v) = (
             serde_json::to_value(&*applied).unwrap_or_default(),
             serde_json::to_value(&new).unwrap_or_default(),
@@ -96,7 +139,8 @@ impl Reloader {
         report.not_applied.extend(
             differs
                 .into_iter()
-                .filter(|k| !slots.iter().any(|s| k.starts_with(s.as_str()))),
+                .filter(|k| !slots.iter().any(|s| k.starts_with(s.as_str())))
+                .filter(|k| !LIVE_KEYS.contains(&k.as_str())),
         );
         report.not_applied.sort();
         report.not_applied.dedup();

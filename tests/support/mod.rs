@@ -10,7 +10,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod client;
+pub mod delivery;
 pub mod fleet;
+pub mod origin;
 pub mod proxy;
 pub mod sas;
 

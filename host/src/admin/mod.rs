@@ -190,7 +190,7 @@ async fn status_page() -> Response {
 
 async fn reload(State(state): State<Arc<NodeState>>) -> Result<Json<serde_json::Value>, ApiError> {
     let s = state.clone();
-    let report = tokio::task::spawn_blocking(move || s.reloader.reload(&s.plugins))
+    let report = tokio::task::spawn_blocking(move || s.reloader.reload(&s))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e))?;

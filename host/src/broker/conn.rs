@@ -29,6 +29,10 @@ use crate::plugins::{AuthzDecision, ConnectInfo, Operation, Principal, RefusalCo
 /// Bytes buffered for the socket beyond which the session queue is not
 /// drained further until the client reads.
 const HIGH_WATER: usize = 256 << 10;
+
+/// How long a connection waits, at shutdown, for its appends to be stored
+/// before it acknowledges them and closes.
+const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(5);
 /// A publisher whose message lands in a connected subscriber's queue deeper
 /// than this pauses reading for [`BACKPRESSURE_PAUSE`], so a fast publisher
 /// cannot outrun a slow subscriber into ever-growing queues.
@@ -125,7 +129,7 @@ where
 {
     let transport = transport_name(peer.transport);
     let gauge = metrics::handle(&broker.metrics.mqtt_connections, &TransportLabels { transport });
-    let over = broker.connections.fetch_add(1, Ordering::AcqRel) >= broker.config.max_connections;
+    let over = broker.connections.fetch_add(1, Ordering::AcqRel) >= broker.max_connections();
     gauge.inc();
     let (rd, wr) = tokio::io::split(stream);
     let mut conn = Conn {
@@ -195,6 +199,26 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             self.wr.write_buf(&mut self.out).await?;
         }
         self.wr.flush().await
+    }
+
+    /// On shutdown: reads nothing more, waits (at most [`SHUTDOWN_ACK_WAIT`])
+    /// for the appends this connection already handed to the outbox, and
+    /// acknowledges them, so a client is not left to resend what was
+    /// stored. The exit then sends DISCONNECT (0x8B, server shutting down).
+    async fn finish_in_flight(&mut self, session: &Arc<Session>) -> Exit {
+        let deadline = Instant::now() + SHUTDOWN_ACK_WAIT;
+        while let Some(front) = self.pending.front_mut() {
+            let Ok(code) = tokio::time::timeout_at(deadline, poll_fn(|cx| front.poll(cx))).await else {
+                tracing::debug!(peer = %self.peer.addr, unacknowledged = self.pending.len(), "shutdown: appends still waiting at the limit");
+                break;
+            };
+            if let Some(p) = self.pending.pop_front()
+                && let Some(exit) = self.acknowledge(session, p.pkid, p.qos, code)
+            {
+                return exit;
+            }
+        }
+        Exit::Shutdown
     }
 
     fn count_connect(&self, result: &'static str) {
@@ -453,7 +477,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             });
             tokio::select! {
                 biased;
-                _ = async { stop.wait_for(|s| *s).await.is_ok() } => return Exit::Shutdown,
+                _ = async { stop.wait_for(|s| *s).await.is_ok() } => return self.finish_in_flight(&session).await,
                 _ = session.kick.notified() => {
                     if session.kick_pending.swap(false, Ordering::AcqRel) {
                         return Exit::TakenOver;

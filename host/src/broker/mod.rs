@@ -88,6 +88,10 @@ pub struct Broker {
     retained: RwLock<HashMap<String, Arc<Msg>>>,
     persist: Persist,
     connections: AtomicUsize,
+    /// Limits a config reload changes (`apply_limits`).
+    max_connections: AtomicUsize,
+    max_queued_messages: AtomicUsize,
+    max_retained: AtomicUsize,
     next_conn_id: AtomicU64,
     stop: watch::Receiver<bool>,
     /// The identities clients authenticate as.
@@ -167,6 +171,9 @@ impl Broker {
             retained: RwLock::new(HashMap::new()),
             persist,
             connections: AtomicUsize::new(0),
+            max_connections: AtomicUsize::new(config.max_connections),
+            max_queued_messages: AtomicUsize::new(config.max_queued_messages),
+            max_retained: AtomicUsize::new(config.max_retained),
             next_conn_id: AtomicU64::new(1),
             stop,
             registry: hub.registry().clone(),
@@ -248,6 +255,33 @@ impl Broker {
             subscriptions: self.subs.read().unwrap_or_else(|p| p.into_inner()).len(),
             retained: self.retained.read().unwrap_or_else(|p| p.into_inner()).len(),
         }
+    }
+
+    /// The limits a running broker can change: `mqtt.max_connections`,
+    /// `mqtt.max_queued_messages` and `mqtt.max_retained`. They apply from
+    /// the next connection, queued message or retained message; nothing
+    /// connected or stored is dropped. Returns the keys that changed.
+    pub fn apply_limits(&self, new: &MqttConfig) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        for (key, slot, value) in [
+            ("mqtt.max_connections", &self.max_connections, new.max_connections),
+            (
+                "mqtt.max_queued_messages",
+                &self.max_queued_messages,
+                new.max_queued_messages,
+            ),
+            ("mqtt.max_retained", &self.max_retained, new.max_retained),
+        ] {
+            if slot.swap(value, Ordering::Relaxed) != value {
+                changed.push(key);
+            }
+        }
+        changed
+    }
+
+    /// Most concurrent connections now.
+    pub(crate) fn max_connections(&self) -> usize {
+        self.max_connections.load(Ordering::Relaxed)
     }
 
     /// Connected clients, by client id, at most `limit` of them.
@@ -526,7 +560,7 @@ impl Broker {
             self.drop_reason("offline-qos0");
             return 0;
         }
-        if st.queue.len() >= self.config.max_queued_messages {
+        if st.queue.len() >= self.max_queued_messages.load(Ordering::Relaxed) {
             drop(st);
             self.drop_reason("queue-full");
             return 0;
@@ -550,7 +584,7 @@ impl Broker {
         if msg.payload.is_empty() {
             map.remove(&msg.topic);
         } else {
-            if map.len() >= self.config.max_retained && !map.contains_key(&msg.topic) {
+            if map.len() >= self.max_retained.load(Ordering::Relaxed) && !map.contains_key(&msg.topic) {
                 drop(map);
                 self.deny_reason("retained-limit");
                 return;

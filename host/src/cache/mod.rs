@@ -429,6 +429,11 @@ pub struct Cache {
     boundary_seq: AtomicU64,
     /// Totals since start for the status page.
     totals: Totals,
+    /// `cache.max_size`, `cache.min_free` and `cache.orphan_fill_bytes`,
+    /// which a config reload changes (`apply_limits`).
+    max_size: AtomicU64,
+    min_free: AtomicU64,
+    orphan_fill_bytes: AtomicU64,
 }
 
 /// Request and byte totals since start, all sources together (the metrics
@@ -566,6 +571,9 @@ impl Cache {
             uncacheable: Mutex::new(HashMap::new()),
             boundary_seq: AtomicU64::new(0),
             totals: Totals::default(),
+            max_size: AtomicU64::new(cfg.max_size),
+            min_free: AtomicU64::new(cfg.min_free),
+            orphan_fill_bytes: AtomicU64::new(cfg.orphan_fill_bytes),
         })
     }
 
@@ -596,6 +604,28 @@ impl Cache {
 
     pub(crate) fn event(&self, event: &'static str) {
         self.metrics.cache_events.get_or_create(&EventLabels { event }).inc();
+    }
+
+    /// Applies the limits a running cache can change: `cache.max_size`,
+    /// `cache.min_free` (both checked as each block is admitted; a lower
+    /// budget evicts as new blocks come in) and `cache.orphan_fill_bytes`.
+    /// Returns the keys that changed.
+    pub fn apply_limits(&self, new: &CacheConfig) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        for (key, slot, value) in [
+            ("cache.max_size", &self.max_size, new.max_size),
+            ("cache.min_free", &self.min_free, new.min_free),
+            (
+                "cache.orphan_fill_bytes",
+                &self.orphan_fill_bytes,
+                new.orphan_fill_bytes,
+            ),
+        ] {
+            if slot.swap(value, Ordering::Relaxed) != value {
+                changed.push(key);
+            }
+        }
+        changed
     }
 
     /// Counts a request by its result (`hit`, `miss`, `partial`, `pass`,
@@ -1125,7 +1155,7 @@ impl Cache {
                 if pos < end {
                     let orphaned = Arc::strong_count(fill) == 1 && {
                         orphan_bytes += bs;
-                        orphan_bytes > self.cfg.orphan_fill_bytes
+                        orphan_bytes > self.orphan_fill_bytes.load(Ordering::Relaxed)
                     };
                     if !orphaned {
                         next = self.try_claim(plan, fill, k + 1, obj_id);
@@ -1264,9 +1294,10 @@ impl Cache {
         let mut victims = Vec::new();
         let ok = {
             let mut inner = lock(&self.inner);
-            let mut need_free = free.map_or(0, |f| (self.cfg.min_free + len).saturating_sub(f));
+            let mut need_free = free.map_or(0, |f| (self.min_free.load(Ordering::Relaxed) + len).saturating_sub(f));
             loop {
-                let over = (inner.stored_bytes + inner.reserved_bytes + len).saturating_sub(self.cfg.max_size);
+                let over = (inner.stored_bytes + inner.reserved_bytes + len)
+                    .saturating_sub(self.max_size.load(Ordering::Relaxed));
                 if over == 0 && need_free == 0 {
                     inner.reserved_bytes += len;
                     break true;
@@ -1588,8 +1619,8 @@ impl Cache {
             objects: inner.objects.values().filter(|o| o.meta.is_some()).count(),
             stored_bytes: inner.stored_bytes,
             reserved_bytes: inner.reserved_bytes,
-            max_size: self.cfg.max_size,
-            min_free: self.cfg.min_free,
+            max_size: self.max_size.load(Ordering::Relaxed),
+            min_free: self.min_free.load(Ordering::Relaxed),
             free_bytes: free,
             fills_in_flight: self.metrics.cache_fills.get(),
             parent: self.cfg.parent.clone(),

@@ -112,8 +112,13 @@ pub async fn run(ctx: Ctx, client: quinn::ClientConfig, mut stop: watch::Receive
         endpoint,
     };
     drive(&quic, &mut stop).await;
+    let was_up = quic.ctx.status.snapshot().state == LinkState::Up;
     quic.endpoint.close(close::SHUTDOWN.into(), b"shutting down");
-    let _ = tokio::time::timeout(Duration::from_secs(1), quic.endpoint.wait_idle()).await;
+    // Give the parent the close of a live link; an attempt still
+    // handshaking with a parent that does not answer is not waited for.
+    if was_up {
+        let _ = tokio::time::timeout(Duration::from_secs(1), quic.endpoint.wait_idle()).await;
+    }
 }
 
 /// One connection attempt: handshake and hello. Returns the connection, its

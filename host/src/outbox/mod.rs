@@ -25,6 +25,7 @@ pub mod record;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -249,13 +250,40 @@ struct LaneCounters {
     rejected_invalid: Counter,
 }
 
+/// The limits a config reload changes (`Outbox::apply_limits`); the rest
+/// of `config` is fixed for the outbox's life.
+#[derive(Debug)]
+struct Limits {
+    default_ttl_ms: AtomicU64,
+    max_messages: AtomicU64,
+    /// `outbox.max_bytes`, capped by `disk_cap`.
+    max_bytes: AtomicU64,
+    min_free_disk_bytes: AtomicU64,
+    drop_oldest: AtomicBool,
+    /// 80 % of the free space when the outbox opened.
+    disk_cap: u64,
+}
+
+impl Limits {
+    fn new(config: &OutboxConfig, disk_cap: u64) -> Limits {
+        Limits {
+            default_ttl_ms: AtomicU64::new(config.default_ttl_seconds.saturating_mul(1000)),
+            max_messages: AtomicU64::new(config.max_messages),
+            max_bytes: AtomicU64::new(config.max_bytes.min(disk_cap)),
+            min_free_disk_bytes: AtomicU64::new(config.min_free_disk_bytes),
+            drop_oldest: AtomicBool::new(config.when_full == WhenFull::DropOldest),
+            disk_cap,
+        }
+    }
+}
+
 struct Inner {
     store: Store,
     data: Space,
     meta: Space,
     quarantine: Space,
     config: OutboxConfig,
-    max_bytes: u64,
+    limits: Limits,
     dir: PathBuf,
     instance: u64,
     clock: Clock,
@@ -393,7 +421,7 @@ impl Outbox {
             fresh_meta.commit(Durability::SyncAll)?;
         }
         let free_at_start = free_disk(dir).unwrap_or(u64::MAX);
-        let max_bytes = config.max_bytes.min(free_at_start / 10 * 8);
+        let limits = Limits::new(&config, free_at_start / 10 * 8);
         let counters = (0..LANES as u8)
             .map(|lane| {
                 let reason = |r: &'static str| LaneReasonLabels { lane, reason: r };
@@ -414,7 +442,7 @@ impl Outbox {
             data,
             meta,
             quarantine,
-            max_bytes,
+            limits,
             dir: dir.to_path_buf(),
             instance,
             clock,
@@ -493,7 +521,7 @@ impl Outbox {
             enqueued_wall_ms: now.wall_ms,
             ttl_ms: ttl
                 .map(|t| t.as_millis() as u64)
-                .unwrap_or(self.inner.config.default_ttl_seconds * 1000),
+                .unwrap_or_else(|| self.inner.limits.default_ttl_ms.load(Ordering::Relaxed)),
             message,
         };
         record.encode().map_err(|e| {
@@ -759,7 +787,42 @@ impl Outbox {
     /// The effective byte limit (the configured one, capped at 80 % of the
     /// disk space free at open).
     pub fn max_bytes(&self) -> u64 {
-        self.inner.max_bytes
+        self.inner.limits.max_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Applies the limits a running outbox can change:
+    /// `default_ttl_seconds` (for messages appended from now on),
+    /// `max_messages`, `max_bytes` (still capped at 80 % of the free space
+    /// at start), `min_free_disk_bytes` and `when_full`. Lowering a quota
+    /// below what is queued drops nothing; appends are refused (or, with
+    /// `drop-oldest`, make room) until the backlog is under it. Returns the
+    /// keys that changed.
+    pub fn apply_limits(&self, new: &OutboxConfig) -> Vec<&'static str> {
+        let l = &self.inner.limits;
+        let mut changed = Vec::new();
+        for (key, slot, value) in [
+            (
+                "outbox.default_ttl_seconds",
+                &l.default_ttl_ms,
+                new.default_ttl_seconds.saturating_mul(1000),
+            ),
+            ("outbox.max_messages", &l.max_messages, new.max_messages),
+            ("outbox.max_bytes", &l.max_bytes, new.max_bytes.min(l.disk_cap)),
+            (
+                "outbox.min_free_disk_bytes",
+                &l.min_free_disk_bytes,
+                new.min_free_disk_bytes,
+            ),
+        ] {
+            if slot.swap(value, Ordering::Relaxed) != value {
+                changed.push(key);
+            }
+        }
+        let drop_oldest = new.when_full == WhenFull::DropOldest;
+        if l.drop_oldest.swap(drop_oldest, Ordering::Relaxed) != drop_oldest {
+            changed.push("outbox.when_full");
+        }
+        changed
     }
 
     /// Per-lane figures; also refreshes the depth and age gauges.
@@ -1066,26 +1129,27 @@ fn commit(inner: &Inner, reqs: Vec<Request>) {
         let size = value.len() as u64;
         let c = &inner.counters[lane as usize];
         let total = |p: &Pending| p.lanes.iter().fold((0u64, 0u64), |(n, b), l| (n + l.1, b + l.2));
-        if free.is_some_and(|f| f < inner.config.min_free_disk_bytes + size) {
+        let limits = &inner.limits;
+        let (max_messages, max_bytes) = (
+            limits.max_messages.load(Ordering::Relaxed),
+            limits.max_bytes.load(Ordering::Relaxed),
+        );
+        if free.is_some_and(|f| f < limits.min_free_disk_bytes.load(Ordering::Relaxed) + size) {
             c.rejected_disk.inc();
             let _ = reply.send(Err(AppendError::DiskFull));
             continue;
         }
         let fits = |p: &Pending| {
             let (n, b) = total(p);
-            n < inner.config.max_messages && b + size <= inner.max_bytes
+            n < max_messages && b + size <= max_bytes
         };
-        if !fits(&pending) && inner.config.when_full == WhenFull::DropOldest {
+        if !fits(&pending) && limits.drop_oldest.load(Ordering::Relaxed) {
             drop_oldest(inner, &mut batch, &mut pending, &fits);
         }
         if !fits(&pending) {
             c.rejected_quota.inc();
             let (n, _) = total(&pending);
-            let which = if n >= inner.config.max_messages {
-                "message count"
-            } else {
-                "bytes"
-            };
+            let which = if n >= max_messages { "message count" } else { "bytes" };
             let _ = reply.send(Err(AppendError::QuotaExceeded(which)));
             continue;
         }

@@ -1,0 +1,25 @@
+//! The log filter: set from `log.level` at start (unless `RUST_LOG` is set)
+//! and changed by a config reload.
+
+use std::sync::OnceLock;
+
+type SetFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+static SET_FILTER: OnceLock<SetFilter> = OnceLock::new();
+
+/// Installs the function that replaces the running filter (the binary does
+/// this when `log.level` is in force, not `RUST_LOG`).
+pub fn install(set: SetFilter) {
+    let _ = SET_FILTER.set(set);
+}
+
+/// Replaces the running filter with `level`, a `tracing` filter.
+///
+/// # Errors
+/// The filter does not parse, or `RUST_LOG` rules (no filter is installed).
+pub fn set_level(level: &str) -> Result<(), String> {
+    match SET_FILTER.get() {
+        Some(set) => set(level),
+        None => Err("RUST_LOG is set and overrides log.level".to_string()),
+    }
+}

@@ -1,0 +1,492 @@
+//! End-to-end tests of the operator surface: the OpenAPI document against
+//! the routes a running node serves, the status page in headless Chromium,
+//! `holdfast queue wait-empty` while a link comes back, and SIGTERM with
+//! publishers running.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::client::Client;
+use support::delivery::Consumer;
+use support::fleet::{addr, fleet, fleet_section, listen_section, upstream_section, wait_until};
+use support::origin::Origin;
+use support::{Gateway, free_port, http_get, http_request};
+
+/// A child gateway whose parent (`root` on `link_port`) is not up yet.
+fn start_child(certs: &Path, link_port: u16, extra: &str) -> Gateway {
+    Gateway::start_named(
+        "child",
+        &format!(
+            "{}{}{extra}",
+            fleet_section(certs, "child"),
+            upstream_section(addr(link_port), "root")
+        ),
+    )
+}
+
+/// The root on `link_port`, with `child` registered as its gateway.
+fn start_root(certs: &Path, link_port: u16) -> Gateway {
+    Gateway::start_named(
+        "root",
+        &format!(
+            "{}{}[[identities]]\nid = \"child\"\nkind = \"gateway\"\nparent = \"root\"\n",
+            fleet_section(certs, "root"),
+            listen_section(link_port)
+        ),
+    )
+}
+
+/// Publishes `n` QoS 1 messages `from..from+n` on `topic`; all must be acknowledged.
+fn publish(port: u16, client_id: &str, topic: &str, from: u64, n: u64) {
+    let mut c = Client::connect(port, client_id, true).unwrap();
+    for seq in from..from + n {
+        assert!(
+            c.publish_acked(topic, &seq.to_string(), Duration::from_secs(10))
+                .unwrap(),
+            "publish {seq} was not acknowledged"
+        );
+    }
+}
+
+/// Every operation in `/openapi.json` is served (the router answers it, not
+/// with its own 404 or 405), the document is valid OpenAPI 3.1, and every
+/// `/api/v1` operation refuses a request without the token. The unit test
+/// in `admin` checks the converse: every route is documented.
+#[test]
+fn openapi_document_matches_the_served_routes() {
+    let gw = Gateway::start("");
+    let (code, body) = http_get(gw.port, "/openapi.json", None).unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(body, holdfast::admin::OPENAPI);
+
+    let file = gw.dir.path().join("openapi.json");
+    std::fs::write(&file, &body).unwrap();
+    let out = Command::new("python3")
+        .args(["-m", "openapi_spec_validator"])
+        .arg(&file)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "openapi-spec-validator (pip install openapi-spec-validator; scripts/setup.sh does): {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let token = gw.token();
+    let token = token.trim();
+    // What the router answers for a route it does not have: the check below
+    // tells it from a handler's own 404 (which has a JSON body).
+    let (code, text) = http_request(gw.port, "GET", "/api/v1/no-such-route", Some(token), None).unwrap();
+    assert_eq!((code, text.as_str()), (404, ""));
+
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    let mut operations = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            operations += 1;
+            let target = path
+                .replace("{slot}", "router")
+                .replace("{id}", "no-such-device")
+                .replace("{name}", "no-such-name");
+            let method = method.to_uppercase();
+            let body = (method != "GET" && method != "DELETE").then_some("{}");
+            let (code, text) = http_request(gw.port, &method, &target, Some(token), body).unwrap();
+            assert!(
+                code != 405 && !(code == 404 && text.is_empty()),
+                "{method} {path} is documented but not served: {code} {text:?}"
+            );
+            if path.starts_with("/api/v1/") {
+                let (code, _) = http_request(gw.port, &method, &target, None, body).unwrap();
+                assert_eq!(code, 401, "{method} {path} without a token");
+            }
+        }
+    }
+    assert!(operations > 30, "{operations}");
+}
+
+/// An HTTP request to chromedriver with curl (it keeps connections open
+/// whatever the request says): status and body.
+fn curl(port: u16, method: &str, path: &str, body: Option<&str>) -> Option<(u16, String)> {
+    let mut c = Command::new("curl");
+    c.args(["-s", "--max-time", "60", "-X", method, "-w", "\n%{http_code}"]);
+    if let Some(b) = body {
+        c.args(["-H", "Content-Type: application/json", "--data-binary", b]);
+    }
+    let out = c.arg(format!("http://127.0.0.1:{port}{path}")).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n')?;
+    Some((code.trim().parse().ok()?, body.to_string()))
+}
+
+/// A WebDriver session on chromedriver with headless Chromium.
+struct Browser {
+    driver: Child,
+    port: u16,
+    session: String,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    fn start() -> Browser {
+        let port = free_port();
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver (Debian packages chromium and chromium-driver; scripts/setup.sh installs them)");
+        let mut b = Browser {
+            driver,
+            port,
+            session: String::new(),
+            _profile: tempfile::tempdir().unwrap(),
+        };
+        wait_until(20, "chromedriver to answer", || {
+            curl(port, "GET", "/status", None).is_some_and(|(c, _)| c == 200)
+        });
+        let args = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--window-size=1280,1600",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([format!("--user-data-dir={}", b._profile.path().display())])
+        .collect::<Vec<_>>();
+        let v = b.call(
+            "POST",
+            "/session",
+            json!({ "capabilities": { "alwaysMatch": {
+                "browserName": "chrome",
+                "goog:chromeOptions": { "binary": "/usr/bin/chromium", "args": args },
+            }}}),
+        );
+        b.session = v["sessionId"].as_str().expect("a WebDriver session").to_string();
+        b
+    }
+
+    /// One WebDriver command: its `value`.
+    fn call(&self, method: &str, path: &str, body: Value) -> Value {
+        let (code, text) = curl(self.port, method, path, Some(&body.to_string())).expect("chromedriver");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert_eq!(code, 200, "{method} {path}: {v}");
+        let mut v = v;
+        if v.get("sessionId").is_some() {
+            return v;
+        }
+        v["value"].take()
+    }
+
+    fn open(&self, url: &str) {
+        self.call("POST", &format!("/session/{}/url", self.session), json!({ "url": url }));
+    }
+
+    /// Runs `script` in the page: what it returns.
+    fn eval(&self, script: &str) -> Value {
+        self.call(
+            "POST",
+            &format!("/session/{}/execute/sync", self.session),
+            json!({ "script": script, "args": [] }),
+        )
+    }
+
+    /// The text a person sees in the element with id `id`.
+    fn text(&self, id: &str) -> String {
+        self.eval(&format!(
+            "const e = document.getElementById({id:?}); return e ? e.innerText : null;"
+        ))
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+    }
+
+    /// Waits until the element `id` shows `want` (the page refreshes itself).
+    fn wait_text(&self, id: &str, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = self.text(id);
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "#{id} shows {got:?}, not {want:?}; the page reads:\n{}",
+                self.text("main")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if !self.session.is_empty() {
+            let _ = curl(self.port, "DELETE", &format!("/session/{}", self.session), None);
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+/// The status page in headless Chromium shows what a person needs: link
+/// state, backlog per lane with the oldest age, connected clients, plugin
+/// versions and the latest reconfiguration, the cache's hit ratio and bytes
+/// saved; it refreshes itself, drops the token from the address bar, and
+/// asks for a token when the one it has is refused.
+#[test]
+fn status_page_in_headless_chromium() {
+    let certs = fleet(&["root", "child"]);
+    let origin = Origin::start();
+    let object: Vec<u8> = (0..256 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    origin.put("/pool/a.bin", &object);
+    let link_port = free_port();
+    let gw = start_child(
+        certs.path(),
+        link_port,
+        &format!("[plugins.router.config]\ndefault_lane = 5\n{}", origin.sources()),
+    );
+
+    // Cache: one miss, one hit of the same 256 KiB.
+    for _ in 0..2 {
+        let st = Command::new("curl")
+            .args(["-sf", "-o", "/dev/null", "-H", "Host: origin.test"])
+            .arg(format!("http://127.0.0.1:{}/pool/a.bin", gw.cache))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    // Clients: one that stays connected, one that publishes 7 messages in
+    // lane 5 while the parent is down.
+    let _probe = Client::connect(gw.mqtt, "status-probe", true).unwrap();
+    publish(gw.mqtt, "publisher", "telemetry/a", 0, 7);
+    // A reconfiguration moves new messages to lane 2.
+    let config = std::fs::read_to_string(&gw.config).unwrap();
+    std::fs::write(&gw.config, config.replace("default_lane = 5", "default_lane = 2")).unwrap();
+    let out = gw.cli_ok(&["reload"]);
+    assert!(out.contains("plugins.router.config"), "{out}");
+    publish(gw.mqtt, "publisher", "telemetry/b", 7, 3);
+
+    let browser = Browser::start();
+    let token = gw.token();
+    browser.open(&format!("http://127.0.0.1:{}/#token={}", gw.port, token.trim()));
+    browser.wait_text("backlog-messages", "10");
+    // The token left the address bar and stays in this tab only.
+    assert_eq!(browser.eval("return location.hash;"), json!(""));
+    assert_eq!(
+        browser.eval("return sessionStorage.getItem('holdfast-token');"),
+        json!(token.trim())
+    );
+    assert_eq!(browser.text("node-id"), "child");
+    let link = browser.text("link-state");
+    assert!(link == "Connecting" || link == "Down", "{link}");
+    assert!(
+        browser
+            .text("link-target")
+            .contains(&format!("quic → 127.0.0.1:{link_port}")),
+        "{}",
+        browser.text("link-target")
+    );
+    let lanes = browser.text("backlog-lanes");
+    let rows: Vec<Vec<&str>> = lanes.lines().map(|l| l.split('\t').collect()).collect();
+    assert_eq!(rows[0], ["lane", "messages", "bytes", "in flight", "oldest"], "{lanes}");
+    assert_eq!(rows.len(), 3, "{lanes}");
+    assert_eq!((rows[1][0], rows[1][1]), ("2", "3"), "{lanes}");
+    assert_eq!((rows[2][0], rows[2][1]), ("5", "7"), "{lanes}");
+    assert!(rows[2][4].ends_with(" s"), "oldest age: {lanes}");
+    assert_ne!(browser.text("backlog-oldest"), "–");
+    browser.wait_text("clients-count", "1");
+    assert!(browser.text("clients-list").contains("status-probe"));
+    let plugins = browser.text("plugins-list");
+    for slot in ["router", "auth", "content-source"] {
+        assert!(plugins.contains(slot), "{plugins}");
+    }
+    let router = gw.router_version();
+    assert!(plugins.contains(&router[..12]), "{plugins}");
+    let swaps = browser.text("plugins-swaps");
+    assert!(
+        swaps.lines().nth(1).is_some_and(|l| l.contains("router\treconfigure")),
+        "{swaps}"
+    );
+    assert_eq!(browser.text("cache-hit-ratio"), "50.0 %");
+    assert_eq!(browser.text("cache-saved"), "256.0 KiB");
+    assert!(browser.text("cache-detail").contains("1 of 2 requests were hits"));
+
+    // It refreshes itself: new messages and a new client appear without a reload.
+    let _second = Client::connect(gw.mqtt, "second-probe", true).unwrap();
+    publish(gw.mqtt, "publisher", "telemetry/b", 10, 5);
+    browser.wait_text("backlog-messages", "15");
+    browser.wait_text("clients-count", "2");
+    assert!(browser.text("updated").contains("refreshes every 2 s"));
+
+    // A wrong token: the page asks for one instead of showing figures.
+    browser.open(&format!("http://127.0.0.1:{}/#token=wrong", gw.port));
+    browser.wait_text(
+        "login-why",
+        "The admin token was not accepted. Paste the token from the node's admin.token file.",
+    );
+    assert_eq!(
+        browser.eval("return document.getElementById('main').hidden;"),
+        json!(true)
+    );
+}
+
+/// `holdfast queue` lists the backlog per lane; `queue wait-empty` times
+/// out with the count while the parent is down, and follows the drain to
+/// zero once it is up, with a progress line.
+#[test]
+fn queue_wait_empty_follows_the_drain() {
+    let certs = fleet(&["root", "child"]);
+    let link_port = free_port();
+    let mut child = start_child(certs.path(), link_port, "");
+    publish(child.mqtt, "meter", "telemetry/m", 0, 200);
+
+    let table = child.cli_ok(&["queue"]);
+    assert!(table.starts_with("200 messages"), "{table}");
+    let lane5 = table.lines().find(|l| l.starts_with("5 ")).unwrap_or_default();
+    assert_eq!(lane5.split_whitespace().nth(1), Some("200"), "{table}");
+
+    let out = child.cli(&["queue", "wait-empty", "--timeout", "1", "--interval-ms", "100"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("timed out after 1 s with 200 messages"), "{err}");
+    assert!(
+        err.contains("[------------------------------]   0 %  200 messages"),
+        "{err}"
+    );
+
+    // The root delivers to whoever is subscribed when messages arrive: the
+    // child is held down until the collector has subscribed.
+    child.kill();
+    let root = start_root(certs.path(), link_port);
+    let consumer = Consumer::start(root.mqtt, "collector", "telemetry/#");
+    child.respawn();
+    let out = child.cli(&["queue", "wait-empty", "--timeout", "60", "--interval-ms", "100"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("outbox empty after"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        err.lines().last().is_some_and(|l| l.contains("100 %  0 messages")),
+        "{err}"
+    );
+    wait_until(30, "the root to deliver 200 messages", || consumer.len() >= 200);
+    let json: Value = serde_json::from_str(&child.cli_ok(&["queue", "--json"])).unwrap();
+    assert_eq!(json["messages"], 0);
+}
+
+/// SIGTERM while four clients publish: the node stops within its bound
+/// (`node.shutdown_timeout_ms`, 10 s by default), tells an MQTT 5 client
+/// it is shutting down (0x8B), exits 0, and every message it acknowledged
+/// reaches the root after a restart.
+#[test]
+fn sigterm_stops_in_time_and_loses_nothing_acknowledged() {
+    let certs = fleet(&["root", "child"]);
+    let link_port = free_port();
+    let mut child = start_child(certs.path(), link_port, "");
+    let acked: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let publishers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (port, acked) = (child.mqtt, acked.clone());
+            std::thread::spawn(move || {
+                let Ok(mut c) = Client::connect(port, &format!("pub-{t}"), true) else {
+                    return;
+                };
+                for seq in 0.. {
+                    let payload = t * 1_000_000 + seq;
+                    match c.publish_acked("telemetry/t", &payload.to_string(), Duration::from_secs(15)) {
+                        Ok(true) => acked.lock().unwrap().push(payload),
+                        _ => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut watcher = Client::connect(child.mqtt, "watcher", true).unwrap();
+    wait_until(20, "publishers to get going", || acked.lock().unwrap().len() >= 400);
+
+    let sent = Instant::now();
+    let st = Command::new("kill")
+        .args(["-TERM", &child.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(watcher.wait_disconnect(Duration::from_secs(10)), Some(0x8B));
+    let status = loop {
+        if let Some(s) = child.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(15),
+            "still running {:?} after SIGTERM",
+            sent.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = sent.elapsed();
+    assert!(status.success(), "exit {status}: {}", child.describe());
+    for p in publishers {
+        p.join().unwrap();
+    }
+    let log = child.log();
+    assert!(log.contains("holdfast node stopped"), "{log}");
+    let acked = acked.lock().unwrap().clone();
+    eprintln!(
+        "SIGTERM: {} messages acknowledged; the node stopped in {took:?}",
+        acked.len()
+    );
+
+    // The root delivers to whoever is subscribed when messages arrive: the
+    // collector subscribes before the child comes back.
+    let root = start_root(certs.path(), link_port);
+    let consumer = Consumer::start(root.mqtt, "collector", "telemetry/#");
+    child.respawn();
+    let got = || -> std::collections::HashSet<u64> {
+        consumer.messages().iter().map(|m| m.payload.parse().unwrap()).collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = got();
+        let missing: Vec<&u64> = acked.iter().filter(|a| !got.contains(a)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} acknowledged messages missing at the root (e.g. {:?}); {} arrived; the child's outbox: {}\n{}",
+            missing.len(),
+            acked.len(),
+            &missing[..missing.len().min(10)],
+            got.len(),
+            child.api("/api/v1/outbox"),
+            child.describe()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Each publisher's messages arrive in the order it sent them.
+    let arrivals: Vec<u64> = consumer.messages().iter().map(|m| m.payload.parse().unwrap()).collect();
+    for t in 0..4u64 {
+        let mut seen = std::collections::HashSet::new();
+        let first: Vec<u64> = arrivals
+            .iter()
+            .copied()
+            .filter(|p| p / 1_000_000 == t && seen.insert(*p))
+            .collect();
+        assert!(first.windows(2).all(|w| w[0] < w[1]), "publisher {t}: order broken");
+    }
+}
