@@ -47,7 +47,11 @@ fi
 if ! python3 -c 'import paho.mqtt' >/dev/null 2>&1; then
     python3 -m pip install --quiet 'paho-mqtt>=2,<3'
 fi
-# The admin API's OpenAPI document is checked with openapi-spec-validator.
+# The admin API's OpenAPI document is checked with openapi-spec-validator,
+# and /metrics with prometheus_client's OpenMetrics parser.
 if ! python3 -c 'import openapi_spec_validator' >/dev/null 2>&1; then
     python3 -m pip install --quiet 'openapi-spec-validator>=0.7,<1'
+fi
+if ! python3 -c 'import prometheus_client.openmetrics.parser' >/dev/null 2>&1; then
+    python3 -m pip install --quiet 'prometheus-client>=0.17,<1'
 fi

@@ -490,3 +490,151 @@ fn sigterm_stops_in_time_and_loses_nothing_acknowledged() {
         assert!(first.windows(2).all(|w| w[0] < w[1]), "publisher {t}: order broken");
     }
 }
+
+/// `/metrics` parses as OpenMetrics with the reference parser
+/// (prometheus_client), follows Prometheus naming conventions, and covers
+/// clients, messages by route and reason, the outbox, the link, plugins and
+/// the cache.
+#[test]
+fn metrics_follow_the_conventions_and_cover_every_subsystem() {
+    let certs = fleet(&["root", "child"]);
+    let origin = Origin::start();
+    origin.put("/pool/m.bin", &[7u8; 4096]);
+    let gw = start_child(
+        certs.path(),
+        free_port(),
+        &format!(
+            "[plugins.router.config]\ndefault_lane = 5\n[[plugins.router.config.rules]]\nfilter = \"noise/#\"\ndrop = \"noise\"\n{}",
+            origin.sources()
+        ),
+    );
+    let _client = Client::connect(gw.mqtt, "metered", true).unwrap();
+    publish(gw.mqtt, "publisher", "telemetry/a", 0, 3);
+    publish(gw.mqtt, "publisher", "noise/a", 0, 2);
+    for _ in 0..2 {
+        let st = Command::new("curl")
+            .args(["-sf", "-o", "/dev/null", "-H", "Host: origin.test"])
+            .arg(format!("http://127.0.0.1:{}/pool/m.bin", gw.cache))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    wait_until(20, "a failed link attempt", || {
+        gw.api("/api/v1/link")["link"]["failures"].as_u64() > Some(0)
+    });
+
+    let out = Command::new("curl")
+        .args(["-s", "-D", "-"])
+        .arg(format!("http://127.0.0.1:{}/metrics", gw.port))
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{head}"
+    );
+    let file = gw.dir.path().join("metrics.txt");
+    std::fs::write(&file, body).unwrap();
+    // The reference parser: families with their type, unit and label names.
+    let script = r#"
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+out = {}
+for f in text_string_to_metric_families(open(sys.argv[1]).read()):
+    labels = sorted({k for s in f.samples for k in s.labels if k not in ("le", "quantile")})
+    out[f.name] = {"type": f.type, "unit": f.unit, "labels": labels,
+                   "samples": sorted({s.name for s in f.samples})}
+print(json.dumps(out))
+"#;
+    let parsed = Command::new("python3")
+        .args(["-c", script])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        parsed.status.success(),
+        "the OpenMetrics parser refused /metrics (pip install prometheus-client; scripts/setup.sh does): {}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
+    let families: Value = serde_json::from_slice(&parsed.stdout).unwrap();
+    let families = families.as_object().unwrap();
+    for (name, f) in families {
+        assert!(name.starts_with("holdfast_"), "{name}");
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+            "{name}: not snake_case"
+        );
+        // Base units only: seconds and bytes, never ms or KiB.
+        for bad in ["_ms", "_millis", "_kb", "_kib", "_mb", "_minutes"] {
+            assert!(!name.contains(bad), "{name}: not a base unit");
+        }
+        let kind = f["type"].as_str().unwrap();
+        if name.contains("duration") || name.contains("_age") {
+            assert!(name.ends_with("_seconds"), "{name}: a time must be in seconds");
+        }
+        match kind {
+            "counter" => {
+                assert!(!name.ends_with("_total"), "{name}");
+                assert!(
+                    f["samples"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|s| s == &json!(format!("{name}_total"))),
+                    "{name}: counter samples end in _total: {f}"
+                );
+            }
+            "gauge" | "histogram" | "info" => {}
+            other => panic!("{name}: unexpected type {other}"),
+        }
+    }
+    // Every subsystem, with the labels a dashboard groups by.
+    for (name, kind, labels) in [
+        ("holdfast_mqtt_connections", "gauge", &["transport"][..]),
+        ("holdfast_mqtt_connects", "counter", &["result"]),
+        ("holdfast_mqtt_messages_received", "counter", &["qos"]),
+        ("holdfast_mqtt_messages_routed", "counter", &["action"]),
+        ("holdfast_mqtt_messages_dropped", "counter", &["reason"]),
+        ("holdfast_router_drops", "counter", &["reason"]),
+        ("holdfast_outbox_enqueued", "counter", &["lane"]),
+        ("holdfast_outbox_delivered", "counter", &["lane"]),
+        ("holdfast_outbox_depth_messages", "gauge", &["lane"]),
+        ("holdfast_outbox_depth_bytes", "gauge", &["lane"]),
+        ("holdfast_outbox_oldest_age_seconds", "gauge", &["lane"]),
+        ("holdfast_outbox_dropped", "counter", &["lane", "reason"]),
+        ("holdfast_outbox_expired", "counter", &["lane"]),
+        ("holdfast_link_up", "gauge", &[]),
+        ("holdfast_link_connects", "counter", &["result"]),
+        ("holdfast_plugin_calls", "counter", &["slot"]),
+        ("holdfast_plugin_call_duration_seconds", "histogram", &["slot"]),
+        ("holdfast_plugin_failures", "counter", &["kind", "slot"]),
+        ("holdfast_plugin_swaps", "counter", &["result", "slot"]),
+        ("holdfast_cache_requests", "counter", &["client", "result", "source"]),
+        ("holdfast_cache_bytes", "counter", &["client", "result", "source"]),
+        ("holdfast_cache_upstream_bytes", "counter", &["source", "upstream"]),
+        ("holdfast_cache_evictions", "counter", &[]),
+        ("holdfast_cache_stored_bytes", "gauge", &[]),
+    ] {
+        let f = families
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} is missing from /metrics:\n{body}"));
+        assert_eq!(f["type"], kind, "{name}");
+        assert_eq!(f["labels"], json!(labels), "{name}");
+    }
+    let sample = |line: &str| gw.metric(line);
+    assert_eq!(
+        sample("holdfast_mqtt_messages_dropped_total{reason=\"router-drop\"}"),
+        2.0
+    );
+    assert_eq!(sample("holdfast_router_drops_total{reason=\"noise\"}"), 2.0);
+    assert_eq!(sample("holdfast_outbox_enqueued_total{lane=\"5\"}"), 3.0);
+    assert_eq!(sample("holdfast_outbox_depth_messages{lane=\"5\"}"), 3.0);
+    assert_eq!(sample("holdfast_link_up"), 0.0);
+    assert_eq!(
+        sample("holdfast_cache_bytes_total{source=\"test\",client=\"client\",result=\"hit\"}"),
+        4096.0
+    );
+}

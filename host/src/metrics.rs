@@ -118,6 +118,13 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Labels of messages a router plugin dropped: the reason it gave.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouterDropLabels {
+    /// The plugin's reason, cleaned up (see `Broker::count_router_drop`).
+    pub reason: String,
+}
+
 /// Labels of events counted by reason.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -263,6 +270,8 @@ pub struct Metrics {
     pub mqtt_dropped: Family<ReasonLabels, Counter>,
     /// `holdfast_mqtt_denied_total{reason}`: PUBLISH/SUBSCRIBE refused by authorization or limits.
     pub mqtt_denied: Family<ReasonLabels, Counter>,
+    /// Messages the router plugin dropped, by the reason it gave.
+    pub router_drops: Family<RouterDropLabels, Counter>,
     /// `holdfast_link_up`: 1 while the upstream link is connected (always 1 at a root).
     pub link_up: Gauge,
     /// `holdfast_link_connects_total{result}`: upstream connection attempts.
@@ -490,6 +499,12 @@ impl Metrics {
             "PUBLISH and SUBSCRIBE refused by authorization or limits, by reason",
             mqtt_denied.clone(),
         );
+        let router_drops = Family::<RouterDropLabels, Counter>::default();
+        registry.register(
+            "router_drops",
+            "Messages the router plugin dropped, by the reason it gave (at most 64 reasons; more count as other)",
+            router_drops.clone(),
+        );
         let link_up = Gauge::default();
         registry.register(
             "link_up",
@@ -666,6 +681,7 @@ impl Metrics {
             mqtt_routed,
             mqtt_dropped,
             mqtt_denied,
+            router_drops,
             link_up,
             link_connects,
             link_disconnects,

@@ -6,7 +6,7 @@
 //! | GET | `/` | the status page (HTML; its script asks for the token) |
 //! | GET | `/healthz` | `ok` (no token) |
 //! | GET | `/openapi.json` | the OpenAPI 3.1 document of every route here (no token) |
-//! | GET | `/metrics` | Prometheus text (no token unless `admin.metrics_require_token`) |
+//! | GET | `/metrics` | OpenMetrics text, which Prometheus scrapes (no token unless `admin.metrics_require_token`) |
 //! | GET | `/api/v1/status` | everything the status page shows, in one answer |
 //! | GET | `/api/v1/node` | node id, version, uptime |
 //! | GET | `/api/v1/outbox` | per lane: messages, bytes, in flight, oldest age |
@@ -255,7 +255,10 @@ async fn metrics(State(state): State<Arc<NodeState>>, headers: HeaderMap) -> Res
     let outbox = state.outbox.clone();
     let _ = tokio::task::spawn_blocking(move || outbox.stats()).await;
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.render(),
     )
         .into_response()

@@ -92,6 +92,8 @@ pub struct Broker {
     max_connections: AtomicUsize,
     max_queued_messages: AtomicUsize,
     max_retained: AtomicUsize,
+    /// Router drop reasons seen (bounded; see `count_router_drop`).
+    drop_reasons: Mutex<std::collections::HashSet<String>>,
     next_conn_id: AtomicU64,
     stop: watch::Receiver<bool>,
     /// The identities clients authenticate as.
@@ -174,6 +176,7 @@ impl Broker {
             max_connections: AtomicUsize::new(config.max_connections),
             max_queued_messages: AtomicUsize::new(config.max_queued_messages),
             max_retained: AtomicUsize::new(config.max_retained),
+            drop_reasons: Mutex::default(),
             next_conn_id: AtomicU64::new(1),
             stop,
             registry: hub.registry().clone(),
@@ -352,6 +355,41 @@ impl Broker {
         metrics::handle(&self.metrics.mqtt_dropped, &ReasonLabels { reason }).inc();
     }
 
+    /// Counts a router drop by the plugin's reason. Reasons are plugin
+    /// data: cut to 64 characters of `[a-z0-9_.-]` (others become `_`), and
+    /// after 64 distinct ones, counted as `other`.
+    fn count_router_drop(&self, reason: &str) {
+        let mut clean: String = reason
+            .chars()
+            .take(64)
+            .map(|c| {
+                let c = c.to_ascii_lowercase();
+                if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        if clean.is_empty() {
+            clean.push_str("unspecified");
+        }
+        {
+            let mut seen = self.drop_reasons.lock().unwrap_or_else(|p| p.into_inner());
+            if !seen.contains(&clean) {
+                if seen.len() >= 64 {
+                    clean = "other".to_string();
+                } else {
+                    seen.insert(clean.clone());
+                }
+            }
+        }
+        self.metrics
+            .router_drops
+            .get_or_create(&crate::metrics::RouterDropLabels { reason: clean })
+            .inc();
+    }
+
     pub(crate) fn bad_tls(&self, result: &'static str) {
         metrics::handle(&self.metrics.mqtt_connects, &crate::metrics::ResultLabels { result }).inc();
     }
@@ -478,6 +516,7 @@ impl Broker {
                         Action::Drop(reason) => {
                             tracing::trace!(%reason, topic = %msg.topic, "router dropped a message");
                             self.drop_reason("router-drop");
+                            self.count_router_drop(&reason);
                         }
                     }
                 }
