@@ -53,6 +53,19 @@ fn publish(port: u16, client_id: &str, topic: &str, from: u64, n: u64) {
     }
 }
 
+/// Fetches `path` of the test origin twice through the cache on `port`: a
+/// miss, then a hit.
+fn fetch_twice(port: u16, path: &str) {
+    for _ in 0..2 {
+        let st = Command::new("curl")
+            .args(["-sf", "-o", "/dev/null", "-H", "Host: origin.test"])
+            .arg(format!("http://127.0.0.1:{port}{path}"))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+
 /// Every operation in `/openapi.json` is served (the router answers it, not
 /// with its own 404 or 405), the document is valid OpenAPI 3.1, and every
 /// `/api/v1` operation refuses a request without the token. The unit test
@@ -95,11 +108,16 @@ fn openapi_document_matches_the_served_routes() {
                 .replace("{id}", "no-such-device")
                 .replace("{name}", "no-such-name");
             let method = method.to_uppercase();
+            let op = &item[method.to_lowercase()];
             let body = (method != "GET" && method != "DELETE").then_some("{}");
             let (code, text) = http_request(gw.port, &method, &target, Some(token), body).unwrap();
             assert!(
                 code != 405 && !(code == 404 && text.is_empty()),
                 "{method} {path} is documented but not served: {code} {text:?}"
+            );
+            assert!(
+                op["responses"].get(code.to_string()).is_some(),
+                "{method} {path} answered {code}, which the document does not list: {text}"
             );
             if path.starts_with("/api/v1/") {
                 let (code, _) = http_request(gw.port, &method, &target, None, body).unwrap();
@@ -260,14 +278,7 @@ fn status_page_in_headless_chromium() {
     );
 
     // Cache: one miss, one hit of the same 256 KiB.
-    for _ in 0..2 {
-        let st = Command::new("curl")
-            .args(["-sf", "-o", "/dev/null", "-H", "Host: origin.test"])
-            .arg(format!("http://127.0.0.1:{}/pool/a.bin", gw.cache))
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
+    fetch_twice(gw.cache, "/pool/a.bin");
     // Clients: one that stays connected, one that publishes 7 messages in
     // lane 5 while the parent is down.
     let _probe = Client::connect(gw.mqtt, "status-probe", true).unwrap();
@@ -511,14 +522,7 @@ fn metrics_follow_the_conventions_and_cover_every_subsystem() {
     let _client = Client::connect(gw.mqtt, "metered", true).unwrap();
     publish(gw.mqtt, "publisher", "telemetry/a", 0, 3);
     publish(gw.mqtt, "publisher", "noise/a", 0, 2);
-    for _ in 0..2 {
-        let st = Command::new("curl")
-            .args(["-sf", "-o", "/dev/null", "-H", "Host: origin.test"])
-            .arg(format!("http://127.0.0.1:{}/pool/m.bin", gw.cache))
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
+    fetch_twice(gw.cache, "/pool/m.bin");
     wait_until(20, "a failed link attempt", || {
         gw.api("/api/v1/link")["link"]["failures"].as_u64() > Some(0)
     });

@@ -400,6 +400,15 @@ fn telemetry_routes_twins_and_methods_on_one_node() {
         "kind",
         "greeting"
     ));
+    // And through the CLI.
+    let out = gw.cli_ok(&["device", "send", "dev1", "again", "--property", "kind=cli"]);
+    assert!(
+        out.starts_with("sent to dev1 on devices/dev1/messages/devicebound/"),
+        "{out}"
+    );
+    let (topic, payload) = dev1.expect("devices/dev1/messages/devicebound/");
+    assert_eq!(payload, b"again");
+    assert!(has(&bag(&topic, "devices/dev1/messages/devicebound/"), "kind", "cli"));
 
     // Routes change at runtime by a plugin swap with new routes; clients stay connected.
     let routes = gw.dir.path().join("routes.toml");

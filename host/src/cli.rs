@@ -295,6 +295,19 @@ pub enum DeviceCommand {
         /// Its name.
         name: String,
     },
+    /// Send a cloud-to-device message to a device connected to this node.
+    Send {
+        /// The device id.
+        id: String,
+        /// The message body (text).
+        payload: String,
+        /// A message property `key=value`; repeat for more.
+        #[arg(long = "property", value_name = "KEY=VALUE")]
+        properties: Vec<String>,
+        /// The content type.
+        #[arg(long)]
+        content_type: Option<String>,
+    },
 }
 
 /// `holdfast twin …`
@@ -720,19 +733,43 @@ fn device_command(client: &AdminClient, cmd: DeviceCommand, json: bool) -> Resul
             return Ok(());
         }
         DeviceCommand::CaList => {
-            let v = client.get("/api/v1/registry/cas")?;
+            return print_list(
+                client,
+                "/api/v1/registry/cas",
+                json,
+                "cas",
+                &["NAME", "SUBJECT", "THUMBPRINT", "ORIGIN"],
+                |c| {
+                    vec![
+                        str_of(&c["name"]),
+                        str_of(&c["subject"]),
+                        short(&c["thumbprint"]),
+                        str_of(&c["origin"]),
+                    ]
+                },
+            );
+        }
+        DeviceCommand::Send {
+            id,
+            payload,
+            properties,
+            content_type,
+        } => {
+            let mut props = serde_json::Map::new();
+            for p in properties {
+                let (k, v) = p
+                    .split_once('=')
+                    .with_context(|| format!("--property {p:?}: expected KEY=VALUE"))?;
+                props.insert(k.to_string(), Value::String(v.to_string()));
+            }
+            let v = client.post_json(
+                &path(&id, "/messages"),
+                &json!({ "payload": payload, "properties": props, "content_type": content_type }),
+            )?;
             if json {
                 return print_json(&v);
             }
-            let rows = rows_of(&v, "cas", |c| {
-                vec![
-                    str_of(&c["name"]),
-                    str_of(&c["subject"]),
-                    short(&c["thumbprint"]),
-                    str_of(&c["origin"]),
-                ]
-            });
-            print_table(&["NAME", "SUBJECT", "THUMBPRINT", "ORIGIN"], &rows);
+            println!("sent to {id} on {}", str_of(&v["topic"]));
             return Ok(());
         }
         DeviceCommand::CaRm { name } => {
@@ -775,12 +812,13 @@ fn cache_command(client: &AdminClient, cmd: CacheCommand, json: bool) -> Result<
                 ]],
             );
         }
-        CacheCommand::Objects { limit } => {
-            let v = client.get(&format!("/api/v1/cache/objects?limit={limit}"))?;
-            if json {
-                return print_json(&v);
-            }
-            let rows = rows_of(&v, "objects", |o| {
+        CacheCommand::Objects { limit } => print_list(
+            client,
+            &format!("/api/v1/cache/objects?limit={limit}"),
+            json,
+            "objects",
+            &["key", "stored", "length", "blocks", "class", "etag"],
+            |o| {
                 vec![
                     str_of(&o["key"]),
                     o["stored_bytes"].as_u64().map_or_else(|| "-".into(), human_bytes),
@@ -789,9 +827,8 @@ fn cache_command(client: &AdminClient, cmd: CacheCommand, json: bool) -> Result<
                     str_of(&o["class"]),
                     str_of(&o["etag"]),
                 ]
-            });
-            print_table(&["key", "stored", "length", "blocks", "class", "etag"], &rows);
-        }
+            },
+        )?,
         CacheCommand::Purge { key, prefix, all } => {
             if key.is_none() && prefix.is_none() && !all {
                 bail!("give --key, --prefix or --all");
@@ -926,12 +963,13 @@ fn plugin_command(client: &AdminClient, cmd: PluginCommand, json: bool) -> Resul
             );
             Ok(())
         }
-        PluginCommand::History => {
-            let v = client.get("/api/v1/plugins/history")?;
-            if json {
-                return print_json(&v);
-            }
-            let rows = rows_of(&v, "history", |r| {
+        PluginCommand::History => print_list(
+            client,
+            "/api/v1/plugins/history",
+            json,
+            "history",
+            &["TIME", "SLOT", "ACTION", "OLD", "NEW", "SOURCE", "MS"],
+            |r| {
                 vec![
                     format_time(r["at_unix_ms"].as_u64()),
                     str_of(&r["slot"]),
@@ -941,10 +979,8 @@ fn plugin_command(client: &AdminClient, cmd: PluginCommand, json: bool) -> Resul
                     str_of(&r["source"]),
                     format!("{:.1}", r["duration_ms"].as_f64().unwrap_or(0.0)),
                 ]
-            });
-            print_table(&["TIME", "SLOT", "ACTION", "OLD", "NEW", "SOURCE", "MS"], &rows);
-            Ok(())
-        }
+            },
+        ),
         PluginCommand::Swap {
             slot,
             file,
@@ -1106,6 +1142,24 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// GETs `path` and prints the array `key` of the answer as a table, or the
+/// whole answer with `--json`.
+fn print_list(
+    client: &AdminClient,
+    path: &str,
+    json: bool,
+    key: &str,
+    headers: &[&str],
+    row: impl Fn(&Value) -> Vec<String>,
+) -> Result<()> {
+    let v = client.get(path)?;
+    if json {
+        return print_json(&v);
+    }
+    print_table(headers, &rows_of(&v, key, row));
+    Ok(())
 }
 
 /// One table row per element of the array `v[key]`.

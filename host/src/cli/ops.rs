@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use super::{AdminClient, format_time, human_bytes, plugin_row, print_json, print_table, rows_of, short, str_of};
+use super::{
+    AdminClient, format_time, human_bytes, plugin_row, print_json, print_list, print_table, rows_of, short, str_of,
+};
 
 /// The annotated config `holdfast init` writes.
 pub const INIT_CONFIG: &str = include_str!("../init-config.toml");
@@ -301,22 +303,11 @@ pub fn wait_empty(
 
 /// `holdfast clients`: connected MQTT clients.
 pub fn clients(client: &AdminClient, limit: usize, json: bool) -> Result<()> {
-    let v = client.get(&format!("/api/v1/mqtt/clients?limit={limit}"))?;
-    if json {
-        return print_json(&v);
-    }
-    let rows = rows_of(&v, "clients", |c| {
-        vec![
-            str_of(&c["client_id"]),
-            str_of(&c["protocol"]),
-            str_of(&c["subscriptions"]),
-            str_of(&c["queued"]),
-            str_of(&c["in_flight"]),
-            if c["persistent"] == true { "yes" } else { "no" }.to_string(),
-        ]
-    });
-    println!("{} connected", str_of(&v["connections"]));
-    print_table(
+    print_list(
+        client,
+        &format!("/api/v1/mqtt/clients?limit={limit}"),
+        json,
+        "clients",
         &[
             "CLIENT ID",
             "MQTT",
@@ -325,9 +316,17 @@ pub fn clients(client: &AdminClient, limit: usize, json: bool) -> Result<()> {
             "IN FLIGHT",
             "PERSISTENT",
         ],
-        &rows,
-    );
-    Ok(())
+        |c| {
+            vec![
+                str_of(&c["client_id"]),
+                str_of(&c["protocol"]),
+                str_of(&c["subscriptions"]),
+                str_of(&c["queued"]),
+                str_of(&c["in_flight"]),
+                if c["persistent"] == true { "yes" } else { "no" }.to_string(),
+            ]
+        },
+    )
 }
 
 #[cfg(test)]
