@@ -299,7 +299,7 @@ fn sighup_reloads_plugin_configs_and_limits_and_reports_the_rest() {
     // send SIGHUP.
     let original = std::fs::read_to_string(&gw.config).unwrap();
     let changed = original.replace("[cache]\n", "[cache]\nmax_size = 5368709120\nblock_size = 2097152\n")
-        + "[mqtt]\nmax_connections = 1\n"
+        + "[mqtt]\nmax_connections = 1\n[outbox]\nmax_bytes = 1000000000000000000\n"
         + &source("b");
     write_atomic(&gw.config, &changed);
     hup(&gw);
@@ -340,6 +340,12 @@ fn sighup_reloads_plugin_configs_and_limits_and_reports_the_rest() {
     ] {
         assert!(applied_line.contains(key), "{applied_line}");
     }
+    // A quota above what the disk allows is reported with its cap (applied
+    // at the cap, or not applied when the cap was in force already).
+    assert!(
+        applied_line.contains("outbox.max_bytes (") && applied_line.contains("80 % of the free space at start"),
+        "{applied_line}"
+    );
     // The plugin list shows the reconfigured slot.
     let history = gw.api("/api/v1/plugins/history");
     assert!(history.to_string().contains("reconfigure"), "{history}");

@@ -759,6 +759,7 @@ fn device_command(client: &AdminClient, cmd: DeviceCommand, json: bool) -> Resul
             for p in properties {
                 let (k, v) = p
                     .split_once('=')
+                    .filter(|(k, _)| !k.is_empty())
                     .with_context(|| format!("--property {p:?}: expected KEY=VALUE"))?;
                 props.insert(k.to_string(), Value::String(v.to_string()));
             }

@@ -828,6 +828,24 @@ impl Config {
         Self::parse(EMBEDDED_DEFAULT).unwrap_or_default()
     }
 
+    /// Takes `new`'s values of the keys a reload applies live
+    /// (`reload::LIVE_KEYS` except `log.level`, which the reloader sets
+    /// itself once it is in force), so the next reload compares with them.
+    pub fn adopt_live(&mut self, new: &Config) {
+        let (m, o, c) = (&mut self.mqtt, &mut self.outbox, &mut self.cache);
+        m.max_connections = new.mqtt.max_connections;
+        m.max_queued_messages = new.mqtt.max_queued_messages;
+        m.max_retained = new.mqtt.max_retained;
+        o.default_ttl_seconds = new.outbox.default_ttl_seconds;
+        o.max_messages = new.outbox.max_messages;
+        o.max_bytes = new.outbox.max_bytes;
+        o.min_free_disk_bytes = new.outbox.min_free_disk_bytes;
+        o.when_full = new.outbox.when_full;
+        c.max_size = new.cache.max_size;
+        c.min_free = new.cache.min_free;
+        c.orphan_fill_bytes = new.cache.orphan_fill_bytes;
+    }
+
     /// Checks values that types alone cannot.
     ///
     /// # Errors

@@ -16,10 +16,11 @@ pub fn install(set: SetFilter) {
 /// Replaces the running filter with `level`, a `tracing` filter.
 ///
 /// # Errors
-/// The filter does not parse, or `RUST_LOG` rules (no filter is installed).
+/// The filter does not parse, or no filter is installed (`RUST_LOG` rules,
+/// or the library runs without the binary's logging).
 pub fn set_level(level: &str) -> Result<(), String> {
     match SET_FILTER.get() {
         Some(set) => set(level),
-        None => Err("RUST_LOG is set and overrides log.level".to_string()),
+        None => Err("not changed: RUST_LOG overrides log.level (or this process installed no log filter)".to_string()),
     }
 }

@@ -319,15 +319,21 @@ impl Node {
         self.admin_addr
     }
 
-    /// Stops the node within `node.shutdown_timeout_ms`: the listeners stop
-    /// accepting, connections wait for the writes they started and send
-    /// their acknowledgements, tasks end; then the broker's sessions and the
-    /// outbox are synced whatever is left running. An append is
-    /// acknowledged only after it is durable, so nothing acknowledged
-    /// depends on the wait.
+    /// Stops the node: the listeners stop accepting, connections wait (at
+    /// most 5 s or `node.shutdown_timeout_ms`, the shorter) for the writes
+    /// they started and send their acknowledgements, tasks end. After
+    /// `node.shutdown_timeout_ms` the tasks still running are aborted; then
+    /// the broker's sessions and the outbox are synced (not cut short). An
+    /// append is acknowledged only after it is durable, so nothing
+    /// acknowledged depends on the wait.
     pub async fn shutdown(self) {
         let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.state.config.node.shutdown_timeout_ms);
+        let limit = Duration::from_millis(self.state.config.node.shutdown_timeout_ms);
+        let deadline = tokio::time::Instant::now() + limit;
+        if let Some(broker) = &self.state.broker {
+            // Connections finish their appends within the limit too.
+            broker.set_shutdown_wait(limit.min(Duration::from_secs(5)));
+        }
         let _ = self.stop.send(true);
         let mut tasks = self.tasks;
         for t in &mut tasks {

@@ -102,15 +102,13 @@ impl Reloader {
             &new.plugins.content_source,
             &mut report,
         );
-        // Everything else: report the keys that differ.
+        // The limits: each component applies what differs from what it runs.
         if let Some(broker) = &state.broker {
             report
                 .applied
                 .extend(broker.apply_limits(&new.mqtt).into_iter().map(String::from));
         }
-        report
-            .applied
-            .extend(state.outbox.apply_limits(&new.outbox).into_iter().map(String::from));
+        report.applied.extend(state.outbox.apply_limits(&new.outbox));
         if let Some(cache) = &state.cache {
             report
                 .applied
@@ -125,6 +123,7 @@ impl Reloader {
                 Err(e) => report.failed.push(format!("log.level: {e}")),
             }
         }
+        // Everything else: report the keys that differ.
         let (old_v, new_v) = (
             serde_json::to_value(&*applied).unwrap_or_default(),
             serde_json::to_value(&new).unwrap_or_default(),
@@ -136,12 +135,29 @@ impl Reloader {
             .iter()
             .map(|s| format!("plugins.{}", s.as_str()))
             .collect();
-        report.not_applied.extend(
-            differs
-                .into_iter()
-                .filter(|k| !slots.iter().any(|s| k.starts_with(s.as_str())))
-                .filter(|k| !LIVE_KEYS.contains(&k.as_str())),
-        );
+        for key in differs {
+            if slots.iter().any(|s| key.starts_with(s.as_str())) {
+                continue;
+            }
+            if !LIVE_KEYS.contains(&key.as_str()) {
+                report.not_applied.push(key);
+                continue;
+            }
+            let reported = |list: &[String]| list.iter().any(|k| k == &key || k.starts_with(&format!("{key} ")));
+            if reported(&report.applied) || reported(&report.failed) {
+                continue;
+            }
+            // A live key whose change is not in force: say why.
+            let why = if key.starts_with("mqtt.") && state.broker.is_none() {
+                "the MQTT broker is not running"
+            } else if key.starts_with("cache.") && state.cache.is_none() {
+                "the cache is not running"
+            } else {
+                "the value in force is unchanged: capped at 80 % of the free space at start"
+            };
+            report.not_applied.push(format!("{key} ({why})"));
+        }
+        applied.adopt_live(&new);
         report.not_applied.sort();
         report.not_applied.dedup();
         tracing::info!(
@@ -233,6 +249,53 @@ fn diff_keys(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, depth: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `base` with every number in `[mqtt]`, `[outbox]` and `[cache]` plus
+    /// one, and `when_full` turned round.
+    fn everything_changed(base: &Config) -> Config {
+        let mut v = serde_json::to_value(base).unwrap();
+        for section in ["mqtt", "outbox", "cache"] {
+            for (_, value) in v[section].as_object_mut().unwrap() {
+                if let Some(n) = value.as_u64() {
+                    *value = serde_json::json!(n + 1);
+                }
+            }
+        }
+        v["outbox"]["when_full"] = serde_json::json!("drop-oldest");
+        // Absent is what `None` reads from (TOML has no null).
+        fn strip_nulls(v: &mut serde_json::Value) {
+            if let Some(map) = v.as_object_mut() {
+                map.retain(|_, x| !x.is_null());
+                map.values_mut().for_each(strip_nulls);
+            }
+        }
+        strip_nulls(&mut v);
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn the_live_keys_are_exactly_those_adopted() {
+        let base = Config::default();
+        let new = everything_changed(&base);
+        let mut adopted = base.clone();
+        adopted.adopt_live(&new);
+        let mut taken = Vec::new();
+        diff_keys(
+            "",
+            &serde_json::to_value(&base).unwrap(),
+            &serde_json::to_value(&adopted).unwrap(),
+            2,
+            &mut taken,
+        );
+        let mut live: Vec<String> = LIVE_KEYS
+            .iter()
+            .filter(|k| **k != "log.level")
+            .map(|k| k.to_string())
+            .collect();
+        taken.sort();
+        live.sort();
+        assert_eq!(taken, live);
+    }
 
     #[test]
     fn differing_keys_are_named() {

@@ -6,15 +6,17 @@
 //! | GET | `/api/v1/cache/objects?limit=N` | stored objects, largest first (default 100) |
 //! | POST | `/api/v1/cache/purge` | `{"key": "…"}`, `{"prefix": "…"}` or `{"all": true}` → `{"objects", "bytes"}` |
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
+use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, Routes};
+use super::{ApiError, Routes, bad_json, limit_param};
 use crate::cache::Cache;
 use crate::node::NodeState;
 
@@ -38,13 +40,11 @@ async fn stats(State(state): State<Arc<NodeState>>) -> Result<Json<Value>, ApiEr
     Ok(Json(json!(cache(&state)?.stats())))
 }
 
-#[derive(Deserialize)]
-struct ObjectsQuery {
-    limit: Option<usize>,
-}
-
-async fn objects(State(state): State<Arc<NodeState>>, Query(q): Query<ObjectsQuery>) -> Result<Json<Value>, ApiError> {
-    let limit = q.limit.unwrap_or(100).min(10_000);
+async fn objects(
+    State(state): State<Arc<NodeState>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = limit_param(&q, 100, 10_000)?;
     Ok(Json(json!({ "objects": cache(&state)?.objects(limit) })))
 }
 
@@ -57,8 +57,9 @@ struct PurgeRequest {
     all: bool,
 }
 
-async fn purge(State(state): State<Arc<NodeState>>, Json(req): Json<PurgeRequest>) -> Result<Json<Value>, ApiError> {
+async fn purge(State(state): State<Arc<NodeState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
     let cache = cache(&state)?;
+    let req: PurgeRequest = serde_json::from_slice(&body).map_err(bad_json)?;
     let chosen = usize::from(req.key.is_some()) + usize::from(req.prefix.is_some()) + usize::from(req.all);
     if chosen != 1 {
         return Err(ApiError(

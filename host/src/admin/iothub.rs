@@ -20,7 +20,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, Routes};
+use super::{ApiError, Routes, bad_json};
 use crate::iothub::twin::TwinError;
 use crate::iothub::{DEFAULT_METHOD_TIMEOUT, MethodError};
 use crate::node::NodeState;
@@ -61,10 +61,6 @@ fn known(state: &NodeState, id: &str) -> Result<(), ApiError> {
         Some(_) => Ok(()),
         None => Err(TwinError::NotFound(id.to_string()).into()),
     }
-}
-
-fn bad_json(e: impl std::fmt::Display) -> ApiError {
-    ApiError(StatusCode::BAD_REQUEST, format!("request body: {e}"))
 }
 
 async fn show_twin(State(state): State<Arc<NodeState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {

@@ -26,6 +26,7 @@ mod cache;
 mod iothub;
 mod registry;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -56,6 +57,25 @@ pub struct ApiError(StatusCode, String);
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+/// A request body that does not parse: 400 with serde's reason.
+pub(crate) fn bad_json(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, format!("request body: {e}"))
+}
+
+/// The `limit` query parameter: `default` when absent, at most `max`; 400
+/// when it is not a number.
+pub(crate) fn limit_param(q: &HashMap<String, String>, default: usize, max: usize) -> Result<usize, ApiError> {
+    match q.get("limit") {
+        None => Ok(default),
+        Some(v) => v.parse::<usize>().map(|n| n.min(max)).map_err(|_| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("limit must be a non-negative number, not {v:?}"),
+            )
+        }),
     }
 }
 
@@ -222,14 +242,19 @@ fn token_ok(state: &NodeState, headers: &HeaderMap) -> bool {
     token.len() == expected.len() && bool::from(token.as_bytes().ct_eq(expected))
 }
 
+/// 401 with `WWW-Authenticate: Bearer`.
+fn unauthorized() -> Response {
+    let mut r = ApiError(StatusCode::UNAUTHORIZED, "missing or wrong bearer token".to_string()).into_response();
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    r
+}
+
 async fn require_token(State(state): State<Arc<NodeState>>, request: Request, next: Next) -> Response {
     if token_ok(&state, request.headers()) {
         next.run(request).await
     } else {
-        let mut r = ApiError(StatusCode::UNAUTHORIZED, "missing or wrong bearer token".to_string()).into_response();
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-        r
+        unauthorized()
     }
 }
 
@@ -247,7 +272,7 @@ async fn count_requests(State(state): State<Arc<NodeState>>, request: Request, n
 
 async fn metrics(State(state): State<Arc<NodeState>>, headers: HeaderMap) -> Response {
     if state.config.admin.metrics_require_token && !token_ok(&state, &headers) {
-        return ApiError(StatusCode::UNAUTHORIZED, "missing or wrong bearer token".to_string()).into_response();
+        return unauthorized();
     }
     // Refresh gauges that are sampled rather than counted.
     let _ = state.plugins.list();
@@ -336,14 +361,9 @@ async fn status(State(state): State<Arc<NodeState>>) -> Result<Json<serde_json::
 /// Clients listed on the status page.
 const STATUS_CLIENTS: usize = 50;
 
-#[derive(Deserialize)]
-struct LimitQuery {
-    limit: Option<usize>,
-}
-
 async fn mqtt_clients(
     State(state): State<Arc<NodeState>>,
-    Query(q): Query<LimitQuery>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let broker = state.broker.as_ref().ok_or_else(|| {
         ApiError(
@@ -351,7 +371,7 @@ async fn mqtt_clients(
             "the MQTT broker is disabled (mqtt.enabled)".into(),
         )
     })?;
-    let limit = q.limit.unwrap_or(1000).min(100_000);
+    let limit = limit_param(&q, 1000, 100_000)?;
     Ok(Json(json!({
         "connections": broker.connections(),
         "clients": broker.clients(limit),

@@ -24,7 +24,7 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, Routes};
+use super::{ApiError, Routes, bad_json};
 use crate::node::NodeState;
 use crate::registry::{NewIdentity, Registry, RegistryError, WhichKey};
 
@@ -68,10 +68,6 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("registry task failed: {e}")))??;
     state.metrics.registry_identities.set(state.registry.len() as i64);
     Ok(out)
-}
-
-fn bad_json(e: impl std::fmt::Display) -> ApiError {
-    ApiError(StatusCode::BAD_REQUEST, format!("request body: {e}"))
 }
 
 async fn summary(State(state): State<Arc<NodeState>>) -> Json<Value> {

@@ -30,9 +30,6 @@ use crate::plugins::{AuthzDecision, ConnectInfo, Operation, Principal, RefusalCo
 /// drained further until the client reads.
 const HIGH_WATER: usize = 256 << 10;
 
-/// How long a connection waits, at shutdown, for its appends to be stored
-/// before it acknowledges them and closes.
-const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(5);
 /// A publisher whose message lands in a connected subscriber's queue deeper
 /// than this pauses reading for [`BACKPRESSURE_PAUSE`], so a fast publisher
 /// cannot outrun a slow subscriber into ever-growing queues.
@@ -201,12 +198,13 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         self.wr.flush().await
     }
 
-    /// On shutdown: reads nothing more, waits (at most [`SHUTDOWN_ACK_WAIT`])
-    /// for the appends this connection already handed to the outbox, and
+    /// On shutdown: reads nothing more, waits (at most
+    /// [`Broker::shutdown_wait`]) for the appends this connection already
+    /// handed to the outbox, and
     /// acknowledges them, so a client is not left to resend what was
     /// stored. The exit then sends DISCONNECT (0x8B, server shutting down).
     async fn finish_in_flight(&mut self, session: &Arc<Session>) -> Exit {
-        let deadline = Instant::now() + SHUTDOWN_ACK_WAIT;
+        let deadline = Instant::now() + self.broker.shutdown_wait();
         while let Some(front) = self.pending.front_mut() {
             let Ok(code) = tokio::time::timeout_at(deadline, poll_fn(|cx| front.poll(cx))).await else {
                 tracing::debug!(peer = %self.peer.addr, unacknowledged = self.pending.len(), "shutdown: appends still waiting at the limit");

@@ -92,6 +92,9 @@ pub struct Broker {
     max_connections: AtomicUsize,
     max_queued_messages: AtomicUsize,
     max_retained: AtomicUsize,
+    /// How long a connection waits at shutdown for its appends, ms
+    /// (`set_shutdown_wait`).
+    shutdown_wait_ms: AtomicU64,
     /// Router drop reasons seen (bounded; see `count_router_drop`).
     drop_reasons: Mutex<std::collections::HashSet<String>>,
     next_conn_id: AtomicU64,
@@ -177,6 +180,7 @@ impl Broker {
             max_queued_messages: AtomicUsize::new(config.max_queued_messages),
             max_retained: AtomicUsize::new(config.max_retained),
             drop_reasons: Mutex::default(),
+            shutdown_wait_ms: AtomicU64::new(5_000),
             next_conn_id: AtomicU64::new(1),
             stop,
             registry: hub.registry().clone(),
@@ -282,20 +286,38 @@ impl Broker {
         changed
     }
 
+    /// Sets how long each connection waits, once the node stops, for the
+    /// appends it already handed to the outbox before it acknowledges them
+    /// and closes (5 s unless set).
+    pub fn set_shutdown_wait(&self, wait: Duration) {
+        self.shutdown_wait_ms
+            .store(wait.as_millis().try_into().unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    pub(crate) fn shutdown_wait(&self) -> Duration {
+        Duration::from_millis(self.shutdown_wait_ms.load(Ordering::Relaxed))
+    }
+
     /// Most concurrent connections now.
     pub(crate) fn max_connections(&self) -> usize {
         self.max_connections.load(Ordering::Relaxed)
     }
 
-    /// Connected clients, by client id, at most `limit` of them.
+    /// Connected clients, by client id, at most `limit` of them. Only those
+    /// listed have their session locked.
     pub fn clients(&self, limit: usize) -> Vec<ClientInfo> {
-        let sessions: Vec<Arc<Session>> = self
+        let mut connected: Vec<Arc<Session>> = self
             .sessions_lock()
             .values()
             .filter(|s| s.is_connected())
             .cloned()
             .collect();
-        let mut out: Vec<ClientInfo> = sessions
+        if connected.len() > limit {
+            connected.select_nth_unstable_by(limit, |a, b| a.client_id.cmp(&b.client_id));
+            connected.truncate(limit);
+        }
+        connected.sort_unstable_by(|a, b| a.client_id.cmp(&b.client_id));
+        connected
             .iter()
             .map(|s| {
                 let st = s.lock();
@@ -312,10 +334,7 @@ impl Broker {
                     persistent: st.expiry_s > 0,
                 }
             })
-            .collect();
-        out.sort_by(|a, b| a.client_id.cmp(&b.client_id));
-        out.truncate(limit);
-        out
+            .collect()
     }
 
     /// Syncs session and retained writes now.

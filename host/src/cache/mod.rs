@@ -393,7 +393,8 @@ pub struct Stats {
     pub fills_in_flight: i64,
     /// The parent cache, if any.
     pub parent: Option<String>,
-    /// Requests for cacheable content since start (every result).
+    /// Requests answered from storage or through a fill since start (not
+    /// counted: refused, passed through, failed).
     pub requests: u64,
     /// Of those, answered wholly from storage.
     pub hit_requests: u64,
@@ -405,9 +406,10 @@ pub struct Stats {
     pub upstream_bytes: u64,
     /// `hit_bytes / (hit_bytes + miss_bytes)`; `None` before the first byte.
     pub byte_hit_ratio: Option<f64>,
-    /// Bytes sent to clients that did not have to be fetched:
-    /// `hit_bytes + miss_bytes - upstream_bytes` (one fetch shared by
-    /// several clients counts as saved for all but one).
+    /// Bytes sent to clients that did not cross the upstream link for
+    /// them: what was served from storage (`hit_bytes`). Bytes a client read
+    /// from a fill another client started are not counted, so this is a
+    /// lower bound.
     pub saved_bytes: u64,
 }
 
@@ -613,7 +615,8 @@ impl Cache {
     pub fn apply_limits(&self, new: &CacheConfig) -> Vec<&'static str> {
         let mut changed = Vec::new();
         for (key, slot, value) in [
-            ("cache.max_size", &self.max_size, new.max_size),
+            // At least one block of the size this cache runs with.
+            ("cache.max_size", &self.max_size, new.max_size.max(self.cfg.block_size)),
             ("cache.min_free", &self.min_free, new.min_free),
             (
                 "cache.orphan_fill_bytes",
@@ -639,7 +642,9 @@ impl Cache {
                 result,
             })
             .inc();
-        self.totals.requests.fetch_add(1, Ordering::Relaxed);
+        if matches!(result, "hit" | "miss" | "partial") {
+            self.totals.requests.fetch_add(1, Ordering::Relaxed);
+        }
         if result == "hit" {
             self.totals.hit_requests.fetch_add(1, Ordering::Relaxed);
         }
@@ -1294,7 +1299,12 @@ impl Cache {
         let mut victims = Vec::new();
         let ok = {
             let mut inner = lock(&self.inner);
-            let mut need_free = free.map_or(0, |f| (self.min_free.load(Ordering::Relaxed) + len).saturating_sub(f));
+            let mut need_free = free.map_or(0, |f| {
+                self.min_free
+                    .load(Ordering::Relaxed)
+                    .saturating_add(len)
+                    .saturating_sub(f)
+            });
             loop {
                 let over = (inner.stored_bytes + inner.reserved_bytes + len)
                     .saturating_sub(self.max_size.load(Ordering::Relaxed));
@@ -1630,7 +1640,7 @@ impl Cache {
             miss_bytes,
             upstream_bytes,
             byte_hit_ratio: (served > 0).then(|| hit_bytes as f64 / served as f64),
-            saved_bytes: served.saturating_sub(upstream_bytes),
+            saved_bytes: hit_bytes,
         }
     }
 }

@@ -200,13 +200,32 @@ fn backlog(v: &Value, lane: Option<u8>) -> Result<(u64, u64)> {
     }
 }
 
-/// Draws `[#####-----] 50 %  1,000 of 2,000 left …` on one terminal line.
+/// `[###---]  50 %`: the share of `high` no longer waiting, rounded down,
+/// so the bar is full and says 100 % only when nothing is left.
+fn bar(left: u64, high: u64) -> String {
+    const WIDTH: u64 = 30;
+    let done = high.saturating_sub(left);
+    let (filled, percent) = if left == 0 || high == 0 {
+        (WIDTH, 100)
+    } else {
+        (done * WIDTH / high, done * 100 / high)
+    };
+    format!(
+        "[{}{}] {percent:>3} %",
+        "#".repeat(filled as usize),
+        "-".repeat((WIDTH - filled) as usize)
+    )
+}
+
+/// Draws `[###---] 50 %  1000 messages (1.2 MiB) waiting  250 msg/s  about 4 s
+/// left` on one terminal line, or a line every 5 s when not on a terminal.
 struct Progress {
     start: Instant,
     /// The most messages seen waiting (the bar's 0 %).
     high: u64,
     tty: bool,
-    last_line: Instant,
+    /// When the last line was written (not on a terminal).
+    last_line: Option<Instant>,
 }
 
 impl Progress {
@@ -220,28 +239,19 @@ impl Progress {
         } else {
             String::new()
         };
-        let frac = if self.high == 0 {
-            1.0
-        } else {
-            done as f64 / self.high as f64
-        };
-        const WIDTH: usize = 30;
-        let filled = ((frac * WIDTH as f64).round() as usize).min(WIDTH);
         let line = format!(
-            "[{}{}] {:>3.0} %  {left} messages ({}) waiting  {rate:.0} msg/s{eta}",
-            "#".repeat(filled),
-            "-".repeat(WIDTH - filled),
-            frac * 100.0,
+            "{}  {left} messages ({}) waiting  {rate:.0} msg/s{eta}",
+            bar(left, self.high),
             human_bytes(bytes),
         );
         let mut err = std::io::stderr().lock();
         if self.tty {
             let _ = write!(err, "\r\x1b[2K{line}");
             let _ = err.flush();
-        } else if self.last_line.elapsed() >= Duration::from_secs(5) || left == 0 {
+        } else if left == 0 || self.last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
             // Not a terminal (a log, CI): a line every 5 s.
             let _ = writeln!(err, "{line}");
-            self.last_line = Instant::now();
+            self.last_line = Some(Instant::now());
         }
     }
 
@@ -266,7 +276,7 @@ pub fn wait_empty(
         start,
         high: 0,
         tty: std::io::stderr().is_terminal() && !json,
-        last_line: start - Duration::from_secs(60),
+        last_line: None,
     };
     loop {
         let v = client.get("/api/v1/outbox")?;
@@ -343,6 +353,15 @@ mod tests {
     }
 
     #[test]
+    fn the_bar_is_full_only_when_nothing_is_left() {
+        assert_eq!(bar(200, 200), format!("[{}]   0 %", "-".repeat(30)));
+        assert_eq!(bar(100, 200), format!("[{}{}]  50 %", "#".repeat(15), "-".repeat(15)));
+        assert_eq!(bar(1, 200), format!("[{}-]  99 %", "#".repeat(29)));
+        assert_eq!(bar(0, 200), format!("[{}] 100 %", "#".repeat(30)));
+        assert_eq!(bar(0, 0), format!("[{}] 100 %", "#".repeat(30)));
+    }
+
+    #[test]
     fn backlog_of_one_lane_or_all() {
         let v = serde_json::json!({
             "messages": 7, "bytes": 700,
@@ -353,25 +372,25 @@ mod tests {
         assert!(backlog(&v, Some(9)).is_err());
     }
 
-    /// Dotted paths of every leaf key under `v`, except plugin configs (the
-    /// plugin's business), identities and bridge subscriptions (lists).
-    fn leaf_keys(prefix: &str, v: &Value, out: &mut Vec<String>) {
-        let Some(map) = v.as_object() else {
-            out.push(prefix.to_string());
-            return;
-        };
-        for (k, child) in map {
-            let path = if prefix.is_empty() {
-                k.clone()
-            } else {
-                format!("{prefix}.{k}")
-            };
-            let skip = path == "identities"
-                || path == "upstream.mqtt.in"
-                || (path.starts_with("plugins.") && path.ends_with(".config"));
-            if !skip {
-                leaf_keys(&path, child, out);
+    /// Every leaf key under `v` with its value, as dotted paths; a list of
+    /// tables (identities, bridge subscriptions) by its first element;
+    /// plugin configs (the plugin's business) left out.
+    fn leaf_keys(prefix: &str, v: &Value, out: &mut Vec<(String, Value)>) {
+        match v {
+            Value::Object(map) => {
+                for (k, child) in map {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    if !(path.starts_with("plugins.") && path.ends_with(".config")) {
+                        leaf_keys(&path, child, out);
+                    }
+                }
             }
+            Value::Array(items) if items.first().is_some_and(Value::is_object) => leaf_keys(prefix, &items[0], out),
+            _ => out.push((prefix.to_string(), v.clone())),
         }
     }
 
@@ -383,22 +402,46 @@ mod tests {
             serde_json::to_value(&init).unwrap(),
             serde_json::to_value(Config::embedded_default()).unwrap()
         );
-        let mut present = std::collections::HashSet::new();
+        // `key = value` lines, commented or not, by section; a line of prose
+        // that does not parse as TOML is not a key.
+        let mut shown = std::collections::HashMap::new();
         let mut section = String::new();
         for line in INIT_CONFIG.lines() {
             let l = line.trim_start_matches('#').trim();
             if l.starts_with('[') {
                 section = l.trim_matches(['[', ']']).to_string();
-            } else if let Some((k, _)) = l.split_once(" = ")
-                && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            } else if let Ok(t) = l.parse::<toml::Table>()
+                && t.len() == 1
+                && let Some((k, v)) = t.into_iter().next()
             {
-                present.insert(format!("{section}.{k}"));
+                shown.insert(format!("{section}.{k}"), serde_json::to_value(v).unwrap());
+            } else if let Some((k, "…")) = l.split_once(" = ") {
+                shown.insert(format!("{section}.{k}"), Value::Null);
             }
         }
+        // Every key of a config with one identity and one bridge subscription.
+        let full = Config::parse("[[identities]]\nid = \"d\"\n[[upstream.mqtt.in]]\nfilter = \"a/#\"\n").unwrap();
         let mut keys = Vec::new();
-        leaf_keys("", &serde_json::to_value(Config::default()).unwrap(), &mut keys);
+        leaf_keys("", &serde_json::to_value(&full).unwrap(), &mut keys);
         assert!(keys.len() > 100, "{keys:?}");
-        let missing: Vec<&String> = keys.iter().filter(|k| !present.contains(*k)).collect();
+        let missing: Vec<&String> = keys
+            .iter()
+            .map(|(k, _)| k)
+            .filter(|k| !shown.contains_key(*k))
+            .collect();
         assert!(missing.is_empty(), "holdfast init's config lacks {missing:?}");
+        // The values shown are the defaults (or the embedded config's).
+        let embedded = serde_json::to_value(Config::embedded_default()).unwrap();
+        for (key, default) in &keys {
+            let value = &shown[key];
+            if value.is_null() || default.is_null() {
+                continue;
+            }
+            let in_embedded = key.split('.').try_fold(&embedded, |v, k| v.get(k));
+            assert!(
+                value == default || in_embedded == Some(value),
+                "{key}: holdfast init shows {value}, the default is {default}"
+            );
+        }
     }
 }

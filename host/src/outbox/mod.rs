@@ -793,11 +793,12 @@ impl Outbox {
     /// Applies the limits a running outbox can change:
     /// `default_ttl_seconds` (for messages appended from now on),
     /// `max_messages`, `max_bytes` (still capped at 80 % of the free space
-    /// at start), `min_free_disk_bytes` and `when_full`. Lowering a quota
-    /// below what is queued drops nothing; appends are refused (or, with
-    /// `drop-oldest`, make room) until the backlog is under it. Returns the
-    /// keys that changed.
-    pub fn apply_limits(&self, new: &OutboxConfig) -> Vec<&'static str> {
+    /// at start), `min_free_disk_bytes` and `when_full`. A quota lowered
+    /// below what is queued removes nothing by itself. With `reject-new`,
+    /// appends are refused until the backlog is under it; with
+    /// `drop-oldest`, the next append removes the oldest messages until the
+    /// backlog fits. Returns the keys that changed (`max_bytes` noting a cap).
+    pub fn apply_limits(&self, new: &OutboxConfig) -> Vec<String> {
         let l = &self.inner.limits;
         let mut changed = Vec::new();
         for (key, slot, value) in [
@@ -815,12 +816,16 @@ impl Outbox {
             ),
         ] {
             if slot.swap(value, Ordering::Relaxed) != value {
-                changed.push(key);
+                changed.push(if key == "outbox.max_bytes" && value < new.max_bytes {
+                    format!("{key} (capped at {value}: 80 % of the free space at start)")
+                } else {
+                    key.to_string()
+                });
             }
         }
         let drop_oldest = new.when_full == WhenFull::DropOldest;
         if l.drop_oldest.swap(drop_oldest, Ordering::Relaxed) != drop_oldest {
-            changed.push("outbox.when_full");
+            changed.push("outbox.when_full".to_string());
         }
         changed
     }
@@ -1125,16 +1130,19 @@ fn commit(inner: &Inner, reqs: Vec<Request>) {
         }
     }
     let any_append = !appends.is_empty();
+    // One reading of the limits for the whole batch.
+    let limits = &inner.limits;
+    let (max_messages, max_bytes, min_free, drop_oldest_when_full) = (
+        limits.max_messages.load(Ordering::Relaxed),
+        limits.max_bytes.load(Ordering::Relaxed),
+        limits.min_free_disk_bytes.load(Ordering::Relaxed),
+        limits.drop_oldest.load(Ordering::Relaxed),
+    );
     for (lane, value, reply) in appends {
         let size = value.len() as u64;
         let c = &inner.counters[lane as usize];
         let total = |p: &Pending| p.lanes.iter().fold((0u64, 0u64), |(n, b), l| (n + l.1, b + l.2));
-        let limits = &inner.limits;
-        let (max_messages, max_bytes) = (
-            limits.max_messages.load(Ordering::Relaxed),
-            limits.max_bytes.load(Ordering::Relaxed),
-        );
-        if free.is_some_and(|f| f < limits.min_free_disk_bytes.load(Ordering::Relaxed) + size) {
+        if free.is_some_and(|f| f < min_free.saturating_add(size)) {
             c.rejected_disk.inc();
             let _ = reply.send(Err(AppendError::DiskFull));
             continue;
@@ -1143,7 +1151,7 @@ fn commit(inner: &Inner, reqs: Vec<Request>) {
             let (n, b) = total(p);
             n < max_messages && b + size <= max_bytes
         };
-        if !fits(&pending) && limits.drop_oldest.load(Ordering::Relaxed) {
+        if !fits(&pending) && drop_oldest_when_full {
             drop_oldest(inner, &mut batch, &mut pending, &fits);
         }
         if !fits(&pending) {
