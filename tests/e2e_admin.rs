@@ -369,6 +369,23 @@ fn queue_wait_empty_follows_the_drain() {
     let lane5 = table.lines().find(|l| l.starts_with("5 ")).unwrap_or_default();
     assert_eq!(lane5.split_whitespace().nth(1), Some("200"), "{table}");
 
+    // `holdfast status`: the same backlog, the link, clients, plugins, cache.
+    let _meter = Client::connect(child.mqtt, "meter-2", true).unwrap();
+    let status = child.cli_ok(&["status"]);
+    assert!(status.starts_with("node     child  version "), "{status}");
+    assert!(status.contains(&format!("quic → 127.0.0.1:{link_port}")), "{status}");
+    assert!(status.contains("backlog  200 messages"), "{status}");
+    assert!(status.contains("clients  1 connected"), "{status}");
+    assert!(status.lines().any(|l| l.starts_with("router ")), "{status}");
+    assert!(
+        status.contains("cache    hit ratio - (bytes), 0 of 0 requests hits"),
+        "{status}"
+    );
+    let clients = child.cli_ok(&["clients"]);
+    assert!(clients.lines().any(|l| l.starts_with("meter-2 ")), "{clients}");
+    let v: Value = serde_json::from_str(&child.cli_ok(&["status", "--json"])).unwrap();
+    assert_eq!(v["outbox"]["messages"], 200);
+
     let out = child.cli(&["queue", "wait-empty", "--timeout", "1", "--interval-ms", "100"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -950,20 +950,7 @@ fn outbox_fill(data_dir: &Path, writers: u32, lanes: u8, tag: &str) -> Result<()
 
 fn plugin_command(client: &AdminClient, cmd: PluginCommand, json: bool) -> Result<()> {
     match cmd {
-        PluginCommand::List => {
-            let v = client.get("/api/v1/plugins")?;
-            if json {
-                return print_json(&v);
-            }
-            let rows = rows_of(&v, "plugins", plugin_row);
-            print_table(
-                &[
-                    "SLOT", "VERSION", "SOURCE", "LOADED", "CALLS", "TRAPS", "TIMEOUTS", "PREVIOUS",
-                ],
-                &rows,
-            );
-            Ok(())
-        }
+        PluginCommand::List => print_list(client, "/api/v1/plugins", json, "plugins", PLUGIN_HEADERS, plugin_row),
         PluginCommand::History => print_list(
             client,
             "/api/v1/plugins/history",
@@ -971,15 +958,9 @@ fn plugin_command(client: &AdminClient, cmd: PluginCommand, json: bool) -> Resul
             "history",
             &["TIME", "SLOT", "ACTION", "OLD", "NEW", "SOURCE", "MS"],
             |r| {
-                vec![
-                    format_time(r["at_unix_ms"].as_u64()),
-                    str_of(&r["slot"]),
-                    str_of(&r["action"]),
-                    short(&r["old"]),
-                    short(&r["new"]),
-                    str_of(&r["source"]),
-                    format!("{:.1}", r["duration_ms"].as_f64().unwrap_or(0.0)),
-                ]
+                let mut row = swap_row(r);
+                row.push(format!("{:.1}", r["duration_ms"].as_f64().unwrap_or(0.0)));
+                row
             },
         ),
         PluginCommand::Swap {
@@ -1088,6 +1069,23 @@ fn read_plugin_config(path: &Path) -> Result<Value> {
         bail!("{}: plugin config must be a table", path.display());
     }
     Ok(value)
+}
+
+/// The columns of [`plugin_row`].
+const PLUGIN_HEADERS: &[&str] = &[
+    "SLOT", "VERSION", "SOURCE", "LOADED", "CALLS", "TRAPS", "TIMEOUTS", "PREVIOUS",
+];
+
+/// A load, swap, reconfiguration or rollback: time, slot, action, old, new, source.
+fn swap_row(r: &Value) -> Vec<String> {
+    vec![
+        format_time(r["at_unix_ms"].as_u64()),
+        str_of(&r["slot"]),
+        str_of(&r["action"]),
+        short(&r["old"]),
+        short(&r["new"]),
+        str_of(&r["source"]),
+    ]
 }
 
 fn plugin_row(p: &Value) -> Vec<String> {

@@ -18,8 +18,19 @@ pub mod sas;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 
+/// A port nothing listens on now, and not handed out before in this test
+/// process: the OS can give the same ephemeral port to two binds in a row,
+/// and a node whose admin and MQTT ports collide does not start.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 pub struct Gateway {

@@ -9,7 +9,8 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use super::{
-    AdminClient, format_time, human_bytes, plugin_row, print_json, print_list, print_table, rows_of, short, str_of,
+    AdminClient, PLUGIN_HEADERS, format_time, human_bytes, plugin_row, print_json, print_list, print_table, rows_of,
+    str_of, swap_row,
 };
 
 /// The annotated config `holdfast init` writes.
@@ -80,18 +81,7 @@ pub fn status(client: &AdminClient, json: bool) -> Result<()> {
             println!("         last error: {e}");
         }
     }
-    let o = &v["outbox"];
-    println!(
-        "backlog  {} messages, {} of {}, oldest {}",
-        str_of(&o["messages"]),
-        bytes_of(&o["bytes"]),
-        bytes_of(&o["max_bytes"]),
-        human_ms(o["oldest_age_ms"].as_u64())
-    );
-    let lanes = lane_rows(o);
-    if !lanes.is_empty() {
-        print_table(&["LANE", "MESSAGES", "BYTES", "IN FLIGHT", "OLDEST"], &lanes);
-    }
+    print_backlog("backlog  ", &v["outbox"]);
     let m = &v["mqtt"];
     if m["enabled"] == true {
         let s = &m["stats"];
@@ -107,25 +97,8 @@ pub fn status(client: &AdminClient, json: bool) -> Result<()> {
     }
     println!();
     let plugins = rows_of(&v, "plugins", plugin_row);
-    print_table(
-        &[
-            "SLOT", "VERSION", "SOURCE", "LOADED", "CALLS", "TRAPS", "TIMEOUTS", "PREVIOUS",
-        ],
-        &plugins,
-    );
-    let swaps: Vec<Vec<String>> = rows_of(&v, "recent_swaps", |r| {
-        vec![
-            format_time(r["at_unix_ms"].as_u64()),
-            str_of(&r["slot"]),
-            str_of(&r["action"]),
-            short(&r["old"]),
-            short(&r["new"]),
-            str_of(&r["source"]),
-        ]
-    })
-    .into_iter()
-    .take(5)
-    .collect();
+    print_table(PLUGIN_HEADERS, &plugins);
+    let swaps: Vec<Vec<String>> = rows_of(&v, "recent_swaps", swap_row).into_iter().take(5).collect();
     if !swaps.is_empty() {
         println!();
         print_table(&["WHEN", "SLOT", "ACTION", "FROM", "TO", "SOURCE"], &swaps);
@@ -172,18 +145,24 @@ pub fn queue(client: &AdminClient, json: bool) -> Result<()> {
     if json {
         return print_json(&v);
     }
+    print_backlog("", &v);
+    Ok(())
+}
+
+/// `N messages, X of Y, oldest Z` and the table of non-empty lanes of an
+/// `/api/v1/outbox` answer.
+fn print_backlog(prefix: &str, outbox: &Value) {
     println!(
-        "{} messages, {} of {}, oldest {}",
-        str_of(&v["messages"]),
-        bytes_of(&v["bytes"]),
-        bytes_of(&v["max_bytes"]),
-        human_ms(v["oldest_age_ms"].as_u64())
+        "{prefix}{} messages, {} of {}, oldest {}",
+        str_of(&outbox["messages"]),
+        bytes_of(&outbox["bytes"]),
+        bytes_of(&outbox["max_bytes"]),
+        human_ms(outbox["oldest_age_ms"].as_u64())
     );
-    let rows = lane_rows(&v);
+    let rows = lane_rows(outbox);
     if !rows.is_empty() {
         print_table(&["LANE", "MESSAGES", "BYTES", "IN FLIGHT", "OLDEST"], &rows);
     }
-    Ok(())
 }
 
 /// What `wait-empty` looks at: messages and bytes of one lane or of all.
