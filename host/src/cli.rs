@@ -796,7 +796,7 @@ fn cache_command(client: &AdminClient, cmd: CacheCommand, json: bool) -> Result<
             if json {
                 return print_json(&v);
             }
-            let bytes = |k: &str| v[k].as_u64().map_or_else(|| "-".to_string(), human_bytes);
+            let bytes = |k: &str| bytes_of(&v[k]);
             print_table(
                 &[
                     "listen", "objects", "stored", "max size", "min free", "free", "fills", "parent",
@@ -822,8 +822,8 @@ fn cache_command(client: &AdminClient, cmd: CacheCommand, json: bool) -> Result<
             |o| {
                 vec![
                     str_of(&o["key"]),
-                    o["stored_bytes"].as_u64().map_or_else(|| "-".into(), human_bytes),
-                    o["length"].as_u64().map_or_else(|| "-".into(), human_bytes),
+                    bytes_of(&o["stored_bytes"]),
+                    bytes_of(&o["length"]),
                     str_of(&o["blocks"]),
                     str_of(&o["class"]),
                     str_of(&o["etag"]),
@@ -847,14 +847,15 @@ fn cache_command(client: &AdminClient, cmd: CacheCommand, json: bool) -> Result<
             if json {
                 return print_json(&v);
             }
-            println!(
-                "purged {} objects ({})",
-                str_of(&v["objects"]),
-                v["bytes"].as_u64().map_or_else(|| "-".into(), human_bytes)
-            );
+            println!("purged {} objects ({})", str_of(&v["objects"]), bytes_of(&v["bytes"]));
         }
     }
     Ok(())
+}
+
+/// A size from JSON as `1.5 MiB`, or `-`.
+fn bytes_of(v: &Value) -> String {
+    v.as_u64().map_or_else(|| "-".to_string(), human_bytes)
 }
 
 /// `1.5 MiB`-style sizes.

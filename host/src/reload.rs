@@ -10,6 +10,7 @@
 
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
@@ -104,15 +105,11 @@ impl Reloader {
         );
         // The limits: each component applies what differs from what it runs.
         if let Some(broker) = &state.broker {
-            report
-                .applied
-                .extend(broker.apply_limits(&new.mqtt).into_iter().map(String::from));
+            report.applied.extend(broker.apply_limits(&new.mqtt));
         }
         report.applied.extend(state.outbox.apply_limits(&new.outbox));
         if let Some(cache) = &state.cache {
-            report
-                .applied
-                .extend(cache.apply_limits(&new.cache).into_iter().map(String::from));
+            report.applied.extend(cache.apply_limits(&new.cache));
         }
         if applied.log.level != new.log.level {
             match crate::logging::set_level(&new.log.level) {
@@ -152,8 +149,10 @@ impl Reloader {
                 "the MQTT broker is not running"
             } else if key.starts_with("cache.") && state.cache.is_none() {
                 "the cache is not running"
-            } else {
+            } else if key == "outbox.max_bytes" {
                 "the value in force is unchanged: capped at 80 % of the free space at start"
+            } else {
+                "the value in force is unchanged: cache.max_size is at least one block"
             };
             report.not_applied.push(format!("{key} ({why})"));
         }
@@ -169,6 +168,16 @@ impl Reloader {
         );
         Ok(report)
     }
+}
+
+/// Stores each live limit's new value in its atomic; the keys whose value
+/// changed. The broker, the outbox and the cache keep their live limits so.
+pub(crate) fn store_limits(limits: &[(&'static str, &AtomicU64, u64)]) -> Vec<String> {
+    limits
+        .iter()
+        .filter(|(_, slot, value)| slot.swap(*value, Ordering::Relaxed) != *value)
+        .map(|(key, _, _)| key.to_string())
+        .collect()
 }
 
 /// Applies one slot's `file` and `config`; reports its other keys.

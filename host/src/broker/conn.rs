@@ -126,7 +126,7 @@ where
 {
     let transport = transport_name(peer.transport);
     let gauge = metrics::handle(&broker.metrics.mqtt_connections, &TransportLabels { transport });
-    let over = broker.connections.fetch_add(1, Ordering::AcqRel) >= broker.max_connections();
+    let over = broker.connections.fetch_add(1, Ordering::AcqRel) as u64 >= broker.max_connections();
     gauge.inc();
     let (rd, wr) = tokio::io::split(stream);
     let mut conn = Conn {

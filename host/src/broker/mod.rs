@@ -89,9 +89,9 @@ pub struct Broker {
     persist: Persist,
     connections: AtomicUsize,
     /// Limits a config reload changes (`apply_limits`).
-    max_connections: AtomicUsize,
-    max_queued_messages: AtomicUsize,
-    max_retained: AtomicUsize,
+    max_connections: AtomicU64,
+    max_queued_messages: AtomicU64,
+    max_retained: AtomicU64,
     /// How long a connection waits at shutdown for its appends, ms
     /// (`set_shutdown_wait`).
     shutdown_wait_ms: AtomicU64,
@@ -176,9 +176,9 @@ impl Broker {
             retained: RwLock::new(HashMap::new()),
             persist,
             connections: AtomicUsize::new(0),
-            max_connections: AtomicUsize::new(config.max_connections),
-            max_queued_messages: AtomicUsize::new(config.max_queued_messages),
-            max_retained: AtomicUsize::new(config.max_retained),
+            max_connections: AtomicU64::new(config.max_connections as u64),
+            max_queued_messages: AtomicU64::new(config.max_queued_messages as u64),
+            max_retained: AtomicU64::new(config.max_retained as u64),
             drop_reasons: Mutex::default(),
             shutdown_wait_ms: AtomicU64::new(5_000),
             next_conn_id: AtomicU64::new(1),
@@ -268,22 +268,20 @@ impl Broker {
     /// `mqtt.max_queued_messages` and `mqtt.max_retained`. They apply from
     /// the next connection, queued message or retained message; nothing
     /// connected or stored is dropped. Returns the keys that changed.
-    pub fn apply_limits(&self, new: &MqttConfig) -> Vec<&'static str> {
-        let mut changed = Vec::new();
-        for (key, slot, value) in [
-            ("mqtt.max_connections", &self.max_connections, new.max_connections),
+    pub fn apply_limits(&self, new: &MqttConfig) -> Vec<String> {
+        crate::reload::store_limits(&[
+            (
+                "mqtt.max_connections",
+                &self.max_connections,
+                new.max_connections as u64,
+            ),
             (
                 "mqtt.max_queued_messages",
                 &self.max_queued_messages,
-                new.max_queued_messages,
+                new.max_queued_messages as u64,
             ),
-            ("mqtt.max_retained", &self.max_retained, new.max_retained),
-        ] {
-            if slot.swap(value, Ordering::Relaxed) != value {
-                changed.push(key);
-            }
-        }
-        changed
+            ("mqtt.max_retained", &self.max_retained, new.max_retained as u64),
+        ])
     }
 
     /// Sets how long each connection waits, once the node stops, for the
@@ -299,7 +297,7 @@ impl Broker {
     }
 
     /// Most concurrent connections now.
-    pub(crate) fn max_connections(&self) -> usize {
+    pub(crate) fn max_connections(&self) -> u64 {
         self.max_connections.load(Ordering::Relaxed)
     }
 
@@ -618,7 +616,7 @@ impl Broker {
             self.drop_reason("offline-qos0");
             return 0;
         }
-        if st.queue.len() >= self.max_queued_messages.load(Ordering::Relaxed) {
+        if st.queue.len() as u64 >= self.max_queued_messages.load(Ordering::Relaxed) {
             drop(st);
             self.drop_reason("queue-full");
             return 0;
@@ -642,7 +640,7 @@ impl Broker {
         if msg.payload.is_empty() {
             map.remove(&msg.topic);
         } else {
-            if map.len() >= self.max_retained.load(Ordering::Relaxed) && !map.contains_key(&msg.topic) {
+            if map.len() as u64 >= self.max_retained.load(Ordering::Relaxed) && !map.contains_key(&msg.topic) {
                 drop(map);
                 self.deny_reason("retained-limit");
                 return;

@@ -612,9 +612,8 @@ impl Cache {
     /// `cache.min_free` (both checked as each block is admitted; a lower
     /// budget evicts as new blocks come in) and `cache.orphan_fill_bytes`.
     /// Returns the keys that changed.
-    pub fn apply_limits(&self, new: &CacheConfig) -> Vec<&'static str> {
-        let mut changed = Vec::new();
-        for (key, slot, value) in [
+    pub fn apply_limits(&self, new: &CacheConfig) -> Vec<String> {
+        crate::reload::store_limits(&[
             // At least one block of the size this cache runs with.
             ("cache.max_size", &self.max_size, new.max_size.max(self.cfg.block_size)),
             ("cache.min_free", &self.min_free, new.min_free),
@@ -623,12 +622,7 @@ impl Cache {
                 &self.orphan_fill_bytes,
                 new.orphan_fill_bytes,
             ),
-        ] {
-            if slot.swap(value, Ordering::Relaxed) != value {
-                changed.push(key);
-            }
-        }
-        changed
+        ])
     }
 
     /// Counts a request by its result (`hit`, `miss`, `partial`, `pass`,

@@ -9,8 +9,8 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use super::{
-    AdminClient, PLUGIN_HEADERS, format_time, human_bytes, plugin_row, print_json, print_list, print_table, rows_of,
-    str_of, swap_row,
+    AdminClient, PLUGIN_HEADERS, bytes_of, format_time, human_bytes, plugin_row, print_json, print_list, print_table,
+    rows_of, str_of, swap_row,
 };
 
 /// The annotated config `holdfast init` writes.
@@ -41,10 +41,6 @@ fn human_ms(ms: Option<u64>) -> String {
         3600..86_400 => format!("{} h {} min", s / 3600, s % 3600 / 60),
         _ => format!("{} d {} h", s / 86_400, s % 86_400 / 3600),
     }
-}
-
-fn bytes_of(v: &Value) -> String {
-    v.as_u64().map_or_else(|| "-".to_string(), human_bytes)
 }
 
 /// `holdfast status`: the status page as text.

@@ -800,27 +800,24 @@ impl Outbox {
     /// backlog fits. Returns the keys that changed (`max_bytes` noting a cap).
     pub fn apply_limits(&self, new: &OutboxConfig) -> Vec<String> {
         let l = &self.inner.limits;
-        let mut changed = Vec::new();
-        for (key, slot, value) in [
+        let max_bytes = new.max_bytes.min(l.disk_cap);
+        let mut changed = crate::reload::store_limits(&[
             (
                 "outbox.default_ttl_seconds",
                 &l.default_ttl_ms,
                 new.default_ttl_seconds.saturating_mul(1000),
             ),
             ("outbox.max_messages", &l.max_messages, new.max_messages),
-            ("outbox.max_bytes", &l.max_bytes, new.max_bytes.min(l.disk_cap)),
+            ("outbox.max_bytes", &l.max_bytes, max_bytes),
             (
                 "outbox.min_free_disk_bytes",
                 &l.min_free_disk_bytes,
                 new.min_free_disk_bytes,
             ),
-        ] {
-            if slot.swap(value, Ordering::Relaxed) != value {
-                changed.push(if key == "outbox.max_bytes" && value < new.max_bytes {
-                    format!("{key} (capped at {value}: 80 % of the free space at start)")
-                } else {
-                    key.to_string()
-                });
+        ]);
+        for key in &mut changed {
+            if key == "outbox.max_bytes" && max_bytes < new.max_bytes {
+                *key = format!("{key} (capped at {max_bytes}: 80 % of the free space at start)");
             }
         }
         let drop_oldest = new.when_full == WhenFull::DropOldest;
