@@ -226,10 +226,11 @@ fn admin_port_in_use_is_a_clear_error() {
 }
 
 /// `holdfast plugin new` makes a crate that builds against the SDK; its
-/// component loads into a running gateway.
+/// component loads into a running gateway on its default router config with
+/// exactly the swap command the scaffold prints.
 #[test]
 fn scaffolded_plugin_builds_and_swaps_in() {
-    let gw = Gateway::start("[plugins.router.config]\n");
+    let gw = Gateway::start("");
     let work = tempfile::tempdir().unwrap();
     let out = Command::new(BIN)
         .args(["plugin", "new", "router", "my-router", "--dir"])
@@ -237,6 +238,22 @@ fn scaffolded_plugin_builds_and_swaps_in() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let hint: Vec<&str> = printed
+        .lines()
+        .find_map(|l| l.strip_prefix("then: holdfast "))
+        .unwrap_or_else(|| panic!("no swap hint in {printed}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        hint,
+        [
+            "plugin",
+            "swap",
+            "router",
+            "target/wasm32-wasip2/release/my_router.wasm"
+        ]
+    );
     let krate = work.path().join("my-router");
     // Build it like an author would, sharing the plugins' target dir so the SDK is not rebuilt from scratch.
     let target_dir = Path::new(env!("HOLDFAST_WASM_TARGET_DIR")).join("scaffold");
@@ -249,8 +266,9 @@ fn scaffolded_plugin_builds_and_swaps_in() {
         .output()
         .unwrap();
     assert!(build.status.success(), "{}", stderr_of(&build));
-    let wasm = target_dir.join("wasm32-wasip2/release/my_router.wasm");
-    let out = gw.cli_ok(&["plugin", "swap", "router", wasm.to_str().unwrap()]);
+    // The printed command, with the build's target dir in place of `target/`.
+    let wasm = target_dir.join(hint[3].strip_prefix("target/").unwrap());
+    let out = gw.cli_ok(&[hint[0], hint[1], hint[2], wasm.to_str().unwrap()]);
     assert!(out.starts_with("swapped router"), "{out}");
     assert_eq!(gw.list()["plugins"][0]["source"], "admin-api");
     // A second scaffold with the same name is refused.
@@ -420,4 +438,160 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The README's registry commands run as written, in order, on a node with
+/// nothing registered (its config names no identity).
+#[test]
+fn readme_registry_commands_run_as_written() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let block = readme
+        .split("```")
+        .find(|b| b.starts_with("sh\n") && b.contains("holdfast device add"))
+        .expect("a sh block with `holdfast device add` in README.md");
+    let gw = Gateway::start("");
+    let mut ran = 0;
+    for line in block.lines().skip(1) {
+        let command = line.split('#').next().unwrap_or_default().trim();
+        if command.is_empty() {
+            continue;
+        }
+        let words: Vec<&str> = command.split_whitespace().collect();
+        assert_eq!(words[0], "holdfast", "{line}");
+        gw.cli_ok(&words[1..]);
+        ran += 1;
+    }
+    assert!(ran >= 3, "{block}");
+    let v: serde_json::Value = serde_json::from_str(&gw.cli_ok(&["device", "show", "thermostat-7", "--json"])).unwrap();
+    assert_eq!(v["parent"], "site-gw", "{v}");
+    gw.stop();
+}
+
+/// `holdfast queue | head -2`: output into a pipe that closes early ends the
+/// command quietly, without a panic.
+#[test]
+fn cli_output_into_a_closed_pipe_exits_quietly() {
+    let gw = Gateway::start("");
+    for args in [
+        vec!["queue"],
+        vec!["status"],
+        vec!["config", "default"],
+        vec!["plugin", "list"],
+    ] {
+        let mut child = gw
+            .cli_args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the reading end before the command writes (it has yet to
+        // start up, and `queue` and `status` ask the node first): its
+        // first write gets EPIPE.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(err.trim().is_empty(), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+    }
+    gw.stop();
+}
+
+/// The hostile test router, swapped into a running node, is driven into a
+/// trap, an endless loop and a memory bomb by several clients at once.
+/// Every publisher gets its PUBACK, each failure is counted under its kind
+/// with the guest's message in the log, no connection is left behind (the
+/// clients list, the connection gauge, reconnecting with the same id), the
+/// memory comes back, and SIGTERM does not wait for anything.
+#[test]
+fn hostile_router_never_breaks_a_connection() {
+    let gw = Gateway::start("[plugins.router]\nmemory_mib = 16\n");
+    let out = gw.cli_ok(&["plugin", "swap", "router", TEST_ROUTER]);
+    assert!(out.starts_with("swapped router"), "{out}");
+    let rss_kib = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", gw.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap()
+    };
+    let rss_before = rss_kib();
+
+    const ROUNDS: usize = 4;
+    let topics = ["hostile/trap", "hostile/loop", "hostile/bomb"];
+    let ids: Vec<String> = (0..6).map(|i| format!("hostile-{i}")).collect();
+    let port = gw.mqtt;
+    let threads: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let (id, topic) = (id.clone(), topics[i % topics.len()]);
+            std::thread::spawn(move || {
+                let mut c = Client::connect(port, &id, true).unwrap();
+                for _ in 0..ROUNDS {
+                    assert!(
+                        c.publish_acked(topic, "x", Duration::from_secs(10)).unwrap(),
+                        "{id}: no PUBACK for {topic}"
+                    );
+                }
+                // The connection still works after its messages failed.
+                assert!(c.publish_acked("other", "x", Duration::from_secs(10)).unwrap());
+                c
+            })
+        })
+        .collect();
+    let clients: Vec<Client> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let per_kind = (ROUNDS * 2) as f64;
+    for kind in ["trap", "timeout", "memory"] {
+        let line = format!("holdfast_plugin_failures_total{{slot=\"router\",kind=\"{kind}\"}}");
+        assert_eq!(gw.metric(&line), per_kind, "{kind}\n{}", gw.describe());
+    }
+    let log = gw.log();
+    assert!(log.contains("test-router: trap requested"), "{log}");
+    assert!(log.contains("memory allocation"), "{log}");
+    // The guest's panic is in the log; the host never panicked.
+    assert!(log.contains("panicked at tests/plugins/test-router"), "{log}");
+    for host_panic in [
+        "Cannot start a runtime",
+        "panicked in the host",
+        "connection task panicked",
+    ] {
+        assert!(!log.contains(host_panic), "{host_panic}: {log}");
+    }
+
+    // Every client is listed while connected, and none once gone.
+    let listed = |gw: &Gateway| -> usize {
+        let v: serde_json::Value = serde_json::from_str(&gw.cli_ok(&["clients", "--json"])).unwrap();
+        v["clients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["client_id"].as_str().unwrap_or_default().starts_with("hostile-"))
+            .count()
+    };
+    assert_eq!(listed(&gw), ids.len());
+    drop(clients);
+    support::fleet::wait_until(10, "the clients to be gone", || {
+        listed(&gw) == 0 && gw.metric("holdfast_mqtt_connections{transport=\"tcp\"}") == 0.0
+    });
+    // The same client ids connect again at once.
+    for id in &ids {
+        let mut c = Client::connect(gw.mqtt, id, true).unwrap();
+        assert!(c.publish_acked("other", "x", Duration::from_secs(10)).unwrap());
+    }
+
+    // The discarded instances gave their memory back (16 MiB bombs, 8 of them).
+    let out = gw.cli_ok(&["plugin", "rollback", "router"]);
+    assert!(out.contains("rolled back"), "{out}");
+    let rss_after = rss_kib();
+    eprintln!("RSS before {rss_before} KiB, after the hostile calls and rollback {rss_after} KiB");
+    assert!(rss_after < rss_before + 64 * 1024, "{rss_before} -> {rss_after} KiB");
+
+    // SIGTERM finds nothing hanging: well within the 10 s shutdown limit.
+    let started = Instant::now();
+    gw.stop();
+    let took = started.elapsed();
+    eprintln!("stopped in {took:?}");
+    assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
 }

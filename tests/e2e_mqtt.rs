@@ -974,3 +974,88 @@ fn qos2_release_state_survives_a_restart() {
     sub.send(&codec::Packet::PingReq);
     assert!(matches!(sub.recv(), codec::Packet::PingResp));
 }
+
+/// An MQTT 5 client that sends more QoS 1 messages than the receive maximum
+/// and keeps writing gets DISCONNECT 0x93 and an orderly close: the server
+/// reads (and discards) what is still coming for a short grace before it
+/// closes, so no reset destroys the reason code before the client reads it.
+#[test]
+fn receive_maximum_exceeded_reaches_a_client_that_keeps_writing() {
+    let gw = Gateway::start("[mqtt]\nmax_inflight = 2\n");
+    let mut s = TcpStream::connect(("127.0.0.1", gw.mqtt)).unwrap();
+    let c = codec::Connect {
+        version: codec::Version::V5,
+        client_id: "flood".into(),
+        clean_start: true,
+        keep_alive: 30,
+        username: None,
+        password: None,
+        will: None,
+        properties: Default::default(),
+    };
+    let mut b = BytesMut::new();
+    codec::encode(&codec::Packet::Connect(Box::new(c)), codec::Version::V5, &mut b);
+    s.write_all(&b).unwrap();
+    // About 64 KiB of QoS 1 publishes, written again and again.
+    let mut flood = BytesMut::new();
+    for pkid in 1..=600u16 {
+        let p = codec::Publish::new(
+            "flood/t",
+            bytes::Bytes::from(vec![7u8; 64]),
+            codec::QoS::AtLeastOnce,
+            pkid,
+        );
+        codec::encode(&codec::Packet::Publish(p), codec::Version::V5, &mut flood);
+    }
+    // Like a single-threaded client library: write, then look at what came
+    // back; a write that fails before the DISCONNECT was read loses the reason.
+    s.set_write_timeout(Some(Duration::from_secs(4))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let has_disconnect = |got: &[u8]| {
+        decode_all(got, codec::Version::V5)
+            .iter()
+            .any(|p| matches!(p, codec::Packet::Disconnect(_)))
+    };
+    let until = Instant::now() + Duration::from_secs(4);
+    while !has_disconnect(&got) && Instant::now() < until {
+        // One write per packet, a look at the socket every 600 packets.
+        for packet in flood.chunks(flood.len() / 600) {
+            if let Err(e) = s.write_all(packet) {
+                panic!(
+                    "the write failed ({e}) before the DISCONNECT was read\n{}",
+                    gw.describe()
+                );
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    // Then the server closes in order.
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let end = loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break "eof".to_string(),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) => break format!("error: {e}"),
+        }
+    };
+    let packets = decode_all(&got, codec::Version::V5);
+    let disconnect = packets.iter().find_map(|p| match p {
+        codec::Packet::Disconnect(d) => Some(d.code),
+        _ => None,
+    });
+    assert_eq!(
+        disconnect,
+        Some(0x93),
+        "ended with {end} after {} packets\n{}",
+        packets.len(),
+        gw.describe()
+    );
+    assert_eq!(end, "eof");
+    gw.stop();
+}

@@ -15,7 +15,40 @@ use crate::config::Config;
 use crate::plugins::SlotName;
 use crate::scaffold::{self, PluginKind};
 
+/// `println!` for command output. A closed pipe (`holdfast queue | head -2`)
+/// ends the process quietly with status 0 instead of a panic.
+macro_rules! outln {
+    () => {
+        $crate::cli::write_out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for command output; see [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!($($arg)*))
+    };
+}
+
 mod ops;
+
+/// Writes command output to stdout. When the reader has gone (EPIPE) the
+/// command has nothing left to do: the process exits with status 0, without
+/// the panic `println!` would raise. Any other write error exits with 1.
+pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
 pub use self::ops::INIT_CONFIG;
 
 /// Holdfast: an offline-first IoT edge gateway.
@@ -448,11 +481,11 @@ pub fn execute(cli: Cli) -> Result<()> {
         Command::Clients { limit } => ops::clients(&AdminClient::discover(&cli.admin)?, limit, cli.admin.json),
         Command::Config(ConfigCommand::Check { file }) => {
             Config::load(&file)?;
-            println!("{}: ok", file.display());
+            outln!("{}: ok", file.display());
             Ok(())
         }
         Command::Config(ConfigCommand::Default) => {
-            print!("{}", crate::config::EMBEDDED_DEFAULT);
+            out!("{}", crate::config::EMBEDDED_DEFAULT);
             Ok(())
         }
         Command::Passwd => {
@@ -465,7 +498,7 @@ pub fn execute(cli: Cli) -> Result<()> {
                 bail!("empty password on stdin");
             }
             let hash = crate::identity::hash_password(password).map_err(|e| anyhow!("hashing failed: {e}"))?;
-            println!("{hash}");
+            outln!("{hash}");
             Ok(())
         }
         Command::Plugin(PluginCommand::New {
@@ -476,12 +509,12 @@ pub fn execute(cli: Cli) -> Result<()> {
         }) => {
             let sdk = sdk_path.or_else(scaffold::default_sdk_path);
             let path = scaffold::create(kind, &name, &dir, sdk.as_deref())?;
-            println!("created {}", path.display());
-            println!(
+            outln!("created {}", path.display());
+            outln!(
                 "next: cd {} && cargo build --target wasm32-wasip2 --release",
                 path.display()
             );
-            println!(
+            outln!(
                 "then: holdfast plugin swap {} target/wasm32-wasip2/release/{}.wasm",
                 kind.slot(),
                 name.replace('-', "_")
@@ -500,7 +533,7 @@ pub fn execute(cli: Cli) -> Result<()> {
         }
         Command::Cert(CertCommand::Ca { dir, name, days, force }) => {
             let (cert, key) = crate::tls::issue::ca(&dir, &name, days, force)?;
-            println!("fleet CA: {} (key {}, keep it safe)", cert.display(), key.display());
+            outln!("fleet CA: {} (key {}, keep it safe)", cert.display(), key.display());
             Ok(())
         }
         Command::Cert(CertCommand::Node {
@@ -512,7 +545,7 @@ pub fn execute(cli: Cli) -> Result<()> {
         }) => {
             let out = out.unwrap_or_else(|| ca_dir.clone());
             let (cert, key) = crate::tls::issue::node(&ca_dir, &out, &node_id, days, force)?;
-            println!("node {node_id}: {} (key {})", cert.display(), key.display());
+            outln!("node {node_id}: {} (key {})", cert.display(), key.display());
             Ok(())
         }
         Command::Link(LinkCommand::Status) => {
@@ -537,7 +570,7 @@ pub fn execute(cli: Cli) -> Result<()> {
             if cli.admin.json {
                 return print_json(&v);
             }
-            println!("reloaded {}", str_of(&v["path"]));
+            outln!("reloaded {}", str_of(&v["path"]));
             for (title, key) in [
                 ("applied live", "applied"),
                 ("needs a restart", "not_applied"),
@@ -548,9 +581,9 @@ pub fn execute(cli: Cli) -> Result<()> {
                     .map(|a| a.iter().map(str_of).collect())
                     .unwrap_or_default();
                 if !items.is_empty() {
-                    println!("{title}:");
+                    outln!("{title}:");
                     for i in items {
-                        println!("  {i}");
+                        outln!("  {i}");
                     }
                 }
             }
@@ -575,8 +608,8 @@ pub fn execute(cli: Cli) -> Result<()> {
             if cli.admin.json {
                 return print_json(&v);
             }
-            println!("status {}", str_of(&v["status"]));
-            println!("{}", serde_json::to_string_pretty(&v["payload"])?);
+            outln!("status {}", str_of(&v["status"]));
+            outln!("{}", serde_json::to_string_pretty(&v["payload"])?);
             Ok(())
         }
     }
@@ -626,12 +659,12 @@ fn print_identity(v: &Value) {
     );
     for (label, key) in [("primary key", "sas_primary"), ("secondary key", "sas_secondary")] {
         if let Some(k) = v[key].as_str() {
-            println!("{label}: {k}");
+            outln!("{label}: {k}");
         }
     }
     if let Some(t) = v["thumbprints"].as_array().filter(|a| !a.is_empty()) {
         let t: Vec<String> = t.iter().map(str_of).collect();
-        println!("thumbprints: {}", t.join(", "));
+        outln!("thumbprints: {}", t.join(", "));
     }
 }
 
@@ -684,13 +717,13 @@ fn device_command(client: &AdminClient, cmd: DeviceCommand, json: bool) -> Resul
             }
             let summary = client.get("/api/v1/registry")?;
             match summary["role"].as_str() {
-                Some("replica") => println!(
+                Some("replica") => outln!(
                     "registry: replica of {}'s scope; last full sync {}, last change {}",
                     str_of(&summary["parent"]),
                     format_time(summary["sync"]["full_sync_ms"].as_u64()),
                     format_time(summary["sync"]["last_change_ms"].as_u64()),
                 ),
-                _ => println!("registry: owner"),
+                _ => outln!("registry: owner"),
             }
             let rows = rows_of(&list, "identities", identity_row);
             print_table(&["ID", "KIND", "PARENT", "ENABLED", "CREDENTIALS", "ORIGIN"], &rows);
@@ -706,7 +739,7 @@ fn device_command(client: &AdminClient, cmd: DeviceCommand, json: bool) -> Resul
                 .as_array()
                 .map(|a| a.iter().map(str_of).collect())
                 .unwrap_or_default();
-            println!("removed {}", removed.join(", "));
+            outln!("removed {}", removed.join(", "));
             return Ok(());
         }
         DeviceCommand::SetParent { id, parent, none } => {
@@ -724,7 +757,7 @@ fn device_command(client: &AdminClient, cmd: DeviceCommand, json: bool) -> Resul
             if json {
                 return print_json(&v);
             }
-            println!(
+            outln!(
                 "CA {} registered: {} ({})",
                 str_of(&v["name"]),
                 str_of(&v["subject"]),
@@ -770,7 +803,7 @@ fn device_command(client: &AdminClient, cmd: DeviceCommand, json: bool) -> Resul
             if json {
                 return print_json(&v);
             }
-            println!("sent to {id} on {}", str_of(&v["topic"]));
+            outln!("sent to {id} on {}", str_of(&v["topic"]));
             return Ok(());
         }
         DeviceCommand::CaRm { name } => {
@@ -778,7 +811,7 @@ fn device_command(client: &AdminClient, cmd: DeviceCommand, json: bool) -> Resul
             if json {
                 return print_json(&v);
             }
-            println!("CA {name} removed");
+            outln!("CA {name} removed");
             return Ok(());
         }
     };
@@ -847,7 +880,7 @@ fn cache_command(client: &AdminClient, cmd: CacheCommand, json: bool) -> Result<
             if json {
                 return print_json(&v);
             }
-            println!("purged {} objects ({})", str_of(&v["objects"]), bytes_of(&v["bytes"]));
+            outln!("purged {} objects ({})", str_of(&v["objects"]), bytes_of(&v["bytes"]));
         }
     }
     Ok(())
@@ -883,7 +916,7 @@ fn twin_command(client: &AdminClient, cmd: TwinCommand, json: bool) -> Result<()
             if json {
                 return print_json(&v);
             }
-            println!(
+            outln!(
                 "{id}: desired properties now at version {}",
                 str_of(&v["desired_version"])
             );
@@ -893,18 +926,18 @@ fn twin_command(client: &AdminClient, cmd: TwinCommand, json: bool) -> Result<()
     if json {
         return print_json(&v);
     }
-    println!("twin {}", str_of(&v["id"]));
-    println!(
+    outln!("twin {}", str_of(&v["id"]));
+    outln!(
         "desired (version {}, owned by {}):",
         str_of(&v["desired_version"]),
         str_of(&v["desired_owner"])
     );
-    println!("{}", serde_json::to_string_pretty(&v["desired"])?);
-    println!("reported (version {}):", str_of(&v["reported_version"]));
-    println!("{}", serde_json::to_string_pretty(&v["reported"])?);
+    outln!("{}", serde_json::to_string_pretty(&v["desired"])?);
+    outln!("reported (version {}):", str_of(&v["reported_version"]));
+    outln!("{}", serde_json::to_string_pretty(&v["reported"])?);
     if !v["pending_upstream"].is_null() {
-        println!("not yet pushed upstream:");
-        println!("{}", serde_json::to_string_pretty(&v["pending_upstream"])?);
+        outln!("not yet pushed upstream:");
+        outln!("{}", serde_json::to_string_pretty(&v["pending_upstream"])?);
     }
     Ok(())
 }
@@ -990,7 +1023,7 @@ fn plugin_command(client: &AdminClient, cmd: PluginCommand, json: bool) -> Resul
             if json {
                 return print_json(&v);
             }
-            println!(
+            outln!(
                 "swapped {slot}: {} -> {} in {:.1} ms",
                 short(&v["old"]),
                 short(&v["new"]),
@@ -1003,7 +1036,7 @@ fn plugin_command(client: &AdminClient, cmd: PluginCommand, json: bool) -> Resul
             if json {
                 return print_json(&v);
             }
-            println!("rolled back {slot}: {} -> {}", short(&v["old"]), short(&v["new"]));
+            outln!("rolled back {slot}: {} -> {}", short(&v["old"]), short(&v["new"]));
             Ok(())
         }
         // `execute` handles `new` before a client is made: it talks to no node.
@@ -1019,24 +1052,28 @@ fn link_status(client: &AdminClient, json: bool) -> Result<()> {
     let l = &v["link"];
     let kind = str_of(&l["kind"]);
     if kind == "none" {
-        println!("upstream: none (root)");
+        outln!("upstream: none (root)");
     } else {
-        println!("upstream: {kind} {}", str_of(&l["target"]));
-        println!(
+        outln!("upstream: {kind} {}", str_of(&l["target"]));
+        outln!(
             "state:    {} since {}",
             str_of(&l["state"]),
             format_time(l["since_ms"].as_u64())
         );
-        println!(
+        outln!(
             "connects: {}   failures: {}   sent: {}   acked: {}   window: {}",
-            l["connects"], l["failures"], l["sent"], l["acked"], l["window"]
+            l["connects"],
+            l["failures"],
+            l["sent"],
+            l["acked"],
+            l["window"]
         );
         if let Some(e) = l["last_error"].as_str() {
-            println!("last error: {e}");
+            outln!("last error: {e}");
         }
     }
     if let Some(addr) = v["listen"].as_str() {
-        println!("children listen on {addr} (udp)");
+        outln!("children listen on {addr} (udp)");
         let rows: Vec<Vec<String>> = l["children"]
             .as_object()
             .map(|o| {
@@ -1171,7 +1208,7 @@ fn rows_of(v: &Value, key: &str, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec
 }
 
 fn print_json(v: &Value) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    outln!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
@@ -1184,7 +1221,7 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     }
     let line = |cells: Vec<&str>| {
         let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", parts.join("  ").trim_end());
+        outln!("{}", parts.join("  ").trim_end());
     };
     line(headers.to_vec());
     for row in rows {

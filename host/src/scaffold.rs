@@ -124,8 +124,12 @@ use holdfast_sdk::router::{topic_matches, Action, Message, Router};
 use holdfast_sdk::Config;
 
 /// Configuration, from `[plugins.router.config]` in the gateway config.
+///
+/// Unknown keys are ignored: `holdfast plugin swap` keeps the slot's current
+/// config unless `--plugin-config` replaces it, so right after a swap this
+/// plugin is initialised with the config of the router it replaced (the
+/// default router's `default_lane`, `routes`, ...).
 #[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Settings {
     #[serde(default = "default_lane")]
     lane: u8,
@@ -170,6 +174,12 @@ mod tests {
         let r = MyRouter::init(&Config::empty()).unwrap();
         assert_eq!(r.route(&Message::builder("a/b").build()), vec![Action::upstream(5)]);
         assert_eq!(r.route(&Message::builder("local/x").build()), vec![Action::local_same_topic()]);
+    }
+
+    #[test]
+    fn accepts_the_config_of_the_router_it_replaces() {
+        let config = Config::parse("{\"default_lane\": 3, \"routes\": []}").unwrap();
+        assert!(MyRouter::init(&config).is_ok());
     }
 }
 "#;

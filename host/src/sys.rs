@@ -24,3 +24,13 @@ pub fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
     use argon2::password_hash::rand_core::{OsRng, RngCore};
     OsRng.try_fill_bytes(buf).map_err(std::io::Error::other)
 }
+
+/// The message of a caught panic (`&str` or `String` payloads; others are
+/// "unknown panic").
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
+}

@@ -565,3 +565,73 @@ fn default_auth_verifies_sas_tokens_through_host_imports() {
     };
     assert!(f.host.authenticate(&anonymous).value.is_err());
 }
+
+/// The gateway calls plugins on tokio's worker threads. A guest that panics
+/// writes its message to stderr before it traps, and a blocking WASI write
+/// there used to panic the host ("Cannot start a runtime from within a
+/// runtime"), unwinding through the caller. Now every failure comes back as
+/// a classified failure with the guest's output in its message, and the slot
+/// keeps answering. The deadline is the default 10 ms; the memory cap is
+/// 16 MiB, so the bomb reaches it or is stopped well past an eighth of it.
+#[test]
+fn hostile_calls_on_tokio_worker_threads_fail_cleanly() {
+    let f = fixture("[plugins.router]\nmemory_mib = 16\n");
+    f.host
+        .swap(
+            SlotName::Router,
+            &read(TEST_ROUTER),
+            "test".into(),
+            Some(test_router_config("A")),
+        )
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let host = f.host.clone();
+    let kinds = rt.block_on(async move {
+        let mut kinds = Vec::new();
+        for topic in [
+            "hostile/trap",
+            "hostile/bomb",
+            "hostile/loop",
+            "hostile/trap",
+            "hostile/bomb",
+        ] {
+            let h = host.clone();
+            // A spawned task runs on a worker thread, like a connection's.
+            let answer = tokio::spawn(async move { h.route(msg(topic)) }).await.unwrap();
+            let failure = answer.failure.unwrap_or_else(|| panic!("{topic} did not fail"));
+            kinds.push((topic, failure.kind, failure.message));
+            let h = host.clone();
+            let ok = tokio::spawn(async move { h.route(msg("x")).value }).await.unwrap();
+            assert_eq!(ok, RouteOutcome::Actions(vec![Action::Drop("test-router:A".into())]));
+        }
+        kinds
+    });
+    for (topic, kind, message) in &kinds {
+        let want = match *topic {
+            "hostile/trap" => FailureKind::Trap,
+            "hostile/bomb" => FailureKind::Memory,
+            _ => FailureKind::Timeout,
+        };
+        assert_eq!(*kind, want, "{topic}: {message}");
+        assert!(!message.contains("panicked in the host"), "{topic}: {message}");
+    }
+    // The guest's own panic message reached the failure (and the log).
+    let (_, _, trap) = &kinds[0];
+    assert!(trap.contains("test-router: trap requested"), "{trap}");
+    let (_, _, bomb) = &kinds[1];
+    assert!(bomb.contains("memory allocation"), "{bomb}");
+    for (kind, n) in [("trap", 2.0), ("memory", 2.0), ("timeout", 1.0)] {
+        assert_eq!(
+            metric(
+                &f.metrics,
+                &format!("holdfast_plugin_failures_total{{slot=\"router\",kind=\"{kind}\"}}")
+            ),
+            n,
+            "{kind}"
+        );
+    }
+}

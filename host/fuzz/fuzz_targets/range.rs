@@ -20,10 +20,14 @@ fuzz_target!(|data: &[u8]| {
         .map_or(1000, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) % (1 << 40));
     if let Ok(specs) = range::parse(text) {
         assert!(!specs.is_empty() && specs.len() <= range::MAX_RANGES);
+        let mut total = 0u64;
         for r in range::resolve(&specs, length) {
             assert!(r.start < r.end && r.end <= length);
+            total += r.len();
             let _ = r.content_range(length);
         }
+        // Coalesced: the parts of an answer never add up to more than the object.
+        assert!(total <= length);
     }
     if let Some((a, b, len)) = range::parse_content_range(text) {
         assert!(a <= b && len.is_none_or(|l| b < l));

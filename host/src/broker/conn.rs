@@ -37,6 +37,12 @@ const BACKPRESSURE_DEPTH: usize = 256;
 const BACKPRESSURE_PAUSE: Duration = Duration::from_millis(1);
 /// Most authorization decisions cached per connection and operation.
 const AUTHZ_CACHE: usize = 1024;
+/// After the server ends a connection with an error, how long it reads (and
+/// discards) what the client is still sending, and how much at most. Closing
+/// a socket with unread data makes the kernel answer with a reset, and a
+/// client still writing would see a broken pipe instead of the reason code.
+const DRAIN_GRACE: Duration = Duration::from_millis(500);
+const DRAIN_MAX: usize = 1 << 20;
 
 /// Who is on the other end of a new connection.
 #[derive(Debug, Clone)]
@@ -151,13 +157,40 @@ where
         paused_until: None,
         revoked: None,
     };
-    let exit = match conn.handshake(over).await {
-        Ok(()) => conn.run().await,
-        Err(e) => e,
-    };
+    let served = CatchPanic(Box::pin(async {
+        match conn.handshake(over).await {
+            Ok(()) => conn.run().await,
+            Err(e) => e,
+        }
+    }))
+    .await;
+    // A bug that panics while serving one client must not leave its
+    // connection half-registered (counted, its client id held): the
+    // connection ends like any other, with 0x80, and the panic is logged.
+    let exit = served.unwrap_or_else(|what| {
+        tracing::error!(peer = %conn.peer.addr, "connection task panicked: {what}");
+        Exit::Error(reason::UNSPECIFIED, "internal-error")
+    });
     conn.finish(exit).await;
     broker.connections.fetch_sub(1, Ordering::AcqRel);
     gauge.dec();
+}
+
+/// Resolves to the future's output, or to the panic's message if polling it
+/// panicked.
+struct CatchPanic<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchPanic<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(panic) => Poll::Ready(Err(crate::sys::panic_message(&*panic))),
+        }
+    }
 }
 
 struct Conn<S> {
@@ -998,16 +1031,34 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.write_out()).await;
         let _ = tokio::time::timeout(Duration::from_millis(200), self.wr.shutdown()).await;
-        let Some(session) = self.session.take() else {
-            return;
-        };
-        let will = match exit {
-            Exit::Clean | Exit::Shutdown => None,
-            _ => self.will.take(),
-        };
-        let principal = self.principal.as_ref().map(|p| p.id.clone());
-        self.broker
-            .detach(&session, self.conn_id, will.map(|w| (w.msg, w.delay_s)), principal);
+        if let Some(session) = self.session.take() {
+            let will = match exit {
+                Exit::Clean | Exit::Shutdown => None,
+                _ => self.will.take(),
+            };
+            let principal = self.principal.as_ref().map(|p| p.id.clone());
+            self.broker
+                .detach(&session, self.conn_id, will.map(|w| (w.msg, w.delay_s)), principal);
+        }
+        if matches!(exit, Exit::Error(..)) {
+            self.drain_input().await;
+        }
+    }
+
+    /// Reads and discards what the client still sends, until it closes, for
+    /// at most [`DRAIN_GRACE`] and [`DRAIN_MAX`] bytes, so the reason code
+    /// written before reaches it (see [`DRAIN_GRACE`]). The session is
+    /// already detached: a reconnect does not wait for this.
+    async fn drain_input(&mut self) {
+        let deadline = Instant::now() + DRAIN_GRACE;
+        let mut left = DRAIN_MAX;
+        let mut buf = [0u8; 8192];
+        while left > 0 {
+            match tokio::time::timeout_at(deadline, self.rd.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+                _ => break,
+            }
+        }
     }
 }
 

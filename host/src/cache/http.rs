@@ -19,6 +19,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
+use super::path;
 use super::range::{self, ByteRange, Spec};
 use super::upstream::Endpoint;
 use super::{Cache, Fill, FillError, Meta, Plan, Source, now_secs};
@@ -174,13 +175,23 @@ async fn handle(cache: Arc<Cache>, plugins: Arc<PluginHost>, req: Request<Incomi
             format!("request loop: it already passed through {}\n", cache.token()),
         );
     }
-    let Some(t) = target(&parts) else {
+    let Some(mut t) = target(&parts) else {
         cache.event("bad-request");
         count("none", "error");
         return full(
             StatusCode::BAD_REQUEST,
             "the request names no host (Host header or absolute URI)\n".into(),
         );
+    };
+    // The plugin's rules, the cache key and the request sent upstream all
+    // see the normalised path (docs/cache.md, "Request paths").
+    t.path_and_query = match path::normalize(&t.path_and_query) {
+        Ok(p) => p,
+        Err(e) => {
+            cache.event("bad-path");
+            count("none", "error");
+            return full(StatusCode::BAD_REQUEST, format!("bad request path: {e}\n"));
+        }
     };
     let head = RequestHead {
         method: parts.method.as_str().to_string(),

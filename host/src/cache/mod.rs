@@ -18,6 +18,7 @@
 
 pub mod disk;
 pub mod http;
+pub mod path;
 pub mod range;
 pub mod upstream;
 

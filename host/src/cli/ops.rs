@@ -25,9 +25,9 @@ pub fn init(path: &Path, force: bool) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     std::fs::write(path, INIT_CONFIG).with_context(|| format!("cannot write {}", path.display()))?;
-    println!("wrote {}", path.display());
-    println!("check it:  holdfast config check {}", path.display());
-    println!("run it:    holdfast run --config {}", path.display());
+    outln!("wrote {}", path.display());
+    outln!("check it:  holdfast config check {}", path.display());
+    outln!("run it:    holdfast run --config {}", path.display());
     Ok(())
 }
 
@@ -50,7 +50,7 @@ pub fn status(client: &AdminClient, json: bool) -> Result<()> {
         return print_json(&v);
     }
     let n = &v["node"];
-    println!(
+    outln!(
         "node     {}  version {}  up {}",
         str_of(&n["id"]),
         str_of(&n["version"]),
@@ -58,9 +58,9 @@ pub fn status(client: &AdminClient, json: bool) -> Result<()> {
     );
     let l = &v["link"];
     if l["kind"] == "none" {
-        println!("link     root (no upstream)");
+        outln!("link     root (no upstream)");
     } else {
-        println!(
+        outln!(
             "link     {} {} → {}  since {}  connects {}  failures {}  sent {}  acked {}",
             str_of(&l["state"]),
             str_of(&l["kind"]),
@@ -74,14 +74,14 @@ pub fn status(client: &AdminClient, json: bool) -> Result<()> {
         if l["state"] != "up"
             && let Some(e) = l["last_error"].as_str()
         {
-            println!("         last error: {e}");
+            outln!("         last error: {e}");
         }
     }
     print_backlog("backlog  ", &v["outbox"]);
     let m = &v["mqtt"];
     if m["enabled"] == true {
         let s = &m["stats"];
-        println!(
+        outln!(
             "clients  {} connected, {} sessions, {} subscriptions, {} retained",
             str_of(&s["connections"]),
             str_of(&s["sessions"]),
@@ -89,25 +89,25 @@ pub fn status(client: &AdminClient, json: bool) -> Result<()> {
             str_of(&s["retained"])
         );
     } else {
-        println!("clients  the MQTT broker is disabled");
+        outln!("clients  the MQTT broker is disabled");
     }
-    println!();
+    outln!();
     let plugins = rows_of(&v, "plugins", plugin_row);
     print_table(PLUGIN_HEADERS, &plugins);
     let swaps: Vec<Vec<String>> = rows_of(&v, "recent_swaps", swap_row).into_iter().take(5).collect();
     if !swaps.is_empty() {
-        println!();
+        outln!();
         print_table(&["WHEN", "SLOT", "ACTION", "FROM", "TO", "SOURCE"], &swaps);
     }
-    println!();
+    outln!();
     let c = &v["cache"];
     if c.is_null() {
-        println!("cache    disabled");
+        outln!("cache    disabled");
     } else {
         let ratio = c["byte_hit_ratio"]
             .as_f64()
             .map_or_else(|| "-".to_string(), |r| format!("{:.1} %", r * 100.0));
-        println!(
+        outln!(
             "cache    hit ratio {ratio} (bytes), {} of {} requests hits, saved {}, stored {} of {} in {} objects",
             str_of(&c["hit_requests"]),
             str_of(&c["requests"]),
@@ -148,7 +148,7 @@ pub fn queue(client: &AdminClient, json: bool) -> Result<()> {
 /// `N messages, X of Y, oldest Z` and the table of non-empty lanes of an
 /// `/api/v1/outbox` answer.
 fn print_backlog(prefix: &str, outbox: &Value) {
-    println!(
+    outln!(
         "{prefix}{} messages, {} of {}, oldest {}",
         str_of(&outbox["messages"]),
         bytes_of(&outbox["bytes"]),
@@ -265,7 +265,7 @@ pub fn wait_empty(
             if json {
                 print_json(&serde_json::json!({ "empty": true, "waited_ms": waited.as_millis() as u64 }))?;
             } else {
-                println!("outbox empty after {:.1} s", waited.as_secs_f64());
+                outln!("outbox empty after {:.1} s", waited.as_secs_f64());
             }
             return Ok(());
         }

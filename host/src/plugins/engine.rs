@@ -72,6 +72,8 @@ impl Runtime {
         let linker = |slot: SlotName| -> Result<Linker<PluginState>, PluginError> {
             let mut l = Linker::new(&engine);
             wasmtime_wasi::p2::add_to_linker_sync(&mut l).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+            // Plugins run on tokio's worker threads: no WASI call may block there.
+            super::stdio::link_non_blocking_io(&mut l).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
             let r = match slot {
                 SlotName::Router => bindings::router::Router::add_to_linker::<_, HasSelf<PluginState>>(&mut l, |s| s),
                 SlotName::Auth => bindings::auth::Auth::add_to_linker::<_, HasSelf<PluginState>>(&mut l, |s| s),

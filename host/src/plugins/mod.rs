@@ -19,6 +19,7 @@ mod engine;
 pub mod message;
 mod slot;
 mod state;
+mod stdio;
 pub mod watch;
 
 use std::sync::Arc;

@@ -213,10 +213,14 @@ impl<K: Kind> Version<K> {
 
 /// Turns a call error into a failure, using what the store saw.
 fn classify(error: &wasmtime::Error, state: &PluginState) -> Failure {
-    let kind = if matches!(error.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
-        FailureKind::Timeout
-    } else if state.limits.hit {
+    // A memory bomb ends in a trap (the guest's allocator gives up at the
+    // cap) or in the deadline while it is still growing: either way memory
+    // is the cause (see `Limits::exhausted`).
+    let interrupted = matches!(error.downcast_ref::<Trap>(), Some(Trap::Interrupt));
+    let kind = if state.limits.exhausted(interrupted) {
         FailureKind::Memory
+    } else if interrupted {
+        FailureKind::Timeout
     } else {
         FailureKind::Trap
     };
@@ -224,6 +228,50 @@ fn classify(error: &wasmtime::Error, state: &PluginState) -> Failure {
         kind,
         message: format!("{error:#}"),
     }
+}
+
+/// Runs one call into an instance. An error is classified; a panic that
+/// unwinds out of the call (a host import that failed in a way wasmtime does
+/// not turn into a trap) is caught and counted as a trap, so no caller is
+/// ever unwound. Either way the instance must be discarded. What the guest
+/// wrote to stdout or stderr is logged, and is part of the failure's message.
+fn guarded<R>(
+    store: &mut Store<PluginState>,
+    f: impl FnOnce(&mut Store<PluginState>) -> wasmtime::Result<R>,
+) -> Result<R, Failure> {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut *store)));
+    let state = store.data();
+    let output = state.output.take();
+    let result = match outcome {
+        Ok(Ok(value)) => {
+            if let Some(text) = &output {
+                tracing::info!(
+                    target: "holdfast::plugin",
+                    slot = state.slot.as_str(),
+                    version = &*state.version,
+                    "plugin output: {text}"
+                );
+            }
+            return Ok(value);
+        }
+        Ok(Err(e)) => classify(&e, state),
+        Err(panic) => {
+            let what = crate::sys::panic_message(&*panic);
+            Failure {
+                kind: if state.limits.hit {
+                    FailureKind::Memory
+                } else {
+                    FailureKind::Trap
+                },
+                message: format!("the call panicked in the host: {what}"),
+            }
+        }
+    };
+    let mut failure = result;
+    if let Some(text) = output {
+        failure.message = format!("{}; plugin output: {text}", failure.message);
+    }
+    Err(failure)
 }
 
 /// Hot-path metric handles for a slot.
@@ -398,7 +446,8 @@ impl<K: Kind> Slot<K> {
         let ticks = self.limits.deadline_ticks();
         instance.store.data_mut().begin_call(ticks);
         instance.store.set_epoch_deadline(ticks);
-        match f(&instance.bindings, &mut instance.store) {
+        let Instance { store, bindings } = &mut instance;
+        match guarded(store, |store| f(bindings, store)) {
             Ok(value) => {
                 let mut idle = version.idle.lock().unwrap_or_else(|p| p.into_inner());
                 if idle.len() < self.limits.pool_size {
@@ -406,7 +455,8 @@ impl<K: Kind> Slot<K> {
                 }
                 Ok(value)
             }
-            Err(e) => Err(classify(&e, instance.store.data())),
+            // The instance is dropped here: its memory goes back to the pool.
+            Err(failure) => Err(failure),
         }
     }
 
@@ -636,8 +686,7 @@ fn new_instance<K: Kind>(
     store.epoch_deadline_callback(|mut ctx| Ok(ctx.data_mut().deadline.on_expiry()));
     store.data_mut().begin_call(limits.init_ticks());
     store.set_epoch_deadline(limits.init_ticks());
-    let bindings = K::instantiate(&version.pre, &mut store).map_err(|e| {
-        let mut f = classify(&e, store.data());
+    let bindings = guarded(&mut store, |store| K::instantiate(&version.pre, store)).map_err(|mut f| {
         if f.kind == FailureKind::Trap {
             f.kind = FailureKind::Unavailable;
             f.message = format!("cannot instantiate: {}", f.message);
@@ -645,14 +694,13 @@ fn new_instance<K: Kind>(
         f
     })?;
     let config = version.config_json.clone();
-    match K::init(&bindings, &mut store, &config) {
+    match guarded(&mut store, |store| K::init(&bindings, store, &config)) {
         Ok(Ok(())) => Ok(Instance { store, bindings }),
         Ok(Err(message)) => Err(Failure {
             kind: FailureKind::Unavailable,
             message: format!("init returned an error: {message}"),
         }),
-        Err(e) => {
-            let mut f = classify(&e, store.data());
+        Err(mut f) => {
             f.message = format!("init trapped: {}", f.message);
             Err(f)
         }
