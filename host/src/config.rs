@@ -210,10 +210,12 @@ impl<P: Default> Default for SlotConfig<P> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RouterFailurePolicy {
-    /// Keep the message aside in the dead-letter sink (default).
+    /// Meant to keep the message aside; there is no dead-letter store yet,
+    /// so it is dropped and counted like [`RouterFailurePolicy::Drop`]
+    /// (default).
     #[default]
     DeadLetter,
-    /// Drop the message, counted under reason `plugin-failure`.
+    /// Drop the message, counted under reason `router-failure`.
     Drop,
 }
 
