@@ -430,19 +430,7 @@ fn raw_exchange(port: u16, connect_v5: bool, bytes: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     if connect_v5 {
-        let c = codec::Connect {
-            version: codec::Version::V5,
-            client_id: format!("raw-{}", std::process::id()),
-            clean_start: true,
-            keep_alive: 30,
-            username: None,
-            password: None,
-            will: None,
-            properties: Default::default(),
-        };
-        let mut b = BytesMut::new();
-        codec::encode(&codec::Packet::Connect(Box::new(c)), codec::Version::V5, &mut b);
-        s.write_all(&b).unwrap();
+        send_connect_v5(&mut s, &format!("raw-{}", std::process::id()));
         let mut ack = [0u8; 64];
         let n = s.read(&mut ack).unwrap();
         assert!(n >= 4 && ack[0] == 0x20, "no CONNACK: {:?}", &ack[..n]);
@@ -451,6 +439,23 @@ fn raw_exchange(port: u16, connect_v5: bool, bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     out
+}
+
+/// Writes an MQTT 5 CONNECT (clean start) for `client_id`.
+fn send_connect_v5(s: &mut TcpStream, client_id: &str) {
+    let c = codec::Connect {
+        version: codec::Version::V5,
+        client_id: client_id.into(),
+        clean_start: true,
+        keep_alive: 30,
+        username: None,
+        password: None,
+        will: None,
+        properties: Default::default(),
+    };
+    let mut b = BytesMut::new();
+    codec::encode(&codec::Packet::Connect(Box::new(c)), codec::Version::V5, &mut b);
+    s.write_all(&b).unwrap();
 }
 
 fn decode_all(bytes: &[u8], version: codec::Version) -> Vec<codec::Packet> {
@@ -983,19 +988,7 @@ fn qos2_release_state_survives_a_restart() {
 fn receive_maximum_exceeded_reaches_a_client_that_keeps_writing() {
     let gw = Gateway::start("[mqtt]\nmax_inflight = 2\n");
     let mut s = TcpStream::connect(("127.0.0.1", gw.mqtt)).unwrap();
-    let c = codec::Connect {
-        version: codec::Version::V5,
-        client_id: "flood".into(),
-        clean_start: true,
-        keep_alive: 30,
-        username: None,
-        password: None,
-        will: None,
-        properties: Default::default(),
-    };
-    let mut b = BytesMut::new();
-    codec::encode(&codec::Packet::Connect(Box::new(c)), codec::Version::V5, &mut b);
-    s.write_all(&b).unwrap();
+    send_connect_v5(&mut s, "flood");
     // About 64 KiB of QoS 1 publishes, written again and again.
     let mut flood = BytesMut::new();
     for pkid in 1..=600u16 {

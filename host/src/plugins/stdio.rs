@@ -17,6 +17,7 @@
 
 use std::future::Future;
 use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
@@ -34,7 +35,15 @@ use super::state::{LOG_MESSAGE_MAX, PluginState};
 /// What a plugin instance wrote to stdout and stderr, at most
 /// [`LOG_MESSAGE_MAX`] bytes between two reads; the rest is counted.
 #[derive(Debug, Clone, Default)]
-pub struct Captured(Arc<Mutex<CapturedBuf>>);
+pub struct Captured(Arc<CapturedInner>);
+
+#[derive(Debug, Default)]
+struct CapturedInner {
+    /// Set by a write: [`Captured::take`] on the call path locks nothing
+    /// while a plugin writes nothing, which is the usual case.
+    written: AtomicBool,
+    buf: Mutex<CapturedBuf>,
+}
 
 #[derive(Debug, Default)]
 struct CapturedBuf {
@@ -44,16 +53,20 @@ struct CapturedBuf {
 
 impl Captured {
     fn push(&self, data: &[u8]) {
-        let mut b = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut b = self.0.buf.lock().unwrap_or_else(|p| p.into_inner());
         let room = LOG_MESSAGE_MAX.saturating_sub(b.bytes.len());
         let keep = data.len().min(room);
         b.bytes.extend_from_slice(&data[..keep]);
         b.dropped += data.len() - keep;
+        self.0.written.store(true, Ordering::Release);
     }
 
     /// Takes what was written since the last call, as text; `None` if nothing was.
     pub fn take(&self) -> Option<String> {
-        let mut b = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.0.written.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        let mut b = self.0.buf.lock().unwrap_or_else(|p| p.into_inner());
         if b.bytes.is_empty() && b.dropped == 0 {
             return None;
         }
