@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use holdfast::config::OutboxConfig;
-use holdfast::metrics::Metrics;
-use holdfast::outbox::{Outbox, SystemTimeSource};
-use holdfast::store::Store;
+use holdfast_metrics::Metrics;
+use holdfast_outbox::{Outbox, SystemTimeSource};
+use holdfast_store::Store;
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 
@@ -91,7 +91,7 @@ fn recovered(dir: &Path) -> Vec<(u8, u64, String)> {
                 out.push((
                     lane,
                     l.id.seq,
-                    String::from_utf8(l.record.message.payload.clone()).unwrap(),
+                    String::from_utf8(l.record.message.payload.to_vec()).unwrap(),
                 ));
             }
         }

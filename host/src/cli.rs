@@ -497,7 +497,7 @@ pub fn execute(cli: Cli) -> Result<()> {
             if password.is_empty() {
                 bail!("empty password on stdin");
             }
-            let hash = crate::identity::hash_password(password).map_err(|e| anyhow!("hashing failed: {e}"))?;
+            let hash = holdfast_model::identity::hash_password(password).map_err(|e| anyhow!("hashing failed: {e}"))?;
             outln!("{hash}");
             Ok(())
         }
@@ -945,14 +945,14 @@ fn twin_command(client: &AdminClient, cmd: TwinCommand, json: bool) -> Result<()
 fn outbox_fill(data_dir: &Path, writers: u32, lanes: u8, tag: &str) -> Result<()> {
     use std::io::Write as _;
     use std::sync::{Arc, Mutex};
-    let store = crate::store::Store::open(&data_dir.join("store"))?;
-    let metrics = Arc::new(crate::metrics::Metrics::new());
-    let outbox = Arc::new(crate::outbox::Outbox::open(
+    let store = holdfast_store::Store::open(&data_dir.join("store"))?;
+    let metrics = Arc::new(holdfast_metrics::Metrics::new());
+    let outbox = Arc::new(holdfast_outbox::Outbox::open(
         &store,
         data_dir,
         crate::config::OutboxConfig::default(),
         metrics,
-        Arc::new(crate::outbox::SystemTimeSource),
+        Arc::new(holdfast_outbox::SystemTimeSource),
     )?);
     let out = Arc::new(Mutex::new(std::io::stdout()));
     let threads: Vec<_> = (0..writers)
@@ -1159,26 +1159,13 @@ fn format_time(ms: Option<u64>) -> String {
     let Some(ms) = ms else { return "-".to_string() };
     let secs = (ms / 1000) as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (y, m, d) = civil_from_days(days);
+    let (y, m, d) = holdfast_model::civil_from_days(days);
     format!(
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60
     )
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// GETs `path` and prints the array `key` of the answer as a table, or the

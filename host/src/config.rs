@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use holdfast_cache::config::CacheConfig;
+pub use holdfast_outbox::config::{OutboxConfig, Scheduling, SyncMode, WhenFull};
+
 /// A configuration error that names the offending key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -239,63 +242,6 @@ pub enum ContentFailurePolicy {
     Deny,
 }
 
-/// `[outbox]`: the durable store-and-forward queue of upstream-bound messages.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OutboxConfig {
-    /// Time-to-live of a message whose route sets none, seconds. Default 7200.
-    pub default_ttl_seconds: u64,
-    /// Byte limit of queued messages. Default 10 GiB; the effective limit is
-    /// the smaller of this and 80 % of the disk space free at start.
-    pub max_bytes: u64,
-    /// Message-count limit. Default 10,000,000.
-    pub max_messages: u64,
-    /// Appends are refused (or the oldest dropped) while the disk has less
-    /// free space than this, bytes. Default 256 MiB.
-    pub min_free_disk_bytes: u64,
-    /// What happens when a limit is reached.
-    pub when_full: WhenFull,
-    /// `data` (fdatasync) or `all` (fsync) before an append is acknowledged. Default `data`.
-    pub sync: SyncMode,
-    /// Extra time the writer waits for more appends to share an fsync, µs.
-    /// Default 0: appends that arrive while an fsync runs share the next one.
-    pub commit_window_us: u64,
-    /// Most operations in one commit. Default 8192.
-    pub max_batch: usize,
-    /// How lanes share the upstream: `strict` priority, or `bounded` (strict,
-    /// but a waiting lane is served at least once every `starvation_limit` batches).
-    pub scheduling: Scheduling,
-    /// See `scheduling`. Default 8.
-    pub starvation_limit: u32,
-    /// Lanes (0-9) delivered live-first: traffic newer than the moment the
-    /// link came up goes before the backlog. Default none.
-    pub live_first_lanes: Vec<u8>,
-    /// How often expired messages are swept, ms. Default 5000.
-    pub expire_interval_ms: u64,
-    /// Most messages examined per sweep. Default 20000.
-    pub expire_scan_limit: usize,
-}
-
-impl Default for OutboxConfig {
-    fn default() -> Self {
-        OutboxConfig {
-            default_ttl_seconds: 7200,
-            max_bytes: 10 << 30,
-            max_messages: 10_000_000,
-            min_free_disk_bytes: 256 << 20,
-            when_full: WhenFull::RejectNew,
-            sync: SyncMode::Data,
-            commit_window_us: 0,
-            max_batch: 8192,
-            scheduling: Scheduling::Strict,
-            starvation_limit: 8,
-            live_first_lanes: Vec::new(),
-            expire_interval_ms: 5000,
-            expire_scan_limit: 20_000,
-        }
-    }
-}
-
 /// `[mqtt]`: the MQTT broker for child devices and modules.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -490,59 +436,6 @@ impl Default for LinkConfig {
     }
 }
 
-/// `[cache]`: the in-network HTTP range cache (docs/cache.md). Which
-/// requests it serves is decided by the content-source plugin.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CacheConfig {
-    /// Serve the cache. Default true.
-    pub enabled: bool,
-    /// TCP address of the HTTP/1.1 listener. Default `0.0.0.0:8080`; use
-    /// port 80 in production (update clients expect it).
-    pub listen: SocketAddr,
-    /// Where blocks are stored. Default `<data_dir>/cache`.
-    pub dir: Option<PathBuf>,
-    /// Block size in bytes: a power of two, 64 KiB-16 MiB. Default 1 MiB.
-    /// Use the same size at every level of a tree. Changing it empties the cache.
-    pub block_size: u64,
-    /// Most bytes of blocks stored. Default 10 GiB.
-    pub max_size: u64,
-    /// Free space to leave on the cache's file system, bytes. Default 1 GiB.
-    pub min_free: u64,
-    /// The parent node's cache, e.g. `http://10.0.0.1:8080`. Misses are
-    /// fetched through it (it fetches from its own parent or the origin)
-    /// instead of from the origin. Default none.
-    pub parent: Option<String>,
-    /// Bytes a fill keeps fetching after every client that was reading it
-    /// went away. Default 16 MiB.
-    pub orphan_fill_bytes: u64,
-    /// Timeout for connecting to an upstream and receiving its response
-    /// head, and for each read of its body, ms. Default 30000.
-    pub upstream_timeout_ms: u64,
-    /// Extra PEM trust anchors for https origins, besides the system's.
-    pub ca_file: Option<PathBuf>,
-    /// Concurrent client connections. Default 1024.
-    pub max_connections: usize,
-}
-
-impl Default for CacheConfig {
-    fn default() -> Self {
-        CacheConfig {
-            enabled: true,
-            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            dir: None,
-            block_size: 1 << 20,
-            max_size: 10 << 30,
-            min_free: 1 << 30,
-            parent: None,
-            orphan_fill_bytes: 16 << 20,
-            upstream_timeout_ms: 30_000,
-            ca_file: None,
-            max_connections: 1024,
-        }
-    }
-}
-
 /// Where the outbox drains to.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -721,39 +614,6 @@ pub struct BridgeInConfig {
     pub add_prefix: String,
 }
 
-/// What the outbox does when full.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum WhenFull {
-    /// Refuse the new message (MQTT 5 reason 0x97 "quota exceeded").
-    #[default]
-    RejectNew,
-    /// Drop the oldest messages of the lowest-priority lane until it fits.
-    DropOldest,
-}
-
-/// How an append is made durable.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SyncMode {
-    /// fdatasync.
-    #[default]
-    Data,
-    /// fsync.
-    All,
-}
-
-/// Lane scheduling.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Scheduling {
-    /// Lower lane numbers always first.
-    #[default]
-    Strict,
-    /// Strict, with bounded starvation.
-    Bounded,
-}
-
 /// `[[identities]]`: an identity seeded from the config.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -884,55 +744,10 @@ impl Config {
         if !(4..=10_000).contains(&self.plugins.max_instances) {
             return Err(ConfigError::key("plugins.max_instances", "must be 4-10000"));
         }
-        let c = &self.cache;
-        if !c.block_size.is_power_of_two() || !(64 << 10..=16 << 20).contains(&c.block_size) {
-            return Err(ConfigError::key(
-                "cache.block_size",
-                "must be a power of two from 65536 to 16777216",
-            ));
-        }
-        if c.max_size < c.block_size {
-            return Err(ConfigError::key("cache.max_size", "must be at least one block"));
-        }
-        if let Some(p) = &c.parent
-            && let Err(e) = crate::cache::upstream::Endpoint::parse(p)
-        {
-            return Err(ConfigError::key("cache.parent", &e));
-        }
-        if c.upstream_timeout_ms < 100 {
-            return Err(ConfigError::key("cache.upstream_timeout_ms", "must be at least 100"));
-        }
-        if c.max_connections == 0 {
-            return Err(ConfigError::key("cache.max_connections", "must be at least 1"));
-        }
-        let o = &self.outbox;
-        if o.default_ttl_seconds == 0 {
-            return Err(ConfigError::key("outbox.default_ttl_seconds", "must be at least 1"));
-        }
-        if o.max_messages == 0 || o.max_bytes == 0 {
-            return Err(ConfigError::key("outbox.max_messages", "limits must be at least 1"));
-        }
-        if !(1..=1_000_000).contains(&o.max_batch) {
-            return Err(ConfigError::key("outbox.max_batch", "must be 1-1000000"));
-        }
-        if o.commit_window_us > 1_000_000 {
-            return Err(ConfigError::key("outbox.commit_window_us", "must be at most 1000000"));
-        }
-        if o.starvation_limit == 0 {
-            return Err(ConfigError::key("outbox.starvation_limit", "must be at least 1"));
-        }
-        if let Some(l) = o.live_first_lanes.iter().find(|l| **l > 9) {
-            return Err(ConfigError::key(
-                "outbox.live_first_lanes",
-                format!("lane {l} is not 0-9"),
-            ));
-        }
-        if o.expire_interval_ms < 100 || o.expire_scan_limit == 0 {
-            return Err(ConfigError::key(
-                "outbox.expire_interval_ms",
-                "must be at least 100 (and the scan limit at least 1)",
-            ));
-        }
+        self.cache.validate().map_err(|(key, why)| ConfigError::key(key, why))?;
+        self.outbox
+            .validate()
+            .map_err(|(key, why)| ConfigError::key(key, why))?;
         self.validate_mqtt()?;
         self.validate_link()?;
         self.plugins.router.validate("plugins.router")?;
@@ -1289,8 +1104,8 @@ mod tests {
         assert!(checked >= 1);
         // The documented password of the example user is the real one.
         let example = Config::load(&dir.join("single-node.toml")).unwrap();
-        let identities = crate::identity::MemoryDirectory::from_config(&example);
-        use crate::identity::IdentityDirectory as _;
+        let identities = crate::registry::directory_from_config(&example);
+        use holdfast_model::identity::IdentityDirectory as _;
         assert!(identities.verify_password("operator", b"secret"));
     }
 

@@ -17,20 +17,14 @@
 //! ```
 pub mod admin;
 pub mod broker;
-pub mod cache;
 pub mod cli;
 pub mod config;
-pub mod identity;
 pub mod iothub;
 pub mod link;
 pub mod logging;
-pub mod metrics;
 pub mod node;
-pub mod outbox;
 pub mod plugins;
 pub mod registry;
 pub mod reload;
 pub mod scaffold;
-pub mod store;
-pub mod sys;
 pub mod tls;

@@ -13,15 +13,15 @@ use tokio::task::JoinHandle;
 
 use crate::admin;
 use crate::broker::{Broker, listen};
-use crate::cache::Cache;
 use crate::config::Config;
 use crate::iothub::Hub;
 use crate::iothub::twin::Twins;
-use crate::metrics::Metrics;
-use crate::outbox::{Outbox, SystemTimeSource};
 use crate::plugins::{NodeContext, PluginError, PluginHost, watch::watch_folder};
 use crate::registry::{Registry, Role};
-use crate::store::Store;
+use holdfast_cache::Cache;
+use holdfast_metrics::Metrics;
+use holdfast_outbox::{Outbox, SystemTimeSource};
+use holdfast_store::Store;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +39,7 @@ pub enum StartError {
     Plugin(#[from] PluginError),
     /// The store or the outbox did not open.
     #[error("outbox: {0}")]
-    Outbox(#[from] crate::outbox::OutboxError),
+    Outbox(#[from] holdfast_outbox::OutboxError),
     /// An MQTT listener could not start.
     #[error(transparent)]
     Listen(#[from] listen::ListenError),
@@ -51,7 +51,7 @@ pub enum StartError {
     Link(#[from] crate::link::LinkError),
     /// The broker's storage did not open.
     #[error("broker storage: {0}")]
-    BrokerStore(#[from] crate::store::StoreError),
+    BrokerStore(#[from] holdfast_store::StoreError),
     /// The admin listener could not bind.
     #[error("admin API cannot listen on {addr}: {source}")]
     AdminBind {
@@ -62,7 +62,7 @@ pub enum StartError {
     },
     /// The range cache did not open.
     #[error(transparent)]
-    Cache(#[from] crate::cache::CacheError),
+    Cache(#[from] holdfast_cache::CacheError),
     /// The range cache's listener could not bind.
     #[error("range cache cannot listen on {addr}: {source}")]
     CacheBind {
@@ -102,7 +102,7 @@ pub struct NodeState {
     /// The admin bearer token.
     pub admin_token: String,
     /// The range cache, when enabled.
-    pub cache: Option<Arc<crate::cache::Cache>>,
+    pub cache: Option<Arc<holdfast_cache::Cache>>,
     /// Re-reads the config file (SIGHUP, `holdfast reload`).
     pub reloader: crate::reload::Reloader,
 }
@@ -152,7 +152,7 @@ impl Node {
         let cache_node = config.node.id.clone();
         let (store, outbox, registry, twins, cache) = tokio::task::spawn_blocking(
             move || -> Result<(Store, Outbox, Registry, Twins, Option<Cache>), StartError> {
-                let store = Store::open(&store_dir).map_err(crate::outbox::OutboxError::from)?;
+                let store = Store::open(&store_dir).map_err(holdfast_outbox::OutboxError::from)?;
                 let outbox = Outbox::open(
                     &store,
                     &store_dir,
@@ -165,7 +165,7 @@ impl Node {
                 if seeded > 0 {
                     tracing::info!(changed = seeded, "registry: applied [[identities]] from the config");
                 }
-                let twins = Twins::open(&store, replica).map_err(crate::outbox::OutboxError::from)?;
+                let twins = Twins::open(&store, replica).map_err(holdfast_outbox::OutboxError::from)?;
                 let cache = if cache_config.enabled {
                     Some(Cache::open(
                         &cache_config,
@@ -238,7 +238,7 @@ impl Node {
                 })
                 .await?;
                 cache.set_listen(bound.to_string());
-                tasks.push(tokio::spawn(crate::cache::http::serve(
+                tasks.push(tokio::spawn(holdfast_cache::http::serve(
                     cache.clone(),
                     plugins.clone(),
                     listener,
@@ -549,7 +549,7 @@ fn load_or_create_token(path: &Path) -> Result<String, StartError> {
         Err(e) => return Err(err(e)),
     }
     let mut raw = [0u8; 32];
-    crate::sys::fill_random(&mut raw).map_err(err)?;
+    holdfast_model::fill_random(&mut raw).map_err(err)?;
     let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);

@@ -29,9 +29,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
 use crate::config::IdentityConfig;
-use crate::identity::{IdentityDirectory, IdentityRecord};
-use crate::plugins::bindings::{Identity, IdentityKind};
-use crate::store::{Durability, Space, Store, StoreError};
+use holdfast_model::identity::{IdentityDirectory, IdentityRecord};
+use holdfast_model::{Identity, IdentityKind};
+use holdfast_store::{Durability, Space, Store, StoreError};
 
 /// Longest identity id (IoT Hub's device id limit).
 pub const MAX_ID_LEN: usize = 128;
@@ -175,6 +175,15 @@ pub struct Entry {
     pub updated_ms: u64,
 }
 
+/// A directory holding the `[[identities]]` of a validated config.
+pub fn directory_from_config(config: &crate::config::Config) -> holdfast_model::MemoryDirectory {
+    let dir = holdfast_model::MemoryDirectory::new();
+    for entry in config.identities.iter().filter_map(Entry::from_config) {
+        dir.insert(entry.record());
+    }
+    dir
+}
+
 impl Entry {
     /// The device id and module id of the identity.
     pub fn device_and_module(&self) -> (String, Option<String>) {
@@ -209,7 +218,7 @@ impl Entry {
                 password_hash: c.password_hash.clone(),
             },
             origin: Origin::Config,
-            updated_ms: crate::sys::unix_ms(),
+            updated_ms: holdfast_model::unix_ms(),
         })
     }
 
@@ -522,7 +531,7 @@ fn check_thumbprint(t: &str) -> Result<String, RegistryError> {
 /// A fresh random symmetric key, base64.
 pub fn generate_key() -> Result<String, RegistryError> {
     let mut raw = [0u8; KEY_BYTES];
-    crate::sys::fill_random(&mut raw).map_err(|e| RegistryError::Invalid(format!("no randomness: {e}")))?;
+    holdfast_model::fill_random(&mut raw).map_err(|e| RegistryError::Invalid(format!("no randomness: {e}")))?;
     Ok(base64::engine::general_purpose::STANDARD.encode(raw))
 }
 
@@ -809,7 +818,7 @@ impl Registry {
                         if p.is_empty() {
                             return Err(RegistryError::Invalid("password is empty".into()));
                         }
-                        crate::identity::hash_password(&p)
+                        holdfast_model::identity::hash_password(&p)
                             .map_err(|e| RegistryError::Invalid(format!("cannot hash the password: {e}")))?
                     }
                     (None, Some(h)) => {
@@ -850,7 +859,7 @@ impl Registry {
             enabled: new.enabled.unwrap_or(true),
             credentials,
             origin: Origin::Api,
-            updated_ms: crate::sys::unix_ms(),
+            updated_ms: holdfast_model::unix_ms(),
         };
         self.commit(&mut inner, Change::entries(vec![entry.clone()], Vec::new()))?;
         Ok(entry)
@@ -870,7 +879,7 @@ impl Registry {
             .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
         f(&inner.entries, &mut entry)?;
         entry.origin = Origin::Api;
-        entry.updated_ms = crate::sys::unix_ms();
+        entry.updated_ms = holdfast_model::unix_ms();
         self.commit(&mut inner, Change::entries(vec![entry.clone()], Vec::new()))?;
         Ok(entry)
     }
@@ -989,7 +998,7 @@ impl Registry {
             thumbprint: crate::broker::listen::describe_cert(cert).0,
             subject: parsed.subject().to_string(),
             origin: Origin::Api,
-            added_ms: crate::sys::unix_ms(),
+            added_ms: holdfast_model::unix_ms(),
         };
         let mut inner = self.write();
         if inner.cas.contains_key(name) {
@@ -1132,7 +1141,7 @@ impl Registry {
         cas: Option<BTreeMap<String, CaEntry>>,
     ) -> Result<usize, RegistryError> {
         let n = upserts.len() + removals.len();
-        let now = crate::sys::unix_ms();
+        let now = holdfast_model::unix_ms();
         let mut sync = inner.sync.clone();
         sync.parent = Some(parent.to_string());
         sync.last_change_ms = Some(now);
@@ -1258,7 +1267,7 @@ impl IdentityDirectory for Registry {
             return false;
         }
         let tp = thumbprint.to_ascii_lowercase();
-        crate::identity::thumbprint_listed(&entry.credentials.thumbprints, &tp)
+        holdfast_model::identity::thumbprint_listed(&entry.credentials.thumbprints, &tp)
             || (entry.credentials.x509_ca && self.ca_signed(id, &tp))
     }
 }
@@ -1511,7 +1520,7 @@ mod tests {
                 sas_primary: None,
                 sas_secondary: None,
                 thumbprints: Vec::new(),
-                password_hash: Some(crate::identity::hash_password("pw").unwrap()),
+                password_hash: Some(holdfast_model::identity::hash_password("pw").unwrap()),
                 x509_ca: false,
             }])
             .unwrap();

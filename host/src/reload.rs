@@ -10,7 +10,6 @@
 
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
@@ -168,16 +167,6 @@ impl Reloader {
         );
         Ok(report)
     }
-}
-
-/// Stores each live limit's new value in its atomic; the keys whose value
-/// changed. The broker, the outbox and the cache keep their live limits so.
-pub(crate) fn store_limits(limits: &[(&'static str, &AtomicU64, u64)]) -> Vec<String> {
-    limits
-        .iter()
-        .filter(|(_, slot, value)| slot.swap(*value, Ordering::Relaxed) != *value)
-        .map(|(key, _, _)| key.to_string())
-        .collect()
 }
 
 /// Applies one slot's `file` and `config`; reports its other keys.

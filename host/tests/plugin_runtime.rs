@@ -6,12 +6,12 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use holdfast::config::Config;
-use holdfast::identity::MemoryDirectory;
-use holdfast::metrics::Metrics;
 use holdfast::plugins::{
     Action, AuthzDecision, ConnectInfo, ContentDecision, FailureKind, Message, NodeContext, Operation, PluginError,
     PluginHost, RequestHead, RouteOutcome, SlotName, Transport, embedded_plugin,
 };
+use holdfast_metrics::Metrics;
+use holdfast_model::identity::MemoryDirectory;
 
 const TEST_ROUTER: &str = env!("HOLDFAST_TEST_ROUTER_WASM");
 const ALERT_ROUTER: &str = env!("HOLDFAST_EXAMPLE_ALERT_ROUTER_WASM");
@@ -33,7 +33,7 @@ fn fixture(extra: &str) -> Fixture {
     let node = NodeContext {
         node_id: "test-node".into(),
         started: Instant::now(),
-        identities: Arc::new(MemoryDirectory::from_config(&config)),
+        identities: Arc::new(holdfast::registry::directory_from_config(&config)),
         metrics: metrics.clone(),
     };
     Fixture {

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use holdfast::config::Config;
-use holdfast::identity::MemoryDirectory;
-use holdfast::metrics::Metrics;
 use holdfast::plugins::{NodeContext, PluginHost};
+use holdfast_metrics::Metrics;
+use holdfast_model::identity::MemoryDirectory;
 
 /// A plugin host with the embedded default plugins, its data (the compile
 /// cache) in `data_dir`.

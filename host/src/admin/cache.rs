@@ -17,8 +17,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, Routes, bad_json, limit_param};
-use crate::cache::Cache;
 use crate::node::NodeState;
+use holdfast_cache::Cache;
 
 pub fn routes() -> Routes {
     Routes::default()

@@ -56,7 +56,7 @@ pub fn routes() -> Routes {
 }
 
 fn known(state: &NodeState, id: &str) -> Result<(), ApiError> {
-    use crate::identity::IdentityDirectory as _;
+    use holdfast_model::identity::IdentityDirectory as _;
     match state.registry.lookup(id) {
         Some(_) => Ok(()),
         None => Err(TwinError::NotFound(id.to_string()).into()),

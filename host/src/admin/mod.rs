@@ -43,9 +43,9 @@ use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use crate::metrics::StatusLabels;
 use crate::node::NodeState;
 use crate::plugins::{PluginError, SlotName};
+use holdfast_metrics::StatusLabels;
 
 /// Largest plugin upload.
 pub const MAX_PLUGIN_BYTES: usize = 64 << 20;

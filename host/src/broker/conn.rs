@@ -22,9 +22,9 @@ use tokio::time::Instant;
 
 use super::session::{Inflight, Msg, Outgoing, Session, SubRecord};
 use super::{Broker, Routed, now_ms};
-use crate::metrics::{self, ReasonLabels, ResultLabels, TransportLabels};
-use crate::outbox::{AppendError, MessageId};
 use crate::plugins::{AuthzDecision, ConnectInfo, Operation, Principal, RefusalCode, SlotName, Transport};
+use holdfast_metrics::{self as metrics, ReasonLabels, ResultLabels, TransportLabels};
+use holdfast_outbox::{AppendError, MessageId};
 
 /// Bytes buffered for the socket beyond which the session queue is not
 /// drained further until the client reads.
@@ -188,7 +188,7 @@ impl<F: Future> Future for CatchPanic<F> {
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
-            Err(panic) => Poll::Ready(Err(crate::sys::panic_message(&*panic))),
+            Err(panic) => Poll::Ready(Err(holdfast_model::panic_message(&*panic))),
         }
     }
 }
@@ -323,7 +323,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             if !c.clean_start && !v5 {
                 return Err(self.refuse(reason::CLIENT_ID_NOT_VALID, "bad-client-id").await);
             }
-            let id = format!("holdfast-{:016x}", crate::sys::random_u64());
+            let id = format!("holdfast-{:016x}", holdfast_model::random_u64());
             c.client_id = id.clone();
             assigned = Some(id);
         }

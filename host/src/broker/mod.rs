@@ -35,14 +35,14 @@ use self::persist::{Persist, SessionRecord};
 use self::session::{Inflight, Msg, Outgoing, Session};
 use self::subs::{Sub, SubTree};
 use crate::config::MqttConfig;
-use crate::metrics::{self, ActionLabels, Metrics, QosLabels, ReasonLabels};
-use crate::outbox::{AppendError, MessageId, Outbox};
-use crate::plugins::bindings::Source;
 use crate::plugins::{Action, Message, PluginHost, RouteOutcome};
-use crate::store::{Store, StoreError};
+use holdfast_metrics::{self as metrics, ActionLabels, Metrics, QosLabels, ReasonLabels};
+use holdfast_model::Source;
+use holdfast_outbox::{AppendError, MessageId, Outbox};
+use holdfast_store::{Store, StoreError};
 
 /// Milliseconds since the Unix epoch.
-pub use crate::sys::unix_ms as now_ms;
+pub use holdfast_model::unix_ms as now_ms;
 
 /// Metric handles taken once, for the hot paths.
 pub(crate) struct Counters {
@@ -269,7 +269,7 @@ impl Broker {
     /// the next connection, queued message or retained message; nothing
     /// connected or stored is dropped. Returns the keys that changed.
     pub fn apply_limits(&self, new: &MqttConfig) -> Vec<String> {
-        crate::reload::store_limits(&[
+        holdfast_model::store_limits(&[
             (
                 "mqtt.max_connections",
                 &self.max_connections,
@@ -403,12 +403,12 @@ impl Broker {
         }
         self.metrics
             .router_drops
-            .get_or_create(&crate::metrics::RouterDropLabels { reason: clean })
+            .get_or_create(&holdfast_metrics::RouterDropLabels { reason: clean })
             .inc();
     }
 
     pub(crate) fn bad_tls(&self, result: &'static str) {
-        metrics::handle(&self.metrics.mqtt_connects, &crate::metrics::ResultLabels { result }).inc();
+        metrics::handle(&self.metrics.mqtt_connects, &holdfast_metrics::ResultLabels { result }).inc();
     }
 
     /// Connected clients now.
@@ -477,7 +477,7 @@ impl Broker {
                                     m.topic = t;
                                 }
                                 if let Some(p) = u.payload {
-                                    m.payload = p;
+                                    m.payload = p.into();
                                 }
                                 m.properties.extend(u.add_properties);
                                 Arc::new(m)
@@ -781,7 +781,7 @@ impl Broker {
     /// Disconnects connections whose identity is gone or disabled (after
     /// revocations were missed).
     pub fn revoke_stale(&self) -> usize {
-        use crate::identity::IdentityDirectory as _;
+        use holdfast_model::identity::IdentityDirectory as _;
         let ids: Vec<String> = {
             let map = self.principals.lock().unwrap_or_else(|p| p.into_inner());
             map.keys().cloned().collect()
@@ -831,7 +831,7 @@ fn split_shared(filter: &str) -> (Option<&str>, &str) {
 fn plugin_message(msg: &Msg, principal: Option<&str>) -> Message {
     Message {
         topic: msg.topic.clone(),
-        payload: msg.payload.to_vec(),
+        payload: msg.payload.clone(),
         qos: msg.qos as u8,
         retain: msg.retain,
         content_type: msg.properties.content_type.clone(),

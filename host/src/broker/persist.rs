@@ -14,7 +14,7 @@ use holdfast_mqtt::{Packet, Publish, QoS, SubOptions, Version};
 use serde::{Deserialize, Serialize};
 
 use super::session::{Msg, Outgoing, SessionState, SubRecord};
-use crate::store::{Durability, Space, Store, StoreError};
+use holdfast_store::{Durability, Space, Store, StoreError};
 
 const FORMAT: u8 = 2;
 
@@ -238,7 +238,7 @@ impl Persist {
         })
     }
 
-    fn commit(&self, f: impl FnOnce(&mut crate::store::Batch)) -> Result<(), StoreError> {
+    fn commit(&self, f: impl FnOnce(&mut holdfast_store::Batch)) -> Result<(), StoreError> {
         let mut batch = self.store.batch();
         f(&mut batch);
         batch.commit(Durability::Buffered)?;

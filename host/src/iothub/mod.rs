@@ -22,6 +22,7 @@
 
 pub mod twin;
 
+use holdfast_model::lock;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -37,8 +38,8 @@ use self::twin::{DesiredChange, Twins};
 use crate::broker::Broker;
 use crate::broker::session::Msg;
 use crate::link::service::Svc;
-use crate::metrics::{EventLabels, Metrics};
 use crate::registry::{Hop, Registry};
+use holdfast_metrics::{EventLabels, Metrics};
 
 /// Longest a method call may wait for its answer.
 pub const MAX_METHOD_TIMEOUT: Duration = Duration::from_secs(300);
@@ -211,10 +212,6 @@ impl std::fmt::Debug for Hub {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Splits `…/?$rid=…` into the path and its query pairs.
 fn path_and_query(topic: &str) -> (&str, Vec<(String, String)>) {
     let path = topic.split_once('?').map_or(topic, |(p, _)| p);
@@ -249,7 +246,7 @@ impl Hub {
     }
 
     fn count(&self, what: &'static str) {
-        crate::metrics::handle(&self.metrics.iothub_events, &EventLabels { event: what }).inc();
+        holdfast_metrics::handle(&self.metrics.iothub_events, &EventLabels { event: what }).inc();
     }
 
     /// Sends `payload` on `topic` to client `client_id` only, if it is
@@ -559,7 +556,7 @@ impl Hub {
             if removals {
                 let hub = self.clone();
                 let removed = tokio::task::spawn_blocking(move || {
-                    use crate::identity::IdentityDirectory as _;
+                    use holdfast_model::identity::IdentityDirectory as _;
                     hub.twins.retain(|id| hub.registry.lookup(id).is_some())
                 })
                 .await;

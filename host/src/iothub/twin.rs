@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::sync::{broadcast, watch};
 
-use crate::store::{Durability, Space, Store, StoreError};
+use holdfast_store::{Durability, Space, Store, StoreError};
 
 /// IoT Hub's limits on twin documents.
 pub mod limits {

@@ -28,8 +28,8 @@ use super::{Ctx, LinkError, PROP_ID, PROP_PATH, origin_id, path_of};
 use crate::broker::Broker;
 use crate::broker::session::Msg;
 use crate::config::{BridgeConfig, BridgeProtocol, Config};
-use crate::metrics::{ReasonLabels, ResultLabels};
-use crate::outbox::MessageId;
+use holdfast_metrics::{ReasonLabels, ResultLabels};
+use holdfast_outbox::MessageId;
 
 /// Largest packet accepted from the broker.
 const MAX_INBOUND: usize = 16 << 20;

@@ -20,8 +20,8 @@ use super::reconnect::{Ended, Probe, Upstream, drive};
 use super::wire::{self, Frame, close};
 use super::{Ctx, LinkError, LinkState, fleet_material, outgoing, transport};
 use crate::config::Config;
-use crate::metrics::ResultLabels;
-use crate::outbox::{LANES, MessageId};
+use holdfast_metrics::ResultLabels;
+use holdfast_outbox::{LANES, MessageId};
 
 /// Largest frame the parent may send (acks and refusals are small).
 const MAX_DOWN_FRAME: usize = 64 << 10;

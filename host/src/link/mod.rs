@@ -33,9 +33,9 @@ use serde::Serialize;
 
 use crate::broker::session::Msg;
 use crate::config::Config;
-use crate::outbox::Leased;
-use crate::outbox::record::Record;
 use crate::plugins::Message;
+use holdfast_outbox::Leased;
+use holdfast_outbox::record::Record;
 
 /// Why the link could not start.
 #[derive(Debug, thiserror::Error)]
@@ -66,11 +66,11 @@ pub struct Ctx {
     /// `[upstream]`
     pub config: crate::config::UpstreamConfig,
     /// The outbox it drains.
-    pub outbox: Arc<crate::outbox::Outbox>,
+    pub outbox: Arc<holdfast_outbox::Outbox>,
     /// Shared status.
     pub status: Arc<Status>,
     /// Metrics.
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub metrics: Arc<holdfast_metrics::Metrics>,
     /// The registry replica scope sync fills (QUIC child only).
     pub registry: Option<Arc<crate::registry::Registry>>,
     /// Twins and methods the service stream serves (QUIC child only).
@@ -173,7 +173,7 @@ impl Status {
             kind,
             target,
             state,
-            since_ms: crate::sys::unix_ms(),
+            since_ms: holdfast_model::unix_ms(),
             connects: 0,
             failures: 0,
             last_error: None,
@@ -196,7 +196,7 @@ impl Status {
     pub(crate) fn set_state(&self, state: LinkState, error: Option<String>) {
         let mut s = self.lock();
         if s.state != state {
-            s.since_ms = crate::sys::unix_ms();
+            s.since_ms = holdfast_model::unix_ms();
         }
         match state {
             LinkState::Up => s.connects += 1,
@@ -224,7 +224,7 @@ impl Status {
 /// A leased outbox message encoded to leave this node: its origin id set
 /// (its own id if it entered here), its time-to-live what remains of it, the
 /// delivered flag cleared. `None` if it has expired meanwhile.
-pub(crate) fn outgoing(item: &Leased, clock_ms: u64) -> Option<Result<Vec<u8>, crate::outbox::record::EncodeError>> {
+pub(crate) fn outgoing(item: &Leased, clock_ms: u64) -> Option<Result<Vec<u8>, holdfast_outbox::record::EncodeError>> {
     let age = clock_ms.saturating_sub(item.record.enqueued_clock_ms);
     let left = item.record.ttl_ms.checked_sub(age).filter(|l| *l > 0)?;
     let record = Record {
@@ -237,7 +237,7 @@ pub(crate) fn outgoing(item: &Leased, clock_ms: u64) -> Option<Result<Vec<u8>, c
 }
 
 /// The stable id a message is known by up the tree.
-pub fn origin_id(item: &Leased) -> crate::outbox::MessageId {
+pub fn origin_id(item: &Leased) -> holdfast_outbox::MessageId {
     item.record.message.origin.unwrap_or(item.id)
 }
 
@@ -259,7 +259,7 @@ pub fn path_of(m: &Message) -> String {
 
 /// A stored message as an MQTT message for local delivery, stamped with its
 /// id and path; it expires when its time-to-live runs out.
-pub(crate) fn to_msg(m: &Message, id: crate::outbox::MessageId, ttl_left_ms: Option<u64>, topic: String) -> Msg {
+pub(crate) fn to_msg(m: &Message, id: holdfast_outbox::MessageId, ttl_left_ms: Option<u64>, topic: String) -> Msg {
     use holdfast_mqtt::{Properties, QoS};
     let mut properties = Properties {
         content_type: m.content_type.clone(),

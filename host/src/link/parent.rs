@@ -19,11 +19,11 @@ use tokio::task::JoinHandle;
 use super::wire::{self, Frame, close, refuse};
 use super::{ChildInfo, LinkError, Status, fleet_material, transport};
 use crate::config::Config;
-use crate::identity::IdentityDirectory;
-use crate::metrics::{Metrics, ReasonLabels};
-use crate::outbox::record::Record;
-use crate::outbox::{AppendError, LANES, MessageId, Outbox};
-use crate::plugins::bindings::IdentityKind;
+use holdfast_metrics::{Metrics, ReasonLabels};
+use holdfast_model::IdentityKind;
+use holdfast_model::identity::IdentityDirectory;
+use holdfast_outbox::record::Record;
+use holdfast_outbox::{AppendError, LANES, MessageId, Outbox};
 
 /// What the parent end needs.
 pub struct Ctx {
@@ -200,7 +200,7 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, mut stop: watch::Receiver
             child.to_string(),
             ChildInfo {
                 addr: addr.to_string(),
-                since_ms: crate::sys::unix_ms(),
+                since_ms: holdfast_model::unix_ms(),
                 received: 0,
                 conn_id: conn.stable_id(),
             },

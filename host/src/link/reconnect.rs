@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 
 use super::{Ctx, LinkState};
-use crate::metrics::{Metrics, ReasonLabels, ResultLabels};
+use holdfast_metrics::{Metrics, ReasonLabels, ResultLabels};
 
 /// How a connection attempt or an established link ended.
 #[derive(Debug)]
@@ -234,7 +234,7 @@ impl Backoff {
         Duration::from_millis(if ms == 0 {
             0
         } else {
-            crate::sys::random_u64() % (ms + 1)
+            holdfast_model::random_u64() % (ms + 1)
         })
     }
 
@@ -258,11 +258,11 @@ pub struct Wakeups {
 /// with Version Negotiation and keeps no state.
 fn probe_packet() -> Vec<u8> {
     let mut p = Vec::with_capacity(1200);
-    let r = crate::sys::random_u64();
+    let r = holdfast_model::random_u64();
     p.push(0xc0 | (r as u8 & 0x3f));
     p.extend_from_slice(&0x1a2a_3a4a_u32.to_be_bytes());
     p.push(8);
-    p.extend_from_slice(&crate::sys::random_u64().to_be_bytes());
+    p.extend_from_slice(&holdfast_model::random_u64().to_be_bytes());
     p.push(8);
     p.extend_from_slice(&r.to_be_bytes());
     p.resize(1200, 0);

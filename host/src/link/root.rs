@@ -14,8 +14,8 @@ use tokio::sync::watch;
 
 use super::{origin_id, to_msg};
 use crate::broker::Broker;
-use crate::metrics::{Metrics, ResultLabels};
-use crate::outbox::Outbox;
+use holdfast_metrics::{Metrics, ResultLabels};
+use holdfast_outbox::Outbox;
 
 /// Drains `outbox` into `broker` until `stop`.
 pub async fn run(

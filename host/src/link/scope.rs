@@ -16,8 +16,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 
 use super::wire::{self, Frame, close, scope as part};
-use crate::metrics::{Metrics, ResultLabels};
 use crate::registry::{Delta, Registry, Scope};
+use holdfast_metrics::{Metrics, ResultLabels};
 
 /// Identities per part of a full sync.
 pub const PART_ENTRIES: usize = 1000;
@@ -90,7 +90,7 @@ pub async fn serve(
             tracing::warn!(child = %child, "link: the child gateway was disabled, removed or moved; closing its link");
             metrics
                 .link_refused
-                .get_or_create(&crate::metrics::ReasonLabels { reason: "revoked" })
+                .get_or_create(&holdfast_metrics::ReasonLabels { reason: "revoked" })
                 .inc();
             conn.close(close::REFUSED.into(), b"no longer a registered child of this node");
             return;

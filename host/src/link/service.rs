@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 
 use super::wire::{self, Frame, close};
 use crate::iothub::{Hub, MethodError, MethodResult};
-use crate::metrics::{EventLabels, Metrics};
+use holdfast_metrics::{EventLabels, Metrics};
 
 /// How long the child waits for an acknowledgement before sending a
 /// reported patch again.
@@ -118,7 +118,7 @@ impl Svc {
 }
 
 fn count(metrics: &Metrics, reason: &'static str) {
-    crate::metrics::handle(&metrics.iothub_events, &EventLabels { event: reason }).inc();
+    holdfast_metrics::handle(&metrics.iothub_events, &EventLabels { event: reason }).inc();
 }
 
 /// Reads the next SVC message; `None` when the stream ends.

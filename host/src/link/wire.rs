@@ -27,7 +27,7 @@
 //! while it lasts. JSON keeps the identity records readable in a capture
 //! and lets fields be added without a new frame.
 //!
-//! A batch carries outbox records ([`crate::outbox::record`]) whose
+//! A batch carries outbox records ([`holdfast_outbox::record`]) whose
 //! time-to-live is what remains of it and whose origin id is set, so a
 //! message keeps its identity and its deadline across every hop.
 

@@ -27,18 +27,21 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use wasmtime::component::Resource;
 
+use self::bindings::content::holdfast::gateway::content as content_wit;
 pub use self::bindings::{
-    Action, AuthzDecision, CachePlan, ConnectInfo, ContentClass, ContentDecision, LocalAction, Operation, Principal,
-    Refusal, RefusalCode, RequestHead, Transport, UpstreamAction,
+    Action, AuthzDecision, ConnectInfo, LocalAction, Operation, Principal, Refusal, RefusalCode, Transport,
+    UpstreamAction,
 };
 pub use self::embedded::embedded_plugin;
 pub use self::engine::Runtime;
-pub use self::message::{Message, MessageRep};
+pub use self::message::MessageRep;
 use self::slot::{AuthKind, ContentKind, Kind, RouterKind, Slot, SlotLimits};
 pub use self::slot::{Failure, SlotStatus, SwapRecord};
 pub use self::state::{LOG_MESSAGE_MAX, LOG_RECORDS_PER_CALL, NodeContext};
 use crate::config::{Config, ContentFailurePolicy, RouterFailurePolicy, SlotConfig};
-pub use crate::metrics::FailureKind;
+pub use holdfast_metrics::FailureKind;
+pub use holdfast_model::Message;
+pub use holdfast_model::{CachePlan, ContentClass, ContentDecision, ContentPolicy, RequestHead};
 
 /// A plugin slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -289,7 +292,29 @@ impl PluginHost {
     /// the request through uncached to the host it named (or denies it,
     /// per policy).
     pub fn classify(&self, request: &RequestHead) -> Answer<ContentDecision> {
-        let (version, result) = self.content.call(|b, store| b.call_classify(store, request));
+        let wit_request = content_wit::RequestHead {
+            method: request.method.clone(),
+            host: request.host.clone(),
+            port: request.port,
+            path_and_query: request.path_and_query.clone(),
+            headers: request.headers.clone(),
+        };
+        let (version, result) = self.content.call(|b, store| b.call_classify(store, &wit_request));
+        let result = result.map(|d| match d {
+            content_wit::Decision::Deny(reason) => ContentDecision::Deny(reason),
+            content_wit::Decision::PassThrough(origin) => ContentDecision::PassThrough(origin),
+            content_wit::Decision::Cache(p) => ContentDecision::Cache(CachePlan {
+                origin: p.origin,
+                origin_path: p.origin_path,
+                key: p.key,
+                class: match p.class {
+                    content_wit::ContentClass::Immutable => ContentClass::Immutable,
+                    content_wit::ContentClass::Revalidate => ContentClass::Revalidate,
+                },
+                ttl_seconds: p.ttl_seconds,
+                max_object_size: p.max_object_size,
+            }),
+        });
         Answer::new(version, result, |failure| match self.content_policy {
             ContentFailurePolicy::PassThrough => {
                 let port = request.port.map(|p| format!(":{p}")).unwrap_or_default();
@@ -375,5 +400,11 @@ impl PluginHost {
             self.runtime.cache_hits.load(Relaxed),
             self.runtime.cache_misses.load(Relaxed),
         )
+    }
+}
+
+impl ContentPolicy for PluginHost {
+    fn classify(&self, head: &RequestHead) -> ContentDecision {
+        PluginHost::classify(self, head).value
     }
 }

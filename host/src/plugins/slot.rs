@@ -20,7 +20,7 @@ use super::bindings;
 use super::engine::{EPOCH_TICK, Runtime};
 use super::state::{NodeContext, PluginState};
 use super::{PluginError, SlotName};
-use crate::metrics::{FailureKind, FailureLabels, SlotLabels, SwapLabels, SwapResult, handle};
+use holdfast_metrics::{FailureKind, FailureLabels, SlotLabels, SwapLabels, SwapResult, handle};
 
 /// Swap records kept per slot.
 const HISTORY_LEN: usize = 100;
@@ -120,12 +120,6 @@ impl std::fmt::Display for Failure {
     }
 }
 
-impl Serialize for FailureKind {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
 /// One recorded load, swap or rollback.
 #[derive(Debug, Clone, Serialize)]
 pub struct SwapRecord {
@@ -199,7 +193,7 @@ impl<K: Kind> Version<K> {
         Version {
             hash,
             source,
-            loaded_at_unix_ms: crate::sys::unix_ms(),
+            loaded_at_unix_ms: holdfast_model::unix_ms(),
             config_json,
             pre,
             idle: Mutex::new(Vec::new()),
@@ -256,7 +250,7 @@ fn guarded<R>(
         }
         Ok(Err(e)) => classify(&e, state),
         Err(panic) => {
-            let what = crate::sys::panic_message(&*panic);
+            let what = holdfast_model::panic_message(&*panic);
             Failure {
                 kind: if state.limits.hit {
                     FailureKind::Memory
@@ -368,7 +362,7 @@ impl<K: Kind> Slot<K> {
         let started = Instant::now();
         let version = build_version::<K>(&runtime, &node, &limits, bytes, source.clone(), config_json)?;
         let record = SwapRecord {
-            at_unix_ms: crate::sys::unix_ms(),
+            at_unix_ms: holdfast_model::unix_ms(),
             slot: K::SLOT,
             action: "load",
             old: None,
@@ -527,7 +521,7 @@ impl<K: Kind> Slot<K> {
         self.metrics.swaps_ok.inc();
         self.metrics.swap_duration.observe(duration.as_secs_f64());
         let record = SwapRecord {
-            at_unix_ms: crate::sys::unix_ms(),
+            at_unix_ms: holdfast_model::unix_ms(),
             slot: K::SLOT,
             action,
             old: Some(old_hash),
@@ -562,7 +556,7 @@ impl<K: Kind> Slot<K> {
         let old = self.current.swap(target.clone());
         old.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let record = SwapRecord {
-            at_unix_ms: crate::sys::unix_ms(),
+            at_unix_ms: holdfast_model::unix_ms(),
             slot: K::SLOT,
             action: "rollback",
             old: Some(old.hash.to_string()),

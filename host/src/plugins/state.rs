@@ -20,8 +20,8 @@ use super::bindings::router::holdfast::gateway::{host, routing, types};
 use super::engine::EPOCH_TICK;
 use super::message::MessageRep;
 use super::stdio::Captured;
-use crate::identity::IdentityDirectory;
-use crate::metrics::Metrics;
+use holdfast_metrics::Metrics;
+use holdfast_model::identity::IdentityDirectory;
 
 /// Log records one call may emit before further ones are dropped.
 pub const LOG_RECORDS_PER_CALL: u32 = 64;
@@ -218,7 +218,7 @@ impl host::Host for PluginState {
             self.node
                 .metrics
                 .plugin_logs_dropped
-                .get_or_create(&crate::metrics::SlotLabels {
+                .get_or_create(&holdfast_metrics::SlotLabels {
                     slot: self.slot.as_str().to_string(),
                 })
                 .inc();
@@ -273,7 +273,7 @@ impl types::HostMessage for PluginState {
     }
 
     fn payload(&mut self, m: Resource<MessageRep>) -> wasmtime::Result<Vec<u8>> {
-        Ok(self.table.get(&m)?.0.payload.clone())
+        Ok(self.table.get(&m)?.0.payload.to_vec())
     }
 
     fn payload_len(&mut self, m: Resource<MessageRep>) -> wasmtime::Result<u64> {
@@ -308,7 +308,12 @@ impl types::HostMessage for PluginState {
     }
 
     fn source(&mut self, m: Resource<MessageRep>) -> wasmtime::Result<types::Source> {
-        Ok(self.table.get(&m)?.0.source.clone())
+        let source = &self.table.get(&m)?.0.source;
+        Ok(types::Source {
+            client_id: source.client_id.clone(),
+            principal: source.principal.clone(),
+            path: source.path.clone(),
+        })
     }
 
     fn drop(&mut self, m: Resource<MessageRep>) -> wasmtime::Result<()> {
@@ -340,7 +345,7 @@ impl crypto::Host for PluginState {
 
 impl identities::Host for PluginState {
     fn lookup(&mut self, id: String) -> wasmtime::Result<Option<identities::Identity>> {
-        Ok(self.node.identities.lookup(&id))
+        Ok(self.node.identities.lookup(&id).map(wit_identity))
     }
 
     fn verify_sas(&mut self, id: String, string_to_sign: String, signature: Vec<u8>) -> wasmtime::Result<bool> {
@@ -353,5 +358,23 @@ impl identities::Host for PluginState {
 
     fn verify_thumbprint(&mut self, id: String, thumbprint: String) -> wasmtime::Result<bool> {
         Ok(self.node.identities.verify_thumbprint(&id, &thumbprint))
+    }
+}
+
+/// The WIT form of an identity.
+fn wit_identity(i: holdfast_model::Identity) -> identities::Identity {
+    identities::Identity {
+        id: i.id,
+        kind: match i.kind {
+            holdfast_model::IdentityKind::Device => identities::IdentityKind::Device,
+            holdfast_model::IdentityKind::Module => identities::IdentityKind::Module,
+            holdfast_model::IdentityKind::Gateway => identities::IdentityKind::Gateway,
+            holdfast_model::IdentityKind::User => identities::IdentityKind::User,
+        },
+        device_id: i.device_id,
+        module_id: i.module_id,
+        parent: i.parent,
+        enabled: i.enabled,
+        credentials: i.credentials,
     }
 }

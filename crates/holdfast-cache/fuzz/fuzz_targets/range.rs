@@ -1,12 +1,10 @@
 //! Fuzzes the range cache's header parsing: `Range`, `Content-Range`, HTTP
-//! dates and the conditional headers. The module is the cache's own file,
-//! compiled here without the rest of the gateway.
+//! dates and the conditional headers. It calls the cache crate's own
+//! module.
 
 #![no_main]
 
-#[path = "../../src/cache/range.rs"]
-#[allow(dead_code)]
-mod range;
+use holdfast_cache::range;
 
 use libfuzzer_sys::fuzz_target;
 

@@ -20,8 +20,7 @@
 use std::sync::Arc;
 
 use super::MessageId;
-use crate::plugins::Message;
-use crate::plugins::bindings::Source;
+use holdfast_model::{Message, Source};
 
 const VERSION: u8 = 2;
 const F_RETAIN: u8 = 1;
@@ -210,7 +209,7 @@ impl Record {
             let v = String::from_utf8(r.bytes32()?.to_vec()).map_err(|_| DecodeError::Utf8)?;
             properties.push((k, v));
         }
-        let payload = r.bytes32()?.to_vec();
+        let payload = bytes::Bytes::copy_from_slice(r.bytes32()?);
         if !r.b.is_empty() {
             return Err(DecodeError::Malformed);
         }

@@ -1,9 +1,9 @@
-//! The identities a node can authenticate, as seen by the auth plugin.
+//! The identities a node can authenticate, as seen by the auth policy.
 //!
 //! The registry (root role) and scope sync fill a directory; this module
 //! defines the trait the plugin runtime reads through and an in-memory
-//! directory seeded from the config file. Secrets stay on this side: the
-//! plugin asks for verification, never for keys.
+//! directory. Secrets stay on this side: the plugin asks for verification,
+//! never for keys.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -13,7 +13,37 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
-use crate::plugins::bindings::Identity;
+/// What an identity is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IdentityKind {
+    /// A leaf device.
+    Device,
+    /// A module running on a device (`{device}/{module}`).
+    Module,
+    /// A child gateway (another holdfast node).
+    Gateway,
+    /// A plain MQTT user with a username and password.
+    User,
+}
+
+/// The public part of an identity record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Registry id: the device id, `{device}/{module}` for a module, or the username.
+    pub id: String,
+    /// What the identity is.
+    pub kind: IdentityKind,
+    /// The device id (for a module, the device it runs on).
+    pub device_id: String,
+    /// The module id, for modules.
+    pub module_id: Option<String>,
+    /// The id of the parent gateway, if any.
+    pub parent: Option<String>,
+    /// False when the identity is disabled: it must not be let in.
+    pub enabled: bool,
+    /// Which credential kinds the identity has: `sas`, `x509-thumbprint`, `x509-ca`, `password`.
+    pub credentials: Vec<String>,
+}
 
 /// An identity with the secrets needed to verify it.
 #[derive(Clone)]
@@ -115,15 +145,6 @@ impl MemoryDirectory {
         map.insert(record.identity.id.clone(), record);
     }
 
-    /// A directory holding the `[[identities]]` of a validated config.
-    pub fn from_config(config: &crate::config::Config) -> MemoryDirectory {
-        let dir = MemoryDirectory::new();
-        for entry in config.identities.iter().filter_map(crate::registry::Entry::from_config) {
-            dir.insert(entry.record());
-        }
-        dir
-    }
-
     /// Number of records.
     pub fn len(&self) -> usize {
         self.records.read().unwrap_or_else(|p| p.into_inner()).len()
@@ -159,7 +180,7 @@ mod tests {
         IdentityRecord {
             identity: Identity {
                 id: "dev1".into(),
-                kind: crate::plugins::bindings::IdentityKind::Device,
+                kind: IdentityKind::Device,
                 device_id: "dev1".into(),
                 module_id: None,
                 parent: None,

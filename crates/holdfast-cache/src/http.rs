@@ -23,8 +23,8 @@ use super::path;
 use super::range::{self, ByteRange, Spec};
 use super::upstream::Endpoint;
 use super::{Cache, Fill, FillError, Meta, Plan, Source, now_secs};
-use crate::cache::disk::Class;
-use crate::plugins::{ContentClass, ContentDecision, PluginHost, RequestHead};
+use crate::disk::Class;
+use holdfast_model::{ContentClass, ContentDecision, ContentPolicy, RequestHead};
 
 /// Response body.
 pub type Body = BoxBody<Bytes, std::io::Error>;
@@ -65,7 +65,12 @@ impl hyper::body::Body for ChannelBody {
 }
 
 /// Accepts connections until `stop` resolves.
-pub async fn serve(cache: Arc<Cache>, plugins: Arc<PluginHost>, listener: TcpListener, stop: impl Future<Output = ()>) {
+pub async fn serve(
+    cache: Arc<Cache>,
+    policy: Arc<dyn ContentPolicy>,
+    listener: TcpListener,
+    stop: impl Future<Output = ()>,
+) {
     let limit = Arc::new(tokio::sync::Semaphore::new(cache.config().max_connections));
     tokio::pin!(stop);
     loop {
@@ -86,11 +91,11 @@ pub async fn serve(cache: Arc<Cache>, plugins: Arc<PluginHost>, listener: TcpLis
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let (cache, plugins) = (cache.clone(), plugins.clone());
+        let (cache, policy) = (cache.clone(), policy.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let (cache, plugins) = (cache.clone(), plugins.clone());
-                async move { Ok::<_, Infallible>(handle(cache, plugins, req).await) }
+                let (cache, policy) = (cache.clone(), policy.clone());
+                async move { Ok::<_, Infallible>(handle(cache, policy, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -163,7 +168,7 @@ fn client_kind(h: &HeaderMap) -> &'static str {
     if from_cache { "child-cache" } else { "client" }
 }
 
-async fn handle(cache: Arc<Cache>, plugins: Arc<PluginHost>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(cache: Arc<Cache>, policy: Arc<dyn ContentPolicy>, req: Request<Incoming>) -> Response<Body> {
     let (parts, _body) = req.into_parts();
     let kind = client_kind(&parts.headers);
     let count = |source: &str, result: &'static str| cache.count_request(source, kind, result);
@@ -211,7 +216,7 @@ async fn handle(cache: Arc<Cache>, plugins: Arc<PluginHost>, req: Request<Incomi
     };
     // A plugin call is bounded by the slot's deadline (10 ms by default);
     // typically microseconds, so it runs on this task like the broker's.
-    let decision = plugins.classify(&head).value;
+    let decision = policy.classify(&head);
     let is_get = parts.method == Method::GET || parts.method == Method::HEAD;
     match decision {
         ContentDecision::Deny(reason) => {

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::range::Validator;
-use crate::store::{Batch, Durability, Space, Store, StoreError};
+use holdfast_store::{Batch, Durability, Space, Store, StoreError};
 
 /// The index space and the store that commits to it.
 #[derive(Debug, Clone)]
@@ -215,7 +215,7 @@ pub fn load(index: &Index, dir: &Path, block_size: u64) -> Result<Loaded, StoreE
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Store;
+    use holdfast_store::Store;
 
     #[test]
     fn load_keeps_indexed_blocks_and_deletes_the_rest() {

@@ -11,11 +11,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use holdfast::config::OutboxConfig;
-use holdfast::metrics::Metrics;
-use holdfast::outbox::{Outbox, SystemTimeSource};
-use holdfast::plugins::Message;
-use holdfast::store::Store;
+use holdfast_metrics::Metrics;
+use holdfast_model::Message;
+use holdfast_outbox::config::OutboxConfig;
+use holdfast_outbox::{Outbox, SystemTimeSource};
+use holdfast_store::Store;
 
 fn open(dir: &Path) -> (Store, Outbox) {
     let store = Store::open(&dir.join("store")).expect("store");
@@ -176,7 +176,7 @@ fn main() {
             filled as f64 / fill.elapsed().as_secs_f64()
         );
         outbox.close();
-        store.persist(holdfast::store::Durability::SyncAll).expect("persist");
+        store.persist(holdfast_store::Durability::SyncAll).expect("persist");
         let disk_bytes = store.disk_space().expect("disk space");
         println!(
             "on disk: {:.1} MiB, {:.0} bytes per message (256 B payload + topic, metadata, index)",

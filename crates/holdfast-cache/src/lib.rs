@@ -1,3 +1,5 @@
+//! # holdfast-cache
+//!
 //! The in-network HTTP range cache (ARCHITECTURE §8, docs/cache.md).
 //!
 //! Objects are stored in fixed aligned blocks. A request is served block by
@@ -16,18 +18,20 @@
 //! fill that started under the old version keeps streaming it to the client
 //! that started it, without storing it.
 
+pub mod config;
 pub mod disk;
 pub mod http;
 pub mod path;
 pub mod range;
 pub mod upstream;
 
+use holdfast_model::lock;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -38,8 +42,8 @@ use self::disk::{Class, Index, ObjRecord};
 use self::range::Validator;
 use self::upstream::{Client, Endpoint};
 use crate::config::CacheConfig;
-use crate::metrics::{CacheLabels, CacheUpstreamLabels, EventLabels, Metrics};
-use crate::store::{Store, StoreError};
+use holdfast_metrics::{CacheLabels, CacheUpstreamLabels, EventLabels, Metrics};
+use holdfast_store::{Store, StoreError};
 
 /// How long an object found uncacheable (no validator, too large) is passed
 /// through without trying to cache it again.
@@ -456,10 +460,6 @@ impl std::fmt::Debug for Cache {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -614,7 +614,7 @@ impl Cache {
     /// budget evicts as new blocks come in) and `cache.orphan_fill_bytes`.
     /// Returns the keys that changed.
     pub fn apply_limits(&self, new: &CacheConfig) -> Vec<String> {
-        crate::reload::store_limits(&[
+        holdfast_model::store_limits(&[
             // At least one block of the size this cache runs with.
             ("cache.max_size", &self.max_size, new.max_size.max(self.cfg.block_size)),
             ("cache.min_free", &self.min_free, new.min_free),

@@ -1,3 +1,5 @@
+//! # holdfast-outbox
+//!
 //! The outbox: a durable store-and-forward queue of upstream-bound messages.
 //!
 //! - Ten ordered lanes (0 highest priority). Key = lane byte + big-endian
@@ -21,6 +23,7 @@
 //! That keeps the persisted counters exact.
 
 pub mod clock;
+pub mod config;
 pub mod record;
 
 use std::collections::BTreeMap;
@@ -36,31 +39,14 @@ use prometheus_client::metrics::counter::Counter;
 use self::clock::{Clock, Now, Resumed, Saved};
 use self::record::{EncodeError, Record};
 use crate::config::{OutboxConfig, Scheduling, SyncMode, WhenFull};
-use crate::metrics::{LaneLabels, LaneReasonLabels, Metrics, handle};
-use crate::plugins::Message;
-use crate::store::{Durability, Space, Store, StoreError};
+use holdfast_metrics::{LaneLabels, LaneReasonLabels, Metrics, handle};
+use holdfast_model::Message;
+use holdfast_store::{Durability, Space, Store, StoreError};
 
 /// Number of lanes.
 pub const LANES: usize = 10;
 
-/// A stable message id: the outbox instance, lane and sequence number. It
-/// never repeats within an outbox and survives restarts, so an upstream can
-/// drop a duplicate redelivered after a crash.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MessageId {
-    /// Random id of this outbox, chosen when it was created.
-    pub instance: u64,
-    /// Lane 0-9.
-    pub lane: u8,
-    /// Sequence number within the lane.
-    pub seq: u64,
-}
-
-impl std::fmt::Display for MessageId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:016x}-{}-{}", self.instance, self.lane, self.seq)
-    }
-}
+pub use holdfast_model::MessageId;
 
 /// Why an append was refused.
 #[derive(Debug, thiserror::Error)]
@@ -373,7 +359,7 @@ impl Outbox {
         let instance = match meta.get(b"instance")? {
             Some(b) if b.len() == 8 => u64::from_be_bytes(b.try_into().unwrap_or([0; 8])),
             _ => {
-                let id = crate::sys::random_u64();
+                let id = holdfast_model::random_u64();
                 fresh_meta.insert(&meta, b"instance".to_vec(), id.to_be_bytes().to_vec());
                 id
             }
@@ -801,7 +787,7 @@ impl Outbox {
     pub fn apply_limits(&self, new: &OutboxConfig) -> Vec<String> {
         let l = &self.inner.limits;
         let max_bytes = new.max_bytes.min(l.disk_cap);
-        let mut changed = crate::reload::store_limits(&[
+        let mut changed = holdfast_model::store_limits(&[
             (
                 "outbox.default_ttl_seconds",
                 &l.default_ttl_ms,
@@ -1243,24 +1229,24 @@ fn commit(inner: &Inner, reqs: Vec<Request>) {
             }
             drop(st);
             tracing::error!("outbox commit failed: {e}");
-            let text = e.to_string();
             for (_, _, _, reply) in pending.appends {
-                let _ = reply.send(Err(AppendError::Store(StoreError::Other(fjall_error(&text)))));
+                let _ = reply.send(Err(AppendError::Store(e.clone())));
             }
             for reply in pending.ack_replies {
-                let _ = reply.send(Err(StoreError::Other(fjall_error(&text))));
+                let _ = reply.send(Err(e.clone()));
             }
         }
     }
 }
 
-fn fjall_error(text: &str) -> fjall::Error {
-    fjall::Error::Io(std::io::Error::other(text.to_string()))
-}
-
 /// Claims the oldest unclaimed records of the lowest-priority non-empty lane
 /// for removal until `fits`, adding the removals to the batch.
-fn drop_oldest(inner: &Inner, batch: &mut crate::store::Batch, pending: &mut Pending, fits: &dyn Fn(&Pending) -> bool) {
+fn drop_oldest(
+    inner: &Inner,
+    batch: &mut holdfast_store::Batch,
+    pending: &mut Pending,
+    fits: &dyn Fn(&Pending) -> bool,
+) {
     let mut st = inner.lock();
     for lane_no in (0..LANES as u8).rev() {
         if fits(pending) {

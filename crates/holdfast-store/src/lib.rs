@@ -1,6 +1,9 @@
+//! # holdfast-store
+//!
 //! The one fjall database of a node, under `<data_dir>/store`.
 //!
-//! Only this module touches fjall. Subsystems get a [`Space`] (a fjall
+//! Only this crate touches fjall, and no fjall type appears in its public
+//! API. Subsystems get a [`Space`] (a fjall
 //! keyspace) per concern and write through [`Batch`]es whose durability
 //! they state explicitly.
 
@@ -12,27 +15,26 @@ const JOURNAL_BYTES: u64 = 64 << 20;
 /// Memtable size per space; the most that is replayed per space on open.
 const MEMTABLE_BYTES: u64 = 16 << 20;
 
-/// Storage errors.
-#[derive(Debug, thiserror::Error)]
+/// Storage errors. They carry the storage engine's message as text, so they
+/// can be cloned and handed to every waiter of a failed group commit.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// A previous write or fsync failed (a hardware-level fault). The
     /// database accepts no more writes; the process should restart.
     #[error("storage is poisoned by an earlier write failure; restart the node: {0}")]
-    Poisoned(fjall::Error),
+    Poisoned(String),
     /// Another process has the database open.
     #[error("the store at {0} is in use by another process")]
     Locked(String),
     /// Any other storage error.
     #[error("storage error: {0}")]
-    Other(fjall::Error),
+    Other(String),
 }
 
-impl From<fjall::Error> for StoreError {
-    fn from(e: fjall::Error) -> Self {
-        match e {
-            fjall::Error::Poisoned => StoreError::Poisoned(e),
-            other => StoreError::Other(other),
-        }
+fn err(e: fjall::Error) -> StoreError {
+    match e {
+        fjall::Error::Poisoned => StoreError::Poisoned(e.to_string()),
+        other => StoreError::Other(other.to_string()),
     }
 }
 
@@ -105,7 +107,7 @@ impl Store {
             .open()
             .map_err(|e| match e {
                 fjall::Error::Locked => StoreError::Locked(dir.display().to_string()),
-                other => StoreError::from(other),
+                other => err(other),
             })?;
         Ok(Store { db })
     }
@@ -116,9 +118,12 @@ impl Store {
     /// Storage errors.
     pub fn space(&self, name: &str) -> Result<Space, StoreError> {
         Ok(Space {
-            ks: self.db.keyspace(name, || {
-                fjall::KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
-            })?,
+            ks: self
+                .db
+                .keyspace(name, || {
+                    fjall::KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+                })
+                .map_err(err)?,
         })
     }
 
@@ -132,7 +137,7 @@ impl Store {
     /// # Errors
     /// Storage errors (a failure poisons the store).
     pub fn persist(&self, durability: Durability) -> Result<(), StoreError> {
-        Ok(self.db.persist(durability.mode())?)
+        self.db.persist(durability.mode()).map_err(err)
     }
 
     /// Bytes the whole database occupies on disk.
@@ -140,7 +145,7 @@ impl Store {
     /// # Errors
     /// I/O errors.
     pub fn disk_space(&self) -> Result<u64, StoreError> {
-        Ok(self.db.disk_space()?)
+        self.db.disk_space().map_err(err)
     }
 }
 
@@ -170,7 +175,7 @@ impl Batch {
     /// # Errors
     /// Storage errors (a failed sync poisons the store).
     pub fn commit(self, durability: Durability) -> Result<(), StoreError> {
-        Ok(self.batch.durability(Some(durability.mode())).commit()?)
+        self.batch.durability(Some(durability.mode())).commit().map_err(err)
     }
 }
 
@@ -180,7 +185,7 @@ impl Space {
     /// # Errors
     /// Storage errors.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.ks.get(key)?.map(|v| v.to_vec()))
+        Ok(self.ks.get(key).map_err(err)?.map(|v| v.to_vec()))
     }
 
     /// Key/value pairs in `range`, in key order.
@@ -189,7 +194,7 @@ impl Space {
         range: R,
     ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> {
         self.ks.range(range).map(|guard| {
-            let (k, v) = guard.into_inner()?;
+            let (k, v) = guard.into_inner().map_err(err)?;
             Ok((k.to_vec(), v.to_vec()))
         })
     }
@@ -200,7 +205,7 @@ impl Space {
         range: R,
     ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> {
         self.ks.range(range).rev().map(|guard| {
-            let (k, v) = guard.into_inner()?;
+            let (k, v) = guard.into_inner().map_err(err)?;
             Ok((k.to_vec(), v.to_vec()))
         })
     }

@@ -4,9 +4,7 @@
 
 #![no_main]
 
-#[path = "../../src/cache/path.rs"]
-#[allow(dead_code)]
-mod path;
+use holdfast_cache::path;
 
 use libfuzzer_sys::fuzz_target;
 

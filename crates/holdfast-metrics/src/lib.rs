@@ -34,6 +34,12 @@ pub enum FailureKind {
     Unavailable,
 }
 
+impl serde::Serialize for FailureKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 impl FailureKind {
     /// The label value.
     pub fn as_str(self) -> &'static str {

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use holdfast::config::{Config, OutboxConfig, Scheduling, WhenFull};
-use holdfast::metrics::Metrics;
-use holdfast::outbox::clock::Now;
-use holdfast::outbox::{AppendError, MessageId, Outbox, TimeSource};
-use holdfast::plugins::Message;
-use holdfast::store::Store;
+use holdfast_metrics::Metrics;
+use holdfast_model::Message;
+use holdfast_outbox::clock::Now;
+use holdfast_outbox::config::{OutboxConfig, Scheduling, WhenFull};
+use holdfast_outbox::{AppendError, MessageId, Outbox, TimeSource};
+use holdfast_store::Store;
 
 /// A settable clock: boot time and wall time move independently.
 #[derive(Debug)]
@@ -62,9 +62,9 @@ struct Opened {
 }
 
 fn config(extra: &str) -> OutboxConfig {
-    Config::parse(&format!("[outbox]\nexpire_interval_ms = 3600000\n{extra}"))
-        .unwrap()
-        .outbox
+    let c: OutboxConfig = toml::from_str(&format!("expire_interval_ms = 3600000\n{extra}")).unwrap();
+    c.validate().unwrap();
+    c
 }
 
 fn open(dir: &Path, cfg: OutboxConfig, time: Arc<FakeTime>) -> Opened {
@@ -348,7 +348,7 @@ fn a_damaged_record_is_quarantined_and_the_rest_delivered() {
         v[last] ^= 0xff;
         let mut b = store.batch();
         b.insert(&space, key, v);
-        b.commit(holdfast::store::Durability::SyncAll).unwrap();
+        b.commit(holdfast_store::Durability::SyncAll).unwrap();
     }
     let o = open(dir.path(), config(""), time);
     let out: Vec<u64> = drain(&o.outbox).into_iter().map(|(_, n)| n).collect();

@@ -1,0 +1,90 @@
+//! `[cache]` of the node's configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// `[cache]`: the in-network HTTP range cache (docs/cache.md). Which
+/// requests it serves is decided by the content-source plugin.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Serve the cache. Default true.
+    pub enabled: bool,
+    /// TCP address of the HTTP/1.1 listener. Default `0.0.0.0:8080`; use
+    /// port 80 in production (update clients expect it).
+    pub listen: SocketAddr,
+    /// Where blocks are stored. Default `<data_dir>/cache`.
+    pub dir: Option<PathBuf>,
+    /// Block size in bytes: a power of two, 64 KiB-16 MiB. Default 1 MiB.
+    /// Use the same size at every level of a tree. Changing it empties the cache.
+    pub block_size: u64,
+    /// Most bytes of blocks stored. Default 10 GiB.
+    pub max_size: u64,
+    /// Free space to leave on the cache's file system, bytes. Default 1 GiB.
+    pub min_free: u64,
+    /// The parent node's cache, e.g. `http://10.0.0.1:8080`. Misses are
+    /// fetched through it (it fetches from its own parent or the origin)
+    /// instead of from the origin. Default none.
+    pub parent: Option<String>,
+    /// Bytes a fill keeps fetching after every client that was reading it
+    /// went away. Default 16 MiB.
+    pub orphan_fill_bytes: u64,
+    /// Timeout for connecting to an upstream and receiving its response
+    /// head, and for each read of its body, ms. Default 30000.
+    pub upstream_timeout_ms: u64,
+    /// Extra PEM trust anchors for https origins, besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Concurrent client connections. Default 1024.
+    pub max_connections: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            dir: None,
+            block_size: 1 << 20,
+            max_size: 10 << 30,
+            min_free: 1 << 30,
+            parent: None,
+            orphan_fill_bytes: 16 << 20,
+            upstream_timeout_ms: 30_000,
+            ca_file: None,
+            max_connections: 1024,
+        }
+    }
+}
+
+impl CacheConfig {
+    /// Checks the values; on error the key at fault and why.
+    ///
+    /// # Errors
+    /// A value out of range.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let c = self;
+        if !c.block_size.is_power_of_two() || !(64 << 10..=16 << 20).contains(&c.block_size) {
+            return Err((
+                "cache.block_size",
+                "must be a power of two from 65536 to 16777216".to_string(),
+            ));
+        }
+        if c.max_size < c.block_size {
+            return Err(("cache.max_size", "must be at least one block".to_string()));
+        }
+        if let Some(p) = &c.parent
+            && let Err(e) = crate::upstream::Endpoint::parse(p)
+        {
+            return Err(("cache.parent", e.to_string()));
+        }
+        if c.upstream_timeout_ms < 100 {
+            return Err(("cache.upstream_timeout_ms", "must be at least 100".to_string()));
+        }
+        if c.max_connections == 0 {
+            return Err(("cache.max_connections", "must be at least 1".to_string()));
+        }
+        Ok(())
+    }
+}
