@@ -23,7 +23,7 @@ WORKDIR /build
 
 # rust-toolchain.toml pins the toolchain; rustup uses it for every cargo call
 # in this directory. Install that toolchain and the wasm32-wasip2 target that
-# host/build.rs needs to compile the first-party plugins (as scripts/setup.sh
+# crates/holdfast-plugins/build.rs needs to compile the first-party plugins (as scripts/setup.sh
 # does). This layer is cached until rust-toolchain.toml changes.
 COPY rust-toolchain.toml ./
 RUN toolchain=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml) \

@@ -10,8 +10,8 @@ mod support;
 
 use support::client::Client;
 use support::{BIN, Gateway, http_get};
-const ALERT_ROUTER: &str = env!("HOLDFAST_EXAMPLE_ALERT_ROUTER_WASM");
-const TEST_ROUTER: &str = env!("HOLDFAST_TEST_ROUTER_WASM");
+const ALERT_ROUTER: &str = holdfast_plugins::artifacts::EXAMPLE_ALERT_ROUTER_WASM;
+const TEST_ROUTER: &str = holdfast_plugins::artifacts::TEST_ROUTER_WASM;
 
 fn stderr_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -57,7 +57,7 @@ fn swap_rollback_and_errors_through_the_cli() {
     let auth_wasm = gw.dir.path().join("auth.wasm");
     std::fs::write(
         &auth_wasm,
-        holdfast::plugins::embedded_plugin(holdfast::plugins::SlotName::Auth),
+        holdfast_plugins::embedded_plugin(holdfast_plugins::SlotName::Auth),
     )
     .unwrap();
     let failing = gw.dir.path().join("fail.json");
@@ -256,7 +256,7 @@ fn scaffolded_plugin_builds_and_swaps_in() {
     );
     let krate = work.path().join("my-router");
     // Build it like an author would, sharing the plugins' target dir so the SDK is not rebuilt from scratch.
-    let target_dir = Path::new(env!("HOLDFAST_WASM_TARGET_DIR")).join("scaffold");
+    let target_dir = Path::new(holdfast_plugins::artifacts::WASM_TARGET_DIR).join("scaffold");
     let build = Command::new(env!("CARGO"))
         .args(["build", "--target", "wasm32-wasip2", "--release", "--target-dir"])
         .arg(&target_dir)

@@ -564,7 +564,7 @@ fn swapping_the_auth_plugin_drops_cached_decisions() {
     let auth_wasm = gw.dir.path().join("auth.wasm");
     std::fs::write(
         &auth_wasm,
-        holdfast::plugins::embedded_plugin(holdfast::plugins::SlotName::Auth),
+        holdfast_plugins::embedded_plugin(holdfast_plugins::SlotName::Auth),
     )
     .unwrap();
     let rt = rt();

@@ -11,7 +11,7 @@ use support::fleet::{addr, fleet, fleet_section, listen_section, upstream_sectio
 use support::sas::{in_an_hour, sas, username};
 use support::{Gateway, free_port};
 
-const AUTH_WASM: &str = env!("HOLDFAST_AUTH_WASM");
+const AUTH_WASM: &str = holdfast_plugins::artifacts::AUTH_WASM;
 
 /// Connects as `device` with a SAS token made from `key`; the CONNACK code on refusal.
 fn connect(port: u16, device: &str, key: &str) -> Result<Client, u8> {

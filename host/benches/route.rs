@@ -17,12 +17,12 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
 
-use holdfast::plugins::{Action, LocalAction, Message, RouteOutcome, SlotName, UpstreamAction, embedded_plugin};
+use holdfast_plugins::{Action, LocalAction, Message, RouteOutcome, SlotName, UpstreamAction, embedded_plugin};
 
 use common::{measure, median, plugin_host};
 
-const TEST_ROUTER: &str = env!("HOLDFAST_TEST_ROUTER_WASM");
-const ALERT_ROUTER: &str = env!("HOLDFAST_EXAMPLE_ALERT_ROUTER_WASM");
+const TEST_ROUTER: &str = holdfast_plugins::artifacts::TEST_ROUTER_WASM;
+const ALERT_ROUTER: &str = holdfast_plugins::artifacts::EXAMPLE_ALERT_ROUTER_WASM;
 
 fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

@@ -18,7 +18,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use common::{measure, plugin_host};
-use holdfast::plugins::{Message, SlotName, embedded_plugin};
+use holdfast_plugins::{Message, SlotName, embedded_plugin};
 use holdfast_sdk::Config as PluginConfig;
 use holdfast_sdk::router::{Message as SdkMessage, Router as _};
 

@@ -12,8 +12,8 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
 
 use crate::config::Config;
-use crate::plugins::SlotName;
 use crate::scaffold::{self, PluginKind};
+use holdfast_plugins::SlotName;
 
 /// `println!` for command output. A closed pipe (`holdfast queue | head -2`)
 /// ends the process quietly with status 0 instead of a panic.
@@ -962,7 +962,7 @@ fn outbox_fill(data_dir: &Path, writers: u32, lanes: u8, tag: &str) -> Result<()
                 for i in 0u64.. {
                     let lane = ((i + u64::from(w)) % u64::from(lanes)) as u8;
                     let payload = format!("{tag}:{w}:{i}");
-                    let msg = Arc::new(crate::plugins::Message::new(
+                    let msg = Arc::new(holdfast_plugins::Message::new(
                         "fill",
                         payload.clone().into_bytes(),
                         "fill",
@@ -1005,7 +1005,7 @@ fn plugin_command(client: &AdminClient, cmd: PluginCommand, json: bool) -> Resul
             // `embedded`: this binary's own default plugin for the slot, e.g. to
             // change the default router's routes.
             let wasm = if file.as_os_str() == "embedded" {
-                crate::plugins::embedded_plugin(slot).to_vec()
+                holdfast_plugins::embedded_plugin(slot).to_vec()
             } else {
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?
             };

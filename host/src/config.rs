@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 
 pub use holdfast_cache::config::CacheConfig;
 pub use holdfast_outbox::config::{OutboxConfig, Scheduling, SyncMode, WhenFull};
+pub use holdfast_plugins::config::{
+    AuthFailurePolicy, ContentFailurePolicy, PluginsConfig, RouterFailurePolicy, SlotConfig,
+};
 
 /// A configuration error that names the offending key.
 #[derive(Debug, thiserror::Error)]
@@ -139,107 +142,6 @@ impl Default for AdminConfig {
             metrics_require_token: false,
         }
     }
-}
-
-/// `[plugins]`
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PluginsConfig {
-    /// Compiled-artifact cache. Default `<data_dir>/plugin-cache`.
-    pub cache_dir: Option<PathBuf>,
-    /// A folder watched for `router.wasm`, `auth.wasm`, `content-source.wasm`;
-    /// a changed file is swapped in. Default: none.
-    pub watch_dir: Option<PathBuf>,
-    /// How often the watched folder is scanned, ms. Default 1000.
-    pub watch_interval_ms: u64,
-    /// Capacity of the instance pool shared by all slots (instances alive at
-    /// once, idle or busy). Default 128.
-    pub max_instances: u32,
-    /// `[plugins.router]`
-    pub router: SlotConfig<RouterFailurePolicy>,
-    /// `[plugins.auth]`
-    pub auth: SlotConfig<AuthFailurePolicy>,
-    /// `[plugins.content-source]`
-    #[serde(rename = "content-source")]
-    pub content_source: SlotConfig<ContentFailurePolicy>,
-}
-
-impl Default for PluginsConfig {
-    fn default() -> Self {
-        PluginsConfig {
-            cache_dir: None,
-            watch_dir: None,
-            watch_interval_ms: 1000,
-            max_instances: 128,
-            router: SlotConfig::default(),
-            auth: SlotConfig::default(),
-            content_source: SlotConfig::default(),
-        }
-    }
-}
-
-/// One plugin slot: `[plugins.router]`, `[plugins.auth]`, `[plugins.content-source]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SlotConfig<P> {
-    /// A `.wasm` component to load instead of the embedded default.
-    pub file: Option<PathBuf>,
-    /// The plugin's own configuration, passed to its `init` as JSON.
-    pub config: toml::Table,
-    /// Deadline for one call, ms; a call running longer is interrupted. Default 10.
-    pub deadline_ms: u64,
-    /// Linear-memory cap per instance, MiB. Default 64.
-    pub memory_mib: u64,
-    /// Idle instances kept warm. Default 8.
-    pub pool_size: usize,
-    /// What a call that traps, times out or runs out of memory yields.
-    pub on_failure: P,
-}
-
-impl<P: Default> Default for SlotConfig<P> {
-    fn default() -> Self {
-        SlotConfig {
-            file: None,
-            config: toml::Table::new(),
-            deadline_ms: 10,
-            memory_mib: 64,
-            pool_size: 8,
-            on_failure: P::default(),
-        }
-    }
-}
-
-/// Router failure policy.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RouterFailurePolicy {
-    /// Meant to keep the message aside; there is no dead-letter store yet,
-    /// so it is dropped and counted like [`RouterFailurePolicy::Drop`]
-    /// (default).
-    #[default]
-    DeadLetter,
-    /// Drop the message, counted under reason `router-failure`.
-    Drop,
-}
-
-/// Auth failure policy.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum AuthFailurePolicy {
-    /// Refuse the CONNECT / deny the operation (default).
-    #[default]
-    Deny,
-}
-
-/// Content-source failure policy.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ContentFailurePolicy {
-    /// Forward the request uncached to the host it named (default).
-    #[default]
-    PassThrough,
-    /// Refuse with 403.
-    Deny,
 }
 
 /// `[mqtt]`: the MQTT broker for child devices and modules.
@@ -750,9 +652,18 @@ impl Config {
             .map_err(|(key, why)| ConfigError::key(key, why))?;
         self.validate_mqtt()?;
         self.validate_link()?;
-        self.plugins.router.validate("plugins.router")?;
-        self.plugins.auth.validate("plugins.auth")?;
-        self.plugins.content_source.validate("plugins.content-source")?;
+        self.plugins
+            .router
+            .validate("plugins.router")
+            .map_err(|(key, why)| ConfigError::key(key, why))?;
+        self.plugins
+            .auth
+            .validate("plugins.auth")
+            .map_err(|(key, why)| ConfigError::key(key, why))?;
+        self.plugins
+            .content_source
+            .validate("plugins.content-source")
+            .map_err(|(key, why)| ConfigError::key(key, why))?;
         let mut seen = std::collections::HashSet::new();
         for (i, id) in self.identities.iter().enumerate() {
             let key = |k: &str| format!("identities[{i}].{k}");
@@ -971,31 +882,6 @@ impl Config {
             .cache_dir
             .clone()
             .unwrap_or_else(|| self.node.data_dir.join("plugin-cache"))
-    }
-}
-
-impl<P> SlotConfig<P> {
-    fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
-        if !(1..=60_000).contains(&self.deadline_ms) {
-            return Err(ConfigError::key(format!("{prefix}.deadline_ms"), "must be 1-60000"));
-        }
-        if !(1..=4096).contains(&self.memory_mib) {
-            return Err(ConfigError::key(format!("{prefix}.memory_mib"), "must be 1-4096"));
-        }
-        if !(1..=256).contains(&self.pool_size) {
-            return Err(ConfigError::key(format!("{prefix}.pool_size"), "must be 1-256"));
-        }
-        if let Some(f) = &self.file
-            && f.as_os_str().is_empty()
-        {
-            return Err(ConfigError::key(format!("{prefix}.file"), "is empty"));
-        }
-        Ok(())
-    }
-
-    /// The plugin's config table as JSON text.
-    pub fn config_json(&self) -> String {
-        serde_json::to_string(&self.config).unwrap_or_else(|_| "{}".to_string())
     }
 }
 

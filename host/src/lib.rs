@@ -23,7 +23,6 @@ pub mod iothub;
 pub mod link;
 pub mod logging;
 pub mod node;
-pub mod plugins;
 pub mod registry;
 pub mod reload;
 pub mod scaffold;

@@ -16,11 +16,11 @@ use crate::broker::{Broker, listen};
 use crate::config::Config;
 use crate::iothub::Hub;
 use crate::iothub::twin::Twins;
-use crate::plugins::{NodeContext, PluginError, PluginHost, watch::watch_folder};
 use crate::registry::{Registry, Role};
 use holdfast_cache::Cache;
 use holdfast_metrics::Metrics;
 use holdfast_outbox::{Outbox, SystemTimeSource};
+use holdfast_plugins::{NodeContext, PluginError, PluginHost, watch::watch_folder};
 use holdfast_store::Store;
 
 /// Why a node could not start.
@@ -191,8 +191,8 @@ impl Node {
             identities: registry.clone(),
             metrics: metrics.clone(),
         };
-        let plugin_config = config.clone();
-        let plugins = tokio::task::spawn_blocking(move || PluginHost::new(&plugin_config, context))
+        let (plugin_config, plugin_cache) = (config.plugins.clone(), config.plugin_cache_dir());
+        let plugins = tokio::task::spawn_blocking(move || PluginHost::new(&plugin_config, Some(plugin_cache), context))
             .await
             .map_err(|e| PluginError::Engine(format!("plugin loader task failed: {e}")))??;
         let plugins = Arc::new(plugins);

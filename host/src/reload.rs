@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::config::{Config, SlotConfig};
 use crate::node::NodeState;
-use crate::plugins::{PluginHost, SlotName, embedded_plugin};
+use holdfast_plugins::{PluginHost, SlotName, embedded_plugin};
 
 /// Keys besides plugin configs and files that a reload applies live (the
 /// components compare them with what they run, so these are never reported

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::plugins::SlotName;
+use holdfast_plugins::SlotName;
 
 /// The kind of plugin to create.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

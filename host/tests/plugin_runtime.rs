@@ -6,15 +6,15 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use holdfast::config::Config;
-use holdfast::plugins::{
+use holdfast_metrics::Metrics;
+use holdfast_model::identity::MemoryDirectory;
+use holdfast_plugins::{
     Action, AuthzDecision, ConnectInfo, ContentDecision, FailureKind, Message, NodeContext, Operation, PluginError,
     PluginHost, RequestHead, RouteOutcome, SlotName, Transport, embedded_plugin,
 };
-use holdfast_metrics::Metrics;
-use holdfast_model::identity::MemoryDirectory;
 
-const TEST_ROUTER: &str = env!("HOLDFAST_TEST_ROUTER_WASM");
-const ALERT_ROUTER: &str = env!("HOLDFAST_EXAMPLE_ALERT_ROUTER_WASM");
+const TEST_ROUTER: &str = holdfast_plugins::artifacts::TEST_ROUTER_WASM;
+const ALERT_ROUTER: &str = holdfast_plugins::artifacts::EXAMPLE_ALERT_ROUTER_WASM;
 
 struct Fixture {
     host: Arc<PluginHost>,
@@ -37,7 +37,7 @@ fn fixture(extra: &str) -> Fixture {
         metrics: metrics.clone(),
     };
     Fixture {
-        host: Arc::new(PluginHost::new(&config, node).unwrap()),
+        host: Arc::new(PluginHost::new(&config.plugins, Some(config.plugin_cache_dir()), node).unwrap()),
         metrics,
         _dir: dir,
     }
@@ -80,14 +80,14 @@ fn default_plugins_answer() {
     assert_eq!(
         a.value,
         RouteOutcome::Actions(vec![
-            Action::Upstream(holdfast::plugins::UpstreamAction {
+            Action::Upstream(holdfast_plugins::UpstreamAction {
                 lane: 5,
                 ttl_seconds: None,
                 topic: None,
                 payload: None,
                 add_properties: vec![],
             }),
-            Action::Local(holdfast::plugins::LocalAction {
+            Action::Local(holdfast_plugins::LocalAction {
                 topic: None,
                 payload: None,
                 add_properties: vec![],
@@ -401,9 +401,9 @@ fn compiled_components_are_cached_on_disk() {
         identities: Arc::new(MemoryDirectory::new()),
         metrics: Arc::new(Metrics::new()),
     };
-    let first = PluginHost::new(&config, node()).unwrap();
+    let first = PluginHost::new(&config.plugins, Some(config.plugin_cache_dir()), node()).unwrap();
     assert_eq!(first.cache_stats(), (0, 3));
-    let second = PluginHost::new(&config, node()).unwrap();
+    let second = PluginHost::new(&config.plugins, Some(config.plugin_cache_dir()), node()).unwrap();
     assert_eq!(second.cache_stats(), (3, 0));
     // A damaged entry is ignored and rewritten, never trusted.
     for entry in std::fs::read_dir(dir.path().join("plugin-cache")).unwrap() {
@@ -413,7 +413,7 @@ fn compiled_components_are_cached_on_disk() {
         bytes[last] ^= 0xff;
         std::fs::write(&path, bytes).unwrap();
     }
-    let third = PluginHost::new(&config, node()).unwrap();
+    let third = PluginHost::new(&config.plugins, Some(config.plugin_cache_dir()), node()).unwrap();
     assert_eq!(third.cache_stats(), (0, 3));
     assert!(matches!(third.route(msg("a")).value, RouteOutcome::Actions(_)));
 }

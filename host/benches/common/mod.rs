@@ -5,16 +5,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use holdfast::config::Config;
-use holdfast::plugins::{NodeContext, PluginHost};
 use holdfast_metrics::Metrics;
 use holdfast_model::identity::MemoryDirectory;
+use holdfast_plugins::{NodeContext, PluginHost};
 
 /// A plugin host with the embedded default plugins, its data (the compile
 /// cache) in `data_dir`.
 pub fn plugin_host(data_dir: &std::path::Path) -> PluginHost {
     let config = Config::parse(&format!("[node]\ndata_dir = {:?}\n", data_dir.display().to_string())).expect("config");
     PluginHost::new(
-        &config,
+        &config.plugins,
+        Some(config.plugin_cache_dir()),
         NodeContext {
             node_id: "bench".into(),
             started: Instant::now(),

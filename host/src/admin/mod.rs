@@ -44,8 +44,8 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use crate::node::NodeState;
-use crate::plugins::{PluginError, SlotName};
 use holdfast_metrics::StatusLabels;
+use holdfast_plugins::{PluginError, SlotName};
 
 /// Largest plugin upload.
 pub const MAX_PLUGIN_BYTES: usize = 64 << 20;

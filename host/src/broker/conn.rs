@@ -22,9 +22,9 @@ use tokio::time::Instant;
 
 use super::session::{Inflight, Msg, Outgoing, Session, SubRecord};
 use super::{Broker, Routed, now_ms};
-use crate::plugins::{AuthzDecision, ConnectInfo, Operation, Principal, RefusalCode, SlotName, Transport};
 use holdfast_metrics::{self as metrics, ReasonLabels, ResultLabels, TransportLabels};
 use holdfast_outbox::{AppendError, MessageId};
+use holdfast_plugins::{AuthzDecision, ConnectInfo, Operation, Principal, RefusalCode, SlotName, Transport};
 
 /// Bytes buffered for the socket beyond which the session queue is not
 /// drained further until the client reads.

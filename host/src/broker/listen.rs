@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use super::Broker;
 use super::conn::{Peer, serve};
 use crate::config::TlsListenerConfig;
-use crate::plugins::Transport;
+use holdfast_plugins::Transport;
 
 /// Why a listener could not start.
 #[derive(Debug, thiserror::Error)]

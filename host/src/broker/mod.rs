@@ -35,10 +35,10 @@ use self::persist::{Persist, SessionRecord};
 use self::session::{Inflight, Msg, Outgoing, Session};
 use self::subs::{Sub, SubTree};
 use crate::config::MqttConfig;
-use crate::plugins::{Action, Message, PluginHost, RouteOutcome};
 use holdfast_metrics::{self as metrics, ActionLabels, Metrics, QosLabels, ReasonLabels};
 use holdfast_model::Source;
 use holdfast_outbox::{AppendError, MessageId, Outbox};
+use holdfast_plugins::{Action, Message, PluginHost, RouteOutcome};
 use holdfast_store::{Store, StoreError};
 
 /// Milliseconds since the Unix epoch.

@@ -33,9 +33,9 @@ use serde::Serialize;
 
 use crate::broker::session::Msg;
 use crate::config::Config;
-use crate::plugins::Message;
 use holdfast_outbox::Leased;
 use holdfast_outbox::record::Record;
+use holdfast_plugins::Message;
 
 /// Why the link could not start.
 #[derive(Debug, thiserror::Error)]

@@ -5,11 +5,11 @@
 pub mod router {
     wasmtime::component::bindgen!({
         world: "holdfast:gateway/router@0.1.0",
-        path: "../wit/holdfast-gateway-0.1.0",
+        path: "../../wit/holdfast-gateway-0.1.0",
         additional_derives: [PartialEq, Eq],
         imports: { default: trappable },
         with: {
-            "holdfast:gateway/types.message": crate::plugins::message::MessageRep,
+            "holdfast:gateway/types.message": crate::message::MessageRep,
         },
     });
 }
@@ -18,12 +18,12 @@ pub mod router {
 pub mod auth {
     wasmtime::component::bindgen!({
         world: "holdfast:gateway/auth@0.1.0",
-        path: "../wit/holdfast-gateway-0.1.0",
+        path: "../../wit/holdfast-gateway-0.1.0",
         additional_derives: [PartialEq, Eq],
         imports: { default: trappable },
         with: {
-            "holdfast:gateway/host": crate::plugins::bindings::router::holdfast::gateway::host,
-            "holdfast:gateway/types": crate::plugins::bindings::router::holdfast::gateway::types,
+            "holdfast:gateway/host": crate::bindings::router::holdfast::gateway::host,
+            "holdfast:gateway/types": crate::bindings::router::holdfast::gateway::types,
         },
     });
 }
@@ -32,12 +32,12 @@ pub mod auth {
 pub mod content {
     wasmtime::component::bindgen!({
         world: "holdfast:gateway/content-source@0.1.0",
-        path: "../wit/holdfast-gateway-0.1.0",
+        path: "../../wit/holdfast-gateway-0.1.0",
         additional_derives: [PartialEq, Eq],
         imports: { default: trappable },
         with: {
-            "holdfast:gateway/host": crate::plugins::bindings::router::holdfast::gateway::host,
-            "holdfast:gateway/types": crate::plugins::bindings::router::holdfast::gateway::types,
+            "holdfast:gateway/host": crate::bindings::router::holdfast::gateway::host,
+            "holdfast:gateway/types": crate::bindings::router::holdfast::gateway::types,
         },
     });
 }

@@ -22,8 +22,9 @@ const TARGET: &str = "wasm32-wasip2";
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let root = manifest_dir
-        .parent()
-        .expect("host/ is inside the workspace")
+        .ancestors()
+        .nth(2)
+        .expect("crates/holdfast-plugins is inside the workspace")
         .to_path_buf();
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     for dir in [

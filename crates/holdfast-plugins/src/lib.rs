@@ -1,3 +1,5 @@
+//! # holdfast-plugins
+//!
 //! The plugin runtime: sandboxed WebAssembly components behind the WIT
 //! contract `holdfast:gateway@0.1.0`, one slot per plugin kind.
 //!
@@ -11,9 +13,12 @@
 //!   `init` before an atomic switch; any failure leaves the old version
 //!   active. The previous version is kept for [`PluginHost::rollback`].
 //!
-//! Only this module touches wasmtime.
+//! Only this crate touches wasmtime. The WIT types stay inside it: the
+//! rest of the node passes and receives `holdfast-model` types, converted
+//! here at the edge.
 
 pub mod bindings;
+pub mod config;
 mod embedded;
 mod engine;
 pub mod message;
@@ -22,6 +27,7 @@ mod state;
 mod stdio;
 pub mod watch;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -32,13 +38,13 @@ pub use self::bindings::{
     Action, AuthzDecision, ConnectInfo, LocalAction, Operation, Principal, Refusal, RefusalCode, Transport,
     UpstreamAction,
 };
-pub use self::embedded::embedded_plugin;
+pub use self::embedded::{artifacts, embedded_plugin};
 pub use self::engine::Runtime;
 pub use self::message::MessageRep;
 use self::slot::{AuthKind, ContentKind, Kind, RouterKind, Slot, SlotLimits};
 pub use self::slot::{Failure, SlotStatus, SwapRecord};
 pub use self::state::{LOG_MESSAGE_MAX, LOG_RECORDS_PER_CALL, NodeContext};
-use crate::config::{Config, ContentFailurePolicy, RouterFailurePolicy, SlotConfig};
+use crate::config::{ContentFailurePolicy, PluginsConfig, RouterFailurePolicy, SlotConfig};
 pub use holdfast_metrics::FailureKind;
 pub use holdfast_model::Message;
 pub use holdfast_model::{CachePlan, ContentClass, ContentDecision, ContentPolicy, RequestHead};
@@ -225,17 +231,12 @@ impl PluginHost {
     ///
     /// # Errors
     /// The engine cannot be built, or a slot's plugin does not load.
-    pub fn new(config: &Config, node: NodeContext) -> Result<Self, PluginError> {
-        let p = &config.plugins;
+    pub fn new(p: &PluginsConfig, cache_dir: Option<PathBuf>, node: NodeContext) -> Result<Self, PluginError> {
         let max_memory = [p.router.memory_mib, p.auth.memory_mib, p.content_source.memory_mib]
             .into_iter()
             .max()
             .unwrap_or(64) as usize;
-        let runtime = Arc::new(Runtime::new(
-            p.max_instances,
-            max_memory << 20,
-            Some(config.plugin_cache_dir()),
-        )?);
+        let runtime = Arc::new(Runtime::new(p.max_instances, max_memory << 20, cache_dir)?);
         let router = load_slot(&runtime, &node, &p.router)?;
         let auth = load_slot(&runtime, &node, &p.auth)?;
         let content = load_slot(&runtime, &node, &p.content_source)?;
