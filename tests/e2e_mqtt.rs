@@ -642,7 +642,7 @@ fn make_pki(dir: &std::path::Path) -> Pki {
         let client = client_params.signed_by(&client_key, &issuer).unwrap();
         std::fs::write(dir.join(format!("{device}.pem")), client.pem()).unwrap();
         std::fs::write(dir.join(format!("{device}.key")), client_key.serialize_pem()).unwrap();
-        let (thumbprint, cn) = holdfast::broker::listen::describe_cert(client.der());
+        let (thumbprint, cn) = holdfast_tls::describe_cert(client.der());
         assert_eq!(cn.as_deref(), Some(device));
         thumbprints.push(thumbprint);
     }

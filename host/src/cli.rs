@@ -532,7 +532,7 @@ pub fn execute(cli: Cli) -> Result<()> {
             plugin_command(&client, cmd, cli.admin.json)
         }
         Command::Cert(CertCommand::Ca { dir, name, days, force }) => {
-            let (cert, key) = crate::tls::issue::ca(&dir, &name, days, force)?;
+            let (cert, key) = holdfast_tls::issue::ca(&dir, &name, days, force)?;
             outln!("fleet CA: {} (key {}, keep it safe)", cert.display(), key.display());
             Ok(())
         }
@@ -544,7 +544,7 @@ pub fn execute(cli: Cli) -> Result<()> {
             force,
         }) => {
             let out = out.unwrap_or_else(|| ca_dir.clone());
-            let (cert, key) = crate::tls::issue::node(&ca_dir, &out, &node_id, days, force)?;
+            let (cert, key) = holdfast_tls::issue::node(&ca_dir, &out, &node_id, days, force)?;
             outln!("node {node_id}: {} (key {})", cert.display(), key.display());
             Ok(())
         }

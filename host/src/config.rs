@@ -14,6 +14,7 @@ pub use holdfast_outbox::config::{OutboxConfig, Scheduling, SyncMode, WhenFull};
 pub use holdfast_plugins::config::{
     AuthFailurePolicy, ContentFailurePolicy, PluginsConfig, RouterFailurePolicy, SlotConfig,
 };
+pub use holdfast_registry::IdentityConfig;
 
 /// A configuration error that names the offending key.
 #[derive(Debug, thiserror::Error)]
@@ -516,42 +517,6 @@ pub struct BridgeInConfig {
     pub add_prefix: String,
 }
 
-/// `[[identities]]`: an identity seeded from the config.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IdentityConfig {
-    /// Device id, `{device}/{module}` for a module, gateway id, or username.
-    pub id: String,
-    /// `device`, `module`, `gateway` or `user`. Default `device`.
-    #[serde(default = "default_kind")]
-    pub kind: String,
-    /// Parent gateway id.
-    pub parent: Option<String>,
-    /// Default true.
-    #[serde(default = "yes")]
-    pub enabled: bool,
-    /// Primary symmetric key, base64.
-    pub sas_primary: Option<String>,
-    /// Secondary symmetric key, base64.
-    pub sas_secondary: Option<String>,
-    /// Certificate thumbprints (SHA-256, hex).
-    #[serde(default)]
-    pub thumbprints: Vec<String>,
-    /// Argon2 PHC hash (`holdfast passwd` prints one).
-    pub password_hash: Option<String>,
-    /// Accept a certificate signed by a registered CA that names this identity.
-    #[serde(default)]
-    pub x509_ca: bool,
-}
-
-fn default_kind() -> String {
-    "device".to_string()
-}
-
-fn yes() -> bool {
-    true
-}
-
 /// The configuration `holdfast run` uses with no file: every default.
 pub const EMBEDDED_DEFAULT: &str = include_str!("default-config.toml");
 
@@ -673,10 +638,10 @@ impl Config {
             if !seen.insert(id.id.as_str()) {
                 return Err(ConfigError::key(key("id"), format!("{:?} appears twice", id.id)));
             }
-            let Some(kind) = crate::registry::Kind::parse(&id.kind) else {
+            let Some(kind) = holdfast_registry::Kind::parse(&id.kind) else {
                 return Err(ConfigError::key(key("kind"), "must be device, module, gateway or user"));
             };
-            if let Err(e) = crate::registry::check_id(&id.id, kind) {
+            if let Err(e) = holdfast_registry::check_id(&id.id, kind) {
                 return Err(ConfigError::key(key("id"), e.to_string()));
             }
             for (k, v) in [("sas_primary", &id.sas_primary), ("sas_secondary", &id.sas_secondary)] {
@@ -990,7 +955,7 @@ mod tests {
         assert!(checked >= 1);
         // The documented password of the example user is the real one.
         let example = Config::load(&dir.join("single-node.toml")).unwrap();
-        let identities = crate::registry::directory_from_config(&example);
+        let identities = holdfast_registry::directory_from_config(&example.identities);
         use holdfast_model::identity::IdentityDirectory as _;
         assert!(identities.verify_password("operator", b"secret"));
     }

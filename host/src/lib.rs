@@ -23,7 +23,5 @@ pub mod iothub;
 pub mod link;
 pub mod logging;
 pub mod node;
-pub mod registry;
 pub mod reload;
 pub mod scaffold;
-pub mod tls;

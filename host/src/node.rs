@@ -16,11 +16,11 @@ use crate::broker::{Broker, listen};
 use crate::config::Config;
 use crate::iothub::Hub;
 use crate::iothub::twin::Twins;
-use crate::registry::{Registry, Role};
 use holdfast_cache::Cache;
 use holdfast_metrics::Metrics;
 use holdfast_outbox::{Outbox, SystemTimeSource};
 use holdfast_plugins::{NodeContext, PluginError, PluginHost, watch::watch_folder};
+use holdfast_registry::{Registry, Role};
 use holdfast_store::Store;
 
 /// Why a node could not start.
@@ -45,7 +45,7 @@ pub enum StartError {
     Listen(#[from] listen::ListenError),
     /// The registry did not open.
     #[error("registry: {0}")]
-    Registry(#[from] crate::registry::RegistryError),
+    Registry(#[from] holdfast_registry::RegistryError),
     /// The upstream link or the link listener could not start.
     #[error(transparent)]
     Link(#[from] crate::link::LinkError),

@@ -33,7 +33,7 @@ fn fixture(extra: &str) -> Fixture {
     let node = NodeContext {
         node_id: "test-node".into(),
         started: Instant::now(),
-        identities: Arc::new(holdfast::registry::directory_from_config(&config)),
+        identities: Arc::new(holdfast_registry::directory_from_config(&config.identities)),
         metrics: metrics.clone(),
     };
     Fixture {

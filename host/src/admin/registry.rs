@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 
 use super::{ApiError, Routes, bad_json};
 use crate::node::NodeState;
-use crate::registry::{NewIdentity, Registry, RegistryError, WhichKey};
+use holdfast_registry::{NewIdentity, Registry, RegistryError, WhichKey};
 
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {

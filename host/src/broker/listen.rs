@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::CertificateDer;
-use sha2::Digest as _;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -147,7 +146,7 @@ fn pem_err(kind: &'static str, path: &Path, e: impl std::fmt::Display) -> Listen
 }
 
 fn load_certs(kind: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ListenError> {
-    crate::tls::load_certs(path).map_err(|e| pem_err(kind, path, e.message))
+    holdfast_tls::load_certs(path).map_err(|e| pem_err(kind, path, e.message))
 }
 
 /// Builds the rustls server configuration of a listener.
@@ -167,7 +166,7 @@ fn server_config(
         });
     };
     let certs = load_certs(kind, cert)?;
-    let key = crate::tls::load_key(key).map_err(|e| pem_err(kind, key, e.message))?;
+    let key = holdfast_tls::load_key(key).map_err(|e| pem_err(kind, key, e.message))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let versions: &[&rustls::SupportedProtocolVersion] = if kind == "quic" {
         &[&rustls::version::TLS13]
@@ -267,22 +266,9 @@ fn client_cert(broker: &Broker, chain: Option<&[CertificateDer<'static>]>) -> (O
     let Some(chain) = chain.filter(|c| !c.is_empty()) else {
         return (None, None);
     };
-    let (thumbprint, cn) = describe_cert(&chain[0]);
+    let (thumbprint, cn) = holdfast_tls::describe_cert(&chain[0]);
     broker.registry.presented(&thumbprint, chain.to_vec());
     (Some(thumbprint), cn)
-}
-
-/// SHA-256 thumbprint (lowercase hex) and common name of a client certificate.
-pub fn describe_cert(der: &[u8]) -> (String, Option<String>) {
-    let thumbprint = hex::encode(sha2::Sha256::digest(der));
-    let cn = x509_parser::parse_x509_certificate(der).ok().and_then(|(_, cert)| {
-        cert.subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .map(str::to_string)
-    });
-    (thumbprint, cn)
 }
 
 async fn accept_tcp(

@@ -100,7 +100,7 @@ pub struct Broker {
     next_conn_id: AtomicU64,
     stop: watch::Receiver<bool>,
     /// The identities clients authenticate as.
-    pub(crate) registry: Arc<crate::registry::Registry>,
+    pub(crate) registry: Arc<holdfast_registry::Registry>,
     /// Twins, direct methods, property bags.
     pub(crate) hub: Arc<crate::iothub::Hub>,
     /// Connections by principal id, for revocation.

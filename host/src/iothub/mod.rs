@@ -38,8 +38,8 @@ use self::twin::{DesiredChange, Twins};
 use crate::broker::Broker;
 use crate::broker::session::Msg;
 use crate::link::service::Svc;
-use crate::registry::{Hop, Registry};
 use holdfast_metrics::{EventLabels, Metrics};
+use holdfast_registry::{Hop, Registry};
 
 /// Longest a method call may wait for its answer.
 pub const MAX_METHOD_TIMEOUT: Duration = Duration::from_secs(300);

@@ -37,7 +37,7 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 /// Unusable certificates or keys.
 pub fn client_config(config: &Config) -> Result<quinn::ClientConfig, LinkError> {
     let (roots, chain, key) = fleet_material(config)?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+    let mut tls = rustls::ClientConfig::builder_with_provider(holdfast_tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| LinkError::Tls(e.to_string()))?
         .with_root_certificates(roots)

@@ -53,8 +53,8 @@ pub enum LinkError {
     },
 }
 
-impl From<crate::tls::PemError> for LinkError {
-    fn from(e: crate::tls::PemError) -> Self {
+impl From<holdfast_tls::PemError> for LinkError {
+    fn from(e: holdfast_tls::PemError) -> Self {
         LinkError::Tls(e.to_string())
     }
 }
@@ -72,7 +72,7 @@ pub struct Ctx {
     /// Metrics.
     pub metrics: Arc<holdfast_metrics::Metrics>,
     /// The registry replica scope sync fills (QUIC child only).
-    pub registry: Option<Arc<crate::registry::Registry>>,
+    pub registry: Option<Arc<holdfast_registry::Registry>>,
     /// Twins and methods the service stream serves (QUIC child only).
     pub hub: Option<Arc<crate::iothub::Hub>>,
 }
@@ -91,9 +91,9 @@ pub(crate) fn fleet_material(config: &Config) -> Result<FleetMaterial, LinkError
         return Err(LinkError::Tls("fleet.ca, fleet.cert and fleet.key are required".into()));
     };
     Ok((
-        crate::tls::load_roots(ca)?,
-        crate::tls::load_certs(cert)?,
-        crate::tls::load_key(key)?,
+        holdfast_tls::load_roots(ca)?,
+        holdfast_tls::load_certs(cert)?,
+        holdfast_tls::load_key(key)?,
     ))
 }
 

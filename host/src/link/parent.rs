@@ -32,7 +32,7 @@ pub struct Ctx {
     /// Where children's messages are stored.
     pub outbox: Arc<Outbox>,
     /// Who may connect, and what each child's scope is.
-    pub registry: Arc<crate::registry::Registry>,
+    pub registry: Arc<holdfast_registry::Registry>,
     /// Shared status (connected children).
     pub status: Arc<Status>,
     /// Metrics.
@@ -55,7 +55,7 @@ pub fn start(
     stop: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, JoinHandle<()>), LinkError> {
     let (roots, chain, key) = fleet_material(config)?;
-    let provider = crate::tls::provider();
+    let provider = holdfast_tls::provider();
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
         .build()
         .map_err(|e| LinkError::Tls(e.to_string()))?;
@@ -115,7 +115,7 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, mut stop: watch::Receiver
     let cert_id = conn
         .peer_identity()
         .and_then(|i| i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
-        .and_then(|chain| chain.first().and_then(|c| crate::tls::node_id_of(c)));
+        .and_then(|chain| chain.first().and_then(|c| holdfast_tls::node_id_of(c)));
     let Some(cert_id) = cert_id else {
         refused(&ctx, "no-identity");
         conn.close(close::REFUSED.into(), b"no node id in the certificate");

@@ -16,8 +16,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 
 use super::wire::{self, Frame, close, scope as part};
-use crate::registry::{Delta, Registry, Scope};
 use holdfast_metrics::{Metrics, ResultLabels};
+use holdfast_registry::{Delta, Registry, Scope};
 
 /// Identities per part of a full sync.
 pub const PART_ENTRIES: usize = 1000;
@@ -158,7 +158,7 @@ pub async fn receive(
                     }
                     applied.map(|r| r.map(|_| "full"))
                 }
-                Err(e) => Ok(Err(crate::registry::RegistryError::Invalid(e.to_string()))),
+                Err(e) => Ok(Err(holdfast_registry::RegistryError::Invalid(e.to_string()))),
             },
             _ => match serde_json::from_slice::<Delta>(&body) {
                 Ok(delta) => {
@@ -167,7 +167,7 @@ pub async fn receive(
                         .await
                         .map(|r| r.map(|_| "delta"))
                 }
-                Err(e) => Ok(Err(crate::registry::RegistryError::Invalid(e.to_string()))),
+                Err(e) => Ok(Err(holdfast_registry::RegistryError::Invalid(e.to_string()))),
             },
         };
         match result {

@@ -170,7 +170,7 @@ pub async fn parent(
         tokio::select! {
             m = read(&mut recv) => match m {
                 Ok(Some(Svc::Reported { id, generation, patch })) => {
-                    let in_scope = hub.registry().next_hop(&id) == crate::registry::Hop::Child(child.to_string());
+                    let in_scope = hub.registry().next_hop(&id) == holdfast_registry::Hop::Child(child.to_string());
                     let (twins, id2) = (hub.twins.clone(), id.clone());
                     let stored = if in_scope {
                         let from = child.clone();
@@ -211,7 +211,7 @@ pub async fn parent(
             },
             c = changes.recv() => match c {
                 Ok(change) => {
-                    if hub.registry().next_hop(&change.id) == crate::registry::Hop::Child(child.to_string()) {
+                    if hub.registry().next_hop(&change.id) == holdfast_registry::Hop::Child(child.to_string()) {
                         let twin = hub.twins.get(&change.id);
                         let _ = tx.send(Svc::Desired { id: change.id, version: twin.desired_version, desired: twin.desired });
                     }

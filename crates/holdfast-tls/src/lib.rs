@@ -1,3 +1,5 @@
+//! # holdfast-tls
+//!
 //! TLS material shared by the MQTT listeners, the QUIC link and the bridge:
 //! PEM loading, and the fleet certificates `holdfast cert` issues (rcgen).
 
@@ -93,6 +95,19 @@ pub fn cert_names(der: &[u8]) -> Vec<String> {
 }
 
 /// Fleet certificate issuance for `holdfast cert`.
+/// SHA-256 thumbprint (lowercase hex) and common name of a client certificate.
+pub fn describe_cert(der: &[u8]) -> (String, Option<String>) {
+    let thumbprint = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(der));
+    let cn = x509_parser::parse_x509_certificate(der).ok().and_then(|(_, cert)| {
+        cert.subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_string)
+    });
+    (thumbprint, cn)
+}
+
 pub mod issue {
     use std::path::{Path, PathBuf};
 

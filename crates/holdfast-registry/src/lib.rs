@@ -1,3 +1,5 @@
+//! # holdfast-registry
+//!
 //! The device registry: devices, modules, child gateways and users, each with
 //! at most one parent, their credentials, and the CAs device certificates
 //! may be signed by.
@@ -28,7 +30,6 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
-use crate::config::IdentityConfig;
 use holdfast_model::identity::{IdentityDirectory, IdentityRecord};
 use holdfast_model::{Identity, IdentityKind};
 use holdfast_store::{Durability, Space, Store, StoreError};
@@ -175,10 +176,46 @@ pub struct Entry {
     pub updated_ms: u64,
 }
 
+/// `[[identities]]`: an identity seeded from the config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Device id, `{device}/{module}` for a module, gateway id, or username.
+    pub id: String,
+    /// `device`, `module`, `gateway` or `user`. Default `device`.
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// Parent gateway id.
+    pub parent: Option<String>,
+    /// Default true.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Primary symmetric key, base64.
+    pub sas_primary: Option<String>,
+    /// Secondary symmetric key, base64.
+    pub sas_secondary: Option<String>,
+    /// Certificate thumbprints (SHA-256, hex).
+    #[serde(default)]
+    pub thumbprints: Vec<String>,
+    /// Argon2 PHC hash (`holdfast passwd` prints one).
+    pub password_hash: Option<String>,
+    /// Accept a certificate signed by a registered CA that names this identity.
+    #[serde(default)]
+    pub x509_ca: bool,
+}
+
+fn default_kind() -> String {
+    "device".to_string()
+}
+
+fn yes() -> bool {
+    true
+}
+
 /// A directory holding the `[[identities]]` of a validated config.
-pub fn directory_from_config(config: &crate::config::Config) -> holdfast_model::MemoryDirectory {
+pub fn directory_from_config(identities: &[IdentityConfig]) -> holdfast_model::MemoryDirectory {
     let dir = holdfast_model::MemoryDirectory::new();
-    for entry in config.identities.iter().filter_map(Entry::from_config) {
+    for entry in identities.iter().filter_map(Entry::from_config) {
         dir.insert(entry.record());
     }
     dir
@@ -976,7 +1013,7 @@ impl Registry {
     pub fn add_ca(&self, name: &str, pem: &str) -> Result<CaEntry, RegistryError> {
         self.owner_only()?;
         check_part(name, "CA name")?;
-        let certs: Vec<CertificateDer<'static>> = rustls_pki_types::pem::PemObject::pem_slice_iter(pem.as_bytes())
+        let certs: Vec<CertificateDer<'static>> = rustls::pki_types::pem::PemObject::pem_slice_iter(pem.as_bytes())
             .collect::<Result<_, _>>()
             .map_err(|e| RegistryError::Invalid(format!("not a PEM certificate: {e}")))?;
         let [cert] = certs.as_slice() else {
@@ -995,7 +1032,7 @@ impl Registry {
         let ca = CaEntry {
             name: name.to_string(),
             pem: pem.to_string(),
-            thumbprint: crate::broker::listen::describe_cert(cert).0,
+            thumbprint: holdfast_tls::describe_cert(cert).0,
             subject: parsed.subject().to_string(),
             origin: Origin::Api,
             added_ms: holdfast_model::unix_ms(),
@@ -1199,7 +1236,7 @@ impl Registry {
         {
             return false;
         }
-        crate::tls::cert_names(end).iter().any(|n| n == id)
+        holdfast_tls::cert_names(end).iter().any(|n| n == id)
     }
 
     /// The registry's summary for the admin API.
@@ -1361,11 +1398,11 @@ fn build_ca_verifier(cas: &BTreeMap<String, CaEntry>) -> Option<Arc<dyn rustls::
     }
     let mut roots = rustls::RootCertStore::empty();
     for ca in cas.values() {
-        for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(ca.pem.as_bytes()).flatten() {
+        for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(ca.pem.as_bytes()).flatten() {
             let _ = roots.add(cert);
         }
     }
-    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), crate::tls::provider())
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), holdfast_tls::provider())
         .build()
         .map_err(|e| tracing::warn!(error = %e, "registry: cannot build the CA verifier"))
         .ok()
