@@ -16,7 +16,6 @@
 //! # Ok(()) }
 //! ```
 pub mod admin;
-pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod iothub;

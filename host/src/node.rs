@@ -12,10 +12,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin;
-use crate::broker::{Broker, listen};
 use crate::config::Config;
 use crate::iothub::Hub;
 use crate::iothub::twin::Twins;
+use holdfast_broker::{Broker, listen};
 use holdfast_cache::Cache;
 use holdfast_metrics::Metrics;
 use holdfast_outbox::{Outbox, SystemTimeSource};
@@ -213,10 +213,14 @@ impl Node {
                     hub.clone(),
                     stopped.clone(),
                 );
-                tokio::task::spawn_blocking(move || Broker::open(mqtt, plugins, outbox, &store, metrics, hub, stopped))
-                    .await
-                    .map_err(|e| PluginError::Engine(format!("broker open task failed: {e}")))??
+                let registry = hub.registry().clone();
+                tokio::task::spawn_blocking(move || {
+                    Broker::open(mqtt, plugins, outbox, &store, metrics, registry, hub, stopped)
+                })
+                .await
+                .map_err(|e| PluginError::Engine(format!("broker open task failed: {e}")))??
             };
+            hub.attach(&broker);
             let (b, listeners) = listen::start(&broker, stopped.clone()).await?;
             bound = b;
             tasks.extend(listeners);

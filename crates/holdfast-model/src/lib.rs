@@ -13,6 +13,7 @@
 pub mod content;
 pub mod identity;
 pub mod message;
+pub mod policy;
 pub mod sys;
 pub mod time;
 

@@ -19,6 +19,7 @@
 
 pub mod bindings;
 pub mod config;
+mod convert;
 mod embedded;
 mod engine;
 pub mod message;
@@ -33,11 +34,6 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use wasmtime::component::Resource;
 
-use self::bindings::content::holdfast::gateway::content as content_wit;
-pub use self::bindings::{
-    Action, AuthzDecision, ConnectInfo, LocalAction, Operation, Principal, Refusal, RefusalCode, Transport,
-    UpstreamAction,
-};
 pub use self::embedded::{artifacts, embedded_plugin};
 pub use self::engine::Runtime;
 pub use self::message::MessageRep;
@@ -47,6 +43,10 @@ pub use self::state::{LOG_MESSAGE_MAX, LOG_RECORDS_PER_CALL, NodeContext};
 use crate::config::{ContentFailurePolicy, PluginsConfig, RouterFailurePolicy, SlotConfig};
 pub use holdfast_metrics::FailureKind;
 pub use holdfast_model::Message;
+pub use holdfast_model::policy::{
+    Action, Authorized, AuthzDecision, ConnectInfo, LocalAction, Operation, Policy, Principal, Refusal, RefusalCode,
+    RouteOutcome, Transport, UpstreamAction,
+};
 pub use holdfast_model::{CachePlan, ContentClass, ContentDecision, ContentPolicy, RequestHead};
 
 /// A plugin slot.
@@ -160,17 +160,6 @@ impl<T> Answer<T> {
     }
 }
 
-/// What the router decided for a message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RouteOutcome {
-    /// The plugin's actions; an empty list means drop with reason `no-route`.
-    Actions(Vec<Action>),
-    /// The plugin failed and the policy is `dead-letter`: keep the message aside.
-    DeadLetter(String),
-    /// The plugin failed and the policy is `drop`.
-    Drop(String),
-}
-
 /// The loaded plugins of a node.
 pub struct PluginHost {
     runtime: Arc<Runtime>,
@@ -261,7 +250,8 @@ impl PluginHost {
             store.data_mut().table.delete(handle)?;
             result
         });
-        Answer::new(version, result.map(RouteOutcome::Actions), |failure| {
+        let result = result.map(|actions| RouteOutcome::Actions(actions.into_iter().map(convert::action).collect()));
+        Answer::new(version, result, |failure| {
             let reason = format!("router-failure:{}", failure.kind.as_str());
             match self.router_policy {
                 RouterFailurePolicy::DeadLetter => RouteOutcome::DeadLetter(reason),
@@ -272,7 +262,9 @@ impl PluginHost {
 
     /// Decides a CONNECT. A failed call refuses it (policy `deny`).
     pub fn authenticate(&self, info: &ConnectInfo) -> Answer<Result<Principal, Refusal>> {
-        let (version, result) = self.auth.call(|b, store| b.call_authenticate(store, info));
+        let wit_info = convert::connect_info(info);
+        let (version, result) = self.auth.call(|b, store| b.call_authenticate(store, &wit_info));
+        let result = result.map(|r| r.map(convert::principal).map_err(convert::refusal));
         Answer::new(version, result, |failure| {
             Err(Refusal {
                 code: RefusalCode::NotAuthorized,
@@ -283,7 +275,12 @@ impl PluginHost {
 
     /// Decides a PUBLISH or SUBSCRIBE. A failed call denies it.
     pub fn authorize(&self, who: &Principal, op: Operation, topic: &str) -> Answer<AuthzDecision> {
-        let (version, result) = self.auth.call(|b, store| b.call_authorize(store, who, op, topic));
+        let wit_who = convert::principal_to_wit(who);
+        let wit_op = convert::operation(op);
+        let (version, result) = self
+            .auth
+            .call(|b, store| b.call_authorize(store, &wit_who, wit_op, topic));
+        let result = result.map(convert::decision);
         Answer::new(version, result, |failure| {
             AuthzDecision::Deny(format!("auth plugin failed ({failure}); policy deny"))
         })
@@ -293,29 +290,9 @@ impl PluginHost {
     /// the request through uncached to the host it named (or denies it,
     /// per policy).
     pub fn classify(&self, request: &RequestHead) -> Answer<ContentDecision> {
-        let wit_request = content_wit::RequestHead {
-            method: request.method.clone(),
-            host: request.host.clone(),
-            port: request.port,
-            path_and_query: request.path_and_query.clone(),
-            headers: request.headers.clone(),
-        };
+        let wit_request = convert::request_head(request);
         let (version, result) = self.content.call(|b, store| b.call_classify(store, &wit_request));
-        let result = result.map(|d| match d {
-            content_wit::Decision::Deny(reason) => ContentDecision::Deny(reason),
-            content_wit::Decision::PassThrough(origin) => ContentDecision::PassThrough(origin),
-            content_wit::Decision::Cache(p) => ContentDecision::Cache(CachePlan {
-                origin: p.origin,
-                origin_path: p.origin_path,
-                key: p.key,
-                class: match p.class {
-                    content_wit::ContentClass::Immutable => ContentClass::Immutable,
-                    content_wit::ContentClass::Revalidate => ContentClass::Revalidate,
-                },
-                ttl_seconds: p.ttl_seconds,
-                max_object_size: p.max_object_size,
-            }),
-        });
+        let result = result.map(convert::content_decision);
         Answer::new(version, result, |failure| match self.content_policy {
             ContentFailurePolicy::PassThrough => {
                 let port = request.port.map(|p| format!(":{p}")).unwrap_or_default();
@@ -407,5 +384,27 @@ impl PluginHost {
 impl ContentPolicy for PluginHost {
     fn classify(&self, head: &RequestHead) -> ContentDecision {
         PluginHost::classify(self, head).value
+    }
+}
+
+impl Policy for PluginHost {
+    fn route(&self, msg: Arc<Message>) -> RouteOutcome {
+        PluginHost::route(self, msg).value
+    }
+
+    fn authenticate(&self, info: &ConnectInfo) -> Result<Principal, Refusal> {
+        PluginHost::authenticate(self, info).value
+    }
+
+    fn authorize(&self, who: &Principal, op: Operation, topic: &str) -> Authorized {
+        let answer = PluginHost::authorize(self, who, op, topic);
+        Authorized {
+            decision: answer.value,
+            cacheable: answer.failure.is_none(),
+        }
+    }
+
+    fn auth_version(&self) -> Arc<str> {
+        self.version(SlotName::Auth)
     }
 }

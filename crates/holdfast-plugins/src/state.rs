@@ -345,7 +345,7 @@ impl crypto::Host for PluginState {
 
 impl identities::Host for PluginState {
     fn lookup(&mut self, id: String) -> wasmtime::Result<Option<identities::Identity>> {
-        Ok(self.node.identities.lookup(&id).map(wit_identity))
+        Ok(self.node.identities.lookup(&id).map(crate::convert::identity))
     }
 
     fn verify_sas(&mut self, id: String, string_to_sign: String, signature: Vec<u8>) -> wasmtime::Result<bool> {
@@ -358,23 +358,5 @@ impl identities::Host for PluginState {
 
     fn verify_thumbprint(&mut self, id: String, thumbprint: String) -> wasmtime::Result<bool> {
         Ok(self.node.identities.verify_thumbprint(&id, &thumbprint))
-    }
-}
-
-/// The WIT form of an identity.
-fn wit_identity(i: holdfast_model::Identity) -> identities::Identity {
-    identities::Identity {
-        id: i.id,
-        kind: match i.kind {
-            holdfast_model::IdentityKind::Device => identities::IdentityKind::Device,
-            holdfast_model::IdentityKind::Module => identities::IdentityKind::Module,
-            holdfast_model::IdentityKind::Gateway => identities::IdentityKind::Gateway,
-            holdfast_model::IdentityKind::User => identities::IdentityKind::User,
-        },
-        device_id: i.device_id,
-        module_id: i.module_id,
-        parent: i.parent,
-        enabled: i.enabled,
-        credentials: i.credentials,
     }
 }

@@ -147,7 +147,7 @@ async fn send_message(
     properties.user_properties = req.properties.into_iter().collect();
     properties.content_type = req.content_type;
     let topic = crate::iothub::with_bag(format!("devices/{id}/messages/devicebound/"), &properties);
-    let msg = crate::broker::session::Msg {
+    let msg = holdfast_broker::session::Msg {
         topic: topic.clone(),
         payload: Bytes::from(req.payload.into_bytes()),
         qos: holdfast_mqtt::QoS::AtLeastOnce,

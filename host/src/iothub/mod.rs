@@ -35,9 +35,9 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use self::twin::{DesiredChange, Twins};
-use crate::broker::Broker;
-use crate::broker::session::Msg;
 use crate::link::service::Svc;
+use holdfast_broker::Broker;
+use holdfast_broker::session::Msg;
 use holdfast_metrics::{EventLabels, Metrics};
 use holdfast_registry::{Hop, Registry};
 
@@ -197,6 +197,8 @@ pub struct Hub {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     broker: OnceLock<Weak<Broker>>,
+    /// This hub, for the tasks a request spawns.
+    me: Weak<Hub>,
     next_call: AtomicU64,
     /// Calls waiting for an answer, by call id (a device's `$rid` is it in hex).
     calls: Mutex<HashMap<u64, Waiting>>,
@@ -225,11 +227,12 @@ fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {
 impl Hub {
     /// A hub over `twins`.
     pub fn new(twins: Arc<Twins>, registry: Arc<Registry>, metrics: Arc<Metrics>) -> Arc<Hub> {
-        Arc::new(Hub {
+        Arc::new_cyclic(|me| Hub {
             twins,
             registry,
             metrics,
             broker: OnceLock::new(),
+            me: me.clone(),
             next_call: AtomicU64::new(1),
             calls: Mutex::new(HashMap::new()),
             downlinks: Mutex::new(HashMap::new()),
@@ -636,5 +639,31 @@ mod tests {
             "devices/d/messages/devicebound/x=1"
         );
         assert_eq!(with_bag("plant/1".into(), &p), "plant/1");
+    }
+}
+
+impl holdfast_broker::Dialect for Hub {
+    fn is_request(&self, topic: &str) -> bool {
+        is_request(topic)
+    }
+
+    fn device_request(&self, client_id: &str, principal: Option<&str>, topic: &str, payload: &[u8]) {
+        // Answers are published through the broker from tasks the hub
+        // spawns; they hold the hub through the broker's reference.
+        if let Some(hub) = self.me.upgrade() {
+            hub.device_request(client_id, principal, topic, payload);
+        }
+    }
+
+    fn annotate(&self, msg: &mut Msg) -> Result<(), String> {
+        annotate(msg).map_err(|e| e.to_string())
+    }
+
+    fn with_bag(&self, topic: String, props: &Properties) -> String {
+        with_bag(topic, props)
+    }
+
+    fn forward_down(&self, msg: &Msg) -> bool {
+        Hub::forward_down(self, msg)
     }
 }

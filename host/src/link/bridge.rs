@@ -25,9 +25,9 @@ use tokio::sync::watch;
 
 use super::reconnect::{Ended, Probe, Upstream, drive};
 use super::{Ctx, LinkError, PROP_ID, PROP_PATH, origin_id, path_of};
-use crate::broker::Broker;
-use crate::broker::session::Msg;
 use crate::config::{BridgeConfig, BridgeProtocol, Config};
+use holdfast_broker::Broker;
+use holdfast_broker::session::Msg;
 use holdfast_metrics::{ReasonLabels, ResultLabels};
 use holdfast_outbox::MessageId;
 
@@ -493,7 +493,7 @@ impl Session {
         properties.subscription_identifiers.clear();
         let expires_at_ms = properties
             .message_expiry_interval
-            .map(|s| crate::broker::now_ms() + u64::from(s) * 1000);
+            .map(|s| holdfast_broker::now_ms() + u64::from(s) * 1000);
         broker.deliver(Arc::new(Msg {
             topic,
             payload: p.payload.clone(),

@@ -31,8 +31,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::broker::session::Msg;
 use crate::config::Config;
+use holdfast_broker::session::Msg;
 use holdfast_outbox::Leased;
 use holdfast_outbox::record::Record;
 use holdfast_plugins::Message;
@@ -278,7 +278,7 @@ pub(crate) fn to_msg(m: &Message, id: holdfast_outbox::MessageId, ttl_left_ms: O
         },
         retain: m.retain,
         properties,
-        expires_at_ms: ttl_left_ms.map(|t| crate::broker::now_ms() + t),
+        expires_at_ms: ttl_left_ms.map(|t| holdfast_broker::now_ms() + t),
         // A message from this node's own client keeps no-local semantics.
         publisher: m.source.path.is_empty().then(|| Arc::from(m.source.client_id.as_str())),
     }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::{origin_id, to_msg};
-use crate::broker::Broker;
+use holdfast_broker::Broker;
 use holdfast_metrics::{Metrics, ResultLabels};
 use holdfast_outbox::Outbox;
 

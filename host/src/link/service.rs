@@ -299,7 +299,7 @@ pub async fn child(hub: Arc<Hub>, metrics: Arc<Metrics>, conn: quinn::Connection
                         user_properties: properties,
                         ..Default::default()
                     };
-                    hub.deliver_from_parent(crate::broker::session::Msg {
+                    hub.deliver_from_parent(holdfast_broker::session::Msg {
                         topic,
                         payload: payload.into(),
                         qos: holdfast_mqtt::QoS::AtLeastOnce,

@@ -1,8 +1,11 @@
+//! # holdfast-broker
+//!
 //! The MQTT 3.1.1/5 broker for child devices and modules.
 //!
-//! Every CONNECT is decided by the auth plugin and every PUBLISH and
+//! Every CONNECT is decided by the auth policy and every PUBLISH and
 //! SUBSCRIBE by its authorization. Every received PUBLISH goes through the
-//! router plugin: `upstream(lane)` appends it to the outbox (the PUBACK or
+//! router policy ([`holdfast_model::policy::Policy`], which the node's plugin
+//! slots implement): `upstream(lane)` appends it to the outbox (the PUBACK or
 //! PUBREC waits until the append is durable), `local(topic)` delivers it to
 //! this node's subscribers, `drop` counts it.
 //!
@@ -13,6 +16,7 @@
 //! - [`subs`]: the subscription trie.
 //! - [`listen`]: the TCP, TLS and QUIC listeners.
 
+pub mod config;
 pub mod conn;
 pub mod listen;
 pub mod persist;
@@ -36,9 +40,10 @@ use self::session::{Inflight, Msg, Outgoing, Session};
 use self::subs::{Sub, SubTree};
 use crate::config::MqttConfig;
 use holdfast_metrics::{self as metrics, ActionLabels, Metrics, QosLabels, ReasonLabels};
+use holdfast_model::Message;
 use holdfast_model::Source;
+use holdfast_model::policy::{Action, Policy, RouteOutcome};
 use holdfast_outbox::{AppendError, MessageId, Outbox};
-use holdfast_plugins::{Action, Message, PluginHost, RouteOutcome};
 use holdfast_store::{Store, StoreError};
 
 /// Milliseconds since the Unix epoch.
@@ -79,7 +84,7 @@ pub struct Routed {
 /// The broker.
 pub struct Broker {
     config: MqttConfig,
-    plugins: Arc<PluginHost>,
+    pub(crate) policy: Arc<dyn Policy>,
     outbox: Arc<Outbox>,
     metrics: Arc<Metrics>,
     counters: Counters,
@@ -102,7 +107,7 @@ pub struct Broker {
     /// The identities clients authenticate as.
     pub(crate) registry: Arc<holdfast_registry::Registry>,
     /// Twins, direct methods, property bags.
-    pub(crate) hub: Arc<crate::iothub::Hub>,
+    pub(crate) dialect: Arc<dyn Dialect>,
     /// Connections by principal id, for revocation.
     principals: Mutex<HashMap<String, HashMap<u64, Arc<tokio::sync::Notify>>>>,
     /// Per-source back-off for failed authentication.
@@ -147,6 +152,29 @@ pub struct ClientInfo {
     pub persistent: bool,
 }
 
+/// What a topic dialect (the IoT Hub one, `holdfast-iothub`) does inside
+/// the broker: it answers twin and method requests itself, checks and
+/// annotates the property bag of what devices publish, adds it back to
+/// what is delivered to them, and forwards messages for devices behind a
+/// child gateway. The broker calls it; it reaches the broker back through
+/// the `Arc<Broker>` it is given once the broker is open.
+pub trait Dialect: Send + Sync + 'static {
+    /// True when `topic` is a request the dialect answers (never routed).
+    fn is_request(&self, topic: &str) -> bool;
+    /// Answers a request published by `client_id`.
+    fn device_request(&self, client_id: &str, principal: Option<&str>, topic: &str, payload: &[u8]);
+    /// Checks and annotates a message a device published.
+    ///
+    /// # Errors
+    /// A malformed property bag: the publish is refused.
+    fn annotate(&self, msg: &mut Msg) -> Result<(), String>;
+    /// The topic a message is delivered on, with its property bag.
+    fn with_bag(&self, topic: String, props: &holdfast_mqtt::Properties) -> String;
+    /// True when the message was handed to the child gateway that reaches
+    /// its device, instead of local subscribers.
+    fn forward_down(&self, msg: &Msg) -> bool;
+}
+
 impl Broker {
     /// Opens the broker's storage and restores persistent sessions and
     /// retained messages.
@@ -155,11 +183,12 @@ impl Broker {
     /// Storage errors.
     pub fn open(
         config: MqttConfig,
-        plugins: Arc<PluginHost>,
+        policy: Arc<dyn Policy>,
         outbox: Arc<Outbox>,
         store: &Store,
         metrics: Arc<Metrics>,
-        hub: Arc<crate::iothub::Hub>,
+        registry: Arc<holdfast_registry::Registry>,
+        dialect: Arc<dyn Dialect>,
         stop: watch::Receiver<bool>,
     ) -> Result<Arc<Broker>, StoreError> {
         let persist = Persist::open(store)?;
@@ -183,8 +212,8 @@ impl Broker {
             shutdown_wait_ms: AtomicU64::new(5_000),
             next_conn_id: AtomicU64::new(1),
             stop,
-            registry: hub.registry().clone(),
-            hub: hub.clone(),
+            registry,
+            dialect,
             principals: Mutex::new(HashMap::new()),
             throttle: throttle::Throttle::new(
                 config.auth_backoff_after_failures,
@@ -192,7 +221,7 @@ impl Broker {
                 Duration::from_millis(config.auth_backoff_max_ms),
             ),
             config,
-            plugins,
+            policy,
             outbox,
             metrics,
         });
@@ -242,7 +271,6 @@ impl Broker {
             broker.metrics.mqtt_retained.set(map.len() as i64);
         }
         broker.metrics.mqtt_sessions.set(restored as i64);
-        hub.attach(&broker);
         if restored > 0 {
             tracing::info!(sessions = restored, "restored persistent MQTT sessions");
         }
@@ -453,9 +481,9 @@ impl Broker {
     /// every action. `principal` is the authenticated identity.
     pub fn route(&self, msg: &Arc<Msg>, principal: Option<&str>) -> Routed {
         let pm = Arc::new(plugin_message(msg, principal));
-        let answer = self.plugins.route(pm.clone());
+        let outcome = self.policy.route(pm.clone());
         let mut routed = Routed::default();
-        match answer.value {
+        match outcome {
             RouteOutcome::Actions(actions) => {
                 if actions.is_empty() {
                     self.drop_reason("no-route");
@@ -505,7 +533,7 @@ impl Broker {
                                         self.drop_reason("invalid-local-topic");
                                         continue;
                                     }
-                                    m.topic = crate::iothub::with_bag(t, &m.properties);
+                                    m.topic = self.dialect.with_bag(t, &m.properties);
                                     if m.topic.len() > self.config.max_topic_length {
                                         self.drop_reason("invalid-local-topic");
                                         continue;
@@ -551,7 +579,7 @@ impl Broker {
     /// link for messages coming down. Returns the deepest queue of a
     /// connected subscriber after the delivery.
     pub fn deliver(&self, msg: Arc<Msg>) -> usize {
-        if msg.topic.starts_with("devices/") && self.hub.forward_down(&msg) {
+        if msg.topic.starts_with("devices/") && self.dialect.forward_down(&msg) {
             return 0;
         }
         if msg.retain {
@@ -579,7 +607,7 @@ impl Broker {
     /// Delivers `msg` to client `client_id` alone (twin and method
     /// traffic): only if it is connected and subscribed to a matching
     /// filter, at the highest QoS of those subscriptions.
-    pub(crate) fn deliver_to_client(&self, client_id: &str, msg: Arc<Msg>) -> bool {
+    pub fn deliver_to_client(&self, client_id: &str, msg: Arc<Msg>) -> bool {
         let Some(session) = self.sessions_lock().get(client_id).cloned() else {
             return false;
         };

@@ -23,8 +23,8 @@ use tokio::time::Instant;
 use super::session::{Inflight, Msg, Outgoing, Session, SubRecord};
 use super::{Broker, Routed, now_ms};
 use holdfast_metrics::{self as metrics, ReasonLabels, ResultLabels, TransportLabels};
+use holdfast_model::policy::{AuthzDecision, ConnectInfo, Operation, Principal, RefusalCode, Transport};
 use holdfast_outbox::{AppendError, MessageId};
-use holdfast_plugins::{AuthzDecision, ConnectInfo, Operation, Principal, RefusalCode, SlotName, Transport};
 
 /// Bytes buffered for the socket beyond which the session queue is not
 /// drained further until the client reads.
@@ -58,12 +58,7 @@ pub struct Peer {
 }
 
 fn transport_name(t: Transport) -> &'static str {
-    match t {
-        Transport::Tcp => "tcp",
-        Transport::Tls => "tls",
-        Transport::Quic => "quic",
-        Transport::Websocket => "websocket",
-    }
+    t.as_str()
 }
 
 /// Why a connection ended.
@@ -347,9 +342,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             broker.metrics.mqtt_auth_delayed.inc();
             tokio::time::sleep(delay).await;
         }
-        let plugins = broker.plugins.clone();
-        let answer = tokio::task::spawn_blocking(move || plugins.authenticate(&info)).await;
-        let principal = match answer.map(|a| a.value) {
+        let policy = broker.policy.clone();
+        let answer = tokio::task::spawn_blocking(move || policy.authenticate(&info)).await;
+        let principal = match answer {
             Ok(Ok(p)) => {
                 broker.throttle.success(ip);
                 p
@@ -722,10 +717,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             return None;
         }
         let principal = self.principal.as_ref().map(|p| p.id.clone());
-        if crate::iothub::is_request(&p.topic) {
+        if broker.dialect.is_request(&p.topic) {
             // Twin and method traffic is answered here, never routed.
             broker
-                .hub
+                .dialect
                 .device_request(&session.client_id, principal.as_deref(), &p.topic, &p.payload);
             self.ack_now(p.pkid, p.qos, reason::SUCCESS);
             return None;
@@ -738,7 +733,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             &p.properties,
             session.client_id.clone(),
         );
-        if let Err(e) = crate::iothub::annotate(&mut msg) {
+        if let Err(e) = broker.dialect.annotate(&mut msg) {
             broker.deny_reason("bad-property-bag");
             tracing::debug!(client = %session.client_id, topic = %msg.topic, error = %e, "publish refused");
             self.ack_now(p.pkid, p.qos, if v5 { reason::PAYLOAD_FORMAT_INVALID } else { 0 });
@@ -894,8 +889,8 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
     /// Asks the auth plugin (or this connection's cache of its answers)
     /// whether the principal may publish (`subscribe` false) or subscribe.
     fn authorized(&mut self, subscribe: bool, topic: &str) -> bool {
-        let plugins = &self.broker.plugins;
-        let version = plugins.version(SlotName::Auth);
+        let policy = &self.broker.policy;
+        let version = policy.auth_version();
         if self.authz_version.as_ref().is_none_or(|v| !Arc::ptr_eq(v, &version)) {
             // A different auth plugin answers now: forget the old answers.
             self.authz.iter_mut().for_each(HashMap::clear);
@@ -913,15 +908,15 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         } else {
             Operation::Publish
         };
-        let answer = plugins.authorize(principal, op, topic);
-        let allowed = match &answer.value {
+        let answer = policy.authorize(principal, op, topic);
+        let allowed = match &answer.decision {
             AuthzDecision::Allow => true,
             AuthzDecision::Deny(why) => {
                 tracing::debug!(principal = %principal.id, topic, why = %why, subscribe, "denied by the auth plugin");
                 false
             }
         };
-        if answer.failure.is_none() {
+        if answer.cacheable {
             if cache.len() >= AUTHZ_CACHE {
                 cache.clear();
             }

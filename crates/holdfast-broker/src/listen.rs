@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use super::Broker;
 use super::conn::{Peer, serve};
 use crate::config::TlsListenerConfig;
-use holdfast_plugins::Transport;
+use holdfast_model::policy::Transport;
 
 /// Why a listener could not start.
 #[derive(Debug, thiserror::Error)]
