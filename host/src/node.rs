@@ -213,12 +213,16 @@ impl Node {
                     hub.clone(),
                     stopped.clone(),
                 );
-                let registry = hub.registry().clone();
-                tokio::task::spawn_blocking(move || {
-                    Broker::open(mqtt, plugins, outbox, &store, metrics, registry, hub, stopped)
-                })
-                .await
-                .map_err(|e| PluginError::Engine(format!("broker open task failed: {e}")))??
+                let parts = holdfast_broker::Parts {
+                    policy: plugins,
+                    outbox,
+                    metrics,
+                    registry: hub.registry().clone(),
+                    dialect: hub,
+                };
+                tokio::task::spawn_blocking(move || Broker::open(mqtt, parts, &store, stopped))
+                    .await
+                    .map_err(|e| PluginError::Engine(format!("broker open task failed: {e}")))??
             };
             hub.attach(&broker);
             let (b, listeners) = listen::start(&broker, stopped.clone()).await?;

@@ -175,6 +175,20 @@ pub trait Dialect: Send + Sync + 'static {
     fn forward_down(&self, msg: &Msg) -> bool;
 }
 
+/// What the broker works with, from the node that composes it.
+pub struct Parts {
+    /// Routing and authentication.
+    pub policy: Arc<dyn Policy>,
+    /// Where upstream-bound messages are appended.
+    pub outbox: Arc<Outbox>,
+    /// The node's metrics.
+    pub metrics: Arc<Metrics>,
+    /// The identities clients authenticate as (revocations, CA-signed certificates).
+    pub registry: Arc<holdfast_registry::Registry>,
+    /// The topic dialect (IoT Hub).
+    pub dialect: Arc<dyn Dialect>,
+}
+
 impl Broker {
     /// Opens the broker's storage and restores persistent sessions and
     /// retained messages.
@@ -183,14 +197,17 @@ impl Broker {
     /// Storage errors.
     pub fn open(
         config: MqttConfig,
-        policy: Arc<dyn Policy>,
-        outbox: Arc<Outbox>,
+        parts: Parts,
         store: &Store,
-        metrics: Arc<Metrics>,
-        registry: Arc<holdfast_registry::Registry>,
-        dialect: Arc<dyn Dialect>,
         stop: watch::Receiver<bool>,
     ) -> Result<Arc<Broker>, StoreError> {
+        let Parts {
+            policy,
+            outbox,
+            metrics,
+            registry,
+            dialect,
+        } = parts;
         let persist = Persist::open(store)?;
         let (loaded, retained, damaged) = persist.load()?;
         if damaged > 0 {
@@ -505,7 +522,7 @@ impl Broker {
                                     m.topic = t;
                                 }
                                 if let Some(p) = u.payload {
-                                    m.payload = p.into();
+                                    m.payload = p;
                                 }
                                 m.properties.extend(u.add_properties);
                                 Arc::new(m)
@@ -540,7 +557,7 @@ impl Broker {
                                     }
                                 }
                                 if let Some(p) = l.payload {
-                                    m.payload = Bytes::from(p);
+                                    m.payload = p;
                                 }
                                 // What a plugin adds must still fit MQTT's wire limits.
                                 let too_long = |s: &String| s.len() > usize::from(u16::MAX);

@@ -586,6 +586,32 @@ impl Hub {
     }
 }
 
+impl holdfast_broker::Dialect for Hub {
+    fn is_request(&self, topic: &str) -> bool {
+        is_request(topic)
+    }
+
+    fn device_request(&self, client_id: &str, principal: Option<&str>, topic: &str, payload: &[u8]) {
+        // Answers are published through the broker from tasks the hub
+        // spawns; they hold the hub through the broker's reference.
+        if let Some(hub) = self.me.upgrade() {
+            hub.device_request(client_id, principal, topic, payload);
+        }
+    }
+
+    fn annotate(&self, msg: &mut Msg) -> Result<(), String> {
+        annotate(msg).map_err(|e| e.to_string())
+    }
+
+    fn with_bag(&self, topic: String, props: &Properties) -> String {
+        with_bag(topic, props)
+    }
+
+    fn forward_down(&self, msg: &Msg) -> bool {
+        Hub::forward_down(self, msg)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -639,31 +665,5 @@ mod tests {
             "devices/d/messages/devicebound/x=1"
         );
         assert_eq!(with_bag("plant/1".into(), &p), "plant/1");
-    }
-}
-
-impl holdfast_broker::Dialect for Hub {
-    fn is_request(&self, topic: &str) -> bool {
-        is_request(topic)
-    }
-
-    fn device_request(&self, client_id: &str, principal: Option<&str>, topic: &str, payload: &[u8]) {
-        // Answers are published through the broker from tasks the hub
-        // spawns; they hold the hub through the broker's reference.
-        if let Some(hub) = self.me.upgrade() {
-            hub.device_request(client_id, principal, topic, payload);
-        }
-    }
-
-    fn annotate(&self, msg: &mut Msg) -> Result<(), String> {
-        annotate(msg).map_err(|e| e.to_string())
-    }
-
-    fn with_bag(&self, topic: String, props: &Properties) -> String {
-        with_bag(topic, props)
-    }
-
-    fn forward_down(&self, msg: &Msg) -> bool {
-        Hub::forward_down(self, msg)
     }
 }
