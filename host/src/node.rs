@@ -13,10 +13,10 @@ use tokio::task::JoinHandle;
 
 use crate::admin;
 use crate::config::Config;
-use crate::iothub::Hub;
-use crate::iothub::twin::Twins;
 use holdfast_broker::{Broker, listen};
 use holdfast_cache::Cache;
+use holdfast_iothub::Hub;
+use holdfast_iothub::twin::Twins;
 use holdfast_metrics::Metrics;
 use holdfast_outbox::{Outbox, SystemTimeSource};
 use holdfast_plugins::{NodeContext, PluginError, PluginHost, watch::watch_folder};

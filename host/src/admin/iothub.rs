@@ -21,9 +21,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, Routes, bad_json};
-use crate::iothub::twin::TwinError;
-use crate::iothub::{DEFAULT_METHOD_TIMEOUT, MethodError};
 use crate::node::NodeState;
+use holdfast_iothub::twin::TwinError;
+use holdfast_iothub::{DEFAULT_METHOD_TIMEOUT, MethodError};
 
 /// An error that knows its HTTP status.
 fn with_status(status: u16, e: &impl std::fmt::Display) -> ApiError {
@@ -146,7 +146,7 @@ async fn send_message(
     let mut properties = holdfast_mqtt::Properties::default();
     properties.user_properties = req.properties.into_iter().collect();
     properties.content_type = req.content_type;
-    let topic = crate::iothub::with_bag(format!("devices/{id}/messages/devicebound/"), &properties);
+    let topic = holdfast_iothub::with_bag(format!("devices/{id}/messages/devicebound/"), &properties);
     let msg = holdfast_broker::session::Msg {
         topic: topic.clone(),
         payload: Bytes::from(req.payload.into_bytes()),

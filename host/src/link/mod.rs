@@ -74,7 +74,7 @@ pub struct Ctx {
     /// The registry replica scope sync fills (QUIC child only).
     pub registry: Option<Arc<holdfast_registry::Registry>>,
     /// Twins and methods the service stream serves (QUIC child only).
-    pub hub: Option<Arc<crate::iothub::Hub>>,
+    pub hub: Option<Arc<holdfast_iothub::Hub>>,
 }
 
 /// This node's fleet TLS material: the CA roots, its certificate chain and key.

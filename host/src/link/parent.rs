@@ -42,7 +42,7 @@ pub struct Ctx {
     /// Largest frame accepted.
     pub max_frame: usize,
     /// Twins, methods and cloud-to-device messages for the children.
-    pub hub: Arc<crate::iothub::Hub>,
+    pub hub: Arc<holdfast_iothub::Hub>,
 }
 
 /// Binds the link listener and spawns its accept loop.

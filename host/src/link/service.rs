@@ -20,12 +20,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::wire::{self, Frame, close};
-use crate::iothub::{Hub, MethodError, MethodResult};
+pub use holdfast_iothub::service::Svc;
+use holdfast_iothub::{Hub, MethodError};
 use holdfast_metrics::{EventLabels, Metrics};
 
 /// How long the child waits for an acknowledgement before sending a
@@ -35,86 +35,12 @@ const RESEND: Duration = Duration::from_secs(5);
 /// Largest service frame accepted (a full twin is at most 64 KiB).
 pub const MAX_SVC_FRAME: usize = 1 << 20;
 
-/// One message of the service stream.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "t", rename_all = "snake_case")]
-pub enum Svc {
-    /// Child → parent: the first frame.
-    Hello,
-    /// Parent → child: a twin's desired properties.
-    Desired {
-        /// Twin id.
-        id: String,
-        /// Desired version.
-        version: u64,
-        /// The document.
-        desired: Map<String, Value>,
-    },
-    /// Child → parent: reported changes not yet acknowledged, merged.
-    Reported {
-        /// Twin id.
-        id: String,
-        /// The child's generation of this patch.
-        generation: u64,
-        /// The merged patch.
-        patch: Map<String, Value>,
-    },
-    /// Parent → child: a reported patch is stored.
-    ReportedAck {
-        /// Twin id.
-        id: String,
-        /// The generation stored.
-        generation: u64,
-    },
-    /// Parent → child: call a method.
-    Method {
-        /// Call id, echoed in the answer.
-        call: u64,
-        /// Device or `device/module`.
-        target: String,
-        /// Method name.
-        name: String,
-        /// JSON payload.
-        payload: Value,
-        /// How long the caller waits.
-        timeout_ms: u64,
-    },
-    /// Child → parent: a method's answer.
-    MethodResult {
-        /// Call id.
-        call: u64,
-        /// The answer.
-        result: MethodResult,
-    },
-    /// Child → parent: the child could not call the device.
-    MethodFailed {
-        /// Call id.
-        call: u64,
-        /// The status (404, 504, …).
-        status: u16,
-        /// Why.
-        error: String,
-    },
-    /// Parent → child: a message for a device or module input behind the child.
-    Message {
-        /// Topic.
-        topic: String,
-        /// Payload, base64.
-        payload: String,
-        /// Content type.
-        content_type: Option<String>,
-        /// User properties.
-        properties: Vec<(String, String)>,
-    },
-}
-
-impl Svc {
-    fn frame(&self) -> Result<BytesMut, String> {
-        let body = serde_json::to_vec(self).map_err(|e| e.to_string())?;
-        let mut buf = BytesMut::new();
-        Frame::Svc(body.into()).encode(&mut buf);
-        Ok(buf)
-    }
+/// A service message as a SVC frame.
+fn frame(svc: &Svc) -> Result<BytesMut, String> {
+    let body = serde_json::to_vec(svc).map_err(|e| e.to_string())?;
+    let mut buf = BytesMut::new();
+    Frame::Svc(body.into()).encode(&mut buf);
+    Ok(buf)
 }
 
 fn count(metrics: &Metrics, reason: &'static str) {
@@ -136,7 +62,7 @@ async fn read(recv: &mut quinn::RecvStream) -> Result<Option<Svc>, String> {
 /// Writes queued messages until the queue or the stream ends.
 async fn writer(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<Svc>) {
     while let Some(m) = rx.recv().await {
-        let Ok(buf) = m.frame() else { continue };
+        let Ok(buf) = frame(&m) else { continue };
         if send.write_all(&buf).await.is_err() {
             return;
         }
@@ -179,7 +105,7 @@ pub async fn parent(
                         })
                         .await
                     } else {
-                        Ok(Err(crate::iothub::twin::TwinError::NotFound(id.clone())))
+                        Ok(Err(holdfast_iothub::twin::TwinError::NotFound(id.clone())))
                     };
                     match stored {
                         Ok(Ok(_)) => count(&metrics, "link-reported"),
@@ -289,7 +215,7 @@ pub async fn child(hub: Arc<Hub>, metrics: Arc<Metrics>, conn: quinn::Connection
                         conn.close(close::PROTOCOL.into(), b"malformed message payload");
                         break;
                     };
-                    let valid = holdfast_mqtt::topic::valid_name(&topic) && crate::iothub::is_inbound(&topic);
+                    let valid = holdfast_mqtt::topic::valid_name(&topic) && holdfast_iothub::is_inbound(&topic);
                     if !valid {
                         conn.close(close::PROTOCOL.into(), b"bad message topic");
                         break;

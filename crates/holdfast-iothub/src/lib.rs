@@ -1,3 +1,5 @@
+//! # holdfast-iothub
+//!
 //! The IoT Hub device dialect on this node: property bags, twins, direct
 //! methods and cloud-to-device messages.
 //!
@@ -20,6 +22,7 @@
 //! down, reported patches up, method calls down and their answers up, and
 //! cloud-to-device messages down.
 
+pub mod service;
 pub mod twin;
 
 use holdfast_model::lock;
@@ -35,7 +38,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use self::twin::{DesiredChange, Twins};
-use crate::link::service::Svc;
+use crate::service::Svc;
 use holdfast_broker::Broker;
 use holdfast_broker::session::Msg;
 use holdfast_metrics::{EventLabels, Metrics};
