@@ -18,7 +18,6 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
-pub mod link;
 pub mod logging;
 pub mod node;
 pub mod reload;

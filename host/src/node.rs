@@ -48,7 +48,7 @@ pub enum StartError {
     Registry(#[from] holdfast_registry::RegistryError),
     /// The upstream link or the link listener could not start.
     #[error(transparent)]
-    Link(#[from] crate::link::LinkError),
+    Link(#[from] holdfast_link::LinkError),
     /// The broker's storage did not open.
     #[error("broker storage: {0}")]
     BrokerStore(#[from] holdfast_store::StoreError),
@@ -92,7 +92,7 @@ pub struct NodeState {
     /// Where the MQTT listeners are bound.
     pub mqtt: listen::Bound,
     /// The upstream link and connected children.
-    pub link: Arc<crate::link::Status>,
+    pub link: Arc<holdfast_link::Status>,
     /// Where the link listener for child gateways is bound.
     pub link_listen: Option<SocketAddr>,
     /// When the node started.
@@ -235,7 +235,7 @@ impl Node {
         } else {
             None
         };
-        let link = Arc::new(crate::link::Status::new(&config));
+        let link = Arc::new(holdfast_link::Status::new(config.link_sections()));
         let link_listen = start_link(&config, &outbox, &broker, &hub, &link, &metrics, &stopped, &mut tasks)?;
         let cache = match cache {
             Some(cache) => {
@@ -426,13 +426,13 @@ fn start_link(
     outbox: &Arc<Outbox>,
     broker: &Option<Arc<Broker>>,
     hub: &Arc<Hub>,
-    status: &Arc<crate::link::Status>,
+    status: &Arc<holdfast_link::Status>,
     metrics: &Arc<Metrics>,
     stopped: &watch::Receiver<bool>,
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> Result<Option<SocketAddr>, StartError> {
     use crate::config::UpstreamKind;
-    use crate::link::{bridge, child, parent, root};
+    use holdfast_link::{bridge, child, parent, root};
     let mut listen = None;
     if config.link.enabled {
         let ctx = parent::Ctx {
@@ -445,12 +445,12 @@ fn start_link(
             max_children: config.link.max_children,
             max_frame: config.link.max_batch_bytes as usize,
         };
-        let (addr, task) = parent::start(config, ctx, stopped.clone())?;
+        let (addr, task) = parent::start(config.link_sections(), ctx, stopped.clone())?;
         listen = Some(addr);
         tasks.push(task);
     }
     let stop = stopped.clone();
-    let ctx = crate::link::Ctx {
+    let ctx = holdfast_link::Ctx {
         node_id: config.node.id.clone(),
         config: config.upstream.clone(),
         outbox: outbox.clone(),
@@ -471,7 +471,7 @@ fn start_link(
             )));
         }
         UpstreamKind::Quic => {
-            let client = child::client_config(config)?;
+            let client = child::client_config(config.link_sections())?;
             tracing::info!(parent = %config.upstream.quic.parent, parent_id = %config.upstream.quic.parent_id, "upstream: QUIC link to the parent");
             tasks.push(tokio::spawn(child::run(ctx, client, stop)));
         }
@@ -479,7 +479,7 @@ fn start_link(
             let bridge = bridge::Bridge {
                 link: ctx,
                 broker: broker.clone(),
-                tls: bridge::tls_connector(config)?,
+                tls: bridge::tls_connector(config.link_sections())?,
             };
             tracing::info!(broker = %format!("{}:{}", config.upstream.mqtt.host, config.upstream.mqtt.port), "upstream: MQTT bridge");
             tasks.push(tokio::spawn(bridge::run(bridge, stop)));

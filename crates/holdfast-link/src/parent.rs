@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 
 use super::wire::{self, Frame, close, refuse};
 use super::{ChildInfo, LinkError, Status, fleet_material, transport};
-use crate::config::Config;
+use crate::config::Sections;
 use holdfast_metrics::{Metrics, ReasonLabels};
 use holdfast_model::IdentityKind;
 use holdfast_model::identity::IdentityDirectory;
@@ -50,7 +50,7 @@ pub struct Ctx {
 /// # Errors
 /// Unusable certificates, or the address cannot be bound.
 pub fn start(
-    config: &Config,
+    config: Sections<'_>,
     ctx: Ctx,
     stop: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, JoinHandle<()>), LinkError> {

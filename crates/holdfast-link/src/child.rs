@@ -19,7 +19,7 @@ use tokio::sync::{Notify, watch};
 use super::reconnect::{Ended, Probe, Upstream, drive};
 use super::wire::{self, Frame, close};
 use super::{Ctx, LinkError, LinkState, fleet_material, outgoing, transport};
-use crate::config::Config;
+use crate::config::Sections;
 use holdfast_metrics::ResultLabels;
 use holdfast_outbox::{LANES, MessageId};
 
@@ -35,7 +35,7 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 ///
 /// # Errors
 /// Unusable certificates or keys.
-pub fn client_config(config: &Config) -> Result<quinn::ClientConfig, LinkError> {
+pub fn client_config(config: Sections<'_>) -> Result<quinn::ClientConfig, LinkError> {
     let (roots, chain, key) = fleet_material(config)?;
     let mut tls = rustls::ClientConfig::builder_with_provider(holdfast_tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])

@@ -1,3 +1,5 @@
+//! # holdfast-link
+//!
 //! The upstream link: how a node's outbox drains, and how a parent takes in
 //! what its children send.
 //!
@@ -17,6 +19,7 @@
 
 pub mod bridge;
 pub mod child;
+pub mod config;
 pub mod parent;
 pub mod reconnect;
 pub mod root;
@@ -31,11 +34,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::Sections;
 use holdfast_broker::session::Msg;
+use holdfast_model::Message;
 use holdfast_outbox::Leased;
 use holdfast_outbox::record::Record;
-use holdfast_plugins::Message;
 
 /// Why the link could not start.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +88,7 @@ pub(crate) type FleetMaterial = (
 );
 
 /// Loads `[fleet]`, as both ends of the QUIC link use it.
-pub(crate) fn fleet_material(config: &Config) -> Result<FleetMaterial, LinkError> {
+pub(crate) fn fleet_material(config: Sections<'_>) -> Result<FleetMaterial, LinkError> {
     let f = &config.fleet;
     let (Some(ca), Some(cert), Some(key)) = (&f.ca, &f.cert, &f.key) else {
         return Err(LinkError::Tls("fleet.ca, fleet.cert and fleet.key are required".into()));
@@ -158,7 +161,7 @@ pub struct Status(Mutex<LinkStatus>);
 
 impl Status {
     /// A status for `config`'s upstream.
-    pub fn new(config: &Config) -> Status {
+    pub fn new(config: Sections<'_>) -> Status {
         use crate::config::UpstreamKind;
         let (kind, target, state) = match config.upstream.kind {
             UpstreamKind::None => ("none", String::new(), LinkState::Root),

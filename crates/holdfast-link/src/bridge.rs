@@ -25,7 +25,7 @@ use tokio::sync::watch;
 
 use super::reconnect::{Ended, Probe, Upstream, drive};
 use super::{Ctx, LinkError, PROP_ID, PROP_PATH, origin_id, path_of};
-use crate::config::{BridgeConfig, BridgeProtocol, Config};
+use crate::config::{BridgeConfig, BridgeProtocol, Sections};
 use holdfast_broker::Broker;
 use holdfast_broker::session::Msg;
 use holdfast_metrics::{ReasonLabels, ResultLabels};
@@ -49,7 +49,7 @@ pub struct Bridge {
 /// # Errors
 /// Unusable certificates or keys, or a bad server name.
 pub fn tls_connector(
-    config: &Config,
+    config: Sections<'_>,
 ) -> Result<Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>, LinkError> {
     let b = &config.upstream.mqtt;
     if !b.tls {
