@@ -20,6 +20,7 @@ pub mod config;
 pub mod conn;
 pub mod listen;
 pub mod persist;
+pub mod quic;
 pub mod session;
 pub mod subs;
 pub mod throttle;

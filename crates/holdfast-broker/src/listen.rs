@@ -93,24 +93,16 @@ pub async fn start(
         )));
     }
     if cfg.quic.enabled {
-        let mut tls = server_config("quic", &cfg.quic, vec![b"mqtt".to_vec()])?;
-        tls.max_early_data_size = 0;
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| ListenError::Tls {
-            kind: "quic",
-            message: e.to_string(),
-        })?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let tls = server_config("quic", &cfg.quic, vec![b"mqtt".to_vec()])?;
+        let quic_err = |message: String| ListenError::Tls { kind: "quic", message };
         let mut transport = quinn::TransportConfig::default();
         // MQTT keep-alive decides liveness; QUIC only reaps dead paths.
-        transport.max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(600)).map_err(
-            |e| ListenError::Tls {
-                kind: "quic",
-                message: e.to_string(),
-            },
-        )?));
+        transport.max_idle_timeout(Some(
+            crate::quic::idle_timeout(Duration::from_secs(600)).map_err(quic_err)?,
+        ));
         transport.max_concurrent_bidi_streams(1u32.into());
         transport.max_concurrent_uni_streams(0u32.into());
-        server.transport_config(Arc::new(transport));
+        let server = crate::quic::server_config(tls, transport).map_err(quic_err)?;
         let addr = cfg.quic.listen;
         let endpoint = quinn::Endpoint::server(server, addr).map_err(|source| ListenError::Bind {
             kind: "quic",

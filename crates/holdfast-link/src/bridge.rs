@@ -23,7 +23,7 @@ use holdfast_mqtt::{Ack, Connect, Packet, Properties, Publish, QoS, SubOptions, 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
-use super::reconnect::{Ended, Probe, Upstream, drive};
+use super::reconnect::{Ended, Probe, Upstream, drive, within};
 use super::{Ctx, LinkError, PROP_ID, PROP_PATH, origin_id, path_of};
 use crate::config::{BridgeConfig, BridgeProtocol, Sections};
 use holdfast_broker::Broker;
@@ -132,31 +132,27 @@ async fn connect(ctx: &Bridge, addr: SocketAddr) -> Result<Session, Ended> {
     };
     let b = &ctx.link.config.mqtt;
     let timeout = Duration::from_millis(ctx.link.config.connect_timeout_ms);
-    let tcp = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+    let no_answer = || format!("no answer from {addr}");
+    let tcp = match within(timeout, &result, no_answer, tokio::net::TcpStream::connect(addr)).await? {
+        Ok(s) => s,
+        Err(e) => {
             result("unreachable");
             return Err(Ended::Unreachable(format!("cannot connect to {addr}: {e}")));
-        }
-        Err(_) => {
-            result("timeout");
-            return Err(Ended::Unreachable(format!("no answer from {addr}")));
         }
     };
     let _ = tcp.set_nodelay(true);
     let mut stream: Box<dyn Stream> = match &ctx.tls {
         None => Box::new(tcp),
-        Some((connector, name)) => match tokio::time::timeout(timeout, connector.connect(name.clone(), tcp)).await {
-            Ok(Ok(s)) => Box::new(s),
-            Ok(Err(e)) => {
-                result("tls");
-                return Err(Ended::Refused(format!("TLS: {e}")));
+        Some((connector, name)) => {
+            let timed_out = || "TLS handshake timed out".to_string();
+            match within(timeout, &result, timed_out, connector.connect(name.clone(), tcp)).await? {
+                Ok(s) => Box::new(s),
+                Err(e) => {
+                    result("tls");
+                    return Err(Ended::Refused(format!("TLS: {e}")));
+                }
             }
-            Err(_) => {
-                result("timeout");
-                return Err(Ended::Unreachable("TLS handshake timed out".into()));
-            }
-        },
+        }
     };
     let version = match b.protocol {
         BridgeProtocol::V311 => Version::V311,
@@ -187,7 +183,7 @@ async fn connect(ctx: &Bridge, addr: SocketAddr) -> Result<Session, Ended> {
         return Err(Ended::Unreachable(format!("CONNECT: {e}")));
     }
     let mut rbuf = BytesMut::with_capacity(8192);
-    let connack = tokio::time::timeout(timeout, async {
+    let connack = within(timeout, &result, || "no CONNACK".to_string(), async {
         loop {
             match holdfast_mqtt::decode(&mut rbuf, Some(version), MAX_INBOUND) {
                 Ok(Some(p)) => return Ok(p),
@@ -201,20 +197,16 @@ async fn connect(ctx: &Bridge, addr: SocketAddr) -> Result<Session, Ended> {
             }
         }
     })
-    .await;
+    .await?;
     let ack = match connack {
-        Ok(Ok(Packet::ConnAck(a))) => a,
-        Ok(Ok(other)) => {
+        Ok(Packet::ConnAck(a)) => a,
+        Ok(other) => {
             result("error");
             return Err(Ended::Refused(format!("expected CONNACK, got {other:?}")));
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             result("error");
             return Err(Ended::Unreachable(e));
-        }
-        Err(_) => {
-            result("timeout");
-            return Err(Ended::Unreachable("no CONNACK".into()));
         }
     };
     if ack.code >= 0x80 {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::sync::{Notify, watch};
 
-use super::reconnect::{Ended, Probe, Upstream, drive};
+use super::reconnect::{Ended, Probe, Upstream, drive, within};
 use super::wire::{self, Frame, close};
 use super::{Ctx, LinkError, LinkState, fleet_material, outgoing, transport};
 use crate::config::Sections;
@@ -44,14 +44,12 @@ pub fn client_config(config: Sections<'_>) -> Result<quinn::ClientConfig, LinkEr
         .with_client_auth_cert(chain, key)
         .map_err(|e| LinkError::Tls(e.to_string()))?;
     tls.alpn_protocols = vec![wire::ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| LinkError::Tls(e.to_string()))?;
-    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     let q = &config.upstream.quic;
-    client.transport_config(Arc::new(transport(
+    let transport = transport(
         Duration::from_millis(q.keep_alive_ms),
         Duration::from_millis(q.idle_timeout_ms),
-    )?));
-    Ok(client)
+    )?;
+    holdfast_broker::quic::client_config(tls, transport).map_err(LinkError::Tls)
 }
 
 /// The QUIC parent link as [`drive`] runs it.
@@ -136,16 +134,10 @@ async fn connect(ctx: &Ctx, endpoint: &quinn::Endpoint, addr: SocketAddr) -> Res
         }
     };
     let timeout = Duration::from_millis(ctx.config.connect_timeout_ms);
-    let conn = match tokio::time::timeout(timeout, connecting).await {
-        Err(_) => {
-            result("timeout");
-            return Err(Ended::Unreachable(format!(
-                "no answer from {addr} within {} ms",
-                timeout.as_millis()
-            )));
-        }
-        Ok(Err(e)) => return Err(classify_connect_error(e, &result)),
-        Ok(Ok(c)) => c,
+    let no_answer = || format!("no answer from {addr} within {} ms", timeout.as_millis());
+    let conn = match within(timeout, &result, no_answer, connecting).await? {
+        Err(e) => return Err(classify_connect_error(e, &result)),
+        Ok(c) => c,
     };
     let (mut send, mut recv) = match conn.open_bi().await {
         Ok(s) => s,
@@ -160,36 +152,37 @@ async fn connect(ctx: &Ctx, endpoint: &quinn::Endpoint, addr: SocketAddr) -> Res
         node_id: ctx.node_id.clone(),
         instance: ctx.outbox.instance(),
     }
-    .encode(&mut buf);
+    .encode(&mut buf)
+    .map_err(|e| {
+        result("error");
+        Ended::Unreachable(format!("hello: {e}"))
+    })?;
     if let Err(e) = send.write_all(&buf).await {
         result("error");
         return Err(Ended::Unreachable(format!("hello: {e}")));
     }
-    let answer = tokio::time::timeout(timeout, wire::read_frame(&mut recv, MAX_DOWN_FRAME)).await;
+    let no_answer = || "no answer to hello".to_string();
+    let answer = within(timeout, &result, no_answer, wire::read_frame(&mut recv, MAX_DOWN_FRAME)).await?;
     let parent = match answer {
-        Ok(Ok(Some(Frame::Welcome { version, node_id }))) => {
+        Ok(Some(Frame::Welcome { version, node_id })) => {
             if version != wire::VERSION {
                 result("refused");
                 return Err(Ended::Refused(format!("parent speaks link version {version}")));
             }
             node_id
         }
-        Ok(Ok(Some(Frame::Refuse { code, reason }))) => {
+        Ok(Some(Frame::Refuse { code, reason })) => {
             result("refused");
             tracing::error!(code, %reason, "link: the parent refused this node");
             return Err(Ended::Refused(format!("refused by the parent: {reason}")));
         }
-        Ok(Ok(other)) => {
+        Ok(other) => {
             result("error");
             return Err(Ended::Refused(format!("unexpected answer to hello: {other:?}")));
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             result("error");
             return Err(Ended::Unreachable(format!("hello: {e}")));
-        }
-        Err(_) => {
-            result("timeout");
-            return Err(Ended::Unreachable("no answer to hello".into()));
         }
     };
     result("ok");
@@ -294,7 +287,7 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8) -> Result
                 // Higher value goes first: lane 0 highest.
                 let _ = send.set_priority(i32::from(LANES as u8 - lane));
                 buf.clear();
-                Frame::Lane(lane).encode(&mut buf);
+                Frame::Lane(lane).encode(&mut buf).map_err(|e| e.to_string())?;
                 send.write_all(&buf).await.map_err(|e| e.to_string())?;
                 acks = Some(tokio::spawn(ack_reader(
                     ctx.clone(),
@@ -339,7 +332,7 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8) -> Result
             }
             buf.clear();
             let n = records.len() as u64;
-            Frame::Batch(records).encode(&mut buf);
+            Frame::Batch(records).encode(&mut buf).map_err(|e| e.to_string())?;
             inflight.lock().unwrap_or_else(|p| p.into_inner()).extend(ids);
             if let Some(s) = stream.as_mut() {
                 s.write_all(&buf).await.map_err(|e| e.to_string())?;

@@ -291,9 +291,7 @@ pub(crate) fn to_msg(m: &Message, id: holdfast_outbox::MessageId, ttl_left_ms: O
 pub(crate) fn transport(keep_alive: Duration, idle: Duration) -> Result<quinn::TransportConfig, LinkError> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(keep_alive));
-    t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(idle).map_err(|e| LinkError::Tls(e.to_string()))?,
-    ));
+    t.max_idle_timeout(Some(holdfast_broker::quic::idle_timeout(idle).map_err(LinkError::Tls)?));
     // One control stream and up to ten lanes.
     t.max_concurrent_bidi_streams(16u32.into());
     // The parent opens one stream towards the child: scope sync.

@@ -66,11 +66,9 @@ pub fn start(
         .with_single_cert(chain, key)
         .map_err(|e| LinkError::Tls(e.to_string()))?;
     tls.alpn_protocols = vec![wire::ALPN.to_vec()];
-    tls.max_early_data_size = 0;
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| LinkError::Tls(e.to_string()))?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     // The child decides the keep-alive; this only reaps dead paths.
-    server.transport_config(Arc::new(transport(Duration::from_secs(5), Duration::from_secs(30))?));
+    let transport = transport(Duration::from_secs(5), Duration::from_secs(30))?;
+    let server = holdfast_broker::quic::server_config(tls, transport).map_err(LinkError::Tls)?;
     let addr = config.link.listen;
     let endpoint = quinn::Endpoint::server(server, addr).map_err(|source| LinkError::Bind { addr, source })?;
     let local = endpoint
@@ -177,7 +175,11 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, mut stop: watch::Receiver
     if let Some((code, label, reason)) = refusal {
         refused(&ctx, label);
         tracing::warn!(%addr, child = %child, %reason, "link: child refused");
-        Frame::Refuse { code, reason }.encode(&mut buf);
+        if (Frame::Refuse { code, reason }).encode(&mut buf).is_err() {
+            // A reason too long for the frame: the label says enough.
+            let reason = label.to_string();
+            let _ = Frame::Refuse { code, reason }.encode(&mut buf);
+        }
         let _ = send.write_all(&buf).await;
         let _ = send.finish();
         // Let the refusal reach the child before closing.
@@ -185,12 +187,12 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, mut stop: watch::Receiver
         conn.close(close::REFUSED.into(), b"refused");
         return;
     }
-    Frame::Welcome {
+    let welcome = Frame::Welcome {
         version: wire::VERSION,
         node_id: ctx.node_id.clone(),
     }
     .encode(&mut buf);
-    if send.write_all(&buf).await.is_err() {
+    if welcome.is_err() || send.write_all(&buf).await.is_err() {
         return;
     }
     let child: Arc<str> = Arc::from(child.as_str());
@@ -320,8 +322,7 @@ async fn lane(
                     }
                 });
                 buf.clear();
-                Frame::Ack(stored).encode(&mut buf);
-                if send.write_all(&buf).await.is_err() {
+                if Frame::Ack(stored).encode(&mut buf).is_err() || send.write_all(&buf).await.is_err() {
                     return;
                 }
             }

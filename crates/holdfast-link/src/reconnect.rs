@@ -34,6 +34,22 @@ pub(crate) enum Ended {
     Stopped,
 }
 
+/// Runs one step of a connection attempt (connect, handshake, the answer to
+/// HELLO or CONNECT) under the connect timeout. A step that does not finish
+/// in time is counted as `timeout` and ends the attempt as unreachable, so
+/// the parent or broker is probed and retried at once when it answers.
+pub(crate) async fn within<F: std::future::Future>(
+    timeout: std::time::Duration,
+    result: &(dyn Fn(&'static str) + Sync),
+    what: impl FnOnce() -> String,
+    step: F,
+) -> Result<F::Output, Ended> {
+    tokio::time::timeout(timeout, step).await.map_err(|_| {
+        result("timeout");
+        Ended::Unreachable(what())
+    })
+}
+
 /// How an upstream is probed while it does not answer.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Probe {

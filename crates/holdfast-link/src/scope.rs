@@ -34,7 +34,8 @@ async fn send_frame(stream: &mut quinn::SendStream, part: u8, body: Vec<u8>) -> 
         part,
         body: Bytes::from(body),
     }
-    .encode(&mut buf);
+    .encode(&mut buf)
+    .map_err(|e| e.to_string())?;
     stream.write_all(&buf).await.map_err(|e| e.to_string())
 }
 

@@ -39,7 +39,7 @@ pub const MAX_SVC_FRAME: usize = 1 << 20;
 fn frame(svc: &Svc) -> Result<BytesMut, String> {
     let body = serde_json::to_vec(svc).map_err(|e| e.to_string())?;
     let mut buf = BytesMut::new();
-    Frame::Svc(body.into()).encode(&mut buf);
+    Frame::Svc(body.into()).encode(&mut buf).map_err(|e| e.to_string())?;
     Ok(buf)
 }
 

@@ -142,12 +142,13 @@ pub enum WireError {
     /// Truncated, trailing bytes, a bad magic or bad UTF-8.
     #[error("malformed {0} frame")]
     Malformed(&'static str),
+    /// A field is longer than its length prefix allows (nothing is sent).
+    #[error("{0} is too long for a frame")]
+    TooLong(&'static str),
 }
 
-fn put_str16(out: &mut BytesMut, s: &str) {
-    let s = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
-    out.put_u16_le(s.len() as u16);
-    out.put_slice(s);
+fn put_str16(out: &mut BytesMut, s: &str, what: &'static str) -> Result<(), WireError> {
+    holdfast_model::codec::put_str16(out, s, what).map_err(|e| WireError::TooLong(e.0))
 }
 
 fn get_str16(b: &mut Bytes, what: &'static str) -> Result<String, WireError> {
@@ -163,7 +164,19 @@ fn get_str16(b: &mut Bytes, what: &'static str) -> Result<String, WireError> {
 
 impl Frame {
     /// Appends the encoded frame to `out`.
-    pub fn encode(&self, out: &mut BytesMut) {
+    ///
+    /// # Errors
+    /// A node id or reason longer than 65,535 bytes: `out` is left as it was.
+    pub fn encode(&self, out: &mut BytesMut) -> Result<(), WireError> {
+        let start = out.len();
+        let result = self.encode_into(out);
+        if result.is_err() {
+            out.truncate(start);
+        }
+        result
+    }
+
+    fn encode_into(&self, out: &mut BytesMut) -> Result<(), WireError> {
         let start = out.len();
         out.put_u32_le(0);
         match self {
@@ -175,18 +188,18 @@ impl Frame {
                 out.put_u8(T_HELLO);
                 out.put_slice(MAGIC);
                 out.put_u16_le(*version);
-                put_str16(out, node_id);
+                put_str16(out, node_id, "node id")?;
                 out.put_u64_le(*instance);
             }
             Frame::Welcome { version, node_id } => {
                 out.put_u8(T_WELCOME);
                 out.put_u16_le(*version);
-                put_str16(out, node_id);
+                put_str16(out, node_id, "node id")?;
             }
             Frame::Refuse { code, reason } => {
                 out.put_u8(T_REFUSE);
                 out.put_u16_le(*code);
-                put_str16(out, reason);
+                put_str16(out, reason, "reason")?;
             }
             Frame::Lane(l) => {
                 out.put_u8(T_LANE);
@@ -214,8 +227,9 @@ impl Frame {
                 out.put_slice(body);
             }
         }
-        let len = (out.len() - start - 4) as u32;
+        let len = u32::try_from(out.len() - start - 4).map_err(|_| WireError::TooLong("frame"))?;
         out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        Ok(())
     }
 
     /// Decodes one frame body (type byte and body, without the length).
@@ -362,10 +376,19 @@ mod tests {
 
     fn round_trip(f: Frame) {
         let mut out = BytesMut::new();
-        f.encode(&mut out);
+        f.encode(&mut out).unwrap();
         let len = u32::from_le_bytes(out[..4].try_into().unwrap()) as usize;
         assert_eq!(len, out.len() - 4);
         assert_eq!(Frame::decode(out.freeze().slice(4..)).unwrap(), f);
+    }
+
+    #[test]
+    fn an_overlong_reason_is_an_error_not_a_cut_string() {
+        let mut out = BytesMut::from(&b"kept"[..]);
+        let reason = "é".repeat(40_000);
+        let err = Frame::Refuse { code: 1, reason }.encode(&mut out).unwrap_err();
+        assert!(matches!(err, WireError::TooLong("reason")));
+        assert_eq!(&out[..], b"kept");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! and nothing depends on wasmtime, fjall or quinn: the plugin runtime
 //! converts the WIT types to and from these at its edge.
 
+pub mod codec;
 pub mod content;
 pub mod identity;
 pub mod message;

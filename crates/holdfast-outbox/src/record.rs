@@ -68,10 +68,7 @@ pub enum EncodeError {
 }
 
 fn put_str16(out: &mut Vec<u8>, s: &str, what: &'static str) -> Result<(), EncodeError> {
-    let len = u16::try_from(s.len()).map_err(|_| EncodeError::TooLong(what))?;
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
-    Ok(())
+    holdfast_model::codec::put_str16(out, s, what).map_err(|e| EncodeError::TooLong(e.0))
 }
 
 fn put_bytes32(out: &mut Vec<u8>, b: &[u8], what: &'static str) -> Result<(), EncodeError> {
