@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Checks the crate layering of the workspace with `cargo tree`:
+# - only holdfast-plugins depends on wasmtime (directly);
+# - only holdfast-broker (its MQTT-over-QUIC listener) and holdfast-link
+#   depend on quinn;
+# - only holdfast-store depends on fjall;
+# - the outbox, cache, store, model, broker, registry, iothub and link
+#   crates do not pull in wasmtime at all, even indirectly (their tests
+#   compile without a WebAssembly runtime).
+# Cargo itself refuses dependency cycles between crates.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+fail=0
+crates=(holdfast-model holdfast-mqtt holdfast-store holdfast-metrics holdfast-tls holdfast-outbox
+        holdfast-cache holdfast-plugins holdfast-registry holdfast-broker holdfast-iothub holdfast-link holdfast)
+
+direct() { # crate -> its direct normal dependencies, one name per line
+    cargo tree --locked -p "$1" -e normal --depth 1 --prefix none --format '{p}' | tail -n +2 | awk '{print $1}' | sort -u
+}
+all() { # crate -> every normal dependency
+    cargo tree --locked -p "$1" -e normal --prefix none --format '{p}' | awk '{print $1}' | sort -u
+}
+
+allowed() { # dependency crate -> the crates allowed to depend on it directly
+    case "$1" in
+        wasmtime|wasmtime-wasi) echo "holdfast-plugins" ;;
+        quinn) echo "holdfast-broker holdfast-link" ;;
+        fjall) echo "holdfast-store" ;;
+    esac
+}
+
+for c in "${crates[@]}"; do
+    deps=$(direct "$c")
+    for d in wasmtime wasmtime-wasi quinn fjall; do
+        if grep -qx "$d" <<<"$deps" && ! grep -qw -- "$c" <<<"$(allowed "$d")"; then
+            echo "layering: $c depends on $d directly (only $(allowed "$d") may)" >&2
+            fail=1
+        fi
+    done
+done
+
+for c in holdfast-model holdfast-store holdfast-outbox holdfast-cache holdfast-registry holdfast-broker \
+         holdfast-iothub holdfast-link; do
+    if all "$c" | grep -qx wasmtime; then
+        echo "layering: $c pulls in wasmtime" >&2
+        fail=1
+    fi
+done
+
+if [ "$fail" -ne 0 ]; then
+    exit 1
+fi
+echo "layering: ok (${#crates[@]} crates checked)"
