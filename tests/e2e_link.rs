@@ -368,3 +368,100 @@ fn bridge_to_mosquitto_with_mapping_outage_and_cloud_to_device() {
     let m = local.recv(Duration::from_secs(10)).unwrap().expect("the command");
     assert_eq!((m.topic.as_str(), m.payload.as_str()), ("cmd/reboot", "now"));
 }
+
+/// A data directory written by a binary built before the crate restructure
+/// (`tests/fixtures/make-compat-data.sh` made the fixture) opens with this
+/// one: the queued outbox drains in order, the persistent session, the
+/// retained message, the registry and the range cache's blocks are all there.
+#[test]
+fn data_written_before_the_restructure_opens_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mosquitto = Mosquitto::start(dir.path());
+    let cloud = Consumer::start(mosquitto.port, "cloud", "site/#");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/compat-data.tar.gz");
+    let unpacked = tempfile::tempdir().unwrap();
+    let status = Command::new("tar")
+        .arg("-xzf")
+        .arg(&fixture)
+        .arg("-C")
+        .arg(unpacked.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let cache_port = free_port();
+    // The origin is gone: the cached object must come from the old blocks.
+    let dead = free_port();
+    let gw = Gateway::start_prepared(
+        "compat",
+        &format!(
+            "[upstream]\nkind = \"mqtt\"\nprobe_interval_ms = 50\n[upstream.mqtt]\nhost = \"127.0.0.1\"\nport = {}\n\
+             [cache]\nlisten = \"127.0.0.1:{cache_port}\"\nblock_size = 65536\n\
+             [[plugins.content-source.config.sources]]\nname = \"test\"\nhosts = [\"origin.test\"]\n\
+             origin = \"http://127.0.0.1:{dead}\"\nimmutable = [\"/pool/**\"]\nother = \"deny\"\nttl_seconds = 1\n",
+            mosquitto.port
+        ),
+        |data| {
+            let status = Command::new("cp")
+                .arg("-a")
+                .arg(unpacked.path().join("data"))
+                .arg(data)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        },
+    );
+    let in_order: Vec<String> = (0..50).map(|i| format!("m{i}")).collect();
+    let of = |got: Vec<support::client::Received>| -> Vec<String> {
+        got.into_iter()
+            .filter(|m| m.topic == "site/m")
+            .map(|m| m.payload)
+            .collect()
+    };
+
+    // The outbox drains to the bridge's broker, in order, once each.
+    wait_until(20, "the old outbox at Mosquitto", || of(cloud.messages()).len() >= 50);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(of(cloud.messages()), in_order);
+
+    // The persistent session kept its subscription and its queue.
+    let mut sub = Client::connect(gw.mqtt, "compat-sub", false).unwrap();
+    let mut queued = Vec::new();
+    while let Some(m) = sub.recv(Duration::from_secs(3)).unwrap() {
+        queued.push(m);
+        if queued.len() == 51 {
+            break;
+        }
+    }
+    assert!(queued.iter().any(|m| m.topic == "site/retained" && m.payload == "kept"));
+    assert_eq!(of(queued), in_order);
+
+    // The retained message.
+    let mut fresh = Client::connect(gw.mqtt, "fresh", true).unwrap();
+    fresh.subscribe("site/retained").unwrap();
+    let retained = fresh
+        .recv(Duration::from_secs(5))
+        .unwrap()
+        .expect("the retained message");
+    assert_eq!(retained.payload, "kept");
+
+    // The registry, keys included.
+    let shown = gw.cli_ok(&["device", "show", "compat-dev", "--keys", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    let text = v.to_string();
+    assert!(text.contains(&base64_of(b"compat-primary-key-0123456789ab")), "{text}");
+
+    // The range cache: the whole object from the old blocks, the origin down.
+    let out = Command::new("curl")
+        .args(["-sf", "--max-time", "20", "-H", "Host: origin.test"])
+        .arg(format!("http://127.0.0.1:{cache_port}/pool/compat.bin"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cache answered {:?}", out.status);
+    assert_eq!(out.stdout, std::fs::read(unpacked.path().join("compat.bin")).unwrap());
+    gw.stop();
+}
+
+fn base64_of(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}

@@ -5,7 +5,7 @@
 
 use std::io::Read;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -54,7 +54,14 @@ impl Gateway {
 
     /// [`Gateway::start`] with node id `id`.
     pub fn start_named(id: &str, extra: &str) -> Gateway {
+        Gateway::start_prepared(id, extra, |_| {})
+    }
+
+    /// [`Gateway::start_named`], after `prepare` has been given the data
+    /// directory (not created yet) to fill.
+    pub fn start_prepared(id: &str, extra: &str, prepare: impl FnOnce(&Path)) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
+        prepare(&dir.path().join("data"));
         let port = free_port();
         let mqtt = free_port();
         let config = dir.path().join("holdfast.toml");
