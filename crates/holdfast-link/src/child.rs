@@ -311,9 +311,9 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8) -> Result
                     continue;
                 }
                 match outgoing(item, now) {
-                    Some(Ok(b)) => {
-                        batch_bytes += b.len() + 4;
-                        records.push(bytes::Bytes::from(b));
+                    Some(Ok((head, payload))) => {
+                        batch_bytes += head.len() + payload.len() + 4;
+                        records.push((head, payload));
                         ids.push(item.id);
                     }
                     // Expired since it was leased, or (impossible for a stored record) unencodable.
@@ -330,12 +330,11 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8) -> Result
             if records.is_empty() {
                 continue;
             }
-            buf.clear();
             let n = records.len() as u64;
-            Frame::Batch(records).encode(&mut buf).map_err(|e| e.to_string())?;
+            let mut chunks = Frame::batch_chunks(records).map_err(|e| e.to_string())?;
             inflight.lock().unwrap_or_else(|p| p.into_inner()).extend(ids);
             if let Some(s) = stream.as_mut() {
-                s.write_all(&buf).await.map_err(|e| e.to_string())?;
+                s.write_all_chunks(&mut chunks).await.map_err(|e| e.to_string())?;
             }
             ctx.metrics.link_sent.inc_by(n);
             ctx.status.update(|s| {

@@ -227,7 +227,12 @@ impl Status {
 /// A leased outbox message encoded to leave this node: its origin id set
 /// (its own id if it entered here), its time-to-live what remains of it, the
 /// delivered flag cleared. `None` if it has expired meanwhile.
-pub(crate) fn outgoing(item: &Leased, clock_ms: u64) -> Option<Result<Vec<u8>, holdfast_outbox::record::EncodeError>> {
+/// Encoded in two parts (see [`Record::encode_parts`]): the payload is not copied.
+#[allow(clippy::type_complexity)]
+pub(crate) fn outgoing(
+    item: &Leased,
+    clock_ms: u64,
+) -> Option<Result<(Vec<u8>, Bytes), holdfast_outbox::record::EncodeError>> {
     let age = clock_ms.saturating_sub(item.record.enqueued_clock_ms);
     let left = item.record.ttl_ms.checked_sub(age).filter(|l| *l > 0)?;
     let record = Record {
@@ -236,7 +241,7 @@ pub(crate) fn outgoing(item: &Leased, clock_ms: u64) -> Option<Result<Vec<u8>, h
         ttl_ms: left,
         message: item.record.message.clone(),
     };
-    Some(record.encode_with(Some(origin_id(item)), false))
+    Some(record.encode_parts(Some(origin_id(item)), false))
 }
 
 /// The stable id a message is known by up the tree.
@@ -273,7 +278,7 @@ pub(crate) fn to_msg(m: &Message, id: holdfast_outbox::MessageId, ttl_left_ms: O
     properties.user_properties.push((PROP_PATH.to_string(), path_of(m)));
     Msg {
         topic,
-        payload: Bytes::copy_from_slice(&m.payload),
+        payload: m.payload.clone(),
         qos: match m.qos {
             0 => QoS::AtMostOnce,
             1 => QoS::AtLeastOnce,

@@ -347,7 +347,7 @@ async fn lane(
         };
         let mut pending = Vec::with_capacity(records.len());
         for raw in records {
-            let record = match Record::decode(&raw) {
+            let record = match Record::decode_shared(&raw) {
                 Ok(r) if r.message.origin.is_some() => r,
                 _ => {
                     refused(&ctx, "malformed");

@@ -232,6 +232,42 @@ impl Frame {
         Ok(())
     }
 
+    /// A BATCH frame of records given in two parts each (everything up to
+    /// the payload, then the payload), as chunks to write in order. Only
+    /// the small heads are copied; each payload is sent from the `Bytes` it
+    /// is stored in. The chunks concatenate to [`Frame::Batch`] of the
+    /// joined records.
+    ///
+    /// # Errors
+    /// A record or the frame is longer than its length prefix allows.
+    pub fn batch_chunks(records: Vec<(Vec<u8>, Bytes)>) -> Result<Vec<Bytes>, WireError> {
+        let too_long = |_| WireError::TooLong("batch");
+        let count = u32::try_from(records.len()).map_err(too_long)?;
+        let mut total: u64 = 1 + 4;
+        let mut chunks = Vec::with_capacity(1 + 2 * records.len());
+        let mut parts = Vec::with_capacity(records.len());
+        for (head, payload) in records {
+            let len = u32::try_from(head.len() + payload.len()).map_err(too_long)?;
+            total += 4 + u64::from(len);
+            let mut h = BytesMut::with_capacity(4 + head.len());
+            h.put_u32_le(len);
+            h.put_slice(&head);
+            parts.push((h.freeze(), payload));
+        }
+        let mut first = BytesMut::with_capacity(9);
+        first.put_u32_le(u32::try_from(total).map_err(too_long)?);
+        first.put_u8(T_BATCH);
+        first.put_u32_le(count);
+        chunks.push(first.freeze());
+        for (h, payload) in parts {
+            chunks.push(h);
+            if !payload.is_empty() {
+                chunks.push(payload);
+            }
+        }
+        Ok(chunks)
+    }
+
     /// Decodes one frame body (type byte and body, without the length).
     ///
     /// # Errors
@@ -380,6 +416,28 @@ mod tests {
         let len = u32::from_le_bytes(out[..4].try_into().unwrap()) as usize;
         assert_eq!(len, out.len() - 4);
         assert_eq!(Frame::decode(out.freeze().slice(4..)).unwrap(), f);
+    }
+
+    #[test]
+    fn batch_chunks_concatenate_to_the_batch_frame() {
+        let records = vec![
+            (b"head-1".to_vec(), Bytes::from_static(b"payload-1")),
+            (b"h2".to_vec(), Bytes::new()),
+            (Vec::new(), Bytes::from_static(b"only payload")),
+        ];
+        let joined: Vec<Bytes> = records
+            .iter()
+            .map(|(h, p)| Bytes::from([h.as_slice(), p].concat()))
+            .collect();
+        let mut expected = BytesMut::new();
+        Frame::Batch(joined).encode(&mut expected).unwrap();
+        let payload_ptr = records[0].1.as_ptr();
+        let chunks = Frame::batch_chunks(records).unwrap();
+        assert!(
+            chunks.iter().any(|c| c.as_ptr() == payload_ptr),
+            "payloads are not copied"
+        );
+        assert_eq!(chunks.concat(), expected.to_vec());
     }
 
     #[test]

@@ -920,7 +920,9 @@ impl Inner {
                     continue;
                 }
                 let size = v.len() as u64;
-                match Record::decode(&v) {
+                // The leased record's payload is a slice of the stored bytes.
+                let v = bytes::Bytes::from(v);
+                match Record::decode_shared(&v) {
                     Ok(record) if now.saturating_sub(record.enqueued_clock_ms) >= record.ttl_ms => {
                         lane.claims.insert(seq, Claim::Removing(size));
                         removals.push(Remove {
@@ -950,7 +952,7 @@ impl Inner {
                             seq,
                             size,
                             why: Removal::Damaged,
-                            raw: Some(v),
+                            raw: Some(v.to_vec()),
                         });
                     }
                 }

@@ -93,8 +93,25 @@ impl Record {
     /// # Errors
     /// A field exceeds its length prefix.
     pub fn encode_with(&self, origin: Option<MessageId>, delivered_locally: bool) -> Result<Vec<u8>, EncodeError> {
+        let (mut out, payload) = self.encode_parts(origin, delivered_locally)?;
+        out.extend_from_slice(&payload);
+        Ok(out)
+    }
+
+    /// [`Record::encode_with`] in two parts: everything up to the payload
+    /// (its CRC already covers the payload), then the payload itself, shared
+    /// and not copied. Their concatenation is the record; the link sends the
+    /// two parts as separate chunks.
+    ///
+    /// # Errors
+    /// A field exceeds its length prefix.
+    pub fn encode_parts(
+        &self,
+        origin: Option<MessageId>,
+        delivered_locally: bool,
+    ) -> Result<(Vec<u8>, bytes::Bytes), EncodeError> {
         let m = &self.message;
-        let mut out = Vec::with_capacity(64 + m.topic.len() + m.payload.len());
+        let mut out = Vec::with_capacity(64 + m.topic.len() + 16 * m.properties.len());
         out.push(VERSION);
         out.extend_from_slice(&[0; 4]);
         out.extend_from_slice(&self.enqueued_clock_ms.to_le_bytes());
@@ -142,17 +159,33 @@ impl Record {
             put_str16(&mut out, k, "property name")?;
             put_bytes32(&mut out, v.as_bytes(), "property value")?;
         }
-        put_bytes32(&mut out, &m.payload, "payload")?;
-        let crc = crc32fast::hash(&out[5..]);
+        let len = u32::try_from(m.payload.len()).map_err(|_| EncodeError::TooLong("payload"))?;
+        out.extend_from_slice(&len.to_le_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&out[5..]);
+        crc.update(&m.payload);
+        let crc = crc.finalize();
         out[1..5].copy_from_slice(&crc.to_le_bytes());
-        Ok(out)
+        Ok((out, m.payload.clone()))
     }
 
-    /// Decodes a record.
+    /// Decodes a record; its payload is copied out of `b`.
     ///
     /// # Errors
     /// Any damage: version, checksum, lengths, UTF-8.
     pub fn decode(b: &[u8]) -> Result<Record, DecodeError> {
+        Record::decode_with(b, bytes::Bytes::copy_from_slice)
+    }
+
+    /// Decodes a record held in `b`; its payload is a slice of `b` (no copy).
+    ///
+    /// # Errors
+    /// Any damage: version, checksum, lengths, UTF-8.
+    pub fn decode_shared(b: &bytes::Bytes) -> Result<Record, DecodeError> {
+        Record::decode_with(b, |payload| b.slice_ref(payload))
+    }
+
+    fn decode_with(b: &[u8], payload_of: impl FnOnce(&[u8]) -> bytes::Bytes) -> Result<Record, DecodeError> {
         let (&version, rest) = b.split_first().ok_or(DecodeError::Malformed)?;
         if version != VERSION && version != 1 {
             return Err(DecodeError::Version(version));
@@ -206,7 +239,7 @@ impl Record {
             let v = String::from_utf8(r.bytes32()?.to_vec()).map_err(|_| DecodeError::Utf8)?;
             properties.push((k, v));
         }
-        let payload = bytes::Bytes::copy_from_slice(r.bytes32()?);
+        let payload = payload_of(r.bytes32()?);
         if !r.b.is_empty() {
             return Err(DecodeError::Malformed);
         }
@@ -304,6 +337,33 @@ mod tests {
     fn round_trips() {
         let r = sample();
         assert_eq!(Record::decode(&r.encode().unwrap()).unwrap(), r);
+    }
+
+    #[test]
+    fn parts_concatenate_to_the_record() {
+        let r = sample();
+        let (head, payload) = r.encode_parts(None, true).unwrap();
+        let mut whole = head;
+        whole.extend_from_slice(&payload);
+        assert_eq!(whole, r.encode_with(None, true).unwrap());
+        assert!(
+            std::ptr::eq(payload.as_ptr(), r.message.payload.as_ptr()),
+            "the payload is shared"
+        );
+    }
+
+    #[test]
+    fn decode_shared_slices_the_payload() {
+        let r = sample();
+        let stored = bytes::Bytes::from(r.encode().unwrap());
+        let back = Record::decode_shared(&stored).unwrap();
+        assert_eq!(back, Record::decode(&stored).unwrap());
+        let at = back.message.payload.as_ptr() as usize - stored.as_ptr() as usize;
+        assert_eq!(
+            at,
+            stored.len() - r.message.payload.len(),
+            "the payload is a slice of the stored bytes"
+        );
     }
 
     #[test]
