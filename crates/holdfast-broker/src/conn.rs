@@ -495,6 +495,4 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
     }
 }
 
-impl Broker {
-}
-
+impl Broker {}

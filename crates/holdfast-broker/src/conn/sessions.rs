@@ -138,7 +138,14 @@ impl Broker {
 
 /// A message as a client sent it (PUBLISH or will): expiry made absolute,
 /// only the properties that travel to subscribers kept.
-pub(crate) fn received(topic: String, payload: bytes::Bytes, qos: QoS, retain: bool, p: &Properties, publisher: Arc<str>) -> Msg {
+pub(crate) fn received(
+    topic: String,
+    payload: bytes::Bytes,
+    qos: QoS,
+    retain: bool,
+    p: &Properties,
+    publisher: Arc<str>,
+) -> Msg {
     Msg {
         expires_at_ms: p.message_expiry_interval.map(|s| now_ms() + u64::from(s) * 1000),
         properties: pass_through(p),
