@@ -8,7 +8,6 @@
 //! priorities (lane 0 highest). When the link drops, unacknowledged messages
 //! return to their lanes and are sent again, in order, on the next link.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,11 +16,12 @@ use bytes::BytesMut;
 use tokio::sync::{Notify, watch};
 
 use super::reconnect::{Ended, Probe, Upstream, drive, within};
+use super::window::{AckError, LaneWindow};
 use super::wire::{self, Frame, close};
 use super::{Ctx, LinkError, LinkState, fleet_material, outgoing, transport};
 use crate::config::Sections;
 use holdfast_metrics::ResultLabels;
-use holdfast_outbox::{LANES, MessageId};
+use holdfast_outbox::LANES;
 
 /// Largest frame the parent may send (acks and refusals are small).
 const MAX_DOWN_FRAME: usize = 64 << 10;
@@ -258,14 +258,14 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8) -> Result
     let mut work = ctx.outbox.watch_work();
     let window = ctx.config.window_messages;
     let batch_max = ctx.config.batch_messages;
-    let inflight: Arc<std::sync::Mutex<VecDeque<MessageId>>> = Arc::default();
+    let inflight = Arc::new(std::sync::Mutex::new(LaneWindow::new(window)));
     let acked = Arc::new(Notify::new());
     let mut stream: Option<quinn::SendStream> = None;
     let mut acks: Option<tokio::task::JoinHandle<()>> = None;
     let mut buf = BytesMut::new();
     let result = async {
         loop {
-            let room = window.saturating_sub(inflight.lock().unwrap_or_else(|p| p.into_inner()).len());
+            let room = inflight.lock().unwrap_or_else(|p| p.into_inner()).room();
             if room == 0 {
                 acked.notified().await;
                 continue;
@@ -332,7 +332,7 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8) -> Result
             }
             let n = records.len() as u64;
             let mut chunks = Frame::batch_chunks(records).map_err(|e| e.to_string())?;
-            inflight.lock().unwrap_or_else(|p| p.into_inner()).extend(ids);
+            inflight.lock().unwrap_or_else(|p| p.into_inner()).sent(ids);
             if let Some(s) = stream.as_mut() {
                 s.write_all_chunks(&mut chunks).await.map_err(|e| e.to_string())?;
             }
@@ -355,23 +355,26 @@ async fn ack_reader(
     ctx: Arc<Ctx>,
     conn: quinn::Connection,
     mut recv: quinn::RecvStream,
-    inflight: Arc<std::sync::Mutex<VecDeque<MessageId>>>,
+    inflight: Arc<std::sync::Mutex<LaneWindow>>,
     acked: Arc<Notify>,
 ) {
-    let mut through = 0u64;
     loop {
         match wire::read_frame(&mut recv, MAX_DOWN_FRAME).await {
-            Ok(Some(Frame::Ack(n))) if n >= through => {
-                let ids: Vec<MessageId> = {
-                    let mut q = inflight.lock().unwrap_or_else(|p| p.into_inner());
-                    let k = ((n - through) as usize).min(q.len());
-                    q.drain(..k).collect()
+            Ok(Some(Frame::Ack(n))) => {
+                let acked_now = inflight.lock().unwrap_or_else(|p| p.into_inner()).ack(n);
+                let ids = match acked_now {
+                    Ok(ids) => ids,
+                    Err(e @ AckError::BeyondSent { .. }) => {
+                        tracing::debug!(error = %e, "link: bad ack");
+                        conn.close(close::PROTOCOL.into(), b"ack beyond what was sent");
+                        return;
+                    }
+                    Err(e @ AckError::Backwards { .. }) => {
+                        tracing::debug!(error = %e, "link: bad ack");
+                        conn.close(close::PROTOCOL.into(), b"unexpected frame on a lane stream");
+                        return;
+                    }
                 };
-                if ids.len() as u64 != n - through {
-                    conn.close(close::PROTOCOL.into(), b"ack beyond what was sent");
-                    return;
-                }
-                through = n;
                 if let Err(e) = ctx.outbox.ack(&ids).await {
                     tracing::error!(error = %e, "link: cannot delete acknowledged messages");
                 }

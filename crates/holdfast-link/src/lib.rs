@@ -25,6 +25,7 @@ pub mod reconnect;
 pub mod root;
 pub mod scope;
 pub mod service;
+pub mod window;
 pub mod wire;
 
 use std::collections::BTreeMap;
