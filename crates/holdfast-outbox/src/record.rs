@@ -93,8 +93,8 @@ impl Record {
     /// # Errors
     /// A field exceeds its length prefix.
     pub fn encode_with(&self, origin: Option<MessageId>, delivered_locally: bool) -> Result<Vec<u8>, EncodeError> {
-        let (mut out, payload) = self.encode_parts(origin, delivered_locally)?;
-        out.extend_from_slice(&payload);
+        let mut out = self.encode_head(origin, delivered_locally, self.message.payload.len())?;
+        out.extend_from_slice(&self.message.payload);
         Ok(out)
     }
 
@@ -110,8 +110,25 @@ impl Record {
         origin: Option<MessageId>,
         delivered_locally: bool,
     ) -> Result<(Vec<u8>, bytes::Bytes), EncodeError> {
+        let head = self.encode_head(origin, delivered_locally, 0)?;
+        Ok((head, self.message.payload.clone()))
+    }
+
+    /// Everything up to the payload, with room for `extra` more bytes.
+    fn encode_head(
+        &self,
+        origin: Option<MessageId>,
+        delivered_locally: bool,
+        extra: usize,
+    ) -> Result<Vec<u8>, EncodeError> {
         let m = &self.message;
-        let mut out = Vec::with_capacity(64 + m.topic.len() + 16 * m.properties.len());
+        let strings = m.topic.len()
+            + m.content_type.as_ref().map_or(0, String::len)
+            + m.source.client_id.len()
+            + m.source.principal.as_ref().map_or(0, String::len)
+            + m.source.path.iter().map(|p| 2 + p.len()).sum::<usize>()
+            + m.properties.iter().map(|(k, v)| 6 + k.len() + v.len()).sum::<usize>();
+        let mut out = Vec::with_capacity(64 + strings + extra);
         out.push(VERSION);
         out.extend_from_slice(&[0; 4]);
         out.extend_from_slice(&self.enqueued_clock_ms.to_le_bytes());
@@ -166,7 +183,7 @@ impl Record {
         crc.update(&m.payload);
         let crc = crc.finalize();
         out[1..5].copy_from_slice(&crc.to_le_bytes());
-        Ok((out, m.payload.clone()))
+        Ok(out)
     }
 
     /// Decodes a record; its payload is copied out of `b`.
