@@ -1,3 +1,4 @@
+use super::cached::cold_target;
 use super::*;
 
 fn parts(uri: &str, host: Option<&str>) -> Parts {

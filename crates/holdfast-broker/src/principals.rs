@@ -1,0 +1,82 @@
+//! Connections by principal, and revoking them when the registry says so.
+
+#[allow(unused_imports)]
+use super::*;
+
+impl Broker {
+    /// Registers connection `conn_id` as authenticated as `principal`; the
+    /// returned signal fires when its credentials are revoked.
+    pub(crate) fn register_principal(&self, principal: &str, conn_id: u64) -> Arc<tokio::sync::Notify> {
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let mut map = self.principals.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(principal.to_string())
+            .or_default()
+            .insert(conn_id, notify.clone());
+        notify
+    }
+
+    /// Forgets connection `conn_id`.
+    pub(crate) fn unregister_principal(&self, principal: &str, conn_id: u64) {
+        let mut map = self.principals.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(conns) = map.get_mut(principal) {
+            conns.remove(&conn_id);
+            if conns.is_empty() {
+                map.remove(principal);
+            }
+        }
+    }
+
+    /// Disconnects every connection authenticated as one of `ids`; returns
+    /// how many were told to leave.
+    pub fn revoke(&self, ids: &[String]) -> usize {
+        let map = self.principals.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for id in ids {
+            for notify in map.get(id).into_iter().flat_map(HashMap::values) {
+                notify.notify_one();
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Disconnects connections whose identity is gone or disabled (after
+    /// revocations were missed).
+    pub fn revoke_stale(&self) -> usize {
+        use holdfast_model::identity::IdentityDirectory as _;
+        let ids: Vec<String> = {
+            let map = self.principals.lock().unwrap_or_else(|p| p.into_inner());
+            map.keys().cloned().collect()
+        };
+        let stale: Vec<String> = ids
+            .into_iter()
+            .filter(|id| id != "anonymous" && !self.registry.lookup(id).is_some_and(|i| i.enabled))
+            .collect();
+        self.revoke(&stale)
+    }
+
+    /// Runs until `stop`: disconnects clients whose credentials the
+    /// registry revokes.
+    pub async fn revocation_task(self: Arc<Self>) {
+        let mut revocations = self.registry.revocations();
+        let mut stop = self.stop.clone();
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                r = revocations.recv() => match r {
+                    Ok(ids) => {
+                        let n = self.revoke(&ids);
+                        if n > 0 {
+                            tracing::info!(ids = ?ids, connections = n, "disconnecting clients whose credentials changed");
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        let n = self.revoke_stale();
+                        tracing::warn!(missed, disconnected = n, "missed registry revocations; rechecked every connection");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
+    }
+}
