@@ -505,7 +505,8 @@ fn cli_output_into_a_closed_pipe_exits_quietly() {
 /// memory comes back, and SIGTERM does not wait for anything.
 #[test]
 fn hostile_router_never_breaks_a_connection() {
-    let gw = Gateway::start("[plugins.router]\nmemory_mib = 16\n");
+    // A 100 ms deadline: the bombs reach the 16 MiB cap whatever the load.
+    let gw = Gateway::start("[plugins.router]\nmemory_mib = 16\ndeadline_ms = 100\n");
     let out = gw.cli_ok(&["plugin", "swap", "router", TEST_ROUTER]);
     assert!(out.starts_with("swapped router"), "{out}");
     let rss_kib = || {

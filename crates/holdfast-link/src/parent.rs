@@ -20,8 +20,6 @@ use super::wire::{self, Frame, close, refuse};
 use super::{ChildInfo, LinkError, Status, fleet_material, transport};
 use crate::config::Sections;
 use holdfast_metrics::{Metrics, ReasonLabels};
-use holdfast_model::IdentityKind;
-use holdfast_model::identity::IdentityDirectory;
 use holdfast_outbox::record::Record;
 use holdfast_outbox::{AppendError, LANES, MessageId, Outbox};
 
@@ -148,7 +146,7 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, mut stop: watch::Receiver
                     )),
                     node_id,
                 )
-            } else if !is_child(&*ctx.registry, &node_id, &ctx.node_id) {
+            } else if !holdfast_registry::is_child_gateway(&*ctx.registry, &node_id, &ctx.node_id) {
                 (
                     Some((
                         refuse::NOT_A_CHILD,
@@ -247,13 +245,6 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, mut stop: watch::Receiver
         ctx.metrics.link_children.set(s.children.len() as i64);
     });
     drop(send);
-}
-
-/// True when `id` is an enabled gateway whose parent is `me`.
-pub fn is_child(identities: &dyn IdentityDirectory, id: &str, me: &str) -> bool {
-    identities
-        .lookup(id)
-        .is_some_and(|i| i.enabled && i.kind == IdentityKind::Gateway && i.parent.as_deref() == Some(me))
 }
 
 /// Stored messages acknowledged in order: each entry is a batch's appends.

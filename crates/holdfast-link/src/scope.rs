@@ -87,7 +87,7 @@ pub async fn serve(
         }
         tokio::time::sleep(COALESCE).await;
         changes.borrow_and_update();
-        if !super::parent::is_child(&*registry, &child, &me) {
+        if !holdfast_registry::is_child_gateway(&*registry, &child, &me) {
             tracing::warn!(child = %child, "link: the child gateway was disabled, removed or moved; closing its link");
             metrics
                 .link_refused

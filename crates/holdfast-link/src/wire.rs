@@ -126,7 +126,7 @@ pub enum Frame {
         body: Bytes,
     },
     /// Either way on the service stream: a JSON message (see
-    /// [`super::service::Svc`]).
+    /// `holdfast_iothub::service::Svc`).
     Svc(Bytes),
 }
 

@@ -4,18 +4,14 @@
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::bindings;
-use super::state::PluginState;
+use super::state::{EPOCH_TICK, PluginState};
 use super::{PluginError, SlotName};
-
-/// How often the epoch advances. Deadlines are whole ticks.
-pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// The engine and what is shared by every slot.
 pub struct Runtime {

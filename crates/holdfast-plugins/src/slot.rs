@@ -17,7 +17,8 @@ use wasmtime::component::InstancePre;
 use wasmtime::{Store, Trap};
 
 use super::bindings;
-use super::engine::{EPOCH_TICK, Runtime};
+use super::engine::Runtime;
+use super::state::EPOCH_TICK;
 use super::state::{NodeContext, PluginState};
 use super::{PluginError, SlotName};
 use holdfast_metrics::{FailureKind, FailureLabels, SlotLabels, SwapLabels, SwapResult, handle};

@@ -17,16 +17,17 @@ use super::SlotName;
 use super::bindings::auth::holdfast::gateway::{authn, crypto, identities};
 use super::bindings::content::holdfast::gateway::content;
 use super::bindings::router::holdfast::gateway::{host, routing, types};
-use super::engine::EPOCH_TICK;
 use super::message::MessageRep;
 use super::stdio::Captured;
+pub use super::stdio::LOG_MESSAGE_MAX;
 use holdfast_metrics::Metrics;
 use holdfast_model::identity::IdentityDirectory;
 
+/// How often the epoch advances. Deadlines are whole ticks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
 /// Log records one call may emit before further ones are dropped.
 pub const LOG_RECORDS_PER_CALL: u32 = 64;
-/// Longest log message kept, bytes.
-pub const LOG_MESSAGE_MAX: usize = 4096;
 
 /// What every instance of every plugin can see of the node.
 #[derive(Clone)]
@@ -358,5 +359,11 @@ impl identities::Host for PluginState {
 
     fn verify_thumbprint(&mut self, id: String, thumbprint: String) -> wasmtime::Result<bool> {
         Ok(self.node.identities.verify_thumbprint(&id, &thumbprint))
+    }
+}
+
+impl super::stdio::HasTable for PluginState {
+    fn table(&mut self) -> &mut ResourceTable {
+        &mut self.table
     }
 }

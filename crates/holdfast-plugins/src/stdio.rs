@@ -30,7 +30,9 @@ use wasmtime_wasi::p2::{
     DynInputStream, DynOutputStream, DynPollable, OutputStream, Pollable, StreamError, StreamResult,
 };
 
-use super::state::{LOG_MESSAGE_MAX, PluginState};
+/// Longest log message kept, bytes (also what a plugin's captured output keeps
+/// between two reads).
+pub const LOG_MESSAGE_MAX: usize = 4096;
 
 /// What a plugin instance wrote to stdout and stderr, at most
 /// [`LOG_MESSAGE_MAX`] bytes between two reads; the rest is counted.
@@ -168,15 +170,21 @@ impl HasData for NonBlockingIo {
     type Data<'a> = NonBlocking<'a>;
 }
 
+/// A store's data that holds the WASI resource table.
+pub trait HasTable {
+    /// The resource table.
+    fn table(&mut self) -> &mut ResourceTable;
+}
+
 /// Redefines `wasi:io/poll` and `wasi:io/streams` in `linker` (which already
 /// has wasmtime-wasi's synchronous WASI) with the non-blocking versions.
 ///
 /// # Errors
 /// The linker refuses the definitions.
-pub fn link_non_blocking_io(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
+pub fn link_non_blocking_io<T: HasTable + 'static>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
     linker.allow_shadowing(true);
-    sync_poll::add_to_linker::<PluginState, NonBlockingIo>(linker, |s| NonBlocking(&mut s.table))?;
-    sync_streams::add_to_linker::<PluginState, NonBlockingIo>(linker, |s| NonBlocking(&mut s.table))?;
+    sync_poll::add_to_linker::<T, NonBlockingIo>(linker, |s| NonBlocking(s.table()))?;
+    sync_streams::add_to_linker::<T, NonBlockingIo>(linker, |s| NonBlocking(s.table()))?;
     linker.allow_shadowing(false);
     Ok(())
 }

@@ -44,6 +44,14 @@ pub use self::entry::directory_from_config;
 
 use self::certs::build_ca_verifier;
 
+/// True when `id` is an enabled gateway whose parent is `me`: the child
+/// gateways a node lets in on its link and syncs the scope of.
+pub fn is_child_gateway(identities: &dyn IdentityDirectory, id: &str, me: &str) -> bool {
+    identities
+        .lookup(id)
+        .is_some_and(|i| i.enabled && i.kind == IdentityKind::Gateway && i.parent.as_deref() == Some(me))
+}
+
 /// Longest identity id (IoT Hub's device id limit).
 pub const MAX_ID_LEN: usize = 128;
 /// How many client certificates presented on TLS are remembered for
