@@ -32,7 +32,7 @@ impl Broker {
                                     m.topic = t;
                                 }
                                 if let Some(p) = u.payload {
-                                    m.payload = p;
+                                    m.payload = p.into();
                                 }
                                 m.properties.extend(u.add_properties);
                                 Arc::new(m)
@@ -66,7 +66,7 @@ impl Broker {
                                         continue;
                                     }
                                 }
-                                if let Some(p) = l.payload {
+                                if let Some(p) = l.payload.map(bytes::Bytes::from) {
                                     m.payload = p;
                                 }
                                 // What a plugin adds must still fit MQTT's wire limits.

@@ -9,8 +9,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-
 use crate::Message;
 
 /// How a client connected.
@@ -121,8 +119,9 @@ pub struct UpstreamAction {
     pub ttl_seconds: Option<u32>,
     /// Replacement topic.
     pub topic: Option<String>,
-    /// Replacement payload.
-    pub payload: Option<Bytes>,
+    /// Replacement payload (a `Vec`, as the policy produced it: the
+    /// conversion from the plugin's action then reuses its allocation).
+    pub payload: Option<Vec<u8>>,
     /// User properties to add.
     pub add_properties: Vec<(String, String)>,
 }
@@ -132,8 +131,9 @@ pub struct UpstreamAction {
 pub struct LocalAction {
     /// Replacement topic.
     pub topic: Option<String>,
-    /// Replacement payload.
-    pub payload: Option<Bytes>,
+    /// Replacement payload (a `Vec`, as the policy produced it: the
+    /// conversion from the plugin's action then reuses its allocation).
+    pub payload: Option<Vec<u8>>,
     /// User properties to add.
     pub add_properties: Vec<(String, String)>,
 }
