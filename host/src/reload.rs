@@ -76,7 +76,7 @@ impl Reloader {
             return Err("the node runs on the embedded default config; there is no file to reload".into());
         };
         let new = Config::load(path).map_err(|e| format!("{}: {e}; nothing was changed", path.display()))?;
-        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        let mut applied = holdfast_model::lock(&self.applied);
         let mut report = ReloadReport {
             path: path.display().to_string(),
             ..ReloadReport::default()

@@ -63,10 +63,6 @@ pub struct Peer {
     pub cert_common_name: Option<String>,
 }
 
-fn transport_name(t: Transport) -> &'static str {
-    t.as_str()
-}
-
 /// Why a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Exit {
@@ -131,7 +127,7 @@ pub async fn serve<S>(broker: Arc<Broker>, stream: S, peer: Peer)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let transport = transport_name(peer.transport);
+    let transport = peer.transport.as_str();
     let gauge = metrics::handle(&broker.metrics.mqtt_connections, &TransportLabels { transport });
     let over = broker.connections.fetch_add(1, Ordering::AcqRel) as u64 >= broker.max_connections();
     gauge.inc();

@@ -414,7 +414,7 @@ impl Broker {
     }
 
     fn sessions_lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+        holdfast_model::lock(&self.sessions)
     }
 
     pub(crate) fn drop_reason(&self, reason: &'static str) {
@@ -441,7 +441,7 @@ impl Broker {
             clean.push_str("unspecified");
         }
         {
-            let mut seen = self.drop_reasons.lock().unwrap_or_else(|p| p.into_inner());
+            let mut seen = holdfast_model::lock(&self.drop_reasons);
             if !seen.contains(&clean) {
                 if seen.len() >= 64 {
                     clean = "other".to_string();

@@ -8,7 +8,7 @@ impl Broker {
     /// returned signal fires when its credentials are revoked.
     pub(crate) fn register_principal(&self, principal: &str, conn_id: u64) -> Arc<tokio::sync::Notify> {
         let notify = Arc::new(tokio::sync::Notify::new());
-        let mut map = self.principals.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = holdfast_model::lock(&self.principals);
         map.entry(principal.to_string())
             .or_default()
             .insert(conn_id, notify.clone());
@@ -17,7 +17,7 @@ impl Broker {
 
     /// Forgets connection `conn_id`.
     pub(crate) fn unregister_principal(&self, principal: &str, conn_id: u64) {
-        let mut map = self.principals.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = holdfast_model::lock(&self.principals);
         if let Some(conns) = map.get_mut(principal) {
             conns.remove(&conn_id);
             if conns.is_empty() {
@@ -29,7 +29,7 @@ impl Broker {
     /// Disconnects every connection authenticated as one of `ids`; returns
     /// how many were told to leave.
     pub fn revoke(&self, ids: &[String]) -> usize {
-        let map = self.principals.lock().unwrap_or_else(|p| p.into_inner());
+        let map = holdfast_model::lock(&self.principals);
         let mut n = 0;
         for id in ids {
             for notify in map.get(id).into_iter().flat_map(HashMap::values) {
@@ -45,7 +45,7 @@ impl Broker {
     pub fn revoke_stale(&self) -> usize {
         use holdfast_model::identity::IdentityDirectory as _;
         let ids: Vec<String> = {
-            let map = self.principals.lock().unwrap_or_else(|p| p.into_inner());
+            let map = holdfast_model::lock(&self.principals);
             map.keys().cloned().collect()
         };
         let stale: Vec<String> = ids

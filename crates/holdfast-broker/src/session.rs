@@ -142,7 +142,7 @@ impl Session {
     /// written in a way that matters more than losing the connection, so a
     /// poisoned lock is taken over.
     pub fn lock(&self) -> MutexGuard<'_, SessionState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        holdfast_model::lock(&self.state)
     }
 
     /// Whether a connection is attached.

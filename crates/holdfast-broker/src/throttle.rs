@@ -61,7 +61,7 @@ impl Throttle {
 
     /// How long a CONNECT from `ip` must wait before it is answered.
     pub fn delay(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
-        let map = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let map = holdfast_model::lock(&self.sources);
         let s = map.get(&ip)?;
         if now.duration_since(s.last) > FORGET {
             return None;
@@ -71,7 +71,7 @@ impl Throttle {
 
     /// Records a failed authentication from `ip`.
     pub fn failure(&self, ip: IpAddr, now: Instant) -> Failure {
-        let mut map = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = holdfast_model::lock(&self.sources);
         if map.len() >= MAX_SOURCES && !map.contains_key(&ip) {
             let oldest = map.iter().min_by_key(|(_, s)| s.last).map(|(ip, _)| *ip);
             if let Some(old) = oldest {
@@ -92,7 +92,7 @@ impl Throttle {
 
     /// Records a successful authentication from `ip`.
     pub fn success(&self, ip: IpAddr) {
-        let mut map = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = holdfast_model::lock(&self.sources);
         map.remove(&ip);
     }
 }

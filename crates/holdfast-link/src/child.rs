@@ -265,7 +265,7 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8) -> Result
     let mut buf = BytesMut::new();
     let result = async {
         loop {
-            let room = inflight.lock().unwrap_or_else(|p| p.into_inner()).room();
+            let room = holdfast_model::lock(&inflight).room();
             if room == 0 {
                 acked.notified().await;
                 continue;
@@ -332,7 +332,7 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8) -> Result
             }
             let n = records.len() as u64;
             let mut chunks = Frame::batch_chunks(records).map_err(|e| e.to_string())?;
-            inflight.lock().unwrap_or_else(|p| p.into_inner()).sent(ids);
+            holdfast_model::lock(&inflight).sent(ids);
             if let Some(s) = stream.as_mut() {
                 s.write_all_chunks(&mut chunks).await.map_err(|e| e.to_string())?;
             }
@@ -361,7 +361,7 @@ async fn ack_reader(
     loop {
         match wire::read_frame(&mut recv, MAX_DOWN_FRAME).await {
             Ok(Some(Frame::Ack(n))) => {
-                let acked_now = inflight.lock().unwrap_or_else(|p| p.into_inner()).ack(n);
+                let acked_now = holdfast_model::lock(&inflight).ack(n);
                 let ids = match acked_now {
                     Ok(ids) => ids,
                     Err(e @ AckError::BeyondSent { .. }) => {

@@ -58,7 +58,7 @@ impl Outbox {
     }
 
     pub(crate) fn tx_clone(&self) -> Option<mpsc::Sender<Request>> {
-        self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        holdfast_model::lock(&self.tx).clone()
     }
 
     /// Acknowledges delivered messages: they are deleted. Unknown or

@@ -5,7 +5,7 @@ use super::*;
 
 impl Inner {
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        holdfast_model::lock(&self.state)
     }
 
     /// Leases from one lane with the state lock held. Expired and damaged
@@ -137,7 +137,8 @@ impl Inner {
                 if lane.claims.contains_key(&seq) {
                     continue;
                 }
-                if let Ok(r) = Record::decode(&v)
+                let v = bytes::Bytes::from(v);
+                if let Ok(r) = Record::decode_shared(&v)
                     && now.saturating_sub(r.enqueued_clock_ms) >= r.ttl_ms
                 {
                     lane.claims.insert(seq, Claim::Removing(v.len() as u64));

@@ -477,7 +477,7 @@ impl Outbox {
     }
 
     fn send(&self, req: Request) -> Result<(), AppendError> {
-        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = holdfast_model::lock(&self.tx);
         tx.as_ref()
             .ok_or(AppendError::Closed)?
             .send(req)
@@ -627,7 +627,7 @@ impl Outbox {
                     .range(key(i as u8, lane.head)..key(i as u8, u64::MAX))
                     .next()
                     .and_then(|r| r.ok())
-                    .and_then(|(_, v)| Record::decode(&v).ok())
+                    .and_then(|(_, v)| Record::decode_shared(&v.into()).ok())
                     .map(|r| now.saturating_sub(r.enqueued_clock_ms))
             };
             let s = LaneStats {
@@ -651,13 +651,13 @@ impl Outbox {
     /// Stops the writer after it has committed everything sent so far, saves
     /// the clock and syncs.
     pub fn close(&self) {
-        if let Some(stop) = self.stop_sweeper.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(stop) = holdfast_model::lock(&self.stop_sweeper).take() {
             let _ = stop.send(());
         }
-        if let Some(tx) = self.tx.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(tx) = holdfast_model::lock(&self.tx).take() {
             let _ = tx.send(Request::SaveClock);
         }
-        for t in self.threads.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        for t in holdfast_model::lock(&self.threads).drain(..) {
             let _ = t.join();
         }
         if let Err(e) = self.inner.store.persist(Durability::SyncAll) {

@@ -433,7 +433,7 @@ impl<K: Kind> Slot<K> {
         version: &Version<K>,
         f: impl FnOnce(&K::Bindings, &mut Store<PluginState>) -> wasmtime::Result<R>,
     ) -> Result<R, Failure> {
-        let popped = version.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let popped = holdfast_model::lock(&version.idle).pop();
         let mut instance = match popped {
             Some(i) => i,
             None => new_instance::<K>(&self.runtime, &self.node, &self.limits, version)?,
@@ -444,7 +444,7 @@ impl<K: Kind> Slot<K> {
         let Instance { store, bindings } = &mut instance;
         match guarded(store, |store| f(bindings, store)) {
             Ok(value) => {
-                let mut idle = version.idle.lock().unwrap_or_else(|p| p.into_inner());
+                let mut idle = holdfast_model::lock(&version.idle);
                 if idle.len() < self.limits.pool_size {
                     idle.push(instance);
                 }
@@ -462,7 +462,7 @@ impl<K: Kind> Slot<K> {
     /// # Errors
     /// Not a component, a component of another world, `init` failed or trapped.
     pub fn swap(&self, bytes: &[u8], source: String, config_json: Option<Arc<str>>) -> Result<SwapRecord, PluginError> {
-        let _guard = self.swap_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = holdfast_model::lock(&self.swap_lock);
         let started = Instant::now();
         let config_json = config_json.unwrap_or_else(|| self.current.load().config_json.clone());
         let built = build_version::<K>(
@@ -495,7 +495,7 @@ impl<K: Kind> Slot<K> {
     /// # Errors
     /// `init` refused the config or trapped; the old version stays active.
     pub fn reconfigure(&self, config_json: Arc<str>) -> Result<SwapRecord, PluginError> {
-        let _guard = self.swap_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = holdfast_model::lock(&self.swap_lock);
         let started = Instant::now();
         let current = self.current.load_full();
         let version = Version::new(
@@ -516,9 +516,9 @@ impl<K: Kind> Slot<K> {
         let old = self.current.swap(version);
         let duration = started.elapsed();
         // Keep the old version for rollback, without its warm instances.
-        old.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        holdfast_model::lock(&old.idle).clear();
         let old_hash = old.hash.to_string();
-        *self.previous.lock().unwrap_or_else(|p| p.into_inner()) = Some(old);
+        *holdfast_model::lock(&self.previous) = Some(old);
         self.metrics.swaps_ok.inc();
         self.metrics.swap_duration.observe(duration.as_secs_f64());
         let record = SwapRecord {
@@ -546,16 +546,16 @@ impl<K: Kind> Slot<K> {
     /// # Errors
     /// No previous version, or it no longer initialises.
     pub fn rollback(&self) -> Result<SwapRecord, PluginError> {
-        let _guard = self.swap_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = holdfast_model::lock(&self.swap_lock);
         let started = Instant::now();
-        let mut previous = self.previous.lock().unwrap_or_else(|p| p.into_inner());
+        let mut previous = holdfast_model::lock(&self.previous);
         let target = previous.clone().ok_or(PluginError::NoPrevious(K::SLOT))?;
         // Warm one instance first so a broken rollback leaves things as they are.
         let warm = new_instance::<K>(&self.runtime, &self.node, &self.limits, &target)
             .map_err(|f| PluginError::InitFailed(f.to_string()))?;
-        target.idle.lock().unwrap_or_else(|p| p.into_inner()).push(warm);
+        holdfast_model::lock(&target.idle).push(warm);
         let old = self.current.swap(target.clone());
-        old.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        holdfast_model::lock(&old.idle).clear();
         let record = SwapRecord {
             at_unix_ms: holdfast_model::unix_ms(),
             slot: K::SLOT,
@@ -573,7 +573,7 @@ impl<K: Kind> Slot<K> {
     }
 
     fn record(&self, record: SwapRecord) {
-        let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let mut h = holdfast_model::lock(&self.history);
         if h.len() == HISTORY_LEN {
             h.pop_front();
         }
@@ -598,7 +598,7 @@ impl<K: Kind> Slot<K> {
     /// The slot's status.
     pub fn status(&self) -> SlotStatus {
         let v = self.current.load();
-        let idle = v.idle.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let idle = holdfast_model::lock(&v.idle).len();
         self.metrics.idle.set(idle as i64);
         SlotStatus {
             slot: K::SLOT,
@@ -656,7 +656,7 @@ fn warm_up<K: Kind>(
         FailureKind::Unavailable => PluginError::InitFailed(f.message),
         _ => PluginError::InitTrapped(f.to_string()),
     })?;
-    version.idle.lock().unwrap_or_else(|p| p.into_inner()).push(first);
+    holdfast_model::lock(&version.idle).push(first);
     Ok(version)
 }
 

@@ -55,7 +55,7 @@ struct CapturedBuf {
 
 impl Captured {
     fn push(&self, data: &[u8]) {
-        let mut b = self.0.buf.lock().unwrap_or_else(|p| p.into_inner());
+        let mut b = holdfast_model::lock(&self.0.buf);
         let room = LOG_MESSAGE_MAX.saturating_sub(b.bytes.len());
         let keep = data.len().min(room);
         b.bytes.extend_from_slice(&data[..keep]);
@@ -68,7 +68,7 @@ impl Captured {
         if !self.0.written.swap(false, Ordering::AcqRel) {
             return None;
         }
-        let mut b = self.0.buf.lock().unwrap_or_else(|p| p.into_inner());
+        let mut b = holdfast_model::lock(&self.0.buf);
         if b.bytes.is_empty() && b.dropped == 0 {
             return None;
         }

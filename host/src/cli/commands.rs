@@ -282,7 +282,7 @@ pub(crate) fn outbox_fill(data_dir: &Path, writers: u32, lanes: u8, tag: &str) -
                         "fill",
                     ));
                     let id = outbox.append_blocking(lane, msg, None)?;
-                    let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut o = holdfast_model::lock(&out);
                     writeln!(o, "{} {} {payload}", id.lane, id.seq)?;
                     o.flush()?;
                 }
