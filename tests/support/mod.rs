@@ -10,10 +10,12 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod client;
+pub mod curl;
 pub mod delivery;
 pub mod fleet;
 pub mod origin;
 pub mod proxy;
+pub mod script_origin;
 pub mod sas;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_holdfast");

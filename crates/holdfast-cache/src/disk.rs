@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::range::Validator;
+use super::rfc9111::{Freshness, Vary};
 use holdfast_store::{Batch, Durability, Space, Store, StoreError};
 
 /// The index space and the store that commits to it.
@@ -71,6 +72,15 @@ pub struct ObjRecord {
     pub last_used: u64,
     /// Block size the blocks were stored with.
     pub block_size: u64,
+    /// Freshness (RFC 9111); absent in records written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freshness: Option<Freshness>,
+    /// The origin's end-to-end response fields.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
+    /// The request fields the response was selected by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vary: Option<Vary>,
 }
 
 /// The object's block directory.
@@ -234,6 +244,9 @@ mod tests {
             ttl: 0,
             last_used: 1,
             block_size: 4,
+            freshness: None,
+            headers: Vec::new(),
+            vary: None,
         };
         put_object(&index, "k", &rec).unwrap();
         std::fs::write(block_path(&dir, 7, 0), b"abcd").unwrap();

@@ -131,10 +131,12 @@ impl Cache {
             None => format!("bytes={start}-"),
         };
         let labels = self.upstream_labels(plan);
+        let request_time = now_secs();
         let resp = self
             .upstream(plan, hyper::Method::GET, (hyper::header::RANGE, range))
             .await
             .map_err(|e| FillError::Upstream(e.to_string()))?;
+        let response_time = now_secs();
         let status = resp.status().as_u16();
         let header = |name: hyper::header::HeaderName| {
             resp.headers()
@@ -143,73 +145,114 @@ impl Cache {
                 .map(str::to_string)
         };
         let content_type = header(hyper::header::CONTENT_TYPE);
-        let (body_start, body_end, length) = match status {
-            206 => {
-                let cr = header(hyper::header::CONTENT_RANGE).unwrap_or_default();
-                match range::parse_content_range(&cr) {
-                    Some((a, b, Some(len))) if a == start => (a, b + 1, len),
-                    Some((_, _, None)) => return Err(FillError::Uncacheable("upstream sent no object length".into())),
-                    _ => {
-                        return Err(FillError::Upstream(format!(
-                            "upstream answered range {cr:?} for {start}-"
-                        )));
-                    }
-                }
+        let cr = header(hyper::header::CONTENT_RANGE).unwrap_or_default();
+        let content_range = range::parse_content_range(&cr);
+        let content_length = header(hyper::header::CONTENT_LENGTH).and_then(|l| l.parse::<u64>().ok());
+        // What the body holds: (first byte, end exclusive, object length).
+        let held = match (status, content_range) {
+            (206, Some((a, b, len))) => Some((a, b + 1, len)),
+            (200, _) => content_length.map(|len| (0, len, Some(len))),
+            _ => None,
+        };
+        // A response the cache cannot store goes to the request that started
+        // the fill instead of being asked for again.
+        let owner = Arc::as_ptr(fill) as usize;
+        let hand_off = |resp: hyper::Response<hyper::body::Incoming>, why: String| {
+            let (head, body) = resp.into_parts();
+            let range = held;
+            FillError::Uncacheable(why, Handoff::new(owner, Passed { head, body, range }))
+        };
+        let (body_start, body_end, length) = match (status, held) {
+            (206 | 200, Some((a, e, Some(len)))) if a <= start => (a, e, len),
+            (206 | 200, Some((_, _, None))) => {
+                return Err(hand_off(resp, "upstream sent no object length".into()));
             }
-            200 => match header(hyper::header::CONTENT_LENGTH).and_then(|l| l.parse::<u64>().ok()) {
-                Some(len) => (0, len, len),
-                None => return Err(FillError::Uncacheable("upstream sent no Content-Length".into())),
-            },
-            416 => {
+            (206, Some((a, _, _))) => {
+                // The origin skipped bytes the fill asked for: not stored.
+                return Err(hand_off(
+                    resp,
+                    format!("upstream answered from byte {a} for a request from byte {start}"),
+                ));
+            }
+            (206, None) => return Err(hand_off(resp, format!("upstream 206 with Content-Range {cr:?}"))),
+            (200, None) => return Err(hand_off(resp, "upstream sent no Content-Length".into())),
+            (416, _) => {
                 let len = header(hyper::header::CONTENT_RANGE)
                     .and_then(|v| range::parse_unsatisfied(&v))
                     .unwrap_or(0);
                 // An empty object has no byte 0 to ask for: pass it through.
                 if len == 0 {
-                    return Err(FillError::Uncacheable("empty object".into()));
+                    return Err(FillError::Uncacheable("empty object".into(), Handoff::default()));
                 }
                 return Err(FillError::Unsatisfiable(len));
             }
             _ => {
+                let headers = rfc9111::stored_fields(resp.headers());
                 let body = read_capped(resp.into_body(), 64 << 10, self.client.timeout()).await;
                 return Err(FillError::Status {
                     status,
                     content_type,
+                    headers,
                     body,
                 });
             }
         };
+        // RFC 9111 §3: what a shared cache must not store. A reason in the
+        // response holds for everyone for a while; one in the request only
+        // for this request.
+        if let Some(why) = rfc9111::not_storable(status, resp.headers(), &RequestRules::default(), false) {
+            self.mark_uncacheable(&plan.key);
+            return Err(hand_off(resp, why));
+        }
+        if let Some(why) = rfc9111::not_storable(status, resp.headers(), &plan.rules, plan.authorized) {
+            return Err(hand_off(resp, why));
+        }
         let Some(validator) = Validator::new(
             header(hyper::header::ETAG).as_deref(),
             header(hyper::header::LAST_MODIFIED).as_deref(),
             length,
         ) else {
             self.mark_uncacheable(&plan.key);
-            return Err(FillError::Uncacheable("upstream sent no strong validator".into()));
+            return Err(hand_off(resp, "upstream sent no strong validator".into()));
         };
         if plan.max_object_size.is_some_and(|m| length > m) {
             self.mark_uncacheable(&plan.key);
-            return Err(FillError::Uncacheable(format!(
-                "object of {length} bytes is larger than max_object_size"
-            )));
+            return Err(hand_off(
+                resp,
+                format!("object of {length} bytes is larger than max_object_size"),
+            ));
         }
         if length == 0 {
-            return Err(FillError::Uncacheable("empty object".into()));
+            return Err(hand_off(resp, "empty object".into()));
         }
         if length.div_ceil(bs) > u64::from(u32::MAX) {
-            return Err(FillError::Uncacheable(format!(
-                "object of {length} bytes has too many blocks"
-            )));
+            return Err(hand_off(resp, format!("object of {length} bytes has too many blocks")));
         }
         if start >= length {
             return Err(FillError::Unsatisfiable(length));
         }
+        let vary = rfc9111::vary_names(resp.headers()).map(|names| {
+            self.learn_vary(&plan.primary, &names);
+            let values = rfc9111::selecting_values(&names, &plan.fields);
+            Vary { names, values }
+        });
         let meta = Arc::new(Meta {
             validator,
             content_type,
-            fetched_at: now_secs(),
+            fetched_at: response_time,
             class: plan.class,
             ttl: plan.ttl,
+            freshness: Freshness::compute(
+                resp.headers(),
+                request_time,
+                response_time,
+                rfc9111::Operator {
+                    immutable: plan.class == Class::Immutable,
+                    ttl: u64::from(plan.ttl),
+                },
+            ),
+            headers: Arc::new(rfc9111::stored_fields(resp.headers())),
+            vary,
         });
         // Bind the object to this version.
         let (obj_id, doomed, record) = {
@@ -251,14 +294,10 @@ impl Cache {
         // Stream the body into blocks.
         let mut body = resp.into_body();
         let mut pos = body_start;
-        // A 206 may end before what was asked (never after); the last block
-        // it covers must still be whole unless it is the object's last.
+        // A 206 may end before what was asked, even inside a block: the
+        // blocks it completes are stored; the one it leaves short fails, and
+        // its readers start a new fill there.
         let end = body_end;
-        if end < length && end % bs != 0 {
-            return Err(FillError::Upstream(format!(
-                "upstream answered a range ending at byte {end}, not on a block boundary"
-            )));
-        }
         let mut k = first;
         let public = {
             let inner = lock(&self.inner);
@@ -355,7 +394,13 @@ impl Cache {
                 };
             }
         }
-        Ok(())
+        match current {
+            Some((_, bdata, written)) if written < bdata.len => Err(FillError::Upstream(format!(
+                "upstream sent bytes {body_start}-{} of {length}; block {k} is fetched again",
+                end.saturating_sub(1)
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// A buffer for block `k`: a `.part` file when it will be stored (room

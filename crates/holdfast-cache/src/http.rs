@@ -21,8 +21,10 @@ use tokio::sync::mpsc;
 
 use super::path;
 use super::range::{self, ByteRange, Spec};
+use super::origin::Forward;
+use super::rfc9111::{self, RequestRules};
 use super::upstream::Endpoint;
-use super::{Cache, Fill, FillError, Meta, Plan, Source, now_secs};
+use super::{Cache, Fill, FillError, Meta, Passed, Plan, Revalidation, Source, now_secs};
 use crate::disk::Class;
 use holdfast_model::{ContentClass, ContentDecision, ContentPolicy, RequestHead};
 
@@ -31,7 +33,7 @@ pub type Body = BoxBody<Bytes, std::io::Error>;
 
 mod cached;
 
-use self::cached::{align_end, serve_cached};
+use self::cached::{Served, align_end, serve_cached};
 
 /// How long a client may take to send a request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -172,16 +174,36 @@ fn client_kind(h: &HeaderMap) -> &'static str {
     if from_cache { "child-cache" } else { "client" }
 }
 
+/// Answers with a 5xx the cache produces itself, logging why (every one
+/// is logged) and counting it as `upstream-failed` or `refused`.
+pub(crate) fn server_error(cache: &Cache, status: StatusCode, key: &str, why: &str) -> Response<Body> {
+    tracing::warn!(status = status.as_u16(), key = %key, why = %why, "cache: answering with a server error");
+    cache.event(if status == StatusCode::LOOP_DETECTED {
+        "loop"
+    } else {
+        "server-error"
+    });
+    full(status, format!("{why}\n"))
+}
+
 async fn handle(cache: Arc<Cache>, policy: Arc<dyn ContentPolicy>, req: Request<Incoming>) -> Response<Body> {
-    let (parts, _body) = req.into_parts();
+    let (parts, body) = req.into_parts();
     let kind = client_kind(&parts.headers);
     let count = |source: &str, result: &'static str| cache.count_request(source, kind, result);
     if is_loop(&parts.headers, cache.token()) {
-        cache.event("loop");
         count("none", "error");
-        return full(
+        return server_error(
+            &cache,
             StatusCode::LOOP_DETECTED,
-            format!("request loop: it already passed through {}\n", cache.token()),
+            "",
+            &format!("request loop: it already passed through {}", cache.token()),
+        );
+    }
+    if parts.method == Method::CONNECT {
+        count("none", "deny");
+        return full(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not served: the cache cannot store what it cannot read\n".into(),
         );
     }
     let Some(mut t) = target(&parts) else {
@@ -202,51 +224,29 @@ async fn handle(cache: Arc<Cache>, policy: Arc<dyn ContentPolicy>, req: Request<
             return full(StatusCode::BAD_REQUEST, format!("bad request path: {e}\n"));
         }
     };
-    let head = RequestHead {
-        method: parts.method.as_str().to_string(),
-        host: t.host.clone(),
-        port: t.port,
-        path_and_query: t.path_and_query.clone(),
-        headers: parts
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect(),
-    };
+    let head = request_head(&parts.method, &t, &parts.headers);
     // A plugin call is bounded by the slot's deadline (10 ms by default);
     // typically microseconds, so it runs on this task like the broker's.
     let decision = policy.classify(&head);
-    let is_get = parts.method == Method::GET || parts.method == Method::HEAD;
+    let cacheable_method = parts.method == Method::GET || parts.method == Method::HEAD;
     match decision {
         ContentDecision::Deny(reason) => {
             count("none", "deny");
             full(StatusCode::FORBIDDEN, format!("{reason}\n"))
         }
-        _ if !is_get => {
-            count("none", "deny");
-            let mut r = full(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("method {} is not served by the cache\n", parts.method),
-            );
-            r.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-            r
-        }
         ContentDecision::PassThrough(origin) => match Endpoint::parse(&origin) {
             Ok(origin) => {
                 count("none", "pass");
-                pass_through(&cache, &origin, &t.path_and_query, &parts).await
+                let body = (!cacheable_method).then_some(body);
+                pass_through(&cache, &origin, &t.path_and_query, &parts, body).await
             }
             Err(e) => {
                 count("none", "error");
-                full(
+                server_error(
+                    &cache,
                     StatusCode::BAD_GATEWAY,
-                    format!("content-source plugin: bad origin: {e}\n"),
+                    "",
+                    &format!("content-source plugin: bad origin: {e}"),
                 )
             }
         },
@@ -255,89 +255,165 @@ async fn handle(cache: Arc<Cache>, policy: Arc<dyn ContentPolicy>, req: Request<
                 Ok(o) => o,
                 Err(e) => {
                     count("none", "error");
-                    return full(
+                    return server_error(
+                        &cache,
                         StatusCode::BAD_GATEWAY,
-                        format!("content-source plugin: bad origin: {e}\n"),
+                        &p.key,
+                        &format!("content-source plugin: bad origin: {e}"),
                     );
                 }
             };
             if !p.origin_path.starts_with('/') {
                 count("none", "error");
-                return full(
+                return server_error(
+                    &cache,
                     StatusCode::BAD_GATEWAY,
-                    format!(
-                        "content-source plugin: origin path {:?} must start with /\n",
+                    &p.key,
+                    &format!(
+                        "content-source plugin: origin path {:?} must start with /",
                         p.origin_path
                     ),
                 );
             }
-            let plan = Arc::new(Plan {
+            if !cacheable_method {
+                // Other methods go to the origin with their bodies and
+                // answers, uncached (RFC 9111 §4.4 for what they invalidate).
+                let source = cache.source_label(&p.key);
+                count(&source, "pass");
+                let resp = pass_through(&cache, &origin, &p.origin_path, &parts, Some(body)).await;
+                if unsafe_method(&parts.method) && (resp.status().is_success() || resp.status().is_redirection()) {
+                    invalidate_after(&cache, policy.as_ref(), &p.key, &t, &resp);
+                }
+                return resp;
+            }
+            let fields = cache.forward_fields(&parts.headers, Forward::Fill);
+            let mut plan = Plan {
                 source: cache.source_label(&p.key),
                 origin,
                 origin_path: p.origin_path,
-                key: p.key,
+                key: p.key.clone(),
                 class: match p.class {
                     ContentClass::Immutable => Class::Immutable,
                     ContentClass::Revalidate => Class::Revalidate,
                 },
                 ttl: p.ttl_seconds,
                 max_object_size: p.max_object_size,
-            });
-            serve_cached(&cache, plan, &parts, kind).await
+                primary: p.key,
+                rules: RequestRules::of(&parts.headers),
+                authorized: parts.headers.contains_key(header::AUTHORIZATION),
+                fields,
+            };
+            // A stored response selected by other `Vary` values is not
+            // used for this request: it gets its own variant (at most twice
+            // when the origin changes what it varies on meanwhile).
+            for _ in 0..2 {
+                plan.key = cache.variant_key(&plan.primary, &plan.fields);
+                match serve_cached(&cache, Arc::new(plan.clone()), &parts, kind).await {
+                    Served::Response(r) => return r,
+                    Served::Reselect => {}
+                }
+            }
+            count(&plan.source, "pass");
+            pass_through(&cache, &plan.origin, &plan.origin_path, &parts, None).await
         }
     }
 }
 
-/// Request headers forwarded on a pass-through.
-const FORWARDED: [HeaderName; 6] = [
-    header::RANGE,
-    header::IF_RANGE,
-    header::IF_NONE_MATCH,
-    header::IF_MODIFIED_SINCE,
-    header::ACCEPT,
-    header::ACCEPT_LANGUAGE,
-];
-
-/// Hop-by-hop response headers not passed on.
-fn hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
+/// The request as the content-source policy sees it.
+fn request_head(method: &Method, t: &Target, headers: &HeaderMap) -> RequestHead {
+    RequestHead {
+        method: method.as_str().to_string(),
+        host: t.host.clone(),
+        port: t.port,
+        path_and_query: t.path_and_query.clone(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+    }
 }
 
-/// Forwards the request uncached and streams the answer back.
-async fn pass_through(cache: &Arc<Cache>, origin: &Endpoint, path: &str, parts: &Parts) -> Response<Body> {
-    let mut headers = cache.upstream_headers(
-        header_str(&parts.headers, &header::VIA),
-        header_str(&parts.headers, &HeaderName::from_static("cdn-loop")),
-    );
-    for name in &FORWARDED {
-        if let Some(v) = header_str(&parts.headers, name) {
-            headers.push((name.clone(), v.to_string()));
+/// Whether a method is unsafe (or of unknown safety) for RFC 9111 §4.4.
+fn unsafe_method(m: &Method) -> bool {
+    !matches!(m.as_str(), "GET" | "HEAD" | "OPTIONS" | "TRACE")
+}
+
+/// After an unsafe method succeeded: invalidates the target URI's stored
+/// responses, and those of `Location` and `Content-Location` when they name
+/// the same host (RFC 9111 §4.4).
+fn invalidate_after(cache: &Arc<Cache>, policy: &dyn ContentPolicy, key: &str, t: &Target, resp: &Response<Body>) {
+    let mut n = cache.invalidate_uri(key);
+    for name in [header::LOCATION, header::CONTENT_LOCATION] {
+        let Some(loc) = header_str(resp.headers(), &name) else {
+            continue;
+        };
+        let Some(path) = same_origin_path(loc, t) else {
+            continue;
+        };
+        let Ok(path) = path::normalize(&path) else {
+            continue;
+        };
+        let head = request_head(
+            &Method::GET,
+            &Target {
+                host: t.host.clone(),
+                port: t.port,
+                path_and_query: path,
+            },
+            &HeaderMap::new(),
+        );
+        if let ContentDecision::Cache(p) = policy.classify(&head) {
+            n += cache.invalidate_uri(&p.key);
         }
     }
-    match cache.client().send(&parts.method, origin, path, &headers).await {
+    tracing::debug!(key = %key, removed = n, "cache: invalidated after an unsafe method");
+}
+
+/// The path of a `Location`-style reference when it names the request's
+/// host (relative references always do).
+fn same_origin_path(loc: &str, t: &Target) -> Option<String> {
+    let loc = loc.trim();
+    if loc.starts_with('/') && !loc.starts_with("//") {
+        return Some(loc.to_string());
+    }
+    let uri: hyper::Uri = loc.parse().ok()?;
+    let auth = uri.authority()?;
+    let same = auth.host().trim_start_matches('[').trim_end_matches(']').eq_ignore_ascii_case(&t.host)
+        && auth.port_u16() == t.port;
+    same.then(|| uri.path_and_query().map_or("/", |p| p.as_str()).to_string())
+}
+
+/// Forwards the request uncached, with its body when it has one, and
+/// streams the answer back with its end-to-end fields.
+async fn pass_through(
+    cache: &Arc<Cache>,
+    origin: &Endpoint,
+    path: &str,
+    parts: &Parts,
+    body: Option<Incoming>,
+) -> Response<Body> {
+    let fields = cache.forward_fields(&parts.headers, Forward::Pass);
+    match cache.client().send(&parts.method, origin, path, &fields, body).await {
         Ok(resp) => {
             let (up, body) = resp.into_parts();
             let mut r = Response::new(body.map_err(std::io::Error::other).boxed());
             *r.status_mut() = up.status;
-            for (k, v) in &up.headers {
-                if !hop_by_hop(k) {
-                    r.headers_mut().append(k.clone(), v.clone());
-                }
+            for (k, v) in rfc9111::end_to_end(&up.headers) {
+                r.headers_mut().append(k.clone(), v.clone());
+            }
+            // The body keeps its framing: hyper sets it from the length.
+            if let Some(len) = up.headers.get(header::CONTENT_LENGTH) {
+                r.headers_mut().insert(header::CONTENT_LENGTH, len.clone());
             }
             add_cache_headers(r.headers_mut(), cache, "fwd=uri-miss");
             r
         }
-        Err(e) => full(StatusCode::BAD_GATEWAY, format!("{e}\n")),
+        Err(e) => server_error(cache, StatusCode::BAD_GATEWAY, path, &e.to_string()),
     }
 }
 

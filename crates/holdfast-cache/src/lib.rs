@@ -23,6 +23,7 @@ pub mod disk;
 pub mod http;
 pub mod path;
 pub mod range;
+pub mod rfc9111;
 pub mod upstream;
 
 mod blocks;
@@ -47,6 +48,7 @@ use tokio::sync::watch;
 
 use self::disk::{Class, Index, ObjRecord};
 use self::range::Validator;
+use self::rfc9111::{Freshness, RequestRules, Vary};
 use self::upstream::{Client, Endpoint};
 use crate::config::CacheConfig;
 use holdfast_metrics::{CacheLabels, CacheUpstreamLabels, EventLabels, Metrics};
@@ -75,13 +77,24 @@ pub struct Meta {
     pub fetched_at: u64,
     /// Freshness class.
     pub class: Class,
-    /// Freshness lifetime for `revalidate`, seconds.
+    /// The source's TTL when it was fetched, seconds.
     pub ttl: u32,
+    /// Freshness lifetime and age (RFC 9111 §4.2).
+    pub freshness: Freshness,
+    /// The origin's end-to-end response fields, passed on with every
+    /// response from this version (RFC 9111 §3.1).
+    pub headers: Arc<Vec<(String, String)>>,
+    /// The request fields this response was selected by (`Vary`).
+    pub vary: Option<Vary>,
 }
 
 impl Meta {
-    fn fresh(&self, now: u64) -> bool {
-        self.class == Class::Immutable || now < self.fetched_at.saturating_add(u64::from(self.ttl))
+    /// Whether this stored response was selected for requests like one
+    /// whose upstream fields are `sent` (RFC 9111 §4.1).
+    pub(crate) fn selected_for(&self, sent: &hyper::HeaderMap) -> bool {
+        self.vary
+            .as_ref()
+            .is_none_or(|v| rfc9111::selecting_values(&v.names, sent) == v.values)
     }
 }
 
@@ -102,6 +115,15 @@ pub struct Plan {
     pub max_object_size: Option<u64>,
     /// The `source` metric label.
     pub source: String,
+    /// The key the plugin gave, before `Vary` selected a variant.
+    pub primary: String,
+    /// The request's fields as a fill sends them upstream (end-to-end
+    /// fields without Range and conditionals; `Accept-Encoding: identity`).
+    pub fields: hyper::HeaderMap,
+    /// The request's `Cache-Control`.
+    pub rules: RequestRules,
+    /// The request carried `Authorization`.
+    pub authorized: bool,
 }
 
 /// Why a fill produced no data.
@@ -115,16 +137,69 @@ pub enum FillError {
         status: u16,
         /// Its Content-Type.
         content_type: Option<String>,
+        /// Its other end-to-end fields.
+        headers: Vec<(String, String)>,
         /// Its body (at most 64 KiB).
         body: Bytes,
     },
     /// The range starts past the end of an object of this length.
     Unsatisfiable(u64),
     /// The object cannot be cached (no strong validator, too large, no
-    /// length): pass the request through.
-    Uncacheable(String),
+    /// length, a response that must not be stored): pass the request
+    /// through. The fill's own response, when it can be handed to the
+    /// request that started the fill, so a miss costs one upstream request.
+    Uncacheable(String, Handoff),
     /// The object changed while a response for the old version was going out.
     VersionChanged,
+}
+
+/// An upstream response a fill could not store, kept for the request that
+/// started the fill (taken once).
+#[derive(Clone, Default)]
+pub struct Handoff(Arc<Mutex<Option<(usize, Passed)>>>);
+
+impl std::fmt::Debug for Handoff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Handoff")
+    }
+}
+
+impl Handoff {
+    /// A response for the request whose fill is `owner` (its address).
+    fn new(owner: usize, p: Passed) -> Handoff {
+        Handoff(Arc::new(Mutex::new(Some((owner, p)))))
+    }
+
+    /// Takes the response for the request owning `fill`: only the request
+    /// that started the fill gets it (it answers that request's fields).
+    pub(crate) fn take(&self, fill: Option<&Arc<Fill>>) -> Option<Passed> {
+        let fill = fill?;
+        let mut slot = lock(&self.0);
+        match &*slot {
+            Some((owner, _)) if *owner == Arc::as_ptr(fill) as usize => slot.take().map(|(_, p)| p),
+            _ => None,
+        }
+    }
+}
+
+/// An upstream response head and its body, which starts at byte `start` of
+/// the object (`Content-Range` of a 206, 0 for a 200).
+pub(crate) struct Passed {
+    pub(crate) head: hyper::http::response::Parts,
+    pub(crate) body: hyper::body::Incoming,
+    /// The byte range the body holds and the object length, when known.
+    pub(crate) range: Option<(u64, u64, Option<u64>)>,
+}
+
+/// How a revalidation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Revalidation {
+    /// The origin confirmed the stored version: it is fresh again.
+    Validated,
+    /// The origin has another version, or none: the object was dropped.
+    Invalidated,
+    /// The upstream could not be reached or failed: nothing changed.
+    Unreachable,
 }
 
 /// Where a block's bytes are while it is being fetched.
@@ -275,7 +350,7 @@ struct Obj {
     readers: usize,
     tick: u64,
     persisted_use: u64,
-    revalidating: Option<watch::Receiver<bool>>,
+    revalidating: Option<watch::Receiver<Option<Revalidation>>>,
 }
 
 impl Obj {
@@ -293,6 +368,9 @@ impl Obj {
             ttl: meta.ttl,
             last_used: now_secs(),
             block_size,
+            freshness: Some(meta.freshness),
+            headers: (*meta.headers).clone(),
+            vary: meta.vary.clone(),
         }
     }
 }
@@ -439,6 +517,10 @@ pub struct Cache {
     listen: Mutex<Option<String>>,
     /// Objects found uncacheable, until when.
     uncacheable: Mutex<HashMap<String, Instant>>,
+    /// The `Vary` field names last seen per plugin key (RFC 9111 §4.1).
+    vary_specs: Mutex<HashMap<String, Vec<String>>>,
+    /// Object lengths learned from answers that were not stored.
+    lengths: Mutex<HashMap<String, u64>>,
     /// Makes multipart boundaries unique.
     boundary_seq: AtomicU64,
     /// Totals since start for the status page.
@@ -480,6 +562,14 @@ pub enum CacheError {
     /// The block directory or the TLS roots.
     #[error("cache: {0}")]
     Setup(String),
+}
+
+/// Separates a plugin key from the selecting values of a variant.
+pub(crate) const VARY_SEP: char = '\u{1f}';
+
+/// The plugin's key of a storage key (without a variant's values).
+pub(crate) fn primary_key(key: &str) -> &str {
+    key.split_once(VARY_SEP).map_or(key, |(p, _)| p)
 }
 
 /// Clears a reader's pin on an object when dropped.
@@ -526,6 +616,12 @@ impl Cache {
         };
         let mut objects = loaded.objects;
         objects.sort_by_key(|(_, rec, _)| rec.last_used);
+        let mut vary_specs = HashMap::new();
+        for (key, rec, _) in &objects {
+            if let Some(v) = &rec.vary {
+                vary_specs.insert(primary_key(key).to_string(), v.names.clone());
+            }
+        }
         for (key, rec, stored) in objects {
             inner.tick += 1;
             let obj = Obj {
@@ -536,6 +632,12 @@ impl Cache {
                     fetched_at: rec.fetched_at,
                     class: rec.class,
                     ttl: rec.ttl,
+                    // Records written before freshness was kept: as then.
+                    freshness: rec
+                        .freshness
+                        .unwrap_or_else(|| Freshness::legacy(rec.fetched_at, rec.ttl, rec.class == Class::Immutable)),
+                    headers: Arc::new(rec.headers),
+                    vary: rec.vary,
                 })),
                 stored,
                 tick: inner.tick,
@@ -579,6 +681,8 @@ impl Cache {
             sources: Mutex::new(BTreeSet::new()),
             listen: Mutex::new(None),
             uncacheable: Mutex::new(HashMap::new()),
+            vary_specs: Mutex::new(vary_specs),
+            lengths: Mutex::new(HashMap::new()),
             boundary_seq: AtomicU64::new(0),
             totals: Totals::default(),
             max_size: AtomicU64::new(cfg.max_size),
@@ -712,6 +816,61 @@ impl Cache {
             cache: self.clone(),
             key: key.to_string(),
         }
+    }
+
+    /// The length of the object under `key`, when known without storage.
+    pub(crate) fn length_hint(&self, key: &str) -> Option<u64> {
+        lock(&self.lengths).get(key).copied()
+    }
+
+    /// Remembers an object's length learned from an answer not stored.
+    pub(crate) fn learn_length(&self, key: &str, len: u64) {
+        let mut l = lock(&self.lengths);
+        if l.len() >= MAX_UNCACHEABLE {
+            l.clear();
+        }
+        l.insert(key.to_string(), len);
+    }
+
+    /// Records the `Vary` names a response for `primary` carried.
+    pub(crate) fn learn_vary(&self, primary: &str, names: &[String]) {
+        let mut specs = lock(&self.vary_specs);
+        if specs.get(primary).is_none_or(|n| n != names) {
+            if specs.len() >= MAX_UNCACHEABLE {
+                specs.clear();
+            }
+            specs.insert(primary.to_string(), names.to_vec());
+        }
+    }
+
+    /// The storage key for a request under the plugin's key `primary`,
+    /// whose upstream fields are `sent`: `primary` unless responses for it
+    /// vary and the one stored there was selected by other values; then
+    /// a key naming the values (RFC 9111 §4.1: one stored response per
+    /// combination of the selecting fields).
+    pub(crate) fn variant_key(&self, primary: &str, sent: &hyper::HeaderMap) -> String {
+        let Some(names) = lock(&self.vary_specs).get(primary).cloned() else {
+            return primary.to_string();
+        };
+        let stored_matches = self
+            .meta_of(primary)
+            .is_none_or(|m| m.selected_for(sent));
+        if stored_matches {
+            return primary.to_string();
+        }
+        let mut key = format!("{primary}{VARY_SEP}");
+        for (n, v) in names.iter().zip(rfc9111::selecting_values(&names, sent)) {
+            key.push_str(n);
+            match v {
+                Some(v) => {
+                    key.push('=');
+                    key.push_str(&v);
+                }
+                None => key.push('!'),
+            }
+            key.push(';');
+        }
+        key
     }
 
     fn meta_of(&self, key: &str) -> Option<Arc<Meta>> {

@@ -4,47 +4,52 @@
 use super::*;
 
 impl Cache {
-    /// Revalidates a stale `revalidate` object with the upstream (one
-    /// request for any number of waiting clients). The object is kept on
-    /// 304 or an unchanged validator, invalidated on a new one, and served
-    /// stale when the upstream cannot be reached.
-    pub(crate) async fn revalidate(self: &Arc<Self>, plan: &Plan, meta: &Arc<Meta>) {
+    /// Revalidates a stale object with the upstream (one request for any
+    /// number of waiting clients). The object is kept on 304 or an
+    /// unchanged validator, with the new response's fields and freshness
+    /// (RFC 9111 §4.3.4); it is invalidated on a new validator; it is left
+    /// as it is when the upstream cannot be reached.
+    pub(crate) async fn revalidate(self: &Arc<Self>, plan: &Plan, meta: &Arc<Meta>) -> Revalidation {
         let waiting = {
             let mut inner = lock(&self.inner);
             let Some(o) = inner.objects.get_mut(&plan.key) else {
-                return;
+                return Revalidation::Invalidated;
             };
             match &o.revalidating {
                 Some(rx) => Ok(rx.clone()),
                 None => {
-                    let (tx, rx) = watch::channel(false);
+                    let (tx, rx) = watch::channel(None);
                     o.revalidating = Some(rx);
                     Err(tx)
                 }
             }
         };
         match waiting {
-            Ok(mut rx) => {
-                let _ = rx.wait_for(|done| *done).await;
-            }
+            Ok(mut rx) => match rx.wait_for(Option::is_some).await {
+                Ok(r) => r.unwrap_or(Revalidation::Unreachable),
+                Err(_) => Revalidation::Unreachable,
+            },
             Err(tx) => {
-                self.revalidate_now(plan, meta).await;
+                let outcome = self.revalidate_now(plan, meta).await;
                 if let Some(o) = lock(&self.inner).objects.get_mut(&plan.key) {
                     o.revalidating = None;
                 }
-                let _ = tx.send(true);
+                let _ = tx.send(Some(outcome));
+                outcome
             }
         }
     }
 
-    pub(crate) async fn revalidate_now(self: &Arc<Self>, plan: &Plan, meta: &Arc<Meta>) {
+    pub(crate) async fn revalidate_now(self: &Arc<Self>, plan: &Plan, meta: &Arc<Meta>) -> Revalidation {
         let condition = match (&meta.validator.etag, &meta.validator.last_modified) {
             (Some(e), _) => (hyper::header::IF_NONE_MATCH, e.clone()),
             (None, Some(lm)) => (hyper::header::IF_MODIFIED_SINCE, lm.clone()),
             // A validator always has one of the two.
-            (None, None) => return,
+            (None, None) => return Revalidation::Invalidated,
         };
+        let request_time = now_secs();
         let resp = self.upstream(plan, hyper::Method::HEAD, condition).await;
+        let response_time = now_secs();
         let unchanged = match &resp {
             Ok(r) if r.status().as_u16() == 304 => Some(true),
             Ok(r) if r.status().is_success() => {
@@ -53,20 +58,49 @@ impl Cache {
                     .and_then(|l| l.parse().ok())
                     .unwrap_or(u64::MAX);
                 let v = Validator::new(h(hyper::header::ETAG), h(hyper::header::LAST_MODIFIED), len);
-                Some(v.is_some_and(|v| v.same_version(&meta.validator)))
+                // A response that may no longer be stored replaces it too.
+                let storable = rfc9111::not_storable(200, r.headers(), &RequestRules::default(), false).is_none();
+                Some(storable && v.is_some_and(|v| v.same_version(&meta.validator)))
             }
             Ok(r) if r.status().as_u16() == 404 || r.status().as_u16() == 410 => Some(false),
             _ => None,
         };
-        match unchanged {
-            Some(true) => {
+        match (unchanged, resp) {
+            (Some(true), Ok(r)) => {
                 self.event("revalidated");
+                // §4.3.4: the stored fields are updated with the new ones,
+                // and freshness is computed from the result.
+                let fields = rfc9111::update_fields(&meta.headers, r.headers());
+                let mut merged = hyper::HeaderMap::new();
+                for (k, v) in &fields {
+                    if let (Ok(k), Ok(v)) = (
+                        hyper::header::HeaderName::from_bytes(k.as_bytes()),
+                        hyper::header::HeaderValue::from_str(v),
+                    ) {
+                        merged.append(k, v);
+                    }
+                }
+                if let Some(age) = r.headers().get(hyper::header::AGE) {
+                    merged.insert(hyper::header::AGE, age.clone());
+                }
+                let freshness = Freshness::compute(
+                    &merged,
+                    request_time,
+                    response_time,
+                    rfc9111::Operator {
+                        immutable: plan.class == Class::Immutable,
+                        ttl: u64::from(plan.ttl),
+                    },
+                );
                 let rec = {
                     let mut inner = lock(&self.inner);
                     let bs = self.cfg.block_size;
                     inner.objects.get_mut(&plan.key).and_then(|o| {
                         let fresh = Arc::new(Meta {
-                            fetched_at: now_secs(),
+                            fetched_at: response_time,
+                            freshness,
+                            headers: Arc::new(fields),
+                            ttl: plan.ttl,
                             ..(**meta).clone()
                         });
                         let same = o
@@ -82,8 +116,9 @@ impl Cache {
                 if let Some(rec) = rec {
                     let _ = disk::put_object(&self.index, &plan.key, &rec);
                 }
+                Revalidation::Validated
             }
-            Some(false) => {
+            (Some(_), _) => {
                 self.event("invalidated");
                 let old = {
                     let mut inner = lock(&self.inner);
@@ -97,14 +132,54 @@ impl Cache {
                 if let Some(old) = old {
                     self.delete_later(Some(plan.key.clone()), old);
                 }
+                Revalidation::Invalidated
             }
-            None => {
-                if let Err(e) = &resp {
-                    tracing::info!(key = %plan.key, error = %e, "cache: upstream unreachable; serving the stale copy");
+            (None, resp) => {
+                match &resp {
+                    Err(e) => {
+                        tracing::info!(key = %plan.key, error = %e, "cache: upstream unreachable for revalidation");
+                    }
+                    Ok(r) => {
+                        tracing::info!(key = %plan.key, status = r.status().as_u16(), "cache: upstream failed the revalidation");
+                    }
                 }
-                self.event("served-stale");
+                Revalidation::Unreachable
             }
         }
+    }
+
+    /// Invalidates what is stored for `key` and every variant of it (RFC
+    /// 9111 §4.4, after an unsafe method succeeded). Returns the objects
+    /// removed.
+    pub fn invalidate_uri(self: &Arc<Self>, key: &str) -> usize {
+        let variants = format!("{key}{VARY_SEP}");
+        let mut removed = Vec::new();
+        {
+            let mut inner = lock(&self.inner);
+            let keys: Vec<String> = inner
+                .objects
+                .keys()
+                .filter(|k| k.as_str() == key || k.starts_with(&variants))
+                .cloned()
+                .collect();
+            for k in keys {
+                let had_meta = inner.objects.get(&k).is_some_and(|o| o.meta.is_some());
+                if let Some(old) = inner.invalidate(&k)
+                    && had_meta
+                {
+                    removed.push((k.clone(), old));
+                }
+                inner.forget_if_empty(&k);
+            }
+        }
+        let n = removed.len();
+        for (k, id) in removed {
+            self.delete_later(Some(k), id);
+        }
+        if n > 0 {
+            self.event("invalidated-by-method");
+        }
+        n
     }
 
     /// Removes objects whose key is `key`, starts with `prefix`, or all.

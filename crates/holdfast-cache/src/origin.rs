@@ -1,38 +1,88 @@
-//! Requests to the origin or the parent cache: the headers sent, the labels counted.
+//! Requests to the origin or the parent cache: the fields sent, the labels counted.
 
 #[allow(unused_imports)]
 use super::*;
+
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Request fields a fill never forwards: it asks for its own aligned range,
+/// unconditionally, in the identity encoding (ranges of an encoded body are
+/// not ranges of the object).
+const FILL_OWN: [HeaderName; 7] = [
+    header::RANGE,
+    header::IF_RANGE,
+    header::IF_MATCH,
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_UNMODIFIED_SINCE,
+    header::ACCEPT_ENCODING,
+];
+
+/// Whether a forwarded message is a fill (the cache's own request for an
+/// aligned range) or passes the client's request on as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forward {
+    /// A fill or a revalidation.
+    Fill,
+    /// A pass-through: the client's Range and conditionals go as sent.
+    Pass,
+}
 
 impl Cache {
     pub(crate) fn upstream_label(&self) -> &'static str {
         if self.client.via_parent() { "parent" } else { "origin" }
     }
 
-    /// Headers every upstream request carries: the loop guard, identity
-    /// encoding (ranges of an encoded body are not ranges of the object).
-    pub fn upstream_headers(
-        &self,
-        via: Option<&str>,
-        cdn_loop: Option<&str>,
-    ) -> Vec<(hyper::header::HeaderName, String)> {
-        let mine_via = format!("1.1 {}", self.token);
-        let via = match via {
-            Some(v) if !v.is_empty() => format!("{v}, {mine_via}"),
-            _ => mine_via,
+    /// The fields of a request sent upstream for a client's request with
+    /// fields `client` (RFC 9110 §7.6): its end-to-end fields (hop-by-hop
+    /// ones and those its `Connection` names dropped; `Host` and framing
+    /// set by the client library), this node added to `Via` and
+    /// `CDN-Loop` (the loop guard), and for a fill no Range, conditionals
+    /// or content codings of the client's.
+    pub(crate) fn forward_fields(&self, client: &HeaderMap, kind: Forward) -> HeaderMap {
+        let mut out = HeaderMap::new();
+        for (k, v) in rfc9111::end_to_end(client) {
+            let own = matches!(
+                k.as_str(),
+                "host" | "content-length" | "expect" | "via" | "cdn-loop"
+            );
+            if own || (kind == Forward::Fill && FILL_OWN.contains(k)) {
+                continue;
+            }
+            out.append(k.clone(), v.clone());
+        }
+        let joined = |name: &str| {
+            client
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .filter(|v| !v.trim().is_empty())
+                .collect::<Vec<_>>()
+                .join(", ")
         };
-        let cdn = match cdn_loop {
-            Some(v) if !v.is_empty() => format!("{v}, {}", self.token),
-            _ => self.token.clone(),
+        let via = match joined("via") {
+            v if v.is_empty() => format!("1.1 {}", self.token),
+            v => format!("{v}, 1.1 {}", self.token),
         };
-        vec![
-            (hyper::header::VIA, via),
-            (hyper::header::HeaderName::from_static("cdn-loop"), cdn),
-            (hyper::header::ACCEPT_ENCODING, "identity".into()),
-            (
-                hyper::header::USER_AGENT,
-                concat!("holdfast/", env!("CARGO_PKG_VERSION")).into(),
-            ),
-        ]
+        let cdn = match joined("cdn-loop") {
+            v if v.is_empty() => self.token.clone(),
+            v => format!("{v}, {}", self.token),
+        };
+        for (name, value) in [(header::VIA, via), (HeaderName::from_static("cdn-loop"), cdn)] {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                out.insert(name, v);
+            }
+        }
+        if kind == Forward::Fill {
+            out.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        }
+        if !out.contains_key(header::USER_AGENT) {
+            out.insert(
+                header::USER_AGENT,
+                HeaderValue::from_static(concat!("holdfast/", env!("CARGO_PKG_VERSION"))),
+            );
+        }
+        out
     }
 
     pub(crate) fn upstream_labels(&self, plan: &Plan) -> CacheUpstreamLabels {
@@ -43,21 +93,27 @@ impl Cache {
     }
 
     /// Sends one request for the plan's object upstream (counted), with the
-    /// standard headers and one more.
+    /// client's forwarded fields and one more.
     pub(crate) async fn upstream(
         &self,
         plan: &Plan,
         method: hyper::Method,
-        extra: (hyper::header::HeaderName, String),
+        extra: (HeaderName, String),
     ) -> Result<hyper::Response<hyper::body::Incoming>, upstream::UpstreamError> {
-        let mut headers = self.upstream_headers(None, None);
-        headers.push(extra);
+        let mut fields = plan.fields.clone();
+        if let Ok(v) = HeaderValue::from_str(&extra.1) {
+            fields.insert(extra.0, v);
+        }
+        self.count_upstream(plan);
+        self.client
+            .send(&method, &plan.origin, &plan.origin_path, &fields, None)
+            .await
+    }
+
+    pub(crate) fn count_upstream(&self, plan: &Plan) {
         self.metrics
             .cache_upstream_requests
             .get_or_create(&self.upstream_labels(plan))
             .inc();
-        self.client
-            .send(&method, &plan.origin, &plan.origin_path, &headers)
-            .await
     }
 }

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Empty;
+use http_body_util::{Either, Empty};
+use hyper::header::{HeaderMap, HeaderValue};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
@@ -167,8 +168,9 @@ impl Client {
         self.timeout
     }
 
-    /// Sends `method path_and_query` for `origin`, with `headers`, through the
-    /// parent if there is one. Returns the response head; the body streams.
+    /// Sends `method path_and_query` for `origin`, with `headers` and an
+    /// optional request body, through the parent if there is one. Returns
+    /// the response head; the body streams.
     ///
     /// # Errors
     /// [`UpstreamError`].
@@ -177,23 +179,27 @@ impl Client {
         method: &hyper::Method,
         origin: &Endpoint,
         path_and_query: &str,
-        headers: &[(hyper::header::HeaderName, String)],
+        headers: &HeaderMap,
+        body: Option<Incoming>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let (target, uri) = match &self.parent {
             Some(p) => (p, format!("{}{}", origin.base(), path_and_query)),
             None => (origin, path_and_query.to_string()),
         };
         let name = target.base();
+        let body: ReqBody = match body {
+            Some(b) => Either::Right(b),
+            None => Either::Left(Empty::new()),
+        };
         let mut req = Request::builder()
             .method(method.clone())
             .uri(uri)
-            .header(hyper::header::HOST, origin.authority());
-        for (k, v) in headers {
-            req = req.header(k, v);
-        }
-        let req = req
-            .body(Empty::<Bytes>::new())
+            .body(body)
             .map_err(|e| UpstreamError::Http(name.clone(), e.to_string()))?;
+        *req.headers_mut() = headers.clone();
+        let host = HeaderValue::from_str(&origin.authority())
+            .map_err(|e| UpstreamError::Http(name.clone(), e.to_string()))?;
+        req.headers_mut().insert(hyper::header::HOST, host);
         let work = async {
             let tcp = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
                 .await
@@ -219,7 +225,10 @@ impl Client {
     }
 }
 
-async fn exchange<T>(io: T, req: Request<Empty<Bytes>>, name: &str) -> Result<Response<Incoming>, UpstreamError>
+/// A request body sent upstream: none, or the client's, streamed.
+type ReqBody = Either<Empty<Bytes>, Incoming>;
+
+async fn exchange<T>(io: T, req: Request<ReqBody>, name: &str) -> Result<Response<Incoming>, UpstreamError>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {

@@ -20,7 +20,7 @@
 //! immutable = ["/**/*.deb", "/**/by-hash/**"]
 //! revalidate = ["/**/InRelease", "/**/Release", "/**/Packages*"]
 //! other = "revalidate"        # revalidate | pass-through | deny
-//! ttl_seconds = 300           # freshness of revalidated objects
+//! ttl_seconds = 300           # cap on the origin's freshness (0: none, the default)
 //! max_object_size = 4294967296
 //! ```
 
@@ -48,7 +48,9 @@ fn default_other() -> Other {
 }
 
 fn default_ttl() -> u32 {
-    300
+    // No bound: `revalidate` content follows the origin's Cache-Control,
+    // Expires and Last-Modified (RFC 9111).
+    0
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,9 +172,9 @@ impl ContentSource for DefaultContentSource {
     }
 
     fn classify(&self, request: &RequestHead) -> Decision {
-        if request.method != "GET" && request.method != "HEAD" {
-            return Decision::Deny(format!("method {} is not cached", request.method));
-        }
+        // Every method is classified alike: the cache stores GET and HEAD
+        // answers, and passes other methods to the plan's origin uncached
+        // (invalidating what it stored for the target, RFC 9111 §4.4).
         let host = request
             .query_param("cacheHostOrigin")
             .map(|h| h.to_ascii_lowercase())

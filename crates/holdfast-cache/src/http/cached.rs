@@ -1,7 +1,16 @@
-//! Serving a request from the cache: ranges, conditional requests, multipart answers, fills for what is missing.
+//! Serving a request from the cache: freshness, ranges, conditional requests, multipart answers, fills for what is missing.
 
 #[allow(unused_imports)]
 use super::*;
+
+/// What [`serve_cached`] did.
+pub(crate) enum Served {
+    /// The answer.
+    Response(Response<Body>),
+    /// The response found is selected by other `Vary` values than this
+    /// request's: choose the key again.
+    Reselect,
+}
 
 /// Serves a cacheable request.
 pub(crate) async fn serve_cached(
@@ -9,11 +18,11 @@ pub(crate) async fn serve_cached(
     plan: Arc<Plan>,
     parts: &Parts,
     kind: &'static str,
-) -> Response<Body> {
+) -> Served {
     let count = |result: &'static str| cache.count_request(&plan.source, kind, result);
-    if cache.uncacheable(&plan.key) {
+    if cache.uncacheable(&plan.key) && !plan.rules.only_if_cached {
         count("pass");
-        return pass_through(cache, &plan.origin, &plan.origin_path, parts).await;
+        return Served::Response(pass_through(cache, &plan.origin, &plan.origin_path, parts, None).await);
     }
     let pin = cache.pin(&plan.key);
     let bs = cache.block_size();
@@ -27,28 +36,72 @@ pub(crate) async fn serve_cached(
             None
         }
     };
+    // RFC 9111 §4: a stored response is used while fresh enough for this
+    // request, else validated with the origin; served stale only when the
+    // origin cannot be reached and neither side forbids it (§4.2.4).
     if let Some(m) = cache.meta_of(&plan.key)
-        && !m.fresh(now_secs())
+        && !m.freshness.usable(now_secs(), &plan.rules)
     {
-        cache.revalidate(&plan, &m).await;
+        if plan.rules.only_if_cached {
+            count("error");
+            return Served::Response(only_if_cached_miss(cache, &plan, "the stored response is stale"));
+        }
+        if cache.revalidate(&plan, &m).await == Revalidation::Unreachable {
+            if !m.freshness.may_serve_stale(&plan.rules) {
+                count("error");
+                return Served::Response(server_error(
+                    cache,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &plan.key,
+                    "the origin cannot be reached and the stored response may not be served stale",
+                ));
+            }
+            cache.event("served-stale");
+        }
+    }
+    if plan.rules.only_if_cached {
+        let stored = cache.meta_of(&plan.key).filter(|m| {
+            let ranges = match &specs {
+                Some(s) => range::resolve(s, m.validator.length),
+                None => vec![ByteRange {
+                    start: 0,
+                    end: m.validator.length,
+                }],
+            };
+            let spans: Vec<(u64, u64)> = ranges.iter().map(|r| (r.start, r.end)).collect();
+            cache.coverage(&plan.key, m, &spans).is_ok()
+        });
+        if stored.is_none() {
+            count("error");
+            return Served::Response(only_if_cached_miss(cache, &plan, "not stored"));
+        }
     }
     let mut own: Option<Arc<Fill>> = None;
     let mut meta = match cache.meta_of(&plan.key) {
         Some(m) => m,
         None => {
-            let (first, end) = cold_target(specs.as_deref(), bs);
+            let hint = cache.length_hint(&plan.key);
+            if let Some([Spec::Suffix(n)]) = specs.as_deref()
+                && hint.is_none()
+            {
+                // The last n bytes of an object of unknown length: asked for
+                // as they are (one request); the length it tells makes the
+                // next such request an aligned, stored fill.
+                return Served::Response(suffix_miss(cache, &plan, parts, *n, count).await);
+            }
+            let (first, end) = cold_target(specs.as_deref(), bs, hint);
             let Ok(first) = u32::try_from(first) else {
                 count("error");
-                return full(
+                return Served::Response(full(
                     StatusCode::RANGE_NOT_SATISFIABLE,
                     "range starts past any object\n".into(),
-                );
+                ));
             };
             match cache.acquire(&plan, first, end, &mut own) {
                 Source::Stored { meta, .. } => meta,
                 Source::Block(b) => match b.meta().await {
                     Ok(m) => m,
-                    Err(e) => return failed_fill(cache, &plan, parts, &e, count).await,
+                    Err(e) => return Served::Response(failed_fill(cache, &plan, parts, &e, own.as_ref(), count).await),
                 },
             }
         }
@@ -107,10 +160,15 @@ pub(crate) async fn serve_cached(
                         f.keep(k, b);
                     }
                 }
-                Err(e) => return failed_fill(cache, &plan, parts, &e, count).await,
+                Err(e) => return Served::Response(failed_fill(cache, &plan, parts, &e, own.as_ref(), count).await),
             }
         }
     };
+    if !meta.selected_for(&plan.fields) {
+        // Stored for, or being fetched for, other `Vary` values.
+        drop(pin);
+        return Served::Reselect;
+    }
     let v = &meta.validator;
     let length = v.length;
     // Conditionals (RFC 9110 §13.2.2): If-None-Match, else If-Modified-Since.
@@ -122,13 +180,14 @@ pub(crate) async fn serve_cached(
         count("not-modified");
         let mut r = Response::new(empty());
         *r.status_mut() = StatusCode::NOT_MODIFIED;
+        stored_headers(r.headers_mut(), &meta);
         validator_headers(r.headers_mut(), &meta);
         add_cache_headers(r.headers_mut(), cache, "hit");
-        return r;
+        return Served::Response(r);
     }
     if specs.is_some() && ranges.is_empty() {
         count("error");
-        return unsatisfiable(length);
+        return Served::Response(unsatisfiable(length));
     }
     let ranged = specs.is_some();
     let ct = meta
@@ -162,6 +221,7 @@ pub(crate) async fn serve_cached(
     let mut resp = Response::new(empty());
     {
         let h = resp.headers_mut();
+        stored_headers(h, &meta);
         validator_headers(h, &meta);
         h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(total));
@@ -186,7 +246,7 @@ pub(crate) async fn serve_cached(
     };
     if parts.method == Method::HEAD {
         count(if hit { "hit" } else { "miss" });
-        return resp;
+        return Served::Response(resp);
     }
     // A small hit in one range is read here and sent whole: no task, no
     // channel.
@@ -198,7 +258,7 @@ pub(crate) async fn serve_cached(
         cache.count_served(&plan.source, kind, bytes.len() as u64, 0);
         *resp.body_mut() = Full::new(bytes).map_err(|e| match e {}).boxed();
         drop(pin);
-        return resp;
+        return Served::Response(resp);
     }
     let (tx, rx) = mpsc::channel(8);
     *resp.body_mut() = BodyExt::boxed(ChannelBody { rx });
@@ -255,7 +315,27 @@ pub(crate) async fn serve_cached(
         cache.count_served(&plan.source, kind, hit_bytes, miss_bytes);
         drop(pin);
     });
-    resp
+    Served::Response(resp)
+}
+
+/// The stored response's fields (RFC 9111 §3.1) and its `Age` (§5.1).
+pub(crate) fn stored_headers(h: &mut HeaderMap, meta: &Meta) {
+    for (k, v) in meta.headers.iter() {
+        if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            h.append(k, v);
+        }
+    }
+    h.insert(header::AGE, HeaderValue::from(meta.freshness.age(now_secs())));
+}
+
+/// 504 for `only-if-cached` when storage cannot answer (RFC 9111 §5.2.1.7).
+fn only_if_cached_miss(cache: &Cache, plan: &Plan, why: &str) -> Response<Body> {
+    server_error(
+        cache,
+        StatusCode::GATEWAY_TIMEOUT,
+        &plan.key,
+        &format!("only-if-cached: {why}"),
+    )
 }
 
 pub(crate) fn boundary_seed(cache: &Cache) -> u64 {
@@ -288,21 +368,84 @@ pub(crate) fn validator_headers(h: &mut HeaderMap, meta: &Meta) {
     }
 }
 
-/// The first block and the fill's last byte for a cold object.
-pub(crate) fn cold_target(specs: Option<&[Spec]>, bs: u64) -> (u64, Option<u64>) {
-    match specs {
-        None => (0, None),
-        Some(s) => match range::known_start(s) {
-            Some(start) => {
-                let last = match s {
-                    [Spec::From { last: Some(l), .. }] => Some(align_end(l.saturating_add(1), bs)),
-                    _ => None,
-                };
-                (start / bs, last)
-            }
-            // A suffix or several ranges: learn the length from block 0.
-            None => (0, Some(bs - 1)),
-        },
+/// The first block and the fill's last byte for a cold object: one fill
+/// from the first block asked for to the last (the object's length, when a
+/// suffix is asked for, from `hint` or else from block 0).
+pub(crate) fn cold_target(specs: Option<&[Spec]>, bs: u64, hint: Option<u64>) -> (u64, Option<u64>) {
+    let Some(s) = specs else {
+        return (0, None);
+    };
+    if let Some(len) = hint {
+        let r = range::resolve(s, len);
+        if let (Some(start), Some(end)) = (r.iter().map(|r| r.start).min(), r.iter().map(|r| r.end).max()) {
+            return (start / bs, Some(align_end(end, bs)));
+        }
+    }
+    let froms: Option<Vec<(u64, Option<u64>)>> = s
+        .iter()
+        .map(|x| match x {
+            Spec::From { first, last } => Some((*first, *last)),
+            Spec::Suffix(_) => None,
+        })
+        .collect();
+    match froms {
+        Some(f) if !f.is_empty() => {
+            let start = f.iter().map(|(a, _)| *a).min().unwrap_or(0);
+            let last = f
+                .iter()
+                .map(|(_, l)| *l)
+                .collect::<Option<Vec<u64>>>()
+                .and_then(|l| l.into_iter().max())
+                .map(|l| align_end(l.saturating_add(1), bs));
+            (start / bs, last)
+        }
+        // A suffix among several ranges: learn the length from block 0.
+        _ => (0, Some(bs - 1)),
+    }
+}
+
+/// A cold suffix request (`bytes=-n`) of an object of unknown length: one
+/// upstream request for exactly that, answered as it comes; not stored
+/// (its start is not aligned), but the length is remembered.
+async fn suffix_miss(
+    cache: &Arc<Cache>,
+    plan: &Plan,
+    parts: &Parts,
+    n: u64,
+    count: impl Fn(&'static str),
+) -> Response<Body> {
+    let resp = match cache
+        .upstream(plan, Method::GET, (header::RANGE, format!("bytes=-{n}")))
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            count("error");
+            return server_error(cache, StatusCode::BAD_GATEWAY, &plan.key, &e.to_string());
+        }
+    };
+    let (head, body) = resp.into_parts();
+    let text = |name| head.headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+    let range = match head.status.as_u16() {
+        206 => range::parse_content_range(text(header::CONTENT_RANGE).unwrap_or("")).map(|(a, b, len)| (a, b + 1, len)),
+        200 => text(header::CONTENT_LENGTH)
+            .and_then(|l| l.parse::<u64>().ok())
+            .map(|l| (0, l, Some(l))),
+        _ => None,
+    };
+    if let Some((_, _, Some(len))) = range {
+        cache.learn_length(&plan.key, len);
+    }
+    count("miss");
+    let passed = Passed { head, body, range };
+    match answer_from(cache, passed, parts) {
+        Some(r) => r,
+        None => server_error(
+            cache,
+            StatusCode::BAD_GATEWAY,
+            &plan.key,
+            "upstream answered a suffix range with another range",
+        ),
     }
 }
 
@@ -311,25 +454,34 @@ pub(crate) fn align_end(end: u64, bs: u64) -> u64 {
     end.div_ceil(bs).saturating_mul(bs).saturating_sub(1)
 }
 
-pub(crate) fn fill_error_response(cache: &Cache, e: &FillError) -> Response<Body> {
+pub(crate) fn fill_error_response(cache: &Cache, key: &str, e: &FillError) -> Response<Body> {
     match e {
-        FillError::Upstream(m) => full(StatusCode::BAD_GATEWAY, format!("{m}\n")),
+        FillError::Upstream(m) => server_error(cache, StatusCode::BAD_GATEWAY, key, m),
         FillError::Status {
             status,
             content_type,
+            headers,
             body,
         } => {
             let mut r = Response::new(Full::new(body.clone()).map_err(|e| match e {}).boxed());
             *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY);
+            for (k, v) in headers {
+                if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+                    r.headers_mut().append(k, v);
+                }
+            }
             if let Some(ct) = content_type.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
                 r.headers_mut().insert(header::CONTENT_TYPE, ct);
+            }
+            if *status >= 500 {
+                tracing::info!(key = %key, status, "cache: passing on the upstream's server error");
             }
             add_cache_headers(r.headers_mut(), cache, "fwd=miss");
             r
         }
         FillError::Unsatisfiable(len) => unsatisfiable(*len),
-        FillError::Uncacheable(m) => full(StatusCode::BAD_GATEWAY, format!("{m}\n")),
-        FillError::VersionChanged => full(StatusCode::BAD_GATEWAY, "the object changed upstream\n".into()),
+        FillError::Uncacheable(m, _) => server_error(cache, StatusCode::BAD_GATEWAY, key, m),
+        FillError::VersionChanged => server_error(cache, StatusCode::BAD_GATEWAY, key, "the object changed upstream"),
     }
 }
 
@@ -341,20 +493,122 @@ pub(crate) fn unsatisfiable(len: u64) -> Response<Body> {
     r
 }
 
-/// Answers a request whose fill failed before it had a version: passes an
-/// uncacheable object through, otherwise reports the failure.
+/// Answers a request whose fill failed before it had a version. An
+/// uncacheable response goes to the request that started the fill as it
+/// came (one upstream request per miss); other requests waiting on that
+/// fill, and a response that cannot answer the client's range, are passed
+/// through. Other failures are reported.
 pub(crate) async fn failed_fill(
     cache: &Arc<Cache>,
     plan: &Plan,
     parts: &Parts,
     e: &FillError,
+    own: Option<&Arc<Fill>>,
     count: impl Fn(&'static str),
 ) -> Response<Body> {
-    if let FillError::Uncacheable(why) = e {
-        tracing::debug!(key = %plan.key, why = %why, "cache: passing through");
+    if let FillError::Uncacheable(why, handoff) = e {
+        tracing::debug!(key = %plan.key, why = %why, "cache: not stored; passing through");
         count("pass");
-        return pass_through(cache, &plan.origin, &plan.origin_path, parts).await;
+        if let Some(passed) = handoff.take(own)
+            && let Some(r) = answer_from(cache, passed, parts)
+        {
+            return r;
+        }
+        return pass_through(cache, &plan.origin, &plan.origin_path, parts, None).await;
     }
     count("error");
-    fill_error_response(cache, e)
+    fill_error_response(cache, &plan.key, e)
+}
+
+/// The client's answer made from the fill's upstream response, which holds
+/// bytes `a..e` of the object: as it is for a 200, whole as a 200 when it
+/// holds the whole object, as a 206 when it holds the one range asked for.
+/// `None` when it cannot answer the request (the request is then sent on).
+fn answer_from(cache: &Cache, passed: Passed, parts: &Parts) -> Option<Response<Body>> {
+    let Passed { head, body, range } = passed;
+    let client_range = header_str(&parts.headers, &header::RANGE).and_then(|r| range::parse(r).ok());
+    let (status, skip, take, content_range) = match (head.status.as_u16(), range, client_range.as_deref()) {
+        (200, _, _) => (StatusCode::OK, 0, None, None),
+        (s, _, _) if s != 206 => (head.status, 0, None, None),
+        (206, Some((0, e, Some(len))), None) if e == len => (StatusCode::OK, 0, Some(len), None),
+        (206, Some((a, e, len)), Some(specs)) => {
+            let total = len?;
+            let want = match range::resolve(specs, total).as_slice() {
+                [one] => *one,
+                _ => return None,
+            };
+            if want.start < a || want.end > e {
+                return None;
+            }
+            (
+                StatusCode::PARTIAL_CONTENT,
+                want.start - a,
+                Some(want.len()),
+                Some(want.content_range(total)),
+            )
+        }
+        _ => return None,
+    };
+    let mut r = Response::new(empty());
+    *r.status_mut() = status;
+    for (k, v) in rfc9111::end_to_end(&head.headers) {
+        if k != header::CONTENT_LENGTH && k != header::CONTENT_RANGE {
+            r.headers_mut().append(k.clone(), v.clone());
+        }
+    }
+    match take {
+        Some(n) => {
+            r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        None => {
+            if let Some(l) = head.headers.get(header::CONTENT_LENGTH) {
+                r.headers_mut().insert(header::CONTENT_LENGTH, l.clone());
+            }
+        }
+    }
+    if let Some(cr) = content_range.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        r.headers_mut().insert(header::CONTENT_RANGE, cr);
+    }
+    add_cache_headers(r.headers_mut(), cache, "fwd=uri-miss");
+    if parts.method == Method::HEAD {
+        return Some(r);
+    }
+    if skip == 0 && take.is_none() {
+        *r.body_mut() = body.map_err(std::io::Error::other).boxed();
+        return Some(r);
+    }
+    // Cut the client's range out of the body as it streams.
+    let (tx, rx) = mpsc::channel(8);
+    *r.body_mut() = BodyExt::boxed(ChannelBody { rx });
+    let timeout = cache.client().timeout();
+    tokio::spawn(async move {
+        let mut body = body;
+        let (mut skip, mut left) = (skip, take.unwrap_or(u64::MAX));
+        while left > 0 {
+            let frame = match tokio::time::timeout(timeout, body.frame()).await {
+                Ok(Some(Ok(f))) => f,
+                Ok(Some(Err(e))) => {
+                    let _ = tx.send(Err(std::io::Error::other(e))).await;
+                    return;
+                }
+                _ => {
+                    let _ = tx.send(Err(std::io::Error::other("upstream body ended early"))).await;
+                    return;
+                }
+            };
+            let Ok(mut data) = frame.into_data() else {
+                continue;
+            };
+            let s = skip.min(data.len() as u64);
+            skip -= s;
+            let _ = data.split_to(s as usize);
+            let n = left.min(data.len() as u64);
+            left -= n;
+            data.truncate(n as usize);
+            if !data.is_empty() && tx.send(Ok(data)).await.is_err() {
+                return;
+            }
+        }
+    });
+    Some(r)
 }

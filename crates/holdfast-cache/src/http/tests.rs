@@ -45,15 +45,25 @@ fn loop_guard() {
 #[test]
 fn cold_targets_are_block_aligned() {
     let bs = 1 << 20;
-    assert_eq!(cold_target(None, bs), (0, None));
+    assert_eq!(cold_target(None, bs, None), (0, None));
     let s = range::parse("bytes=3145728-").unwrap();
-    assert_eq!(cold_target(Some(&s), bs), (3, None));
+    assert_eq!(cold_target(Some(&s), bs, None), (3, None));
     let s = range::parse("bytes=100-200").unwrap();
-    assert_eq!(cold_target(Some(&s), bs), (0, Some(bs - 1)));
+    assert_eq!(cold_target(Some(&s), bs, None), (0, Some(bs - 1)));
     let s = range::parse("bytes=1048570-1048580").unwrap();
-    assert_eq!(cold_target(Some(&s), bs), (0, Some(2 * bs - 1)));
+    assert_eq!(cold_target(Some(&s), bs, None), (0, Some(2 * bs - 1)));
     let s = range::parse("bytes=-10").unwrap();
-    assert_eq!(cold_target(Some(&s), bs), (0, Some(bs - 1)));
+    assert_eq!(cold_target(Some(&s), bs, None), (0, Some(bs - 1)));
+    // Several ranges: one fill from the first to the last block asked for.
+    let s = range::parse("bytes=5242880-5242889,100-199").unwrap();
+    assert_eq!(cold_target(Some(&s), bs, None), (0, Some(6 * bs - 1)));
+    let s = range::parse("bytes=3145728-,100-199").unwrap();
+    assert_eq!(cold_target(Some(&s), bs, None), (0, None));
+    // A known length places a suffix.
+    let s = range::parse("bytes=-10").unwrap();
+    assert_eq!(cold_target(Some(&s), bs, Some(10 * bs)), (9, Some(10 * bs - 1)));
+    let s = range::parse("bytes=-10,0-5").unwrap();
+    assert_eq!(cold_target(Some(&s), bs, Some(3 * bs)), (0, Some(3 * bs - 1)));
     assert_eq!(align_end(1, bs), bs - 1);
     assert_eq!(align_end(bs, bs), bs - 1);
     assert_eq!(align_end(bs + 1, bs), 2 * bs - 1);
