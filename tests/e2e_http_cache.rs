@@ -150,14 +150,22 @@ fn end_to_end_request_fields_are_forwarded_and_hop_by_hop_ones_are_not() {
         assert_eq!(s.header("authorization"), Some("Bearer s3cret"), "{path}");
         assert_eq!(s.header("accept-language"), Some("de"), "{path}");
         for gone in ["x-hop", "keep-alive", "te", "proxy-authorization", "connection"] {
-            assert!(s.header(gone).is_none(), "{path}: {gone} was forwarded: {:?}", s.headers);
+            assert!(
+                s.header(gone).is_none(),
+                "{path}: {gone} was forwarded: {:?}",
+                s.headers
+            );
         }
         let via = s.header("via").unwrap_or_default();
         assert_eq!(via, "1.1 client-proxy, 1.1 holdfast-rp", "{path}");
         assert_eq!(s.header("host"), Some(format!("127.0.0.1:{}", origin.port).as_str()));
     }
     let fill = origin.seen().into_iter().find(|s| s.path == "/fill").unwrap();
-    assert_eq!(fill.header("accept-encoding"), Some("identity"), "fills ask for the identity coding");
+    assert_eq!(
+        fill.header("accept-encoding"),
+        Some("identity"),
+        "fills ask for the identity coding"
+    );
 }
 
 #[test]
@@ -237,11 +245,19 @@ fn freshness_follows_cache_control_expires_age_and_date() {
             .into_iter()
             .find(|s| s.method == "HEAD" && s.path == path)
             .unwrap();
-        assert_eq!(head.header("if-none-match"), Some("\"e\""), "{path}: a conditional request");
+        assert_eq!(
+            head.header("if-none-match"),
+            Some("\"e\""),
+            "{path}: a conditional request"
+        );
     }
     std::thread::sleep(Duration::from_millis(2100));
     assert_eq!(get(&gw, "/max-age-2", &[]).status, 200);
-    assert_eq!(count(&origin, "HEAD", "/max-age-2"), 1, "revalidated once max-age ran out");
+    assert_eq!(
+        count(&origin, "HEAD", "/max-age-2"),
+        1,
+        "revalidated once max-age ran out"
+    );
 }
 
 #[test]
@@ -265,6 +281,7 @@ fn responses_that_must_not_be_stored_are_not_and_cost_one_request_each() {
             "/private" => vec![("cache-control", "private, max-age=600")],
             "/auth" => vec![("cache-control", "max-age=600")],
             "/auth-public" => vec![("cache-control", "public, max-age=600")],
+            "/cookie" => vec![("cache-control", "max-age=600"), ("set-cookie", "session=1")],
             "/moved" => {
                 return Reply::new(
                     302,
@@ -279,7 +296,8 @@ fn responses_that_must_not_be_stored_are_not_and_cost_one_request_each() {
         object(s, b"body", "\"s\"", &fields)
     });
     let gw = node(&origin, "");
-    let cases: [(&str, &[&str], u16, &[u8], usize); 8] = [
+    let cases: [(&str, &[&str], u16, &[u8], usize); 9] = [
+        ("/cookie", &[], 200, b"body", 2),
         ("/no-store", &[], 200, b"body", 2),
         ("/private", &[], 200, b"body", 2),
         ("/auth", &["-H", "Authorization: Bearer a"], 200, b"body", 2),
@@ -292,7 +310,12 @@ fn responses_that_must_not_be_stored_are_not_and_cost_one_request_each() {
     for (path, args, status, body, fetches) in cases {
         for _ in 0..2 {
             let g = get(&gw, path, args);
-            assert_eq!((g.status, g.body.as_slice()), (status, body), "{path}: {}", gw.describe());
+            assert_eq!(
+                (g.status, g.body.as_slice()),
+                (status, body),
+                "{path}: {}",
+                gw.describe()
+            );
         }
         assert_eq!(
             count(&origin, "GET", path),
@@ -300,8 +323,13 @@ fn responses_that_must_not_be_stored_are_not_and_cost_one_request_each() {
             "{path}: each request that cannot be stored costs one upstream request"
         );
     }
+    assert_eq!(get(&gw, "/cookie", &[]).header("set-cookie"), Some("session=1"));
     let moved = get(&gw, "/moved", &[]);
-    assert_eq!(moved.header("location"), Some("/elsewhere"), "fields of an error answer pass");
+    assert_eq!(
+        moved.header("location"),
+        Some("/elsewhere"),
+        "fields of an error answer pass"
+    );
 }
 
 #[test]
@@ -321,9 +349,17 @@ fn vary_keeps_one_response_per_selecting_values_and_vary_star_is_not_stored() {
             "/enc" => ranged(
                 s,
                 b"plain",
-                &[("etag", "\"p\""), ("vary", "Accept-Encoding"), ("cache-control", "max-age=600")],
+                &[
+                    ("etag", "\"p\""),
+                    ("vary", "Accept-Encoding"),
+                    ("cache-control", "max-age=600"),
+                ],
             ),
-            _ => ranged(s, b"star", &[("etag", "\"x\""), ("vary", "*"), ("cache-control", "max-age=600")]),
+            _ => ranged(
+                s,
+                b"star",
+                &[("etag", "\"x\""), ("vary", "*"), ("cache-control", "max-age=600")],
+            ),
         }
     });
     let gw = node(&origin, "");
@@ -397,7 +433,12 @@ fn a_304_updates_the_stored_fields_and_freshness() {
         ranged(
             s,
             b"updated",
-            &[("etag", "\"u\""), ("cache-control", "max-age=1"), ("x-version", "1"), ("x-kept", "k")],
+            &[
+                ("etag", "\"u\""),
+                ("cache-control", "max-age=1"),
+                ("x-version", "1"),
+                ("x-kept", "k"),
+            ],
         )
     });
     let mut gw = node(&origin, "");
@@ -405,14 +446,22 @@ fn a_304_updates_the_stored_fields_and_freshness() {
     std::thread::sleep(Duration::from_millis(1200));
     let g = get(&gw, "/u", &[]);
     assert_eq!(g.body, b"updated");
-    assert_eq!(g.header("x-version"), Some("2"), "the 304's fields replace the stored ones");
+    assert_eq!(
+        g.header("x-version"),
+        Some("2"),
+        "the 304's fields replace the stored ones"
+    );
     assert_eq!(g.header("x-kept"), Some("k"), "fields the 304 does not carry stay");
     assert_eq!(g.header("cache-control"), Some("max-age=600"));
     assert_eq!(count(&origin, "HEAD", "/u"), 1);
     gw.restart();
     let g = get(&gw, "/u", &[]);
     assert_eq!(g.header("x-version"), Some("2"), "kept across a restart");
-    assert_eq!(count(&origin, "HEAD", "/u") + count(&origin, "GET", "/u"), 2, "fresh for 600 s now");
+    assert_eq!(
+        count(&origin, "HEAD", "/u") + count(&origin, "GET", "/u"),
+        2,
+        "fresh for 600 s now"
+    );
 }
 
 #[test]
@@ -434,7 +483,11 @@ fn stale_responses_are_served_only_where_allowed_and_every_5xx_is_logged() {
     std::thread::sleep(Duration::from_millis(1200));
     origin.set_down(true);
     let g = get(&gw, "/plain", &[]);
-    assert_eq!((g.status, g.body.as_slice()), (200, &b"kept"[..]), "served stale: the origin is down");
+    assert_eq!(
+        (g.status, g.body.as_slice()),
+        (200, &b"kept"[..]),
+        "served stale: the origin is down"
+    );
     for p in ["/strict", "/shared", "/no-cache"] {
         assert_eq!(get(&gw, p, &[]).status, 504, "{p} may not be served stale");
     }

@@ -72,4 +72,3 @@ pub fn parse_got(h: &Path, b: &Path, exit: i32) -> Got {
         exit,
     }
 }
-

@@ -15,8 +15,8 @@ pub mod delivery;
 pub mod fleet;
 pub mod origin;
 pub mod proxy;
-pub mod script_origin;
 pub mod sas;
+pub mod script_origin;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 

@@ -21,10 +21,7 @@ pub struct Seen {
 
 impl Seen {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 }
 
@@ -179,7 +176,10 @@ fn serve(conn: TcpStream, seen: &Mutex<Vec<Seen>>, handler: &Mutex<Handler>) -> 
             .headers
             .iter()
             .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked"));
-        let has_len = reply.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-length"));
+        let has_len = reply
+            .headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-length"));
         let mut out = format!("HTTP/1.1 {} X\r\n", reply.status);
         for (k, v) in &reply.headers {
             out.push_str(&format!("{k}: {v}\r\n"));

@@ -19,9 +19,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
+use super::origin::Forward;
 use super::path;
 use super::range::{self, ByteRange, Spec};
-use super::origin::Forward;
 use super::rfc9111::{self, RequestRules};
 use super::upstream::Endpoint;
 use super::{Cache, Fill, FillError, Meta, Passed, Plan, Revalidation, Source, now_secs};
@@ -383,7 +383,11 @@ fn same_origin_path(loc: &str, t: &Target) -> Option<String> {
     }
     let uri: hyper::Uri = loc.parse().ok()?;
     let auth = uri.authority()?;
-    let same = auth.host().trim_start_matches('[').trim_end_matches(']').eq_ignore_ascii_case(&t.host)
+    let same = auth
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .eq_ignore_ascii_case(&t.host)
         && auth.port_u16() == t.port;
     same.then(|| uri.path_and_query().map_or("/", |p| p.as_str()).to_string())
 }

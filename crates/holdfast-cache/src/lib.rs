@@ -852,9 +852,7 @@ impl Cache {
         let Some(names) = lock(&self.vary_specs).get(primary).cloned() else {
             return primary.to_string();
         };
-        let stored_matches = self
-            .meta_of(primary)
-            .is_none_or(|m| m.selected_for(sent));
+        let stored_matches = self.meta_of(primary).is_none_or(|m| m.selected_for(sent));
         if stored_matches {
             return primary.to_string();
         }

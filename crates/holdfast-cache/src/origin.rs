@@ -42,10 +42,7 @@ impl Cache {
     pub(crate) fn forward_fields(&self, client: &HeaderMap, kind: Forward) -> HeaderMap {
         let mut out = HeaderMap::new();
         for (k, v) in rfc9111::end_to_end(client) {
-            let own = matches!(
-                k.as_str(),
-                "host" | "content-length" | "expect" | "via" | "cdn-loop"
-            );
+            let own = matches!(k.as_str(), "host" | "content-length" | "expect" | "via" | "cdn-loop");
             if own || (kind == Forward::Fill && FILL_OWN.contains(k)) {
                 continue;
             }

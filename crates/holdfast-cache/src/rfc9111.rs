@@ -169,6 +169,12 @@ pub fn not_storable(status: u16, response: &HeaderMap, request: &RequestRules, a
     if authorized && !(d.has("public") || d.has("s-maxage") || d.has("must-revalidate")) {
         return Some("the request carried Authorization and the response is not marked public".into());
     }
+    // A cookie is one client's: stored only when the origin says the
+    // response is for everyone (the choice of nginx and Varnish; RFC 9111
+    // allows storing it).
+    if response.contains_key(header::SET_COOKIE) && !(d.has("public") || d.has("s-maxage")) {
+        return Some("the response sets a cookie".into());
+    }
     // The cache stores 200 and 206 only (both heuristically cacheable).
     if status != 200 && status != 206 {
         return Some(format!("status {status} is not stored"));
@@ -272,12 +278,26 @@ impl Freshness {
         };
         let cap = |v: u64| if op.ttl > 0 { v.min(op.ttl) } else { v };
         let (lifetime, basis) = match explicit {
-            Some(v) => (cap(v), if op.ttl > 0 && v > op.ttl { Basis::Operator } else { Basis::Explicit }),
+            Some(v) => (
+                cap(v),
+                if op.ttl > 0 && v > op.ttl {
+                    Basis::Operator
+                } else {
+                    Basis::Explicit
+                },
+            ),
             None => match header_date(response, &header::LAST_MODIFIED) {
                 // §4.2.2: a fraction of the time since it last changed.
                 Some(lm) => {
                     let h = date.unwrap_or(response_time).saturating_sub(lm) / 10;
-                    (cap(h), if op.ttl > 0 && h > op.ttl { Basis::Operator } else { Basis::Heuristic })
+                    (
+                        cap(h),
+                        if op.ttl > 0 && h > op.ttl {
+                            Basis::Operator
+                        } else {
+                            Basis::Heuristic
+                        },
+                    )
                 }
                 None => (op.ttl, Basis::Operator),
             },
@@ -465,7 +485,10 @@ mod tests {
     fn map(fields: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in fields {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -483,7 +506,10 @@ mod tests {
         // §5.2: recipients accept the quoted form of a token argument.
         assert_eq!(d.seconds("s-maxage"), Some(Ok(30)));
         assert_eq!(Directives::parse("max-age=ab").seconds("max-age"), Some(Err(())));
-        assert_eq!(Directives::parse("max-age=5, max-age=9").seconds("max-age"), Some(Ok(5)));
+        assert_eq!(
+            Directives::parse("max-age=5, max-age=9").seconds("max-age"),
+            Some(Ok(5))
+        );
         assert_eq!(
             Directives::parse("max-age=99999999999999999999999").seconds("max-age"),
             Some(Ok(u64::MAX))
@@ -501,7 +527,11 @@ mod tests {
         let date = super::super::range::format_http_date(1000);
         let exp = super::super::range::format_http_date(1300);
         assert_eq!(f(&[("date", &date), ("expires", &exp)]), 300);
-        assert_eq!(f(&[("date", &date), ("expires", "0")]), 0, "an invalid Expires is in the past");
+        assert_eq!(
+            f(&[("date", &date), ("expires", "0")]),
+            0,
+            "an invalid Expires is in the past"
+        );
         assert_eq!(f(&[("cache-control", "max-age=x")]), 0);
         let lm = super::super::range::format_http_date(0);
         let h = Freshness::compute(&map(&[("date", &date), ("last-modified", &lm)]), 1000, 1000, OP);
@@ -538,7 +568,7 @@ mod tests {
             &map(&[("date", &date), ("age", "30"), ("cache-control", "max-age=200")]),
             995,
             1000,
-        OP,
+            OP,
         );
         // apparent 100, corrected age 30 + 5: the larger.
         assert_eq!(f.initial_age, 100);
@@ -584,6 +614,8 @@ mod tests {
         assert!(!ok(&[("cache-control", "max-age=60")], 302, false));
         assert!(!ok(&[("vary", "Accept, *")], 200, false));
         assert!(ok(&[("vary", "accept-language")], 200, false));
+        assert!(!ok(&[("set-cookie", "id=1")], 200, false));
+        assert!(ok(&[("set-cookie", "id=1"), ("cache-control", "public")], 200, false));
         let no_store = RequestRules::of(&map(&[("cache-control", "no-store")]));
         assert!(not_storable(200, &HeaderMap::new(), &no_store, false).is_some());
     }

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{Either, Empty};
-use hyper::header::{HeaderMap, HeaderValue};
 use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
@@ -197,8 +197,8 @@ impl Client {
             .body(body)
             .map_err(|e| UpstreamError::Http(name.clone(), e.to_string()))?;
         *req.headers_mut() = headers.clone();
-        let host = HeaderValue::from_str(&origin.authority())
-            .map_err(|e| UpstreamError::Http(name.clone(), e.to_string()))?;
+        let host =
+            HeaderValue::from_str(&origin.authority()).map_err(|e| UpstreamError::Http(name.clone(), e.to_string()))?;
         req.headers_mut().insert(hyper::header::HOST, host);
         let work = async {
             let tcp = tokio::net::TcpStream::connect((target.host.as_str(), target.port))

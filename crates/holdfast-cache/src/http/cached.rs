@@ -13,12 +13,7 @@ pub(crate) enum Served {
 }
 
 /// Serves a cacheable request.
-pub(crate) async fn serve_cached(
-    cache: &Arc<Cache>,
-    plan: Arc<Plan>,
-    parts: &Parts,
-    kind: &'static str,
-) -> Served {
+pub(crate) async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Parts, kind: &'static str) -> Served {
     let count = |result: &'static str| cache.count_request(&plan.source, kind, result);
     if cache.uncacheable(&plan.key) && !plan.rules.only_if_cached {
         count("pass");
