@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::curl::{Got, curl_host, data, parse_got};
+use support::curl::{Got, curl_host, data};
 use support::origin::Origin;
 use support::{Gateway, free_port};
 

@@ -296,7 +296,9 @@ fn responses_that_must_not_be_stored_are_not_and_cost_one_request_each() {
         object(s, b"body", "\"s\"", &fields)
     });
     let gw = node(&origin, "");
-    let cases: [(&str, &[&str], u16, &[u8], usize); 9] = [
+    // (path, curl arguments, status, body, upstream requests for two client requests)
+    type Case<'a> = (&'a str, &'a [&'a str], u16, &'a [u8], usize);
+    let cases: [Case<'_>; 9] = [
         ("/cookie", &[], 200, b"body", 2),
         ("/no-store", &[], 200, b"body", 2),
         ("/private", &[], 200, b"body", 2),

@@ -124,87 +124,85 @@ impl ScriptOrigin {
 fn serve(conn: TcpStream, seen: &Mutex<Vec<Seen>>, handler: &Mutex<Handler>) -> std::io::Result<()> {
     let mut r = BufReader::new(conn.try_clone()?);
     let mut w = conn;
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let mut it = line.split_whitespace();
-        let (Some(method), Some(path)) = (it.next(), it.next()) else {
-            return Ok(());
-        };
-        let (method, path) = (method.to_string(), path.to_string());
-        let mut headers = Vec::new();
-        loop {
-            let mut h = String::new();
-            r.read_line(&mut h)?;
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-            }
-        }
-        let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-        let mut body = Vec::new();
-        if let Some(len) = get("content-length").and_then(|l| l.parse::<usize>().ok()) {
-            body.resize(len, 0);
-            r.read_exact(&mut body)?;
-        } else if get("transfer-encoding").is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
-            loop {
-                let mut size = String::new();
-                r.read_line(&mut size)?;
-                let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16).unwrap_or(0);
-                let mut chunk = vec![0; n + 2];
-                r.read_exact(&mut chunk)?;
-                if n == 0 {
-                    break;
-                }
-                body.extend_from_slice(&chunk[..n]);
-            }
-        }
-        let req = Seen {
-            method,
-            path,
-            headers,
-            body,
-        };
-        seen.lock().unwrap().push(req.clone());
-        let reply = (handler.lock().unwrap())(&req);
-        let chunked = reply
-            .headers
-            .iter()
-            .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked"));
-        let has_len = reply
-            .headers
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case("content-length"));
-        let mut out = format!("HTTP/1.1 {} X\r\n", reply.status);
-        for (k, v) in &reply.headers {
-            out.push_str(&format!("{k}: {v}\r\n"));
-        }
-        let no_body = req.method == "HEAD" || reply.status == 304 || reply.status == 204;
-        if !chunked && !has_len && reply.status != 304 && reply.status != 204 {
-            out.push_str(&format!("Content-Length: {}\r\n", reply.body.len()));
-        }
-        out.push_str("Connection: close\r\n\r\n");
-        w.write_all(out.as_bytes())?;
-        if !no_body {
-            if chunked {
-                for c in reply.body.chunks(1000) {
-                    w.write_all(format!("{:x}\r\n", c.len()).as_bytes())?;
-                    w.write_all(c)?;
-                    w.write_all(b"\r\n")?;
-                }
-                w.write_all(b"0\r\n\r\n")?;
-            } else {
-                w.write_all(&reply.body)?;
-            }
-        }
-        w.flush()?;
+    // One request per connection: every answer says `Connection: close`.
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
         return Ok(());
     }
+    let mut it = line.split_whitespace();
+    let (Some(method), Some(path)) = (it.next(), it.next()) else {
+        return Ok(());
+    };
+    let (method, path) = (method.to_string(), path.to_string());
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h)?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let mut body = Vec::new();
+    if let Some(len) = get("content-length").and_then(|l| l.parse::<usize>().ok()) {
+        body.resize(len, 0);
+        r.read_exact(&mut body)?;
+    } else if get("transfer-encoding").is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size)?;
+            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16).unwrap_or(0);
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    }
+    let req = Seen {
+        method,
+        path,
+        headers,
+        body,
+    };
+    seen.lock().unwrap().push(req.clone());
+    let reply = (handler.lock().unwrap())(&req);
+    let chunked = reply
+        .headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked"));
+    let has_len = reply
+        .headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-length"));
+    let mut out = format!("HTTP/1.1 {} X\r\n", reply.status);
+    for (k, v) in &reply.headers {
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let no_body = req.method == "HEAD" || reply.status == 304 || reply.status == 204;
+    if !chunked && !has_len && reply.status != 304 && reply.status != 204 {
+        out.push_str(&format!("Content-Length: {}\r\n", reply.body.len()));
+    }
+    out.push_str("Connection: close\r\n\r\n");
+    w.write_all(out.as_bytes())?;
+    if !no_body {
+        if chunked {
+            for c in reply.body.chunks(1000) {
+                w.write_all(format!("{:x}\r\n", c.len()).as_bytes())?;
+                w.write_all(c)?;
+                w.write_all(b"\r\n")?;
+            }
+            w.write_all(b"0\r\n\r\n")?;
+        } else {
+            w.write_all(&reply.body)?;
+        }
+    }
+    w.flush()
 }
 
 /// Answers `data` honouring one `Range` (`a-b`, `a-`, `-n`) with a 206, or
