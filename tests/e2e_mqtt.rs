@@ -1052,3 +1052,165 @@ fn receive_maximum_exceeded_reaches_a_client_that_keeps_writing() {
     assert_eq!(end, "eof");
     gw.stop();
 }
+
+/// MQTT over WebSockets: paho-mqtt's websocket transport (MQTT 3.1.1 and 5)
+/// over ws:// and wss:// on both paths; a raw WebSocket client that splits a
+/// CONNECT over three messages and sends several packets in one; refused
+/// upgrades (another path, no `mqtt` subprotocol).
+#[test]
+fn mqtt_over_websockets_plain_and_tls() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(pki_dir.path());
+    let p = |f: &str| pki.dir.join(f).display().to_string();
+    let (ws, wss) = (support::free_port(), support::free_port());
+    let gw = Gateway::start(&format!(
+        "{OPEN}[mqtt.ws]\nenabled = true\nlisten = \"127.0.0.1:{ws}\"\n\
+         [mqtt.wss]\nenabled = true\nlisten = \"127.0.0.1:{wss}\"\ncert = {sc:?}\nkey = {sk:?}\n",
+        sc = p("server.pem"),
+        sk = p("server.key"),
+    ));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/mqtt/websocket.py");
+    let ca = p("ca.pem");
+    for (port, path, protocol, tls) in [
+        (ws, "/mqtt", "311", false),
+        (ws, "/$iothub/websocket", "5", false),
+        (wss, "/$iothub/websocket", "311", true),
+        (wss, "/mqtt", "5", true),
+    ] {
+        let mut cmd = Command::new("python3");
+        cmd.args([
+            script,
+            "--port",
+            &port.to_string(),
+            "--path",
+            path,
+            "--protocol",
+            protocol,
+        ]);
+        if tls {
+            cmd.args(["--ca", &ca]);
+        }
+        let out = cmd.output().expect("python3 is not installed: run scripts/setup.sh");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("PASS"),
+            "paho over {} {path} (MQTT {protocol}):\n{stdout}\n{}\n{}",
+            if tls { "wss" } else { "ws" },
+            String::from_utf8_lossy(&out.stderr),
+            gw.describe()
+        );
+    }
+
+    rt().block_on(async {
+        let open = |path: &str, protocol: Option<&str>| {
+            let mut req = format!("ws://127.0.0.1:{ws}{path}").into_client_request().unwrap();
+            if let Some(p) = protocol {
+                req.headers_mut().insert("sec-websocket-protocol", p.parse().unwrap());
+            }
+            async move {
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", ws)).await.unwrap();
+                tokio_tungstenite::client_async(req, tcp).await
+            }
+        };
+        // Refused upgrades.
+        for (path, protocol, status) in [("/elsewhere", Some("mqtt"), 404), ("/mqtt", None, 400)] {
+            match open(path, protocol).await {
+                Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), status, "{path}"),
+                other => panic!("{path}: expected HTTP {status}, got {:?}", other.map(|_| ())),
+            }
+        }
+        let (mut s, resp) = open("/mqtt", Some("mqtt")).await.unwrap();
+        assert_eq!(resp.headers()["sec-websocket-protocol"], "mqtt");
+        let packet = |p: codec::Packet| {
+            let mut b = BytesMut::new();
+            codec::encode(&p, codec::Version::V5, &mut b);
+            b.to_vec()
+        };
+        let connect = packet(codec::Packet::Connect(Box::new(codec::Connect {
+            version: codec::Version::V5,
+            client_id: "raw-ws".into(),
+            clean_start: true,
+            keep_alive: 30,
+            username: None,
+            password: None,
+            will: None,
+            properties: Default::default(),
+        })));
+        // The CONNECT in three messages, cut inside its header and payload.
+        for part in [&connect[..1], &connect[1..5], &connect[5..]] {
+            s.send(Message::Binary(part.to_vec().into())).await.unwrap();
+        }
+        // SUBSCRIBE, a QoS 1 PUBLISH to it and a PINGREQ in one message.
+        let mut several = packet(codec::Packet::Subscribe(codec::Subscribe {
+            pkid: 1,
+            filters: vec![(
+                "ws/raw/#".into(),
+                codec::SubOptions {
+                    qos: codec::QoS::AtLeastOnce,
+                    ..codec::SubOptions::default()
+                },
+            )],
+            properties: codec::Properties::default(),
+        }));
+        several.extend(packet(codec::Packet::Publish(codec::Publish::new(
+            "ws/raw/t",
+            bytes::Bytes::from_static(b"in one frame"),
+            codec::QoS::AtLeastOnce,
+            2,
+        ))));
+        several.extend(packet(codec::Packet::PingReq));
+        s.send(Message::Binary(several.into())).await.unwrap();
+        let mut bytes = Vec::new();
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let next = tokio::time::timeout(Duration::from_secs(5), s.next()).await;
+            match next {
+                Ok(Some(Ok(Message::Binary(b)))) => bytes.extend_from_slice(&b),
+                Ok(Some(Ok(_))) => continue,
+                _ => break,
+            }
+            got = decode_all(&bytes, codec::Version::V5);
+            let has = |f: &dyn Fn(&codec::Packet) -> bool| got.iter().any(f);
+            if has(&|p| matches!(p, codec::Packet::PingResp))
+                && has(&|p| matches!(p, codec::Packet::Publish(m) if &m.payload[..] == b"in one frame"))
+                && has(&|p| matches!(p, codec::Packet::PubAck(a) if a.pkid == 2))
+            {
+                break;
+            }
+        }
+        assert!(
+            matches!(got.first(), Some(codec::Packet::ConnAck(a)) if a.code == 0),
+            "{got:?}"
+        );
+        assert!(got.iter().any(|p| matches!(p, codec::Packet::SubAck(_))), "{got:?}");
+        assert!(
+            got.iter().any(|p| matches!(p, codec::Packet::PubAck(a) if a.pkid == 2)),
+            "{got:?}"
+        );
+        assert!(
+            got.iter()
+                .any(|p| matches!(p, codec::Packet::Publish(m) if &m.payload[..] == b"in one frame")),
+            "{got:?}"
+        );
+        assert!(got.iter().any(|p| matches!(p, codec::Packet::PingResp)), "{got:?}");
+        assert!(gw.metric("holdfast_mqtt_connections{transport=\"websocket\"}") >= 1.0);
+        // A text message ends the connection.
+        s.send(Message::Text("not mqtt".into())).await.unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(Ok(m)) = s.next().await {
+                if matches!(m, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(end.is_ok(), "the connection was not closed");
+    });
+    assert!(gw.metric("holdfast_mqtt_connects_total{result=\"websocket-path\"}") >= 1.0);
+    assert!(gw.metric("holdfast_mqtt_connects_total{result=\"websocket-subprotocol\"}") >= 1.0);
+}

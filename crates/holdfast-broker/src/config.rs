@@ -19,6 +19,12 @@ pub struct MqttConfig {
     /// (also when the table is given without `listen`).
     #[serde(deserialize_with = "quic_listener")]
     pub quic: TlsListenerConfig,
+    /// `[mqtt.ws]`: MQTT over WebSockets, plain. Default off, `0.0.0.0:8083`.
+    pub ws: WsListenerConfig,
+    /// `[mqtt.wss]`: MQTT over WebSockets over TLS (`cert` and `key`
+    /// required). Default off, `0.0.0.0:8084`; the IoT Hub device SDKs use
+    /// port 443 when asked for WebSockets.
+    pub wss: WsListenerConfig,
     /// Largest packet accepted or sent, bytes. Default 1 MiB.
     pub max_packet_size: u32,
     /// Longest topic name or filter, bytes. Default 1024.
@@ -67,6 +73,8 @@ impl Default for MqttConfig {
             tcp: TcpListenerConfig::default(),
             tls: TlsListenerConfig::with_port(8883),
             quic: TlsListenerConfig::with_port(MQTT_QUIC_PORT),
+            ws: WsListenerConfig::with_port(8083),
+            wss: WsListenerConfig::with_port(8084),
             max_packet_size: 1 << 20,
             max_topic_length: 1024,
             max_subscriptions_per_client: 100,
@@ -124,6 +132,60 @@ pub struct TlsListenerConfig {
     pub client_ca: Option<PathBuf>,
     /// Refuse clients without a valid certificate. Default false.
     pub require_client_cert: bool,
+}
+
+/// `[mqtt.ws]` and `[mqtt.wss]`: MQTT over WebSockets (RFC 6455,
+/// subprotocol `mqtt`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WsListenerConfig {
+    /// Listen. Default false.
+    pub enabled: bool,
+    /// Address. Default `0.0.0.0:8083` (`ws`), `0.0.0.0:8084` (`wss`).
+    pub listen: SocketAddr,
+    /// Request paths upgraded to MQTT. Default `["/mqtt",
+    /// "/$iothub/websocket"]` (the second is the IoT Hub device SDKs').
+    pub paths: Vec<String>,
+    /// `wss` only: server certificate chain, PEM. Required when enabled.
+    pub cert: Option<PathBuf>,
+    /// `wss` only: server private key, PEM. Required when enabled.
+    pub key: Option<PathBuf>,
+    /// `wss` only: CA bundle (PEM) for client certificates, as for `[mqtt.tls]`.
+    pub client_ca: Option<PathBuf>,
+    /// `wss` only: refuse clients without a valid certificate. Default false.
+    pub require_client_cert: bool,
+}
+
+impl WsListenerConfig {
+    fn with_port(port: u16) -> Self {
+        WsListenerConfig {
+            enabled: false,
+            listen: SocketAddr::from(([0, 0, 0, 0], port)),
+            paths: vec!["/mqtt".to_string(), "/$iothub/websocket".to_string()],
+            cert: None,
+            key: None,
+            client_ca: None,
+            require_client_cert: false,
+        }
+    }
+
+    /// The TLS part, as a TLS listener's.
+    pub fn tls(&self) -> TlsListenerConfig {
+        TlsListenerConfig {
+            enabled: self.enabled,
+            listen: self.listen,
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            client_ca: self.client_ca.clone(),
+            require_client_cert: self.require_client_cert,
+        }
+    }
+}
+
+impl Default for WsListenerConfig {
+    fn default() -> Self {
+        Self::with_port(8083)
+    }
 }
 
 /// The QUIC listener's default port (UDP).
@@ -197,7 +259,22 @@ impl MqttConfig {
         if m.sync_interval_ms < 10 {
             return Err(("mqtt.sync_interval_ms".to_string(), "must be at least 10".to_string()));
         }
-        for (name, l) in [("tls", &m.tls), ("quic", &m.quic)] {
+        for (name, l) in [("ws", &m.ws), ("wss", &m.wss)] {
+            if l.paths.is_empty() || l.paths.iter().any(|p| !p.starts_with('/')) {
+                return Err((
+                    format!("mqtt.{name}.paths"),
+                    "must name at least one path, each starting with /".to_string(),
+                ));
+            }
+        }
+        if m.ws.cert.is_some() || m.ws.key.is_some() || m.ws.client_ca.is_some() {
+            return Err((
+                "mqtt.ws.cert".to_string(),
+                "[mqtt.ws] is plain; put TLS material in [mqtt.wss]".to_string(),
+            ));
+        }
+        let wss = m.wss.tls();
+        for (name, l) in [("tls", &m.tls), ("quic", &m.quic), ("wss", &wss)] {
             if l.enabled && (l.cert.is_none() || l.key.is_none()) {
                 return Err((
                     format!("mqtt.{name}.cert"),

@@ -24,6 +24,7 @@ pub mod quic;
 pub mod session;
 pub mod subs;
 pub mod throttle;
+pub mod websocket;
 
 mod principals;
 mod routing;

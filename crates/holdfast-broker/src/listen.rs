@@ -58,6 +58,10 @@ pub struct Bound {
     pub tls: Option<SocketAddr>,
     /// QUIC (UDP).
     pub quic: Option<SocketAddr>,
+    /// MQTT over WebSockets.
+    pub ws: Option<SocketAddr>,
+    /// MQTT over WebSockets over TLS.
+    pub wss: Option<SocketAddr>,
 }
 
 /// Binds every enabled listener and spawns its accept loop.
@@ -89,6 +93,33 @@ pub async fn start(
             broker.clone(),
             l,
             Some(acceptor),
+            stop.clone(),
+        )));
+    }
+    for (kind, l) in [("ws", &cfg.ws), ("wss", &cfg.wss)] {
+        if !l.enabled {
+            continue;
+        }
+        let acceptor = match kind {
+            "wss" => Some(tokio_rustls::TlsAcceptor::from(Arc::new(server_config(
+                "wss",
+                &l.tls(),
+                vec![b"http/1.1".to_vec()],
+            )?))),
+            _ => None,
+        };
+        let (listener, local) = bind_tcp(kind, l.listen).await?;
+        if kind == "ws" {
+            bound.ws = Some(local);
+        } else {
+            bound.wss = Some(local);
+        }
+        tracing::info!(addr = %local, paths = ?l.paths, "MQTT listening ({kind})");
+        tasks.push(tokio::spawn(accept_ws(
+            broker.clone(),
+            listener,
+            acceptor,
+            Arc::new(l.paths.clone()),
             stop.clone(),
         )));
     }
@@ -324,6 +355,96 @@ async fn accept_tcp(
             }
         }
     }
+}
+
+async fn accept_ws(
+    broker: Arc<Broker>,
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    paths: Arc<Vec<String>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            r = listener.accept() => r,
+        };
+        let (socket, addr) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "MQTT WebSocket accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        let (broker, tls, paths) = (broker.clone(), tls.clone(), paths.clone());
+        tokio::spawn(async move {
+            // The TLS and WebSocket handshakes together get the CONNECT
+            // deadline, like a TLS handshake does.
+            let timeout = Duration::from_millis(broker.config().connect_timeout_ms);
+            let setup = async {
+                match tls {
+                    None => upgrade(&broker, socket, addr, &paths, (None, None)).await,
+                    Some(acceptor) => {
+                        let stream = match acceptor.accept(socket).await {
+                            Ok(s) => s,
+                            Err(e) => {
+                                tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
+                                broker.bad_tls("handshake");
+                                return;
+                            }
+                        };
+                        let cert = client_cert(&broker, stream.get_ref().1.peer_certificates());
+                        upgrade(&broker, stream, addr, &paths, cert).await;
+                    }
+                }
+            };
+            if tokio::time::timeout(timeout, setup).await.is_err() {
+                broker.bad_tls("handshake-timeout");
+            }
+        });
+    }
+}
+
+/// The WebSocket upgrade of an accepted stream, then the MQTT connection
+/// over it.
+async fn upgrade<S>(
+    broker: &Arc<Broker>,
+    stream: S,
+    addr: SocketAddr,
+    paths: &[String],
+    (cert_thumbprint, cert_common_name): (Option<String>, Option<String>),
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let refused = std::sync::Mutex::new(None);
+    // The error type is tungstenite's callback contract.
+    #[allow(clippy::result_large_err)]
+    let check = |req: &crate::websocket::Request, resp| {
+        crate::websocket::check_upgrade(req, resp, paths).map_err(|(r, why)| {
+            *holdfast_model::lock(&refused) = Some(why);
+            *r
+        })
+    };
+    let config = crate::websocket::config(broker.config().max_packet_size);
+    let ws = match tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config)).await {
+        Ok(ws) => ws,
+        Err(e) => {
+            let why = holdfast_model::lock(&refused).map_or("websocket-handshake", |r| r.label());
+            tracing::debug!(peer = %addr, error = %e, why, "WebSocket upgrade refused");
+            broker.bad_tls(why);
+            return;
+        }
+    };
+    let peer = Peer {
+        addr,
+        transport: Transport::Websocket,
+        cert_thumbprint,
+        cert_common_name,
+    };
+    // `serve` runs outside the handshake deadline.
+    tokio::spawn(serve(broker.clone(), crate::websocket::WsStream::new(ws), peer));
 }
 
 async fn accept_quic(broker: Arc<Broker>, endpoint: quinn::Endpoint, mut stop: watch::Receiver<bool>) {
