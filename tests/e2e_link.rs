@@ -465,3 +465,116 @@ fn base64_of(b: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(b)
 }
+
+/// Compressed batches (`holdfast-link/2`) when both ends offer them, plain
+/// ones when either does not, and a byte-rate cap changed live by a reload.
+#[test]
+fn compressed_batches_negotiated_and_a_live_byte_rate_cap() {
+    let certs = fleet(&["root", "gw1", "gw2"]);
+    let c = certs.path();
+    let root_link = free_port();
+    let mut root = Gateway::start_named(
+        "root",
+        &format!(
+            "{}{}{}{}",
+            fleet_section(c, "root"),
+            listen_section(root_link),
+            child_identity("gw1", "root"),
+            child_identity("gw2", "root")
+        ),
+    );
+    let consumer = Consumer::start(root.mqtt, "backend", "site/#");
+    let child = |id: &str, extra: &str| {
+        Gateway::start_named(
+            id,
+            &format!(
+                "{}{}",
+                fleet_section(c, id),
+                upstream_section(addr(root_link), "root").replace("[upstream]\n", &format!("[upstream]\n{extra}"))
+            ),
+        )
+    };
+    let gw1 = child("gw1", "");
+    let gw2 = child("gw2", "compression = false\n");
+    // IoT Hub-style JSON telemetry.
+    let json = |i: u32| {
+        format!(
+            r#"{{"deviceId":"sensor-{}","temperature":{}.{},"humidity":{},"status":"ok","seq":{i}}}"#,
+            i % 5,
+            18 + i % 11,
+            i % 10,
+            35 + i % 40
+        )
+    };
+    let send = |gw: &Gateway, dev: &str, range: std::ops::Range<u32>| {
+        let mut d = Client::connect(gw.mqtt, dev, true).unwrap();
+        for i in range {
+            assert!(d.publish_acked("site/t", &json(i), Duration::from_secs(5)).unwrap());
+        }
+    };
+    let bytes = |gw: &Gateway| {
+        (
+            gw.metric("holdfast_link_batch_bytes_total"),
+            gw.metric("holdfast_link_wire_bytes_total"),
+        )
+    };
+    send(&gw1, "d1", 0..500);
+    send(&gw2, "d2", 0..500);
+    wait_until(30, "1000 messages at the root", || consumer.len() >= 1000);
+    let (raw1, wire1) = bytes(&gw1);
+    let (raw2, wire2) = bytes(&gw2);
+    assert!(raw1 > 0.0 && wire1 * 2.0 < raw1, "gw1 compresses: {wire1} of {raw1}");
+    assert!(wire2 >= raw2, "gw2 sends plain batches: {wire2} of {raw2}");
+
+    // A parent that offers only link/1 (as an older one does): plain.
+    drop(consumer);
+    let text = std::fs::read_to_string(&root.config).unwrap();
+    std::fs::write(&root.config, text.replace("[link]\n", "[link]\ncompression = false\n")).unwrap();
+    root.restart();
+    let consumer = Consumer::start(root.mqtt, "backend-2", "site/#");
+    wait_until(20, "gw1 back up", || gw1.api("/api/v1/link")["link"]["state"] == "up");
+    let (raw_before, wire_before) = bytes(&gw1);
+    send(&gw1, "d1", 500..700);
+    wait_until(30, "200 more at the root", || consumer.len() >= 200);
+    let (raw_after, wire_after) = bytes(&gw1);
+    assert!(
+        wire_after - wire_before >= raw_after - raw_before,
+        "plain against a link/1 parent"
+    );
+
+    // The cap: 8 KB/s, set by a reload; 60 messages of 1 KB then take
+    // several seconds and the senders wait; lifting it lets the rest go.
+    let text = std::fs::read_to_string(&gw2.config).unwrap();
+    std::fs::write(
+        &gw2.config,
+        text.replace("[upstream]\n", "[upstream]\nmax_bytes_per_second = 8000\n"),
+    )
+    .unwrap();
+    let report = gw2.cli_ok(&["reload"]);
+    assert!(report.contains("upstream.max_bytes_per_second"), "{report}");
+    let payload = "x".repeat(1000);
+    let mut d = Client::connect(gw2.mqtt, "d2-cap", true).unwrap();
+    for _ in 0..60 {
+        assert!(d.publish_acked("site/big", &payload, Duration::from_secs(5)).unwrap());
+    }
+    let waited = || gw2.metric("holdfast_link_throttled_seconds_total");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while waited() < 2.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the capped sender never waited 2 s: {}",
+            gw2.metrics()
+                .lines()
+                .filter(|l| l.starts_with("holdfast_link"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before_lift = consumer.len();
+    assert!(before_lift < 200 + 60, "the cap holds messages back");
+    std::fs::write(&gw2.config, text).unwrap();
+    gw2.cli_ok(&["reload"]);
+    wait_until(20, "the rest after lifting the cap", || consumer.len() >= 260);
+    drop(consumer);
+}

@@ -215,6 +215,7 @@ impl Config {
         c.max_size = new.cache.max_size;
         c.min_free = new.cache.min_free;
         c.orphan_fill_bytes = new.cache.orphan_fill_bytes;
+        self.upstream.max_bytes_per_second = new.upstream.max_bytes_per_second;
     }
 
     /// Checks values that types alone cannot.
@@ -361,6 +362,9 @@ impl Config {
         }
         if u.connect_timeout_ms < 100 {
             return Err(ConfigError::key("upstream.connect_timeout_ms", "must be at least 100"));
+        }
+        if !(1..=19).contains(&u.compression_level) {
+            return Err(ConfigError::key("upstream.compression_level", "must be 1-19"));
         }
         match u.kind {
             UpstreamKind::None => {}

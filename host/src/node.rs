@@ -95,6 +95,8 @@ pub struct NodeState {
     pub link: Arc<holdfast_link::Status>,
     /// Where the link listener for child gateways is bound.
     pub link_listen: Option<SocketAddr>,
+    /// The upstream byte-rate cap (`upstream.max_bytes_per_second`).
+    pub link_rate: Arc<holdfast_link::rate::RateLimit>,
     /// When the node started.
     pub started_at: SystemTime,
     /// Monotonic start.
@@ -236,7 +238,12 @@ impl Node {
             None
         };
         let link = Arc::new(holdfast_link::Status::new(config.link_sections()));
-        let link_listen = start_link(&config, &outbox, &broker, &hub, &link, &metrics, &stopped, &mut tasks)?;
+        let link_rate = Arc::new(holdfast_link::rate::RateLimit::new(
+            config.upstream.max_bytes_per_second,
+        ));
+        let link_listen = start_link(
+            &config, &outbox, &broker, &hub, &link, &metrics, &link_rate, &stopped, &mut tasks,
+        )?;
         let cache = match cache {
             Some(cache) => {
                 let cache = Arc::new(cache);
@@ -274,6 +281,7 @@ impl Node {
             mqtt: bound,
             link,
             link_listen,
+            link_rate,
             started_at: SystemTime::now(),
             started,
             admin_token,
@@ -428,6 +436,7 @@ fn start_link(
     hub: &Arc<Hub>,
     status: &Arc<holdfast_link::Status>,
     metrics: &Arc<Metrics>,
+    rate: &Arc<holdfast_link::rate::RateLimit>,
     stopped: &watch::Receiver<bool>,
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> Result<Option<SocketAddr>, StartError> {
@@ -458,6 +467,7 @@ fn start_link(
         metrics: metrics.clone(),
         registry: matches!(config.upstream.kind, UpstreamKind::Quic).then(|| hub.registry().clone()),
         hub: matches!(config.upstream.kind, UpstreamKind::Quic).then(|| hub.clone()),
+        rate: rate.clone(),
     };
     match config.upstream.kind {
         UpstreamKind::None => {

@@ -33,6 +33,7 @@ pub const LIVE_KEYS: &[&str] = &[
     "cache.max_size",
     "cache.min_free",
     "cache.orphan_fill_bytes",
+    "upstream.max_bytes_per_second",
 ];
 
 /// What a reload did.
@@ -109,6 +110,13 @@ impl Reloader {
         report.applied.extend(state.outbox.apply_limits(&new.outbox));
         if let Some(cache) = &state.cache {
             report.applied.extend(cache.apply_limits(&new.cache));
+        }
+        if state.link_rate.set(new.upstream.max_bytes_per_second) {
+            tracing::info!(
+                bytes_per_second = new.upstream.max_bytes_per_second,
+                "upstream byte-rate cap changed"
+            );
+            report.applied.push("upstream.max_bytes_per_second".into());
         }
         if applied.log.level != new.log.level {
             match crate::logging::set_level(&new.log.level) {

@@ -279,6 +279,8 @@ impl Session {
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
         let mut last_heard = tokio::time::Instant::now();
         let mut idle = false;
+        // The lane of the last batch, for the rate cap's priority.
+        let mut lane = 0u8;
         loop {
             // Fill the window.
             out.clear();
@@ -290,6 +292,7 @@ impl Session {
                     Err(e) => return Ended::Refused(format!("outbox: {e}")),
                 };
                 idle = leased.is_none();
+                lane = leased.as_ref().map_or(lane, |l| l.lane);
                 let now = ctx.link.outbox.clock_ms();
                 let mut sent = 0u64;
                 let mut skipped = Vec::new();
@@ -343,10 +346,16 @@ impl Session {
                     ctx.link.status.update(|s| s.sent += sent);
                 }
             }
-            if !out.is_empty()
-                && let Err(e) = self.stream.write_all(&out).await
-            {
-                return Ended::Unreachable(format!("write: {e}"));
+            if !out.is_empty() {
+                let waited = ctx.link.rate.take(usize::from(lane), out.len() as u64).await;
+                if !waited.is_zero() {
+                    ctx.link.metrics.link_throttled_seconds.inc_by(waited.as_secs_f64());
+                }
+                ctx.link.metrics.link_batch_bytes.inc_by(out.len() as u64);
+                ctx.link.metrics.link_wire_bytes.inc_by(out.len() as u64);
+                if let Err(e) = self.stream.write_all(&out).await {
+                    return Ended::Unreachable(format!("write: {e}"));
+                }
             }
             let can_send = inflight.len() < self.window;
             tokio::select! {

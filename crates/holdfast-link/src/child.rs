@@ -43,7 +43,12 @@ pub fn client_config(config: Sections<'_>) -> Result<quinn::ClientConfig, LinkEr
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .map_err(|e| LinkError::Tls(e.to_string()))?;
-    tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+    // Offering link/2 first: a parent that has it picks it.
+    tls.alpn_protocols = if config.upstream.compression {
+        vec![wire::ALPN_V2.to_vec(), wire::ALPN.to_vec()]
+    } else {
+        vec![wire::ALPN.to_vec()]
+    };
     let q = &config.upstream.quic;
     let transport = transport(
         Duration::from_millis(q.keep_alive_ms),
@@ -58,8 +63,9 @@ struct Quic {
     endpoint: quinn::Endpoint,
 }
 
-/// The control stream is kept open while the link lives.
-pub(crate) type Session = (quinn::Connection, quinn::SendStream);
+/// The connection, its control stream (kept open while the link lives),
+/// and whether batches are compressed (link/2 was agreed).
+pub(crate) type Session = (quinn::Connection, quinn::SendStream, bool);
 
 impl Upstream for Quic {
     type Session = Session;
@@ -80,9 +86,9 @@ impl Upstream for Quic {
         connect(&self.ctx, &self.endpoint, addr).await
     }
 
-    async fn serve(&self, (conn, control): Session, stop: &mut watch::Receiver<bool>) -> Ended {
+    async fn serve(&self, (conn, control, compress): Session, stop: &mut watch::Receiver<bool>) -> Ended {
         let ended = tokio::select! {
-            e = drain(&self.ctx, &conn) => e,
+            e = drain(&self.ctx, &conn, compress) => e,
             _ = stop.wait_for(|s| *s) => {
                 conn.close(close::SHUTDOWN.into(), b"shutting down");
                 Ended::Stopped
@@ -186,8 +192,14 @@ async fn connect(ctx: &Ctx, endpoint: &quinn::Endpoint, addr: SocketAddr) -> Res
         }
     };
     result("ok");
-    tracing::info!(parent = %parent, %addr, rtt_ms = conn.rtt().as_millis() as u64, "link up");
-    Ok((conn, send))
+    let compress = ctx.config.compression
+        && conn
+            .handshake_data()
+            .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|d| d.protocol)
+            .is_some_and(|p| p == wire::ALPN_V2);
+    tracing::info!(parent = %parent, %addr, rtt_ms = conn.rtt().as_millis() as u64, compress, "link up");
+    Ok((conn, send, compress))
 }
 
 fn classify_connect_error(e: quinn::ConnectionError, result: &dyn Fn(&'static str)) -> Ended {
@@ -209,7 +221,7 @@ fn classify_connect_error(e: quinn::ConnectionError, result: &dyn Fn(&'static st
 }
 
 /// Drains every lane over `conn` until it fails.
-async fn drain(ctx: &Arc<Ctx>, conn: &quinn::Connection) -> Ended {
+async fn drain(ctx: &Arc<Ctx>, conn: &quinn::Connection, compress: bool) -> Ended {
     let mut lanes = tokio::task::JoinSet::new();
     if let Some(registry) = &ctx.registry {
         lanes.spawn(super::scope::receive(
@@ -225,7 +237,7 @@ async fn drain(ctx: &Arc<Ctx>, conn: &quinn::Connection) -> Ended {
     }
     for lane in 0..LANES as u8 {
         let (ctx, conn) = (ctx.clone(), conn.clone());
-        lanes.spawn(async move { lane_sender(ctx, conn, lane).await });
+        lanes.spawn(async move { lane_sender(ctx, conn, lane, compress).await });
     }
     let closed = conn.closed().await;
     lanes.abort_all();
@@ -247,14 +259,20 @@ async fn drain(ctx: &Arc<Ctx>, conn: &quinn::Connection) -> Ended {
 
 /// Sends one lane. Opens its stream at the first message. Any error closes
 /// the connection: the lanes are restarted together on the next link.
-async fn lane_sender(ctx: Arc<Ctx>, conn: quinn::Connection, lane: u8) {
-    if let Err(e) = lane_loop(&ctx, &conn, lane).await {
+async fn lane_sender(ctx: Arc<Ctx>, conn: quinn::Connection, lane: u8, compress: bool) {
+    if let Err(e) = lane_loop(&ctx, &conn, lane, compress).await {
         tracing::debug!(lane, error = %e, "link lane failed");
         conn.close(close::PROTOCOL.into(), e.as_bytes());
     }
 }
 
-async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8) -> Result<(), String> {
+async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8, compress: bool) -> Result<(), String> {
+    // One zstd context per lane stream, on both sides.
+    let mut compressor = if compress {
+        Some(wire::Compressor::new(ctx.config.compression_level).map_err(|e| format!("zstd: {e}"))?)
+    } else {
+        None
+    };
     let mut work = ctx.outbox.watch_work();
     let window = ctx.config.window_messages;
     let batch_max = ctx.config.batch_messages;
@@ -304,8 +322,16 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8) -> Result
             let mut expired = Vec::new();
             let mut batch_bytes = 0usize;
             let mut unsent = Vec::new();
+            // Under a byte-rate cap, batches of a quarter second at most, so
+            // the cap paces them instead of letting one large batch through.
+            let batch_limit = match ctx.rate.rate() {
+                0 => MAX_BATCH_BYTES,
+                r => usize::try_from(r / 4)
+                    .unwrap_or(MAX_BATCH_BYTES)
+                    .clamp(4096, MAX_BATCH_BYTES),
+            };
             for item in &leased.items {
-                if batch_bytes >= MAX_BATCH_BYTES {
+                if batch_bytes >= batch_limit {
                     // The rest go in the next batch.
                     unsent.push(item.id);
                     continue;
@@ -331,12 +357,29 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8) -> Result
                 continue;
             }
             let n = records.len() as u64;
-            let mut chunks = Frame::batch_chunks(records).map_err(|e| e.to_string())?;
+            let raw: u64 = records.iter().map(|(h, p)| 4 + (h.len() + p.len()) as u64).sum();
+            let mut chunks = match compressor.as_mut() {
+                Some(c) => {
+                    let mut out = BytesMut::new();
+                    c.zbatch(&records)
+                        .and_then(|f| f.encode(&mut out))
+                        .map_err(|e| e.to_string())?;
+                    vec![out.freeze()]
+                }
+                None => Frame::batch_chunks(records).map_err(|e| e.to_string())?,
+            };
+            let wire_bytes: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+            let waited = ctx.rate.take(usize::from(lane), wire_bytes).await;
+            if !waited.is_zero() {
+                ctx.metrics.link_throttled_seconds.inc_by(waited.as_secs_f64());
+            }
             holdfast_model::lock(&inflight).sent(ids);
             if let Some(s) = stream.as_mut() {
                 s.write_all_chunks(&mut chunks).await.map_err(|e| e.to_string())?;
             }
             ctx.metrics.link_sent.inc_by(n);
+            ctx.metrics.link_batch_bytes.inc_by(raw);
+            ctx.metrics.link_wire_bytes.inc_by(wire_bytes);
             ctx.status.update(|s| {
                 s.sent += n;
                 s.window = window;

@@ -41,8 +41,11 @@ pub struct LinkConfig {
     pub listen: SocketAddr,
     /// Concurrent child connections. Default 1000.
     pub max_children: usize,
-    /// Largest batch a child may send, bytes. Default 16 MiB.
+    /// Largest batch a child may send, bytes (uncompressed, for compressed
+    /// batches). Default 16 MiB.
     pub max_batch_bytes: u32,
+    /// Offer children compressed batches (`holdfast-link/2`). Default true.
+    pub compression: bool,
 }
 
 impl Default for LinkConfig {
@@ -52,6 +55,7 @@ impl Default for LinkConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 15600)),
             max_children: 1000,
             max_batch_bytes: 16 << 20,
+            compression: true,
         }
     }
 }
@@ -93,6 +97,15 @@ pub struct UpstreamConfig {
     pub watch_network: bool,
     /// A connection attempt that has not completed by then fails, ms. Default 5000.
     pub connect_timeout_ms: u64,
+    /// QUIC: compress batches with zstd when the parent offers it
+    /// (`holdfast-link/2`; an older parent gets plain batches). Default true.
+    pub compression: bool,
+    /// zstd level, 1-19. Default 3.
+    pub compression_level: i32,
+    /// Cap on the bytes per second sent upstream (batch frames on the QUIC
+    /// link, PUBLISH packets on the bridge); 0 for none. Applied live by a
+    /// reload. Default 0.
+    pub max_bytes_per_second: u64,
     /// `[upstream.quic]`
     pub quic: UpstreamQuicConfig,
     /// `[upstream.mqtt]`
@@ -110,6 +123,9 @@ impl Default for UpstreamConfig {
             probe_interval_ms: 100,
             watch_network: true,
             connect_timeout_ms: 5000,
+            compression: true,
+            compression_level: 3,
+            max_bytes_per_second: 0,
             quic: UpstreamQuicConfig::default(),
             mqtt: BridgeConfig::default(),
         }

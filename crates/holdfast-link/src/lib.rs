@@ -11,6 +11,8 @@
 //! - [`bridge`]: MQTT to any broker, QoS 1 with an in-flight window.
 //! - [`root`]: no upstream: what reaches the outbox is delivered to local
 //!   subscribers.
+//! - [`rate`]: the upstream byte-rate cap, shared by the lanes in priority
+//!   order.
 //! - [`reconnect`]: capped exponential back-off with full jitter, and the
 //!   two things that cut it short: the parent answering a probe, and the
 //!   machine's network changing.
@@ -21,6 +23,7 @@ pub mod bridge;
 pub mod child;
 pub mod config;
 pub mod parent;
+pub mod rate;
 pub mod reconnect;
 pub mod root;
 pub mod scope;
@@ -79,6 +82,8 @@ pub struct Ctx {
     pub registry: Option<Arc<holdfast_registry::Registry>>,
     /// Twins and methods the service stream serves (QUIC child only).
     pub hub: Option<Arc<holdfast_iothub::Hub>>,
+    /// `upstream.max_bytes_per_second`, changed live by a reload.
+    pub rate: Arc<rate::RateLimit>,
 }
 
 /// This node's fleet TLS material: the CA roots, its certificate chain and key.

@@ -37,7 +37,7 @@ pub struct Ctx {
     pub metrics: Arc<Metrics>,
     /// Concurrent children.
     pub max_children: usize,
-    /// Largest frame accepted.
+    /// Largest frame accepted (and largest batch, uncompressed).
     pub max_frame: usize,
     /// Twins, methods and cloud-to-device messages for the children.
     pub hub: Arc<holdfast_iothub::Hub>,
@@ -63,7 +63,11 @@ pub fn start(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|e| LinkError::Tls(e.to_string()))?;
-    tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+    tls.alpn_protocols = if config.link.compression {
+        vec![wire::ALPN_V2.to_vec(), wire::ALPN.to_vec()]
+    } else {
+        vec![wire::ALPN.to_vec()]
+    };
     // The child decides the keep-alive; this only reaps dead paths.
     let transport = transport(Duration::from_secs(5), Duration::from_secs(30))?;
     let server = holdfast_broker::quic::server_config(tls, transport).map_err(LinkError::Tls)?;
@@ -319,9 +323,33 @@ async fn lane(
             }
         })
     };
+    // The stream's zstd context, from its first compressed batch on.
+    let mut decompressor: Option<wire::Decompressor> = None;
     loop {
         let records = match wire::read_frame(&mut recv, ctx.max_frame).await {
             Ok(Some(Frame::Batch(records))) => records,
+            Ok(Some(Frame::ZBatch { count, raw_len, data })) => {
+                let d = match decompressor.as_mut() {
+                    Some(d) => d,
+                    None => match wire::Decompressor::new() {
+                        Ok(d) => decompressor.insert(d),
+                        Err(e) => {
+                            tracing::warn!(child = %child, error = %e, "link: cannot make a zstd context");
+                            conn.close(close::PROTOCOL.into(), b"cannot decompress");
+                            break;
+                        }
+                    },
+                };
+                match d.records(count, raw_len, &data, ctx.max_frame) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        refused(&ctx, "malformed");
+                        tracing::warn!(child = %child, error = %e, "link: bad compressed batch from a child");
+                        conn.close(close::PROTOCOL.into(), b"bad compressed batch");
+                        break;
+                    }
+                }
+            }
             Ok(None) => break,
             Ok(Some(_)) => {
                 refused(&ctx, "protocol");

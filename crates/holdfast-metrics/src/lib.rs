@@ -291,6 +291,15 @@ pub struct Metrics {
     pub link_sent: Counter,
     /// `holdfast_link_messages_acked_total`: messages the upstream acknowledged.
     pub link_acked: Counter,
+    /// `holdfast_link_batch_bytes_total`: bytes of the batches sent upstream
+    /// before compression (record lengths and records).
+    pub link_batch_bytes: Counter,
+    /// `holdfast_link_wire_bytes_total`: bytes of the batch frames written to
+    /// the upstream link (compressed when the link compresses).
+    pub link_wire_bytes: Counter,
+    /// `holdfast_link_throttled_seconds_total`: time senders waited for the
+    /// upstream byte-rate cap.
+    pub link_throttled_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     /// `holdfast_link_children`: connected child gateways.
     pub link_children: Gauge,
     /// `holdfast_link_messages_received_total`: messages stored from child gateways.
@@ -547,6 +556,24 @@ impl Metrics {
             "Messages the upstream acknowledged",
             link_acked.clone(),
         );
+        let link_batch_bytes = Counter::default();
+        registry.register(
+            "link_batch_bytes",
+            "Bytes of the batches sent upstream before compression",
+            link_batch_bytes.clone(),
+        );
+        let link_wire_bytes = Counter::default();
+        registry.register(
+            "link_wire_bytes",
+            "Bytes of the batch frames written to the upstream link",
+            link_wire_bytes.clone(),
+        );
+        let link_throttled_seconds = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "link_throttled_seconds",
+            "Time senders waited for the upstream byte-rate cap",
+            link_throttled_seconds.clone(),
+        );
         let link_children = Gauge::default();
         registry.register("link_children", "Connected child gateways", link_children.clone());
         let link_received = Counter::default();
@@ -694,6 +721,9 @@ impl Metrics {
             link_wakeups,
             link_sent,
             link_acked,
+            link_batch_bytes,
+            link_wire_bytes,
+            link_throttled_seconds,
             link_children,
             link_received,
             link_refused,
