@@ -260,7 +260,7 @@ mod tests {
     /// one, and `when_full` turned round.
     fn everything_changed(base: &Config) -> Config {
         let mut v = serde_json::to_value(base).unwrap();
-        for section in ["mqtt", "outbox", "cache"] {
+        for section in ["mqtt", "outbox", "cache", "upstream"] {
             for (_, value) in v[section].as_object_mut().unwrap() {
                 if let Some(n) = value.as_u64() {
                     *value = serde_json::json!(n + 1);

@@ -23,8 +23,10 @@ pub struct MqttConfig {
     pub ws: WsListenerConfig,
     /// `[mqtt.wss]`: MQTT over WebSockets over TLS (`cert` and `key`
     /// required). Default off, `0.0.0.0:8084`; the IoT Hub device SDKs use
-    /// port 443 when asked for WebSockets.
-    pub wss: WsListenerConfig,
+    /// port 443 when asked for WebSockets (also when the table is given
+    /// without `listen`).
+    #[serde(deserialize_with = "wss_listener")]
+    pub wss: WssListenerConfig,
     /// Largest packet accepted or sent, bytes. Default 1 MiB.
     pub max_packet_size: u32,
     /// Longest topic name or filter, bytes. Default 1024.
@@ -73,8 +75,8 @@ impl Default for MqttConfig {
             tcp: TcpListenerConfig::default(),
             tls: TlsListenerConfig::with_port(8883),
             quic: TlsListenerConfig::with_port(MQTT_QUIC_PORT),
-            ws: WsListenerConfig::with_port(8083),
-            wss: WsListenerConfig::with_port(8084),
+            ws: WsListenerConfig::default(),
+            wss: WssListenerConfig::default(),
             max_packet_size: 1 << 20,
             max_topic_length: 1024,
             max_subscriptions_per_client: 100,
@@ -134,41 +136,68 @@ pub struct TlsListenerConfig {
     pub require_client_cert: bool,
 }
 
-/// `[mqtt.ws]` and `[mqtt.wss]`: MQTT over WebSockets (RFC 6455,
-/// subprotocol `mqtt`).
+/// `[mqtt.ws]`: MQTT over WebSockets (RFC 6455, subprotocol `mqtt`), plain.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WsListenerConfig {
     /// Listen. Default false.
     pub enabled: bool,
-    /// Address. Default `0.0.0.0:8083` (`ws`), `0.0.0.0:8084` (`wss`).
+    /// Address. Default `0.0.0.0:8083`.
     pub listen: SocketAddr,
     /// Request paths upgraded to MQTT. Default `["/mqtt",
     /// "/$iothub/websocket"]` (the second is the IoT Hub device SDKs').
     pub paths: Vec<String>,
-    /// `wss` only: server certificate chain, PEM. Required when enabled.
+}
+
+impl Default for WsListenerConfig {
+    fn default() -> Self {
+        WsListenerConfig {
+            enabled: false,
+            listen: SocketAddr::from(([0, 0, 0, 0], 8083)),
+            paths: default_ws_paths(),
+        }
+    }
+}
+
+fn default_ws_paths() -> Vec<String> {
+    vec!["/mqtt".to_string(), "/$iothub/websocket".to_string()]
+}
+
+/// `[mqtt.wss]`: MQTT over WebSockets over TLS.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WssListenerConfig {
+    /// Listen. Default false.
+    pub enabled: bool,
+    /// Address. Default `0.0.0.0:8084`.
+    pub listen: SocketAddr,
+    /// Request paths upgraded to MQTT, as for `[mqtt.ws]`.
+    pub paths: Vec<String>,
+    /// Server certificate chain, PEM. Required when enabled.
     pub cert: Option<PathBuf>,
-    /// `wss` only: server private key, PEM. Required when enabled.
+    /// Server private key, PEM. Required when enabled.
     pub key: Option<PathBuf>,
-    /// `wss` only: CA bundle (PEM) for client certificates, as for `[mqtt.tls]`.
+    /// CA bundle (PEM) for client certificates, as for `[mqtt.tls]`.
     pub client_ca: Option<PathBuf>,
-    /// `wss` only: refuse clients without a valid certificate. Default false.
+    /// Refuse clients without a valid certificate. Default false.
     pub require_client_cert: bool,
 }
 
-impl WsListenerConfig {
-    fn with_port(port: u16) -> Self {
-        WsListenerConfig {
+impl Default for WssListenerConfig {
+    fn default() -> Self {
+        WssListenerConfig {
             enabled: false,
-            listen: SocketAddr::from(([0, 0, 0, 0], port)),
-            paths: vec!["/mqtt".to_string(), "/$iothub/websocket".to_string()],
+            listen: SocketAddr::from(([0, 0, 0, 0], 8084)),
+            paths: default_ws_paths(),
             cert: None,
             key: None,
             client_ca: None,
             require_client_cert: false,
         }
     }
+}
 
+impl WssListenerConfig {
     /// The TLS part, as a TLS listener's.
     pub fn tls(&self) -> TlsListenerConfig {
         TlsListenerConfig {
@@ -179,12 +208,6 @@ impl WsListenerConfig {
             client_ca: self.client_ca.clone(),
             require_client_cert: self.require_client_cert,
         }
-    }
-}
-
-impl Default for WsListenerConfig {
-    fn default() -> Self {
-        Self::with_port(8083)
     }
 }
 
@@ -200,6 +223,17 @@ fn quic_listener<'de, D: serde::Deserializer<'de>>(d: D) -> Result<TlsListenerCo
         .entry("listen")
         .or_insert_with(|| toml::Value::String(format!("0.0.0.0:{MQTT_QUIC_PORT}")));
     TlsListenerConfig::deserialize(toml::Value::Table(table)).map_err(D::Error::custom)
+}
+
+/// Reads `[mqtt.wss]`: a table without `listen` gets the WSS port, not
+/// the plain WebSocket listener's.
+fn wss_listener<'de, D: serde::Deserializer<'de>>(d: D) -> Result<WssListenerConfig, D::Error> {
+    use serde::de::Error as _;
+    let mut table = toml::Table::deserialize(d)?;
+    table
+        .entry("listen")
+        .or_insert_with(|| toml::Value::String("0.0.0.0:8084".to_string()));
+    WssListenerConfig::deserialize(toml::Value::Table(table)).map_err(D::Error::custom)
 }
 
 impl TlsListenerConfig {
@@ -259,19 +293,13 @@ impl MqttConfig {
         if m.sync_interval_ms < 10 {
             return Err(("mqtt.sync_interval_ms".to_string(), "must be at least 10".to_string()));
         }
-        for (name, l) in [("ws", &m.ws), ("wss", &m.wss)] {
-            if l.paths.is_empty() || l.paths.iter().any(|p| !p.starts_with('/')) {
+        for (name, paths) in [("ws", &m.ws.paths), ("wss", &m.wss.paths)] {
+            if paths.is_empty() || paths.iter().any(|p| !p.starts_with('/')) {
                 return Err((
                     format!("mqtt.{name}.paths"),
                     "must name at least one path, each starting with /".to_string(),
                 ));
             }
-        }
-        if m.ws.cert.is_some() || m.ws.key.is_some() || m.ws.client_ca.is_some() {
-            return Err((
-                "mqtt.ws.cert".to_string(),
-                "[mqtt.ws] is plain; put TLS material in [mqtt.wss]".to_string(),
-            ));
         }
         let wss = m.wss.tls();
         for (name, l) in [("tls", &m.tls), ("quic", &m.quic), ("wss", &wss)] {

@@ -96,30 +96,34 @@ pub async fn start(
             stop.clone(),
         )));
     }
-    for (kind, l) in [("ws", &cfg.ws), ("wss", &cfg.wss)] {
-        if !l.enabled {
+    for kind in ["ws", "wss"] {
+        let (enabled, addr, paths) = match kind {
+            "ws" => (cfg.ws.enabled, cfg.ws.listen, &cfg.ws.paths),
+            _ => (cfg.wss.enabled, cfg.wss.listen, &cfg.wss.paths),
+        };
+        if !enabled {
             continue;
         }
         let acceptor = match kind {
             "wss" => Some(tokio_rustls::TlsAcceptor::from(Arc::new(server_config(
                 "wss",
-                &l.tls(),
+                &cfg.wss.tls(),
                 vec![b"http/1.1".to_vec()],
             )?))),
             _ => None,
         };
-        let (listener, local) = bind_tcp(kind, l.listen).await?;
+        let (listener, local) = bind_tcp(kind, addr).await?;
         if kind == "ws" {
             bound.ws = Some(local);
         } else {
             bound.wss = Some(local);
         }
-        tracing::info!(addr = %local, paths = ?l.paths, "MQTT listening ({kind})");
+        tracing::info!(addr = %local, paths = ?paths, "MQTT listening ({kind})");
         tasks.push(tokio::spawn(accept_ws(
             broker.clone(),
             listener,
             acceptor,
-            Arc::new(l.paths.clone()),
+            Arc::new(paths.clone()),
             stop.clone(),
         )));
     }
