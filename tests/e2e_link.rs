@@ -529,7 +529,7 @@ fn compressed_batches_negotiated_and_a_live_byte_rate_cap() {
     // A parent that offers only link/1 (as an older one does): plain.
     drop(consumer);
     let text = std::fs::read_to_string(&root.config).unwrap();
-    std::fs::write(&root.config, text.replace("[link]\n", "[link]\ncompression = false\n")).unwrap();
+    std::fs::write(&root.config, text.replace("[link]\n", "[link]\nversion = 1\n")).unwrap();
     root.restart();
     let consumer = Consumer::start(root.mqtt, "backend-2", "site/#");
     wait_until(20, "gw1 back up", || gw1.api("/api/v1/link")["link"]["state"] == "up");
@@ -577,4 +577,131 @@ fn compressed_batches_negotiated_and_a_live_byte_rate_cap() {
     gw2.cli_ok(&["reload"]);
     wait_until(20, "the rest after lifting the cap", || consumer.len() >= 260);
     drop(consumer);
+}
+
+/// Cloud-to-device messages for a device behind a gateway that is cut off:
+/// queued at the root, handed down when the link is back, kept by the
+/// gateway through a crash, delivered in order when the device connects;
+/// feedback (delivered, expired, rejected) at the root; a method call
+/// fails at once with "gateway offline".
+#[test]
+fn cloud_to_device_waits_for_a_cut_gateway_and_a_restart() {
+    let certs = fleet(&["root", "gw1"]);
+    let c = certs.path();
+    let root_link = free_port();
+    let root = Gateway::start_named(
+        "root",
+        &format!(
+            "{}{}{}[iothub]\nc2d_max_queued_per_device = 4\n\
+             [[identities]]\nid = \"dev1\"\nkind = \"device\"\nparent = \"gw1\"\n\
+             [[identities]]\nid = \"dev2\"\nkind = \"device\"\nparent = \"gw1\"\n",
+            fleet_section(c, "root"),
+            listen_section(root_link),
+            child_identity("gw1", "root"),
+        ),
+    );
+    let proxy = Proxy::start(addr(root_link));
+    let mut gw1 = Gateway::start_named(
+        "gw1",
+        &format!(
+            "{}{}[plugins.auth.config]\nallow_anonymous = true\nanonymous_topics = [\"#\"]\n",
+            fleet_section(c, "gw1"),
+            upstream_section(proxy.udp, "root")
+        ),
+    );
+    let up = |gw: &Gateway| gw.api("/api/v1/link")["link"]["state"] == "up";
+    wait_until(20, "gw1 up", || up(&gw1));
+    // The device's identity reaches gw1 by scope sync.
+    wait_until(20, "dev1 in gw1's scope", || {
+        gw1.cli(&["device", "show", "dev1"]).status.success()
+    });
+    proxy.cmd("cut");
+    wait_until(20, "gw1 down", || !up(&gw1));
+
+    let send = |id: &str, text: &str, ttl: Option<u64>| {
+        let mut body = serde_json::json!({ "payload": text });
+        if let Some(t) = ttl {
+            body["ttl_seconds"] = t.into();
+        }
+        root.post(&format!("/api/v1/devices/{id}/messages"), &body)
+    };
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (code, body) = send("dev1", &format!("c2d-{i}"), None);
+        assert_eq!(code, 202, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["state"], "queued", "{v}");
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    // A fourth that expires while it waits; dev1's queue holds 4, so a
+    // fifth is refused.
+    let (code, body) = send("dev1", "short-lived", Some(1));
+    assert_eq!(code, 202, "{body}");
+    let (code, body) = send("dev1", "one too many", None);
+    assert_eq!(code, 403, "{body}");
+    // A method call fails at once, with the reason.
+    let started = std::time::Instant::now();
+    let (code, body) = root.post("/api/v1/devices/dev1/methods/reboot", &serde_json::json!({}));
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("gateway offline"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(1500));
+    let c2d = root.api("/api/v1/c2d");
+    assert_eq!(c2d["queues"][0]["device"], "dev1", "{c2d}");
+    assert_eq!(c2d["queues"][0]["messages"], 3, "the short-lived one expired: {c2d}");
+
+    // The link is back: the messages go down and gw1 keeps them.
+    proxy.cmd("up");
+    wait_until(30, "the root's queue to empty", || {
+        root.api("/api/v1/c2d")["queues"]
+            .as_array()
+            .is_some_and(|q| q.is_empty())
+    });
+    wait_until(10, "gw1 to hold them", || {
+        gw1.api("/api/v1/c2d")["queues"][0]["messages"] == 3
+    });
+    // A crash does not lose them.
+    gw1.crash_restart();
+    assert_eq!(gw1.api("/api/v1/c2d")["queues"][0]["messages"], 3);
+    wait_until(20, "gw1 up again", || up(&gw1));
+
+    // The device connects and subscribes: all three, in order, once.
+    let mut dev = Client::connect(gw1.mqtt, "dev1", true).unwrap();
+    dev.subscribe("devices/dev1/messages/devicebound/#").unwrap();
+    let mut got = Vec::new();
+    while let Some(m) = dev.recv(Duration::from_secs(5)).unwrap() {
+        got.push(m.payload);
+        if got.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(got, ["c2d-0", "c2d-1", "c2d-2"]);
+    assert!(dev.recv(Duration::from_millis(500)).unwrap().is_none(), "no duplicates");
+
+    // Feedback at the root: three delivered at gw1, one expired, one rejected.
+    wait_until(20, "the feedback at the root", || {
+        root.api("/api/v1/c2d")["feedback"]
+            .as_array()
+            .is_some_and(|f| f.iter().filter(|r| r["outcome"] == "delivered").count() == 3)
+    });
+    let fb = root.api("/api/v1/c2d")["feedback"].clone();
+    let of = |outcome: &str| {
+        fb.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["outcome"] == outcome)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let delivered = of("delivered");
+    for id in &ids {
+        assert!(
+            delivered.iter().any(|r| r["id"] == id.as_str() && r["node"] == "gw1"),
+            "{id} delivered at gw1: {fb}"
+        );
+    }
+    assert_eq!(of("expired").len(), 1, "{fb}");
+    assert_eq!(of("rejected").len(), 1, "{fb}");
+    let shown = root.cli_ok(&["device", "c2d"]);
+    assert!(shown.contains("delivered") && shown.contains("gw1"), "{shown}");
 }

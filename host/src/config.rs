@@ -80,6 +80,8 @@ pub struct Config {
     pub identities: Vec<IdentityConfig>,
     /// `[cache]`: the HTTP range cache for update and package content.
     pub cache: CacheConfig,
+    /// `[iothub]`: the IoT Hub device dialect (cloud-to-device queues).
+    pub iothub: holdfast_iothub::config::IothubConfig,
     /// The file this config was read from (`None`: the embedded default).
     #[serde(skip)]
     pub source_path: Option<PathBuf>,
@@ -255,6 +257,9 @@ impl Config {
             return Err(ConfigError::key("plugins.max_instances", "must be 4-10000"));
         }
         self.cache.validate().map_err(|(key, why)| ConfigError::key(key, why))?;
+        self.iothub
+            .validate()
+            .map_err(|(key, why)| ConfigError::key(key, why))?;
         self.outbox
             .validate()
             .map_err(|(key, why)| ConfigError::key(key, why))?;

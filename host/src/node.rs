@@ -187,6 +187,21 @@ impl Node {
         let registry = Arc::new(registry);
         metrics.registry_identities.set(registry.len() as i64);
         let hub = Hub::new(Arc::new(twins), registry.clone(), metrics.clone());
+        {
+            let (store, node, cap) = (
+                store.clone(),
+                config.node.id.clone(),
+                config.iothub.c2d_max_queued_per_device,
+            );
+            let c2d = tokio::task::spawn_blocking(move || holdfast_iothub::c2d::C2d::open(&store, &node, cap))
+                .await
+                .map_err(|e| PluginError::Engine(format!("c2d open task failed: {e}")))?
+                .map_err(holdfast_outbox::OutboxError::from)?;
+            hub.attach_c2d(
+                Arc::new(c2d),
+                std::time::Duration::from_secs(config.iothub.c2d_default_ttl_seconds),
+            );
+        }
         let context = NodeContext {
             node_id: config.node.id.as_str().into(),
             started,
@@ -233,6 +248,7 @@ impl Node {
             tasks.push(tokio::spawn(broker.clone().sync_task()));
             tasks.push(tokio::spawn(broker.clone().revocation_task()));
             tasks.push(tokio::spawn(hub.clone().desired_task(stopped.clone())));
+            tasks.push(tokio::spawn(hub.clone().c2d_task(stopped.clone())));
             Some(broker)
         } else {
             None

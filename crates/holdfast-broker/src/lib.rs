@@ -178,6 +178,10 @@ pub trait Dialect: Send + Sync + 'static {
     /// True when the message was handed to the child gateway that reaches
     /// its device, instead of local subscribers.
     fn forward_down(&self, msg: &Msg) -> bool;
+    /// A client connected or subscribed: what waits for it may go now.
+    fn client_ready(&self, client_id: &str) {
+        let _ = client_id;
+    }
 }
 
 /// What the broker works with, from the node that composes it.

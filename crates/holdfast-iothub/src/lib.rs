@@ -22,6 +22,8 @@
 //! down, reported patches up, method calls down and their answers up, and
 //! cloud-to-device messages down.
 
+pub mod c2d;
+pub mod config;
 pub mod service;
 pub mod twin;
 
@@ -37,6 +39,7 @@ use holdfast_sdk::iothub::{self, Topic, system};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
+use self::c2d::{C2d, C2dMessage, Feedback, Outcome};
 use self::twin::{DesiredChange, Twins};
 use crate::service::Svc;
 use holdfast_broker::Broker;
@@ -118,6 +121,27 @@ pub fn with_bag(topic: String, props: &Properties) -> String {
     out
 }
 
+/// Why a cloud-to-device message was not accepted.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum C2dError {
+    /// No such device in this node's scope.
+    #[error("no device {0} in this node's scope")]
+    NotFound(String),
+    /// The device's queue is full.
+    #[error("{0}")]
+    Full(String),
+    /// This node keeps no queues.
+    #[error("cloud-to-device queues are not available on this node")]
+    Unavailable,
+    /// Storage failed.
+    #[error("cannot store the message: {0}")]
+    Store(String),
+}
+
+fn c2d_now_ms() -> u64 {
+    holdfast_model::unix_ms()
+}
+
 /// A method's answer.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MethodResult {
@@ -136,6 +160,14 @@ pub enum MethodError {
     /// Registered, not connected (or not subscribed to methods).
     #[error("{0} is not online (not connected, or not subscribed to $iothub/methods/POST/#)")]
     NotOnline(String),
+    /// The child gateway the device is behind is not connected.
+    #[error("gateway offline: {target} is behind {gateway}, which is not connected")]
+    GatewayOffline {
+        /// The device or module called.
+        target: String,
+        /// Its gateway.
+        gateway: String,
+    },
     /// No answer in time.
     #[error("{target} did not answer {name} within {ms} ms")]
     Timeout {
@@ -161,7 +193,7 @@ impl MethodError {
     /// The status IoT Hub would answer with.
     pub fn status(&self) -> u16 {
         match self {
-            MethodError::NotFound(_) | MethodError::NotOnline(_) => 404,
+            MethodError::NotFound(_) | MethodError::NotOnline(_) | MethodError::GatewayOffline { .. } => 404,
             MethodError::Timeout { .. } => 504,
             MethodError::Invalid(_) => 400,
             MethodError::Busy(_) => 429,
@@ -206,7 +238,23 @@ pub struct Hub {
     /// Calls waiting for an answer, by call id (a device's `$rid` is it in hex).
     calls: Mutex<HashMap<u64, Waiting>>,
     /// Connected child gateways' service streams.
-    downlinks: Mutex<HashMap<String, mpsc::UnboundedSender<Svc>>>,
+    downlinks: Mutex<HashMap<String, Downlink>>,
+    /// Durable cloud-to-device queues, once attached.
+    c2d: OnceLock<Arc<C2d>>,
+    /// `iothub.c2d_default_ttl_seconds`, ms.
+    c2d_ttl_ms: AtomicU64,
+    /// The parent's service stream, on a link/2 link.
+    uplink: Mutex<Option<mpsc::UnboundedSender<Svc>>>,
+}
+
+/// A connected child gateway's service stream.
+#[derive(Clone)]
+struct Downlink {
+    tx: mpsc::UnboundedSender<Svc>,
+    /// It speaks link/2: durable cloud-to-device with acks and feedback.
+    v2: bool,
+    /// Messages sent down on this connection and not yet acknowledged.
+    sent: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -239,6 +287,9 @@ impl Hub {
             next_call: AtomicU64::new(1),
             calls: Mutex::new(HashMap::new()),
             downlinks: Mutex::new(HashMap::new()),
+            c2d: OnceLock::new(),
+            c2d_ttl_ms: AtomicU64::new(3_600_000),
+            uplink: Mutex::new(None),
         })
     }
 
@@ -434,11 +485,15 @@ impl Hub {
                     payload,
                     timeout_ms: timeout.as_millis() as u64,
                 };
-                match lock(&self.downlinks).get(gw).map(|down| down.send(call)) {
+                match lock(&self.downlinks).get(gw).map(|down| down.tx.send(call)) {
                     Some(Ok(())) => Ok(()),
-                    _ => Err(MethodError::NotOnline(format!(
-                        "{target} (behind {gw}, which is not connected)"
-                    ))),
+                    _ => {
+                        self.count("method-gateway-offline");
+                        Err(MethodError::GatewayOffline {
+                            target: target.to_string(),
+                            gateway: gw.clone(),
+                        })
+                    }
                 }
             }
         };
@@ -481,22 +536,30 @@ impl Hub {
         }
     }
 
-    /// Registers a child gateway's service stream.
-    pub fn add_downlink(&self, child: &str, tx: mpsc::UnboundedSender<Svc>) {
-        lock(&self.downlinks).insert(child.to_string(), tx);
+    /// Registers a child gateway's service stream (`v2`: it speaks
+    /// link/2), then sends it the cloud-to-device messages waiting for it.
+    pub fn add_downlink(&self, child: &str, tx: mpsc::UnboundedSender<Svc>, v2: bool) {
+        let down = Downlink {
+            tx,
+            v2,
+            sent: Arc::default(),
+        };
+        lock(&self.downlinks).insert(child.to_string(), down);
+        self.c2d_flush_child(child);
     }
 
     /// Forgets a child gateway's service stream, if it is still `tx`.
     pub fn remove_downlink(&self, child: &str, tx: &mpsc::UnboundedSender<Svc>) {
         let mut map = lock(&self.downlinks);
-        if map.get(child).is_some_and(|t| t.same_channel(tx)) {
+        if map.get(child).is_some_and(|d| d.tx.same_channel(tx)) {
             map.remove(child);
         }
     }
 
     /// Sends a cloud-to-device or module-input message down to the child
-    /// gateway its device is behind. True if it went down (it is then not
-    /// for this node's subscribers).
+    /// gateway its device is behind. True if it is for a child (it is then
+    /// not for this node's subscribers). A device-bound message is queued
+    /// durably here until the child has it ([`c2d`]).
     pub fn forward_down(&self, msg: &Msg) -> bool {
         let Some(t) = iothub::parse(&msg.topic).filter(|t| !t.is_outbound()) else {
             return false;
@@ -504,7 +567,15 @@ impl Hub {
         let Hop::Child(gw) = self.registry.next_hop(t.device()) else {
             return false;
         };
-        let Some(down) = lock(&self.downlinks).get(&gw).cloned() else {
+        if matches!(t, Topic::DeviceBound { .. }) && self.c2d.get().is_some() {
+            let m = self.c2d_message(t.device(), msg, None);
+            if let Err(e) = self.c2d_send(m) {
+                tracing::info!(topic = %msg.topic, error = %e, "dialect: a cloud-to-device message was not queued");
+            }
+            return true;
+        }
+        let down = lock(&self.downlinks).get(&gw).map(|d| d.tx.clone());
+        let Some(down) = down else {
             self.count("c2d-child-offline");
             tracing::debug!(topic = %msg.topic, gateway = %gw, "dialect: a device's gateway is not connected; message dropped");
             return true;
@@ -522,6 +593,306 @@ impl Hub {
             "c2d-child-offline"
         });
         true
+    }
+
+    /// Attaches the durable cloud-to-device queues; `default_ttl` is for
+    /// messages that name none.
+    pub fn attach_c2d(&self, c2d: Arc<C2d>, default_ttl: Duration) {
+        self.c2d_ttl_ms.store(default_ttl.as_millis() as u64, Ordering::Relaxed);
+        let _ = self.c2d.set(c2d);
+    }
+
+    /// The durable cloud-to-device queues.
+    pub fn c2d(&self) -> Option<&Arc<C2d>> {
+        self.c2d.get()
+    }
+
+    /// A cloud-to-device message made here from a broker message for
+    /// `device`, with `ttl` (or the default).
+    pub fn c2d_message(&self, device: &str, msg: &Msg, ttl: Option<Duration>) -> C2dMessage {
+        use base64::Engine as _;
+        let now = c2d_now_ms();
+        let ttl = ttl.map_or(self.c2d_ttl_ms.load(Ordering::Relaxed), |t| t.as_millis() as u64);
+        let node = self.c2d.get().map_or("", |c| c.node()).to_string();
+        C2dMessage {
+            id: format!(
+                "{:016x}{:08x}",
+                holdfast_model::random_u64(),
+                self.next_call.fetch_add(1, Ordering::Relaxed) as u32
+            ),
+            device: device.to_string(),
+            topic: msg.topic.clone(),
+            payload: base64::engine::general_purpose::STANDARD.encode(&msg.payload),
+            content_type: msg.properties.content_type.clone(),
+            properties: msg.properties.user_properties.clone(),
+            enqueued_ms: now,
+            expires_ms: now.saturating_add(ttl),
+            owner: node,
+        }
+    }
+
+    /// Sends a cloud-to-device message: queued durably here, then handed on
+    /// as far as it can go now. Returns whether it was delivered at once.
+    ///
+    /// # Errors
+    /// Unknown device, its queue full, no queues, or storage failed.
+    pub fn c2d_send(&self, m: C2dMessage) -> Result<bool, C2dError> {
+        let Some(q) = self.c2d.get() else {
+            return Err(C2dError::Unavailable);
+        };
+        if self.registry.next_hop(&m.device) == Hop::Unknown {
+            return Err(C2dError::NotFound(m.device));
+        }
+        let (device, id) = (m.device.clone(), m.id.clone());
+        match q.enqueue(m.clone()) {
+            Ok(()) => {
+                self.count("c2d-queued");
+            }
+            Err(e @ c2d::QueueError::Full { .. }) => {
+                self.c2d_outcome(&m, Outcome::Rejected, Some(e.to_string()));
+                return Err(C2dError::Full(e.to_string()));
+            }
+            Err(c2d::QueueError::Store(e)) => return Err(C2dError::Store(e.to_string())),
+        }
+        self.c2d_flush(&device);
+        Ok(!q.queued(&device).iter().any(|x| x.id == id))
+    }
+
+    /// Records what became of a message (here, or for its owner up the tree).
+    fn c2d_outcome(&self, m: &C2dMessage, outcome: Outcome, reason: Option<String>) {
+        let Some(q) = self.c2d.get() else { return };
+        self.count(match outcome {
+            Outcome::Delivered => "c2d-delivered",
+            Outcome::Expired => "c2d-expired",
+            Outcome::Rejected => "c2d-rejected",
+        });
+        let f = Feedback {
+            id: m.id.clone(),
+            device: m.device.clone(),
+            outcome,
+            at_ms: c2d_now_ms(),
+            node: q.node().to_string(),
+            reason,
+            owner: m.owner.clone(),
+        };
+        match q.feedback(f) {
+            Ok(Some(up)) => {
+                if let Some(tx) = lock(&self.uplink).as_ref() {
+                    let _ = tx.send(Svc::C2dFeedback { feedback: Box::new(up) });
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "c2d: cannot store a feedback record"),
+        }
+    }
+
+    /// Hands `device`'s queued messages on, in order, as far as they go now.
+    pub fn c2d_flush(&self, device: &str) {
+        let Some(q) = self.c2d.get() else { return };
+        let queued = q.queued(device);
+        if queued.is_empty() {
+            return;
+        }
+        match self.registry.next_hop(device) {
+            Hop::Unknown => {
+                for m in queued {
+                    if let Ok(Some(m)) = q.remove(device, &m.id) {
+                        self.c2d_outcome(
+                            &m,
+                            Outcome::Rejected,
+                            Some("no such device in this node's scope".into()),
+                        );
+                    }
+                }
+            }
+            Hop::Here => {
+                use base64::Engine as _;
+                for m in queued {
+                    let payload = base64::engine::general_purpose::STANDARD
+                        .decode(&m.payload)
+                        .unwrap_or_default();
+                    let msg = Msg {
+                        topic: m.topic.clone(),
+                        payload: Bytes::from(payload),
+                        qos: QoS::AtLeastOnce,
+                        retain: false,
+                        properties: Properties {
+                            content_type: m.content_type.clone(),
+                            user_properties: m.properties.clone(),
+                            ..Properties::default()
+                        },
+                        expires_at_ms: None,
+                        publisher: None,
+                    };
+                    let Some(broker) = self.broker() else { return };
+                    // In order: the first that cannot go holds the rest.
+                    if !broker.deliver_to_client(device, Arc::new(msg)) {
+                        return;
+                    }
+                    match q.remove(device, &m.id) {
+                        Ok(_) => self.c2d_outcome(&m, Outcome::Delivered, None),
+                        Err(e) => {
+                            tracing::error!(error = %e, "c2d: cannot dequeue a delivered message");
+                            return;
+                        }
+                    }
+                }
+            }
+            Hop::Child(gw) => {
+                let down = lock(&self.downlinks).get(&gw).cloned();
+                let Some(down) = down else { return };
+                for m in queued {
+                    if down.v2 {
+                        if !lock(&down.sent).insert(m.id.clone()) {
+                            continue;
+                        }
+                        if down.tx.send(Svc::C2d { message: Box::new(m) }).is_err() {
+                            return;
+                        }
+                        self.count("c2d-forwarded");
+                    } else {
+                        // An older child: handed over without a receipt.
+                        let sent = down.tx.send(Svc::Message {
+                            topic: m.topic.clone(),
+                            payload: m.payload.clone(),
+                            content_type: m.content_type.clone(),
+                            properties: m.properties.clone(),
+                        });
+                        if sent.is_err() {
+                            return;
+                        }
+                        if let Ok(Some(m)) = q.remove(device, &m.id) {
+                            self.c2d_outcome(
+                                &m,
+                                Outcome::Delivered,
+                                Some(format!("handed to {gw}, an older gateway that reports no further")),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends what waits for child gateway `child`'s devices.
+    fn c2d_flush_child(&self, child: &str) {
+        let Some(q) = self.c2d.get() else { return };
+        for (device, _) in q.queues() {
+            if self.registry.next_hop(&device) == Hop::Child(child.to_string()) {
+                self.c2d_flush(&device);
+            }
+        }
+    }
+
+    /// Child gateway `child` has stored message `id`: it is off this queue.
+    pub fn c2d_acked(&self, child: &str, id: &str) {
+        let Some(q) = self.c2d.get() else { return };
+        let down = lock(&self.downlinks).get(child).cloned();
+        if let Some(d) = down {
+            lock(&d.sent).remove(id);
+        }
+        for (device, _) in q.queues() {
+            if let Ok(Some(_)) = q.remove(&device, id) {
+                return;
+            }
+        }
+    }
+
+    /// A message from the parent (link/2): stored here, then handed on.
+    /// Returns the acknowledgement for the parent.
+    pub fn c2d_from_parent(&self, m: C2dMessage) -> Svc {
+        let id = m.id.clone();
+        let Some(q) = self.c2d.get() else {
+            return Svc::C2dAck { id };
+        };
+        match q.enqueue(m.clone()) {
+            Ok(()) => {
+                self.count("c2d-queued");
+                self.c2d_flush(&m.device);
+                Svc::C2dAck { id }
+            }
+            Err(e @ c2d::QueueError::Full { .. }) => {
+                self.c2d_outcome(&m, Outcome::Rejected, Some(e.to_string()));
+                Svc::C2dAck { id }
+            }
+            // Not stored: no ack, the parent sends it again on the next link.
+            Err(c2d::QueueError::Store(e)) => {
+                tracing::error!(error = %e, "c2d: cannot store a message from the parent");
+                Svc::Hello
+            }
+        }
+    }
+
+    /// Feedback from a child (link/2): recorded here or sent on up.
+    pub fn c2d_feedback_from_child(&self, f: Feedback) -> Svc {
+        let (id, outcome) = (f.id.clone(), f.outcome);
+        if let Some(q) = self.c2d.get() {
+            match q.feedback(f) {
+                Ok(Some(up)) => {
+                    if let Some(tx) = lock(&self.uplink).as_ref() {
+                        let _ = tx.send(Svc::C2dFeedback { feedback: Box::new(up) });
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "c2d: cannot store a child's feedback");
+                    return Svc::Hello;
+                }
+            }
+        }
+        Svc::C2dFeedbackAck { id, outcome }
+    }
+
+    /// The parent's service stream (link/2): feedback waiting to go up is
+    /// sent now, and from now on as it comes.
+    pub fn set_uplink(&self, tx: mpsc::UnboundedSender<Svc>) {
+        if let Some(q) = self.c2d.get() {
+            for f in q.pending_up() {
+                let _ = tx.send(Svc::C2dFeedback { feedback: Box::new(f) });
+            }
+        }
+        *lock(&self.uplink) = Some(tx);
+    }
+
+    /// The parent's service stream `tx` ended (a newer one stays).
+    pub fn clear_uplink(&self, tx: &mpsc::UnboundedSender<Svc>) {
+        let mut up = lock(&self.uplink);
+        if up.as_ref().is_some_and(|u| u.same_channel(tx)) {
+            *up = None;
+        }
+    }
+
+    /// The parent has feedback `id` with `outcome`.
+    pub fn c2d_up_acked(&self, id: &str, outcome: Outcome) {
+        if let Some(q) = self.c2d.get()
+            && let Err(e) = q.up_acknowledged(id, outcome)
+        {
+            tracing::error!(error = %e, "c2d: cannot forget acknowledged feedback");
+        }
+    }
+
+    /// Runs until `stop`: expires queued messages whose time-to-live passed.
+    pub async fn c2d_task(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                _ = tick.tick() => {}
+            }
+            let hub = self.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let Some(q) = hub.c2d.get() else { return };
+                match q.take_expired(c2d_now_ms()) {
+                    Ok(gone) => {
+                        for m in gone {
+                            hub.c2d_outcome(&m, Outcome::Expired, Some("its time-to-live passed".into()));
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "c2d: cannot expire messages"),
+                }
+            })
+            .await;
+        }
     }
 
     /// Tells a device connected here about a desired change.
@@ -612,6 +983,18 @@ impl holdfast_broker::Dialect for Hub {
 
     fn forward_down(&self, msg: &Msg) -> bool {
         Hub::forward_down(self, msg)
+    }
+
+    fn client_ready(&self, client_id: &str) {
+        let waiting = self
+            .c2d
+            .get()
+            .is_some_and(|q| q.queues().iter().any(|(d, _)| d == client_id));
+        if waiting && let Some(hub) = self.me.upgrade() {
+            // Dequeuing syncs the store: not on the connection's task.
+            let id = client_id.to_string();
+            tokio::task::spawn_blocking(move || hub.c2d_flush(&id));
+        }
     }
 }
 

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::MethodResult;
+use crate::c2d::{C2dMessage, Feedback, Outcome};
 
 /// One message of the service stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,5 +78,29 @@ pub enum Svc {
         content_type: Option<String>,
         /// User properties.
         properties: Vec<(String, String)>,
+    },
+    /// Parent → child (link/2): a cloud-to-device message to store and
+    /// deliver; the parent keeps it until [`Svc::C2dAck`].
+    C2d {
+        /// The message.
+        message: Box<C2dMessage>,
+    },
+    /// Child → parent (link/2): a [`Svc::C2d`] is stored here.
+    C2dAck {
+        /// Message id.
+        id: String,
+    },
+    /// Child → parent (link/2): feedback for a message's owner, kept by
+    /// the child until [`Svc::C2dFeedbackAck`].
+    C2dFeedback {
+        /// The record.
+        feedback: Box<Feedback>,
+    },
+    /// Parent → child (link/2): the feedback is stored (or sent on) here.
+    C2dFeedbackAck {
+        /// Message id.
+        id: String,
+        /// Its outcome.
+        outcome: Outcome,
     },
 }

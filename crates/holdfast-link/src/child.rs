@@ -44,11 +44,7 @@ pub fn client_config(config: Sections<'_>) -> Result<quinn::ClientConfig, LinkEr
         .with_client_auth_cert(chain, key)
         .map_err(|e| LinkError::Tls(e.to_string()))?;
     // Offering link/2 first: a parent that has it picks it.
-    tls.alpn_protocols = if config.upstream.compression {
-        vec![wire::ALPN_V2.to_vec(), wire::ALPN.to_vec()]
-    } else {
-        vec![wire::ALPN.to_vec()]
-    };
+    tls.alpn_protocols = vec![wire::ALPN_V2.to_vec(), wire::ALPN.to_vec()];
     let q = &config.upstream.quic;
     let transport = transport(
         Duration::from_millis(q.keep_alive_ms),
@@ -64,7 +60,8 @@ struct Quic {
 }
 
 /// The connection, its control stream (kept open while the link lives),
-/// and whether batches are compressed (link/2 was agreed).
+/// and whether batches are compressed (link/2 was agreed and
+/// `upstream.compression` is on).
 pub(crate) type Session = (quinn::Connection, quinn::SendStream, bool);
 
 impl Upstream for Quic {
@@ -192,12 +189,7 @@ async fn connect(ctx: &Ctx, endpoint: &quinn::Endpoint, addr: SocketAddr) -> Res
         }
     };
     result("ok");
-    let compress = ctx.config.compression
-        && conn
-            .handshake_data()
-            .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-            .and_then(|d| d.protocol)
-            .is_some_and(|p| p == wire::ALPN_V2);
+    let compress = ctx.config.compression && wire::is_v2(&conn);
     tracing::info!(parent = %parent, %addr, rtt_ms = conn.rtt().as_millis() as u64, compress, "link up");
     Ok((conn, send, compress))
 }
@@ -233,7 +225,12 @@ async fn drain(ctx: &Arc<Ctx>, conn: &quinn::Connection, compress: bool) -> Ende
         ));
     }
     if let Some(hub) = &ctx.hub {
-        lanes.spawn(super::service::child(hub.clone(), ctx.metrics.clone(), conn.clone()));
+        lanes.spawn(super::service::child(
+            hub.clone(),
+            ctx.metrics.clone(),
+            conn.clone(),
+            wire::is_v2(conn),
+        ));
     }
     for lane in 0..LANES as u8 {
         let (ctx, conn) = (ctx.clone(), conn.clone());

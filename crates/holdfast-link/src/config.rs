@@ -44,8 +44,10 @@ pub struct LinkConfig {
     /// Largest batch a child may send, bytes (uncompressed, for compressed
     /// batches). Default 16 MiB.
     pub max_batch_bytes: u32,
-    /// Offer children compressed batches (`holdfast-link/2`). Default true.
-    pub compression: bool,
+    /// The highest link protocol offered to children: 2 (compressed
+    /// batches, durable cloud-to-device with delivery reports) or 1 (as
+    /// nodes before it). Default 2.
+    pub version: u16,
 }
 
 impl Default for LinkConfig {
@@ -55,7 +57,7 @@ impl Default for LinkConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 15600)),
             max_children: 1000,
             max_batch_bytes: 16 << 20,
-            compression: true,
+            version: 2,
         }
     }
 }
@@ -97,8 +99,8 @@ pub struct UpstreamConfig {
     pub watch_network: bool,
     /// A connection attempt that has not completed by then fails, ms. Default 5000.
     pub connect_timeout_ms: u64,
-    /// QUIC: compress batches with zstd when the parent offers it
-    /// (`holdfast-link/2`; an older parent gets plain batches). Default true.
+    /// QUIC: compress batches with zstd when the parent speaks
+    /// `holdfast-link/2` (an older parent gets plain batches). Default true.
     pub compression: bool,
     /// zstd level, 1-19. Default 3.
     pub compression_level: i32,

@@ -63,7 +63,7 @@ pub fn start(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|e| LinkError::Tls(e.to_string()))?;
-    tls.alpn_protocols = if config.link.compression {
+    tls.alpn_protocols = if config.link.version >= 2 {
         vec![wire::ALPN_V2.to_vec(), wire::ALPN.to_vec()]
     } else {
         vec![wire::ALPN.to_vec()]

@@ -90,7 +90,7 @@ pub async fn parent(
     // Subscribe before the snapshot so no change falls between them.
     let mut changes = hub.twins.desired_changes();
     send_scope(&hub, &child, &tx);
-    hub.add_downlink(&child, tx.clone());
+    hub.add_downlink(&child, tx.clone(), super::wire::is_v2(&conn));
     let write = tokio::spawn(writer(send, rx));
     loop {
         tokio::select! {
@@ -119,6 +119,22 @@ pub async fn parent(
                     let _ = tx.send(Svc::ReportedAck { id, generation });
                 }
                 Ok(Some(Svc::MethodResult { call, result })) => hub.method_answered(&child, call, Ok(result)),
+                Ok(Some(Svc::C2dAck { id })) => {
+                    let hub = hub.clone();
+                    let child = child.clone();
+                    // Dequeuing syncs the store.
+                    let _ = tokio::task::spawn_blocking(move || hub.c2d_acked(&child, &id)).await;
+                }
+                Ok(Some(Svc::C2dFeedback { feedback })) => {
+                    let hub2 = hub.clone();
+                    match tokio::task::spawn_blocking(move || hub2.c2d_feedback_from_child(*feedback)).await {
+                        Ok(ack @ Svc::C2dFeedbackAck { .. }) => {
+                            let _ = tx.send(ack);
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
                 Ok(Some(Svc::MethodFailed { call, status, error })) => {
                     let status = if (400..600).contains(&status) { status } else { 502 };
                     hub.method_answered(&child, call, Err(MethodError::Downstream(status, error)));
@@ -157,12 +173,16 @@ pub async fn parent(
 
 /// The child's end: opens the stream, pushes pending reported patches,
 /// applies what the parent sends. Returns when the link ends.
-pub async fn child(hub: Arc<Hub>, metrics: Arc<Metrics>, conn: quinn::Connection) {
+pub async fn child(hub: Arc<Hub>, metrics: Arc<Metrics>, conn: quinn::Connection, v2: bool) {
     let Ok((send, mut recv)) = conn.open_bi().await else {
         return;
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let _ = tx.send(Svc::Hello);
+    if v2 {
+        // Feedback waiting to go up goes now, and from now on as it comes.
+        hub.set_uplink(tx.clone());
+    }
     let write = tokio::spawn(writer(send, rx));
     let mut pending = hub.twins.pending_changes();
     // What went up and is not acknowledged: id → generation.
@@ -236,6 +256,21 @@ pub async fn child(hub: Arc<Hub>, metrics: Arc<Metrics>, conn: quinn::Connection
                     });
                     count(&metrics, "link-c2d");
                 }
+                Ok(Some(Svc::C2d { message })) => {
+                    let hub2 = hub.clone();
+                    match tokio::task::spawn_blocking(move || hub2.c2d_from_parent(*message)).await {
+                        Ok(ack @ Svc::C2dAck { .. }) => {
+                            let _ = tx.send(ack);
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                    count(&metrics, "link-c2d");
+                }
+                Ok(Some(Svc::C2dFeedbackAck { id, outcome })) => {
+                    let hub2 = hub.clone();
+                    let _ = tokio::task::spawn_blocking(move || hub2.c2d_up_acked(&id, outcome)).await;
+                }
                 Ok(Some(other)) => {
                     tracing::warn!(message = ?other, "link: unexpected service message from the parent");
                     conn.close(close::PROTOCOL.into(), b"unexpected service message");
@@ -250,6 +285,7 @@ pub async fn child(hub: Arc<Hub>, metrics: Arc<Metrics>, conn: quinn::Connection
             },
         }
     }
+    hub.clear_uplink(&tx);
     drop(tx);
     write.abort();
 }

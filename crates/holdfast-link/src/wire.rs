@@ -28,7 +28,9 @@
 //! while it lasts. JSON keeps the identity records readable in a capture
 //! and lets fields be added without a new frame.
 //!
-//! Two versions are negotiated by ALPN: `holdfast-link/2` adds ZBATCH, a
+//! Two versions are negotiated by ALPN: `holdfast-link/2` adds the durable
+//! cloud-to-device service messages (`holdfast_iothub::service::Svc::C2d`
+//! and its acks and feedback) and ZBATCH, a
 //! BATCH body (the `count × (u32 length, record)` part) compressed with
 //! zstd. One compression context lives per lane stream on each side, and
 //! each ZBATCH is flushed whole, so a batch can refer to the ones before it
@@ -392,6 +394,14 @@ impl Frame {
         }
         Ok(frame)
     }
+}
+
+/// Whether a link connection agreed on `holdfast-link/2`.
+pub fn is_v2(conn: &quinn::Connection) -> bool {
+    conn.handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+        .is_some_and(|p| p == ALPN_V2)
 }
 
 /// Splits `n` records (`u32 length, record` each) off a batch body.

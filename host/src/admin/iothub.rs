@@ -5,7 +5,8 @@
 //! | GET | `/api/v1/twins/{id}` | the twin: desired and reported with their versions, a pending upstream patch |
 //! | PATCH, POST | `/api/v1/twins/{id}/desired` | merge a JSON patch into the desired properties (the registry's owner only) |
 //! | POST | `/api/v1/devices/{id}/methods/{name}` | `{"payload": any JSON, "timeout_s": 30}` → `{"status", "payload"}`; 404 not online, 504 no answer |
-//! | POST | `/api/v1/devices/{id}/messages` | cloud-to-device: `{"payload": "text", "properties": {"k": "v"}, "content_type": "…"}` |
+//! | POST | `/api/v1/devices/{id}/messages` | cloud-to-device: `{"payload": "text", "properties": {"k": "v"}, "content_type": "…", "ttl_seconds": 3600}` |
+//! | GET | `/api/v1/c2d?limit=N` | cloud-to-device queues here and the feedback of messages sent here |
 //!
 //! A module's id contains `/`: send it URL-encoded (`dev1%2Fmod1`).
 
@@ -53,6 +54,7 @@ pub fn routes() -> Routes {
         .patch("/twins/{id}/desired", patch_desired)
         .post("/devices/{id}/methods/{name}", invoke)
         .post("/devices/{id}/messages", send_message)
+        .get("/c2d", c2d_status)
 }
 
 fn known(state: &NodeState, id: &str) -> Result<(), ApiError> {
@@ -125,6 +127,8 @@ struct MessageBody {
     #[serde(default)]
     properties: BTreeMap<String, String>,
     content_type: Option<String>,
+    /// Time-to-live, seconds (default `iothub.c2d_default_ttl_seconds`).
+    ttl_seconds: Option<u64>,
 }
 
 async fn send_message(
@@ -140,8 +144,26 @@ async fn send_message(
         ));
     }
     let req: MessageBody = serde_json::from_slice(&body).map_err(bad_json)?;
-    let Some(broker) = &state.broker else {
+    if state.broker.is_none() {
         return Err(ApiError(StatusCode::CONFLICT, "the MQTT broker is disabled".into()));
+    }
+    let ttl = match req.ttl_seconds {
+        Some(0) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "ttl_seconds must be at least 1".into(),
+            ));
+        }
+        Some(t) if t > holdfast_iothub::config::MAX_C2D_TTL_SECONDS => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "ttl_seconds may be at most {}",
+                    holdfast_iothub::config::MAX_C2D_TTL_SECONDS
+                ),
+            ));
+        }
+        t => t.map(Duration::from_secs),
     };
     let mut properties = holdfast_mqtt::Properties::default();
     properties.user_properties = req.properties.into_iter().collect();
@@ -156,6 +178,55 @@ async fn send_message(
         expires_at_ms: None,
         publisher: None,
     };
-    broker.deliver(Arc::new(msg));
-    Ok((StatusCode::ACCEPTED, Json(json!({ "topic": topic }))))
+    let m = state.hub.c2d_message(&id, &msg, ttl);
+    let message_id = m.id.clone();
+    let hub = state.hub.clone();
+    // Queuing syncs the store.
+    let sent = tokio::task::spawn_blocking(move || hub.c2d_send(m))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    match sent {
+        Ok(delivered) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({
+                "id": message_id,
+                "topic": topic,
+                "state": if delivered { "delivered" } else { "queued" },
+            })),
+        )),
+        Err(e @ holdfast_iothub::C2dError::NotFound(_)) => Err(ApiError(StatusCode::NOT_FOUND, e.to_string())),
+        Err(e @ holdfast_iothub::C2dError::Full(_)) => Err(ApiError(StatusCode::FORBIDDEN, e.to_string())),
+        Err(e) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Limit {
+    limit: Option<usize>,
+}
+
+/// Cloud-to-device queues here, and the feedback of messages sent here.
+async fn c2d_status(
+    State(state): State<Arc<NodeState>>,
+    axum::extract::Query(q): axum::extract::Query<Limit>,
+) -> Result<Json<Value>, ApiError> {
+    let Some(c2d) = state.hub.c2d().cloned() else {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "no cloud-to-device queues on this node".into(),
+        ));
+    };
+    let limit = q.limit.unwrap_or(100).min(holdfast_iothub::c2d::MAX_FEEDBACK);
+    let feedback = tokio::task::spawn_blocking(move || {
+        let queues: Vec<Value> = c2d
+            .queues()
+            .into_iter()
+            .map(|(device, n)| json!({ "device": device, "messages": n }))
+            .collect();
+        c2d.recorded(limit).map(|f| (queues, f))
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let (queues, feedback) = feedback.map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(json!({ "queues": queues, "feedback": feedback })))
 }

@@ -280,7 +280,8 @@ pub enum DeviceCommand {
         /// Its name.
         name: String,
     },
-    /// Send a cloud-to-device message to a device connected to this node.
+    /// Send a cloud-to-device message to a device: delivered now if it can
+    /// be, else queued (here, or at the gateway it is behind) until it can.
     Send {
         /// The device id.
         id: String,
@@ -292,6 +293,16 @@ pub enum DeviceCommand {
         /// The content type.
         #[arg(long)]
         content_type: Option<String>,
+        /// Time-to-live, seconds (default `iothub.c2d_default_ttl_seconds`).
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+    /// Cloud-to-device queues on this node, and what became of the messages
+    /// sent from it (delivered, expired, rejected), newest first.
+    C2d {
+        /// At most this many feedback records.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
     },
 }
 

@@ -122,6 +122,7 @@ pub(crate) fn device_command(client: &AdminClient, cmd: DeviceCommand, json: boo
             payload,
             properties,
             content_type,
+            ttl,
         } => {
             let mut props = serde_json::Map::new();
             for p in properties {
@@ -133,12 +134,52 @@ pub(crate) fn device_command(client: &AdminClient, cmd: DeviceCommand, json: boo
             }
             let v = client.post_json(
                 &path(&id, "/messages"),
-                &json!({ "payload": payload, "properties": props, "content_type": content_type }),
+                &json!({ "payload": payload, "properties": props, "content_type": content_type, "ttl_seconds": ttl }),
             )?;
             if json {
                 return print_json(&v);
             }
-            outln!("sent to {id} on {}", str_of(&v["topic"]));
+            outln!(
+                "message {} to {id} on {}: {}",
+                str_of(&v["id"]),
+                str_of(&v["topic"]),
+                str_of(&v["state"])
+            );
+            return Ok(());
+        }
+        DeviceCommand::C2d { limit } => {
+            let v = client.get(&format!("/api/v1/c2d?limit={limit}"))?;
+            if json {
+                return print_json(&v);
+            }
+            let queues = v["queues"].as_array().cloned().unwrap_or_default();
+            if queues.is_empty() {
+                outln!("no messages queued here");
+            }
+            for q in &queues {
+                outln!("queued for {}: {}", str_of(&q["device"]), q["messages"]);
+            }
+            let feedback = v["feedback"].as_array().cloned().unwrap_or_default();
+            if !feedback.is_empty() {
+                outln!(
+                    "{:<26} {:<20} {:<10} {:<16} {}",
+                    "MESSAGE",
+                    "DEVICE",
+                    "OUTCOME",
+                    "AT NODE",
+                    "REASON"
+                );
+            }
+            for f in &feedback {
+                outln!(
+                    "{:<26} {:<20} {:<10} {:<16} {}",
+                    str_of(&f["id"]),
+                    str_of(&f["device"]),
+                    str_of(&f["outcome"]),
+                    str_of(&f["node"]),
+                    f["reason"].as_str().unwrap_or("")
+                );
+            }
             return Ok(());
         }
         DeviceCommand::CaRm { name } => {

@@ -201,6 +201,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             }
         }
         tracing::debug!(client = %client_id, peer = %self.peer.addr, version = ?c.version, present, "client connected");
+        // A resumed session may already be subscribed to what waits for it.
+        if present {
+            self.broker.dialect.client_ready(&client_id);
+        }
         Ok(())
     }
 }

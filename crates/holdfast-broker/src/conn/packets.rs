@@ -301,6 +301,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             codes,
             properties: Properties::default(),
         }));
+        broker.dialect.client_ready(&session.client_id);
         for (m, qos, _rap, id) in retained {
             let out = Outgoing {
                 qos: m.qos.min(qos),
