@@ -140,10 +140,10 @@ pub(crate) fn device_command(client: &AdminClient, cmd: DeviceCommand, json: boo
                 return print_json(&v);
             }
             outln!(
-                "message {} to {id} on {}: {}",
-                str_of(&v["id"]),
+                "sent to {id} on {} ({}, message {})",
                 str_of(&v["topic"]),
-                str_of(&v["state"])
+                str_of(&v["state"]),
+                str_of(&v["id"])
             );
             return Ok(());
         }
