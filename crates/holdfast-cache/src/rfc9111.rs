@@ -656,6 +656,14 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_cache_control_value_parses_without_panicking(v in "\\PC{0,60}") {
+            let d = Directives::parse(&v);
+            let _ = d.seconds("max-age");
+        }
+    }
+
     #[test]
     fn vary_selects_normalised_values() {
         let names = vary_names(&map(&[("vary", "Accept-Language, accept"), ("vary", "accept")])).unwrap();

@@ -569,8 +569,18 @@ impl Hub {
         };
         if matches!(t, Topic::DeviceBound { .. }) && self.c2d.get().is_some() {
             let m = self.c2d_message(t.device(), msg, None);
-            if let Err(e) = self.c2d_send(m) {
-                tracing::info!(topic = %msg.topic, error = %e, "dialect: a cloud-to-device message was not queued");
+            let topic = msg.topic.clone();
+            let send = move |hub: &Hub| {
+                if let Err(e) = hub.c2d_send(m) {
+                    tracing::info!(topic = %topic, error = %e, "dialect: a cloud-to-device message was not queued");
+                }
+            };
+            // Queuing syncs the store: not on the routing task.
+            match (tokio::runtime::Handle::try_current(), self.me.upgrade()) {
+                (Ok(rt), Some(hub)) => {
+                    rt.spawn_blocking(move || send(&hub));
+                }
+                _ => send(self),
             }
             return true;
         }
