@@ -70,6 +70,8 @@ class Node:
                 f'[admin]\nlisten = "127.0.0.1:{self.admin}"\ntoken = "{TOKEN}"\n'
                 f'[mqtt.tcp]\nlisten = "127.0.0.1:{self.mqtt}"\n'
                 f'[outbox]\nmax_messages = 5000000\n{extra}'
+                # Several nodes run at once: none takes the cache's port.
+                + ('' if '[cache]' in extra else '\n[cache]\nenabled = false\n')
             )
         self.proc = None
         self.start()
