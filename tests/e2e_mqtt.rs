@@ -441,8 +441,8 @@ fn raw_exchange(port: u16, connect_v5: bool, bytes: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Writes an MQTT 5 CONNECT (clean start) for `client_id`.
-fn send_connect_v5(s: &mut TcpStream, client_id: &str) {
+/// An encoded MQTT 5 CONNECT (clean start) for `client_id`.
+fn connect_v5(client_id: &str) -> BytesMut {
     let c = codec::Connect {
         version: codec::Version::V5,
         client_id: client_id.into(),
@@ -455,7 +455,12 @@ fn send_connect_v5(s: &mut TcpStream, client_id: &str) {
     };
     let mut b = BytesMut::new();
     codec::encode(&codec::Packet::Connect(Box::new(c)), codec::Version::V5, &mut b);
-    s.write_all(&b).unwrap();
+    b
+}
+
+/// Writes an MQTT 5 CONNECT (clean start) for `client_id`.
+fn send_connect_v5(s: &mut TcpStream, client_id: &str) {
+    s.write_all(&connect_v5(client_id)).unwrap();
 }
 
 fn decode_all(bytes: &[u8], version: codec::Version) -> Vec<codec::Packet> {
@@ -1130,16 +1135,7 @@ fn mqtt_over_websockets_plain_and_tls() {
             codec::encode(&p, codec::Version::V5, &mut b);
             b.to_vec()
         };
-        let connect = packet(codec::Packet::Connect(Box::new(codec::Connect {
-            version: codec::Version::V5,
-            client_id: "raw-ws".into(),
-            clean_start: true,
-            keep_alive: 30,
-            username: None,
-            password: None,
-            will: None,
-            properties: Default::default(),
-        })));
+        let connect = connect_v5("raw-ws").to_vec();
         // The CONNECT in three messages, cut inside its header and payload.
         for part in [&connect[..1], &connect[1..5], &connect[5..]] {
             s.send(Message::Binary(part.to_vec().into())).await.unwrap();

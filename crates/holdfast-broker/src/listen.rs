@@ -298,27 +298,38 @@ fn client_cert(broker: &Broker, chain: Option<&[CertificateDer<'static>]>) -> (O
     (Some(thumbprint), cn)
 }
 
+/// The next accepted TCP connection (no Nagle), or `None` once `stop` is set.
+/// A failed accept (out of descriptors and the like) is logged and retried
+/// after a short pause.
+async fn next_socket(
+    listener: &tokio::net::TcpListener,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return None,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((socket, addr)) => {
+                let _ = socket.set_nodelay(true);
+                return Some((socket, addr));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "MQTT accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
 async fn accept_tcp(
     broker: Arc<Broker>,
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            r = listener.accept() => r,
-        };
-        let (socket, addr) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of descriptors and the like: back off a little.
-                tracing::warn!(error = %e, "MQTT accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
-        let _ = socket.set_nodelay(true);
+    while let Some((socket, addr)) = next_socket(&listener, &mut stop).await {
         let broker = broker.clone();
         match &tls {
             None => {
@@ -368,20 +379,7 @@ async fn accept_ws(
     paths: Arc<Vec<String>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            r = listener.accept() => r,
-        };
-        let (socket, addr) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "MQTT WebSocket accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
-        let _ = socket.set_nodelay(true);
+    while let Some((socket, addr)) = next_socket(&listener, &mut stop).await {
         let (broker, tls, paths) = (broker.clone(), tls.clone(), paths.clone());
         tokio::spawn(async move {
             // The TLS and WebSocket handshakes together get the CONNECT

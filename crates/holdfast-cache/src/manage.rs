@@ -153,29 +153,7 @@ impl Cache {
     /// removed.
     pub fn invalidate_uri(self: &Arc<Self>, key: &str) -> usize {
         let variants = format!("{key}{VARY_SEP}");
-        let mut removed = Vec::new();
-        {
-            let mut inner = lock(&self.inner);
-            let keys: Vec<String> = inner
-                .objects
-                .keys()
-                .filter(|k| k.as_str() == key || k.starts_with(&variants))
-                .cloned()
-                .collect();
-            for k in keys {
-                let had_meta = inner.objects.get(&k).is_some_and(|o| o.meta.is_some());
-                if let Some(old) = inner.invalidate(&k)
-                    && had_meta
-                {
-                    removed.push((k.clone(), old));
-                }
-                inner.forget_if_empty(&k);
-            }
-        }
-        let n = removed.len();
-        for (k, id) in removed {
-            self.delete_later(Some(k), id);
-        }
+        let (n, _) = self.remove_where(|k| k == key || k.starts_with(&variants));
         if n > 0 {
             self.event("invalidated-by-method");
         }
@@ -185,20 +163,23 @@ impl Cache {
     /// Removes objects whose key is `key`, starts with `prefix`, or all.
     /// Returns (objects, bytes) removed.
     pub fn purge(self: &Arc<Self>, key: Option<&str>, prefix: Option<&str>) -> (usize, u64) {
+        let removed = self.remove_where(|k| match (key, prefix) {
+            (Some(key), _) => k == key,
+            (None, Some(p)) => k.starts_with(p),
+            (None, None) => true,
+        });
+        self.event("purged");
+        removed
+    }
+
+    /// Drops every object whose key passes `which` (its blocks are deleted
+    /// in the background). Returns (objects that had a version, bytes).
+    fn remove_where(self: &Arc<Self>, which: impl Fn(&str) -> bool) -> (usize, u64) {
         let mut removed = Vec::new();
         let mut bytes = 0;
         {
             let mut inner = lock(&self.inner);
-            let keys: Vec<String> = inner
-                .objects
-                .keys()
-                .filter(|k| match (key, prefix) {
-                    (Some(key), _) => k.as_str() == key,
-                    (None, Some(p)) => k.starts_with(p),
-                    (None, None) => true,
-                })
-                .cloned()
-                .collect();
+            let keys: Vec<String> = inner.objects.keys().filter(|k| which(k)).cloned().collect();
             for k in keys {
                 let had_meta = inner.objects.get(&k).is_some_and(|o| o.meta.is_some());
                 bytes += inner.objects.get(&k).map_or(0, Obj::stored_bytes);
@@ -214,7 +195,6 @@ impl Cache {
         for (k, id) in removed {
             self.delete_later(Some(k), id);
         }
-        self.event("purged");
         (n, bytes)
     }
 

@@ -217,6 +217,11 @@ impl C2d {
             .unwrap_or_default()
     }
 
+    /// Whether `device` has messages queued here.
+    pub fn has_queued(&self, device: &str) -> bool {
+        lock(&self.inner).queues.get(device).is_some_and(|q| !q.is_empty())
+    }
+
     /// Devices with queued messages, and how many.
     pub fn queues(&self) -> Vec<(String, usize)> {
         let mut v: Vec<(String, usize)> = lock(&self.inner)

@@ -996,10 +996,7 @@ impl holdfast_broker::Dialect for Hub {
     }
 
     fn client_ready(&self, client_id: &str) {
-        let waiting = self
-            .c2d
-            .get()
-            .is_some_and(|q| q.queues().iter().any(|(d, _)| d == client_id));
+        let waiting = self.c2d.get().is_some_and(|q| q.has_queued(client_id));
         if waiting && let Some(hub) = self.me.upgrade() {
             // Dequeuing syncs the store: not on the connection's task.
             let id = client_id.to_string();
