@@ -82,6 +82,8 @@ pub struct Config {
     pub cache: CacheConfig,
     /// `[iothub]`: the IoT Hub device dialect (cloud-to-device queues).
     pub iothub: holdfast_iothub::config::IothubConfig,
+    /// `[deploy]`: fleet deployments (pins, signing key).
+    pub deploy: holdfast_deploy::config::DeployConfig,
     /// The file this config was read from (`None`: the embedded default).
     #[serde(skip)]
     pub source_path: Option<PathBuf>,
@@ -264,6 +266,9 @@ impl Config {
             .validate()
             .map_err(|(key, why)| ConfigError::key(key, why))?;
         self.mqtt.validate().map_err(|(key, why)| ConfigError::key(key, why))?;
+        self.deploy
+            .validate()
+            .map_err(|(key, why)| ConfigError::key(key, why))?;
         self.validate_link()?;
         self.plugins
             .router

@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod deploy;
 pub mod logging;
 pub mod node;
 pub mod reload;

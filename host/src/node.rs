@@ -15,6 +15,8 @@ use crate::admin;
 use crate::config::Config;
 use holdfast_broker::{Broker, listen};
 use holdfast_cache::Cache;
+use holdfast_deploy::store::DeployStore;
+use holdfast_deploy::{Deployer, Overlay};
 use holdfast_iothub::Hub;
 use holdfast_iothub::twin::Twins;
 use holdfast_metrics::Metrics;
@@ -63,6 +65,9 @@ pub enum StartError {
     /// The range cache did not open.
     #[error(transparent)]
     Cache(#[from] holdfast_cache::CacheError),
+    /// The deployment store did not open.
+    #[error("deployments: {0}")]
+    Deploy(String),
     /// The range cache's listener could not bind.
     #[error("range cache cannot listen on {addr}: {source}")]
     CacheBind {
@@ -105,8 +110,11 @@ pub struct NodeState {
     pub admin_token: String,
     /// The range cache, when enabled.
     pub cache: Option<Arc<holdfast_cache::Cache>>,
-    /// Re-reads the config file (SIGHUP, `holdfast reload`).
+    /// Re-reads the config file (SIGHUP, `holdfast reload`) and applies
+    /// deployments over it.
     pub reloader: crate::reload::Reloader,
+    /// Fleet deployments.
+    pub deploy: Arc<Deployer>,
 }
 
 impl std::fmt::Debug for NodeState {
@@ -132,12 +140,14 @@ impl Node {
     /// # Errors
     /// The data directory, a plugin or the admin listener fails.
     pub async fn start(config: Config) -> Result<Node, StartError> {
+        let file_config = config.clone();
+        let base_level = config.log.level.clone();
         let started = Instant::now();
         let data_dir = config.node.data_dir.clone();
         create_private_dir(&data_dir)?;
         let metrics = Arc::new(Metrics::new());
         let store_dir = data_dir.join("store");
-        let outbox_config = config.outbox.clone();
+        let blob_dir = data_dir.join("deploy").join("components");
         let outbox_metrics = metrics.clone();
         let role = match config.upstream.kind {
             crate::config::UpstreamKind::Quic => Role::Replica {
@@ -148,17 +158,32 @@ impl Node {
         let seeds = config.identities.clone();
         let node_id = config.node.id.clone();
         let replica = matches!(role, Role::Replica { .. });
-        let cache_config = config.cache.clone();
         let cache_dir = config.cache_dir();
         let cache_metrics = metrics.clone();
         let cache_node = config.node.id.clone();
-        let (store, outbox, registry, twins, cache) = tokio::task::spawn_blocking(
-            move || -> Result<(Store, Outbox, Registry, Twins, Option<Cache>), StartError> {
+        let base = config.clone();
+        #[allow(clippy::type_complexity)]
+        let (store, outbox, registry, twins, cache, deploy_store, overlay, config) = tokio::task::spawn_blocking(
+            move || -> Result<(Store, Outbox, Registry, Twins, Option<Cache>, DeployStore, Option<Overlay>, Config), StartError> {
                 let store = Store::open(&store_dir).map_err(holdfast_outbox::OutboxError::from)?;
+                // The deployment applied last is in force from the start.
+                let deploy_store = DeployStore::open(&store, &blob_dir).map_err(|e| StartError::Deploy(e.to_string()))?;
+                let mut overlay = deploy_store.startup_overlay();
+                let config = match crate::reload::compose(&base, overlay.as_ref()) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(error = %e, "deploy: the applied deployment does not fit this config; starting without it");
+                        overlay = None;
+                        base
+                    }
+                };
+                if let Some(o) = &overlay {
+                    tracing::info!(deployment = %o.deployment, "deploy: starting with the deployment applied last");
+                }
                 let outbox = Outbox::open(
                     &store,
                     &store_dir,
-                    outbox_config,
+                    config.outbox.clone(),
                     outbox_metrics,
                     Arc::new(SystemTimeSource),
                 )?;
@@ -168,9 +193,9 @@ impl Node {
                     tracing::info!(changed = seeded, "registry: applied [[identities]] from the config");
                 }
                 let twins = Twins::open(&store, replica).map_err(holdfast_outbox::OutboxError::from)?;
-                let cache = if cache_config.enabled {
+                let cache = if config.cache.enabled {
                     Some(Cache::open(
-                        &cache_config,
+                        &config.cache,
                         cache_dir,
                         &store,
                         &cache_node,
@@ -179,13 +204,35 @@ impl Node {
                 } else {
                     None
                 };
-                Ok((store, outbox, registry, twins, cache))
+                Ok((store, outbox, registry, twins, cache, deploy_store, overlay, config))
             },
         )
         .await
         .map_err(|e| PluginError::Engine(format!("store open task failed: {e}")))??;
+        if config.log.level != base_level {
+            if let Err(e) = crate::logging::set_level(&config.log.level) {
+                tracing::debug!(error = %e, "deploy: log.level of the deployment not applied");
+            }
+        }
         let registry = Arc::new(registry);
         metrics.registry_identities.set(registry.len() as i64);
+        let deployer = Arc::new(
+            Deployer::open(
+                holdfast_deploy::Options {
+                    node_id: config.node.id.clone(),
+                    parent_id: matches!(config.upstream.kind, crate::config::UpstreamKind::Quic)
+                        .then(|| config.upstream.quic.parent_id.clone()),
+                    signer: crate::deploy::signer(&config),
+                    verifier: crate::deploy::verifier(&config),
+                    accept: config.deploy.accept,
+                    max_component_bytes: config.deploy.max_component_bytes,
+                },
+                deploy_store,
+                registry.clone(),
+                metrics.clone(),
+            )
+            .map_err(|e| StartError::Deploy(e.to_string()))?,
+        );
         let hub = Hub::new(Arc::new(twins), registry.clone(), metrics.clone());
         {
             let (store, node, cap) = (
@@ -258,7 +305,7 @@ impl Node {
             config.upstream.max_bytes_per_second,
         ));
         let link_listen = start_link(
-            &config, &outbox, &broker, &hub, &link, &metrics, &link_rate, &stopped, &mut tasks,
+            &config, &outbox, &broker, &hub, &link, &metrics, &link_rate, &deployer, &stopped, &mut tasks,
         )?;
         let cache = match cache {
             Some(cache) => {
@@ -284,7 +331,7 @@ impl Node {
             Some(t) => t.clone(),
             None => load_or_create_token(&data_dir.join("admin.token"))?,
         };
-        let reloader = crate::reload::Reloader::new(config.clone());
+        let reloader = crate::reload::Reloader::new(file_config, overlay, config.clone());
         let state = Arc::new(NodeState {
             reloader,
             config,
@@ -302,7 +349,11 @@ impl Node {
             started,
             admin_token,
             cache,
+            deploy: deployer.clone(),
         });
+        tasks.push(tokio::spawn(
+            deployer.run(Arc::new(crate::deploy::NodeApplier::new(&state)), stopped.clone()),
+        ));
         let mut admin_addr = None;
         if state.config.admin.enabled {
             let (listener, bound) = bind(state.config.admin.listen, |addr, source| StartError::AdminBind {
@@ -453,6 +504,7 @@ fn start_link(
     status: &Arc<holdfast_link::Status>,
     metrics: &Arc<Metrics>,
     rate: &Arc<holdfast_link::rate::RateLimit>,
+    deployer: &Arc<Deployer>,
     stopped: &watch::Receiver<bool>,
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> Result<Option<SocketAddr>, StartError> {
@@ -469,6 +521,7 @@ fn start_link(
             hub: hub.clone(),
             max_children: config.link.max_children,
             max_frame: config.link.max_batch_bytes as usize,
+            deploy: Some(deployer.clone()),
         };
         let (addr, task) = parent::start(config.link_sections(), ctx, stopped.clone())?;
         listen = Some(addr);
@@ -484,6 +537,7 @@ fn start_link(
         registry: matches!(config.upstream.kind, UpstreamKind::Quic).then(|| hub.registry().clone()),
         hub: matches!(config.upstream.kind, UpstreamKind::Quic).then(|| hub.clone()),
         rate: rate.clone(),
+        deploy: (matches!(config.upstream.kind, UpstreamKind::Quic) && config.deploy.accept).then(|| deployer.clone()),
     };
     match config.upstream.kind {
         UpstreamKind::None => {

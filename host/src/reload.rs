@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::config::{Config, SlotConfig};
 use crate::node::NodeState;
+use holdfast_deploy::Overlay;
 use holdfast_plugins::{PluginHost, SlotName, embedded_plugin};
 
 /// Keys besides plugin configs and files that a reload applies live (the
@@ -49,132 +50,241 @@ pub struct ReloadReport {
     pub failed: Vec<String>,
 }
 
-/// Keeps the config file's path and the config as last applied.
+/// Keeps the config file's path, the file's config, the deployment
+/// overlay on top of it, and the config as last applied (the two composed).
 #[derive(Debug)]
 pub struct Reloader {
     path: Option<PathBuf>,
-    applied: Mutex<Config>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// The file's config.
+    base: Config,
+    /// What the deployment in force sets.
+    overlay: Option<Overlay>,
+    /// The config in force.
+    applied: Config,
 }
 
 impl Reloader {
-    /// For a node started from `config` (from its `source_path`; without
-    /// one, the embedded default, which cannot be reloaded).
-    pub fn new(config: Config) -> Reloader {
+    /// For a node started from `base` (from its `source_path`; without
+    /// one, the embedded default, which cannot be reloaded), running
+    /// `effective`: `base` with `overlay` on top.
+    pub fn new(base: Config, overlay: Option<Overlay>, effective: Config) -> Reloader {
         Reloader {
-            path: config.source_path.clone(),
-            applied: Mutex::new(config),
+            path: base.source_path.clone(),
+            inner: Mutex::new(Inner {
+                base,
+                overlay,
+                applied: effective,
+            }),
         }
     }
 
-    /// Reads the file again and applies what can be applied live.
+    /// Reads the file again and applies what can be applied live, with the
+    /// deployment in force still on top.
     ///
     /// # Errors
     /// No file (embedded config), or the file does not load or validate;
     /// then nothing changes.
     pub fn reload(&self, state: &NodeState) -> Result<ReloadReport, String> {
-        let plugins = &state.plugins;
         let Some(path) = &self.path else {
             return Err("the node runs on the embedded default config; there is no file to reload".into());
         };
         let new = Config::load(path).map_err(|e| format!("{}: {e}; nothing was changed", path.display()))?;
-        let mut applied = holdfast_model::lock(&self.applied);
-        let mut report = ReloadReport {
-            path: path.display().to_string(),
-            ..ReloadReport::default()
+        let mut inner = holdfast_model::lock(&self.inner);
+        let (effective, overlay_error) = match compose(&new, inner.overlay.as_ref()) {
+            Ok(c) => (c, None),
+            Err(e) => (new.clone(), Some(e)),
         };
-        reload_slot(
-            plugins,
-            SlotName::Router,
-            &mut applied.plugins.router,
-            &new.plugins.router,
-            &mut report,
-        );
-        reload_slot(
-            plugins,
-            SlotName::Auth,
-            &mut applied.plugins.auth,
-            &new.plugins.auth,
-            &mut report,
-        );
-        reload_slot(
-            plugins,
-            SlotName::ContentSource,
-            &mut applied.plugins.content_source,
-            &new.plugins.content_source,
-            &mut report,
-        );
-        // The limits: each component applies what differs from what it runs.
-        if let Some(broker) = &state.broker {
-            report.applied.extend(broker.apply_limits(&new.mqtt));
+        let mut report = apply(state, &mut inner.applied, effective, &path.display().to_string());
+        if let Some(e) = overlay_error {
+            report
+                .failed
+                .push(format!("deployment: {e}; the file's values are in force"));
         }
-        report.applied.extend(state.outbox.apply_limits(&new.outbox));
-        if let Some(cache) = &state.cache {
-            report.applied.extend(cache.apply_limits(&new.cache));
-        }
-        if state.link_rate.set(new.upstream.max_bytes_per_second) {
-            tracing::info!(
-                bytes_per_second = new.upstream.max_bytes_per_second,
-                "upstream byte-rate cap changed"
-            );
-            report.applied.push("upstream.max_bytes_per_second".into());
-        }
-        if applied.log.level != new.log.level {
-            match crate::logging::set_level(&new.log.level) {
-                Ok(()) => {
-                    applied.log.level = new.log.level.clone();
-                    report.applied.push("log.level".into());
-                }
-                Err(e) => report.failed.push(format!("log.level: {e}")),
-            }
-        }
-        // Everything else: report the keys that differ.
-        let (old_v, new_v) = (
-            serde_json::to_value(&*applied).unwrap_or_default(),
-            serde_json::to_value(&new).unwrap_or_default(),
-        );
-        let mut differs = Vec::new();
-        diff_keys("", &old_v, &new_v, 2, &mut differs);
-        // The slots' own keys were handled above.
-        let slots: Vec<String> = SlotName::ALL
-            .iter()
-            .map(|s| format!("plugins.{}", s.as_str()))
-            .collect();
-        for key in differs {
-            if slots.iter().any(|s| key.starts_with(s.as_str())) {
-                continue;
-            }
-            if !LIVE_KEYS.contains(&key.as_str()) {
-                report.not_applied.push(key);
-                continue;
-            }
-            let reported = |list: &[String]| list.iter().any(|k| k == &key || k.starts_with(&format!("{key} ")));
-            if reported(&report.applied) || reported(&report.failed) {
-                continue;
-            }
-            // A live key whose change is not in force: say why.
-            let why = if key.starts_with("mqtt.") && state.broker.is_none() {
-                "the MQTT broker is not running"
-            } else if key.starts_with("cache.") && state.cache.is_none() {
-                "the cache is not running"
-            } else if key == "outbox.max_bytes" {
-                "the value in force is unchanged: capped at 80 % of the free space at start"
-            } else {
-                "the value in force is unchanged: cache.max_size is at least one block"
-            };
-            report.not_applied.push(format!("{key} ({why})"));
-        }
-        applied.adopt_live(&new);
-        report.not_applied.sort();
-        report.not_applied.dedup();
-        tracing::info!(
-            applied = ?report.applied,
-            not_applied = ?report.not_applied,
-            failed = ?report.failed,
-            "config reloaded from {}",
-            report.path
-        );
+        inner.base = new;
         Ok(report)
     }
+
+    /// Puts `overlay` (a deployment; `None`: none) on top of the file's
+    /// config and applies it live. When a key fails, what ran before is
+    /// applied again and the error returned.
+    ///
+    /// # Errors
+    /// The composed config does not validate, or a key fails to apply.
+    pub fn apply_overlay(&self, state: &NodeState, overlay: Option<&Overlay>) -> Result<ReloadReport, String> {
+        let mut inner = holdfast_model::lock(&self.inner);
+        let effective = compose(&inner.base, overlay)?;
+        let what = overlay.map_or("the config file".to_string(), |o| {
+            format!("deployment {}", o.deployment)
+        });
+        let report = apply(state, &mut inner.applied, effective, &what);
+        if report.failed.is_empty() {
+            inner.overlay = overlay.cloned();
+            return Ok(report);
+        }
+        // Put back what ran before.
+        if let Ok(before) = compose(&inner.base, inner.overlay.clone().as_ref()) {
+            let back = apply(state, &mut inner.applied, before, "the previous config");
+            if !back.failed.is_empty() {
+                tracing::error!(failed = ?back.failed, "restoring the previous config failed");
+            }
+        }
+        Err(report.failed.join("; "))
+    }
+}
+
+/// The file's config `base` with `overlay` on top, except the keys
+/// `deploy.pinned` names.
+///
+/// # Errors
+/// The result does not load or validate.
+pub fn compose(base: &Config, overlay: Option<&Overlay>) -> Result<Config, String> {
+    let Some(overlay) = overlay else {
+        return Ok(base.clone());
+    };
+    let pinned = |k: &str| base.deploy.is_pinned(k);
+    let mut v = serde_json::to_value(base).map_err(|e| e.to_string())?;
+    for (slot, s) in &overlay.plugins {
+        if let Some(file) = &s.file
+            && !pinned(&format!("plugins.{slot}.file"))
+        {
+            v["plugins"][slot.as_str()]["file"] = serde_json::json!(file);
+        }
+        if let Some(config) = &s.config
+            && !pinned(&format!("plugins.{slot}.config"))
+        {
+            v["plugins"][slot.as_str()]["config"] = config.clone();
+        }
+    }
+    for (key, value) in &overlay.settings {
+        if pinned(key) {
+            continue;
+        }
+        let Some((section, name)) = key.split_once('.') else {
+            return Err(format!("{key}: not a setting"));
+        };
+        v[section][name] = value.clone();
+    }
+    strip_nulls(&mut v);
+    let mut c: Config = serde_json::from_value(v).map_err(|e| format!("deployment {}: {e}", overlay.deployment))?;
+    c.source_path = base.source_path.clone();
+    c.validate()
+        .map_err(|e| format!("deployment {}: {e}", overlay.deployment))?;
+    Ok(c)
+}
+
+/// Absent is what `None` reads from (TOML has no null).
+fn strip_nulls(v: &mut serde_json::Value) {
+    if let Some(map) = v.as_object_mut() {
+        map.retain(|_, x| !x.is_null());
+        map.values_mut().for_each(strip_nulls);
+    }
+}
+
+/// Applies what differs between `applied` (the config in force) and
+/// `new`, live; reports the rest.
+fn apply(state: &NodeState, applied: &mut Config, new: Config, path: &str) -> ReloadReport {
+    let plugins = &state.plugins;
+    let mut report = ReloadReport {
+        path: path.to_string(),
+        ..ReloadReport::default()
+    };
+    reload_slot(
+        plugins,
+        SlotName::Router,
+        &mut applied.plugins.router,
+        &new.plugins.router,
+        &mut report,
+    );
+    reload_slot(
+        plugins,
+        SlotName::Auth,
+        &mut applied.plugins.auth,
+        &new.plugins.auth,
+        &mut report,
+    );
+    reload_slot(
+        plugins,
+        SlotName::ContentSource,
+        &mut applied.plugins.content_source,
+        &new.plugins.content_source,
+        &mut report,
+    );
+    // The limits: each component applies what differs from what it runs.
+    if let Some(broker) = &state.broker {
+        report.applied.extend(broker.apply_limits(&new.mqtt));
+    }
+    report.applied.extend(state.outbox.apply_limits(&new.outbox));
+    if let Some(cache) = &state.cache {
+        report.applied.extend(cache.apply_limits(&new.cache));
+    }
+    if state.link_rate.set(new.upstream.max_bytes_per_second) {
+        tracing::info!(
+            bytes_per_second = new.upstream.max_bytes_per_second,
+            "upstream byte-rate cap changed"
+        );
+        report.applied.push("upstream.max_bytes_per_second".into());
+    }
+    if applied.log.level != new.log.level {
+        match crate::logging::set_level(&new.log.level) {
+            Ok(()) => {
+                applied.log.level = new.log.level.clone();
+                report.applied.push("log.level".into());
+            }
+            Err(e) => report.failed.push(format!("log.level: {e}")),
+        }
+    }
+    // Everything else: report the keys that differ.
+    let (old_v, new_v) = (
+        serde_json::to_value(&*applied).unwrap_or_default(),
+        serde_json::to_value(&new).unwrap_or_default(),
+    );
+    let mut differs = Vec::new();
+    diff_keys("", &old_v, &new_v, 2, &mut differs);
+    // The slots' own keys were handled above.
+    let slots: Vec<String> = SlotName::ALL
+        .iter()
+        .map(|s| format!("plugins.{}", s.as_str()))
+        .collect();
+    for key in differs {
+        if slots.iter().any(|s| key.starts_with(s.as_str())) {
+            continue;
+        }
+        if !LIVE_KEYS.contains(&key.as_str()) {
+            report.not_applied.push(key);
+            continue;
+        }
+        let reported = |list: &[String]| list.iter().any(|k| k == &key || k.starts_with(&format!("{key} ")));
+        if reported(&report.applied) || reported(&report.failed) {
+            continue;
+        }
+        // A live key whose change is not in force: say why.
+        let why = if key.starts_with("mqtt.") && state.broker.is_none() {
+            "the MQTT broker is not running"
+        } else if key.starts_with("cache.") && state.cache.is_none() {
+            "the cache is not running"
+        } else if key == "outbox.max_bytes" {
+            "the value in force is unchanged: capped at 80 % of the free space at start"
+        } else {
+            "the value in force is unchanged: cache.max_size is at least one block"
+        };
+        report.not_applied.push(format!("{key} ({why})"));
+    }
+    applied.adopt_live(&new);
+    report.not_applied.sort();
+    report.not_applied.dedup();
+    tracing::info!(
+        applied = ?report.applied,
+        not_applied = ?report.not_applied,
+        failed = ?report.failed,
+        "config applied from {}",
+        report.path
+    );
+    report
 }
 
 /// Applies one slot's `file` and `config`; reports its other keys.

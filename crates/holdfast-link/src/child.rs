@@ -44,7 +44,7 @@ pub fn client_config(config: Sections<'_>) -> Result<quinn::ClientConfig, LinkEr
         .with_client_auth_cert(chain, key)
         .map_err(|e| LinkError::Tls(e.to_string()))?;
     // Offering link/2 first: a parent that has it picks it.
-    tls.alpn_protocols = vec![wire::ALPN_V2.to_vec(), wire::ALPN.to_vec()];
+    tls.alpn_protocols = wire::alpn_up_to(3);
     let q = &config.upstream.quic;
     let transport = transport(
         Duration::from_millis(q.keep_alive_ms),
@@ -230,6 +230,16 @@ async fn drain(ctx: &Arc<Ctx>, conn: &quinn::Connection, compress: bool) -> Ende
             ctx.metrics.clone(),
             conn.clone(),
             wire::is_v2(conn),
+        ));
+    }
+    if let Some(deployer) = &ctx.deploy
+        && wire::negotiated(conn) >= 3
+    {
+        lanes.spawn(super::deploy::child(
+            deployer.clone(),
+            ctx.metrics.clone(),
+            conn.clone(),
+            ctx.config.quic.parent_id.clone(),
         ));
     }
     for lane in 0..LANES as u8 {

@@ -9,6 +9,7 @@
 //! - [`parent`]: the QUIC listener children connect to. Every message is
 //!   stored in this node's outbox before the child is acknowledged.
 //! - [`bridge`]: MQTT to any broker, QoS 1 with an in-flight window.
+//! - [`deploy`]: fleet deployments down the tree and node reports up it.
 //! - [`root`]: no upstream: what reaches the outbox is delivered to local
 //!   subscribers.
 //! - [`rate`]: the upstream byte-rate cap, shared by the lanes in priority
@@ -22,6 +23,7 @@
 pub mod bridge;
 pub mod child;
 pub mod config;
+pub mod deploy;
 pub mod parent;
 pub mod rate;
 pub mod reconnect;
@@ -84,6 +86,8 @@ pub struct Ctx {
     pub hub: Option<Arc<holdfast_iothub::Hub>>,
     /// `upstream.max_bytes_per_second`, changed live by a reload.
     pub rate: Arc<rate::RateLimit>,
+    /// Fleet deployments from the parent (QUIC child only, link/3).
+    pub deploy: Option<Arc<holdfast_deploy::Deployer>>,
 }
 
 /// This node's fleet TLS material: the CA roots, its certificate chain and key.
@@ -303,7 +307,7 @@ pub(crate) fn transport(keep_alive: Duration, idle: Duration) -> Result<quinn::T
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(keep_alive));
     t.max_idle_timeout(Some(holdfast_broker::quic::idle_timeout(idle).map_err(LinkError::Tls)?));
-    // One control stream and up to ten lanes.
+    // One control stream, up to ten lanes, the service and deploy streams.
     t.max_concurrent_bidi_streams(16u32.into());
     // The parent opens one stream towards the child: scope sync.
     t.max_concurrent_uni_streams(1u32.into());

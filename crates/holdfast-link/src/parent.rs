@@ -41,6 +41,8 @@ pub struct Ctx {
     pub max_frame: usize,
     /// Twins, methods and cloud-to-device messages for the children.
     pub hub: Arc<holdfast_iothub::Hub>,
+    /// Fleet deployments for the children (link/3).
+    pub deploy: Option<Arc<holdfast_deploy::Deployer>>,
 }
 
 /// Binds the link listener and spawns its accept loop.
@@ -63,11 +65,7 @@ pub fn start(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|e| LinkError::Tls(e.to_string()))?;
-    tls.alpn_protocols = if config.link.version >= 2 {
-        vec![wire::ALPN_V2.to_vec(), wire::ALPN.to_vec()]
-    } else {
-        vec![wire::ALPN.to_vec()]
-    };
+    tls.alpn_protocols = wire::alpn_up_to(config.link.version);
     // The child decides the keep-alive; this only reaps dead paths.
     let transport = transport(Duration::from_secs(5), Duration::from_secs(30))?;
     let server = holdfast_broker::quic::server_config(tls, transport).map_err(LinkError::Tls)?;
@@ -268,6 +266,16 @@ async fn stream(
             if serde_json::from_slice::<super::service::Svc>(&body).ok() == Some(super::service::Svc::Hello) =>
         {
             super::service::parent(ctx.hub.clone(), ctx.metrics.clone(), conn, child, send, recv).await;
+        }
+        Ok(Some(Frame::Deploy(body)))
+            if wire::negotiated(&conn) >= 3
+                && ctx.deploy.is_some()
+                && serde_json::from_slice::<holdfast_deploy::proto::Msg>(&body).ok()
+                    == Some(holdfast_deploy::proto::Msg::Hello) =>
+        {
+            if let Some(d) = ctx.deploy.clone() {
+                super::deploy::parent(d, ctx.metrics.clone(), conn, child, send, recv).await;
+            }
         }
         _ => {
             refused(&ctx, "protocol");

@@ -22,6 +22,11 @@
 //! service stream (one bidirectional stream, opened by the child after WELCOME)
 //!   both   → SVC      JSON body: twins, direct methods, cloud-to-device
 //!                     messages (see `service.rs`); the child's first is a hello
+//! deploy stream (link/3: one bidirectional stream, opened by the child)
+//!   both   → DEPLOY   JSON body: fleet deployments, component requests,
+//!                     node reports (`holdfast_deploy::proto`); the child's
+//!                     first is a hello
+//!   parent → BLOB     raw component bytes, after a DEPLOY naming the component
 //! ```
 //!
 //! A full sync goes out on every connection; incremental changes follow
@@ -38,6 +43,10 @@
 //! messages already sent). A node that offers both and meets a peer with
 //! only `holdfast-link/1` sends BATCH frames.
 //!
+//! `holdfast-link/3` adds the deploy stream. A parent offering link/3 also
+//! offers link/2 and link/1, and a child offers all three, so every pair
+//! of versions meets on the highest both speak.
+//!
 //! A batch carries outbox records ([`holdfast_outbox::record`]) whose
 //! time-to-live is what remains of it and whose origin id is set, so a
 //! message keeps its identity and its deadline across every hop.
@@ -48,6 +57,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 pub const ALPN: &[u8] = b"holdfast-link/1";
 /// The ALPN protocol of the link with compressed batches.
 pub const ALPN_V2: &[u8] = b"holdfast-link/2";
+/// The ALPN protocol of the link with the deploy stream.
+pub const ALPN_V3: &[u8] = b"holdfast-link/3";
 /// The protocol version a node speaks.
 pub const VERSION: u16 = 1;
 const MAGIC: &[u8; 4] = b"HFLK";
@@ -61,6 +72,8 @@ const T_ACK: u8 = 12;
 const T_ZBATCH: u8 = 13;
 const T_SCOPE: u8 = 20;
 const T_SVC: u8 = 30;
+const T_DEPLOY: u8 = 40;
+const T_BLOB: u8 = 41;
 
 /// Parts of a scope sync (see the module docs).
 pub mod scope {
@@ -152,6 +165,11 @@ pub enum Frame {
     /// Either way on the service stream: a JSON message (see
     /// `holdfast_iothub::service::Svc`).
     Svc(Bytes),
+    /// Either way on the deploy stream (link/3): a JSON message (see
+    /// `holdfast_deploy::proto::Msg`).
+    Deploy(Bytes),
+    /// Parent → child on the deploy stream (link/3): component bytes.
+    Blob(Bytes),
 }
 
 /// A frame that cannot be decoded.
@@ -254,6 +272,14 @@ impl Frame {
             }
             Frame::Svc(body) => {
                 out.put_u8(T_SVC);
+                out.put_slice(body);
+            }
+            Frame::Deploy(body) => {
+                out.put_u8(T_DEPLOY);
+                out.put_slice(body);
+            }
+            Frame::Blob(body) => {
+                out.put_u8(T_BLOB);
                 out.put_slice(body);
             }
         }
@@ -387,6 +413,8 @@ impl Frame {
                 Frame::Scope { part, body }
             }
             T_SVC => Frame::Svc(b.split_off(0)),
+            T_DEPLOY => Frame::Deploy(b.split_off(0)),
+            T_BLOB => Frame::Blob(b.split_off(0)),
             other => return Err(WireError::UnknownType(other)),
         };
         if b.has_remaining() {
@@ -396,12 +424,31 @@ impl Frame {
     }
 }
 
-/// Whether a link connection agreed on `holdfast-link/2`.
-pub fn is_v2(conn: &quinn::Connection) -> bool {
-    conn.handshake_data()
+/// The link protocol version a connection agreed on by ALPN (1, 2 or 3).
+pub fn negotiated(conn: &quinn::Connection) -> u16 {
+    let alpn = conn
+        .handshake_data()
         .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-        .and_then(|d| d.protocol)
-        .is_some_and(|p| p == ALPN_V2)
+        .and_then(|d| d.protocol);
+    match alpn.as_deref() {
+        Some(p) if p == ALPN_V3 => 3,
+        Some(p) if p == ALPN_V2 => 2,
+        _ => 1,
+    }
+}
+
+/// Whether a link connection agreed on `holdfast-link/2` or later.
+pub fn is_v2(conn: &quinn::Connection) -> bool {
+    negotiated(conn) >= 2
+}
+
+/// The ALPN protocols offered up to `version`, highest first.
+pub fn alpn_up_to(version: u16) -> Vec<Vec<u8>> {
+    [(3, ALPN_V3), (2, ALPN_V2), (1, ALPN)]
+        .into_iter()
+        .filter(|(v, _)| *v <= version.max(1))
+        .map(|(_, p)| p.to_vec())
+        .collect()
 }
 
 /// Splits `n` records (`u32 length, record` each) off a batch body.

@@ -320,6 +320,12 @@ pub struct Metrics {
     /// `holdfast_iothub_events_total{event}`: twin requests, method calls and
     /// answers, cloud-to-device forwarding, twin and method traffic on the link.
     pub iothub_events: Family<EventLabels, Counter>,
+    /// `holdfast_deploy_events_total{event}`: deployments created, applied,
+    /// failed, rolled back, refused (signature, hash), waves released, halts.
+    pub deploy_events: Family<EventLabels, Counter>,
+    /// `holdfast_deploy_component_bytes_total{event}`: component bytes
+    /// `sent` to child gateways and `received` from the parent.
+    pub deploy_component_bytes: Family<EventLabels, Counter>,
     /// `holdfast_cache_requests_total{source,client,result}`
     pub cache_requests: Family<CacheLabels, Counter>,
     /// `holdfast_cache_bytes_total{source,client,result}`: body bytes sent
@@ -618,6 +624,18 @@ impl Metrics {
             "IoT Hub dialect events: twin requests, method calls and answers, cloud-to-device and link traffic",
             iothub_events.clone(),
         );
+        let deploy_events = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "deploy_events",
+            "Fleet deployment events: created, applied, failed, rolled back, refused, waves released, halts",
+            deploy_events.clone(),
+        );
+        let deploy_component_bytes = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "deploy_component_bytes",
+            "Deployment component bytes sent to child gateways and received from the parent",
+            deploy_component_bytes.clone(),
+        );
         let cache_requests = Family::<CacheLabels, Counter>::default();
         registry.register(
             "cache_requests",
@@ -733,6 +751,8 @@ impl Metrics {
             registry_identities,
             registry_syncs,
             iothub_events,
+            deploy_events,
+            deploy_component_bytes,
             cache_requests,
             cache_bytes,
             cache_upstream_requests,

@@ -146,6 +146,7 @@ impl Registry {
             credentials,
             origin: Origin::Api,
             updated_ms: holdfast_model::unix_ms(),
+            labels: check_labels(new.labels)?,
         };
         self.commit(&mut inner, Change::entries(vec![entry.clone()], Vec::new()))?;
         Ok(entry)
@@ -177,6 +178,18 @@ impl Registry {
     pub fn set_enabled(&self, id: &str, enabled: bool) -> Result<Entry, RegistryError> {
         self.modify(id, |_, e| {
             e.enabled = enabled;
+            Ok(())
+        })
+    }
+
+    /// Replaces an identity's labels.
+    ///
+    /// # Errors
+    /// Unknown id, a bad label, a replica, storage.
+    pub fn set_labels(&self, id: &str, labels: BTreeMap<String, String>) -> Result<Entry, RegistryError> {
+        let labels = check_labels(labels)?;
+        self.modify(id, |_, e| {
+            e.labels = labels;
             Ok(())
         })
     }
@@ -322,4 +335,27 @@ impl Registry {
             },
         )
     }
+}
+
+/// Labels: at most 32, names of letters, digits, `-`, `_`, `.` and `/` (1
+/// to 63 bytes), values of at most 255 bytes.
+pub(crate) fn check_labels(labels: BTreeMap<String, String>) -> Result<BTreeMap<String, String>, RegistryError> {
+    if labels.len() > 32 {
+        return Err(RegistryError::Invalid("at most 32 labels".into()));
+    }
+    for (k, v) in &labels {
+        let name_ok =
+            !k.is_empty() && k.len() <= 63 && k.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+        if !name_ok {
+            return Err(RegistryError::Invalid(format!(
+                "label name {k:?}: 1 to 63 letters, digits, '-', '_', '.' or '/'"
+            )));
+        }
+        if v.len() > 255 || v.chars().any(char::is_control) {
+            return Err(RegistryError::Invalid(format!(
+                "label {k:?}: the value is longer than 255 bytes or has control characters"
+            )));
+        }
+    }
+    Ok(labels)
 }

@@ -38,6 +38,7 @@ impl Entry {
             },
             origin: Origin::Config,
             updated_ms: holdfast_model::unix_ms(),
+            labels: c.labels.clone(),
         })
     }
 
@@ -53,6 +54,7 @@ impl Entry {
             "thumbprints": c.thumbprints,
             "origin": self.origin,
             "updated_ms": self.updated_ms,
+            "labels": self.labels,
         });
         if secrets {
             v["sas_primary"] = serde_json::json!(c.sas_primary);

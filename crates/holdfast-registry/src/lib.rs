@@ -163,6 +163,10 @@ pub struct Entry {
     /// Last change, ms since the Unix epoch.
     #[serde(default)]
     pub updated_ms: u64,
+    /// Labels (`site = "north"`) that fleet deployments target. Left out
+    /// of the stored and synced JSON when empty, as before labels existed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// `[[identities]]`: an identity seeded from the config.
@@ -191,6 +195,9 @@ pub struct IdentityConfig {
     /// Accept a certificate signed by a registered CA that names this identity.
     #[serde(default)]
     pub x509_ca: bool,
+    /// Labels for fleet deployments (`labels = { site = "north" }`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 fn default_kind() -> String {
@@ -292,6 +299,8 @@ pub struct NewIdentity {
     pub password: Option<String>,
     /// A PHC hash instead of a password.
     pub password_hash: Option<String>,
+    /// Labels for fleet deployments.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for NewIdentity {

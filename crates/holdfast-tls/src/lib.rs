@@ -108,6 +108,8 @@ pub fn describe_cert(der: &[u8]) -> (String, Option<String>) {
     (thumbprint, cn)
 }
 
+pub mod sign;
+
 pub mod issue {
     use std::path::{Path, PathBuf};
 

@@ -20,9 +20,10 @@
 //! | POST | `/api/v1/reload` | re-read the config file: `{"applied", "not_applied", "failed"}`; 422 if it does not load |
 //!
 //! The device registry's routes are in [`registry`]; twins and methods in
-//! [`iothub`]; the range cache's in [`cache`].
+//! [`iothub`]; the range cache's in [`cache`]; fleet deployments' in [`deploy`].
 
 mod cache;
+mod deploy;
 mod iothub;
 mod registry;
 
@@ -151,6 +152,7 @@ fn api_routes() -> Routes {
         .merge(registry::routes())
         .merge(iothub::routes())
         .merge(cache::routes())
+        .merge(deploy::routes())
 }
 
 /// The routes outside `/api/v1`: no token.

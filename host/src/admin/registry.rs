@@ -8,6 +8,7 @@
 //! | GET | `/api/v1/devices/{id}` | one identity; `?keys=true` includes the symmetric keys |
 //! | DELETE | `/api/v1/devices/{id}` | remove (a device's modules go with it) |
 //! | POST | `/api/v1/devices/{id}/parent` | `{"parent": "gw1"}` or `{"parent": null}` |
+//! | POST | `/api/v1/devices/{id}/labels` | `{"labels": {"site": "north"}}`: replaces the labels deployments target |
 //! | POST | `/api/v1/devices/{id}/rotate-key` | `{"which": "primary" \| "secondary" \| "both"}`; answers with the keys |
 //! | POST | `/api/v1/devices/{id}/disable`, `/enable` | |
 //! | GET, POST | `/api/v1/registry/cas` | registered CAs; add `{"name", "pem"}` |
@@ -52,6 +53,7 @@ pub fn routes() -> Routes {
         .get("/devices/{id}", show)
         .delete("/devices/{id}", remove)
         .post("/devices/{id}/parent", set_parent)
+        .post("/devices/{id}/labels", set_labels)
         .post("/devices/{id}/rotate-key", rotate_key)
         .post("/devices/{id}/disable", disable)
         .post("/devices/{id}/enable", enable)
@@ -202,4 +204,21 @@ async fn remove_ca(State(state): State<Arc<NodeState>>, Path(name): Path<String>
     blocking(&state, move |r| r.remove_ca(&n)).await?;
     tracing::info!(%name, "registry: CA removed");
     Ok(Json(json!({ "removed": name })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LabelsBody {
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+async fn set_labels(
+    State(state): State<Arc<NodeState>>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let b: LabelsBody = serde_json::from_slice(&body).map_err(bad_json)?;
+    let entry = blocking(&state, move |r| r.set_labels(&id, b.labels)).await?;
+    tracing::info!(id = %entry.id, labels = ?entry.labels, "registry: labels set");
+    Ok(Json(entry.to_json(false)))
 }

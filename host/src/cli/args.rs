@@ -90,6 +90,10 @@ pub enum Command {
     /// The range cache of a running node: totals, stored objects, purge.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Fleet deployments: plugins, plugin configs and live settings rolled
+    /// out down the tree, in waves, signed by the owning node.
+    #[command(subcommand)]
+    Deploy(DeployCommand),
     /// Make a running node re-read its config file (as SIGHUP does) and
     /// print what was applied live and what needs a restart.
     Reload,
@@ -214,6 +218,16 @@ pub enum DeviceCommand {
         /// Register it disabled.
         #[arg(long)]
         disabled: bool,
+        /// A label deployments can target, KEY=VALUE (repeat for more).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+    },
+    /// Replace an identity's labels (KEY=VALUE ...; none clears them).
+    Label {
+        /// The id.
+        id: String,
+        /// Labels, KEY=VALUE.
+        labels: Vec<String>,
     },
     /// List identities and the registry's role.
     List {
@@ -322,6 +336,85 @@ pub enum TwinCommand {
         /// The patch, e.g. '{"mode":"eco","fan":null}'.
         patch: String,
     },
+}
+
+/// `holdfast deploy …`
+#[derive(Debug, Subcommand)]
+pub enum DeployCommand {
+    /// Create a deployment owned by this node and start its rollout.
+    Create {
+        /// Its id.
+        id: String,
+        /// Target every gateway of this node's subtree, and this node.
+        #[arg(long)]
+        all: bool,
+        /// Target this node id (repeat for more).
+        #[arg(long = "node")]
+        nodes: Vec<String>,
+        /// Target gateways with this label, KEY=VALUE (repeat: all must match).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Priority: the highest of the deployments targeting a node applies.
+        #[arg(long, default_value_t = 0)]
+        priority: i32,
+        /// A component for a slot, SLOT=FILE.wasm (router, auth, content-source).
+        #[arg(long = "plugin")]
+        plugins: Vec<String>,
+        /// A slot's plugin config, SLOT=FILE (.toml or .json).
+        #[arg(long = "plugin-config")]
+        plugin_configs: Vec<String>,
+        /// A live setting, KEY=VALUE (e.g. outbox.default_ttl_seconds=600).
+        #[arg(long = "set")]
+        settings: Vec<String>,
+        /// Waves, cumulative, comma-separated: counts or percentages (e.g. 1,10%,100%).
+        #[arg(long, default_value = "100%")]
+        waves: String,
+        /// Seconds every node of a wave must run it healthy before the next wave.
+        #[arg(long, default_value_t = 30)]
+        soak: u64,
+        /// A node rolls back when more than this share of plugin calls fail.
+        #[arg(long, default_value_t = 0.1)]
+        max_failure_rate: f64,
+        /// ... once it has seen this many calls.
+        #[arg(long, default_value_t = 10)]
+        min_calls: u64,
+        /// Seconds a node watches the deployed plugins after applying.
+        #[arg(long, default_value_t = 300)]
+        watch: u64,
+    },
+    /// Deployments owned here and received from the parent.
+    List,
+    /// One deployment: every node of its target and its state.
+    Show {
+        /// The id.
+        id: String,
+    },
+    /// Roll a deployment back: every node returns to what it ran before.
+    Rollback {
+        /// The id.
+        id: String,
+    },
+    /// Delete a deployment (nodes return to what they ran before).
+    Delete {
+        /// The id.
+        id: String,
+    },
+    /// Write a deployment and its components to a file, for `import` at a
+    /// node that cannot be reached.
+    Export {
+        /// The id.
+        id: String,
+        /// The file.
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+    /// Import an exported deployment (verified like one from the parent).
+    Import {
+        /// The file.
+        file: PathBuf,
+    },
+    /// This node: the deployment applied, its ancestors, refused content.
+    Status,
 }
 
 /// `holdfast cache …`

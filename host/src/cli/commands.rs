@@ -16,6 +16,7 @@ pub(crate) fn device_command(client: &AdminClient, cmd: DeviceCommand, json: boo
             thumbprint,
             password_stdin,
             disabled,
+            labels,
         } => {
             let password = if password_stdin {
                 let mut p = String::new();
@@ -30,6 +31,7 @@ pub(crate) fn device_command(client: &AdminClient, cmd: DeviceCommand, json: boo
                 "id": id, "kind": kind, "parent": parent, "auth": auth,
                 "sas_primary": primary_key, "sas_secondary": secondary_key,
                 "thumbprints": thumbprint, "password": password, "enabled": !disabled,
+                "labels": key_values(&labels, "--label")?,
             });
             client.post_json("/api/v1/devices", &body)?
         }
@@ -65,6 +67,10 @@ pub(crate) fn device_command(client: &AdminClient, cmd: DeviceCommand, json: boo
             return Ok(());
         }
         DeviceCommand::Show { id, keys } => client.get(&path(&id, if keys { "?keys=true" } else { "" }))?,
+        DeviceCommand::Label { id, labels } => client.post_json(
+            &path(&id, "/labels"),
+            &json!({ "labels": key_values(&labels, "label")? }),
+        )?,
         DeviceCommand::Rm { id } => {
             let v = client.delete(&path(&id, ""))?;
             if json {
@@ -447,4 +453,266 @@ pub(crate) fn link_status(client: &AdminClient, json: bool) -> Result<()> {
         print_table(&["CHILD", "ADDRESS", "SINCE", "RECEIVED"], &rows);
     }
     Ok(())
+}
+
+/// `KEY=VALUE` arguments as a JSON object of strings.
+fn key_values(items: &[String], what: &str) -> Result<serde_json::Map<String, Value>> {
+    let mut out = serde_json::Map::new();
+    for p in items {
+        let (k, v) = p
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .with_context(|| format!("{what} {p:?}: expected KEY=VALUE"))?;
+        out.insert(k.to_string(), Value::String(v.to_string()));
+    }
+    Ok(out)
+}
+
+/// `SLOT=VALUE` arguments.
+fn slot_values(items: &[String], what: &str) -> Result<Vec<(String, String)>> {
+    items
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("{what} {p:?}: expected SLOT=FILE"))
+        })
+        .collect()
+}
+
+pub(crate) fn deploy_command(client: &AdminClient, cmd: DeployCommand, json: bool) -> Result<()> {
+    let path = |id: &str, rest: &str| format!("/api/v1/deployments/{}{rest}", segment(id));
+    match cmd {
+        DeployCommand::Create {
+            id,
+            all,
+            nodes,
+            labels,
+            priority,
+            plugins,
+            plugin_configs,
+            settings,
+            waves,
+            soak,
+            max_failure_rate,
+            min_calls,
+            watch,
+        } => {
+            let mut slots = serde_json::Map::new();
+            for (slot, file) in slot_values(&plugins, "--plugin")? {
+                let bytes = std::fs::read(&file).with_context(|| format!("cannot read {file}"))?;
+                let up = client.post_bytes("/api/v1/deployments/components", &bytes)?;
+                slots.insert(slot, json!({ "sha256": up["sha256"] }));
+            }
+            for (slot, file) in slot_values(&plugin_configs, "--plugin-config")? {
+                let config = read_plugin_config(Path::new(&file))?;
+                let entry = slots.entry(slot).or_insert_with(|| json!({}));
+                entry["config"] = config;
+            }
+            let mut set = serde_json::Map::new();
+            for (k, v) in key_values(&settings, "--set")? {
+                let text = v.as_str().unwrap_or_default();
+                // Numbers and booleans as such; anything else as a string.
+                let value = serde_json::from_str::<Value>(text)
+                    .ok()
+                    .filter(|v| v.is_number() || v.is_boolean())
+                    .unwrap_or(v);
+                set.insert(k, value);
+            }
+            let spec = json!({
+                "id": id,
+                "target": { "all": all, "nodes": nodes, "labels": key_values(&labels, "--label")? },
+                "priority": priority,
+                "plugins": slots,
+                "settings": set,
+                "rollout": {
+                    "waves": waves.split(',').map(str::trim).filter(|w| !w.is_empty()).collect::<Vec<_>>(),
+                    "soak_seconds": soak,
+                    "max_failure_rate": max_failure_rate,
+                    "min_calls": min_calls,
+                    "watch_seconds": watch,
+                },
+            });
+            let v = client.post_json("/api/v1/deployments", &spec)?;
+            if json {
+                return print_json(&v);
+            }
+            outln!(
+                "created {}: {} node(s), {} released in the first wave",
+                str_of(&v["spec"]["id"]),
+                v["nodes"].as_array().map_or(0, Vec::len),
+                v["released"]
+            );
+            Ok(())
+        }
+        DeployCommand::List => print_list(
+            client,
+            "/api/v1/deployments",
+            json,
+            "deployments",
+            &[
+                "ID",
+                "OWNER",
+                "PRIORITY",
+                "PHASE",
+                "REVISION",
+                "RELEASED",
+                "APPLIED",
+                "NOT APPLIED",
+            ],
+            |d| {
+                let states: Vec<&Value> = d["node_states"]
+                    .as_array()
+                    .map(|a| a.iter().collect())
+                    .unwrap_or_default();
+                let applied = states.iter().filter(|s| s["state"] == "applied").count();
+                vec![
+                    str_of(&d["spec"]["id"]),
+                    str_of(&d["owner"]),
+                    str_of(&d["spec"]["priority"]),
+                    str_of(&d["phase"]["state"]),
+                    str_of(&d["revision"]),
+                    format!("{}/{}", str_of(&d["released"]), states.len()),
+                    applied.to_string(),
+                    (states.len() - applied).to_string(),
+                ]
+            },
+        ),
+        DeployCommand::Show { id } => {
+            let v = client.get(&path(&id, ""))?;
+            if json {
+                return print_json(&v);
+            }
+            outln!(
+                "deployment {} (owner {}, revision {})",
+                str_of(&v["spec"]["id"]),
+                str_of(&v["owner"]),
+                str_of(&v["revision"])
+            );
+            let phase = &v["phase"];
+            match phase["reason"].as_str() {
+                Some(r) => outln!("phase:    {} ({r})", str_of(&phase["state"])),
+                None => outln!("phase:    {}", str_of(&phase["state"])),
+            }
+            outln!("priority: {}", str_of(&v["spec"]["priority"]));
+            for (slot, p) in v["spec"]["plugins"].as_object().into_iter().flatten() {
+                outln!(
+                    "plugin:   {slot} {}{}",
+                    short(&p["sha256"]),
+                    if p["config"].is_object() { " + config" } else { "" }
+                );
+            }
+            for (k, val) in v["spec"]["settings"].as_object().into_iter().flatten() {
+                outln!("setting:  {k} = {val}");
+            }
+            let rows = rows_of(&v, "node_states", |n| {
+                let r = &n["report"];
+                vec![
+                    str_of(&n["node"]),
+                    if n["released"] == true {
+                        "yes".into()
+                    } else {
+                        "no".into()
+                    },
+                    str_of(&n["state"]),
+                    format_time(r["since_ms"].as_u64()),
+                    format_time(r["at_ms"].as_u64()),
+                    if r["health"]["calls"].is_u64() {
+                        format!("{}/{}", str_of(&r["health"]["failures"]), str_of(&r["health"]["calls"]))
+                    } else {
+                        "-".into()
+                    },
+                    r["reason"].as_str().unwrap_or("").to_string(),
+                ]
+            });
+            print_table(
+                &[
+                    "NODE",
+                    "RELEASED",
+                    "STATE",
+                    "SINCE",
+                    "LAST REPORT",
+                    "FAILED/CALLS",
+                    "REASON",
+                ],
+                &rows,
+            );
+            Ok(())
+        }
+        DeployCommand::Rollback { id } => {
+            let v = client.post_json(&path(&id, "/rollback"), &Value::Null)?;
+            if json {
+                return print_json(&v);
+            }
+            outln!(
+                "rolled back {}: every node returns to what it ran before",
+                str_of(&v["spec"]["id"])
+            );
+            Ok(())
+        }
+        DeployCommand::Delete { id } => {
+            let v = client.delete(&path(&id, ""))?;
+            if json {
+                return print_json(&v);
+            }
+            outln!("deleted {}", str_of(&v["deleted"]));
+            Ok(())
+        }
+        DeployCommand::Export { id, out } => {
+            let v = client.get(&path(&id, "/export"))?;
+            std::fs::write(&out, serde_json::to_vec(&v)?).with_context(|| format!("cannot write {}", out.display()))?;
+            outln!("wrote {}", out.display());
+            Ok(())
+        }
+        DeployCommand::Import { file } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let bundle: Value =
+                serde_json::from_slice(&bytes).with_context(|| format!("{} is not JSON", file.display()))?;
+            let v = client.post_json("/api/v1/deployments/import", &bundle)?;
+            if json {
+                return print_json(&v);
+            }
+            outln!("imported {} (owner {})", str_of(&v["spec"]["id"]), str_of(&v["owner"]));
+            Ok(())
+        }
+        DeployCommand::Status => {
+            let v = client.get("/api/v1/deploy")?;
+            if json {
+                return print_json(&v);
+            }
+            let a = &v["applied"];
+            if a.is_object() {
+                outln!(
+                    "applied:   {} (revision {}, {})",
+                    str_of(&a["deployment"]),
+                    str_of(&a["revision"]),
+                    format_time(a["at_ms"].as_u64())
+                );
+                for (slot, ver) in a["versions"].as_object().into_iter().flatten() {
+                    outln!("  {slot}: {}", short(ver));
+                }
+            } else {
+                outln!("applied:   none (this node's own config)");
+            }
+            let anc: Vec<String> = v["ancestors"]
+                .as_array()
+                .map(|a| a.iter().map(str_of).collect())
+                .unwrap_or_default();
+            outln!(
+                "ancestors: {}",
+                if anc.is_empty() {
+                    "-".to_string()
+                } else {
+                    anc.join(" > ")
+                }
+            );
+            outln!("accept:    {}", str_of(&v["accept"]));
+            outln!("can sign:  {}", str_of(&v["can_sign"]));
+            for r in v["refused_content"].as_array().into_iter().flatten() {
+                outln!("refused:   {} ({})", str_of(&r[0]), str_of(&r[2]));
+            }
+            Ok(())
+        }
+    }
 }

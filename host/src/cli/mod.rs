@@ -172,6 +172,10 @@ pub fn execute(cli: Cli) -> Result<()> {
             let client = AdminClient::discover(&cli.admin)?;
             cache_command(&client, cmd, cli.admin.json)
         }
+        Command::Deploy(cmd) => {
+            let client = AdminClient::discover(&cli.admin)?;
+            deploy_command(&client, cmd, cli.admin.json)
+        }
         Command::Reload => {
             let client = AdminClient::discover(&cli.admin)?;
             let v = client.post_json("/api/v1/reload", &json!({}))?;

@@ -1,0 +1,309 @@
+//! The deploy stream of the QUIC link (`holdfast-link/3`): fleet
+//! deployments go down, node reports go up, and each component crosses
+//! each link once (see `holdfast_deploy::proto`).
+//!
+//! The parent offers the signed deployments that concern the child's
+//! subtree, again at every change. The child verifies them, keeps them,
+//! and asks for the components it lacks, one at a time; the parent sends
+//! them from its own store (it fetched them from its parent before it
+//! offered the deployment), checked against their hash when read. The
+//! child checks the hash again before it stores them.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::mpsc;
+
+use super::wire::{self, Frame, close};
+use holdfast_deploy::Deployer;
+use holdfast_deploy::proto::{CHUNK, MAX_FRAME, Msg};
+use holdfast_metrics::{EventLabels, Metrics};
+
+/// How long a child waits before asking again for a component the parent
+/// did not have.
+const RETRY: Duration = Duration::from_secs(2);
+
+fn encode(frame: &Frame) -> Option<Bytes> {
+    let mut buf = BytesMut::new();
+    frame.encode(&mut buf).ok()?;
+    Some(buf.freeze())
+}
+
+fn msg(m: &Msg) -> Option<Bytes> {
+    encode(&Frame::Deploy(serde_json::to_vec(m).ok()?.into()))
+}
+
+fn bytes_metric(metrics: &Metrics, event: &'static str, n: u64) {
+    holdfast_metrics::handle(&metrics.deploy_component_bytes, &EventLabels { event }).inc_by(n);
+}
+
+/// Reads the next deploy-stream frame; `None` when the stream ends.
+async fn read(recv: &mut quinn::RecvStream) -> Result<Option<Frame>, String> {
+    match wire::read_frame(recv, MAX_FRAME.max(CHUNK + 16)).await {
+        Ok(Some(f @ (Frame::Deploy(_) | Frame::Blob(_)))) => Ok(Some(f)),
+        Ok(Some(other)) => Err(format!("expected a deploy frame, got {other:?}")),
+        Ok(None) | Err(wire::ReadError::Stream(_)) => Ok(None),
+        Err(wire::ReadError::Wire(e)) => Err(e.to_string()),
+    }
+}
+
+async fn writer(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Bytes>) {
+    while let Some(b) = rx.recv().await {
+        if send.write_all(&b).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The parent's end for `child`, after the child's hello.
+pub async fn parent(
+    deployer: Arc<Deployer>,
+    metrics: Arc<Metrics>,
+    conn: quinn::Connection,
+    child: Arc<str>,
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let (tx, rx) = mpsc::channel::<Bytes>(8);
+    let write = tokio::spawn(writer(send, rx));
+    let mut changes = deployer.doc_changes();
+    let mut last_offer: Option<(Vec<String>, Vec<holdfast_deploy::model::Signed>)> = None;
+    loop {
+        let offer = deployer.offer_for(&child);
+        if last_offer.as_ref() != Some(&offer) {
+            let m = Msg::Offer {
+                ancestors: offer.0.clone(),
+                deployments: offer.1.clone(),
+            };
+            let Some(b) = msg(&m) else { break };
+            if tx.send(b).await.is_err() {
+                break;
+            }
+            tracing::debug!(child = %child, deployments = offer.1.len(), "deploy: offer sent");
+            last_offer = Some(offer);
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { break },
+            f = read(&mut recv) => match f {
+                Ok(Some(Frame::Deploy(body))) => match serde_json::from_slice::<Msg>(&body) {
+                    Ok(Msg::Fetch { sha256 }) => {
+                        let d = deployer.clone();
+                        let sha = sha256.clone();
+                        let bytes = tokio::task::spawn_blocking(move || d.read_component(&sha)).await;
+                        match bytes {
+                            Ok(Ok(bytes)) => {
+                                let head = Msg::Component { sha256: sha256.clone(), size: bytes.len() as u64 };
+                                let Some(h) = msg(&head) else { break };
+                                if tx.send(h).await.is_err() {
+                                    break;
+                                }
+                                let mut ok = true;
+                                for chunk in bytes.chunks(CHUNK) {
+                                    let Some(b) = encode(&Frame::Blob(Bytes::copy_from_slice(chunk))) else { ok = false; break };
+                                    if tx.send(b).await.is_err() {
+                                        ok = false;
+                                        break;
+                                    }
+                                }
+                                if !ok {
+                                    break;
+                                }
+                                bytes_metric(&metrics, "sent", bytes.len() as u64);
+                                tracing::info!(child = %child, sha256 = %sha256, bytes = bytes.len(), "deploy: component sent");
+                            }
+                            Ok(Err(e)) => {
+                                tracing::warn!(child = %child, sha256 = %sha256, error = %e, "deploy: a child asked for a component this node cannot send");
+                                let Some(b) = msg(&Msg::Missing { sha256 }) else { break };
+                                if tx.send(b).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    Ok(Msg::Reports { reports }) => {
+                        let (d, c) = (deployer.clone(), child.clone());
+                        if tokio::task::spawn_blocking(move || d.receive_reports(&c, reports)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(other) => {
+                        tracing::warn!(child = %child, message = ?other, "link: unexpected deploy message from a child");
+                        conn.close(close::PROTOCOL.into(), b"unexpected deploy message");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(child = %child, error = %e, "link: undecodable deploy message from a child");
+                        conn.close(close::PROTOCOL.into(), b"malformed deploy message");
+                        break;
+                    }
+                },
+                Ok(Some(_)) => {
+                    conn.close(close::PROTOCOL.into(), b"a child sends no component bytes");
+                    break;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(child = %child, error = %e, "link: malformed deploy frame from a child");
+                    conn.close(close::PROTOCOL.into(), b"malformed deploy frame");
+                    break;
+                }
+            },
+        }
+    }
+    drop(tx);
+    write.abort();
+}
+
+/// A component being received.
+struct Incoming {
+    sha256: String,
+    size: usize,
+    data: Vec<u8>,
+}
+
+/// The child's end: opens the stream, takes offers and components, sends
+/// reports. Returns when the link ends.
+pub async fn child(deployer: Arc<Deployer>, metrics: Arc<Metrics>, conn: quinn::Connection, parent: String) {
+    let Ok((send, mut recv)) = conn.open_bi().await else {
+        return;
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(8);
+    let write = tokio::spawn(writer(send, rx));
+    let Some(hello) = msg(&Msg::Hello) else { return };
+    if tx.send(hello).await.is_err() {
+        return;
+    }
+    let mut reports = deployer.report_changes();
+    let mut sent_seq = 0u64;
+    let mut queue: VecDeque<String> = VecDeque::new();
+    let mut incoming: Option<Incoming> = None;
+    let mut asked: Option<String> = None;
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    let max = deployer.max_component_bytes() as usize;
+    'outer: loop {
+        // Reports not yet sent go up.
+        let (seq, fresh) = deployer.reports_since(sent_seq);
+        if !fresh.is_empty() {
+            let Some(b) = msg(&Msg::Reports { reports: fresh }) else {
+                break;
+            };
+            if tx.send(b).await.is_err() {
+                break;
+            }
+        }
+        sent_seq = seq;
+        // One fetch at a time.
+        if asked.is_none() && retry_at.is_none_or(|t| t <= tokio::time::Instant::now()) {
+            retry_at = None;
+            while let Some(sha) = queue.pop_front() {
+                if deployer.missing_components().contains(&sha) {
+                    let Some(b) = msg(&Msg::Fetch { sha256: sha.clone() }) else {
+                        break 'outer;
+                    };
+                    if tx.send(b).await.is_err() {
+                        break 'outer;
+                    }
+                    asked = Some(sha);
+                    break;
+                }
+            }
+        }
+        let retry = async {
+            match retry_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = reports.changed() => if r.is_err() { break },
+            () = retry => {
+                queue.extend(deployer.missing_components());
+            }
+            f = read(&mut recv) => match f {
+                Ok(Some(Frame::Deploy(body))) => match serde_json::from_slice::<Msg>(&body) {
+                    Ok(Msg::Offer { ancestors, deployments }) => {
+                        let (d, p) = (deployer.clone(), parent.clone());
+                        match tokio::task::spawn_blocking(move || d.receive_offer(&p, ancestors, deployments)).await {
+                            Ok(missing) => {
+                                for m in missing {
+                                    if !queue.contains(&m) && asked.as_ref() != Some(&m) {
+                                        queue.push_back(m);
+                                    }
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    Ok(Msg::Component { sha256, size }) => {
+                        if asked.as_ref() != Some(&sha256) || incoming.is_some() || size as usize > max {
+                            conn.close(close::PROTOCOL.into(), b"unexpected component");
+                            break;
+                        }
+                        incoming = Some(Incoming { sha256, size: size as usize, data: Vec::with_capacity(size as usize) });
+                        if size == 0 {
+                            // An empty component: nothing follows (it will not match its hash).
+                            incoming = None;
+                            asked = None;
+                        }
+                    }
+                    Ok(Msg::Missing { sha256 }) => {
+                        tracing::debug!(sha256 = %sha256, "deploy: the parent does not have the component yet");
+                        asked = None;
+                        retry_at = Some(tokio::time::Instant::now() + RETRY);
+                    }
+                    Ok(other) => {
+                        tracing::warn!(message = ?other, "link: unexpected deploy message from the parent");
+                        conn.close(close::PROTOCOL.into(), b"unexpected deploy message");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "link: undecodable deploy message from the parent");
+                        conn.close(close::PROTOCOL.into(), b"malformed deploy message");
+                        break;
+                    }
+                },
+                Ok(Some(Frame::Blob(data))) => {
+                    let Some(inc) = incoming.as_mut() else {
+                        conn.close(close::PROTOCOL.into(), b"component bytes without a component");
+                        break;
+                    };
+                    if inc.data.len() + data.len() > inc.size {
+                        conn.close(close::PROTOCOL.into(), b"more component bytes than announced");
+                        break;
+                    }
+                    inc.data.extend_from_slice(&data);
+                    if inc.data.len() == inc.size {
+                        let Some(done) = incoming.take() else { break };
+                        asked = None;
+                        bytes_metric(&metrics, "received", done.size as u64);
+                        let d = deployer.clone();
+                        let sha = done.sha256.clone();
+                        match tokio::task::spawn_blocking(move || d.store_component(&sha, &done.data)).await {
+                            Ok(Ok(())) => tracing::info!(sha256 = %done.sha256, bytes = done.size, "deploy: component received"),
+                            Ok(Err(e)) => {
+                                tracing::warn!(sha256 = %done.sha256, error = %e, "deploy: component refused");
+                                retry_at = Some(tokio::time::Instant::now() + RETRY);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Ok(Some(_)) => {
+                    conn.close(close::PROTOCOL.into(), b"expected a deploy frame");
+                    break;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "link: malformed deploy frame from the parent");
+                    conn.close(close::PROTOCOL.into(), b"malformed deploy frame");
+                    break;
+                }
+            },
+        }
+    }
+    drop(tx);
+    write.abort();
+}

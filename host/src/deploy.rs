@@ -1,0 +1,101 @@
+//! The node's side of fleet deployments: how a deployment is applied (the
+//! reload path, with the deployment's overlay on the config file), and the
+//! signing and verifying keys.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Weak};
+
+use crate::config::Config;
+use crate::node::NodeState;
+use holdfast_deploy::{Applier, Overlay};
+use holdfast_tls::sign::{Signer, Verifier};
+
+/// Applies deployments through [`crate::reload::Reloader::apply_overlay`].
+#[derive(Debug)]
+pub struct NodeApplier {
+    state: Weak<NodeState>,
+}
+
+impl NodeApplier {
+    /// For the node whose state this is.
+    pub fn new(state: &Arc<NodeState>) -> NodeApplier {
+        NodeApplier {
+            state: Arc::downgrade(state),
+        }
+    }
+
+    fn state(&self) -> Result<Arc<NodeState>, String> {
+        self.state.upgrade().ok_or_else(|| "the node is stopping".to_string())
+    }
+}
+
+impl Applier for NodeApplier {
+    fn apply(&self, overlay: Option<&Overlay>) -> Result<BTreeMap<String, String>, String> {
+        let state = self.state()?;
+        let report = state.reloader.apply_overlay(&state, overlay)?;
+        tracing::info!(
+            deployment = overlay.map_or("none", |o| o.deployment.as_str()),
+            applied = ?report.applied,
+            "deployment config applied"
+        );
+        Ok(state
+            .plugins
+            .list()
+            .into_iter()
+            .map(|s| (s.slot.as_str().to_string(), s.version))
+            .collect())
+    }
+
+    fn counters(&self) -> BTreeMap<String, (u64, u64)> {
+        let Ok(state) = self.state() else {
+            return BTreeMap::new();
+        };
+        state
+            .plugins
+            .list()
+            .into_iter()
+            .map(|s| (s.slot.as_str().to_string(), (s.calls, s.traps)))
+            .collect()
+    }
+
+    fn node_health(&self) -> (String, u64) {
+        let Ok(state) = self.state() else {
+            return ("stopping".into(), 0);
+        };
+        let link = serde_json::to_value(state.link.snapshot().state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let messages = state.outbox.stats().iter().map(|l| l.messages).sum();
+        (link, messages)
+    }
+}
+
+/// The key this node signs its deployments with: `deploy.signing_*`, else
+/// its fleet certificate. `None` (logged) when there is none or it does
+/// not load.
+pub fn signer(config: &Config) -> Option<Signer> {
+    let (cert, key) = match (&config.deploy.signing_cert, &config.deploy.signing_key) {
+        (Some(c), Some(k)) => (c, k),
+        _ => (config.fleet.cert.as_ref()?, config.fleet.key.as_ref()?),
+    };
+    match Signer::load(cert, key) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "deploy: no signing key; this node cannot own deployments");
+            None
+        }
+    }
+}
+
+/// Checks deployments against the fleet CA (`fleet.ca`).
+pub fn verifier(config: &Config) -> Option<Verifier> {
+    let ca = config.fleet.ca.as_ref()?;
+    match holdfast_tls::load_roots(ca) {
+        Ok(roots) => Some(Verifier::new(roots)),
+        Err(e) => {
+            tracing::warn!(error = %e, "deploy: fleet.ca does not load; deployments from the parent are refused");
+            None
+        }
+    }
+}
