@@ -24,3 +24,9 @@ pub fn set_level(level: &str) -> Result<(), String> {
         None => Err("not changed: RUST_LOG overrides log.level (or this process installed no log filter)".to_string()),
     }
 }
+
+/// True when no filter is installed: `RUST_LOG` rules (or the library runs
+/// without the binary's logging), so `log.level` is not applied.
+pub fn overridden() -> bool {
+    SET_FILTER.get().is_none()
+}

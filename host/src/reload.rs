@@ -229,7 +229,13 @@ fn apply(state: &NodeState, applied: &mut Config, new: Config, path: &str) -> Re
         );
         report.applied.push("upstream.max_bytes_per_second".into());
     }
-    if applied.log.level != new.log.level {
+    if applied.log.level != new.log.level && crate::logging::overridden() {
+        // RUST_LOG rules the filter; the key is taken so it is not reported again.
+        applied.log.level = new.log.level.clone();
+        report
+            .not_applied
+            .push("log.level (RUST_LOG is set and overrides it)".into());
+    } else if applied.log.level != new.log.level {
         match crate::logging::set_level(&new.log.level) {
             Ok(()) => {
                 applied.log.level = new.log.level.clone();
