@@ -209,10 +209,10 @@ impl Node {
         )
         .await
         .map_err(|e| PluginError::Engine(format!("store open task failed: {e}")))??;
-        if config.log.level != base_level {
-            if let Err(e) = crate::logging::set_level(&config.log.level) {
-                tracing::debug!(error = %e, "deploy: log.level of the deployment not applied");
-            }
+        if config.log.level != base_level
+            && let Err(e) = crate::logging::set_level(&config.log.level)
+        {
+            tracing::debug!(error = %e, "deploy: log.level of the deployment not applied");
         }
         let registry = Arc::new(registry);
         metrics.registry_identities.set(registry.len() as i64);

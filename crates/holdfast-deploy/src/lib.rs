@@ -1401,3 +1401,6 @@ fn view(inner: &Inner, h: &Held, owned: bool) -> View {
         node_states,
     }
 }
+
+#[cfg(test)]
+mod tests;

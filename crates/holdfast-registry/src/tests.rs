@@ -148,6 +148,7 @@ fn replicas_apply_full_and_delta_and_refuse_local_changes() {
             thumbprints: Vec::new(),
             password_hash: Some(holdfast_model::identity::hash_password("pw").unwrap()),
             x509_ca: false,
+            labels: Default::default(),
         }])
         .unwrap();
     replica.apply_full("gw2", Scope::default()).unwrap();
@@ -172,6 +173,7 @@ fn config_seeds_are_managed_by_the_config_until_the_api_changes_them() {
         thumbprints: Vec::new(),
         password_hash: None,
         x509_ca: false,
+        labels: Default::default(),
     };
     assert_eq!(r.seed(&[seed("a", true), seed("b", true)]).unwrap(), 2);
     assert_eq!(r.seed(&[seed("a", true), seed("b", true)]).unwrap(), 0);
@@ -254,4 +256,31 @@ proptest::proptest! {
             }
         }
     }
+}
+
+#[test]
+fn labels_are_checked_stored_and_left_out_when_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path(), Role::Owner);
+    let gw = r
+        .add(NewIdentity {
+            id: "gw1".into(),
+            kind: Some("gateway".into()),
+            auth: Some("none".into()),
+            ..NewIdentity::default()
+        })
+        .unwrap();
+    // An entry without labels serialises as before labels existed.
+    assert!(serde_json::to_value(&gw).unwrap().get("labels").is_none());
+    let labels: BTreeMap<String, String> = [("site".to_string(), "north".to_string())].into();
+    let e = r.set_labels("gw1", labels.clone()).unwrap();
+    assert_eq!(e.labels, labels);
+    assert_eq!(r.entry("gw1").unwrap().labels, labels);
+    for bad in ["", "a b", &"x".repeat(64)] {
+        let l: BTreeMap<String, String> = [(bad.to_string(), "v".to_string())].into();
+        assert!(matches!(r.set_labels("gw1", l), Err(RegistryError::Invalid(_))), "{bad:?}");
+    }
+    drop(r);
+    let r = open(dir.path(), Role::Owner);
+    assert_eq!(r.entry("gw1").unwrap().labels, labels, "labels survive a restart");
 }

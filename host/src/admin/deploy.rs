@@ -81,6 +81,23 @@ async fn show(State(state): State<Arc<NodeState>>, Path(id): Path<String>) -> Re
 
 async fn create(State(state): State<Arc<NodeState>>, body: Bytes) -> Result<(StatusCode, Json<Value>), ApiError> {
     let spec: Spec = serde_json::from_slice(&body).map_err(bad_json)?;
+    // The settings must make a valid config here (the nodes check again).
+    let probe = holdfast_deploy::Overlay {
+        deployment: spec.id.clone(),
+        plugins: spec
+            .plugins
+            .iter()
+            .map(|(slot, p)| {
+                let s = holdfast_deploy::SlotOverlay {
+                    config: p.config.clone(),
+                    ..Default::default()
+                };
+                (slot.clone(), s)
+            })
+            .collect(),
+        settings: spec.settings.clone(),
+    };
+    crate::reload::compose(&state.config, Some(&probe)).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
     let doc = blocking(&state, move |d| d.create(spec)).await?;
     Ok((StatusCode::CREATED, Json(json!(doc))))
 }
