@@ -483,7 +483,10 @@ impl Deployer {
     /// Not owned here, or signing and storage errors.
     pub fn rollback(&self, id: &str) -> Result<Doc, DeployError> {
         let mut inner = self.lock();
-        let held = inner.owned.get(id).cloned().ok_or_else(|| self.not_owned(id))?;
+        let Some(held) = inner.owned.get(id).cloned() else {
+            drop(inner);
+            return Err(self.not_owned(id));
+        };
         let mut doc = held.doc;
         doc.phase = Phase::Withdrawn;
         self.resign(&mut inner, doc)?;
@@ -495,14 +498,14 @@ impl Deployer {
         Ok(doc)
     }
 
+    /// The error for an id not owned here. Takes the lock: call it without.
     fn not_owned(&self, id: &str) -> DeployError {
-        if self.lock().received.contains_key(id) {
-            DeployError::Conflict(format!(
+        match self.lock().received.get(id) {
+            Some(h) => DeployError::Conflict(format!(
                 "deployment {id:?} is owned by {}; change it there",
-                self.lock().received[id].doc.owner
-            ))
-        } else {
-            DeployError::NotFound(id.to_string())
+                h.doc.owner
+            )),
+            None => DeployError::NotFound(id.to_string()),
         }
     }
 
@@ -679,27 +682,49 @@ impl Deployer {
         let inner = self.lock();
         let mut ancestors = vec![self.node.clone()];
         ancestors.extend(inner.ancestors.iter().cloned());
-        let via_child = |n: &String| n == child || self.registry.next_hop(n) == Hop::Child(child.to_string());
-        let mut docs = Vec::new();
-        let all = inner.owned.values().chain(
-            inner
-                .received
-                .values()
-                .filter(|h| !inner.owned.contains_key(&h.doc.spec.id)),
-        );
-        for h in all {
-            let d = &h.doc;
-            let relevant = if d.phase == Phase::Withdrawn {
-                d.nodes.iter().any(via_child)
-            } else {
-                d.nodes[..d.released.min(d.nodes.len())].iter().any(via_child)
-            };
-            let ready = d.phase == Phase::Withdrawn || d.spec.components().all(|s| self.store.has_blob(s));
-            if relevant && ready {
-                docs.push(h.signed.clone());
-            }
-        }
+        let docs = self.offered(&inner, child).map(|h| h.signed.clone()).collect();
         (ancestors, docs)
+    }
+
+    /// The documents that concern `child`'s subtree and can be served.
+    fn offered<'a>(&'a self, inner: &'a Inner, child: &'a str) -> impl Iterator<Item = &'a Held> + 'a {
+        let via_child = move |n: &String| n == child || self.registry.next_hop(n) == Hop::Child(child.to_string());
+        inner
+            .owned
+            .values()
+            .chain(
+                inner
+                    .received
+                    .values()
+                    .filter(|h| !inner.owned.contains_key(&h.doc.spec.id)),
+            )
+            .filter(move |h| {
+                let d = &h.doc;
+                let relevant = if d.phase == Phase::Withdrawn {
+                    d.nodes.iter().any(via_child)
+                } else {
+                    d.nodes[..d.released.min(d.nodes.len())].iter().any(via_child)
+                };
+                let ready = d.phase == Phase::Withdrawn || d.spec.components().all(|s| self.store.has_blob(s));
+                relevant && ready
+            })
+    }
+
+    /// A component for `child`: only one of the deployments it is offered,
+    /// checked against its hash.
+    ///
+    /// # Errors
+    /// Not offered to the child, missing or damaged.
+    pub fn component_for(&self, child: &str, sha: &str) -> Result<Vec<u8>, DeployError> {
+        let offered = {
+            let inner = self.lock();
+            self.offered(&inner, child)
+                .any(|h| h.doc.spec.components().any(|s| s == sha))
+        };
+        if !offered {
+            return Err(DeployError::NotFound(format!("component {sha} for {child}")));
+        }
+        self.store.read_blob(sha)
     }
 
     /// Checks a signed document from above: signed by its owner, the owner
@@ -918,6 +943,9 @@ impl Deployer {
         let mut inner = self.lock();
         let mut fresh = Vec::new();
         for r in reports {
+            if !inner.owned.contains_key(&r.deployment) && !inner.received.contains_key(&r.deployment) {
+                continue;
+            }
             let ok = r.node == child || self.registry.next_hop(&r.node) == Hop::Child(child.to_string());
             if !ok {
                 tracing::warn!(child, node = %r.node, "deploy: a child reported about a node outside its subtree; ignored");

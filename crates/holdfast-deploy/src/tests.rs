@@ -137,7 +137,11 @@ fn waves_open_when_the_gate_passes_and_halt_on_a_rollback() {
     report(d, "d1", "gw3", NodeState::Applied, sick);
     tick(d);
     let v = d.show("d1").unwrap();
-    assert!(matches!(&v.doc.phase, Phase::Halted { reason } if reason.contains("gw3")), "{:?}", v.doc.phase);
+    assert!(
+        matches!(&v.doc.phase, Phase::Halted { reason } if reason.contains("gw3")),
+        "{:?}",
+        v.doc.phase
+    );
     assert_eq!(v.doc.released, 3, "a halted rollout releases no one else");
     // The signed document the children get says so.
     let (ancestors, docs) = d.offer_for("gw1");
@@ -173,7 +177,16 @@ fn a_node_rolls_back_a_failing_plugin_and_does_not_apply_it_again() {
     assert_eq!(*fake.applied.lock().unwrap(), [Some("d1".to_string()), None]);
     let v = d.show("d1").unwrap();
     assert_eq!(v.node_states[0].state, "rolled-back");
-    assert!(v.node_states[0].report.as_ref().unwrap().reason.as_ref().unwrap().contains("9 of 20"));
+    assert!(
+        v.node_states[0]
+            .report
+            .as_ref()
+            .unwrap()
+            .reason
+            .as_ref()
+            .unwrap()
+            .contains("9 of 20")
+    );
     // It stays rolled back.
     d.evaluate(&fake);
     assert_eq!(fake.applied.lock().unwrap().len(), 2);
@@ -204,7 +217,53 @@ fn the_highest_priority_applies_and_a_failed_apply_is_reported() {
     assert_eq!(d.local_status().applied.unwrap().deployment, "low");
     assert_eq!(d.show("bad").unwrap().node_states[0].state, "failed");
     // Ids, targets and unknown components are checked.
-    assert!(d.create(spec(serde_json::json!({"id": "low", "target": {"all": true}, "settings": {"log.level": "x"}}))).is_err());
-    assert!(d.create(spec(serde_json::json!({"id": "n", "target": {"nodes": ["gw9"]}, "settings": {"log.level": "x"}}))).is_err());
-    assert!(d.create(spec(serde_json::json!({"id": "c", "target": {"all": true}, "plugins": {"router": {"sha256": "0".repeat(64)}}}))).is_err());
+    assert!(
+        d.create(spec(
+            serde_json::json!({"id": "low", "target": {"all": true}, "settings": {"log.level": "x"}})
+        ))
+        .is_err()
+    );
+    assert!(
+        d.create(spec(
+            serde_json::json!({"id": "n", "target": {"nodes": ["gw9"]}, "settings": {"log.level": "x"}})
+        ))
+        .is_err()
+    );
+    assert!(
+        d.create(spec(
+            serde_json::json!({"id": "c", "target": {"all": true}, "plugins": {"router": {"sha256": "0".repeat(64)}}})
+        ))
+        .is_err()
+    );
+}
+
+#[test]
+fn unknown_ids_are_not_found_and_components_go_only_where_offered() {
+    let o = owner(&["gw1", "gw2"]);
+    let d = &o.deployer;
+    assert!(matches!(d.rollback("nope"), Err(DeployError::NotFound(_))));
+    assert!(matches!(d.delete("nope"), Err(DeployError::NotFound(_))));
+    let sha = d.put_component(b"\0asm\x0d\0\x01\0only-gw1").unwrap();
+    d.create(spec(serde_json::json!({
+        "id": "d1", "target": {"nodes": ["gw1"]}, "plugins": {"router": {"sha256": sha}}
+    })))
+    .unwrap();
+    assert!(d.component_for("gw1", &sha).is_ok());
+    assert!(matches!(d.component_for("gw2", &sha), Err(DeployError::NotFound(_))));
+    // A child's report about a deployment this node does not hold is dropped.
+    d.receive_reports(
+        "gw2",
+        vec![Report {
+            deployment: "other".into(),
+            revision: 1,
+            node: "gw2".into(),
+            state: NodeState::Applied,
+            since_ms: 0,
+            at_ms: 1,
+            versions: BTreeMap::new(),
+            reason: None,
+            health: Health::default(),
+        }],
+    );
+    assert!(d.lock().reports.keys().all(|(dep, _)| dep != "other"));
 }

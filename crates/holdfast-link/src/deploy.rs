@@ -89,9 +89,9 @@ pub async fn parent(
             f = read(&mut recv) => match f {
                 Ok(Some(Frame::Deploy(body))) => match serde_json::from_slice::<Msg>(&body) {
                     Ok(Msg::Fetch { sha256 }) => {
-                        let d = deployer.clone();
+                        let (d, c) = (deployer.clone(), child.clone());
                         let sha = sha256.clone();
-                        let bytes = tokio::task::spawn_blocking(move || d.read_component(&sha)).await;
+                        let bytes = tokio::task::spawn_blocking(move || d.component_for(&c, &sha)).await;
                         match bytes {
                             Ok(Ok(bytes)) => {
                                 let head = Msg::Component { sha256: sha256.clone(), size: bytes.len() as u64 };

@@ -278,7 +278,10 @@ fn labels_are_checked_stored_and_left_out_when_empty() {
     assert_eq!(r.entry("gw1").unwrap().labels, labels);
     for bad in ["", "a b", &"x".repeat(64)] {
         let l: BTreeMap<String, String> = [(bad.to_string(), "v".to_string())].into();
-        assert!(matches!(r.set_labels("gw1", l), Err(RegistryError::Invalid(_))), "{bad:?}");
+        assert!(
+            matches!(r.set_labels("gw1", l), Err(RegistryError::Invalid(_))),
+            "{bad:?}"
+        );
     }
     drop(r);
     let r = open(dir.path(), Role::Owner);
