@@ -32,18 +32,31 @@ impl NodeApplier {
 impl Applier for NodeApplier {
     fn apply(&self, overlay: Option<&Overlay>) -> Result<BTreeMap<String, String>, String> {
         let state = self.state()?;
-        let report = state.reloader.apply_overlay(&state, overlay)?;
-        tracing::info!(
-            deployment = overlay.map_or("none", |o| o.deployment.as_str()),
-            applied = ?report.applied,
-            "deployment config applied"
-        );
-        Ok(state
+        state.reloader.apply_overlay(&state, overlay)?;
+        let versions: BTreeMap<String, String> = state
             .plugins
             .list()
             .into_iter()
             .map(|s| (s.slot.as_str().to_string(), s.version))
-            .collect())
+            .collect();
+        let pinned = |slot: &str| state.reloader.is_pinned(&format!("plugins.{slot}.file"));
+        for (slot, s) in overlay.iter().flat_map(|o| o.plugins.iter()) {
+            if let Some(sha) = &s.sha256
+                && !pinned(slot)
+                && versions.get(slot) != Some(sha)
+            {
+                let err = format!(
+                    "{slot}: the component in force is {} but the deployment names {sha}",
+                    versions.get(slot).map_or("none", String::as_str)
+                );
+                // Nothing of it may stay: back to the file's config.
+                if let Err(e) = state.reloader.apply_overlay(&state, None) {
+                    tracing::error!(error = %e, "deploy: cannot return to the file's config");
+                }
+                return Err(err);
+            }
+        }
+        Ok(versions)
     }
 
     fn counters(&self) -> BTreeMap<String, (u64, u64)> {

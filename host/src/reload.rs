@@ -109,6 +109,11 @@ impl Reloader {
         Ok(report)
     }
 
+    /// True when the config file pins `key` against deployments.
+    pub fn is_pinned(&self, key: &str) -> bool {
+        holdfast_model::lock(&self.inner).base.deploy.is_pinned(key)
+    }
+
     /// Puts `overlay` (a deployment; `None`: none) on top of the file's
     /// config and applies it live. When a key fails, what ran before is
     /// applied again and the error returned.
@@ -122,6 +127,12 @@ impl Reloader {
             format!("deployment {}", o.deployment)
         });
         let report = apply(state, &mut inner.applied, effective, &what);
+        tracing::info!(
+            applied = ?report.applied,
+            not_applied = ?report.not_applied,
+            failed = ?report.failed,
+            "config applied for {what}"
+        );
         if report.failed.is_empty() {
             inner.overlay = overlay.cloned();
             return Ok(report);
@@ -283,13 +294,6 @@ fn apply(state: &NodeState, applied: &mut Config, new: Config, path: &str) -> Re
     applied.adopt_live(&new);
     report.not_applied.sort();
     report.not_applied.dedup();
-    tracing::info!(
-        applied = ?report.applied,
-        not_applied = ?report.not_applied,
-        failed = ?report.failed,
-        "config applied from {}",
-        report.path
-    );
     report
 }
 
@@ -417,6 +421,53 @@ mod tests {
         taken.sort();
         live.sort();
         assert_eq!(taken, live);
+    }
+
+    #[test]
+    fn a_deployment_overlays_the_file_except_pinned_keys() {
+        let mut base = Config::default();
+        base.deploy.pinned = vec!["plugins.router".into(), "outbox.when_full".into()];
+        let overlay = Overlay {
+            deployment: "d1".into(),
+            plugins: [
+                (
+                    "router".to_string(),
+                    holdfast_deploy::SlotOverlay {
+                        file: Some("/blobs/aa".into()),
+                        sha256: Some("aa".into()),
+                        config: Some(serde_json::json!({"default_lane": 2})),
+                    },
+                ),
+                (
+                    "auth".to_string(),
+                    holdfast_deploy::SlotOverlay {
+                        config: Some(serde_json::json!({"allow_anonymous": false})),
+                        ..Default::default()
+                    },
+                ),
+            ]
+            .into(),
+            settings: [
+                ("outbox.when_full".to_string(), serde_json::json!("drop-oldest")),
+                ("outbox.default_ttl_seconds".to_string(), serde_json::json!(60)),
+            ]
+            .into(),
+        };
+        let c = compose(&base, Some(&overlay)).unwrap();
+        assert_eq!(c.plugins.router.file, base.plugins.router.file, "pinned slot");
+        assert_eq!(c.plugins.router.config, base.plugins.router.config, "pinned slot");
+        assert_eq!(c.plugins.auth.config["allow_anonymous"], toml::Value::Boolean(false));
+        assert_eq!(c.outbox.when_full, base.outbox.when_full, "pinned setting");
+        assert_eq!(c.outbox.default_ttl_seconds, 60);
+        // A value the config refuses makes the whole overlay fail.
+        let mut bad = overlay.clone();
+        bad.settings
+            .insert("outbox.default_ttl_seconds".into(), serde_json::json!("soon"));
+        assert!(compose(&base, Some(&bad)).is_err());
+        assert_eq!(
+            compose(&base, None).unwrap().outbox.default_ttl_seconds,
+            base.outbox.default_ttl_seconds
+        );
     }
 
     #[test]

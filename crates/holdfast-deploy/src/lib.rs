@@ -103,8 +103,9 @@ pub struct Overlay {
 /// and reload path. Called from a blocking thread.
 pub trait Applier: Send + Sync {
     /// Runs the node's own config with `overlay` on top (`None`: its own
-    /// config alone). On error nothing of it may stay in force. Answers
-    /// the plugin versions in force by slot.
+    /// config alone), and checks that each component it names is the one
+    /// in force (unless the node pins that slot). On error nothing of it
+    /// may stay in force. Answers the plugin versions in force by slot.
     ///
     /// # Errors
     /// Why it could not be applied.
@@ -1195,19 +1196,9 @@ impl Deployer {
         let previous = inner.applied.clone();
         drop(inner);
         let overlay = chosen.as_ref().map(|d| self.overlay_of(d));
-        let result = applier.apply(overlay.as_ref()).and_then(|versions| {
-            for (slot, s) in overlay.iter().flat_map(|o| o.plugins.iter()) {
-                if let Some(sha) = &s.sha256
-                    && versions.get(slot) != Some(sha)
-                {
-                    return Err(format!(
-                        "{slot}: the component in force is {} but the deployment names {sha}",
-                        versions.get(slot).map_or("none", String::as_str)
-                    ));
-                }
-            }
-            Ok(versions)
-        });
+        // The applier checks that each deployed component is the one in
+        // force (except in slots the node pins).
+        let result = applier.apply(overlay.as_ref());
         let mut inner = self.lock();
         match (result, chosen) {
             (Ok(versions), Some(doc)) => {
