@@ -105,6 +105,13 @@ impl Reloader {
                 .failed
                 .push(format!("deployment: {e}; the file's values are in force"));
         }
+        tracing::info!(
+            applied = ?report.applied,
+            not_applied = ?report.not_applied,
+            failed = ?report.failed,
+            "config reloaded from {}",
+            report.path
+        );
         inner.base = new;
         Ok(report)
     }
