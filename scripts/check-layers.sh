@@ -4,8 +4,8 @@
 # - only holdfast-broker (its MQTT-over-QUIC listener) and holdfast-link
 #   depend on quinn;
 # - only holdfast-store depends on fjall;
-# - the outbox, cache, store, model, broker, registry, iothub and link
-#   crates do not pull in wasmtime at all, even indirectly (their tests
+# - the outbox, cache, store, model, broker, registry, iothub, link and
+#   deploy crates do not pull in wasmtime at all, even indirectly (their tests
 #   compile without a WebAssembly runtime).
 # Cargo itself refuses dependency cycles between crates.
 set -euo pipefail
@@ -13,7 +13,8 @@ cd "$(dirname "$0")/.."
 
 fail=0
 crates=(holdfast-model holdfast-mqtt holdfast-store holdfast-metrics holdfast-tls holdfast-outbox
-        holdfast-cache holdfast-plugins holdfast-registry holdfast-broker holdfast-iothub holdfast-link holdfast)
+        holdfast-cache holdfast-plugins holdfast-registry holdfast-broker holdfast-iothub holdfast-link
+        holdfast-deploy holdfast)
 
 direct() { # crate -> its direct normal dependencies, one name per line
     cargo tree --locked -p "$1" -e normal --depth 1 --prefix none --format '{p}' | tail -n +2 | awk '{print $1}' | sort -u
@@ -41,7 +42,7 @@ for c in "${crates[@]}"; do
 done
 
 for c in holdfast-model holdfast-store holdfast-outbox holdfast-cache holdfast-registry holdfast-broker \
-         holdfast-iothub holdfast-link; do
+         holdfast-iothub holdfast-link holdfast-deploy; do
     if all "$c" | grep -qx wasmtime; then
         echo "layering: $c pulls in wasmtime" >&2
         fail=1
