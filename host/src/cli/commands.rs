@@ -597,11 +597,12 @@ pub(crate) fn deploy_command(client: &AdminClient, cmd: DeployCommand, json: boo
             }
             outln!("priority: {}", str_of(&v["spec"]["priority"]));
             for (slot, p) in v["spec"]["plugins"].as_object().into_iter().flatten() {
-                outln!(
-                    "plugin:   {slot} {}{}",
-                    short(&p["sha256"]),
-                    if p["config"].is_object() { " + config" } else { "" }
-                );
+                let what = match (p["sha256"].is_string(), p["config"].is_object()) {
+                    (true, true) => format!("component {} and config", short(&p["sha256"])),
+                    (true, false) => format!("component {}", short(&p["sha256"])),
+                    _ => "config".to_string(),
+                };
+                outln!("plugin:   {slot}: {what}");
             }
             for (k, val) in v["spec"]["settings"].as_object().into_iter().flatten() {
                 outln!("setting:  {k} = {val}");
