@@ -311,23 +311,25 @@ fn a_trapping_router_is_rolled_back_on_the_first_wave_and_goes_no_further() {
 
 #[test]
 fn tampered_unsigned_and_upward_deployments_are_refused() {
-    let certs = fleet(&["root", "gw1"]);
+    let certs = fleet(&["root", "gw1", "gw2"]);
     let c = certs.path();
-    let root_link = free_port();
+    let (root_link, gw1_link) = (free_port(), free_port());
     let root = Gateway::start_named(
         "root",
         &format!(
-            "{}{}{}",
+            "{}{}{}{}",
             fleet_section(c, "root"),
             listen_section(root_link),
-            gateway("gw1", "root", "")
+            gateway("gw1", "root", ""),
+            gateway("gw2", "gw1", "")
         ),
     );
     let gw1 = Gateway::start_named(
         "gw1",
         &format!(
-            "{}{}",
+            "{}{}{}",
             fleet_section(c, "gw1"),
+            listen_section(gw1_link),
             upstream_section(addr(root_link), "root")
         ),
     );
@@ -358,6 +360,7 @@ fn tampered_unsigned_and_upward_deployments_are_refused() {
     assert_eq!(code, 201, "{body}");
     // A component whose bytes were changed.
     let sha = sha256_of(TEST_ROUTER);
+    let size = std::fs::metadata(TEST_ROUTER).unwrap().len() as f64;
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut bytes = b64.decode(bundle["components"][&sha].as_str().unwrap()).unwrap();
     let mid = bytes.len() / 2;
@@ -382,23 +385,65 @@ fn tampered_unsigned_and_upward_deployments_are_refused() {
     unsigned["signed"]["chain"] = serde_json::json!([]);
     let (code, body) = import(&gw1, &unsigned);
     assert_eq!(code, 403, "{body}");
-    // A child cannot deploy upward: gw1 owns a deployment for itself,
-    // which the root refuses.
-    gw1.cli_ok(&["deploy", "create", "up", "--node", "gw1", "--set", "log.level=debug"]);
-    let up = c.join("up.json");
-    gw1.cli_ok(&["deploy", "export", "up", "--out", up.to_str().unwrap()]);
-    let up: serde_json::Value = serde_json::from_slice(&std::fs::read(&up).unwrap()).unwrap();
-    let (code, body) = import(&root, &up);
+
+    // On the link: gw1's stored copy of the component is damaged on disk.
+    // gw1 finds it when gw2 asks for it, fetches it again from the root, and
+    // gw2 gets good bytes.
+    let stored = gw1.dir.path().join("data/deploy/components").join(&sha);
+    let mut file = std::fs::read(&stored).unwrap();
+    file[mid] ^= 0xff;
+    std::fs::write(&stored, &file).unwrap();
+    root.cli_ok(&[
+        "deploy",
+        "create",
+        "d2",
+        "--node",
+        "gw2",
+        "--plugin",
+        &format!("router={TEST_ROUTER}"),
+    ]);
+    let gw2 = Gateway::start_named(
+        "gw2",
+        &format!("{}{}", fleet_section(c, "gw2"), upstream_section(addr(gw1_link), "gw1")),
+    );
+    wait_until(60, "d2 applied at gw2", || state_at(&root, "d2", "gw2") == "applied");
+    assert_eq!(gw2.router_version(), sha);
+    assert!(gw1.metric("holdfast_deploy_events_total{event=\"damaged-component\"}") >= 1.0);
+    assert_eq!(component_bytes(&gw1, "received"), 2.0 * size, "fetched again once");
+    assert_eq!(component_bytes(&gw2, "received"), size);
+    assert_eq!(std::fs::read(&stored).unwrap(), std::fs::read(TEST_ROUTER).unwrap());
+
+    // A gateway owns deployments for its own subtree: gw1 deploys to gw2,
+    // above the root's d2; the reports stay at gw1.
+    gw1.cli_ok(&[
+        "deploy",
+        "create",
+        "sub",
+        "--node",
+        "gw2",
+        "--priority",
+        "5",
+        "--set",
+        "log.level=debug",
+    ]);
+    wait_until(30, "sub applied at gw2", || state_at(&gw1, "sub", "gw2") == "applied");
+    wait_until(30, "d2 superseded at gw2", || {
+        state_at(&root, "d2", "gw2") == "superseded"
+    });
+    assert_eq!(
+        gw2.api("/api/v1/deploy")["ancestors"],
+        serde_json::json!(["gw1", "root"])
+    );
+    // A child cannot deploy upward: the root refuses gw1's deployment.
+    let sub = c.join("sub.json");
+    gw1.cli_ok(&["deploy", "export", "sub", "--out", sub.to_str().unwrap()]);
+    let sub: serde_json::Value = serde_json::from_slice(&std::fs::read(&sub).unwrap()).unwrap();
+    let (code, body) = import(&root, &sub);
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("not an ancestor"), "{body}");
-    // gw1's own deployment outranks nothing it received (same priority,
-    // newer): it applies, and the root's d1 is superseded there.
-    wait_until(30, "gw1 applies its own deployment", || {
-        gw1.api("/api/v1/deploy")["applied"]["deployment"] == "up"
-    });
-    wait_until(30, "d1 superseded at gw1", || {
-        state_at(&root, "d1", "gw1") == "superseded"
-    });
+    // Nor can it change the root's deployments.
+    let (code, body) = gw1.post("/api/v1/deployments/d1/rollback", &serde_json::json!({}));
+    assert_eq!(code, 409, "{body}");
     assert!(gw1.metric("holdfast_deploy_events_total{event=\"refused-hash\"}") >= 1.0);
     assert!(gw1.metric("holdfast_deploy_events_total{event=\"refused-signature\"}") >= 2.0);
     assert!(root.metric("holdfast_deploy_events_total{event=\"refused-signature\"}") >= 1.0);

@@ -725,7 +725,7 @@ impl Deployer {
         if !offered {
             return Err(DeployError::NotFound(format!("component {sha} for {child}")));
         }
-        self.store.read_blob(sha)
+        self.read_component(sha)
     }
 
     /// Checks a signed document from above: signed by its owner, the owner
@@ -857,7 +857,15 @@ impl Deployer {
     /// # Errors
     /// Missing or damaged.
     pub fn read_component(&self, sha: &str) -> Result<Vec<u8>, DeployError> {
-        self.store.read_blob(sha)
+        let r = self.store.read_blob(sha);
+        if let Err(e @ DeployError::HashMismatch { .. }) = &r {
+            // The damaged file is gone: it is fetched again from the parent,
+            // and offered on once it is back.
+            tracing::error!(sha256 = sha, error = %e, "deploy: a stored component is damaged; fetching it again");
+            self.count("damaged-component");
+            self.bump_docs();
+        }
+        r
     }
 
     /// Stores a component fetched from the parent.

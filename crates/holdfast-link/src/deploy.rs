@@ -177,6 +177,7 @@ pub async fn child(deployer: Arc<Deployer>, metrics: Arc<Metrics>, conn: quinn::
         return;
     }
     let mut reports = deployer.report_changes();
+    let mut docs = deployer.doc_changes();
     let mut sent_seq = 0u64;
     let mut queue: VecDeque<String> = VecDeque::new();
     let mut incoming: Option<Incoming> = None;
@@ -219,6 +220,17 @@ pub async fn child(deployer: Arc<Deployer>, metrics: Arc<Metrics>, conn: quinn::
         };
         tokio::select! {
             r = reports.changed() => if r.is_err() { break },
+            // A component found damaged here is fetched again.
+            r = docs.changed() => {
+                if r.is_err() {
+                    break;
+                }
+                for m in deployer.missing_components() {
+                    if !queue.contains(&m) && asked.as_ref() != Some(&m) {
+                        queue.push_back(m);
+                    }
+                }
+            }
             () = retry => {
                 queue.extend(deployer.missing_components());
             }
