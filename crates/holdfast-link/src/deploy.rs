@@ -39,14 +39,19 @@ fn bytes_metric(metrics: &Metrics, event: &'static str, n: u64) {
     holdfast_metrics::handle(&metrics.deploy_component_bytes, &EventLabels { event }).inc_by(n);
 }
 
-/// Reads the next deploy-stream frame; `None` when the stream ends.
-async fn read(recv: &mut quinn::RecvStream) -> Result<Option<Frame>, String> {
-    match wire::read_frame(recv, MAX_FRAME.max(CHUNK + 16)).await {
-        Ok(Some(f @ (Frame::Deploy(_) | Frame::Blob(_)))) => Ok(Some(f)),
-        Ok(Some(other)) => Err(format!("expected a deploy frame, got {other:?}")),
-        Ok(None) | Err(wire::ReadError::Stream(_)) => Ok(None),
-        Err(wire::ReadError::Wire(e)) => Err(e.to_string()),
+/// The next deploy-stream frame from the stream's reader; `None` when the
+/// stream ends.
+async fn read(frames: &mut wire::Frames) -> Result<Option<Frame>, String> {
+    match frames.recv().await {
+        Some(Ok(Some(f @ (Frame::Deploy(_) | Frame::Blob(_))))) => Ok(Some(f)),
+        Some(Ok(Some(other))) => Err(format!("expected a deploy frame, got {other:?}")),
+        None | Some(Ok(None)) | Some(Err(wire::ReadError::Stream(_))) => Ok(None),
+        Some(Err(wire::ReadError::Wire(e))) => Err(e.to_string()),
     }
+}
+
+fn reader(recv: quinn::RecvStream) -> (wire::Frames, tokio::task::JoinHandle<()>) {
+    wire::frame_reader(recv, MAX_FRAME.max(CHUNK + 16))
 }
 
 async fn writer(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Bytes>) {
@@ -64,8 +69,9 @@ pub async fn parent(
     conn: quinn::Connection,
     child: Arc<str>,
     send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    recv: quinn::RecvStream,
 ) {
+    let (mut frames, read_task) = reader(recv);
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     let write = tokio::spawn(writer(send, rx));
     let mut changes = deployer.doc_changes();
@@ -86,7 +92,7 @@ pub async fn parent(
         }
         tokio::select! {
             r = changes.changed() => if r.is_err() { break },
-            f = read(&mut recv) => match f {
+            f = read(&mut frames) => match f {
                 Ok(Some(Frame::Deploy(body))) => match serde_json::from_slice::<Msg>(&body) {
                     Ok(Msg::Fetch { sha256 }) => {
                         let (d, c) = (deployer.clone(), child.clone());
@@ -155,6 +161,7 @@ pub async fn parent(
     }
     drop(tx);
     write.abort();
+    read_task.abort();
 }
 
 /// A component being received.
@@ -167,9 +174,10 @@ struct Incoming {
 /// The child's end: opens the stream, takes offers and components, sends
 /// reports. Returns when the link ends.
 pub async fn child(deployer: Arc<Deployer>, metrics: Arc<Metrics>, conn: quinn::Connection, parent: String) {
-    let Ok((send, mut recv)) = conn.open_bi().await else {
+    let Ok((send, recv)) = conn.open_bi().await else {
         return;
     };
+    let (mut frames, read_task) = reader(recv);
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     let write = tokio::spawn(writer(send, rx));
     let Some(hello) = msg(&Msg::Hello) else { return };
@@ -234,7 +242,7 @@ pub async fn child(deployer: Arc<Deployer>, metrics: Arc<Metrics>, conn: quinn::
             () = retry => {
                 queue.extend(deployer.missing_components());
             }
-            f = read(&mut recv) => match f {
+            f = read(&mut frames) => match f {
                 Ok(Some(Frame::Deploy(body))) => match serde_json::from_slice::<Msg>(&body) {
                     Ok(Msg::Offer { ancestors, deployments }) => {
                         let (d, p) = (deployer.clone(), parent.clone());
@@ -318,4 +326,5 @@ pub async fn child(deployer: Arc<Deployer>, metrics: Arc<Metrics>, conn: quinn::
     }
     drop(tx);
     write.abort();
+    read_task.abort();
 }

@@ -47,15 +47,15 @@ fn count(metrics: &Metrics, reason: &'static str) {
     holdfast_metrics::handle(&metrics.iothub_events, &EventLabels { event: reason }).inc();
 }
 
-/// Reads the next SVC message; `None` when the stream ends.
-async fn read(recv: &mut quinn::RecvStream) -> Result<Option<Svc>, String> {
-    match wire::read_frame(recv, MAX_SVC_FRAME).await {
-        Ok(Some(Frame::Svc(body))) => serde_json::from_slice(&body)
+/// The next SVC message from the stream's reader; `None` when the stream ends.
+async fn read(frames: &mut wire::Frames) -> Result<Option<Svc>, String> {
+    match frames.recv().await {
+        Some(Ok(Some(Frame::Svc(body)))) => serde_json::from_slice(&body)
             .map(Some)
             .map_err(|e| format!("undecodable service message: {e}")),
-        Ok(Some(other)) => Err(format!("expected a service frame, got {other:?}")),
-        Ok(None) | Err(wire::ReadError::Stream(_)) => Ok(None),
-        Err(wire::ReadError::Wire(e)) => Err(e.to_string()),
+        Some(Ok(Some(other))) => Err(format!("expected a service frame, got {other:?}")),
+        None | Some(Ok(None)) | Some(Err(wire::ReadError::Stream(_))) => Ok(None),
+        Some(Err(wire::ReadError::Wire(e))) => Err(e.to_string()),
     }
 }
 
@@ -84,8 +84,9 @@ pub async fn parent(
     conn: quinn::Connection,
     child: Arc<str>,
     send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    recv: quinn::RecvStream,
 ) {
+    let (mut frames, reader) = wire::frame_reader(recv, MAX_SVC_FRAME);
     let (tx, rx) = mpsc::unbounded_channel();
     // Subscribe before the snapshot so no change falls between them.
     let mut changes = hub.twins.desired_changes();
@@ -94,7 +95,7 @@ pub async fn parent(
     let write = tokio::spawn(writer(send, rx));
     loop {
         tokio::select! {
-            m = read(&mut recv) => match m {
+            m = read(&mut frames) => match m {
                 Ok(Some(Svc::Reported { id, generation, patch })) => {
                     let in_scope = hub.registry().next_hop(&id) == holdfast_registry::Hop::Child(child.to_string());
                     let (twins, id2) = (hub.twins.clone(), id.clone());
@@ -169,14 +170,16 @@ pub async fn parent(
     hub.remove_downlink(&child, &tx);
     drop(tx);
     write.abort();
+    reader.abort();
 }
 
 /// The child's end: opens the stream, pushes pending reported patches,
 /// applies what the parent sends. Returns when the link ends.
 pub async fn child(hub: Arc<Hub>, metrics: Arc<Metrics>, conn: quinn::Connection, v2: bool) {
-    let Ok((send, mut recv)) = conn.open_bi().await else {
+    let Ok((send, recv)) = conn.open_bi().await else {
         return;
     };
+    let (mut frames, reader) = wire::frame_reader(recv, MAX_SVC_FRAME);
     let (tx, rx) = mpsc::unbounded_channel();
     let _ = tx.send(Svc::Hello);
     if v2 {
@@ -199,7 +202,7 @@ pub async fn child(hub: Arc<Hub>, metrics: Arc<Metrics>, conn: quinn::Connection
             _ = pending.changed() => {}
             // A parent that refused to store (full disk) gets the patch again.
             _ = resend.tick() => sent.clear(),
-            m = read(&mut recv) => match m {
+            m = read(&mut frames) => match m {
                 Ok(Some(Svc::Desired { id, version, desired })) => {
                     let twins = hub.twins.clone();
                     match tokio::task::spawn_blocking(move || twins.set_desired(&id, version, desired)).await {
@@ -288,4 +291,5 @@ pub async fn child(hub: Arc<Hub>, metrics: Arc<Metrics>, conn: quinn::Connection
     hub.clear_uplink(&tx);
     drop(tx);
     write.abort();
+    reader.abort();
 }

@@ -634,6 +634,29 @@ pub async fn read_frame(stream: &mut quinn::RecvStream, max: usize) -> Result<Op
     Frame::decode(Bytes::from(body)).map(Some).map_err(ReadError::Wire)
 }
 
+/// Frames read from a stream by a task of their own.
+pub type Frames = tokio::sync::mpsc::Receiver<Result<Option<Frame>, ReadError>>;
+
+/// Reads frames from `recv` on a task of its own and hands them over a
+/// channel: [`read_frame`] is not cancel-safe (a frame half read when its
+/// future is dropped is lost, and the stream is out of step), so a loop
+/// that waits for a frame and for other things in one `select!` waits on
+/// the channel instead. The task ends after the stream's end or first
+/// error (which it hands over too); abort the handle to stop it sooner.
+pub fn frame_reader(mut recv: quinn::RecvStream, max: usize) -> (Frames, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let task = tokio::spawn(async move {
+        loop {
+            let r = read_frame(&mut recv, max).await;
+            let last = !matches!(r, Ok(Some(_)));
+            if tx.send(r).await.is_err() || last {
+                return;
+            }
+        }
+    });
+    (rx, task)
+}
+
 /// Why reading a frame failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
