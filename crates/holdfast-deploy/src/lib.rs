@@ -196,6 +196,8 @@ struct Inner {
     bad: BTreeMap<(String, String), String>,
     watch: Option<Watch>,
     last_tick_ms: u64,
+    /// The registry version targets were last resolved at.
+    resolved_at: Option<u64>,
 }
 
 /// What a node needs to take part in deployments.
@@ -539,6 +541,10 @@ impl Deployer {
             return;
         }
         inner.last_tick_ms = now;
+        // Targets follow the registry: resolve again only when it changed.
+        let version = *self.registry.changes().borrow();
+        let registry_changed = inner.resolved_at != Some(version);
+        inner.resolved_at = Some(version);
         let docs: Vec<Doc> = inner.owned.values().map(|h| h.doc.clone()).collect();
         let mut changed = false;
         for mut doc in docs {
@@ -547,7 +553,7 @@ impl Deployer {
             }
             let mut dirty = false;
             // Follow the registry: new gateways that match join at the end.
-            if let Ok(now_nodes) = self.resolve(&doc.spec.target) {
+            if let Some(Ok(now_nodes)) = registry_changed.then(|| self.resolve(&doc.spec.target)) {
                 let released: Vec<String> = doc.nodes[..doc.released.min(doc.nodes.len())].to_vec();
                 let mut nodes: Vec<String> = doc.nodes.iter().filter(|n| now_nodes.contains(n)).cloned().collect();
                 for n in &now_nodes {

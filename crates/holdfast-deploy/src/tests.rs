@@ -267,3 +267,30 @@ fn unknown_ids_are_not_found_and_components_go_only_where_offered() {
     );
     assert!(d.lock().reports.keys().all(|(dep, _)| dep != "other"));
 }
+
+#[test]
+fn a_gateway_registered_later_joins_a_complete_rollout() {
+    let o = owner(&["gw1"]);
+    let d = &o.deployer;
+    let doc = d
+        .create(spec(
+            serde_json::json!({"id": "d1", "target": {"all": true}, "settings": {"log.level": "info"}}),
+        ))
+        .unwrap();
+    assert_eq!((doc.nodes.len(), doc.released, doc.phase), (2, 2, Phase::Complete));
+    tick(d);
+    assert_eq!(d.show("d1").unwrap().doc.revision, 1, "nothing changed");
+    d.registry
+        .add(NewIdentity {
+            id: "gw2".into(),
+            kind: Some("gateway".into()),
+            auth: Some("none".into()),
+            ..NewIdentity::default()
+        })
+        .unwrap();
+    tick(d);
+    let v = d.show("d1").unwrap();
+    assert_eq!(v.doc.nodes, ["gw1", "root", "gw2"]);
+    assert_eq!((v.doc.released, v.doc.revision), (3, 2));
+    assert_eq!(d.offer_for("gw2").1.len(), 1);
+}
