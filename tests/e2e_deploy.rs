@@ -448,3 +448,54 @@ fn tampered_unsigned_and_upward_deployments_are_refused() {
     assert!(gw1.metric("holdfast_deploy_events_total{event=\"refused-signature\"}") >= 2.0);
     assert!(root.metric("holdfast_deploy_events_total{event=\"refused-signature\"}") >= 1.0);
 }
+
+/// A parent that offers only link/2 (as a node before deployments) keeps
+/// its child's link working; the child gets no deployments from it.
+#[test]
+fn a_link2_parent_keeps_its_child_and_sends_no_deployments() {
+    let certs = fleet(&["root", "gw1"]);
+    let c = certs.path();
+    let root_link = free_port();
+    let root = Gateway::start_named(
+        "root",
+        &format!(
+            "{}{}version = 2\n{}",
+            fleet_section(c, "root"),
+            listen_section(root_link),
+            gateway("gw1", "root", "")
+        ),
+    );
+    let gw1 = Gateway::start_named(
+        "gw1",
+        &format!(
+            "{}{}",
+            fleet_section(c, "gw1"),
+            upstream_section(addr(root_link), "root")
+        ),
+    );
+    wait_until(30, "link up", || gw1.api("/api/v1/link")["link"]["state"] == "up");
+    let consumer = Consumer::start(root.mqtt, "backend", "site/#");
+    root.cli_ok(&[
+        "deploy",
+        "create",
+        "d1",
+        "--node",
+        "gw1",
+        "--set",
+        "outbox.max_bytes=50000000",
+    ]);
+    let mut device = Client::connect(gw1.mqtt, "dev1", true).unwrap();
+    for i in 0..20 {
+        assert!(
+            device
+                .publish_acked("site/a", &i.to_string(), Duration::from_secs(5))
+                .unwrap()
+        );
+    }
+    wait_until(20, "20 messages at the root", || consumer.len() >= 20);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(state_at(&root, "d1", "gw1"), "pending");
+    assert!(gw1.api("/api/v1/deploy")["applied"].is_null());
+    assert_ne!(gw1.api("/api/v1/outbox")["max_bytes"], 50_000_000);
+    assert_eq!(gw1.api("/api/v1/link")["link"]["state"], "up");
+}
