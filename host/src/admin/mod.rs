@@ -357,6 +357,7 @@ async fn status(State(state): State<Arc<NodeState>>) -> Result<Json<serde_json::
         "plugins": state.plugins.list(),
         "recent_swaps": recent,
         "cache": state.cache.as_ref().map(|c| c.stats()),
+        "deploy": state.deploy.local_status(),
     })))
 }
 

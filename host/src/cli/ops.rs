@@ -91,6 +91,17 @@ pub fn status(client: &AdminClient, json: bool) -> Result<()> {
     } else {
         outln!("clients  the MQTT broker is disabled");
     }
+    let d = &v["deploy"]["applied"];
+    if d.is_object() {
+        outln!(
+            "deploy   {} (revision {}, since {})",
+            str_of(&d["deployment"]),
+            str_of(&d["revision"]),
+            format_time(d["at_ms"].as_u64())
+        );
+    } else {
+        outln!("deploy   none applied (this node's own config)");
+    }
     outln!();
     let plugins = rows_of(&v, "plugins", plugin_row);
     print_table(PLUGIN_HEADERS, &plugins);
