@@ -49,10 +49,7 @@ impl Applier for NodeApplier {
                     "{slot}: the component in force is {} but the deployment names {sha}",
                     versions.get(slot).map_or("none", String::as_str)
                 );
-                // Nothing of it may stay: back to the file's config.
-                if let Err(e) = state.reloader.apply_overlay(&state, None) {
-                    tracing::error!(error = %e, "deploy: cannot return to the file's config");
-                }
+                // The deployer puts back what ran before.
                 return Err(err);
             }
         }

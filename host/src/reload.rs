@@ -21,21 +21,7 @@ use holdfast_plugins::{PluginHost, SlotName, embedded_plugin};
 /// Keys besides plugin configs and files that a reload applies live (the
 /// components compare them with what they run, so these are never reported
 /// as needing a restart). `log.level` is applied unless `RUST_LOG` is set.
-pub const LIVE_KEYS: &[&str] = &[
-    "log.level",
-    "mqtt.max_connections",
-    "mqtt.max_queued_messages",
-    "mqtt.max_retained",
-    "outbox.default_ttl_seconds",
-    "outbox.max_messages",
-    "outbox.max_bytes",
-    "outbox.min_free_disk_bytes",
-    "outbox.when_full",
-    "cache.max_size",
-    "cache.min_free",
-    "cache.orphan_fill_bytes",
-    "upstream.max_bytes_per_second",
-];
+pub const LIVE_KEYS: &[&str] = holdfast_deploy::model::SETTINGS;
 
 /// What a reload did.
 #[derive(Debug, Default, Clone, Serialize)]

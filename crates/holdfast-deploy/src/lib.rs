@@ -104,8 +104,9 @@ pub struct Overlay {
 pub trait Applier: Send + Sync {
     /// Runs the node's own config with `overlay` on top (`None`: its own
     /// config alone), and checks that each component it names is the one
-    /// in force (unless the node pins that slot). On error nothing of it
-    /// may stay in force. Answers the plugin versions in force by slot.
+    /// in force (unless the node pins that slot). On error the deployer
+    /// applies what ran before again. Answers the plugin versions in force
+    /// by slot.
     ///
     /// # Errors
     /// Why it could not be applied.

@@ -12,7 +12,8 @@ use crate::DeployError;
 /// Plugin slots a deployment may set.
 pub const SLOTS: &[&str] = &["router", "auth", "content-source"];
 
-/// Settings a deployment may set: the node settings that change live.
+/// Settings a deployment may set: the node settings that change live
+/// (the host applies the same list on a config reload).
 pub const SETTINGS: &[&str] = &[
     "log.level",
     "outbox.default_ttl_seconds",
