@@ -14,7 +14,10 @@ const GROUPS: &[&[(&str, &str)]] = &[
         ("holdfast-example-alert-router", "example-alert-router.wasm"),
     ],
     &[("holdfast-plugin-auth", "auth.wasm")],
-    &[("holdfast-plugin-content-source", "content-source.wasm")],
+    &[
+        ("holdfast-plugin-content-source", "content-source.wasm"),
+        ("holdfast-test-content-source", "test-content-source.wasm"),
+    ],
 ];
 
 const TARGET: &str = "wasm32-wasip2";
@@ -100,6 +103,10 @@ fn main() {
     println!(
         "cargo:rustc-env=HOLDFAST_TEST_ROUTER_WASM={}",
         out_dir.join("test-router.wasm").display()
+    );
+    println!(
+        "cargo:rustc-env=HOLDFAST_TEST_CONTENT_SOURCE_WASM={}",
+        out_dir.join("test-content-source.wasm").display()
     );
     println!(
         "cargo:rustc-env=HOLDFAST_EXAMPLE_ALERT_ROUTER_WASM={}",

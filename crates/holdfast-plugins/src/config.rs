@@ -98,7 +98,10 @@ pub enum AuthFailurePolicy {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ContentFailurePolicy {
-    /// Forward the request uncached to the host it named (default).
+    /// Forward the request uncached to the origin the slot's config
+    /// (`sources[].hosts` / `origin`) names for the request's host; refuse
+    /// with 403 when it names none (default). Never the host the client
+    /// named by itself.
     #[default]
     PassThrough,
     /// Refuse with 403.

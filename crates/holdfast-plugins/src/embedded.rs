@@ -17,11 +17,14 @@ pub fn embedded_plugin(slot: SlotName) -> &'static [u8] {
 }
 
 /// Where `build.rs` left the components it built, for tests and benches:
-/// the test router (trap, loop and memory-bomb topics), the example alert
-/// router and the default auth plugin.
+/// the test router (trap, loop and memory-bomb topics), the test content
+/// source (the same by path), the example alert router and the default auth
+/// plugin.
 pub mod artifacts {
     /// `tests/plugins/test-router`, built for wasm32-wasip2.
     pub const TEST_ROUTER_WASM: &str = env!("HOLDFAST_TEST_ROUTER_WASM");
+    /// `tests/plugins/test-content-source`, built for wasm32-wasip2.
+    pub const TEST_CONTENT_SOURCE_WASM: &str = env!("HOLDFAST_TEST_CONTENT_SOURCE_WASM");
     /// `examples/alert-router`, built for wasm32-wasip2.
     pub const EXAMPLE_ALERT_ROUTER_WASM: &str = env!("HOLDFAST_EXAMPLE_ALERT_ROUTER_WASM");
     /// `plugins/auth`, built for wasm32-wasip2.

@@ -22,6 +22,7 @@ pub mod config;
 mod convert;
 mod embedded;
 mod engine;
+mod fallback;
 pub mod message;
 mod slot;
 mod state;
@@ -168,6 +169,9 @@ pub struct PluginHost {
     content: Slot<ContentKind>,
     router_policy: RouterFailurePolicy,
     content_policy: ContentFailurePolicy,
+    /// The origins the content-source slot's config names (for its failure
+    /// policy), parsed from the config they were read from.
+    content_origins: std::sync::Mutex<(Arc<str>, Arc<fallback::Origins>)>,
 }
 
 impl std::fmt::Debug for PluginHost {
@@ -229,6 +233,8 @@ impl PluginHost {
         let router = load_slot(&runtime, &node, &p.router)?;
         let auth = load_slot(&runtime, &node, &p.auth)?;
         let content = load_slot(&runtime, &node, &p.content_source)?;
+        let config = content.config_json();
+        let origins = Arc::new(fallback::Origins::from_config(&config));
         Ok(PluginHost {
             runtime,
             router,
@@ -236,6 +242,7 @@ impl PluginHost {
             content,
             router_policy: p.router.on_failure,
             content_policy: p.content_source.on_failure,
+            content_origins: std::sync::Mutex::new((config, origins)),
         })
     }
 
@@ -287,21 +294,27 @@ impl PluginHost {
     }
 
     /// Classifies an HTTP request for the range cache. A failed call passes
-    /// the request through uncached to the host it named (or denies it,
-    /// per policy).
+    /// the request through uncached only to the origin the slot's config
+    /// names for its host, and refuses it otherwise (or always, with policy
+    /// `deny`): a failure never widens what the cache reaches.
     pub fn classify(&self, request: &RequestHead) -> Answer<ContentDecision> {
         let wit_request = convert::request_head(request);
         let (version, result) = self.content.call(|b, store| b.call_classify(store, &wit_request));
         let result = result.map(convert::content_decision);
-        Answer::new(version, result, |failure| match self.content_policy {
-            ContentFailurePolicy::PassThrough => {
-                let port = request.port.map(|p| format!(":{p}")).unwrap_or_default();
-                ContentDecision::PassThrough(format!("http://{}{port}", request.host))
-            }
-            ContentFailurePolicy::Deny => {
-                ContentDecision::Deny(format!("content-source plugin failed ({failure}); policy deny"))
-            }
+        Answer::new(version, result, |failure| {
+            fallback::decide(self.content_policy, &self.content_origins(), request, failure)
         })
+    }
+
+    /// The origins the active content-source config names; parsed again
+    /// only when a swap, reconfiguration or rollback changed the config.
+    fn content_origins(&self) -> Arc<fallback::Origins> {
+        let config = self.content.config_json();
+        let mut cached = holdfast_model::lock(&self.content_origins);
+        if !Arc::ptr_eq(&cached.0, &config) {
+            *cached = (config.clone(), Arc::new(fallback::Origins::from_config(&config)));
+        }
+        cached.1.clone()
     }
 
     /// Re-initialises the plugin running in `slot` with a new config (a new

@@ -595,6 +595,11 @@ impl<K: Kind> Slot<K> {
         self.current.load().hash.clone()
     }
 
+    /// The plugin config (JSON) of the active version.
+    pub fn config_json(&self) -> Arc<str> {
+        self.current.load().config_json.clone()
+    }
+
     /// The slot's status.
     pub fn status(&self) -> SlotStatus {
         let v = self.current.load();
