@@ -350,6 +350,13 @@ async fn lane(
                 };
                 match d.records(count, raw_len, &data, ctx.max_frame) {
                     Ok(r) => r,
+                    Err(e @ wire::WireError::WindowTooLarge) => {
+                        // Refused before zstd allocates the window.
+                        refused(&ctx, "zstd-window");
+                        tracing::warn!(child = %child, lane, error = %e, "link: compressed batch from a child refused");
+                        conn.close(close::PROTOCOL.into(), b"zstd window over the link's limit");
+                        break;
+                    }
                     Err(e) => {
                         refused(&ctx, "malformed");
                         tracing::warn!(child = %child, error = %e, "link: bad compressed batch from a child");

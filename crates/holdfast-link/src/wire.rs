@@ -187,6 +187,14 @@ pub enum WireError {
     /// A field is longer than its length prefix allows (nothing is sent).
     #[error("{0} is too long for a frame")]
     TooLong(&'static str),
+    /// A ZBATCH stream's zstd frame declares a window larger than
+    /// [`ZSTD_WINDOW_LOG`] allows: decoding it would make the receiver
+    /// hold that much memory for the life of the stream.
+    #[error(
+        "compressed batch declares a zstd window over the link's limit of {} KiB",
+        (1u32 << ZSTD_WINDOW_LOG) >> 10
+    )]
+    WindowTooLarge,
 }
 
 fn put_str16(out: &mut BytesMut, s: &str, what: &'static str) -> Result<(), WireError> {
@@ -475,6 +483,24 @@ pub fn records_of(b: &mut Bytes, n: u32) -> Result<Vec<Bytes>, WireError> {
     Ok(records)
 }
 
+/// The zstd window of a lane stream, as a power of two: 2^20, 1 MiB.
+///
+/// A lane stream keeps one zstd frame open for its whole life, and the
+/// receiver keeps the frame's window (the history later batches may refer
+/// to) for as long as the stream lives. The sender compresses with this
+/// window whatever its level, and the receiver refuses a frame declaring a
+/// larger one ([`WireError::WindowTooLarge`]) before it allocates anything
+/// for it, so one stream's context stays near [`DECOMPRESSOR_MAX_BYTES`].
+/// zstd's own default limit is 2^27 (128 MiB), which a hostile child could
+/// make the parent hold on every stream.
+pub const ZSTD_WINDOW_LOG: u32 = 20;
+
+/// The most a lane stream's [`Decompressor`] holds: the window, the
+/// buffers zstd keeps beside it (a block of input, two blocks of output
+/// margin) and its tables. Checked against zstd's own accounting by the
+/// tests.
+pub const DECOMPRESSOR_MAX_BYTES: usize = (1 << ZSTD_WINDOW_LOG) + (512 << 10);
+
 /// The sending side of a lane stream's zstd context (link/2).
 pub struct Compressor {
     enc: zstd::stream::raw::Encoder<'static>,
@@ -488,13 +514,17 @@ impl std::fmt::Debug for Compressor {
 }
 
 impl Compressor {
-    /// A context compressing at `level` (1-19).
+    /// A context compressing at `level` (1-19) with a window of
+    /// 2^[`ZSTD_WINDOW_LOG`] bytes whatever the level (zstd's levels 4 and
+    /// up would pick a larger one, which the receiver refuses).
     ///
     /// # Errors
     /// zstd could not make the context.
     pub fn new(level: i32) -> std::io::Result<Compressor> {
+        let mut enc = zstd::stream::raw::Encoder::new(level)?;
+        enc.set_parameter(zstd::stream::raw::CParameter::WindowLog(ZSTD_WINDOW_LOG))?;
         Ok(Compressor {
-            enc: zstd::stream::raw::Encoder::new(level)?,
+            enc,
             buf: vec![0; 64 << 10],
         })
     }
@@ -545,9 +575,11 @@ impl Compressor {
     }
 }
 
-/// The receiving side of a lane stream's zstd context (link/2).
+/// The receiving side of a lane stream's zstd context (link/2). Its memory
+/// is bounded by [`DECOMPRESSOR_MAX_BYTES`]: a frame declaring a window over
+/// 2^[`ZSTD_WINDOW_LOG`] is refused before zstd allocates for it.
 pub struct Decompressor {
-    dec: zstd::stream::raw::Decoder<'static>,
+    dec: zstd::zstd_safe::DCtx<'static>,
 }
 
 impl std::fmt::Debug for Decompressor {
@@ -557,14 +589,23 @@ impl std::fmt::Debug for Decompressor {
 }
 
 impl Decompressor {
-    /// A fresh context.
+    /// A fresh context accepting windows up to 2^[`ZSTD_WINDOW_LOG`].
     ///
     /// # Errors
     /// zstd could not make the context.
     pub fn new() -> std::io::Result<Decompressor> {
-        Ok(Decompressor {
-            dec: zstd::stream::raw::Decoder::new()?,
-        })
+        let zerr = |code| std::io::Error::other(zstd::zstd_safe::get_error_name(code));
+        let mut dec = zstd::zstd_safe::DCtx::try_create()
+            .ok_or_else(|| std::io::Error::other("zstd cannot allocate a context"))?;
+        dec.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(ZSTD_WINDOW_LOG))
+            .map_err(zerr)?;
+        Ok(Decompressor { dec })
+    }
+
+    /// The bytes the context holds now (zstd's own accounting): at most
+    /// [`DECOMPRESSOR_MAX_BYTES`].
+    pub fn memory(&self) -> usize {
+        self.dec.sizeof()
     }
 
     /// The records of a ZBATCH. `max` bounds the announced uncompressed
@@ -572,21 +613,31 @@ impl Decompressor {
     /// fails instead of growing).
     ///
     /// # Errors
-    /// The size is over `max`, the data does not decompress to exactly
-    /// `raw_len` bytes, or they do not hold `count` records.
+    /// The size is over `max`, the frame declares a window over
+    /// 2^[`ZSTD_WINDOW_LOG`] ([`WireError::WindowTooLarge`]), the data does
+    /// not decompress to exactly `raw_len` bytes, or they do not hold
+    /// `count` records.
     pub fn records(&mut self, count: u32, raw_len: u32, data: &[u8], max: usize) -> Result<Vec<Bytes>, WireError> {
-        use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+        use zstd::zstd_safe::zstd_sys::ZSTD_ErrorCode;
+        use zstd::zstd_safe::{InBuffer, OutBuffer};
         let raw_len = raw_len as usize;
         if raw_len > max {
             return Err(WireError::TooLarge(raw_len));
         }
-        let bad = |_| WireError::Malformed("zbatch data");
+        // zstd reports an error as the negated code.
+        let bad = |code: usize| {
+            if 0usize.wrapping_sub(code) == ZSTD_ErrorCode::ZSTD_error_frameParameter_windowTooLarge as usize {
+                WireError::WindowTooLarge
+            } else {
+                WireError::Malformed("zbatch data")
+            }
+        };
         let mut out = vec![0u8; raw_len];
         let mut input = InBuffer::around(data);
         let mut o = OutBuffer::around(&mut out[..]);
         loop {
             let (before_in, before_out) = (input.pos(), o.pos());
-            self.dec.run(&mut input, &mut o).map_err(bad)?;
+            self.dec.decompress_stream(&mut o, &mut input).map_err(bad)?;
             if input.pos() == data.len() && o.pos() == before_out {
                 break;
             }
@@ -822,6 +873,87 @@ mod tests {
                 .records(2, raw_len, &data, 1 << 20)
                 .is_err()
         );
+    }
+
+    /// `data`, the start of a lane stream's zstd frame, made to declare a
+    /// window of 2^`log` bytes. The blocks after the header stay valid: a
+    /// window only bounds how far back they may refer.
+    fn declaring_window(data: &[u8], log: u8) -> Vec<u8> {
+        let mut data = data.to_vec();
+        assert_eq!(data[..4], 0xFD2F_B528u32.to_le_bytes(), "a zstd frame");
+        assert_eq!(data[4] & 0x20, 0, "not single-segment: a window descriptor follows");
+        data[5] = (log - 10) << 3;
+        data
+    }
+
+    #[test]
+    fn a_frame_declaring_a_huge_window_is_refused_before_zstd_allocates_it() {
+        let records: Vec<(Vec<u8>, Bytes)> = (0..50).map(telemetry).collect();
+        let Frame::ZBatch { count, raw_len, data } = Compressor::new(3).unwrap().zbatch(&records).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            data[5],
+            ((ZSTD_WINDOW_LOG - 10) as u8) << 3,
+            "the honest sender's window"
+        );
+        // One over the limit, zstd's default limit (128 MiB: what a child
+        // could make its parent hold per stream), and the largest there is.
+        for log in [ZSTD_WINDOW_LOG as u8 + 1, 27, 31] {
+            let hostile = declaring_window(&data, log);
+            let mut d = Decompressor::new().unwrap();
+            let r = d.records(count, raw_len, &hostile, 1 << 20);
+            assert!(
+                d.memory() <= DECOMPRESSOR_MAX_BYTES,
+                "window 2^{log}: the context holds {} bytes",
+                d.memory()
+            );
+            assert!(matches!(r, Err(WireError::WindowTooLarge)), "window 2^{log}: {r:?}");
+        }
+        // A single-segment frame's window is its content size: 64 MiB
+        // announced, then one RLE block of 100 bytes.
+        let mut single = 0xFD2F_B528u32.to_le_bytes().to_vec();
+        single.push(0xE0); // 8-byte content size, single segment
+        single.extend_from_slice(&(64u64 << 20).to_le_bytes());
+        let block = (100u32 << 3) | (1 << 1); // RLE, not the last block
+        single.extend_from_slice(&block.to_le_bytes()[..3]);
+        single.push(b'a');
+        let mut d = Decompressor::new().unwrap();
+        let r = d.records(0, 100, &single, 1 << 20);
+        assert!(d.memory() <= DECOMPRESSOR_MAX_BYTES, "{} bytes", d.memory());
+        assert!(matches!(r, Err(WireError::WindowTooLarge)), "{r:?}");
+        // The same header with a window at the limit is decoded.
+        let ok = declaring_window(&data, ZSTD_WINDOW_LOG as u8);
+        assert_eq!(
+            Decompressor::new()
+                .unwrap()
+                .records(count, raw_len, &ok, 1 << 20)
+                .unwrap()
+                .len(),
+            50
+        );
+    }
+
+    #[test]
+    fn every_level_stays_within_the_window_the_receiver_accepts() {
+        // 2 MiB of varied telemetry, more than the window, in batches.
+        let records: Vec<(Vec<u8>, Bytes)> = (0..20_000).map(telemetry).collect();
+        for level in [1, 3, 7, 19] {
+            let mut c = Compressor::new(level).unwrap();
+            let mut d = Decompressor::new().unwrap();
+            for batch in records.chunks(500).take(if level >= 19 { 8 } else { 40 }) {
+                let Frame::ZBatch { count, raw_len, data } = c.zbatch(batch).unwrap() else {
+                    panic!()
+                };
+                let got = d.records(count, raw_len, &data, 1 << 20);
+                assert!(got.is_ok(), "level {level}: {got:?}");
+                assert!(
+                    d.memory() <= DECOMPRESSOR_MAX_BYTES,
+                    "level {level}: the context holds {} bytes",
+                    d.memory()
+                );
+            }
+        }
     }
 
     #[test]
