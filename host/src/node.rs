@@ -226,6 +226,7 @@ impl Node {
                     verifier: crate::deploy::verifier(&config),
                     accept: config.deploy.accept,
                     max_component_bytes: config.deploy.max_component_bytes,
+                    expiry_seconds: config.deploy.expiry_seconds,
                 },
                 deploy_store,
                 registry.clone(),

@@ -24,6 +24,12 @@ pub struct DeployConfig {
     pub signing_key: Option<PathBuf>,
     /// Largest component accepted, bytes. Default 64 MiB.
     pub max_component_bytes: u64,
+    /// How long a deployment document this node signs stays valid,
+    /// seconds. The node signs a new revision of each live deployment when
+    /// half of it has passed; a node that hears nothing newer by then
+    /// reports the deployment `expired` (and keeps running it), and refuses
+    /// to import it. Default 2592000 (30 days); at least 60.
+    pub expiry_seconds: u64,
 }
 
 impl Default for DeployConfig {
@@ -34,6 +40,7 @@ impl Default for DeployConfig {
             signing_cert: None,
             signing_key: None,
             max_component_bytes: 64 << 20,
+            expiry_seconds: 30 * 86_400,
         }
     }
 }
@@ -76,6 +83,9 @@ impl DeployConfig {
         }
         if self.max_component_bytes < 1024 {
             return Err(("deploy.max_component_bytes".into(), "must be at least 1024".into()));
+        }
+        if self.expiry_seconds < 60 {
+            return Err(("deploy.expiry_seconds".into(), "must be at least 60".into()));
         }
         Ok(())
     }

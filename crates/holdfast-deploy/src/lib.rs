@@ -35,7 +35,7 @@ use holdfast_metrics::{EventLabels, Metrics};
 use holdfast_registry::{Hop, Kind, Registry};
 use holdfast_tls::sign::{Signature, Signer, Verifier};
 use model::{Doc, Health, NodeState, Phase, Report, Signed, Spec};
-use store::{Applied, DeployStore};
+use store::{Applied, DeployStore, StoredWatch};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
@@ -144,6 +144,9 @@ pub struct View {
     pub owned: bool,
     /// Every node of the target, in rollout order, with its last report.
     pub node_states: Vec<NodeView>,
+    /// At the owner, while rolling: what the next wave waits for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 /// One node of a deployment's target.
@@ -176,12 +179,13 @@ struct Held {
     doc: Doc,
 }
 
+/// The health watch of the applied deployment.
 #[derive(Debug, Clone)]
 struct Watch {
+    /// What is watched, as stored (its counts: those before this process).
+    stored: StoredWatch,
+    /// The slots' counters when this process began watching.
     baseline: BTreeMap<String, (u64, u64)>,
-    slots: Vec<String>,
-    until_ms: u64,
-    rollout: model::Rollout,
     last_sent: (u64, u64),
     last_sent_ms: u64,
 }
@@ -199,6 +203,8 @@ struct Inner {
     last_tick_ms: u64,
     /// The registry version targets were last resolved at.
     resolved_at: Option<u64>,
+    /// The highest revision held of each deployment id (kept for good).
+    seen: BTreeMap<String, u64>,
 }
 
 /// What a node needs to take part in deployments.
@@ -215,6 +221,10 @@ pub struct Options {
     pub accept: bool,
     /// Largest component accepted, bytes.
     pub max_component_bytes: u64,
+    /// How long a document this node signs stays valid, seconds
+    /// (`deploy.expiry_seconds`). The owner signs a new revision of every
+    /// live deployment when half of it has passed.
+    pub expiry_seconds: u64,
 }
 
 /// A node's deployments. See the crate docs.
@@ -227,6 +237,7 @@ pub struct Deployer {
     verifier: Option<Verifier>,
     accept: bool,
     max_component_bytes: u64,
+    expiry_ms: u64,
     metrics: Arc<Metrics>,
     inner: Mutex<Inner>,
     docs_changed: watch::Sender<u64>,
@@ -293,6 +304,32 @@ impl Deployer {
         }
         inner.applied = store.applied()?;
         inner.bad = store.bad()?;
+        inner.seen = store.seen()?;
+        // Data directories from before `seen/` existed: what is held was seen.
+        for h in inner.owned.values().chain(inner.received.values()) {
+            let seen = inner.seen.entry(h.doc.spec.id.clone()).or_default();
+            *seen = (*seen).max(h.doc.revision);
+        }
+        // A restarted node goes on watching what it applied, with what it
+        // had counted (this process's counters start at zero).
+        if let Some(w) = store.watch()? {
+            let current = inner
+                .applied
+                .as_ref()
+                .is_some_and(|a| a.deployment == w.deployment && a.digest == w.digest);
+            if current {
+                tracing::info!(deployment = %w.deployment, calls = w.calls, failures = w.failures,
+                    "deploy: watching the applied deployment again");
+                inner.watch = Some(Watch {
+                    stored: w,
+                    baseline: BTreeMap::new(),
+                    last_sent: (0, 0),
+                    last_sent_ms: 0,
+                });
+            } else {
+                store.set_watch(None, false)?;
+            }
+        }
         Ok(Deployer {
             node: options.node_id,
             parent: options.parent_id,
@@ -302,6 +339,7 @@ impl Deployer {
             verifier: options.verifier,
             accept: options.accept,
             max_component_bytes: options.max_component_bytes,
+            expiry_ms: options.expiry_seconds.saturating_mul(1000),
             metrics,
             inner: Mutex::new(inner),
             docs_changed: watch::channel(0).0,
@@ -433,7 +471,7 @@ impl Deployer {
                 p.size = meta.len();
             }
         }
-        if self.lock().owned.contains_key(&spec.id) {
+        if self.lock().owned.get(&spec.id).is_some_and(|h| !h.doc.deleted) {
             return Err(DeployError::Conflict(format!("deployment {:?} exists", spec.id)));
         }
         let nodes = self.resolve(&spec.target)?;
@@ -442,10 +480,15 @@ impl Deployer {
         }
         let first = spec.rollout.boundaries(nodes.len())?[0];
         let now = now_ms();
+        // An id used before (a deleted deployment's tombstone, or one held
+        // from above) goes on from the revision seen: nodes take only newer.
+        let revision = self.lock().seen.get(&spec.id).map_or(1, |r| r + 1);
         let doc = Doc {
             owner: self.node.clone(),
             created_ms: now,
-            revision: 1,
+            revision,
+            expires_ms: Some(now.saturating_add(self.expiry_ms)),
+            deleted: false,
             released: first,
             phase: if first >= nodes.len() {
                 Phase::Complete
@@ -457,25 +500,40 @@ impl Deployer {
             spec,
         };
         let signed = self.sign(&doc)?;
-        self.store.put_owned(&doc.spec.id, &signed)?;
-        self.lock().owned.insert(
+        self.store.put_owned(&doc.spec.id, &signed, doc.revision, true)?;
+        let mut inner = self.lock();
+        inner.seen.insert(doc.spec.id.clone(), doc.revision);
+        inner.reports.retain(|(d, _), _| d != &doc.spec.id);
+        inner.owned.insert(
             doc.spec.id.clone(),
             Held {
                 signed,
                 doc: doc.clone(),
             },
         );
+        drop(inner);
         self.count("created");
         tracing::info!(deployment = %doc.spec.id, nodes = doc.nodes.len(), released = doc.released, "deploy: created");
         self.bump_docs();
         Ok(doc)
     }
 
-    fn resign(&self, inner: &mut Inner, mut doc: Doc) -> Result<(), DeployError> {
-        doc.revision += 1;
-        doc.updated_ms = now_ms();
+    /// Signs a new revision of an owned document, valid for
+    /// `deploy.expiry_seconds` from now. `drop_reports`: its reports go
+    /// (a deletion).
+    fn resign(&self, inner: &mut Inner, mut doc: Doc, drop_reports: bool) -> Result<(), DeployError> {
+        let seen = inner.seen.get(&doc.spec.id).copied().unwrap_or(0);
+        doc.revision = doc.revision.max(seen) + 1;
+        let now = now_ms();
+        doc.updated_ms = now;
+        doc.expires_ms = Some(now.saturating_add(self.expiry_ms));
         let signed = self.sign(&doc)?;
-        self.store.put_owned(&doc.spec.id, &signed)?;
+        self.store
+            .put_owned(&doc.spec.id, &signed, doc.revision, drop_reports)?;
+        inner.seen.insert(doc.spec.id.clone(), doc.revision);
+        if drop_reports {
+            inner.reports.retain(|(d, _), _| d != &doc.spec.id);
+        }
         inner.owned.insert(doc.spec.id.clone(), Held { signed, doc });
         Ok(())
     }
@@ -487,13 +545,13 @@ impl Deployer {
     /// Not owned here, or signing and storage errors.
     pub fn rollback(&self, id: &str) -> Result<Doc, DeployError> {
         let mut inner = self.lock();
-        let Some(held) = inner.owned.get(id).cloned() else {
+        let Some(held) = inner.owned.get(id).filter(|h| !h.doc.deleted).cloned() else {
             drop(inner);
             return Err(self.not_owned(id));
         };
         let mut doc = held.doc;
         doc.phase = Phase::Withdrawn;
-        self.resign(&mut inner, doc)?;
+        self.resign(&mut inner, doc, false)?;
         let doc = inner.owned[id].doc.clone();
         drop(inner);
         self.count("withdrawn");
@@ -513,19 +571,22 @@ impl Deployer {
         }
     }
 
-    /// Deletes a deployment: nodes drop it and return to what they ran
-    /// before it.
+    /// Deletes a deployment: nodes return to what they ran before it. What
+    /// stays is a signed tombstone (a withdrawn, deleted revision) until it
+    /// expires, so that no node takes an older revision again.
     ///
     /// # Errors
-    /// Not owned here, or storage errors.
+    /// Not owned here (or deleted already), or signing and storage errors.
     pub fn delete(&self, id: &str) -> Result<(), DeployError> {
-        if !self.lock().owned.contains_key(id) {
-            return Err(self.not_owned(id));
-        }
-        self.store.remove_owned(id)?;
         let mut inner = self.lock();
-        inner.owned.remove(id);
-        inner.reports.retain(|(d, _), _| d != id);
+        let Some(held) = inner.owned.get(id).filter(|h| !h.doc.deleted).cloned() else {
+            drop(inner);
+            return Err(self.not_owned(id));
+        };
+        let mut doc = held.doc;
+        doc.phase = Phase::Withdrawn;
+        doc.deleted = true;
+        self.resign(&mut inner, doc, true)?;
         drop(inner);
         self.count("deleted");
         self.bump_docs();
@@ -550,9 +611,24 @@ impl Deployer {
         let mut changed = false;
         for mut doc in docs {
             if matches!(doc.phase, Phase::Withdrawn) {
+                // A tombstone goes once it expired: every older revision
+                // has expired by then too.
+                if doc.deleted && doc.expired(now) {
+                    match self.store.remove_owned(&doc.spec.id) {
+                        Ok(()) => {
+                            inner.owned.remove(&doc.spec.id);
+                            changed = true;
+                        }
+                        Err(e) => tracing::error!(error = %e, "deploy: cannot remove an expired tombstone"),
+                    }
+                }
                 continue;
             }
-            let mut dirty = false;
+            // A live document is signed again when half its validity has
+            // passed (and documents signed before expiry existed get one).
+            let mut dirty = doc
+                .expires_ms
+                .is_none_or(|e| e.saturating_sub(now) < self.expiry_ms / 2);
             // Follow the registry: new gateways that match join at the end.
             if let Some(Ok(now_nodes)) = registry_changed.then(|| self.resolve(&doc.spec.target)) {
                 let released: Vec<String> = doc.nodes[..doc.released.min(doc.nodes.len())].to_vec();
@@ -572,8 +648,8 @@ impl Deployer {
                 }
             }
             if doc.phase == Phase::Rolling {
-                match self.gate(&inner, &doc, now) {
-                    Gate::Wait => {}
+                match gate(&inner, &doc, now) {
+                    Gate::Wait(_) => {}
                     Gate::Halt(reason) => {
                         tracing::warn!(deployment = %doc.spec.id, %reason, "deploy: rollout halted");
                         self.count("halted");
@@ -597,7 +673,7 @@ impl Deployer {
                 }
             }
             if dirty {
-                match self.resign(&mut inner, doc) {
+                match self.resign(&mut inner, doc, false) {
                     Ok(()) => changed = true,
                     Err(e) => tracing::error!(error = %e, "deploy: cannot sign a rollout change"),
                 }
@@ -607,38 +683,6 @@ impl Deployer {
         if changed {
             self.bump_docs();
         }
-    }
-
-    fn gate(&self, inner: &Inner, doc: &Doc, now: u64) -> Gate {
-        let rollout = &doc.spec.rollout;
-        let mut pass = true;
-        for node in &doc.nodes[..doc.released.min(doc.nodes.len())] {
-            let Some((_, r)) = inner.reports.get(&(doc.spec.id.clone(), node.clone())) else {
-                pass = false;
-                continue;
-            };
-            match r.state {
-                NodeState::Failed | NodeState::RolledBack | NodeState::Refused => {
-                    return Gate::Halt(format!(
-                        "{node}: {}: {}",
-                        r.state.as_str(),
-                        r.reason.clone().unwrap_or_default()
-                    ));
-                }
-                NodeState::Superseded => {}
-                NodeState::Pending => pass = false,
-                NodeState::Applied => {
-                    let h = &r.health;
-                    if h.calls >= rollout.min_calls && h.failures as f64 > rollout.max_failure_rate * h.calls as f64 {
-                        return Gate::Halt(format!("{node}: {} of {} plugin calls failed", h.failures, h.calls));
-                    }
-                    if r.since_ms + rollout.soak_seconds * 1000 > now {
-                        pass = false;
-                    }
-                }
-            }
-        }
-        if pass { Gate::Pass } else { Gate::Wait }
     }
 
     // ------------------------------------------------------ every node
@@ -793,6 +837,23 @@ impl Deployer {
             }
         }
         let mut inner = self.lock();
+        // Never an older revision than one held before: a parent (or a man
+        // in the middle) replaying an old document keeps the newer one here.
+        let offered = std::mem::take(&mut verified);
+        for (id, h) in offered {
+            match check_revision(&inner, &h) {
+                Ok(()) => {
+                    verified.insert(id, h);
+                }
+                Err(e) => {
+                    self.count("refused-rollback");
+                    tracing::warn!(deployment = %id, error = %e, "deploy: the parent offered an older revision; keeping the newer one");
+                    if let Some(held) = inner.received.get(&id) {
+                        verified.insert(id, held.clone());
+                    }
+                }
+            }
+        }
         let same = inner.ancestors == ancestors
             && inner.received.len() == verified.len()
             && inner
@@ -800,7 +861,7 @@ impl Deployer {
                 .iter()
                 .all(|(id, h)| verified.get(id).is_some_and(|v| v.signed == h.signed));
         if !same {
-            let list: Vec<(String, Signed)> = verified.iter().map(|(id, h)| (id.clone(), h.signed.clone())).collect();
+            let list = received_list(&verified);
             if let Err(e) = self
                 .store
                 .replace_received(&list)
@@ -808,6 +869,10 @@ impl Deployer {
             {
                 tracing::error!(error = %e, "deploy: cannot store the parent's deployments");
                 return Vec::new();
+            }
+            for h in verified.values() {
+                let seen = inner.seen.entry(h.doc.spec.id.clone()).or_default();
+                *seen = (*seen).max(h.doc.revision);
             }
             inner.received = verified;
             inner.ancestors = ancestors;
@@ -1046,6 +1111,21 @@ impl Deployer {
                 return Err(e);
             }
         };
+        if let Some(expires) = doc.expires_ms.filter(|_| doc.expired(now_ms())) {
+            self.count("refused-expired");
+            return Err(DeployError::Refused(format!(
+                "revision {} of {:?} expired at {} (ms since the Unix epoch); export a fresh one from {}",
+                doc.revision, doc.spec.id, expires, doc.owner
+            )));
+        }
+        let candidate = Held {
+            signed: bundle.signed.clone(),
+            doc: doc.clone(),
+        };
+        if let Err(e) = check_revision(&self.lock(), &candidate) {
+            self.count("refused-rollback");
+            return Err(e);
+        }
         for sha in doc.spec.components() {
             let b64 = bundle
                 .components
@@ -1062,19 +1142,17 @@ impl Deployer {
             }
         }
         let mut inner = self.lock();
-        inner.received.insert(
-            doc.spec.id.clone(),
-            Held {
-                signed: bundle.signed.clone(),
-                doc: doc.clone(),
-            },
-        );
-        let list: Vec<(String, Signed)> = inner
-            .received
-            .iter()
-            .map(|(id, h)| (id.clone(), h.signed.clone()))
-            .collect();
-        self.store.replace_received(&list)?;
+        // Checked again under the lock: an offer may have come meanwhile.
+        if let Err(e) = check_revision(&inner, &candidate) {
+            self.count("refused-rollback");
+            return Err(e);
+        }
+        let mut received = inner.received.clone();
+        received.insert(doc.spec.id.clone(), candidate);
+        self.store.replace_received(&received_list(&received))?;
+        inner.received = received;
+        let seen = inner.seen.entry(doc.spec.id.clone()).or_default();
+        *seen = (*seen).max(doc.revision);
         drop(inner);
         self.count("imported");
         self.bump_docs();
@@ -1154,12 +1232,22 @@ impl Deployer {
                     .map(|h| h.doc.clone()),
             )
             .collect();
+        let now = now_ms();
+        let current = inner.applied.as_ref().map(|a| (a.deployment.clone(), a.digest.clone()));
+        let running = |d: &Doc| {
+            current
+                .as_ref()
+                .is_some_and(|(id, dg)| *id == d.spec.id && *dg == d.spec.digest())
+        };
         let mine: Vec<&Doc> = held.iter().filter(|d| d.nodes.contains(&self.node)).collect();
-        let candidates: Vec<&Doc> = mine
+        let released: Vec<&Doc> = mine
             .iter()
             .copied()
             .filter(|d| d.releases(&self.node) && !inner.bad.contains_key(&(d.spec.id.clone(), d.spec.digest())))
             .collect();
+        // An expired document is applied no more; what runs keeps running.
+        let (candidates, expired): (Vec<&Doc>, Vec<&Doc>) =
+            released.iter().copied().partition(|d| !d.expired(now) || running(d));
         let ready = |d: &Doc| d.spec.components().all(|s| self.store.has_blob(s));
         let chosen = candidates
             .iter()
@@ -1169,14 +1257,18 @@ impl Deployer {
                 (a.spec.priority, a.created_ms, &a.spec.id).cmp(&(b.spec.priority, b.created_ms, &b.spec.id))
             })
             .cloned();
-        let current = inner.applied.as_ref().map(|a| (a.deployment.clone(), a.digest.clone()));
         let wanted = chosen.as_ref().map(|d| (d.spec.id.clone(), d.spec.digest()));
         if current == wanted {
             // Nothing to apply; keep the reports true.
             for d in &candidates {
                 if Some(&d.spec.id) == chosen.as_ref().map(|c| &c.spec.id) {
                     let versions = inner.applied.as_ref().map(|a| a.versions.clone()).unwrap_or_default();
-                    self.report(&mut inner, d, NodeState::Applied, None, versions);
+                    if d.expired(now) {
+                        let why = "the document expired; this node keeps running it until it hears a newer revision";
+                        self.report(&mut inner, d, NodeState::Expired, Some(why.into()), versions);
+                    } else {
+                        self.report(&mut inner, d, NodeState::Applied, None, versions);
+                    }
                 } else if !ready(d) {
                     self.report(
                         &mut inner,
@@ -1189,6 +1281,10 @@ impl Deployer {
                     let why = format!("{} applies (priority {})", c.spec.id, c.spec.priority);
                     self.report(&mut inner, d, NodeState::Superseded, Some(why), BTreeMap::new());
                 }
+            }
+            for d in &expired {
+                let why = "the document expired before this node applied it";
+                self.report(&mut inner, d, NodeState::Expired, Some(why.into()), BTreeMap::new());
             }
             for d in &mine {
                 if d.phase == Phase::Withdrawn
@@ -1230,11 +1326,21 @@ impl Deployer {
                 }
                 inner.applied = Some(applied.clone());
                 let slots: Vec<String> = applied.overlay.plugins.keys().cloned().collect();
-                inner.watch = (!slots.is_empty()).then(|| Watch {
-                    baseline: applier.counters(),
+                let stored = (!slots.is_empty()).then(|| StoredWatch {
+                    deployment: applied.deployment.clone(),
+                    digest: applied.digest.clone(),
                     slots,
                     until_ms: now_ms() + doc.spec.rollout.watch_seconds * 1000,
                     rollout: doc.spec.rollout.clone(),
+                    calls: 0,
+                    failures: 0,
+                });
+                if let Err(e) = self.store.set_watch(stored.as_ref(), true) {
+                    tracing::error!(error = %e, "deploy: cannot record the health watch");
+                }
+                inner.watch = stored.map(|stored| Watch {
+                    stored,
+                    baseline: applier.counters(),
                     last_sent: (0, 0),
                     last_sent_ms: 0,
                 });
@@ -1250,6 +1356,9 @@ impl Deployer {
                 }
                 inner.applied = None;
                 inner.watch = None;
+                if let Err(e) = self.store.set_watch(None, true) {
+                    tracing::error!(error = %e, "deploy: cannot record the health watch");
+                }
                 tracing::info!("deploy: back to this node's own config");
                 self.report_previous(&mut inner, previous.as_ref(), &held, None);
                 true
@@ -1300,21 +1409,28 @@ impl Deployer {
     }
 
     /// Watches the deployed plugins; rolls back when they fail past the
-    /// deployment's threshold. Blocking.
+    /// deployment's threshold. The counts are kept in the store with the
+    /// health reports, so a restarted node goes on from them. Blocking.
     fn watch_health(&self, applier: &dyn Applier) {
         let mut inner = self.lock();
         let Some(w) = inner.watch.clone() else { return };
         let Some(applied) = inner.applied.clone() else { return };
+        if applied.deployment != w.stored.deployment || applied.digest != w.stored.digest {
+            inner.watch = None;
+            drop(inner);
+            let _ = self.store.set_watch(None, false);
+            return;
+        }
         let now = now_ms();
         let counters = applier.counters();
-        let (mut calls, mut failures) = (0u64, 0u64);
-        for slot in &w.slots {
+        let (mut calls, mut failures) = (w.stored.calls, w.stored.failures);
+        for slot in &w.stored.slots {
             let (c, f) = counters.get(slot).copied().unwrap_or_default();
             let (c0, f0) = w.baseline.get(slot).copied().unwrap_or_default();
             calls += c.saturating_sub(c0);
             failures += f.saturating_sub(f0);
         }
-        let r = &w.rollout;
+        let r = &w.stored.rollout;
         let failing = calls >= r.min_calls && failures as f64 > r.max_failure_rate * calls as f64;
         let key = (applied.deployment.clone(), self.node.clone());
         let doc = inner
@@ -1326,11 +1442,12 @@ impl Deployer {
             let reason = format!(
                 "{} of {calls} calls to {} failed (trap, timeout or memory) since it was applied",
                 failures,
-                w.slots.join(", ")
+                w.stored.slots.join(", ")
             );
             tracing::warn!(deployment = %applied.deployment, %reason, "deploy: the deployed plugin fails; rolling back");
             self.count("rolled-back");
             let _ = self.store.put_bad(&applied.deployment, &applied.digest, &reason);
+            let _ = self.store.set_watch(None, true);
             inner
                 .bad
                 .insert((applied.deployment.clone(), applied.digest.clone()), reason.clone());
@@ -1348,10 +1465,11 @@ impl Deployer {
             self.kick.notify_one();
             return;
         }
-        // Health goes up when it changed, at most every 2 s.
+        // Health goes up when it changed, at most every 2 s; the counts
+        // are stored with it.
         if (calls, failures) != w.last_sent && now.saturating_sub(w.last_sent_ms) >= 2000 {
             if let Some((_, rep)) = inner.reports.get(&key).cloned()
-                && rep.state == NodeState::Applied
+                && matches!(rep.state, NodeState::Applied | NodeState::Expired)
             {
                 let (link, outbox) = applier.node_health();
                 let mut rep = rep;
@@ -1364,13 +1482,26 @@ impl Deployer {
                 rep.at_ms = now;
                 self.put_report(&mut inner, rep);
             }
+            let snapshot = StoredWatch {
+                calls,
+                failures,
+                ..w.stored.clone()
+            };
+            if let Err(e) = self.store.set_watch(Some(&snapshot), false) {
+                tracing::error!(error = %e, "deploy: cannot record the health watch");
+            }
             if let Some(w) = inner.watch.as_mut() {
                 w.last_sent = (calls, failures);
                 w.last_sent_ms = now;
             }
         }
-        if now >= w.until_ms {
+        // The watch lasts watch_seconds, and on while fewer than min_calls
+        // calls were seen (a plugin that fails on its first calls an hour
+        // later is still rolled back).
+        if now >= w.stored.until_ms && (calls >= r.min_calls || r.release_without_traffic) {
             inner.watch = None;
+            drop(inner);
+            let _ = self.store.set_watch(None, false);
         }
     }
 
@@ -1398,10 +1529,92 @@ impl Deployer {
     }
 }
 
+/// The documents to store as received, with their revisions.
+fn received_list(held: &BTreeMap<String, Held>) -> Vec<(String, Signed, u64)> {
+    held.iter()
+        .map(|(id, h)| (id.clone(), h.signed.clone(), h.doc.revision))
+        .collect()
+}
+
+/// Refuses a document older than what this node has held of the same id
+/// (rollback and replay protection, as TUF and Uptane do), or another
+/// document under a revision already held (the same document again is
+/// fine: an idempotent import).
+fn check_revision(inner: &Inner, h: &Held) -> Result<(), DeployError> {
+    let id = &h.doc.spec.id;
+    let seen = inner.seen.get(id).copied().unwrap_or(0);
+    if h.doc.revision < seen {
+        return Err(DeployError::Refused(format!(
+            "revision {} of {id:?} is older than revision {seen} seen here (a replayed or rolled-back document)",
+            h.doc.revision
+        )));
+    }
+    let held = inner.received.get(id).or_else(|| inner.owned.get(id));
+    if let Some(held) = held.filter(|held| held.doc.revision == h.doc.revision)
+        && held.signed != h.signed
+    {
+        return Err(DeployError::Refused(format!(
+            "another document of {id:?} has revision {} already",
+            h.doc.revision
+        )));
+    }
+    Ok(())
+}
+
 enum Gate {
-    Wait,
+    /// Not yet: why.
+    Wait(String),
     Pass,
     Halt(String),
+}
+
+/// Whether the next wave of `doc` may be released: every node of the
+/// released waves applied it, ran it for the soak time, and (when it sets
+/// plugins) saw `min_calls` calls to them, unless the rollout releases
+/// without traffic; a failed, rolled-back or refused node halts it.
+fn gate(inner: &Inner, doc: &Doc, now: u64) -> Gate {
+    let rollout = &doc.spec.rollout;
+    let needs_traffic = !doc.spec.plugins.is_empty() && !rollout.release_without_traffic;
+    let mut wait = None;
+    for node in &doc.nodes[..doc.released.min(doc.nodes.len())] {
+        let Some((_, r)) = inner.reports.get(&(doc.spec.id.clone(), node.clone())) else {
+            wait.get_or_insert_with(|| format!("{node} has not reported"));
+            continue;
+        };
+        match r.state {
+            NodeState::Failed | NodeState::RolledBack | NodeState::Refused => {
+                return Gate::Halt(format!(
+                    "{node}: {}: {}",
+                    r.state.as_str(),
+                    r.reason.clone().unwrap_or_default()
+                ));
+            }
+            NodeState::Superseded => {}
+            NodeState::Pending | NodeState::Expired => {
+                wait.get_or_insert_with(|| format!("{node} is {}", r.state.as_str()));
+            }
+            NodeState::Applied => {
+                let h = &r.health;
+                if h.calls >= rollout.min_calls && h.failures as f64 > rollout.max_failure_rate * h.calls as f64 {
+                    return Gate::Halt(format!("{node}: {} of {} plugin calls failed", h.failures, h.calls));
+                }
+                if needs_traffic && h.calls < rollout.min_calls {
+                    wait.get_or_insert_with(|| {
+                        format!(
+                            "{node} has seen {} of the {} plugin calls min_calls asks for (or set release_without_traffic)",
+                            h.calls, rollout.min_calls
+                        )
+                    });
+                } else if r.since_ms + rollout.soak_seconds * 1000 > now {
+                    wait.get_or_insert_with(|| format!("{node} is soaking"));
+                }
+            }
+        }
+    }
+    match wait {
+        Some(why) => Gate::Wait(why),
+        None => Gate::Pass,
+    }
 }
 
 fn view(inner: &Inner, h: &Held, owned: bool) -> View {
@@ -1429,10 +1642,18 @@ fn view(inner: &Inner, h: &Held, owned: bool) -> View {
             }
         })
         .collect();
+    let waiting = match (&d.phase, owned) {
+        (Phase::Rolling, true) => match gate(inner, d, now_ms()) {
+            Gate::Wait(why) => Some(why),
+            _ => None,
+        },
+        _ => None,
+    };
     View {
         doc: d.clone(),
         owned,
         node_states,
+        waiting,
     }
 }
 

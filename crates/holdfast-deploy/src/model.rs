@@ -82,8 +82,18 @@ pub struct Rollout {
     pub max_failure_rate: f64,
     /// ... once it has seen at least this many calls, or this many failures.
     pub min_calls: u64,
-    /// How long after applying a node watches the deployed plugins, seconds.
+    /// How long after applying a node watches the deployed plugins,
+    /// seconds (longer while it has seen fewer than `min_calls` calls).
     pub watch_seconds: u64,
+    /// Release the next wave even when the nodes of the last one saw fewer
+    /// than `min_calls` calls to the deployed plugins during their soak.
+    /// Default false: a deployment that sets plugins waits for traffic.
+    #[serde(skip_serializing_if = "is_false")]
+    pub release_without_traffic: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl Default for Rollout {
@@ -94,6 +104,7 @@ impl Default for Rollout {
             max_failure_rate: 0.1,
             min_calls: 10,
             watch_seconds: 300,
+            release_without_traffic: false,
         }
     }
 }
@@ -286,9 +297,25 @@ pub struct Doc {
     pub phase: Phase,
     /// Last change, ms since the Unix epoch.
     pub updated_ms: u64,
+    /// After this time (ms since the Unix epoch) the document is stale: a
+    /// node keeps running what it applied from it, reports it `expired`,
+    /// and applies or imports it no more. The owner signs a new revision
+    /// well before. Absent in documents signed before expiry existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<u64>,
+    /// A tombstone: the owner deleted the deployment. The document stays
+    /// (withdrawn) until it expires, so that no node takes an older
+    /// revision of it again.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub deleted: bool,
 }
 
 impl Doc {
+    /// True when the document is past its expiry at `now_ms`.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.expires_ms.is_some_and(|e| now_ms >= e)
+    }
+
     /// True when `node` may apply it now.
     pub fn releases(&self, node: &str) -> bool {
         self.phase != Phase::Withdrawn
@@ -331,6 +358,9 @@ pub enum NodeState {
     Refused,
     /// A deployment of higher priority applies to the node.
     Superseded,
+    /// The document expired before the node heard a newer revision: the
+    /// node keeps running what it applied from it, and applies it no more.
+    Expired,
 }
 
 impl NodeState {
@@ -343,6 +373,7 @@ impl NodeState {
             NodeState::RolledBack => "rolled-back",
             NodeState::Refused => "refused",
             NodeState::Superseded => "superseded",
+            NodeState::Expired => "expired",
         }
     }
 }

@@ -11,6 +11,8 @@
 //! | `applied` | what this node applied ([`Applied`]) |
 //! | `bad/<id>\0<digest>` | content this node failed or rolled back (the reason) |
 //! | `ancestors` | this node's ancestors, nearest first (JSON list) |
+//! | `seen/<id>` | the highest revision of a deployment this node has held (decimal) |
+//! | `watch` | the health watch of the applied deployment ([`StoredWatch`]) |
 //!
 //! Components are files `<dir>/<sha256>`, written to a temporary name,
 //! synced and renamed, and checked against their hash whenever they are
@@ -41,6 +43,27 @@ pub struct Applied {
     pub overlay: crate::Overlay,
     /// Plugin versions in force afterwards, by slot.
     pub versions: BTreeMap<String, String>,
+}
+
+/// The health watch of the applied deployment as stored, so that a
+/// restarted node goes on watching with what it had counted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredWatch {
+    /// The deployment.
+    pub deployment: String,
+    /// Its content digest.
+    pub digest: String,
+    /// The slots watched.
+    pub slots: Vec<String>,
+    /// When the watch ends, ms since the Unix epoch (it goes on while
+    /// fewer than `rollout.min_calls` calls were seen).
+    pub until_ms: u64,
+    /// The thresholds.
+    pub rollout: crate::model::Rollout,
+    /// Calls to the watched slots counted so far.
+    pub calls: u64,
+    /// Of which failed.
+    pub failures: u64,
 }
 
 /// The `deploy` space.
@@ -97,15 +120,24 @@ impl DeployStore {
         Ok(out)
     }
 
-    /// Stores an owned document.
-    pub fn put_owned(&self, id: &str, signed: &Signed) -> Result<(), DeployError> {
+    /// Stores an owned document of revision `revision` (and records the
+    /// revision as seen, in the same batch). With `drop_reports`, every
+    /// report of it goes too (a deletion).
+    pub fn put_owned(&self, id: &str, signed: &Signed, revision: u64, drop_reports: bool) -> Result<(), DeployError> {
         let mut b = self.store.batch();
         b.insert(&self.space, format!("own/{id}"), serde_json::to_vec(signed)?);
+        b.insert(&self.space, format!("seen/{id}"), revision.to_string().into_bytes());
+        if drop_reports {
+            for (k, _) in self.prefixed(&format!("rep/{id}\0"))? {
+                b.remove(&self.space, rep_key(id, &k));
+            }
+        }
         b.commit(Durability::SyncAll)?;
         Ok(())
     }
 
-    /// Removes an owned document and every report of it.
+    /// Removes an owned document (an expired tombstone) and every report of
+    /// it. The revision seen stays.
     pub fn remove_owned(&self, id: &str) -> Result<(), DeployError> {
         let mut b = self.store.batch();
         b.remove(&self.space, format!("own/{id}"));
@@ -116,16 +148,56 @@ impl DeployStore {
         Ok(())
     }
 
-    /// Replaces every document received from the parent.
-    pub fn replace_received(&self, docs: &[(String, Signed)]) -> Result<(), DeployError> {
+    /// Replaces every document received from the parent: `(id, document,
+    /// revision)`. The revisions are recorded as seen in the same batch, so
+    /// that no older revision is taken again, across restarts too.
+    pub fn replace_received(&self, docs: &[(String, Signed, u64)]) -> Result<(), DeployError> {
+        let seen = self.seen()?;
         let mut b = self.store.batch();
         for (id, _) in self.prefixed("up/")? {
             b.remove(&self.space, format!("up/{id}"));
         }
-        for (id, s) in docs {
+        for (id, s, revision) in docs {
             b.insert(&self.space, format!("up/{id}"), serde_json::to_vec(s)?);
+            if seen.get(id).is_none_or(|r| r < revision) {
+                b.insert(&self.space, format!("seen/{id}"), revision.to_string().into_bytes());
+            }
         }
         b.commit(Durability::SyncAll)?;
+        Ok(())
+    }
+
+    /// The highest revision held of each deployment id, ever.
+    pub fn seen(&self) -> Result<BTreeMap<String, u64>, DeployError> {
+        Ok(self
+            .prefixed("seen/")?
+            .into_iter()
+            .filter_map(|(id, v)| Some((id, std::str::from_utf8(&v).ok()?.parse().ok()?)))
+            .collect())
+    }
+
+    /// The stored health watch.
+    pub fn watch(&self) -> Result<Option<StoredWatch>, DeployError> {
+        Ok(match self.space.get(b"watch")? {
+            Some(v) => serde_json::from_slice(&v).ok(),
+            None => None,
+        })
+    }
+
+    /// Stores the health watch (`None`: no watch). `sync`: wait for the
+    /// disk (when it starts); otherwise buffered (the counts, every few
+    /// seconds: a power cut loses at most those seconds of counting).
+    pub fn set_watch(&self, watch: Option<&StoredWatch>, sync: bool) -> Result<(), DeployError> {
+        let mut b = self.store.batch();
+        match watch {
+            Some(w) => b.insert(&self.space, "watch", serde_json::to_vec(w)?),
+            None => b.remove(&self.space, "watch"),
+        }
+        b.commit(if sync {
+            Durability::SyncAll
+        } else {
+            Durability::Buffered
+        })?;
         Ok(())
     }
 

@@ -70,6 +70,7 @@ fn owner(gateways: &[&str]) -> Owner {
             verifier: Some(Verifier::new(holdfast_tls::load_roots(&certs.join("ca.pem")).unwrap())),
             accept: true,
             max_component_bytes: 1 << 20,
+            expiry_seconds: 30 * 86_400,
         },
         ds,
         Arc::new(registry),
@@ -122,13 +123,17 @@ fn waves_open_when_the_gate_passes_and_halt_on_a_rollback() {
     // No report yet: the gate waits.
     tick(d);
     assert_eq!(d.show("d1").unwrap().doc.released, 1);
-    report(d, "d1", "gw1", NodeState::Applied, Health::default());
+    let seen_calls = Health {
+        calls: 10,
+        ..Health::default()
+    };
+    report(d, "d1", "gw1", NodeState::Applied, seen_calls.clone());
     tick(d);
     let v = d.show("d1").unwrap();
     assert_eq!((v.doc.released, v.doc.revision), (3, 2));
     assert_eq!(v.node_states[3].state, "waiting");
     // A failing plugin past the threshold in a healthy-looking report halts too.
-    report(d, "d1", "gw2", NodeState::Applied, Health::default());
+    report(d, "d1", "gw2", NodeState::Applied, seen_calls);
     let sick = Health {
         calls: 100,
         failures: 50,
@@ -293,4 +298,326 @@ fn a_gateway_registered_later_joins_a_complete_rollout() {
     assert_eq!(v.doc.nodes, ["gw1", "root", "gw2"]);
     assert_eq!((v.doc.released, v.doc.revision), (3, 2));
     assert_eq!(d.offer_for("gw2").1.len(), 1);
+}
+
+/// A node of a test fleet whose store lives in `dir` (reopened by a
+/// second call: a restart). The fleet CA is made once in `certs`.
+fn open_node(
+    dir: &std::path::Path,
+    certs: &std::path::Path,
+    id: &str,
+    parent: Option<&str>,
+    expiry_seconds: u64,
+) -> Deployer {
+    if !certs.join("ca.pem").exists() {
+        holdfast_tls::issue::ca(certs, "Test fleet", 30, false).unwrap();
+    }
+    let (cert, key) = (certs.join(format!("{id}.pem")), certs.join(format!("{id}.key")));
+    if !cert.exists() {
+        holdfast_tls::issue::node(certs, certs, id, 30, false).unwrap();
+    }
+    let store = holdfast_store::Store::open(&dir.join("store")).unwrap();
+    let role = match parent {
+        Some(p) => Role::Replica { parent: p.into() },
+        None => Role::Owner,
+    };
+    let registry = Registry::open(&store, id, role).unwrap();
+    let ds = DeployStore::open(&store, &dir.join("components")).unwrap();
+    Deployer::open(
+        Options {
+            node_id: id.into(),
+            parent_id: parent.map(str::to_string),
+            signer: Some(Signer::load(&cert, &key).unwrap()),
+            verifier: Some(Verifier::new(holdfast_tls::load_roots(&certs.join("ca.pem")).unwrap())),
+            accept: true,
+            max_component_bytes: 1 << 20,
+            expiry_seconds,
+        },
+        ds,
+        Arc::new(registry),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap()
+}
+
+fn events(d: &Deployer, event: &'static str) -> u64 {
+    holdfast_metrics::handle(&d.metrics.deploy_events, &EventLabels { event }).get()
+}
+
+#[test]
+fn an_old_revision_is_never_taken_again_not_even_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let root = open_node(&dir.path().join("root"), &certs, "root", None, 86_400);
+    root.registry
+        .add(NewIdentity {
+            id: "gw1".into(),
+            kind: Some("gateway".into()),
+            auth: Some("none".into()),
+            ..NewIdentity::default()
+        })
+        .unwrap();
+    let sha = root.put_component(b"\0asm\x0d\0\x01\0replayed").unwrap();
+    root.create(spec(serde_json::json!({
+        "id": "d1", "target": {"nodes": ["gw1"]}, "plugins": {"router": {"sha256": sha}}
+    })))
+    .unwrap();
+    let rev1 = root.export("d1").unwrap();
+    root.rollback("d1").unwrap();
+    let rev2 = root.export("d1").unwrap();
+    assert!(rev2.signed.doc.contains("\"revision\":2"));
+
+    let gw_dir = dir.path().join("gw1");
+    let gw = open_node(&gw_dir, &certs, "gw1", Some("root"), 86_400);
+    let fake = Fake::default();
+    // The withdrawal arrives first (by the link or an import) ...
+    gw.import(rev2.clone()).unwrap();
+    // ... then the attacker's copy of revision 1: refused, nothing applied.
+    let err = gw.import(rev1.clone()).unwrap_err();
+    assert!(
+        matches!(err, DeployError::Refused(ref m) if m.contains("older than revision 2")),
+        "{err}"
+    );
+    assert_eq!(events(&gw, "refused-rollback"), 1);
+    gw.evaluate(&fake);
+    assert!(
+        fake.applied.lock().unwrap().iter().all(Option::is_none),
+        "nothing applied"
+    );
+    // The same document again is fine (an idempotent import).
+    gw.import(rev2.clone()).unwrap();
+    // A parent offering revision 1 does not replace revision 2 either.
+    let missing = gw.receive_offer("root", vec!["root".into()], vec![rev1.signed.clone()]);
+    assert!(missing.is_empty(), "revision 1's component is not fetched: {missing:?}");
+    assert_eq!(gw.show("d1").unwrap().doc.revision, 2);
+    // Across a restart, and after the owner stopped offering it at all.
+    gw.receive_offer("root", vec!["root".into()], vec![]);
+    assert!(gw.show("d1").is_none());
+    drop(gw);
+    let gw = open_node(&gw_dir, &certs, "gw1", Some("root"), 86_400);
+    assert!(gw.import(rev1.clone()).is_err(), "revision 1 after a restart");
+    gw.receive_offer("root", vec!["root".into()], vec![rev1.signed.clone()]);
+    assert!(gw.show("d1").is_none(), "revision 1 from the parent after a restart");
+    gw.evaluate(&fake);
+    assert!(fake.applied.lock().unwrap().iter().all(Option::is_none));
+}
+
+#[test]
+fn a_deleted_deployment_leaves_a_signed_tombstone_that_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let root = open_node(&dir.path().join("root"), &certs, "root", None, 3_600);
+    root.registry
+        .add(NewIdentity {
+            id: "gw1".into(),
+            kind: Some("gateway".into()),
+            auth: Some("none".into()),
+            ..NewIdentity::default()
+        })
+        .unwrap();
+    root.create(spec(serde_json::json!({
+        "id": "d1", "target": {"nodes": ["gw1"]}, "settings": {"log.level": "debug"}
+    })))
+    .unwrap();
+    let rev1 = root.export("d1").unwrap();
+    let gw = open_node(&dir.path().join("gw1"), &certs, "gw1", Some("root"), 3_600);
+    let fake = Fake::default();
+    gw.receive_offer("root", vec!["root".into()], root.offer_for("gw1").1);
+    gw.evaluate(&fake);
+    assert_eq!(gw.local_status().applied.unwrap().deployment, "d1");
+    root.delete("d1").unwrap();
+    assert!(
+        matches!(root.delete("d1"), Err(DeployError::NotFound(_))),
+        "deleted once"
+    );
+    // The tombstone is signed and offered: gw1 returns to its own config.
+    let v = root.show("d1").unwrap();
+    assert!(v.doc.deleted && v.doc.phase == Phase::Withdrawn && v.doc.revision == 2);
+    let offer = root.offer_for("gw1").1;
+    assert_eq!(offer.len(), 1);
+    gw.receive_offer("root", vec!["root".into()], offer);
+    gw.evaluate(&fake);
+    assert!(gw.local_status().applied.is_none());
+    assert!(gw.import(rev1).is_err(), "the deleted revision 1 is not taken again");
+    // Created again under the same id: it goes on from the tombstone.
+    let again = root
+        .create(spec(serde_json::json!({
+            "id": "d1", "target": {"nodes": ["gw1"]}, "settings": {"log.level": "warn"}
+        })))
+        .unwrap();
+    assert_eq!(again.revision, 3);
+    gw.receive_offer("root", vec!["root".into()], root.offer_for("gw1").1);
+    gw.evaluate(&fake);
+    assert_eq!(gw.local_status().applied.unwrap().revision, 3);
+    // An expired tombstone goes at the owner; the revision seen stays.
+    root.delete("d1").unwrap();
+    root.lock().owned.get_mut("d1").unwrap().doc.expires_ms = Some(1);
+    tick(&root);
+    assert!(root.show("d1").is_none());
+    assert_eq!(root.lock().seen["d1"], 4);
+}
+
+#[test]
+fn documents_expire_are_signed_again_before_and_stale_imports_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    // An owner whose documents are valid for no time at all.
+    let stale_owner = open_node(&dir.path().join("root"), &certs, "root", None, 0);
+    stale_owner
+        .registry
+        .add(NewIdentity {
+            id: "gw1".into(),
+            kind: Some("gateway".into()),
+            auth: Some("none".into()),
+            ..NewIdentity::default()
+        })
+        .unwrap();
+    stale_owner
+        .create(spec(serde_json::json!({
+            "id": "d1", "target": {"nodes": ["gw1"]}, "settings": {"log.level": "debug"}
+        })))
+        .unwrap();
+    let stale = stale_owner.export("d1").unwrap();
+    let gw = open_node(&dir.path().join("gw1"), &certs, "gw1", Some("root"), 3_600);
+    let err = gw.import(stale.clone()).unwrap_err();
+    assert!(err.to_string().contains("expired"), "{err}");
+    assert_eq!(events(&gw, "refused-expired"), 1);
+    // From the parent it is held (and its revision seen) but not applied.
+    let fake = Fake::default();
+    gw.receive_offer("root", vec!["root".into()], vec![stale.signed.clone()]);
+    gw.evaluate(&fake);
+    assert!(fake.applied.lock().unwrap().is_empty());
+    assert_eq!(gw.show("d1").unwrap().node_states[0].state, "expired");
+    drop(stale_owner);
+
+    // A fresh document is applied; once it expires the node keeps running
+    // it and says so.
+    let owner = open_node(&dir.path().join("root2"), &certs, "root", None, 3_600);
+    owner
+        .registry
+        .add(NewIdentity {
+            id: "gw2".into(),
+            kind: Some("gateway".into()),
+            auth: Some("none".into()),
+            ..NewIdentity::default()
+        })
+        .unwrap();
+    let doc = owner
+        .create(spec(serde_json::json!({
+            "id": "d2", "target": {"nodes": ["gw2"]}, "settings": {"log.level": "warn"}
+        })))
+        .unwrap();
+    let expires = doc.expires_ms.unwrap();
+    assert!(expires > now_ms() + 3_500_000 && expires <= now_ms() + 3_600_000);
+    let gw2 = open_node(&dir.path().join("gw2"), &certs, "gw2", Some("root"), 3_600);
+    gw2.receive_offer("root", vec!["root".into()], owner.offer_for("gw2").1);
+    gw2.evaluate(&fake);
+    assert_eq!(gw2.local_status().applied.unwrap().deployment, "d2");
+    gw2.lock().received.get_mut("d2").unwrap().doc.expires_ms = Some(1);
+    gw2.evaluate(&fake);
+    assert_eq!(gw2.local_status().applied.unwrap().deployment, "d2", "still running");
+    let r = gw2.show("d2").unwrap().node_states[0].report.clone().unwrap();
+    assert_eq!(r.state, NodeState::Expired);
+    assert_eq!(r.versions.get("router").map(String::as_str), Some("embedded"));
+    // The owner signs a new revision when less than half the time is left.
+    tick(&owner);
+    assert_eq!(owner.show("d2").unwrap().doc.revision, 1, "fresh: nothing to sign");
+    owner.lock().owned.get_mut("d2").unwrap().doc.expires_ms = Some(now_ms() + 1_000_000);
+    tick(&owner);
+    let v = owner.show("d2").unwrap();
+    assert_eq!(v.doc.revision, 2);
+    assert!(v.doc.expires_ms.unwrap() > now_ms() + 3_500_000);
+    // The node hears it and is applied again, without applying anew.
+    gw2.receive_offer("root", vec!["root".into()], owner.offer_for("gw2").1);
+    let applies = fake.applied.lock().unwrap().len();
+    gw2.evaluate(&fake);
+    assert_eq!(fake.applied.lock().unwrap().len(), applies);
+    assert_eq!(gw2.show("d2").unwrap().node_states[0].state, "applied");
+}
+
+#[test]
+fn the_health_watch_survives_a_restart_with_what_it_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let node_dir = dir.path().join("root");
+    let d = open_node(&node_dir, &certs, "root", None, 3_600);
+    let sha = d.put_component(b"\0asm\x0d\0\x01\0traps").unwrap();
+    d.create(spec(serde_json::json!({
+        "id": "d1", "target": {"nodes": ["root"]},
+        "plugins": {"router": {"sha256": sha}},
+        "rollout": {"min_calls": 10, "max_failure_rate": 0.2, "watch_seconds": 300}
+    })))
+    .unwrap();
+    let fake = Fake::default();
+    d.evaluate(&fake);
+    fake.counters.lock().unwrap().insert("router".into(), (6, 6));
+    d.watch_health(&fake);
+    assert!(d.local_status().applied.is_some(), "6 calls: under min_calls");
+    assert_eq!(
+        d.show("d1").unwrap().node_states[0]
+            .report
+            .as_ref()
+            .unwrap()
+            .health
+            .failures,
+        6
+    );
+    // SIGKILL: the process's counters start again from zero.
+    drop(d);
+    let d = open_node(&node_dir, &certs, "root", None, 3_600);
+    let fake = Fake::default();
+    d.evaluate(&fake);
+    assert!(
+        fake.applied.lock().unwrap().is_empty(),
+        "what was applied stays, unapplied again"
+    );
+    fake.counters.lock().unwrap().insert("router".into(), (5, 5));
+    d.watch_health(&fake);
+    assert_eq!(
+        d.local_status().refused_content.len(),
+        1,
+        "6 + 5 of 11 failed: rolled back"
+    );
+    let r = d.show("d1").unwrap().node_states[0].report.clone().unwrap();
+    assert_eq!(
+        (r.state, r.health.calls, r.health.failures),
+        (NodeState::RolledBack, 11, 11)
+    );
+    d.evaluate(&fake);
+    assert_eq!(*fake.applied.lock().unwrap(), [None]);
+}
+
+#[test]
+fn a_wave_waits_for_min_calls_unless_released_without_traffic() {
+    let o = owner(&["gw1", "gw2"]);
+    let d = &o.deployer;
+    let sha = d.put_component(b"\0asm\x0d\0\x01\0quiet").unwrap();
+    let mk = |id: &str, without: bool| {
+        d.create(spec(serde_json::json!({
+            "id": id, "target": {"nodes": ["gw1", "gw2"]},
+            "plugins": {"router": {"sha256": sha}},
+            "rollout": {"waves": ["1", "100%"], "soak_seconds": 0, "min_calls": 5, "release_without_traffic": without}
+        })))
+        .unwrap()
+    };
+    mk("quiet", false);
+    report(d, "quiet", "gw1", NodeState::Applied, Health::default());
+    tick(d);
+    let v = d.show("quiet").unwrap();
+    assert_eq!(v.doc.released, 1, "a canary with no calls releases nobody");
+    assert!(v.waiting.as_deref().unwrap().contains("0 of the 5"), "{:?}", v.waiting);
+    let busy = Health {
+        calls: 5,
+        ..Health::default()
+    };
+    report(d, "quiet", "gw1", NodeState::Applied, busy);
+    tick(d);
+    assert_eq!(d.show("quiet").unwrap().doc.released, 2);
+    // Said explicitly: released on no traffic.
+    let doc = mk("loud", true);
+    assert!(d.export("loud").unwrap().signed.doc.contains("release_without_traffic"));
+    assert_eq!(doc.released, 1);
+    report(d, "loud", "gw1", NodeState::Applied, Health::default());
+    tick(d);
+    assert_eq!(d.show("loud").unwrap().doc.released, 2);
 }
