@@ -38,6 +38,16 @@ pub struct CacheConfig {
     pub ca_file: Option<PathBuf>,
     /// Concurrent client connections. Default 1024.
     pub max_connections: usize,
+    /// Concurrent connections from one client address (an IPv6 client by
+    /// its /64). Default 64.
+    pub max_connections_per_ip: usize,
+    /// Share of `max_connections`, percent (rounded down), taken only by
+    /// clients that hold no connection yet. Default 10.
+    pub reserved_connections_percent: u8,
+    /// Time a client has to send a whole request head, from the first byte
+    /// it may send (for a kept-alive connection, from the end of the last
+    /// response) to its end, ms. Default 10000.
+    pub header_timeout_ms: u64,
 }
 
 impl Default for CacheConfig {
@@ -54,6 +64,9 @@ impl Default for CacheConfig {
             upstream_timeout_ms: 30_000,
             ca_file: None,
             max_connections: 1024,
+            max_connections_per_ip: 64,
+            reserved_connections_percent: 10,
+            header_timeout_ms: 10_000,
         }
     }
 }
@@ -84,6 +97,15 @@ impl CacheConfig {
         }
         if c.max_connections == 0 {
             return Err(("cache.max_connections", "must be at least 1".to_string()));
+        }
+        if c.max_connections_per_ip == 0 {
+            return Err(("cache.max_connections_per_ip", "must be at least 1".to_string()));
+        }
+        if c.reserved_connections_percent > 90 {
+            return Err(("cache.reserved_connections_percent", "must be 0-90".to_string()));
+        }
+        if !(100..=600_000).contains(&c.header_timeout_ms) {
+            return Err(("cache.header_timeout_ms", "must be 100-600000".to_string()));
         }
         Ok(())
     }

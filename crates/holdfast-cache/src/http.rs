@@ -31,12 +31,11 @@ use holdfast_model::{ContentClass, ContentDecision, ContentPolicy, RequestHead};
 /// Response body.
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
+pub mod admission;
 mod cached;
 
+use self::admission::Admission;
 use self::cached::{Served, align_end, serve_cached};
-
-/// How long a client may take to send a request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn full(status: StatusCode, text: String) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(text)).map_err(|e| match e {}).boxed());
@@ -70,17 +69,30 @@ impl hyper::body::Body for ChannelBody {
     }
 }
 
-/// Accepts connections until `stop` resolves.
+/// What a refused connection is told, written if the socket takes it at
+/// once; the connection is closed either way.
+const REFUSED: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\nretry-after: 1\r\n\r\n";
+
+/// Accepts connections until `stop` resolves. Which ones it takes:
+/// [`admission`]; a request head must arrive whole within
+/// `cache.header_timeout_ms`, however slowly its bytes come.
 pub async fn serve(
     cache: Arc<Cache>,
     policy: Arc<dyn ContentPolicy>,
     listener: TcpListener,
     stop: impl Future<Output = ()>,
 ) {
-    let limit = Arc::new(tokio::sync::Semaphore::new(cache.config().max_connections));
+    let cfg = cache.config();
+    let admission = Admission::new(
+        cfg.max_connections,
+        cfg.max_connections_per_ip,
+        cfg.reserved_connections_percent,
+    );
+    let header_timeout = Duration::from_millis(cfg.header_timeout_ms);
     tokio::pin!(stop);
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             _ = &mut stop => break,
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -91,25 +103,40 @@ pub async fn serve(
                 }
             },
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            cache.event("connection-refused");
-            drop(tcp);
-            continue;
+        let slot = match admission.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                cache.event(refusal.event());
+                tracing::debug!(peer = %peer, refusal = refusal.event(), "cache: connection refused");
+                let _ = tcp.try_write(REFUSED);
+                drop(tcp);
+                continue;
+            }
         };
         let _ = tcp.set_nodelay(true);
         let (cache, policy) = (cache.clone(), policy.clone());
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let (cache, policy) = (cache.clone(), policy.clone());
-                async move { Ok::<_, Infallible>(handle(cache, policy, req).await) }
+            let service = hyper::service::service_fn({
+                let cache = cache.clone();
+                move |req| {
+                    let (cache, policy) = (cache.clone(), policy.clone());
+                    async move { Ok::<_, Infallible>(handle(cache, policy, req).await) }
+                }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            // hyper's header timeout runs from when it starts reading a head
+            // to the end of it: a total deadline, not one per read.
+            let served = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(header_timeout)
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(tcp), service)
                 .await;
-            drop(permit);
+            if let Err(e) = served
+                && e.is_timeout()
+            {
+                cache.event("header-timeout");
+            }
+            drop(slot);
         });
     }
 }
