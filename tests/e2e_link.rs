@@ -705,3 +705,134 @@ fn cloud_to_device_waits_for_a_cut_gateway_and_a_restart() {
     let shown = root.cli_ok(&["device", "c2d"]);
     assert!(shown.contains("delivered") && shown.contains("gw1"), "{shown}");
 }
+
+/// A hostile child: the real parent binary, a child speaking the link by
+/// hand with a fleet certificate, and a ZBATCH whose zstd frame header
+/// declares a 128 MiB window (zstd's default decoder limit, what a child
+/// could make its parent hold on every lane stream). The same batch with
+/// the window the link allows is stored and acknowledged.
+#[test]
+fn a_child_declaring_a_huge_zstd_window_is_refused() {
+    use bytes::{Bytes, BytesMut};
+    use holdfast_link::config::{FleetConfig, LinkConfig, Sections, UpstreamConfig};
+    use holdfast_link::wire::{self, Frame};
+    use holdfast_model::{Message, MessageId};
+    use holdfast_outbox::record::Record;
+
+    let certs = fleet(&["root", "gw1"]);
+    let c = certs.path();
+    let root_link = free_port();
+    let root = start_root(c, root_link, "gw1");
+    let consumer = Consumer::start(root.mqtt, "backend", "site/#");
+    let fleet_config = FleetConfig {
+        ca: Some(c.join("ca.pem")),
+        cert: Some(c.join("gw1.pem")),
+        key: Some(c.join("gw1.key")),
+    };
+    let client = holdfast_link::child::client_config(Sections {
+        fleet: &fleet_config,
+        link: &LinkConfig::default(),
+        upstream: &UpstreamConfig::default(),
+    })
+    .unwrap();
+    // One message of lane `lane`, compressed on a fresh stream context
+    // whose frame declares a window of 2^`window_log` bytes.
+    let zbatch = |lane: u8, window_log: u8| {
+        let mut message = Message::new("site/zstd", format!("lane {lane}"), "dev1");
+        message.origin = Some(MessageId {
+            instance: 7,
+            lane,
+            seq: 1,
+        });
+        let record = Record {
+            enqueued_clock_ms: 0,
+            enqueued_wall_ms: 0,
+            ttl_ms: 60_000,
+            message: std::sync::Arc::new(message),
+        };
+        let records = [(record.encode().unwrap(), Bytes::new())];
+        let frame = wire::Compressor::new(3).unwrap().zbatch(&records).unwrap();
+        let Frame::ZBatch {
+            count,
+            raw_len,
+            data,
+        } = frame
+        else {
+            panic!("{frame:?}")
+        };
+        // zstd magic, a frame header without a content size, then the
+        // window descriptor: exponent 10 + (byte >> 3).
+        assert_eq!(data[..5], [0x28, 0xb5, 0x2f, 0xfd, 0x00]);
+        let mut data = data.to_vec();
+        data[5] = (window_log - 10) << 3;
+        let mut out = BytesMut::new();
+        Frame::Lane(lane).encode(&mut out).unwrap();
+        Frame::ZBatch {
+            count,
+            raw_len,
+            data: Bytes::from(data),
+        }
+        .encode(&mut out)
+        .unwrap();
+        out.freeze()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (acked, closed) = rt.block_on(async {
+        let mut endpoint = quinn::Endpoint::client(addr(0)).unwrap();
+        endpoint.set_default_client_config(client);
+        let conn = endpoint
+            .connect(addr(root_link), "root")
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut control, mut control_recv) = conn.open_bi().await.unwrap();
+        let mut hello = BytesMut::new();
+        Frame::Hello {
+            version: wire::VERSION,
+            node_id: "gw1".into(),
+            instance: 7,
+        }
+        .encode(&mut hello)
+        .unwrap();
+        control.write_all(&hello).await.unwrap();
+        let welcome = wire::read_frame(&mut control_recv, 1 << 16).await.unwrap();
+        assert!(matches!(welcome, Some(Frame::Welcome { .. })), "{welcome:?}");
+        assert!(wire::is_v2(&conn), "ZBATCH needs link/2 or later");
+        // The window the link allows: stored and acknowledged.
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&zbatch(1, wire::ZSTD_WINDOW_LOG as u8))
+            .await
+            .unwrap();
+        let acked = wire::read_frame(&mut recv, 1 << 16).await.unwrap();
+        // 128 MiB: refused, and the connection closed.
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        send.write_all(&zbatch(2, 27)).await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+        (acked, closed)
+    });
+    assert_eq!(acked, Some(Frame::Ack(1)));
+    match closed {
+        Ok(quinn::ConnectionError::ApplicationClosed(close)) => {
+            assert_eq!(close.error_code, quinn::VarInt::from(wire::close::PROTOCOL));
+            assert!(
+                String::from_utf8_lossy(&close.reason).contains("zstd window"),
+                "{close:?}"
+            );
+        }
+        other => panic!("the parent did not close the connection: {other:?}"),
+    }
+    assert_eq!(
+        root.metric("holdfast_link_refused_total{reason=\"zstd-window\"}"),
+        1.0
+    );
+    // Only the honest batch was stored and delivered.
+    wait_until(10, "the honest message at the root", || consumer.len() >= 1);
+    assert_eq!(root.metric("holdfast_link_messages_received_total"), 1.0);
+    let got = consumer.messages();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].payload, "lane 1");
+    drop(consumer);
+}
