@@ -752,12 +752,7 @@ fn a_child_declaring_a_huge_zstd_window_is_refused() {
         };
         let records = [(record.encode().unwrap(), Bytes::new())];
         let frame = wire::Compressor::new(3).unwrap().zbatch(&records).unwrap();
-        let Frame::ZBatch {
-            count,
-            raw_len,
-            data,
-        } = frame
-        else {
+        let Frame::ZBatch { count, raw_len, data } = frame else {
             panic!("{frame:?}")
         };
         // zstd magic, a frame header without a content size, then the
@@ -783,11 +778,7 @@ fn a_child_declaring_a_huge_zstd_window_is_refused() {
     let (acked, closed) = rt.block_on(async {
         let mut endpoint = quinn::Endpoint::client(addr(0)).unwrap();
         endpoint.set_default_client_config(client);
-        let conn = endpoint
-            .connect(addr(root_link), "root")
-            .unwrap()
-            .await
-            .unwrap();
+        let conn = endpoint.connect(addr(root_link), "root").unwrap().await.unwrap();
         let (mut control, mut control_recv) = conn.open_bi().await.unwrap();
         let mut hello = BytesMut::new();
         Frame::Hello {
@@ -803,9 +794,7 @@ fn a_child_declaring_a_huge_zstd_window_is_refused() {
         assert!(wire::is_v2(&conn), "ZBATCH needs link/2 or later");
         // The window the link allows: stored and acknowledged.
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        send.write_all(&zbatch(1, wire::ZSTD_WINDOW_LOG as u8))
-            .await
-            .unwrap();
+        send.write_all(&zbatch(1, wire::ZSTD_WINDOW_LOG as u8)).await.unwrap();
         let acked = wire::read_frame(&mut recv, 1 << 16).await.unwrap();
         // 128 MiB: refused, and the connection closed.
         let (mut send, _recv) = conn.open_bi().await.unwrap();
@@ -824,10 +813,7 @@ fn a_child_declaring_a_huge_zstd_window_is_refused() {
         }
         other => panic!("the parent did not close the connection: {other:?}"),
     }
-    assert_eq!(
-        root.metric("holdfast_link_refused_total{reason=\"zstd-window\"}"),
-        1.0
-    );
+    assert_eq!(root.metric("holdfast_link_refused_total{reason=\"zstd-window\"}"), 1.0);
     // Only the honest batch was stored and delivered.
     wait_until(10, "the honest message at the root", || consumer.len() >= 1);
     assert_eq!(root.metric("holdfast_link_messages_received_total"), 1.0);
