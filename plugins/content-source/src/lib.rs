@@ -118,13 +118,86 @@ enum Tok {
 
 /// A path glob, compiled once: `*` stays within a segment, `**` crosses
 /// segments. Matching simulates the glob as a nondeterministic automaton
-/// over the set of positions it can be at, one path byte at a time: the
-/// work is at most (path length + 1) × (pattern length + 1) steps, whatever
-/// the pattern and path. A backtracking matcher takes time exponential in
+/// over the set of pattern positions it can be at, one path byte at a time:
+/// the work is at most (path length + 1) × (pattern length + 1) steps,
+/// whatever the pattern and path. A backtracking matcher takes time exponential in
 /// the number of `**` for a crafted path, which a client controls.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Glob {
     toks: Vec<Tok>,
+    /// The same automaton as bit sets, for patterns of fewer than 64
+    /// elements (all in practice): a byte costs a few word operations.
+    bits: Option<Box<Bits>>,
+}
+
+/// Bit `j` stands for pattern position `j`; bit `len` for the end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Bits {
+    /// Positions holding each byte.
+    byte: [u64; 256],
+    /// Positions holding `*`.
+    star: u64,
+    /// Positions holding `**`.
+    stars: u64,
+    /// Positions holding `**` followed by `/`.
+    stars_slash: u64,
+    /// The end of the pattern.
+    end: u64,
+}
+
+impl Bits {
+    fn new(toks: &[Tok]) -> Option<Box<Bits>> {
+        if toks.len() >= 64 {
+            return None;
+        }
+        let mut b = Box::new(Bits {
+            byte: [0; 256],
+            star: 0,
+            stars: 0,
+            stars_slash: 0,
+            end: 1 << toks.len(),
+        });
+        for (j, t) in toks.iter().enumerate() {
+            match t {
+                Tok::Byte(c) => b.byte[usize::from(*c)] |= 1 << j,
+                Tok::Star => b.star |= 1 << j,
+                Tok::Stars => {
+                    b.stars |= 1 << j;
+                    if toks.get(j + 1) == Some(&Tok::Byte(b'/')) {
+                        b.stars_slash |= 1 << j;
+                    }
+                }
+            }
+        }
+        Some(b)
+    }
+
+    /// Positions `entered` and everything reachable from them without
+    /// consuming a byte (what follows a star; past `**/` for an entered `**`).
+    fn closure(&self, mut entered: u64) -> u64 {
+        loop {
+            let more = entered | ((entered & (self.star | self.stars)) << 1) | ((entered & self.stars_slash) << 2);
+            if more == entered {
+                return entered;
+            }
+            entered = more;
+        }
+    }
+
+    fn run(&self, path: &[u8]) -> bool {
+        let mut now = self.closure(1);
+        for &c in path {
+            // Stars consume the byte and stay (no zero-segment skip)…
+            let stay = (now & self.stars) | if c == b'/' { 0 } else { now & self.star };
+            // …and enter what follows them, as a matching byte does.
+            let entered = ((now & self.byte[usize::from(c)]) << 1) | (stay << 1);
+            now = stay | self.closure(entered);
+            if now == 0 {
+                return false;
+            }
+        }
+        now & self.end != 0
+    }
 }
 
 impl Glob {
@@ -147,72 +220,76 @@ impl Glob {
                 i += 1;
             }
         }
-        Glob { toks }
+        let bits = Bits::new(&toks);
+        Glob { toks, bits }
     }
 
     /// Whether `path` matches.
     pub fn matches(&self, path: &str) -> bool {
-        self.run(path.as_bytes())
+        match &self.bits {
+            Some(bits) => bits.run(path.as_bytes()),
+            None => self.run(path.as_bytes()),
+        }
     }
 
-    /// Adds position `j` to `set`, entered from the position before it, with
-    /// everything reachable from it without consuming a byte.
-    fn enter(&self, set: &mut [bool], mut j: usize) {
+    /// Adds position `j`, entered from the position before it, to the
+    /// positions reached after `step` bytes, with everything reachable from
+    /// it without consuming a byte. `seen[j] == step` marks `j` as reached.
+    fn enter(&self, set: &mut Vec<usize>, seen: &mut [usize], step: usize, mut j: usize) {
         loop {
-            if set[j] {
+            let tok = self.toks.get(j);
+            // Zero segments: `**/` skips its `/` when it matched nothing.
+            // Done on every entry, even into a position already reached by
+            // a star staying on itself, which does not skip.
+            if tok == Some(&Tok::Stars) && self.toks.get(j + 1) == Some(&Tok::Byte(b'/')) {
+                self.enter(set, seen, step, j + 2);
+            }
+            if seen[j] == step {
                 return;
             }
-            set[j] = true;
-            match self.toks.get(j) {
-                Some(Tok::Star) => j += 1,
-                Some(Tok::Stars) => {
-                    // Zero segments: `**/` skips its `/` when it matched nothing.
-                    if self.toks.get(j + 1) == Some(&Tok::Byte(b'/')) {
-                        self.enter(set, j + 2);
-                    }
-                    j += 1;
-                }
+            seen[j] = step;
+            set.push(j);
+            match tok {
+                Some(Tok::Star | Tok::Stars) => j += 1,
                 Some(Tok::Byte(_)) | None => return,
             }
         }
     }
 
+    /// The automaton for any pattern length: positions are kept as a list
+    /// of those reached (at most pattern length + 1), so a byte costs only
+    /// as much as the positions it moves.
     fn run(&self, path: &[u8]) -> bool {
         let n = self.toks.len();
-        let mut now = vec![false; n + 1];
-        let mut next = vec![false; n + 1];
-        self.enter(&mut now, 0);
-        for &c in path {
-            next.fill(false);
-            let mut any = false;
-            for j in 0..n {
-                if !now[j] {
-                    continue;
-                }
-                any = true;
-                match self.toks[j] {
-                    Tok::Byte(b) if b == c => self.enter(&mut next, j + 1),
-                    Tok::Byte(_) => {}
-                    Tok::Star if c == b'/' => {}
-                    // Staying on a star: it and what follows it, but not the
-                    // zero-segment skip, which only applies to an empty match.
-                    // Every entry into `j` from before it was made earlier in
-                    // this loop (positions only move forward), so the check
-                    // below cannot hide one.
-                    Tok::Star | Tok::Stars => {
-                        if !next[j] {
-                            next[j] = true;
-                            self.enter(&mut next, j + 1);
+        let mut seen = vec![usize::MAX; n + 1];
+        let mut now = Vec::with_capacity(n + 1);
+        let mut next = Vec::with_capacity(n + 1);
+        self.enter(&mut now, &mut seen, 0, 0);
+        for (i, &c) in path.iter().enumerate() {
+            let step = i + 1;
+            next.clear();
+            for &j in &now {
+                match self.toks.get(j) {
+                    Some(Tok::Byte(b)) if *b == c => self.enter(&mut next, &mut seen, step, j + 1),
+                    Some(Tok::Star) if c == b'/' => {}
+                    // A star consumes the byte and stays: it and what follows
+                    // it, but not the zero-segment skip.
+                    Some(Tok::Star | Tok::Stars) => {
+                        if seen[j] != step {
+                            seen[j] = step;
+                            next.push(j);
+                            self.enter(&mut next, &mut seen, step, j + 1);
                         }
                     }
+                    Some(Tok::Byte(_)) | None => {}
                 }
             }
-            if !any {
+            if next.is_empty() {
                 return false;
             }
             std::mem::swap(&mut now, &mut next);
         }
-        now[n]
+        now.contains(&n)
     }
 }
 
@@ -463,9 +540,9 @@ mod tests {
             for s in &paths {
                 let want = reference(p, s);
                 assert_eq!(
-                    glob.matches(std::str::from_utf8(s).unwrap()),
-                    want,
-                    "pattern {:?} path {:?}",
+                    (glob.matches(std::str::from_utf8(s).unwrap()), glob.run(s)),
+                    (want, want),
+                    "pattern {:?} path {:?} (bit sets, list)",
                     String::from_utf8_lossy(p),
                     String::from_utf8_lossy(s)
                 );
@@ -484,9 +561,10 @@ mod tests {
             let p: Vec<u8> = (0..rand(10)).map(|_| b"*/ab."[rand(5)]).collect();
             let s: Vec<u8> = (0..rand(14)).map(|_| b"/ab."[rand(4)]).collect();
             let glob = Glob::new(std::str::from_utf8(&p).unwrap());
+            let want = reference(&p, &s);
             assert_eq!(
-                glob.matches(std::str::from_utf8(&s).unwrap()),
-                reference(&p, &s),
+                (glob.matches(std::str::from_utf8(&s).unwrap()), glob.run(&s)),
+                (want, want),
                 "pattern {:?} path {:?}",
                 String::from_utf8_lossy(&p),
                 String::from_utf8_lossy(&s)
@@ -520,8 +598,17 @@ mod tests {
         ];
         for (pattern, path, want) in cases {
             assert!(path.len() >= LEN - 16 && path.len() <= LEN, "{}", path.len());
-            assert_eq!(glob_match(pattern, &path), want, "{pattern}");
+            let glob = Glob::new(pattern);
+            assert!(glob.bits.is_some());
+            assert_eq!(glob.matches(&path), want, "{pattern}");
+            assert_eq!(glob.run(path.as_bytes()), want, "{pattern} (list)");
         }
+        // A pattern too long for the bit sets is matched by the list.
+        let long = format!("/**{}/**/*.deb", "/pool".repeat(40));
+        let glob = Glob::new(&long);
+        assert!(glob.bits.is_none());
+        assert!(!glob.matches(&pad("pool/", "x.deb/")));
+        assert!(glob.matches(&pad("pool/", "x.deb")));
         // Through the plugin, as a client would send it.
         let p = DefaultContentSource::init(
             &Config::parse(
