@@ -499,3 +499,140 @@ fn a_link2_parent_keeps_its_child_and_sends_no_deployments() {
     assert_ne!(gw1.api("/api/v1/outbox")["max_bytes"], 50_000_000);
     assert_eq!(gw1.api("/api/v1/link")["link"]["state"], "up");
 }
+
+/// Issue 28.1: an attacker holding the bundle of revision 1 of a deployment
+/// that the owner has since rolled back cannot apply it at a gateway: not
+/// while the gateway is linked, not after a restart with the owner gone
+/// (air-gapped).
+#[test]
+fn an_old_bundle_is_refused_after_the_owner_rolled_it_back() {
+    let certs = fleet(&["root", "gwa"]);
+    let c = certs.path();
+    let root_link = free_port();
+    let root = Gateway::start_named(
+        "root",
+        &format!(
+            "{}{}{}",
+            fleet_section(c, "root"),
+            listen_section(root_link),
+            gateway("gwa", "root", "")
+        ),
+    );
+    let mut gwa = Gateway::start_named(
+        "gwa",
+        &format!(
+            "{}{}",
+            fleet_section(c, "gwa"),
+            upstream_section(addr(root_link), "root")
+        ),
+    );
+    wait_until(30, "link up", || gwa.api("/api/v1/link")["link"]["state"] == "up");
+    let embedded = gwa.router_version();
+    root.cli_ok(&[
+        "deploy",
+        "create",
+        "d1",
+        "--node",
+        "gwa",
+        "--plugin",
+        &format!("router={TEST_ROUTER}"),
+    ]);
+    wait_until(60, "d1 applied at gwa", || state_at(&root, "d1", "gwa") == "applied");
+    let old = c.join("d1-rev1.json");
+    root.cli_ok(&["deploy", "export", "d1", "--out", old.to_str().unwrap()]);
+    root.cli_ok(&["deploy", "rollback", "d1"]);
+    wait_until(30, "gwa back on its own router", || gwa.router_version() == embedded);
+    assert_eq!(gwa.api("/api/v1/deployments/d1")["revision"], 2);
+
+    // The replay: refused with the reason, nothing applied.
+    let out = gwa.cli(&["deploy", "import", old.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "revision 1 was imported again");
+    assert!(err.contains("older than revision 2") && err.contains("403"), "{err}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(gwa.router_version(), embedded);
+    assert!(gwa.metric("holdfast_deploy_events_total{event=\"refused-rollback\"}") >= 1.0);
+
+    // Air-gapped: the owner is gone and the gateway restarted.
+    root.stop();
+    gwa.crash_restart();
+    let out = gwa.cli(&["deploy", "import", old.to_str().unwrap()]);
+    assert!(!out.status.success(), "revision 1 was imported after a restart");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(gwa.router_version(), embedded);
+    assert!(gwa.api("/api/v1/deploy")["applied"].is_null());
+}
+
+/// Issue 28.2: a node restarted (SIGKILL) while it watches a deployed
+/// plugin goes on watching with what it had counted, rolls back when the
+/// plugin traps, and the owner sees the failures.
+#[test]
+fn automatic_rollback_goes_on_after_a_crash_and_the_owner_sees_the_failures() {
+    let certs = fleet(&["root", "gwa"]);
+    let c = certs.path();
+    let root_link = free_port();
+    let root = Gateway::start_named(
+        "root",
+        &format!(
+            "{}{}{}",
+            fleet_section(c, "root"),
+            listen_section(root_link),
+            gateway("gwa", "root", "")
+        ),
+    );
+    let mut gwa = Gateway::start_named(
+        "gwa",
+        &format!(
+            "{}{}",
+            fleet_section(c, "gwa"),
+            upstream_section(addr(root_link), "root")
+        ),
+    );
+    wait_until(30, "link up", || gwa.api("/api/v1/link")["link"]["state"] == "up");
+    let embedded = gwa.router_version();
+    root.cli_ok(&[
+        "deploy",
+        "create",
+        "trappy",
+        "--node",
+        "gwa",
+        "--plugin",
+        &format!("router={TEST_ROUTER}"),
+        "--watch",
+        "300",
+        "--min-calls",
+        "10",
+        "--max-failure-rate",
+        "0.2",
+    ]);
+    wait_until(60, "applied at gwa", || state_at(&root, "trappy", "gwa") == "applied");
+    let failures_at_root = || {
+        root.api("/api/v1/deployments/trappy")["node_states"][0]["report"]["health"]["failures"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    // Six traps: under min_calls, no decision yet; the owner hears of them.
+    let mut device = Client::connect(gwa.mqtt, "dev-a", true).unwrap();
+    for i in 0..6 {
+        let _ = device.publish_acked("hostile/trap", &i.to_string(), Duration::from_secs(2));
+    }
+    wait_until(30, "the owner sees 6 failures", || failures_at_root() >= 6);
+    assert_eq!(state_at(&root, "trappy", "gwa"), "applied");
+    drop(device);
+    // Kill -9 and back: the watch goes on from 6.
+    gwa.crash_restart();
+    wait_until(30, "link up again", || gwa.api("/api/v1/link")["link"]["state"] == "up");
+    assert_ne!(gwa.router_version(), embedded, "the deployment is still in force");
+    let mut device = Client::connect(gwa.mqtt, "dev-a", true).unwrap();
+    for i in 0..4 {
+        let _ = device.publish_acked("hostile/trap", &i.to_string(), Duration::from_secs(2));
+    }
+    wait_until(30, "rolled back at gwa", || {
+        state_at(&root, "trappy", "gwa") == "rolled-back"
+    });
+    assert_eq!(gwa.router_version(), embedded);
+    let r = &root.api("/api/v1/deployments/trappy")["node_states"][0]["report"];
+    // What was counted before the crash counts: 4 traps alone are under min_calls.
+    assert!(r["health"]["failures"].as_u64().unwrap() >= 10, "{r}");
+    assert!(r["reason"].as_str().unwrap().contains("failed"), "{r}");
+}

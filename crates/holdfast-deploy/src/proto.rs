@@ -11,7 +11,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Report, Signed};
+use crate::model::{NodeState, Report, Signed};
+
+/// What this version understands beyond `holdfast-link/3` as first
+/// released, said in [`Msg::Offer`]: `expired`, the [`NodeState::Expired`]
+/// state in reports. A parent that does not say it gets such reports as
+/// `applied` (or `pending`) with the reason `expired: …`.
+pub const FEATURES: &[&str] = &["expired"];
 
 /// Largest DEPLOY frame.
 pub const MAX_FRAME: usize = 4 << 20;
@@ -30,6 +36,10 @@ pub enum Msg {
         ancestors: Vec<String>,
         /// Signed deployments.
         deployments: Vec<Signed>,
+        /// What the parent understands (see [`FEATURES`]); absent from
+        /// parents of before.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        features: Vec<String>,
     },
     /// Child → parent: send this component.
     Fetch {
@@ -53,4 +63,60 @@ pub enum Msg {
         /// Reports.
         reports: Vec<Report>,
     },
+}
+
+/// Reports as a parent understands them: for one that does not know the
+/// `expired` state, an expired deployment the node still runs is `applied`
+/// and one it never applied `pending`, with the reason `expired: …`.
+pub fn for_parent(mut reports: Vec<Report>, parent_features: &[String]) -> Vec<Report> {
+    if parent_features.iter().any(|f| f == "expired") {
+        return reports;
+    }
+    for r in &mut reports {
+        if r.state == NodeState::Expired {
+            r.state = if r.versions.is_empty() {
+                NodeState::Pending
+            } else {
+                NodeState::Applied
+            };
+            r.reason = Some(format!("expired: {}", r.reason.take().unwrap_or_default()));
+        }
+    }
+    reports
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_parent_of_before_reads_offers_and_gets_no_expired_state() {
+        // An offer with features parses as the same message without them.
+        let offer = Msg::Offer {
+            ancestors: vec!["root".into()],
+            deployments: vec![],
+            features: FEATURES.iter().map(|f| f.to_string()).collect(),
+        };
+        let text = serde_json::to_string(&offer).unwrap();
+        let old: Msg = serde_json::from_str(r#"{"type":"offer","ancestors":["root"],"deployments":[]}"#).unwrap();
+        assert!(matches!(old, Msg::Offer { ref features, .. } if features.is_empty()));
+        assert!(text.contains("\"features\":[\"expired\"]"));
+        let r = Report {
+            deployment: "d1".into(),
+            revision: 1,
+            node: "gw1".into(),
+            state: NodeState::Expired,
+            since_ms: 0,
+            at_ms: 0,
+            versions: [("router".to_string(), "abc".to_string())].into(),
+            reason: Some("the document expired".into()),
+            health: Default::default(),
+        };
+        let old = for_parent(vec![r.clone()], &[]);
+        assert_eq!(old[0].state, NodeState::Applied);
+        assert_eq!(old[0].reason.as_deref(), Some("expired: the document expired"));
+        assert!(!serde_json::to_string(&old).unwrap().contains("\"expired\""));
+        let new = for_parent(vec![r], &["expired".to_string()]);
+        assert_eq!(new[0].state, NodeState::Expired);
+    }
 }

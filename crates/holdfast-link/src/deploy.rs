@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::wire::{self, Frame, close};
 use holdfast_deploy::Deployer;
-use holdfast_deploy::proto::{CHUNK, MAX_FRAME, Msg};
+use holdfast_deploy::proto::{self, CHUNK, FEATURES, MAX_FRAME, Msg};
 use holdfast_metrics::{EventLabels, Metrics};
 
 /// How long a child waits before asking again for a component the parent
@@ -82,6 +82,7 @@ pub async fn parent(
             let m = Msg::Offer {
                 ancestors: offer.0.clone(),
                 deployments: offer.1.clone(),
+                features: FEATURES.iter().map(|f| f.to_string()).collect(),
             };
             let Some(b) = msg(&m) else { break };
             if tx.send(b).await.is_err() {
@@ -187,6 +188,8 @@ pub async fn child(deployer: Arc<Deployer>, metrics: Arc<Metrics>, conn: quinn::
     let mut reports = deployer.report_changes();
     let mut docs = deployer.doc_changes();
     let mut sent_seq = 0u64;
+    // What the parent understands, from its offers (none until the first).
+    let mut parent_features: Vec<String> = Vec::new();
     let mut queue: VecDeque<String> = VecDeque::new();
     let mut incoming: Option<Incoming> = None;
     let mut asked: Option<String> = None;
@@ -196,7 +199,8 @@ pub async fn child(deployer: Arc<Deployer>, metrics: Arc<Metrics>, conn: quinn::
         // Reports not yet sent go up.
         let (seq, fresh) = deployer.reports_since(sent_seq);
         if !fresh.is_empty() {
-            let Some(b) = msg(&Msg::Reports { reports: fresh }) else {
+            let reports = proto::for_parent(fresh, &parent_features);
+            let Some(b) = msg(&Msg::Reports { reports }) else {
                 break;
             };
             if tx.send(b).await.is_err() {
@@ -244,7 +248,12 @@ pub async fn child(deployer: Arc<Deployer>, metrics: Arc<Metrics>, conn: quinn::
             }
             f = read(&mut frames) => match f {
                 Ok(Some(Frame::Deploy(body))) => match serde_json::from_slice::<Msg>(&body) {
-                    Ok(Msg::Offer { ancestors, deployments }) => {
+                    Ok(Msg::Offer { ancestors, deployments, features }) => {
+                        if features != parent_features {
+                            // Reports sent for a parent of before go again as they are.
+                            parent_features = features;
+                            sent_seq = 0;
+                        }
                         let (d, p) = (deployer.clone(), parent.clone());
                         match tokio::task::spawn_blocking(move || d.receive_offer(&p, ancestors, deployments)).await {
                             Ok(missing) => {

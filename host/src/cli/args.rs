@@ -378,9 +378,15 @@ pub enum DeployCommand {
         /// ... once it has seen this many calls.
         #[arg(long, default_value_t = 10)]
         min_calls: u64,
-        /// Seconds a node watches the deployed plugins after applying.
+        /// Seconds a node watches the deployed plugins after applying (and
+        /// on while it has seen fewer than --min-calls calls).
         #[arg(long, default_value_t = 300)]
         watch: u64,
+        /// Release the next wave even when the last wave's nodes saw fewer
+        /// than --min-calls calls to the deployed plugins (by default a
+        /// wave waits for that traffic).
+        #[arg(long)]
+        release_without_traffic: bool,
     },
     /// Deployments owned here and received from the parent.
     List,
@@ -394,7 +400,8 @@ pub enum DeployCommand {
         /// The id.
         id: String,
     },
-    /// Delete a deployment (nodes return to what they ran before).
+    /// Delete a deployment (nodes return to what they ran before; a signed
+    /// tombstone stays until it expires, so no older revision is taken again).
     Delete {
         /// The id.
         id: String,

@@ -481,6 +481,15 @@ fn slot_values(items: &[String], what: &str) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
+/// A deployment's phase as shown: `deleted` for a tombstone.
+fn phase_of(d: &Value) -> String {
+    if d["deleted"] == true {
+        "deleted".into()
+    } else {
+        str_of(&d["phase"]["state"])
+    }
+}
+
 pub(crate) fn deploy_command(client: &AdminClient, cmd: DeployCommand, json: bool) -> Result<()> {
     let path = |id: &str, rest: &str| format!("/api/v1/deployments/{}{rest}", segment(id));
     match cmd {
@@ -498,6 +507,7 @@ pub(crate) fn deploy_command(client: &AdminClient, cmd: DeployCommand, json: boo
             max_failure_rate,
             min_calls,
             watch,
+            release_without_traffic,
         } => {
             let mut slots = serde_json::Map::new();
             for (slot, file) in slot_values(&plugins, "--plugin")? {
@@ -532,6 +542,7 @@ pub(crate) fn deploy_command(client: &AdminClient, cmd: DeployCommand, json: boo
                     "max_failure_rate": max_failure_rate,
                     "min_calls": min_calls,
                     "watch_seconds": watch,
+                    "release_without_traffic": release_without_traffic,
                 },
             });
             let v = client.post_json("/api/v1/deployments", &spec)?;
@@ -571,7 +582,7 @@ pub(crate) fn deploy_command(client: &AdminClient, cmd: DeployCommand, json: boo
                     str_of(&d["spec"]["id"]),
                     str_of(&d["owner"]),
                     str_of(&d["spec"]["priority"]),
-                    str_of(&d["phase"]["state"]),
+                    phase_of(d),
                     str_of(&d["revision"]),
                     format!("{}/{}", str_of(&d["released"]), states.len()),
                     applied.to_string(),
@@ -591,9 +602,12 @@ pub(crate) fn deploy_command(client: &AdminClient, cmd: DeployCommand, json: boo
                 str_of(&v["revision"])
             );
             let phase = &v["phase"];
-            match phase["reason"].as_str() {
-                Some(r) => outln!("phase:    {} ({r})", str_of(&phase["state"])),
-                None => outln!("phase:    {}", str_of(&phase["state"])),
+            match phase["reason"].as_str().or(v["waiting"].as_str()) {
+                Some(r) => outln!("phase:    {} ({r})", phase_of(&v)),
+                None => outln!("phase:    {}", phase_of(&v)),
+            }
+            if let Some(ms) = v["expires_ms"].as_u64() {
+                outln!("expires:  {}", format_time(Some(ms)));
             }
             outln!("priority: {}", str_of(&v["spec"]["priority"]));
             for (slot, p) in v["spec"]["plugins"].as_object().into_iter().flatten() {
