@@ -618,7 +618,7 @@ mod tests {
             .unwrap(),
         )
         .unwrap();
-        let d = p.classify(&RequestHead::get("repo.test", &pad("pool/", "x.deb/")));
+        let d = p.classify(&RequestHead::get("repo.test", pad("pool/", "x.deb/")));
         assert!(matches!(d, Decision::Deny(_)), "{d:?}");
     }
 
