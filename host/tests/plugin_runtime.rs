@@ -637,3 +637,40 @@ fn hostile_calls_on_tokio_worker_threads_fail_cleanly() {
         );
     }
 }
+
+#[test]
+fn check_component_tells_a_plugin_from_anything_else_without_running_it() {
+    let f = fixture("");
+    let check = |bytes: &[u8], slot| f.host.check_component(bytes, slot);
+    // A wasm component header, then garbage.
+    let garbage = check(b"\0asm\x0d\0\x01\0garbage", None).unwrap_err();
+    assert!(matches!(garbage, PluginError::InvalidComponent(_)), "{garbage}");
+    let core = check(b"\0asm\x01\0\0\0", None).unwrap_err();
+    assert!(core.to_string().contains("core wasm module, not a component"), "{core}");
+    // The empty component: valid, of no world.
+    let empty = check(b"\0asm\x0d\0\x01\0", None).unwrap_err();
+    assert!(matches!(empty, PluginError::NoWorld(_)), "{empty}");
+    assert!(empty.to_string().contains("router: "), "{empty}");
+    // A plugin of another world than the slot named.
+    let auth = embedded_plugin(SlotName::Auth);
+    let wrong = check(auth, Some(SlotName::Router)).unwrap_err();
+    assert!(
+        matches!(
+            wrong,
+            PluginError::WrongWorld {
+                slot: SlotName::Router,
+                ..
+            }
+        ),
+        "{wrong}"
+    );
+    // Real plugins: the world each implements.
+    assert_eq!(check(auth, None).unwrap(), [SlotName::Auth]);
+    assert_eq!(check(&read(TEST_ROUTER), None).unwrap(), [SlotName::Router]);
+    assert_eq!(
+        check(embedded_plugin(SlotName::ContentSource), Some(SlotName::ContentSource)).unwrap(),
+        [SlotName::ContentSource]
+    );
+    // Nothing ran: the slots still have their first version.
+    assert!(f.host.history().iter().all(|r| r.action == "load"));
+}

@@ -109,6 +109,12 @@ pub enum PluginError {
         /// What wasmtime found missing or mismatched.
         detail: String,
     },
+    /// The component implements none of the plugin worlds
+    /// ([`PluginHost::check_component`] with no slot named).
+    #[error(
+        "component implements none of the plugin worlds of holdfast:gateway@0.1.0 (router, auth, content-source): {0}"
+    )]
+    NoWorld(String),
     /// `init` returned an error or the instance could not be created.
     #[error("plugin init failed: {0}")]
     InitFailed(String),
@@ -244,6 +250,46 @@ impl PluginHost {
             content_policy: p.content_source.on_failure,
             content_origins: std::sync::Mutex::new((config, origins)),
         })
+    }
+
+    /// Checks, without running it, that `bytes` is a plugin component: it
+    /// is compiled (through the compiled-component cache, so loading it
+    /// later costs no second compilation) and type-checked against the
+    /// world of `slot`, or of every slot when `slot` is `None`. Answers the
+    /// slots whose world it implements, never none.
+    ///
+    /// # Errors
+    /// Not a component ([`PluginError::InvalidComponent`]: not wasm, a core
+    /// module, a malformed component); not of `slot`'s world
+    /// ([`PluginError::WrongWorld`]); with no slot named, of no plugin world
+    /// ([`PluginError::NoWorld`]).
+    pub fn check_component(&self, bytes: &[u8], slot: Option<SlotName>) -> Result<Vec<SlotName>, PluginError> {
+        use sha2::Digest as _;
+        let hash = hex::encode(sha2::Sha256::digest(bytes));
+        let component = self.runtime.compile(bytes, &hash)?;
+        let check = |s: SlotName| match s {
+            SlotName::Router => slot::pre_of::<RouterKind>(&self.runtime, &component).map(drop),
+            SlotName::Auth => slot::pre_of::<AuthKind>(&self.runtime, &component).map(drop),
+            SlotName::ContentSource => slot::pre_of::<ContentKind>(&self.runtime, &component).map(drop),
+        };
+        if let Some(s) = slot {
+            return check(s).map(|()| vec![s]);
+        }
+        let mut fits = Vec::new();
+        let mut why = Vec::new();
+        for s in SlotName::ALL {
+            match check(s) {
+                Ok(()) => fits.push(s),
+                Err(PluginError::WrongWorld { slot, detail }) => {
+                    why.push(format!("{slot}: {}", detail.lines().next().unwrap_or_default()));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if fits.is_empty() {
+            return Err(PluginError::NoWorld(why.join("; ")));
+        }
+        Ok(fits)
     }
 
     /// Routes one message.

@@ -13,7 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use wasmtime::component::InstancePre;
+use wasmtime::component::{Component, InstancePre};
 use wasmtime::{Store, Trap};
 
 use super::bindings;
@@ -639,15 +639,22 @@ fn build_version<K: Kind>(
 ) -> Result<Version<K>, PluginError> {
     let hash: Arc<str> = hex::encode(Sha256::digest(bytes)).into();
     let component = runtime.compile(bytes, &hash)?;
-    let pre = runtime
+    let pre = pre_of::<K>(runtime, &component)?;
+    warm_up(runtime, node, limits, Version::new(hash, source, config_json, pre))
+}
+
+/// Type-checks a compiled component against `K`'s world (its imports
+/// against what the host provides, its exports against what the world
+/// requires) without instantiating it.
+pub(crate) fn pre_of<K: Kind>(runtime: &Runtime, component: &Component) -> Result<K::Pre, PluginError> {
+    runtime
         .linker(K::SLOT)
-        .instantiate_pre(&component)
+        .instantiate_pre(component)
         .and_then(K::pre)
         .map_err(|e| PluginError::WrongWorld {
             slot: K::SLOT,
             detail: format!("{e:#}"),
-        })?;
-    warm_up(runtime, node, limits, Version::new(hash, source, config_json, pre))
+        })
 }
 
 /// Creates a version's first instance (running `init` with its config).
