@@ -593,3 +593,302 @@ fn partial_answers_from_the_origin_are_stored_and_served() {
         gw.log()
     );
 }
+
+// Issue 28: attacks on the cache, kept as regression tests.
+
+/// A connection to the cache on `port` from source address `src` (any
+/// 127.0.0.0/8 address works on loopback): one client per address.
+fn connect_from(src: &str, port: u16) -> std::net::TcpStream {
+    use rustix::net::{AddressFamily, SocketType, bind, connect, socket};
+    let fd = socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+    let src: std::net::SocketAddr = format!("{src}:0").parse().unwrap();
+    bind(&fd, &src).unwrap();
+    connect(&fd, &std::net::SocketAddr::from(([127, 0, 0, 1], port))).unwrap();
+    std::net::TcpStream::from(fd)
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Slow clients: each connection sends the start of a request head, then
+/// one more header line every half second from a background thread, and
+/// never ends the head.
+struct Slowloris {
+    port: u16,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<(String, std::net::TcpStream)>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Slowloris {
+    fn start(port: u16) -> Slowloris {
+        let conns: std::sync::Arc<std::sync::Mutex<Vec<(String, std::net::TcpStream)>>> = Default::default();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, s) = (conns.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                for (_, conn) in c.lock().unwrap().iter_mut() {
+                    let _ = std::io::Write::write_all(conn, b"x-slow: 1\r\n");
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        });
+        Slowloris { port, conns, stop }
+    }
+
+    /// Opens `n` slow connections from `src`.
+    fn open(&self, src: &str, n: usize) {
+        for _ in 0..n {
+            let mut c = connect_from(src, self.port);
+            let _ = std::io::Write::write_all(&mut c, b"GET /doc HTTP/1.1\r\nhost: site.test\r\n");
+            self.conns.lock().unwrap().push((src.to_string(), c));
+        }
+    }
+
+    /// Connections from `src` the cache still holds open without a word.
+    fn held(&self, src: &str) -> usize {
+        let mut buf = [0u8; 256];
+        let mut open = 0;
+        for (s, c) in self.conns.lock().unwrap().iter_mut() {
+            if s != src {
+                continue;
+            }
+            c.set_nonblocking(true).unwrap();
+            let read = std::io::Read::read(c, &mut buf);
+            c.set_nonblocking(false).unwrap();
+            if matches!(read, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock) {
+                open += 1;
+            }
+        }
+        open
+    }
+}
+
+impl Drop for Slowloris {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Issue 28, item 5: 1,024 connections from one client, each sending a
+/// header line now and then, held every slot of the cache's listener. Now
+/// one client holds at most `max_connections_per_ip`, and once only the
+/// reserved share is left, only clients holding nothing get a slot.
+#[test]
+fn slow_clients_do_not_lock_another_client_out() {
+    let doc = data(9, 2000);
+    let d = doc.clone();
+    let origin = ScriptOrigin::start(move |s| object(s, &d, "\"s\"", &[("cache-control", "max-age=600")]));
+    let port = free_port();
+    let mut gw = Gateway::start_named(
+        "slow",
+        &format!(
+            "[cache]\nlisten = \"127.0.0.1:{port}\"\nmax_connections = 32\nmax_connections_per_ip = 8\n\
+             reserved_connections_percent = 25\nheader_timeout_ms = 120000\n{}",
+            origin.source(HOST, "")
+        ),
+    );
+    gw.cache = port;
+    let event = |e: &str| gw.metric(&format!("holdfast_cache_events_total{{event=\"{e}\"}}"));
+    let victim = |gw: &Gateway| curl_host(gw.cache, HOST, "/doc", &["--interface", "127.0.0.2"]);
+
+    // One client opens more connections than the listener has slots.
+    let slow = Slowloris::start(port);
+    slow.open("127.0.0.1", 40);
+    wait_for("per-client refusals", || event("connection-refused-per-ip") >= 32.0);
+    assert_eq!(slow.held("127.0.0.1"), 8, "one client holds its share only");
+    let g = victim(&gw);
+    assert_eq!(
+        (g.status, g.body == doc),
+        (200, true),
+        "another client is served: {}",
+        gw.describe()
+    );
+
+    // Clients from more addresses fill the shared slots (8 + 8 + 8 of 24);
+    // one more gets one reserved slot, and no second one.
+    slow.open("127.0.0.3", 8);
+    slow.open("127.0.0.4", 8);
+    wait_for("the shared slots to fill", || {
+        slow.held("127.0.0.3") + slow.held("127.0.0.4") == 16
+    });
+    slow.open("127.0.0.5", 8);
+    wait_for("reserve refusals", || event("connection-refused-reserved") >= 7.0);
+    assert_eq!(
+        [1, 3, 4, 5].map(|i| slow.held(&format!("127.0.0.{i}"))),
+        [8, 8, 8, 1],
+        "{}",
+        gw.describe()
+    );
+    // A newcomer still gets in, repeatedly (each request frees its slot).
+    for _ in 0..3 {
+        let g = victim(&gw);
+        assert_eq!(
+            g.status,
+            200,
+            "a new client is served from the reserve: {}",
+            gw.describe()
+        );
+    }
+    assert_eq!(event("connection-refused"), 0.0, "the listener was never full");
+}
+
+/// Issue 28, item 5: the request head has a total deadline, however
+/// steadily its bytes come.
+#[test]
+fn a_request_head_that_never_ends_is_cut_at_the_deadline() {
+    let doc = data(10, 100);
+    let d = doc.clone();
+    let origin = ScriptOrigin::start(move |s| object(s, &d, "\"t\"", &[]));
+    let port = free_port();
+    let mut gw = Gateway::start_named(
+        "head",
+        &format!(
+            "[cache]\nlisten = \"127.0.0.1:{port}\"\nheader_timeout_ms = 1000\n{}",
+            origin.source(HOST, "")
+        ),
+    );
+    gw.cache = port;
+    let mut c = connect_from("127.0.0.1", port);
+    std::io::Write::write_all(&mut c, b"GET /doc HTTP/1.1\r\nhost: site.test\r\n").unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    // Ten header lines a second: no gap between reads is ever long.
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "still open after 20 s of a never-ending head"
+        );
+        match std::io::Read::read(&mut c, &mut buf) {
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            _ => break,
+        }
+        if std::io::Write::write_all(&mut c, b"x-slow: 1\r\n").is_err() {
+            break;
+        }
+    }
+    eprintln!("a never-ending head was cut after {:?}", started.elapsed());
+    wait_for("the header-timeout event", || {
+        gw.metric("holdfast_cache_events_total{event=\"header-timeout\"}") >= 1.0
+    });
+    let g = get(&gw, "/doc", &[]);
+    assert_eq!((g.status, g.body == doc), (200, true), "{}", gw.describe());
+}
+
+/// Issue 28, item 4: when the content-source plugin failed (it was made to
+/// run past its deadline), the default failure policy forwarded the request,
+/// POST body included, to whatever host the client named. Now it forwards
+/// only to the origin the configuration names for that host, and refuses
+/// the rest.
+#[test]
+fn a_failing_content_source_never_forwards_to_an_unconfigured_host() {
+    let evil = ScriptOrigin::start(|_| Reply::new(200, &[("x-evil", "1")], b"evil"));
+    let good = ScriptOrigin::start(|s| Reply::new(200, &[("x-method", s.method.as_str())], &s.body));
+    let port = free_port();
+    let mut gw = Gateway::start_named(
+        "fail",
+        &format!(
+            "[cache]\nlisten = \"127.0.0.1:{port}\"\n[plugins.content-source]\nfile = {:?}\n\
+             [[plugins.content-source.config.sources]]\nname = \"site\"\nhosts = [\"{HOST}\"]\n\
+             origin = \"http://127.0.0.1:{}\"\n",
+            holdfast_plugins::artifacts::TEST_CONTENT_SOURCE_WASM,
+            good.port
+        ),
+    );
+    gw.cache = port;
+    let evil_host = format!("127.0.0.1:{}", evil.port);
+    for path in ["/hostile/loop", "/hostile/trap", "/hostile/bomb"] {
+        let absolute = format!("http://{evil_host}{path}");
+        // The host in the Host field, then as an absolute URI (proxy form).
+        for extra in [&[][..], &["--request-target", absolute.as_str()][..]] {
+            let mut args = vec!["--data-binary", "secret"];
+            args.extend_from_slice(extra);
+            let g = curl_host(gw.cache, &evil_host, path, &args);
+            assert_eq!(g.status, 403, "{path} {extra:?}: {}", gw.describe());
+            let text = String::from_utf8_lossy(&g.body);
+            assert!(text.contains("no configured origin"), "{text}");
+        }
+    }
+    assert!(evil.seen().is_empty(), "the cache reached {:?}", evil.seen());
+    // The configured host still reaches its configured origin, uncached.
+    let g = curl_host(gw.cache, HOST, "/hostile/loop", &["--data-binary", "mine"]);
+    assert_eq!((g.status, g.body.as_slice()), (200, &b"mine"[..]), "{}", gw.describe());
+    assert_eq!(g.header("x-method"), Some("POST"));
+    assert_eq!(count(&good, "POST", "/hostile/loop"), 1);
+    for kind in ["timeout", "trap", "memory"] {
+        let failures = gw.metric(&format!(
+            "holdfast_plugin_failures_total{{slot=\"content-source\",kind=\"{kind}\"}}"
+        ));
+        assert!(failures >= 2.0, "{kind}: {failures}: the plugin really failed");
+    }
+}
+
+/// Issue 28, item 4, the attack itself: a pattern with two `**` and a long
+/// crafted path made the default plugin's glob match run past its deadline,
+/// and the failure policy then forwarded to the host the client named
+/// (here through `cacheHostOrigin`, which picks the source). The match is
+/// linear now: the plugin answers, and its answer is the configured one.
+#[test]
+fn a_crafted_path_does_not_make_the_content_source_fail() {
+    let evil = ScriptOrigin::start(|_| Reply::new(200, &[], b"evil"));
+    let pkg = data(11, 5000);
+    let p = pkg.clone();
+    let good = ScriptOrigin::start(move |s| ranged(s, &p, &[("etag", "\"p\"")]));
+    let port = free_port();
+    let mut gw = Gateway::start_named(
+        "glob",
+        &format!(
+            "[cache]\nlisten = \"127.0.0.1:{port}\"\n\
+             [[plugins.content-source.config.sources]]\nname = \"repo\"\nhosts = [\"repo.test\"]\n\
+             origin = \"http://127.0.0.1:{}\"\nimmutable = [\"/**/pool/**/*.deb\"]\n\
+             revalidate = [\"/**/dists/**/InRelease\"]\nother = \"deny\"\n",
+            good.port
+        ),
+    );
+    gw.cache = port;
+    // About 60 KiB (a request target stays under 64 KiB).
+    let crafted = |tail: &str| {
+        let mut s = String::from("/");
+        while s.len() < 60 << 10 {
+            s.push_str("pool/");
+        }
+        s.push_str(tail);
+        s
+    };
+    let evil_host = format!("127.0.0.1:{}", evil.port);
+    let no_class = format!("{}?cacheHostOrigin=repo.test", crafted("dists/x.deb/"));
+    for args in [&[][..], &["--data-binary", "secret"][..]] {
+        let g = curl_host(gw.cache, &evil_host, &no_class, args);
+        assert_eq!(g.status, 403, "{}", gw.describe());
+        let text = String::from_utf8_lossy(&g.body);
+        assert!(
+            text.contains("is not served for repo"),
+            "the plugin's own answer: {text}"
+        );
+    }
+    let deb = crafted("x.deb");
+    let g = curl_host(gw.cache, &evil_host, &format!("{deb}?cacheHostOrigin=repo.test"), &[]);
+    assert_eq!((g.status, g.body == pkg), (200, true), "{}", gw.describe());
+    assert!(
+        good.seen().iter().any(|s| s.path == deb),
+        "fetched from the configured origin"
+    );
+    assert!(evil.seen().is_empty(), "the cache reached {:?}", evil.seen().len());
+    for kind in ["timeout", "trap", "memory", "unavailable"] {
+        assert_eq!(
+            gw.metric(&format!(
+                "holdfast_plugin_failures_total{{slot=\"content-source\",kind=\"{kind}\"}}"
+            )),
+            0.0,
+            "{kind}"
+        );
+    }
+}
