@@ -636,3 +636,95 @@ fn automatic_rollback_goes_on_after_a_crash_and_the_owner_sees_the_failures() {
     assert!(r["health"]["failures"].as_u64().unwrap() >= 10, "{r}");
     assert!(r["reason"].as_str().unwrap().contains("failed"), "{r}");
 }
+
+/// POSTs raw bytes to the admin API: status and body.
+fn post_bytes(gw: &Gateway, path: &str, bytes: &[u8]) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/wasm\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        gw.token().trim(),
+        bytes.len()
+    )
+    .unwrap();
+    s.write_all(bytes).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let code = resp.split(' ').nth(1).unwrap().parse().unwrap();
+    (code, resp.split_once("\r\n\r\n").unwrap().1.to_string())
+}
+
+#[test]
+fn only_plugin_components_of_the_right_world_are_stored_and_offered() {
+    use sha2::Digest as _;
+    let certs = fleet(&["root"]);
+    let root = Gateway::start_named("root", &fleet_section(certs.path(), "root"));
+    let components = root.dir.path().join("data").join("deploy").join("components");
+    let refused = || root.metric("holdfast_deploy_events_total{event=\"refused-component\"}");
+    let stored = |bytes: &[u8]| components.join(hex::encode(sha2::Sha256::digest(bytes))).exists();
+
+    // Not plugins: a component header then garbage, a core module, and a
+    // valid component of no world (the empty one).
+    for (bytes, says) in [
+        (
+            &b"\0asm\x0d\0\x01\0not a component at all"[..],
+            "not a valid plugin component",
+        ),
+        (&b"\0asm\x01\0\0\0"[..], "core wasm module, not a component"),
+        (&b"\0asm\x0d\0\x01\0"[..], "implements none of the plugin worlds"),
+    ] {
+        let (status, body) = post_bytes(&root, "/api/v1/deployments/components", bytes);
+        assert_eq!(status, 422, "{bytes:?}: {body}");
+        assert!(body.contains(says), "{bytes:?}: {body}");
+        assert!(!stored(bytes), "{bytes:?} was stored");
+    }
+    assert_eq!(refused(), 3.0);
+
+    // A real plugin: stored, with the world it implements.
+    let auth = std::fs::read(holdfast_plugins::artifacts::AUTH_WASM).unwrap();
+    let (status, body) = post_bytes(&root, "/api/v1/deployments/components", &auth);
+    assert_eq!(status, 201, "{body}");
+    let up: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(up["worlds"], serde_json::json!(["auth"]), "{up}");
+    assert!(stored(&auth));
+
+    // ... but offered only for its own slot: as the router it is refused,
+    // through the CLI as an operator would, and no deployment is made.
+    let auth_path = root.dir.path().join("auth.wasm");
+    std::fs::write(&auth_path, &auth).unwrap();
+    let out = root.cli(&[
+        "deploy",
+        "create",
+        "wrong",
+        "--all",
+        "--plugin",
+        &format!("router={}", auth_path.display()),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("plugins.router") && stderr.contains("does not implement the router world"),
+        "{stderr}"
+    );
+    assert_eq!(refused(), 4.0);
+    assert_eq!(root.api("/api/v1/deployments")["deployments"], serde_json::json!([]));
+
+    // The right world for the slot: created and applied here.
+    let out = root.cli_ok(&[
+        "deploy",
+        "create",
+        "right",
+        "--all",
+        "--plugin",
+        &format!("router={TEST_ROUTER}"),
+    ]);
+    assert!(out.starts_with("created right"), "{out}");
+    wait_until(30, "the router applied", || {
+        state_at(&root, "right", "root") == "applied"
+    });
+    assert_eq!(root.router_version(), sha256_of(TEST_ROUTER));
+    assert_eq!(refused(), 4.0);
+}

@@ -23,6 +23,8 @@ use serde_json::{Value, json};
 use super::{ApiError, Routes, bad_json};
 use crate::node::NodeState;
 use holdfast_deploy::{Bundle, DeployError, Deployer, model::Spec};
+use holdfast_metrics::EventLabels;
+use holdfast_plugins::SlotName;
 
 impl From<DeployError> for ApiError {
     fn from(e: DeployError) -> Self {
@@ -79,6 +81,59 @@ async fn show(State(state): State<Arc<NodeState>>, Path(id): Path<String>) -> Re
     Ok(Json(json!(view)))
 }
 
+/// Checks that `bytes` is a plugin component implementing the world of
+/// `slot`, or of some slot when `slot` is `None`, before it is stored or
+/// offered to any node: not one that every node would fail to load. A
+/// refusal is a 422, counted in `holdfast_deploy_events_total{event="refused-component"}`.
+/// Compiles the component: call it off the reactor.
+fn check_component(state: &NodeState, bytes: &[u8], slot: Option<SlotName>) -> Result<Vec<SlotName>, ApiError> {
+    state.plugins.check_component(bytes, slot).map_err(|e| {
+        let e = ApiError::from(e);
+        if e.0 == StatusCode::UNPROCESSABLE_ENTITY {
+            holdfast_metrics::handle(
+                &state.metrics.deploy_events,
+                &EventLabels {
+                    event: "refused-component",
+                },
+            )
+            .inc();
+            tracing::warn!(error = %e.1, "deploy: component refused");
+        }
+        e
+    })
+}
+
+/// Checks each component a spec sets against its slot's world. A slot or
+/// component the deployer does not know is left to it to refuse.
+fn check_spec_components<'a>(
+    state: &NodeState,
+    plugins: impl Iterator<Item = (&'a String, &'a Option<String>)>,
+    bytes_of: impl Fn(&str) -> Option<Vec<u8>>,
+) -> Result<(), ApiError> {
+    for (slot, sha) in plugins {
+        let (Ok(slot_name), Some(sha)) = (slot.parse::<SlotName>(), sha) else {
+            continue;
+        };
+        if let Some(bytes) = bytes_of(sha) {
+            check_component(state, &bytes, Some(slot_name))
+                .map_err(|ApiError(status, msg)| ApiError(status, format!("plugins.{slot}: component {sha}: {msg}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` with the node's state off the reactor (it compiles components
+/// and syncs to disk).
+async fn blocking_state<T: Send + 'static>(
+    state: &Arc<NodeState>,
+    f: impl FnOnce(&NodeState) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || f(&state))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("deploy task failed: {e}")))?
+}
+
 async fn create(State(state): State<Arc<NodeState>>, body: Bytes) -> Result<(StatusCode, Json<Value>), ApiError> {
     let spec: Spec = serde_json::from_slice(&body).map_err(bad_json)?;
     // The settings must make a valid config here (the nodes check again).
@@ -98,14 +153,32 @@ async fn create(State(state): State<Arc<NodeState>>, body: Bytes) -> Result<(Sta
         settings: spec.settings.clone(),
     };
     crate::reload::compose(&state.config, Some(&probe)).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
-    let doc = blocking(&state, move |d| d.create(spec)).await?;
+    // A component is offered only for a slot whose world it implements.
+    let doc = blocking_state(&state, move |state| {
+        let slots = spec.plugins.iter().map(|(slot, p)| (slot, &p.sha256));
+        check_spec_components(state, slots, |sha| state.deploy.read_component(sha).ok())?;
+        Ok(state.deploy.create(spec)?)
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(json!(doc))))
 }
 
 async fn upload(State(state): State<Arc<NodeState>>, body: Bytes) -> Result<(StatusCode, Json<Value>), ApiError> {
     let size = body.len();
-    let sha = blocking(&state, move |d| d.put_component(&body)).await?;
-    Ok((StatusCode::CREATED, Json(json!({ "sha256": sha, "size": size }))))
+    // Only a plugin component of a known world is stored (after the size
+    // check: nothing too large to store is compiled).
+    let (sha, worlds) = blocking_state(&state, move |state| {
+        if size as u64 > state.deploy.max_component_bytes() {
+            return Ok(state.deploy.put_component(&body).map(|sha| (sha, Vec::new()))?);
+        }
+        let worlds = check_component(state, &body, None)?;
+        Ok((state.deploy.put_component(&body)?, worlds))
+    })
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "sha256": sha, "size": size, "worlds": worlds })),
+    ))
 }
 
 async fn rollback(State(state): State<Arc<NodeState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
@@ -126,6 +199,19 @@ async fn export(State(state): State<Arc<NodeState>>, Path(id): Path<String>) -> 
 
 async fn import(State(state): State<Arc<NodeState>>, body: Bytes) -> Result<(StatusCode, Json<Value>), ApiError> {
     let bundle: Bundle = serde_json::from_slice(&body).map_err(bad_json)?;
-    let doc = blocking(&state, move |d| d.import(bundle)).await?;
+    let doc = blocking_state(&state, move |state| {
+        // The components must be plugins of their slots' worlds, as at
+        // upload; what cannot be read here the deployer refuses.
+        if let Ok(doc) = serde_json::from_str::<holdfast_deploy::model::Doc>(&bundle.signed.doc) {
+            use base64::Engine as _;
+            let slots = doc.spec.plugins.iter().map(|(slot, p)| (slot, &p.sha256));
+            check_spec_components(state, slots, |sha| {
+                let b64 = bundle.components.get(sha)?;
+                base64::engine::general_purpose::STANDARD.decode(b64).ok()
+            })?;
+        }
+        Ok(state.deploy.import(bundle)?)
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(json!(doc))))
 }
