@@ -14,8 +14,9 @@
 //! - the walkthrough, on one node started from `holdfast config default`
 //!   (the zero-config node) with its admin, MQTT and cache ports moved to
 //!   free ones: `plugin-list`, `example-router` (the example router and its
-//!   own plugin config swapped in and rolled back), `swap-garbage` (must
-//!   fail with the documented error), `config-check`, `mqtt-root`
+//!   own plugin config swapped in and rolled back),
+//!   `example-router-no-config` and `swap-garbage` (must fail with the
+//!   documented errors), `config-check`, `mqtt-root`
 //!   (mosquitto_sub must print the message), `cache` (the 403 for a host
 //!   that is no source) and `status`;
 //! - the nested gateways, on three nodes (`root`, `plant-gw`, `site-gw`)
@@ -59,6 +60,7 @@ const ALERT_ROUTER: &str = holdfast_plugins::artifacts::EXAMPLE_ALERT_ROUTER_WAS
 const KNOWN: &[&str] = &[
     "plugin-list",
     "example-router",
+    "example-router-no-config",
     "swap-garbage",
     "config-check",
     "mqtt-root",
@@ -496,6 +498,26 @@ fn walkthrough_runs_as_written() {
         node.api("/api/v1/plugins")["plugins"][0]["version"],
         default_router,
         "rolled back to the default router"
+    );
+
+    node.run(
+        "example-router-no-config",
+        &apply(
+            "example-router-no-config",
+            &block("example-router-no-config"),
+            &[sub(
+                "target/wasm32-wasip2/release/holdfast_example_alert_router.wasm",
+                ALERT_ROUTER,
+            )],
+        ),
+    )
+    .fails()
+    .prints("unknown field `local_by_default`")
+    .prints("(HTTP 422); the swap kept the slot's plugin config: give this plugin its own with --plugin-config FILE");
+    assert_eq!(
+        node.api("/api/v1/plugins")["plugins"][0]["version"],
+        default_router,
+        "the default router stays"
     );
 
     node.run("swap-garbage", &block("swap-garbage"))

@@ -4,8 +4,17 @@
 //! - `debug/#` is dropped (reason `debug-traffic`);
 //! - everything else goes upstream in the lane set by `default_lane` (default 5).
 //!
-//! Build it with `cargo build --target wasm32-wasip2 --release -p holdfast-example-alert-router`
-//! and swap it in with `holdfast plugin swap router <file.wasm>`.
+//! Unknown config keys are refused, so a typo fails `init` instead of being
+//! ignored. A swap without `--plugin-config` keeps the slot's config, the
+//! default router's (`local_by_default`, …), which this router refuses:
+//! swap it in with its own, `alert-router.toml` beside this crate. From the
+//! repository's root:
+//!
+//! ```sh
+//! cargo build -p holdfast-example-alert-router --target wasm32-wasip2 --release
+//! holdfast plugin swap router target/wasm32-wasip2/release/holdfast_example_alert_router.wasm \
+//!     --plugin-config examples/alert-router/alert-router.toml
+//! ```
 
 use holdfast_sdk::router::{Action, Message, Router, topic_matches};
 use holdfast_sdk::{Config, host};

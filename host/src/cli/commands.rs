@@ -379,7 +379,9 @@ pub(crate) fn plugin_command(client: &AdminClient, cmd: PluginCommand, json: boo
                     });
                     client.post_json(&format!("/api/v1/plugins/{slot}/swap"), &body)?
                 }
-                None => client.post_bytes(&format!("/api/v1/plugins/{slot}/swap"), &wasm)?,
+                None => client
+                    .post_bytes(&format!("/api/v1/plugins/{slot}/swap"), &wasm)
+                    .map_err(kept_config_hint)?,
             };
             if json {
                 return print_json(&v);
@@ -729,5 +731,20 @@ pub(crate) fn deploy_command(client: &AdminClient, cmd: DeployCommand, json: boo
             }
             Ok(())
         }
+    }
+}
+
+/// A swap without `--plugin-config` initialises the new plugin with the
+/// slot's current config, which belongs to the plugin it replaces. When the
+/// new plugin's `init` refuses it, the error says so and how to give the
+/// plugin its own.
+fn kept_config_hint(e: anyhow::Error) -> anyhow::Error {
+    let message = format!("{e:#}");
+    if message.contains("plugin init failed") {
+        anyhow!(
+            "{message}; the swap kept the slot's plugin config: give this plugin its own with --plugin-config FILE"
+        )
+    } else {
+        e
     }
 }
