@@ -147,6 +147,14 @@ pub struct WsListenerConfig {
     /// Request paths upgraded to MQTT. Default `["/mqtt",
     /// "/$iothub/websocket"]` (the second is the IoT Hub device SDKs').
     pub paths: Vec<String>,
+    /// Connections whose upgrade is in progress (TLS handshake and HTTP
+    /// request head not finished), at most; a quarter of them is kept for
+    /// client addresses with none in progress. More are answered 503.
+    /// Default 1024.
+    pub max_handshakes: usize,
+    /// Upgrades in progress from one client address (an IPv6 client: its
+    /// /64), at most; more are answered 429. Default 64.
+    pub max_handshakes_per_ip: usize,
 }
 
 impl Default for WsListenerConfig {
@@ -155,9 +163,14 @@ impl Default for WsListenerConfig {
             enabled: false,
             listen: SocketAddr::from(([0, 0, 0, 0], 8083)),
             paths: default_ws_paths(),
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_ip: DEFAULT_MAX_HANDSHAKES_PER_IP,
         }
     }
 }
+
+const DEFAULT_MAX_HANDSHAKES: usize = 1024;
+const DEFAULT_MAX_HANDSHAKES_PER_IP: usize = 64;
 
 fn default_ws_paths() -> Vec<String> {
     vec!["/mqtt".to_string(), "/$iothub/websocket".to_string()]
@@ -173,6 +186,11 @@ pub struct WssListenerConfig {
     pub listen: SocketAddr,
     /// Request paths upgraded to MQTT, as for `[mqtt.ws]`.
     pub paths: Vec<String>,
+    /// Upgrades in progress at most, as for `[mqtt.ws]`. Default 1024.
+    pub max_handshakes: usize,
+    /// Upgrades in progress from one client address at most, as for
+    /// `[mqtt.ws]`. Default 64.
+    pub max_handshakes_per_ip: usize,
     /// Server certificate chain, PEM. Required when enabled.
     pub cert: Option<PathBuf>,
     /// Server private key, PEM. Required when enabled.
@@ -189,6 +207,8 @@ impl Default for WssListenerConfig {
             enabled: false,
             listen: SocketAddr::from(([0, 0, 0, 0], 8084)),
             paths: default_ws_paths(),
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_ip: DEFAULT_MAX_HANDSHAKES_PER_IP,
             cert: None,
             key: None,
             client_ca: None,
@@ -299,6 +319,16 @@ impl MqttConfig {
                     format!("mqtt.{name}.paths"),
                     "must name at least one path, each starting with /".to_string(),
                 ));
+            }
+        }
+        for (key, v) in [
+            ("mqtt.ws.max_handshakes", m.ws.max_handshakes),
+            ("mqtt.ws.max_handshakes_per_ip", m.ws.max_handshakes_per_ip),
+            ("mqtt.wss.max_handshakes", m.wss.max_handshakes),
+            ("mqtt.wss.max_handshakes_per_ip", m.wss.max_handshakes_per_ip),
+        ] {
+            if v == 0 {
+                return Err((key.to_string(), "must be at least 1".to_string()));
             }
         }
         let wss = m.wss.tls();

@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::session::{Inflight, Msg, Outgoing, Session, SubRecord};
+use super::session::{Delivery, Inflight, Msg, Outgoing, Session, SubRecord};
 use super::{Broker, Routed, now_ms};
 use holdfast_metrics::{self as metrics, ReasonLabels, ResultLabels, TransportLabels};
 use holdfast_model::policy::{AuthzDecision, ConnectInfo, Operation, Principal, RefusalCode, Transport};
@@ -364,6 +364,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
     fn flush_session(&mut self, session: &Arc<Session>) {
         let now = now_ms();
         let mut st = session.lock();
+        let mut took = false;
         while self.out.len() < HIGH_WATER {
             let Some(front) = st.queue.front() else {
                 break;
@@ -374,18 +375,20 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             let Some(out) = st.queue.pop_front() else {
                 break;
             };
+            took = true;
             if out.msg.expires_at_ms.is_some_and(|e| e <= now) {
                 self.broker.drop_reason("expired");
                 self.broker.del_queued(session, out.seq);
                 continue;
             }
             let pkid = if out.qos == QoS::AtMostOnce { 0 } else { st.next_pkid() };
-            if !self.encode_delivery(&out, pkid, false, now) {
-                self.broker.drop_reason("too-large-for-client");
-                self.broker.del_queued(session, out.seq);
+            if let Err(size) = self.encode_delivery(&out, pkid, false, now) {
+                self.too_large(session, &out, size);
                 continue;
             }
-            if out.qos != QoS::AtMostOnce {
+            if out.qos == QoS::AtMostOnce {
+                out.settle(Delivery::Delivered);
+            } else {
                 st.inflight.push_back(Inflight {
                     pkid,
                     out,
@@ -393,10 +396,28 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                 });
             }
         }
+        let room = took && std::mem::take(&mut st.wants_room);
+        drop(st);
+        if room {
+            // A delivery refused for a full queue may try again.
+            self.broker.dialect.client_ready(&session.client_id);
+        }
     }
 
-    /// Encodes a delivery; false if it exceeds the client's maximum packet size.
-    fn encode_delivery(&mut self, out: &Outgoing, pkid: u16, dup: bool, now: u64) -> bool {
+    /// A message that exceeds the client's Maximum Packet Size: dropped,
+    /// counted, and its sender told.
+    fn too_large(&self, session: &Session, out: &Outgoing, size: usize) {
+        self.broker.drop_reason("too-large-for-client");
+        self.broker.del_queued(session, out.seq);
+        out.settle(Delivery::TooLarge {
+            size,
+            max: self.client_max_packet,
+        });
+    }
+
+    /// Encodes a delivery; if it exceeds the client's maximum packet size,
+    /// encodes nothing and returns the size it would have had.
+    fn encode_delivery(&mut self, out: &Outgoing, pkid: u16, dup: bool, now: u64) -> Result<(), usize> {
         let m = &out.msg;
         let mut properties = Properties::default();
         if self.version.is_v5() {
@@ -417,12 +438,13 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         };
         let before = self.out.len();
         encode(&Packet::Publish(p), self.version, &mut self.out);
-        if self.out.len() - before > self.client_max_packet as usize {
+        let size = self.out.len() - before;
+        if size > self.client_max_packet as usize {
             self.out.truncate(before);
-            return false;
+            return Err(size);
         }
         self.broker.counters.sent[out.qos as usize].inc();
-        true
+        Ok(())
     }
 
     /// Ends the connection: tells the client why, detaches the session,

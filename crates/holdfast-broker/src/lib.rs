@@ -14,10 +14,13 @@
 //! - [`session`]: what outlives a connection; [`persist`] keeps persistent
 //!   sessions and retained messages in the store.
 //! - [`subs`]: the subscription trie.
-//! - [`listen`]: the TCP, TLS and QUIC listeners.
+//! - [`listen`]: the TCP, TLS, QUIC and WebSocket listeners; [`websocket`]
+//!   the upgrade and the byte stream, [`handshakes`] the bound on upgrades
+//!   in progress.
 
 pub mod config;
 pub mod conn;
+pub mod handshakes;
 pub mod listen;
 pub mod persist;
 pub mod quic;
@@ -84,6 +87,17 @@ pub struct Routed {
     /// The deepest queue of a connected subscriber the message went to; the
     /// publisher's connection slows down when it is deep.
     pub backlog: usize,
+}
+
+/// Why [`Broker::deliver_with_receipt`] did not take a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotTaken {
+    /// The client is not connected, or not subscribed to the topic.
+    #[error("the client is not connected and subscribed")]
+    Offline,
+    /// The client's session queue is at `mqtt.max_queued_messages`.
+    #[error("the client's queue is full (mqtt.max_queued_messages)")]
+    QueueFull,
 }
 
 /// The broker.

@@ -97,9 +97,25 @@ pub async fn start(
         )));
     }
     for kind in ["ws", "wss"] {
-        let (enabled, addr, paths) = match kind {
-            "ws" => (cfg.ws.enabled, cfg.ws.listen, &cfg.ws.paths),
-            _ => (cfg.wss.enabled, cfg.wss.listen, &cfg.wss.paths),
+        let (enabled, addr, limits) = match kind {
+            "ws" => (
+                cfg.ws.enabled,
+                cfg.ws.listen,
+                WsLimits {
+                    paths: cfg.ws.paths.clone(),
+                    max_handshakes: cfg.ws.max_handshakes,
+                    max_handshakes_per_ip: cfg.ws.max_handshakes_per_ip,
+                },
+            ),
+            _ => (
+                cfg.wss.enabled,
+                cfg.wss.listen,
+                WsLimits {
+                    paths: cfg.wss.paths.clone(),
+                    max_handshakes: cfg.wss.max_handshakes,
+                    max_handshakes_per_ip: cfg.wss.max_handshakes_per_ip,
+                },
+            ),
         };
         if !enabled {
             continue;
@@ -118,12 +134,12 @@ pub async fn start(
         } else {
             bound.wss = Some(local);
         }
-        tracing::info!(addr = %local, paths = ?paths, "MQTT listening ({kind})");
+        tracing::info!(addr = %local, paths = ?limits.paths, "MQTT listening ({kind})");
         tasks.push(tokio::spawn(accept_ws(
             broker.clone(),
             listener,
             acceptor,
-            Arc::new(paths.clone()),
+            limits,
             stop.clone(),
         )));
     }
@@ -372,81 +388,131 @@ async fn accept_tcp(
     }
 }
 
+/// The upgrade limits of a WebSocket listener.
+struct WsLimits {
+    paths: Vec<String>,
+    max_handshakes: usize,
+    max_handshakes_per_ip: usize,
+}
+
 async fn accept_ws(
     broker: Arc<Broker>,
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    paths: Arc<Vec<String>>,
+    limits: WsLimits,
     mut stop: watch::Receiver<bool>,
 ) {
+    let slots = crate::handshakes::Handshakes::new(limits.max_handshakes, limits.max_handshakes_per_ip);
+    let paths = Arc::new(limits.paths);
     while let Some((socket, addr)) = next_socket(&listener, &mut stop).await {
+        let slot = match slots.acquire(addr.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                broker.bad_tls(why.label());
+                tracing::debug!(peer = %addr, why = why.label(), "WebSocket upgrade refused: too many in progress");
+                // Answered without reading the request (in plain text only:
+                // a TLS client gets the connection closed), without waiting.
+                if tls.is_none() {
+                    let r = crate::websocket::Refusal {
+                        why,
+                        text: "too many WebSocket upgrades in progress; try again later".into(),
+                    };
+                    let _ = socket.try_write(&r.response());
+                }
+                continue;
+            }
+        };
         let (broker, tls, paths) = (broker.clone(), tls.clone(), paths.clone());
         tokio::spawn(async move {
-            // The TLS and WebSocket handshakes together get the CONNECT
-            // deadline, like a TLS handshake does.
-            let timeout = Duration::from_millis(broker.config().connect_timeout_ms);
-            let setup = async {
-                match tls {
-                    None => upgrade(&broker, socket, addr, &paths, (None, None)).await,
-                    Some(acceptor) => {
-                        let stream = match acceptor.accept(socket).await {
-                            Ok(s) => s,
-                            Err(e) => {
-                                tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
-                                broker.bad_tls("handshake");
-                                return;
-                            }
-                        };
-                        let cert = client_cert(&broker, stream.get_ref().1.peer_certificates());
-                        upgrade(&broker, stream, addr, &paths, cert).await;
-                    }
+            // The TLS handshake and the whole request head share one
+            // deadline, the CONNECT's: not a time per read, so a client
+            // sending a byte now and then is cut off all the same.
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(broker.config().connect_timeout_ms);
+            match tls {
+                None => upgrade(&broker, socket, addr, &paths, (None, None), deadline, slot).await,
+                Some(acceptor) => {
+                    let stream = match tokio::time::timeout_at(deadline, acceptor.accept(socket)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
+                            broker.bad_tls("handshake");
+                            return;
+                        }
+                        Err(_) => {
+                            broker.bad_tls("handshake-timeout");
+                            return;
+                        }
+                    };
+                    let cert = client_cert(&broker, stream.get_ref().1.peer_certificates());
+                    upgrade(&broker, stream, addr, &paths, cert, deadline, slot).await;
                 }
-            };
-            if tokio::time::timeout(timeout, setup).await.is_err() {
-                broker.bad_tls("handshake-timeout");
             }
         });
     }
 }
 
-/// The WebSocket upgrade of an accepted stream, then the MQTT connection
-/// over it.
+/// The WebSocket upgrade of an accepted stream, by `deadline`, then the
+/// MQTT connection over it. Every refusal is answered in HTTP and counted.
 async fn upgrade<S>(
     broker: &Arc<Broker>,
-    stream: S,
+    mut stream: S,
     addr: SocketAddr,
     paths: &[String],
     (cert_thumbprint, cert_common_name): (Option<String>, Option<String>),
+    deadline: tokio::time::Instant,
+    slot: crate::handshakes::Slot,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
-    let refused = std::sync::Mutex::new(None);
-    // The error type is tungstenite's callback contract.
-    #[allow(clippy::result_large_err)]
-    let check = |req: &crate::websocket::Request, resp| {
-        crate::websocket::check_upgrade(req, resp, paths).map_err(|(r, why)| {
-            *holdfast_model::lock(&refused) = Some(why);
-            *r
-        })
+    use crate::websocket::{Refusal, Refused};
+    use tokio::io::AsyncWriteExt as _;
+    let checked = match tokio::time::timeout_at(deadline, crate::websocket::read_head(&mut stream)).await {
+        Err(_) => Err(Refusal {
+            why: Refused::Timeout,
+            text: "the upgrade request did not arrive in time".into(),
+        }),
+        Ok(Err(r)) => Err(r),
+        Ok(Ok((head, tail))) => crate::websocket::check_upgrade(&head, paths).map(|u| (u, tail)),
     };
-    let config = crate::websocket::config(broker.config().max_packet_size);
-    let ws = match tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config)).await {
-        Ok(ws) => ws,
-        Err(e) => {
-            let why = holdfast_model::lock(&refused).map_or("websocket-handshake", |r| r.label());
-            tracing::debug!(peer = %addr, error = %e, why, "WebSocket upgrade refused");
-            broker.bad_tls(why);
+    let (accepted, tail) = match checked {
+        Ok(ok) => ok,
+        Err(r) => {
+            tracing::debug!(peer = %addr, why = r.why.label(), text = %r.text, "WebSocket upgrade refused");
+            broker.bad_tls(r.why.label());
+            // A client that does not read its answer does not hold the slot.
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                stream.write_all(&r.response()).await?;
+                stream.shutdown().await
+            })
+            .await;
             return;
         }
     };
+    let written = tokio::time::timeout_at(deadline, async {
+        stream.write_all(&accepted.response()).await?;
+        stream.flush().await
+    })
+    .await;
+    if !matches!(written, Ok(Ok(()))) {
+        broker.bad_tls(Refused::Timeout.label());
+        return;
+    }
+    drop(slot);
+    let config = crate::websocket::config(broker.config().max_packet_size);
+    let ws = tokio_tungstenite::WebSocketStream::from_partially_read(
+        stream,
+        tail,
+        tokio_tungstenite::tungstenite::protocol::Role::Server,
+        Some(config),
+    )
+    .await;
     let peer = Peer {
         addr,
         transport: Transport::Websocket,
         cert_thumbprint,
         cert_common_name,
     };
-    // `serve` runs outside the handshake deadline.
-    tokio::spawn(serve(broker.clone(), crate::websocket::WsStream::new(ws), peer));
+    serve(broker.clone(), crate::websocket::WsStream::new(ws), peer).await;
 }
 
 async fn accept_quic(broker: Arc<Broker>, endpoint: quinn::Endpoint, mut stop: watch::Receiver<bool>) {

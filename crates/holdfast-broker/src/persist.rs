@@ -219,6 +219,7 @@ pub fn decode_msg(value: &[u8]) -> Result<(Outgoing, Option<u16>), Damaged> {
             retain: flags & 4 != 0,
             sub_ids,
             seq: 0,
+            receipt: None,
         },
         released,
     ))
@@ -308,6 +309,7 @@ impl Persist {
             retain: true,
             sub_ids: Vec::new(),
             seq: 0,
+            receipt: None,
         };
         let value = encode_msg(&out, None);
         self.commit(|b| b.insert(&self.retained, key, value))
@@ -412,6 +414,7 @@ mod tests {
             retain: false,
             sub_ids: vec![3, 9],
             seq: 0,
+            receipt: None,
         };
         let (back, released) = decode_msg(&encode_msg(&out, Some(42))).unwrap();
         assert_eq!(released, Some(42));

@@ -125,6 +125,7 @@ impl Broker {
                 sub_ids: m.ids,
                 msg: msg.clone(),
                 seq: 0,
+                receipt: None,
             };
             backlog = backlog.max(self.enqueue(&m.session, out));
         }
@@ -135,20 +136,7 @@ impl Broker {
     /// traffic): only if it is connected and subscribed to a matching
     /// filter, at the highest QoS of those subscriptions.
     pub fn deliver_to_client(&self, client_id: &str, msg: Arc<Msg>) -> bool {
-        let Some(session) = self.sessions_lock().get(client_id).cloned() else {
-            return false;
-        };
-        if !session.is_connected() {
-            return false;
-        }
-        let granted = session
-            .lock()
-            .subs
-            .iter()
-            .filter(|(f, _)| topic::matches(f, &msg.topic))
-            .map(|(_, s)| s.options.qos)
-            .max();
-        let Some(qos) = granted else {
+        let Some((session, qos)) = self.subscribed_client(client_id, &msg.topic) else {
             return false;
         };
         let out = Outgoing {
@@ -157,26 +145,97 @@ impl Broker {
             sub_ids: Vec::new(),
             msg,
             seq: 0,
+            receipt: None,
         };
         self.enqueue(&session, out);
         true
     }
 
+    /// Delivers `msg` to client `client_id` alone, as
+    /// [`Broker::deliver_to_client`] does, and tells what became of it: the
+    /// receiver gets [`Delivery::Delivered`](crate::session::Delivery) once
+    /// the client acknowledged it (at QoS 0: once it was written to the
+    /// connection), a refusal or "too large" when it cannot go, and is
+    /// closed without a verdict when the client does not get it (its
+    /// session ended first). The sender keeps the message durable: the
+    /// session does not store it.
+    ///
+    /// # Errors
+    /// The client is not connected and subscribed ([`NotTaken::Offline`]),
+    /// or its queue is at `mqtt.max_queued_messages`
+    /// ([`NotTaken::QueueFull`]; [`Dialect::client_ready`] is called once
+    /// it has room again).
+    pub fn deliver_with_receipt(
+        &self,
+        client_id: &str,
+        msg: Arc<Msg>,
+    ) -> Result<tokio::sync::oneshot::Receiver<crate::session::Delivery>, NotTaken> {
+        let Some((session, qos)) = self.subscribed_client(client_id, &msg.topic) else {
+            return Err(NotTaken::Offline);
+        };
+        let (receipt, rx) = crate::session::Receipt::new();
+        let out = Outgoing {
+            qos: msg.qos.min(qos),
+            retain: false,
+            sub_ids: Vec::new(),
+            msg,
+            seq: 0,
+            receipt: Some(receipt),
+        };
+        match self.try_enqueue(&session, out) {
+            Ok(_) => Ok(rx),
+            Err("queue-full") => Err(NotTaken::QueueFull),
+            Err(_) => Err(NotTaken::Offline),
+        }
+    }
+
+    /// The session of `client_id` if it is connected and subscribed to a
+    /// filter matching `topic`, with the highest QoS of those.
+    fn subscribed_client(&self, client_id: &str, topic: &str) -> Option<(Arc<Session>, QoS)> {
+        let session = self.sessions_lock().get(client_id).cloned()?;
+        if !session.is_connected() {
+            return None;
+        }
+        let granted = session
+            .lock()
+            .subs
+            .iter()
+            .filter(|(f, _)| topic::matches(f, topic))
+            .map(|(_, s)| s.options.qos)
+            .max()?;
+        Some((session, granted))
+    }
+
     /// Queues a message for a session and wakes its connection. Returns the
     /// queue's depth if the session is connected (0 if not).
-    pub(crate) fn enqueue(&self, session: &Arc<Session>, mut out: Outgoing) -> usize {
+    pub(crate) fn enqueue(&self, session: &Arc<Session>, out: Outgoing) -> usize {
+        match self.try_enqueue(session, out) {
+            Ok(depth) => depth,
+            Err(reason) => {
+                self.drop_reason(reason);
+                0
+            }
+        }
+    }
+
+    /// Queues a message for a session and wakes its connection: the
+    /// queue's depth if the session is connected (0 if not), or why it
+    /// was not queued (a metric label). A message with a receipt is not
+    /// stored with the session (its sender keeps it), and one refused for
+    /// a full queue marks the session to tell the dialect when there is
+    /// room.
+    fn try_enqueue(&self, session: &Arc<Session>, mut out: Outgoing) -> Result<usize, &'static str> {
         let mut st = session.lock();
         if out.qos == QoS::AtMostOnce && !session.is_connected() {
-            drop(st);
-            self.drop_reason("offline-qos0");
-            return 0;
+            return Err("offline-qos0");
         }
         if st.queue.len() as u64 >= self.max_queued_messages.load(Ordering::Relaxed) {
-            drop(st);
-            self.drop_reason("queue-full");
-            return 0;
+            if out.receipt.is_some() {
+                st.wants_room = true;
+            }
+            return Err("queue-full");
         }
-        if st.persistent() && out.qos != QoS::AtMostOnce {
+        if st.persistent() && out.qos != QoS::AtMostOnce && out.receipt.is_none() {
             out.seq = st.next_seq;
             st.next_seq += 1;
             if let Err(e) = self.persist.put_queued(&session.client_id, &out, None) {
@@ -187,7 +246,7 @@ impl Broker {
         let depth = st.queue.len();
         drop(st);
         session.wake.notify_one();
-        if session.is_connected() { depth } else { 0 }
+        Ok(if session.is_connected() { depth } else { 0 })
     }
 
     pub(crate) fn set_retained(&self, msg: &Arc<Msg>) {

@@ -42,6 +42,58 @@ pub struct Outgoing {
     pub sub_ids: Vec<u32>,
     /// Key of its stored copy (persistent sessions, QoS 1/2), else 0.
     pub seq: u64,
+    /// Told what became of it, when its sender asked
+    /// ([`Broker::deliver_with_receipt`](crate::Broker::deliver_with_receipt)).
+    pub receipt: Option<Receipt>,
+}
+
+/// What became of a delivery that asked for a receipt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// The client has it: it acknowledged it (PUBACK at QoS 1, PUBCOMP at
+    /// QoS 2), or, at QoS 0, it was written to its connection.
+    Delivered,
+    /// The client refused it: the reason code of its PUBACK or PUBREC.
+    Refused(u8),
+    /// It cannot go to this client: the PUBLISH would be `size` bytes,
+    /// more than the Maximum Packet Size `max` the client connected with.
+    TooLarge {
+        /// The packet's size, bytes.
+        size: usize,
+        /// The client's Maximum Packet Size, bytes.
+        max: u32,
+    },
+}
+
+/// Tells a delivery's sender, once, what became of it. A receipt dropped
+/// without a verdict (the session ended, or dropped the message with its
+/// QoS 0 messages when the client went away) closes the channel: the
+/// client does not have it.
+#[derive(Debug, Clone)]
+pub struct Receipt(Arc<Mutex<Option<tokio::sync::oneshot::Sender<Delivery>>>>);
+
+impl Receipt {
+    /// A receipt and the receiver its verdict arrives on.
+    pub fn new() -> (Receipt, tokio::sync::oneshot::Receiver<Delivery>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Receipt(Arc::new(Mutex::new(Some(tx)))), rx)
+    }
+
+    /// Gives the verdict (only the first counts).
+    pub fn settle(&self, verdict: Delivery) {
+        if let Some(tx) = holdfast_model::lock(&self.0).take() {
+            let _ = tx.send(verdict);
+        }
+    }
+}
+
+impl Outgoing {
+    /// Gives the verdict to the sender, if it asked for one.
+    pub(crate) fn settle(&self, verdict: Delivery) {
+        if let Some(r) = &self.receipt {
+            r.settle(verdict);
+        }
+    }
 }
 
 /// A QoS 1/2 message sent and not yet acknowledged.
@@ -91,6 +143,10 @@ pub struct SessionState {
     pub disconnected_at_ms: Option<u64>,
     /// Next sequence number for stored queue entries.
     pub next_seq: u64,
+    /// A delivery with a receipt was refused because the queue was full:
+    /// the dialect is told ([`crate::Dialect::client_ready`]) once the
+    /// connection has taken messages off it.
+    pub wants_room: bool,
 }
 
 /// A session.
@@ -129,6 +185,7 @@ impl Session {
                 client_max_packet: u32::MAX,
                 disconnected_at_ms: None,
                 next_seq: 1,
+                wants_room: false,
             }),
             wake: Notify::new(),
             kick: Notify::new(),

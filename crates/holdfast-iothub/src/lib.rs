@@ -42,7 +42,8 @@ use tokio::sync::{mpsc, oneshot};
 use self::c2d::{C2d, C2dMessage, Feedback, Outcome};
 use self::twin::{DesiredChange, Twins};
 use crate::service::Svc;
-use holdfast_broker::Broker;
+use holdfast_broker::session::Delivery;
+use holdfast_broker::{Broker, NotTaken};
 use holdfast_broker::session::Msg;
 use holdfast_metrics::{EventLabels, Metrics};
 use holdfast_registry::{Hop, Registry};
@@ -243,6 +244,11 @@ pub struct Hub {
     c2d: OnceLock<Arc<C2d>>,
     /// `iothub.c2d_default_ttl_seconds`, ms.
     c2d_ttl_ms: AtomicU64,
+    /// Ids of messages handed to their device's session here, waiting for
+    /// what became of them.
+    c2d_handed: Mutex<std::collections::HashSet<String>>,
+    /// Held while messages are handed to a device's session.
+    c2d_flushing: Mutex<()>,
     /// The parent's service stream, on a link/2 link.
     uplink: Mutex<Option<mpsc::UnboundedSender<Svc>>>,
 }
@@ -289,6 +295,8 @@ impl Hub {
             downlinks: Mutex::new(HashMap::new()),
             c2d: OnceLock::new(),
             c2d_ttl_ms: AtomicU64::new(3_600_000),
+            c2d_handed: Mutex::default(),
+            c2d_flushing: Mutex::default(),
             uplink: Mutex::new(None),
         })
     }
@@ -717,7 +725,18 @@ impl Hub {
             }
             Hop::Here => {
                 use base64::Engine as _;
+                let (Some(broker), Some(hub), Ok(rt)) =
+                    (self.broker(), self.me.upgrade(), tokio::runtime::Handle::try_current())
+                else {
+                    return;
+                };
+                // One hand-over at a time, so two flushes keep the order.
+                let _order = lock(&self.c2d_flushing);
                 for m in queued {
+                    // Already with the device's session, waiting for its PUBACK.
+                    if !lock(&self.c2d_handed).insert(m.id.clone()) {
+                        continue;
+                    }
                     let payload = base64::engine::general_purpose::STANDARD
                         .decode(&m.payload)
                         .unwrap_or_default();
@@ -734,15 +753,23 @@ impl Hub {
                         expires_at_ms: None,
                         publisher: None,
                     };
-                    let Some(broker) = self.broker() else { return };
-                    // In order: the first that cannot go holds the rest.
-                    if !broker.deliver_to_client(device, Arc::new(msg)) {
-                        return;
-                    }
-                    match q.remove(device, &m.id) {
-                        Ok(_) => self.c2d_outcome(&m, Outcome::Delivered, None),
-                        Err(e) => {
-                            tracing::error!(error = %e, "c2d: cannot dequeue a delivered message");
+                    match broker.deliver_with_receipt(device, Arc::new(msg)) {
+                        Ok(receipt) => {
+                            let hub = hub.clone();
+                            rt.spawn(async move {
+                                let verdict = receipt.await.ok();
+                                // Dequeuing syncs the store.
+                                let _ = tokio::task::spawn_blocking(move || hub.c2d_settled(&m, verdict)).await;
+                            });
+                        }
+                        // In order: the first that cannot go holds the rest.
+                        // A full session queue calls `client_ready` again
+                        // once the device has taken messages off it.
+                        Err(why) => {
+                            lock(&self.c2d_handed).remove(&m.id);
+                            if why == NotTaken::QueueFull {
+                                self.count("c2d-device-busy");
+                            }
                             return;
                         }
                     }
@@ -781,6 +808,42 @@ impl Hub {
                     }
                 }
             }
+        }
+    }
+
+    /// What became of a message handed to the device's session: it leaves
+    /// the queue when the device has it (`delivered`) or can never take it
+    /// (`rejected`, with the reason); otherwise (`None`: the session let it
+    /// go undelivered) it stays queued for the device's next session.
+    fn c2d_settled(&self, m: &C2dMessage, verdict: Option<Delivery>) {
+        lock(&self.c2d_handed).remove(&m.id);
+        let Some(q) = self.c2d.get() else { return };
+        let (outcome, reason) = match verdict {
+            None => {
+                self.c2d_flush(&m.device);
+                return;
+            }
+            Some(Delivery::Delivered) => (Outcome::Delivered, None),
+            Some(Delivery::TooLarge { size, max }) => (
+                Outcome::Rejected,
+                Some(format!(
+                    "too large for the device: a {size}-byte PUBLISH, and the device's Maximum Packet Size is {max} bytes"
+                )),
+            ),
+            Some(Delivery::Refused(code)) => (
+                Outcome::Rejected,
+                Some(format!("the device refused it (PUBACK reason code 0x{code:02x})")),
+            ),
+        };
+        match q.remove(&m.device, &m.id) {
+            // Gone already: its time-to-live passed meanwhile (and said so).
+            Ok(None) => {}
+            Ok(Some(m)) => self.c2d_outcome(&m, outcome, reason),
+            Err(e) => tracing::error!(error = %e, "c2d: cannot dequeue a delivered message; it goes again"),
+        }
+        if outcome == Outcome::Rejected {
+            // It held the rest back.
+            self.c2d_flush(&m.device);
         }
     }
 

@@ -196,8 +196,10 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         for i in resend {
             if i.released {
                 self.send(&Packet::PubRel(Ack::new(i.pkid)));
-            } else {
-                self.encode_delivery(&i.out, i.pkid, true, now_ms());
+            } else if let Err(size) = self.encode_delivery(&i.out, i.pkid, true, now_ms()) {
+                // The client came back with a smaller Maximum Packet Size.
+                session.lock().take_inflight(i.pkid);
+                self.too_large(&session, &i.out, size);
             }
         }
         tracing::debug!(client = %client_id, peer = %self.peer.addr, version = ?c.version, present, "client connected");

@@ -32,6 +32,11 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                 let done = session.lock().take_inflight(a.pkid);
                 if let Some(i) = done {
                     self.broker.del_queued(session, i.out.seq);
+                    i.out.settle(if a.code < 0x80 {
+                        Delivery::Delivered
+                    } else {
+                        Delivery::Refused(a.code)
+                    });
                 }
             }
             Packet::PubRec(a) => {
@@ -54,6 +59,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                         st.take_inflight(a.pkid);
                         drop(st);
                         self.broker.del_queued(session, out.seq);
+                        out.settle(Delivery::Refused(a.code));
                     }
                     Some(out) => {
                         drop(st);
@@ -66,6 +72,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                 let done = session.lock().take_inflight(a.pkid);
                 if let Some(i) = done {
                     self.broker.del_queued(session, i.out.seq);
+                    i.out.settle(Delivery::Delivered);
                 }
             }
             Packet::PubRel(a) => {
@@ -309,6 +316,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                 sub_ids: id.into_iter().collect(),
                 msg: m,
                 seq: 0,
+                receipt: None,
             };
             broker.enqueue(session, out);
         }
