@@ -654,3 +654,196 @@ fn a_paho_device_speaks_the_dialect() {
     assert!(child.wait().unwrap().success());
     assert_eq!(twin(&gw, "pump-7")["reported"], json!({"client": "paho"}));
 }
+
+/// A device on a raw MQTT 5 connection that acknowledges only when told,
+/// with its own receive maximum and Maximum Packet Size.
+struct RawDevice {
+    stream: std::net::TcpStream,
+    buf: bytes::BytesMut,
+}
+
+impl RawDevice {
+    fn connect(port: u16, id: &str, key: &str, receive_max: u16, max_packet: u32) -> RawDevice {
+        use holdfast_mqtt as codec;
+        let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut d = RawDevice {
+            stream,
+            buf: bytes::BytesMut::new(),
+        };
+        let mut properties = codec::Properties::default();
+        properties.receive_maximum = Some(receive_max);
+        properties.maximum_packet_size = Some(max_packet);
+        d.send(&codec::Packet::Connect(Box::new(codec::Connect {
+            version: codec::Version::V5,
+            client_id: id.into(),
+            clean_start: true,
+            keep_alive: 60,
+            username: Some(username(id)),
+            password: Some(bytes::Bytes::from(sas(id, key, in_an_hour()))),
+            will: None,
+            properties,
+        })));
+        match d.next(Duration::from_secs(10)) {
+            Some(codec::Packet::ConnAck(a)) if a.code == 0 => d,
+            other => panic!("{id}: no CONNACK: {other:?}"),
+        }
+    }
+
+    fn send(&mut self, p: &holdfast_mqtt::Packet) {
+        use std::io::Write as _;
+        let mut out = bytes::BytesMut::new();
+        holdfast_mqtt::encode(p, holdfast_mqtt::Version::V5, &mut out);
+        self.stream.write_all(&out).unwrap();
+    }
+
+    /// The next packet within `timeout`.
+    fn next(&mut self, timeout: Duration) -> Option<holdfast_mqtt::Packet> {
+        use std::io::Read as _;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(p) = holdfast_mqtt::decode(&mut self.buf, Some(holdfast_mqtt::Version::V5), 1 << 24).unwrap() {
+                return Some(p);
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            self.stream.set_read_timeout(Some(left.max(Duration::from_millis(1)))).unwrap();
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => panic!("the broker closed the connection"),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    return None;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    /// Subscribes at QoS 1 and waits for the SUBACK.
+    fn subscribe(&mut self, filter: &str) {
+        use holdfast_mqtt as codec;
+        self.send(&codec::Packet::Subscribe(codec::Subscribe {
+            pkid: 1,
+            filters: vec![(
+                filter.into(),
+                codec::SubOptions {
+                    qos: codec::QoS::AtLeastOnce,
+                    ..codec::SubOptions::default()
+                },
+            )],
+            properties: codec::Properties::default(),
+        }));
+        match self.next(Duration::from_secs(10)) {
+            Some(codec::Packet::SubAck(a)) => assert_eq!(a.codes, [1]),
+            other => panic!("no SUBACK: {other:?}"),
+        }
+    }
+
+    /// The next PUBLISH within `timeout`, not acknowledged.
+    fn publish(&mut self, timeout: Duration) -> Option<holdfast_mqtt::Publish> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            if let holdfast_mqtt::Packet::Publish(p) = self.next(left)? {
+                return Some(p);
+            }
+        }
+    }
+
+    fn ack(&mut self, pkid: u16) {
+        self.send(&holdfast_mqtt::Packet::PubAck(holdfast_mqtt::Ack::new(pkid)));
+    }
+}
+
+/// Issue 28, item 3: a cloud-to-device message leaves the durable queue
+/// only when the device has it (its PUBACK), not when the broker was handed
+/// it: one that finds the device's session queue full waits and goes once
+/// there is room; one larger than the device's Maximum Packet Size is
+/// `rejected` with that reason, and the next goes.
+#[test]
+fn c2d_leaves_the_queue_only_when_the_device_has_it() {
+    let gw = Gateway::start(&format!(
+        "[mqtt]\nmax_queued_messages = 2\n{}{}",
+        identity("dev1", "device", 1),
+        identity("dev2", "device", 2)
+    ));
+    let c2d = || gw.api("/api/v1/c2d");
+    let queued = |device: &str| -> u64 {
+        c2d()["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["device"] == device)
+            .map_or(0, |q| q["messages"].as_u64().unwrap())
+    };
+    let feedback = |id: &str| -> Option<Value> {
+        c2d()["feedback"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["id"] == id)
+            .cloned()
+    };
+    let send = |device: &str, payload: &str| -> String {
+        let (code, body) = gw.post(
+            &format!("/api/v1/devices/{device}/messages"),
+            &json!({ "payload": payload }),
+        );
+        assert_eq!(code, 202, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["state"], "queued", "nothing is delivered before the device acknowledges it: {v}");
+        v["id"].as_str().unwrap().to_string()
+    };
+
+    // One message in flight (receive maximum 1), two in the session queue
+    // (mqtt.max_queued_messages), the fourth finds the queue full.
+    let mut dev1 = RawDevice::connect(gw.mqtt, "dev1", &key(1), 1, 1 << 20);
+    dev1.subscribe("devices/dev1/messages/devicebound/#");
+    let ids: Vec<String> = (1..=4).map(|i| send("dev1", &format!("m{i}"))).collect();
+    let first = dev1.publish(Duration::from_secs(10)).expect("m1 reaches the device");
+    assert_eq!(&first.payload[..], b"m1");
+    assert_eq!(queued("dev1"), 4, "{}", c2d());
+    for id in &ids {
+        assert_eq!(feedback(id), None, "no feedback before the device has it: {}", c2d());
+    }
+    assert_eq!(
+        gw.metric("holdfast_mqtt_messages_dropped_total{reason=\"queue-full\"}"),
+        0.0,
+        "{}",
+        gw.metrics()
+    );
+    // Acknowledged one by one, each goes in order, the fourth included.
+    dev1.ack(first.pkid);
+    for i in 2..=4 {
+        let p = dev1
+            .publish(Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("m{i} never came: {}", c2d()));
+        assert_eq!(String::from_utf8_lossy(&p.payload), format!("m{i}"));
+        dev1.ack(p.pkid);
+    }
+    wait_until(10, "four delivered", || {
+        ids.iter()
+            .all(|id| feedback(id).is_some_and(|f| f["outcome"] == "delivered"))
+    });
+    assert_eq!(queued("dev1"), 0);
+    assert!(dev1.publish(Duration::from_millis(300)).is_none(), "each message goes once");
+
+    // A device that accepts packets of at most 128 bytes.
+    let mut dev2 = RawDevice::connect(gw.mqtt, "dev2", &key(2), 10, 128);
+    dev2.subscribe("devices/dev2/messages/devicebound/#");
+    let big = send("dev2", &"x".repeat(300));
+    wait_until(10, "the large message rejected", || feedback(&big).is_some());
+    let f = feedback(&big).unwrap();
+    assert_eq!(f["outcome"], "rejected", "{f}");
+    let reason = f["reason"].as_str().unwrap();
+    assert!(reason.contains("Maximum Packet Size is 128 bytes"), "{reason}");
+    let small = send("dev2", "fits");
+    let p = dev2.publish(Duration::from_secs(10)).expect("the small one goes");
+    assert_eq!(&p.payload[..], b"fits");
+    assert_eq!(feedback(&small), None, "not delivered before the PUBACK");
+    dev2.ack(p.pkid);
+    wait_until(10, "the small one delivered", || {
+        feedback(&small).is_some_and(|f| f["outcome"] == "delivered")
+    });
+    assert_eq!(queued("dev2"), 0);
+    gw.stop();
+}
