@@ -1210,3 +1210,129 @@ fn mqtt_over_websockets_plain_and_tls() {
     assert!(gw.metric("holdfast_mqtt_connects_total{result=\"websocket-path\"}") >= 1.0);
     assert!(gw.metric("holdfast_mqtt_connects_total{result=\"websocket-subprotocol\"}") >= 1.0);
 }
+
+/// Issue 28, items 5 and 7: the WebSocket listener answers every refused
+/// upgrade in HTTP (a plain GET, a bad key, a wrong version, another
+/// path), cuts a request head that drips in at the one deadline, bounds
+/// the upgrades in progress per client address, and still upgrades a
+/// client from another address meanwhile.
+#[test]
+fn websocket_upgrades_are_answered_and_bounded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let ws = support::free_port();
+    let gw = Gateway::start(&format!(
+        "{OPEN}[mqtt]\nconnect_timeout_ms = 1500\n\
+         [mqtt.ws]\nenabled = true\nlisten = \"127.0.0.1:{ws}\"\nmax_handshakes = 16\nmax_handshakes_per_ip = 2\n"
+    ));
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+    let upgrade = |path: &str, version: &str, key: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: {version}\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n"
+        )
+    };
+    rt().block_on(async {
+        let connect_from = |from: &'static str| async move {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind(format!("{from}:0").parse().unwrap()).unwrap();
+            s.connect(format!("127.0.0.1:{ws}").parse().unwrap()).await.unwrap()
+        };
+        // Sends `request`; everything the server answers until it closes.
+        let exchange = |request: String| async move {
+            let mut s = connect_from("127.0.0.1").await;
+            s.write_all(request.as_bytes()).await.unwrap();
+            let mut got = Vec::new();
+            let r = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+            assert!(r.is_ok(), "the server neither answered nor closed");
+            String::from_utf8_lossy(&got).into_owned()
+        };
+        let plain = exchange("GET /mqtt HTTP/1.1\r\nHost: gw\r\n\r\n".into()).await;
+        assert!(plain.starts_with("HTTP/1.1 426 Upgrade Required\r\n"), "plain GET: {plain:?}");
+        assert!(plain.contains("Upgrade: websocket\r\n"), "{plain}");
+        let root = exchange("GET / HTTP/1.1\r\nHost: gw\r\n\r\n".into()).await;
+        assert!(root.starts_with("HTTP/1.1 404 "), "GET /: {root:?}");
+        let bad_key = exchange(upgrade("/mqtt", "13", "abc")).await;
+        assert!(bad_key.starts_with("HTTP/1.1 400 "), "bad key: {bad_key:?}");
+        let version = exchange(upgrade("/mqtt", "8", KEY)).await;
+        assert!(version.starts_with("HTTP/1.1 426 "), "version 8: {version:?}");
+        assert!(version.contains("Sec-WebSocket-Version: 13\r\n"), "{version}");
+        let garbage = exchange("\x10\x0c\x00\x04MQTT\x05\x02\x00\x3c\x00\x00".into()).await;
+        assert!(garbage.starts_with("HTTP/1.1 400 "), "MQTT on the WebSocket port: {garbage:?}");
+
+        // Two slow clients from 127.0.0.1, a header line every 200 ms.
+        let mut drips = Vec::new();
+        for _ in 0..2 {
+            let mut s = connect_from("127.0.0.1").await;
+            s.write_all(b"GET /mqtt HTTP/1.1\r\n").await.unwrap();
+            drips.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                for i in 0..100 {
+                    tokio::select! {
+                        r = s.read_to_end(&mut got) => { let _ = r; break; }
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                    if s.write_all(format!("X-Drip-{i}: 1\r\n").as_bytes()).await.is_err() {
+                        let _ = s.read_to_end(&mut got).await;
+                        break;
+                    }
+                }
+                String::from_utf8_lossy(&got).into_owned()
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A third from the same address is turned away at once.
+        let third = exchange(upgrade("/mqtt", "13", KEY)).await;
+        assert!(third.starts_with("HTTP/1.1 429 "), "a third upgrade from 127.0.0.1: {third:?}");
+        // A client from another address upgrades and speaks MQTT meanwhile.
+        let mut other = connect_from("127.0.0.2").await;
+        other.write_all(upgrade("/mqtt", "13", KEY).as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            assert_eq!(other.read(&mut b).await.unwrap(), 1, "{}", String::from_utf8_lossy(&head));
+            head.push(b[0]);
+        }
+        let head = String::from_utf8_lossy(&head);
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        assert!(head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"), "{head}");
+        let mut client = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            other,
+            tokio_tungstenite::tungstenite::protocol::Role::Client,
+            None,
+        )
+        .await;
+        use futures_util::{SinkExt, StreamExt};
+        client
+            .send(tokio_tungstenite::tungstenite::Message::Binary(connect_v5("ws-other").to_vec().into()))
+            .await
+            .unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(5), client.next()).await.unwrap().unwrap().unwrap();
+        let got = decode_all(&m.into_data(), codec::Version::V5);
+        assert!(matches!(got.first(), Some(codec::Packet::ConnAck(a)) if a.code == 0), "{got:?}");
+        // The drips are cut at the deadline, with an answer, though they
+        // never stop sending.
+        for d in drips {
+            let answer = tokio::time::timeout(Duration::from_secs(20), d).await.unwrap().unwrap();
+            assert!(answer.starts_with("HTTP/1.1 408 "), "a dripping head: {answer:?}");
+        }
+        // Their slots are free again.
+        let again = exchange(upgrade("/elsewhere", "13", KEY)).await;
+        assert!(again.starts_with("HTTP/1.1 404 "), "{again:?}");
+    });
+    for result in [
+        "websocket-not-upgrade",
+        "websocket-key",
+        "websocket-version",
+        "websocket-bad-request",
+        "websocket-per-ip-limit",
+        "websocket-handshake-timeout",
+    ] {
+        assert!(
+            gw.metric(&format!("holdfast_mqtt_connects_total{{result=\"{result}\"}}")) >= 1.0,
+            "{result}: {}",
+            gw.metrics()
+        );
+    }
+    gw.stop();
+}
