@@ -55,3 +55,11 @@ fi
 if ! python3 -c 'import prometheus_client.openmetrics.parser' >/dev/null 2>&1; then
     python3 -m pip install --quiet 'prometheus-client>=0.17,<1'
 fi
+# docs/iothub.md's recipe is run with the real Azure IoT device SDK for
+# Python (tests/e2e_readme.rs). It pins paho-mqtt 1.x, the tests above use
+# 2.x, so it gets a virtual environment of its own.
+azure_venv=target/azure-iot-venv
+if ! "$azure_venv/bin/python" -c 'import azure.iot.device' >/dev/null 2>&1; then
+    python3 -m venv "$azure_venv"
+    "$azure_venv/bin/python" -m pip install --quiet 'azure-iot-device==2.14.0'
+fi

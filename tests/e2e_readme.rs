@@ -1,8 +1,8 @@
 //! The README's commands, run as written against real `holdfast` nodes.
 //!
 //! Every ```` ```sh ```` and ```` ```toml ```` block of `README.md` has a
-//! marker on the line before it: `<!-- readme-test: NAME -->` for a block
-//! this test uses, or `<!-- readme-test: skip: WHY -->`. A block without a
+//! marker on the line before it: `<!-- doc-test: NAME -->` for a block
+//! this test uses, or `<!-- doc-test: skip: WHY -->`. A block without a
 //! marker, or a name this test does not know, fails
 //! [`every_block_is_marked`], so a new block cannot slip in untested
 //! without saying why.
@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{BIN, free_port, http_get};
+use support::{free_port, http_get, BIN};
 
 const README: &str = include_str!("../README.md");
 const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -73,81 +73,54 @@ const KNOWN: &[&str] = &[
     "fleet-devices",
 ];
 
-/// One fenced block of the README.
+/// One fenced block of a Markdown file.
 #[derive(Debug)]
 struct Block {
-    /// The marker's name, or `None` for a skipped block.
-    name: Option<String>,
+    /// The marker on the line before: `Some(Some(name))` for a block a test
+    /// runs, `Some(None)` for one skipped with a reason, `None` for none.
+    marker: Option<Option<String>>,
     lang: String,
     text: String,
     line: usize,
 }
 
-/// Every ```sh and ```toml block with its marker; panics at a block with
-/// none.
-fn blocks(markdown: &str) -> Vec<Block> {
+/// Every fenced block of `markdown` (called `file` in messages), with its
+/// `<!-- doc-test: … -->` marker if it has one.
+fn blocks(file: &str, markdown: &str) -> Vec<Block> {
     let lines: Vec<&str> = markdown.lines().collect();
     let mut out = Vec::new();
     let mut i = 0;
     while i < lines.len() {
-        let lang = match lines[i].trim_end() {
-            "```sh" => "sh",
-            "```toml" => "toml",
-            l if l.starts_with("```") && l.len() > 3 => {
-                // Another language, or a block opened and not closed here:
-                // skip to its end.
-                i += 1;
-                while i < lines.len() && lines[i].trim_end() != "```" {
-                    i += 1;
-                }
-                i += 1;
-                continue;
-            }
-            "```" => {
-                i += 1;
-                while i < lines.len() && lines[i].trim_end() != "```" {
-                    i += 1;
-                }
-                i += 1;
-                continue;
-            }
-            _ => {
-                i += 1;
-                continue;
-            }
+        let Some(lang) = lines[i].trim_end().strip_prefix("```") else {
+            i += 1;
+            continue;
         };
         let marker = lines[..i]
             .iter()
             .rev()
             .find(|l| !l.trim().is_empty())
-            .and_then(|l| l.trim().strip_prefix("<!-- readme-test: "))
+            .and_then(|l| l.trim().strip_prefix("<!-- doc-test: "))
             .and_then(|l| l.strip_suffix("-->"))
             .map(str::trim)
-            .unwrap_or_else(|| {
-                panic!(
-                    "README.md line {}: a ```{lang} block without a `<!-- readme-test: NAME -->` \
-                     or `<!-- readme-test: skip: WHY -->` marker on the line before",
-                    i + 1
-                )
+            .map(|m| match m.strip_prefix("skip:") {
+                Some(why) => {
+                    assert!(
+                        !why.trim().is_empty(),
+                        "{file} line {}: a skip marker must say why",
+                        i + 1
+                    );
+                    None
+                }
+                None => Some(m.to_string()),
             });
-        let name = if let Some(why) = marker.strip_prefix("skip:") {
-            assert!(
-                !why.trim().is_empty(),
-                "README.md line {}: a skip marker must say why",
-                i + 1
-            );
-            None
-        } else {
-            Some(marker.to_string())
-        };
         let start = i + 1;
         let mut end = start;
         while end < lines.len() && lines[end].trim_end() != "```" {
             end += 1;
         }
-        assert!(end < lines.len(), "README.md line {}: unclosed block", i + 1);
+        assert!(end < lines.len(), "{file} line {}: unclosed block", i + 1);
         out.push(Block {
-            name,
+            marker,
             lang: lang.to_string(),
             text: lines[start..end].join("\n") + "\n",
             line: i + 1,
@@ -157,15 +130,20 @@ fn blocks(markdown: &str) -> Vec<Block> {
     out
 }
 
-/// The block named `name`.
-fn block(name: &str) -> String {
-    let all = blocks(README);
-    let mut found = all.iter().filter(|b| b.name.as_deref() == Some(name));
+/// The block of `markdown` marked `<!-- doc-test: NAME -->`.
+fn block_of(file: &str, markdown: &str, name: &str) -> String {
+    let all = blocks(file, markdown);
+    let mut found = all.iter().filter(|b| matches!(&b.marker, Some(Some(n)) if n == name));
     let b = found
         .next()
-        .unwrap_or_else(|| panic!("README.md has no block marked `readme-test: {name}`"));
-    assert!(found.next().is_none(), "two README blocks are marked {name}");
+        .unwrap_or_else(|| panic!("{file} has no block marked `doc-test: {name}`"));
+    assert!(found.next().is_none(), "two blocks of {file} are marked {name}");
     b.text.clone()
+}
+
+/// The README block named `name`.
+fn block(name: &str) -> String {
+    block_of("README.md", README, name)
 }
 
 /// A change to a block's text before it runs: `from` must occur in it, so
@@ -399,23 +377,28 @@ fn wait_after_background(text: &str, admin: u16) -> String {
 
 #[test]
 fn every_block_is_marked() {
-    let all = blocks(README);
-    let names: BTreeSet<&str> = all.iter().filter_map(|b| b.name.as_deref()).collect();
-    for b in &all {
-        if let Some(name) = &b.name {
-            assert!(
+    let all = blocks("README.md", README);
+    for b in all.iter().filter(|b| b.lang == "sh" || b.lang == "toml") {
+        match &b.marker {
+            None => panic!(
+                "README.md line {}: a ```{} block without a `<!-- doc-test: NAME -->` or \
+                 `<!-- doc-test: skip: WHY -->` marker on the line before",
+                b.line, b.lang
+            ),
+            Some(Some(name)) => assert!(
                 KNOWN.contains(&name.as_str()),
-                "README.md line {}: block `{name}` ({}) is not run by tests/e2e_readme.rs",
-                b.line,
-                b.lang
-            );
+                "README.md line {}: block `{name}` is not run by tests/e2e_readme.rs",
+                b.line
+            ),
+            Some(None) => {}
         }
     }
+    let names: BTreeSet<&str> = all.iter().filter_map(|b| b.marker.as_ref()?.as_deref()).collect();
     for name in KNOWN {
         assert!(names.contains(name), "README.md has no block marked {name}");
     }
     assert!(
-        all.iter().any(|b| b.name.is_none()),
+        all.iter().filter(|b| b.marker == Some(None)).count() >= 4,
         "the README's skipped blocks are found too"
     );
 }
@@ -660,5 +643,190 @@ fn nested_gateways_run_as_written() {
         }
         assert!(Instant::now() < deadline, "site-gw's scope: {devices}");
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const IOTHUB_MD: &str = include_str!("../docs/iothub.md");
+
+/// The block of docs/iothub.md named `name`.
+fn iothub_block(name: &str) -> String {
+    block_of("docs/iothub.md", IOTHUB_MD, name)
+}
+
+/// The Python with the Azure IoT device SDK: `HOLDFAST_AZURE_PYTHON`, else
+/// the virtual environment `scripts/setup.sh` makes (the SDK pins
+/// paho-mqtt 1.x, the other tests' paho is 2.x).
+fn azure_python() -> PathBuf {
+    let python = std::env::var_os("HOLDFAST_AZURE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(WORKSPACE).join("target/azure-iot-venv/bin/python"));
+    let ok = Command::new(&python)
+        .args(["-c", "import azure.iot.device"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "{} cannot import azure.iot.device: run scripts/setup.sh",
+        python.display()
+    );
+    python
+}
+
+/// A process killed when dropped.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// docs/iothub.md's recipe for the Azure IoT device SDKs, run as written
+/// with the real Python SDK, over MQTT (port 8883) and MQTT over
+/// WebSockets (port 443): the SDK's ports are fixed, so this test binds
+/// 127.0.0.1:8883 and 127.0.0.1:443 (as root, as the tests run) and no
+/// other test may use them.
+///
+/// Changed from the page: the gateway's name `gw1.plant.example.net`
+/// becomes `localhost` (which resolves here), the listeners bind the
+/// loopback address, the files are where the first block wrote them, the
+/// key is the one `holdfast device add` printed. The script gets an
+/// ending: it prints `ready`, waits until the test has sent a
+/// cloud-to-device message and called a method, then shuts down.
+#[test]
+fn iothub_sdk_recipe_runs_as_written() {
+    let python = azure_python();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("gw1");
+    std::fs::create_dir_all(&dir).unwrap();
+
+    Script::start(
+        &dir,
+        "sdk-cert",
+        &apply(
+            "sdk-cert",
+            &iothub_block("sdk-cert"),
+            &[sub("gw1.plant.example.net", "localhost")],
+        ),
+        &[],
+    )
+    .succeeds()
+    .prints("node localhost: tls/localhost.pem (key tls/localhost.key)");
+
+    let config = format!(
+        "[node]\nid = \"gw1\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n[mqtt.tcp]\nlisten = \"127.0.0.1:{}\"\n\
+         [cache]\nlisten = \"127.0.0.1:{}\"\n",
+        free_port(),
+        free_port(),
+        free_port()
+    ) + &apply(
+        "sdk-listeners",
+        &iothub_block("sdk-listeners"),
+        &[
+            sub("0.0.0.0:8883", "127.0.0.1:8883"),
+            sub("0.0.0.0:443", "127.0.0.1:443"),
+            sub(
+                "/etc/holdfast/tls/gw1.plant.example.net",
+                format!("{}/tls/localhost", dir.display()),
+            ),
+        ],
+    );
+    let node = Node::start(&dir, &config);
+
+    let added = node
+        .run("sdk-device", &iothub_block("sdk-device"))
+        .succeeds()
+        .prints("primary key: ")
+        .output();
+    let key = added
+        .lines()
+        .find_map(|l| l.strip_prefix("primary key: "))
+        .unwrap()
+        .trim()
+        .to_string();
+
+    for (run, (transport, websockets)) in [("mqtt", "websockets=False"), ("websockets", "websockets=True")]
+        .into_iter()
+        .enumerate()
+    {
+        let script = apply(
+            "sdk-python",
+            &iothub_block("sdk-python"),
+            &[
+                sub("CSFSrRrzx7reeDofRDvF5ENijVAnduOmNfdu1bMpgzE=", key.clone()),
+                sub("gw1.plant.example.net", "localhost"),
+                sub("websockets=False", websockets),
+            ],
+        )
+            + "print(\"ready\", flush=True)\nimport sys\nsys.stdin.readline()\nclient.shutdown()\nprint(\"done\")\n";
+        let file = dir.join(format!("device-{transport}.py"));
+        std::fs::write(&file, &script).unwrap();
+        let out_path = dir.join(format!("device-{transport}.out"));
+        let out = std::fs::File::create(&out_path).unwrap();
+        let mut device = Killed(
+            Command::new(&python)
+                .arg(&file)
+                .current_dir(&dir)
+                .env("PYTHONUNBUFFERED", "1")
+                .stdin(Stdio::piped())
+                .stdout(out.try_clone().unwrap())
+                .stderr(out)
+                .spawn()
+                .unwrap(),
+        );
+        let output = || std::fs::read_to_string(&out_path).unwrap_or_default();
+        let wait_for = |text: &str, device: &mut Killed| {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !output().contains(text) {
+                if let Ok(Some(status)) = device.0.try_wait() {
+                    panic!("{transport}: the device exited with {status}:\n{}", output());
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{transport}: no {text:?} from the device:\n{}\n--- node ---\n{}",
+                    output(),
+                    node.log()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+        wait_for("ready", &mut device);
+        assert!(
+            output().contains("'reported': {"),
+            "{transport}: twin GET: {}",
+            output()
+        );
+
+        node.run(
+            &format!("sdk-send-{transport}"),
+            "holdfast device send thermostat-7 hello --property k=v\n\
+             holdfast method invoke thermostat-7 reboot '{\"delay\":5}'\n",
+        )
+        .succeeds()
+        .prints("sent to thermostat-7")
+        .prints("status 200")
+        .prints("\"done\": true");
+        wait_for("c2d: b'hello' {'k': 'v'}", &mut device);
+
+        drop(device.0.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = device.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "{transport}: the device did not shut down");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "{transport}: {status}:\n{}", output());
+        let twin = node.api("/api/v1/twins/thermostat-7");
+        assert_eq!(twin["reported"]["firmware"], "1.2", "{transport}: {twin}");
+        // The telemetry message was routed (upstream: the default router).
+        let metrics = http_get(node.admin, "/metrics", None).unwrap().1;
+        let routed = format!("holdfast_mqtt_messages_routed_total{{action=\"upstream\"}} {}", run + 1);
+        assert!(
+            metrics.lines().any(|l| l == routed),
+            "{transport}: no {routed:?} in\n{metrics}"
+        );
     }
 }

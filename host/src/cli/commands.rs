@@ -741,9 +741,7 @@ pub(crate) fn deploy_command(client: &AdminClient, cmd: DeployCommand, json: boo
 fn kept_config_hint(e: anyhow::Error) -> anyhow::Error {
     let message = format!("{e:#}");
     if message.contains("plugin init failed") {
-        anyhow!(
-            "{message}; the swap kept the slot's plugin config: give this plugin its own with --plugin-config FILE"
-        )
+        anyhow!("{message}; the swap kept the slot's plugin config: give this plugin its own with --plugin-config FILE")
     } else {
         e
     }
