@@ -201,13 +201,15 @@ async fn import(State(state): State<Arc<NodeState>>, body: Bytes) -> Result<(Sta
     let bundle: Bundle = serde_json::from_slice(&body).map_err(bad_json)?;
     let doc = blocking_state(&state, move |state| {
         // The components must be plugins of their slots' worlds, as at
-        // upload; what cannot be read here the deployer refuses.
+        // upload. What is missing, unreadable or does not match its hash
+        // the deployer refuses as such.
         if let Ok(doc) = serde_json::from_str::<holdfast_deploy::model::Doc>(&bundle.signed.doc) {
             use base64::Engine as _;
             let slots = doc.spec.plugins.iter().map(|(slot, p)| (slot, &p.sha256));
             check_spec_components(state, slots, |sha| {
                 let b64 = bundle.components.get(sha)?;
-                base64::engine::general_purpose::STANDARD.decode(b64).ok()
+                let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+                (holdfast_deploy::model::sha256_hex(&bytes) == sha).then_some(bytes)
             })?;
         }
         Ok(state.deploy.import(bundle)?)
