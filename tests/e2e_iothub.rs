@@ -705,7 +705,9 @@ impl RawDevice {
                 return Some(p);
             }
             let left = deadline.checked_duration_since(Instant::now())?;
-            self.stream.set_read_timeout(Some(left.max(Duration::from_millis(1)))).unwrap();
+            self.stream
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
             let mut chunk = [0u8; 4096];
             match self.stream.read(&mut chunk) {
                 Ok(0) => panic!("the broker closed the connection"),
@@ -790,7 +792,10 @@ fn c2d_leaves_the_queue_only_when_the_device_has_it() {
         );
         assert_eq!(code, 202, "{body}");
         let v: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(v["state"], "queued", "nothing is delivered before the device acknowledges it: {v}");
+        assert_eq!(
+            v["state"], "queued",
+            "nothing is delivered before the device acknowledges it: {v}"
+        );
         v["id"].as_str().unwrap().to_string()
     };
 
@@ -825,7 +830,10 @@ fn c2d_leaves_the_queue_only_when_the_device_has_it() {
             .all(|id| feedback(id).is_some_and(|f| f["outcome"] == "delivered"))
     });
     assert_eq!(queued("dev1"), 0);
-    assert!(dev1.publish(Duration::from_millis(300)).is_none(), "each message goes once");
+    assert!(
+        dev1.publish(Duration::from_millis(300)).is_none(),
+        "each message goes once"
+    );
 
     // A device that accepts packets of at most 128 bytes.
     let mut dev2 = RawDevice::connect(gw.mqtt, "dev2", &key(2), 10, 128);

@@ -1248,7 +1248,10 @@ fn websocket_upgrades_are_answered_and_bounded() {
             String::from_utf8_lossy(&got).into_owned()
         };
         let plain = exchange("GET /mqtt HTTP/1.1\r\nHost: gw\r\n\r\n".into()).await;
-        assert!(plain.starts_with("HTTP/1.1 426 Upgrade Required\r\n"), "plain GET: {plain:?}");
+        assert!(
+            plain.starts_with("HTTP/1.1 426 Upgrade Required\r\n"),
+            "plain GET: {plain:?}"
+        );
         assert!(plain.contains("Upgrade: websocket\r\n"), "{plain}");
         let root = exchange("GET / HTTP/1.1\r\nHost: gw\r\n\r\n".into()).await;
         assert!(root.starts_with("HTTP/1.1 404 "), "GET /: {root:?}");
@@ -1258,7 +1261,10 @@ fn websocket_upgrades_are_answered_and_bounded() {
         assert!(version.starts_with("HTTP/1.1 426 "), "version 8: {version:?}");
         assert!(version.contains("Sec-WebSocket-Version: 13\r\n"), "{version}");
         let garbage = exchange("\x10\x0c\x00\x04MQTT\x05\x02\x00\x3c\x00\x00".into()).await;
-        assert!(garbage.starts_with("HTTP/1.1 400 "), "MQTT on the WebSocket port: {garbage:?}");
+        assert!(
+            garbage.starts_with("HTTP/1.1 400 "),
+            "MQTT on the WebSocket port: {garbage:?}"
+        );
 
         // Two slow clients from 127.0.0.1, a header line every 200 ms.
         let mut drips = Vec::new();
@@ -1283,19 +1289,30 @@ fn websocket_upgrades_are_answered_and_bounded() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         // A third from the same address is turned away at once.
         let third = exchange(upgrade("/mqtt", "13", KEY)).await;
-        assert!(third.starts_with("HTTP/1.1 429 "), "a third upgrade from 127.0.0.1: {third:?}");
+        assert!(
+            third.starts_with("HTTP/1.1 429 "),
+            "a third upgrade from 127.0.0.1: {third:?}"
+        );
         // A client from another address upgrades and speaks MQTT meanwhile.
         let mut other = connect_from("127.0.0.2").await;
         other.write_all(upgrade("/mqtt", "13", KEY).as_bytes()).await.unwrap();
         let mut head = Vec::new();
         while !head.ends_with(b"\r\n\r\n") {
             let mut b = [0u8; 1];
-            assert_eq!(other.read(&mut b).await.unwrap(), 1, "{}", String::from_utf8_lossy(&head));
+            assert_eq!(
+                other.read(&mut b).await.unwrap(),
+                1,
+                "{}",
+                String::from_utf8_lossy(&head)
+            );
             head.push(b[0]);
         }
         let head = String::from_utf8_lossy(&head);
         assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
-        assert!(head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"), "{head}");
+        assert!(
+            head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"),
+            "{head}"
+        );
         let mut client = tokio_tungstenite::WebSocketStream::from_raw_socket(
             other,
             tokio_tungstenite::tungstenite::protocol::Role::Client,
@@ -1304,12 +1321,21 @@ fn websocket_upgrades_are_answered_and_bounded() {
         .await;
         use futures_util::{SinkExt, StreamExt};
         client
-            .send(tokio_tungstenite::tungstenite::Message::Binary(connect_v5("ws-other").to_vec().into()))
+            .send(tokio_tungstenite::tungstenite::Message::Binary(
+                connect_v5("ws-other").to_vec().into(),
+            ))
             .await
             .unwrap();
-        let m = tokio::time::timeout(Duration::from_secs(5), client.next()).await.unwrap().unwrap().unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(5), client.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         let got = decode_all(&m.into_data(), codec::Version::V5);
-        assert!(matches!(got.first(), Some(codec::Packet::ConnAck(a)) if a.code == 0), "{got:?}");
+        assert!(
+            matches!(got.first(), Some(codec::Packet::ConnAck(a)) if a.code == 0),
+            "{got:?}"
+        );
         // The drips are cut at the deadline, with an answer, though they
         // never stop sending.
         for d in drips {

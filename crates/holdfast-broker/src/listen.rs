@@ -512,7 +512,9 @@ async fn upgrade<S>(
         cert_thumbprint,
         cert_common_name,
     };
-    serve(broker.clone(), crate::websocket::WsStream::new(ws), peer).await;
+    // A task of its own: the connection's task then holds the MQTT
+    // connection's state only, not the handshake's as well.
+    tokio::spawn(serve(broker.clone(), crate::websocket::WsStream::new(ws), peer));
 }
 
 async fn accept_quic(broker: Arc<Broker>, endpoint: quinn::Endpoint, mut stop: watch::Receiver<bool>) {

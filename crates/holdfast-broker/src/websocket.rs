@@ -25,10 +25,11 @@ const SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
 pub const MAX_HEAD: usize = 8 << 10;
 
 /// Bytes an upgraded connection reads from its socket at a time, and keeps
-/// allocated while idle. tungstenite's default (128 KiB) made an idle
-/// WebSocket cost ten times a TCP connection; a larger message still
-/// arrives whole (the buffer grows to it, read by read).
-pub const READ_BUFFER: usize = 4 << 10;
+/// allocated while idle (the TCP path reads 1 KiB at a time while idle
+/// too). tungstenite's default (128 KiB) made an idle WebSocket cost ten
+/// times a TCP connection; a larger message still arrives whole (the
+/// buffer grows to it, read by read).
+pub const READ_BUFFER: usize = 1 << 10;
 
 /// Why an upgrade was refused (the `result` of `holdfast_mqtt_connects_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -270,13 +271,18 @@ pub async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(Head, Ve
                 format!("the request head is longer than {MAX_HEAD} bytes"),
             ));
         }
-        let room = (MAX_HEAD - buf.len()).min(2048);
-        let mut chunk = [0u8; 2048];
-        match stream.read(&mut chunk[..room]).await {
+        // Read into the vector's spare room (no buffer in the future,
+        // which would stay allocated with the connection's task).
+        buf.reserve((MAX_HEAD - buf.len()).min(1024));
+        let room = MAX_HEAD - buf.len();
+        match (&mut *stream).take(room as u64).read_buf(&mut buf).await {
             Ok(0) | Err(_) => {
-                return Err(Refusal::new(Refused::BadRequest, "the connection closed inside the request head"));
+                return Err(Refusal::new(
+                    Refused::BadRequest,
+                    "the connection closed inside the request head",
+                ));
             }
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Ok(_) => {}
         }
     }
 }
@@ -318,7 +324,10 @@ pub fn check_upgrade(head: &Head, paths: &[String]) -> Result<Upgrade, Refusal> 
     }
     let path = head.target.split_once('?').map_or(head.target.as_str(), |(p, _)| p);
     if !paths.iter().any(|p| p == path) {
-        return Err(Refusal::new(Refused::Path, format!("no MQTT WebSocket endpoint at {path}")));
+        return Err(Refusal::new(
+            Refused::Path,
+            format!("no MQTT WebSocket endpoint at {path}"),
+        ));
     }
     if head.minor < 1 {
         return Err(Refusal::new(Refused::BadRequest, "a WebSocket upgrade needs HTTP/1.1"));
@@ -330,7 +339,10 @@ pub fn check_upgrade(head: &Head, paths: &[String]) -> Result<Upgrade, Refusal> 
         ));
     }
     if !head.values("connection").any(|v| v.eq_ignore_ascii_case("upgrade")) {
-        return Err(Refusal::new(Refused::BadRequest, "the upgrade needs \"Connection: Upgrade\""));
+        return Err(Refusal::new(
+            Refused::BadRequest,
+            "the upgrade needs \"Connection: Upgrade\"",
+        ));
     }
     if head.one("sec-websocket-version") != Some("13") {
         return Err(Refusal::new(Refused::Version, "the WebSocket version must be 13"));
@@ -408,6 +420,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
             if !this.pending.is_empty() {
                 let n = this.pending.len().min(buf.remaining());
                 buf.put_slice(&this.pending.split_to(n));
+                if this.pending.is_empty() {
+                    // An empty slice of the message would still hold the
+                    // WebSocket's read buffer it was cut from.
+                    this.pending = Bytes::new();
+                }
                 return Poll::Ready(Ok(()));
             }
             if this.eof {
@@ -490,21 +507,33 @@ mod tests {
         let good = |path: &str, protocols: &str| {
             upgrade_request(
                 path,
-                &format!("Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Protocol: {protocols}\r\n"),
+                &format!(
+                    "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Protocol: {protocols}\r\n"
+                ),
             )
         };
-        let ok = check_upgrade(&head(&good("/$iothub/websocket?iothub-no-client-cert=true", "mqtt")), &paths).unwrap();
+        let ok = check_upgrade(
+            &head(&good("/$iothub/websocket?iothub-no-client-cert=true", "mqtt")),
+            &paths,
+        )
+        .unwrap();
         // RFC 6455 section 1.3's example.
         assert_eq!(ok.accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
         assert_eq!(ok.protocol, "mqtt");
         let text = String::from_utf8(ok.response()).unwrap();
-        assert!(text.starts_with("HTTP/1.1 101 ") && text.contains("Sec-WebSocket-Protocol: mqtt\r\n"), "{text}");
+        assert!(
+            text.starts_with("HTTP/1.1 101 ") && text.contains("Sec-WebSocket-Protocol: mqtt\r\n"),
+            "{text}"
+        );
         let old = check_upgrade(&head(&good("/mqtt", "mqttv3.1, chat")), &paths).unwrap();
         assert_eq!(old.protocol, "mqttv3.1");
         assert_eq!(refused(&good("/other", "mqtt"), &paths), (404, Refused::Path));
         assert_eq!(
             refused(
-                &upgrade_request("/mqtt", &format!("Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n")),
+                &upgrade_request(
+                    "/mqtt",
+                    &format!("Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n")
+                ),
                 &paths
             ),
             (400, Refused::Subprotocol)
@@ -528,7 +557,13 @@ mod tests {
         );
         assert_eq!(refused(&v8, &paths), (426, Refused::Version));
         // Keys that are not 16 bytes of base64.
-        for key in ["", "abc", "not base64 at all!!!", "AAAAAAAAAAAAAAAAAAAAAAAAAAAA", "dGhlIHNhbXBsZSBub25jZQ"] {
+        for key in [
+            "",
+            "abc",
+            "not base64 at all!!!",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            "dGhlIHNhbXBsZSBub25jZQ",
+        ] {
             let r = upgrade_request(
                 "/mqtt",
                 &format!("Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: mqtt\r\n"),
@@ -539,7 +574,10 @@ mod tests {
             "GET /mqtt HTTP/1.1\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n"
         );
         assert_eq!(refused(&no_connection, &paths), (400, Refused::BadRequest));
-        assert_eq!(refused(&good("/mqtt", "mqtt").replacen("GET", "POST", 1), &paths), (405, Refused::Method));
+        assert_eq!(
+            refused(&good("/mqtt", "mqtt").replacen("GET", "POST", 1), &paths),
+            (405, Refused::Method)
+        );
         assert_eq!(
             refused(&good("/mqtt", "mqtt").replacen("HTTP/1.1", "HTTP/1.0", 1), &paths),
             (400, Refused::BadRequest)
@@ -551,7 +589,10 @@ mod tests {
         assert_eq!(parse_head(b"GET /mqtt HTTP/1.1\r\nHost: a"), Parsed::Partial);
         let h = head("GET /mqtt?x=1 HTTP/1.1\r\nHost:  gw \r\nX-Empty:\r\n\r\n");
         assert_eq!(h.target, "/mqtt?x=1");
-        assert_eq!(h.headers, [("Host".into(), "gw".into()), ("X-Empty".into(), String::new())]);
+        assert_eq!(
+            h.headers,
+            [("Host".into(), "gw".into()), ("X-Empty".into(), String::new())]
+        );
         // What follows the head is the WebSocket's.
         match parse_head(b"GET / HTTP/1.1\r\n\r\n\x82\x00") {
             Parsed::Complete(_, n) => assert_eq!(n, 18),
@@ -569,7 +610,11 @@ mod tests {
             b"GET /\xff HTTP/1.1\r\n\r\n",
             b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00",
         ] {
-            assert!(matches!(parse_head(bad), Parsed::Invalid(_)), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                matches!(parse_head(bad), Parsed::Invalid(_)),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

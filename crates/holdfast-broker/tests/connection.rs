@@ -3,6 +3,9 @@
 //! written in Rust here) and no timers (nothing in these tests sleeps or
 //! waits for a timeout; every step waits for the broker's answer).
 
+// Helpers outside `#[test]` functions unwrap too (clippy.toml allows it in tests only).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 
 use bytes::BytesMut;

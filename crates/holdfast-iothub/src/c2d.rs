@@ -10,8 +10,13 @@
 //! stays queued here until the child has stored it (it acknowledges), so
 //! a link that breaks loses nothing.
 //!
-//! Whatever becomes of a message (delivered to the device's session,
-//! expired, refused) is a feedback record for its owner, the node where it
+//! A message for a device connected here leaves the queue only when the
+//! device has it (its PUBACK), not when its MQTT session was handed it: a
+//! session that lets it go undelivered (its queue full, the connection
+//! gone) leaves it queued here.
+//!
+//! Whatever becomes of a message (delivered to the device, expired,
+//! refused) is a feedback record for its owner, the node where it
 //! was sent; a node below sends its feedback up the link, again durably
 //! until the parent acknowledges it.
 //!
@@ -57,11 +62,14 @@ pub struct C2dMessage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Outcome {
-    /// Handed to the device's MQTT session.
+    /// The device has it: it acknowledged it (PUBACK; at QoS 0, it was
+    /// written to its connection), or an older child gateway was handed it.
     Delivered,
     /// Its time-to-live passed before the device could get it.
     Expired,
-    /// Refused: the device's queue was full, or it is unknown.
+    /// Refused: the device's queue was full, or it is unknown, or it can
+    /// never reach the device (larger than its Maximum Packet Size, or
+    /// refused by its PUBACK).
     Rejected,
 }
 

@@ -43,8 +43,8 @@ use self::c2d::{C2d, C2dMessage, Feedback, Outcome};
 use self::twin::{DesiredChange, Twins};
 use crate::service::Svc;
 use holdfast_broker::session::Delivery;
-use holdfast_broker::{Broker, NotTaken};
 use holdfast_broker::session::Msg;
+use holdfast_broker::{Broker, NotTaken};
 use holdfast_metrics::{EventLabels, Metrics};
 use holdfast_registry::{Hop, Registry};
 
