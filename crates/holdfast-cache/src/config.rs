@@ -110,3 +110,38 @@ impl CacheConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_limits_are_checked() {
+        let ok = CacheConfig::default();
+        assert_eq!(ok.validate(), Ok(()));
+        assert_eq!(
+            (
+                ok.max_connections_per_ip,
+                ok.reserved_connections_percent,
+                ok.header_timeout_ms
+            ),
+            (64, 10, 10_000)
+        );
+        let bad = |f: fn(&mut CacheConfig)| {
+            let mut c = CacheConfig::default();
+            f(&mut c);
+            c.validate().map_err(|(key, _)| key)
+        };
+        assert_eq!(
+            bad(|c| c.max_connections_per_ip = 0),
+            Err("cache.max_connections_per_ip")
+        );
+        assert_eq!(
+            bad(|c| c.reserved_connections_percent = 91),
+            Err("cache.reserved_connections_percent")
+        );
+        assert_eq!(bad(|c| c.reserved_connections_percent = 90), Ok(()));
+        assert_eq!(bad(|c| c.header_timeout_ms = 99), Err("cache.header_timeout_ms"));
+        assert_eq!(bad(|c| c.header_timeout_ms = 600_001), Err("cache.header_timeout_ms"));
+    }
+}
