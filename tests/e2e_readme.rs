@@ -830,3 +830,45 @@ fn iothub_sdk_recipe_runs_as_written() {
         );
     }
 }
+
+/// docs/link.md's troubleshooting row for "not a registered child gateway":
+/// a gateway added without `--parent` (as the README once said) is refused,
+/// and the row's fix, `holdfast device set-parent X P` on the root, lets it
+/// in with no restart.
+#[test]
+fn link_troubleshooting_a_gateway_without_parent() {
+    let row = include_str!("../docs/link.md")
+        .lines()
+        .find(|l| l.contains("is not a registered child gateway of P"))
+        .expect("link.md's troubleshooting row")
+        .to_string();
+    for text in [
+        "holdfast device add X --kind gateway --parent P",
+        "holdfast device set-parent X P",
+        "no restart",
+    ] {
+        assert!(row.contains(text), "the row says {text:?}: {row}");
+    }
+
+    let certs = support::fleet::fleet(&["root", "plant-gw"]);
+    let link = free_port();
+    let root = support::Gateway::start_named(
+        "root",
+        &(support::fleet::fleet_section(certs.path(), "root") + &support::fleet::listen_section(link)),
+    );
+    let plant = support::Gateway::start_named(
+        "plant-gw",
+        &(support::fleet::fleet_section(certs.path(), "plant-gw")
+            + &support::fleet::upstream_section(support::fleet::addr(link), "root")),
+    );
+    root.cli_ok(&["device", "add", "plant-gw", "--kind", "gateway"]);
+    support::fleet::wait_until(30, "the refusal", || {
+        plant.api("/api/v1/link")["link"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("plant-gw is not a registered child gateway of root"))
+    });
+    root.cli_ok(&["device", "set-parent", "plant-gw", "root"]);
+    support::fleet::wait_until(30, "plant-gw's link", || {
+        root.api("/api/v1/link")["link"]["children"].get("plant-gw").is_some()
+    });
+}
