@@ -650,7 +650,9 @@ impl Hub {
     }
 
     /// Sends a cloud-to-device message: queued durably here, then handed on
-    /// as far as it can go now. Returns whether it was delivered at once.
+    /// as far as it can go now. Returns whether it was delivered at once
+    /// (its feedback says `delivered`): a device connected here has it only
+    /// once it acknowledges it, so this is mostly false (`queued`).
     ///
     /// # Errors
     /// Unknown device, its queue full, no queues, or storage failed.
@@ -673,7 +675,14 @@ impl Hub {
             Err(c2d::QueueError::Store(e)) => return Err(C2dError::Store(e.to_string())),
         }
         self.c2d_flush(&device);
-        Ok(!q.queued(&device).iter().any(|x| x.id == id))
+        // Delivered at once only when its feedback says so (an older child
+        // gateway was handed it); a message off the queue may also have
+        // been rejected, or be on its way to its feedback record.
+        if q.queued(&device).iter().any(|x| x.id == id) {
+            return Ok(false);
+        }
+        let recorded = q.recorded(64).map_err(|e| C2dError::Store(e.to_string()))?;
+        Ok(recorded.iter().any(|f| f.id == id && f.outcome == Outcome::Delivered))
     }
 
     /// Records what became of a message (here, or for its owner up the tree).
@@ -730,9 +739,11 @@ impl Hub {
                 else {
                     return;
                 };
-                // One hand-over at a time, so two flushes keep the order.
+                // One hand-over at a time, so two flushes keep the order;
+                // the queue as it is now (a message settled meanwhile is
+                // off it, see `c2d_settled`).
                 let _order = lock(&self.c2d_flushing);
-                for m in queued {
+                for m in q.queued(device) {
                     // Already with the device's session, waiting for its PUBACK.
                     if !lock(&self.c2d_handed).insert(m.id.clone()) {
                         continue;
@@ -816,10 +827,10 @@ impl Hub {
     /// (`rejected`, with the reason); otherwise (`None`: the session let it
     /// go undelivered) it stays queued for the device's next session.
     fn c2d_settled(&self, m: &C2dMessage, verdict: Option<Delivery>) {
-        lock(&self.c2d_handed).remove(&m.id);
         let Some(q) = self.c2d.get() else { return };
         let (outcome, reason) = match verdict {
             None => {
+                lock(&self.c2d_handed).remove(&m.id);
                 self.c2d_flush(&m.device);
                 return;
             }
@@ -835,11 +846,18 @@ impl Hub {
                 Some(format!("the device refused it (PUBACK reason code 0x{code:02x})")),
             ),
         };
-        match q.remove(&m.device, &m.id) {
-            // Gone already: its time-to-live passed meanwhile (and said so).
-            Ok(None) => {}
-            Ok(Some(m)) => self.c2d_outcome(&m, outcome, reason),
-            Err(e) => tracing::error!(error = %e, "c2d: cannot dequeue a delivered message; it goes again"),
+        {
+            // Off the queue and off the handed set together, so a flush
+            // sees it in one or the other and never sends it again.
+            let _order = lock(&self.c2d_flushing);
+            let removed = q.remove(&m.device, &m.id);
+            lock(&self.c2d_handed).remove(&m.id);
+            match removed {
+                // Gone already: its time-to-live passed meanwhile (and said so).
+                Ok(None) => {}
+                Ok(Some(m)) => self.c2d_outcome(&m, outcome, reason),
+                Err(e) => tracing::error!(error = %e, "c2d: cannot dequeue a delivered message; it goes again"),
+            }
         }
         if outcome == Outcome::Rejected {
             // It held the rest back.
