@@ -779,7 +779,7 @@ fn a_child_declaring_a_huge_zstd_window_is_refused() {
         let mut endpoint = quinn::Endpoint::client(addr(0)).unwrap();
         endpoint.set_default_client_config(client);
         let conn = endpoint.connect(addr(root_link), "root").unwrap().await.unwrap();
-        let (mut control, mut control_recv) = conn.open_bi().await.unwrap();
+        let (mut control, control_recv) = conn.open_bi().await.unwrap();
         let mut hello = BytesMut::new();
         Frame::Hello {
             version: wire::VERSION,
@@ -789,13 +789,13 @@ fn a_child_declaring_a_huge_zstd_window_is_refused() {
         .encode(&mut hello)
         .unwrap();
         control.write_all(&hello).await.unwrap();
-        let welcome = wire::read_frame(&mut control_recv, 1 << 16).await.unwrap();
+        let welcome = wire::FramedRecv::new(control_recv, 1 << 16).next().await.unwrap();
         assert!(matches!(welcome, Some(Frame::Welcome { .. })), "{welcome:?}");
         assert!(wire::is_v2(&conn), "ZBATCH needs link/2 or later");
         // The window the link allows: stored and acknowledged.
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let (mut send, recv) = conn.open_bi().await.unwrap();
         send.write_all(&zbatch(1, wire::ZSTD_WINDOW_LOG as u8)).await.unwrap();
-        let acked = wire::read_frame(&mut recv, 1 << 16).await.unwrap();
+        let acked = wire::FramedRecv::new(recv, 1 << 16).next().await.unwrap();
         // 128 MiB: refused, and the connection closed.
         let (mut send, _recv) = conn.open_bi().await.unwrap();
         send.write_all(&zbatch(2, 27)).await.unwrap();

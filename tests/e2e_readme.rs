@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{free_port, http_get, BIN};
+use support::{BIN, free_port, http_get};
 
 const README: &str = include_str!("../README.md");
 const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -758,8 +758,7 @@ fn iothub_sdk_recipe_runs_as_written() {
                 sub("gw1.plant.example.net", "localhost"),
                 sub("websockets=False", websockets),
             ],
-        )
-            + "print(\"ready\", flush=True)\nimport sys\nsys.stdin.readline()\nclient.shutdown()\nprint(\"done\")\n";
+        ) + "print(\"ready\", flush=True)\nimport sys\nsys.stdin.readline()\nclient.shutdown()\nprint(\"done\")\n";
         let file = dir.join(format!("device-{transport}.py"));
         std::fs::write(&file, &script).unwrap();
         let out_path = dir.join(format!("device-{transport}.out"));

@@ -13,13 +13,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 use super::reconnect::{Ended, Probe, Upstream, drive, within};
-use super::window::{AckError, LaneWindow};
 use super::wire::{self, Frame, close};
 use super::{Ctx, LinkError, LinkState, fleet_material, outgoing, transport};
 use crate::config::Sections;
+use holdfast_link_proto::handshake;
+use holdfast_link_proto::lane::ChildLane;
 use holdfast_metrics::ResultLabels;
 use holdfast_outbox::LANES;
 
@@ -142,7 +143,7 @@ async fn connect(ctx: &Ctx, endpoint: &quinn::Endpoint, addr: SocketAddr) -> Res
         Err(e) => return Err(classify_connect_error(e, &result)),
         Ok(c) => c,
     };
-    let (mut send, mut recv) = match conn.open_bi().await {
+    let (mut send, recv) = match conn.open_bi().await {
         Ok(s) => s,
         Err(e) => {
             result("error");
@@ -150,42 +151,39 @@ async fn connect(ctx: &Ctx, endpoint: &quinn::Endpoint, addr: SocketAddr) -> Res
         }
     };
     let mut buf = BytesMut::new();
-    Frame::Hello {
-        version: wire::VERSION,
-        node_id: ctx.node_id.clone(),
-        instance: ctx.outbox.instance(),
-    }
-    .encode(&mut buf)
-    .map_err(|e| {
-        result("error");
-        Ended::Unreachable(format!("hello: {e}"))
-    })?;
+    handshake::hello(&ctx.node_id, ctx.outbox.instance())
+        .encode(&mut buf)
+        .map_err(|e| {
+            result("error");
+            Ended::Unreachable(format!("hello: {e}"))
+        })?;
     if let Err(e) = send.write_all(&buf).await {
         result("error");
         return Err(Ended::Unreachable(format!("hello: {e}")));
     }
     let no_answer = || "no answer to hello".to_string();
-    let answer = within(timeout, &result, no_answer, wire::read_frame(&mut recv, MAX_DOWN_FRAME)).await?;
-    let parent = match answer {
-        Ok(Some(Frame::Welcome { version, node_id })) => {
-            if version != wire::VERSION {
-                result("refused");
-                return Err(Ended::Refused(format!("parent speaks link version {version}")));
-            }
-            node_id
-        }
-        Ok(Some(Frame::Refuse { code, reason })) => {
-            result("refused");
-            tracing::error!(code, %reason, "link: the parent refused this node");
-            return Err(Ended::Refused(format!("refused by the parent: {reason}")));
-        }
-        Ok(other) => {
-            result("error");
-            return Err(Ended::Refused(format!("unexpected answer to hello: {other:?}")));
-        }
+    let mut control = wire::FramedRecv::new(recv, MAX_DOWN_FRAME);
+    let answer = match within(timeout, &result, no_answer, control.next()).await? {
+        Ok(frame) => handshake::read_answer(frame),
         Err(e) => {
             result("error");
             return Err(Ended::Unreachable(format!("hello: {e}")));
+        }
+    };
+    let parent = match answer {
+        Ok(parent) => parent,
+        Err(e @ handshake::HelloError::Refused { .. }) => {
+            result("refused");
+            tracing::error!(error = %e, "link: the parent refused this node");
+            return Err(Ended::Refused(e.to_string()));
+        }
+        Err(e @ handshake::HelloError::Version(_)) => {
+            result("refused");
+            return Err(Ended::Refused(e.to_string()));
+        }
+        Err(e) => {
+            result("error");
+            return Err(Ended::Refused(e.to_string()));
         }
     };
     result("ok");
@@ -274,173 +272,144 @@ async fn lane_sender(ctx: Arc<Ctx>, conn: quinn::Connection, lane: u8, compress:
 }
 
 async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8, compress: bool) -> Result<(), String> {
-    // One zstd context per lane stream, on both sides.
-    let mut compressor = if compress {
-        Some(wire::Compressor::new(ctx.config.compression_level).map_err(|e| format!("zstd: {e}"))?)
-    } else {
-        None
-    };
+    // The lane's protocol state: its window, and its zstd context (one per
+    // lane stream, on both sides).
+    let level = compress.then_some(ctx.config.compression_level);
+    let mut state = ChildLane::new(lane, ctx.config.window_messages, level).map_err(|e| e.to_string())?;
     let mut work = ctx.outbox.watch_work();
     let window = ctx.config.window_messages;
     let batch_max = ctx.config.batch_messages;
-    let inflight = Arc::new(std::sync::Mutex::new(LaneWindow::new(window)));
-    let acked = Arc::new(Notify::new());
-    let mut stream: Option<quinn::SendStream> = None;
-    let mut acks: Option<tokio::task::JoinHandle<()>> = None;
-    let mut buf = BytesMut::new();
-    let result = async {
-        loop {
-            let room = holdfast_model::lock(&inflight).room();
-            if room == 0 {
-                acked.notified().await;
-                continue;
+    let mut stream: Option<(quinn::SendStream, wire::FramedRecv)> = None;
+    loop {
+        // Acks that are here already, without waiting (reading is cancel-safe).
+        if let Some((_, acks)) = stream.as_mut() {
+            loop {
+                let frame = tokio::select! {
+                    biased;
+                    f = acks.next() => f,
+                    () = std::future::ready(()) => break,
+                };
+                take_ack(ctx, &mut state, frame).await?;
             }
+        }
+        let room = state.room();
+        if room > 0 {
             work.borrow_and_update();
             let leased = ctx
                 .outbox
                 .lease_lane(lane, batch_max.min(room))
                 .map_err(|e| format!("outbox: {e}"))?;
-            if leased.items.is_empty() {
-                tokio::select! {
-                    r = work.changed() => r.map_err(|_| "outbox closed".to_string())?,
-                    _ = acked.notified() => {}
-                }
-                continue;
-            }
-            if stream.is_none() {
-                let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-                // Higher value goes first: lane 0 highest.
-                let _ = send.set_priority(i32::from(LANES as u8 - lane));
-                buf.clear();
-                Frame::Lane(lane).encode(&mut buf).map_err(|e| e.to_string())?;
-                send.write_all(&buf).await.map_err(|e| e.to_string())?;
-                acks = Some(tokio::spawn(ack_reader(
-                    ctx.clone(),
-                    conn.clone(),
-                    recv,
-                    inflight.clone(),
-                    acked.clone(),
-                )));
-                stream = Some(send);
-            }
-            let now = ctx.outbox.clock_ms();
-            let mut records = Vec::with_capacity(leased.items.len());
-            let mut ids = Vec::with_capacity(leased.items.len());
-            let mut expired = Vec::new();
-            let mut batch_bytes = 0usize;
-            let mut unsent = Vec::new();
-            // Under a byte-rate cap, batches of a quarter second at most, so
-            // the cap paces them instead of letting one large batch through.
-            let batch_limit = match ctx.rate.rate() {
-                0 => MAX_BATCH_BYTES,
-                r => usize::try_from(r / 4)
-                    .unwrap_or(MAX_BATCH_BYTES)
-                    .clamp(4096, MAX_BATCH_BYTES),
-            };
-            for item in &leased.items {
-                if batch_bytes >= batch_limit {
-                    // The rest go in the next batch.
-                    unsent.push(item.id);
+            if !leased.items.is_empty() {
+                let records = batch(ctx, &leased).await;
+                if records.is_empty() {
                     continue;
                 }
-                match outgoing(item, now) {
-                    Some(Ok((head, payload))) => {
-                        batch_bytes += head.len() + payload.len() + 4;
-                        records.push((head, payload));
-                        ids.push(item.id);
-                    }
-                    // Expired since it was leased, or (impossible for a stored record) unencodable.
-                    _ => expired.push(item.id),
+                if stream.is_none() {
+                    let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+                    // Higher value goes first: lane 0 highest.
+                    let _ = send.set_priority(i32::from(LANES as u8 - lane));
+                    stream = Some((send, wire::FramedRecv::new(recv, MAX_DOWN_FRAME)));
                 }
-            }
-            if !expired.is_empty() {
-                // Nothing to send for these; deleting them is what expiry would do.
-                let _ = ctx.outbox.ack(&expired).await;
-            }
-            if !unsent.is_empty() {
-                ctx.outbox.release(&unsent);
-            }
-            if records.is_empty() {
+                let out = state.send(records).map_err(|e| e.to_string())?;
+                let waited = ctx.rate.take(usize::from(lane), out.wire_bytes).await;
+                if !waited.is_zero() {
+                    ctx.metrics.link_throttled_seconds.inc_by(waited.as_secs_f64());
+                }
+                if let Some((send, _)) = stream.as_mut() {
+                    let mut chunks = out.frames;
+                    send.write_all_chunks(&mut chunks).await.map_err(|e| e.to_string())?;
+                }
+                ctx.metrics.link_sent.inc_by(out.records);
+                ctx.metrics.link_batch_bytes.inc_by(out.raw_bytes);
+                ctx.metrics.link_wire_bytes.inc_by(out.wire_bytes);
+                ctx.status.update(|s| {
+                    s.sent += out.records;
+                    s.window = window;
+                });
                 continue;
             }
-            let n = records.len() as u64;
-            let raw: u64 = records.iter().map(|(h, p)| 4 + (h.len() + p.len()) as u64).sum();
-            let mut chunks = match compressor.as_mut() {
-                Some(c) => {
-                    let mut out = BytesMut::new();
-                    c.zbatch(&records)
-                        .and_then(|f| f.encode(&mut out))
-                        .map_err(|e| e.to_string())?;
-                    vec![out.freeze()]
-                }
-                None => Frame::batch_chunks(records).map_err(|e| e.to_string())?,
-            };
-            let wire_bytes: u64 = chunks.iter().map(|c| c.len() as u64).sum();
-            let waited = ctx.rate.take(usize::from(lane), wire_bytes).await;
-            if !waited.is_zero() {
-                ctx.metrics.link_throttled_seconds.inc_by(waited.as_secs_f64());
+        }
+        // Wait for an ack, or (with room) for new messages.
+        let next_ack = async {
+            match stream.as_mut() {
+                Some((_, acks)) => acks.next().await,
+                None => std::future::pending().await,
             }
-            holdfast_model::lock(&inflight).sent(ids);
-            if let Some(s) = stream.as_mut() {
-                s.write_all_chunks(&mut chunks).await.map_err(|e| e.to_string())?;
-            }
-            ctx.metrics.link_sent.inc_by(n);
-            ctx.metrics.link_batch_bytes.inc_by(raw);
-            ctx.metrics.link_wire_bytes.inc_by(wire_bytes);
-            ctx.status.update(|s| {
-                s.sent += n;
-                s.window = window;
-            });
+        };
+        tokio::select! {
+            f = next_ack => take_ack(ctx, &mut state, f).await?,
+            r = work.changed(), if room > 0 => r.map_err(|_| "outbox closed".to_string())?,
         }
     }
-    .await;
-    if let Some(a) = acks {
-        a.abort();
-    }
-    result
 }
 
-/// Reads cumulative acks of one lane stream and deletes what they cover.
-async fn ack_reader(
-    ctx: Arc<Ctx>,
-    conn: quinn::Connection,
-    mut recv: quinn::RecvStream,
-    inflight: Arc<std::sync::Mutex<LaneWindow>>,
-    acked: Arc<Notify>,
-) {
-    loop {
-        match wire::read_frame(&mut recv, MAX_DOWN_FRAME).await {
-            Ok(Some(Frame::Ack(n))) => {
-                let acked_now = holdfast_model::lock(&inflight).ack(n);
-                let ids = match acked_now {
-                    Ok(ids) => ids,
-                    Err(e @ AckError::BeyondSent { .. }) => {
-                        tracing::debug!(error = %e, "link: bad ack");
-                        conn.close(close::PROTOCOL.into(), b"ack beyond what was sent");
-                        return;
-                    }
-                    Err(e @ AckError::Backwards { .. }) => {
-                        tracing::debug!(error = %e, "link: bad ack");
-                        conn.close(close::PROTOCOL.into(), b"unexpected frame on a lane stream");
-                        return;
-                    }
-                };
-                if let Err(e) = ctx.outbox.ack(&ids).await {
-                    tracing::error!(error = %e, "link: cannot delete acknowledged messages");
-                }
-                ctx.metrics.link_acked.inc_by(ids.len() as u64);
-                ctx.status.update(|s| s.acked += ids.len() as u64);
-                acked.notify_one();
+/// The records of a leased batch, as the lane sends them: what expired
+/// since it was leased is deleted, and what goes over the batch's byte
+/// limit goes back for the next batch.
+async fn batch(
+    ctx: &Ctx,
+    leased: &holdfast_outbox::LeaseBatch,
+) -> Vec<(holdfast_model::MessageId, Vec<u8>, bytes::Bytes)> {
+    let now = ctx.outbox.clock_ms();
+    let mut records = Vec::with_capacity(leased.items.len());
+    let mut expired = Vec::new();
+    let mut batch_bytes = 0usize;
+    let mut unsent = Vec::new();
+    // Under a byte-rate cap, batches of a quarter second at most, so
+    // the cap paces them instead of letting one large batch through.
+    let batch_limit = match ctx.rate.rate() {
+        0 => MAX_BATCH_BYTES,
+        r => usize::try_from(r / 4)
+            .unwrap_or(MAX_BATCH_BYTES)
+            .clamp(4096, MAX_BATCH_BYTES),
+    };
+    for item in &leased.items {
+        if batch_bytes >= batch_limit {
+            // The rest go in the next batch.
+            unsent.push(item.id);
+            continue;
+        }
+        match outgoing(item, now) {
+            Some(Ok((head, payload))) => {
+                batch_bytes += head.len() + payload.len() + 4;
+                records.push((item.id, head, payload));
             }
-            Ok(None) => return,
-            Ok(Some(_)) => {
-                conn.close(close::PROTOCOL.into(), b"unexpected frame on a lane stream");
-                return;
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "link: lane ack stream ended");
-                return;
-            }
+            // Expired since it was leased, or (impossible for a stored record) unencodable.
+            _ => expired.push(item.id),
         }
     }
+    if !expired.is_empty() {
+        // Nothing to send for these; deleting them is what expiry would do.
+        let _ = ctx.outbox.ack(&expired).await;
+    }
+    if !unsent.is_empty() {
+        ctx.outbox.release(&unsent);
+    }
+    records
+}
+
+/// A frame from the parent on a lane stream: an ack deletes what it covers.
+///
+/// # Errors
+/// Anything but a valid ack, a malformed frame, or the stream's end.
+async fn take_ack(
+    ctx: &Ctx,
+    state: &mut ChildLane,
+    frame: Result<Option<Frame>, wire::ReadError>,
+) -> Result<(), String> {
+    let frame = match frame {
+        Ok(Some(f)) => f,
+        Ok(None) => return Err("the parent ended a lane stream".into()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let ids = state.receive(frame).map_err(|e| {
+        tracing::debug!(error = %e, "link: bad ack");
+        e.to_string()
+    })?;
+    if let Err(e) = ctx.outbox.ack(&ids).await {
+        tracing::error!(error = %e, "link: cannot delete acknowledged messages");
+    }
+    ctx.metrics.link_acked.inc_by(ids.len() as u64);
+    ctx.status.update(|s| s.acked += ids.len() as u64);
+    Ok(())
 }

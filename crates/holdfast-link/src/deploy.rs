@@ -39,20 +39,19 @@ fn bytes_metric(metrics: &Metrics, event: &'static str, n: u64) {
     holdfast_metrics::handle(&metrics.deploy_component_bytes, &EventLabels { event }).inc_by(n);
 }
 
-/// The next deploy-stream frame from the stream's reader; `None` when the
-/// stream ends.
-async fn read(frames: &mut wire::Frames) -> Result<Option<Frame>, String> {
-    match frames.recv().await {
-        Some(Ok(Some(f @ (Frame::Deploy(_) | Frame::Blob(_))))) => Ok(Some(f)),
-        Some(Ok(Some(other))) => Err(format!("expected a deploy frame, got {other:?}")),
-        None | Some(Ok(None)) | Some(Err(wire::ReadError::Stream(_))) => Ok(None),
-        Some(Err(wire::ReadError::Wire(e))) => Err(e.to_string()),
+/// The next deploy-stream frame; `None` when the stream ends.
+/// Cancel-safe ([`wire::FramedRecv`]).
+async fn read(frames: &mut wire::FramedRecv) -> Result<Option<Frame>, String> {
+    match frames.next().await {
+        Ok(Some(f @ (Frame::Deploy(_) | Frame::Blob(_)))) => Ok(Some(f)),
+        Ok(Some(other)) => Err(format!("expected a deploy frame, got {}", other.name())),
+        Ok(None) | Err(wire::ReadError::Stream(_)) => Ok(None),
+        Err(wire::ReadError::Wire(e)) => Err(e.to_string()),
     }
 }
 
-fn reader(recv: quinn::RecvStream) -> (wire::Frames, tokio::task::JoinHandle<()>) {
-    wire::frame_reader(recv, MAX_FRAME.max(CHUNK + 16))
-}
+/// Largest frame of the deploy stream.
+const MAX_DEPLOY_FRAME: usize = if MAX_FRAME > CHUNK + 16 { MAX_FRAME } else { CHUNK + 16 };
 
 async fn writer(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Bytes>) {
     while let Some(b) = rx.recv().await {
@@ -69,9 +68,9 @@ pub async fn parent(
     conn: quinn::Connection,
     child: Arc<str>,
     send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    mut frames: wire::FramedRecv,
 ) {
-    let (mut frames, read_task) = reader(recv);
+    frames.set_max(MAX_DEPLOY_FRAME);
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     let write = tokio::spawn(writer(send, rx));
     let mut changes = deployer.doc_changes();
@@ -162,7 +161,6 @@ pub async fn parent(
     }
     drop(tx);
     write.abort();
-    read_task.abort();
 }
 
 /// A component being received.
@@ -178,7 +176,7 @@ pub async fn child(deployer: Arc<Deployer>, metrics: Arc<Metrics>, conn: quinn::
     let Ok((send, recv)) = conn.open_bi().await else {
         return;
     };
-    let (mut frames, read_task) = reader(recv);
+    let mut frames = wire::FramedRecv::new(recv, MAX_DEPLOY_FRAME);
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     let write = tokio::spawn(writer(send, rx));
     let Some(hello) = msg(&Msg::Hello) else { return };
@@ -335,5 +333,4 @@ pub async fn child(deployer: Arc<Deployer>, metrics: Arc<Metrics>, conn: quinn::
     }
     drop(tx);
     write.abort();
-    read_task.abort();
 }

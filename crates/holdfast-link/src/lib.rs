@@ -30,7 +30,6 @@ pub mod reconnect;
 pub mod root;
 pub mod scope;
 pub mod service;
-pub mod window;
 pub mod wire;
 
 use std::collections::BTreeMap;

@@ -16,9 +16,11 @@ use bytes::BytesMut;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::wire::{self, Frame, close, refuse};
+use super::wire::{self, Frame, WireError, close};
 use super::{ChildInfo, LinkError, Status, fleet_material, transport};
 use crate::config::Sections;
+use holdfast_link_proto::handshake;
+use holdfast_link_proto::lane::{Acker, LaneError, ParentLane};
 use holdfast_metrics::{Metrics, ReasonLabels};
 use holdfast_outbox::record::Record;
 use holdfast_outbox::{AppendError, LANES, MessageId, Outbox};
@@ -119,7 +121,7 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, mut stop: watch::Receiver
         conn.close(close::REFUSED.into(), b"no node id in the certificate");
         return;
     };
-    let (mut send, mut recv) = match tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await {
+    let (mut send, recv) = match tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await {
         Ok(Ok(s)) => s,
         _ => {
             refused(&ctx, "no-hello");
@@ -127,72 +129,33 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, mut stop: watch::Receiver
             return;
         }
     };
-    let hello = tokio::time::timeout(Duration::from_secs(10), wire::read_frame(&mut recv, 4096)).await;
-    let (refusal, child) = match hello {
-        Ok(Ok(Some(Frame::Hello { version, node_id, .. }))) => {
-            if version != wire::VERSION {
-                (
-                    Some((
-                        refuse::VERSION,
-                        "version",
-                        format!("link version {version} is not supported"),
-                    )),
-                    node_id,
-                )
-            } else if node_id != cert_id {
-                (
-                    Some((
-                        refuse::IDENTITY_MISMATCH,
-                        "identity-mismatch",
-                        format!("hello says {node_id:?} but the certificate is for {cert_id:?}"),
-                    )),
-                    node_id,
-                )
-            } else if !holdfast_registry::is_child_gateway(&*ctx.registry, &node_id, &ctx.node_id) {
-                (
-                    Some((
-                        refuse::NOT_A_CHILD,
-                        "not-a-child",
-                        format!("{node_id} is not a registered child gateway of {}", ctx.node_id),
-                    )),
-                    node_id,
-                )
-            } else if !ctx.status.has_room_for(&node_id, ctx.max_children) {
-                (
-                    Some((refuse::BUSY, "busy", "too many child gateways".to_string())),
-                    node_id,
-                )
-            } else {
-                (None, node_id)
-            }
+    let mut control = wire::FramedRecv::new(recv, 4096);
+    let hello = match tokio::time::timeout(Duration::from_secs(10), control.next()).await {
+        Ok(Ok(Some(f))) => Some(f),
+        _ => None,
+    };
+    let verdict = handshake::judge(
+        hello.as_ref(),
+        &cert_id,
+        &ctx.node_id,
+        |id| holdfast_registry::is_child_gateway(&*ctx.registry, id, &ctx.node_id),
+        |id| ctx.status.has_room_for(id, ctx.max_children),
+    );
+    let child = match verdict {
+        handshake::Verdict::Refuse { child, refusal } => {
+            refused(&ctx, refusal.label);
+            tracing::warn!(%addr, child = %child, reason = %refusal.reason, "link: child refused");
+            let _ = send.write_all(&refusal.encode()).await;
+            let _ = send.finish();
+            // Let the refusal reach the child before closing.
+            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+            conn.close(close::REFUSED.into(), b"refused");
+            return;
         }
-        _ => (
-            Some((refuse::PROTOCOL, "protocol", "expected a hello".to_string())),
-            cert_id.clone(),
-        ),
+        handshake::Verdict::Welcome { child, .. } => child,
     };
     let mut buf = BytesMut::new();
-    if let Some((code, label, reason)) = refusal {
-        refused(&ctx, label);
-        tracing::warn!(%addr, child = %child, %reason, "link: child refused");
-        if (Frame::Refuse { code, reason }).encode(&mut buf).is_err() {
-            // A reason too long for the frame: the label says enough.
-            let reason = label.to_string();
-            let _ = Frame::Refuse { code, reason }.encode(&mut buf);
-        }
-        let _ = send.write_all(&buf).await;
-        let _ = send.finish();
-        // Let the refusal reach the child before closing.
-        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
-        conn.close(close::REFUSED.into(), b"refused");
-        return;
-    }
-    let welcome = Frame::Welcome {
-        version: wire::VERSION,
-        node_id: ctx.node_id.clone(),
-    }
-    .encode(&mut buf);
-    if welcome.is_err() || send.write_all(&buf).await.is_err() {
+    if handshake::welcome(&ctx.node_id).encode(&mut buf).is_err() || send.write_all(&buf).await.is_err() {
         return;
     }
     let child: Arc<str> = Arc::from(child.as_str());
@@ -252,20 +215,22 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, mut stop: watch::Receiver
 /// Stored messages acknowledged in order: each entry is a batch's appends.
 type Pending = Vec<tokio::sync::oneshot::Receiver<Result<MessageId, AppendError>>>;
 
-/// A bidirectional stream from the child: a lane, or the service stream.
+/// A bidirectional stream from the child: a lane, the service stream or
+/// the deploy stream, as its first frame says.
 async fn stream(
     ctx: Arc<Ctx>,
     conn: quinn::Connection,
     child: Arc<str>,
     send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    recv: quinn::RecvStream,
 ) {
-    match wire::read_frame(&mut recv, ctx.max_frame).await {
-        Ok(Some(Frame::Lane(l))) if (l as usize) < LANES => lane(ctx, conn, child, l, send, recv).await,
+    let mut frames = wire::FramedRecv::new(recv, ctx.max_frame);
+    match frames.next().await {
+        Ok(Some(Frame::Lane(l))) if (l as usize) < LANES => lane(ctx, conn, child, l, send, frames).await,
         Ok(Some(Frame::Svc(body)))
             if serde_json::from_slice::<super::service::Svc>(&body).ok() == Some(super::service::Svc::Hello) =>
         {
-            super::service::parent(ctx.hub.clone(), ctx.metrics.clone(), conn, child, send, recv).await;
+            super::service::parent(ctx.hub.clone(), ctx.metrics.clone(), conn, child, send, frames).await;
         }
         Ok(Some(Frame::Deploy(body)))
             if wire::negotiated(&conn) >= 3
@@ -274,7 +239,7 @@ async fn stream(
                     == Some(holdfast_deploy::proto::Msg::Hello) =>
         {
             if let Some(d) = ctx.deploy.clone() {
-                super::deploy::parent(d, ctx.metrics.clone(), conn, child, send, recv).await;
+                super::deploy::parent(d, ctx.metrics.clone(), conn, child, send, frames).await;
             }
         }
         _ => {
@@ -293,7 +258,7 @@ async fn lane(
     child: Arc<str>,
     lane: u8,
     mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    mut frames: wire::FramedRecv,
 ) {
     // Acks go out in order from their own task, so reading continues while
     // earlier batches wait for their sync.
@@ -301,7 +266,7 @@ async fn lane(
     let acker = {
         let (ctx, conn, child) = (ctx.clone(), conn.clone(), child.clone());
         tokio::spawn(async move {
-            let mut stored = 0u64;
+            let mut acks = Acker::default();
             let mut buf = BytesMut::new();
             while let Some(batch) = rx.recv().await {
                 let n = batch.len() as u64;
@@ -317,7 +282,6 @@ async fn lane(
                         Err(_) => return,
                     }
                 }
-                stored += n;
                 ctx.metrics.link_received.inc_by(n);
                 ctx.status.update(|s| {
                     if let Some(c) = s.children.get_mut(&*child) {
@@ -325,52 +289,17 @@ async fn lane(
                     }
                 });
                 buf.clear();
-                if Frame::Ack(stored).encode(&mut buf).is_err() || send.write_all(&buf).await.is_err() {
+                if acks.stored(n).encode(&mut buf).is_err() || send.write_all(&buf).await.is_err() {
                     return;
                 }
             }
         })
     };
-    // The stream's zstd context, from its first compressed batch on.
-    let mut decompressor: Option<wire::Decompressor> = None;
+    let mut state = ParentLane::new(lane, ctx.max_frame);
     loop {
-        let records = match wire::read_frame(&mut recv, ctx.max_frame).await {
-            Ok(Some(Frame::Batch(records))) => records,
-            Ok(Some(Frame::ZBatch { count, raw_len, data })) => {
-                let d = match decompressor.as_mut() {
-                    Some(d) => d,
-                    None => match wire::Decompressor::new() {
-                        Ok(d) => decompressor.insert(d),
-                        Err(e) => {
-                            tracing::warn!(child = %child, error = %e, "link: cannot make a zstd context");
-                            conn.close(close::PROTOCOL.into(), b"cannot decompress");
-                            break;
-                        }
-                    },
-                };
-                match d.records(count, raw_len, &data, ctx.max_frame) {
-                    Ok(r) => r,
-                    Err(e @ wire::WireError::WindowTooLarge) => {
-                        // Refused before zstd allocates the window.
-                        refused(&ctx, "zstd-window");
-                        tracing::warn!(child = %child, lane, error = %e, "link: compressed batch from a child refused");
-                        conn.close(close::PROTOCOL.into(), b"zstd window over the link's limit");
-                        break;
-                    }
-                    Err(e) => {
-                        refused(&ctx, "malformed");
-                        tracing::warn!(child = %child, error = %e, "link: bad compressed batch from a child");
-                        conn.close(close::PROTOCOL.into(), b"bad compressed batch");
-                        break;
-                    }
-                }
-            }
+        let frame = match frames.next().await {
+            Ok(Some(f)) => f,
             Ok(None) => break,
-            Ok(Some(_)) => {
-                refused(&ctx, "protocol");
-                conn.close(close::PROTOCOL.into(), b"expected a batch");
-                break;
-            }
             Err(wire::ReadError::Wire(e)) => {
                 refused(&ctx, "malformed");
                 tracing::warn!(child = %child, error = %e, "link: malformed frame from a child");
@@ -378,6 +307,28 @@ async fn lane(
                 break;
             }
             Err(wire::ReadError::Stream(_)) => break,
+        };
+        let records = match state.receive(frame) {
+            Ok(r) => r,
+            Err(e @ LaneError::Wire(WireError::WindowTooLarge)) => {
+                // Refused before zstd allocates the window.
+                refused(&ctx, "zstd-window");
+                tracing::warn!(child = %child, lane, error = %e, "link: compressed batch from a child refused");
+                conn.close(close::PROTOCOL.into(), b"zstd window over the link's limit");
+                break;
+            }
+            Err(e @ LaneError::Unexpected(_)) => {
+                refused(&ctx, "protocol");
+                tracing::warn!(child = %child, lane, error = %e, "link: protocol error from a child");
+                conn.close(close::PROTOCOL.into(), b"expected a batch");
+                break;
+            }
+            Err(e) => {
+                refused(&ctx, "malformed");
+                tracing::warn!(child = %child, error = %e, "link: bad batch from a child");
+                conn.close(close::PROTOCOL.into(), b"bad compressed batch");
+                break;
+            }
         };
         let mut pending = Vec::with_capacity(records.len());
         for raw in records {

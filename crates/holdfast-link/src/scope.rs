@@ -122,12 +122,12 @@ pub async fn receive(
     max_frame: usize,
 ) {
     let mut stream = match conn.accept_uni().await {
-        Ok(s) => s,
+        Ok(s) => wire::FramedRecv::new(s, max_frame),
         Err(_) => return,
     };
     let mut pending = Scope::default();
     loop {
-        let frame = match wire::read_frame(&mut stream, max_frame).await {
+        let frame = match stream.next().await {
             Ok(Some(f)) => f,
             Ok(None) | Err(wire::ReadError::Stream(_)) => return,
             Err(wire::ReadError::Wire(e)) => {

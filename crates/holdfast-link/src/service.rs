@@ -47,15 +47,16 @@ fn count(metrics: &Metrics, reason: &'static str) {
     holdfast_metrics::handle(&metrics.iothub_events, &EventLabels { event: reason }).inc();
 }
 
-/// The next SVC message from the stream's reader; `None` when the stream ends.
-async fn read(frames: &mut wire::Frames) -> Result<Option<Svc>, String> {
-    match frames.recv().await {
-        Some(Ok(Some(Frame::Svc(body)))) => serde_json::from_slice(&body)
+/// The next SVC message of the stream; `None` when the stream ends.
+/// Cancel-safe ([`wire::FramedRecv`]).
+async fn read(frames: &mut wire::FramedRecv) -> Result<Option<Svc>, String> {
+    match frames.next().await {
+        Ok(Some(Frame::Svc(body))) => serde_json::from_slice(&body)
             .map(Some)
             .map_err(|e| format!("undecodable service message: {e}")),
-        Some(Ok(Some(other))) => Err(format!("expected a service frame, got {other:?}")),
-        None | Some(Ok(None)) | Some(Err(wire::ReadError::Stream(_))) => Ok(None),
-        Some(Err(wire::ReadError::Wire(e))) => Err(e.to_string()),
+        Ok(Some(other)) => Err(format!("expected a service frame, got {}", other.name())),
+        Ok(None) | Err(wire::ReadError::Stream(_)) => Ok(None),
+        Err(wire::ReadError::Wire(e)) => Err(e.to_string()),
     }
 }
 
@@ -84,9 +85,9 @@ pub async fn parent(
     conn: quinn::Connection,
     child: Arc<str>,
     send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    mut frames: wire::FramedRecv,
 ) {
-    let (mut frames, reader) = wire::frame_reader(recv, MAX_SVC_FRAME);
+    frames.set_max(MAX_SVC_FRAME);
     let (tx, rx) = mpsc::unbounded_channel();
     // Subscribe before the snapshot so no change falls between them.
     let mut changes = hub.twins.desired_changes();
@@ -170,7 +171,6 @@ pub async fn parent(
     hub.remove_downlink(&child, &tx);
     drop(tx);
     write.abort();
-    reader.abort();
 }
 
 /// The child's end: opens the stream, pushes pending reported patches,
@@ -179,7 +179,7 @@ pub async fn child(hub: Arc<Hub>, metrics: Arc<Metrics>, conn: quinn::Connection
     let Ok((send, recv)) = conn.open_bi().await else {
         return;
     };
-    let (mut frames, reader) = wire::frame_reader(recv, MAX_SVC_FRAME);
+    let mut frames = wire::FramedRecv::new(recv, MAX_SVC_FRAME);
     let (tx, rx) = mpsc::unbounded_channel();
     let _ = tx.send(Svc::Hello);
     if v2 {
@@ -291,5 +291,4 @@ pub async fn child(hub: Arc<Hub>, metrics: Arc<Metrics>, conn: quinn::Connection
     hub.clear_uplink(&tx);
     drop(tx);
     write.abort();
-    reader.abort();
 }
