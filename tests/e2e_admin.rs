@@ -2,6 +2,7 @@
 //! the routes a running node serves, the status page in headless Chromium,
 //! `holdfast queue wait-empty` while a link comes back, and SIGTERM with
 //! publishers running.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test or benchmark: a panic is its failure
 
 mod support;
 

@@ -1,6 +1,7 @@
 //! End-to-end tests of the range cache: real `holdfast` processes, a test
 //! origin (`tests/cache/origin.py`) that counts what it serves and can
 //! change an object mid-test, and real clients: curl, wget and apt-get.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test or benchmark: a panic is its failure
 
 mod support;
 

@@ -1,5 +1,6 @@
 //! End to end: the real `holdfast` binary, started as a process, driven
 //! through its CLI and admin API.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test or benchmark: a panic is its failure
 
 use std::net::TcpListener;
 use std::path::Path;

@@ -3,6 +3,7 @@
 //! deployment created at the owning node with the CLI, components fetched
 //! once per link, applied through the swap path, rolled back by a node
 //! whose new plugin traps, and refused when tampered with.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test or benchmark: a panic is its failure
 
 mod support;
 

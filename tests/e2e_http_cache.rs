@@ -2,6 +2,7 @@
 //! `holdfast` process in front of a scripted origin (status, fields and
 //! bodies set by each test; every request it receives is recorded), with
 //! curl as the client. One test per rule of docs/cache.md, "Reverse proxy".
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test or benchmark: a panic is its failure
 
 mod support;
 

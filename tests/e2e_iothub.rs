@@ -2,6 +2,7 @@
 //! speak it over MQTT 3.1.1 with a real client library (rumqttc), as the
 //! IoT Hub device SDKs do, against real `holdfast` processes; the CLI and
 //! the admin API act as the cloud side.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test or benchmark: a panic is its failure
 
 mod support;
 

@@ -1,6 +1,7 @@
 //! End-to-end tests of the upstream link: several `holdfast` processes
 //! joined by QUIC links, the fault-injection link proxy between them, and
 //! the MQTT bridge to a real Mosquitto.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test or benchmark: a panic is its failure
 
 mod support;
 

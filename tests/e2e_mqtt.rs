@@ -2,6 +2,7 @@
 //! clients started by the tests — `mosquitto_pub`/`mosquitto_sub`, rumqttc
 //! (MQTT 3.1.1 and 5), Python paho-mqtt, raw sockets for malformed input —
 //! over TCP, TLS with client certificates, and QUIC.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test or benchmark: a panic is its failure
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

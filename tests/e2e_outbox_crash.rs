@@ -1,6 +1,7 @@
 //! Kill -9 a process that is appending to the outbox at full speed, restart
 //! it, and check that every acknowledged message is present exactly once and
 //! in order. Repeated, so recovery is exercised on recovered data too.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test or benchmark: a panic is its failure
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};

@@ -41,6 +41,7 @@
 //! `holdfast run --config holdfast.toml` (a second node on the default
 //! ports), the scaffold's `cargo build` to wasm32-wasip2 (minutes), and the
 //! apt set-up (sudo, and the Debian archive over the network).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test or benchmark: a panic is its failure
 
 use std::collections::BTreeSet;
 use std::os::unix::process::CommandExt;

@@ -1,6 +1,7 @@
 //! End-to-end tests of the device registry, scope sync and offline
 //! authentication: real `holdfast` processes, devices connecting with IoT
 //! Hub SAS tokens over MQTT, the CLI changing the registry.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test or benchmark: a panic is its failure
 
 mod support;
 

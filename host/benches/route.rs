@@ -10,6 +10,7 @@
 //! The native baseline is a Rust function making the same decision as the
 //! default router, with the same `Arc<Message>` and the same output
 //! allocation, so the ratio is the price of the sandbox.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test or benchmark: a panic is its failure
 
 mod common;
 

@@ -11,6 +11,7 @@
 //! Rust on the same message, so the ratio is the price of the sandbox. The
 //! message is an IoT Hub telemetry message as the broker hands it over: its
 //! property bag already parsed into four user properties, a 256-byte JSON body.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test or benchmark: a panic is its failure
 
 mod common;
 

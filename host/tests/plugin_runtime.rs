@@ -1,5 +1,6 @@
 //! The plugin runtime against real wasm components: the default plugins,
 //! the example plugin, and the hostile test router.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test or benchmark: a panic is its failure
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};

@@ -1,4 +1,5 @@
 //! Round trips and malformed-input cases for the codec.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test or benchmark: a panic is its failure
 
 use bytes::{Bytes, BytesMut};
 use holdfast_mqtt::*;

@@ -5,6 +5,7 @@
 //!
 //! Run: `cargo bench -p holdfast --bench outbox` (1,000,000-message backlog),
 //! or `-- --quick` (100,000). Set `HOLDFAST_BENCH_DIR` to measure another disk.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test or benchmark: a panic is its failure
 
 use std::io::Write;
 use std::path::Path;

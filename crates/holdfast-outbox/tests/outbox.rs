@@ -1,6 +1,7 @@
 //! The outbox over a real fjall store in a temp directory: ordering,
 //! recovery across reopen, group commit, TTL under clock jumps, quotas,
 //! damaged records, scheduling, and a model-based test.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test or benchmark: a panic is its failure
 
 use std::path::Path;
 use std::sync::Arc;
