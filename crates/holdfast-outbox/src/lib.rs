@@ -21,33 +21,41 @@
 //! Each stored record is removed by exactly one path (ack, expiry, quarantine
 //! or quota drop): whoever removes it first *claims* it under the state lock.
 //! That keeps the persisted counters exact.
+//!
+//! Inside, each part owns its state: `lane` is one lane's decisions as pure
+//! state (time an input), `lanes` the ten lanes under one lock and the store
+//! reads that feed them, `writer` the thread that commits every change,
+//! `limits` the quotas a reload changes, `layout` the keys on disk; the
+//! [`Outbox`] wires them and is what callers use.
 
 pub mod clock;
 pub mod config;
 pub mod record;
 
-mod delivery;
+mod lane;
 mod lanes;
+mod layout;
+mod limits;
 mod writer;
 
-use self::writer::{AppendReply, writer_loop};
-
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 
 use self::clock::{Clock, Now, Resumed, Saved};
+use self::lane::Remove;
+use self::lanes::Lanes;
+use self::limits::Limits;
 use self::record::{EncodeError, Record};
-use crate::config::{OutboxConfig, Scheduling, SyncMode, WhenFull};
+use self::writer::{Request, Storage, Writer};
+use crate::config::OutboxConfig;
 use holdfast_metrics::{LaneLabels, LaneReasonLabels, Metrics, handle};
 use holdfast_model::Message;
-use holdfast_store::{Durability, Space, Store, StoreError};
+use holdfast_store::{Durability, Store, StoreError};
 
 /// Number of lanes.
 pub const LANES: usize = 10;
@@ -150,147 +158,42 @@ pub struct LaneStats {
     pub oldest_age_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Claim {
-    /// Handed to the link, awaiting ack.
-    Leased(u64),
-    /// Being removed by the writer; the value is the stored size.
-    Removing(u64),
-}
-
-impl Claim {
-    fn size(self) -> u64 {
-        match self {
-            Claim::Leased(s) | Claim::Removing(s) => s,
-        }
-    }
-}
-
-#[derive(Debug, Default, Clone)]
-struct Lane {
-    /// Next sequence number to assign (writer-owned).
-    next_seq: u64,
-    /// Committed messages in the lane (writer-owned).
-    count: u64,
-    /// Committed stored bytes (writer-owned).
-    bytes: u64,
-    /// No record below this sequence exists (a scan start).
-    head: u64,
-    /// Next sequence to consider for leasing.
-    cursor: u64,
-    /// Live-first: `(first live sequence, live cursor)`. Sequences from the
-    /// first live one on are delivered before the backlog below it.
-    live: Option<(u64, u64)>,
-    /// Claimed records.
-    claims: BTreeMap<u64, Claim>,
-    /// The lease call that last served this lane.
-    last_served: u64,
-    /// Where the background sweep resumes.
-    sweep: u64,
-}
-
-impl Lane {
-    fn available(&self) -> u64 {
-        self.count.saturating_sub(self.claims.len() as u64)
-    }
-}
-
-struct State {
-    lanes: [Lane; LANES],
-    lease_calls: u64,
-}
-
-/// Why the writer removes a record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Removal {
-    Acked,
-    Expired,
-    Damaged,
-    Quota,
-}
-
-struct Remove {
-    lane: u8,
-    seq: u64,
-    size: u64,
-    why: Removal,
-    /// For damaged records: the raw bytes, kept in quarantine.
-    raw: Option<Vec<u8>>,
-}
-
-enum Request {
-    Append {
-        lane: u8,
-        value: Vec<u8>,
-        reply: AppendReply,
-    },
-    Remove {
-        items: Vec<Remove>,
-        reply: Option<tokio::sync::oneshot::Sender<Result<(), StoreError>>>,
-    },
-    SaveClock,
-}
-
-struct LaneCounters {
-    enqueued: Counter,
-    delivered: Counter,
-    expired: Counter,
-    dropped_quota: Counter,
-    dropped_damaged: Counter,
-    rejected_quota: Counter,
-    rejected_disk: Counter,
-    rejected_invalid: Counter,
-}
-
-/// The limits a config reload changes (`Outbox::apply_limits`); the rest
-/// of `config` is fixed for the outbox's life.
-#[derive(Debug)]
-struct Limits {
-    default_ttl_ms: AtomicU64,
-    max_messages: AtomicU64,
-    /// `outbox.max_bytes`, capped by `disk_cap`.
-    max_bytes: AtomicU64,
-    min_free_disk_bytes: AtomicU64,
-    drop_oldest: AtomicBool,
-    /// 80 % of the free space when the outbox opened.
-    disk_cap: u64,
-}
-
-impl Limits {
-    fn new(config: &OutboxConfig, disk_cap: u64) -> Limits {
-        Limits {
-            default_ttl_ms: AtomicU64::new(config.default_ttl_seconds.saturating_mul(1000)),
-            max_messages: AtomicU64::new(config.max_messages),
-            max_bytes: AtomicU64::new(config.max_bytes.min(disk_cap)),
-            min_free_disk_bytes: AtomicU64::new(config.min_free_disk_bytes),
-            drop_oldest: AtomicBool::new(config.when_full == WhenFull::DropOldest),
-            disk_cap,
-        }
-    }
-}
-
-struct Inner {
-    store: Store,
-    data: Space,
-    meta: Space,
-    quarantine: Space,
-    config: OutboxConfig,
-    limits: Limits,
-    dir: PathBuf,
-    instance: u64,
+/// The outbox clock and where it reads the time, for whoever needs a reading.
+#[derive(Clone)]
+pub(crate) struct OutboxTime {
     clock: Clock,
-    time: Arc<dyn TimeSource>,
-    state: Mutex<State>,
-    metrics: Arc<Metrics>,
-    counters: Vec<LaneCounters>,
-    /// Bumped after every commit that stored messages, and when leases are
-    /// released: a drainer waiting for work watches it.
-    work: tokio::sync::watch::Sender<u64>,
+    source: Arc<dyn TimeSource>,
 }
 
-/// The outbox.
+impl OutboxTime {
+    /// The machine's clocks and the outbox clock (ms) now.
+    fn read(&self) -> (Now, u64) {
+        let now = self.source.now();
+        (now, self.clock.at(now))
+    }
+
+    /// The outbox clock now, ms.
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.read().1
+    }
+
+    /// What to save so the clock resumes correctly.
+    pub(crate) fn save(&self) -> Saved {
+        self.clock.save(self.source.now())
+    }
+}
+
+/// The outbox: appends go to its writer thread, leases and acknowledgements
+/// to its [`Lanes`], and a sweeper thread removes expired messages.
 pub struct Outbox {
-    inner: Arc<Inner>,
+    lanes: Arc<Lanes>,
+    limits: Arc<Limits>,
+    time: OutboxTime,
+    store: Store,
+    dir: PathBuf,
+    metrics: Arc<Metrics>,
+    /// Appends refused as invalid, per lane.
+    rejected_invalid: Vec<Counter>,
     tx: Mutex<Option<mpsc::Sender<Request>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stop_sweeper: Mutex<Option<mpsc::Sender<()>>>,
@@ -298,52 +201,8 @@ pub struct Outbox {
 
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Outbox")
-            .field("dir", &self.inner.dir)
-            .finish_non_exhaustive()
+        f.debug_struct("Outbox").field("dir", &self.dir).finish_non_exhaustive()
     }
-}
-
-fn key(lane: u8, seq: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(9);
-    k.push(lane);
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
-fn parse_key(k: &[u8]) -> Option<(u8, u64)> {
-    if k.len() != 9 {
-        return None;
-    }
-    let mut seq = [0u8; 8];
-    seq.copy_from_slice(&k[1..]);
-    Some((k[0], u64::from_be_bytes(seq)))
-}
-
-fn lane_meta_key(lane: u8) -> Vec<u8> {
-    format!("lane/{lane}").into_bytes()
-}
-
-fn encode_lane_meta(next_seq: u64, count: u64, bytes: u64) -> Vec<u8> {
-    [next_seq, count, bytes].iter().flat_map(|v| v.to_be_bytes()).collect()
-}
-
-fn decode_lane_meta(b: &[u8]) -> Option<(u64, u64, u64)> {
-    if b.len() != 24 {
-        return None;
-    }
-    let at = |i: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[i..i + 8]);
-        u64::from_be_bytes(a)
-    };
-    Some((at(0), at(8), at(16)))
-}
-
-/// Free bytes on the file system holding `dir`.
-fn free_disk(dir: &Path) -> Option<u64> {
-    let s = rustix::fs::statvfs(dir).ok()?;
-    Some(s.f_bavail.saturating_mul(s.f_frsize))
 }
 
 impl Outbox {
@@ -387,87 +246,67 @@ impl Outbox {
             ),
             _ => {}
         }
-        let clock = Clock::start(base, now);
-        let mut lanes: [Lane; LANES] = Default::default();
-        for (i, lane) in lanes.iter_mut().enumerate() {
-            let l = i as u8;
-            if let Some((next_seq, count, bytes)) = meta.get(&lane_meta_key(l))?.and_then(|b| decode_lane_meta(&b)) {
-                lane.next_seq = next_seq;
-                lane.count = count;
-                lane.bytes = bytes;
-            }
-            // The first record still present is where delivery resumes.
-            let first = data.range(key(l, 0)..key(l, u64::MAX)).next().transpose()?;
-            let head = first
-                .and_then(|(k, _)| parse_key(&k))
-                .map(|(_, s)| s)
-                .unwrap_or(lane.next_seq);
-            lane.head = head;
-            lane.cursor = head;
-            lane.sweep = head;
-            if config.live_first_lanes.contains(&l) {
-                lane.live = Some((lane.next_seq, lane.next_seq));
-            }
-        }
+        let time = OutboxTime {
+            clock: Clock::start(base, now),
+            source: time,
+        };
+        let lanes = Arc::new(Lanes::open(data.clone(), &meta, instance, &config)?);
         if !fresh_meta.is_empty() {
             fresh_meta.commit(Durability::SyncAll)?;
         }
-        let free_at_start = free_disk(dir).unwrap_or(u64::MAX);
-        let limits = Limits::new(&config, free_at_start / 10 * 8);
-        let counters = (0..LANES as u8)
-            .map(|lane| {
-                let reason = |r: &'static str| LaneReasonLabels { lane, reason: r };
-                LaneCounters {
-                    enqueued: handle(&metrics.outbox_enqueued, &LaneLabels { lane }),
-                    delivered: handle(&metrics.outbox_delivered, &LaneLabels { lane }),
-                    expired: handle(&metrics.outbox_expired, &LaneLabels { lane }),
-                    dropped_quota: handle(&metrics.outbox_dropped, &reason("quota")),
-                    dropped_damaged: handle(&metrics.outbox_dropped, &reason("damaged")),
-                    rejected_quota: handle(&metrics.outbox_rejected, &reason("quota")),
-                    rejected_disk: handle(&metrics.outbox_rejected, &reason("disk")),
-                    rejected_invalid: handle(&metrics.outbox_rejected, &reason("invalid")),
-                }
-            })
-            .collect();
-        let inner = Arc::new(Inner {
-            store: store.clone(),
-            data,
-            meta,
-            quarantine,
-            limits,
-            dir: dir.to_path_buf(),
-            instance,
-            clock,
-            time,
-            state: Mutex::new(State { lanes, lease_calls: 0 }),
-            metrics,
-            counters,
-            config,
-            work: tokio::sync::watch::channel(0).0,
-        });
+        let limits = Arc::new(Limits::new(&config, dir));
+        let writer = Writer::new(
+            Storage {
+                store: store.clone(),
+                data,
+                meta,
+                quarantine,
+            },
+            lanes.clone(),
+            limits.clone(),
+            time.clone(),
+            dir,
+            &config,
+            &metrics,
+        );
         let (tx, rx) = mpsc::channel();
-        let writer_inner = inner.clone();
         let writer = std::thread::Builder::new()
             .name("holdfast-outbox".into())
-            .spawn(move || writer_loop(&writer_inner, rx))
+            .spawn(move || writer.run(rx))
             .map_err(OutboxError::Thread)?;
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
-        let sweeper_inner = inner.clone();
-        let sweeper_tx = tx.clone();
-        let interval = Duration::from_millis(inner.config.expire_interval_ms);
+        let (sweep_lanes, sweep_time, sweep_tx) = (lanes.clone(), time.clone(), tx.clone());
+        let interval = Duration::from_millis(config.expire_interval_ms);
         let sweeper = std::thread::Builder::new()
             .name("holdfast-outbox-sweep".into())
             .spawn(move || {
                 while let Err(mpsc::RecvTimeoutError::Timeout) = stop_rx.recv_timeout(interval) {
-                    sweeper_inner.sweep_expired(&sweeper_tx);
-                    if sweeper_tx.send(Request::SaveClock).is_err() {
+                    sweep(&sweep_lanes, &sweep_time, &sweep_tx);
+                    if sweep_tx.send(Request::SaveClock).is_err() {
                         break;
                     }
                 }
             })
             .map_err(OutboxError::Thread)?;
+        let rejected_invalid = (0..LANES as u8)
+            .map(|lane| {
+                handle(
+                    &metrics.outbox_rejected,
+                    &LaneReasonLabels {
+                        lane,
+                        reason: "invalid",
+                    },
+                )
+            })
+            .collect();
         let outbox = Outbox {
-            inner,
+            lanes,
+            limits,
+            time,
+            store: store.clone(),
+            dir: dir.to_path_buf(),
+            metrics,
+            rejected_invalid,
             tx: Mutex::new(Some(tx)),
             threads: Mutex::new(vec![writer, sweeper]),
             stop_sweeper: Mutex::new(Some(stop_tx)),
@@ -507,17 +346,17 @@ impl Outbox {
         if lane as usize >= LANES {
             return Err(AppendError::BadLane(lane));
         }
-        let now = self.inner.time.now();
+        let (now, clock_ms) = self.time.read();
         let record = Record {
-            enqueued_clock_ms: self.inner.clock.at(now),
+            enqueued_clock_ms: clock_ms,
             enqueued_wall_ms: now.wall_ms,
             ttl_ms: ttl
                 .map(|t| t.as_millis() as u64)
-                .unwrap_or_else(|| self.inner.limits.default_ttl_ms.load(Ordering::Relaxed)),
+                .unwrap_or_else(|| self.limits.default_ttl_ms()),
             message,
         };
         record.encode().map_err(|e| {
-            self.inner.counters[lane as usize].rejected_invalid.inc();
+            self.rejected_invalid[lane as usize].inc();
             AppendError::Invalid(e)
         })
     }
@@ -557,23 +396,23 @@ impl Outbox {
     /// released. A drainer marks it seen, leases, and waits for a change when
     /// it found nothing, so no append is missed.
     pub fn watch_work(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.inner.work.subscribe()
+        self.lanes.watch_work()
     }
 
     /// The outbox's stable instance id.
     pub fn instance(&self) -> u64 {
-        self.inner.instance
+        self.lanes.instance()
     }
 
     /// The outbox clock now, ms.
     pub fn clock_ms(&self) -> u64 {
-        self.inner.clock.at(self.inner.time.now())
+        self.time.now_ms()
     }
 
     /// The effective byte limit (the configured one, capped at 80 % of the
     /// disk space free at open).
     pub fn max_bytes(&self) -> u64 {
-        self.inner.limits.max_bytes.load(Ordering::Relaxed)
+        self.limits.max_bytes()
     }
 
     /// Applies the limits a running outbox can change:
@@ -585,67 +424,149 @@ impl Outbox {
     /// `drop-oldest`, the next append removes the oldest messages until the
     /// backlog fits. Returns the keys that changed (`max_bytes` noting a cap).
     pub fn apply_limits(&self, new: &OutboxConfig) -> Vec<String> {
-        let l = &self.inner.limits;
-        let max_bytes = new.max_bytes.min(l.disk_cap);
-        let mut changed = holdfast_model::store_limits(&[
-            (
-                "outbox.default_ttl_seconds",
-                &l.default_ttl_ms,
-                new.default_ttl_seconds.saturating_mul(1000),
-            ),
-            ("outbox.max_messages", &l.max_messages, new.max_messages),
-            ("outbox.max_bytes", &l.max_bytes, max_bytes),
-            (
-                "outbox.min_free_disk_bytes",
-                &l.min_free_disk_bytes,
-                new.min_free_disk_bytes,
-            ),
-        ]);
-        for key in &mut changed {
-            if key == "outbox.max_bytes" && max_bytes < new.max_bytes {
-                *key = format!("{key} (capped at {max_bytes}: 80 % of the free space at start)");
-            }
-        }
-        let drop_oldest = new.when_full == WhenFull::DropOldest;
-        if l.drop_oldest.swap(drop_oldest, Ordering::Relaxed) != drop_oldest {
-            changed.push("outbox.when_full".to_string());
-        }
-        changed
+        self.limits.apply(new)
     }
 
     /// Per-lane figures; also refreshes the depth and age gauges.
     pub fn stats(&self) -> Vec<LaneStats> {
-        let now = self.clock_ms();
-        let st = self.inner.lock();
-        let mut out = Vec::with_capacity(LANES);
-        for (i, lane) in st.lanes.iter().enumerate() {
-            let oldest_age_ms = if lane.count == 0 {
-                None
-            } else {
-                self.inner
-                    .data
-                    .range(key(i as u8, lane.head)..key(i as u8, u64::MAX))
-                    .next()
-                    .and_then(|r| r.ok())
-                    .and_then(|(_, v)| Record::decode_shared(&v.into()).ok())
-                    .map(|r| now.saturating_sub(r.enqueued_clock_ms))
-            };
-            let s = LaneStats {
-                messages: lane.count,
-                bytes: lane.bytes,
-                in_flight: lane.claims.values().filter(|c| matches!(c, Claim::Leased(_))).count() as u64,
-                oldest_age_ms,
-            };
+        let stats = self.lanes.stats(self.clock_ms());
+        let m = &self.metrics;
+        for (i, s) in stats.iter().enumerate() {
             let labels = LaneLabels { lane: i as u8 };
-            let m = &self.inner.metrics;
             m.outbox_depth.get_or_create(&labels).set(s.messages as i64);
             m.outbox_bytes.get_or_create(&labels).set(s.bytes as i64);
             m.outbox_oldest_age
                 .get_or_create(&labels)
                 .set(s.oldest_age_ms.map(|a| (a / 1000) as i64).unwrap_or(0));
-            out.push(s);
         }
-        out
+        stats
+    }
+
+    /// Leases up to `max` messages from the lane the scheduling policy picks
+    /// next; `None` when nothing is available.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn lease(&self, max: usize) -> Result<Option<LeaseBatch>, OutboxError> {
+        let mut removed = Vec::new();
+        let leased = self.lanes.lease(max, self.clock_ms(), &mut removed);
+        self.remove(removed);
+        leased
+    }
+
+    /// Leases up to `max` messages from `lane` only.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn lease_lane(&self, lane: u8, max: usize) -> Result<LeaseBatch, OutboxError> {
+        if lane as usize >= LANES {
+            return Ok(LeaseBatch {
+                lane,
+                items: Vec::new(),
+            });
+        }
+        let mut removed = Vec::new();
+        let leased = self.lanes.lease_lane(lane, max, self.clock_ms(), &mut removed);
+        self.remove(removed);
+        leased
+    }
+
+    /// Hands records claimed for removal (expired or damaged, met by a
+    /// lease) to the writer; once it is gone, their claims are dropped.
+    fn remove(&self, items: Vec<Remove>) {
+        if items.is_empty() {
+            return;
+        }
+        let tx = holdfast_model::lock(&self.tx).clone();
+        let unsent = match tx {
+            Some(tx) => match tx.send(Request::Remove { items, reply: None }) {
+                Ok(()) => return,
+                Err(mpsc::SendError(Request::Remove { items, .. })) => items,
+                Err(_) => return,
+            },
+            None => items,
+        };
+        self.lanes.unclaim(&unsent);
+    }
+
+    /// Acknowledges delivered messages: they are deleted. Unknown or
+    /// already-acknowledged ids are ignored. Resolves when the deletion is
+    /// committed (buffered: an ack lost in a crash means a redelivery).
+    ///
+    /// # Errors
+    /// Storage errors, or the outbox is closed.
+    pub async fn ack(&self, ids: &[MessageId]) -> Result<(), OutboxError> {
+        let Some(rx) = self.ack_request(ids)? else {
+            return Ok(());
+        };
+        rx.await.map_err(|_| OutboxError::Closed)?.map_err(OutboxError::Store)
+    }
+
+    /// [`Outbox::ack`] for threads outside an async runtime.
+    ///
+    /// # Errors
+    /// As [`Outbox::ack`].
+    pub fn ack_blocking(&self, ids: &[MessageId]) -> Result<(), OutboxError> {
+        let Some(rx) = self.ack_request(ids)? else {
+            return Ok(());
+        };
+        rx.blocking_recv()
+            .map_err(|_| OutboxError::Closed)?
+            .map_err(OutboxError::Store)
+    }
+
+    /// Acknowledges without waiting for the deletion to commit (as
+    /// [`Outbox::ack`], whose commit is buffered anyway). The messages are
+    /// claimed at once, so a following [`Outbox::release_all`] does not
+    /// hand them out again.
+    pub fn ack_detached(&self, ids: &[MessageId]) {
+        if let Err(e) = self.ack_request(ids) {
+            tracing::debug!(error = %e, "outbox: ack after close");
+        }
+    }
+
+    fn ack_request(
+        &self,
+        ids: &[MessageId],
+    ) -> Result<Option<tokio::sync::oneshot::Receiver<Result<(), StoreError>>>, OutboxError> {
+        let items = self.lanes.claim_acked(ids);
+        if items.is_empty() {
+            return Ok(None);
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.send(Request::Remove {
+            items,
+            reply: Some(reply),
+        })
+        .map_err(|_| OutboxError::Closed)?;
+        Ok(Some(rx))
+    }
+
+    /// Returns some leased messages to their lanes, to be leased again in
+    /// order (a sender that leased more than it sends).
+    pub fn release(&self, ids: &[MessageId]) {
+        self.lanes.release(ids);
+    }
+
+    /// Returns every leased, unacknowledged message to its lane, to be leased
+    /// again in order (call when the link drops).
+    pub fn release_all(&self) {
+        self.lanes.release_all();
+    }
+
+    /// Marks the start of live traffic on live-first lanes: what is queued now
+    /// is backlog, delivered after anything newer (call when the link comes up).
+    pub fn mark_live(&self) {
+        self.lanes.mark_live();
+    }
+
+    /// Removes expired messages now (the background sweep does this every
+    /// `outbox.expire_interval_ms`); returns how many were found.
+    pub fn sweep_expired(&self) -> usize {
+        match holdfast_model::lock(&self.tx).clone() {
+            Some(tx) => sweep(&self.lanes, &self.time, &tx),
+            None => 0,
+        }
     }
 
     /// Stops the writer after it has committed everything sent so far, saves
@@ -660,7 +581,7 @@ impl Outbox {
         for t in holdfast_model::lock(&self.threads).drain(..) {
             let _ = t.join();
         }
-        if let Err(e) = self.inner.store.persist(Durability::SyncAll) {
+        if let Err(e) = self.store.persist(Durability::SyncAll) {
             tracing::error!("outbox: final sync failed: {e}");
         }
     }
@@ -670,4 +591,21 @@ impl Drop for Outbox {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// Claims expired records and hands them to the writer; how many.
+fn sweep(lanes: &Lanes, time: &OutboxTime, tx: &mpsc::Sender<Request>) -> usize {
+    let removals = lanes.sweep(time.now_ms());
+    let n = removals.len();
+    if n > 0
+        && tx
+            .send(Request::Remove {
+                items: removals,
+                reply: None,
+            })
+            .is_err()
+    {
+        return 0;
+    }
+    n
 }

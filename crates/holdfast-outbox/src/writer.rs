@@ -1,265 +1,307 @@
-//! The writer thread: every change to the outbox goes through it, and
+//! The writer thread: every change to the stored outbox goes through it, and
 //! appends that arrive while it syncs share the next sync (group commit).
+//! It owns the batch, the quotas' enforcement, the lane counters as stored
+//! and the durability of each commit; the lanes learn the outcome after the
+//! commit ([`Lanes::committed`]).
 
-#[allow(unused_imports)]
-use super::*;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
+
+use holdfast_metrics::{LaneLabels, LaneReasonLabels, Metrics, handle};
+use holdfast_store::{Batch, Durability, Space, Store, StoreError};
+use prometheus_client::metrics::counter::Counter;
+
+use crate::config::{OutboxConfig, SyncMode};
+use crate::lane::{Removal, Remove};
+use crate::lanes::{Lanes, Totals};
+use crate::layout::{encode_lane_meta, key, lane_meta_key};
+use crate::limits::{Limits, free_disk};
+use crate::{AppendError, LANES, MessageId, OutboxTime};
 
 /// Where an append's result goes.
 pub(crate) type AppendReply = tokio::sync::oneshot::Sender<Result<MessageId, AppendError>>;
+
+/// What the writer is asked to do.
+pub(crate) enum Request {
+    /// Store an encoded record at the end of `lane`.
+    Append {
+        lane: u8,
+        value: Vec<u8>,
+        reply: AppendReply,
+    },
+    /// Remove claimed records (acknowledged, expired, damaged).
+    Remove {
+        items: Vec<Remove>,
+        reply: Option<tokio::sync::oneshot::Sender<Result<(), StoreError>>>,
+    },
+    /// Save the outbox clock.
+    SaveClock,
+}
+
+/// The counters the writer moves, per lane.
+struct LaneCounters {
+    enqueued: Counter,
+    delivered: Counter,
+    expired: Counter,
+    dropped_quota: Counter,
+    dropped_damaged: Counter,
+    rejected_quota: Counter,
+    rejected_disk: Counter,
+}
+
+impl LaneCounters {
+    fn new(metrics: &Metrics, lane: u8) -> LaneCounters {
+        let reason = |r: &'static str| LaneReasonLabels { lane, reason: r };
+        LaneCounters {
+            enqueued: handle(&metrics.outbox_enqueued, &LaneLabels { lane }),
+            delivered: handle(&metrics.outbox_delivered, &LaneLabels { lane }),
+            expired: handle(&metrics.outbox_expired, &LaneLabels { lane }),
+            dropped_quota: handle(&metrics.outbox_dropped, &reason("quota")),
+            dropped_damaged: handle(&metrics.outbox_dropped, &reason("damaged")),
+            rejected_quota: handle(&metrics.outbox_rejected, &reason("quota")),
+            rejected_disk: handle(&metrics.outbox_rejected, &reason("disk")),
+        }
+    }
+}
 
 /// What one commit changes, computed before it and applied after it.
 struct Pending {
     appends: Vec<(u8, u64, u64, AppendReply)>,
     removes: Vec<Remove>,
     ack_replies: Vec<tokio::sync::oneshot::Sender<Result<(), StoreError>>>,
-    lanes: [(u64, u64, u64); LANES],
+    lanes: Totals,
     touched: [bool; LANES],
 }
 
-pub(crate) fn writer_loop(inner: &Inner, rx: mpsc::Receiver<Request>) {
-    let window = Duration::from_micros(inner.config.commit_window_us);
-    while let Ok(first) = rx.recv() {
-        let mut reqs = vec![first];
-        if !window.is_zero() {
-            let deadline = std::time::Instant::now() + window;
-            while reqs.len() < inner.config.max_batch {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                match rx.recv_timeout(left) {
+impl Pending {
+    /// Messages and bytes stored across lanes.
+    fn total(&self) -> (u64, u64) {
+        self.lanes.iter().fold((0u64, 0u64), |(n, b), l| (n + l.1, b + l.2))
+    }
+
+    /// Takes a removal off its lane's counters and into the batch.
+    fn remove(&mut self, writer: &Writer, batch: &mut Batch, r: Remove) {
+        let l = &mut self.lanes[r.lane as usize];
+        l.1 = l.1.saturating_sub(1);
+        l.2 = l.2.saturating_sub(r.size);
+        self.touched[r.lane as usize] = true;
+        batch.remove(&writer.data, key(r.lane, r.seq));
+        if let Some(raw) = &r.raw {
+            batch.insert(&writer.quarantine, key(r.lane, r.seq), raw.clone());
+        }
+        self.removes.push(r);
+    }
+}
+
+/// The writer and everything it writes with.
+pub(crate) struct Writer {
+    store: Store,
+    data: Space,
+    meta: Space,
+    quarantine: Space,
+    lanes: Arc<Lanes>,
+    limits: Arc<Limits>,
+    time: OutboxTime,
+    /// Where the free disk space is measured.
+    dir: PathBuf,
+    instance: u64,
+    commit_window: Duration,
+    max_batch: usize,
+    sync: SyncMode,
+    counters: Vec<LaneCounters>,
+    commits: Counter,
+}
+
+/// The store and the spaces the outbox keeps its records in.
+pub(crate) struct Storage {
+    pub(crate) store: Store,
+    pub(crate) data: Space,
+    pub(crate) meta: Space,
+    pub(crate) quarantine: Space,
+}
+
+impl Writer {
+    /// A writer of the records in `storage`, whose state is `lanes`; the
+    /// free space is measured under `dir`.
+    pub(crate) fn new(
+        storage: Storage,
+        lanes: Arc<Lanes>,
+        limits: Arc<Limits>,
+        time: OutboxTime,
+        dir: &Path,
+        config: &OutboxConfig,
+        metrics: &Metrics,
+    ) -> Writer {
+        Writer {
+            store: storage.store,
+            data: storage.data,
+            meta: storage.meta,
+            quarantine: storage.quarantine,
+            instance: lanes.instance(),
+            lanes,
+            limits,
+            time,
+            dir: dir.to_path_buf(),
+            commit_window: Duration::from_micros(config.commit_window_us),
+            max_batch: config.max_batch,
+            sync: config.sync,
+            counters: (0..LANES as u8).map(|l| LaneCounters::new(metrics, l)).collect(),
+            commits: metrics.outbox_commits.clone(),
+        }
+    }
+
+    /// Commits what `rx` brings, in batches, until every sender is gone.
+    pub(crate) fn run(self, rx: mpsc::Receiver<Request>) {
+        while let Ok(first) = rx.recv() {
+            let mut reqs = vec![first];
+            if !self.commit_window.is_zero() {
+                let deadline = std::time::Instant::now() + self.commit_window;
+                while reqs.len() < self.max_batch {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    match rx.recv_timeout(left) {
+                        Ok(r) => reqs.push(r),
+                        Err(_) => break,
+                    }
+                }
+            }
+            while reqs.len() < self.max_batch {
+                match rx.try_recv() {
                     Ok(r) => reqs.push(r),
                     Err(_) => break,
                 }
             }
+            self.commit(reqs);
         }
-        while reqs.len() < inner.config.max_batch {
-            match rx.try_recv() {
-                Ok(r) => reqs.push(r),
-                Err(_) => break,
-            }
-        }
-        commit(inner, reqs);
     }
-}
 
-fn commit(inner: &Inner, reqs: Vec<Request>) {
-    let mut batch = inner.store.batch();
-    let mut save_clock = false;
-    let mut pending = {
-        let st = inner.lock();
-        let p = Pending {
+    fn commit(&self, reqs: Vec<Request>) {
+        let mut batch = self.store.batch();
+        let mut save_clock = false;
+        let mut pending = Pending {
             appends: Vec::new(),
             removes: Vec::new(),
             ack_replies: Vec::new(),
-            lanes: std::array::from_fn(|i| (st.lanes[i].next_seq, st.lanes[i].count, st.lanes[i].bytes)),
+            lanes: self.lanes.totals(),
             touched: [false; LANES],
         };
-        drop(st);
-        p
-    };
-    let free = free_disk(&inner.dir);
-    let mut appends = Vec::new();
-    for req in reqs {
-        match req {
-            Request::Append { lane, value, reply } => appends.push((lane, value, reply)),
-            Request::Remove { items, reply } => {
-                for r in &items {
-                    let l = &mut pending.lanes[r.lane as usize];
-                    l.1 = l.1.saturating_sub(1);
-                    l.2 = l.2.saturating_sub(r.size);
-                    pending.touched[r.lane as usize] = true;
-                    batch.remove(&inner.data, key(r.lane, r.seq));
-                    if let Some(raw) = &r.raw {
-                        batch.insert(&inner.quarantine, key(r.lane, r.seq), raw.clone());
+        let free = free_disk(&self.dir);
+        let mut appends = Vec::new();
+        for req in reqs {
+            match req {
+                Request::Append { lane, value, reply } => appends.push((lane, value, reply)),
+                Request::Remove { items, reply } => {
+                    for r in items {
+                        pending.remove(self, &mut batch, r);
+                    }
+                    if let Some(reply) = reply {
+                        pending.ack_replies.push(reply);
                     }
                 }
-                pending.removes.extend(items);
-                if let Some(reply) = reply {
-                    pending.ack_replies.push(reply);
+                Request::SaveClock => save_clock = true,
+            }
+        }
+        let any_append = !appends.is_empty();
+        // One reading of the limits for the whole batch.
+        let quota = self.limits.quota();
+        for (lane, value, reply) in appends {
+            let size = value.len() as u64;
+            let c = &self.counters[lane as usize];
+            if free.is_some_and(|f| f < quota.min_free_disk_bytes.saturating_add(size)) {
+                c.rejected_disk.inc();
+                let _ = reply.send(Err(AppendError::DiskFull));
+                continue;
+            }
+            let fits = |lanes: &Totals| {
+                let (n, b) = lanes.iter().fold((0u64, 0u64), |(n, b), l| (n + l.1, b + l.2));
+                n < quota.max_messages && b + size <= quota.max_bytes
+            };
+            if !fits(&pending.lanes) && quota.drop_oldest {
+                for r in self.lanes.claim_oldest(&pending.lanes, &fits) {
+                    pending.remove(self, &mut batch, r);
                 }
             }
-            Request::SaveClock => save_clock = true,
-        }
-    }
-    let any_append = !appends.is_empty();
-    // One reading of the limits for the whole batch.
-    let limits = &inner.limits;
-    let (max_messages, max_bytes, min_free, drop_oldest_when_full) = (
-        limits.max_messages.load(Ordering::Relaxed),
-        limits.max_bytes.load(Ordering::Relaxed),
-        limits.min_free_disk_bytes.load(Ordering::Relaxed),
-        limits.drop_oldest.load(Ordering::Relaxed),
-    );
-    for (lane, value, reply) in appends {
-        let size = value.len() as u64;
-        let c = &inner.counters[lane as usize];
-        let total = |p: &Pending| p.lanes.iter().fold((0u64, 0u64), |(n, b), l| (n + l.1, b + l.2));
-        if free.is_some_and(|f| f < min_free.saturating_add(size)) {
-            c.rejected_disk.inc();
-            let _ = reply.send(Err(AppendError::DiskFull));
-            continue;
-        }
-        let fits = |p: &Pending| {
-            let (n, b) = total(p);
-            n < max_messages && b + size <= max_bytes
-        };
-        if !fits(&pending) && drop_oldest_when_full {
-            drop_oldest(inner, &mut batch, &mut pending, &fits);
-        }
-        if !fits(&pending) {
-            c.rejected_quota.inc();
-            let (n, _) = total(&pending);
-            let which = if n >= max_messages { "message count" } else { "bytes" };
-            let _ = reply.send(Err(AppendError::QuotaExceeded(which)));
-            continue;
-        }
-        let l = &mut pending.lanes[lane as usize];
-        let seq = l.0;
-        l.0 += 1;
-        l.1 += 1;
-        l.2 += size;
-        pending.touched[lane as usize] = true;
-        batch.insert(&inner.data, key(lane, seq), value);
-        pending.appends.push((lane, seq, size, reply));
-    }
-    for lane in 0..LANES {
-        if pending.touched[lane] {
-            let (next, count, bytes) = pending.lanes[lane];
-            batch.insert(
-                &inner.meta,
-                lane_meta_key(lane as u8),
-                encode_lane_meta(next, count, bytes),
-            );
-        }
-    }
-    if save_clock {
-        batch.insert(
-            &inner.meta,
-            b"clock".to_vec(),
-            inner.clock.save(inner.time.now()).encode(),
-        );
-    }
-    if batch.is_empty() {
-        return;
-    }
-    let durability = if any_append {
-        match inner.config.sync {
-            SyncMode::Data => Durability::SyncData,
-            SyncMode::All => Durability::SyncAll,
-        }
-    } else {
-        Durability::Buffered
-    };
-    let result = batch.commit(durability);
-    inner.metrics.outbox_commits.inc();
-    let mut st = inner.lock();
-    match result {
-        Ok(()) => {
-            for (i, lane) in st.lanes.iter_mut().enumerate() {
-                (lane.next_seq, lane.count, lane.bytes) = pending.lanes[i];
-            }
-            for r in &pending.removes {
-                let lane = &mut st.lanes[r.lane as usize];
-                lane.claims.remove(&r.seq);
-                if r.seq == lane.head {
-                    // Advance past removed records; the next present one is at or after.
-                    lane.head = r.seq + 1;
-                }
-                let c = &inner.counters[r.lane as usize];
-                match r.why {
-                    Removal::Acked => c.delivered.inc(),
-                    Removal::Expired => c.expired.inc(),
-                    Removal::Damaged => c.dropped_damaged.inc(),
-                    Removal::Quota => c.dropped_quota.inc(),
+            if !fits(&pending.lanes) {
+                c.rejected_quota.inc();
+                let (n, _) = pending.total();
+                let which = if n >= quota.max_messages {
+                    "message count"
+                } else {
+                    "bytes"
                 };
+                let _ = reply.send(Err(AppendError::QuotaExceeded(which)));
+                continue;
             }
-            drop(st);
-            for (lane, seq, _, reply) in pending.appends {
-                inner.counters[lane as usize].enqueued.inc();
-                let _ = reply.send(Ok(MessageId {
-                    instance: inner.instance,
-                    lane,
-                    seq,
-                }));
-            }
-            for reply in pending.ack_replies {
-                let _ = reply.send(Ok(()));
-            }
-            if any_append {
-                inner.work.send_modify(|n| *n += 1);
+            let l = &mut pending.lanes[lane as usize];
+            let seq = l.0;
+            l.0 += 1;
+            l.1 += 1;
+            l.2 += size;
+            pending.touched[lane as usize] = true;
+            batch.insert(&self.data, key(lane, seq), value);
+            pending.appends.push((lane, seq, size, reply));
+        }
+        for lane in 0..LANES {
+            if pending.touched[lane] {
+                let (next, count, bytes) = pending.lanes[lane];
+                batch.insert(
+                    &self.meta,
+                    lane_meta_key(lane as u8),
+                    encode_lane_meta(next, count, bytes),
+                );
             }
         }
-        Err(e) => {
-            // Nothing was written: undo the claims so the records stay deliverable.
-            for r in &pending.removes {
-                let lane = &mut st.lanes[r.lane as usize];
-                lane.claims.remove(&r.seq);
-                lane.cursor = lane.cursor.min(r.seq);
-            }
-            drop(st);
-            tracing::error!("outbox commit failed: {e}");
-            for (_, _, _, reply) in pending.appends {
-                let _ = reply.send(Err(AppendError::Store(e.clone())));
-            }
-            for reply in pending.ack_replies {
-                let _ = reply.send(Err(e.clone()));
-            }
+        if save_clock {
+            batch.insert(&self.meta, b"clock".to_vec(), self.time.save().encode());
         }
-    }
-}
-
-/// Claims the oldest unclaimed records of the lowest-priority non-empty lane
-/// for removal until `fits`, adding the removals to the batch.
-fn drop_oldest(
-    inner: &Inner,
-    batch: &mut holdfast_store::Batch,
-    pending: &mut Pending,
-    fits: &dyn Fn(&Pending) -> bool,
-) {
-    let mut st = inner.lock();
-    for lane_no in (0..LANES as u8).rev() {
-        if fits(pending) {
+        if batch.is_empty() {
             return;
         }
-        let head = st.lanes[lane_no as usize].head;
-        let victims: Vec<(u64, u64)> = {
-            let lane = &st.lanes[lane_no as usize];
-            let mut v = Vec::new();
-            let mut trial = Pending {
-                appends: Vec::new(),
-                removes: Vec::new(),
-                ack_replies: Vec::new(),
-                lanes: pending.lanes,
-                touched: pending.touched,
-            };
-            for entry in inner.data.range(key(lane_no, head)..key(lane_no, u64::MAX)) {
-                if fits(&trial) {
-                    break;
-                }
-                let Ok((k, val)) = entry else { break };
-                let Some((_, seq)) = parse_key(&k) else { continue };
-                if lane.claims.contains_key(&seq) {
-                    continue;
-                }
-                let l = &mut trial.lanes[lane_no as usize];
-                l.1 = l.1.saturating_sub(1);
-                l.2 = l.2.saturating_sub(val.len() as u64);
-                v.push((seq, val.len() as u64));
+        let durability = if any_append {
+            match self.sync {
+                SyncMode::Data => Durability::SyncData,
+                SyncMode::All => Durability::SyncAll,
             }
-            v
+        } else {
+            Durability::Buffered
         };
-        for (seq, size) in victims {
-            st.lanes[lane_no as usize].claims.insert(seq, Claim::Removing(size));
-            let l = &mut pending.lanes[lane_no as usize];
-            l.1 = l.1.saturating_sub(1);
-            l.2 = l.2.saturating_sub(size);
-            pending.touched[lane_no as usize] = true;
-            batch.remove(&inner.data, key(lane_no, seq));
-            pending.removes.push(Remove {
-                lane: lane_no,
-                seq,
-                size,
-                why: Removal::Quota,
-                raw: None,
-            });
+        let result = batch.commit(durability);
+        self.commits.inc();
+        match result {
+            Ok(()) => {
+                self.lanes.committed(&pending.lanes, &pending.removes, any_append);
+                for r in &pending.removes {
+                    let c = &self.counters[r.lane as usize];
+                    match r.why {
+                        Removal::Acked => c.delivered.inc(),
+                        Removal::Expired => c.expired.inc(),
+                        Removal::Damaged => c.dropped_damaged.inc(),
+                        Removal::Quota => c.dropped_quota.inc(),
+                    };
+                }
+                for (lane, seq, _, reply) in pending.appends {
+                    self.counters[lane as usize].enqueued.inc();
+                    let _ = reply.send(Ok(MessageId {
+                        instance: self.instance,
+                        lane,
+                        seq,
+                    }));
+                }
+                for reply in pending.ack_replies {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                // Nothing was written: undo the claims so the records stay deliverable.
+                self.lanes.commit_failed(&pending.removes);
+                tracing::error!("outbox commit failed: {e}");
+                for (_, _, _, reply) in pending.appends {
+                    let _ = reply.send(Err(AppendError::Store(e.clone())));
+                }
+                for reply in pending.ack_replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
         }
     }
 }
