@@ -6,15 +6,17 @@
 # - only holdfast-store depends on fjall;
 # - the outbox, cache, store, model, broker, registry, iothub, link and
 #   deploy crates do not pull in wasmtime at all, even indirectly (their tests
-#   compile without a WebAssembly runtime).
+#   compile without a WebAssembly runtime);
+# - the sans-IO protocol crates (holdfast-mqtt, holdfast-link-proto) pull in
+#   no async runtime, no QUIC, no storage and no wasmtime.
 # Cargo itself refuses dependency cycles between crates.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 fail=0
 crates=(holdfast-model holdfast-mqtt holdfast-store holdfast-metrics holdfast-tls holdfast-outbox
-        holdfast-cache holdfast-plugins holdfast-registry holdfast-broker holdfast-iothub holdfast-link
-        holdfast-deploy holdfast)
+        holdfast-cache holdfast-plugins holdfast-registry holdfast-broker holdfast-iothub holdfast-link-proto
+        holdfast-link holdfast-deploy holdfast)
 
 direct() { # crate -> its direct normal dependencies, one name per line
     cargo tree --locked -p "$1" -e normal --depth 1 --prefix none --format '{p}' | tail -n +2 | awk '{print $1}' | sort -u
@@ -48,6 +50,16 @@ for c in holdfast-model holdfast-store holdfast-outbox holdfast-cache holdfast-r
         echo "layering: $c pulls in wasmtime" >&2
         fail=1
     fi
+done
+
+# The sans-IO protocol crates: no runtime, no sockets, no disk.
+for c in holdfast-mqtt holdfast-link-proto; do
+    for d in tokio quinn fjall wasmtime; do
+        if all "$c" | grep -qx "$d"; then
+            echo "layering: $c (sans-IO) pulls in $d" >&2
+            fail=1
+        fi
+    done
 done
 
 if [ "$fail" -ne 0 ]; then
