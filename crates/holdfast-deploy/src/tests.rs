@@ -2,10 +2,18 @@
 //! halt, automatic rollback, priorities, and what a child is offered.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use super::*;
-use holdfast_registry::{NewIdentity, Role};
+use crate::model::{Health, NodeState, Phase, Report, Spec};
+use crate::store::DeployStore;
+use crate::{Applier, DeployError, Deployer, Options, Overlay};
+use holdfast_metrics::Metrics;
+use holdfast_registry::{NewIdentity, Registry, Role};
+use holdfast_tls::sign::{Signer, Verifier};
+
+fn now_ms() -> u64 {
+    holdfast_model::unix_ms()
+}
 
 /// Records what it was asked to apply; its counters are set by the test.
 #[derive(Default)]
@@ -96,12 +104,11 @@ fn report(d: &Deployer, id: &str, node: &str, state: NodeState, health: Health) 
         reason: Some("test".into()),
         health,
     };
-    let mut inner = d.lock();
-    d.put_report(&mut inner, r);
+    d.lock().reports.put(r);
 }
 
 fn tick(d: &Deployer) {
-    d.lock().last_tick_ms = 0;
+    d.lock().owner.tick_now();
     d.owner_tick();
 }
 
@@ -270,7 +277,7 @@ fn unknown_ids_are_not_found_and_components_go_only_where_offered() {
             health: Health::default(),
         }],
     );
-    assert!(d.lock().reports.keys().all(|(dep, _)| dep != "other"));
+    assert!(d.lock().reports.deployments().all(|dep| dep != "other"));
 }
 
 #[test]
@@ -341,7 +348,7 @@ fn open_node(
 }
 
 fn events(d: &Deployer, event: &'static str) -> u64 {
-    holdfast_metrics::handle(&d.metrics.deploy_events, &EventLabels { event }).get()
+    d.events.get(event)
 }
 
 #[test]
@@ -451,10 +458,10 @@ fn a_deleted_deployment_leaves_a_signed_tombstone_that_expires() {
     assert_eq!(gw.local_status().applied.unwrap().revision, 3);
     // An expired tombstone goes at the owner; the revision seen stays.
     root.delete("d1").unwrap();
-    root.lock().owned.get_mut("d1").unwrap().doc.expires_ms = Some(1);
+    root.lock().owner.docs_mut().get_mut("d1").unwrap().doc.expires_ms = Some(1);
     tick(&root);
     assert!(root.show("d1").is_none());
-    assert_eq!(root.lock().seen["d1"], 4);
+    assert_eq!(root.lock().seen.get("d1"), 4);
 }
 
 #[test]
@@ -513,7 +520,7 @@ fn documents_expire_are_signed_again_before_and_stale_imports_are_refused() {
     gw2.receive_offer("root", vec!["root".into()], owner.offer_for("gw2").1);
     gw2.evaluate(&fake);
     assert_eq!(gw2.local_status().applied.unwrap().deployment, "d2");
-    gw2.lock().received.get_mut("d2").unwrap().doc.expires_ms = Some(1);
+    gw2.lock().received.docs_mut().get_mut("d2").unwrap().doc.expires_ms = Some(1);
     gw2.evaluate(&fake);
     assert_eq!(gw2.local_status().applied.unwrap().deployment, "d2", "still running");
     let r = gw2.show("d2").unwrap().node_states[0].report.clone().unwrap();
@@ -522,7 +529,7 @@ fn documents_expire_are_signed_again_before_and_stale_imports_are_refused() {
     // The owner signs a new revision when less than half the time is left.
     tick(&owner);
     assert_eq!(owner.show("d2").unwrap().doc.revision, 1, "fresh: nothing to sign");
-    owner.lock().owned.get_mut("d2").unwrap().doc.expires_ms = Some(now_ms() + 1_000_000);
+    owner.lock().owner.docs_mut().get_mut("d2").unwrap().doc.expires_ms = Some(now_ms() + 1_000_000);
     tick(&owner);
     let v = owner.show("d2").unwrap();
     assert_eq!(v.doc.revision, 2);
