@@ -1,9 +1,73 @@
-//! Fills: claiming blocks, fetching an aligned run from upstream, streaming it to readers and committing it.
+//! The fill coordinator: one upstream request per aligned run of missing
+//! blocks. A fill claims each block only when it reaches it, streams the
+//! bytes into the block's buffer (readers follow its `watch`), commits
+//! each complete block to the block store, and stops where another fill
+//! already holds the next block, when its reader is gone and it has
+//! fetched `cache.orphan_fill_bytes` more, or at the end of what was asked.
 
-#[allow(unused_imports)]
-use super::*;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-impl Cache {
+use bytes::Bytes;
+use holdfast_model::lock;
+use http_body_util::BodyExt;
+
+use crate::block::{Block, BlockData, BlockState, Buf, Fill, Source};
+use crate::counters::Counters;
+use crate::disk::Class;
+use crate::learned::Learned;
+use crate::objects::{Claim, Found, Objects};
+use crate::origin::Origin;
+use crate::range::{self, Validator};
+use crate::rfc9111::{self, Freshness, RequestRules, Vary};
+use crate::store::BlockStore;
+use crate::{FillError, Handoff, Meta, Passed, Plan, now_secs};
+
+/// Most private (unstored) blocks a fill keeps ahead of its reader.
+const PRIVATE_AHEAD: usize = 2;
+
+/// Starts and runs fills (see the module docs).
+pub(crate) struct Fills {
+    objects: Arc<Objects>,
+    store: Arc<BlockStore>,
+    origin: Arc<Origin>,
+    learned: Arc<Learned>,
+    counters: Arc<Counters>,
+    block_size: u64,
+    /// `cache.orphan_fill_bytes`, which a config reload changes.
+    orphan_fill_bytes: AtomicU64,
+}
+
+/// A claimed block being written: the block, its data, bytes written.
+type Writing = (Arc<Block>, BlockData, u64);
+
+impl Fills {
+    pub(crate) fn new(
+        objects: Arc<Objects>,
+        store: Arc<BlockStore>,
+        origin: Arc<Origin>,
+        learned: Arc<Learned>,
+        counters: Arc<Counters>,
+        block_size: u64,
+        orphan_fill_bytes: u64,
+    ) -> Fills {
+        Fills {
+            objects,
+            store,
+            origin,
+            learned,
+            counters,
+            block_size,
+            orphan_fill_bytes: AtomicU64::new(orphan_fill_bytes),
+        }
+    }
+
+    /// The limit a reload changes.
+    pub(crate) fn orphan_fill_bytes(&self) -> &AtomicU64 {
+        &self.orphan_fill_bytes
+    }
+
     /// Finds block `k`: stored (of whatever version: the caller compares),
     /// in flight, or by starting a fill for `k..=end_byte` (which becomes
     /// the reader's own fill).
@@ -14,66 +78,34 @@ impl Cache {
         end_byte: Option<u64>,
         own: &mut Option<Arc<Fill>>,
     ) -> Source {
-        let mut guard = lock(&self.inner);
-        let o = guard.entry(&plan.key);
-        // A stored block of another version is returned as it is: the
-        // reader sees the version differs and never mixes the two.
-        if let Some(meta) = &o.meta
-            && o.stored.contains_key(&k)
-        {
-            return Source::Stored {
-                id: o.id,
-                meta: meta.clone(),
-            };
-        }
-        if let Some(b) = o.inflight.get(&k) {
-            return Source::Block(b.clone());
-        }
-        // Fetch only up to the next block already stored or being fetched.
-        let bs = self.cfg.block_size;
-        let next_held = o
-            .stored
-            .range(k + 1..)
-            .next()
-            .map(|(i, _)| *i)
-            .into_iter()
-            .chain(o.inflight.keys().copied().filter(|&i| i > k))
-            .min();
-        let end_byte = match next_held {
-            Some(n) => {
-                let before = u64::from(n) * bs - 1;
-                Some(end_byte.map_or(before, |e| e.min(before)))
-            }
-            None => end_byte,
+        let (block, obj_id, end_byte) = match self.objects.find(&plan.key, k, end_byte) {
+            Found::Source(s) => return s,
+            Found::Claimed {
+                block,
+                obj_id,
+                end_byte,
+            } => (block, obj_id, end_byte),
         };
-        let block = Block::new();
-        o.inflight.insert(k, block.clone());
-        let obj_id = o.id;
-        drop(guard);
-        let fill = Arc::new(Fill {
-            blocks: Mutex::new(BTreeMap::from([(k, block.clone())])),
-            cursor: watch::Sender::new((k + 1, false)),
-            writing: Mutex::new(None),
-        });
+        let fill = Fill::new(k, block.clone());
         *own = Some(fill.clone());
-        let cache = self.clone();
+        let fills = self.clone();
         let plan = plan.clone();
         let first = block.clone();
-        self.metrics.cache_fills.inc();
+        self.counters.metrics().cache_fills.inc();
         tokio::spawn(async move {
-            let result = cache.run_fill(&plan, &fill, k, end_byte, obj_id, &first).await;
+            let result = fills.run(&plan, &fill, k, end_byte, obj_id, &first).await;
             if let Err(e) = result {
-                cache.release_failed(&plan.key, &fill, &first, e);
+                fills.release_failed(&plan.key, &fill, &first, e);
             }
-            fill.cursor.send_modify(|c| c.1 = true);
-            cache.metrics.cache_fills.dec();
+            fill.stop();
+            fills.counters.metrics().cache_fills.dec();
         });
         Source::Block(block)
     }
 
     /// Fails a block that was not finished; gives back the room reserved for
     /// it and deletes its `.part` file.
-    pub(crate) fn abandon(&self, block: &Block, e: &Arc<FillError>) {
+    fn abandon(&self, block: &Block, e: &Arc<FillError>) {
         let part = match &*block.state.borrow() {
             BlockState::Writing {
                 data:
@@ -87,9 +119,7 @@ impl Cache {
             _ => None,
         };
         if let Some((path, len)) = part {
-            let mut inner = lock(&self.inner);
-            inner.reserved_bytes = inner.reserved_bytes.saturating_sub(len);
-            drop(inner);
+            self.objects.unreserve(len);
             let _ = std::fs::remove_file(&*path);
         }
         block.fail(e);
@@ -99,24 +129,20 @@ impl Cache {
     /// block, if it never got the upstream's answer), and takes failed
     /// blocks out of the object. Blocks it finished stay: they are being
     /// stored.
-    pub(crate) fn release_failed(&self, key: &str, fill: &Fill, first: &Block, e: FillError) {
+    fn release_failed(&self, key: &str, fill: &Fill, first: &Block, e: FillError) {
         let e = Arc::new(e);
         let writing = lock(&fill.writing).take();
         if let Some(b) = writing {
             self.abandon(&b, &e);
         }
         self.abandon(first, &e);
-        let mut inner = lock(&self.inner);
-        if let Some(o) = inner.objects.get_mut(key) {
-            o.inflight.retain(|_, b| !failed(b));
-        }
-        inner.forget_if_empty(key);
+        self.objects.forget_failed(key);
     }
 
     /// The fill task: one upstream request for blocks `first..` (to
     /// `end_byte`), claimed one at a time.
-    pub(crate) async fn run_fill(
-        self: &Arc<Self>,
+    async fn run(
+        &self,
         plan: &Arc<Plan>,
         fill: &Arc<Fill>,
         first: u32,
@@ -124,16 +150,17 @@ impl Cache {
         obj_id: u64,
         first_block: &Arc<Block>,
     ) -> Result<(), FillError> {
-        let bs = self.cfg.block_size;
+        let bs = self.block_size;
         let start = u64::from(first) * bs;
         let range = match end_byte {
             Some(e) => format!("bytes={start}-{e}"),
             None => format!("bytes={start}-"),
         };
-        let labels = self.upstream_labels(plan);
+        let labels = self.origin.labels(plan);
         let request_time = now_secs();
         let resp = self
-            .upstream(plan, hyper::Method::GET, (hyper::header::RANGE, range))
+            .origin
+            .send(plan, hyper::Method::GET, (hyper::header::RANGE, range))
             .await
             .map_err(|e| FillError::Upstream(e.to_string()))?;
         let response_time = now_secs();
@@ -188,7 +215,7 @@ impl Cache {
             }
             _ => {
                 let headers = rfc9111::stored_fields(resp.headers());
-                let body = read_capped(resp.into_body(), 64 << 10, self.client.timeout()).await;
+                let body = read_capped(resp.into_body(), 64 << 10, self.origin.timeout()).await;
                 return Err(FillError::Status {
                     status,
                     content_type,
@@ -201,7 +228,7 @@ impl Cache {
         // response holds for everyone for a while; one in the request only
         // for this request.
         if let Some(why) = rfc9111::not_storable(status, resp.headers(), &RequestRules::default(), false) {
-            self.mark_uncacheable(&plan.key);
+            self.learned.mark_uncacheable(&plan.key);
             return Err(hand_off(resp, why));
         }
         if let Some(why) = rfc9111::not_storable(status, resp.headers(), &plan.rules, plan.authorized) {
@@ -212,11 +239,11 @@ impl Cache {
             header(hyper::header::LAST_MODIFIED).as_deref(),
             length,
         ) else {
-            self.mark_uncacheable(&plan.key);
+            self.learned.mark_uncacheable(&plan.key);
             return Err(hand_off(resp, "upstream sent no strong validator".into()));
         };
         if plan.max_object_size.is_some_and(|m| length > m) {
-            self.mark_uncacheable(&plan.key);
+            self.learned.mark_uncacheable(&plan.key);
             return Err(hand_off(
                 resp,
                 format!("object of {length} bytes is larger than max_object_size"),
@@ -232,7 +259,7 @@ impl Cache {
             return Err(FillError::Unsatisfiable(length));
         }
         let vary = rfc9111::vary_names(resp.headers()).map(|names| {
-            self.learn_vary(&plan.primary, &names);
+            self.learned.learn_vary(&plan.primary, &names);
             let values = rfc9111::selecting_values(&names, &plan.fields);
             Vary { names, values }
         });
@@ -255,41 +282,16 @@ impl Cache {
             vary,
         });
         // Bind the object to this version.
-        let (obj_id, doomed, record) = {
-            let mut inner = lock(&self.inner);
-            let mut doomed = None;
-            let same = inner
-                .objects
-                .get(&plan.key)
-                .and_then(|o| o.meta.as_ref())
-                .map(|m| m.validator.same_version(&meta.validator));
-            if same == Some(false) {
-                doomed = inner.invalidate(&plan.key);
-                self.event("invalidated");
-            }
-            let bs = self.cfg.block_size;
-            match inner.objects.get_mut(&plan.key) {
-                Some(o) => {
-                    let refresh = same != Some(true) || plan.class == Class::Revalidate;
-                    if refresh {
-                        o.meta = Some(meta.clone());
-                    }
-                    // A fill that started before an invalidation it caused
-                    // claims its first block again under the new id.
-                    if o.id != obj_id && same != Some(true) {
-                        o.inflight.entry(first).or_insert_with(|| first_block.clone());
-                    }
-                    let record = refresh.then(|| o.record(&meta, bs));
-                    (o.id, doomed, record)
-                }
-                None => (u64::MAX, doomed, None),
-            }
-        };
-        if let Some(rec) = record {
-            let _ = disk::put_object(&self.index, &plan.key, &rec);
+        let bound = self.objects.bind(&plan.key, &meta, obj_id, first, first_block, || {
+            self.counters.event("invalidated");
+        });
+        let obj_id = bound.obj_id;
+        if let Some(rec) = bound.record {
+            self.store.put_object(&plan.key, &rec);
         }
-        if let Some(old) = doomed {
-            self.delete_later(None, old);
+        if let Some(old) = bound.doomed {
+            self.store.delete_later(None, old);
+            self.objects.update_gauges();
         }
         // Stream the body into blocks.
         let mut body = resp.into_body();
@@ -299,16 +301,10 @@ impl Cache {
         // its readers start a new fill there.
         let end = body_end;
         let mut k = first;
-        let public = {
-            let inner = lock(&self.inner);
-            inner
-                .objects
-                .get(&plan.key)
-                .is_some_and(|o| o.id == obj_id && o.inflight.get(&k).is_some_and(|b| Arc::ptr_eq(b, first_block)))
-        };
-        let mut current = Some(self.open_claimed(plan, fill, k, first_block.clone(), &meta, obj_id, length, public));
+        let public = self.objects.holds(&plan.key, obj_id, k, first_block);
+        let mut current = Some(self.open_claimed(plan, fill, k, first_block.clone(), (&meta, obj_id, length), public));
         let mut orphan_bytes = 0u64;
-        let timeout = self.client.timeout();
+        let timeout = self.origin.timeout();
         while pos < end {
             let frame = match tokio::time::timeout(timeout, body.frame()).await {
                 Err(_) => {
@@ -328,13 +324,7 @@ impl Cache {
             let Ok(mut data) = frame.into_data() else {
                 continue;
             };
-            self.metrics
-                .cache_upstream_bytes
-                .get_or_create(&labels)
-                .inc_by(data.len() as u64);
-            self.totals
-                .upstream_bytes
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            self.counters.upstream_bytes(&labels, data.len() as u64);
             // A 200 from an origin that ignores ranges: skip to our start.
             if pos < start {
                 let skip = (start - pos).min(data.len() as u64) as usize;
@@ -349,7 +339,7 @@ impl Cache {
                 let take = (bdata.len - *written).min(data.len() as u64) as usize;
                 let chunk = data.split_to(take);
                 if let Err(e) = bdata.buf.write(*written, &chunk) {
-                    self.event("write-failed");
+                    self.counters.event("write-failed");
                     return Err(FillError::Upstream(format!("cache write: {e}")));
                 }
                 *written += take as u64;
@@ -373,23 +363,33 @@ impl Cache {
                         orphan_bytes > self.orphan_fill_bytes.load(Ordering::Relaxed)
                     };
                     if !orphaned {
-                        next = self.try_claim(plan, fill, k + 1, obj_id);
+                        next = self.objects.claim(&plan.key, k + 1, obj_id);
+                        if matches!(next, Claim::Stop) {
+                            fill.stop();
+                        }
                     }
                 }
                 let d = done_data.clone();
                 done.state.send_modify(|s| *s = BlockState::Done(d));
                 if matches!(done_data.buf, Buf::File(..)) {
-                    self.commit_block(plan.key.clone(), obj_id, k, done, done_data);
+                    self.store.commit(
+                        &self.objects,
+                        &self.counters,
+                        plan.key.clone(),
+                        (obj_id, k),
+                        done,
+                        done_data,
+                    );
                 }
                 k += 1;
                 current = match next {
                     Claim::Stop => return Ok(()),
-                    Claim::Public(b) => Some(self.open_claimed(plan, fill, k, b, &meta, obj_id, length, true)),
+                    Claim::Public(b) => Some(self.open_claimed(plan, fill, k, b, (&meta, obj_id, length), true)),
                     Claim::Private => {
                         if !self.private_room(fill).await {
                             return Ok(());
                         }
-                        Some(self.open_claimed(plan, fill, k, Block::new(), &meta, obj_id, length, false))
+                        Some(self.open_claimed(plan, fill, k, Block::new(), (&meta, obj_id, length), false))
                     }
                 };
             }
@@ -403,71 +403,9 @@ impl Cache {
         }
     }
 
-    /// A buffer for block `k`: a `.part` file when it will be stored (room
-    /// admitted), memory otherwise.
-    pub(crate) fn buffer(
-        &self,
-        plan: &Plan,
-        k: u32,
-        meta: &Arc<Meta>,
-        obj_id: u64,
-        length: u64,
-        public: bool,
-    ) -> BlockData {
-        let bs = self.cfg.block_size;
-        let len = (length - u64::from(k) * bs).min(bs);
-        let buf = if public && self.admit(&plan.key, len) {
-            let path = disk::part_path(&self.dir, obj_id, k);
-            let file = std::fs::create_dir_all(disk::obj_dir(&self.dir, obj_id)).and_then(|()| {
-                std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&path)
-            });
-            match file {
-                Ok(f) => Buf::File(Arc::new(f), Arc::new(path)),
-                Err(e) => {
-                    tracing::warn!(error = %e, path = %path.display(), "cache: cannot create block file; serving without storing");
-                    self.event("write-failed");
-                    lock(&self.inner).reserved_bytes -= len;
-                    Buf::Mem(Arc::new(RwLock::new(Vec::with_capacity(len as usize))))
-                }
-            }
-        } else {
-            Buf::Mem(Arc::new(RwLock::new(Vec::with_capacity(len as usize))))
-        };
-        BlockData {
-            meta: meta.clone(),
-            len,
-            buf,
-        }
-    }
-
-    /// Claims block `k` for the fill: public if the object is still this
-    /// version and nobody holds `k`; stop if someone does; private if the
-    /// object moved on (then only this fill's reader reads it).
-    pub(crate) fn try_claim(&self, plan: &Plan, fill: &Fill, k: u32, obj_id: u64) -> Claim {
-        let mut inner = lock(&self.inner);
-        match inner.objects.get_mut(&plan.key) {
-            Some(o) if o.id == obj_id => {
-                if o.stored.contains_key(&k) || o.inflight.contains_key(&k) {
-                    drop(inner);
-                    fill.cursor.send_modify(|c| c.1 = true);
-                    return Claim::Stop;
-                }
-                let block = Block::new();
-                o.inflight.insert(k, block.clone());
-                Claim::Public(block)
-            }
-            _ => Claim::Private,
-        }
-    }
-
     /// Waits until the fill's reader has taken enough private blocks; false
     /// when the reader is gone (nobody else can use them).
-    pub(crate) async fn private_room(&self, fill: &Arc<Fill>) -> bool {
+    async fn private_room(&self, fill: &Arc<Fill>) -> bool {
         let mut rx = fill.cursor.subscribe();
         loop {
             if Arc::strong_count(fill) == 1 {
@@ -481,29 +419,31 @@ impl Cache {
         }
     }
 
-    /// Gives a claimed block its buffer (a file when `public` and admitted)
-    /// and makes it visible to readers.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn open_claimed(
+    /// Gives claimed block `k` of version `meta`, object `obj_id` (`length`
+    /// bytes long), its buffer (a file when `public` and admitted) and makes it visible to
+    /// readers.
+    fn open_claimed(
         &self,
         plan: &Plan,
         fill: &Fill,
         k: u32,
         block: Arc<Block>,
-        meta: &Arc<Meta>,
-        obj_id: u64,
-        length: u64,
+        (meta, obj_id, length): (&Arc<Meta>, u64, u64),
         public: bool,
-    ) -> (Arc<Block>, BlockData, u64) {
-        let data = self.buffer(plan, k, meta, obj_id, length, public);
-        if public && !matches!(data.buf, Buf::File(..)) {
-            let mut inner = lock(&self.inner);
-            if let Some(o) = inner.objects.get_mut(&plan.key)
-                && o.inflight.get(&k).is_some_and(|b| Arc::ptr_eq(b, &block))
-            {
-                o.inflight.remove(&k);
-            }
+    ) -> Writing {
+        let bs = self.block_size;
+        let len = (length - u64::from(k) * bs).min(bs);
+        let buf = self
+            .store
+            .buffer(&self.objects, &self.counters, &plan.key, (obj_id, k, len), public);
+        if public && !matches!(buf, Buf::File(..)) {
+            self.objects.unclaim(&plan.key, k, &block);
         }
+        let data = BlockData {
+            meta: meta.clone(),
+            len,
+            buf,
+        };
         let d = data.clone();
         block
             .state
@@ -515,7 +455,8 @@ impl Cache {
     }
 }
 
-pub(crate) async fn read_capped(mut body: hyper::body::Incoming, cap: usize, timeout: Duration) -> Bytes {
+/// Up to `cap` bytes of a body, as they come within `timeout` each.
+async fn read_capped(mut body: hyper::body::Incoming, cap: usize, timeout: Duration) -> Bytes {
     let mut out = Vec::new();
     while out.len() < cap {
         match tokio::time::timeout(timeout, body.frame()).await {

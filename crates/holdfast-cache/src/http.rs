@@ -19,13 +19,13 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use super::origin::Forward;
-use super::path;
-use super::range::{self, ByteRange, Spec};
-use super::rfc9111::{self, RequestRules};
-use super::upstream::Endpoint;
-use super::{Cache, Fill, FillError, Meta, Passed, Plan, Revalidation, Source, now_secs};
+use crate::block::{Block, BlockState, Fill, Source};
 use crate::disk::Class;
+use crate::origin::Forward;
+use crate::path;
+use crate::rfc9111::{self, RequestRules};
+use crate::upstream::Endpoint;
+use crate::{Cache, FillError, Meta, Plan};
 use holdfast_model::{ContentClass, ContentDecision, ContentPolicy, RequestHead};
 
 /// Response body.
@@ -106,7 +106,7 @@ pub async fn serve(
         let slot = match admission.admit(peer.ip()) {
             Ok(slot) => slot,
             Err(refusal) => {
-                cache.event(refusal.event());
+                cache.counters.event(refusal.event());
                 tracing::debug!(peer = %peer, refusal = refusal.event(), "cache: connection refused");
                 let _ = tcp.try_write(REFUSED);
                 drop(tcp);
@@ -134,7 +134,7 @@ pub async fn serve(
             if let Err(e) = served
                 && e.is_timeout()
             {
-                cache.event("header-timeout");
+                cache.counters.event("header-timeout");
             }
             drop(slot);
         });
@@ -205,7 +205,7 @@ fn client_kind(h: &HeaderMap) -> &'static str {
 /// is logged) and counting it as `upstream-failed` or `refused`.
 pub(crate) fn server_error(cache: &Cache, status: StatusCode, key: &str, why: &str) -> Response<Body> {
     tracing::warn!(status = status.as_u16(), key = %key, why = %why, "cache: answering with a server error");
-    cache.event(if status == StatusCode::LOOP_DETECTED {
+    cache.counters.event(if status == StatusCode::LOOP_DETECTED {
         "loop"
     } else {
         "server-error"
@@ -216,7 +216,7 @@ pub(crate) fn server_error(cache: &Cache, status: StatusCode, key: &str, why: &s
 async fn handle(cache: Arc<Cache>, policy: Arc<dyn ContentPolicy>, req: Request<Incoming>) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let kind = client_kind(&parts.headers);
-    let count = |source: &str, result: &'static str| cache.count_request(source, kind, result);
+    let count = |source: &str, result: &'static str| cache.counters.request(source, kind, result);
     if is_loop(&parts.headers, cache.token()) {
         count("none", "error");
         return server_error(
@@ -234,7 +234,7 @@ async fn handle(cache: Arc<Cache>, policy: Arc<dyn ContentPolicy>, req: Request<
         );
     }
     let Some(mut t) = target(&parts) else {
-        cache.event("bad-request");
+        cache.counters.event("bad-request");
         count("none", "error");
         return full(
             StatusCode::BAD_REQUEST,
@@ -246,7 +246,7 @@ async fn handle(cache: Arc<Cache>, policy: Arc<dyn ContentPolicy>, req: Request<
     t.path_and_query = match path::normalize(&t.path_and_query) {
         Ok(p) => p,
         Err(e) => {
-            cache.event("bad-path");
+            cache.counters.event("bad-path");
             count("none", "error");
             return full(StatusCode::BAD_REQUEST, format!("bad request path: {e}\n"));
         }
@@ -313,7 +313,7 @@ async fn handle(cache: Arc<Cache>, policy: Arc<dyn ContentPolicy>, req: Request<
                 }
                 return resp;
             }
-            let fields = cache.forward_fields(&parts.headers, Forward::Fill);
+            let fields = cache.origin.forward_fields(&parts.headers, Forward::Fill);
             let mut plan = Plan {
                 source: cache.source_label(&p.key),
                 origin,
@@ -334,7 +334,9 @@ async fn handle(cache: Arc<Cache>, policy: Arc<dyn ContentPolicy>, req: Request<
             // used for this request: it gets its own variant (at most twice
             // when the origin changes what it varies on meanwhile).
             for _ in 0..2 {
-                plan.key = cache.variant_key(&plan.primary, &plan.fields);
+                plan.key = cache
+                    .learned
+                    .variant_key(&plan.primary, &plan.fields, |k| cache.objects.meta_of(k));
                 match serve_cached(&cache, Arc::new(plan.clone()), &parts, kind).await {
                     Served::Response(r) => return r,
                     Served::Reselect => {}
@@ -428,7 +430,7 @@ async fn pass_through(
     parts: &Parts,
     body: Option<Incoming>,
 ) -> Response<Body> {
-    let fields = cache.forward_fields(&parts.headers, Forward::Pass);
+    let fields = cache.origin.forward_fields(&parts.headers, Forward::Pass);
     match cache.client().send(&parts.method, origin, path, &fields, body).await {
         Ok(resp) => {
             let (up, body) = resp.into_parts();
@@ -503,14 +505,14 @@ impl Reader<'_> {
                 };
                 let src = match mine {
                     Some(b) => Source::Block(b),
-                    None => self.cache.acquire(self.plan, k, Some(fill_end), &mut self.own),
+                    None => self.cache.fills.acquire(self.plan, k, Some(fill_end), &mut self.own),
                 };
                 let outcome = match src {
                     Source::Stored { id, meta } => {
                         if !meta.validator.same_version(&self.meta.validator) {
                             return Err(ReadEnd::Failed(Arc::new(FillError::VersionChanged)));
                         }
-                        match self.cache.read_stored(id, k, pos - bstart, to - bstart).await {
+                        match self.cache.store.read(id, k, pos - bstart, to - bstart).await {
                             Ok(b) => {
                                 self.hit += b.len() as u64;
                                 pos = to;
@@ -519,7 +521,8 @@ impl Reader<'_> {
                             }
                             Err(e) => {
                                 tracing::warn!(error = %e, key = %self.plan.key, block = k, "cache: stored block unreadable; fetching it again");
-                                self.cache.drop_stored(&self.plan.key, id, k);
+                                self.cache.objects.drop_stored(&self.plan.key, id, k);
+                                self.cache.counters.event("block-unreadable");
                                 continue;
                             }
                         }
@@ -549,18 +552,18 @@ impl Reader<'_> {
     }
 
     /// Streams `pos..to` of a block as its bytes arrive.
-    async fn stream(&mut self, block: &super::Block, pos: &mut u64, bstart: u64, to: u64) -> Result<(), ReadEnd> {
+    async fn stream(&mut self, block: &Block, pos: &mut u64, bstart: u64, to: u64) -> Result<(), ReadEnd> {
         let mut rx = block.state.subscribe();
         loop {
             let state = rx.borrow_and_update().clone();
             let (data, avail) = match state {
-                super::BlockState::Waiting => (None, 0),
-                super::BlockState::Writing { data, written } => (Some(data), written),
-                super::BlockState::Done(data) => {
+                BlockState::Waiting => (None, 0),
+                BlockState::Writing { data, written } => (Some(data), written),
+                BlockState::Done(data) => {
                     let len = data.len;
                     (Some(data), len)
                 }
-                super::BlockState::Failed(e) => return Err(ReadEnd::Failed(e)),
+                BlockState::Failed(e) => return Err(ReadEnd::Failed(e)),
             };
             if let Some(d) = data {
                 let from = *pos - bstart;

@@ -1,9 +1,16 @@
-//! Requests to the origin or the parent cache: the fields sent, the labels counted.
+//! Requests to the origin or the parent cache: the upstream client, this
+//! node's loop-guard token, the fields a forwarded request carries, and
+//! the upstream requests counted.
 
-#[allow(unused_imports)]
-use super::*;
+use std::sync::Arc;
+use std::time::Duration;
 
+use holdfast_metrics::CacheUpstreamLabels;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::counters::Counters;
+use crate::upstream::{self, Client};
+use crate::{Plan, rfc9111};
 
 /// Request fields a fill never forwards: it asks for its own aligned range,
 /// unconditionally, in the identity encoding (ranges of an encoded body are
@@ -28,9 +35,58 @@ pub enum Forward {
     Pass,
 }
 
-impl Cache {
-    pub(crate) fn upstream_label(&self) -> &'static str {
+/// The way upstream (see the module docs).
+pub(crate) struct Origin {
+    client: Client,
+    /// This node's `CDN-Loop` / `Via` token.
+    token: String,
+    counters: Arc<Counters>,
+}
+
+impl Origin {
+    /// Requests through `client`, marked with node `node_id`'s token.
+    pub(crate) fn new(client: Client, node_id: &str, counters: Arc<Counters>) -> Origin {
+        let token: String = node_id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        Origin {
+            client,
+            token: format!("holdfast-{token}"),
+            counters,
+        }
+    }
+
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// This node's loop-guard token (`holdfast-<node id>`).
+    pub(crate) fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// How long an upstream may stall.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.client.timeout()
+    }
+
+    fn label(&self) -> &'static str {
         if self.client.via_parent() { "parent" } else { "origin" }
+    }
+
+    /// The upstream metric labels for the plan's source.
+    pub(crate) fn labels(&self, plan: &Plan) -> CacheUpstreamLabels {
+        CacheUpstreamLabels {
+            source: plan.source.clone(),
+            upstream: self.label(),
+        }
     }
 
     /// The fields of a request sent upstream for a client's request with
@@ -82,16 +138,9 @@ impl Cache {
         out
     }
 
-    pub(crate) fn upstream_labels(&self, plan: &Plan) -> CacheUpstreamLabels {
-        CacheUpstreamLabels {
-            source: plan.source.clone(),
-            upstream: self.upstream_label(),
-        }
-    }
-
     /// Sends one request for the plan's object upstream (counted), with the
     /// client's forwarded fields and one more.
-    pub(crate) async fn upstream(
+    pub(crate) async fn send(
         &self,
         plan: &Plan,
         method: hyper::Method,
@@ -101,16 +150,9 @@ impl Cache {
         if let Ok(v) = HeaderValue::from_str(&extra.1) {
             fields.insert(extra.0, v);
         }
-        self.count_upstream(plan);
+        self.counters.upstream_request(&self.labels(plan));
         self.client
             .send(&method, &plan.origin, &plan.origin_path, &fields, None)
             .await
-    }
-
-    pub(crate) fn count_upstream(&self, plan: &Plan) {
-        self.metrics
-            .cache_upstream_requests
-            .get_or_create(&self.upstream_labels(plan))
-            .inc();
     }
 }

@@ -1,7 +1,21 @@
 //! Serving a request from the cache: freshness, ranges, conditional requests, multipart answers, fills for what is missing.
 
-#[allow(unused_imports)]
-use super::*;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::{Method, Response, StatusCode};
+use tokio::sync::mpsc;
+
+use super::{
+    Body, ChannelBody, ReadEnd, Reader, add_cache_headers, empty, full, header_str, pass_through, server_error,
+};
+use crate::block::{Fill, Source};
+use crate::range::{self, ByteRange, Spec};
+use crate::rfc9111;
+use crate::{Cache, FillError, Meta, Passed, Plan, Revalidation, now_secs};
 
 /// What [`serve_cached`] did.
 pub(crate) enum Served {
@@ -14,8 +28,8 @@ pub(crate) enum Served {
 
 /// Serves a cacheable request.
 pub(crate) async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Parts, kind: &'static str) -> Served {
-    let count = |result: &'static str| cache.count_request(&plan.source, kind, result);
-    if cache.uncacheable(&plan.key) && !plan.rules.only_if_cached {
+    let count = |result: &'static str| cache.counters.request(&plan.source, kind, result);
+    if cache.learned.uncacheable(&plan.key) && !plan.rules.only_if_cached {
         count("pass");
         return Served::Response(pass_through(cache, &plan.origin, &plan.origin_path, parts, None).await);
     }
@@ -27,21 +41,21 @@ pub(crate) async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Pa
         Some(Err(e)) => {
             // RFC 9110 §14.2: an invalid Range is ignored.
             tracing::debug!(error = ?e, "cache: ignoring a Range header");
-            cache.event("bad-range");
+            cache.counters.event("bad-range");
             None
         }
     };
     // RFC 9111 §4: a stored response is used while fresh enough for this
     // request, else validated with the origin; served stale only when the
     // origin cannot be reached and neither side forbids it (§4.2.4).
-    if let Some(m) = cache.meta_of(&plan.key)
+    if let Some(m) = cache.objects.meta_of(&plan.key)
         && !m.freshness.usable(now_secs(), &plan.rules)
     {
         if plan.rules.only_if_cached {
             count("error");
             return Served::Response(only_if_cached_miss(cache, &plan, "the stored response is stale"));
         }
-        if cache.revalidate(&plan, &m).await == Revalidation::Unreachable {
+        if cache.revalidator.revalidate(&plan, &m).await == Revalidation::Unreachable {
             if !m.freshness.may_serve_stale(&plan.rules) {
                 count("error");
                 return Served::Response(server_error(
@@ -51,11 +65,11 @@ pub(crate) async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Pa
                     "the origin cannot be reached and the stored response may not be served stale",
                 ));
             }
-            cache.event("served-stale");
+            cache.counters.event("served-stale");
         }
     }
     if plan.rules.only_if_cached {
-        let stored = cache.meta_of(&plan.key).filter(|m| {
+        let stored = cache.objects.meta_of(&plan.key).filter(|m| {
             let ranges = match &specs {
                 Some(s) => range::resolve(s, m.validator.length),
                 None => vec![ByteRange {
@@ -64,7 +78,7 @@ pub(crate) async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Pa
                 }],
             };
             let spans: Vec<(u64, u64)> = ranges.iter().map(|r| (r.start, r.end)).collect();
-            cache.coverage(&plan.key, m, &spans).is_ok()
+            cache.objects.coverage(&plan.key, m, &spans).is_ok()
         });
         if stored.is_none() {
             count("error");
@@ -72,10 +86,10 @@ pub(crate) async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Pa
         }
     }
     let mut own: Option<Arc<Fill>> = None;
-    let mut meta = match cache.meta_of(&plan.key) {
+    let mut meta = match cache.objects.meta_of(&plan.key) {
         Some(m) => m,
         None => {
-            let hint = cache.length_hint(&plan.key);
+            let hint = cache.learned.length_hint(&plan.key);
             if let Some([Spec::Suffix(n)]) = specs.as_deref()
                 && hint.is_none()
             {
@@ -92,7 +106,7 @@ pub(crate) async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Pa
                     "range starts past any object\n".into(),
                 ));
             };
-            match cache.acquire(&plan, first, end, &mut own) {
+            match cache.fills.acquire(&plan, first, end, &mut own) {
                 Source::Stored { meta, .. } => meta,
                 Source::Block(b) => match b.meta().await {
                     Ok(m) => m,
@@ -119,7 +133,7 @@ pub(crate) async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Pa
             Some(s) => range::resolve(s, meta.validator.length),
         };
         let spans: Vec<(u64, u64)> = ranges.iter().map(|r| (r.start, r.end)).collect();
-        let Err((k, last)) = cache.coverage(&plan.key, &meta, &spans) else {
+        let Err((k, last)) = cache.objects.coverage(&plan.key, &meta, &spans) else {
             break ranges;
         };
         if checks == 3 || parts.method == Method::HEAD {
@@ -131,7 +145,7 @@ pub(crate) async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Pa
             Some(f) => f.take(k).await.map(Source::Block),
             None => None,
         };
-        let src = src.unwrap_or_else(|| cache.acquire(&plan, k, Some(end), &mut own));
+        let src = src.unwrap_or_else(|| cache.fills.acquire(&plan, k, Some(end), &mut own));
         if let Source::Stored { meta: m, .. } = &src
             && !m.validator.same_version(&meta.validator)
         {
@@ -149,7 +163,7 @@ pub(crate) async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Pa
                     break ranges;
                 }
                 Ok(m) => {
-                    cache.event("version-changed-before-head");
+                    cache.counters.event("version-changed-before-head");
                     meta = m;
                     if let Some(f) = &own {
                         f.keep(k, b);
@@ -212,7 +226,7 @@ pub(crate) async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Pa
         parts_out.push((None, ranges[0]));
     }
     let spans: Vec<(u64, u64)> = ranges.iter().map(|r| (r.start, r.end)).collect();
-    let hit = cache.coverage(&plan.key, &meta, &spans).is_ok();
+    let hit = cache.objects.coverage(&plan.key, &meta, &spans).is_ok();
     let mut resp = Response::new(empty());
     {
         let h = resp.headers_mut();
@@ -247,10 +261,12 @@ pub(crate) async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Pa
     // channel.
     if hit
         && parts_out.len() == 1
-        && let Some(bytes) = cache.read_small(&plan.key, &meta, ranges[0].start, ranges[0].end)
+        && let Some(bytes) = cache
+            .store
+            .read_small(&cache.objects, &plan.key, &meta, ranges[0].start, ranges[0].end)
     {
         count("hit");
-        cache.count_served(&plan.source, kind, bytes.len() as u64, 0);
+        cache.counters.served(&plan.source, kind, bytes.len() as u64, 0);
         *resp.body_mut() = Full::new(bytes).map_err(|e| match e {}).boxed();
         drop(pin);
         return Served::Response(resp);
@@ -293,7 +309,7 @@ pub(crate) async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Pa
                     FillError::VersionChanged => "aborted-version-changed",
                     _ => "aborted-upstream-failed",
                 };
-                cache.event(why);
+                cache.counters.event(why);
                 tracing::info!(key = %plan.key, error = ?e, "cache: response aborted after its head was sent");
                 let _ = tx
                     .send(Err(std::io::Error::other(format!(
@@ -306,8 +322,8 @@ pub(crate) async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Pa
             _ if hit_bytes == 0 => "miss",
             _ => "partial",
         };
-        cache.count_request(&plan.source, kind, outcome);
-        cache.count_served(&plan.source, kind, hit_bytes, miss_bytes);
+        cache.counters.request(&plan.source, kind, outcome);
+        cache.counters.served(&plan.source, kind, hit_bytes, miss_bytes);
         drop(pin);
     });
     Served::Response(resp)
@@ -337,11 +353,7 @@ pub(crate) fn boundary_seed(cache: &Cache) -> u64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    nanos
-        ^ cache
-            .boundary_seq
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            .rotate_left(32)
+    nanos ^ cache.boundary_seq().rotate_left(32)
 }
 
 pub(crate) fn validator_headers(h: &mut HeaderMap, meta: &Meta) {
@@ -410,7 +422,8 @@ async fn suffix_miss(
     count: impl Fn(&'static str),
 ) -> Response<Body> {
     let resp = match cache
-        .upstream(plan, Method::GET, (header::RANGE, format!("bytes=-{n}")))
+        .origin
+        .send(plan, Method::GET, (header::RANGE, format!("bytes=-{n}")))
         .await
     {
         Ok(r) => r,
@@ -429,7 +442,7 @@ async fn suffix_miss(
         _ => None,
     };
     if let Some((_, _, Some(len))) = range {
-        cache.learn_length(&plan.key, len);
+        cache.learned.learn_length(&plan.key, len);
     }
     count("miss");
     let passed = Passed { head, body, range };

@@ -1,5 +1,6 @@
 use super::cached::cold_target;
 use super::*;
+use crate::range;
 
 fn parts(uri: &str, host: Option<&str>) -> Parts {
     let mut b = Request::builder().uri(uri);
