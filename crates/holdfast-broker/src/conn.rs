@@ -1,8 +1,8 @@
-//! One client connection: CONNECT and authentication, then a single task
-//! that reads packets, writes acknowledgements and deliveries, and keeps
-//! time for keep-alive.
+//! One client connection: a single task that owns the socket, reads and
+//! writes, and keeps time for keep-alive. CONNECT is its own phase
+//! ([`handshake`]); after it, the client's protocol ([`client`]) takes the
+//! packets read and leaves what to write in its [`outbound`] buffer.
 
-use std::collections::{HashMap, VecDeque};
 use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -12,37 +12,24 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use holdfast_mqtt::{
-    Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Publish, QoS, SubAck, Subscribe, Unsubscribe,
-    Version, decode, decode_connect_prefix, encode, reason, topic,
-};
+use holdfast_metrics::{self as metrics, ReasonLabels, TransportLabels};
+use holdfast_model::policy::Transport;
+use holdfast_mqtt::{DecodeError, Disconnect, Packet, Properties, Version, reason};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::session::{Delivery, Inflight, Msg, Outgoing, Session, SubRecord};
-use super::{Broker, Routed, now_ms};
-use holdfast_metrics::{self as metrics, ReasonLabels, ResultLabels, TransportLabels};
-use holdfast_model::policy::{AuthzDecision, ConnectInfo, Operation, Principal, RefusalCode, Transport};
-use holdfast_outbox::{AppendError, MessageId};
+use self::client::Client;
+use self::handshake::{Handshake, Registration};
+use self::outbound::HIGH_WATER;
+use super::Broker;
+use super::session::Msg;
 
+mod acks;
+mod authz;
+mod client;
 mod handshake;
-mod packets;
-mod sessions;
+mod outbound;
 
-use self::sessions::received;
-
-/// Bytes buffered for the socket beyond which the session queue is not
-/// drained further until the client reads.
-const HIGH_WATER: usize = 256 << 10;
-
-/// A publisher whose message lands in a connected subscriber's queue deeper
-/// than this pauses reading for [`BACKPRESSURE_PAUSE`], so a fast publisher
-/// cannot outrun a slow subscriber into ever-growing queues.
-const BACKPRESSURE_DEPTH: usize = 256;
-const BACKPRESSURE_PAUSE: Duration = Duration::from_millis(1);
-/// Most authorization decisions cached per connection and operation.
-const AUTHZ_CACHE: usize = 1024;
 /// After the server ends a connection with an error, how long it reads (and
 /// discards) what the client is still sending, and how much at most. Closing
 /// a socket with unread data makes the kernel answer with a reset, and a
@@ -84,41 +71,14 @@ struct WillInfo {
     delay_s: u32,
 }
 
-/// A received QoS 1/2 PUBLISH waiting for its outbox appends.
-struct PendingAck {
-    pkid: u16,
-    qos: QoS,
-    waits: Vec<oneshot::Receiver<Result<MessageId, AppendError>>>,
-    code: u8,
-}
-
-impl PendingAck {
-    /// The reason code if every append has finished, without waiting.
-    fn try_ready(&mut self) -> Option<u8> {
-        while let Some(rx) = self.waits.last_mut() {
-            match rx.try_recv() {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => self.code = e.mqtt_reason_code(),
-                Err(oneshot::error::TryRecvError::Closed) => self.code = reason::UNSPECIFIED,
-                Err(oneshot::error::TryRecvError::Empty) => return None,
-            }
-            self.waits.pop();
-        }
-        Some(self.code)
-    }
-
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<u8> {
-        while let Some(rx) = self.waits.last_mut() {
-            match Pin::new(rx).poll(cx) {
-                Poll::Ready(Ok(Ok(_))) => {}
-                Poll::Ready(Ok(Err(e))) => self.code = e.mqtt_reason_code(),
-                Poll::Ready(Err(_)) => self.code = reason::UNSPECIFIED,
-                Poll::Pending => return Poll::Pending,
-            }
-            self.waits.pop();
-        }
-        Poll::Ready(self.code)
-    }
+/// Logs and counts a packet that could not be decoded.
+fn bad_packet(broker: &Broker, peer: SocketAddr, e: &DecodeError) {
+    tracing::debug!(peer = %peer, error = %e, "closing connection on a bad packet");
+    metrics::handle(
+        &broker.metrics.node.mqtt_bad_packets,
+        &ReasonLabels { reason: e.kind() },
+    )
+    .inc();
 }
 
 /// Serves one connection until it ends. Never panics on client input; every
@@ -128,8 +88,8 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let transport = peer.transport.as_str();
-    let gauge = metrics::handle(&broker.metrics.mqtt_connections, &TransportLabels { transport });
-    let over = broker.connections.fetch_add(1, Ordering::AcqRel) as u64 >= broker.max_connections();
+    let gauge = metrics::handle(&broker.metrics.node.mqtt_connections, &TransportLabels { transport });
+    let (conn_id, over) = broker.admit();
     gauge.inc();
     let (rd, wr) = tokio::io::split(stream);
     let mut conn = Conn {
@@ -137,22 +97,12 @@ where
         rd,
         wr,
         rbuf: BytesMut::new(),
-        out: BytesMut::new(),
         peer,
-        version: Version::V311,
-        session: None,
-        conn_id: broker.next_conn_id(),
-        principal: None,
-        keep_alive: Duration::ZERO,
-        aliases: Vec::new(),
-        pending: VecDeque::new(),
-        authz: [HashMap::new(), HashMap::new()],
-        authz_version: None,
+        conn_id,
+        registration: None,
+        client: None,
         will: None,
-        outbound_window: 1,
-        client_max_packet: u32::MAX,
-        paused_until: None,
-        revoked: None,
+        keep_alive: Duration::ZERO,
     };
     let served = CatchPanic(Box::pin(async {
         match conn.handshake(over).await {
@@ -169,7 +119,7 @@ where
         Exit::Error(reason::UNSPECIFIED, "internal-error")
     });
     conn.finish(exit).await;
-    broker.connections.fetch_sub(1, Ordering::AcqRel);
+    broker.release();
     gauge.dec();
 }
 
@@ -190,129 +140,107 @@ impl<F: Future> Future for CatchPanic<F> {
     }
 }
 
+/// The connection's task: the socket and the timers around a [`Client`].
 struct Conn<S> {
     broker: Arc<Broker>,
     rd: tokio::io::ReadHalf<S>,
     wr: tokio::io::WriteHalf<S>,
     rbuf: BytesMut,
-    out: BytesMut,
     peer: Peer,
-    version: Version,
-    session: Option<Arc<Session>>,
     conn_id: u64,
-    principal: Option<Principal>,
-    keep_alive: Duration,
-    aliases: Vec<Option<String>>,
-    pending: VecDeque<PendingAck>,
-    /// Cached authorization answers by topic: `[publish, subscribe]`.
-    authz: [HashMap<String, bool>; 2],
-    authz_version: Option<Arc<str>>,
+    /// Registered as its principal (from authentication until it ends).
+    registration: Option<Registration>,
+    /// The client's protocol, once CONNECT is accepted.
+    client: Option<Client>,
     will: Option<WillInfo>,
-    outbound_window: usize,
-    client_max_packet: u32,
-    /// Reading is paused until then (backpressure from slow subscribers).
-    paused_until: Option<Instant>,
-    /// Fires when the principal's credentials are revoked.
-    revoked: Option<Arc<tokio::sync::Notify>>,
+    keep_alive: Duration,
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
-    fn send(&mut self, p: &Packet) {
-        encode(p, self.version, &mut self.out);
-    }
-
-    async fn write_out(&mut self) -> std::io::Result<()> {
-        while !self.out.is_empty() {
-            self.wr.write_buf(&mut self.out).await?;
+    /// Reads CONNECT, authenticates, attaches the session, sends CONNACK,
+    /// and resends what the resumed session had in flight.
+    async fn handshake(&mut self, over_limit: bool) -> Result<(), Exit> {
+        let connected = Handshake {
+            broker: &self.broker,
+            rd: &mut self.rd,
+            wr: &mut self.wr,
+            rbuf: &mut self.rbuf,
+            peer: &self.peer,
+            conn_id: self.conn_id,
+            registration: &mut self.registration,
+            version: Version::V311,
         }
-        self.wr.flush().await
-    }
-
-    /// On shutdown: reads nothing more, waits (at most
-    /// [`Broker::shutdown_wait`]) for the appends this connection already
-    /// handed to the outbox, and
-    /// acknowledges them, so a client is not left to resend what was
-    /// stored. The exit then sends DISCONNECT (0x8B, server shutting down).
-    async fn finish_in_flight(&mut self, session: &Arc<Session>) -> Exit {
-        let deadline = Instant::now() + self.broker.shutdown_wait();
-        while let Some(front) = self.pending.front_mut() {
-            let Ok(code) = tokio::time::timeout_at(deadline, poll_fn(|cx| front.poll(cx))).await else {
-                tracing::debug!(peer = %self.peer.addr, unacknowledged = self.pending.len(), "shutdown: appends still waiting at the limit");
-                break;
-            };
-            if let Some(p) = self.pending.pop_front()
-                && let Some(exit) = self.acknowledge(session, p.pkid, p.qos, code)
-            {
-                return exit;
-            }
+        .run(over_limit)
+        .await?;
+        self.will = connected.will;
+        self.keep_alive = connected.keep_alive;
+        let client = self.client.insert(connected.client);
+        // Resume: unacknowledged messages go again, in order.
+        client.outbound.resend(&client.session);
+        // A resumed session may already be subscribed to what waits for it.
+        if connected.present {
+            self.broker.dialect.client_ready(&client.session.client_id);
         }
-        Exit::Shutdown
-    }
-
-    fn bad_packet(&self, e: &DecodeError) {
-        tracing::debug!(peer = %self.peer.addr, error = %e, "closing connection on a bad packet");
-        metrics::handle(
-            &self.broker.metrics.mqtt_bad_packets,
-            &ReasonLabels { reason: e.kind() },
-        )
-        .inc();
+        Ok(())
     }
 
     /// The main loop.
     async fn run(&mut self) -> Exit {
         let broker = self.broker.clone();
-        let Some(session) = self.session.clone() else {
+        let Some(session) = self.client.as_ref().map(|c| c.session.clone()) else {
             return Exit::Error(reason::UNSPECIFIED, "no-session");
         };
+        let revoked = self.registration.as_ref().map(|r| r.revoked.clone());
         let mut stop = broker.stop.clone();
         let mut last_rx = Instant::now();
         let mut busy = false;
+        let keep_alive = self.keep_alive;
         loop {
-            if self.paused_until.is_some_and(|t| t <= Instant::now()) {
-                self.paused_until = None;
+            let Conn {
+                rd, wr, rbuf, client, ..
+            } = self;
+            let Some(client) = client else {
+                return Exit::Error(reason::UNSPECIFIED, "no-session");
+            };
+            if client.paused_until.is_some_and(|t| t <= Instant::now()) {
+                client.paused_until = None;
             }
             // Whole packets in the buffer (including any that came with
             // CONNECT), unless paused by backpressure.
-            if self.paused_until.is_none()
-                && !self.rbuf.is_empty()
-                && let Some(exit) = self.process(&session)
+            if client.paused_until.is_none()
+                && !rbuf.is_empty()
+                && let Some(exit) = client.process(rbuf)
             {
                 return exit;
             }
-            if self.out.len() < HIGH_WATER {
-                self.flush_session(&session);
+            if client.outbound.buf.len() < HIGH_WATER {
+                client.outbound.flush_session(&session);
             }
-            let paused_until = self.paused_until;
-            let reading = paused_until.is_none() && self.pending.len() < usize::from(broker.config.max_inflight) * 4;
-            let keep_alive = self.keep_alive;
+            let paused_until = client.paused_until;
+            let reading = client.reading();
             let deadline = last_rx + keep_alive;
             // Small while idle, larger while the client keeps the buffer full.
-            if self.rbuf.capacity() - self.rbuf.len() < 256 {
-                self.rbuf.reserve(if busy { 16 << 10 } else { 1024 });
+            if rbuf.capacity() - rbuf.len() < 256 {
+                rbuf.reserve(if busy { 16 << 10 } else { 1024 });
             }
-            let revoked = self.revoked.clone();
-            let Conn {
-                rd,
-                wr,
-                rbuf,
-                out,
-                pending,
-                ..
-            } = self;
+            let Client { outbound, pending, .. } = client;
+            let out = &mut outbound.buf;
             let ack_ready = poll_fn(|cx| match pending.front_mut() {
                 Some(p) => p.poll(cx),
                 None => Poll::Pending,
             });
             tokio::select! {
                 biased;
-                _ = async { stop.wait_for(|s| *s).await.is_ok() } => return self.finish_in_flight(&session).await,
+                _ = async { stop.wait_for(|s| *s).await.is_ok() } => {
+                    return client.finish_in_flight(Instant::now() + broker.shutdown_wait()).await;
+                }
                 _ = session.kick.notified() => {
                     if session.kick_pending.swap(false, Ordering::AcqRel) {
                         return Exit::TakenOver;
                     }
                 }
                 _ = async { match &revoked { Some(r) => r.notified().await, None => std::future::pending().await } } => {
-                    broker.metrics.mqtt_revoked.inc();
+                    broker.metrics.node.mqtt_revoked.inc();
                     return Exit::Error(reason::NOT_AUTHORIZED, "revoked");
                 }
                 r = wr.write_buf(out), if !out.is_empty() => {
@@ -324,19 +252,8 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                     }
                 }
                 code = ack_ready => {
-                    if let Some(p) = self.pending.pop_front()
-                        && let Some(exit) = self.acknowledge(&session, p.pkid, p.qos, code)
-                    {
+                    if let Some(exit) = client.acknowledge_ready(code) {
                         return exit;
-                    }
-                    // Every acknowledgement that is ready too, in order, so
-                    // they leave in one write.
-                    while let Some(code) = self.pending.front_mut().and_then(PendingAck::try_ready) {
-                        if let Some(p) = self.pending.pop_front()
-                            && let Some(exit) = self.acknowledge(&session, p.pkid, p.qos, code)
-                        {
-                            return exit;
-                        }
                     }
                 }
                 r = rd.read_buf(rbuf), if reading => {
@@ -359,100 +276,11 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         }
     }
 
-    /// Moves queued messages into the write buffer, within the client's
-    /// receive maximum and the buffer's high-water mark.
-    fn flush_session(&mut self, session: &Arc<Session>) {
-        let now = now_ms();
-        let mut st = session.lock();
-        let mut took = false;
-        while self.out.len() < HIGH_WATER {
-            let Some(front) = st.queue.front() else {
-                break;
-            };
-            if front.qos != QoS::AtMostOnce && st.inflight.len() >= self.outbound_window {
-                break;
-            }
-            let Some(out) = st.queue.pop_front() else {
-                break;
-            };
-            took = true;
-            if out.msg.expires_at_ms.is_some_and(|e| e <= now) {
-                self.broker.drop_reason("expired");
-                self.broker.del_queued(session, out.seq);
-                continue;
-            }
-            let pkid = if out.qos == QoS::AtMostOnce { 0 } else { st.next_pkid() };
-            if let Err(size) = self.encode_delivery(&out, pkid, false, now) {
-                self.too_large(session, &out, size);
-                continue;
-            }
-            if out.qos == QoS::AtMostOnce {
-                out.settle(Delivery::Delivered);
-            } else {
-                st.inflight.push_back(Inflight {
-                    pkid,
-                    out,
-                    released: false,
-                });
-            }
-        }
-        let room = took && std::mem::take(&mut st.wants_room);
-        drop(st);
-        if room {
-            // A delivery refused for a full queue may try again.
-            self.broker.dialect.client_ready(&session.client_id);
-        }
-    }
-
-    /// A message that exceeds the client's Maximum Packet Size: dropped,
-    /// counted, and its sender told.
-    fn too_large(&self, session: &Session, out: &Outgoing, size: usize) {
-        self.broker.drop_reason("too-large-for-client");
-        self.broker.del_queued(session, out.seq);
-        out.settle(Delivery::TooLarge {
-            size,
-            max: self.client_max_packet,
-        });
-    }
-
-    /// Encodes a delivery; if it exceeds the client's maximum packet size,
-    /// encodes nothing and returns the size it would have had.
-    fn encode_delivery(&mut self, out: &Outgoing, pkid: u16, dup: bool, now: u64) -> Result<(), usize> {
-        let m = &out.msg;
-        let mut properties = Properties::default();
-        if self.version.is_v5() {
-            properties = m.properties.clone();
-            properties.subscription_identifiers = out.sub_ids.clone();
-            if let Some(e) = m.expires_at_ms {
-                properties.message_expiry_interval = Some(e.saturating_sub(now).div_ceil(1000) as u32);
-            }
-        }
-        let p = Publish {
-            dup,
-            qos: out.qos,
-            retain: out.retain,
-            topic: m.topic.clone(),
-            pkid,
-            payload: m.payload.clone(),
-            properties,
-        };
-        let before = self.out.len();
-        encode(&Packet::Publish(p), self.version, &mut self.out);
-        let size = self.out.len() - before;
-        if size > self.client_max_packet as usize {
-            self.out.truncate(before);
-            return Err(size);
-        }
-        self.broker.counters.sent[out.qos as usize].inc();
-        Ok(())
-    }
-
     /// Ends the connection: tells the client why, detaches the session,
     /// publishes the will if it is due.
     async fn finish(&mut self, exit: Exit) {
-        if let (Some(_), Some(p)) = (self.revoked.take(), &self.principal) {
-            self.broker.unregister_principal(&p.id, self.conn_id);
-        }
+        // Revocations no longer reach it.
+        self.registration.take();
         let reason_label = match exit {
             Exit::Clean => "client-disconnect",
             Exit::Unclean(r) => r,
@@ -461,7 +289,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             Exit::Shutdown => "server-shutdown",
         };
         metrics::handle(
-            &self.broker.metrics.mqtt_disconnects,
+            &self.broker.metrics.node.mqtt_disconnects,
             &ReasonLabels { reason: reason_label },
         )
         .inc();
@@ -471,25 +299,38 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             Exit::Shutdown => Some(reason::SERVER_SHUTTING_DOWN),
             _ => None,
         };
-        if let Some(code) = code
-            && self.version.is_v5()
-            && self.session.is_some()
-        {
-            self.send(&Packet::Disconnect(Disconnect {
-                code,
-                properties: Properties::default(),
-            }));
+        if let Some(client) = &mut self.client {
+            if let Some(code) = code
+                && client.version.is_v5()
+            {
+                client.outbound.send(&Packet::Disconnect(Disconnect {
+                    code,
+                    properties: Properties::default(),
+                }));
+            }
+            let write = async {
+                while !client.outbound.buf.is_empty() {
+                    self.wr.write_buf(&mut client.outbound.buf).await?;
+                }
+                self.wr.flush().await
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.write_out()).await;
         let _ = tokio::time::timeout(Duration::from_millis(200), self.wr.shutdown()).await;
-        if let Some(session) = self.session.take() {
+        if let Some(client) = self.client.take() {
             let will = match exit {
                 Exit::Clean | Exit::Shutdown => None,
                 _ => self.will.take(),
             };
-            let principal = self.principal.as_ref().map(|p| p.id.clone());
-            self.broker
-                .detach(&session, self.conn_id, will.map(|w| (w.msg, w.delay_s)), principal);
+            let session = &client.session;
+            if let Some(expiry_s) = self.broker.sessions.detach(session, self.conn_id)
+                && let Some(w) = will
+            {
+                let principal = Some(client.principal.id.clone());
+                self.broker
+                    .router
+                    .publish_will(w.msg, principal, w.delay_s.min(expiry_s), session);
+            }
         }
         if matches!(exit, Exit::Error(..)) {
             self.drain_input().await;
@@ -512,5 +353,3 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         }
     }
 }
-
-impl Broker {}

@@ -10,13 +10,22 @@
 //! this node's subscribers, `drop` counts it.
 //!
 //! - [`conn`]: one task per connection, generic over the stream (TCP, TLS,
-//!   a QUIC bidirectional stream).
+//!   a QUIC bidirectional stream): the CONNECT phase, then the client's
+//!   protocol (packets in, acknowledgements and deliveries out) without
+//!   the socket.
 //! - [`session`]: what outlives a connection; [`persist`] keeps persistent
 //!   sessions and retained messages in the store.
 //! - [`subs`]: the subscription trie.
 //! - [`listen`]: the TCP, TLS, QUIC and WebSocket listeners; [`websocket`]
 //!   the upgrade and the byte stream, [`handshakes`] the bound on upgrades
 //!   in progress.
+//!
+//! Inside, each part owns its state and is made with what it needs: the
+//! session registry (`sessions`), the retained messages (`retained`), the
+//! router that carries out the policy's actions and delivers (`routing`),
+//! the connections by principal for revocation (`principals`), and what the
+//! broker counts (`metrics`). [`Broker`] wires them and is the facade the
+//! node, the link and the dialect use.
 
 pub mod config;
 pub mod conn;
@@ -29,53 +38,35 @@ pub mod subs;
 pub mod throttle;
 pub mod websocket;
 
+mod metrics;
 mod principals;
+mod retained;
 mod routing;
+mod sessions;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
-use holdfast_mqtt::{QoS, topic};
-use prometheus_client::metrics::counter::Counter;
+use holdfast_metrics::{Metrics, ReasonLabels};
+use holdfast_model::policy::Policy;
+use holdfast_outbox::{AppendError, MessageId, Outbox};
+use holdfast_store::{Store, StoreError};
 use tokio::sync::oneshot;
 use tokio::sync::watch;
 
-use self::persist::{Persist, SessionRecord};
-use self::session::{Inflight, Msg, Outgoing, Session};
-use self::subs::{Sub, SubTree};
+use self::metrics::BrokerMetrics;
+use self::persist::Persist;
+use self::principals::Principals;
+use self::retained::Retained;
+use self::routing::{Router, RouterParts};
+use self::session::{Delivery, Msg};
+use self::sessions::Sessions;
+use self::subs::Subscriptions;
 use crate::config::MqttConfig;
-use holdfast_metrics::{self as metrics, ActionLabels, Metrics, QosLabels, ReasonLabels};
-use holdfast_model::Message;
-use holdfast_model::Source;
-use holdfast_model::policy::{Action, Policy, RouteOutcome};
-use holdfast_outbox::{AppendError, MessageId, Outbox};
-use holdfast_store::{Store, StoreError};
 
 /// Milliseconds since the Unix epoch.
 pub use holdfast_model::unix_ms as now_ms;
-
-/// Metric handles taken once, for the hot paths.
-pub(crate) struct Counters {
-    received: [Counter; 3],
-    sent: [Counter; 3],
-    routed_upstream: Counter,
-    routed_local: Counter,
-}
-
-impl Counters {
-    fn new(m: &Metrics) -> Counters {
-        let q = |f, qos| metrics::handle(f, &QosLabels { qos });
-        Counters {
-            received: [q(&m.mqtt_received, 0), q(&m.mqtt_received, 1), q(&m.mqtt_received, 2)],
-            sent: [q(&m.mqtt_sent, 0), q(&m.mqtt_sent, 1), q(&m.mqtt_sent, 2)],
-            routed_upstream: metrics::handle(&m.mqtt_routed, &ActionLabels { action: "upstream" }),
-            routed_local: metrics::handle(&m.mqtt_routed, &ActionLabels { action: "local" }),
-        }
-    }
-}
 
 /// What routing a message produced for its publisher's acknowledgement.
 #[derive(Debug, Default)]
@@ -100,35 +91,37 @@ pub enum NotTaken {
     QueueFull,
 }
 
-/// The broker.
+/// The broker: its parts, each with its own state, and what a connection
+/// needs to be admitted and authenticated. The methods here are the facade
+/// the node, the link and the dialect use.
 pub struct Broker {
     config: MqttConfig,
+    /// Authentication and authorization (the router policy is the router's).
     pub(crate) policy: Arc<dyn Policy>,
-    outbox: Arc<Outbox>,
-    metrics: Arc<Metrics>,
-    counters: Counters,
-    sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
-    subs: RwLock<SubTree>,
-    retained: RwLock<HashMap<String, Arc<Msg>>>,
-    persist: Persist,
+    pub(crate) metrics: Arc<BrokerMetrics>,
+    /// Sessions by client id.
+    pub(crate) sessions: Arc<Sessions>,
+    /// The subscription index.
+    pub(crate) subs: Arc<Subscriptions>,
+    /// Retained messages.
+    pub(crate) retained: Arc<Retained>,
+    /// Routes and delivers messages.
+    pub(crate) router: Arc<Router>,
+    /// Connections by principal id, for revocation.
+    pub(crate) principals: Arc<Principals>,
+    persist: Arc<Persist>,
     connections: AtomicUsize,
-    /// Limits a config reload changes (`apply_limits`).
+    /// `mqtt.max_connections` (a reload changes it).
     max_connections: AtomicU64,
-    max_queued_messages: AtomicU64,
-    max_retained: AtomicU64,
     /// How long a connection waits at shutdown for its appends, ms
     /// (`set_shutdown_wait`).
     shutdown_wait_ms: AtomicU64,
-    /// Router drop reasons seen (bounded; see `count_router_drop`).
-    drop_reasons: Mutex<std::collections::HashSet<String>>,
     next_conn_id: AtomicU64,
-    stop: watch::Receiver<bool>,
+    pub(crate) stop: watch::Receiver<bool>,
     /// The identities clients authenticate as.
     pub(crate) registry: Arc<holdfast_registry::Registry>,
     /// Twins, direct methods, property bags.
     pub(crate) dialect: Arc<dyn Dialect>,
-    /// Connections by principal id, for revocation.
-    principals: Mutex<HashMap<String, HashMap<u64, Arc<tokio::sync::Notify>>>>,
     /// Per-source back-off for failed authentication.
     pub(crate) throttle: throttle::Throttle,
 }
@@ -176,7 +169,7 @@ pub struct ClientInfo {
 /// annotates the property bag of what devices publish, adds it back to
 /// what is delivered to them, and forwards messages for devices behind a
 /// child gateway. The broker calls it; it reaches the broker back through
-/// the `Arc<Broker>` it is given once the broker is open.
+/// the `Weak<Broker>` [`Broker::open`] makes it with.
 pub trait Dialect: Send + Sync + 'static {
     /// True when `topic` is a request the dialect answers (never routed).
     fn is_request(&self, topic: &str) -> bool;
@@ -208,113 +201,97 @@ pub struct Parts {
     pub metrics: Arc<Metrics>,
     /// The identities clients authenticate as (revocations, CA-signed certificates).
     pub registry: Arc<holdfast_registry::Registry>,
-    /// The topic dialect (IoT Hub).
-    pub dialect: Arc<dyn Dialect>,
 }
 
 impl Broker {
     /// Opens the broker's storage and restores persistent sessions and
-    /// retained messages.
+    /// retained messages. The dialect is made by `make_dialect`, with the
+    /// broker it reaches clients through, held weakly (the broker holds the
+    /// dialect); it is returned with the broker.
     ///
     /// # Errors
     /// Storage errors.
-    pub fn open(
+    pub fn open<D: Dialect>(
         config: MqttConfig,
         parts: Parts,
         store: &Store,
         stop: watch::Receiver<bool>,
-    ) -> Result<Arc<Broker>, StoreError> {
+        make_dialect: impl FnOnce(Weak<Broker>) -> Arc<D>,
+    ) -> Result<(Arc<Broker>, Arc<D>), StoreError> {
         let Parts {
             policy,
             outbox,
             metrics,
             registry,
-            dialect,
         } = parts;
-        let persist = Persist::open(store)?;
+        let persist = Arc::new(Persist::open(store)?);
         let (loaded, retained, damaged) = persist.load()?;
         if damaged > 0 {
             tracing::warn!(damaged, "skipped damaged broker records");
-            metrics::handle(&metrics.mqtt_dropped, &ReasonLabels { reason: "damaged" }).inc_by(damaged as u64);
+            holdfast_metrics::handle(&metrics.mqtt_dropped, &ReasonLabels { reason: "damaged" }).inc_by(damaged as u64);
         }
-        let counters = Counters::new(&metrics);
-        let broker = Arc::new(Broker {
-            counters,
-            sessions: Mutex::new(HashMap::new()),
-            subs: RwLock::new(SubTree::default()),
-            retained: RwLock::new(HashMap::new()),
-            persist,
-            connections: AtomicUsize::new(0),
-            max_connections: AtomicU64::new(config.max_connections as u64),
-            max_queued_messages: AtomicU64::new(config.max_queued_messages as u64),
-            max_retained: AtomicU64::new(config.max_retained as u64),
-            drop_reasons: Mutex::default(),
-            shutdown_wait_ms: AtomicU64::new(5_000),
-            next_conn_id: AtomicU64::new(1),
-            stop,
-            registry,
-            dialect,
-            principals: Mutex::new(HashMap::new()),
-            throttle: throttle::Throttle::new(
-                config.auth_backoff_after_failures,
-                Duration::from_millis(config.auth_backoff_initial_ms),
-                Duration::from_millis(config.auth_backoff_max_ms),
-            ),
-            config,
-            policy,
-            outbox,
-            metrics,
+        let metrics = Arc::new(BrokerMetrics::new(metrics));
+        let subs = Arc::new(Subscriptions::default());
+        let sessions = Sessions::new(
+            subs.clone(),
+            persist.clone(),
+            metrics.clone(),
+            config.max_queued_messages,
+        );
+        let retained = Arc::new(Retained::new(
+            retained,
+            config.max_retained,
+            persist.clone(),
+            metrics.clone(),
+        ));
+        let mut made = None;
+        let broker = Arc::new_cyclic(|me: &Weak<Broker>| {
+            let typed = make_dialect(me.clone());
+            let dialect: Arc<dyn Dialect> = typed.clone();
+            made = Some(typed);
+            let router = Arc::new(Router::new(
+                RouterParts {
+                    policy: policy.clone(),
+                    outbox,
+                    dialect: dialect.clone(),
+                    sessions: sessions.clone(),
+                    subs: subs.clone(),
+                    retained: retained.clone(),
+                    metrics: metrics.clone(),
+                },
+                &config,
+            ));
+            Broker {
+                metrics,
+                sessions: sessions.clone(),
+                subs,
+                retained,
+                router,
+                principals: Arc::new(Principals::new(registry.clone())),
+                persist,
+                connections: AtomicUsize::new(0),
+                max_connections: AtomicU64::new(config.max_connections as u64),
+                shutdown_wait_ms: AtomicU64::new(5_000),
+                next_conn_id: AtomicU64::new(1),
+                stop,
+                registry,
+                dialect,
+                throttle: throttle::Throttle::new(
+                    config.auth_backoff_after_failures,
+                    Duration::from_millis(config.auth_backoff_initial_ms),
+                    Duration::from_millis(config.auth_backoff_max_ms),
+                ),
+                config,
+                policy,
+            }
         });
-        let now = now_ms();
-        let mut restored = 0;
-        for s in loaded {
-            let r = &s.record;
-            let since = r.disconnected_at_ms.unwrap_or(now);
-            if since.saturating_add(u64::from(r.expiry_s) * 1000) <= now {
-                if let Err(e) = broker.persist.delete_session(&s.client_id) {
-                    tracing::warn!(error = %e, "cannot delete an expired session");
-                }
-                continue;
-            }
-            let id: Arc<str> = s.client_id.as_str().into();
-            let session = Arc::new(Session::new(id.clone(), r.expiry_s, r.version()));
-            {
-                let mut st = session.lock();
-                st.disconnected_at_ms = Some(since);
-                for (filter, sub) in r.sub_records() {
-                    broker.index_sub(&session, &filter, sub.options, sub.id);
-                    st.subs.insert(filter, sub);
-                }
-                for (out, released) in s.queue {
-                    st.next_seq = st.next_seq.max(out.seq + 1);
-                    match released {
-                        // The client has it; PUBREL goes again on reconnect.
-                        Some(pkid) => st.inflight.push_back(Inflight {
-                            pkid,
-                            out,
-                            released: true,
-                        }),
-                        None => st.queue.push_back(out),
-                    }
-                }
-            }
-            let remaining = (since + u64::from(r.expiry_s) * 1000).saturating_sub(now);
-            broker.schedule_expiry(&session, Duration::from_millis(remaining));
-            broker.sessions_lock().insert(id, session);
-            restored += 1;
-        }
-        {
-            let mut map = broker.retained.write().unwrap_or_else(|p| p.into_inner());
-            for m in retained {
-                map.insert(m.topic.clone(), Arc::new(m));
-            }
-            broker.metrics.mqtt_retained.set(map.len() as i64);
-        }
-        broker.metrics.mqtt_sessions.set(restored as i64);
+        let restored = sessions.restore(loaded);
         if restored > 0 {
             tracing::info!(sessions = restored, "restored persistent MQTT sessions");
         }
-        Ok(broker)
+        // `Arc::new_cyclic` calls its function once: the dialect is there.
+        let dialect = made.ok_or_else(|| StoreError::Other("the broker's dialect was not made".into()))?;
+        Ok((broker, dialect))
     }
 
     /// The broker's configuration.
@@ -326,9 +303,9 @@ impl Broker {
     pub fn stats(&self) -> BrokerStats {
         BrokerStats {
             connections: self.connections.load(Ordering::Relaxed),
-            sessions: self.sessions_lock().len(),
-            subscriptions: self.subs.read().unwrap_or_else(|p| p.into_inner()).len(),
-            retained: self.retained.read().unwrap_or_else(|p| p.into_inner()).len(),
+            sessions: self.sessions.len(),
+            subscriptions: self.subs.len(),
+            retained: self.retained.len(),
         }
     }
 
@@ -345,10 +322,10 @@ impl Broker {
             ),
             (
                 "mqtt.max_queued_messages",
-                &self.max_queued_messages,
+                &self.sessions.max_queued,
                 new.max_queued_messages as u64,
             ),
-            ("mqtt.max_retained", &self.max_retained, new.max_retained as u64),
+            ("mqtt.max_retained", &self.retained.max, new.max_retained as u64),
         ])
     }
 
@@ -364,43 +341,22 @@ impl Broker {
         Duration::from_millis(self.shutdown_wait_ms.load(Ordering::Relaxed))
     }
 
-    /// Most concurrent connections now.
-    pub(crate) fn max_connections(&self) -> u64 {
-        self.max_connections.load(Ordering::Relaxed)
+    /// A connection opens: its id, and whether it is over `mqtt.max_connections`.
+    pub(crate) fn admit(&self) -> (u64, bool) {
+        let over =
+            self.connections.fetch_add(1, Ordering::AcqRel) as u64 >= self.max_connections.load(Ordering::Relaxed);
+        (self.next_conn_id.fetch_add(1, Ordering::Relaxed), over)
+    }
+
+    /// A connection admitted with [`Broker::admit`] closed.
+    pub(crate) fn release(&self) {
+        self.connections.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Connected clients, by client id, at most `limit` of them. Only those
     /// listed have their session locked.
     pub fn clients(&self, limit: usize) -> Vec<ClientInfo> {
-        let mut connected: Vec<Arc<Session>> = self
-            .sessions_lock()
-            .values()
-            .filter(|s| s.is_connected())
-            .cloned()
-            .collect();
-        if connected.len() > limit {
-            connected.select_nth_unstable_by(limit, |a, b| a.client_id.cmp(&b.client_id));
-            connected.truncate(limit);
-        }
-        connected.sort_unstable_by(|a, b| a.client_id.cmp(&b.client_id));
-        connected
-            .iter()
-            .map(|s| {
-                let st = s.lock();
-                ClientInfo {
-                    client_id: s.client_id.to_string(),
-                    protocol: match st.version {
-                        holdfast_mqtt::Version::V31 => "3.1",
-                        holdfast_mqtt::Version::V311 => "3.1.1",
-                        holdfast_mqtt::Version::V5 => "5",
-                    },
-                    subscriptions: st.subs.len(),
-                    queued: st.queue.len(),
-                    in_flight: st.inflight.len(),
-                    persistent: st.expiry_s > 0,
-                }
-            })
-            .collect()
+        self.sessions.clients(limit)
     }
 
     /// Syncs session and retained writes now.
@@ -422,8 +378,8 @@ impl Broker {
                 _ = tick.tick() => {}
                 _ = stop.wait_for(|s| *s) => break,
             }
-            let b = self.clone();
-            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || b.persist.sync()).await {
+            let persist = self.persist.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || persist.sync()).await {
                 tracing::error!(error = %e, "syncing MQTT sessions failed");
             }
         }
@@ -432,51 +388,9 @@ impl Broker {
         }
     }
 
-    fn sessions_lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
-        holdfast_model::lock(&self.sessions)
-    }
-
-    pub(crate) fn drop_reason(&self, reason: &'static str) {
-        metrics::handle(&self.metrics.mqtt_dropped, &ReasonLabels { reason }).inc();
-    }
-
-    /// Counts a router drop by the plugin's reason. Reasons are plugin
-    /// data: cut to 64 characters of `[a-z0-9_.-]` (others become `_`), and
-    /// after 64 distinct ones, counted as `other`.
-    fn count_router_drop(&self, reason: &str) {
-        let mut clean: String = reason
-            .chars()
-            .take(64)
-            .map(|c| {
-                let c = c.to_ascii_lowercase();
-                if c.is_ascii_alphanumeric() || "_.-".contains(c) {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        if clean.is_empty() {
-            clean.push_str("unspecified");
-        }
-        {
-            let mut seen = holdfast_model::lock(&self.drop_reasons);
-            if !seen.contains(&clean) {
-                if seen.len() >= 64 {
-                    clean = "other".to_string();
-                } else {
-                    seen.insert(clean.clone());
-                }
-            }
-        }
-        self.metrics
-            .router_drops
-            .get_or_create(&holdfast_metrics::RouterDropLabels { reason: clean })
-            .inc();
-    }
-
+    /// A TLS or QUIC handshake failed before CONNECT.
     pub(crate) fn bad_tls(&self, result: &'static str) {
-        metrics::handle(&self.metrics.mqtt_connects, &holdfast_metrics::ResultLabels { result }).inc();
+        self.metrics.connect(result);
     }
 
     /// Connected clients now.
@@ -484,137 +398,63 @@ impl Broker {
         self.connections.load(Ordering::Acquire)
     }
 
-    pub(crate) fn deny_reason(&self, reason: &'static str) {
-        metrics::handle(&self.metrics.mqtt_denied, &ReasonLabels { reason }).inc();
+    /// Disconnects every connection authenticated as one of `ids`; returns
+    /// how many were told to leave.
+    pub fn revoke(&self, ids: &[String]) -> usize {
+        self.principals.revoke(ids)
     }
 
-    /// Adds a subscription to the index.
-    pub(crate) fn index_sub(
+    /// Disconnects connections whose identity is gone or disabled (after
+    /// revocations were missed).
+    pub fn revoke_stale(&self) -> usize {
+        self.principals.revoke_stale()
+    }
+
+    /// Runs until `stop`: disconnects clients whose credentials the
+    /// registry revokes.
+    pub async fn revocation_task(self: Arc<Self>) {
+        self.principals.watch_revocations(self.stop.clone()).await;
+    }
+
+    /// Routes a received message through the router plugin and acts on
+    /// every action. `principal` is the authenticated identity.
+    pub fn route(&self, msg: &Arc<Msg>, principal: Option<&str>) -> Routed {
+        self.router.route(msg, principal)
+    }
+
+    /// Delivers a message to this node's subscribers (and stores it if it is
+    /// retained). Used for the router's `local` action, and by the upstream
+    /// link for messages coming down. Returns the deepest queue of a
+    /// connected subscriber after the delivery.
+    pub fn deliver(&self, msg: Arc<Msg>) -> usize {
+        self.router.deliver(msg)
+    }
+
+    /// Delivers `msg` to client `client_id` alone (twin and method
+    /// traffic): only if it is connected and subscribed to a matching
+    /// filter, at the highest QoS of those subscriptions.
+    pub fn deliver_to_client(&self, client_id: &str, msg: Arc<Msg>) -> bool {
+        self.router.deliver_to_client(client_id, msg)
+    }
+
+    /// Delivers `msg` to client `client_id` alone, as
+    /// [`Broker::deliver_to_client`] does, and tells what became of it: the
+    /// receiver gets [`Delivery::Delivered`] once the client acknowledged
+    /// it (at QoS 0: once it was written to the connection), a refusal or
+    /// "too large" when it cannot go, and is closed without a verdict when
+    /// the client does not get it (its session ended first). The sender
+    /// keeps the message durable: the session does not store it.
+    ///
+    /// # Errors
+    /// The client is not connected and subscribed ([`NotTaken::Offline`]),
+    /// or its queue is at `mqtt.max_queued_messages`
+    /// ([`NotTaken::QueueFull`]; [`Dialect::client_ready`] is called once
+    /// it has room again).
+    pub fn deliver_with_receipt(
         &self,
-        session: &Arc<Session>,
-        filter: &str,
-        options: holdfast_mqtt::SubOptions,
-        id: Option<u32>,
-    ) {
-        let (group, inner) = split_shared(filter);
-        let sub = Sub {
-            session: session.clone(),
-            options,
-            id,
-        };
-        self.subs
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(&session.client_id, group, inner, sub);
-    }
-
-    /// Removes a subscription from the index; true if it existed.
-    pub(crate) fn unindex_sub(&self, client: &str, filter: &str) -> bool {
-        let (group, inner) = split_shared(filter);
-        self.subs
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(client, group, inner)
-    }
-
-    pub(crate) fn save_session(&self, session: &Session) {
-        let record = {
-            let st = session.lock();
-            if !st.persistent() {
-                return;
-            }
-            SessionRecord::of(&st)
-        };
-        if let Err(e) = self.persist.save_session(&session.client_id, &record) {
-            tracing::error!(error = %e, client = %session.client_id, "cannot store a session");
-        }
-    }
-
-    pub(crate) fn del_queued(&self, session: &Session, seq: u64) {
-        if seq != 0
-            && let Err(e) = self.persist.del_queued(&session.client_id, seq)
-        {
-            tracing::error!(error = %e, client = %session.client_id, "cannot remove a delivered message");
-        }
-    }
-
-    pub(crate) fn put_released(&self, session: &Session, out: &Outgoing, pkid: u16) {
-        if out.seq != 0
-            && let Err(e) = self.persist.put_queued(&session.client_id, out, Some(pkid))
-        {
-            tracing::error!(error = %e, client = %session.client_id, "cannot store a released message");
-        }
-    }
-
-    /// Ends a session: its subscriptions and stored state go.
-    fn end_session(&self, session: &Arc<Session>) {
-        {
-            let mut map = self.sessions_lock();
-            if map.get(&session.client_id).is_some_and(|s| Arc::ptr_eq(s, session)) {
-                map.remove(&session.client_id);
-            }
-            self.metrics.mqtt_sessions.set(map.len() as i64);
-        }
-        let (filters, persistent) = {
-            let mut st = session.lock();
-            let filters: Vec<String> = st.subs.drain().map(|(f, _)| f).collect();
-            st.queue.clear();
-            st.inflight.clear();
-            (filters, st.persistent())
-        };
-        for f in filters {
-            self.unindex_sub(&session.client_id, &f);
-        }
-        if persistent && let Err(e) = self.persist.delete_session(&session.client_id) {
-            tracing::error!(error = %e, client = %session.client_id, "cannot delete a session");
-        }
-    }
-
-    /// Ends `session` after `delay` unless a connection attaches first.
-    fn schedule_expiry(self: &Arc<Self>, session: &Arc<Session>, delay: Duration) {
-        let generation = session.generation.load(Ordering::Acquire);
-        let broker = Arc::downgrade(self);
-        let session = Arc::downgrade(session);
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let (Some(broker), Some(session)) = (broker.upgrade(), session.upgrade()) else {
-                return;
-            };
-            if session.generation.load(Ordering::Acquire) == generation && !session.is_connected() {
-                tracing::debug!(client = %session.client_id, "session expired");
-                broker.end_session(&session);
-            }
-        });
-    }
-
-    fn next_conn_id(&self) -> u64 {
-        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
-    }
-}
-
-/// Splits `$share/group/filter` into the group and the filter.
-fn split_shared(filter: &str) -> (Option<&str>, &str) {
-    match topic::parse_shared(filter) {
-        Some(Ok((g, f))) => (Some(g), f),
-        _ => (None, filter),
-    }
-}
-
-/// The message the router plugin sees.
-fn plugin_message(msg: &Msg, principal: Option<&str>) -> Message {
-    Message {
-        topic: msg.topic.clone(),
-        payload: msg.payload.clone(),
-        qos: msg.qos as u8,
-        retain: msg.retain,
-        content_type: msg.properties.content_type.clone(),
-        properties: msg.properties.user_properties.clone(),
-        source: Source {
-            client_id: msg.publisher.as_deref().unwrap_or("").to_string(),
-            principal: principal.map(str::to_string),
-            path: Vec::new(),
-        },
-        origin: None,
-        delivered_locally: false,
+        client_id: &str,
+        msg: Arc<Msg>,
+    ) -> Result<oneshot::Receiver<Delivery>, NotTaken> {
+        self.router.deliver_with_receipt(client_id, msg)
     }
 }

@@ -1,14 +1,34 @@
 //! Connections by principal, and revoking them when the registry says so.
 
-#[allow(unused_imports)]
-use super::*;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
-impl Broker {
+use holdfast_model::identity::IdentityDirectory as _;
+use holdfast_registry::Registry;
+use tokio::sync::{Notify, watch};
+
+/// The connections authenticated as each principal.
+pub(crate) struct Principals {
+    /// Connection id → its revocation signal, by principal id.
+    map: Mutex<HashMap<String, HashMap<u64, Arc<Notify>>>>,
+    /// Where identities are looked up and revocations come from.
+    registry: Arc<Registry>,
+}
+
+impl Principals {
+    /// No connections yet; identities from `registry`.
+    pub(crate) fn new(registry: Arc<Registry>) -> Principals {
+        Principals {
+            map: Mutex::new(HashMap::new()),
+            registry,
+        }
+    }
+
     /// Registers connection `conn_id` as authenticated as `principal`; the
     /// returned signal fires when its credentials are revoked.
-    pub(crate) fn register_principal(&self, principal: &str, conn_id: u64) -> Arc<tokio::sync::Notify> {
-        let notify = Arc::new(tokio::sync::Notify::new());
-        let mut map = holdfast_model::lock(&self.principals);
+    pub(crate) fn register(&self, principal: &str, conn_id: u64) -> Arc<Notify> {
+        let notify = Arc::new(Notify::new());
+        let mut map = holdfast_model::lock(&self.map);
         map.entry(principal.to_string())
             .or_default()
             .insert(conn_id, notify.clone());
@@ -16,8 +36,8 @@ impl Broker {
     }
 
     /// Forgets connection `conn_id`.
-    pub(crate) fn unregister_principal(&self, principal: &str, conn_id: u64) {
-        let mut map = holdfast_model::lock(&self.principals);
+    pub(crate) fn unregister(&self, principal: &str, conn_id: u64) {
+        let mut map = holdfast_model::lock(&self.map);
         if let Some(conns) = map.get_mut(principal) {
             conns.remove(&conn_id);
             if conns.is_empty() {
@@ -28,8 +48,8 @@ impl Broker {
 
     /// Disconnects every connection authenticated as one of `ids`; returns
     /// how many were told to leave.
-    pub fn revoke(&self, ids: &[String]) -> usize {
-        let map = holdfast_model::lock(&self.principals);
+    pub(crate) fn revoke(&self, ids: &[String]) -> usize {
+        let map = holdfast_model::lock(&self.map);
         let mut n = 0;
         for id in ids {
             for notify in map.get(id).into_iter().flat_map(HashMap::values) {
@@ -42,12 +62,8 @@ impl Broker {
 
     /// Disconnects connections whose identity is gone or disabled (after
     /// revocations were missed).
-    pub fn revoke_stale(&self) -> usize {
-        use holdfast_model::identity::IdentityDirectory as _;
-        let ids: Vec<String> = {
-            let map = holdfast_model::lock(&self.principals);
-            map.keys().cloned().collect()
-        };
+    pub(crate) fn revoke_stale(&self) -> usize {
+        let ids: Vec<String> = holdfast_model::lock(&self.map).keys().cloned().collect();
         let stale: Vec<String> = ids
             .into_iter()
             .filter(|id| id != "anonymous" && !self.registry.lookup(id).is_some_and(|i| i.enabled))
@@ -57,9 +73,8 @@ impl Broker {
 
     /// Runs until `stop`: disconnects clients whose credentials the
     /// registry revokes.
-    pub async fn revocation_task(self: Arc<Self>) {
+    pub(crate) async fn watch_revocations(&self, mut stop: watch::Receiver<bool>) {
         let mut revocations = self.registry.revocations();
-        let mut stop = self.stop.clone();
         loop {
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,

@@ -1,19 +1,85 @@
-//! Routing a received message through the policy, and delivering to sessions and retained messages.
+//! The router: a received message goes through the router policy, and each
+//! action is carried out: appended to the outbox (`upstream`), delivered to
+//! this node's subscribers and kept if retained (`local`), or counted
+//! (`drop`). Wills are published through it too.
 
-#[allow(unused_imports)]
-use super::*;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-impl Broker {
+use holdfast_model::policy::{Action, Policy, RouteOutcome};
+use holdfast_model::{Message, Source};
+use holdfast_mqtt::topic;
+use holdfast_outbox::Outbox;
+
+use crate::metrics::BrokerMetrics;
+use crate::retained::Retained;
+use crate::session::{Delivery, Msg, Outgoing, Receipt, Session};
+use crate::sessions::Sessions;
+use crate::subs::Subscriptions;
+use crate::{Dialect, NotTaken, Routed, now_ms};
+
+/// Routes and delivers messages.
+pub(crate) struct Router {
+    policy: Arc<dyn Policy>,
+    outbox: Arc<Outbox>,
+    dialect: Arc<dyn Dialect>,
+    sessions: Arc<Sessions>,
+    subs: Arc<Subscriptions>,
+    retained: Arc<Retained>,
+    metrics: Arc<BrokerMetrics>,
+    /// `mqtt.max_topic_length`: a topic the router plugin sets must fit it.
+    max_topic_length: usize,
+    /// `mqtt.max_packet_size`: a payload the router plugin sets must fit it.
+    max_packet_size: usize,
+}
+
+/// What a [`Router`] works with.
+pub(crate) struct RouterParts {
+    pub(crate) policy: Arc<dyn Policy>,
+    pub(crate) outbox: Arc<Outbox>,
+    pub(crate) dialect: Arc<dyn Dialect>,
+    pub(crate) sessions: Arc<Sessions>,
+    pub(crate) subs: Arc<Subscriptions>,
+    pub(crate) retained: Arc<Retained>,
+    pub(crate) metrics: Arc<BrokerMetrics>,
+}
+
+impl Router {
+    /// A router over `parts`, within the topic and packet limits of `config`.
+    pub(crate) fn new(parts: RouterParts, config: &crate::config::MqttConfig) -> Router {
+        let RouterParts {
+            policy,
+            outbox,
+            dialect,
+            sessions,
+            subs,
+            retained,
+            metrics,
+        } = parts;
+        Router {
+            policy,
+            outbox,
+            dialect,
+            sessions,
+            subs,
+            retained,
+            metrics,
+            max_topic_length: config.max_topic_length,
+            max_packet_size: config.max_packet_size as usize,
+        }
+    }
+
     /// Routes a received message through the router plugin and acts on
     /// every action. `principal` is the authenticated identity.
-    pub fn route(&self, msg: &Arc<Msg>, principal: Option<&str>) -> Routed {
+    pub(crate) fn route(&self, msg: &Arc<Msg>, principal: Option<&str>) -> Routed {
         let pm = Arc::new(plugin_message(msg, principal));
         let outcome = self.policy.route(pm.clone());
         let mut routed = Routed::default();
         match outcome {
             RouteOutcome::Actions(actions) => {
                 if actions.is_empty() {
-                    self.drop_reason("no-route");
+                    self.metrics.dropped("no-route");
                 }
                 // A root delivers what reaches its outbox to local subscribers,
                 // except what its router has delivered here already.
@@ -42,7 +108,7 @@ impl Broker {
                             let ttl = u.ttl_seconds.map(|s| Duration::from_secs(u64::from(s)));
                             match self.outbox.submit(u.lane, m, ttl) {
                                 Ok(rx) => {
-                                    self.counters.routed_upstream.inc();
+                                    self.metrics.routed_upstream();
                                     routed.waits.push(rx);
                                 }
                                 Err(e) => {
@@ -56,13 +122,13 @@ impl Broker {
                             let local = if changed {
                                 let mut m = (**msg).clone();
                                 if let Some(t) = l.topic {
-                                    if !topic::valid_name(&t) || t.len() > self.config.max_topic_length {
-                                        self.drop_reason("invalid-local-topic");
+                                    if !topic::valid_name(&t) || t.len() > self.max_topic_length {
+                                        self.metrics.dropped("invalid-local-topic");
                                         continue;
                                     }
                                     m.topic = self.dialect.with_bag(t, &m.properties);
-                                    if m.topic.len() > self.config.max_topic_length {
-                                        self.drop_reason("invalid-local-topic");
+                                    if m.topic.len() > self.max_topic_length {
+                                        self.metrics.dropped("invalid-local-topic");
                                         continue;
                                     }
                                 }
@@ -71,10 +137,10 @@ impl Broker {
                                 }
                                 // What a plugin adds must still fit MQTT's wire limits.
                                 let too_long = |s: &String| s.len() > usize::from(u16::MAX);
-                                if m.payload.len() > self.config.max_packet_size as usize
+                                if m.payload.len() > self.max_packet_size
                                     || l.add_properties.iter().any(|(k, v)| too_long(k) || too_long(v))
                                 {
-                                    self.drop_reason("invalid-local-message");
+                                    self.metrics.dropped("invalid-local-message");
                                     continue;
                                 }
                                 m.properties.user_properties.extend(l.add_properties);
@@ -82,20 +148,20 @@ impl Broker {
                             } else {
                                 msg.clone()
                             };
-                            self.counters.routed_local.inc();
+                            self.metrics.routed_local();
                             routed.backlog = routed.backlog.max(self.deliver(local));
                         }
                         Action::Drop(reason) => {
                             tracing::trace!(%reason, topic = %msg.topic, "router dropped a message");
-                            self.drop_reason("router-drop");
-                            self.count_router_drop(&reason);
+                            self.metrics.dropped("router-drop");
+                            self.metrics.router_drop(&reason);
                         }
                     }
                 }
             }
             RouteOutcome::DeadLetter(reason) | RouteOutcome::Drop(reason) => {
                 tracing::debug!(%reason, topic = %msg.topic, "router failed; message dropped");
-                self.drop_reason("router-failure");
+                self.metrics.dropped("router-failure");
             }
         }
         routed
@@ -105,18 +171,14 @@ impl Broker {
     /// retained). Used for the router's `local` action, and by the upstream
     /// link for messages coming down. Returns the deepest queue of a
     /// connected subscriber after the delivery.
-    pub fn deliver(&self, msg: Arc<Msg>) -> usize {
+    pub(crate) fn deliver(&self, msg: Arc<Msg>) -> usize {
         if msg.topic.starts_with("devices/") && self.dialect.forward_down(&msg) {
             return 0;
         }
         if msg.retain {
-            self.set_retained(&msg);
+            self.retained.set(&msg);
         }
-        let matches = self
-            .subs
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .matches(&msg.topic, msg.publisher.as_deref());
+        let matches = self.subs.matches(&msg.topic, msg.publisher.as_deref());
         let mut backlog = 0;
         for m in matches {
             let out = Outgoing {
@@ -127,7 +189,7 @@ impl Broker {
                 seq: 0,
                 receipt: None,
             };
-            backlog = backlog.max(self.enqueue(&m.session, out));
+            backlog = backlog.max(self.sessions.enqueue(&m.session, out));
         }
         backlog
     }
@@ -135,8 +197,8 @@ impl Broker {
     /// Delivers `msg` to client `client_id` alone (twin and method
     /// traffic): only if it is connected and subscribed to a matching
     /// filter, at the highest QoS of those subscriptions.
-    pub fn deliver_to_client(&self, client_id: &str, msg: Arc<Msg>) -> bool {
-        let Some((session, qos)) = self.subscribed_client(client_id, &msg.topic) else {
+    pub(crate) fn deliver_to_client(&self, client_id: &str, msg: Arc<Msg>) -> bool {
+        let Some((session, qos)) = self.sessions.subscribed(client_id, &msg.topic) else {
             return false;
         };
         let out = Outgoing {
@@ -147,12 +209,12 @@ impl Broker {
             seq: 0,
             receipt: None,
         };
-        self.enqueue(&session, out);
+        self.sessions.enqueue(&session, out);
         true
     }
 
     /// Delivers `msg` to client `client_id` alone, as
-    /// [`Broker::deliver_to_client`] does, and tells what became of it: the
+    /// [`Router::deliver_to_client`] does, and tells what became of it: the
     /// receiver gets [`Delivery::Delivered`](crate::session::Delivery) once
     /// the client acknowledged it (at QoS 0: once it was written to the
     /// connection), a refusal or "too large" when it cannot go, and is
@@ -165,15 +227,15 @@ impl Broker {
     /// or its queue is at `mqtt.max_queued_messages`
     /// ([`NotTaken::QueueFull`]; [`Dialect::client_ready`] is called once
     /// it has room again).
-    pub fn deliver_with_receipt(
+    pub(crate) fn deliver_with_receipt(
         &self,
         client_id: &str,
         msg: Arc<Msg>,
-    ) -> Result<tokio::sync::oneshot::Receiver<crate::session::Delivery>, NotTaken> {
-        let Some((session, qos)) = self.subscribed_client(client_id, &msg.topic) else {
+    ) -> Result<tokio::sync::oneshot::Receiver<Delivery>, NotTaken> {
+        let Some((session, qos)) = self.sessions.subscribed(client_id, &msg.topic) else {
             return Err(NotTaken::Offline);
         };
-        let (receipt, rx) = crate::session::Receipt::new();
+        let (receipt, rx) = Receipt::new();
         let out = Outgoing {
             qos: msg.qos.min(qos),
             retain: false,
@@ -182,103 +244,68 @@ impl Broker {
             seq: 0,
             receipt: Some(receipt),
         };
-        match self.try_enqueue(&session, out) {
+        match self.sessions.try_enqueue(&session, out) {
             Ok(_) => Ok(rx),
             Err("queue-full") => Err(NotTaken::QueueFull),
             Err(_) => Err(NotTaken::Offline),
         }
     }
 
-    /// The session of `client_id` if it is connected and subscribed to a
-    /// filter matching `topic`, with the highest QoS of those.
-    fn subscribed_client(&self, client_id: &str, topic: &str) -> Option<(Arc<Session>, QoS)> {
-        let session = self.sessions_lock().get(client_id).cloned()?;
-        if !session.is_connected() {
-            return None;
+    /// Publishes a will now, or after `delay_s` seconds unless the client
+    /// came back to `session` by then.
+    pub(crate) fn publish_will(
+        self: &Arc<Self>,
+        msg: Msg,
+        principal: Option<String>,
+        delay_s: u32,
+        session: &Arc<Session>,
+    ) {
+        if delay_s == 0 {
+            self.will_now(msg, principal.as_deref());
+            return;
         }
-        let granted = session
-            .lock()
-            .subs
-            .iter()
-            .filter(|(f, _)| topic::matches(f, topic))
-            .map(|(_, s)| s.options.qos)
-            .max()?;
-        Some((session, granted))
-    }
-
-    /// Queues a message for a session and wakes its connection. Returns the
-    /// queue's depth if the session is connected (0 if not).
-    pub(crate) fn enqueue(&self, session: &Arc<Session>, out: Outgoing) -> usize {
-        match self.try_enqueue(session, out) {
-            Ok(depth) => depth,
-            Err(reason) => {
-                self.drop_reason(reason);
-                0
-            }
-        }
-    }
-
-    /// Queues a message for a session and wakes its connection: the
-    /// queue's depth if the session is connected (0 if not), or why it
-    /// was not queued (a metric label). A message with a receipt is not
-    /// stored with the session (its sender keeps it), and one refused for
-    /// a full queue marks the session to tell the dialect when there is
-    /// room.
-    fn try_enqueue(&self, session: &Arc<Session>, mut out: Outgoing) -> Result<usize, &'static str> {
-        let mut st = session.lock();
-        if out.qos == QoS::AtMostOnce && !session.is_connected() {
-            return Err("offline-qos0");
-        }
-        if st.queue.len() as u64 >= self.max_queued_messages.load(Ordering::Relaxed) {
-            if out.receipt.is_some() {
-                st.wants_room = true;
-            }
-            return Err("queue-full");
-        }
-        if st.persistent() && out.qos != QoS::AtMostOnce && out.receipt.is_none() {
-            out.seq = st.next_seq;
-            st.next_seq += 1;
-            if let Err(e) = self.persist.put_queued(&session.client_id, &out, None) {
-                tracing::error!(error = %e, client = %session.client_id, "cannot store a queued message");
-            }
-        }
-        st.queue.push_back(out);
-        let depth = st.queue.len();
-        drop(st);
-        session.wake.notify_one();
-        Ok(if session.is_connected() { depth } else { 0 })
-    }
-
-    pub(crate) fn set_retained(&self, msg: &Arc<Msg>) {
-        let mut map = self.retained.write().unwrap_or_else(|p| p.into_inner());
-        if msg.payload.is_empty() {
-            map.remove(&msg.topic);
-        } else {
-            if map.len() as u64 >= self.max_retained.load(Ordering::Relaxed) && !map.contains_key(&msg.topic) {
-                drop(map);
-                self.deny_reason("retained-limit");
+        let generation = session.generation.load(Ordering::Acquire);
+        let router = Arc::downgrade(self);
+        // Held strongly: the session may end (expiry) at the same
+        // moment, and its will must still go out.
+        let session = session.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(u64::from(delay_s))).await;
+            let Some(router) = router.upgrade() else {
                 return;
+            };
+            if session.generation.load(Ordering::Acquire) == generation {
+                router.will_now(msg, principal.as_deref());
             }
-            // A copy, so the retained message does not pin a connection's read buffer.
-            let mut own = (**msg).clone();
-            own.payload = Bytes::copy_from_slice(&msg.payload);
-            map.insert(msg.topic.clone(), Arc::new(own));
-        }
-        self.metrics.mqtt_retained.set(map.len() as i64);
-        if let Err(e) = self.persist.put_retained(msg) {
-            tracing::error!(error = %e, topic = %msg.topic, "cannot store a retained message");
-        }
+        });
     }
 
-    /// Retained messages matching `filter`, dropping expired ones.
-    pub(crate) fn retained_for(&self, filter: &str) -> Vec<Arc<Msg>> {
-        let now = now_ms();
-        self.retained
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .filter(|m| topic::matches(filter, &m.topic) && m.expires_at_ms.is_none_or(|e| e > now))
-            .cloned()
-            .collect()
+    fn will_now(&self, msg: Msg, principal: Option<&str>) {
+        if msg.expires_at_ms.is_some_and(|e| e <= now_ms()) {
+            self.metrics.dropped("expired");
+            return;
+        }
+        tracing::debug!(topic = %msg.topic, "publishing a will");
+        // Not waited for: there is no publisher left to acknowledge.
+        let _ = self.route(&Arc::new(msg), principal);
+    }
+}
+
+/// The message the router plugin sees.
+fn plugin_message(msg: &Msg, principal: Option<&str>) -> Message {
+    Message {
+        topic: msg.topic.clone(),
+        payload: msg.payload.clone(),
+        qos: msg.qos as u8,
+        retain: msg.retain,
+        content_type: msg.properties.content_type.clone(),
+        properties: msg.properties.user_properties.clone(),
+        source: Source {
+            client_id: msg.publisher.as_deref().unwrap_or("").to_string(),
+            principal: principal.map(str::to_string),
+            path: Vec::new(),
+        },
+        origin: None,
+        delivered_locally: false,
     }
 }

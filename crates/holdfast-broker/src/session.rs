@@ -29,6 +29,36 @@ pub struct Msg {
     pub publisher: Option<Arc<str>>,
 }
 
+impl Msg {
+    /// A message as a client sent it (PUBLISH or will): expiry made
+    /// absolute, only the properties that travel to subscribers kept.
+    pub(crate) fn received(
+        topic: String,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        p: &Properties,
+        publisher: Arc<str>,
+    ) -> Msg {
+        Msg {
+            expires_at_ms: p.message_expiry_interval.map(|s| crate::now_ms() + u64::from(s) * 1000),
+            properties: Properties {
+                payload_format_indicator: p.payload_format_indicator,
+                content_type: p.content_type.clone(),
+                response_topic: p.response_topic.clone(),
+                correlation_data: p.correlation_data.clone(),
+                user_properties: p.user_properties.clone(),
+                ..Properties::default()
+            },
+            topic,
+            payload,
+            qos,
+            retain,
+            publisher: Some(publisher),
+        }
+    }
+}
+
 /// A message waiting to be sent to one session.
 #[derive(Debug, Clone)]
 pub struct Outgoing {

@@ -276,6 +276,57 @@ fn pick(out: &mut Vec<Match>, group: &Group, publisher: Option<&str>) {
     add(out, client, sub, publisher);
 }
 
+/// The index as the broker shares it: subscriptions added and removed by
+/// full filter (`$share/group/filter` included), looked up by topic.
+#[derive(Default)]
+pub(crate) struct Subscriptions {
+    tree: std::sync::RwLock<SubTree>,
+}
+
+impl Subscriptions {
+    /// Adds `session`'s subscription to `filter` (already validated).
+    pub(crate) fn add(&self, session: &Arc<Session>, filter: &str, options: SubOptions, id: Option<u32>) {
+        let (group, inner) = split_shared(filter);
+        let sub = Sub {
+            session: session.clone(),
+            options,
+            id,
+        };
+        self.write().insert(&session.client_id, group, inner, sub);
+    }
+
+    /// Removes `client`'s subscription to `filter`; true if it existed.
+    pub(crate) fn remove(&self, client: &str, filter: &str) -> bool {
+        let (group, inner) = split_shared(filter);
+        self.write().remove(client, group, inner)
+    }
+
+    /// The sessions a message on `topic` goes to (see [`SubTree::matches`]).
+    pub(crate) fn matches(&self, topic: &str, publisher: Option<&str>) -> Vec<Match> {
+        self.tree
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .matches(topic, publisher)
+    }
+
+    /// Number of subscriptions.
+    pub(crate) fn len(&self) -> usize {
+        self.tree.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, SubTree> {
+        self.tree.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Splits `$share/group/filter` into the group and the filter.
+fn split_shared(filter: &str) -> (Option<&str>, &str) {
+    match holdfast_mqtt::topic::parse_shared(filter) {
+        Some(Ok((g, f))) => (Some(g), f),
+        _ => (None, filter),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -111,9 +111,15 @@ fn node() -> Node {
         outbox: Arc::new(outbox),
         metrics,
         registry: Arc::new(registry),
-        dialect: Arc::new(NoDialect),
     };
-    let broker = Broker::open(holdfast_broker::config::MqttConfig::default(), parts, &store, stopped).unwrap();
+    let (broker, _) = Broker::open(
+        holdfast_broker::config::MqttConfig::default(),
+        parts,
+        &store,
+        stopped,
+        |_| Arc::new(NoDialect),
+    )
+    .unwrap();
     Node {
         broker,
         _stop: stop,

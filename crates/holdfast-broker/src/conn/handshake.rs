@@ -1,38 +1,106 @@
-//! CONNECT: limits, authentication, the session taken over or resumed, CONNACK.
+//! CONNECT: limits, authentication, the session taken over or resumed,
+//! CONNACK. The phase before a connection has a [`Client`]: it reads from
+//! the socket itself and answers a refusal itself.
 
-#[allow(unused_imports)]
-use super::*;
+use std::sync::Arc;
+use std::time::Duration;
 
-impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
-    pub(crate) fn count_connect(&self, result: &'static str) {
-        metrics::handle(&self.broker.metrics.mqtt_connects, &ResultLabels { result }).inc();
+use bytes::BytesMut;
+use holdfast_model::policy::{ConnectInfo, RefusalCode};
+use holdfast_mqtt::{
+    ConnAck, Connect, DecodeError, Packet, Properties, Version, decode, decode_connect_prefix, reason,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::authz::Authz;
+use super::client::{Accepted, Client};
+use super::outbound::Outbound;
+use super::{Exit, Peer, WillInfo, bad_packet};
+use crate::Broker;
+use crate::principals::Principals;
+use crate::session::Msg;
+
+/// A connection registered as authenticated as a principal, so a
+/// revocation reaches it; dropping it forgets the connection.
+pub(super) struct Registration {
+    principals: Arc<Principals>,
+    principal: String,
+    conn_id: u64,
+    /// Fires when the principal's credentials are revoked.
+    pub(super) revoked: Arc<Notify>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.principals.unregister(&self.principal, self.conn_id);
+    }
+}
+
+/// What an accepted CONNECT leaves the connection with.
+pub(super) struct Connected {
+    pub(super) client: Client,
+    /// Whether the session was resumed.
+    pub(super) present: bool,
+    pub(super) will: Option<WillInfo>,
+    /// How long the connection may stay silent.
+    pub(super) keep_alive: Duration,
+}
+
+/// The CONNECT phase of one connection.
+pub(super) struct Handshake<'a, S> {
+    pub(super) broker: &'a Arc<Broker>,
+    pub(super) rd: &'a mut ReadHalf<S>,
+    pub(super) wr: &'a mut WriteHalf<S>,
+    pub(super) rbuf: &'a mut BytesMut,
+    pub(super) peer: &'a Peer,
+    pub(super) conn_id: u64,
+    /// Where the connection's registration goes as soon as it exists.
+    pub(super) registration: &'a mut Option<Registration>,
+    /// The protocol the client speaks, once known.
+    pub(super) version: Version,
+}
+
+impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handshake<'_, S> {
+    fn count_connect(&self, result: &'static str) {
+        self.broker.metrics.connect(result);
     }
 
     /// Refuses the CONNECT with `code` and ends the connection.
-    pub(crate) async fn refuse(&mut self, code: u8, result: &'static str) -> Exit {
+    async fn refuse(&mut self, code: u8, result: &'static str) -> Exit {
         self.count_connect(result);
-        self.send(&Packet::ConnAck(ConnAck {
-            session_present: false,
-            code,
-            properties: Properties::default(),
-        }));
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.write_out()).await;
+        let mut out = BytesMut::new();
+        holdfast_mqtt::encode(
+            &Packet::ConnAck(ConnAck {
+                session_present: false,
+                code,
+                properties: Properties::default(),
+            }),
+            self.version,
+            &mut out,
+        );
+        let write = async {
+            self.wr.write_all(&out).await?;
+            self.wr.flush().await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
         Exit::Error(code, result)
     }
 
     /// Reads CONNECT, authenticates, attaches the session, sends CONNACK.
-    pub(crate) async fn handshake(&mut self, over_limit: bool) -> Result<(), Exit> {
+    pub(super) async fn run(mut self, over_limit: bool) -> Result<Connected, Exit> {
         let broker = self.broker.clone();
         let cfg = &broker.config;
         let deadline = Instant::now() + Duration::from_millis(cfg.connect_timeout_ms);
         let connect = loop {
-            let prefix = decode_connect_prefix(&self.rbuf);
-            match decode(&mut self.rbuf, None, cfg.max_packet_size as usize) {
+            let prefix = decode_connect_prefix(self.rbuf);
+            match decode(self.rbuf, None, cfg.max_packet_size as usize) {
                 Ok(Some(Packet::Connect(c))) => break c,
                 Ok(Some(_)) => return Err(Exit::Error(reason::PROTOCOL_ERROR, "protocol")),
                 Ok(None) => {}
                 Err(e) => {
-                    self.bad_packet(&e);
+                    bad_packet(self.broker, self.peer.addr, &e);
                     self.count_connect(e.kind());
                     // Answer in the client's protocol when it can be told.
                     self.version = prefix.unwrap_or(Version::V311);
@@ -43,7 +111,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                 }
             }
             self.rbuf.reserve(256);
-            match tokio::time::timeout_at(deadline, self.rd.read_buf(&mut self.rbuf)).await {
+            match tokio::time::timeout_at(deadline, self.rd.read_buf(self.rbuf)).await {
                 Ok(Ok(0)) | Ok(Err(_)) => return Err(Exit::Unclean("closed-before-connect")),
                 Ok(Ok(_)) => {}
                 Err(_) => {
@@ -87,7 +155,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         // A source that keeps failing waits before it is answered.
         let ip = self.peer.addr.ip();
         if let Some(delay) = broker.throttle.delay(ip, std::time::Instant::now()) {
-            broker.metrics.mqtt_auth_delayed.inc();
+            broker.metrics.node.mqtt_auth_delayed.inc();
             tokio::time::sleep(delay).await;
         }
         let policy = broker.policy.clone();
@@ -118,10 +186,15 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             }
             Err(_) => return Err(self.refuse(reason::UNSPECIFIED, "auth-failed").await),
         };
-        self.revoked = Some(broker.register_principal(&principal.id, self.conn_id));
-        self.principal = Some(principal);
+        *self.registration = Some(Registration {
+            principals: broker.principals.clone(),
+            principal: principal.id.clone(),
+            conn_id: self.conn_id,
+            revoked: broker.principals.register(&principal.id, self.conn_id),
+        });
+        let mut authz = Authz::default();
         if let Some(w) = &c.will
-            && !self.authorized(false, &w.topic)
+            && !authz.allowed(&*broker.policy, &principal, false, &w.topic)
         {
             return Err(self.refuse(reason::NOT_AUTHORIZED, "will-not-authorized").await);
         }
@@ -132,7 +205,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             keep_alive = cfg.max_keep_alive_seconds;
             server_keep_alive = Some(keep_alive);
         }
-        self.keep_alive = Duration::from_millis(u64::from(keep_alive) * 1500);
+        let keep_alive = Duration::from_millis(u64::from(keep_alive) * 1500);
         // Session expiry: MQTT 5 asks; 3.1.1 persistent sessions get the ceiling.
         let asked = if v5 {
             c.properties.session_expiry_interval.unwrap_or(0)
@@ -142,24 +215,26 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             u32::MAX
         };
         let expiry = asked.min(cfg.max_session_expiry_seconds);
-        self.client_max_packet = c.properties.maximum_packet_size.unwrap_or(u32::MAX);
+        let client_max_packet = c.properties.maximum_packet_size.unwrap_or(u32::MAX);
         let receive_max = c.properties.receive_maximum.unwrap_or(u16::MAX);
-        self.outbound_window = usize::from(receive_max.min(cfg.max_inflight));
-        if let Some(w) = c.will.take() {
-            self.will = Some(WillInfo {
-                delay_s: w.properties.will_delay_interval.unwrap_or(0),
-                msg: received(
-                    w.topic,
-                    w.payload,
-                    w.qos,
-                    w.retain,
-                    &w.properties,
-                    c.client_id.as_str().into(),
-                ),
-            });
-        }
+        let outbound_window = usize::from(receive_max.min(cfg.max_inflight));
+        let will = c.will.take().map(|w| WillInfo {
+            delay_s: w.properties.will_delay_interval.unwrap_or(0),
+            msg: Msg::received(
+                w.topic,
+                w.payload,
+                w.qos,
+                w.retain,
+                &w.properties,
+                c.client_id.as_str().into(),
+            ),
+        });
         let client_id: Arc<str> = c.client_id.as_str().into();
-        let (session, present) = match broker.attach(&client_id, c.clean_start, expiry, self.conn_id).await {
+        let (session, present) = match broker
+            .sessions
+            .attach(&client_id, c.clean_start, expiry, self.conn_id)
+            .await
+        {
             Some(s) => s,
             None => return Err(self.refuse(reason::SERVER_BUSY, "takeover-timeout").await),
         };
@@ -167,9 +242,19 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             let mut st = session.lock();
             st.version = c.version;
             st.client_receive_max = receive_max;
-            st.client_max_packet = self.client_max_packet;
+            st.client_max_packet = client_max_packet;
         }
-        self.session = Some(session.clone());
+        let mut client = Client::new(
+            broker.clone(),
+            Accepted {
+                session,
+                principal,
+                version: c.version,
+                peer: self.peer.addr,
+                outbound: Outbound::new(&broker, c.version, outbound_window, client_max_packet),
+                authz,
+            },
+        );
         self.count_connect("accepted");
         let mut props = Properties::default();
         if v5 {
@@ -186,27 +271,17 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                 props.session_expiry_interval = Some(expiry);
             }
         }
-        self.send(&Packet::ConnAck(ConnAck {
+        client.outbound.send(&Packet::ConnAck(ConnAck {
             session_present: present,
             code: reason::SUCCESS,
             properties: props,
         }));
-        // Resume: unacknowledged messages go again, in order.
-        let resend: Vec<Inflight> = session.lock().inflight.iter().cloned().collect();
-        for i in resend {
-            if i.released {
-                self.send(&Packet::PubRel(Ack::new(i.pkid)));
-            } else if let Err(size) = self.encode_delivery(&i.out, i.pkid, true, now_ms()) {
-                // The client came back with a smaller Maximum Packet Size.
-                session.lock().take_inflight(i.pkid);
-                self.too_large(&session, &i.out, size);
-            }
-        }
         tracing::debug!(client = %client_id, peer = %self.peer.addr, version = ?c.version, present, "client connected");
-        // A resumed session may already be subscribed to what waits for it.
-        if present {
-            self.broker.dialect.client_ready(&client_id);
-        }
-        Ok(())
+        Ok(Connected {
+            client,
+            present,
+            will,
+            keep_alive,
+        })
     }
 }

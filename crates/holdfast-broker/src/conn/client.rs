@@ -1,23 +1,100 @@
-//! What a connected client sends: PUBLISH (authorized, routed, acknowledged once durable), SUBSCRIBE, UNSUBSCRIBE.
+//! One client's protocol once its CONNECT is accepted, without the socket:
+//! packets it sends come in (PUBLISH authorized, routed and acknowledged
+//! once durable; SUBSCRIBE, UNSUBSCRIBE, the QoS 1/2 flows, DISCONNECT),
+//! and what goes back is encoded into its [`Outbound`].
 
-#[allow(unused_imports)]
-use super::*;
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::sync::Arc;
 
-impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
+use bytes::BytesMut;
+use holdfast_model::policy::Principal;
+use holdfast_mqtt::{
+    Ack, DecodeError, Packet, Properties, Publish, QoS, SubAck, Subscribe, Unsubscribe, Version, decode, reason, topic,
+};
+use tokio::time::{Duration, Instant};
+
+use super::acks::PendingAck;
+use super::authz::Authz;
+use super::outbound::Outbound;
+use super::{Exit, bad_packet};
+use crate::session::{Delivery, Msg, Outgoing, Session, SubRecord};
+use crate::{Broker, Routed};
+
+/// A publisher whose message lands in a connected subscriber's queue deeper
+/// than this pauses reading for [`BACKPRESSURE_PAUSE`], so a fast publisher
+/// cannot outrun a slow subscriber into ever-growing queues.
+const BACKPRESSURE_DEPTH: usize = 256;
+const BACKPRESSURE_PAUSE: Duration = Duration::from_millis(1);
+
+/// An accepted client: its session, principal and per-connection state.
+pub(super) struct Client {
+    broker: Arc<Broker>,
+    pub(super) session: Arc<Session>,
+    pub(super) principal: Principal,
+    pub(super) version: Version,
+    /// For logs.
+    peer: SocketAddr,
+    /// What goes back to it.
+    pub(super) outbound: Outbound,
+    /// Received QoS 1/2 PUBLISHes waiting for their appends, in order.
+    pub(super) pending: VecDeque<PendingAck>,
+    /// Topic aliases it set, grown on use.
+    aliases: Vec<Option<String>>,
+    authz: Authz,
+    /// Reading is paused until then (backpressure from slow subscribers).
+    pub(super) paused_until: Option<Instant>,
+}
+
+/// What a [`Client`] starts with, from its CONNECT.
+pub(super) struct Accepted {
+    pub(super) session: Arc<Session>,
+    pub(super) principal: Principal,
+    pub(super) version: Version,
+    pub(super) peer: SocketAddr,
+    pub(super) outbound: Outbound,
+    /// The answers the will's authorization cached.
+    pub(super) authz: Authz,
+}
+
+impl Client {
+    /// The client of an accepted CONNECT.
+    pub(super) fn new(broker: Arc<Broker>, a: Accepted) -> Client {
+        Client {
+            broker,
+            session: a.session,
+            principal: a.principal,
+            version: a.version,
+            peer: a.peer,
+            outbound: a.outbound,
+            pending: VecDeque::new(),
+            aliases: Vec::new(),
+            authz: a.authz,
+            paused_until: None,
+        }
+    }
+
+    /// Whether reading should go on: not paused, and not too many
+    /// acknowledgements waiting.
+    pub(super) fn reading(&self) -> bool {
+        self.paused_until.is_none() && self.pending.len() < usize::from(self.broker.config().max_inflight) * 4
+    }
+
     /// Decodes and handles every whole packet in the read buffer.
-    pub(crate) fn process(&mut self, session: &Arc<Session>) -> Option<Exit> {
+    pub(super) fn process(&mut self, rbuf: &mut BytesMut) -> Option<Exit> {
         // Stops early when a publish asked for backpressure; the rest waits.
         while self.paused_until.is_none() {
             let max = self.broker.config.max_packet_size as usize;
-            match decode(&mut self.rbuf, Some(self.version), max) {
+            match decode(rbuf, Some(self.version), max) {
                 Ok(None) => return None,
                 Ok(Some(p)) => {
-                    if let Some(exit) = self.handle(session, p) {
+                    if let Some(exit) = self.handle(p) {
                         return Some(exit);
                     }
                 }
                 Err(e) => {
-                    self.bad_packet(&e);
+                    bad_packet(&self.broker, self.peer, &e);
                     return Some(Exit::Error(e.reason_code(), e.kind()));
                 }
             }
@@ -25,13 +102,13 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         None
     }
 
-    pub(crate) fn handle(&mut self, session: &Arc<Session>, packet: Packet) -> Option<Exit> {
+    pub(super) fn handle(&mut self, packet: Packet) -> Option<Exit> {
         match packet {
-            Packet::Publish(p) => return self.on_publish(session, p),
+            Packet::Publish(p) => return self.on_publish(p),
             Packet::PubAck(a) => {
-                let done = session.lock().take_inflight(a.pkid);
+                let done = self.session.lock().take_inflight(a.pkid);
                 if let Some(i) = done {
-                    self.broker.del_queued(session, i.out.seq);
+                    self.broker.sessions.del_queued(&self.session, i.out.seq);
                     i.out.settle(if a.code < 0x80 {
                         Delivery::Delivered
                     } else {
@@ -40,7 +117,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                 }
             }
             Packet::PubRec(a) => {
-                let mut st = session.lock();
+                let mut st = self.session.lock();
                 let found = st.inflight.iter_mut().find(|i| i.pkid == a.pkid).map(|i| {
                     if a.code < 0x80 {
                         i.released = true;
@@ -52,43 +129,43 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                         drop(st);
                         let mut rel = Ack::new(a.pkid);
                         rel.code = reason::PACKET_ID_NOT_FOUND;
-                        self.send(&Packet::PubRel(rel));
+                        self.outbound.send(&Packet::PubRel(rel));
                     }
                     Some(out) if a.code >= 0x80 => {
                         // The client refused it: the flow ends here.
                         st.take_inflight(a.pkid);
                         drop(st);
-                        self.broker.del_queued(session, out.seq);
+                        self.broker.sessions.del_queued(&self.session, out.seq);
                         out.settle(Delivery::Refused(a.code));
                     }
                     Some(out) => {
                         drop(st);
-                        self.broker.put_released(session, &out, a.pkid);
-                        self.send(&Packet::PubRel(Ack::new(a.pkid)));
+                        self.broker.sessions.put_released(&self.session, &out, a.pkid);
+                        self.outbound.send(&Packet::PubRel(Ack::new(a.pkid)));
                     }
                 }
             }
             Packet::PubComp(a) => {
-                let done = session.lock().take_inflight(a.pkid);
+                let done = self.session.lock().take_inflight(a.pkid);
                 if let Some(i) = done {
-                    self.broker.del_queued(session, i.out.seq);
+                    self.broker.sessions.del_queued(&self.session, i.out.seq);
                     i.out.settle(Delivery::Delivered);
                 }
             }
             Packet::PubRel(a) => {
-                let known = session.lock().incoming_qos2.remove(&a.pkid);
+                let known = self.session.lock().incoming_qos2.remove(&a.pkid);
                 let mut comp = Ack::new(a.pkid);
                 if !known {
                     comp.code = reason::PACKET_ID_NOT_FOUND;
                 }
-                self.send(&Packet::PubComp(comp));
+                self.outbound.send(&Packet::PubComp(comp));
             }
-            Packet::Subscribe(s) => return self.on_subscribe(session, s),
-            Packet::Unsubscribe(u) => self.on_unsubscribe(session, u),
-            Packet::PingReq => self.send(&Packet::PingResp),
+            Packet::Subscribe(s) => return self.on_subscribe(s),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(u),
+            Packet::PingReq => self.outbound.send(&Packet::PingResp),
             Packet::Disconnect(d) => {
                 if let Some(e) = d.properties.session_expiry_interval {
-                    let mut st = session.lock();
+                    let mut st = self.session.lock();
                     if st.expiry_s == 0 && e > 0 {
                         drop(st);
                         return Some(Exit::Error(reason::PROTOCOL_ERROR, "protocol-error"));
@@ -103,26 +180,26 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             }
             Packet::Connect(_) | Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
                 let e = DecodeError::Protocol("a client sent a server-only packet");
-                self.bad_packet(&e);
+                bad_packet(&self.broker, self.peer, &e);
                 return Some(Exit::Error(reason::PROTOCOL_ERROR, "protocol-error"));
             }
             Packet::Auth(_) => {
                 let e = DecodeError::Protocol("AUTH without enhanced authentication");
-                self.bad_packet(&e);
+                bad_packet(&self.broker, self.peer, &e);
                 return Some(Exit::Error(reason::PROTOCOL_ERROR, "protocol-error"));
             }
         }
         None
     }
 
-    pub(crate) fn on_publish(&mut self, session: &Arc<Session>, mut p: Publish) -> Option<Exit> {
+    pub(super) fn on_publish(&mut self, mut p: Publish) -> Option<Exit> {
         let broker = self.broker.clone();
-        broker.counters.received[p.qos as usize].inc();
+        broker.metrics.received(p.qos);
         let v5 = self.version.is_v5();
         if p.qos != QoS::AtMostOnce {
-            let in_flight = self.pending.len() + session.lock().incoming_qos2.len();
+            let in_flight = self.pending.len() + self.session.lock().incoming_qos2.len();
             if v5 && in_flight >= usize::from(broker.config.max_inflight) {
-                broker.deny_reason("receive-maximum");
+                broker.metrics.denied("receive-maximum");
                 return Some(Exit::Error(
                     reason::RECEIVE_MAXIMUM_EXCEEDED,
                     "receive-maximum-exceeded",
@@ -148,13 +225,13 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             }
         }
         if p.topic.len() > broker.config.max_topic_length || !topic::valid_name(&p.topic) {
-            broker.deny_reason("topic-invalid");
+            broker.metrics.denied("topic-invalid");
             return Some(Exit::Error(reason::TOPIC_NAME_INVALID, "topic-name-invalid"));
         }
         if p.qos == QoS::ExactlyOnce {
-            if session.lock().incoming_qos2.contains(&p.pkid) {
+            if self.session.lock().incoming_qos2.contains(&p.pkid) {
                 // A resend of one already stored: acknowledge again, once.
-                self.send(&Packet::PubRec(Ack::new(p.pkid)));
+                self.outbound.send(&Packet::PubRec(Ack::new(p.pkid)));
                 return None;
             }
             if self
@@ -166,31 +243,33 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             }
         }
         if !self.authorized(false, &p.topic) {
-            broker.deny_reason("publish-not-authorized");
-            self.ack_now(p.pkid, p.qos, if v5 { reason::NOT_AUTHORIZED } else { 0 });
+            broker.metrics.denied("publish-not-authorized");
+            self.outbound
+                .ack(p.pkid, p.qos, if v5 { reason::NOT_AUTHORIZED } else { 0 });
             return None;
         }
-        let principal = self.principal.as_ref().map(|p| p.id.clone());
+        let principal = Some(self.principal.id.clone());
         if broker.dialect.is_request(&p.topic) {
             // Twin and method traffic is answered here, never routed.
             broker
                 .dialect
-                .device_request(&session.client_id, principal.as_deref(), &p.topic, &p.payload);
-            self.ack_now(p.pkid, p.qos, reason::SUCCESS);
+                .device_request(&self.session.client_id, principal.as_deref(), &p.topic, &p.payload);
+            self.outbound.ack(p.pkid, p.qos, reason::SUCCESS);
             return None;
         }
-        let mut msg = received(
+        let mut msg = Msg::received(
             p.topic,
             p.payload,
             p.qos,
             p.retain,
             &p.properties,
-            session.client_id.clone(),
+            self.session.client_id.clone(),
         );
         if let Err(e) = broker.dialect.annotate(&mut msg) {
-            broker.deny_reason("bad-property-bag");
-            tracing::debug!(client = %session.client_id, topic = %msg.topic, error = %e, "publish refused");
-            self.ack_now(p.pkid, p.qos, if v5 { reason::PAYLOAD_FORMAT_INVALID } else { 0 });
+            broker.metrics.denied("bad-property-bag");
+            tracing::debug!(client = %self.session.client_id, topic = %msg.topic, error = %e, "publish refused");
+            self.outbound
+                .ack(p.pkid, p.qos, if v5 { reason::PAYLOAD_FORMAT_INVALID } else { 0 });
             return None;
         }
         let msg = Arc::new(msg);
@@ -198,7 +277,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             waits,
             refusal,
             backlog,
-        } = broker.route(&msg, principal.as_deref());
+        } = broker.router.route(&msg, principal.as_deref());
         if backlog > BACKPRESSURE_DEPTH {
             self.paused_until = Some(Instant::now() + BACKPRESSURE_PAUSE);
         }
@@ -207,7 +286,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         }
         let code = refusal.unwrap_or(reason::SUCCESS);
         if waits.is_empty() && self.pending.is_empty() {
-            return self.acknowledge(session, p.pkid, p.qos, code);
+            return self.acknowledge(p.pkid, p.qos, code);
         }
         self.pending.push_back(PendingAck {
             pkid: p.pkid,
@@ -219,34 +298,21 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
     }
 
     /// Acknowledges a received QoS 1/2 PUBLISH once it is stored.
-    pub(crate) fn acknowledge(&mut self, session: &Arc<Session>, pkid: u16, qos: QoS, code: u8) -> Option<Exit> {
+    pub(super) fn acknowledge(&mut self, pkid: u16, qos: QoS, code: u8) -> Option<Exit> {
         if code >= 0x80 && !self.version.is_v5() {
             // MQTT 3.1.1 cannot refuse a PUBLISH; closing makes the client
             // keep it and try again later.
-            self.broker.deny_reason("not-stored");
+            self.broker.metrics.denied("not-stored");
             return Some(Exit::Error(code, "not-stored"));
         }
         if qos == QoS::ExactlyOnce && code < 0x80 {
-            session.lock().incoming_qos2.insert(pkid);
+            self.session.lock().incoming_qos2.insert(pkid);
         }
-        self.ack_now(pkid, qos, code);
+        self.outbound.ack(pkid, qos, code);
         None
     }
 
-    pub(crate) fn ack_now(&mut self, pkid: u16, qos: QoS, code: u8) {
-        let ack = Ack {
-            pkid,
-            code,
-            properties: Properties::default(),
-        };
-        match qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.send(&Packet::PubAck(ack)),
-            QoS::ExactlyOnce => self.send(&Packet::PubRec(ack)),
-        }
-    }
-
-    pub(crate) fn on_subscribe(&mut self, session: &Arc<Session>, s: Subscribe) -> Option<Exit> {
+    pub(super) fn on_subscribe(&mut self, s: Subscribe) -> Option<Exit> {
         let broker = self.broker.clone();
         let cfg = &broker.config;
         let id = s.properties.subscription_identifiers.first().copied();
@@ -262,16 +328,16 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                     None => topic::valid_filter(&filter),
                 };
             if !valid {
-                broker.deny_reason("filter-invalid");
+                broker.metrics.denied("filter-invalid");
                 codes.push(reason::TOPIC_FILTER_INVALID);
                 continue;
             }
             if shared.is_some() && options.no_local {
                 return Some(Exit::Error(reason::PROTOCOL_ERROR, "no-local-on-shared"));
             }
-            let exists = session.lock().subs.contains_key(&filter);
-            if !exists && session.lock().subs.len() >= cfg.max_subscriptions_per_client {
-                broker.deny_reason("subscription-limit");
+            let exists = self.session.lock().subs.contains_key(&filter);
+            if !exists && self.session.lock().subs.len() >= cfg.max_subscriptions_per_client {
+                broker.metrics.denied("subscription-limit");
                 codes.push(reason::QUOTA_EXCEEDED);
                 continue;
             }
@@ -280,12 +346,15 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                 _ => filter.as_str(),
             };
             if !self.authorized(true, inner) {
-                broker.deny_reason("subscribe-not-authorized");
+                broker.metrics.denied("subscribe-not-authorized");
                 codes.push(reason::NOT_AUTHORIZED);
                 continue;
             }
-            broker.index_sub(session, &filter, options, id);
-            session.lock().subs.insert(filter.clone(), SubRecord { options, id });
+            broker.subs.add(&self.session, &filter, options, id);
+            self.session
+                .lock()
+                .subs
+                .insert(filter.clone(), SubRecord { options, id });
             changed = true;
             codes.push(options.qos as u8);
             let send_retained = shared.is_none()
@@ -295,20 +364,20 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                     _ => false,
                 };
             if send_retained {
-                for m in broker.retained_for(&filter) {
+                for m in broker.retained.matching(&filter) {
                     retained.push((m, options.qos, options.retain_as_published, id));
                 }
             }
         }
         if changed {
-            broker.save_session(session);
+            broker.sessions.save(&self.session);
         }
-        self.send(&Packet::SubAck(SubAck {
+        self.outbound.send(&Packet::SubAck(SubAck {
             pkid: s.pkid,
             codes,
             properties: Properties::default(),
         }));
-        broker.dialect.client_ready(&session.client_id);
+        broker.dialect.client_ready(&self.session.client_id);
         for (m, qos, _rap, id) in retained {
             let out = Outgoing {
                 qos: m.qos.min(qos),
@@ -318,66 +387,72 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                 seq: 0,
                 receipt: None,
             };
-            broker.enqueue(session, out);
+            broker.sessions.enqueue(&self.session, out);
         }
         None
     }
 
-    pub(crate) fn on_unsubscribe(&mut self, session: &Arc<Session>, u: Unsubscribe) {
+    pub(super) fn on_unsubscribe(&mut self, u: Unsubscribe) {
         let mut codes = Vec::with_capacity(u.filters.len());
         for f in &u.filters {
-            let had = session.lock().subs.remove(f).is_some();
+            let had = self.session.lock().subs.remove(f).is_some();
             if had {
-                self.broker.unindex_sub(&session.client_id, f);
+                self.broker.subs.remove(&self.session.client_id, f);
                 codes.push(reason::SUCCESS);
             } else {
                 codes.push(reason::NO_SUBSCRIPTION_EXISTED);
             }
         }
-        self.broker.save_session(session);
-        self.send(&Packet::UnsubAck(SubAck {
+        self.broker.sessions.save(&self.session);
+        self.outbound.send(&Packet::UnsubAck(SubAck {
             pkid: u.pkid,
             codes,
             properties: Properties::default(),
         }));
     }
 
-    /// Asks the auth plugin (or this connection's cache of its answers)
-    /// whether the principal may publish (`subscribe` false) or subscribe.
-    pub(crate) fn authorized(&mut self, subscribe: bool, topic: &str) -> bool {
-        let policy = &self.broker.policy;
-        let version = policy.auth_version();
-        if self.authz_version.as_ref().is_none_or(|v| !Arc::ptr_eq(v, &version)) {
-            // A different auth plugin answers now: forget the old answers.
-            self.authz.iter_mut().for_each(HashMap::clear);
-            self.authz_version = Some(version);
+    /// Whether the principal may publish (`subscribe` false) or subscribe
+    /// to `topic`.
+    fn authorized(&mut self, subscribe: bool, topic: &str) -> bool {
+        self.authz
+            .allowed(&*self.broker.policy, &self.principal, subscribe, topic)
+    }
+
+    /// The acknowledgement at the front of `pending` is ready with `code`:
+    /// it goes, and every one behind it that is ready too, in order, so
+    /// they leave in one write.
+    pub(super) fn acknowledge_ready(&mut self, code: u8) -> Option<Exit> {
+        if let Some(p) = self.pending.pop_front()
+            && let Some(exit) = self.acknowledge(p.pkid, p.qos, code)
+        {
+            return Some(exit);
         }
-        let cache = &mut self.authz[usize::from(subscribe)];
-        if let Some(&allowed) = cache.get(topic) {
-            return allowed;
-        }
-        let Some(principal) = &self.principal else {
-            return false;
-        };
-        let op = if subscribe {
-            Operation::Subscribe
-        } else {
-            Operation::Publish
-        };
-        let answer = policy.authorize(principal, op, topic);
-        let allowed = match &answer.decision {
-            AuthzDecision::Allow => true,
-            AuthzDecision::Deny(why) => {
-                tracing::debug!(principal = %principal.id, topic, why = %why, subscribe, "denied by the auth plugin");
-                false
+        while let Some(code) = self.pending.front_mut().and_then(PendingAck::try_ready) {
+            if let Some(p) = self.pending.pop_front()
+                && let Some(exit) = self.acknowledge(p.pkid, p.qos, code)
+            {
+                return Some(exit);
             }
-        };
-        if answer.cacheable {
-            if cache.len() >= AUTHZ_CACHE {
-                cache.clear();
-            }
-            cache.insert(topic.to_string(), allowed);
         }
-        allowed
+        None
+    }
+
+    /// On shutdown: waits (until `deadline`) for the appends this
+    /// connection already handed to the outbox, and acknowledges them, so
+    /// a client is not left to resend what was stored. The exit then sends
+    /// DISCONNECT (0x8B, server shutting down).
+    pub(super) async fn finish_in_flight(&mut self, deadline: Instant) -> Exit {
+        while let Some(front) = self.pending.front_mut() {
+            let Ok(code) = tokio::time::timeout_at(deadline, poll_fn(|cx| front.poll(cx))).await else {
+                tracing::debug!(peer = %self.peer, unacknowledged = self.pending.len(), "shutdown: appends still waiting at the limit");
+                break;
+            };
+            if let Some(p) = self.pending.pop_front()
+                && let Some(exit) = self.acknowledge(p.pkid, p.qos, code)
+            {
+                return exit;
+            }
+        }
+        Exit::Shutdown
     }
 }
