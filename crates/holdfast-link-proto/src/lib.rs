@@ -6,8 +6,9 @@
 //! `holdfast-link`, owns the QUIC connection, the tasks, the outbox and the
 //! clock, and feeds this crate what arrives.
 //!
-//! - [`wire`]: the frames, their encoding, and the lane streams' zstd
-//!   contexts (bounded windows on both sides).
+//! - [`wire`]: the frames and their encoding.
+//! - [`compress`]: the lane streams' zstd contexts (bounded windows on
+//!   both sides).
 //! - [`decode`]: bytes in, whole frames out, cancel-safe by construction.
 //! - [`window`]: a lane's send window and cumulative acks.
 //! - [`lane`]: one outbox lane, the child's end and the parent's.
@@ -39,6 +40,7 @@
 //! assert_eq!(child.receive(acker.stored(1)).unwrap(), vec![id]);
 //! ```
 
+pub mod compress;
 pub mod decode;
 pub mod handshake;
 pub mod lane;
