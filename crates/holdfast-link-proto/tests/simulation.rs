@@ -90,7 +90,7 @@ impl Sim {
     fn new(seed: u64) -> Sim {
         let mut rng = Rng(seed);
         let window = 1 + rng.below(12) as usize;
-        let compression = (seed % 2 == 0).then_some(1 + rng.below(5) as i32);
+        let compression = seed.is_multiple_of(2).then_some(1 + rng.below(5) as i32);
         Sim {
             rng,
             window,
