@@ -17,8 +17,9 @@ use holdfast_broker::{Broker, listen};
 use holdfast_cache::Cache;
 use holdfast_deploy::store::DeployStore;
 use holdfast_deploy::{Deployer, Overlay};
-use holdfast_iothub::Hub;
+use holdfast_iothub::clients::Clients;
 use holdfast_iothub::twin::Twins;
+use holdfast_iothub::{Hub, HubParts};
 use holdfast_metrics::Metrics;
 use holdfast_outbox::{Outbox, SystemTimeSource};
 use holdfast_plugins::{NodeContext, PluginError, PluginHost, watch::watch_folder};
@@ -234,8 +235,9 @@ impl Node {
             )
             .map_err(|e| StartError::Deploy(e.to_string()))?,
         );
-        let hub = Hub::new(Arc::new(twins), registry.clone(), metrics.clone());
-        {
+        // The hub is made with the broker's clients (inside `Broker::open`,
+        // which holds it as its dialect), or with none on a node without one.
+        let hub_parts = {
             let (store, node, cap) = (
                 store.clone(),
                 config.node.id.clone(),
@@ -245,11 +247,17 @@ impl Node {
                 .await
                 .map_err(|e| PluginError::Engine(format!("c2d open task failed: {e}")))?
                 .map_err(holdfast_outbox::OutboxError::from)?;
-            hub.attach_c2d(
-                Arc::new(c2d),
-                std::time::Duration::from_secs(config.iothub.c2d_default_ttl_seconds),
-            );
-        }
+            let (twins, c2d, registry, metrics) = (Arc::new(twins), Arc::new(c2d), registry.clone(), metrics.clone());
+            let c2d_default_ttl = Duration::from_secs(config.iothub.c2d_default_ttl_seconds);
+            move |clients: std::sync::Weak<dyn Clients>| HubParts {
+                twins,
+                c2d,
+                c2d_default_ttl,
+                registry,
+                metrics,
+                clients,
+            }
+        };
         let context = NodeContext {
             node_id: config.node.id.as_str().into(),
             started,
@@ -268,28 +276,30 @@ impl Node {
         let (stop, stopped) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut bound = listen::Bound::default();
-        let broker = if config.mqtt.enabled {
-            let broker = {
-                let (mqtt, plugins, outbox, metrics, hub, stopped) = (
+        let (broker, hub) = if config.mqtt.enabled {
+            let (broker, hub) = {
+                let (mqtt, plugins, outbox, metrics, registry, stopped) = (
                     config.mqtt.clone(),
                     plugins.clone(),
                     outbox.clone(),
                     metrics.clone(),
-                    hub.clone(),
+                    registry.clone(),
                     stopped.clone(),
                 );
                 let parts = holdfast_broker::Parts {
                     policy: plugins,
                     outbox,
                     metrics,
-                    registry: hub.registry().clone(),
-                    dialect: hub,
+                    registry,
                 };
-                tokio::task::spawn_blocking(move || Broker::open(mqtt, parts, &store, stopped))
-                    .await
-                    .map_err(|e| PluginError::Engine(format!("broker open task failed: {e}")))??
+                tokio::task::spawn_blocking(move || {
+                    Broker::open(mqtt, parts, &store, stopped, |broker| {
+                        Arc::new(Hub::new(hub_parts(broker)))
+                    })
+                })
+                .await
+                .map_err(|e| PluginError::Engine(format!("broker open task failed: {e}")))??
             };
-            hub.attach(&broker);
             let (b, listeners) = listen::start(&broker, stopped.clone()).await?;
             bound = b;
             tasks.extend(listeners);
@@ -297,9 +307,9 @@ impl Node {
             tasks.push(tokio::spawn(broker.clone().revocation_task()));
             tasks.push(tokio::spawn(hub.clone().desired_task(stopped.clone())));
             tasks.push(tokio::spawn(hub.clone().c2d_task(stopped.clone())));
-            Some(broker)
+            (Some(broker), hub)
         } else {
-            None
+            (None, Arc::new(Hub::new(hub_parts(holdfast_iothub::clients::none()))))
         };
         let link = Arc::new(holdfast_link::Status::new(config.link_sections()));
         let link_rate = Arc::new(holdfast_link::rate::RateLimit::new(
