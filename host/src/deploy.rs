@@ -3,43 +3,54 @@
 //! signing and verifying keys.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use crate::config::Config;
-use crate::node::NodeState;
+use crate::reload::Reloader;
 use holdfast_deploy::{Applier, Overlay};
+use holdfast_link::Status;
+use holdfast_outbox::Outbox;
+use holdfast_plugins::PluginHost;
 use holdfast_tls::sign::{Signer, Verifier};
 
-/// Applies deployments through [`crate::reload::Reloader::apply_overlay`].
+/// Applies deployments through [`Reloader::apply_overlay`], and tells the
+/// deployer what runs and how the node fares.
 #[derive(Debug)]
 pub struct NodeApplier {
-    state: Weak<NodeState>,
+    reloader: Arc<Reloader>,
+    plugins: Arc<PluginHost>,
+    link: Arc<Status>,
+    outbox: Arc<Outbox>,
 }
 
 impl NodeApplier {
-    /// For the node whose state this is.
-    pub fn new(state: &Arc<NodeState>) -> NodeApplier {
+    /// Over the node's reloader, with the plugins it checks, and the link
+    /// and outbox it reports on.
+    pub fn new(
+        reloader: Arc<Reloader>,
+        plugins: Arc<PluginHost>,
+        link: Arc<Status>,
+        outbox: Arc<Outbox>,
+    ) -> NodeApplier {
         NodeApplier {
-            state: Arc::downgrade(state),
+            reloader,
+            plugins,
+            link,
+            outbox,
         }
-    }
-
-    fn state(&self) -> Result<Arc<NodeState>, String> {
-        self.state.upgrade().ok_or_else(|| "the node is stopping".to_string())
     }
 }
 
 impl Applier for NodeApplier {
     fn apply(&self, overlay: Option<&Overlay>) -> Result<BTreeMap<String, String>, String> {
-        let state = self.state()?;
-        state.reloader.apply_overlay(&state, overlay)?;
-        let versions: BTreeMap<String, String> = state
+        self.reloader.apply_overlay(overlay)?;
+        let versions: BTreeMap<String, String> = self
             .plugins
             .list()
             .into_iter()
             .map(|s| (s.slot.as_str().to_string(), s.version))
             .collect();
-        let pinned = |slot: &str| state.reloader.is_pinned(&format!("plugins.{slot}.file"));
+        let pinned = |slot: &str| self.reloader.is_pinned(&format!("plugins.{slot}.file"));
         for (slot, s) in overlay.iter().flat_map(|o| o.plugins.iter()) {
             if let Some(sha) = &s.sha256
                 && !pinned(slot)
@@ -57,11 +68,7 @@ impl Applier for NodeApplier {
     }
 
     fn counters(&self) -> BTreeMap<String, (u64, u64)> {
-        let Ok(state) = self.state() else {
-            return BTreeMap::new();
-        };
-        state
-            .plugins
+        self.plugins
             .list()
             .into_iter()
             .map(|s| (s.slot.as_str().to_string(), (s.calls, s.traps)))
@@ -69,14 +76,11 @@ impl Applier for NodeApplier {
     }
 
     fn node_health(&self) -> (String, u64) {
-        let Ok(state) = self.state() else {
-            return ("stopping".into(), 0);
-        };
-        let link = serde_json::to_value(state.link.snapshot().state)
+        let link = serde_json::to_value(self.link.snapshot().state)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default();
-        let messages = state.outbox.stats().iter().map(|l| l.messages).sum();
+        let messages = self.outbox.stats().iter().map(|l| l.messages).sum();
         (link, messages)
     }
 }

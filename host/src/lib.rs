@@ -23,3 +23,4 @@ pub mod logging;
 pub mod node;
 pub mod reload;
 pub mod scaffold;
+pub mod state;

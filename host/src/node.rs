@@ -13,6 +13,8 @@ use tokio::task::JoinHandle;
 
 use crate::admin;
 use crate::config::Config;
+use crate::reload::{Live, Reloader};
+pub use crate::state::NodeState;
 use holdfast_broker::{Broker, listen};
 use holdfast_cache::Cache;
 use holdfast_deploy::store::DeployStore;
@@ -77,53 +79,6 @@ pub enum StartError {
         /// The I/O error.
         source: std::io::Error,
     },
-}
-
-/// What the admin API and other subsystems share.
-pub struct NodeState {
-    /// The configuration the node started with.
-    pub config: Config,
-    /// Loaded plugins.
-    pub plugins: Arc<PluginHost>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// The device registry (owned, or a replica of this node's scope).
-    pub registry: Arc<Registry>,
-    /// Twins, direct methods and cloud-to-device messages.
-    pub hub: Arc<Hub>,
-    /// The durable queue of upstream-bound messages.
-    pub outbox: Arc<Outbox>,
-    /// The MQTT broker, when enabled.
-    pub broker: Option<Arc<Broker>>,
-    /// Where the MQTT listeners are bound.
-    pub mqtt: listen::Bound,
-    /// The upstream link and connected children.
-    pub link: Arc<holdfast_link::Status>,
-    /// Where the link listener for child gateways is bound.
-    pub link_listen: Option<SocketAddr>,
-    /// The upstream byte-rate cap (`upstream.max_bytes_per_second`).
-    pub link_rate: Arc<holdfast_link::rate::RateLimit>,
-    /// When the node started.
-    pub started_at: SystemTime,
-    /// Monotonic start.
-    pub started: Instant,
-    /// The admin bearer token.
-    pub admin_token: String,
-    /// The range cache, when enabled.
-    pub cache: Option<Arc<holdfast_cache::Cache>>,
-    /// Re-reads the config file (SIGHUP, `holdfast reload`) and applies
-    /// deployments over it.
-    pub reloader: crate::reload::Reloader,
-    /// Fleet deployments.
-    pub deploy: Arc<Deployer>,
-}
-
-impl std::fmt::Debug for NodeState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeState")
-            .field("node", &self.config.node.id)
-            .finish_non_exhaustive()
-    }
 }
 
 /// A started node.
@@ -342,10 +297,18 @@ impl Node {
             Some(t) => t.clone(),
             None => load_or_create_token(&data_dir.join("admin.token"))?,
         };
-        let reloader = crate::reload::Reloader::new(file_config, overlay, config.clone());
+        let live = Live {
+            plugins: plugins.clone(),
+            broker: broker.clone(),
+            outbox: outbox.clone(),
+            cache: cache.clone(),
+            link_rate: link_rate.clone(),
+        };
+        let reloader = Arc::new(Reloader::new(file_config, overlay, config.clone(), live));
+        let applier = crate::deploy::NodeApplier::new(reloader.clone(), plugins.clone(), link.clone(), outbox.clone());
         let state = Arc::new(NodeState {
             reloader,
-            config,
+            config: Arc::new(config),
             plugins,
             metrics,
             registry,
@@ -362,9 +325,7 @@ impl Node {
             cache,
             deploy: deployer.clone(),
         });
-        tasks.push(tokio::spawn(
-            deployer.run(Arc::new(crate::deploy::NodeApplier::new(&state)), stopped.clone()),
-        ));
+        tasks.push(tokio::spawn(deployer.run(Arc::new(applier), stopped.clone())));
         let mut admin_addr = None;
         if state.config.admin.enabled {
             let (listener, bound) = bind(state.config.admin.listen, |addr, source| StartError::AdminBind {
@@ -483,7 +444,7 @@ async fn reload_on_sighup(state: Arc<NodeState>) {
         };
         while hup.recv().await.is_some() {
             let s = state.clone();
-            match tokio::task::spawn_blocking(move || s.reloader.reload(&s)).await {
+            match tokio::task::spawn_blocking(move || s.reloader.reload()).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::warn!("SIGHUP: config not reloaded: {e}"),
                 Err(e) => tracing::warn!("SIGHUP: reload task failed: {e}"),

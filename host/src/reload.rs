@@ -9,13 +9,16 @@
 //! that does not parse or validate changes nothing.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
 use crate::config::{Config, SlotConfig};
-use crate::node::NodeState;
+use holdfast_broker::Broker;
+use holdfast_cache::Cache;
 use holdfast_deploy::Overlay;
+use holdfast_link::rate::RateLimit;
+use holdfast_outbox::Outbox;
 use holdfast_plugins::{PluginHost, SlotName, embedded_plugin};
 
 /// Keys besides plugin configs and files that a reload applies live (the
@@ -36,11 +39,28 @@ pub struct ReloadReport {
     pub failed: Vec<String>,
 }
 
+/// The running parts a reload changes live.
+#[derive(Debug)]
+pub struct Live {
+    /// The plugin slots (their files and configs).
+    pub plugins: Arc<PluginHost>,
+    /// The MQTT broker's limits, when it runs.
+    pub broker: Option<Arc<Broker>>,
+    /// The outbox's limits.
+    pub outbox: Arc<Outbox>,
+    /// The range cache's limits, when it runs.
+    pub cache: Option<Arc<Cache>>,
+    /// The upstream byte-rate cap.
+    pub link_rate: Arc<RateLimit>,
+}
+
 /// Keeps the config file's path, the file's config, the deployment
-/// overlay on top of it, and the config as last applied (the two composed).
+/// overlay on top of it, and the config as last applied (the two composed),
+/// and applies changes to the running parts it was given.
 #[derive(Debug)]
 pub struct Reloader {
     path: Option<PathBuf>,
+    live: Live,
     inner: Mutex<Inner>,
 }
 
@@ -57,10 +77,11 @@ struct Inner {
 impl Reloader {
     /// For a node started from `base` (from its `source_path`; without
     /// one, the embedded default, which cannot be reloaded), running
-    /// `effective`: `base` with `overlay` on top.
-    pub fn new(base: Config, overlay: Option<Overlay>, effective: Config) -> Reloader {
+    /// `effective`: `base` with `overlay` on top; changes go to `live`.
+    pub fn new(base: Config, overlay: Option<Overlay>, effective: Config, live: Live) -> Reloader {
         Reloader {
             path: base.source_path.clone(),
+            live,
             inner: Mutex::new(Inner {
                 base,
                 overlay,
@@ -75,7 +96,7 @@ impl Reloader {
     /// # Errors
     /// No file (embedded config), or the file does not load or validate;
     /// then nothing changes.
-    pub fn reload(&self, state: &NodeState) -> Result<ReloadReport, String> {
+    pub fn reload(&self) -> Result<ReloadReport, String> {
         let Some(path) = &self.path else {
             return Err("the node runs on the embedded default config; there is no file to reload".into());
         };
@@ -85,7 +106,7 @@ impl Reloader {
             Ok(c) => (c, None),
             Err(e) => (new.clone(), Some(e)),
         };
-        let mut report = apply(state, &mut inner.applied, effective, &path.display().to_string());
+        let mut report = apply(&self.live, &mut inner.applied, effective, &path.display().to_string());
         if let Some(e) = overlay_error {
             report
                 .failed
@@ -113,13 +134,13 @@ impl Reloader {
     ///
     /// # Errors
     /// The composed config does not validate, or a key fails to apply.
-    pub fn apply_overlay(&self, state: &NodeState, overlay: Option<&Overlay>) -> Result<ReloadReport, String> {
+    pub fn apply_overlay(&self, overlay: Option<&Overlay>) -> Result<ReloadReport, String> {
         let mut inner = holdfast_model::lock(&self.inner);
         let effective = compose(&inner.base, overlay)?;
         let what = overlay.map_or("the config file".to_string(), |o| {
             format!("deployment {}", o.deployment)
         });
-        let report = apply(state, &mut inner.applied, effective, &what);
+        let report = apply(&self.live, &mut inner.applied, effective, &what);
         tracing::info!(
             applied = ?report.applied,
             not_applied = ?report.not_applied,
@@ -132,7 +153,7 @@ impl Reloader {
         }
         // Put back what ran before.
         if let Ok(before) = compose(&inner.base, inner.overlay.clone().as_ref()) {
-            let back = apply(state, &mut inner.applied, before, "the previous config");
+            let back = apply(&self.live, &mut inner.applied, before, "the previous config");
             if !back.failed.is_empty() {
                 tracing::error!(failed = ?back.failed, "restoring the previous config failed");
             }
@@ -191,8 +212,8 @@ fn strip_nulls(v: &mut serde_json::Value) {
 
 /// Applies what differs between `applied` (the config in force) and
 /// `new`, live; reports the rest.
-fn apply(state: &NodeState, applied: &mut Config, new: Config, path: &str) -> ReloadReport {
-    let plugins = &state.plugins;
+fn apply(live: &Live, applied: &mut Config, new: Config, path: &str) -> ReloadReport {
+    let plugins = &live.plugins;
     let mut report = ReloadReport {
         path: path.to_string(),
         ..ReloadReport::default()
@@ -219,14 +240,14 @@ fn apply(state: &NodeState, applied: &mut Config, new: Config, path: &str) -> Re
         &mut report,
     );
     // The limits: each component applies what differs from what it runs.
-    if let Some(broker) = &state.broker {
+    if let Some(broker) = &live.broker {
         report.applied.extend(broker.apply_limits(&new.mqtt));
     }
-    report.applied.extend(state.outbox.apply_limits(&new.outbox));
-    if let Some(cache) = &state.cache {
+    report.applied.extend(live.outbox.apply_limits(&new.outbox));
+    if let Some(cache) = &live.cache {
         report.applied.extend(cache.apply_limits(&new.cache));
     }
-    if state.link_rate.set(new.upstream.max_bytes_per_second) {
+    if live.link_rate.set(new.upstream.max_bytes_per_second) {
         tracing::info!(
             bytes_per_second = new.upstream.max_bytes_per_second,
             "upstream byte-rate cap changed"
@@ -273,9 +294,9 @@ fn apply(state: &NodeState, applied: &mut Config, new: Config, path: &str) -> Re
             continue;
         }
         // A live key whose change is not in force: say why.
-        let why = if key.starts_with("mqtt.") && state.broker.is_none() {
+        let why = if key.starts_with("mqtt.") && live.broker.is_none() {
             "the MQTT broker is not running"
-        } else if key.starts_with("cache.") && state.cache.is_none() {
+        } else if key.starts_with("cache.") && live.cache.is_none() {
             "the cache is not running"
         } else if key == "outbox.max_bytes" {
             "the value in force is unchanged: capped at 80 % of the free space at start"

@@ -11,14 +11,29 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Query, State};
+use axum::extract::{FromRef, Query, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, Routes, bad_json, limit_param};
-use crate::node::NodeState;
+use crate::state::NodeState;
 use holdfast_cache::Cache;
+
+/// What the range cache's routes use of the node.
+#[derive(Clone)]
+pub(crate) struct CacheApi {
+    /// `None`: the cache is disabled.
+    cache: Option<Arc<Cache>>,
+}
+
+impl FromRef<Arc<NodeState>> for CacheApi {
+    fn from_ref(node: &Arc<NodeState>) -> Self {
+        CacheApi {
+            cache: node.cache.clone(),
+        }
+    }
+}
 
 pub fn routes() -> Routes {
     Routes::default()
@@ -27,7 +42,7 @@ pub fn routes() -> Routes {
         .post("/cache/purge", purge)
 }
 
-fn cache(state: &NodeState) -> Result<&Arc<Cache>, ApiError> {
+fn cache(state: &CacheApi) -> Result<&Arc<Cache>, ApiError> {
     state.cache.as_ref().ok_or_else(|| {
         ApiError(
             StatusCode::NOT_FOUND,
@@ -36,12 +51,12 @@ fn cache(state: &NodeState) -> Result<&Arc<Cache>, ApiError> {
     })
 }
 
-async fn stats(State(state): State<Arc<NodeState>>) -> Result<Json<Value>, ApiError> {
+async fn stats(State(state): State<CacheApi>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!(cache(&state)?.stats())))
 }
 
 async fn objects(
-    State(state): State<Arc<NodeState>>,
+    State(state): State<CacheApi>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = limit_param(&q, 100, 10_000)?;
@@ -57,7 +72,7 @@ struct PurgeRequest {
     all: bool,
 }
 
-async fn purge(State(state): State<Arc<NodeState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
+async fn purge(State(state): State<CacheApi>, body: Bytes) -> Result<Json<Value>, ApiError> {
     let cache = cache(&state)?;
     let req: PurgeRequest = serde_json::from_slice(&body).map_err(bad_json)?;
     let chosen = usize::from(req.key.is_some()) + usize::from(req.prefix.is_some()) + usize::from(req.all);

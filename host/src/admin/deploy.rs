@@ -16,14 +16,17 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{FromRef, Path, State};
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use super::{ApiError, Routes, bad_json};
-use crate::node::NodeState;
+use crate::config::Config;
+use crate::state::NodeState;
 use holdfast_deploy::{Bundle, DeployError, Deployer, model::Spec};
 use holdfast_metrics::EventLabels;
+use holdfast_metrics::Metrics;
+use holdfast_plugins::PluginHost;
 use holdfast_plugins::SlotName;
 
 impl From<DeployError> for ApiError {
@@ -36,6 +39,28 @@ impl From<DeployError> for ApiError {
             DeployError::Store(_) | DeployError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
+    }
+}
+
+/// What the deployment routes use of the node.
+#[derive(Clone)]
+pub(crate) struct DeployApi {
+    deploy: Arc<Deployer>,
+    /// Checks components against their slots' worlds.
+    plugins: Arc<PluginHost>,
+    metrics: Arc<Metrics>,
+    /// The config the node started with (deployed settings are checked on it).
+    config: Arc<Config>,
+}
+
+impl FromRef<Arc<NodeState>> for DeployApi {
+    fn from_ref(node: &Arc<NodeState>) -> Self {
+        DeployApi {
+            deploy: node.deploy.clone(),
+            plugins: node.plugins.clone(),
+            metrics: node.metrics.clone(),
+            config: node.config.clone(),
+        }
     }
 }
 
@@ -54,7 +79,7 @@ pub fn routes() -> Routes {
 
 /// Runs a deployment operation off the reactor (it syncs to disk).
 async fn blocking<T: Send + 'static>(
-    state: &NodeState,
+    state: &DeployApi,
     f: impl FnOnce(&Deployer) -> Result<T, DeployError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let d = state.deploy.clone();
@@ -63,17 +88,17 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("deploy task failed: {e}")))??)
 }
 
-async fn local(State(state): State<Arc<NodeState>>) -> Json<Value> {
+async fn local(State(state): State<DeployApi>) -> Json<Value> {
     let mut v = json!(state.deploy.local_status());
     v["pinned"] = json!(state.config.deploy.pinned);
     Json(v)
 }
 
-async fn list(State(state): State<Arc<NodeState>>) -> Json<Value> {
+async fn list(State(state): State<DeployApi>) -> Json<Value> {
     Json(json!({ "deployments": state.deploy.list() }))
 }
 
-async fn show(State(state): State<Arc<NodeState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn show(State(state): State<DeployApi>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let view = state
         .deploy
         .show(&id)
@@ -86,7 +111,7 @@ async fn show(State(state): State<Arc<NodeState>>, Path(id): Path<String>) -> Re
 /// offered to any node: not one that every node would fail to load. A
 /// refusal is a 422, counted in `holdfast_deploy_events_total{event="refused-component"}`.
 /// Compiles the component: call it off the reactor.
-fn check_component(state: &NodeState, bytes: &[u8], slot: Option<SlotName>) -> Result<Vec<SlotName>, ApiError> {
+fn check_component(state: &DeployApi, bytes: &[u8], slot: Option<SlotName>) -> Result<Vec<SlotName>, ApiError> {
     state.plugins.check_component(bytes, slot).map_err(|e| {
         let e = ApiError::from(e);
         if e.0 == StatusCode::UNPROCESSABLE_ENTITY {
@@ -106,7 +131,7 @@ fn check_component(state: &NodeState, bytes: &[u8], slot: Option<SlotName>) -> R
 /// Checks each component a spec sets against its slot's world. A slot or
 /// component the deployer does not know is left to it to refuse.
 fn check_spec_components<'a>(
-    state: &NodeState,
+    state: &DeployApi,
     plugins: impl Iterator<Item = (&'a String, &'a Option<String>)>,
     bytes_of: impl Fn(&str) -> Option<Vec<u8>>,
 ) -> Result<(), ApiError> {
@@ -125,8 +150,8 @@ fn check_spec_components<'a>(
 /// Runs `f` with the node's state off the reactor (it compiles components
 /// and syncs to disk).
 async fn blocking_state<T: Send + 'static>(
-    state: &Arc<NodeState>,
-    f: impl FnOnce(&NodeState) -> Result<T, ApiError> + Send + 'static,
+    state: &DeployApi,
+    f: impl FnOnce(&DeployApi) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let state = state.clone();
     tokio::task::spawn_blocking(move || f(&state))
@@ -134,7 +159,7 @@ async fn blocking_state<T: Send + 'static>(
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("deploy task failed: {e}")))?
 }
 
-async fn create(State(state): State<Arc<NodeState>>, body: Bytes) -> Result<(StatusCode, Json<Value>), ApiError> {
+async fn create(State(state): State<DeployApi>, body: Bytes) -> Result<(StatusCode, Json<Value>), ApiError> {
     let spec: Spec = serde_json::from_slice(&body).map_err(bad_json)?;
     // The settings must make a valid config here (the nodes check again).
     let probe = holdfast_deploy::Overlay {
@@ -163,7 +188,7 @@ async fn create(State(state): State<Arc<NodeState>>, body: Bytes) -> Result<(Sta
     Ok((StatusCode::CREATED, Json(json!(doc))))
 }
 
-async fn upload(State(state): State<Arc<NodeState>>, body: Bytes) -> Result<(StatusCode, Json<Value>), ApiError> {
+async fn upload(State(state): State<DeployApi>, body: Bytes) -> Result<(StatusCode, Json<Value>), ApiError> {
     let size = body.len();
     // Only a plugin component of a known world is stored (after the size
     // check: nothing too large to store is compiled).
@@ -181,23 +206,23 @@ async fn upload(State(state): State<Arc<NodeState>>, body: Bytes) -> Result<(Sta
     ))
 }
 
-async fn rollback(State(state): State<Arc<NodeState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn rollback(State(state): State<DeployApi>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let doc = blocking(&state, move |d| d.rollback(&id)).await?;
     Ok(Json(json!(doc)))
 }
 
-async fn delete(State(state): State<Arc<NodeState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn delete(State(state): State<DeployApi>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let id2 = id.clone();
     blocking(&state, move |d| d.delete(&id2)).await?;
     Ok(Json(json!({ "deleted": id })))
 }
 
-async fn export(State(state): State<Arc<NodeState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn export(State(state): State<DeployApi>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let bundle = blocking(&state, move |d| d.export(&id)).await?;
     Ok(Json(json!(bundle)))
 }
 
-async fn import(State(state): State<Arc<NodeState>>, body: Bytes) -> Result<(StatusCode, Json<Value>), ApiError> {
+async fn import(State(state): State<DeployApi>, body: Bytes) -> Result<(StatusCode, Json<Value>), ApiError> {
     let bundle: Bundle = serde_json::from_slice(&body).map_err(bad_json)?;
     let doc = blocking_state(&state, move |state| {
         // The components must be plugins of their slots' worlds, as at

@@ -15,16 +15,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{FromRef, Path, State};
 use axum::http::StatusCode;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, Routes, bad_json};
-use crate::node::NodeState;
+use crate::state::NodeState;
+use holdfast_iothub::Hub;
 use holdfast_iothub::twin::TwinError;
 use holdfast_iothub::{DEFAULT_METHOD_TIMEOUT, MethodError};
+use holdfast_registry::Registry;
 
 /// An error that knows its HTTP status.
 fn with_status(status: u16, e: &impl std::fmt::Display) -> ApiError {
@@ -46,6 +48,25 @@ impl From<MethodError> for ApiError {
     }
 }
 
+/// What the twin, method and message routes use of the node.
+#[derive(Clone)]
+pub(crate) struct HubApi {
+    registry: Arc<Registry>,
+    hub: Arc<Hub>,
+    /// Whether the MQTT broker runs (cloud-to-device messages need it).
+    broker: bool,
+}
+
+impl FromRef<Arc<NodeState>> for HubApi {
+    fn from_ref(node: &Arc<NodeState>) -> Self {
+        HubApi {
+            registry: node.registry.clone(),
+            hub: node.hub.clone(),
+            broker: node.broker.is_some(),
+        }
+    }
+}
+
 /// The routes, to be nested under `/api/v1`.
 pub fn routes() -> Routes {
     Routes::default()
@@ -57,7 +78,7 @@ pub fn routes() -> Routes {
         .get("/c2d", c2d_status)
 }
 
-fn known(state: &NodeState, id: &str) -> Result<(), ApiError> {
+fn known(state: &HubApi, id: &str) -> Result<(), ApiError> {
     use holdfast_model::identity::IdentityDirectory as _;
     match state.registry.lookup(id) {
         Some(_) => Ok(()),
@@ -65,7 +86,7 @@ fn known(state: &NodeState, id: &str) -> Result<(), ApiError> {
     }
 }
 
-async fn show_twin(State(state): State<Arc<NodeState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn show_twin(State(state): State<HubApi>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     known(&state, &id)?;
     let t = state.hub.twins.get(&id);
     Ok(Json(json!({
@@ -80,7 +101,7 @@ async fn show_twin(State(state): State<Arc<NodeState>>, Path(id): Path<String>) 
 }
 
 async fn patch_desired(
-    State(state): State<Arc<NodeState>>,
+    State(state): State<HubApi>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
@@ -103,7 +124,7 @@ struct InvokeBody {
 }
 
 async fn invoke(
-    State(state): State<Arc<NodeState>>,
+    State(state): State<HubApi>,
     Path((id, name)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
@@ -132,7 +153,7 @@ struct MessageBody {
 }
 
 async fn send_message(
-    State(state): State<Arc<NodeState>>,
+    State(state): State<HubApi>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
@@ -144,7 +165,7 @@ async fn send_message(
         ));
     }
     let req: MessageBody = serde_json::from_slice(&body).map_err(bad_json)?;
-    if state.broker.is_none() {
+    if !state.broker {
         return Err(ApiError(StatusCode::CONFLICT, "the MQTT broker is disabled".into()));
     }
     let ttl = match req.ttl_seconds {
@@ -207,7 +228,7 @@ struct Limit {
 
 /// Cloud-to-device queues here, and the feedback of messages sent here.
 async fn c2d_status(
-    State(state): State<Arc<NodeState>>,
+    State(state): State<HubApi>,
     axum::extract::Query(q): axum::extract::Query<Limit>,
 ) -> Result<Json<Value>, ApiError> {
     let c2d = state.hub.c2d().clone();

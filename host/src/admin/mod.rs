@@ -44,7 +44,7 @@ use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use crate::node::NodeState;
+use crate::state::NodeState;
 use holdfast_metrics::StatusLabels;
 use holdfast_plugins::{PluginError, SlotName};
 
@@ -212,7 +212,7 @@ async fn status_page() -> Response {
 
 async fn reload(State(state): State<Arc<NodeState>>) -> Result<Json<serde_json::Value>, ApiError> {
     let s = state.clone();
-    let report = tokio::task::spawn_blocking(move || s.reloader.reload(&s))
+    let report = tokio::task::spawn_blocking(move || s.reloader.reload())
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e))?;

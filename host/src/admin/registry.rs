@@ -20,13 +20,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRef, Path, Query, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, Routes, bad_json};
-use crate::node::NodeState;
+use crate::state::NodeState;
+use holdfast_metrics::Metrics;
 use holdfast_registry::{NewIdentity, Registry, RegistryError, WhichKey};
 
 impl From<RegistryError> for ApiError {
@@ -38,6 +39,22 @@ impl From<RegistryError> for ApiError {
             RegistryError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
+    }
+}
+
+/// What the registry's routes use of the node.
+#[derive(Clone)]
+pub(crate) struct RegistryApi {
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+}
+
+impl FromRef<Arc<NodeState>> for RegistryApi {
+    fn from_ref(node: &Arc<NodeState>) -> Self {
+        RegistryApi {
+            registry: node.registry.clone(),
+            metrics: node.metrics.clone(),
+        }
     }
 }
 
@@ -61,7 +78,7 @@ pub fn routes() -> Routes {
 
 /// Runs a registry change off the reactor (it syncs to disk).
 async fn blocking<T: Send + 'static>(
-    state: &NodeState,
+    state: &RegistryApi,
     f: impl FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let registry = state.registry.clone();
@@ -72,11 +89,11 @@ async fn blocking<T: Send + 'static>(
     Ok(out)
 }
 
-async fn summary(State(state): State<Arc<NodeState>>) -> Json<Value> {
+async fn summary(State(state): State<RegistryApi>) -> Json<Value> {
     Json(state.registry.summary())
 }
 
-async fn list(State(state): State<Arc<NodeState>>, Query(q): Query<HashMap<String, String>>) -> Json<Value> {
+async fn list(State(state): State<RegistryApi>, Query(q): Query<HashMap<String, String>>) -> Json<Value> {
     let items: Vec<Value> = state
         .registry
         .list()
@@ -89,7 +106,7 @@ async fn list(State(state): State<Arc<NodeState>>, Query(q): Query<HashMap<Strin
 }
 
 async fn show(
-    State(state): State<Arc<NodeState>>,
+    State(state): State<RegistryApi>,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
@@ -98,17 +115,14 @@ async fn show(
     Ok(Json(entry.to_json(keys)))
 }
 
-async fn add(
-    State(state): State<Arc<NodeState>>,
-    body: axum::body::Bytes,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+async fn add(State(state): State<RegistryApi>, body: axum::body::Bytes) -> Result<(StatusCode, Json<Value>), ApiError> {
     let new: NewIdentity = serde_json::from_slice(&body).map_err(bad_json)?;
     let entry = blocking(&state, move |r| r.add(new)).await?;
     tracing::info!(id = %entry.id, kind = ?entry.kind, parent = ?entry.parent, "registry: identity added");
     Ok((StatusCode::CREATED, Json(entry.to_json(true))))
 }
 
-async fn remove(State(state): State<Arc<NodeState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn remove(State(state): State<RegistryApi>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let removed = blocking(&state, move |r| r.remove(&id)).await?;
     tracing::info!(ids = ?removed, "registry: identities removed");
     Ok(Json(json!({ "removed": removed })))
@@ -121,7 +135,7 @@ struct ParentBody {
 }
 
 async fn set_parent(
-    State(state): State<Arc<NodeState>>,
+    State(state): State<RegistryApi>,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
@@ -143,7 +157,7 @@ fn both() -> WhichKey {
 }
 
 async fn rotate_key(
-    State(state): State<Arc<NodeState>>,
+    State(state): State<RegistryApi>,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
@@ -157,19 +171,19 @@ async fn rotate_key(
     Ok(Json(entry.to_json(true)))
 }
 
-async fn disable(State(state): State<Arc<NodeState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn disable(State(state): State<RegistryApi>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let entry = blocking(&state, move |r| r.set_enabled(&id, false)).await?;
     tracing::info!(id = %entry.id, "registry: identity disabled");
     Ok(Json(entry.to_json(false)))
 }
 
-async fn enable(State(state): State<Arc<NodeState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn enable(State(state): State<RegistryApi>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let entry = blocking(&state, move |r| r.set_enabled(&id, true)).await?;
     tracing::info!(id = %entry.id, "registry: identity enabled");
     Ok(Json(entry.to_json(false)))
 }
 
-async fn list_cas(State(state): State<Arc<NodeState>>) -> Json<Value> {
+async fn list_cas(State(state): State<RegistryApi>) -> Json<Value> {
     let cas: Vec<Value> = state
         .registry
         .cas()
@@ -187,7 +201,7 @@ struct CaBody {
 }
 
 async fn add_ca(
-    State(state): State<Arc<NodeState>>,
+    State(state): State<RegistryApi>,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let b: CaBody = serde_json::from_slice(&body).map_err(bad_json)?;
@@ -199,7 +213,7 @@ async fn add_ca(
     ))
 }
 
-async fn remove_ca(State(state): State<Arc<NodeState>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn remove_ca(State(state): State<RegistryApi>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
     let n = name.clone();
     blocking(&state, move |r| r.remove_ca(&n)).await?;
     tracing::info!(%name, "registry: CA removed");
@@ -213,7 +227,7 @@ struct LabelsBody {
 }
 
 async fn set_labels(
-    State(state): State<Arc<NodeState>>,
+    State(state): State<RegistryApi>,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {

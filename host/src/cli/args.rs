@@ -1,7 +1,16 @@
 //! The command-line arguments: every command and its options.
 
-#[allow(unused_imports)]
-use super::*;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+
+use super::cache::CacheCommand;
+use super::deploy::DeployCommand;
+use super::device::DeviceCommand;
+use super::plugin::PluginCommand;
+use super::twin::TwinCommand;
 
 /// Holdfast: an offline-first IoT edge gateway.
 #[derive(Debug, Parser)]
@@ -187,268 +196,6 @@ pub enum LinkCommand {
     Status,
 }
 
-/// `holdfast device …`
-#[derive(Debug, Subcommand)]
-pub enum DeviceCommand {
-    /// Register an identity. Prints its keys once (`show --keys` again later).
-    Add {
-        /// Device id, `{device}/{module}`, gateway node id, or username.
-        id: String,
-        /// device, module, gateway or user. Default: module when the id has a '/', else device.
-        #[arg(long)]
-        kind: Option<String>,
-        /// Parent gateway.
-        #[arg(long)]
-        parent: Option<String>,
-        /// sas, x509-thumbprint, x509-ca, password or none. Default: sas (password for users).
-        #[arg(long)]
-        auth: Option<String>,
-        /// Primary symmetric key, base64 (generated when absent).
-        #[arg(long)]
-        primary_key: Option<String>,
-        /// Secondary symmetric key, base64 (generated when absent).
-        #[arg(long)]
-        secondary_key: Option<String>,
-        /// Certificate thumbprint (SHA-256 hex); give twice for primary and secondary.
-        #[arg(long)]
-        thumbprint: Vec<String>,
-        /// Read a password from stdin (for `--auth password`).
-        #[arg(long)]
-        password_stdin: bool,
-        /// Register it disabled.
-        #[arg(long)]
-        disabled: bool,
-        /// A label deployments can target, KEY=VALUE (repeat for more).
-        #[arg(long = "label")]
-        labels: Vec<String>,
-    },
-    /// Replace an identity's labels (KEY=VALUE ...; none clears them).
-    Label {
-        /// The id.
-        id: String,
-        /// Labels, KEY=VALUE.
-        labels: Vec<String>,
-    },
-    /// List identities and the registry's role.
-    List {
-        /// Only this kind.
-        #[arg(long)]
-        kind: Option<String>,
-        /// Only children of this gateway.
-        #[arg(long)]
-        parent: Option<String>,
-    },
-    /// Show one identity.
-    Show {
-        /// The id.
-        id: String,
-        /// Include the symmetric keys.
-        #[arg(long)]
-        keys: bool,
-    },
-    /// Remove an identity (a device's modules go with it).
-    Rm {
-        /// The id.
-        id: String,
-    },
-    /// Put an identity under a gateway, or under none with --none.
-    SetParent {
-        /// The id.
-        id: String,
-        /// The parent gateway.
-        #[arg(required_unless_present = "none")]
-        parent: Option<String>,
-        /// Take it out from under its parent.
-        #[arg(long, conflicts_with = "parent")]
-        none: bool,
-    },
-    /// Replace symmetric keys with new random ones; connected clients using it are disconnected.
-    RotateKey {
-        /// The id.
-        id: String,
-        /// primary, secondary or both.
-        #[arg(long, default_value = "both")]
-        which: String,
-    },
-    /// Disable an identity: it is refused, and disconnected if connected.
-    Disable {
-        /// The id.
-        id: String,
-    },
-    /// Enable an identity.
-    Enable {
-        /// The id.
-        id: String,
-    },
-    /// Register a CA that `x509-ca` device certificates may be signed by.
-    CaAdd {
-        /// A name for it.
-        name: String,
-        /// The CA certificate, PEM.
-        pem: PathBuf,
-    },
-    /// List registered CAs.
-    CaList,
-    /// Remove a registered CA.
-    CaRm {
-        /// Its name.
-        name: String,
-    },
-    /// Send a cloud-to-device message to a device: delivered now if it can
-    /// be, else queued (here, or at the gateway it is behind) until it can.
-    Send {
-        /// The device id.
-        id: String,
-        /// The message body (text).
-        payload: String,
-        /// A message property `key=value`; repeat for more.
-        #[arg(long = "property", value_name = "KEY=VALUE")]
-        properties: Vec<String>,
-        /// The content type.
-        #[arg(long)]
-        content_type: Option<String>,
-        /// Time-to-live, seconds (default `iothub.c2d_default_ttl_seconds`).
-        #[arg(long)]
-        ttl: Option<u64>,
-    },
-    /// Cloud-to-device queues on this node, and what became of the messages
-    /// sent from it (delivered, expired, rejected), newest first.
-    C2d {
-        /// At most this many feedback records.
-        #[arg(long, default_value_t = 20)]
-        limit: usize,
-    },
-}
-
-/// `holdfast twin …`
-#[derive(Debug, Subcommand)]
-pub enum TwinCommand {
-    /// Show a twin: desired and reported properties and their versions.
-    Show {
-        /// Device id or `{device}/{module}`.
-        id: String,
-    },
-    /// Merge a JSON patch into the desired properties (null deletes a key).
-    /// Connected devices get the patch; gateways below get it over the link.
-    SetDesired {
-        /// Device id or `{device}/{module}`.
-        id: String,
-        /// The patch, e.g. '{"mode":"eco","fan":null}'.
-        patch: String,
-    },
-}
-
-/// `holdfast deploy …`
-#[derive(Debug, Subcommand)]
-pub enum DeployCommand {
-    /// Create a deployment owned by this node and start its rollout.
-    Create {
-        /// Its id.
-        id: String,
-        /// Target every gateway of this node's subtree, and this node.
-        #[arg(long)]
-        all: bool,
-        /// Target this node id (repeat for more).
-        #[arg(long = "node")]
-        nodes: Vec<String>,
-        /// Target gateways with this label, KEY=VALUE (repeat: all must match).
-        #[arg(long = "label")]
-        labels: Vec<String>,
-        /// Priority: the highest of the deployments targeting a node applies.
-        #[arg(long, default_value_t = 0)]
-        priority: i32,
-        /// A component for a slot, SLOT=FILE.wasm (router, auth, content-source).
-        #[arg(long = "plugin")]
-        plugins: Vec<String>,
-        /// A slot's plugin config, SLOT=FILE (.toml or .json).
-        #[arg(long = "plugin-config")]
-        plugin_configs: Vec<String>,
-        /// A live setting, KEY=VALUE (e.g. outbox.default_ttl_seconds=600).
-        #[arg(long = "set")]
-        settings: Vec<String>,
-        /// Waves, cumulative, comma-separated: counts or percentages (e.g. 1,10%,100%).
-        #[arg(long, default_value = "100%")]
-        waves: String,
-        /// Seconds every node of a wave must run it healthy before the next wave.
-        #[arg(long, default_value_t = 30)]
-        soak: u64,
-        /// A node rolls back when more than this share of plugin calls fail.
-        #[arg(long, default_value_t = 0.1)]
-        max_failure_rate: f64,
-        /// ... once it has seen this many calls.
-        #[arg(long, default_value_t = 10)]
-        min_calls: u64,
-        /// Seconds a node watches the deployed plugins after applying (and
-        /// on while it has seen fewer than --min-calls calls).
-        #[arg(long, default_value_t = 300)]
-        watch: u64,
-        /// Release the next wave even when the last wave's nodes saw fewer
-        /// than --min-calls calls to the deployed plugins (by default a
-        /// wave waits for that traffic).
-        #[arg(long)]
-        release_without_traffic: bool,
-    },
-    /// Deployments owned here and received from the parent.
-    List,
-    /// One deployment: every node of its target and its state.
-    Show {
-        /// The id.
-        id: String,
-    },
-    /// Roll a deployment back: every node returns to what it ran before.
-    Rollback {
-        /// The id.
-        id: String,
-    },
-    /// Delete a deployment (nodes return to what they ran before; a signed
-    /// tombstone stays until it expires, so no older revision is taken again).
-    Delete {
-        /// The id.
-        id: String,
-    },
-    /// Write a deployment and its components to a file, for `import` at a
-    /// node that cannot be reached.
-    Export {
-        /// The id.
-        id: String,
-        /// The file.
-        #[arg(long, short)]
-        out: PathBuf,
-    },
-    /// Import an exported deployment (verified like one from the parent).
-    Import {
-        /// The file.
-        file: PathBuf,
-    },
-    /// This node: the deployment applied, its ancestors, refused content.
-    Status,
-}
-
-/// `holdfast cache …`
-#[derive(Debug, Subcommand)]
-pub enum CacheCommand {
-    /// Totals: objects, bytes stored, budget, free space, fills in flight.
-    Stats,
-    /// Stored objects, largest first.
-    Objects {
-        /// Most objects to list.
-        #[arg(long, default_value_t = 50)]
-        limit: usize,
-    },
-    /// Delete stored objects: one key, every key with a prefix, or all.
-    Purge {
-        /// A cache key, e.g. `debian:/debian/pool/main/c/curl/curl_8.deb`.
-        #[arg(long, conflicts_with_all = ["prefix", "all"])]
-        key: Option<String>,
-        /// Every key starting with this, e.g. `debian:`.
-        #[arg(long, conflicts_with = "all")]
-        prefix: Option<String>,
-        /// Everything.
-        #[arg(long)]
-        all: bool,
-    },
-}
-
 /// `holdfast method …`
 #[derive(Debug, Subcommand)]
 pub enum MethodCommand {
@@ -478,39 +225,28 @@ pub enum ConfigCommand {
     Default,
 }
 
-/// `holdfast plugin …`
-#[derive(Debug, Subcommand)]
-pub enum PluginCommand {
-    /// List slots: version hash, source, loaded-at, calls, traps.
-    List,
-    /// Show loads, swaps and rollbacks.
-    History,
-    /// Swap the plugin in a slot for a .wasm component.
-    Swap {
-        /// router, auth or content-source.
-        slot: SlotName,
-        /// The component, or `embedded` for this binary's default plugin.
-        file: PathBuf,
-        /// Replace the plugin's config with this TOML or JSON file.
-        #[arg(long)]
-        plugin_config: Option<PathBuf>,
-    },
-    /// Switch a slot back to its previous version.
-    Rollback {
-        /// router, auth or content-source.
-        slot: SlotName,
-    },
-    /// Create a new plugin crate that builds against holdfast-sdk.
-    New {
-        /// router, auth or content-source.
-        kind: PluginKind,
-        /// Crate name (also the directory name).
-        name: String,
-        /// Parent directory. Default: the current directory.
-        #[arg(long, default_value = ".")]
-        dir: PathBuf,
-        /// Path to the holdfast-sdk crate. Default: the SDK of the source tree this binary was built from, if present.
-        #[arg(long)]
-        sdk_path: Option<PathBuf>,
-    },
+/// `KEY=VALUE` arguments as a JSON object of strings.
+pub(crate) fn key_values(items: &[String], what: &str) -> Result<serde_json::Map<String, Value>> {
+    let mut out = serde_json::Map::new();
+    for p in items {
+        let (k, v) = p
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .with_context(|| format!("{what} {p:?}: expected KEY=VALUE"))?;
+        out.insert(k.to_string(), Value::String(v.to_string()));
+    }
+    Ok(out)
+}
+
+/// `SLOT=VALUE` arguments.
+pub(crate) fn slot_values(items: &[String], what: &str) -> Result<Vec<(String, String)>> {
+    items
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("{what} {p:?}: expected SLOT=FILE"))
+        })
+        .collect()
 }

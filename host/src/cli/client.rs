@@ -1,7 +1,14 @@
 //! The admin API client the commands use.
 
-#[allow(unused_imports)]
-use super::*;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+
+use super::args::AdminArgs;
+use crate::config::Config;
 
 /// A client of a node's admin API.
 #[derive(Debug)]
@@ -135,4 +142,17 @@ pub(crate) fn loopback_for(listen: SocketAddr) -> SocketAddr {
         SocketAddr::V6(a) if a.ip().is_unspecified() => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port())),
         other => other,
     }
+}
+
+/// Percent-encodes one path segment (a module id has a '/').
+pub(crate) fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }

@@ -2,18 +2,13 @@
 //! admin API; `anyhow` is used here only, at the top.
 
 use std::io::Read as _;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use base64::Engine as _;
-use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
 
 use crate::config::Config;
-use crate::scaffold::{self, PluginKind};
-use holdfast_plugins::SlotName;
+use crate::scaffold;
 
 /// `println!` for command output. A closed pipe (`holdfast queue | head -2`)
 /// ends the process quietly with status 0 instead of a panic.
@@ -34,15 +29,28 @@ macro_rules! out {
 }
 
 mod args;
+mod cache;
 mod client;
-mod commands;
+mod debug;
+mod deploy;
+mod device;
+mod link;
 mod ops;
+mod plugin;
 mod print;
+mod twin;
 
-pub use self::args::*;
+pub use self::args::{
+    AdminArgs, CertCommand, Cli, Command, ConfigCommand, DebugCommand, LinkCommand, MethodCommand, QueueCommand,
+};
+pub use self::cache::CacheCommand;
 pub use self::client::AdminClient;
-use self::commands::*;
-use self::print::*;
+use self::client::segment;
+pub use self::deploy::DeployCommand;
+pub use self::device::DeviceCommand;
+pub use self::plugin::PluginCommand;
+use self::print::{print_json, str_of};
+pub use self::twin::TwinCommand;
 
 /// Writes command output to stdout. When the reader has gone (EPIPE) the
 /// command has nothing left to do: the process exits with status 0, without
@@ -134,10 +142,10 @@ pub fn execute(cli: Cli) -> Result<()> {
             writers,
             lanes,
             tag,
-        }) => outbox_fill(&data_dir, writers, lanes.clamp(1, 10), &tag),
+        }) => debug::outbox_fill(&data_dir, writers, lanes.clamp(1, 10), &tag),
         Command::Plugin(cmd) => {
             let client = AdminClient::discover(&cli.admin)?;
-            plugin_command(&client, cmd, cli.admin.json)
+            plugin::plugin_command(&client, cmd, cli.admin.json)
         }
         Command::Cert(CertCommand::Ca { dir, name, days, force }) => {
             let (cert, key) = holdfast_tls::issue::ca(&dir, &name, days, force)?;
@@ -158,23 +166,23 @@ pub fn execute(cli: Cli) -> Result<()> {
         }
         Command::Link(LinkCommand::Status) => {
             let client = AdminClient::discover(&cli.admin)?;
-            link_status(&client, cli.admin.json)
+            link::link_status(&client, cli.admin.json)
         }
         Command::Device(cmd) => {
             let client = AdminClient::discover(&cli.admin)?;
-            device_command(&client, cmd, cli.admin.json)
+            device::device_command(&client, cmd, cli.admin.json)
         }
         Command::Twin(cmd) => {
             let client = AdminClient::discover(&cli.admin)?;
-            twin_command(&client, cmd, cli.admin.json)
+            twin::twin_command(&client, cmd, cli.admin.json)
         }
         Command::Cache(cmd) => {
             let client = AdminClient::discover(&cli.admin)?;
-            cache_command(&client, cmd, cli.admin.json)
+            cache::cache_command(&client, cmd, cli.admin.json)
         }
         Command::Deploy(cmd) => {
             let client = AdminClient::discover(&cli.admin)?;
-            deploy_command(&client, cmd, cli.admin.json)
+            deploy::deploy_command(&client, cmd, cli.admin.json)
         }
         Command::Reload => {
             let client = AdminClient::discover(&cli.admin)?;
@@ -227,21 +235,11 @@ pub fn execute(cli: Cli) -> Result<()> {
     }
 }
 
-/// Percent-encodes one path segment (a module id has a '/').
-fn segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
+    use clap::Parser as _;
+
+    use super::print::format_time;
     use super::*;
 
     #[test]

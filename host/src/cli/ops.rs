@@ -8,10 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use super::{
-    AdminClient, PLUGIN_HEADERS, bytes_of, format_time, human_bytes, plugin_row, print_json, print_list, print_table,
-    rows_of, str_of, swap_row,
-};
+use super::client::AdminClient;
+use super::plugin::{PLUGIN_HEADERS, plugin_row, swap_row};
+use super::print::{bytes_of, format_time, human_bytes, print_json, print_list, print_table, rows_of, str_of};
 
 /// The annotated config `holdfast init` writes.
 pub const INIT_CONFIG: &str = include_str!("../init-config.toml");

@@ -1,47 +1,9 @@
 //! Tables, JSON and the formatting of values in command output.
 
-#[allow(unused_imports)]
-use super::*;
+use anyhow::Result;
+use serde_json::Value;
 
-pub(crate) fn identity_row(v: &Value) -> Vec<String> {
-    let creds: Vec<String> = v["credentials"]
-        .as_array()
-        .map(|a| a.iter().map(str_of).collect())
-        .unwrap_or_default();
-    vec![
-        str_of(&v["id"]),
-        str_of(&v["kind"]),
-        str_of(&v["parent"]),
-        if v["enabled"].as_bool().unwrap_or(false) {
-            "yes"
-        } else {
-            "no"
-        }
-        .to_string(),
-        if creds.is_empty() {
-            "-".to_string()
-        } else {
-            creds.join(",")
-        },
-        str_of(&v["origin"]),
-    ]
-}
-
-pub(crate) fn print_identity(v: &Value) {
-    print_table(
-        &["ID", "KIND", "PARENT", "ENABLED", "CREDENTIALS", "ORIGIN"],
-        &[identity_row(v)],
-    );
-    for (label, key) in [("primary key", "sas_primary"), ("secondary key", "sas_secondary")] {
-        if let Some(k) = v[key].as_str() {
-            outln!("{label}: {k}");
-        }
-    }
-    if let Some(t) = v["thumbprints"].as_array().filter(|a| !a.is_empty()) {
-        let t: Vec<String> = t.iter().map(str_of).collect();
-        outln!("thumbprints: {}", t.join(", "));
-    }
-}
+use super::client::AdminClient;
 
 /// A size from JSON as `1.5 MiB`, or `-`.
 pub(crate) fn bytes_of(v: &Value) -> String {
@@ -62,51 +24,6 @@ pub(crate) fn human_bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[u])
     }
-}
-
-pub(crate) fn read_plugin_config(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let value: Value = if path.extension().is_some_and(|e| e == "json") {
-        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?
-    } else {
-        let table: toml::Table =
-            toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
-        serde_json::to_value(table)?
-    };
-    if !value.is_object() {
-        bail!("{}: plugin config must be a table", path.display());
-    }
-    Ok(value)
-}
-
-/// The columns of [`plugin_row`].
-pub(crate) const PLUGIN_HEADERS: &[&str] = &[
-    "SLOT", "VERSION", "SOURCE", "LOADED", "CALLS", "TRAPS", "TIMEOUTS", "PREVIOUS",
-];
-
-/// A load, swap, reconfiguration or rollback: time, slot, action, old, new, source.
-pub(crate) fn swap_row(r: &Value) -> Vec<String> {
-    vec![
-        format_time(r["at_unix_ms"].as_u64()),
-        str_of(&r["slot"]),
-        str_of(&r["action"]),
-        short(&r["old"]),
-        short(&r["new"]),
-        str_of(&r["source"]),
-    ]
-}
-
-pub(crate) fn plugin_row(p: &Value) -> Vec<String> {
-    vec![
-        str_of(&p["slot"]),
-        short(&p["version"]),
-        str_of(&p["source"]),
-        format_time(p["loaded_at_unix_ms"].as_u64()),
-        p["calls"].as_u64().unwrap_or(0).to_string(),
-        p["traps"].as_u64().unwrap_or(0).to_string(),
-        p["timeouts"].as_u64().unwrap_or(0).to_string(),
-        short(&p["previous"]),
-    ]
 }
 
 pub(crate) fn str_of(v: &Value) -> String {
