@@ -337,8 +337,12 @@ impl Cache {
                 "cache: deleted block files the index does not name"
             );
         }
+        let mut objects = loaded.objects;
+        // Least recently used first: the later of two variants' `Vary`
+        // names wins, and the LRU order is rebuilt in this order.
+        objects.sort_by_key(|(_, rec, _)| rec.last_used);
         let mut vary_specs = HashMap::new();
-        for (key, rec, _) in &loaded.objects {
+        for (key, rec, _) in &objects {
             if let Some(v) = &rec.vary {
                 vary_specs.insert(primary_key(key).to_string(), v.names.clone());
             }
@@ -353,12 +357,7 @@ impl Cache {
             cfg.ca_file.as_deref(),
         )
         .map_err(CacheError::Setup)?;
-        let objects = Arc::new(Objects::load(
-            loaded.objects,
-            loaded.next_id,
-            cfg.block_size,
-            metrics.clone(),
-        ));
+        let objects = Arc::new(Objects::load(objects, loaded.next_id, cfg.block_size, metrics.clone()));
         let store = Arc::new(BlockStore::new(dir, index, cfg.block_size, cfg.max_size, cfg.min_free));
         let counters = Arc::new(Counters::new(metrics));
         let origin = Arc::new(Origin::new(client, node_id, counters.clone()));

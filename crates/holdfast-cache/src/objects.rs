@@ -186,10 +186,11 @@ impl Drop for Pin {
 }
 
 impl Objects {
-    /// The table of the objects the index holds, least recently used
-    /// first; new ids start at `next_id`.
+    /// The table of the objects the index holds, given least recently
+    /// used first (the LRU order is built from it); new ids start at
+    /// `next_id`.
     pub(crate) fn load(
-        mut objects: Vec<(String, ObjRecord, BTreeMap<u32, u64>)>,
+        objects: Vec<(String, ObjRecord, BTreeMap<u32, u64>)>,
         next_id: u64,
         block_size: u64,
         metrics: Arc<Metrics>,
@@ -198,7 +199,6 @@ impl Objects {
             next_id,
             ..Table::default()
         };
-        objects.sort_by_key(|(_, rec, _)| rec.last_used);
         for (key, rec, stored) in objects {
             t.tick += 1;
             let obj = Obj {
