@@ -280,6 +280,7 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8, compress:
     let window = ctx.config.window_messages;
     let batch_max = ctx.config.batch_messages;
     let mut stream: Option<(quinn::SendStream, wire::FramedRecv)> = None;
+    let deleter = Deleter::start(ctx.clone());
     loop {
         // Acks that are here already, without waiting (reading is cancel-safe).
         if let Some((_, acks)) = stream.as_mut() {
@@ -289,7 +290,7 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8, compress:
                     f = acks.next() => f,
                     () = std::future::ready(()) => break,
                 };
-                take_ack(ctx, &mut state, frame).await?;
+                take_ack(&deleter, &mut state, frame)?;
             }
         }
         let room = state.room();
@@ -337,7 +338,7 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8, compress:
             }
         };
         tokio::select! {
-            f = next_ack => take_ack(ctx, &mut state, f).await?,
+            f = next_ack => take_ack(&deleter, &mut state, f)?,
             r = work.changed(), if room > 0 => r.map_err(|_| "outbox closed".to_string())?,
         }
     }
@@ -388,12 +389,37 @@ async fn batch(
     records
 }
 
-/// A frame from the parent on a lane stream: an ack deletes what it covers.
+/// Deletes acknowledged messages from the outbox on a task of its own, in
+/// the order the acks came, so that a lane goes on sending while a deletion
+/// is committed.
+struct Deleter {
+    tx: tokio::sync::mpsc::UnboundedSender<Vec<holdfast_model::MessageId>>,
+}
+
+impl Deleter {
+    fn start(ctx: Arc<Ctx>) -> Deleter {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<holdfast_model::MessageId>>();
+        // It ends when the lane drops its sender, after the last deletion.
+        tokio::spawn(async move {
+            while let Some(ids) = rx.recv().await {
+                if let Err(e) = ctx.outbox.ack(&ids).await {
+                    tracing::error!(error = %e, "link: cannot delete acknowledged messages");
+                }
+                ctx.metrics.link_acked.inc_by(ids.len() as u64);
+                ctx.status.update(|s| s.acked += ids.len() as u64);
+            }
+        });
+        Deleter { tx }
+    }
+}
+
+/// A frame from the parent on a lane stream: an ack frees the window and
+/// deletes what it covers.
 ///
 /// # Errors
 /// Anything but a valid ack, a malformed frame, or the stream's end.
-async fn take_ack(
-    ctx: &Ctx,
+fn take_ack(
+    deleter: &Deleter,
     state: &mut ChildLane,
     frame: Result<Option<Frame>, wire::ReadError>,
 ) -> Result<(), String> {
@@ -406,10 +432,9 @@ async fn take_ack(
         tracing::debug!(error = %e, "link: bad ack");
         e.to_string()
     })?;
-    if let Err(e) = ctx.outbox.ack(&ids).await {
-        tracing::error!(error = %e, "link: cannot delete acknowledged messages");
+    if !ids.is_empty() {
+        // The deleter lives as long as the lane: the send fails only at shutdown.
+        let _ = deleter.tx.send(ids);
     }
-    ctx.metrics.link_acked.inc_by(ids.len() as u64);
-    ctx.status.update(|s| s.acked += ids.len() as u64);
     Ok(())
 }
