@@ -450,7 +450,8 @@ fn readme_registry_commands_run_as_written() {
         .split("```")
         .find(|b| b.starts_with("sh\n") && b.contains("holdfast device add"))
         .expect("a sh block with `holdfast device add` in README.md");
-    let gw = Gateway::start("");
+    // The README registers its gateways under the root's node id.
+    let gw = Gateway::start_named("root", "");
     let mut ran = 0;
     for line in block.lines().skip(1) {
         let command = line.split('#').next().unwrap_or_default().trim();
