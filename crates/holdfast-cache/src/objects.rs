@@ -155,6 +155,9 @@ pub(crate) struct Bound {
     pub(crate) record: Option<ObjRecord>,
 }
 
+/// Where a revalidation's outcome is announced (`None` while it runs).
+pub(crate) type Outcome = watch::Receiver<Option<Revalidation>>;
+
 /// Sizes for the admin API's totals.
 pub(crate) struct Totals {
     pub(crate) objects: usize,
@@ -524,11 +527,7 @@ impl Objects {
     /// Starts a revalidation of `key`: `Err(sender)` when the caller is to
     /// do it and send the outcome, `Ok(receiver)` when one is running;
     /// `None` when the object is gone.
-    #[allow(clippy::type_complexity)]
-    pub(crate) fn revalidating(
-        &self,
-        key: &str,
-    ) -> Option<Result<watch::Receiver<Option<Revalidation>>, watch::Sender<Option<Revalidation>>>> {
+    pub(crate) fn revalidating(&self, key: &str) -> Option<Result<Outcome, watch::Sender<Option<Revalidation>>>> {
         let mut t = self.lock();
         let o = t.objects.get_mut(key)?;
         Some(match &o.revalidating {
