@@ -671,9 +671,11 @@ impl RawDevice {
             stream,
             buf: bytes::BytesMut::new(),
         };
-        let mut properties = codec::Properties::default();
-        properties.receive_maximum = Some(receive_max);
-        properties.maximum_packet_size = Some(max_packet);
+        let properties = codec::Properties {
+            receive_maximum: Some(receive_max),
+            maximum_packet_size: Some(max_packet),
+            ..Default::default()
+        };
         d.send(&codec::Packet::Connect(Box::new(codec::Connect {
             version: codec::Version::V5,
             client_id: id.into(),

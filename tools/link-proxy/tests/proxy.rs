@@ -1,4 +1,5 @@
 //! End-to-end tests of the built proxy binary against in-process UDP and TCP echo servers.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test or benchmark: a panic is its failure
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
