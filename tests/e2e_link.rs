@@ -187,9 +187,31 @@ fn three_levels_survive_cuts_kills_and_long_outages() {
     assert!(before < acked.len(), "the root got everything while its link was cut");
     p2.cmd("up");
     let last = *acked.last().unwrap();
-    wait_until(60, "every acknowledged message at the root", || {
-        consumer.messages().iter().any(|m| m.payload == last.to_string())
-    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !consumer.messages().iter().any(|m| m.payload == last.to_string()) {
+        if std::time::Instant::now() > deadline {
+            let tail = |gw: &Gateway| {
+                let log = gw.log();
+                let lines: Vec<&str> = log.lines().collect();
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            };
+            panic!(
+                "timed out waiting for every acknowledged message at the root ({} of {} there)\n\
+                 gw1 link: {}\ngw1 outbox: {}\ngw2 link: {}\ngw2 outbox: {}\n\
+                 --- gw1 ---\n{}\n--- gw2 ---\n{}\n--- root ---\n{}",
+                consumer.len(),
+                acked.len(),
+                gw1.api("/api/v1/link"),
+                gw1.api("/api/v1/outbox"),
+                gw2.api("/api/v1/link"),
+                gw2.api("/api/v1/outbox"),
+                tail(&gw1),
+                tail(&gw2),
+                tail(&root)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     pause(500);
     let got = consumer.messages();
     let dups = check_delivery(&acked, &got);

@@ -257,7 +257,9 @@ async fn drain(ctx: &Arc<Ctx>, conn: &quinn::Connection, compress: bool) -> Ende
             Ended::Unreachable("the parent is shutting down".into())
         }
         C::ApplicationClosed(a) => Ended::Refused(format!("closed by the parent: {a}")),
-        C::LocallyClosed => Ended::Stopped,
+        // Closed here by a lane after an error on its stream (shutting down
+        // ends `serve` on its own branch): the link comes back, backing off.
+        C::LocallyClosed => Ended::Refused("closed after an error on a lane stream".into()),
         e => Ended::Unreachable(e.to_string()),
     }
 }
@@ -266,7 +268,7 @@ async fn drain(ctx: &Arc<Ctx>, conn: &quinn::Connection, compress: bool) -> Ende
 /// the connection: the lanes are restarted together on the next link.
 async fn lane_sender(ctx: Arc<Ctx>, conn: quinn::Connection, lane: u8, compress: bool) {
     if let Err(e) = lane_loop(&ctx, &conn, lane, compress).await {
-        tracing::debug!(lane, error = %e, "link lane failed");
+        tracing::warn!(lane, error = %e, "link: a lane failed; the connection closes and the link comes back");
         conn.close(close::PROTOCOL.into(), e.as_bytes());
     }
 }
@@ -280,7 +282,6 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8, compress:
     let window = ctx.config.window_messages;
     let batch_max = ctx.config.batch_messages;
     let mut stream: Option<(quinn::SendStream, wire::FramedRecv)> = None;
-    let deleter = Deleter::start(ctx.clone());
     loop {
         // Acks that are here already, without waiting (reading is cancel-safe).
         if let Some((_, acks)) = stream.as_mut() {
@@ -290,7 +291,7 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8, compress:
                     f = acks.next() => f,
                     () = std::future::ready(()) => break,
                 };
-                take_ack(&deleter, &mut state, frame)?;
+                take_ack(ctx, &mut state, frame)?;
             }
         }
         let room = state.room();
@@ -338,7 +339,7 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8, compress:
             }
         };
         tokio::select! {
-            f = next_ack => take_ack(&deleter, &mut state, f)?,
+            f = next_ack => take_ack(ctx, &mut state, f)?,
             r = work.changed(), if room > 0 => r.map_err(|_| "outbox closed".to_string())?,
         }
     }
@@ -389,40 +390,13 @@ async fn batch(
     records
 }
 
-/// Deletes acknowledged messages from the outbox on a task of its own, in
-/// the order the acks came, so that a lane goes on sending while a deletion
-/// is committed.
-struct Deleter {
-    tx: tokio::sync::mpsc::UnboundedSender<Vec<holdfast_model::MessageId>>,
-}
-
-impl Deleter {
-    fn start(ctx: Arc<Ctx>) -> Deleter {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<holdfast_model::MessageId>>();
-        // It ends when the lane drops its sender, after the last deletion.
-        tokio::spawn(async move {
-            while let Some(ids) = rx.recv().await {
-                if let Err(e) = ctx.outbox.ack(&ids).await {
-                    tracing::error!(error = %e, "link: cannot delete acknowledged messages");
-                }
-                ctx.metrics.link_acked.inc_by(ids.len() as u64);
-                ctx.status.update(|s| s.acked += ids.len() as u64);
-            }
-        });
-        Deleter { tx }
-    }
-}
-
 /// A frame from the parent on a lane stream: an ack frees the window and
-/// deletes what it covers.
+/// deletes what it covers, without waiting for the deletion's commit (it is
+/// buffered anyway: a message deleted here is stored at the parent).
 ///
 /// # Errors
 /// Anything but a valid ack, a malformed frame, or the stream's end.
-fn take_ack(
-    deleter: &Deleter,
-    state: &mut ChildLane,
-    frame: Result<Option<Frame>, wire::ReadError>,
-) -> Result<(), String> {
+fn take_ack(ctx: &Ctx, state: &mut ChildLane, frame: Result<Option<Frame>, wire::ReadError>) -> Result<(), String> {
     let frame = match frame {
         Ok(Some(f)) => f,
         Ok(None) => return Err("the parent ended a lane stream".into()),
@@ -433,8 +407,12 @@ fn take_ack(
         e.to_string()
     })?;
     if !ids.is_empty() {
-        // The deleter lives as long as the lane: the send fails only at shutdown.
-        let _ = deleter.tx.send(ids);
+        // Claimed at once (a release after a cut does not hand them out
+        // again) and deleted by the outbox's writer, while the lane goes on
+        // sending.
+        ctx.outbox.ack_detached(&ids);
+        ctx.metrics.link_acked.inc_by(ids.len() as u64);
+        ctx.status.update(|s| s.acked += ids.len() as u64);
     }
     Ok(())
 }
