@@ -501,12 +501,9 @@ fn a_link2_parent_keeps_its_child_and_sends_no_deployments() {
     assert_eq!(gw1.api("/api/v1/link")["link"]["state"], "up");
 }
 
-/// Issue 28.1: an attacker holding the bundle of revision 1 of a deployment
-/// that the owner has since rolled back cannot apply it at a gateway: not
-/// while the gateway is linked, not after a restart with the owner gone
-/// (air-gapped).
-#[test]
-fn an_old_bundle_is_refused_after_the_owner_rolled_it_back() {
+/// A root and one gateway, `gwa`, linked to it: the certificates' directory
+/// (kept while the nodes run), the root, the gateway.
+fn root_and_gwa() -> (tempfile::TempDir, Gateway, Gateway) {
     let certs = fleet(&["root", "gwa"]);
     let c = certs.path();
     let root_link = free_port();
@@ -519,7 +516,7 @@ fn an_old_bundle_is_refused_after_the_owner_rolled_it_back() {
             gateway("gwa", "root", "")
         ),
     );
-    let mut gwa = Gateway::start_named(
+    let gwa = Gateway::start_named(
         "gwa",
         &format!(
             "{}{}",
@@ -528,6 +525,16 @@ fn an_old_bundle_is_refused_after_the_owner_rolled_it_back() {
         ),
     );
     wait_until(30, "link up", || gwa.api("/api/v1/link")["link"]["state"] == "up");
+    (certs, root, gwa)
+}
+
+/// Issue 28.1: an attacker holding the bundle of revision 1 of a deployment
+/// that the owner has since rolled back cannot apply it at a gateway: not
+/// while the gateway is linked, not after a restart with the owner gone
+/// (air-gapped).
+#[test]
+fn an_old_bundle_is_refused_after_the_owner_rolled_it_back() {
+    let (certs, root, mut gwa) = root_and_gwa();
     let embedded = gwa.router_version();
     root.cli_ok(&[
         "deploy",
@@ -539,7 +546,7 @@ fn an_old_bundle_is_refused_after_the_owner_rolled_it_back() {
         &format!("router={TEST_ROUTER}"),
     ]);
     wait_until(60, "d1 applied at gwa", || state_at(&root, "d1", "gwa") == "applied");
-    let old = c.join("d1-rev1.json");
+    let old = certs.path().join("d1-rev1.json");
     root.cli_ok(&["deploy", "export", "d1", "--out", old.to_str().unwrap()]);
     root.cli_ok(&["deploy", "rollback", "d1"]);
     wait_until(30, "gwa back on its own router", || gwa.router_version() == embedded);
@@ -569,27 +576,7 @@ fn an_old_bundle_is_refused_after_the_owner_rolled_it_back() {
 /// plugin traps, and the owner sees the failures.
 #[test]
 fn automatic_rollback_goes_on_after_a_crash_and_the_owner_sees_the_failures() {
-    let certs = fleet(&["root", "gwa"]);
-    let c = certs.path();
-    let root_link = free_port();
-    let root = Gateway::start_named(
-        "root",
-        &format!(
-            "{}{}{}",
-            fleet_section(c, "root"),
-            listen_section(root_link),
-            gateway("gwa", "root", "")
-        ),
-    );
-    let mut gwa = Gateway::start_named(
-        "gwa",
-        &format!(
-            "{}{}",
-            fleet_section(c, "gwa"),
-            upstream_section(addr(root_link), "root")
-        ),
-    );
-    wait_until(30, "link up", || gwa.api("/api/v1/link")["link"]["state"] == "up");
+    let (_certs, root, mut gwa) = root_and_gwa();
     let embedded = gwa.router_version();
     root.cli_ok(&[
         "deploy",

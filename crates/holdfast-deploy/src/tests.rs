@@ -292,14 +292,7 @@ fn a_gateway_registered_later_joins_a_complete_rollout() {
     assert_eq!((doc.nodes.len(), doc.released, doc.phase), (2, 2, Phase::Complete));
     tick(d);
     assert_eq!(d.show("d1").unwrap().doc.revision, 1, "nothing changed");
-    d.registry
-        .add(NewIdentity {
-            id: "gw2".into(),
-            kind: Some("gateway".into()),
-            auth: Some("none".into()),
-            ..NewIdentity::default()
-        })
-        .unwrap();
+    add_gateway(d, "gw2");
     tick(d);
     let v = d.show("d1").unwrap();
     assert_eq!(v.doc.nodes, ["gw1", "root", "gw2"]);
@@ -347,6 +340,18 @@ fn open_node(
     .unwrap()
 }
 
+/// Registers `id` as a gateway at `d`'s node.
+fn add_gateway(d: &Deployer, id: &str) {
+    d.registry
+        .add(NewIdentity {
+            id: id.into(),
+            kind: Some("gateway".into()),
+            auth: Some("none".into()),
+            ..NewIdentity::default()
+        })
+        .unwrap();
+}
+
 fn events(d: &Deployer, event: &'static str) -> u64 {
     d.events.get(event)
 }
@@ -356,14 +361,7 @@ fn an_old_revision_is_never_taken_again_not_even_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
     let root = open_node(&dir.path().join("root"), &certs, "root", None, 86_400);
-    root.registry
-        .add(NewIdentity {
-            id: "gw1".into(),
-            kind: Some("gateway".into()),
-            auth: Some("none".into()),
-            ..NewIdentity::default()
-        })
-        .unwrap();
+    add_gateway(&root, "gw1");
     let sha = root.put_component(b"\0asm\x0d\0\x01\0replayed").unwrap();
     root.create(spec(serde_json::json!({
         "id": "d1", "target": {"nodes": ["gw1"]}, "plugins": {"router": {"sha256": sha}}
@@ -414,14 +412,7 @@ fn a_deleted_deployment_leaves_a_signed_tombstone_that_expires() {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
     let root = open_node(&dir.path().join("root"), &certs, "root", None, 3_600);
-    root.registry
-        .add(NewIdentity {
-            id: "gw1".into(),
-            kind: Some("gateway".into()),
-            auth: Some("none".into()),
-            ..NewIdentity::default()
-        })
-        .unwrap();
+    add_gateway(&root, "gw1");
     root.create(spec(serde_json::json!({
         "id": "d1", "target": {"nodes": ["gw1"]}, "settings": {"log.level": "debug"}
     })))
@@ -470,15 +461,7 @@ fn documents_expire_are_signed_again_before_and_stale_imports_are_refused() {
     let certs = dir.path().join("certs");
     // An owner whose documents are valid for no time at all.
     let stale_owner = open_node(&dir.path().join("root"), &certs, "root", None, 0);
-    stale_owner
-        .registry
-        .add(NewIdentity {
-            id: "gw1".into(),
-            kind: Some("gateway".into()),
-            auth: Some("none".into()),
-            ..NewIdentity::default()
-        })
-        .unwrap();
+    add_gateway(&stale_owner, "gw1");
     stale_owner
         .create(spec(serde_json::json!({
             "id": "d1", "target": {"nodes": ["gw1"]}, "settings": {"log.level": "debug"}
@@ -500,15 +483,7 @@ fn documents_expire_are_signed_again_before_and_stale_imports_are_refused() {
     // A fresh document is applied; once it expires the node keeps running
     // it and says so.
     let owner = open_node(&dir.path().join("root2"), &certs, "root", None, 3_600);
-    owner
-        .registry
-        .add(NewIdentity {
-            id: "gw2".into(),
-            kind: Some("gateway".into()),
-            auth: Some("none".into()),
-            ..NewIdentity::default()
-        })
-        .unwrap();
+    add_gateway(&owner, "gw2");
     let doc = owner
         .create(spec(serde_json::json!({
             "id": "d2", "target": {"nodes": ["gw2"]}, "settings": {"log.level": "warn"}
