@@ -195,14 +195,14 @@ impl Owner {
         }
         let first = spec.rollout.boundaries(nodes.len())?[0];
         let now = holdfast_model::unix_ms();
-        // An id used before (a deleted deployment's tombstone, or one held
-        // from above) goes on from the revision seen: nodes take only newer.
-        let revision = seen.get(&spec.id) + 1;
         let doc = Doc {
             owner: self.node.clone(),
             created_ms: now,
-            revision,
-            expires_ms: Some(now.saturating_add(self.expiry_ms)),
+            // Numbered, dated and given its expiry when signed: one past any
+            // revision seen of the id (a deleted deployment's tombstone, or
+            // one held from above), so nodes take it as newer.
+            revision: 0,
+            expires_ms: None,
             deleted: false,
             released: first,
             phase: if first >= nodes.len() {
@@ -214,17 +214,8 @@ impl Owner {
             updated_ms: now,
             spec,
         };
-        let signed = self.sign(&doc)?;
-        self.store.put_owned(&doc.spec.id, &signed, doc.revision, true)?;
-        seen.note(&doc.spec.id, doc.revision);
-        reports.forget(&doc.spec.id);
-        self.docs.insert(
-            doc.spec.id.clone(),
-            Held {
-                signed,
-                doc: doc.clone(),
-            },
-        );
+        // Reports of an earlier deployment under this id go.
+        let doc = self.resign(doc, true, seen, reports)?;
         self.events.count("created");
         tracing::info!(deployment = %doc.spec.id, nodes = doc.nodes.len(), released = doc.released, "deploy: created");
         Ok(doc)
@@ -256,8 +247,9 @@ impl Owner {
         Ok(Some(doc))
     }
 
-    /// Signs a new revision of an owned document, valid for the expiry from
-    /// now. `drop_reports`: its reports go (a deletion).
+    /// Signs a new revision of an owned document (one past its own and any
+    /// seen), valid for the expiry from now, stores and holds it.
+    /// `drop_reports`: its reports go (a deletion, or a new deployment).
     fn resign(
         &mut self,
         mut doc: Doc,
