@@ -339,6 +339,35 @@ async fn next_socket(
     }
 }
 
+/// The TLS handshake of an accepted socket, by `deadline`: the stream and
+/// the client certificate's thumbprint and common name. A failure or the
+/// deadline is counted and logged; `None` then.
+async fn accept_tls(
+    broker: &Broker,
+    acceptor: &tokio_rustls::TlsAcceptor,
+    socket: tokio::net::TcpStream,
+    addr: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Option<(
+    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    (Option<String>, Option<String>),
+)> {
+    let stream = match tokio::time::timeout_at(deadline, acceptor.accept(socket)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
+            broker.bad_tls("handshake");
+            return None;
+        }
+        Err(_) => {
+            broker.bad_tls("handshake-timeout");
+            return None;
+        }
+    };
+    let cert = client_cert(broker, stream.get_ref().1.peer_certificates());
+    Some((stream, cert))
+}
+
 async fn accept_tcp(
     broker: Arc<Broker>,
     listener: tokio::net::TcpListener,
@@ -359,22 +388,13 @@ async fn accept_tcp(
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
-                let timeout = Duration::from_millis(broker.config().connect_timeout_ms);
+                let deadline = tokio::time::Instant::now() + Duration::from_millis(broker.config().connect_timeout_ms);
                 tokio::spawn(async move {
-                    let stream = match tokio::time::timeout(timeout, acceptor.accept(socket)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
-                            broker.bad_tls("handshake");
-                            return;
-                        }
-                        Err(_) => {
-                            broker.bad_tls("handshake-timeout");
-                            return;
-                        }
+                    let Some((stream, (cert_thumbprint, cert_common_name))) =
+                        accept_tls(&broker, &acceptor, socket, addr, deadline).await
+                    else {
+                        return;
                     };
-                    let (cert_thumbprint, cert_common_name) =
-                        client_cert(&broker, stream.get_ref().1.peer_certificates());
                     let peer = Peer {
                         addr,
                         transport: Transport::Tls,
@@ -431,20 +451,9 @@ async fn accept_ws(
             match tls {
                 None => upgrade(&broker, socket, addr, &paths, (None, None), deadline, slot).await,
                 Some(acceptor) => {
-                    let stream = match tokio::time::timeout_at(deadline, acceptor.accept(socket)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
-                            broker.bad_tls("handshake");
-                            return;
-                        }
-                        Err(_) => {
-                            broker.bad_tls("handshake-timeout");
-                            return;
-                        }
-                    };
-                    let cert = client_cert(&broker, stream.get_ref().1.peer_certificates());
-                    upgrade(&broker, stream, addr, &paths, cert, deadline, slot).await;
+                    if let Some((stream, cert)) = accept_tls(&broker, &acceptor, socket, addr, deadline).await {
+                        upgrade(&broker, stream, addr, &paths, cert, deadline, slot).await;
+                    }
                 }
             }
         });

@@ -66,6 +66,26 @@ struct Stream {
     at_child: FrameDecoder,
 }
 
+impl Stream {
+    /// The parent stored `n` more records: its ack goes down the stream.
+    fn ack(&mut self, n: u64) -> Result<(), String> {
+        let mut buf = BytesMut::new();
+        self.acker.stored(n).encode(&mut buf).map_err(|e| e.to_string())?;
+        self.down.extend(buf.iter());
+        Ok(())
+    }
+}
+
+/// What the network delivers of a stream's bytes in one step: a piece of
+/// any length from its front (`None` when nothing is in flight).
+fn piece_of(rng: &mut Rng, pipe: &mut VecDeque<u8>) -> Option<Vec<u8>> {
+    if pipe.is_empty() {
+        return None;
+    }
+    let n = 1 + rng.below(pipe.len() as u64) as usize;
+    Some(pipe.drain(..n).collect())
+}
+
 struct Sim {
     rng: Rng,
     window: usize,
@@ -176,11 +196,9 @@ impl Sim {
     fn deliver_up(&mut self, l: usize) -> Result<(), String> {
         let Some(conn) = self.conn.as_mut() else { return Ok(()) };
         let s = &mut conn[l];
-        if s.up.is_empty() {
+        let Some(piece) = piece_of(&mut self.rng, &mut s.up) else {
             return Ok(());
-        }
-        let n = 1 + self.rng.below(s.up.len() as u64) as usize;
-        let piece: Vec<u8> = s.up.drain(..n).collect();
+        };
         s.at_parent.push(&piece);
         while let Some(frame) = s.at_parent.next_frame().map_err(|e| format!("lane {l}: parent: {e}"))? {
             match (frame, s.parent.as_mut()) {
@@ -194,12 +212,7 @@ impl Sim {
                     }
                     let early = self.ack_before_store;
                     if early {
-                        let mut buf = BytesMut::new();
-                        s.acker
-                            .stored(seqs.len() as u64)
-                            .encode(&mut buf)
-                            .map_err(|e| e.to_string())?;
-                        s.down.extend(buf.iter());
+                        s.ack(seqs.len() as u64)?;
                     }
                     s.storing.push_back((seqs, early));
                 }
@@ -225,9 +238,7 @@ impl Sim {
             seqs,
         )?;
         if !acked {
-            let mut buf = BytesMut::new();
-            s.acker.stored(n).encode(&mut buf).map_err(|e| e.to_string())?;
-            s.down.extend(buf.iter());
+            s.ack(n)?;
         }
         Ok(())
     }
@@ -236,11 +247,9 @@ impl Sim {
     fn deliver_down(&mut self, l: usize) -> Result<(), String> {
         let Some(conn) = self.conn.as_mut() else { return Ok(()) };
         let s = &mut conn[l];
-        if s.down.is_empty() {
+        let Some(piece) = piece_of(&mut self.rng, &mut s.down) else {
             return Ok(());
-        }
-        let n = 1 + self.rng.below(s.down.len() as u64) as usize;
-        let piece: Vec<u8> = s.down.drain(..n).collect();
+        };
         s.at_child.push(&piece);
         while let Some(frame) = s.at_child.next_frame().map_err(|e| format!("lane {l}: child: {e}"))? {
             let ids = s.child.receive(frame).map_err(|e| format!("lane {l}: child: {e}"))?;
