@@ -120,11 +120,13 @@ fn a_new_router_reaches_every_node_of_a_three_level_tree() {
         "gw2",
         &format!("{}{}", fleet_section(c, "gw2"), upstream_section(p2.udp, "gw1")),
     );
-    // gw3 pins its outbox settings: deployments leave them alone.
+    // gw3 pins its outbox settings: deployments leave them alone. Its
+    // max_bytes is set below any disk's cap (the default, 10 GiB, is capped
+    // at 80 % of the free space at start, which moves between restarts).
     let mut gw3 = Gateway::start_named(
         "gw3",
         &format!(
-            "{}{}[deploy]\npinned = [\"outbox\"]\n",
+            "{}{}[outbox]\nmax_bytes = 20000000\n[deploy]\npinned = [\"outbox\"]\n",
             fleet_section(c, "gw3"),
             upstream_section(addr(gw1_link), "gw1")
         ),
@@ -136,6 +138,7 @@ fn a_new_router_reaches_every_node_of_a_three_level_tree() {
     }
     let embedded = root.router_version();
     let max_bytes_before = gw3.api("/api/v1/outbox")["max_bytes"].as_u64().unwrap();
+    assert_eq!(max_bytes_before, 20_000_000);
     // gw3 is offline for the whole rollout.
     gw3.kill();
 
