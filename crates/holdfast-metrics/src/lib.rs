@@ -12,7 +12,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::Metric;
 
 /// Labels carrying a plugin slot.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -193,6 +193,50 @@ pub struct BuildLabels {
     pub version: String,
 }
 
+/// The node's one metric registry: every crate registers its own families
+/// here (each crate's metrics struct takes a `&Registry` in its
+/// constructor), and the admin listener serves [`Registry::render`] at
+/// `/metrics`. Names get the `holdfast_` prefix.
+pub struct Registry {
+    inner: Mutex<prometheus_client::registry::Registry>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Registry {
+    /// An empty registry whose metric names start with `holdfast_`.
+    pub fn new() -> Registry {
+        Registry {
+            inner: Mutex::new(prometheus_client::registry::Registry::with_prefix("holdfast")),
+        }
+    }
+
+    /// Registers `metric` (a counter, gauge, histogram or family of them,
+    /// whose clones share its value) as `holdfast_<name>` with `help`.
+    pub fn register(&self, name: &str, help: &str, metric: impl Metric) {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).register(name, help, metric);
+    }
+
+    /// Renders every registered family in the text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let registry = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// The metric for `labels` in `family`, as an owned handle.
@@ -217,7 +261,7 @@ fn call_histogram() -> Histogram {
 
 /// All metric families.
 pub struct Metrics {
-    registry: Mutex<Registry>,
+    registry: Registry,
     /// `holdfast_plugin_calls_total{slot}`
     pub plugin_calls: Family<SlotLabels, Counter>,
     /// `holdfast_plugin_failures_total{slot,kind}`
@@ -365,7 +409,7 @@ impl Default for Metrics {
 impl Metrics {
     /// Creates and registers every family.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("holdfast");
+        let registry = Registry::new();
         let plugin_calls = Family::<SlotLabels, Counter>::default();
         registry.register("plugin_calls", "Plugin calls made, by slot", plugin_calls.clone());
         let plugin_failures = Family::<FailureLabels, Counter>::default();
@@ -702,7 +746,7 @@ impl Metrics {
             .set(1);
         registry.register("build_info", "Holdfast build information", build_info);
         Metrics {
-            registry: Mutex::new(registry),
+            registry,
             plugin_calls,
             plugin_failures,
             plugin_call_duration,
@@ -766,12 +810,14 @@ impl Metrics {
         }
     }
 
+    /// The registry the families are in, for the crates that register
+    /// their own.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Renders the Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-        out
+        self.registry.render()
     }
 }
