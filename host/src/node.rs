@@ -24,7 +24,7 @@ use holdfast_iothub::twin::Twins;
 use holdfast_iothub::{Hub, HubParts};
 use holdfast_metrics::Metrics;
 use holdfast_outbox::{Outbox, SystemTimeSource};
-use holdfast_plugins::{NodeContext, PluginError, PluginHost, watch::watch_folder};
+use holdfast_plugins::{NodeContext, PluginError, PluginHost, PluginMetrics, watch::watch_folder};
 use holdfast_registry::{Registry, Role};
 use holdfast_store::Store;
 
@@ -217,7 +217,7 @@ impl Node {
             node_id: config.node.id.as_str().into(),
             started,
             identities: registry.clone(),
-            metrics: metrics.clone(),
+            metrics: Arc::new(PluginMetrics::new(metrics.registry())),
         };
         let (plugin_config, plugin_cache) = (config.plugins.clone(), config.plugin_cache_dir());
         let plugins = tokio::task::spawn_blocking(move || PluginHost::new(&plugin_config, Some(plugin_cache), context))

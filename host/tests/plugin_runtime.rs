@@ -7,11 +7,11 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use holdfast::config::Config;
-use holdfast_metrics::Metrics;
+use holdfast_metrics::Registry;
 use holdfast_model::identity::MemoryDirectory;
 use holdfast_plugins::{
     Action, AuthzDecision, ConnectInfo, ContentDecision, FailureKind, Message, NodeContext, Operation, PluginError,
-    PluginHost, RequestHead, RouteOutcome, SlotName, Transport, embedded_plugin,
+    PluginHost, PluginMetrics, RequestHead, RouteOutcome, SlotName, Transport, embedded_plugin,
 };
 
 const TEST_ROUTER: &str = holdfast_plugins::artifacts::TEST_ROUTER_WASM;
@@ -19,7 +19,7 @@ const ALERT_ROUTER: &str = holdfast_plugins::artifacts::EXAMPLE_ALERT_ROUTER_WAS
 
 struct Fixture {
     host: Arc<PluginHost>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<Registry>,
     _dir: tempfile::TempDir,
 }
 
@@ -30,12 +30,12 @@ fn fixture(extra: &str) -> Fixture {
         dir.path().display().to_string()
     );
     let config = Config::parse(&text).unwrap();
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Registry::new());
     let node = NodeContext {
         node_id: "test-node".into(),
         started: Instant::now(),
         identities: Arc::new(holdfast_registry::directory_from_config(&config.identities)),
-        metrics: metrics.clone(),
+        metrics: Arc::new(PluginMetrics::new(&metrics)),
     };
     Fixture {
         host: Arc::new(PluginHost::new(&config.plugins, Some(config.plugin_cache_dir()), node).unwrap()),
@@ -64,7 +64,7 @@ fn read(path: &str) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
 
-fn metric(metrics: &Metrics, line_prefix: &str) -> f64 {
+fn metric(metrics: &Registry, line_prefix: &str) -> f64 {
     metrics
         .render()
         .lines()
@@ -400,7 +400,7 @@ fn compiled_components_are_cached_on_disk() {
         node_id: "n".into(),
         started: Instant::now(),
         identities: Arc::new(MemoryDirectory::new()),
-        metrics: Arc::new(Metrics::new()),
+        metrics: Arc::new(PluginMetrics::default()),
     };
     let first = PluginHost::new(&config.plugins, Some(config.plugin_cache_dir()), node()).unwrap();
     assert_eq!(first.cache_stats(), (0, 3));

@@ -5,94 +5,11 @@
 
 use std::sync::Mutex;
 
-use std::fmt::Write as _;
-
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Metric;
-
-/// Labels carrying a plugin slot.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SlotLabels {
-    /// `router`, `auth` or `content-source`.
-    pub slot: String,
-}
-
-/// Why a plugin call failed.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
-pub enum FailureKind {
-    /// The epoch deadline interrupted it.
-    Timeout,
-    /// It hit the memory cap.
-    Memory,
-    /// It trapped (panic, unreachable, bad access).
-    Trap,
-    /// No instance could be created or initialised for it.
-    Unavailable,
-}
-
-impl serde::Serialize for FailureKind {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-impl FailureKind {
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureKind::Timeout => "timeout",
-            FailureKind::Memory => "memory",
-            FailureKind::Trap => "trap",
-            FailureKind::Unavailable => "unavailable",
-        }
-    }
-}
-
-impl EncodeLabelValue for FailureKind {
-    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
-        encoder.write_str(self.as_str())
-    }
-}
-
-/// Labels of plugin failures.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct FailureLabels {
-    /// Slot.
-    pub slot: String,
-    /// Kind.
-    pub kind: FailureKind,
-}
-
-/// Result of a swap attempt.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
-pub enum SwapResult {
-    /// Switched.
-    Ok,
-    /// Rejected; the old version stayed active.
-    Rejected,
-}
-
-impl EncodeLabelValue for SwapResult {
-    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
-        encoder.write_str(match self {
-            SwapResult::Ok => "ok",
-            SwapResult::Rejected => "rejected",
-        })
-    }
-}
-
-/// Labels of swaps.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SwapLabels {
-    /// Slot.
-    pub slot: String,
-    /// Result.
-    pub result: SwapResult,
-}
 
 /// Labels of admin requests.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -237,8 +154,6 @@ impl Registry {
     }
 }
 
-type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
-
 /// The metric for `labels` in `family`, as an owned handle.
 ///
 /// `Family::get_or_create` returns a read guard. Taking a second metric from
@@ -254,30 +169,9 @@ where
     family.get_or_create(labels).clone()
 }
 
-fn call_histogram() -> Histogram {
-    // 500 ns .. ~16 s.
-    Histogram::new(exponential_buckets(5e-7, 4.0, 13))
-}
-
 /// All metric families.
 pub struct Metrics {
     registry: Registry,
-    /// `holdfast_plugin_calls_total{slot}`
-    pub plugin_calls: Family<SlotLabels, Counter>,
-    /// `holdfast_plugin_failures_total{slot,kind}`
-    pub plugin_failures: Family<FailureLabels, Counter>,
-    /// `holdfast_plugin_call_duration_seconds{slot}`
-    pub plugin_call_duration: HistogramFamily<SlotLabels>,
-    /// `holdfast_plugin_swaps_total{slot,result}`
-    pub plugin_swaps: Family<SwapLabels, Counter>,
-    /// `holdfast_plugin_rollbacks_total{slot}`
-    pub plugin_rollbacks: Family<SlotLabels, Counter>,
-    /// `holdfast_plugin_swap_duration_seconds{slot}`
-    pub plugin_swap_duration: HistogramFamily<SlotLabels>,
-    /// `holdfast_plugin_idle_instances{slot}`
-    pub plugin_idle_instances: Family<SlotLabels, Gauge>,
-    /// `holdfast_plugin_log_records_dropped_total{slot}`
-    pub plugin_logs_dropped: Family<SlotLabels, Counter>,
     /// `holdfast_admin_requests_total{code}`
     pub admin_requests: Family<StatusLabels, Counter>,
     /// `holdfast_outbox_enqueued_total{lane}`
@@ -410,42 +304,6 @@ impl Metrics {
     /// Creates and registers every family.
     pub fn new() -> Self {
         let registry = Registry::new();
-        let plugin_calls = Family::<SlotLabels, Counter>::default();
-        registry.register("plugin_calls", "Plugin calls made, by slot", plugin_calls.clone());
-        let plugin_failures = Family::<FailureLabels, Counter>::default();
-        registry.register(
-            "plugin_failures",
-            "Plugin calls that failed (timeout, memory cap, trap, no instance); the slot's failure policy applied",
-            plugin_failures.clone(),
-        );
-        let plugin_call_duration: HistogramFamily<SlotLabels> = Family::new_with_constructor(call_histogram);
-        registry.register(
-            "plugin_call_duration_seconds",
-            "Duration of plugin calls including instance checkout (one call in 16 is sampled)",
-            plugin_call_duration.clone(),
-        );
-        let plugin_swaps = Family::<SwapLabels, Counter>::default();
-        registry.register("plugin_swaps", "Plugin swap attempts, by result", plugin_swaps.clone());
-        let plugin_rollbacks = Family::<SlotLabels, Counter>::default();
-        registry.register("plugin_rollbacks", "Plugin rollbacks", plugin_rollbacks.clone());
-        let plugin_swap_duration: HistogramFamily<SlotLabels> = Family::new_with_constructor(call_histogram);
-        registry.register(
-            "plugin_swap_duration_seconds",
-            "Time from receiving new plugin bytes to the atomic switch (compile, instantiate, init)",
-            plugin_swap_duration.clone(),
-        );
-        let plugin_idle_instances = Family::<SlotLabels, Gauge>::default();
-        registry.register(
-            "plugin_idle_instances",
-            "Warm plugin instances waiting in the pool",
-            plugin_idle_instances.clone(),
-        );
-        let plugin_logs_dropped = Family::<SlotLabels, Counter>::default();
-        registry.register(
-            "plugin_log_records_dropped",
-            "Plugin log records dropped by the per-call limit",
-            plugin_logs_dropped.clone(),
-        );
         let admin_requests = Family::<StatusLabels, Counter>::default();
         registry.register(
             "admin_requests",
@@ -747,14 +605,6 @@ impl Metrics {
         registry.register("build_info", "Holdfast build information", build_info);
         Metrics {
             registry,
-            plugin_calls,
-            plugin_failures,
-            plugin_call_duration,
-            plugin_swaps,
-            plugin_rollbacks,
-            plugin_swap_duration,
-            plugin_idle_instances,
-            plugin_logs_dropped,
             admin_requests,
             outbox_enqueued,
             outbox_delivered,

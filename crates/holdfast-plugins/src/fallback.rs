@@ -134,7 +134,7 @@ pub(crate) fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use holdfast_metrics::FailureKind;
+    use crate::FailureKind;
 
     fn failure() -> Failure {
         Failure {

@@ -23,6 +23,7 @@ mod convert;
 mod embedded;
 mod engine;
 mod fallback;
+mod metrics;
 pub mod message;
 mod slot;
 mod state;
@@ -42,7 +43,7 @@ use self::slot::{AuthKind, ContentKind, Kind, RouterKind, Slot, SlotLimits};
 pub use self::slot::{Failure, SlotStatus, SwapRecord};
 pub use self::state::{LOG_MESSAGE_MAX, LOG_RECORDS_PER_CALL, NodeContext};
 use crate::config::{ContentFailurePolicy, PluginsConfig, RouterFailurePolicy, SlotConfig};
-pub use holdfast_metrics::FailureKind;
+pub use self::metrics::{FailureKind, PluginMetrics};
 pub use holdfast_model::Message;
 pub use holdfast_model::policy::{
     Action, Authorized, AuthzDecision, ConnectInfo, LocalAction, Operation, Policy, Principal, Refusal, RefusalCode,

@@ -8,9 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, InstancePre};
@@ -21,7 +18,7 @@ use super::engine::Runtime;
 use super::state::EPOCH_TICK;
 use super::state::{NodeContext, PluginState};
 use super::{PluginError, SlotName};
-use holdfast_metrics::{FailureKind, FailureLabels, SlotLabels, SwapLabels, SwapResult, handle};
+use super::metrics::{FailureKind, SlotMetrics};
 
 /// Swap records kept per slot.
 const HISTORY_LEN: usize = 100;
@@ -269,61 +266,6 @@ fn guarded<R>(
     Err(failure)
 }
 
-/// Hot-path metric handles for a slot.
-struct SlotMetrics {
-    calls: Counter,
-    duration: Histogram,
-    idle: Gauge,
-    timeouts: Counter,
-    memory: Counter,
-    traps: Counter,
-    unavailable: Counter,
-    swaps_ok: Counter,
-    swaps_rejected: Counter,
-    rollbacks: Counter,
-    swap_duration: Histogram,
-}
-
-impl SlotMetrics {
-    fn new(node: &NodeContext, slot: SlotName) -> Self {
-        let m = &node.metrics;
-        let labels = SlotLabels {
-            slot: slot.as_str().to_string(),
-        };
-        let failure = |kind| {
-            handle(
-                &m.plugin_failures,
-                &FailureLabels {
-                    slot: slot.as_str().to_string(),
-                    kind,
-                },
-            )
-        };
-        let swaps = |result| {
-            handle(
-                &m.plugin_swaps,
-                &SwapLabels {
-                    slot: slot.as_str().to_string(),
-                    result,
-                },
-            )
-        };
-        SlotMetrics {
-            calls: handle(&m.plugin_calls, &labels),
-            duration: handle(&m.plugin_call_duration, &labels),
-            idle: handle(&m.plugin_idle_instances, &labels),
-            timeouts: failure(FailureKind::Timeout),
-            memory: failure(FailureKind::Memory),
-            traps: failure(FailureKind::Trap),
-            unavailable: failure(FailureKind::Unavailable),
-            swaps_ok: swaps(SwapResult::Ok),
-            swaps_rejected: swaps(SwapResult::Rejected),
-            rollbacks: handle(&m.plugin_rollbacks, &labels),
-            swap_duration: handle(&m.plugin_swap_duration, &labels),
-        }
-    }
-}
-
 /// A plugin slot.
 pub struct Slot<K: Kind> {
     runtime: Arc<Runtime>,
@@ -359,7 +301,7 @@ impl<K: Kind> Slot<K> {
         source: String,
         config_json: Arc<str>,
     ) -> Result<Self, PluginError> {
-        let metrics = SlotMetrics::new(&node, K::SLOT);
+        let metrics = SlotMetrics::new(&node.metrics, K::SLOT);
         let started = Instant::now();
         let version = build_version::<K>(&runtime, &node, &limits, bytes, source.clone(), config_json)?;
         let record = SwapRecord {

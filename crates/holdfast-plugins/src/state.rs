@@ -20,7 +20,7 @@ use super::bindings::router::holdfast::gateway::{host, routing, types};
 use super::message::MessageRep;
 use super::stdio::Captured;
 pub use super::stdio::LOG_MESSAGE_MAX;
-use holdfast_metrics::Metrics;
+use super::metrics::PluginMetrics;
 use holdfast_model::identity::IdentityDirectory;
 
 /// How often the epoch advances. Deadlines are whole ticks.
@@ -38,8 +38,8 @@ pub struct NodeContext {
     pub started: Instant,
     /// The identities auth plugins verify against.
     pub identities: Arc<dyn IdentityDirectory>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
+    /// The plugin runtime's metrics.
+    pub metrics: Arc<PluginMetrics>,
 }
 
 impl std::fmt::Debug for NodeContext {
@@ -216,13 +216,7 @@ impl WasiView for PluginState {
 impl host::Host for PluginState {
     fn log(&mut self, level: host::Level, message: String) -> wasmtime::Result<()> {
         if self.log_budget == 0 {
-            self.node
-                .metrics
-                .plugin_logs_dropped
-                .get_or_create(&holdfast_metrics::SlotLabels {
-                    slot: self.slot.as_str().to_string(),
-                })
-                .inc();
+            self.node.metrics.log_dropped(self.slot);
             return Ok(());
         }
         self.log_budget -= 1;

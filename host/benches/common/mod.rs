@@ -5,9 +5,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use holdfast::config::Config;
-use holdfast_metrics::Metrics;
 use holdfast_model::identity::MemoryDirectory;
-use holdfast_plugins::{NodeContext, PluginHost};
+use holdfast_plugins::{NodeContext, PluginHost, PluginMetrics};
 
 /// A plugin host with the embedded default plugins, its data (the compile
 /// cache) in `data_dir`.
@@ -20,7 +19,7 @@ pub fn plugin_host(data_dir: &std::path::Path) -> PluginHost {
             node_id: "bench".into(),
             started: Instant::now(),
             identities: Arc::new(MemoryDirectory::new()),
-            metrics: Arc::new(Metrics::new()),
+            metrics: Arc::new(PluginMetrics::default()),
         },
     )
     .expect("plugins")
