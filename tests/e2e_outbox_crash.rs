@@ -12,8 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use holdfast::config::OutboxConfig;
-use holdfast_metrics::Metrics;
-use holdfast_outbox::{Outbox, SystemTimeSource};
+use holdfast_outbox::{Outbox, OutboxMetrics, SystemTimeSource};
 use holdfast_store::Store;
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
@@ -77,7 +76,7 @@ fn recovered(dir: &Path) -> Vec<(u8, u64, String)> {
         &store,
         dir,
         OutboxConfig::default(),
-        Arc::new(Metrics::new()),
+        Arc::new(OutboxMetrics::default()),
         Arc::new(SystemTimeSource),
     )
     .unwrap();

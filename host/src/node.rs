@@ -104,7 +104,7 @@ impl Node {
         let metrics = Arc::new(Metrics::new());
         let store_dir = data_dir.join("store");
         let blob_dir = data_dir.join("deploy").join("components");
-        let outbox_metrics = metrics.clone();
+        let outbox_metrics = Arc::new(holdfast_outbox::OutboxMetrics::new(metrics.registry()));
         let role = match config.upstream.kind {
             crate::config::UpstreamKind::Quic => Role::Replica {
                 parent: config.upstream.quic.parent_id.clone(),

@@ -100,7 +100,7 @@ fn node() -> Node {
         &store,
         dir.path(),
         holdfast_outbox::config::OutboxConfig::default(),
-        metrics.clone(),
+        Arc::new(holdfast_outbox::OutboxMetrics::default()),
         Arc::new(SystemTimeSource),
     )
     .unwrap();

@@ -18,22 +18,6 @@ pub struct StatusLabels {
     pub code: u16,
 }
 
-/// Labels carrying an outbox lane.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct LaneLabels {
-    /// Lane 0-9.
-    pub lane: u8,
-}
-
-/// Labels of outbox removals that are not deliveries.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct LaneReasonLabels {
-    /// Lane 0-9.
-    pub lane: u8,
-    /// Why: `quota`, `disk`, `ttl`, `damaged`, `invalid`.
-    pub reason: &'static str,
-}
-
 /// Labels of events counted by outcome.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -174,24 +158,6 @@ pub struct Metrics {
     registry: Registry,
     /// `holdfast_admin_requests_total{code}`
     pub admin_requests: Family<StatusLabels, Counter>,
-    /// `holdfast_outbox_enqueued_total{lane}`
-    pub outbox_enqueued: Family<LaneLabels, Counter>,
-    /// `holdfast_outbox_delivered_total{lane}`: acknowledged by the upstream and deleted.
-    pub outbox_delivered: Family<LaneLabels, Counter>,
-    /// `holdfast_outbox_expired_total{lane}`
-    pub outbox_expired: Family<LaneLabels, Counter>,
-    /// `holdfast_outbox_dropped_total{lane,reason}`: queued messages removed undelivered.
-    pub outbox_dropped: Family<LaneReasonLabels, Counter>,
-    /// `holdfast_outbox_rejected_total{lane,reason}`: appends refused.
-    pub outbox_rejected: Family<LaneReasonLabels, Counter>,
-    /// `holdfast_outbox_depth_messages{lane}`
-    pub outbox_depth: Family<LaneLabels, Gauge>,
-    /// `holdfast_outbox_depth_bytes{lane}`
-    pub outbox_bytes: Family<LaneLabels, Gauge>,
-    /// `holdfast_outbox_oldest_age_seconds{lane}`
-    pub outbox_oldest_age: Family<LaneLabels, Gauge>,
-    /// `holdfast_outbox_commits_total`: group commits (one sync each when they hold appends).
-    pub outbox_commits: Counter,
     /// `holdfast_mqtt_connections{transport}`: connected MQTT clients.
     pub mqtt_connections: Family<TransportLabels, Gauge>,
     /// `holdfast_mqtt_sessions`: sessions kept (connected or persistent).
@@ -310,56 +276,6 @@ impl Metrics {
             "Admin API requests, by status code",
             admin_requests.clone(),
         );
-        let outbox_enqueued = Family::<LaneLabels, Counter>::default();
-        registry.register(
-            "outbox_enqueued",
-            "Messages appended to the outbox, by lane",
-            outbox_enqueued.clone(),
-        );
-        let outbox_delivered = Family::<LaneLabels, Counter>::default();
-        registry.register(
-            "outbox_delivered",
-            "Messages acknowledged by the upstream and deleted, by lane",
-            outbox_delivered.clone(),
-        );
-        let outbox_expired = Family::<LaneLabels, Counter>::default();
-        registry.register(
-            "outbox_expired",
-            "Messages removed after their time-to-live",
-            outbox_expired.clone(),
-        );
-        let outbox_dropped = Family::<LaneReasonLabels, Counter>::default();
-        registry.register(
-            "outbox_dropped",
-            "Queued messages removed undelivered (quota: drop-oldest; damaged: quarantined)",
-            outbox_dropped.clone(),
-        );
-        let outbox_rejected = Family::<LaneReasonLabels, Counter>::default();
-        registry.register(
-            "outbox_rejected",
-            "Appends refused (quota, disk, invalid)",
-            outbox_rejected.clone(),
-        );
-        let outbox_depth = Family::<LaneLabels, Gauge>::default();
-        registry.register(
-            "outbox_depth_messages",
-            "Messages queued, by lane",
-            outbox_depth.clone(),
-        );
-        let outbox_bytes = Family::<LaneLabels, Gauge>::default();
-        registry.register(
-            "outbox_depth_bytes",
-            "Bytes queued (stored size), by lane",
-            outbox_bytes.clone(),
-        );
-        let outbox_oldest_age = Family::<LaneLabels, Gauge>::default();
-        registry.register(
-            "outbox_oldest_age_seconds",
-            "Age of the oldest queued message on the outbox clock, by lane",
-            outbox_oldest_age.clone(),
-        );
-        let outbox_commits = Counter::default();
-        registry.register("outbox_commits", "Outbox group commits", outbox_commits.clone());
         let mqtt_connections = Family::<TransportLabels, Gauge>::default();
         registry.register(
             "mqtt_connections",
@@ -606,15 +522,6 @@ impl Metrics {
         Metrics {
             registry,
             admin_requests,
-            outbox_enqueued,
-            outbox_delivered,
-            outbox_expired,
-            outbox_dropped,
-            outbox_rejected,
-            outbox_depth,
-            outbox_bytes,
-            outbox_oldest_age,
-            outbox_commits,
             mqtt_connections,
             mqtt_sessions,
             mqtt_retained,

@@ -12,10 +12,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use holdfast_metrics::Metrics;
 use holdfast_model::Message;
 use holdfast_outbox::config::OutboxConfig;
-use holdfast_outbox::{Outbox, SystemTimeSource};
+use holdfast_outbox::{Outbox, OutboxMetrics, SystemTimeSource};
 use holdfast_store::Store;
 
 fn open(dir: &Path) -> (Store, Outbox) {
@@ -29,7 +28,7 @@ fn open(dir: &Path) -> (Store, Outbox) {
         &store,
         dir,
         config,
-        Arc::new(Metrics::new()),
+        Arc::new(OutboxMetrics::default()),
         Arc::new(SystemTimeSource),
     )
     .expect("outbox");

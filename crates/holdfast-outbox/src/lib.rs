@@ -36,6 +36,7 @@ mod lane;
 mod lanes;
 mod layout;
 mod limits;
+mod metrics;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -50,10 +51,10 @@ use self::clock::{Clock, Now, Resumed, Saved};
 use self::lane::Remove;
 use self::lanes::Lanes;
 use self::limits::Limits;
+pub use self::metrics::OutboxMetrics;
 use self::record::{EncodeError, Record};
 use self::writer::{Request, Storage, Writer};
 use crate::config::OutboxConfig;
-use holdfast_metrics::{LaneLabels, LaneReasonLabels, Metrics, handle};
 use holdfast_model::Message;
 use holdfast_store::{Durability, Store, StoreError};
 
@@ -191,7 +192,7 @@ pub struct Outbox {
     time: OutboxTime,
     store: Store,
     dir: PathBuf,
-    metrics: Arc<Metrics>,
+    metrics: Arc<OutboxMetrics>,
     /// Appends refused as invalid, per lane.
     rejected_invalid: Vec<Counter>,
     tx: Mutex<Option<mpsc::Sender<Request>>>,
@@ -214,7 +215,7 @@ impl Outbox {
         store: &Store,
         dir: &Path,
         config: OutboxConfig,
-        metrics: Arc<Metrics>,
+        metrics: Arc<OutboxMetrics>,
         time: Arc<dyn TimeSource>,
     ) -> Result<Outbox, OutboxError> {
         let data = store.space("outbox")?;
@@ -288,17 +289,7 @@ impl Outbox {
                 }
             })
             .map_err(OutboxError::Thread)?;
-        let rejected_invalid = (0..LANES as u8)
-            .map(|lane| {
-                handle(
-                    &metrics.outbox_rejected,
-                    &LaneReasonLabels {
-                        lane,
-                        reason: "invalid",
-                    },
-                )
-            })
-            .collect();
+        let rejected_invalid = (0..LANES as u8).map(|lane| metrics.rejected_invalid(lane)).collect();
         let outbox = Outbox {
             lanes,
             limits,
@@ -430,14 +421,8 @@ impl Outbox {
     /// Per-lane figures; also refreshes the depth and age gauges.
     pub fn stats(&self) -> Vec<LaneStats> {
         let stats = self.lanes.stats(self.clock_ms());
-        let m = &self.metrics;
         for (i, s) in stats.iter().enumerate() {
-            let labels = LaneLabels { lane: i as u8 };
-            m.outbox_depth.get_or_create(&labels).set(s.messages as i64);
-            m.outbox_bytes.get_or_create(&labels).set(s.bytes as i64);
-            m.outbox_oldest_age
-                .get_or_create(&labels)
-                .set(s.oldest_age_ms.map(|a| (a / 1000) as i64).unwrap_or(0));
+            self.metrics.set_depth(i as u8, s);
         }
         stats
     }

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
-use holdfast_metrics::{LaneLabels, LaneReasonLabels, Metrics, handle};
 use holdfast_store::{Batch, Durability, Space, Store, StoreError};
 use prometheus_client::metrics::counter::Counter;
 
@@ -17,6 +16,7 @@ use crate::lane::{Removal, Remove};
 use crate::lanes::{Lanes, Totals};
 use crate::layout::{encode_lane_meta, key, lane_meta_key};
 use crate::limits::{Limits, free_disk};
+use crate::metrics::{LaneCounters, OutboxMetrics};
 use crate::{AppendError, LANES, MessageId, OutboxTime};
 
 /// Where an append's result goes.
@@ -37,32 +37,6 @@ pub(crate) enum Request {
     },
     /// Save the outbox clock.
     SaveClock,
-}
-
-/// The counters the writer moves, per lane.
-struct LaneCounters {
-    enqueued: Counter,
-    delivered: Counter,
-    expired: Counter,
-    dropped_quota: Counter,
-    dropped_damaged: Counter,
-    rejected_quota: Counter,
-    rejected_disk: Counter,
-}
-
-impl LaneCounters {
-    fn new(metrics: &Metrics, lane: u8) -> LaneCounters {
-        let reason = |r: &'static str| LaneReasonLabels { lane, reason: r };
-        LaneCounters {
-            enqueued: handle(&metrics.outbox_enqueued, &LaneLabels { lane }),
-            delivered: handle(&metrics.outbox_delivered, &LaneLabels { lane }),
-            expired: handle(&metrics.outbox_expired, &LaneLabels { lane }),
-            dropped_quota: handle(&metrics.outbox_dropped, &reason("quota")),
-            dropped_damaged: handle(&metrics.outbox_dropped, &reason("damaged")),
-            rejected_quota: handle(&metrics.outbox_rejected, &reason("quota")),
-            rejected_disk: handle(&metrics.outbox_rejected, &reason("disk")),
-        }
-    }
 }
 
 /// What one commit changes, computed before it and applied after it.
@@ -131,7 +105,7 @@ impl Writer {
         time: OutboxTime,
         dir: &Path,
         config: &OutboxConfig,
-        metrics: &Metrics,
+        metrics: &OutboxMetrics,
     ) -> Writer {
         Writer {
             store: storage.store,
@@ -146,8 +120,8 @@ impl Writer {
             commit_window: Duration::from_micros(config.commit_window_us),
             max_batch: config.max_batch,
             sync: config.sync,
-            counters: (0..LANES as u8).map(|l| LaneCounters::new(metrics, l)).collect(),
-            commits: metrics.outbox_commits.clone(),
+            counters: (0..LANES as u8).map(|l| metrics.lane(l)).collect(),
+            commits: metrics.commits(),
         }
     }
 

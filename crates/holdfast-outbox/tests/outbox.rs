@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use holdfast_metrics::Metrics;
+use holdfast_metrics::Registry;
 use holdfast_model::Message;
 use holdfast_outbox::clock::Now;
 use holdfast_outbox::config::{OutboxConfig, Scheduling, WhenFull};
-use holdfast_outbox::{AppendError, MessageId, Outbox, TimeSource};
+use holdfast_outbox::{AppendError, MessageId, Outbox, OutboxMetrics, TimeSource};
 use holdfast_store::Store;
 
 /// A settable clock: boot time and wall time move independently.
@@ -58,7 +58,7 @@ impl TimeSource for FakeTime {
 
 struct Opened {
     outbox: Outbox,
-    metrics: Arc<Metrics>,
+    metrics: Arc<Registry>,
     _store: Store,
 }
 
@@ -70,8 +70,8 @@ fn config(extra: &str) -> OutboxConfig {
 
 fn open(dir: &Path, cfg: OutboxConfig, time: Arc<FakeTime>) -> Opened {
     let store = Store::open(&dir.join("store")).unwrap();
-    let metrics = Arc::new(Metrics::new());
-    let outbox = Outbox::open(&store, dir, cfg, metrics.clone(), time).unwrap();
+    let metrics = Arc::new(Registry::new());
+    let outbox = Outbox::open(&store, dir, cfg, Arc::new(OutboxMetrics::new(&metrics)), time).unwrap();
     Opened {
         outbox,
         metrics,
@@ -98,7 +98,7 @@ fn drain(o: &Outbox) -> Vec<(u8, u64)> {
     out
 }
 
-fn metric(m: &Metrics, prefix: &str) -> f64 {
+fn metric(m: &Registry, prefix: &str) -> f64 {
     m.render()
         .lines()
         .find(|l| l.starts_with(prefix))

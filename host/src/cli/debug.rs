@@ -8,12 +8,11 @@ pub(crate) fn outbox_fill(data_dir: &Path, writers: u32, lanes: u8, tag: &str) -
     use std::io::Write as _;
     use std::sync::{Arc, Mutex};
     let store = holdfast_store::Store::open(&data_dir.join("store"))?;
-    let metrics = Arc::new(holdfast_metrics::Metrics::new());
     let outbox = Arc::new(holdfast_outbox::Outbox::open(
         &store,
         data_dir,
         crate::config::OutboxConfig::default(),
-        metrics,
+        Arc::new(holdfast_outbox::OutboxMetrics::default()),
         Arc::new(holdfast_outbox::SystemTimeSource),
     )?);
     let out = Arc::new(Mutex::new(std::io::stdout()));

@@ -1,0 +1,171 @@
+//! What the outbox counts, per lane: appends, deliveries, expiries, drops
+//! and refusals, the depth gauges, and the group commits
+//! (`holdfast_outbox_*`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::LaneStats;
+use holdfast_metrics::{Registry, handle};
+
+/// Labels carrying an outbox lane.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LaneLabels {
+    /// Lane 0-9.
+    lane: u8,
+}
+
+/// Labels of outbox removals that are not deliveries.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LaneReasonLabels {
+    /// Lane 0-9.
+    lane: u8,
+    /// Why: `quota`, `disk`, `ttl`, `damaged`, `invalid`.
+    reason: &'static str,
+}
+
+/// The outbox's metric families.
+#[derive(Debug)]
+pub struct OutboxMetrics {
+    /// `holdfast_outbox_enqueued_total{lane}`
+    enqueued: Family<LaneLabels, Counter>,
+    /// `holdfast_outbox_delivered_total{lane}`: acknowledged by the upstream and deleted.
+    delivered: Family<LaneLabels, Counter>,
+    /// `holdfast_outbox_expired_total{lane}`
+    expired: Family<LaneLabels, Counter>,
+    /// `holdfast_outbox_dropped_total{lane,reason}`: queued messages removed undelivered.
+    dropped: Family<LaneReasonLabels, Counter>,
+    /// `holdfast_outbox_rejected_total{lane,reason}`: appends refused.
+    rejected: Family<LaneReasonLabels, Counter>,
+    /// `holdfast_outbox_depth_messages{lane}`
+    depth: Family<LaneLabels, Gauge>,
+    /// `holdfast_outbox_depth_bytes{lane}`
+    bytes: Family<LaneLabels, Gauge>,
+    /// `holdfast_outbox_oldest_age_seconds{lane}`
+    oldest_age: Family<LaneLabels, Gauge>,
+    /// `holdfast_outbox_commits_total`: group commits (one sync each when they hold appends).
+    commits: Counter,
+}
+
+impl Default for OutboxMetrics {
+    /// Families registered nowhere (for tests that do not read them).
+    fn default() -> Self {
+        Self::new(&Registry::new())
+    }
+}
+
+impl OutboxMetrics {
+    /// Creates the `holdfast_outbox_*` families and registers them in `registry`.
+    pub fn new(registry: &Registry) -> OutboxMetrics {
+        let enqueued = Family::<LaneLabels, Counter>::default();
+        registry.register(
+            "outbox_enqueued",
+            "Messages appended to the outbox, by lane",
+            enqueued.clone(),
+        );
+        let delivered = Family::<LaneLabels, Counter>::default();
+        registry.register(
+            "outbox_delivered",
+            "Messages acknowledged by the upstream and deleted, by lane",
+            delivered.clone(),
+        );
+        let expired = Family::<LaneLabels, Counter>::default();
+        registry.register(
+            "outbox_expired",
+            "Messages removed after their time-to-live",
+            expired.clone(),
+        );
+        let dropped = Family::<LaneReasonLabels, Counter>::default();
+        registry.register(
+            "outbox_dropped",
+            "Queued messages removed undelivered (quota: drop-oldest; damaged: quarantined)",
+            dropped.clone(),
+        );
+        let rejected = Family::<LaneReasonLabels, Counter>::default();
+        registry.register(
+            "outbox_rejected",
+            "Appends refused (quota, disk, invalid)",
+            rejected.clone(),
+        );
+        let depth = Family::<LaneLabels, Gauge>::default();
+        registry.register("outbox_depth_messages", "Messages queued, by lane", depth.clone());
+        let bytes = Family::<LaneLabels, Gauge>::default();
+        registry.register(
+            "outbox_depth_bytes",
+            "Bytes queued (stored size), by lane",
+            bytes.clone(),
+        );
+        let oldest_age = Family::<LaneLabels, Gauge>::default();
+        registry.register(
+            "outbox_oldest_age_seconds",
+            "Age of the oldest queued message on the outbox clock, by lane",
+            oldest_age.clone(),
+        );
+        let commits = Counter::default();
+        registry.register("outbox_commits", "Outbox group commits", commits.clone());
+        OutboxMetrics {
+            enqueued,
+            delivered,
+            expired,
+            dropped,
+            rejected,
+            depth,
+            bytes,
+            oldest_age,
+            commits,
+        }
+    }
+
+    /// The counters the writer moves for `lane`.
+    pub(crate) fn lane(&self, lane: u8) -> LaneCounters {
+        let reason = |r: &'static str| LaneReasonLabels { lane, reason: r };
+        LaneCounters {
+            enqueued: handle(&self.enqueued, &LaneLabels { lane }),
+            delivered: handle(&self.delivered, &LaneLabels { lane }),
+            expired: handle(&self.expired, &LaneLabels { lane }),
+            dropped_quota: handle(&self.dropped, &reason("quota")),
+            dropped_damaged: handle(&self.dropped, &reason("damaged")),
+            rejected_quota: handle(&self.rejected, &reason("quota")),
+            rejected_disk: handle(&self.rejected, &reason("disk")),
+        }
+    }
+
+    /// Appends to `lane` refused as invalid.
+    pub(crate) fn rejected_invalid(&self, lane: u8) -> Counter {
+        handle(
+            &self.rejected,
+            &LaneReasonLabels {
+                lane,
+                reason: "invalid",
+            },
+        )
+    }
+
+    /// The group-commit counter.
+    pub(crate) fn commits(&self) -> Counter {
+        self.commits.clone()
+    }
+
+    /// Sets the depth and age gauges of `lane` to `s`.
+    pub(crate) fn set_depth(&self, lane: u8, s: &LaneStats) {
+        let labels = LaneLabels { lane };
+        self.depth.get_or_create(&labels).set(s.messages as i64);
+        self.bytes.get_or_create(&labels).set(s.bytes as i64);
+        self.oldest_age
+            .get_or_create(&labels)
+            .set(s.oldest_age_ms.map(|a| (a / 1000) as i64).unwrap_or(0));
+    }
+}
+
+/// The counters the writer moves, per lane.
+pub(crate) struct LaneCounters {
+    pub(crate) enqueued: Counter,
+    pub(crate) delivered: Counter,
+    pub(crate) expired: Counter,
+    pub(crate) dropped_quota: Counter,
+    pub(crate) dropped_damaged: Counter,
+    pub(crate) rejected_quota: Counter,
+    pub(crate) rejected_disk: Counter,
+}
