@@ -8,7 +8,10 @@
 #   deploy crates do not pull in wasmtime at all, even indirectly (their tests
 #   compile without a WebAssembly runtime);
 # - the sans-IO protocol crates (holdfast-mqtt, holdfast-link-proto) pull in
-#   no async runtime, no QUIC, no storage and no wasmtime.
+#   no async runtime, no QUIC, no storage and no wasmtime;
+# - holdfast-link reaches the broker, the hub, the deployer and the registry
+#   only through holdfast-model's ports: it depends on none of them, even
+#   indirectly.
 # Cargo itself refuses dependency cycles between crates.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,6 +63,14 @@ for c in holdfast-mqtt holdfast-link-proto; do
             fail=1
         fi
     done
+done
+
+# The link talks to the rest of the node through ports only.
+for d in holdfast-broker holdfast-iothub holdfast-deploy holdfast-registry holdfast-plugins holdfast-cache; do
+    if all holdfast-link | grep -qx "$d"; then
+        echo "layering: holdfast-link depends on $d (use the ports in holdfast-model)" >&2
+        fail=1
+    fi
 done
 
 if [ "$fail" -ne 0 ]; then

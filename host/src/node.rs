@@ -481,42 +481,58 @@ fn start_link(
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> Result<Option<SocketAddr>, StartError> {
     use crate::config::UpstreamKind;
-    use holdfast_link::{bridge, child, parent, root};
+    use holdfast_link::{Services, bridge, child, parent, root};
+    use holdfast_model::ports::{LinkService, LocalDelivery};
+    // The services the link carries, each run by its own crate.
+    let scope: Arc<dyn LinkService> = Arc::new(holdfast_registry::ScopeSync::new(
+        hub.registry().clone(),
+        metrics.clone(),
+        config.node.id.clone(),
+    ));
+    let twins: Arc<dyn LinkService> = hub.clone();
+    let deploy: Arc<dyn LinkService> = deployer.clone();
     let mut listen = None;
     if config.link.enabled {
         let ctx = parent::Ctx {
             node_id: config.node.id.clone(),
             outbox: outbox.clone(),
-            registry: hub.registry().clone(),
+            identities: hub.registry().clone(),
             status: status.clone(),
             metrics: metrics.clone(),
-            hub: hub.clone(),
             max_children: config.link.max_children,
             max_frame: config.link.max_batch_bytes as usize,
-            deploy: Some(deployer.clone()),
+            services: Services {
+                scope: Some(scope.clone()),
+                twins: Some(twins.clone()),
+                deploy: Some(deploy.clone()),
+            },
         };
         let (addr, task) = parent::start(config.link_sections(), ctx, stopped.clone())?;
         listen = Some(addr);
         tasks.push(task);
     }
     let stop = stopped.clone();
+    let quic = matches!(config.upstream.kind, UpstreamKind::Quic);
     let ctx = holdfast_link::Ctx {
         node_id: config.node.id.clone(),
         config: config.upstream.clone(),
         outbox: outbox.clone(),
         status: status.clone(),
         metrics: metrics.clone(),
-        registry: matches!(config.upstream.kind, UpstreamKind::Quic).then(|| hub.registry().clone()),
-        hub: matches!(config.upstream.kind, UpstreamKind::Quic).then(|| hub.clone()),
+        services: Services {
+            scope: quic.then_some(scope),
+            twins: quic.then_some(twins),
+            deploy: (quic && config.deploy.accept).then_some(deploy),
+        },
         rate: rate.clone(),
-        deploy: (matches!(config.upstream.kind, UpstreamKind::Quic) && config.deploy.accept).then(|| deployer.clone()),
     };
+    let local = broker.clone().map(|b| b as Arc<dyn LocalDelivery>);
     match config.upstream.kind {
         UpstreamKind::None => {
             tracing::info!("no upstream: root role, the outbox drains to local subscribers");
             tasks.push(tokio::spawn(root::run(
                 outbox.clone(),
-                broker.clone(),
+                local,
                 metrics.clone(),
                 config.upstream.batch_messages,
                 stop,
@@ -530,7 +546,7 @@ fn start_link(
         UpstreamKind::Mqtt => {
             let bridge = bridge::Bridge {
                 link: ctx,
-                broker: broker.clone(),
+                local,
                 tls: bridge::tls_connector(config.link_sections())?,
             };
             tracing::info!(broker = %format!("{}:{}", config.upstream.mqtt.host, config.upstream.mqtt.port), "upstream: MQTT bridge");

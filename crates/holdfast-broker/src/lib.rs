@@ -48,14 +48,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use holdfast_metrics::{Metrics, ReasonLabels};
+use holdfast_metrics::Metrics;
 use holdfast_model::policy::Policy;
 use holdfast_outbox::{AppendError, MessageId, Outbox};
 use holdfast_store::{Store, StoreError};
 use tokio::sync::oneshot;
 use tokio::sync::watch;
 
-use self::metrics::BrokerMetrics;
+pub use self::metrics::BrokerMetrics;
 use self::persist::Persist;
 use self::principals::Principals;
 use self::retained::Retained;
@@ -197,7 +197,8 @@ pub struct Parts {
     pub policy: Arc<dyn Policy>,
     /// Where upstream-bound messages are appended.
     pub outbox: Arc<Outbox>,
-    /// The node's metrics.
+    /// The node's metrics: the broker registers its families (see
+    /// [`BrokerMetrics`]) in their registry.
     pub metrics: Arc<Metrics>,
     /// The identities clients authenticate as (revocations, CA-signed certificates).
     pub registry: Arc<holdfast_registry::Registry>,
@@ -226,11 +227,11 @@ impl Broker {
         } = parts;
         let persist = Arc::new(Persist::open(store)?);
         let (loaded, retained, damaged) = persist.load()?;
+        let metrics = Arc::new(BrokerMetrics::new(metrics.registry()));
         if damaged > 0 {
             tracing::warn!(damaged, "skipped damaged broker records");
-            holdfast_metrics::handle(&metrics.mqtt_dropped, &ReasonLabels { reason: "damaged" }).inc_by(damaged as u64);
+            metrics.dropped_n("damaged", damaged as u64);
         }
-        let metrics = Arc::new(BrokerMetrics::new(metrics));
         let subs = Arc::new(Subscriptions::default());
         let sessions = Sessions::new(
             subs.clone(),
@@ -423,9 +424,9 @@ impl Broker {
     }
 
     /// Delivers a message to this node's subscribers (and stores it if it is
-    /// retained). Used for the router's `local` action, and by the upstream
-    /// link for messages coming down. Returns the deepest queue of a
-    /// connected subscriber after the delivery.
+    /// retained). Used for the router's `local` action; the link reaches it
+    /// through [`LocalDelivery`]. Returns the deepest queue of a connected
+    /// subscriber after the delivery.
     pub fn deliver(&self, msg: Arc<Msg>) -> usize {
         self.router.deliver(msg)
     }
@@ -456,5 +457,35 @@ impl Broker {
         msg: Arc<Msg>,
     ) -> Result<oneshot::Receiver<Delivery>, NotTaken> {
         self.router.deliver_with_receipt(client_id, msg)
+    }
+}
+
+/// The link's way to this node's subscribers: a root draining its outbox,
+/// the MQTT bridge's `in` mappings.
+impl holdfast_model::ports::LocalDelivery for Broker {
+    fn deliver(&self, local: holdfast_model::ports::LocalMessage) -> usize {
+        let holdfast_model::ports::LocalMessage {
+            message: m,
+            expires_at_ms,
+            publisher,
+            reply,
+        } = local;
+        let qos = holdfast_mqtt::QoS::from_u8(m.qos.min(2)).unwrap_or(holdfast_mqtt::QoS::ExactlyOnce);
+        self.router.deliver(Arc::new(Msg {
+            topic: m.topic,
+            payload: m.payload,
+            qos,
+            retain: m.retain,
+            properties: holdfast_mqtt::Properties {
+                payload_format_indicator: reply.payload_format_indicator,
+                content_type: m.content_type,
+                response_topic: reply.response_topic,
+                correlation_data: reply.correlation_data,
+                user_properties: m.properties,
+                ..holdfast_mqtt::Properties::default()
+            },
+            expires_at_ms,
+            publisher: publisher.map(Arc::from),
+        }))
     }
 }

@@ -20,6 +20,12 @@ impl Events {
         holdfast_metrics::handle(&self.metrics.deploy_events, &EventLabels { event }).inc();
     }
 
+    /// `n` more component bytes `sent` to child gateways or `received`
+    /// from the parent (`holdfast_deploy_component_bytes_total{event}`).
+    pub(crate) fn component_bytes(&self, event: &'static str, n: u64) {
+        holdfast_metrics::handle(&self.metrics.deploy_component_bytes, &EventLabels { event }).inc_by(n);
+    }
+
     /// How many `event`s were counted.
     #[cfg(test)]
     pub(crate) fn get(&self, event: &'static str) -> u64 {

@@ -31,6 +31,7 @@ mod apply;
 mod deployer;
 mod events;
 mod held;
+mod link_stream;
 mod owner;
 mod received;
 mod reports;

@@ -41,6 +41,7 @@ pub mod config;
 mod device_twins;
 mod dialect;
 mod events;
+mod link_service;
 mod links;
 mod methods;
 pub mod service;
@@ -294,8 +295,20 @@ impl Hub {
 
     /// Delivers a message that came down from the parent to this node's
     /// subscribers (or further down).
-    pub fn deliver_from_parent(&self, msg: Msg) {
-        self.clients.deliver(Arc::new(msg));
+    pub fn deliver_from_parent(&self, m: holdfast_model::Message) {
+        self.clients.deliver(Arc::new(Msg {
+            topic: m.topic,
+            payload: m.payload,
+            qos: holdfast_mqtt::QoS::from_u8(m.qos).unwrap_or(holdfast_mqtt::QoS::AtLeastOnce),
+            retain: m.retain,
+            properties: holdfast_mqtt::Properties {
+                content_type: m.content_type,
+                user_properties: m.properties,
+                ..Default::default()
+            },
+            expires_at_ms: None,
+            publisher: None,
+        }));
     }
 }
 

@@ -78,15 +78,9 @@ const T_SVC: u8 = 30;
 const T_DEPLOY: u8 = 40;
 const T_BLOB: u8 = 41;
 
-/// Parts of a scope sync (see the module docs).
-pub mod scope {
-    /// Identities of a full sync; more parts follow.
-    pub const FULL_PART: u8 = 1;
-    /// The last part of a full sync.
-    pub const FULL_END: u8 = 2;
-    /// An incremental change.
-    pub const DELTA: u8 = 3;
-}
+/// Parts of a scope sync (see the module docs); scope sync itself is
+/// the registry's, through [`holdfast_model::ports::LinkService`].
+pub use holdfast_model::ports::scope_part as scope;
 
 /// Why the parent refused a child.
 pub mod refuse {

@@ -26,9 +26,9 @@ use tokio::sync::watch;
 use super::reconnect::{Ended, Probe, Upstream, drive, within};
 use super::{Ctx, LinkError, PROP_ID, PROP_PATH, origin_id, path_of};
 use crate::config::{BridgeConfig, BridgeProtocol, Sections};
-use holdfast_broker::Broker;
-use holdfast_broker::session::Msg;
 use holdfast_metrics::{ReasonLabels, ResultLabels};
+use holdfast_model::ports::{LocalDelivery, LocalMessage, ReplyProperties};
+use holdfast_model::{Message, Source};
 use holdfast_outbox::MessageId;
 
 /// Largest packet accepted from the broker.
@@ -39,7 +39,7 @@ pub struct Bridge {
     /// What every upstream needs.
     pub link: Ctx,
     /// Local delivery for `in` mappings.
-    pub broker: Option<Arc<Broker>>,
+    pub local: Option<Arc<dyn LocalDelivery>>,
     /// TLS, when configured.
     pub tls: Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>,
 }
@@ -488,22 +488,31 @@ impl Session {
                 .inc();
             return;
         }
-        let Some(broker) = &ctx.broker else { return };
-        let mut properties = p.properties.clone();
-        properties.topic_alias = None;
-        properties.subscription_identifiers.clear();
-        let expires_at_ms = properties
+        let Some(local) = &ctx.local else { return };
+        let p2 = &p.properties;
+        let expires_at_ms = p2
             .message_expiry_interval
-            .map(|s| holdfast_broker::now_ms() + u64::from(s) * 1000);
-        broker.deliver(Arc::new(Msg {
-            topic,
-            payload: p.payload.clone(),
-            qos: p.qos.min(QoS::AtLeastOnce),
-            retain: p.retain,
-            properties,
+            .map(|s| holdfast_model::unix_ms() + u64::from(s) * 1000);
+        local.deliver(LocalMessage {
+            message: Message {
+                topic,
+                payload: p.payload.clone(),
+                qos: p.qos.min(QoS::AtLeastOnce) as u8,
+                retain: p.retain,
+                content_type: p2.content_type.clone(),
+                properties: p2.user_properties.clone(),
+                source: Source::default(),
+                origin: None,
+                delivered_locally: false,
+            },
             expires_at_ms,
             publisher: None,
-        }));
+            reply: ReplyProperties {
+                payload_format_indicator: p2.payload_format_indicator,
+                response_topic: p2.response_topic.clone(),
+                correlation_data: p2.correlation_data.clone(),
+            },
+        });
         ctx.link
             .metrics
             .link_root

@@ -16,18 +16,18 @@ use bytes::BytesMut;
 use tokio::sync::watch;
 
 use super::reconnect::{Ended, Probe, Upstream, drive, within};
+use super::streams::{self, Kind, QuicPeer};
 use super::wire::{self, Frame, close};
 use super::{Ctx, LinkError, LinkState, fleet_material, outgoing, transport};
 use crate::config::Sections;
 use holdfast_link_proto::handshake;
 use holdfast_link_proto::lane::ChildLane;
 use holdfast_metrics::ResultLabels;
+use holdfast_model::ports::LinkPeer;
 use holdfast_outbox::LANES;
 
 /// Largest frame the parent may send (acks and refusals are small).
 const MAX_DOWN_FRAME: usize = 64 << 10;
-/// Largest scope-sync frame accepted from the parent.
-const MAX_SCOPE_FRAME: usize = 16 << 20;
 /// A batch stops growing at this size (one message may exceed it), well
 /// under the parent's `link.max_batch_bytes`.
 const MAX_BATCH_BYTES: usize = 1 << 20;
@@ -51,7 +51,10 @@ pub fn client_config(config: Sections<'_>) -> Result<quinn::ClientConfig, LinkEr
         Duration::from_millis(q.keep_alive_ms),
         Duration::from_millis(q.idle_timeout_ms),
     )?;
-    holdfast_broker::quic::client_config(tls, transport).map_err(LinkError::Tls)
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| LinkError::Tls(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(transport));
+    Ok(client)
 }
 
 /// The QUIC parent link as [`drive`] runs it.
@@ -213,32 +216,18 @@ fn classify_connect_error(e: quinn::ConnectionError, result: &dyn Fn(&'static st
 /// Drains every lane over `conn` until it fails.
 async fn drain(ctx: &Arc<Ctx>, conn: &quinn::Connection, compress: bool) -> Ended {
     let mut lanes = tokio::task::JoinSet::new();
-    if let Some(registry) = &ctx.registry {
-        lanes.spawn(super::scope::receive(
-            registry.clone(),
-            ctx.metrics.clone(),
-            conn.clone(),
-            ctx.config.quic.parent_id.clone(),
-            MAX_SCOPE_FRAME,
-        ));
+    let peer = QuicPeer::new(conn.clone(), &ctx.config.quic.parent_id, ctx.metrics.clone());
+    let services = &ctx.services;
+    if let Some(scope) = &services.scope {
+        lanes.spawn(streams::receive_scope(scope.clone(), peer.clone()));
     }
-    if let Some(hub) = &ctx.hub {
-        lanes.spawn(super::service::child(
-            hub.clone(),
-            ctx.metrics.clone(),
-            conn.clone(),
-            wire::is_v2(conn),
-        ));
+    if let Some(twins) = &services.twins {
+        lanes.spawn(streams::open(twins.clone(), peer.clone(), Kind::Twins));
     }
-    if let Some(deployer) = &ctx.deploy
-        && wire::negotiated(conn) >= 3
+    if let Some(deploy) = &services.deploy
+        && peer.version() >= 3
     {
-        lanes.spawn(super::deploy::child(
-            deployer.clone(),
-            ctx.metrics.clone(),
-            conn.clone(),
-            ctx.config.quic.parent_id.clone(),
-        ));
+        lanes.spawn(streams::open(deploy.clone(), peer.clone(), Kind::Deploy));
     }
     for lane in 0..LANES as u8 {
         let (ctx, conn) = (ctx.clone(), conn.clone());

@@ -9,9 +9,12 @@
 //! - [`parent`]: the QUIC listener children connect to. Every message is
 //!   stored in this node's outbox before the child is acknowledged.
 //! - [`bridge`]: MQTT to any broker, QoS 1 with an in-flight window.
-//! - [`deploy`]: fleet deployments down the tree and node reports up it.
+//! - [`streams`]: the service streams of a connection (scope sync, twins
+//!   and methods, deployments), run by the crates that own those services
+//!   through the [`LinkService`](holdfast_model::ports::LinkService) port.
 //! - [`root`]: no upstream: what reaches the outbox is delivered to local
-//!   subscribers.
+//!   subscribers through the
+//!   [`LocalDelivery`](holdfast_model::ports::LocalDelivery) port.
 //! - [`rate`]: the upstream byte-rate cap, shared by the lanes in priority
 //!   order.
 //! - [`reconnect`]: capped exponential back-off with full jitter, and the
@@ -23,13 +26,11 @@
 pub mod bridge;
 pub mod child;
 pub mod config;
-pub mod deploy;
 pub mod parent;
 pub mod rate;
 pub mod reconnect;
 pub mod root;
-pub mod scope;
-pub mod service;
+pub mod streams;
 pub mod wire;
 
 use std::collections::BTreeMap;
@@ -40,8 +41,9 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::config::Sections;
-use holdfast_broker::session::Msg;
+pub use crate::streams::Services;
 use holdfast_model::Message;
+use holdfast_model::ports::LocalMessage;
 use holdfast_outbox::Leased;
 use holdfast_outbox::record::Record;
 
@@ -79,14 +81,10 @@ pub struct Ctx {
     pub status: Arc<Status>,
     /// Metrics.
     pub metrics: Arc<holdfast_metrics::Metrics>,
-    /// The registry replica scope sync fills (QUIC child only).
-    pub registry: Option<Arc<holdfast_registry::Registry>>,
-    /// Twins and methods the service stream serves (QUIC child only).
-    pub hub: Option<Arc<holdfast_iothub::Hub>>,
+    /// Scope sync, twins and deployments with the parent (QUIC child only).
+    pub services: Services,
     /// `upstream.max_bytes_per_second`, changed live by a reload.
     pub rate: Arc<rate::RateLimit>,
-    /// Fleet deployments from the parent (QUIC child only, link/3).
-    pub deploy: Option<Arc<holdfast_deploy::Deployer>>,
 }
 
 /// This node's fleet TLS material: the CA roots, its certificate chain and key.
@@ -274,30 +272,18 @@ pub fn path_of(m: &Message) -> String {
     p
 }
 
-/// A stored message as an MQTT message for local delivery, stamped with its
-/// id and path; it expires when its time-to-live runs out.
-pub(crate) fn to_msg(m: &Message, id: holdfast_outbox::MessageId, ttl_left_ms: Option<u64>, topic: String) -> Msg {
-    use holdfast_mqtt::{Properties, QoS};
-    let mut properties = Properties {
-        content_type: m.content_type.clone(),
-        user_properties: m.properties.clone(),
-        ..Properties::default()
-    };
-    properties.user_properties.push((PROP_ID.to_string(), id.to_string()));
-    properties.user_properties.push((PROP_PATH.to_string(), path_of(m)));
-    Msg {
-        topic,
-        payload: m.payload.clone(),
-        qos: match m.qos {
-            0 => QoS::AtMostOnce,
-            1 => QoS::AtLeastOnce,
-            _ => QoS::ExactlyOnce,
-        },
-        retain: m.retain,
-        properties,
-        expires_at_ms: ttl_left_ms.map(|t| holdfast_broker::now_ms() + t),
+/// A stored message for local delivery, stamped with its id and path; it
+/// expires when its time-to-live runs out.
+pub(crate) fn to_local(m: &Message, id: holdfast_outbox::MessageId, ttl_left_ms: Option<u64>) -> LocalMessage {
+    let mut message = m.clone();
+    message.properties.push((PROP_ID.to_string(), id.to_string()));
+    message.properties.push((PROP_PATH.to_string(), path_of(m)));
+    LocalMessage {
+        expires_at_ms: ttl_left_ms.map(|t| holdfast_model::unix_ms() + t),
         // A message from this node's own client keeps no-local semantics.
-        publisher: m.source.path.is_empty().then(|| Arc::from(m.source.client_id.as_str())),
+        publisher: m.source.path.is_empty().then(|| m.source.client_id.clone()),
+        message,
+        reply: Default::default(),
     }
 }
 
@@ -305,7 +291,9 @@ pub(crate) fn to_msg(m: &Message, id: holdfast_outbox::MessageId, ttl_left_ms: O
 pub(crate) fn transport(keep_alive: Duration, idle: Duration) -> Result<quinn::TransportConfig, LinkError> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(keep_alive));
-    t.max_idle_timeout(Some(holdfast_broker::quic::idle_timeout(idle).map_err(LinkError::Tls)?));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(idle).map_err(|e| LinkError::Tls(e.to_string()))?,
+    ));
     // One control stream, up to ten lanes, the service and deploy streams.
     t.max_concurrent_bidi_streams(16u32.into());
     // The parent opens one stream towards the child: scope sync.

@@ -16,12 +16,15 @@ use bytes::BytesMut;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use super::streams::{self, Kind, QuicPeer, Services};
 use super::wire::{self, Frame, WireError, close};
 use super::{ChildInfo, LinkError, Status, fleet_material, transport};
 use crate::config::Sections;
 use holdfast_link_proto::handshake;
 use holdfast_link_proto::lane::{Acker, LaneError, ParentLane};
 use holdfast_metrics::{Metrics, ReasonLabels};
+use holdfast_model::IdentityDirectory;
+use holdfast_model::ports::LinkPeer;
 use holdfast_outbox::record::Record;
 use holdfast_outbox::{AppendError, LANES, MessageId, Outbox};
 
@@ -31,8 +34,8 @@ pub struct Ctx {
     pub node_id: String,
     /// Where children's messages are stored.
     pub outbox: Arc<Outbox>,
-    /// Who may connect, and what each child's scope is.
-    pub registry: Arc<holdfast_registry::Registry>,
+    /// Who may connect: enabled gateways whose parent is this node.
+    pub identities: Arc<dyn IdentityDirectory>,
     /// Shared status (connected children).
     pub status: Arc<Status>,
     /// Metrics.
@@ -41,10 +44,8 @@ pub struct Ctx {
     pub max_children: usize,
     /// Largest frame accepted (and largest batch, uncompressed).
     pub max_frame: usize,
-    /// Twins, methods and cloud-to-device messages for the children.
-    pub hub: Arc<holdfast_iothub::Hub>,
-    /// Fleet deployments for the children (link/3).
-    pub deploy: Option<Arc<holdfast_deploy::Deployer>>,
+    /// Scope sync, twins and deployments for the children.
+    pub services: Services,
 }
 
 /// Binds the link listener and spawns its accept loop.
@@ -70,7 +71,11 @@ pub fn start(
     tls.alpn_protocols = wire::alpn_up_to(config.link.version);
     // The child decides the keep-alive; this only reaps dead paths.
     let transport = transport(Duration::from_secs(5), Duration::from_secs(30))?;
-    let server = holdfast_broker::quic::server_config(tls, transport).map_err(LinkError::Tls)?;
+    // No 0-RTT: a replayed hello must not open a link.
+    tls.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| LinkError::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport));
     let addr = config.link.listen;
     let endpoint = quinn::Endpoint::server(server, addr).map_err(|source| LinkError::Bind { addr, source })?;
     let local = endpoint
@@ -138,7 +143,7 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, mut stop: watch::Receiver
         hello.as_ref(),
         &cert_id,
         &ctx.node_id,
-        |id| holdfast_registry::is_child_gateway(&*ctx.registry, id, &ctx.node_id),
+        |id| ctx.identities.is_child_gateway(id, &ctx.node_id),
         |id| ctx.status.has_room_for(id, ctx.max_children),
     );
     let child = match verdict {
@@ -173,20 +178,19 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, mut stop: watch::Receiver
         ctx.metrics.link_children.set(s.children.len() as i64);
     });
     let conn_id = conn.stable_id();
-    let sync = tokio::spawn(super::scope::serve(
-        ctx.registry.clone(),
-        ctx.metrics.clone(),
-        conn.clone(),
-        child.clone(),
-        ctx.node_id.clone(),
-    ));
+    let peer = QuicPeer::new(conn.clone(), &child, ctx.metrics.clone());
+    let sync = ctx
+        .services
+        .scope
+        .clone()
+        .map(|scope| tokio::spawn(streams::serve_scope(scope, peer.clone())));
     let mut lanes = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
-                    let (ctx, conn, child) = (ctx.clone(), conn.clone(), child.clone());
-                    lanes.spawn(async move { stream(ctx, conn, child, send, recv).await });
+                    let (ctx, peer, conn, child) = (ctx.clone(), peer.clone(), conn.clone(), child.clone());
+                    lanes.spawn(async move { stream(ctx, peer, conn, child, send, recv).await });
                 }
                 Err(e) => {
                     tracing::info!(child = %child, error = %e, "link: child gateway disconnected");
@@ -199,7 +203,9 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, mut stop: watch::Receiver
             }
         }
     }
-    sync.abort();
+    if let Some(sync) = sync {
+        sync.abort();
+    }
     // Lanes finish what they have stored and exit when the connection is gone.
     while lanes.join_next().await.is_some() {}
     ctx.status.update(|s| {
@@ -219,37 +225,39 @@ type Pending = Vec<tokio::sync::oneshot::Receiver<Result<MessageId, AppendError>
 /// the deploy stream, as its first frame says.
 async fn stream(
     ctx: Arc<Ctx>,
+    peer: Arc<QuicPeer>,
     conn: quinn::Connection,
     child: Arc<str>,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
     let mut frames = wire::FramedRecv::new(recv, ctx.max_frame);
-    match frames.next().await {
-        Ok(Some(Frame::Lane(l))) if (l as usize) < LANES => lane(ctx, conn, child, l, send, frames).await,
-        Ok(Some(Frame::Svc(body)))
-            if serde_json::from_slice::<super::service::Svc>(&body).ok() == Some(super::service::Svc::Hello) =>
-        {
-            super::service::parent(ctx.hub.clone(), ctx.metrics.clone(), conn, child, send, frames).await;
+    let first = match frames.next().await {
+        Ok(Some(Frame::Lane(l))) if (l as usize) < LANES => return lane(ctx, conn, child, l, send, frames).await,
+        Ok(Some(f)) => f,
+        _ => return refuse_stream(&ctx, &conn),
+    };
+    let (kind, service) = match &first {
+        Frame::Svc(_) => (Kind::Twins, ctx.services.twins.clone()),
+        Frame::Deploy(_) if peer.version() >= 3 => (Kind::Deploy, ctx.services.deploy.clone()),
+        _ => (Kind::Twins, None),
+    };
+    let hello = kind.message(first).ok();
+    match (service, hello) {
+        (Some(service), Some(hello)) if service.is_hello(&hello) => {
+            let max = service.max_frame();
+            service.parent_end(streams::bidi(peer, kind, send, frames, max)).await;
         }
-        Ok(Some(Frame::Deploy(body)))
-            if wire::negotiated(&conn) >= 3
-                && ctx.deploy.is_some()
-                && serde_json::from_slice::<holdfast_deploy::proto::Msg>(&body).ok()
-                    == Some(holdfast_deploy::proto::Msg::Hello) =>
-        {
-            if let Some(d) = ctx.deploy.clone() {
-                super::deploy::parent(d, ctx.metrics.clone(), conn, child, send, frames).await;
-            }
-        }
-        _ => {
-            refused(&ctx, "protocol");
-            conn.close(
-                close::PROTOCOL.into(),
-                b"a stream starts with a lane frame or a service hello",
-            );
-        }
+        _ => refuse_stream(&ctx, &conn),
     }
+}
+
+fn refuse_stream(ctx: &Ctx, conn: &quinn::Connection) {
+    refused(ctx, "protocol");
+    conn.close(
+        close::PROTOCOL.into(),
+        b"a stream starts with a lane frame or a service hello",
+    );
 }
 
 async fn lane(

@@ -12,15 +12,15 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::{origin_id, to_msg};
-use holdfast_broker::Broker;
+use super::{origin_id, to_local};
 use holdfast_metrics::{Metrics, ResultLabels};
+use holdfast_model::ports::LocalDelivery;
 use holdfast_outbox::Outbox;
 
-/// Drains `outbox` into `broker` until `stop`.
+/// Drains `outbox` into `local` (the broker's subscribers) until `stop`.
 pub async fn run(
     outbox: Arc<Outbox>,
-    broker: Option<Arc<Broker>>,
+    local: Option<Arc<dyn LocalDelivery>>,
     metrics: Arc<Metrics>,
     batch: usize,
     mut stop: watch::Receiver<bool>,
@@ -54,7 +54,7 @@ pub async fn run(
                 count("already-delivered", 1);
                 continue;
             }
-            let Some(broker) = &broker else {
+            let Some(local) = &local else {
                 count("no-broker", 1);
                 continue;
             };
@@ -62,7 +62,7 @@ pub async fn run(
                 .record
                 .ttl_ms
                 .saturating_sub(now.saturating_sub(item.record.enqueued_clock_ms));
-            let backlog = broker.deliver(Arc::new(to_msg(m, origin_id(item), Some(left), m.topic.clone())));
+            let backlog = local.deliver(to_local(m, origin_id(item), Some(left)));
             count("delivered", 1);
             if backlog > 256 {
                 // A connected subscriber is behind: let it catch up.

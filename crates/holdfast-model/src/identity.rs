@@ -117,6 +117,13 @@ pub trait IdentityDirectory: Send + Sync + 'static {
         self.get(id)
             .is_some_and(|r| thumbprint_listed(&r.thumbprints, &thumbprint.to_ascii_lowercase()))
     }
+
+    /// True when `id` is an enabled gateway whose parent is `me`: the child
+    /// gateways a node lets in on its link and syncs the scope of.
+    fn is_child_gateway(&self, id: &str, me: &str) -> bool {
+        self.lookup(id)
+            .is_some_and(|i| i.enabled && i.kind == IdentityKind::Gateway && i.parent.as_deref() == Some(me))
+    }
 }
 
 /// True when `thumbprint` (lowercase hex) is in `listed`; every entry is

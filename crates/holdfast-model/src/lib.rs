@@ -3,6 +3,7 @@
 //! The types the gateway's crates share, owned by the host rather than by
 //! the plugin contract: a [`Message`] and its [`MessageId`] and [`Source`],
 //! an [`Identity`] and the [`IdentityDirectory`] the auth policy reads, and
+//! the [`ports`] through which the link reaches the rest of the node, and
 //! the few helpers every crate needs (wall clock, randomness, calendar
 //! arithmetic, a poison-ignoring lock, live limits).
 //!
@@ -15,6 +16,7 @@ pub mod content;
 pub mod identity;
 pub mod message;
 pub mod policy;
+pub mod ports;
 pub mod sys;
 pub mod time;
 

@@ -33,7 +33,6 @@ use std::sync::{Arc, RwLock};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::{broadcast, watch};
 
-use holdfast_model::IdentityKind;
 use holdfast_model::identity::{IdentityDirectory, IdentityRecord};
 use holdfast_store::{Store, StoreError};
 
@@ -43,6 +42,7 @@ mod edit;
 mod entry;
 mod identities;
 mod journal;
+pub mod scope_sync;
 mod sync;
 
 pub use self::certs::CaEntry;
@@ -50,20 +50,13 @@ pub use self::credentials::{Credentials, generate_key};
 pub use self::edit::{NewIdentity, WhichKey};
 pub use self::entry::{Entry, IdentityConfig, Kind, MAX_ID_LEN, Origin, check_id, directory_from_config};
 pub use self::identities::Hop;
+pub use self::scope_sync::ScopeSync;
 pub use self::sync::{Delta, Scope, SyncState};
 
 use self::certs::{CaStore, Presented};
 use self::edit::check_labels;
 use self::identities::Identities;
 use self::journal::{Change, Journal};
-
-/// True when `id` is an enabled gateway whose parent is `me`: the child
-/// gateways a node lets in on its link and syncs the scope of.
-pub fn is_child_gateway(identities: &dyn IdentityDirectory, id: &str, me: &str) -> bool {
-    identities
-        .lookup(id)
-        .is_some_and(|i| i.enabled && i.kind == IdentityKind::Gateway && i.parent.as_deref() == Some(me))
-}
 
 /// Who decides about the registry's content.
 #[derive(Debug, Clone, PartialEq, Eq)]

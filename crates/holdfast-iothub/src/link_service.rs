@@ -1,8 +1,9 @@
-//! The service stream of the QUIC link: twins, direct methods and
-//! cloud-to-device messages between a parent and a child gateway.
+//! The hub's service on the QUIC link (the [`LinkService`] port): twins,
+//! direct methods and cloud-to-device messages between a parent and a
+//! child gateway. The link opens the stream and frames the messages.
 //!
 //! The child opens one bidirectional stream after WELCOME and sends SVC
-//! frames (JSON bodies, see [`Svc`]) both ways:
+//! frames (JSON bodies, see [`Svc`]) both ways, [`Svc::Hello`] first:
 //!
 //! - parent → child: the desired properties of every twin in the child's
 //!   scope on connect, then each change; calls of direct methods on
@@ -19,14 +20,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::Bytes;
+use holdfast_model::ports::{BoxFuture, LinkService, ServiceStream, StreamMsg, StreamRecv, StreamSend};
+use holdfast_model::{Message, Source};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::wire::{self, Frame, close};
-pub use holdfast_iothub::service::Svc;
-use holdfast_iothub::{Hub, MethodError};
-use holdfast_metrics::{EventLabels, Metrics};
+use crate::service::Svc;
+use crate::{Hub, MethodError};
 
 /// How long the child waits for an acknowledgement before sending a
 /// reported patch again.
@@ -35,36 +36,40 @@ const RESEND: Duration = Duration::from_secs(5);
 /// Largest service frame accepted (a full twin is at most 64 KiB).
 pub const MAX_SVC_FRAME: usize = 1 << 20;
 
-/// A service message as a SVC frame.
-fn frame(svc: &Svc) -> Result<BytesMut, String> {
-    let body = serde_json::to_vec(svc).map_err(|e| e.to_string())?;
-    let mut buf = BytesMut::new();
-    Frame::Svc(body.into()).encode(&mut buf).map_err(|e| e.to_string())?;
-    Ok(buf)
+impl LinkService for Hub {
+    fn is_hello(&self, first: &StreamMsg) -> bool {
+        matches!(first, StreamMsg::Msg(body) if serde_json::from_slice::<Svc>(body).ok() == Some(Svc::Hello))
+    }
+
+    fn max_frame(&self) -> usize {
+        MAX_SVC_FRAME
+    }
+
+    fn parent_end(self: Arc<Self>, stream: ServiceStream) -> BoxFuture<'static, ()> {
+        Box::pin(parent(self, stream))
+    }
+
+    fn child_end(self: Arc<Self>, stream: ServiceStream) -> BoxFuture<'static, ()> {
+        Box::pin(child(self, stream))
+    }
 }
 
-fn count(metrics: &Metrics, reason: &'static str) {
-    holdfast_metrics::handle(&metrics.iothub_events, &EventLabels { event: reason }).inc();
-}
-
-/// The next SVC message of the stream; `None` when the stream ends.
-/// Cancel-safe ([`wire::FramedRecv`]).
-async fn read(frames: &mut wire::FramedRecv) -> Result<Option<Svc>, String> {
-    match frames.next().await {
-        Ok(Some(Frame::Svc(body))) => serde_json::from_slice(&body)
+/// The next service message of the stream; `None` when the stream ends.
+async fn read(recv: &mut dyn StreamRecv) -> Result<Option<Svc>, String> {
+    match recv.recv().await? {
+        Some(StreamMsg::Msg(body)) => serde_json::from_slice(&body)
             .map(Some)
             .map_err(|e| format!("undecodable service message: {e}")),
-        Ok(Some(other)) => Err(format!("expected a service frame, got {}", other.name())),
-        Ok(None) | Err(wire::ReadError::Stream(_)) => Ok(None),
-        Err(wire::ReadError::Wire(e)) => Err(e.to_string()),
+        Some(_) => Err("expected a service message".into()),
+        None => Ok(None),
     }
 }
 
 /// Writes queued messages until the queue or the stream ends.
-async fn writer(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<Svc>) {
+async fn writer(mut send: Box<dyn StreamSend>, mut rx: mpsc::UnboundedReceiver<Svc>) {
     while let Some(m) = rx.recv().await {
-        let Ok(buf) = frame(&m) else { continue };
-        if send.write_all(&buf).await.is_err() {
+        let Ok(body) = serde_json::to_vec(&m) else { continue };
+        if send.send(StreamMsg::Msg(Bytes::from(body))).await.is_err() {
             return;
         }
     }
@@ -78,25 +83,19 @@ fn send_scope(hub: &Hub, child: &str, tx: &mpsc::UnboundedSender<Svc>) {
     }
 }
 
-/// The parent's end for child `child`, after the child's hello.
-pub async fn parent(
-    hub: Arc<Hub>,
-    metrics: Arc<Metrics>,
-    conn: quinn::Connection,
-    child: Arc<str>,
-    send: quinn::SendStream,
-    mut frames: wire::FramedRecv,
-) {
-    frames.set_max(MAX_SVC_FRAME);
+/// The parent's end for the child at the other end, after its hello.
+async fn parent(hub: Arc<Hub>, stream: ServiceStream) {
+    let ServiceStream { peer, send, mut recv } = stream;
+    let child: Arc<str> = Arc::from(peer.peer_id());
     let (tx, rx) = mpsc::unbounded_channel();
     // Subscribe before the snapshot so no change falls between them.
     let mut changes = hub.twins.desired_changes();
     send_scope(&hub, &child, &tx);
-    hub.add_downlink(&child, tx.clone(), super::wire::is_v2(&conn));
+    hub.add_downlink(&child, tx.clone(), peer.version() >= 2);
     let write = tokio::spawn(writer(send, rx));
     loop {
         tokio::select! {
-            m = read(&mut frames) => match m {
+            m = read(&mut *recv) => match m {
                 Ok(Some(Svc::Reported { id, generation, patch })) => {
                     let in_scope = hub.registry().next_hop(&id) == holdfast_registry::Hop::Child(child.to_string());
                     let (twins, id2) = (hub.twins.clone(), id.clone());
@@ -107,13 +106,13 @@ pub async fn parent(
                         })
                         .await
                     } else {
-                        Ok(Err(holdfast_iothub::twin::TwinError::NotFound(id.clone())))
+                        Ok(Err(crate::twin::TwinError::NotFound(id.clone())))
                     };
                     match stored {
-                        Ok(Ok(_)) => count(&metrics, "link-reported"),
+                        Ok(Ok(_)) => hub.events.count("link-reported"),
                         Ok(Err(e)) => {
                             // Acknowledged anyway: resending cannot make it valid.
-                            count(&metrics, "link-reported-refused");
+                            hub.events.count("link-reported-refused");
                             tracing::warn!(child = %child, twin = %id, error = %e, "link: a child's reported patch was refused");
                         }
                         Err(_) => break,
@@ -143,13 +142,13 @@ pub async fn parent(
                 }
                 Ok(Some(other)) => {
                     tracing::warn!(child = %child, message = ?other, "link: unexpected service message from a child");
-                    conn.close(close::PROTOCOL.into(), b"unexpected service message");
+                    peer.protocol_error("unexpected service message");
                     break;
                 }
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(child = %child, error = %e, "link: malformed service frame from a child");
-                    conn.close(close::PROTOCOL.into(), b"malformed service frame");
+                    peer.protocol_error("malformed service frame");
                     break;
                 }
             },
@@ -173,13 +172,11 @@ pub async fn parent(
     write.abort();
 }
 
-/// The child's end: opens the stream, pushes pending reported patches,
+/// The child's end: says hello, pushes pending reported patches,
 /// applies what the parent sends. Returns when the link ends.
-pub async fn child(hub: Arc<Hub>, metrics: Arc<Metrics>, conn: quinn::Connection, v2: bool) {
-    let Ok((send, recv)) = conn.open_bi().await else {
-        return;
-    };
-    let mut frames = wire::FramedRecv::new(recv, MAX_SVC_FRAME);
+async fn child(hub: Arc<Hub>, stream: ServiceStream) {
+    let ServiceStream { peer, send, mut recv } = stream;
+    let v2 = peer.version() >= 2;
     let (tx, rx) = mpsc::unbounded_channel();
     let _ = tx.send(Svc::Hello);
     if v2 {
@@ -202,11 +199,11 @@ pub async fn child(hub: Arc<Hub>, metrics: Arc<Metrics>, conn: quinn::Connection
             _ = pending.changed() => {}
             // A parent that refused to store (full disk) gets the patch again.
             _ = resend.tick() => sent.clear(),
-            m = read(&mut frames) => match m {
+            m = read(&mut *recv) => match m {
                 Ok(Some(Svc::Desired { id, version, desired })) => {
                     let twins = hub.twins.clone();
                     match tokio::task::spawn_blocking(move || twins.set_desired(&id, version, desired)).await {
-                        Ok(Ok(Some(_))) => count(&metrics, "link-desired"),
+                        Ok(Ok(Some(_))) => hub.events.count("link-desired"),
                         Ok(Ok(None)) => {}
                         Ok(Err(e)) => tracing::error!(error = %e, "link: cannot store desired properties"),
                         Err(_) => break,
@@ -235,29 +232,26 @@ pub async fn child(hub: Arc<Hub>, metrics: Arc<Metrics>, conn: quinn::Connection
                 Ok(Some(Svc::Message { topic, payload, content_type, properties })) => {
                     use base64::Engine as _;
                     let Ok(payload) = base64::engine::general_purpose::STANDARD.decode(payload) else {
-                        conn.close(close::PROTOCOL.into(), b"malformed message payload");
+                        peer.protocol_error("malformed message payload");
                         break;
                     };
-                    let valid = holdfast_mqtt::topic::valid_name(&topic) && holdfast_iothub::is_inbound(&topic);
+                    let valid = holdfast_mqtt::topic::valid_name(&topic) && crate::is_inbound(&topic);
                     if !valid {
-                        conn.close(close::PROTOCOL.into(), b"bad message topic");
+                        peer.protocol_error("bad message topic");
                         break;
                     }
-                    let props = holdfast_mqtt::Properties {
-                        content_type,
-                        user_properties: properties,
-                        ..Default::default()
-                    };
-                    hub.deliver_from_parent(holdfast_broker::session::Msg {
+                    hub.deliver_from_parent(Message {
                         topic,
                         payload: payload.into(),
-                        qos: holdfast_mqtt::QoS::AtLeastOnce,
+                        qos: 1,
                         retain: false,
-                        properties: props,
-                        expires_at_ms: None,
-                        publisher: None,
+                        content_type,
+                        properties,
+                        source: Source::default(),
+                        origin: None,
+                        delivered_locally: false,
                     });
-                    count(&metrics, "link-c2d");
+                    hub.events.count("link-c2d");
                 }
                 Ok(Some(Svc::C2d { message })) => {
                     let hub2 = hub.clone();
@@ -268,7 +262,7 @@ pub async fn child(hub: Arc<Hub>, metrics: Arc<Metrics>, conn: quinn::Connection
                         Ok(_) => {}
                         Err(_) => break,
                     }
-                    count(&metrics, "link-c2d");
+                    hub.events.count("link-c2d");
                 }
                 Ok(Some(Svc::C2dFeedbackAck { id, outcome })) => {
                     let hub2 = hub.clone();
@@ -276,13 +270,13 @@ pub async fn child(hub: Arc<Hub>, metrics: Arc<Metrics>, conn: quinn::Connection
                 }
                 Ok(Some(other)) => {
                     tracing::warn!(message = ?other, "link: unexpected service message from the parent");
-                    conn.close(close::PROTOCOL.into(), b"unexpected service message");
+                    peer.protocol_error("unexpected service message");
                     break;
                 }
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "link: malformed service frame from the parent");
-                    conn.close(close::PROTOCOL.into(), b"malformed service frame");
+                    peer.protocol_error("malformed service frame");
                     break;
                 }
             },

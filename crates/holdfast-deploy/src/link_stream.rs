@@ -1,6 +1,8 @@
-//! The deploy stream of the QUIC link (`holdfast-link/3`): fleet
-//! deployments go down, node reports go up, and each component crosses
-//! each link once (see `holdfast_deploy::proto`).
+//! The deployer's service on the QUIC link (`holdfast-link/3`, the
+//! [`LinkService`] port): fleet deployments go down, node reports go up,
+//! and each component crosses each link once (see [`crate::proto`]). The
+//! link opens the stream and frames the messages (DEPLOY) and the
+//! component bytes (BLOB).
 //!
 //! The parent offers the signed deployments that concern the child's
 //! subtree, again at every change. The child verifies them, keeps them,
@@ -13,68 +15,63 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use holdfast_model::ports::{BoxFuture, LinkService, ServiceStream, StreamMsg, StreamRecv, StreamSend};
 use tokio::sync::mpsc;
 
-use super::wire::{self, Frame, close};
-use holdfast_deploy::Deployer;
-use holdfast_deploy::proto::{self, CHUNK, FEATURES, MAX_FRAME, Msg};
-use holdfast_metrics::{EventLabels, Metrics};
+use crate::Deployer;
+use crate::proto::{self, CHUNK, FEATURES, MAX_FRAME, Msg};
 
 /// How long a child waits before asking again for a component the parent
 /// did not have.
 const RETRY: Duration = Duration::from_secs(2);
 
-fn encode(frame: &Frame) -> Option<Bytes> {
-    let mut buf = BytesMut::new();
-    frame.encode(&mut buf).ok()?;
-    Some(buf.freeze())
-}
-
-fn msg(m: &Msg) -> Option<Bytes> {
-    encode(&Frame::Deploy(serde_json::to_vec(m).ok()?.into()))
-}
-
-fn bytes_metric(metrics: &Metrics, event: &'static str, n: u64) {
-    holdfast_metrics::handle(&metrics.deploy_component_bytes, &EventLabels { event }).inc_by(n);
-}
-
-/// The next deploy-stream frame; `None` when the stream ends.
-/// Cancel-safe ([`wire::FramedRecv`]).
-async fn read(frames: &mut wire::FramedRecv) -> Result<Option<Frame>, String> {
-    match frames.next().await {
-        Ok(Some(f @ (Frame::Deploy(_) | Frame::Blob(_)))) => Ok(Some(f)),
-        Ok(Some(other)) => Err(format!("expected a deploy frame, got {}", other.name())),
-        Ok(None) | Err(wire::ReadError::Stream(_)) => Ok(None),
-        Err(wire::ReadError::Wire(e)) => Err(e.to_string()),
-    }
-}
-
 /// Largest frame of the deploy stream.
 const MAX_DEPLOY_FRAME: usize = if MAX_FRAME > CHUNK + 16 { MAX_FRAME } else { CHUNK + 16 };
 
-async fn writer(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Bytes>) {
-    while let Some(b) = rx.recv().await {
-        if send.write_all(&b).await.is_err() {
+impl LinkService for Deployer {
+    fn is_hello(&self, first: &StreamMsg) -> bool {
+        matches!(first, StreamMsg::Msg(body) if serde_json::from_slice::<Msg>(body).ok() == Some(Msg::Hello))
+    }
+
+    fn max_frame(&self) -> usize {
+        MAX_DEPLOY_FRAME
+    }
+
+    fn parent_end(self: Arc<Self>, stream: ServiceStream) -> BoxFuture<'static, ()> {
+        Box::pin(parent(self, stream))
+    }
+
+    fn child_end(self: Arc<Self>, stream: ServiceStream) -> BoxFuture<'static, ()> {
+        Box::pin(child(self, stream))
+    }
+}
+
+fn msg(m: &Msg) -> Option<StreamMsg> {
+    Some(StreamMsg::Msg(serde_json::to_vec(m).ok()?.into()))
+}
+
+/// The next message of the stream; `None` when it ends.
+async fn read(recv: &mut dyn StreamRecv) -> Result<Option<StreamMsg>, String> {
+    recv.recv().await
+}
+
+async fn writer(mut send: Box<dyn StreamSend>, mut rx: mpsc::Receiver<StreamMsg>) {
+    while let Some(m) = rx.recv().await {
+        if send.send(m).await.is_err() {
             return;
         }
     }
 }
 
-/// The parent's end for `child`, after the child's hello.
-pub async fn parent(
-    deployer: Arc<Deployer>,
-    metrics: Arc<Metrics>,
-    conn: quinn::Connection,
-    child: Arc<str>,
-    send: quinn::SendStream,
-    mut frames: wire::FramedRecv,
-) {
-    frames.set_max(MAX_DEPLOY_FRAME);
-    let (tx, rx) = mpsc::channel::<Bytes>(8);
+/// The parent's end for the child at the other end, after its hello.
+async fn parent(deployer: Arc<Deployer>, stream: ServiceStream) {
+    let ServiceStream { peer, send, mut recv } = stream;
+    let child: Arc<str> = Arc::from(peer.peer_id());
+    let (tx, rx) = mpsc::channel::<StreamMsg>(8);
     let write = tokio::spawn(writer(send, rx));
     let mut changes = deployer.doc_changes();
-    let mut last_offer: Option<(Vec<String>, Vec<holdfast_deploy::model::Signed>)> = None;
+    let mut last_offer: Option<(Vec<String>, Vec<crate::model::Signed>)> = None;
     loop {
         let offer = deployer.offer_for(&child);
         if last_offer.as_ref() != Some(&offer) {
@@ -92,8 +89,8 @@ pub async fn parent(
         }
         tokio::select! {
             r = changes.changed() => if r.is_err() { break },
-            f = read(&mut frames) => match f {
-                Ok(Some(Frame::Deploy(body))) => match serde_json::from_slice::<Msg>(&body) {
+            f = read(&mut *recv) => match f {
+                Ok(Some(StreamMsg::Msg(body))) => match serde_json::from_slice::<Msg>(&body) {
                     Ok(Msg::Fetch { sha256 }) => {
                         let (d, c) = (deployer.clone(), child.clone());
                         let sha = sha256.clone();
@@ -107,8 +104,7 @@ pub async fn parent(
                                 }
                                 let mut ok = true;
                                 for chunk in bytes.chunks(CHUNK) {
-                                    let Some(b) = encode(&Frame::Blob(Bytes::copy_from_slice(chunk))) else { ok = false; break };
-                                    if tx.send(b).await.is_err() {
+                                    if tx.send(StreamMsg::Blob(Bytes::copy_from_slice(chunk))).await.is_err() {
                                         ok = false;
                                         break;
                                     }
@@ -116,7 +112,7 @@ pub async fn parent(
                                 if !ok {
                                     break;
                                 }
-                                bytes_metric(&metrics, "sent", bytes.len() as u64);
+                                deployer.events.component_bytes("sent", bytes.len() as u64);
                                 tracing::info!(child = %child, sha256 = %sha256, bytes = bytes.len(), "deploy: component sent");
                             }
                             Ok(Err(e)) => {
@@ -137,23 +133,23 @@ pub async fn parent(
                     }
                     Ok(other) => {
                         tracing::warn!(child = %child, message = ?other, "link: unexpected deploy message from a child");
-                        conn.close(close::PROTOCOL.into(), b"unexpected deploy message");
+                        peer.protocol_error("unexpected deploy message");
                         break;
                     }
                     Err(e) => {
                         tracing::warn!(child = %child, error = %e, "link: undecodable deploy message from a child");
-                        conn.close(close::PROTOCOL.into(), b"malformed deploy message");
+                        peer.protocol_error("malformed deploy message");
                         break;
                     }
                 },
                 Ok(Some(_)) => {
-                    conn.close(close::PROTOCOL.into(), b"a child sends no component bytes");
+                    peer.protocol_error("a child sends no component bytes");
                     break;
                 }
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(child = %child, error = %e, "link: malformed deploy frame from a child");
-                    conn.close(close::PROTOCOL.into(), b"malformed deploy frame");
+                    peer.protocol_error("malformed deploy frame");
                     break;
                 }
             },
@@ -170,14 +166,12 @@ struct Incoming {
     data: Vec<u8>,
 }
 
-/// The child's end: opens the stream, takes offers and components, sends
+/// The child's end: says hello, takes offers and components, sends
 /// reports. Returns when the link ends.
-pub async fn child(deployer: Arc<Deployer>, metrics: Arc<Metrics>, conn: quinn::Connection, parent: String) {
-    let Ok((send, recv)) = conn.open_bi().await else {
-        return;
-    };
-    let mut frames = wire::FramedRecv::new(recv, MAX_DEPLOY_FRAME);
-    let (tx, rx) = mpsc::channel::<Bytes>(8);
+async fn child(deployer: Arc<Deployer>, stream: ServiceStream) {
+    let ServiceStream { peer, send, mut recv } = stream;
+    let parent = peer.peer_id().to_string();
+    let (tx, rx) = mpsc::channel::<StreamMsg>(8);
     let write = tokio::spawn(writer(send, rx));
     let Some(hello) = msg(&Msg::Hello) else { return };
     if tx.send(hello).await.is_err() {
@@ -244,8 +238,8 @@ pub async fn child(deployer: Arc<Deployer>, metrics: Arc<Metrics>, conn: quinn::
             () = retry => {
                 queue.extend(deployer.missing_components());
             }
-            f = read(&mut frames) => match f {
-                Ok(Some(Frame::Deploy(body))) => match serde_json::from_slice::<Msg>(&body) {
+            f = read(&mut *recv) => match f {
+                Ok(Some(StreamMsg::Msg(body))) => match serde_json::from_slice::<Msg>(&body) {
                     Ok(Msg::Offer { ancestors, deployments, features }) => {
                         if features != parent_features {
                             // Reports sent for a parent of before go again as they are.
@@ -266,7 +260,7 @@ pub async fn child(deployer: Arc<Deployer>, metrics: Arc<Metrics>, conn: quinn::
                     }
                     Ok(Msg::Component { sha256, size }) => {
                         if asked.as_ref() != Some(&sha256) || incoming.is_some() || size as usize > max {
-                            conn.close(close::PROTOCOL.into(), b"unexpected component");
+                            peer.protocol_error("unexpected component");
                             break;
                         }
                         incoming = Some(Incoming { sha256, size: size as usize, data: Vec::with_capacity(size as usize) });
@@ -283,29 +277,29 @@ pub async fn child(deployer: Arc<Deployer>, metrics: Arc<Metrics>, conn: quinn::
                     }
                     Ok(other) => {
                         tracing::warn!(message = ?other, "link: unexpected deploy message from the parent");
-                        conn.close(close::PROTOCOL.into(), b"unexpected deploy message");
+                        peer.protocol_error("unexpected deploy message");
                         break;
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "link: undecodable deploy message from the parent");
-                        conn.close(close::PROTOCOL.into(), b"malformed deploy message");
+                        peer.protocol_error("malformed deploy message");
                         break;
                     }
                 },
-                Ok(Some(Frame::Blob(data))) => {
+                Ok(Some(StreamMsg::Blob(data))) => {
                     let Some(inc) = incoming.as_mut() else {
-                        conn.close(close::PROTOCOL.into(), b"component bytes without a component");
+                        peer.protocol_error("component bytes without a component");
                         break;
                     };
                     if inc.data.len() + data.len() > inc.size {
-                        conn.close(close::PROTOCOL.into(), b"more component bytes than announced");
+                        peer.protocol_error("more component bytes than announced");
                         break;
                     }
                     inc.data.extend_from_slice(&data);
                     if inc.data.len() == inc.size {
                         let Some(done) = incoming.take() else { break };
                         asked = None;
-                        bytes_metric(&metrics, "received", done.size as u64);
+                        deployer.events.component_bytes("received", done.size as u64);
                         let d = deployer.clone();
                         let sha = done.sha256.clone();
                         match tokio::task::spawn_blocking(move || d.store_component(&sha, &done.data)).await {
@@ -319,13 +313,13 @@ pub async fn child(deployer: Arc<Deployer>, metrics: Arc<Metrics>, conn: quinn::
                     }
                 }
                 Ok(Some(_)) => {
-                    conn.close(close::PROTOCOL.into(), b"expected a deploy frame");
+                    peer.protocol_error("expected a deploy frame");
                     break;
                 }
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "link: malformed deploy frame from the parent");
-                    conn.close(close::PROTOCOL.into(), b"malformed deploy frame");
+                    peer.protocol_error("malformed deploy frame");
                     break;
                 }
             },
