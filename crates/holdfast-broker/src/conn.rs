@@ -12,7 +12,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use holdfast_metrics::{self as metrics, ReasonLabels, TransportLabels};
 use holdfast_model::policy::Transport;
 use holdfast_mqtt::{DecodeError, Disconnect, Packet, Properties, Version, reason};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -74,11 +73,7 @@ struct WillInfo {
 /// Logs and counts a packet that could not be decoded.
 fn bad_packet(broker: &Broker, peer: SocketAddr, e: &DecodeError) {
     tracing::debug!(peer = %peer, error = %e, "closing connection on a bad packet");
-    metrics::handle(
-        &broker.metrics.node.mqtt_bad_packets,
-        &ReasonLabels { reason: e.kind() },
-    )
-    .inc();
+    broker.metrics.bad_packet(e.kind());
 }
 
 /// Serves one connection until it ends. Never panics on client input; every
@@ -88,7 +83,7 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let transport = peer.transport.as_str();
-    let gauge = metrics::handle(&broker.metrics.node.mqtt_connections, &TransportLabels { transport });
+    let gauge = broker.metrics.connections(transport);
     let (conn_id, over) = broker.admit();
     gauge.inc();
     let (rd, wr) = tokio::io::split(stream);
@@ -240,7 +235,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                     }
                 }
                 _ = async { match &revoked { Some(r) => r.notified().await, None => std::future::pending().await } } => {
-                    broker.metrics.node.mqtt_revoked.inc();
+                    broker.metrics.revoked();
                     return Exit::Error(reason::NOT_AUTHORIZED, "revoked");
                 }
                 r = wr.write_buf(out), if !out.is_empty() => {
@@ -288,11 +283,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             Exit::TakenOver => "session-taken-over",
             Exit::Shutdown => "server-shutdown",
         };
-        metrics::handle(
-            &self.broker.metrics.node.mqtt_disconnects,
-            &ReasonLabels { reason: reason_label },
-        )
-        .inc();
+        self.broker.metrics.disconnected(reason_label);
         let code = match exit {
             Exit::Error(code, _) => Some(code),
             Exit::TakenOver => Some(reason::SESSION_TAKEN_OVER),

@@ -27,7 +27,7 @@ impl Retained {
     /// for new ones.
     pub(crate) fn new(restored: Vec<Msg>, max: usize, persist: Arc<Persist>, metrics: Arc<BrokerMetrics>) -> Retained {
         let map: HashMap<String, Arc<Msg>> = restored.into_iter().map(|m| (m.topic.clone(), Arc::new(m))).collect();
-        metrics.node.mqtt_retained.set(map.len() as i64);
+        metrics.set_retained(map.len());
         Retained {
             map: RwLock::new(map),
             max: AtomicU64::new(max as u64),
@@ -57,7 +57,7 @@ impl Retained {
             own.payload = Bytes::copy_from_slice(&msg.payload);
             map.insert(msg.topic.clone(), Arc::new(own));
         }
-        self.metrics.node.mqtt_retained.set(map.len() as i64);
+        self.metrics.set_retained(map.len());
         if let Err(e) = self.persist.put_retained(msg) {
             tracing::error!(error = %e, topic = %msg.topic, "cannot store a retained message");
         }

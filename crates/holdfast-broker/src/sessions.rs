@@ -95,7 +95,7 @@ impl Sessions {
             self.lock().insert(id, session);
             restored += 1;
         }
-        self.metrics.node.mqtt_sessions.set(restored as i64);
+        self.metrics.set_sessions(restored);
         restored
     }
 
@@ -142,7 +142,7 @@ impl Sessions {
                     (s, false)
                 }
             };
-            self.metrics.node.mqtt_sessions.set(map.len() as i64);
+            self.metrics.set_sessions(map.len());
             session.generation.fetch_add(1, Ordering::AcqRel);
             session.set_connected(true);
             session.kick_pending.store(false, Ordering::Release);
@@ -202,7 +202,7 @@ impl Sessions {
             if map.get(&session.client_id).is_some_and(|s| Arc::ptr_eq(s, session)) {
                 map.remove(&session.client_id);
             }
-            self.metrics.node.mqtt_sessions.set(map.len() as i64);
+            self.metrics.set_sessions(map.len());
         }
         let (filters, persistent) = {
             let mut st = session.lock();

@@ -95,7 +95,6 @@ struct Node {
 fn node() -> Node {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("store")).unwrap();
-    let metrics = Arc::new(Metrics::new());
     let outbox = Outbox::open(
         &store,
         dir.path(),
@@ -109,7 +108,7 @@ fn node() -> Node {
     let parts = Parts {
         policy: Arc::new(LocalPolicy),
         outbox: Arc::new(outbox),
-        metrics,
+        metrics: Arc::new(Metrics::new()),
         registry: Arc::new(registry),
     };
     let (broker, _) = Broker::open(

@@ -7,8 +7,10 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use holdfast_metrics::{CacheLabels, CacheUpstreamLabels, EventLabels, Metrics};
+use holdfast_metrics::EventLabels;
 use holdfast_model::lock;
+
+use crate::metrics::{CacheLabels, CacheMetrics, UpstreamLabels};
 
 /// Most distinct `source` label values; more are counted as `other`.
 const MAX_SOURCES: usize = 64;
@@ -26,13 +28,13 @@ pub(crate) struct Totals {
 
 /// The cache's counters (see the module docs).
 pub(crate) struct Counters {
-    metrics: Arc<Metrics>,
+    metrics: Arc<CacheMetrics>,
     totals: Totals,
     sources: Mutex<BTreeSet<String>>,
 }
 
 impl Counters {
-    pub(crate) fn new(metrics: Arc<Metrics>) -> Counters {
+    pub(crate) fn new(metrics: Arc<CacheMetrics>) -> Counters {
         Counters {
             metrics,
             totals: Totals::default(),
@@ -40,8 +42,19 @@ impl Counters {
         }
     }
 
-    pub(crate) fn metrics(&self) -> &Metrics {
-        &self.metrics
+    /// A fill started (`holdfast_cache_fills_in_flight`).
+    pub(crate) fn fill_started(&self) {
+        self.metrics.fills.inc();
+    }
+
+    /// A fill ended.
+    pub(crate) fn fill_ended(&self) {
+        self.metrics.fills.dec();
+    }
+
+    /// Fills running.
+    pub(crate) fn fills_in_flight(&self) -> i64 {
+        self.metrics.fills.get()
     }
 
     pub(crate) fn totals(&self) -> &Totals {
@@ -50,14 +63,14 @@ impl Counters {
 
     /// Counts an event (`holdfast_cache_events_total{event}`).
     pub(crate) fn event(&self, event: &'static str) {
-        self.metrics.cache_events.get_or_create(&EventLabels { event }).inc();
+        self.metrics.events.get_or_create(&EventLabels { event }).inc();
     }
 
     /// Counts a request by its result (`hit`, `miss`, `partial`, `pass`,
     /// `denied`, `error`, …).
     pub(crate) fn request(&self, source: &str, client: &'static str, result: &'static str) {
         self.metrics
-            .cache_requests
+            .requests
             .get_or_create(&CacheLabels {
                 source: source.to_string(),
                 client,
@@ -78,7 +91,7 @@ impl Counters {
         for (result, n) in [("hit", hit), ("miss", miss)] {
             if n > 0 {
                 self.metrics
-                    .cache_bytes
+                    .bytes
                     .get_or_create(&CacheLabels {
                         source: source.to_string(),
                         client,
@@ -92,13 +105,13 @@ impl Counters {
     }
 
     /// Counts one request sent upstream.
-    pub(crate) fn upstream_request(&self, labels: &CacheUpstreamLabels) {
-        self.metrics.cache_upstream_requests.get_or_create(labels).inc();
+    pub(crate) fn upstream_request(&self, labels: &UpstreamLabels) {
+        self.metrics.upstream_requests.get_or_create(labels).inc();
     }
 
     /// Counts body bytes a fill received from upstream.
-    pub(crate) fn upstream_bytes(&self, labels: &CacheUpstreamLabels, n: u64) {
-        self.metrics.cache_upstream_bytes.get_or_create(labels).inc_by(n);
+    pub(crate) fn upstream_bytes(&self, labels: &UpstreamLabels, n: u64) {
+        self.metrics.upstream_bytes.get_or_create(labels).inc_by(n);
         self.totals.upstream_bytes.fetch_add(n, Ordering::Relaxed);
     }
 

@@ -91,14 +91,14 @@ impl Fills {
         let fills = self.clone();
         let plan = plan.clone();
         let first = block.clone();
-        self.counters.metrics().cache_fills.inc();
+        self.counters.fill_started();
         tokio::spawn(async move {
             let result = fills.run(&plan, &fill, k, end_byte, obj_id, &first).await;
             if let Err(e) = result {
                 fills.release_failed(&plan.key, &fill, &first, e);
             }
             fill.stop();
-            fills.counters.metrics().cache_fills.dec();
+            fills.counters.fill_ended();
         });
         Source::Block(block)
     }

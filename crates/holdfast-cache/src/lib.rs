@@ -39,6 +39,7 @@ mod block;
 mod counters;
 mod fill;
 mod learned;
+mod metrics;
 mod objects;
 mod origin;
 mod revalidate;
@@ -60,6 +61,7 @@ use self::counters::Counters;
 use self::disk::{Class, Index};
 use self::fill::Fills;
 use self::learned::Learned;
+pub use self::metrics::CacheMetrics;
 use self::objects::{Objects, Pin};
 use self::origin::Origin;
 use self::range::Validator;
@@ -328,6 +330,7 @@ impl Cache {
         node_id: &str,
         metrics: Arc<Metrics>,
     ) -> Result<Cache, CacheError> {
+        let metrics = Arc::new(CacheMetrics::new(metrics.registry()));
         std::fs::create_dir_all(&dir).map_err(|e| CacheError::Setup(format!("{}: {e}", dir.display())))?;
         let index = Index::open(store)?;
         let loaded = disk::load(&index, &dir, cfg.block_size)?;
@@ -514,7 +517,7 @@ impl Cache {
             max_size: self.store.max_size().load(Ordering::Relaxed),
             min_free: self.store.min_free().load(Ordering::Relaxed),
             free_bytes: free,
-            fills_in_flight: self.counters.metrics().cache_fills.get(),
+            fills_in_flight: self.counters.fills_in_flight(),
             parent: self.cfg.parent.clone(),
             requests: t.requests.load(Ordering::Relaxed),
             hit_requests: t.hit_requests.load(Ordering::Relaxed),

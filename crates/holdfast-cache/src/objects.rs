@@ -7,12 +7,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use holdfast_metrics::Metrics;
 use holdfast_model::lock;
 use tokio::sync::watch;
 
 use crate::block::{Block, Source};
 use crate::disk::{Class, ObjRecord};
+use crate::metrics::CacheMetrics;
 use crate::range::Validator;
 use crate::rfc9111::Freshness;
 use crate::{Meta, ObjectInfo, Revalidation, now_secs};
@@ -169,7 +169,7 @@ pub(crate) struct Totals {
 pub(crate) struct Objects {
     table: Mutex<Table>,
     block_size: u64,
-    metrics: Arc<Metrics>,
+    metrics: Arc<CacheMetrics>,
 }
 
 /// Clears a reader's pin on an object when dropped.
@@ -196,7 +196,7 @@ impl Objects {
         objects: Vec<(String, ObjRecord, BTreeMap<u32, u64>)>,
         next_id: u64,
         block_size: u64,
-        metrics: Arc<Metrics>,
+        metrics: Arc<CacheMetrics>,
     ) -> Objects {
         let mut t = Table {
             next_id,
@@ -244,8 +244,8 @@ impl Objects {
     /// Sets the stored-bytes and objects gauges.
     pub(crate) fn update_gauges(&self) {
         let t = self.lock();
-        self.metrics.cache_stored_bytes.set(t.stored_bytes as i64);
-        self.metrics.cache_objects.set(t.objects.len() as i64);
+        self.metrics.set_stored_bytes(t.stored_bytes);
+        self.metrics.set_objects(t.objects.len());
     }
 
     /// Pins `key` for a reader (no eviction while pinned) and touches it.
@@ -266,7 +266,7 @@ impl Objects {
                 persist = Some(o.record(m, self.block_size));
             }
         }
-        self.metrics.cache_objects.set(t.objects.len() as i64);
+        self.metrics.set_objects(t.objects.len());
         drop(t);
         let pin = Pin {
             objects: self.clone(),
@@ -472,8 +472,7 @@ impl Objects {
                 let bytes = o.stored_bytes();
                 t.stored_bytes -= bytes;
                 need_free = need_free.saturating_sub(bytes);
-                self.metrics.cache_evictions.inc();
-                self.metrics.cache_evicted_bytes.inc_by(bytes);
+                self.metrics.evicted(bytes);
                 victims.push((vkey, o.id));
             }
         };

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use holdfast_metrics::CacheUpstreamLabels;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::counters::Counters;
+use crate::metrics::UpstreamLabels;
 use crate::upstream::{self, Client};
 use crate::{Plan, rfc9111};
 
@@ -82,8 +82,8 @@ impl Origin {
     }
 
     /// The upstream metric labels for the plan's source.
-    pub(crate) fn labels(&self, plan: &Plan) -> CacheUpstreamLabels {
-        CacheUpstreamLabels {
+    pub(crate) fn labels(&self, plan: &Plan) -> UpstreamLabels {
+        UpstreamLabels {
             source: plan.source.clone(),
             upstream: self.label(),
         }

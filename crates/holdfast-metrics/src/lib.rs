@@ -25,13 +25,6 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
-/// Labels of messages a router plugin dropped: the reason it gave.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouterDropLabels {
-    /// The plugin's reason, cleaned up (see `Broker::count_router_drop`).
-    pub reason: String,
-}
-
 /// Labels of events counted by reason.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -44,47 +37,6 @@ pub struct ReasonLabels {
 pub struct EventLabels {
     /// What happened.
     pub event: &'static str,
-}
-
-/// Labels of range cache requests and bytes.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CacheLabels {
-    /// The source (the cache key's namespace, e.g. `debian`).
-    pub source: String,
-    /// Who asked: `client` or `child-cache` (a nested node's cache).
-    pub client: &'static str,
-    /// `hit`, `miss`, `partial`, `pass`, `deny`, `not-modified`, `error`.
-    pub result: &'static str,
-}
-
-/// Labels of range cache fetches from upstream.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CacheUpstreamLabels {
-    /// The source.
-    pub source: String,
-    /// `origin` or `parent`.
-    pub upstream: &'static str,
-}
-
-/// Labels carrying an MQTT QoS.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct QosLabels {
-    /// 0, 1 or 2.
-    pub qos: u8,
-}
-
-/// Labels of routed messages.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ActionLabels {
-    /// `upstream` or `local`.
-    pub action: &'static str,
-}
-
-/// Labels of MQTT connections by transport.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TransportLabels {
-    /// `tcp`, `tls` or `quic`.
-    pub transport: &'static str,
 }
 
 /// Labels of the build-info gauge.
@@ -125,7 +77,10 @@ impl Registry {
     /// Registers `metric` (a counter, gauge, histogram or family of them,
     /// whose clones share its value) as `holdfast_<name>` with `help`.
     pub fn register(&self, name: &str, help: &str, metric: impl Metric) {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).register(name, help, metric);
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .register(name, help, metric);
     }
 
     /// Renders every registered family in the text exposition format.
@@ -158,30 +113,6 @@ pub struct Metrics {
     registry: Registry,
     /// `holdfast_admin_requests_total{code}`
     pub admin_requests: Family<StatusLabels, Counter>,
-    /// `holdfast_mqtt_connections{transport}`: connected MQTT clients.
-    pub mqtt_connections: Family<TransportLabels, Gauge>,
-    /// `holdfast_mqtt_sessions`: sessions kept (connected or persistent).
-    pub mqtt_sessions: Gauge,
-    /// `holdfast_mqtt_retained_messages`
-    pub mqtt_retained: Gauge,
-    /// `holdfast_mqtt_connects_total{result}`
-    pub mqtt_connects: Family<ResultLabels, Counter>,
-    /// `holdfast_mqtt_disconnects_total{reason}`
-    pub mqtt_disconnects: Family<ReasonLabels, Counter>,
-    /// `holdfast_mqtt_bad_packets_total{reason}`: malformed input and protocol errors.
-    pub mqtt_bad_packets: Family<ReasonLabels, Counter>,
-    /// `holdfast_mqtt_messages_received_total{qos}`
-    pub mqtt_received: Family<QosLabels, Counter>,
-    /// `holdfast_mqtt_messages_sent_total{qos}`
-    pub mqtt_sent: Family<QosLabels, Counter>,
-    /// `holdfast_mqtt_messages_routed_total{action}`
-    pub mqtt_routed: Family<ActionLabels, Counter>,
-    /// `holdfast_mqtt_messages_dropped_total{reason}`
-    pub mqtt_dropped: Family<ReasonLabels, Counter>,
-    /// `holdfast_mqtt_denied_total{reason}`: PUBLISH/SUBSCRIBE refused by authorization or limits.
-    pub mqtt_denied: Family<ReasonLabels, Counter>,
-    /// Messages the router plugin dropped, by the reason it gave.
-    pub router_drops: Family<RouterDropLabels, Counter>,
     /// `holdfast_link_up`: 1 while the upstream link is connected (always 1 at a root).
     pub link_up: Gauge,
     /// `holdfast_link_connects_total{result}`: upstream connection attempts.
@@ -213,10 +144,6 @@ pub struct Metrics {
     /// `holdfast_link_root_messages_total{result}`: what a root did with messages
     /// reaching its outbox (delivered, already-delivered, no-broker).
     pub link_root: Family<ResultLabels, Counter>,
-    /// `holdfast_mqtt_auth_delayed_total`: CONNECTs held back by the per-source auth back-off.
-    pub mqtt_auth_delayed: Counter,
-    /// `holdfast_mqtt_revoked_total`: connections closed because their credentials were revoked.
-    pub mqtt_revoked: Counter,
     /// `holdfast_registry_identities`: identities this node can authenticate.
     pub registry_identities: Gauge,
     /// `holdfast_registry_syncs_total{result}`: scope syncs sent (`sent-full`, `sent-delta`) and applied (`full`, `delta`, `failed`).
@@ -230,28 +157,6 @@ pub struct Metrics {
     /// `holdfast_deploy_component_bytes_total{event}`: component bytes
     /// `sent` to child gateways and `received` from the parent.
     pub deploy_component_bytes: Family<EventLabels, Counter>,
-    /// `holdfast_cache_requests_total{source,client,result}`
-    pub cache_requests: Family<CacheLabels, Counter>,
-    /// `holdfast_cache_bytes_total{source,client,result}`: body bytes sent
-    /// from stored blocks (`hit`) and from blocks being fetched (`miss`).
-    pub cache_bytes: Family<CacheLabels, Counter>,
-    /// `holdfast_cache_upstream_requests_total{source,upstream}`
-    pub cache_upstream_requests: Family<CacheUpstreamLabels, Counter>,
-    /// `holdfast_cache_upstream_bytes_total{source,upstream}`
-    pub cache_upstream_bytes: Family<CacheUpstreamLabels, Counter>,
-    /// `holdfast_cache_fills_in_flight`
-    pub cache_fills: Gauge,
-    /// `holdfast_cache_stored_bytes`
-    pub cache_stored_bytes: Gauge,
-    /// `holdfast_cache_objects`
-    pub cache_objects: Gauge,
-    /// `holdfast_cache_evictions_total`: objects evicted for space.
-    pub cache_evictions: Counter,
-    /// `holdfast_cache_evicted_bytes_total`
-    pub cache_evicted_bytes: Counter,
-    /// `holdfast_cache_events_total{event}`: invalidations, revalidations,
-    /// refused admissions, aborted responses, loops, bad requests.
-    pub cache_events: Family<EventLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -275,74 +180,6 @@ impl Metrics {
             "admin_requests",
             "Admin API requests, by status code",
             admin_requests.clone(),
-        );
-        let mqtt_connections = Family::<TransportLabels, Gauge>::default();
-        registry.register(
-            "mqtt_connections",
-            "Connected MQTT clients, by transport",
-            mqtt_connections.clone(),
-        );
-        let mqtt_sessions = Gauge::default();
-        registry.register(
-            "mqtt_sessions",
-            "MQTT sessions kept (connected, or persistent and waiting)",
-            mqtt_sessions.clone(),
-        );
-        let mqtt_retained = Gauge::default();
-        registry.register("mqtt_retained_messages", "Retained messages", mqtt_retained.clone());
-        let mqtt_connects = Family::<ResultLabels, Counter>::default();
-        registry.register(
-            "mqtt_connects",
-            "CONNECT attempts, by result (accepted or the refusal reason)",
-            mqtt_connects.clone(),
-        );
-        let mqtt_disconnects = Family::<ReasonLabels, Counter>::default();
-        registry.register(
-            "mqtt_disconnects",
-            "MQTT connections ended, by reason",
-            mqtt_disconnects.clone(),
-        );
-        let mqtt_bad_packets = Family::<ReasonLabels, Counter>::default();
-        registry.register(
-            "mqtt_bad_packets",
-            "Connections closed for malformed packets or protocol errors, by reason",
-            mqtt_bad_packets.clone(),
-        );
-        let mqtt_received = Family::<QosLabels, Counter>::default();
-        registry.register(
-            "mqtt_messages_received",
-            "PUBLISH packets received from clients, by QoS",
-            mqtt_received.clone(),
-        );
-        let mqtt_sent = Family::<QosLabels, Counter>::default();
-        registry.register(
-            "mqtt_messages_sent",
-            "PUBLISH packets sent to clients, by QoS",
-            mqtt_sent.clone(),
-        );
-        let mqtt_routed = Family::<ActionLabels, Counter>::default();
-        registry.register(
-            "mqtt_messages_routed",
-            "Router actions taken on received messages: upstream (outbox) or local delivery",
-            mqtt_routed.clone(),
-        );
-        let mqtt_dropped = Family::<ReasonLabels, Counter>::default();
-        registry.register(
-            "mqtt_messages_dropped",
-            "Messages dropped, by reason (router drop, no route, queue full, expired, too large, ...)",
-            mqtt_dropped.clone(),
-        );
-        let mqtt_denied = Family::<ReasonLabels, Counter>::default();
-        registry.register(
-            "mqtt_denied",
-            "PUBLISH and SUBSCRIBE refused by authorization or limits, by reason",
-            mqtt_denied.clone(),
-        );
-        let router_drops = Family::<RouterDropLabels, Counter>::default();
-        registry.register(
-            "router_drops",
-            "Messages the router plugin dropped, by the reason it gave (at most 64 reasons; more count as other)",
-            router_drops.clone(),
         );
         let link_up = Gauge::default();
         registry.register(
@@ -418,18 +255,6 @@ impl Metrics {
             "Messages reaching a root's outbox, by what was done with them",
             link_root.clone(),
         );
-        let mqtt_auth_delayed = Counter::default();
-        registry.register(
-            "mqtt_auth_delayed",
-            "CONNECTs held back by the per-source authentication back-off",
-            mqtt_auth_delayed.clone(),
-        );
-        let mqtt_revoked = Counter::default();
-        registry.register(
-            "mqtt_revoked",
-            "Connections closed because their credentials were revoked",
-            mqtt_revoked.clone(),
-        );
         let registry_identities = Gauge::default();
         registry.register(
             "registry_identities",
@@ -454,58 +279,6 @@ impl Metrics {
             "Deployment component bytes sent to child gateways and received from the parent",
             deploy_component_bytes.clone(),
         );
-        let cache_requests = Family::<CacheLabels, Counter>::default();
-        registry.register(
-            "cache_requests",
-            "Range cache requests by source, client kind and result",
-            cache_requests.clone(),
-        );
-        let cache_bytes = Family::<CacheLabels, Counter>::default();
-        registry.register(
-            "cache_bytes",
-            "Range cache body bytes sent, from stored blocks (hit) or blocks being fetched (miss)",
-            cache_bytes.clone(),
-        );
-        let cache_upstream_requests = Family::<CacheUpstreamLabels, Counter>::default();
-        registry.register(
-            "cache_upstream_requests",
-            "Requests the range cache sent to the origin or its parent",
-            cache_upstream_requests.clone(),
-        );
-        let cache_upstream_bytes = Family::<CacheUpstreamLabels, Counter>::default();
-        registry.register(
-            "cache_upstream_bytes",
-            "Body bytes the range cache received from the origin or its parent",
-            cache_upstream_bytes.clone(),
-        );
-        let cache_fills = Gauge::default();
-        registry.register("cache_fills_in_flight", "Upstream fills running", cache_fills.clone());
-        let cache_stored_bytes = Gauge::default();
-        registry.register(
-            "cache_stored_bytes",
-            "Bytes of blocks stored by the range cache",
-            cache_stored_bytes.clone(),
-        );
-        let cache_objects = Gauge::default();
-        registry.register(
-            "cache_objects",
-            "Objects known to the range cache",
-            cache_objects.clone(),
-        );
-        let cache_evictions = Counter::default();
-        registry.register("cache_evictions", "Objects evicted for space", cache_evictions.clone());
-        let cache_evicted_bytes = Counter::default();
-        registry.register(
-            "cache_evicted_bytes",
-            "Bytes of blocks evicted for space",
-            cache_evicted_bytes.clone(),
-        );
-        let cache_events = Family::<EventLabels, Counter>::default();
-        registry.register(
-            "cache_events",
-            "Range cache events: invalidations, revalidations, refused admissions, aborted responses, loops, bad requests",
-            cache_events.clone(),
-        );
         let registry_syncs = Family::<ResultLabels, Counter>::default();
         registry.register(
             "registry_syncs",
@@ -522,18 +295,6 @@ impl Metrics {
         Metrics {
             registry,
             admin_requests,
-            mqtt_connections,
-            mqtt_sessions,
-            mqtt_retained,
-            mqtt_connects,
-            mqtt_disconnects,
-            mqtt_bad_packets,
-            mqtt_received,
-            mqtt_sent,
-            mqtt_routed,
-            mqtt_dropped,
-            mqtt_denied,
-            router_drops,
             link_up,
             link_connects,
             link_disconnects,
@@ -547,23 +308,11 @@ impl Metrics {
             link_received,
             link_refused,
             link_root,
-            mqtt_auth_delayed,
-            mqtt_revoked,
             registry_identities,
             registry_syncs,
             iothub_events,
             deploy_events,
             deploy_component_bytes,
-            cache_requests,
-            cache_bytes,
-            cache_upstream_requests,
-            cache_upstream_bytes,
-            cache_fills,
-            cache_stored_bytes,
-            cache_objects,
-            cache_evictions,
-            cache_evicted_bytes,
-            cache_events,
         }
     }
 

@@ -155,7 +155,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Handshake<'_, S> {
         // A source that keeps failing waits before it is answered.
         let ip = self.peer.addr.ip();
         if let Some(delay) = broker.throttle.delay(ip, std::time::Instant::now()) {
-            broker.metrics.node.mqtt_auth_delayed.inc();
+            broker.metrics.auth_delayed();
             tokio::time::sleep(delay).await;
         }
         let policy = broker.policy.clone();
