@@ -20,6 +20,7 @@ pub mod cli;
 pub mod config;
 pub mod deploy;
 pub mod logging;
+pub mod metrics;
 pub mod node;
 pub mod reload;
 pub mod scaffold;

@@ -22,7 +22,9 @@ use holdfast_deploy::{Deployer, Overlay};
 use holdfast_iothub::clients::Clients;
 use holdfast_iothub::twin::Twins;
 use holdfast_iothub::{Hub, HubParts};
-use holdfast_metrics::Metrics;
+use crate::metrics::HostMetrics;
+use holdfast_link::LinkMetrics;
+use holdfast_registry::RegistryMetrics;
 use holdfast_outbox::{Outbox, SystemTimeSource};
 use holdfast_plugins::{NodeContext, PluginError, PluginHost, PluginMetrics, watch::watch_folder};
 use holdfast_registry::{Registry, Role};
@@ -101,7 +103,9 @@ impl Node {
         let started = Instant::now();
         let data_dir = config.node.data_dir.clone();
         create_private_dir(&data_dir)?;
-        let metrics = Arc::new(Metrics::new());
+        // One registry; each crate registers its own families in it.
+        let metrics = Arc::new(HostMetrics::new());
+        let registry_metrics = RegistryMetrics::new(metrics.registry());
         let store_dir = data_dir.join("store");
         let blob_dir = data_dir.join("deploy").join("components");
         let outbox_metrics = Arc::new(holdfast_outbox::OutboxMetrics::new(metrics.registry()));
@@ -115,7 +119,7 @@ impl Node {
         let node_id = config.node.id.clone();
         let replica = matches!(role, Role::Replica { .. });
         let cache_dir = config.cache_dir();
-        let cache_metrics = metrics.clone();
+        let cache_metrics = Arc::new(holdfast_cache::CacheMetrics::new(metrics.registry()));
         let cache_node = config.node.id.clone();
         let base = config.clone();
         #[allow(clippy::type_complexity)]
@@ -171,7 +175,7 @@ impl Node {
             tracing::debug!(error = %e, "deploy: log.level of the deployment not applied");
         }
         let registry = Arc::new(registry);
-        metrics.registry_identities.set(registry.len() as i64);
+        registry_metrics.set_identities(registry.len());
         let deployer = Arc::new(
             Deployer::open(
                 holdfast_deploy::Options {
@@ -186,7 +190,7 @@ impl Node {
                 },
                 deploy_store,
                 registry.clone(),
-                metrics.clone(),
+                holdfast_deploy::DeployMetrics::new(metrics.registry()),
             )
             .map_err(|e| StartError::Deploy(e.to_string()))?,
         );
@@ -202,14 +206,15 @@ impl Node {
                 .await
                 .map_err(|e| PluginError::Engine(format!("c2d open task failed: {e}")))?
                 .map_err(holdfast_outbox::OutboxError::from)?;
-            let (twins, c2d, registry, metrics) = (Arc::new(twins), Arc::new(c2d), registry.clone(), metrics.clone());
+            let (twins, c2d, registry) = (Arc::new(twins), Arc::new(c2d), registry.clone());
+            let metrics = holdfast_iothub::IothubMetrics::new(metrics.registry());
             let c2d_default_ttl = Duration::from_secs(config.iothub.c2d_default_ttl_seconds);
             move |clients: std::sync::Weak<dyn Clients>| HubParts {
                 twins,
                 c2d,
                 c2d_default_ttl,
                 registry,
-                metrics,
+                metrics: metrics.clone(),
                 clients,
             }
         };
@@ -237,7 +242,7 @@ impl Node {
                     config.mqtt.clone(),
                     plugins.clone(),
                     outbox.clone(),
-                    metrics.clone(),
+                    Arc::new(holdfast_broker::BrokerMetrics::new(metrics.registry())),
                     registry.clone(),
                     stopped.clone(),
                 );
@@ -267,11 +272,13 @@ impl Node {
             (None, Arc::new(Hub::new(hub_parts(holdfast_iothub::clients::none()))))
         };
         let link = Arc::new(holdfast_link::Status::new(config.link_sections()));
+        let link_metrics = Arc::new(LinkMetrics::new(metrics.registry()));
         let link_rate = Arc::new(holdfast_link::rate::RateLimit::new(
             config.upstream.max_bytes_per_second,
         ));
         let link_listen = start_link(
-            &config, &outbox, &broker, &hub, &link, &metrics, &link_rate, &deployer, &stopped, &mut tasks,
+            &config, &outbox, &broker, &hub, &link, &link_metrics, &registry_metrics, &link_rate, &deployer, &stopped,
+            &mut tasks,
         )?;
         let cache = match cache {
             Some(cache) => {
@@ -312,6 +319,7 @@ impl Node {
             plugins,
             metrics,
             registry,
+            registry_metrics,
             hub,
             outbox,
             broker,
@@ -474,7 +482,8 @@ fn start_link(
     broker: &Option<Arc<Broker>>,
     hub: &Arc<Hub>,
     status: &Arc<holdfast_link::Status>,
-    metrics: &Arc<Metrics>,
+    metrics: &Arc<LinkMetrics>,
+    registry_metrics: &RegistryMetrics,
     rate: &Arc<holdfast_link::rate::RateLimit>,
     deployer: &Arc<Deployer>,
     stopped: &watch::Receiver<bool>,
@@ -486,7 +495,7 @@ fn start_link(
     // The services the link carries, each run by its own crate.
     let scope: Arc<dyn LinkService> = Arc::new(holdfast_registry::ScopeSync::new(
         hub.registry().clone(),
-        metrics.clone(),
+        registry_metrics.clone(),
         config.node.id.clone(),
     ));
     let twins: Arc<dyn LinkService> = hub.clone();

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use crate::config::Config;
+use crate::metrics::HostMetrics;
 use crate::reload::Reloader;
 use holdfast_broker::{Broker, listen};
 use holdfast_cache::Cache;
@@ -16,10 +17,9 @@ use holdfast_deploy::Deployer;
 use holdfast_iothub::Hub;
 use holdfast_link::Status;
 use holdfast_link::rate::RateLimit;
-use holdfast_metrics::Metrics;
 use holdfast_outbox::Outbox;
 use holdfast_plugins::PluginHost;
-use holdfast_registry::Registry;
+use holdfast_registry::{Registry, RegistryMetrics};
 
 /// What the admin API and other subsystems share.
 pub struct NodeState {
@@ -27,10 +27,12 @@ pub struct NodeState {
     pub config: Arc<Config>,
     /// Loaded plugins.
     pub plugins: Arc<PluginHost>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
+    /// The metric registry served at `/metrics`, and the host's own families.
+    pub metrics: Arc<HostMetrics>,
     /// The device registry (owned, or a replica of this node's scope).
     pub registry: Arc<Registry>,
+    /// The registry's gauge of identities, refreshed after admin changes.
+    pub registry_metrics: RegistryMetrics,
     /// Twins, direct methods and cloud-to-device messages.
     pub hub: Arc<Hub>,
     /// The durable queue of upstream-bound messages.

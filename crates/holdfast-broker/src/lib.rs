@@ -48,7 +48,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use holdfast_metrics::Metrics;
 use holdfast_model::policy::Policy;
 use holdfast_outbox::{AppendError, MessageId, Outbox};
 use holdfast_store::{Store, StoreError};
@@ -197,9 +196,8 @@ pub struct Parts {
     pub policy: Arc<dyn Policy>,
     /// Where upstream-bound messages are appended.
     pub outbox: Arc<Outbox>,
-    /// The node's metrics: the broker registers its families (see
-    /// [`BrokerMetrics`]) in their registry.
-    pub metrics: Arc<Metrics>,
+    /// What the broker counts.
+    pub metrics: Arc<BrokerMetrics>,
     /// The identities clients authenticate as (revocations, CA-signed certificates).
     pub registry: Arc<holdfast_registry::Registry>,
 }
@@ -227,7 +225,6 @@ impl Broker {
         } = parts;
         let persist = Arc::new(Persist::open(store)?);
         let (loaded, retained, damaged) = persist.load()?;
-        let metrics = Arc::new(BrokerMetrics::new(metrics.registry()));
         if damaged > 0 {
             tracing::warn!(damaged, "skipped damaged broker records");
             metrics.dropped_n("damaged", damaged as u64);

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use holdfast_broker::conn::{Peer, serve};
 use holdfast_broker::{Broker, Dialect, Parts};
-use holdfast_metrics::Metrics;
 use holdfast_model::Message;
 use holdfast_model::policy::{
     Action, Authorized, AuthzDecision, ConnectInfo, LocalAction, Operation, Policy, Principal, Refusal, RefusalCode,
@@ -108,7 +107,7 @@ fn node() -> Node {
     let parts = Parts {
         policy: Arc::new(LocalPolicy),
         outbox: Arc::new(outbox),
-        metrics: Arc::new(Metrics::new()),
+        metrics: Arc::new(holdfast_broker::BrokerMetrics::default()),
         registry: Arc::new(registry),
     };
     let (broker, _) = Broker::open(

@@ -52,7 +52,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use holdfast_metrics::Metrics;
 use holdfast_model::lock;
 use holdfast_store::{Store, StoreError};
 
@@ -328,9 +327,8 @@ impl Cache {
         dir: PathBuf,
         store: &Store,
         node_id: &str,
-        metrics: Arc<Metrics>,
+        metrics: Arc<CacheMetrics>,
     ) -> Result<Cache, CacheError> {
-        let metrics = Arc::new(CacheMetrics::new(metrics.registry()));
         std::fs::create_dir_all(&dir).map_err(|e| CacheError::Setup(format!("{}: {e}", dir.display())))?;
         let index = Index::open(store)?;
         let loaded = disk::load(&index, &dir, cfg.block_size)?;

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::events::Events;
+use crate::metrics::DeployMetrics;
 use crate::model::{Doc, NodeState, Phase};
 use crate::reports::ReportBook;
 use crate::store::{Applied, DeployStore};
@@ -25,7 +25,7 @@ pub(crate) struct Change {
 pub(crate) struct Applying {
     node: String,
     store: DeployStore,
-    events: Events,
+    events: DeployMetrics,
     applied: Option<Applied>,
     /// Reasons by `(deployment, digest)`.
     bad: BTreeMap<(String, String), String>,
@@ -36,7 +36,7 @@ impl Applying {
     ///
     /// # Errors
     /// Storage errors.
-    pub(crate) fn open(node: String, store: DeployStore, events: Events) -> Result<Applying, DeployError> {
+    pub(crate) fn open(node: String, store: DeployStore, events: DeployMetrics) -> Result<Applying, DeployError> {
         Ok(Applying {
             node,
             applied: store.applied()?,

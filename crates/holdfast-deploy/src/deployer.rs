@@ -11,7 +11,7 @@ use base64::Engine as _;
 use tokio::sync::{Notify, watch};
 
 use crate::apply::Applying;
-use crate::events::Events;
+use crate::metrics::DeployMetrics;
 use crate::held::{B64, Held, open_signed};
 use crate::model::{self, Doc, Health, NodeState, Phase, Report, Signed, Spec};
 use crate::owner::{self, Owner};
@@ -23,7 +23,6 @@ use crate::trust::Trust;
 use crate::view::View;
 use crate::watch::{HealthWatch, Observation};
 use crate::{Applier, Bundle, DeployError, LocalStatus, Options};
-use holdfast_metrics::Metrics;
 use holdfast_registry::{Hop, Registry};
 
 /// What the deployer keeps under its one lock, by role. An offer, an
@@ -96,7 +95,7 @@ pub struct Deployer {
     store: DeployStore,
     pub(crate) registry: Arc<Registry>,
     trust: Trust,
-    pub(crate) events: Events,
+    pub(crate) events: DeployMetrics,
     book: Mutex<Book>,
     docs_changed: watch::Sender<u64>,
     reports_changed: watch::Sender<u64>,
@@ -120,10 +119,10 @@ impl Deployer {
         options: Options,
         store: DeployStore,
         registry: Arc<Registry>,
-        metrics: Arc<Metrics>,
+        metrics: DeployMetrics,
     ) -> Result<Deployer, DeployError> {
         let node = options.node_id;
-        let events = Events::new(metrics);
+        let events = metrics;
         let reports_changed = watch::channel(0).0;
         let owner = Owner::open(
             node.clone(),
@@ -168,6 +167,11 @@ impl Deployer {
     fn bump_docs(&self) {
         self.docs_changed.send_modify(|v| *v += 1);
         self.kick.notify_one();
+    }
+
+    /// What the deployer counts.
+    pub fn metrics(&self) -> &DeployMetrics {
+        &self.events
     }
 
     /// This node's id.

@@ -29,9 +29,9 @@ pub mod store;
 
 mod apply;
 mod deployer;
-mod events;
 mod held;
 mod link_stream;
+mod metrics;
 mod owner;
 mod received;
 mod reports;
@@ -52,6 +52,7 @@ use model::Signed;
 use store::Applied;
 
 pub use deployer::Deployer;
+pub use metrics::DeployMetrics;
 pub use view::{NodeView, View};
 
 /// Why a deployment operation failed.

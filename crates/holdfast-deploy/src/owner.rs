@@ -8,7 +8,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 
 use crate::DeployError;
-use crate::events::Events;
+use crate::metrics::DeployMetrics;
 use crate::held::{B64, Held, open_signed};
 use crate::model::{self, Doc, Phase, Signed, Spec};
 use crate::reports::ReportBook;
@@ -23,7 +23,7 @@ pub(crate) struct Owner {
     node: String,
     registry: Arc<Registry>,
     store: DeployStore,
-    events: Events,
+    events: DeployMetrics,
     signer: Option<Signer>,
     /// How long a signed revision stays valid.
     expiry_ms: u64,
@@ -98,7 +98,7 @@ impl Owner {
         node: String,
         registry: Arc<Registry>,
         store: DeployStore,
-        events: Events,
+        events: DeployMetrics,
         signer: Option<Signer>,
         expiry_seconds: u64,
     ) -> Result<Owner, DeployError> {

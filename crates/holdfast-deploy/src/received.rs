@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::DeployError;
-use crate::events::Events;
+use crate::metrics::DeployMetrics;
 use crate::held::{Held, open_signed, received_list};
 use crate::model::Phase;
 use crate::owner::Owner;
@@ -15,7 +15,7 @@ use crate::store::DeployStore;
 /// The documents received from above, and this node's ancestors.
 pub(crate) struct Received {
     store: DeployStore,
-    events: Events,
+    events: DeployMetrics,
     docs: BTreeMap<String, Held>,
     /// Nearest first.
     ancestors: Vec<String>,
@@ -26,7 +26,7 @@ impl Received {
     ///
     /// # Errors
     /// Storage errors.
-    pub(crate) fn open(store: DeployStore, events: Events) -> Result<Received, DeployError> {
+    pub(crate) fn open(store: DeployStore, events: DeployMetrics) -> Result<Received, DeployError> {
         let mut docs = BTreeMap::new();
         for signed in store.docs(false)? {
             match open_signed(&signed) {

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use crate::model::{Health, NodeState, Phase, Report, Spec};
 use crate::store::DeployStore;
 use crate::{Applier, DeployError, Deployer, Options, Overlay};
-use holdfast_metrics::Metrics;
 use holdfast_registry::{NewIdentity, Registry, Role};
 use holdfast_tls::sign::{Signer, Verifier};
 
@@ -82,7 +81,7 @@ fn owner(gateways: &[&str]) -> Owner {
         },
         ds,
         Arc::new(registry),
-        Arc::new(Metrics::new()),
+        crate::DeployMetrics::default(),
     )
     .unwrap();
     Owner { _dir: dir, deployer }
@@ -335,7 +334,7 @@ fn open_node(
         },
         ds,
         Arc::new(registry),
-        Arc::new(Metrics::new()),
+        crate::DeployMetrics::default(),
     )
     .unwrap()
 }

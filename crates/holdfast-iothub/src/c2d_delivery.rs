@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::c2d::{C2d, C2dMessage, Feedback, Outcome, QueueError};
 use crate::clients::Port;
-use crate::events::Events;
+use crate::metrics::IothubMetrics;
 use crate::links::Links;
 use crate::service::Svc;
 
@@ -53,7 +53,7 @@ pub(crate) struct C2dDelivery {
     registry: Arc<Registry>,
     clients: Port,
     links: Arc<Links>,
-    events: Events,
+    events: IothubMetrics,
     /// Makes message ids unique on this node (with a random part).
     next_id: AtomicU64,
     /// Ids of messages handed to their device's session here, waiting for
@@ -72,7 +72,7 @@ impl C2dDelivery {
         registry: Arc<Registry>,
         clients: Port,
         links: Arc<Links>,
-        events: Events,
+        events: IothubMetrics,
     ) -> C2dDelivery {
         C2dDelivery {
             queues,

@@ -8,7 +8,7 @@ use holdfast_registry::Registry;
 use serde_json::Value;
 
 use crate::clients::Port;
-use crate::events::Events;
+use crate::metrics::IothubMetrics;
 use crate::twin::{DesiredChange, Twins};
 
 /// The device side of this node's twins.
@@ -16,13 +16,13 @@ pub(crate) struct DeviceTwins {
     twins: Arc<Twins>,
     registry: Arc<Registry>,
     clients: Port,
-    events: Events,
+    events: IothubMetrics,
 }
 
 impl DeviceTwins {
     /// Twins answered to devices through `clients`; `registry` says which
     /// identities still exist.
-    pub(crate) fn new(twins: Arc<Twins>, registry: Arc<Registry>, clients: Port, events: Events) -> DeviceTwins {
+    pub(crate) fn new(twins: Arc<Twins>, registry: Arc<Registry>, clients: Port, events: IothubMetrics) -> DeviceTwins {
         DeviceTwins {
             twins,
             registry,

@@ -40,7 +40,7 @@ pub mod clients;
 pub mod config;
 mod device_twins;
 mod dialect;
-mod events;
+mod metrics;
 mod link_service;
 mod links;
 mod methods;
@@ -51,7 +51,6 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use holdfast_broker::session::Msg;
-use holdfast_metrics::Metrics;
 use holdfast_mqtt::Properties;
 use holdfast_registry::Registry;
 use serde_json::Value;
@@ -66,7 +65,7 @@ use self::c2d_delivery::C2dDelivery;
 use self::clients::{Clients, Port};
 use self::device_twins::DeviceTwins;
 use self::dialect::Request;
-use self::events::Events;
+pub use self::metrics::IothubMetrics;
 use self::links::Links;
 use self::methods::Methods;
 use self::service::Svc;
@@ -83,8 +82,8 @@ pub struct HubParts {
     pub c2d_default_ttl: Duration,
     /// The identities in this node's scope, and where each is reached.
     pub registry: Arc<Registry>,
-    /// The node's metrics.
-    pub metrics: Arc<Metrics>,
+    /// What the hub counts.
+    pub metrics: IothubMetrics,
     /// The broker's clients, held weakly (the broker holds the hub); on a
     /// node without a broker, [`clients::none`].
     pub clients: Weak<dyn Clients>,
@@ -95,7 +94,7 @@ pub struct Hub {
     /// Twins.
     pub twins: Arc<Twins>,
     registry: Arc<Registry>,
-    events: Events,
+    events: IothubMetrics,
     device_twins: Arc<DeviceTwins>,
     methods: Arc<Methods>,
     c2d: Arc<C2dDelivery>,
@@ -122,7 +121,7 @@ impl Hub {
             metrics,
             clients,
         } = parts;
-        let (events, clients, links) = (Events::new(metrics), Port::new(clients), Arc::new(Links::default()));
+        let (events, clients, links) = (metrics, Port::new(clients), Arc::new(Links::default()));
         Hub {
             device_twins: Arc::new(DeviceTwins::new(
                 twins.clone(),

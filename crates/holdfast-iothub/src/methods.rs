@@ -14,7 +14,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::clients::Port;
-use crate::events::Events;
+use crate::metrics::IothubMetrics;
 use crate::links::Links;
 use crate::service::Svc;
 
@@ -113,7 +113,7 @@ pub(crate) struct Methods {
     registry: Arc<Registry>,
     clients: Port,
     links: Arc<Links>,
-    events: Events,
+    events: IothubMetrics,
     next_call: AtomicU64,
     /// Calls waiting for an answer, by call id (a device's `$rid` is it in hex).
     calls: Mutex<HashMap<u64, Waiting>>,
@@ -121,7 +121,7 @@ pub(crate) struct Methods {
 
 impl Methods {
     /// Calls reaching devices through `clients` and child gateways through `links`.
-    pub(crate) fn new(registry: Arc<Registry>, clients: Port, links: Arc<Links>, events: Events) -> Methods {
+    pub(crate) fn new(registry: Arc<Registry>, clients: Port, links: Arc<Links>, events: IothubMetrics) -> Methods {
         Methods {
             registry,
             clients,

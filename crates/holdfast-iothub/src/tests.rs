@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use holdfast_broker::NotTaken;
 use holdfast_broker::session::{Delivery, Msg};
-use holdfast_metrics::Metrics;
 use holdfast_model::lock;
 use holdfast_mqtt::{Properties, QoS};
 use holdfast_registry::{NewIdentity, Registry, Role};
@@ -100,7 +99,7 @@ fn node() -> Node {
         c2d: Arc::new(C2d::open(&store, "root", 50).unwrap()),
         c2d_default_ttl: Duration::from_secs(60),
         registry: registry.clone(),
-        metrics: Arc::new(Metrics::new()),
+        metrics: crate::IothubMetrics::default(),
         clients,
     });
     Node {
@@ -288,7 +287,7 @@ fn feedback_goes_up_to_the_parent_once_it_is_connected() {
         c2d: Arc::new(C2d::open(&store, "gw1", 1).unwrap()),
         c2d_default_ttl: Duration::from_secs(60),
         registry: n.registry.clone(),
-        metrics: Arc::new(Metrics::new()),
+        metrics: crate::IothubMetrics::default(),
         clients: crate::clients::none(),
     });
     // Owned by the root; the gateway's queue for d1 holds one.

@@ -26,6 +26,7 @@
 pub mod bridge;
 pub mod child;
 pub mod config;
+mod metrics;
 pub mod parent;
 pub mod rate;
 pub mod reconnect;
@@ -41,6 +42,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::config::Sections;
+pub use crate::metrics::LinkMetrics;
 pub use crate::streams::Services;
 use holdfast_model::Message;
 use holdfast_model::ports::LocalMessage;
@@ -79,8 +81,8 @@ pub struct Ctx {
     pub outbox: Arc<holdfast_outbox::Outbox>,
     /// Shared status.
     pub status: Arc<Status>,
-    /// Metrics.
-    pub metrics: Arc<holdfast_metrics::Metrics>,
+    /// What the link counts.
+    pub metrics: Arc<LinkMetrics>,
     /// Scope sync, twins and deployments with the parent (QUIC child only).
     pub services: Services,
     /// `upstream.max_bytes_per_second`, changed live by a reload.

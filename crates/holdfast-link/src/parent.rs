@@ -22,7 +22,9 @@ use super::{ChildInfo, LinkError, Status, fleet_material, transport};
 use crate::config::Sections;
 use holdfast_link_proto::handshake;
 use holdfast_link_proto::lane::{Acker, LaneError, ParentLane};
-use holdfast_metrics::{Metrics, ReasonLabels};
+use holdfast_metrics::ReasonLabels;
+
+use crate::LinkMetrics;
 use holdfast_model::IdentityDirectory;
 use holdfast_model::ports::LinkPeer;
 use holdfast_outbox::record::Record;
@@ -39,7 +41,7 @@ pub struct Ctx {
     /// Shared status (connected children).
     pub status: Arc<Status>,
     /// Metrics.
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<LinkMetrics>,
     /// Concurrent children.
     pub max_children: usize,
     /// Largest frame accepted (and largest batch, uncompressed).

@@ -21,7 +21,9 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 
 use super::{Ctx, LinkState};
-use holdfast_metrics::{Metrics, ReasonLabels, ResultLabels};
+use holdfast_metrics::{ReasonLabels, ResultLabels};
+
+use crate::LinkMetrics;
 
 /// How a connection attempt or an established link ended.
 #[derive(Debug)]
@@ -189,7 +191,7 @@ async fn wait(
     wake: &Wakeups,
     stop: &mut watch::Receiver<bool>,
     probing: bool,
-    metrics: &Metrics,
+    metrics: &LinkMetrics,
 ) -> bool {
     let delay = backoff.next_delay();
     tracing::debug!(

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::{origin_id, to_local};
-use holdfast_metrics::{Metrics, ResultLabels};
+use holdfast_metrics::ResultLabels;
+
+use crate::LinkMetrics;
 use holdfast_model::ports::LocalDelivery;
 use holdfast_outbox::Outbox;
 
@@ -21,7 +23,7 @@ use holdfast_outbox::Outbox;
 pub async fn run(
     outbox: Arc<Outbox>,
     local: Option<Arc<dyn LocalDelivery>>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<LinkMetrics>,
     batch: usize,
     mut stop: watch::Receiver<bool>,
 ) {

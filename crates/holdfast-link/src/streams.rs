@@ -13,7 +13,9 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use holdfast_metrics::{Metrics, ReasonLabels};
+use holdfast_metrics::ReasonLabels;
+
+use crate::LinkMetrics;
 use holdfast_model::ports::{
     BoxFuture, LinkPeer, LinkService, ServiceStream, StreamClosed, StreamMsg, StreamRecv, StreamSend,
 };
@@ -92,11 +94,11 @@ pub(crate) struct QuicPeer {
     conn: quinn::Connection,
     peer: String,
     version: u16,
-    metrics: Arc<Metrics>,
+    metrics: Arc<LinkMetrics>,
 }
 
 impl QuicPeer {
-    pub(crate) fn new(conn: quinn::Connection, peer: &str, metrics: Arc<Metrics>) -> Arc<QuicPeer> {
+    pub(crate) fn new(conn: quinn::Connection, peer: &str, metrics: Arc<LinkMetrics>) -> Arc<QuicPeer> {
         let version = wire::negotiated(&conn);
         Arc::new(QuicPeer {
             conn,

@@ -42,6 +42,7 @@ mod edit;
 mod entry;
 mod identities;
 mod journal;
+mod metrics;
 pub mod scope_sync;
 mod sync;
 
@@ -50,6 +51,7 @@ pub use self::credentials::{Credentials, generate_key};
 pub use self::edit::{NewIdentity, WhichKey};
 pub use self::entry::{Entry, IdentityConfig, Kind, MAX_ID_LEN, Origin, check_id, directory_from_config};
 pub use self::identities::Hop;
+pub use self::metrics::RegistryMetrics;
 pub use self::scope_sync::ScopeSync;
 pub use self::sync::{Delta, Scope, SyncState};
 

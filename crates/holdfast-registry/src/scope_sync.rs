@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use holdfast_metrics::{Metrics, ResultLabels};
+use holdfast_metrics::ResultLabels;
+
+use crate::RegistryMetrics;
 use holdfast_model::IdentityDirectory;
 use holdfast_model::ports::{BoxFuture, LinkService, ServiceStream, StreamMsg, StreamSend, scope_part as part};
 
@@ -32,14 +34,14 @@ const MAX_SCOPE_FRAME: usize = 16 << 20;
 #[derive(Debug)]
 pub struct ScopeSync {
     registry: Arc<Registry>,
-    metrics: Arc<Metrics>,
+    metrics: RegistryMetrics,
     /// This node's id: the children it serves have it as their parent.
     node_id: String,
 }
 
 impl ScopeSync {
     /// Scope sync for `registry` at node `node_id`.
-    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, node_id: String) -> ScopeSync {
+    pub fn new(registry: Arc<Registry>, metrics: RegistryMetrics, node_id: String) -> ScopeSync {
         ScopeSync {
             registry,
             metrics,
@@ -295,7 +297,7 @@ mod tests {
         add(&owner, "dev1", "device", Some("gw1"));
         add(&owner, "other", "device", None);
         let replica = registry(d2.path(), Role::Replica { parent: "root".into() });
-        let metrics = Arc::new(Metrics::new());
+        let metrics = RegistryMetrics::default();
         let parent_sync = Arc::new(ScopeSync::new(owner.clone(), metrics.clone(), "root".into()));
         let child_sync = Arc::new(ScopeSync::new(replica.clone(), metrics.clone(), "gw1".into()));
 
@@ -350,7 +352,7 @@ mod tests {
     async fn a_malformed_part_closes_the_link_as_a_protocol_error() {
         let d = tempfile::tempdir().unwrap();
         let replica = registry(d.path(), Role::Replica { parent: "root".into() });
-        let sync = Arc::new(ScopeSync::new(replica, Arc::new(Metrics::new()), "gw1".into()));
+        let sync = Arc::new(ScopeSync::new(replica, RegistryMetrics::default(), "gw1".into()));
         let (tx, rx) = mpsc::unbounded_channel();
         let (unused, _) = mpsc::unbounded_channel();
         let peer = Arc::new(Peer {

@@ -24,8 +24,6 @@ use super::{ApiError, Routes, bad_json};
 use crate::config::Config;
 use crate::state::NodeState;
 use holdfast_deploy::{Bundle, DeployError, Deployer, model::Spec};
-use holdfast_metrics::EventLabels;
-use holdfast_metrics::Metrics;
 use holdfast_plugins::PluginHost;
 use holdfast_plugins::SlotName;
 
@@ -48,7 +46,6 @@ pub(crate) struct DeployApi {
     deploy: Arc<Deployer>,
     /// Checks components against their slots' worlds.
     plugins: Arc<PluginHost>,
-    metrics: Arc<Metrics>,
     /// The config the node started with (deployed settings are checked on it).
     config: Arc<Config>,
 }
@@ -58,7 +55,6 @@ impl FromRef<Arc<NodeState>> for DeployApi {
         DeployApi {
             deploy: node.deploy.clone(),
             plugins: node.plugins.clone(),
-            metrics: node.metrics.clone(),
             config: node.config.clone(),
         }
     }
@@ -115,13 +111,7 @@ fn check_component(state: &DeployApi, bytes: &[u8], slot: Option<SlotName>) -> R
     state.plugins.check_component(bytes, slot).map_err(|e| {
         let e = ApiError::from(e);
         if e.0 == StatusCode::UNPROCESSABLE_ENTITY {
-            holdfast_metrics::handle(
-                &state.metrics.deploy_events,
-                &EventLabels {
-                    event: "refused-component",
-                },
-            )
-            .inc();
+            state.deploy.metrics().count("refused-component");
             tracing::warn!(error = %e.1, "deploy: component refused");
         }
         e

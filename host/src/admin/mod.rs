@@ -45,7 +45,6 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use crate::state::NodeState;
-use holdfast_metrics::StatusLabels;
 use holdfast_plugins::{PluginError, SlotName};
 
 /// Largest plugin upload.
@@ -262,13 +261,7 @@ async fn require_token(State(state): State<Arc<NodeState>>, request: Request, ne
 
 async fn count_requests(State(state): State<Arc<NodeState>>, request: Request, next: Next) -> Response {
     let response = next.run(request).await;
-    state
-        .metrics
-        .admin_requests
-        .get_or_create(&StatusLabels {
-            code: response.status().as_u16(),
-        })
-        .inc();
+    state.metrics.admin_request(response.status().as_u16());
     response
 }
 
@@ -278,7 +271,7 @@ async fn metrics(State(state): State<Arc<NodeState>>, headers: HeaderMap) -> Res
     }
     // Refresh gauges that are sampled rather than counted.
     let _ = state.plugins.list();
-    state.metrics.registry_identities.set(state.registry.len() as i64);
+    state.registry_metrics.set_identities(state.registry.len());
     let outbox = state.outbox.clone();
     let _ = tokio::task::spawn_blocking(move || outbox.stats()).await;
     (

@@ -27,8 +27,7 @@ use serde_json::{Value, json};
 
 use super::{ApiError, Routes, bad_json};
 use crate::state::NodeState;
-use holdfast_metrics::Metrics;
-use holdfast_registry::{NewIdentity, Registry, RegistryError, WhichKey};
+use holdfast_registry::{NewIdentity, Registry, RegistryError, RegistryMetrics, WhichKey};
 
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
@@ -46,14 +45,14 @@ impl From<RegistryError> for ApiError {
 #[derive(Clone)]
 pub(crate) struct RegistryApi {
     registry: Arc<Registry>,
-    metrics: Arc<Metrics>,
+    metrics: RegistryMetrics,
 }
 
 impl FromRef<Arc<NodeState>> for RegistryApi {
     fn from_ref(node: &Arc<NodeState>) -> Self {
         RegistryApi {
             registry: node.registry.clone(),
-            metrics: node.metrics.clone(),
+            metrics: node.registry_metrics.clone(),
         }
     }
 }
@@ -85,7 +84,7 @@ async fn blocking<T: Send + 'static>(
     let out = tokio::task::spawn_blocking(move || f(&registry))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("registry task failed: {e}")))??;
-    state.metrics.registry_identities.set(state.registry.len() as i64);
+    state.metrics.set_identities(state.registry.len());
     Ok(out)
 }
 
