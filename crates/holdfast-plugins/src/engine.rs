@@ -4,6 +4,7 @@
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
@@ -13,14 +14,20 @@ use super::bindings;
 use super::state::{EPOCH_TICK, PluginState};
 use super::{PluginError, SlotName};
 
+mod compiled_cache;
+#[cfg(test)]
+mod tests;
+
+use compiled_cache::{CompiledCache, Damage, Lookup};
+
 /// The engine and what is shared by every slot.
 pub struct Runtime {
     pub(crate) engine: Engine,
     router_linker: Linker<PluginState>,
     auth_linker: Linker<PluginState>,
     content_linker: Linker<PluginState>,
-    cache_dir: Option<PathBuf>,
-    engine_key: String,
+    /// The on-disk cache of compiled components, if the node has one.
+    cache: Option<CompiledCache>,
     /// Compiled-artifact cache hits and misses, for tests and metrics.
     pub(crate) cache_hits: AtomicU64,
     pub(crate) cache_misses: AtomicU64,
@@ -29,7 +36,7 @@ pub struct Runtime {
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Runtime")
-            .field("cache_dir", &self.cache_dir)
+            .field("cache", &self.cache)
             .finish_non_exhaustive()
     }
 }
@@ -61,9 +68,7 @@ impl Runtime {
         spawn_epoch_ticker(&engine)
             .map_err(|e| PluginError::Engine(format!("cannot start the epoch ticker thread: {e}")))?;
 
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        engine.precompile_compatibility_hash().hash(&mut hasher);
-        let engine_key = format!("{:016x}", hasher.finish());
+        let cache = cache_dir.map(|dir| CompiledCache::open(dir, engine_fingerprint(&engine)));
 
         let linker = |slot: SlotName| -> Result<Linker<PluginState>, PluginError> {
             let mut l = Linker::new(&engine);
@@ -85,8 +90,7 @@ impl Runtime {
             auth_linker: linker(SlotName::Auth)?,
             content_linker: linker(SlotName::ContentSource)?,
             engine,
-            cache_dir,
-            engine_key,
+            cache,
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
         })
@@ -102,57 +106,79 @@ impl Runtime {
 
     /// Compiles `bytes`, or loads the compiled artifact from the cache.
     ///
+    /// An entry is deserialized only after its header (wasm hash, engine
+    /// fingerprint, length) and checksum match; a damaged entry is removed,
+    /// counted and rebuilt. A new artifact is written atomically and synced.
+    ///
     /// # Errors
     /// The bytes are not a valid component.
-    pub(crate) fn compile(&self, bytes: &[u8], hash: &str) -> Result<Component, PluginError> {
+    pub(crate) fn compile(&self, bytes: &[u8], _hash: &str) -> Result<Component, PluginError> {
         if wasmparser_is_core_module(bytes) {
             return Err(PluginError::InvalidComponent(
                 "this is a core wasm module, not a component: build for wasm32-wasip2".to_string(),
             ));
         }
-        let cached = self
-            .cache_dir
-            .as_ref()
-            .map(|d| d.join(format!("{hash}-{}.cwasm", self.engine_key)));
-        if let Some(path) = &cached
-            && let Some(component) = self.load_cached(path)
+        let started = Instant::now();
+        let source: [u8; 32] = Sha256::digest(bytes).into();
+        if let Some(cache) = &self.cache
+            && let Lookup::Hit(serialized) = cache.lookup(&source)
         {
-            self.cache_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(component);
+            match deserialize_checked(&self.engine, &serialized) {
+                Some(component) => {
+                    self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(wasm = %hex::encode(&source[..6]), ms = started.elapsed().as_millis() as u64,
+                        "plugin loaded from the compiled-plugin cache");
+                    return Ok(component);
+                }
+                None => cache.reject(&source, Damage::Refused),
+            }
         }
         self.cache_misses.fetch_add(1, Ordering::Relaxed);
         let component =
             Component::new(&self.engine, bytes).map_err(|e| PluginError::InvalidComponent(format!("{e:#}")))?;
-        if let Some(path) = &cached
-            && let Err(e) = self.store_cached(path, &component)
-        {
-            tracing::warn!(path = %path.display(), "cannot cache compiled plugin: {e}");
+        tracing::debug!(wasm = %hex::encode(&source[..6]), ms = started.elapsed().as_millis() as u64, "plugin compiled");
+        let Some(cache) = &self.cache else {
+            return Ok(component);
+        };
+        let stored = component
+            .serialize()
+            .map_err(std::io::Error::other)
+            .and_then(|serialized| cache.store(&source, &serialized));
+        if let Err(e) = stored {
+            tracing::warn!(path = %cache.entry_path(&source).display(), "cannot cache compiled plugin: {e}");
         }
         Ok(component)
     }
 
-    /// Reads a cached artifact: 32 bytes of SHA-256 of the rest, then the
-    /// serialized component. A torn or altered file is ignored and replaced.
-    fn load_cached(&self, path: &std::path::Path) -> Option<Component> {
-        let data = std::fs::read(path).ok()?;
-        if data.len() < 32 || Sha256::digest(&data[32..]).as_slice() != &data[..32] {
-            tracing::warn!(path = %path.display(), "ignoring damaged compiled-plugin cache entry");
-            return None;
-        }
-        deserialize_checked(&self.engine, &data[32..])
+    /// Compiled-artifact cache hits, misses (compiled afresh) and damaged
+    /// entries removed, since start.
+    #[cfg(test)]
+    pub(crate) fn cache_counts(&self) -> (u64, u64, u64) {
+        (
+            self.cache_hits.load(Ordering::Relaxed),
+            self.cache_misses.load(Ordering::Relaxed),
+            self.cache.as_ref().map_or(0, |c| c.damaged.load(Ordering::Relaxed)),
+        )
     }
+}
 
-    fn store_cached(&self, path: &std::path::Path, component: &Component) -> std::io::Result<()> {
-        let bytes = component.serialize().map_err(std::io::Error::other)?;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+/// What an artifact must have been compiled by: SHA-256 of wasmtime's
+/// precompile compatibility hash (its version and every setting that
+/// changes compiled code), stable across processes and builds.
+fn engine_fingerprint(engine: &Engine) -> [u8; 32] {
+    struct Sha(Sha256);
+    impl Hasher for Sha {
+        fn finish(&self) -> u64 {
+            0
         }
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let mut data = Sha256::digest(&bytes).to_vec();
-        data.extend_from_slice(&bytes);
-        std::fs::write(&tmp, &data)?;
-        std::fs::rename(&tmp, path)
+        fn write(&mut self, bytes: &[u8]) {
+            self.0.update(bytes);
+        }
     }
+    let mut sha = Sha(Sha256::new());
+    sha.write(b"holdfast compiled-plugin cache");
+    engine.precompile_compatibility_hash().hash(&mut sha);
+    sha.0.finalize().into()
 }
 
 /// Deserializes an artifact this engine wrote.
@@ -160,9 +186,12 @@ impl Runtime {
 fn deserialize_checked(engine: &Engine, bytes: &[u8]) -> Option<Component> {
     // SAFETY: wasmtime requires that the bytes were produced by
     // `Component::serialize` of a compatible engine and not tampered with.
-    // They come from our own cache directory, named by the wasm hash and the
-    // engine's compatibility hash, and their SHA-256 checksum was verified
-    // just before this call; wasmtime also checks the engine/version header.
+    // Our caller passes only the body of an entry from our own cache
+    // directory whose header matched the wasm's SHA-256 and this engine's
+    // fingerprint and whose length and SHA-256 checksum were verified just
+    // before this call (`compiled_cache::check_entry`); the entry was
+    // written whole (temp file, fsync, rename). wasmtime also checks its own
+    // engine/version header.
     unsafe { Component::deserialize(engine, bytes) }.ok()
 }
 
