@@ -33,6 +33,8 @@ mod outbound;
 /// discards) what the client is still sending, and how much at most. Closing
 /// a socket with unread data makes the kernel answer with a reset, and a
 /// client still writing would see a broken pipe instead of the reason code.
+/// A WebSocket does the same after every close, in its closing handshake
+/// (`websocket::CLOSE_GRACE`).
 const DRAIN_GRACE: Duration = Duration::from_millis(500);
 const DRAIN_MAX: usize = 1 << 20;
 
@@ -114,6 +116,9 @@ where
         Exit::Error(reason::UNSPECIFIED, "internal-error")
     });
     conn.finish(exit).await;
+    // The socket closes before the connection stops counting: a node that
+    // stops waits for the count, not for this task.
+    drop(conn);
     broker.release();
     gauge.dec();
 }
@@ -307,7 +312,13 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             };
             let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
         }
-        let _ = tokio::time::timeout(Duration::from_millis(200), self.wr.shutdown()).await;
+        // Over a WebSocket the shutdown is the closing handshake, bounded
+        // by its own grace (see `websocket::stream`).
+        let shutdown_bound = match self.peer.transport {
+            Transport::Websocket => crate::websocket::CLOSE_GRACE + Duration::from_millis(200),
+            _ => Duration::from_millis(200),
+        };
+        let _ = tokio::time::timeout(shutdown_bound, self.wr.shutdown()).await;
         if let Some(client) = self.client.take() {
             let will = match exit {
                 Exit::Clean | Exit::Shutdown => None,
