@@ -8,6 +8,12 @@
 //! ack covers it; records a broken stream left unacknowledged are sent
 //! again on the next one.
 //!
+//! On `holdfast-link/4` each batch is preceded by an IDS frame naming each
+//! record's hop id (the child outbox's epoch and the record's sequence
+//! number): the parent stores a record it has stored before only once, and
+//! acknowledges it either way, so a batch sent again after a lost ack is
+//! not stored twice ([`holdfast_model::hop`]).
+//!
 //! [`ChildLane`] turns records into frames and acks into the ids they
 //! cover; [`ParentLane`] turns frames into records, and [`Acker`] the
 //! driver's "stored" into acks. The drivers own the streams, the outbox and
@@ -16,8 +22,8 @@
 use bytes::{Bytes, BytesMut};
 
 use crate::window::{AckError, LaneWindow};
-use crate::wire::{Compressor, Decompressor, Frame, WireError};
-use holdfast_model::MessageId;
+use crate::wire::{BatchIds, Compressor, Decompressor, Frame, WireError};
+use holdfast_model::{HopId, MessageId};
 
 /// Why a lane stream must close (a protocol error).
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +40,9 @@ pub enum LaneError {
     /// zstd could not make a context.
     #[error("zstd: {0}")]
     Compression(String),
+    /// IDS frames missing, repeated or not matching their batch.
+    #[error("{0}")]
+    Ids(&'static str),
 }
 
 /// A batch ready to write: its frames and what they carry.
@@ -95,11 +104,17 @@ impl ChildLane {
 
     /// The frames of a batch of records (`(id, head, payload)`, in lane
     /// order, at most [`ChildLane::room`] of them); they count as in
-    /// flight from now on.
+    /// flight from now on. With `epoch` (link/4) an IDS frame goes first,
+    /// naming each record by `epoch` and its sequence number: every record
+    /// of the batch must belong to that epoch.
     ///
     /// # Errors
     /// A record or the batch is too long for the frame format, or zstd failed.
-    pub fn send(&mut self, records: Vec<(MessageId, Vec<u8>, Bytes)>) -> Result<Outgoing, LaneError> {
+    pub fn send(
+        &mut self,
+        records: Vec<(MessageId, Vec<u8>, Bytes)>,
+        epoch: Option<u64>,
+    ) -> Result<Outgoing, LaneError> {
         let n = records.len() as u64;
         let raw_bytes: u64 = records.iter().map(|(_, h, p)| 4 + (h.len() + p.len()) as u64).sum();
         let (ids, parts): (Vec<MessageId>, Vec<(Vec<u8>, Bytes)>) =
@@ -108,6 +123,12 @@ impl ChildLane {
         if !self.opened {
             let mut buf = BytesMut::new();
             Frame::Lane(self.lane).encode(&mut buf)?;
+            frames.push(buf.freeze());
+        }
+        if let Some(epoch) = epoch {
+            let mut buf = BytesMut::new();
+            let seqs = ids.iter().map(|id| id.seq).collect();
+            Frame::Ids(BatchIds { epoch, seqs }).encode(&mut buf)?;
             frames.push(buf.freeze());
         }
         match self.compressor.as_mut() {
@@ -142,6 +163,15 @@ impl ChildLane {
     }
 }
 
+/// A batch as the parent receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// The encoded outbox records, in order.
+    pub records: Vec<Bytes>,
+    /// Each record's hop id (link/4), in the same order.
+    pub ids: Option<Vec<HopId>>,
+}
+
 /// The parent's end of one lane stream, after its LANE frame.
 #[derive(Debug)]
 pub struct ParentLane {
@@ -149,17 +179,23 @@ pub struct ParentLane {
     max_batch: usize,
     decompressor: Option<Decompressor>,
     received: u64,
+    /// Each batch comes with its IDS (link/4).
+    with_ids: bool,
+    ids: Option<BatchIds>,
 }
 
 impl ParentLane {
     /// The stream of `lane`; a compressed batch may be at most `max_batch`
-    /// bytes once decompressed.
-    pub fn new(lane: u8, max_batch: usize) -> ParentLane {
+    /// bytes once decompressed. With `with_ids` (link/4) every batch must
+    /// come right after its IDS frame; without, there is none.
+    pub fn new(lane: u8, max_batch: usize, with_ids: bool) -> ParentLane {
         ParentLane {
             lane,
             max_batch,
             decompressor: None,
             received: 0,
+            with_ids,
+            ids: None,
         }
     }
 
@@ -173,14 +209,22 @@ impl ParentLane {
         self.received
     }
 
-    /// A frame from the child: the records of a batch, to store in this
-    /// order before the [`Acker`] acknowledges them.
+    /// A frame from the child: a batch, to store in this order (each
+    /// record not stored before, by its hop id) before the [`Acker`]
+    /// acknowledges all of it; `None` for an IDS frame (its batch follows).
     ///
     /// # Errors
-    /// Anything but a batch; a batch that does not decode, or declares a
-    /// zstd window over the link's limit ([`WireError::WindowTooLarge`]).
-    pub fn receive(&mut self, frame: Frame) -> Result<Vec<Bytes>, LaneError> {
+    /// Anything but a batch or, on link/4, its IDS; a batch that does not
+    /// decode, or declares a zstd window over the link's limit
+    /// ([`WireError::WindowTooLarge`]); IDS that do not match their batch.
+    pub fn receive(&mut self, frame: Frame) -> Result<Option<Received>, LaneError> {
         let records = match frame {
+            Frame::Ids(ids) if self.with_ids => {
+                if self.ids.replace(ids).is_some() {
+                    return Err(LaneError::Ids("two IDS frames in a row"));
+                }
+                return Ok(None);
+            }
             Frame::Batch(records) => records,
             Frame::ZBatch { count, raw_len, data } => {
                 let d = match self.decompressor.as_mut() {
@@ -194,8 +238,21 @@ impl ParentLane {
             }
             other => return Err(LaneError::Unexpected(other.name())),
         };
+        let ids = match (self.with_ids, self.ids.take()) {
+            (false, _) => None,
+            (true, None) => return Err(LaneError::Ids("a batch without its IDS frame")),
+            (true, Some(ids)) if ids.seqs.len() != records.len() => {
+                return Err(LaneError::Ids("IDS and batch counts differ"));
+            }
+            (true, Some(ids)) => Some(
+                ids.seqs
+                    .into_iter()
+                    .map(|seq| HopId { epoch: ids.epoch, seq })
+                    .collect(),
+            ),
+        };
         self.received += records.len() as u64;
-        Ok(records)
+        Ok(Some(Received { records, ids }))
     }
 }
 
@@ -251,7 +308,11 @@ mod tests {
                     assert!(first, "LANE only opens a stream");
                     assert_eq!(l, parent.lane());
                 }
-                other => got.extend(parent.receive(other).unwrap()),
+                other => {
+                    if let Some(r) = parent.receive(other).unwrap() {
+                        got.extend(r.records);
+                    }
+                }
             }
         }
         got
@@ -261,16 +322,16 @@ mod tests {
     fn batches_cross_plain_and_compressed_and_acks_free_the_window() {
         for compression in [None, Some(3)] {
             let mut child = ChildLane::new(2, 5, compression).unwrap();
-            let mut parent = ParentLane::new(2, 1 << 20);
+            let mut parent = ParentLane::new(2, 1 << 20, false);
             let mut acker = Acker::default();
-            let out = child.send(records(0..3)).unwrap();
+            let out = child.send(records(0..3), None).unwrap();
             assert_eq!((out.records, child.room()), (3, 2));
             let got = through(&out, &mut parent, true);
             assert_eq!(got.len(), 3);
             assert_eq!(&got[1][..], b"head1payload 1");
             let ack = acker.stored(3);
             assert_eq!(child.receive(ack).unwrap(), vec![id(0), id(1), id(2)]);
-            let out = child.send(records(3..5)).unwrap();
+            let out = child.send(records(3..5), None).unwrap();
             assert!(!out.frames.is_empty());
             let got = through(&out, &mut parent, false);
             assert_eq!(&got[1][..], b"head4payload 4");
@@ -285,8 +346,15 @@ mod tests {
         let mut child = ChildLane::new(0, 5, None).unwrap();
         assert!(matches!(child.receive(Frame::Lane(0)), Err(LaneError::Unexpected(_))));
         assert!(matches!(child.receive(Frame::Ack(1)), Err(LaneError::Ack(_))));
-        let mut parent = ParentLane::new(0, 1 << 20);
+        let mut parent = ParentLane::new(0, 1 << 20, false);
         assert!(matches!(parent.receive(Frame::Ack(1)), Err(LaneError::Unexpected(_))));
+        let ids = |n: u64| {
+            Frame::Ids(BatchIds {
+                epoch: 1,
+                seqs: (0..n).collect(),
+            })
+        };
+        assert!(matches!(parent.receive(ids(1)), Err(LaneError::Unexpected("IDS"))));
         let bomb = Frame::ZBatch {
             count: 1,
             raw_len: 2 << 20,
@@ -296,5 +364,48 @@ mod tests {
             parent.receive(bomb),
             Err(LaneError::Wire(WireError::TooLarge(_)))
         ));
+    }
+
+    #[test]
+    fn on_link4_each_batch_names_its_records() {
+        let mut child = ChildLane::new(2, 10, Some(3)).unwrap();
+        let mut parent = ParentLane::new(2, 1 << 20, true);
+        let out = child.send(records(4..7), Some(99)).unwrap();
+        let mut d = FrameDecoder::new(1 << 20);
+        for f in &out.frames {
+            d.push(f);
+        }
+        let mut got = Vec::new();
+        while let Some(f) = d.next_frame().unwrap() {
+            if let Frame::Lane(_) = f {
+                continue;
+            }
+            if let Some(r) = parent.receive(f).unwrap() {
+                got.push(r);
+            }
+        }
+        assert_eq!(got.len(), 1);
+        let hop = |seq| HopId { epoch: 99, seq };
+        assert_eq!(got[0].ids, Some(vec![hop(4), hop(5), hop(6)]));
+        assert_eq!(&got[0].records[2][..], b"head6payload 6");
+    }
+
+    #[test]
+    fn ids_must_come_once_before_each_batch_and_match_it() {
+        let ids = |n: u64| {
+            Frame::Ids(BatchIds {
+                epoch: 1,
+                seqs: (0..n).collect(),
+            })
+        };
+        let batch = |n: usize| Frame::Batch(vec![Bytes::from_static(b"r"); n]);
+        let mut parent = ParentLane::new(0, 1 << 20, true);
+        assert!(matches!(parent.receive(batch(1)), Err(LaneError::Ids(_))));
+        let mut parent = ParentLane::new(0, 1 << 20, true);
+        assert_eq!(parent.receive(ids(2)).unwrap(), None);
+        assert!(matches!(parent.receive(ids(2)), Err(LaneError::Ids(_))));
+        let mut parent = ParentLane::new(0, 1 << 20, true);
+        parent.receive(ids(2)).unwrap();
+        assert!(matches!(parent.receive(batch(3)), Err(LaneError::Ids(_))));
     }
 }

@@ -1,6 +1,6 @@
 //! # holdfast-link-proto
 //!
-//! The Holdfast link protocol (`holdfast-link/1` to `/3`) without I/O, the
+//! The Holdfast link protocol (`holdfast-link/1` to `/4`) without I/O, the
 //! way `quinn-proto` is QUIC without sockets: state machines that take
 //! bytes and frames and return frames, acks and events. The driver, crate
 //! `holdfast-link`, owns the QUIC connection, the tasks, the outbox and the
@@ -13,6 +13,7 @@
 //! - [`window`]: a lane's send window and cumulative acks.
 //! - [`lane`]: one outbox lane, the child's end and the parent's.
 //! - [`handshake`]: the hello on the control stream, and the parent's answer.
+//! - [`ids`]: the hop ids of a batch (link/4), for idempotent lanes.
 //!
 //! It does not touch the network, a clock, the disk or an async runtime:
 //! the deterministic simulation in `tests/simulation.rs` runs it over a
@@ -25,16 +26,16 @@
 //! use holdfast_model::MessageId;
 //!
 //! let mut child = ChildLane::new(0, 100, None).unwrap();
-//! let (mut parent, mut acker) = (ParentLane::new(0, 1 << 20), Acker::default());
+//! let (mut parent, mut acker) = (ParentLane::new(0, 1 << 20, false), Acker::default());
 //! let id = MessageId { instance: 1, lane: 0, seq: 1 };
-//! let out = child.send(vec![(id, b"head".to_vec(), Bytes::from_static(b"body"))]).unwrap();
+//! let out = child.send(vec![(id, b"head".to_vec(), Bytes::from_static(b"body"))], None).unwrap();
 //! let mut at_parent = FrameDecoder::new(1 << 20);
 //! for f in &out.frames {
 //!     at_parent.push(f);
 //! }
 //! assert_eq!(at_parent.next_frame().unwrap(), Some(Frame::Lane(0)));
 //! let batch = at_parent.next_frame().unwrap().unwrap();
-//! let records = parent.receive(batch).unwrap();
+//! let records = parent.receive(batch).unwrap().unwrap().records;
 //! assert_eq!(&records[0][..], b"headbody");
 //! // Stored: the ack frees the child's window and names what to delete.
 //! assert_eq!(child.receive(acker.stored(1)).unwrap(), vec![id]);
@@ -43,6 +44,7 @@
 pub mod compress;
 pub mod decode;
 pub mod handshake;
+pub mod ids;
 pub mod lane;
 pub mod window;
 pub mod wire;

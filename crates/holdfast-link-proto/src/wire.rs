@@ -1,4 +1,4 @@
-//! Frames of the QUIC parent link (ALPN `holdfast-link/1` to `/3`), without
+//! Frames of the QUIC parent link (ALPN `holdfast-link/1` to `/4`), without
 //! I/O: encoding, decoding and the lane streams' zstd contexts.
 //!
 //! Every frame is `u32 length (LE)`, then `u8 type`, then the body; the length
@@ -13,7 +13,9 @@
 //! lane stream (one bidirectional stream per outbox lane, opened by the child)
 //!   child  → LANE     u8 lane                        (first frame)
 //!   child  → BATCH    u32 count, then count × (u32 length, outbox record)
-//!   child  → ZBATCH   u32 count, u32 raw length, zstd data       (link/2 only)
+//!   child  → ZBATCH   u32 count, u32 raw length, zstd data       (link/2 and later)
+//!   child  → IDS      u64 epoch, u32 count, u64 first seq, LEB128 deltas
+//!                     (link/4: the hop ids of the batch that follows, see `ids`)
 //!   parent → ACK      u64 messages stored so far on this stream (cumulative)
 //! scope stream (one unidirectional stream, opened by the parent after WELCOME)
 //!   parent → SCOPE    u8 part, JSON body
@@ -48,6 +50,12 @@
 //! offers link/2 and link/1, and a child offers all three, so every pair
 //! of versions meets on the highest both speak.
 //!
+//! `holdfast-link/4` makes each hop idempotent: every batch is preceded by
+//! an IDS frame giving each record's hop id (the child outbox's epoch and
+//! the record's sequence number, [`holdfast_model::hop`]); the parent
+//! stores a record only if it has not stored it before, and acknowledges
+//! it either way.
+//!
 //! A batch carries outbox records ([`holdfast_outbox::record`]) whose
 //! time-to-live is what remains of it and whose origin id is set, so a
 //! message keeps its identity and its deadline across every hop.
@@ -55,6 +63,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 pub use crate::compress::{Compressor, DECOMPRESSOR_MAX_BYTES, Decompressor, ZSTD_WINDOW_LOG};
+pub use crate::ids::BatchIds;
 
 /// The ALPN protocol of the link.
 pub const ALPN: &[u8] = b"holdfast-link/1";
@@ -62,6 +71,10 @@ pub const ALPN: &[u8] = b"holdfast-link/1";
 pub const ALPN_V2: &[u8] = b"holdfast-link/2";
 /// The ALPN protocol of the link with the deploy stream.
 pub const ALPN_V3: &[u8] = b"holdfast-link/3";
+/// The ALPN protocol of the link with idempotent lanes (IDS frames).
+pub const ALPN_V4: &[u8] = b"holdfast-link/4";
+/// The highest link version this build speaks.
+pub const LATEST: u16 = 4;
 /// The protocol version a node speaks.
 pub const VERSION: u16 = 1;
 const MAGIC: &[u8; 4] = b"HFLK";
@@ -73,6 +86,7 @@ const T_LANE: u8 = 10;
 const T_BATCH: u8 = 11;
 const T_ACK: u8 = 12;
 const T_ZBATCH: u8 = 13;
+const T_IDS: u8 = 14;
 const T_SCOPE: u8 = 20;
 const T_SVC: u8 = 30;
 const T_DEPLOY: u8 = 40;
@@ -152,6 +166,8 @@ pub enum Frame {
         /// The compressed body.
         data: Bytes,
     },
+    /// Child → parent (link/4): the hop ids of the batch that follows.
+    Ids(BatchIds),
     /// Parent → child: part of a scope sync (see [`scope`]), JSON.
     Scope {
         /// Which part.
@@ -220,6 +236,7 @@ impl Frame {
             Frame::Batch(_) => "BATCH",
             Frame::Ack(_) => "ACK",
             Frame::ZBatch { .. } => "ZBATCH",
+            Frame::Ids(_) => "IDS",
             Frame::Scope { .. } => "SCOPE",
             Frame::Svc(_) => "SVC",
             Frame::Deploy(_) => "DEPLOY",
@@ -286,6 +303,10 @@ impl Frame {
                 out.put_u32_le(*count);
                 out.put_u32_le(*raw_len);
                 out.put_slice(data);
+            }
+            Frame::Ids(ids) => {
+                out.put_u8(T_IDS);
+                ids.encode(out)?;
             }
             Frame::Scope { part, body } => {
                 out.put_u8(T_SCOPE);
@@ -417,6 +438,7 @@ impl Frame {
                     data: b.split_off(0),
                 }
             }
+            T_IDS => Frame::Ids(BatchIds::decode(&mut b)?),
             T_ACK => {
                 if b.remaining() < 8 {
                     return Err(WireError::Malformed("ack"));
@@ -448,7 +470,7 @@ impl Frame {
 
 /// The ALPN protocols offered up to `version`, highest first.
 pub fn alpn_up_to(version: u16) -> Vec<Vec<u8>> {
-    [(3, ALPN_V3), (2, ALPN_V2), (1, ALPN)]
+    [(4, ALPN_V4), (3, ALPN_V3), (2, ALPN_V2), (1, ALPN)]
         .into_iter()
         .filter(|(v, _)| *v <= version.max(1))
         .map(|(_, p)| p.to_vec())

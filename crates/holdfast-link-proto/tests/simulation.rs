@@ -13,8 +13,14 @@
 //! nothing that could be lost), and a lane never has more than its window
 //! in flight. Checked at the end, after the network heals: every message
 //! produced is stored at the parent and gone from the child's outbox.
-//! Duplicates (a batch stored whose ack the cut lost, sent again) are
-//! counted and printed: the link is at least once per hop today.
+//!
+//! Two out of three seeds speak `holdfast-link/4`: every batch carries its
+//! records' hop ids (the child's epoch, new at each of its restarts, and
+//! the sequence number), the parent keeps its per-epoch marks durable in
+//! the same commit as the batch, and stores nothing twice. For them the
+//! check is exactly once: a message stored a second time fails the seed.
+//! The other seeds speak link/3 and count their duplicates (a batch stored
+//! whose ack the cut lost, sent again): at least once.
 //!
 //! `HOLDFAST_SIM_SEEDS=N` runs N seeds (default 300); a failure names its
 //! seed, and `HOLDFAST_SIM_SEED=S` replays just that one.
@@ -26,7 +32,7 @@ use bytes::{Bytes, BytesMut};
 use holdfast_link_proto::decode::FrameDecoder;
 use holdfast_link_proto::lane::{Acker, ChildLane, ParentLane};
 use holdfast_link_proto::wire::Frame;
-use holdfast_model::MessageId;
+use holdfast_model::{HopId, HopMarks, MessageId};
 
 const LANES: usize = 3;
 const MAX_FRAME: usize = 1 << 20;
@@ -61,8 +67,8 @@ struct Stream {
     parent: Option<ParentLane>,
     acker: Acker,
     /// Batches received, being stored (not yet durable; acknowledged
-    /// already only under the `ack_before_store` bug).
-    storing: VecDeque<(Vec<u64>, bool)>,
+    /// already only under the `ack_before_store` bug): sequences, hop ids.
+    storing: VecDeque<(Vec<u64>, Option<Vec<HopId>>, bool)>,
     at_child: FrameDecoder,
 }
 
@@ -86,24 +92,44 @@ fn piece_of(rng: &mut Rng, pipe: &mut VecDeque<u8>) -> Option<Vec<u8>> {
     Some(pipe.drain(..n).collect())
 }
 
+/// Deliberate bugs, to show the harness catches them.
+#[derive(Debug, Clone, Copy, Default)]
+struct Bugs {
+    /// The parent acknowledges a batch when it arrives, before it is stored.
+    ack_before_store: bool,
+    /// The parent notes a batch's hop ids when it arrives, not in the
+    /// commit that stores it.
+    marks_before_store: bool,
+    /// The parent ignores the hop ids (stores what it stored before).
+    no_dedup: bool,
+}
+
 struct Sim {
     rng: Rng,
     window: usize,
     compression: Option<i32>,
-    /// The child's outbox: unacknowledged messages per lane.
-    outbox: Vec<BTreeMap<u64, Bytes>>,
+    /// Speaks link/4 (hop ids, exactly once) rather than link/3.
+    link4: bool,
+    /// The child's epoch: new at each of its restarts.
+    epoch: u64,
+    /// The child's outbox: unacknowledged messages per lane, with the
+    /// epoch each was stored in.
+    outbox: Vec<BTreeMap<u64, (u64, Bytes)>>,
     produced: Vec<u64>,
     /// The parent's durable store per lane, in stored order.
     stored: Vec<Vec<u64>>,
     /// The next sequence to be stored for the first time, per lane.
     first_next: Vec<u64>,
     duplicates: u64,
+    /// The parent's hop marks per lane (durable with the store).
+    marks: Vec<HopMarks>,
+    /// Records the parent dropped as already stored (and acknowledged).
+    dropped: u64,
     conn: Option<Vec<Stream>>,
     down_for: u64,
     cuts: u64,
-    /// A deliberate bug, to show the harness catches it: the parent
-    /// acknowledges a batch when it arrives, before it is stored.
-    ack_before_store: bool,
+    restarts: u64,
+    bugs: Bugs,
 }
 
 impl Sim {
@@ -111,19 +137,25 @@ impl Sim {
         let mut rng = Rng(seed);
         let window = 1 + rng.below(12) as usize;
         let compression = seed.is_multiple_of(2).then_some(1 + rng.below(5) as i32);
+        let epoch = rng.next();
         Sim {
             rng,
             window,
             compression,
+            link4: !seed.is_multiple_of(3),
+            epoch,
             outbox: vec![BTreeMap::new(); LANES],
             produced: vec![0; LANES],
             stored: vec![Vec::new(); LANES],
             first_next: vec![0; LANES],
             duplicates: 0,
+            marks: vec![HopMarks::default(); LANES],
+            dropped: 0,
             conn: None,
             down_for: 0,
             cuts: 0,
-            ack_before_store: false,
+            restarts: 0,
+            bugs: Bugs::default(),
         }
     }
 
@@ -152,7 +184,7 @@ impl Sim {
         self.produced[l] += 1;
         let len = self.rng.below(300) as usize;
         let body: Vec<u8> = (0..len).map(|i| (seq as usize + i) as u8 % 7 + b'a').collect();
-        self.outbox[l].insert(seq, Bytes::from(body));
+        self.outbox[l].insert(seq, (self.epoch, Bytes::from(body)));
     }
 
     /// A lane leases what follows its cursor, as much as its window allows.
@@ -162,10 +194,13 @@ impl Sim {
         let s = &mut conn[l];
         let room = s.child.room();
         let from = s.cursor.map_or(0, |c| c + 1);
+        // A batch holds one epoch: it ends where the epoch changes.
+        let epoch = self.outbox[l].range(from..).next().map(|(_, (e, _))| *e);
         let batch: Vec<(MessageId, Vec<u8>, Bytes)> = self.outbox[l]
             .range(from..)
             .take(room.min(want))
-            .map(|(seq, body)| {
+            .take_while(|(_, (e, _))| Some(*e) == epoch)
+            .map(|(seq, (_, body))| {
                 let id = MessageId {
                     instance: 1,
                     lane: l as u8,
@@ -178,7 +213,10 @@ impl Sim {
             return Ok(());
         }
         s.cursor = batch.last().map(|(id, _, _)| id.seq);
-        let out = s.child.send(batch).map_err(|e| format!("lane {l}: send: {e}"))?;
+        let out = s
+            .child
+            .send(batch, epoch.filter(|_| self.link4))
+            .map_err(|e| format!("lane {l}: send: {e}"))?;
         for f in out.frames {
             s.up.extend(f.iter());
         }
@@ -202,19 +240,31 @@ impl Sim {
         s.at_parent.push(&piece);
         while let Some(frame) = s.at_parent.next_frame().map_err(|e| format!("lane {l}: parent: {e}"))? {
             match (frame, s.parent.as_mut()) {
-                (Frame::Lane(got), None) if usize::from(got) == l => s.parent = Some(ParentLane::new(got, MAX_FRAME)),
+                (Frame::Lane(got), None) if usize::from(got) == l => {
+                    s.parent = Some(ParentLane::new(got, MAX_FRAME, self.link4))
+                }
                 (frame, Some(p)) => {
-                    let records = p.receive(frame).map_err(|e| format!("lane {l}: parent: {e}"))?;
+                    let Some(batch) = p.receive(frame).map_err(|e| format!("lane {l}: parent: {e}"))? else {
+                        continue;
+                    };
                     let mut seqs = Vec::new();
-                    for r in records {
+                    for r in batch.records {
                         let head: [u8; 8] = r.get(..8).and_then(|h| h.try_into().ok()).ok_or("short record")?;
                         seqs.push(u64::from_le_bytes(head));
                     }
-                    let early = self.ack_before_store;
+                    if let Some(ids) = &batch.ids {
+                        if ids.iter().map(|id| id.seq).ne(seqs.iter().copied()) {
+                            return Err(format!("lane {l}: hop ids {ids:?} do not name records {seqs:?}"));
+                        }
+                        if self.bugs.marks_before_store {
+                            ids.iter().for_each(|id| self.marks[l].record(*id));
+                        }
+                    }
+                    let early = self.bugs.ack_before_store;
                     if early {
                         s.ack(seqs.len() as u64)?;
                     }
-                    s.storing.push_back((seqs, early));
+                    s.storing.push_back((seqs, batch.ids, early));
                 }
                 (frame, None) => return Err(format!("lane {l}: {} before LANE", frame.name())),
             }
@@ -226,17 +276,14 @@ impl Sim {
     fn store(&mut self, l: usize) -> Result<(), String> {
         let Some(conn) = self.conn.as_mut() else { return Ok(()) };
         let s = &mut conn[l];
-        let Some((seqs, acked)) = s.storing.pop_front() else {
+        let Some((seqs, ids, acked)) = s.storing.pop_front() else {
             return Ok(());
         };
         let n = seqs.len() as u64;
-        store_batch(
-            &mut self.stored[l],
-            &mut self.first_next[l],
-            &mut self.duplicates,
-            l,
-            seqs,
-        )?;
+        self.commit(l, seqs, ids)?;
+        let Some(s) = self.conn.as_mut().map(|c| &mut c[l]) else {
+            return Ok(());
+        };
         if !acked {
             s.ack(n)?;
         }
@@ -276,17 +323,49 @@ impl Sim {
         for (l, s) in conn.into_iter().enumerate() {
             // The store appends in order: what a crash loses is a suffix.
             let durable = self.rng.below(s.storing.len() as u64 + 1) as usize;
-            for (seqs, _) in s.storing.into_iter().take(durable) {
-                store_batch(
-                    &mut self.stored[l],
-                    &mut self.first_next[l],
-                    &mut self.duplicates,
-                    l,
-                    seqs,
-                )?;
+            for (seqs, ids, _) in s.storing.into_iter().take(durable) {
+                self.commit(l, seqs, ids)?;
             }
         }
+        // Sometimes the child crashed: it comes back with a new epoch; what
+        // it holds keeps the epoch it was stored in.
+        if self.rng.chance(400) {
+            self.epoch = self.rng.next();
+            self.restarts += 1;
+        }
         self.down_for = 1 + self.rng.below(50);
+        Ok(())
+    }
+
+    /// One commit of the parent's store: the batch's records not stored
+    /// before (by hop id, on link/4) and the marks, together.
+    fn commit(&mut self, l: usize, seqs: Vec<u64>, ids: Option<Vec<HopId>>) -> Result<(), String> {
+        let keep: Vec<u64> = match ids {
+            Some(ids) if !self.bugs.no_dedup => {
+                let mut keep = Vec::new();
+                for (seq, id) in seqs.into_iter().zip(ids) {
+                    if self.marks[l].is_new(id) {
+                        self.marks[l].record(id);
+                        keep.push(seq);
+                    } else {
+                        self.dropped += 1;
+                    }
+                }
+                keep
+            }
+            _ => seqs,
+        };
+        let before = self.duplicates;
+        store_batch(
+            &mut self.stored[l],
+            &mut self.first_next[l],
+            &mut self.duplicates,
+            l,
+            keep,
+        )?;
+        if self.link4 && self.duplicates > before {
+            return Err(format!("lane {l}: a message stored twice over link/4"));
+        }
         Ok(())
     }
 
@@ -347,9 +426,12 @@ fn store_batch(
 }
 
 struct Outcome {
+    link4: bool,
     produced: u64,
     duplicates: u64,
+    dropped: u64,
     cuts: u64,
+    restarts: u64,
 }
 
 fn run(seed: u64) -> Result<Outcome, String> {
@@ -380,9 +462,12 @@ fn run_with(mut sim: Sim) -> Result<Outcome, String> {
         }
     }
     Ok(Outcome {
+        link4: sim.link4,
         produced: sim.produced.iter().sum(),
         duplicates: sim.duplicates,
+        dropped: sim.dropped,
         cuts: sim.cuts,
+        restarts: sim.restarts,
     })
 }
 
@@ -398,37 +483,84 @@ fn lanes_deliver_in_order_and_lose_nothing_through_cuts_on_every_seed() {
             (0..n).collect()
         }
     };
-    let (mut produced, mut dups, mut cuts) = (0u64, 0u64, 0u64);
+    // Per version: produced, duplicates stored, duplicates dropped, cuts, restarts.
+    let mut totals = [[0u64; 5]; 2];
     for &seed in &seeds {
         match run(seed) {
             Ok(o) => {
-                produced += o.produced;
-                dups += o.duplicates;
-                cuts += o.cuts;
+                let t = &mut totals[usize::from(o.link4)];
+                for (i, v) in [o.produced, o.duplicates, o.dropped, o.cuts, o.restarts]
+                    .into_iter()
+                    .enumerate()
+                {
+                    t[i] += v;
+                }
             }
             Err(e) => panic!(
                 "seed {seed}: {e}\nreplay: HOLDFAST_SIM_SEED={seed} cargo test -p holdfast-link-proto --test simulation"
             ),
         }
     }
-    println!(
-        "{} seeds: {produced} messages, {cuts} cuts, {dups} duplicates at the parent (at least once per hop)",
-        seeds.len()
+    for (v, t) in [("link/3", totals[0]), ("link/4", totals[1])] {
+        println!(
+            "{v}: {} messages, {} cuts, {} child restarts, {} duplicates stored, {} dropped as already stored",
+            t[0], t[3], t[4], t[1], t[2]
+        );
+    }
+    let [l3, l4] = totals;
+    assert!(
+        l3[0] > 0 && l3[3] > 0 && l4[0] > 0 && l4[3] > 0,
+        "the simulation exercised nothing"
     );
-    assert!(produced > 0 && cuts > 0, "the simulation exercised nothing");
+    if seeds.len() > 1 {
+        assert!(
+            l4[2] > 0 && l4[4] > 0,
+            "no link/4 seed resent a stored batch or restarted the child"
+        );
+    }
 }
 
 /// The harness can fail: a parent that acknowledges before it stores
 /// (the bug store-before-ack prevents) is caught.
 #[test]
 fn the_simulation_catches_an_ack_before_the_store() {
-    let caught = (0..50u64).filter(|&seed| {
-        let mut sim = Sim::new(seed);
-        sim.ack_before_store = true;
-        (0..3000).any(|_| sim.step(true).is_err())
-    });
+    let bugs = Bugs {
+        ack_before_store: true,
+        ..Bugs::default()
+    };
     assert!(
-        caught.count() > 0,
+        caught(bugs) > 0,
         "no seed caught a parent acknowledging what it had not stored"
     );
+}
+
+/// The harness can fail on idempotence: a parent that stores a batch sent
+/// again is caught, and so is one that notes hop ids apart from the commit
+/// storing them (a cut then loses the batch while its marks say stored).
+#[test]
+fn the_simulation_catches_duplicates_and_marks_apart_from_their_batch() {
+    let no_dedup = Bugs {
+        no_dedup: true,
+        ..Bugs::default()
+    };
+    assert!(caught(no_dedup) > 0, "no seed caught a message stored twice");
+    let early_marks = Bugs {
+        marks_before_store: true,
+        ..Bugs::default()
+    };
+    assert!(
+        caught(early_marks) > 0,
+        "no seed caught marks noted before their batch was stored"
+    );
+}
+
+/// How many of 60 seeds fail with `bugs`.
+fn caught(bugs: Bugs) -> usize {
+    (0..60u64)
+        .filter(|&seed| {
+            let mut sim = Sim::new(seed);
+            sim.bugs = bugs;
+            run_with(sim).is_err()
+        })
+        .count()
 }

@@ -44,8 +44,8 @@ pub fn client_config(config: Sections<'_>) -> Result<quinn::ClientConfig, LinkEr
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .map_err(|e| LinkError::Tls(e.to_string()))?;
-    // Offering link/2 first: a parent that has it picks it.
-    tls.alpn_protocols = wire::alpn_up_to(3);
+    // The highest version first: a parent that has it picks it.
+    tls.alpn_protocols = wire::alpn_up_to(wire::LATEST);
     let q = &config.upstream.quic;
     let transport = transport(
         Duration::from_millis(q.keep_alive_ms),
@@ -270,6 +270,8 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8, compress:
     let mut work = ctx.outbox.watch_work();
     let window = ctx.config.window_messages;
     let batch_max = ctx.config.batch_messages;
+    // link/4: every batch names its records by hop id.
+    let with_ids = wire::negotiated(conn) >= 4;
     let mut stream: Option<(quinn::SendStream, wire::FramedRecv)> = None;
     loop {
         // Acks that are here already, without waiting (reading is cancel-safe).
@@ -291,7 +293,7 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8, compress:
                 .lease_lane(lane, batch_max.min(room))
                 .map_err(|e| format!("outbox: {e}"))?;
             if !leased.items.is_empty() {
-                let records = batch(ctx, &leased).await;
+                let (records, epoch) = batch(ctx, &leased).await;
                 if records.is_empty() {
                     continue;
                 }
@@ -301,7 +303,9 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8, compress:
                     let _ = send.set_priority(i32::from(LANES as u8 - lane));
                     stream = Some((send, wire::FramedRecv::new(recv, MAX_DOWN_FRAME)));
                 }
-                let out = state.send(records).map_err(|e| e.to_string())?;
+                let out = state
+                    .send(records, epoch.filter(|_| with_ids))
+                    .map_err(|e| e.to_string())?;
                 let waited = ctx.rate.take(usize::from(lane), out.wire_bytes).await;
                 if !waited.is_zero() {
                     ctx.metrics.link_throttled_seconds.inc_by(waited.as_secs_f64());
@@ -334,13 +338,14 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8, compress:
     }
 }
 
-/// The records of a leased batch, as the lane sends them: what expired
-/// since it was leased is deleted, and what goes over the batch's byte
-/// limit goes back for the next batch.
-async fn batch(
-    ctx: &Ctx,
-    leased: &holdfast_outbox::LeaseBatch,
-) -> Vec<(holdfast_model::MessageId, Vec<u8>, bytes::Bytes)> {
+/// A batch to send: records as `(id, head, payload)`, and their epoch.
+type Records = (Vec<(holdfast_model::MessageId, Vec<u8>, bytes::Bytes)>, Option<u64>);
+
+/// The records of a leased batch, as the lane sends them, and the epoch
+/// they were stored in: what expired since it was leased is deleted, and
+/// what goes over the batch's byte limit or belongs to another epoch goes
+/// back for the next batch (a batch is one epoch: one IDS frame).
+async fn batch(ctx: &Ctx, leased: &holdfast_outbox::LeaseBatch) -> Records {
     let now = ctx.outbox.clock_ms();
     let mut records = Vec::with_capacity(leased.items.len());
     let mut expired = Vec::new();
@@ -354,8 +359,9 @@ async fn batch(
             .unwrap_or(MAX_BATCH_BYTES)
             .clamp(4096, MAX_BATCH_BYTES),
     };
+    let epoch = leased.items.first().map(|i| i.epoch);
     for item in &leased.items {
-        if batch_bytes >= batch_limit {
+        if batch_bytes >= batch_limit || Some(item.epoch) != epoch {
             // The rest go in the next batch.
             unsent.push(item.id);
             continue;
@@ -376,7 +382,7 @@ async fn batch(
     if !unsent.is_empty() {
         ctx.outbox.release(&unsent);
     }
-    records
+    (records, epoch)
 }
 
 /// A frame from the parent on a lane stream: an ack frees the window and

@@ -44,9 +44,10 @@ pub struct LinkConfig {
     /// Largest batch a child may send, bytes (uncompressed, for compressed
     /// batches). Default 16 MiB.
     pub max_batch_bytes: u32,
-    /// The highest link protocol offered to children: 3 (fleet
+    /// The highest link protocol offered to children: 4 (idempotent
+    /// lanes: nothing a child sends is stored twice), 3 (fleet
     /// deployments), 2 (compressed batches, durable cloud-to-device with
-    /// delivery reports) or 1 (as the first nodes). Default 3.
+    /// delivery reports) or 1 (as the first nodes). Default 4.
     pub version: u16,
 }
 
@@ -57,7 +58,7 @@ impl Default for LinkConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 15600)),
             max_children: 1000,
             max_batch_bytes: 16 << 20,
-            version: 3,
+            version: 4,
         }
     }
 }

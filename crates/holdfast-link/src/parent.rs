@@ -28,7 +28,7 @@ use crate::LinkMetrics;
 use holdfast_model::IdentityDirectory;
 use holdfast_model::ports::LinkPeer;
 use holdfast_outbox::record::Record;
-use holdfast_outbox::{AppendError, LANES, MessageId, Outbox};
+use holdfast_outbox::{AppendError, FromChild, LANES, Outbox, Stored};
 
 /// What the parent end needs.
 pub struct Ctx {
@@ -220,8 +220,8 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, mut stop: watch::Receiver
     drop(send);
 }
 
-/// Stored messages acknowledged in order: each entry is a batch's appends.
-type Pending = Vec<tokio::sync::oneshot::Receiver<Result<MessageId, AppendError>>>;
+/// A batch being stored: its size, and the outbox's verdict to come.
+type Pending = (u64, tokio::sync::oneshot::Receiver<Result<Stored, AppendError>>);
 
 /// A bidirectional stream from the child: a lane, the service stream or
 /// the deploy stream, as its first frame says.
@@ -278,21 +278,21 @@ async fn lane(
         tokio::spawn(async move {
             let mut acks = Acker::default();
             let mut buf = BytesMut::new();
-            while let Some(batch) = rx.recv().await {
-                let n = batch.len() as u64;
-                for r in batch {
-                    match r.await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => {
-                            tracing::warn!(child = %child, lane, error = %e, "link: cannot store a child's message");
-                            refused(&ctx, "store");
-                            conn.close(close::FULL.into(), b"cannot store now");
-                            return;
-                        }
-                        Err(_) => return,
+            while let Some((n, verdict)) = rx.recv().await {
+                let stored = match verdict.await {
+                    Ok(Ok(stored)) => stored,
+                    Ok(Err(e)) => {
+                        tracing::warn!(child = %child, lane, error = %e, "link: cannot store a child's batch");
+                        refused(&ctx, "store");
+                        conn.close(close::FULL.into(), b"cannot store now");
+                        return;
                     }
+                    Err(_) => return,
+                };
+                if stored.duplicates > 0 {
+                    tracing::debug!(child = %child, lane, duplicates = stored.duplicates, "link: a child sent again what is stored here");
                 }
-                ctx.metrics.link_received.inc_by(n);
+                ctx.metrics.link_received.inc_by(stored.stored);
                 ctx.status.update(|s| {
                     if let Some(c) = s.children.get_mut(&*child) {
                         c.received += n;
@@ -305,7 +305,7 @@ async fn lane(
             }
         })
     };
-    let mut state = ParentLane::new(lane, ctx.max_frame);
+    let mut state = ParentLane::new(lane, ctx.max_frame, wire::negotiated(&conn) >= 4);
     loop {
         let frame = match frames.next().await {
             Ok(Some(f)) => f,
@@ -318,8 +318,9 @@ async fn lane(
             }
             Err(wire::ReadError::Stream(_)) => break,
         };
-        let records = match state.receive(frame) {
-            Ok(r) => r,
+        let received = match state.receive(frame) {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
             Err(e @ LaneError::Wire(WireError::WindowTooLarge)) => {
                 // Refused before zstd allocates the window.
                 refused(&ctx, "zstd-window");
@@ -327,7 +328,7 @@ async fn lane(
                 conn.close(close::PROTOCOL.into(), b"zstd window over the link's limit");
                 break;
             }
-            Err(e @ LaneError::Unexpected(_)) => {
+            Err(e @ (LaneError::Unexpected(_) | LaneError::Ids(_))) => {
                 refused(&ctx, "protocol");
                 tracing::warn!(child = %child, lane, error = %e, "link: protocol error from a child");
                 conn.close(close::PROTOCOL.into(), b"expected a batch");
@@ -340,8 +341,13 @@ async fn lane(
                 break;
             }
         };
-        let mut pending = Vec::with_capacity(records.len());
-        for raw in records {
+        let n = received.records.len() as u64;
+        let ids = received.ids.map_or_else(
+            || vec![None; received.records.len()],
+            |ids| ids.into_iter().map(Some).collect(),
+        );
+        let mut records = Vec::with_capacity(received.records.len());
+        for (raw, id) in received.records.into_iter().zip(ids) {
             let record = match Record::decode_shared(&raw) {
                 Ok(r) if r.message.origin.is_some() => r,
                 _ => {
@@ -359,17 +365,31 @@ async fn lane(
             }
             match ctx
                 .outbox
-                .submit(lane, message, Some(Duration::from_millis(record.ttl_ms)))
+                .encode(lane, message, Some(Duration::from_millis(record.ttl_ms)))
             {
-                Ok(rx) => pending.push(rx),
+                Ok(value) => records.push((id, value)),
                 Err(e) => {
-                    tracing::warn!(child = %child, lane, error = %e, "link: outbox refused a child's message");
-                    refused(&ctx, "full");
-                    conn.close(close::FULL.into(), b"cannot store now");
+                    tracing::warn!(child = %child, lane, error = %e, "link: a child's message cannot be stored");
+                    refused(&ctx, "malformed");
+                    conn.close(close::PROTOCOL.into(), b"malformed record");
                     return;
                 }
             }
         }
+        let batch = FromChild {
+            child: child.clone(),
+            lane,
+            records,
+        };
+        let pending = match ctx.outbox.submit_from(batch) {
+            Ok(rx) => (n, rx),
+            Err(e) => {
+                tracing::warn!(child = %child, lane, error = %e, "link: outbox refused a child's batch");
+                refused(&ctx, "full");
+                conn.close(close::FULL.into(), b"cannot store now");
+                return;
+            }
+        };
         if tx.send(pending).await.is_err() {
             break;
         }

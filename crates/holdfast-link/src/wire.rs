@@ -6,13 +6,14 @@
 pub use holdfast_link_proto::decode::FrameDecoder;
 pub use holdfast_link_proto::wire::*;
 
-/// The link protocol version a connection agreed on by ALPN (1, 2 or 3).
+/// The link protocol version a connection agreed on by ALPN (1 to 4).
 pub fn negotiated(conn: &quinn::Connection) -> u16 {
     let alpn = conn
         .handshake_data()
         .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|d| d.protocol);
     match alpn.as_deref() {
+        Some(p) if p == ALPN_V4 => 4,
         Some(p) if p == ALPN_V3 => 3,
         Some(p) if p == ALPN_V2 => 2,
         _ => 1,

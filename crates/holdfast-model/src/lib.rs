@@ -13,6 +13,7 @@
 
 pub mod codec;
 pub mod content;
+pub mod hop;
 pub mod identity;
 pub mod message;
 pub mod policy;
@@ -21,6 +22,7 @@ pub mod sys;
 pub mod time;
 
 pub use content::{CachePlan, ContentClass, ContentDecision, ContentPolicy, RequestHead};
+pub use hop::{HopId, HopMarks};
 pub use identity::{
     Identity, IdentityDirectory, IdentityKind, IdentityRecord, MemoryDirectory, hash_password, thumbprint_listed,
 };

@@ -181,6 +181,7 @@ impl Lanes {
                             seq,
                         },
                         record,
+                        epoch: 0,
                     }),
                     Met::Removed(r) => removed.push(r),
                 }
@@ -346,6 +347,12 @@ impl Lanes {
             });
         }
         out
+    }
+
+    /// Each lane's `(first queued sequence, next sequence)`.
+    pub(crate) fn heads(&self) -> [(u64, u64); LANES] {
+        let st = self.lock();
+        std::array::from_fn(|i| (st.lanes[i].head.min(st.lanes[i].next_seq), st.lanes[i].next_seq))
     }
 
     /// Each lane's committed counters (the writer's starting point).

@@ -32,11 +32,13 @@ pub mod clock;
 pub mod config;
 pub mod record;
 
+mod epochs;
 mod lane;
 mod lanes;
 mod layout;
 mod limits;
 mod metrics;
+mod received;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -48,10 +50,12 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 
 use self::clock::{Clock, Now, Resumed, Saved};
+use self::epochs::Epochs;
 use self::lane::Remove;
 use self::lanes::Lanes;
 use self::limits::Limits;
 pub use self::metrics::OutboxMetrics;
+pub use self::received::{FromChild, Stored};
 use self::record::{EncodeError, Record};
 use self::writer::{Request, Storage, Writer};
 use crate::config::OutboxConfig;
@@ -135,6 +139,9 @@ pub struct Leased {
     pub id: MessageId,
     /// The stored record.
     pub record: Record,
+    /// The epoch it was stored in (its hop id upstream is this epoch and
+    /// `id.seq`, see [`holdfast_model::hop`]).
+    pub epoch: u64,
 }
 
 /// A batch of leased messages from one lane, in order.
@@ -188,6 +195,7 @@ impl OutboxTime {
 /// to its [`Lanes`], and a sweeper thread removes expired messages.
 pub struct Outbox {
     lanes: Arc<Lanes>,
+    epochs: Epochs,
     limits: Arc<Limits>,
     time: OutboxTime,
     store: Store,
@@ -252,9 +260,10 @@ impl Outbox {
             source: time,
         };
         let lanes = Arc::new(Lanes::open(data.clone(), &meta, instance, &config)?);
-        if !fresh_meta.is_empty() {
-            fresh_meta.commit(Durability::SyncAll)?;
-        }
+        // A new epoch for what is stored from now on, durable before any append.
+        let epochs = Epochs::open(&meta, lanes.heads(), &mut fresh_meta)?;
+        fresh_meta.commit(Durability::SyncAll)?;
+        let received = received::load(&meta)?;
         let limits = Arc::new(Limits::new(&config, dir));
         let writer = Writer::new(
             Storage {
@@ -262,6 +271,7 @@ impl Outbox {
                 data,
                 meta,
                 quarantine,
+                received,
             },
             lanes.clone(),
             limits.clone(),
@@ -292,6 +302,7 @@ impl Outbox {
         let rejected_invalid = (0..LANES as u8).map(|lane| metrics.rejected_invalid(lane)).collect();
         let outbox = Outbox {
             lanes,
+            epochs,
             limits,
             time,
             store: store.clone(),
@@ -333,6 +344,15 @@ impl Outbox {
         Ok(rx)
     }
 
+    /// `message` encoded as a record of `lane` stored now, with `ttl` (or
+    /// the default time-to-live): what [`Outbox::submit_from`] takes.
+    ///
+    /// # Errors
+    /// An invalid lane or message (counted).
+    pub fn encode(&self, lane: u8, message: Arc<Message>, ttl: Option<Duration>) -> Result<Vec<u8>, AppendError> {
+        self.prepare(lane, message, ttl)
+    }
+
     fn prepare(&self, lane: u8, message: Arc<Message>, ttl: Option<Duration>) -> Result<Vec<u8>, AppendError> {
         if lane as usize >= LANES {
             return Err(AppendError::BadLane(lane));
@@ -350,6 +370,28 @@ impl Outbox {
             self.rejected_invalid[lane as usize].inc();
             AppendError::Invalid(e)
         })
+    }
+
+    /// Queues a batch a child gateway sent: the receiver resolves once all
+    /// of it is accounted for, durable (what was stored before, by hop id,
+    /// is left out and counted as a duplicate), or refused as a whole
+    /// (quota, disk). The records are stored as they come: the caller has
+    /// stamped them for this node (path, time-to-live).
+    ///
+    /// # Errors
+    /// The outbox is closed.
+    pub fn submit_from(
+        &self,
+        batch: FromChild,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<Stored, AppendError>>, AppendError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.send(Request::AppendFrom { batch, reply })?;
+        Ok(rx)
+    }
+
+    /// The epoch messages stored now get ([`holdfast_model::hop`]).
+    pub fn epoch(&self) -> u64 {
+        self.epochs.current()
     }
 
     /// Appends a message to `lane`; resolves once it is durable. `ttl`
@@ -436,7 +478,14 @@ impl Outbox {
         let mut removed = Vec::new();
         let leased = self.lanes.lease(max, self.clock_ms(), &mut removed);
         self.remove(removed);
-        leased
+        leased.map(|b| b.map(|b| self.with_epochs(b)))
+    }
+
+    fn with_epochs(&self, mut batch: LeaseBatch) -> LeaseBatch {
+        for item in &mut batch.items {
+            item.epoch = self.epochs.of(item.id.lane, item.id.seq);
+        }
+        batch
     }
 
     /// Leases up to `max` messages from `lane` only.
@@ -453,7 +502,7 @@ impl Outbox {
         let mut removed = Vec::new();
         let leased = self.lanes.lease_lane(lane, max, self.clock_ms(), &mut removed);
         self.remove(removed);
-        leased
+        leased.map(|b| self.with_epochs(b))
     }
 
     /// Hands records claimed for removal (expired or damaged, met by a

@@ -47,6 +47,10 @@ pub struct OutboxMetrics {
     oldest_age: Family<LaneLabels, Gauge>,
     /// `holdfast_outbox_commits_total`: group commits (one sync each when they hold appends).
     commits: Counter,
+    /// `holdfast_outbox_duplicates_total{lane}`: messages a child gateway
+    /// sent again that this outbox had stored already (acknowledged, not
+    /// stored twice).
+    duplicates: Family<LaneLabels, Counter>,
 }
 
 impl Default for OutboxMetrics {
@@ -105,6 +109,12 @@ impl OutboxMetrics {
         );
         let commits = Counter::default();
         registry.register("outbox_commits", "Outbox group commits", commits.clone());
+        let duplicates = Family::<LaneLabels, Counter>::default();
+        registry.register(
+            "outbox_duplicates",
+            "Messages a child gateway sent again that were stored already (acknowledged, not stored twice), by lane",
+            duplicates.clone(),
+        );
         OutboxMetrics {
             enqueued,
             delivered,
@@ -115,6 +125,7 @@ impl OutboxMetrics {
             bytes,
             oldest_age,
             commits,
+            duplicates,
         }
     }
 
@@ -129,6 +140,7 @@ impl OutboxMetrics {
             dropped_damaged: handle(&self.dropped, &reason("damaged")),
             rejected_quota: handle(&self.rejected, &reason("quota")),
             rejected_disk: handle(&self.rejected, &reason("disk")),
+            duplicates: handle(&self.duplicates, &LaneLabels { lane }),
         }
     }
 
@@ -168,4 +180,5 @@ pub(crate) struct LaneCounters {
     pub(crate) dropped_damaged: Counter,
     pub(crate) rejected_quota: Counter,
     pub(crate) rejected_disk: Counter,
+    pub(crate) duplicates: Counter,
 }

@@ -4,6 +4,7 @@
 //! and the durability of each commit; the lanes learn the outcome after the
 //! commit ([`Lanes::committed`]).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
@@ -17,10 +18,14 @@ use crate::lanes::{Lanes, Totals};
 use crate::layout::{encode_lane_meta, key, lane_meta_key};
 use crate::limits::{Limits, free_disk};
 use crate::metrics::{LaneCounters, OutboxMetrics};
+use crate::received::{self, From, FromChild, Stored};
 use crate::{AppendError, LANES, MessageId, OutboxTime};
+use holdfast_model::HopMarks;
 
 /// Where an append's result goes.
 pub(crate) type AppendReply = tokio::sync::oneshot::Sender<Result<MessageId, AppendError>>;
+/// Where a child batch's result goes.
+pub(crate) type FromReply = tokio::sync::oneshot::Sender<Result<Stored, AppendError>>;
 
 /// What the writer is asked to do.
 pub(crate) enum Request {
@@ -30,6 +35,9 @@ pub(crate) enum Request {
         value: Vec<u8>,
         reply: AppendReply,
     },
+    /// Store what a child gateway sent, all of it or none, leaving out what
+    /// was stored before (by hop id); its marks go in the same commit.
+    AppendFrom { batch: FromChild, reply: FromReply },
     /// Remove claimed records (acknowledged, expired, damaged).
     Remove {
         items: Vec<Remove>,
@@ -42,6 +50,10 @@ pub(crate) enum Request {
 /// What one commit changes, computed before it and applied after it.
 struct Pending {
     appends: Vec<(u8, u64, u64, AppendReply)>,
+    /// Child batches stored: their replies, and the marks to keep once
+    /// the commit is durable.
+    from: Vec<(FromReply, Stored, u8)>,
+    marks: HashMap<From, HopMarks>,
     removes: Vec<Remove>,
     ack_replies: Vec<tokio::sync::oneshot::Sender<Result<(), StoreError>>>,
     lanes: Totals,
@@ -85,6 +97,8 @@ pub(crate) struct Writer {
     sync: SyncMode,
     counters: Vec<LaneCounters>,
     commits: Counter,
+    /// What was stored from each child's lanes (durable with the records).
+    received: std::cell::RefCell<HashMap<From, HopMarks>>,
 }
 
 /// The store and the spaces the outbox keeps its records in.
@@ -93,6 +107,8 @@ pub(crate) struct Storage {
     pub(crate) data: Space,
     pub(crate) meta: Space,
     pub(crate) quarantine: Space,
+    /// What was stored from each child's lanes, as loaded.
+    pub(crate) received: HashMap<From, HopMarks>,
 }
 
 impl Writer {
@@ -122,6 +138,7 @@ impl Writer {
             sync: config.sync,
             counters: (0..LANES as u8).map(|l| metrics.lane(l)).collect(),
             commits: metrics.commits(),
+            received: std::cell::RefCell::new(storage.received),
         }
     }
 
@@ -154,6 +171,8 @@ impl Writer {
         let mut save_clock = false;
         let mut pending = Pending {
             appends: Vec::new(),
+            from: Vec::new(),
+            marks: HashMap::new(),
             removes: Vec::new(),
             ack_replies: Vec::new(),
             lanes: self.lanes.totals(),
@@ -161,9 +180,11 @@ impl Writer {
         };
         let free = free_disk(&self.dir);
         let mut appends = Vec::new();
+        let mut from = Vec::new();
         for req in reqs {
             match req {
                 Request::Append { lane, value, reply } => appends.push((lane, value, reply)),
+                Request::AppendFrom { batch, reply } => from.push((batch, reply)),
                 Request::Remove { items, reply } => {
                     for r in items {
                         pending.remove(self, &mut batch, r);
@@ -175,9 +196,12 @@ impl Writer {
                 Request::SaveClock => save_clock = true,
             }
         }
-        let any_append = !appends.is_empty();
+        let any_append = !appends.is_empty() || !from.is_empty();
         // One reading of the limits for the whole batch.
         let quota = self.limits.quota();
+        for (child_batch, reply) in from {
+            self.append_from(&mut pending, &mut batch, free, &quota, child_batch, reply);
+        }
         for (lane, value, reply) in appends {
             let size = value.len() as u64;
             let c = &self.counters[lane as usize];
@@ -229,6 +253,10 @@ impl Writer {
             batch.insert(&self.meta, b"clock".to_vec(), self.time.save().encode());
         }
         if batch.is_empty() {
+            // Nothing to write: child batches here were all stored before.
+            for (reply, stored, _) in pending.from {
+                let _ = reply.send(Ok(stored));
+            }
             return;
         }
         let durability = if any_append {
@@ -264,6 +292,13 @@ impl Writer {
                 for reply in pending.ack_replies {
                     let _ = reply.send(Ok(()));
                 }
+                self.received.borrow_mut().extend(pending.marks);
+                for (reply, stored, lane) in pending.from {
+                    let c = &self.counters[lane as usize];
+                    c.enqueued.inc_by(stored.stored);
+                    c.duplicates.inc_by(stored.duplicates);
+                    let _ = reply.send(Ok(stored));
+                }
             }
             Err(e) => {
                 // Nothing was written: undo the claims so the records stay deliverable.
@@ -275,7 +310,92 @@ impl Writer {
                 for reply in pending.ack_replies {
                     let _ = reply.send(Err(e.clone()));
                 }
+                for (reply, _, _) in pending.from {
+                    let _ = reply.send(Err(AppendError::Store(e.clone())));
+                }
             }
         }
+    }
+
+    /// A child's batch into this commit: the records not stored before
+    /// (by hop id, against the marks as they will be after this commit),
+    /// all of them or, when they do not fit the disk or the quota, none.
+    fn append_from(
+        &self,
+        pending: &mut Pending,
+        batch: &mut Batch,
+        free: Option<u64>,
+        quota: &crate::limits::Quota,
+        child_batch: FromChild,
+        reply: FromReply,
+    ) {
+        let FromChild { child, lane, records } = child_batch;
+        if lane as usize >= LANES {
+            let _ = reply.send(Err(AppendError::BadLane(lane)));
+            return;
+        }
+        let from: From = (child, lane);
+        let mut marks = match pending.marks.get(&from) {
+            Some(m) => m.clone(),
+            None => self.received.borrow().get(&from).cloned().unwrap_or_default(),
+        };
+        let any_ids = records.iter().any(|(id, _)| id.is_some());
+        let mut fresh = Vec::with_capacity(records.len());
+        let mut outcome = Stored::default();
+        for (id, value) in records {
+            if let Some(id) = id {
+                if !marks.is_new(id) {
+                    outcome.duplicates += 1;
+                    continue;
+                }
+                marks.record(id);
+            }
+            fresh.push(value);
+        }
+        let c = &self.counters[lane as usize];
+        let size: u64 = fresh.iter().map(|v| v.len() as u64).sum();
+        let k = fresh.len() as u64;
+        if k > 0 && free.is_some_and(|f| f < quota.min_free_disk_bytes.saturating_add(size)) {
+            c.rejected_disk.inc_by(k);
+            let _ = reply.send(Err(AppendError::DiskFull));
+            return;
+        }
+        let fits = |lanes: &Totals| {
+            let (n, b) = lanes.iter().fold((0u64, 0u64), |(n, b), l| (n + l.1, b + l.2));
+            n + k <= quota.max_messages && b + size <= quota.max_bytes
+        };
+        if k > 0 && !fits(&pending.lanes) && quota.drop_oldest {
+            for r in self.lanes.claim_oldest(&pending.lanes, &fits) {
+                pending.remove(self, batch, r);
+            }
+        }
+        if k > 0 && !fits(&pending.lanes) {
+            c.rejected_quota.inc_by(k);
+            let (n, _) = pending.total();
+            let which = if n + k > quota.max_messages {
+                "message count"
+            } else {
+                "bytes"
+            };
+            let _ = reply.send(Err(AppendError::QuotaExceeded(which)));
+            return;
+        }
+        let l = &mut pending.lanes[lane as usize];
+        for value in fresh {
+            let seq = l.0;
+            l.0 += 1;
+            l.1 += 1;
+            l.2 += value.len() as u64;
+            batch.insert(&self.data, key(lane, seq), value);
+        }
+        outcome.stored = k;
+        if k > 0 {
+            pending.touched[lane as usize] = true;
+        }
+        if any_ids && k > 0 {
+            batch.insert(&self.meta, received::key(&from), marks.encode());
+            pending.marks.insert(from, marks);
+        }
+        pending.from.push((reply, outcome, lane));
     }
 }
