@@ -83,6 +83,13 @@ pub enum StartError {
     },
 }
 
+/// Logs how long one phase of the start took (debug level, `start phase`)
+/// and starts timing the next.
+fn phase(name: &'static str, mark: &mut Instant) {
+    tracing::debug!(phase = name, ms = mark.elapsed().as_millis() as u64, "start phase");
+    *mark = Instant::now();
+}
+
 /// A started node.
 #[derive(Debug)]
 pub struct Node {
@@ -125,9 +132,12 @@ impl Node {
         #[allow(clippy::type_complexity)]
         let (store, outbox, registry, twins, cache, deploy_store, overlay, config) = tokio::task::spawn_blocking(
             move || -> Result<(Store, Outbox, Registry, Twins, Option<Cache>, DeployStore, Option<Overlay>, Config), StartError> {
+                let mut mark = Instant::now();
                 let store = Store::open(&store_dir).map_err(holdfast_outbox::OutboxError::from)?;
+                phase("store", &mut mark);
                 // The deployment applied last is in force from the start.
                 let deploy_store = DeployStore::open(&store, &blob_dir).map_err(|e| StartError::Deploy(e.to_string()))?;
+                phase("deploy-store", &mut mark);
                 let mut overlay = deploy_store.startup_overlay();
                 let config = match crate::reload::compose(&base, overlay.as_ref()) {
                     Ok(c) => c,
@@ -147,12 +157,15 @@ impl Node {
                     outbox_metrics,
                     Arc::new(SystemTimeSource),
                 )?;
+                phase("outbox", &mut mark);
                 let registry = Registry::open(&store, &node_id, role)?;
                 let seeded = registry.seed(&seeds)?;
                 if seeded > 0 {
                     tracing::info!(changed = seeded, "registry: applied [[identities]] from the config");
                 }
+                phase("registry", &mut mark);
                 let twins = Twins::open(&store, replica).map_err(holdfast_outbox::OutboxError::from)?;
+                phase("twins", &mut mark);
                 let cache = if config.cache.enabled {
                     Some(Cache::open(
                         &config.cache,
@@ -164,6 +177,7 @@ impl Node {
                 } else {
                     None
                 };
+                phase("range-cache", &mut mark);
                 Ok((store, outbox, registry, twins, cache, deploy_store, overlay, config))
             },
         )
@@ -174,6 +188,7 @@ impl Node {
         {
             tracing::debug!(error = %e, "deploy: log.level of the deployment not applied");
         }
+        let mut mark = Instant::now();
         let registry = Arc::new(registry);
         registry_metrics.set_identities(registry.len());
         let deployer = Arc::new(
@@ -218,6 +233,7 @@ impl Node {
                 clients,
             }
         };
+        phase("deployer+c2d", &mut mark);
         let context = NodeContext {
             node_id: config.node.id.as_str().into(),
             started,
@@ -229,6 +245,7 @@ impl Node {
             .await
             .map_err(|e| PluginError::Engine(format!("plugin loader task failed: {e}")))??;
         let plugins = Arc::new(plugins);
+        phase("plugins", &mut mark);
         // Compiling plugins (on a cold artifact cache) leaves megabytes of freed
         // compiler memory in the allocator; give it back to the OS.
         release_freed_memory();
@@ -260,7 +277,9 @@ impl Node {
                 .await
                 .map_err(|e| PluginError::Engine(format!("broker open task failed: {e}")))??
             };
+            phase("broker", &mut mark);
             let (b, listeners) = listen::start(&broker, stopped.clone()).await?;
+            phase("mqtt-listeners", &mut mark);
             bound = b;
             tasks.extend(listeners);
             tasks.push(tokio::spawn(broker.clone().sync_task()));
@@ -280,6 +299,7 @@ impl Node {
             &config, &outbox, &broker, &hub, &link, &link_metrics, &registry_metrics, &link_rate, &deployer, &stopped,
             &mut tasks,
         )?;
+        phase("link", &mut mark);
         let cache = match cache {
             Some(cache) => {
                 let cache = Arc::new(cache);
@@ -349,6 +369,7 @@ impl Node {
             )));
             tracing::info!(addr = %bound, "admin API listening");
         }
+        phase("admin", &mut mark);
         if let Some(dir) = state.config.plugins.watch_dir.clone() {
             let interval = Duration::from_millis(state.config.plugins.watch_interval_ms);
             tasks.push(tokio::spawn(watch_folder(
