@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin;
 use crate::config::Config;
+use crate::metrics::HostMetrics;
 use crate::reload::{Live, Reloader};
 pub use crate::state::NodeState;
 use holdfast_broker::{Broker, listen};
@@ -22,12 +23,10 @@ use holdfast_deploy::{Deployer, Overlay};
 use holdfast_iothub::clients::Clients;
 use holdfast_iothub::twin::Twins;
 use holdfast_iothub::{Hub, HubParts};
-use crate::metrics::HostMetrics;
 use holdfast_link::LinkMetrics;
-use holdfast_registry::RegistryMetrics;
 use holdfast_outbox::{Outbox, SystemTimeSource};
 use holdfast_plugins::{NodeContext, PluginError, PluginHost, PluginMetrics, watch::watch_folder};
-use holdfast_registry::{Registry, Role};
+use holdfast_registry::{Registry, RegistryMetrics, Role};
 use holdfast_store::Store;
 
 /// Why a node could not start.
@@ -296,7 +295,16 @@ impl Node {
             config.upstream.max_bytes_per_second,
         ));
         let link_listen = start_link(
-            &config, &outbox, &broker, &hub, &link, &link_metrics, &registry_metrics, &link_rate, &deployer, &stopped,
+            &config,
+            &outbox,
+            &broker,
+            &hub,
+            &link,
+            &link_metrics,
+            &registry_metrics,
+            &link_rate,
+            &deployer,
+            &stopped,
             &mut tasks,
         )?;
         phase("link", &mut mark);

@@ -11,8 +11,8 @@ use base64::Engine as _;
 use tokio::sync::{Notify, watch};
 
 use crate::apply::Applying;
-use crate::metrics::DeployMetrics;
 use crate::held::{B64, Held, open_signed};
+use crate::metrics::DeployMetrics;
 use crate::model::{self, Doc, Health, NodeState, Phase, Report, Signed, Spec};
 use crate::owner::{self, Owner};
 use crate::received::Received;

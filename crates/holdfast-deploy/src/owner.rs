@@ -8,8 +8,8 @@ use std::sync::Arc;
 use base64::Engine as _;
 
 use crate::DeployError;
-use crate::metrics::DeployMetrics;
 use crate::held::{B64, Held, open_signed};
+use crate::metrics::DeployMetrics;
 use crate::model::{self, Doc, Phase, Signed, Spec};
 use crate::reports::ReportBook;
 use crate::revisions::Revisions;

@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::DeployError;
-use crate::metrics::DeployMetrics;
 use crate::held::{Held, open_signed, received_list};
+use crate::metrics::DeployMetrics;
 use crate::model::Phase;
 use crate::owner::Owner;
 use crate::revisions::Revisions;

@@ -20,8 +20,8 @@ use tokio::sync::mpsc;
 
 use crate::c2d::{C2d, C2dMessage, Feedback, Outcome, QueueError};
 use crate::clients::Port;
-use crate::metrics::IothubMetrics;
 use crate::links::Links;
+use crate::metrics::IothubMetrics;
 use crate::service::Svc;
 
 /// Why a cloud-to-device message was not accepted.

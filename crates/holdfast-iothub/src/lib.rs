@@ -40,10 +40,10 @@ pub mod clients;
 pub mod config;
 mod device_twins;
 mod dialect;
-mod metrics;
 mod link_service;
 mod links;
 mod methods;
+mod metrics;
 pub mod service;
 pub mod twin;
 
@@ -65,9 +65,9 @@ use self::c2d_delivery::C2dDelivery;
 use self::clients::{Clients, Port};
 use self::device_twins::DeviceTwins;
 use self::dialect::Request;
-pub use self::metrics::IothubMetrics;
 use self::links::Links;
 use self::methods::Methods;
+pub use self::metrics::IothubMetrics;
 use self::service::Svc;
 use self::twin::Twins;
 

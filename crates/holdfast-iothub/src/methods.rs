@@ -14,8 +14,8 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::clients::Port;
-use crate::metrics::IothubMetrics;
 use crate::links::Links;
+use crate::metrics::IothubMetrics;
 use crate::service::Svc;
 
 /// Longest a method call may wait for its answer.
