@@ -77,7 +77,7 @@ impl HopMarks {
 
     /// Reads what [`HopMarks::encode`] wrote; `None` if it is not that.
     pub fn decode(b: &[u8]) -> Option<HopMarks> {
-        if b.len() % 16 != 0 || b.len() / 16 > MAX_EPOCHS {
+        if !b.len().is_multiple_of(16) || b.len() / 16 > MAX_EPOCHS {
             return None;
         }
         let u = |c: &[u8]| {

@@ -105,7 +105,7 @@ fn encode(runs: &[Run]) -> Vec<u8> {
 /// The runs stored; nothing if they do not decode (every queued message
 /// then gets this run's epoch: at worst one is stored twice upstream).
 fn decode(b: &[u8]) -> Vec<Run> {
-    if b.len() % RUN_LEN != 0 {
+    if !b.len().is_multiple_of(RUN_LEN) {
         tracing::warn!("outbox: the epochs record is damaged; starting afresh");
         return Vec::new();
     }

@@ -7,45 +7,41 @@
 //! | GET | `/healthz` | `ok` (no token) |
 //! | GET | `/openapi.json` | the OpenAPI 3.1 document of every route here (no token) |
 //! | GET | `/metrics` | OpenMetrics text, which Prometheus scrapes (no token unless `admin.metrics_require_token`) |
-//! | GET | `/api/v1/status` | everything the status page shows, in one answer |
-//! | GET | `/api/v1/node` | node id, version, uptime |
-//! | GET | `/api/v1/outbox` | per lane: messages, bytes, in flight, oldest age |
-//! | GET | `/api/v1/mqtt` | broker totals: connections, sessions, subscriptions, retained |
-//! | GET | `/api/v1/mqtt/clients?limit=N` | connected clients (default 1000) |
-//! | GET | `/api/v1/link` | upstream link state, counters, connected child gateways |
-//! | GET | `/api/v1/plugins` | every slot: version hash, source, loaded-at, calls, traps |
-//! | GET | `/api/v1/plugins/history` | loads, swaps and rollbacks |
-//! | POST | `/api/v1/plugins/{slot}/swap` | body: the `.wasm` bytes, or JSON `{"wasm_base64": …, "config": {…}}` |
-//! | POST | `/api/v1/plugins/{slot}/rollback` | back to the previous version |
 //! | POST | `/api/v1/reload` | re-read the config file: `{"applied", "not_applied", "failed"}`; 422 if it does not load |
 //!
-//! The device registry's routes are in [`registry`]; twins and methods in
-//! [`iothub`]; the range cache's in [`cache`]; fleet deployments' in [`deploy`].
+//! The node's own routes (status, node, outbox, MQTT, link) are in
+//! [`node`]; the plugins' in [`plugins`]; the device registry's in
+//! [`registry`]; twins and methods in [`iothub`]; the range cache's in
+//! [`cache`]; fleet deployments' in [`deploy`]. Every handler takes a narrow
+//! view of the node (`axum`'s `FromRef`), never the whole [`NodeState`].
 
 mod cache;
 mod deploy;
 mod iothub;
+mod node;
+mod plugins;
 mod registry;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRef, Request, State};
 use axum::handler::Handler;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
 use axum::{Json, Router};
-use base64::Engine as _;
-use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
+use crate::metrics::HostMetrics;
+use crate::reload::Reloader;
 use crate::state::NodeState;
-use holdfast_plugins::{PluginError, SlotName};
+use holdfast_outbox::Outbox;
+use holdfast_plugins::{PluginError, PluginHost};
+use holdfast_registry::{Registry, RegistryMetrics};
 
 /// Largest plugin upload.
 pub const MAX_PLUGIN_BYTES: usize = 64 << 20;
@@ -137,17 +133,9 @@ impl Routes {
 /// The routes under `/api/v1`, all behind the bearer token.
 fn api_routes() -> Routes {
     Routes::default()
-        .get("/status", status)
-        .get("/node", node_info)
-        .get("/outbox", outbox_stats)
-        .get("/mqtt", mqtt_stats)
-        .get("/mqtt/clients", mqtt_clients)
-        .get("/link", link_status)
-        .get("/plugins", plugins_list)
-        .get("/plugins/history", plugins_history)
-        .post("/plugins/{slot}/swap", plugin_swap)
-        .post("/plugins/{slot}/rollback", plugin_rollback)
         .post("/reload", reload)
+        .merge(node::routes())
+        .merge(plugins::routes())
         .merge(registry::routes())
         .merge(iothub::routes())
         .merge(cache::routes())
@@ -175,11 +163,11 @@ pub fn router(state: Arc<NodeState>) -> Router {
     let api = api_routes()
         .router
         .layer(DefaultBodyLimit::max(MAX_PLUGIN_BYTES + MAX_PLUGIN_BYTES / 2))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .route_layer(middleware::from_fn_with_state(Token::from_ref(&state), require_token));
     public_routes()
         .router
         .nest("/api/v1", api)
-        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(middleware::from_fn_with_state(state.metrics.clone(), count_requests))
         .with_state(state)
 }
 
@@ -209,13 +197,56 @@ async fn status_page() -> Response {
         .into_response()
 }
 
-async fn reload(State(state): State<Arc<NodeState>>) -> Result<Json<serde_json::Value>, ApiError> {
-    let s = state.clone();
-    let report = tokio::task::spawn_blocking(move || s.reloader.reload())
+async fn reload(State(ReloadApi(reloader)): State<ReloadApi>) -> Result<Json<serde_json::Value>, ApiError> {
+    let report = tokio::task::spawn_blocking(move || reloader.reload())
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e))?;
     Ok(Json(json!(report)))
+}
+
+/// The reloader, for `POST /reload`.
+#[derive(Clone)]
+struct ReloadApi(Arc<Reloader>);
+
+impl FromRef<Arc<NodeState>> for ReloadApi {
+    fn from_ref(node: &Arc<NodeState>) -> Self {
+        ReloadApi(node.reloader.clone())
+    }
+}
+
+/// The admin bearer token.
+#[derive(Clone)]
+struct Token(Arc<str>);
+
+impl FromRef<Arc<NodeState>> for Token {
+    fn from_ref(node: &Arc<NodeState>) -> Self {
+        Token(Arc::from(node.admin_token.as_str()))
+    }
+}
+
+/// What `/metrics` reads: the registry, and the gauges it samples first.
+#[derive(Clone)]
+struct MetricsApi {
+    metrics: Arc<HostMetrics>,
+    token: Option<Token>,
+    plugins: Arc<PluginHost>,
+    registry: Arc<Registry>,
+    registry_metrics: RegistryMetrics,
+    outbox: Arc<Outbox>,
+}
+
+impl FromRef<Arc<NodeState>> for MetricsApi {
+    fn from_ref(node: &Arc<NodeState>) -> Self {
+        MetricsApi {
+            metrics: node.metrics.clone(),
+            token: node.config.admin.metrics_require_token.then(|| Token::from_ref(node)),
+            plugins: node.plugins.clone(),
+            registry: node.registry.clone(),
+            registry_metrics: node.registry_metrics.clone(),
+            outbox: node.outbox.clone(),
+        }
+    }
 }
 
 /// Serves the admin API on `listener` until `shutdown` resolves.
@@ -232,14 +263,14 @@ pub async fn serve(
     }
 }
 
-fn token_ok(state: &NodeState, headers: &HeaderMap) -> bool {
+fn token_ok(expected: &Token, headers: &HeaderMap) -> bool {
     let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
         return false;
     };
     let Some(token) = value.strip_prefix("Bearer ") else {
         return false;
     };
-    let expected = state.admin_token.as_bytes();
+    let expected = expected.0.as_bytes();
     token.len() == expected.len() && bool::from(token.as_bytes().ct_eq(expected))
 }
 
@@ -251,206 +282,39 @@ fn unauthorized() -> Response {
     r
 }
 
-async fn require_token(State(state): State<Arc<NodeState>>, request: Request, next: Next) -> Response {
-    if token_ok(&state, request.headers()) {
+async fn require_token(State(token): State<Token>, request: Request, next: Next) -> Response {
+    if token_ok(&token, request.headers()) {
         next.run(request).await
     } else {
         unauthorized()
     }
 }
 
-async fn count_requests(State(state): State<Arc<NodeState>>, request: Request, next: Next) -> Response {
+async fn count_requests(State(metrics): State<Arc<HostMetrics>>, request: Request, next: Next) -> Response {
     let response = next.run(request).await;
-    state.metrics.admin_request(response.status().as_u16());
+    metrics.admin_request(response.status().as_u16());
     response
 }
 
-async fn metrics(State(state): State<Arc<NodeState>>, headers: HeaderMap) -> Response {
-    if state.config.admin.metrics_require_token && !token_ok(&state, &headers) {
+async fn metrics(State(api): State<MetricsApi>, headers: HeaderMap) -> Response {
+    if let Some(token) = &api.token
+        && !token_ok(token, &headers)
+    {
         return unauthorized();
     }
     // Refresh gauges that are sampled rather than counted.
-    let _ = state.plugins.list();
-    state.registry_metrics.set_identities(state.registry.len());
-    let outbox = state.outbox.clone();
+    let _ = api.plugins.list();
+    api.registry_metrics.set_identities(api.registry.len());
+    let outbox = api.outbox.clone();
     let _ = tokio::task::spawn_blocking(move || outbox.stats()).await;
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.render(),
+        api.metrics.render(),
     )
         .into_response()
-}
-
-async fn node_info(State(state): State<Arc<NodeState>>) -> Json<serde_json::Value> {
-    Json(json!({
-        "id": state.config.node.id,
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": state.started.elapsed().as_secs(),
-        "data_dir": state.config.node.data_dir,
-        "mqtt": state.mqtt,
-        "link_listen": state.link_listen,
-        "upstream": state.link.snapshot().kind,
-    }))
-}
-
-async fn link_status(State(state): State<Arc<NodeState>>) -> Json<serde_json::Value> {
-    Json(json!({
-        "link": state.link.snapshot(),
-        "listen": state.link_listen,
-    }))
-}
-
-/// The outbox's lanes as the API shows them.
-async fn outbox_json(state: &NodeState) -> Result<serde_json::Value, ApiError> {
-    let outbox = state.outbox.clone();
-    let lanes = tokio::task::spawn_blocking(move || outbox.stats())
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("stats task failed: {e}")))?;
-    let (messages, bytes) = lanes.iter().fold((0, 0), |(m, b), s| (m + s.messages, b + s.bytes));
-    let oldest = lanes.iter().filter_map(|s| s.oldest_age_ms).max();
-    let lanes: Vec<serde_json::Value> = lanes
-        .iter()
-        .enumerate()
-        .map(|(lane, s)| json!({ "lane": lane, "messages": s.messages, "bytes": s.bytes, "in_flight": s.in_flight, "oldest_age_ms": s.oldest_age_ms }))
-        .collect();
-    Ok(json!({
-        "instance": format!("{:016x}", state.outbox.instance()),
-        "max_bytes": state.outbox.max_bytes(),
-        "messages": messages,
-        "bytes": bytes,
-        "oldest_age_ms": oldest,
-        "lanes": lanes,
-    }))
-}
-
-async fn outbox_stats(State(state): State<Arc<NodeState>>) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(Json(outbox_json(&state).await?))
-}
-
-/// Everything the status page shows, in one answer.
-async fn status(State(state): State<Arc<NodeState>>) -> Result<Json<serde_json::Value>, ApiError> {
-    let mut history = state.plugins.history();
-    let recent: Vec<_> = history.drain(history.len().saturating_sub(10)..).rev().collect();
-    Ok(Json(json!({
-        "node": {
-            "id": state.config.node.id,
-            "version": env!("CARGO_PKG_VERSION"),
-            "uptime_seconds": state.started.elapsed().as_secs(),
-        },
-        "link": state.link.snapshot(),
-        "outbox": outbox_json(&state).await?,
-        "mqtt": {
-            "enabled": state.broker.is_some(),
-            "stats": state.broker.as_ref().map(|b| b.stats()),
-            "clients": state.broker.as_ref().map(|b| b.clients(STATUS_CLIENTS)),
-        },
-        "plugins": state.plugins.list(),
-        "recent_swaps": recent,
-        "cache": state.cache.as_ref().map(|c| c.stats()),
-        "deploy": state.deploy.local_status(),
-    })))
-}
-
-/// Clients listed on the status page.
-const STATUS_CLIENTS: usize = 50;
-
-async fn mqtt_clients(
-    State(state): State<Arc<NodeState>>,
-    Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let broker = state.broker.as_ref().ok_or_else(|| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            "the MQTT broker is disabled (mqtt.enabled)".into(),
-        )
-    })?;
-    let limit = limit_param(&q, 1000, 100_000)?;
-    Ok(Json(json!({
-        "connections": broker.connections(),
-        "clients": broker.clients(limit),
-    })))
-}
-
-async fn mqtt_stats(State(state): State<Arc<NodeState>>) -> Json<serde_json::Value> {
-    Json(json!({
-        "enabled": state.broker.is_some(),
-        "listeners": state.mqtt,
-        "stats": state.broker.as_ref().map(|b| b.stats()),
-    }))
-}
-
-async fn plugins_list(State(state): State<Arc<NodeState>>) -> Json<serde_json::Value> {
-    Json(json!({ "plugins": state.plugins.list() }))
-}
-
-async fn plugins_history(State(state): State<Arc<NodeState>>) -> Json<serde_json::Value> {
-    Json(json!({ "history": state.plugins.history() }))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SwapJson {
-    wasm_base64: String,
-    config: Option<serde_json::Value>,
-}
-
-async fn plugin_swap(
-    State(state): State<Arc<NodeState>>,
-    Path(slot): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let slot: SlotName = slot.parse()?;
-    let is_json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    let (bytes, config) = if is_json {
-        let req: SwapJson = serde_json::from_slice(&body)
-            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("swap request is not valid JSON: {e}")))?;
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(req.wasm_base64.as_bytes())
-            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("wasm_base64 is not base64: {e}")))?;
-        let config = match req.config {
-            None | Some(serde_json::Value::Null) => None,
-            Some(v @ serde_json::Value::Object(_)) => Some(v.to_string()),
-            Some(_) => {
-                return Err(ApiError(
-                    StatusCode::BAD_REQUEST,
-                    "config must be a JSON object".to_string(),
-                ));
-            }
-        };
-        (bytes, config)
-    } else {
-        (body.to_vec(), None)
-    };
-    if bytes.len() > MAX_PLUGIN_BYTES {
-        return Err(ApiError(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("plugin is larger than {MAX_PLUGIN_BYTES} bytes"),
-        ));
-    }
-    let plugins = state.plugins.clone();
-    let record = tokio::task::spawn_blocking(move || plugins.swap(slot, &bytes, "admin-api".to_string(), config))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("swap task failed: {e}")))??;
-    Ok(Json(json!(record)))
-}
-
-async fn plugin_rollback(
-    State(state): State<Arc<NodeState>>,
-    Path(slot): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let slot: SlotName = slot.parse()?;
-    let plugins = state.plugins.clone();
-    let record = tokio::task::spawn_blocking(move || plugins.rollback(slot))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("rollback task failed: {e}")))??;
-    Ok(Json(json!(record)))
 }
 
 #[cfg(test)]
