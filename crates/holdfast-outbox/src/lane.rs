@@ -56,6 +56,9 @@ pub(crate) enum Removal {
     Expired,
     Damaged,
     Quota,
+    /// Leased, then refused or found expired by the upstream sender: set
+    /// aside in the dead-letter store.
+    SetAside,
 }
 
 /// A claimed record the writer is to remove.

@@ -212,6 +212,11 @@ impl Lanes {
     /// Claims the leased records among `ids` for removal as acknowledged.
     /// Unknown or already-acknowledged ids are passed over.
     pub(crate) fn claim_acked(&self, ids: &[MessageId]) -> Vec<Remove> {
+        self.claim_leased(ids, Removal::Acked)
+    }
+
+    /// Claims the leased records among `ids` for removal, `why`.
+    pub(crate) fn claim_leased(&self, ids: &[MessageId], why: Removal) -> Vec<Remove> {
         let mut items = Vec::with_capacity(ids.len());
         let mut st = self.lock();
         for id in self.ours(ids) {
@@ -222,7 +227,7 @@ impl Lanes {
                     lane: id.lane,
                     seq: id.seq,
                     size,
-                    why: Removal::Acked,
+                    why,
                     raw: None,
                 });
             }

@@ -17,6 +17,11 @@
 //! - Byte, count and free-disk limits, with `reject-new` or `drop-oldest`.
 //! - A record that fails to decode is moved to the `outbox-quarantine` space
 //!   and counted; the rest is delivered.
+//! - With a [`dead_letter::DeadLetters`] store ([`Outbox::open_with`]),
+//!   expired records, records dropped by `drop-oldest` and records the
+//!   upstream refused ([`Outbox::set_aside`]) move there in the commit that
+//!   removes them; [`Outbox::dead_letter`] keeps a message that never
+//!   reached a lane (the router failed).
 //!
 //! Each stored record is removed by exactly one path (ack, expiry, quarantine
 //! or quota drop): whoever removes it first *claims* it under the state lock.
@@ -30,6 +35,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod dead_letter;
 pub mod record;
 
 mod epochs;
@@ -50,6 +56,7 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 
 use self::clock::{Clock, Now, Resumed, Saved};
+use self::dead_letter::{DeadLetter, DeadLetters, Reason};
 use self::epochs::Epochs;
 use self::lane::Remove;
 use self::lanes::Lanes;
@@ -64,6 +71,10 @@ use holdfast_store::{Durability, Store, StoreError};
 
 /// Number of lanes.
 pub const LANES: usize = 10;
+
+/// The lane of the id [`Outbox::dead_letter`] answers with (its sequence
+/// is the dead letter's id).
+pub const DEAD_LETTER_LANE: u8 = u8::MAX;
 
 pub use holdfast_model::MessageId;
 
@@ -201,6 +212,7 @@ pub struct Outbox {
     store: Store,
     dir: PathBuf,
     metrics: Arc<OutboxMetrics>,
+    dead: Option<Arc<DeadLetters>>,
     /// Appends refused as invalid, per lane.
     rejected_invalid: Vec<Counter>,
     tx: Mutex<Option<mpsc::Sender<Request>>>,
@@ -225,6 +237,24 @@ impl Outbox {
         config: OutboxConfig,
         metrics: Arc<OutboxMetrics>,
         time: Arc<dyn TimeSource>,
+    ) -> Result<Outbox, OutboxError> {
+        Outbox::open_with(store, dir, config, metrics, time, None)
+    }
+
+    /// [`Outbox::open`] with a dead-letter store: what expires, what
+    /// `drop-oldest` removes and what the upstream refuses goes there, in
+    /// the same commit that removes it from its lane. `dead` should be in
+    /// the same `store`.
+    ///
+    /// # Errors
+    /// As [`Outbox::open`].
+    pub fn open_with(
+        store: &Store,
+        dir: &Path,
+        config: OutboxConfig,
+        metrics: Arc<OutboxMetrics>,
+        time: Arc<dyn TimeSource>,
+        dead: Option<Arc<DeadLetters>>,
     ) -> Result<Outbox, OutboxError> {
         let data = store.space("outbox")?;
         let meta = store.space("outbox-meta")?;
@@ -272,6 +302,7 @@ impl Outbox {
                 meta,
                 quarantine,
                 received,
+                dead: dead.clone(),
             },
             lanes.clone(),
             limits.clone(),
@@ -308,6 +339,7 @@ impl Outbox {
             store: store.clone(),
             dir: dir.to_path_buf(),
             metrics,
+            dead,
             rejected_invalid,
             tx: Mutex::new(Some(tx)),
             threads: Mutex::new(vec![writer, sweeper]),
@@ -387,6 +419,50 @@ impl Outbox {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.send(Request::AppendFrom { batch, reply })?;
         Ok(rx)
+    }
+
+    /// The dead-letter store, when the outbox has one.
+    pub fn dead_letters(&self) -> Option<&Arc<DeadLetters>> {
+        self.dead.as_ref()
+    }
+
+    /// Keeps `message`, which never reached a lane, in the dead-letter
+    /// store: the receiver resolves once it is synced (its id is the
+    /// sequence of a [`DEAD_LETTER_LANE`] id). Without a store, it resolves
+    /// at once and the message is gone.
+    ///
+    /// # Errors
+    /// The outbox is closed.
+    pub fn dead_letter(
+        &self,
+        message: Arc<Message>,
+        reason: Reason,
+        detail: String,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<MessageId, AppendError>>, AppendError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let letter = DeadLetter::of_message(message, reason, detail, self.time.read().0.wall_ms);
+        self.send(Request::DeadLetter { letter, reply })?;
+        Ok(rx)
+    }
+
+    /// Removes leased messages the upstream will never take (refused for
+    /// good, or expired before sending), moving them to the dead-letter
+    /// store in the same commit, each with its reason and detail; without
+    /// a store they are removed. Does not wait for the commit (buffered,
+    /// as an acknowledgement is).
+    pub fn set_aside(&self, items: Vec<(MessageId, Reason, String)>) {
+        let mut claimed = Vec::with_capacity(items.len());
+        for (id, reason, detail) in items {
+            for r in self.lanes.claim_leased(&[id], lane::Removal::SetAside) {
+                claimed.push((r, reason, detail.clone()));
+            }
+        }
+        if claimed.is_empty() {
+            return;
+        }
+        if let Err(e) = self.send(Request::SetAside { items: claimed }) {
+            tracing::debug!(error = %e, "outbox: set aside after close");
+        }
     }
 
     /// The epoch messages stored now get ([`holdfast_model::hop`]).

@@ -13,12 +13,14 @@ use holdfast_store::{Batch, Durability, Space, Store, StoreError};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::config::{OutboxConfig, SyncMode};
+use crate::dead_letter::{DeadLetter, DeadLetters, Reason};
 use crate::lane::{Removal, Remove};
 use crate::lanes::{Lanes, Totals};
 use crate::layout::{encode_lane_meta, key, lane_meta_key};
 use crate::limits::{Limits, free_disk};
 use crate::metrics::{LaneCounters, OutboxMetrics};
 use crate::received::{self, From, FromChild, Stored};
+use crate::record::Record;
 use crate::{AppendError, LANES, MessageId, OutboxTime};
 use holdfast_model::HopMarks;
 
@@ -43,6 +45,12 @@ pub(crate) enum Request {
         items: Vec<Remove>,
         reply: Option<tokio::sync::oneshot::Sender<Result<(), StoreError>>>,
     },
+    /// Move claimed records to the dead-letter store, each with its reason
+    /// and detail, in one commit.
+    SetAside { items: Vec<(Remove, Reason, String)> },
+    /// Keep a message that never reached the outbox in the dead-letter
+    /// store (synced before the reply).
+    DeadLetter { letter: DeadLetter, reply: AppendReply },
     /// Save the outbox clock.
     SaveClock,
 }
@@ -58,6 +66,10 @@ struct Pending {
     ack_replies: Vec<tokio::sync::oneshot::Sender<Result<(), StoreError>>>,
     lanes: Totals,
     touched: [bool; LANES],
+    /// What goes to the dead-letter store in this commit.
+    dead: Vec<DeadLetter>,
+    /// Replies to [`Request::DeadLetter`], with the index of the letter.
+    dead_replies: Vec<(usize, AppendReply)>,
 }
 
 impl Pending {
@@ -76,7 +88,49 @@ impl Pending {
         if let Some(raw) = &r.raw {
             batch.insert(&writer.quarantine, key(r.lane, r.seq), raw.clone());
         }
+        let aside = match r.why {
+            Removal::Expired => Some((Reason::Expired, "expired".to_string())),
+            Removal::Quota => Some((Reason::Quota, "outbox full (drop-oldest)".to_string())),
+            _ => None,
+        };
+        if let Some((reason, detail)) = aside {
+            self.set_aside(writer, &r, reason, detail);
+        }
         self.removes.push(r);
+    }
+
+    /// The stored record `r` goes to the dead-letter store in this commit
+    /// (when the outbox has one).
+    fn set_aside(&mut self, writer: &Writer, r: &Remove, reason: Reason, detail: String) {
+        if writer.dead.is_none() {
+            return;
+        }
+        let record = match writer.data.get(&key(r.lane, r.seq)) {
+            Ok(Some(v)) => Record::decode(&v),
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(
+                    lane = r.lane,
+                    seq = r.seq,
+                    "outbox: cannot read a record to dead-letter: {e}"
+                );
+                return;
+            }
+        };
+        match record {
+            Ok(record) => self.dead.push(DeadLetter {
+                reason,
+                detail,
+                lane: Some(r.lane),
+                at_ms: writer.time.read().0.wall_ms,
+                record,
+            }),
+            Err(e) => tracing::error!(
+                lane = r.lane,
+                seq = r.seq,
+                "outbox: a record to dead-letter is damaged: {e}"
+            ),
+        }
     }
 }
 
@@ -99,6 +153,8 @@ pub(crate) struct Writer {
     commits: Counter,
     /// What was stored from each child's lanes (durable with the records).
     received: std::cell::RefCell<HashMap<From, HopMarks>>,
+    /// Where expired, dropped and refused records go, if anywhere.
+    dead: Option<Arc<DeadLetters>>,
 }
 
 /// The store and the spaces the outbox keeps its records in.
@@ -109,6 +165,8 @@ pub(crate) struct Storage {
     pub(crate) quarantine: Space,
     /// What was stored from each child's lanes, as loaded.
     pub(crate) received: HashMap<From, HopMarks>,
+    /// The dead-letter store, written in the outbox's commits.
+    pub(crate) dead: Option<Arc<DeadLetters>>,
 }
 
 impl Writer {
@@ -139,6 +197,7 @@ impl Writer {
             counters: (0..LANES as u8).map(|l| metrics.lane(l)).collect(),
             commits: metrics.commits(),
             received: std::cell::RefCell::new(storage.received),
+            dead: storage.dead,
         }
     }
 
@@ -177,6 +236,8 @@ impl Writer {
             ack_replies: Vec::new(),
             lanes: self.lanes.totals(),
             touched: [false; LANES],
+            dead: Vec::new(),
+            dead_replies: Vec::new(),
         };
         let free = free_disk(&self.dir);
         let mut appends = Vec::new();
@@ -193,10 +254,21 @@ impl Writer {
                         pending.ack_replies.push(reply);
                     }
                 }
+                Request::SetAside { items } => {
+                    for (r, reason, detail) in items {
+                        pending.set_aside(self, &r, reason, detail);
+                        pending.remove(self, &mut batch, r);
+                    }
+                }
+                Request::DeadLetter { letter, reply } => {
+                    pending.dead_replies.push((pending.dead.len(), reply));
+                    pending.dead.push(letter);
+                }
                 Request::SaveClock => save_clock = true,
             }
         }
-        let any_append = !appends.is_empty() || !from.is_empty();
+        // A publisher is acknowledged after its dead letter is synced.
+        let any_append = !appends.is_empty() || !from.is_empty() || !pending.dead_replies.is_empty();
         // One reading of the limits for the whole batch.
         let quota = self.limits.quota();
         for (child_batch, reply) in from {
@@ -252,10 +324,25 @@ impl Writer {
         if save_clock {
             batch.insert(&self.meta, b"clock".to_vec(), self.time.save().encode());
         }
+        // The dead letters go in the same commit as the removals that made
+        // them; the store stays locked until it is done.
+        let staged = match &self.dead {
+            Some(dl) if !pending.dead.is_empty() => Some(dl.stage(&mut batch, std::mem::take(&mut pending.dead))),
+            _ => None,
+        };
+        let dead_ids = staged.as_ref().map(|s| s.ids.clone()).unwrap_or_default();
         if batch.is_empty() {
             // Nothing to write: child batches here were all stored before.
             for (reply, stored, _) in pending.from {
                 let _ = reply.send(Ok(stored));
+            }
+            // No dead-letter store: the message was dropped (and counted by the caller).
+            for (_, reply) in pending.dead_replies {
+                let _ = reply.send(Ok(MessageId {
+                    instance: self.instance,
+                    lane: crate::DEAD_LETTER_LANE,
+                    seq: 0,
+                }));
             }
             return;
         }
@@ -268,6 +355,9 @@ impl Writer {
             Durability::Buffered
         };
         let result = batch.commit(durability);
+        if let Some(staged) = staged {
+            staged.done(result.is_ok());
+        }
         self.commits.inc();
         match result {
             Ok(()) => {
@@ -279,6 +369,7 @@ impl Writer {
                         Removal::Expired => c.expired.inc(),
                         Removal::Damaged => c.dropped_damaged.inc(),
                         Removal::Quota => c.dropped_quota.inc(),
+                        Removal::SetAside => 0,
                     };
                 }
                 for (lane, seq, _, reply) in pending.appends {
@@ -291,6 +382,15 @@ impl Writer {
                 }
                 for reply in pending.ack_replies {
                     let _ = reply.send(Ok(()));
+                }
+                for (i, reply) in pending.dead_replies {
+                    // Not kept (no store, or larger than its quota): counted there.
+                    let seq = dead_ids.get(i).copied().flatten().unwrap_or(0);
+                    let _ = reply.send(Ok(MessageId {
+                        instance: self.instance,
+                        lane: crate::DEAD_LETTER_LANE,
+                        seq,
+                    }));
                 }
                 self.received.borrow_mut().extend(pending.marks);
                 for (reply, stored, lane) in pending.from {
@@ -309,6 +409,9 @@ impl Writer {
                 }
                 for reply in pending.ack_replies {
                     let _ = reply.send(Err(e.clone()));
+                }
+                for (_, reply) in pending.dead_replies {
+                    let _ = reply.send(Err(AppendError::Store(e.clone())));
                 }
                 for (reply, _, _) in pending.from {
                     let _ = reply.send(Err(AppendError::Store(e.clone())));
