@@ -49,7 +49,9 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use holdfast_model::policy::Policy;
-use holdfast_outbox::{AppendError, MessageId, Outbox};
+use holdfast_outbox::Outbox;
+/// What a [`Stored`] resolves to (an outbox append's answer).
+pub use holdfast_outbox::{AppendError, MessageId};
 use holdfast_store::{Store, StoreError};
 use tokio::sync::oneshot;
 use tokio::sync::watch;
@@ -78,6 +80,11 @@ pub struct Routed {
     /// publisher's connection slows down when it is deep.
     pub backlog: usize,
 }
+
+/// Resolves once a message a [`Dialect`] took for a device is stored (the
+/// same answer an outbox append gives, so the publisher's PUBACK waits for
+/// it as for an append).
+pub type Stored = oneshot::Receiver<Result<MessageId, AppendError>>;
 
 /// Why [`Broker::deliver_with_receipt`] did not take a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -184,6 +191,23 @@ pub trait Dialect: Send + Sync + 'static {
     /// True when the message was handed to the child gateway that reaches
     /// its device, instead of local subscribers.
     fn forward_down(&self, msg: &Msg) -> bool;
+    /// Takes a message for a device or module into the dialect's durable
+    /// queue instead of handing it to local subscribers: `None` when it is
+    /// not the dialect's, else what resolves once it is stored (the
+    /// publisher is acknowledged then). The default is
+    /// [`Dialect::forward_down`], stored at once.
+    fn take_device_bound(&self, msg: &Msg) -> Option<Stored> {
+        if !self.forward_down(msg) {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(Ok(MessageId {
+            instance: 0,
+            lane: 0,
+            seq: 0,
+        }));
+        Some(rx)
+    }
     /// A client connected or subscribed: what waits for it may go now.
     fn client_ready(&self, client_id: &str) {
         let _ = client_id;
@@ -467,22 +491,57 @@ impl holdfast_model::ports::LocalDelivery for Broker {
             publisher,
             reply,
         } = local;
-        let qos = holdfast_mqtt::QoS::from_u8(m.qos.min(2)).unwrap_or(holdfast_mqtt::QoS::ExactlyOnce);
-        self.router.deliver(Arc::new(Msg {
-            topic: m.topic,
-            payload: m.payload,
-            qos,
-            retain: m.retain,
-            properties: holdfast_mqtt::Properties {
-                payload_format_indicator: reply.payload_format_indicator,
-                content_type: m.content_type,
-                response_topic: reply.response_topic,
-                correlation_data: reply.correlation_data,
-                user_properties: m.properties,
-                ..holdfast_mqtt::Properties::default()
-            },
-            expires_at_ms,
-            publisher: publisher.map(Arc::from),
-        }))
+        self.router.deliver(local_msg(m, expires_at_ms, publisher, reply))
     }
+
+    fn deliver_stored(
+        &self,
+        local: holdfast_model::ports::LocalMessage,
+    ) -> holdfast_model::ports::BoxFuture<'static, Result<usize, u8>> {
+        let holdfast_model::ports::LocalMessage {
+            message: m,
+            expires_at_ms,
+            publisher,
+            reply,
+        } = local;
+        let (backlog, stored) = self
+            .router
+            .deliver_stored(local_msg(m, expires_at_ms, publisher, reply));
+        Box::pin(async move {
+            match stored {
+                None => Ok(backlog),
+                Some(rx) => match rx.await {
+                    Ok(Ok(_)) => Ok(backlog),
+                    Ok(Err(e)) => Err(e.mqtt_reason_code()),
+                    Err(_) => Err(holdfast_mqtt::reason::UNSPECIFIED),
+                },
+            }
+        })
+    }
+}
+
+/// The broker's message for what the link delivers here.
+fn local_msg(
+    m: holdfast_model::Message,
+    expires_at_ms: Option<u64>,
+    publisher: Option<String>,
+    reply: holdfast_model::ports::ReplyProperties,
+) -> Arc<Msg> {
+    let qos = holdfast_mqtt::QoS::from_u8(m.qos.min(2)).unwrap_or(holdfast_mqtt::QoS::ExactlyOnce);
+    Arc::new(Msg {
+        topic: m.topic,
+        payload: m.payload,
+        qos,
+        retain: m.retain,
+        properties: holdfast_mqtt::Properties {
+            payload_format_indicator: reply.payload_format_indicator,
+            content_type: m.content_type,
+            response_topic: reply.response_topic,
+            correlation_data: reply.correlation_data,
+            user_properties: m.properties,
+            ..holdfast_mqtt::Properties::default()
+        },
+        expires_at_ms,
+        publisher: publisher.map(Arc::from),
+    })
 }

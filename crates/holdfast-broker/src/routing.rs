@@ -149,7 +149,10 @@ impl Router {
                                 msg.clone()
                             };
                             self.metrics.routed_local();
-                            routed.backlog = routed.backlog.max(self.deliver(local));
+                            let (backlog, stored) = self.deliver_stored(local);
+                            routed.backlog = routed.backlog.max(backlog);
+                            // A device's message is acknowledged once in its durable queue.
+                            routed.waits.extend(stored);
                         }
                         Action::Drop(reason) => {
                             tracing::trace!(%reason, topic = %msg.topic, "router dropped a message");
@@ -172,9 +175,21 @@ impl Router {
     /// link for messages coming down. Returns the deepest queue of a
     /// connected subscriber after the delivery.
     pub(crate) fn deliver(&self, msg: Arc<Msg>) -> usize {
-        if msg.topic.starts_with("devices/") && self.dialect.forward_down(&msg) {
-            return 0;
+        self.deliver_stored(msg).0
+    }
+
+    /// [`Router::deliver`], and what resolves once a message the dialect
+    /// took for a device or module is stored in its durable queue.
+    pub(crate) fn deliver_stored(&self, msg: Arc<Msg>) -> (usize, Option<crate::Stored>) {
+        if msg.topic.starts_with("devices/")
+            && let Some(stored) = self.dialect.take_device_bound(&msg)
+        {
+            return (0, Some(stored));
         }
+        (self.deliver_local(msg), None)
+    }
+
+    fn deliver_local(&self, msg: Arc<Msg>) -> usize {
         if msg.retain {
             self.retained.set(&msg);
         }

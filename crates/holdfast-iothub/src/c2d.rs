@@ -20,11 +20,19 @@
 //! was sent; a node below sends its feedback up the link, again durably
 //! until the parent acknowledges it.
 //!
+//! A node takes each message once: the id of every message it queued (or
+//! refused) is kept, in the same commit as the queue insert, until the
+//! message's time-to-live (and [`SEEN_GRACE_MS`] for clocks that differ)
+//! has passed, so a parent that sends it again because the acknowledgement
+//! was lost gets the acknowledgement again, and the message is not queued
+//! (nor delivered) a second time. At most [`MAX_SEEN`] ids are kept; the
+//! ones whose time is nearest go first.
+//!
 //! Space `c2d`: `q\0<seq u64 BE>` queued messages, `u\0<seq>` feedback
 //! waiting to go up, `f\0<time ms BE><id>` feedback recorded here (the last
-//! [`MAX_FEEDBACK`]).
+//! [`MAX_FEEDBACK`]), `s\0<id>` the ids taken (value: until when, ms BE).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -34,6 +42,24 @@ use holdfast_store::{Durability, Space, Store, StoreError};
 
 /// Feedback records a node keeps (the oldest go first).
 pub const MAX_FEEDBACK: usize = 10_000;
+
+/// Ids of messages taken that a node keeps (see the module's docs).
+pub const MAX_SEEN: usize = 100_000;
+
+/// How long after a message's expiry its id is kept: a parent whose clock
+/// is behind this node's may send it again until its own clock says it
+/// expired.
+pub const SEEN_GRACE_MS: u64 = 3_600_000;
+
+/// What [`C2d::enqueue`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Queued now.
+    New,
+    /// Taken before (it is queued, or was delivered, refused or expired):
+    /// not queued again.
+    Again,
+}
 
 /// A cloud-to-device message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,7 +142,43 @@ struct Inner {
     up: BTreeMap<u64, Feedback>,
     /// Feedback recorded here, oldest first (keys).
     recorded: std::collections::VecDeque<Vec<u8>>,
+    /// Ids taken: id → kept until (ms).
+    seen: HashMap<String, u64>,
+    /// The same, by time.
+    seen_by_time: BTreeSet<(u64, String)>,
     next_seq: u64,
+}
+
+impl Inner {
+    /// Records `id` as taken (kept until `until`) in batch `b`, forgetting
+    /// the oldest beyond [`MAX_SEEN`]; applied to memory by the caller
+    /// after the commit, with [`Inner::seen_applied`].
+    fn remember(&self, space: &Space, b: &mut holdfast_store::Batch, id: &str, until: u64) -> Vec<(u64, String)> {
+        b.insert(space, seen_key(id), until.to_be_bytes().to_vec());
+        let over = (self.seen.len() + 1).saturating_sub(MAX_SEEN);
+        let evicted: Vec<(u64, String)> = self.seen_by_time.iter().take(over).cloned().collect();
+        for (_, old) in &evicted {
+            b.remove(space, seen_key(old));
+        }
+        evicted
+    }
+
+    fn seen_applied(&mut self, id: &str, until: u64, evicted: Vec<(u64, String)>) {
+        for (t, old) in evicted {
+            self.seen_by_time.remove(&(t, old.clone()));
+            self.seen.remove(&old);
+        }
+        if let Some(t) = self.seen.insert(id.to_string(), until) {
+            self.seen_by_time.remove(&(t, id.to_string()));
+        }
+        self.seen_by_time.insert((until, id.to_string()));
+    }
+}
+
+fn seen_key(id: &str) -> Vec<u8> {
+    let mut k = vec![b's', 0];
+    k.extend_from_slice(id.as_bytes());
+    k
 }
 
 /// The queues of one node.
@@ -172,6 +234,17 @@ impl C2d {
             let (k, _) = item?;
             inner.recorded.push_back(k);
         }
+        for item in space.range(b"s\0".to_vec()..b"s\x01".to_vec()) {
+            let (k, v) = item?;
+            let (Some(id), Some(until)) = (
+                k.get(2..).and_then(|b| std::str::from_utf8(b).ok()),
+                v.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes),
+            ) else {
+                continue;
+            };
+            inner.seen.insert(id.to_string(), until);
+            inner.seen_by_time.insert((until, id.to_string()));
+        }
         Ok(C2d {
             store: store.clone(),
             space,
@@ -186,34 +259,78 @@ impl C2d {
         &self.node
     }
 
-    /// Queues a message behind the device's others, durably.
+    /// Queues a message behind the device's others, durably, once: a
+    /// message taken before (its id is known) is not queued again.
     ///
     /// # Errors
-    /// The device's queue is full, or storage failed.
-    pub fn enqueue(&self, m: C2dMessage) -> Result<(), QueueError> {
+    /// The device's queue is full (its id is then known: sent again, it is
+    /// [`Enqueued::Again`]), or storage failed (nothing is recorded).
+    pub fn enqueue(&self, m: C2dMessage) -> Result<Enqueued, QueueError> {
         let mut inner = lock(&self.inner);
+        // Taken before (resent over a new link after a lost
+        // acknowledgement): queued, delivered or refused already.
+        if inner.seen.contains_key(&m.id)
+            || inner
+                .queues
+                .get(&m.device)
+                .is_some_and(|q| q.values().any(|x| x.id == m.id))
+        {
+            return Ok(Enqueued::Again);
+        }
+        let until = m.expires_ms.saturating_add(SEEN_GRACE_MS);
+        let mut b = self.store.batch();
+        let evicted = inner.remember(&self.space, &mut b, &m.id, until);
         let queued = inner.queues.get(&m.device).map_or(0, BTreeMap::len);
         if queued >= self.max_per_device {
+            b.commit(Durability::SyncAll)?;
+            inner.seen_applied(&m.id, until, evicted);
             return Err(QueueError::Full {
                 device: m.device,
                 max: self.max_per_device,
             });
         }
-        // A message queued again (resent over a new link) keeps its place.
-        if inner
-            .queues
-            .get(&m.device)
-            .is_some_and(|q| q.values().any(|x| x.id == m.id))
-        {
-            return Ok(());
-        }
         let seq = inner.next_seq;
-        let mut b = self.store.batch();
         b.insert(&self.space, key(b'q', seq), serde_json::to_vec(&m).unwrap_or_default());
         b.commit(Durability::SyncAll)?;
+        inner.seen_applied(&m.id, until, evicted);
         inner.next_seq += 1;
         inner.queues.entry(m.device.clone()).or_default().insert(seq, m);
-        Ok(())
+        Ok(Enqueued::New)
+    }
+
+    /// Whether message `id` was taken here (queued or refused) and its id
+    /// is still kept.
+    pub fn taken(&self, id: &str) -> bool {
+        lock(&self.inner).seen.contains_key(id)
+    }
+
+    /// Forgets the ids of messages whose time (expiry and
+    /// [`SEEN_GRACE_MS`]) passed at `now_ms`.
+    ///
+    /// # Errors
+    /// Storage failed (they are kept).
+    pub fn forget_taken(&self, now_ms: u64) -> Result<usize, StoreError> {
+        let mut inner = lock(&self.inner);
+        let old: Vec<(u64, String)> = inner
+            .seen_by_time
+            .iter()
+            .take_while(|(t, _)| *t <= now_ms)
+            .take(10_000)
+            .cloned()
+            .collect();
+        if old.is_empty() {
+            return Ok(0);
+        }
+        let mut b = self.store.batch();
+        for (_, id) in &old {
+            b.remove(&self.space, seen_key(id));
+        }
+        b.commit(Durability::SyncAll)?;
+        for (t, id) in &old {
+            inner.seen_by_time.remove(&(*t, id.clone()));
+            inner.seen.remove(id);
+        }
+        Ok(old.len())
     }
 
     /// The device's queued messages, in order.
@@ -323,6 +440,10 @@ impl C2d {
             inner.recorded.push_back(k);
             Ok(None)
         } else {
+            // Sent again (its acknowledgement was lost): already waiting.
+            if inner.up.values().any(|x| x.id == f.id && x.outcome == f.outcome) {
+                return Ok(Some(f));
+            }
             let seq = inner.next_seq;
             b.insert(&self.space, key(b'u', seq), serde_json::to_vec(&f).unwrap_or_default());
             b.commit(Durability::SyncAll)?;
@@ -412,18 +533,48 @@ mod tests {
             q.enqueue(msg("d", "d1", 100)),
             Err(QueueError::Full { max: 3, .. })
         ));
-        q.enqueue(msg("a", "d1", 100)).unwrap_err();
+        assert_eq!(q.enqueue(msg("a", "d1", 100)).unwrap(), Enqueued::Again);
         q.enqueue(msg("x", "d2", 50)).unwrap();
         q.remove("d1", "b").unwrap();
         drop(q);
         let q = C2d::open(&store, "gw", 3).unwrap();
         let ids: Vec<String> = q.queued("d1").into_iter().map(|m| m.id).collect();
         assert_eq!(ids, ["a", "c"]);
-        q.enqueue(msg("a", "d1", 100)).unwrap();
+        assert_eq!(q.enqueue(msg("a", "d1", 100)).unwrap(), Enqueued::Again);
         assert_eq!(q.queued("d1").len(), 2, "a message queued again keeps its place");
         let expired = q.take_expired(60).unwrap();
         assert_eq!(expired.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), ["x"]);
         assert_eq!(q.queues(), [("d1".to_string(), 2)]);
+    }
+
+    #[test]
+    fn a_message_is_taken_once_across_reopens_until_its_time_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let q = C2d::open(&store, "gw", 1).unwrap();
+        assert_eq!(q.enqueue(msg("a", "d1", 100)).unwrap(), Enqueued::New);
+        // Delivered: off the queue.
+        q.remove("d1", "a").unwrap();
+        assert_eq!(q.enqueue(msg("a", "d1", 100)).unwrap(), Enqueued::Again, "sent again");
+        assert!(q.queued("d1").is_empty());
+        // Refused (the queue is full): sent again, it is not queued either.
+        q.enqueue(msg("b", "d1", 100)).unwrap();
+        assert!(matches!(q.enqueue(msg("c", "d1", 100)), Err(QueueError::Full { .. })));
+        q.remove("d1", "b").unwrap();
+        assert_eq!(q.enqueue(msg("c", "d1", 100)).unwrap(), Enqueued::Again);
+        drop(q);
+        let q = C2d::open(&store, "gw", 1).unwrap();
+        for id in ["a", "b", "c"] {
+            assert!(q.taken(id), "{id} is known after a reopen");
+        }
+        assert_eq!(q.enqueue(msg("a", "d1", 100)).unwrap(), Enqueued::Again);
+        // Kept until the expiry and the grace, then forgotten, durably.
+        assert_eq!(q.forget_taken(100 + SEEN_GRACE_MS - 1).unwrap(), 0);
+        assert_eq!(q.forget_taken(100 + SEEN_GRACE_MS).unwrap(), 3);
+        drop(q);
+        let q = C2d::open(&store, "gw", 1).unwrap();
+        assert!(!q.taken("a"));
+        assert_eq!(q.enqueue(msg("a", "d1", 100)).unwrap(), Enqueued::New);
     }
 
     #[test]

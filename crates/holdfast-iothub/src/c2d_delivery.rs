@@ -10,15 +10,16 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use holdfast_broker::NotTaken;
 use holdfast_broker::session::{Delivery, Msg};
+use holdfast_broker::{AppendError, MessageId, NotTaken};
 use holdfast_model::lock;
 use holdfast_mqtt::{Properties, QoS};
 use holdfast_registry::{Hop, Registry};
 use holdfast_sdk::iothub::{self, Topic};
+use holdfast_store::StoreError;
 use tokio::sync::mpsc;
 
-use crate::c2d::{C2d, C2dMessage, Feedback, Outcome, QueueError};
+use crate::c2d::{C2d, C2dMessage, Enqueued, Feedback, Outcome, QueueError};
 use crate::clients::Port;
 use crate::links::Links;
 use crate::metrics::IothubMetrics;
@@ -122,21 +123,8 @@ impl C2dDelivery {
     /// # Errors
     /// Unknown device, its queue full, or storage failed.
     pub(crate) fn send(self: &Arc<Self>, m: C2dMessage) -> Result<bool, C2dError> {
-        if self.registry.next_hop(&m.device) == Hop::Unknown {
-            return Err(C2dError::NotFound(m.device));
-        }
         let (device, id) = (m.device.clone(), m.id.clone());
-        match self.queues.enqueue(m.clone()) {
-            Ok(()) => {
-                self.events.count("c2d-queued");
-            }
-            Err(e @ QueueError::Full { .. }) => {
-                self.outcome(&m, Outcome::Rejected, Some(e.to_string()));
-                return Err(C2dError::Full(e.to_string()));
-            }
-            Err(QueueError::Store(e)) => return Err(C2dError::Store(e.to_string())),
-        }
-        self.flush(&device);
+        self.submit(m)?;
         // Delivered at once only when its feedback says so (an older child
         // gateway was handed it); a message off the queue may also have
         // been rejected, or be on its way to its feedback record.
@@ -147,35 +135,77 @@ impl C2dDelivery {
         Ok(recorded.iter().any(|f| f.id == id && f.outcome == Outcome::Delivered))
     }
 
-    /// Sends a cloud-to-device or module-input message down to the child
-    /// gateway its device is behind. True if it is for a child (it is then
-    /// not for this node's subscribers). A device-bound message is queued
-    /// durably here until the child has it.
-    pub(crate) fn forward_down(self: &Arc<Self>, msg: &Msg) -> bool {
-        let Some(t) = iothub::parse(&msg.topic).filter(|t| !t.is_outbound()) else {
-            return false;
+    /// Queues `m` durably here, then hands it on as far as it can go now.
+    ///
+    /// # Errors
+    /// Unknown device, its queue full, or storage failed.
+    fn submit(self: &Arc<Self>, m: C2dMessage) -> Result<(), C2dError> {
+        if self.registry.next_hop(&m.device) == Hop::Unknown {
+            return Err(C2dError::NotFound(m.device));
+        }
+        match self.queues.enqueue(m.clone()) {
+            Ok(Enqueued::New) => self.events.count("c2d-queued"),
+            Ok(Enqueued::Again) => self.events.count("c2d-duplicate"),
+            Err(e @ QueueError::Full { .. }) => {
+                self.outcome(&m, Outcome::Rejected, Some(e.to_string()));
+                return Err(C2dError::Full(e.to_string()));
+            }
+            Err(QueueError::Store(e)) => return Err(C2dError::Store(e.to_string())),
+        }
+        self.flush(&m.device);
+        Ok(())
+    }
+
+    /// Takes a cloud-to-device or module-input message for a device or
+    /// module in this node's scope (here or behind a child gateway) into
+    /// its durable queue, instead of this node's subscribers: `None` when
+    /// it is not one. What it returns resolves once the message is stored
+    /// (the publisher is acknowledged then), or with why it was not.
+    pub(crate) fn take(self: &Arc<Self>, msg: &Msg) -> Option<holdfast_broker::Stored> {
+        let t = iothub::parse(&msg.topic).filter(|t| !t.is_outbound())?;
+        let target = match t {
+            Topic::Input { device, module, .. } => format!("{device}/{module}"),
+            _ => t.device().to_string(),
         };
+        if self.registry.next_hop(&target) == Hop::Unknown {
+            // A module the registry does not know, of a device behind a
+            // child gateway: handed down as it is, if the child is there.
+            return self.forward_unknown_module(&t, msg).then(|| stored(Ok(())));
+        }
+        let ttl = msg
+            .expires_at_ms
+            .map(|e| Duration::from_millis(e.saturating_sub(now_ms()).max(1)));
+        let m = self.message(&target, msg, ttl);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let topic = msg.topic.clone();
+        let submit = move |me: &Arc<C2dDelivery>| {
+            let r = me.submit(m);
+            if let Err(e) = &r {
+                tracing::info!(topic = %topic, error = %e, "dialect: a device-bound message was not queued");
+            }
+            let _ = tx.send(append_result(r));
+        };
+        // Queuing syncs the store: not on the routing task.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let me = self.clone();
+                rt.spawn_blocking(move || submit(&me));
+            }
+            Err(_) => submit(self),
+        }
+        Some(rx)
+    }
+
+    /// A module-input message for a module the registry does not know, of
+    /// a device behind a child gateway: sent down as it is (not queued).
+    /// True if it is for a child.
+    fn forward_unknown_module(&self, t: &Topic<'_>, msg: &Msg) -> bool {
+        if !matches!(t, Topic::Input { .. }) {
+            return false;
+        }
         let Hop::Child(gw) = self.registry.next_hop(t.device()) else {
             return false;
         };
-        if matches!(t, Topic::DeviceBound { .. }) {
-            let m = self.message(t.device(), msg, None);
-            let topic = msg.topic.clone();
-            let send = move |me: &Arc<C2dDelivery>| {
-                if let Err(e) = me.send(m) {
-                    tracing::info!(topic = %topic, error = %e, "dialect: a cloud-to-device message was not queued");
-                }
-            };
-            // Queuing syncs the store: not on the routing task.
-            match tokio::runtime::Handle::try_current() {
-                Ok(rt) => {
-                    let me = self.clone();
-                    rt.spawn_blocking(move || send(&me));
-                }
-                Err(_) => send(self),
-            }
-            return true;
-        }
         let Some(down) = self.links.downlink(&gw) else {
             self.events.count("c2d-child-offline");
             tracing::debug!(topic = %msg.topic, gateway = %gw, "dialect: a device's gateway is not connected; message dropped");
@@ -400,13 +430,19 @@ impl C2dDelivery {
     }
 
     /// A message from the parent (link/2): stored here, then handed on.
-    /// Returns the acknowledgement for the parent.
+    /// Returns the acknowledgement for the parent. One this node took
+    /// before (the parent sends it again because the acknowledgement was
+    /// lost) is acknowledged again, not queued again.
     pub(crate) fn from_parent(self: &Arc<Self>, m: C2dMessage) -> Svc {
         let id = m.id.clone();
         match self.queues.enqueue(m.clone()) {
-            Ok(()) => {
+            Ok(Enqueued::New) => {
                 self.events.count("c2d-queued");
                 self.flush(&m.device);
+                Svc::C2dAck { id }
+            }
+            Ok(Enqueued::Again) => {
+                self.events.count("c2d-duplicate");
                 Svc::C2dAck { id }
             }
             Err(e @ QueueError::Full { .. }) => {
@@ -458,15 +494,43 @@ impl C2dDelivery {
                 _ = tick.tick() => {}
             }
             let me = self.clone();
-            let _ = tokio::task::spawn_blocking(move || match me.queues.take_expired(now_ms()) {
-                Ok(gone) => {
-                    for m in gone {
-                        me.outcome(&m, Outcome::Expired, Some("its time-to-live passed".into()));
+            let _ = tokio::task::spawn_blocking(move || {
+                match me.queues.take_expired(now_ms()) {
+                    Ok(gone) => {
+                        for m in gone {
+                            me.outcome(&m, Outcome::Expired, Some("its time-to-live passed".into()));
+                        }
                     }
+                    Err(e) => tracing::error!(error = %e, "c2d: cannot expire messages"),
                 }
-                Err(e) => tracing::error!(error = %e, "c2d: cannot expire messages"),
+                if let Err(e) = me.queues.forget_taken(now_ms()) {
+                    tracing::error!(error = %e, "c2d: cannot forget the ids of expired messages");
+                }
             })
             .await;
         }
     }
+}
+
+/// An outbox-style answer for a message taken into a device's queue (the
+/// broker waits for it as for an append before it acknowledges).
+fn append_result(r: Result<(), C2dError>) -> Result<MessageId, AppendError> {
+    match r {
+        Ok(()) => Ok(MessageId {
+            instance: 0,
+            lane: 0,
+            seq: 0,
+        }),
+        // 0x97, quota exceeded: the device's queue is full.
+        Err(C2dError::Full(_)) => Err(AppendError::QuotaExceeded("iothub.c2d_max_queued_per_device")),
+        Err(C2dError::NotFound(d)) => Err(AppendError::Store(StoreError::Other(format!("no device {d}")))),
+        Err(C2dError::Store(e)) => Err(AppendError::Store(StoreError::Other(e))),
+    }
+}
+
+/// A [`holdfast_broker::Stored`] that has resolved.
+fn stored(r: Result<(), C2dError>) -> holdfast_broker::Stored {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let _ = tx.send(append_result(r));
+    rx
 }

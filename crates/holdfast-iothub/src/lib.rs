@@ -225,12 +225,12 @@ impl Hub {
         self.links.clear_uplink(tx);
     }
 
-    /// Sends a cloud-to-device or module-input message down to the child
-    /// gateway its device is behind. True if it is for a child (it is then
-    /// not for this node's subscribers). A device-bound message is queued
-    /// durably here until the child has it ([`c2d`]).
+    /// Takes a cloud-to-device or module-input message for a device or
+    /// module in this node's scope into its durable queue ([`c2d`]): it
+    /// is then not for this node's subscribers. True if it took it (it is
+    /// being stored).
     pub fn forward_down(&self, msg: &Msg) -> bool {
-        self.c2d.forward_down(msg)
+        self.c2d.take(msg).is_some()
     }
 
     /// The durable cloud-to-device queues.
@@ -329,7 +329,11 @@ impl holdfast_broker::Dialect for Hub {
     }
 
     fn forward_down(&self, msg: &Msg) -> bool {
-        self.c2d.forward_down(msg)
+        self.c2d.take(msg).is_some()
+    }
+
+    fn take_device_bound(&self, msg: &Msg) -> Option<holdfast_broker::Stored> {
+        self.c2d.take(msg)
     }
 
     fn client_ready(&self, client_id: &str) {

@@ -73,7 +73,8 @@ struct Node {
     _dir: tempfile::TempDir,
 }
 
-/// A root node whose registry holds `d1` (here) and `d9` behind gateway `gw1`.
+/// A root node whose registry holds `d1` (here) and `d9` (with module
+/// `d9/m`) behind gateway `gw1`.
 fn node() -> Node {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
@@ -82,6 +83,7 @@ fn node() -> Node {
         ("d1", "device", None),
         ("gw1", "gateway", None),
         ("d9", "device", Some("gw1")),
+        ("d9/m", "module", None),
     ] {
         registry
             .add(NewIdentity {
@@ -308,4 +310,101 @@ fn feedback_goes_up_to_the_parent_once_it_is_connected() {
     );
     gw.c2d_up_acked(&second.id, Outcome::Rejected);
     assert!(gw.c2d().pending_up().is_empty());
+}
+
+fn input(device: &str, module: &str) -> Msg {
+    Msg {
+        topic: format!("devices/{device}/modules/{module}/inputs/in1/"),
+        ..devicebound(device)
+    }
+}
+
+/// A child gateway's hub over the root's registry (`d1` is here), with its
+/// own store and devices.
+fn gateway(n: &Node, store: &Store) -> (Arc<Hub>, Arc<Devices>) {
+    let devices = Arc::new(Devices::default());
+    let clients: Weak<dyn Clients> = Arc::downgrade(&devices) as Weak<dyn Clients>;
+    let hub = Hub::new(HubParts {
+        twins: Arc::new(Twins::open(store, true).unwrap()),
+        c2d: Arc::new(C2d::open(store, "gw1", 50).unwrap()),
+        c2d_default_ttl: Duration::from_secs(60),
+        registry: n.registry.clone(),
+        metrics: crate::IothubMetrics::default(),
+        clients,
+    });
+    (Arc::new(hub), devices)
+}
+
+#[tokio::test]
+async fn a_message_sent_again_after_a_lost_ack_is_acknowledged_not_delivered_twice() {
+    let n = node();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let (gw, devices) = gateway(&n, &store);
+    devices.connect("d1");
+    let m = n.hub.c2d_message("d1", &devicebound("d1"), None);
+    let id = m.id.clone();
+    let from_parent = |gw: &Arc<Hub>, m| {
+        let gw = gw.clone();
+        tokio::task::spawn_blocking(move || gw.c2d_from_parent(m))
+    };
+    assert_eq!(
+        from_parent(&gw, m.clone()).await.unwrap(),
+        Svc::C2dAck { id: id.clone() }
+    );
+    until("the hand-over", || lock(&devices.receipts).len() == 1).await;
+    let _ = lock(&devices.receipts).remove(0).send(Delivery::Delivered);
+    until("the dequeue", || gw.c2d().queues().is_empty()).await;
+    // The ack was lost: the parent sends it again, on a new link, and
+    // again after the gateway restarted.
+    assert_eq!(
+        from_parent(&gw, m.clone()).await.unwrap(),
+        Svc::C2dAck { id: id.clone() }
+    );
+    drop(gw);
+    let (gw, _) = gateway(&n, &store);
+    assert_eq!(from_parent(&gw, m).await.unwrap(), Svc::C2dAck { id });
+    assert!(gw.c2d().queues().is_empty(), "not queued again");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(devices.sent().len(), 1, "the device has it once");
+}
+
+#[tokio::test]
+async fn a_module_input_for_a_module_behind_an_offline_gateway_waits_for_it() {
+    let n = node();
+    let stored = holdfast_broker::Dialect::take_device_bound(&*n.hub, &input("d9", "m")).expect("taken");
+    assert!(stored.await.unwrap().is_ok(), "stored before it is acknowledged");
+    assert_eq!(n.hub.c2d().queues(), [("d9/m".to_string(), 1)]);
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    n.hub.add_downlink("gw1", tx, true);
+    let Some(Svc::C2d { message }) = rx.recv().await else {
+        panic!("nothing went down")
+    };
+    assert_eq!(message.topic, "devices/d9/modules/m/inputs/in1/");
+    assert_eq!(message.device, "d9/m");
+    n.hub.c2d_acked("gw1", &message.id);
+    assert!(n.hub.c2d().queues().is_empty());
+}
+
+#[tokio::test]
+async fn a_devicebound_message_published_here_waits_for_its_device() {
+    let n = node();
+    let dialect: &dyn holdfast_broker::Dialect = &*n.hub;
+    let unknown = Msg {
+        topic: "devices/nobody/messages/devicebound/".into(),
+        ..devicebound("nobody")
+    };
+    assert!(
+        dialect.take_device_bound(&unknown).is_none(),
+        "not in scope: for subscribers"
+    );
+    let stored = dialect.take_device_bound(&devicebound("d1")).expect("taken");
+    assert!(stored.await.unwrap().is_ok());
+    assert_eq!(n.hub.c2d().queues(), [("d1".to_string(), 1)]);
+    assert!(n.devices.sent().is_empty());
+    n.devices.connect("d1");
+    dialect.client_ready("d1");
+    until("the hand-over", || lock(&n.devices.receipts).len() == 1).await;
+    assert_eq!(n.devices.sent()[0].0, "d1");
 }

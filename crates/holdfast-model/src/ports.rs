@@ -72,6 +72,15 @@ pub trait LocalDelivery: Send + Sync {
     /// the deepest queue of a session it went to, so a caller draining a
     /// backlog can let slow subscribers catch up.
     fn deliver(&self, msg: LocalMessage) -> usize;
+
+    /// [`LocalDelivery::deliver`], resolving once what must be stored
+    /// before its sender is acknowledged is stored (a message for a device
+    /// goes through the node's durable device queue): the deepest queue,
+    /// or the MQTT reason code of a refusal. The default stores nothing.
+    fn deliver_stored(&self, msg: LocalMessage) -> BoxFuture<'static, Result<usize, u8>> {
+        let backlog = self.deliver(msg);
+        Box::pin(std::future::ready(Ok(backlog)))
+    }
 }
 
 /// One message on a service stream; the link frames it.
