@@ -1,7 +1,9 @@
 //! The router: a received message goes through the router policy, and each
 //! action is carried out: appended to the outbox (`upstream`), delivered to
 //! this node's subscribers and kept if retained (`local`), or counted
-//! (`drop`). Wills are published through it too.
+//! (`drop`). When the router plugin fails and its policy is `dead-letter`,
+//! the message goes to the dead-letter store. Wills are published through
+//! it too.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -162,7 +164,28 @@ impl Router {
                     }
                 }
             }
-            RouteOutcome::DeadLetter(reason) | RouteOutcome::Drop(reason) => {
+            RouteOutcome::DeadLetter(reason) => {
+                // Kept in the dead-letter store; the publisher is
+                // acknowledged once it is synced there.
+                tracing::debug!(%reason, topic = %msg.topic, "router failed; message dead-lettered");
+                match self
+                    .outbox
+                    .dead_letter(pm, holdfast_outbox::dead_letter::Reason::RouterFailure, reason)
+                {
+                    Ok(rx) => {
+                        if self.outbox.dead_letters().is_none() {
+                            self.metrics.dropped("router-failure");
+                        }
+                        routed.waits.push(rx);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "outbox refused a dead letter");
+                        self.metrics.dropped("router-failure");
+                        routed.refusal = Some(e.mqtt_reason_code());
+                    }
+                }
+            }
+            RouteOutcome::Drop(reason) => {
                 tracing::debug!(%reason, topic = %msg.topic, "router failed; message dropped");
                 self.metrics.dropped("router-failure");
             }

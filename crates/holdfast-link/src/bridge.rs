@@ -27,9 +27,10 @@ use super::reconnect::{Ended, Probe, Upstream, drive, within};
 use super::{Ctx, LinkError, PROP_ID, PROP_PATH, origin_id, path_of};
 use crate::config::{BridgeConfig, BridgeProtocol, Sections};
 use holdfast_metrics::{ReasonLabels, ResultLabels};
-use holdfast_model::ports::{BoxFuture, LocalDelivery, LocalMessage, ReplyProperties};
+use holdfast_model::ports::{LocalDelivery, LocalMessage, ReplyProperties};
 use holdfast_model::{Message, Source};
 use holdfast_outbox::MessageId;
+use holdfast_outbox::dead_letter::Reason;
 
 /// Largest packet accepted from the broker.
 const MAX_INBOUND: usize = 16 << 20;
@@ -295,12 +296,13 @@ impl Session {
                 lane = leased.as_ref().map_or(lane, |l| l.lane);
                 let now = ctx.link.outbox.clock_ms();
                 let mut sent = 0u64;
-                let mut skipped = Vec::new();
+                // Expired, or larger than the broker takes: to the dead-letter store.
+                let mut aside = Vec::new();
                 for item in leased.iter().flat_map(|l| l.items.iter()) {
                     let r = &item.record;
                     let left = r.ttl_ms.saturating_sub(now.saturating_sub(r.enqueued_clock_ms));
                     if left == 0 {
-                        skipped.push(item.id);
+                        aside.push((item.id, Reason::Expired, "expired".to_string()));
                         continue;
                     }
                     let msg = &r.message;
@@ -330,16 +332,16 @@ impl Session {
                                 reason: "too-large-for-broker",
                             })
                             .inc();
-                        tracing::warn!(topic = %msg.topic, "bridge: message larger than the broker accepts; dropped");
-                        skipped.push(item.id);
+                        tracing::warn!(topic = %msg.topic, "bridge: message larger than the broker accepts; dead-lettered");
+                        aside.push((item.id, Reason::UpstreamRefused, "too-large-for-broker".to_string()));
                         continue;
                     }
                     inflight.insert(next_pkid, item.id);
                     next_pkid = next_pkid.wrapping_add(1);
                     sent += 1;
                 }
-                if !skipped.is_empty() {
-                    ctx.link.outbox.ack_detached(&skipped);
+                if !aside.is_empty() {
+                    ctx.link.outbox.set_aside(aside);
                 }
                 if sent > 0 {
                     ctx.link.metrics.link_sent.inc_by(sent);
@@ -396,6 +398,7 @@ impl Session {
     /// Handles what the broker sent; `Some` ends the session.
     async fn handle_input(&mut self, ctx: &Bridge, inflight: &mut HashMap<u16, MessageId>) -> Option<Ended> {
         let mut acked = Vec::new();
+        let mut refused = Vec::new();
         let mut replies = BytesMut::new();
         let result = loop {
             let packet = match holdfast_mqtt::decode(&mut self.rbuf, Some(self.version), MAX_INBOUND) {
@@ -414,7 +417,7 @@ impl Session {
                         }
                         c => {
                             // Refused for good (not authorized, bad topic...): it would never pass.
-                            tracing::warn!(code = c, "bridge: the broker refused a message; dropped");
+                            tracing::warn!(code = c, "bridge: the broker refused a message; dead-lettered");
                             ctx.link
                                 .metrics
                                 .link_refused
@@ -422,34 +425,16 @@ impl Session {
                                     reason: "broker-refused",
                                 })
                                 .inc();
-                            acked.push(id);
+                            refused.push((id, Reason::UpstreamRefused, format!("broker-refused:0x{c:02x}")));
                         }
                     }
                 }
                 Packet::Publish(p) => {
-                    // Acknowledged once stored where it must be (a message
-                    // for a device: in its durable queue).
-                    let mut ack = Ack::new(p.pkid);
-                    if let Some(stored) = self.deliver_in(ctx, &p)
-                        && let Err(code) = stored.await
-                    {
-                        tracing::warn!(topic = %p.topic, code, "bridge: an `in` message for a device was not queued");
-                        ctx.link
-                            .metrics
-                            .link_refused
-                            .get_or_create(&ReasonLabels {
-                                reason: "in-not-queued",
-                            })
-                            .inc();
-                        // MQTT 3.1.1 cannot refuse: acknowledged, counted.
-                        if self.version.is_v5() {
-                            ack.code = code;
-                        }
-                    }
+                    self.deliver_in(ctx, &p);
                     if p.qos == QoS::AtLeastOnce {
-                        holdfast_mqtt::encode(&Packet::PubAck(ack), self.version, &mut replies);
+                        holdfast_mqtt::encode(&Packet::PubAck(Ack::new(p.pkid)), self.version, &mut replies);
                     } else if p.qos == QoS::ExactlyOnce {
-                        holdfast_mqtt::encode(&Packet::PubRec(ack), self.version, &mut replies);
+                        holdfast_mqtt::encode(&Packet::PubRec(Ack::new(p.pkid)), self.version, &mut replies);
                     }
                 }
                 Packet::PubRel(a) => {
@@ -472,6 +457,9 @@ impl Session {
                 }
             }
         };
+        if !refused.is_empty() {
+            ctx.link.outbox.set_aside(refused);
+        }
         if !acked.is_empty() {
             let n = acked.len() as u64;
             ctx.link.outbox.ack_detached(&acked);
@@ -486,17 +474,15 @@ impl Session {
         result
     }
 
-    /// An `in` mapping's message, delivered to local subscribers (one for a
-    /// device or module goes through its durable queue); what it returns
-    /// resolves once it is stored.
-    fn deliver_in(&self, ctx: &Bridge, p: &Publish) -> Option<BoxFuture<'static, Result<usize, u8>>> {
+    /// An `in` mapping's message, delivered to local subscribers.
+    fn deliver_in(&self, ctx: &Bridge, p: &Publish) {
         let b = &ctx.link.config.mqtt;
         let Some(rule) = b
             .inbound
             .iter()
             .find(|r| holdfast_mqtt::topic::matches(&r.filter, &p.topic))
         else {
-            return None;
+            return;
         };
         let rest = p.topic.strip_prefix(rule.strip_prefix.as_str()).unwrap_or(&p.topic);
         let topic = format!("{}{}", rule.add_prefix, rest);
@@ -506,14 +492,14 @@ impl Session {
                 .link_refused
                 .get_or_create(&ReasonLabels { reason: "bad-in-topic" })
                 .inc();
-            return None;
+            return;
         }
-        let local = ctx.local.as_ref()?;
+        let Some(local) = &ctx.local else { return };
         let p2 = &p.properties;
         let expires_at_ms = p2
             .message_expiry_interval
             .map(|s| holdfast_model::unix_ms() + u64::from(s) * 1000);
-        let stored = local.deliver_stored(LocalMessage {
+        local.deliver(LocalMessage {
             message: Message {
                 topic,
                 payload: p.payload.clone(),
@@ -544,7 +530,6 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-        Some(stored)
 
     #[test]
     fn topics_are_mapped_by_prefix() {

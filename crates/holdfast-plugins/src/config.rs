@@ -76,9 +76,10 @@ impl<P: Default> Default for SlotConfig<P> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RouterFailurePolicy {
-    /// Meant to keep the message aside; there is no dead-letter store yet,
-    /// so it is dropped and counted like [`RouterFailurePolicy::Drop`]
-    /// (default).
+    /// Keep the message in the node's durable dead-letter store, with the
+    /// failure as its reason (`router-failure:trap`, `…:timeout`), to be
+    /// listed, replayed or purged (`holdfast dead-letter`); the publisher
+    /// is acknowledged once it is stored (default).
     #[default]
     DeadLetter,
     /// Drop the message, counted under reason `router-failure`.
