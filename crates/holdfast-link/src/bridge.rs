@@ -27,7 +27,7 @@ use super::reconnect::{Ended, Probe, Upstream, drive, within};
 use super::{Ctx, LinkError, PROP_ID, PROP_PATH, origin_id, path_of};
 use crate::config::{BridgeConfig, BridgeProtocol, Sections};
 use holdfast_metrics::{ReasonLabels, ResultLabels};
-use holdfast_model::ports::{LocalDelivery, LocalMessage, ReplyProperties};
+use holdfast_model::ports::{BoxFuture, LocalDelivery, LocalMessage, ReplyProperties};
 use holdfast_model::{Message, Source};
 use holdfast_outbox::MessageId;
 use holdfast_outbox::dead_letter::Reason;
@@ -430,11 +430,29 @@ impl Session {
                     }
                 }
                 Packet::Publish(p) => {
-                    self.deliver_in(ctx, &p);
+                    // Acknowledged once stored where it must be (a message
+                    // for a device: in its durable queue).
+                    let mut ack = Ack::new(p.pkid);
+                    if let Some(stored) = self.deliver_in(ctx, &p)
+                        && let Err(code) = stored.await
+                    {
+                        tracing::warn!(topic = %p.topic, code, "bridge: an `in` message for a device was not queued");
+                        ctx.link
+                            .metrics
+                            .link_refused
+                            .get_or_create(&ReasonLabels {
+                                reason: "in-not-queued",
+                            })
+                            .inc();
+                        // MQTT 3.1.1 cannot refuse: acknowledged, counted.
+                        if self.version.is_v5() {
+                            ack.code = code;
+                        }
+                    }
                     if p.qos == QoS::AtLeastOnce {
-                        holdfast_mqtt::encode(&Packet::PubAck(Ack::new(p.pkid)), self.version, &mut replies);
+                        holdfast_mqtt::encode(&Packet::PubAck(ack), self.version, &mut replies);
                     } else if p.qos == QoS::ExactlyOnce {
-                        holdfast_mqtt::encode(&Packet::PubRec(Ack::new(p.pkid)), self.version, &mut replies);
+                        holdfast_mqtt::encode(&Packet::PubRec(ack), self.version, &mut replies);
                     }
                 }
                 Packet::PubRel(a) => {
@@ -474,15 +492,17 @@ impl Session {
         result
     }
 
-    /// An `in` mapping's message, delivered to local subscribers.
-    fn deliver_in(&self, ctx: &Bridge, p: &Publish) {
+    /// An `in` mapping's message, delivered to local subscribers (one for a
+    /// device or module goes through its durable queue); what it returns
+    /// resolves once it is stored.
+    fn deliver_in(&self, ctx: &Bridge, p: &Publish) -> Option<BoxFuture<'static, Result<usize, u8>>> {
         let b = &ctx.link.config.mqtt;
         let Some(rule) = b
             .inbound
             .iter()
             .find(|r| holdfast_mqtt::topic::matches(&r.filter, &p.topic))
         else {
-            return;
+            return None;
         };
         let rest = p.topic.strip_prefix(rule.strip_prefix.as_str()).unwrap_or(&p.topic);
         let topic = format!("{}{}", rule.add_prefix, rest);
@@ -492,14 +512,14 @@ impl Session {
                 .link_refused
                 .get_or_create(&ReasonLabels { reason: "bad-in-topic" })
                 .inc();
-            return;
+            return None;
         }
-        let Some(local) = &ctx.local else { return };
+        let local = ctx.local.as_ref()?;
         let p2 = &p.properties;
         let expires_at_ms = p2
             .message_expiry_interval
             .map(|s| holdfast_model::unix_ms() + u64::from(s) * 1000);
-        local.deliver(LocalMessage {
+        let stored = local.deliver_stored(LocalMessage {
             message: Message {
                 topic,
                 payload: p.payload.clone(),
@@ -524,6 +544,7 @@ impl Session {
             .link_root
             .get_or_create(&ResultLabels { result: "bridged-in" })
             .inc();
+        Some(stored)
     }
 }
 
