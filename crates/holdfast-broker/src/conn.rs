@@ -34,7 +34,7 @@ mod outbound;
 /// a socket with unread data makes the kernel answer with a reset, and a
 /// client still writing would see a broken pipe instead of the reason code.
 /// A WebSocket does the same after every close, in its closing handshake
-/// (`websocket::CLOSE_GRACE`).
+/// (`websocket::CLOSE_GRACE` for each of its phases).
 const DRAIN_GRACE: Duration = Duration::from_millis(500);
 const DRAIN_MAX: usize = 1 << 20;
 
@@ -315,7 +315,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         // Over a WebSocket the shutdown is the closing handshake, bounded
         // by its own grace (see `websocket::stream`).
         let shutdown_bound = match self.peer.transport {
-            Transport::Websocket => crate::websocket::CLOSE_GRACE + Duration::from_millis(200),
+            Transport::Websocket => crate::websocket::CLOSE_LIMIT + Duration::from_millis(200),
             _ => Duration::from_millis(200),
         };
         let _ = tokio::time::timeout(shutdown_bound, self.wr.shutdown()).await;

@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 pub mod stream;
 
-pub use stream::{CLOSE_GRACE, CLOSE_MAX, WsStream};
+pub use stream::{CLOSE_GRACE, CLOSE_LIMIT, CLOSE_MAX, WsStream};
 
 /// Subprotocols accepted, in preference order (MQTT 5.0 §6 names `mqtt`;
 /// some MQTT 3.1 clients still offer `mqttv3.1`).

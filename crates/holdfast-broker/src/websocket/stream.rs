@@ -10,7 +10,8 @@
 //! the kernel send a reset, and a client answering the Close (paho-mqtt's
 //! websocket transport, which the IoT Hub device SDKs use) then loses its
 //! network thread to "connection reset by peer". Bounded by
-//! [`CLOSE_GRACE`] and [`CLOSE_MAX`]: a client that never answers is let go.
+//! [`CLOSE_GRACE`] per phase, [`CLOSE_LIMIT`] in all, and [`CLOSE_MAX`]
+//! bytes: a client that never answers is let go.
 
 use std::future::Future;
 use std::io;
@@ -24,10 +25,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-/// How long a close waits, from its start, for the client's Close frame
-/// and its end of stream: the same grace as after an error DISCONNECT
-/// (`conn::DRAIN_GRACE`).
+/// How long each phase of a close may wait (for our Close to be sent, for
+/// the client's Close, for the shutdown, for the client's end of stream):
+/// the grace after an error DISCONNECT (`conn::DRAIN_GRACE`), per phase.
 pub const CLOSE_GRACE: Duration = Duration::from_millis(500);
+
+/// The longest a close takes: four phases of [`CLOSE_GRACE`].
+pub const CLOSE_LIMIT: Duration = CLOSE_GRACE.saturating_mul(4);
 
 /// How many bytes a close reads and discards at most while it waits (a
 /// client that keeps sending more is let go).
@@ -219,18 +223,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
             None => (Closing::start(), Box::pin(tokio::time::sleep(CLOSE_GRACE))),
         };
         let polled = loop {
-            if let Phase::Closed(ended) = closing.phase {
+            let phase = closing.phase;
+            if let Phase::Closed(ended) = phase {
                 break Poll::Ready(ended);
             }
-            if deadline.as_mut().poll(cx).is_ready() {
-                closing.next(Step::Expired, self.peer_closed);
-                continue;
-            }
-            match self.poll_step(closing.phase, cx) {
-                Poll::Ready(step) => {
-                    closing.next(step, self.peer_closed);
-                }
+            // What is ready is done before the deadline is looked at: a node
+            // too busy to poll in time does not cut short a client that
+            // answered in time.
+            let step = match self.poll_step(phase, cx) {
+                Poll::Ready(step) => step,
+                Poll::Pending if deadline.as_mut().poll(cx).is_ready() => Step::Expired,
                 Poll::Pending => break Poll::Pending,
+            };
+            match closing.next(step, self.peer_closed) {
+                Phase::Closed(ended @ (Ended::GaveUp | Ended::Failed)) => {
+                    tracing::debug!(?ended, ?phase, ?step, "WebSocket close cut short");
+                }
+                // Each of the client's parts gets its own grace.
+                next if next != phase => deadline.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE),
+                _ => {}
             }
         };
         self.closing = Some((closing, deadline));
