@@ -14,6 +14,7 @@ pub mod curl;
 pub mod delivery;
 pub mod fleet;
 pub mod origin;
+pub mod powercut;
 pub mod proxy;
 pub mod sas;
 pub mod script_origin;
@@ -45,6 +46,8 @@ pub struct Gateway {
     pub mqtt: u16,
     /// Range cache port (0 when `extra` configures its own `[cache]`).
     pub cache: u16,
+    /// Environment of every start of the process (e.g. the power-cut shim).
+    pub env: Vec<(String, String)>,
 }
 
 impl Gateway {
@@ -62,8 +65,17 @@ impl Gateway {
     /// [`Gateway::start_named`], after `prepare` has been given the data
     /// directory (not created yet) to fill.
     pub fn start_prepared(id: &str, extra: &str, prepare: impl FnOnce(&Path)) -> Gateway {
+        Gateway::start_with_env(id, extra, |data| {
+            prepare(data);
+            Vec::new()
+        })
+    }
+
+    /// [`Gateway::start_named`], every start of the process with the
+    /// environment that `env` returns for the data directory (not created yet).
+    pub fn start_with_env(id: &str, extra: &str, env: impl FnOnce(&Path) -> Vec<(String, String)>) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
-        prepare(&dir.path().join("data"));
+        let env = env(&dir.path().join("data"));
         let port = free_port();
         let mqtt = free_port();
         let config = dir.path().join("holdfast.toml");
@@ -86,7 +98,7 @@ impl Gateway {
             ),
         )
         .unwrap();
-        let child = spawn(&config);
+        let child = spawn(&config, &env);
         let mut gw = Gateway {
             child,
             dir,
@@ -94,6 +106,7 @@ impl Gateway {
             port,
             mqtt,
             cache,
+            env,
         };
         gw.wait_ready();
         gw
@@ -102,7 +115,7 @@ impl Gateway {
     /// Stops the process (SIGTERM) and starts it again on the same config and data.
     pub fn restart(&mut self) {
         self.terminate();
-        self.child = spawn(&self.config);
+        self.child = spawn(&self.config, &self.env);
         self.wait_ready();
     }
 
@@ -110,7 +123,7 @@ impl Gateway {
     pub fn crash_restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = spawn(&self.config);
+        self.child = spawn(&self.config, &self.env);
         self.wait_ready();
     }
 
@@ -122,8 +135,19 @@ impl Gateway {
 
     /// Starts the process again after [`Gateway::kill`].
     pub fn respawn(&mut self) {
-        self.child = spawn(&self.config);
+        self.respawn_unready();
         self.wait_ready();
+    }
+
+    /// Starts the process again after [`Gateway::kill`], not waiting for it
+    /// to be ready.
+    pub fn respawn_unready(&mut self) {
+        self.child = spawn(&self.config, &self.env);
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
     }
 
     /// GET an admin API path with the node's token, as JSON.
@@ -258,7 +282,7 @@ fn log_path(config: &std::path::Path) -> PathBuf {
 /// Starts `holdfast run`; its log is appended to `<config>.log`. With
 /// `HOLDFAST_TEST_LOG=<filter>` it goes to the test's stderr at that level
 /// instead, for debugging.
-fn spawn(config: &std::path::Path) -> Child {
+fn spawn(config: &std::path::Path, env: &[(String, String)]) -> Child {
     let log = std::env::var("HOLDFAST_TEST_LOG").ok();
     let stderr = if log.is_some() {
         Stdio::inherit()
@@ -274,6 +298,7 @@ fn spawn(config: &std::path::Path) -> Child {
         .args(["run", "--config"])
         .arg(config)
         .env("RUST_LOG", log.as_deref().unwrap_or("info"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .stderr(stderr)
         .spawn()
