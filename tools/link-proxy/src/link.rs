@@ -17,6 +17,10 @@ pub const LINK_UP: u8 = 0;
 pub const LINK_BLACKHOLE: u8 = 1;
 /// Data is discarded, flows are torn down and no new ones are made.
 pub const LINK_CUT: u8 = 2;
+/// UDP datagrams from the client toward the target are read and discarded;
+/// the target's still reach the client (a child's acknowledgements are lost,
+/// its parent's messages arrive). TCP data is discarded both ways.
+pub const LINK_BLACKHOLE_UP: u8 = 3;
 
 /// Longest delay or flap phase accepted, in milliseconds (one hour).
 const MAX_MS: u64 = 3_600_000;
@@ -27,6 +31,7 @@ pub enum Mode {
     Up,
     Cut,
     Blackhole,
+    BlackholeUp,
     Flap { up_ms: u64, down_ms: u64 },
 }
 
@@ -36,6 +41,7 @@ impl Mode {
             Mode::Up => "up",
             Mode::Cut => "cut",
             Mode::Blackhole => "blackhole",
+            Mode::BlackholeUp => "blackhole-up",
             Mode::Flap { .. } => "flap",
         }
     }
@@ -120,6 +126,16 @@ impl Link {
         self.state() == LINK_UP
     }
 
+    /// Whether a UDP datagram toward the target (`toward_target`) or
+    /// toward the client is to be delivered right now.
+    pub fn forwarding_toward(&self, toward_target: bool) -> bool {
+        match self.state() {
+            LINK_UP => true,
+            LINK_BLACKHOLE_UP => !toward_target,
+            _ => false,
+        }
+    }
+
     pub fn delay(&self) -> Duration {
         Duration::from_millis(self.delay_ms.load(Ordering::Relaxed))
     }
@@ -151,6 +167,7 @@ impl Link {
             ("up", []) => self.set_mode(Mode::Up),
             ("cut", []) => self.set_mode(Mode::Cut),
             ("blackhole", []) => self.set_mode(Mode::Blackhole),
+            ("blackhole-up", []) => self.set_mode(Mode::BlackholeUp),
             ("stats", []) => return self.stats_json(),
             ("delay", [ms]) => match parse_ms(ms, 0) {
                 Ok(ms) => {
@@ -163,7 +180,7 @@ impl Link {
                 (Ok(up_ms), Ok(down_ms)) => self.set_mode(Mode::Flap { up_ms, down_ms }),
                 (Err(e), _) | (_, Err(e)) => return e,
             },
-            ("up" | "cut" | "blackhole" | "stats", _) => return format!("error usage: {cmd}"),
+            ("up" | "cut" | "blackhole" | "blackhole-up" | "stats", _) => return format!("error usage: {cmd}"),
             ("delay", _) => return "error usage: delay <ms>".to_owned(),
             ("flap", _) => return "error usage: flap <up_ms> <down_ms>".to_owned(),
             _ => return "error unknown command".to_owned(),
@@ -181,6 +198,7 @@ impl Link {
         match mode {
             Mode::Up => self.state.store(LINK_UP, Ordering::SeqCst),
             Mode::Blackhole => self.state.store(LINK_BLACKHOLE, Ordering::SeqCst),
+            Mode::BlackholeUp => self.state.store(LINK_BLACKHOLE_UP, Ordering::SeqCst),
             Mode::Cut => {
                 // Order matters: the state first, so that a UDP listener that takes its table
                 // lock after the table is cleared sees the cut and makes no new mapping, and a

@@ -44,6 +44,8 @@ struct Flow {
 /// One direction of a flow: the queue to its delay writer.
 struct Lane {
     tx: mpsc::UnboundedSender<Delayed>,
+    /// Datagrams go toward the target (else toward the client).
+    toward_target: bool,
     /// Bytes (plus `ITEM_COST` each) queued and not yet written; zero means the reader may
     /// send directly without overtaking anything.
     queued: Arc<AtomicUsize>,
@@ -78,14 +80,15 @@ enum Route {
 
 impl Lane {
     fn new(dest: Dest, dead: Arc<AtomicBool>, link: &Arc<Link>) -> Lane {
+        let toward_target = matches!(dest, Dest::Target(_));
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
         tokio::spawn(delay_writer(rx, dest, Arc::clone(&queued), dead, Arc::clone(link)));
-        Lane { tx, queued }
+        Lane { tx, queued, toward_target }
     }
 
     fn route(&self, link: &Link, data: &[u8]) -> Route {
-        if !link.forwarding() {
+        if !link.forwarding_toward(self.toward_target) {
             link.stats.dropped(true, data.len());
             return Route::Handled;
         }
@@ -123,7 +126,7 @@ async fn delay_writer(
     while let Some(item) = rx.recv().await {
         tokio::time::sleep_until(item.due).await;
         let n = item.data.len();
-        if dead.load(Ordering::SeqCst) || !link.forwarding() {
+        if dead.load(Ordering::SeqCst) || !link.forwarding_toward(matches!(dest, Dest::Target(_))) {
             link.stats.dropped(true, n);
         } else {
             match dest.send(&item.data).await {
