@@ -68,6 +68,8 @@ pub struct Config {
     pub plugins: PluginsConfig,
     /// `[outbox]`
     pub outbox: OutboxConfig,
+    /// `[dead_letter]`: the quota of the dead-letter store.
+    pub dead_letter: holdfast_outbox::dead_letter::DeadLetterConfig,
     /// `[mqtt]`
     pub mqtt: MqttConfig,
     /// `[fleet]`: this node's certificate in the fleet.
@@ -220,6 +222,7 @@ impl Config {
         c.min_free = new.cache.min_free;
         c.orphan_fill_bytes = new.cache.orphan_fill_bytes;
         self.upstream.max_bytes_per_second = new.upstream.max_bytes_per_second;
+        self.dead_letter = new.dead_letter.clone();
     }
 
     /// Checks values that types alone cannot.

@@ -24,6 +24,7 @@ use holdfast_iothub::clients::Clients;
 use holdfast_iothub::twin::Twins;
 use holdfast_iothub::{Hub, HubParts};
 use holdfast_link::LinkMetrics;
+use holdfast_outbox::dead_letter::{DeadLetterMetrics, DeadLetters};
 use holdfast_outbox::{Outbox, SystemTimeSource};
 use holdfast_plugins::{NodeContext, PluginError, PluginHost, PluginMetrics, watch::watch_folder};
 use holdfast_registry::{Registry, RegistryMetrics, Role};
@@ -115,6 +116,7 @@ impl Node {
         let store_dir = data_dir.join("store");
         let blob_dir = data_dir.join("deploy").join("components");
         let outbox_metrics = Arc::new(holdfast_outbox::OutboxMetrics::new(metrics.registry()));
+        let dead_letter_metrics = DeadLetterMetrics::new(metrics.registry());
         let role = match config.upstream.kind {
             crate::config::UpstreamKind::Quic => Role::Replica {
                 parent: config.upstream.quic.parent_id.clone(),
@@ -149,12 +151,15 @@ impl Node {
                 if let Some(o) = &overlay {
                     tracing::info!(deployment = %o.deployment, "deploy: starting with the deployment applied last");
                 }
-                let outbox = Outbox::open(
+                let dead = DeadLetters::open(&store, &config.dead_letter, dead_letter_metrics)
+                    .map_err(holdfast_outbox::OutboxError::from)?;
+                let outbox = Outbox::open_with(
                     &store,
                     &store_dir,
                     config.outbox.clone(),
                     outbox_metrics,
                     Arc::new(SystemTimeSource),
+                    Some(Arc::new(dead)),
                 )?;
                 phase("outbox", &mut mark);
                 let registry = Registry::open(&store, &node_id, role)?;

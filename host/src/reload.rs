@@ -244,6 +244,14 @@ fn apply(live: &Live, applied: &mut Config, new: Config, path: &str) -> ReloadRe
         report.applied.extend(broker.apply_limits(&new.mqtt));
     }
     report.applied.extend(live.outbox.apply_limits(&new.outbox));
+    if let Some(dead) = live.outbox.dead_letters() {
+        match dead.apply_limits(&new.dead_letter) {
+            Ok(changed) => report.applied.extend(changed),
+            Err(e) => report
+                .failed
+                .push(format!("dead_letter: evicting under the new quota: {e}")),
+        }
+    }
     if let Some(cache) = &live.cache {
         report.applied.extend(cache.apply_limits(&new.cache));
     }

@@ -21,6 +21,8 @@ pub const SETTINGS: &[&str] = &[
     "outbox.max_bytes",
     "outbox.min_free_disk_bytes",
     "outbox.when_full",
+    "dead_letter.max_messages",
+    "dead_letter.max_bytes",
     "cache.max_size",
     "cache.min_free",
     "cache.orphan_fill_bytes",

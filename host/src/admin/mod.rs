@@ -16,6 +16,7 @@
 //! view of the node (`axum`'s `FromRef`), never the whole [`NodeState`].
 
 mod cache;
+mod deadletter;
 mod deploy;
 mod iothub;
 mod node;
@@ -140,6 +141,7 @@ fn api_routes() -> Routes {
         .merge(iothub::routes())
         .merge(cache::routes())
         .merge(deploy::routes())
+        .merge(deadletter::routes())
 }
 
 /// The routes outside `/api/v1`: no token.
