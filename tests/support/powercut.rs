@@ -26,7 +26,7 @@ impl Harness {
             let restore = out.join(format!("powercut-restore-{}", std::process::id()));
             let cc = |args: &[&str], src_file: &str, dst: &Path| {
                 let status = Command::new("cc")
-                    .args(["-O2", "-Wall"])
+                    .args(["-O2", "-Wall", "-Wno-format-truncation"])
                     .args(args)
                     .arg("-o")
                     .arg(dst)
