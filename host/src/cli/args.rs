@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
 use super::cache::CacheCommand;
+use super::deadletter::DeadLetterCommand;
 use super::deploy::DeployCommand;
 use super::device::DeviceCommand;
 use super::plugin::PluginCommand;
@@ -99,6 +100,9 @@ pub enum Command {
     /// The range cache of a running node: totals, stored objects, purge.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// What the node could not route or deliver: list, show, replay, purge.
+    #[command(subcommand)]
+    DeadLetter(DeadLetterCommand),
     /// Fleet deployments: plugins, plugin configs and live settings rolled
     /// out down the tree, in waves, signed by the owning node.
     #[command(subcommand)]

@@ -31,6 +31,7 @@ macro_rules! out {
 mod args;
 mod cache;
 mod client;
+mod deadletter;
 mod debug;
 mod deploy;
 mod device;
@@ -46,6 +47,7 @@ pub use self::args::{
 pub use self::cache::CacheCommand;
 pub use self::client::AdminClient;
 use self::client::segment;
+pub use self::deadletter::DeadLetterCommand;
 pub use self::deploy::DeployCommand;
 pub use self::device::DeviceCommand;
 pub use self::plugin::PluginCommand;
@@ -179,6 +181,10 @@ pub fn execute(cli: Cli) -> Result<()> {
         Command::Cache(cmd) => {
             let client = AdminClient::discover(&cli.admin)?;
             cache::cache_command(&client, cmd, cli.admin.json)
+        }
+        Command::DeadLetter(cmd) => {
+            let client = AdminClient::discover(&cli.admin)?;
+            deadletter::dead_letter_command(&client, cmd, cli.admin.json)
         }
         Command::Deploy(cmd) => {
             let client = AdminClient::discover(&cli.admin)?;
