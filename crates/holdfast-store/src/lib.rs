@@ -63,6 +63,7 @@ impl Durability {
 #[derive(Clone)]
 pub struct Store {
     db: fjall::Database,
+    dir: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for Store {
@@ -117,7 +118,32 @@ impl Store {
                 fjall::Error::Locked => StoreError::Locked(dir.display().to_string()),
                 other => err(other),
             })?;
-        Ok(Store { db })
+        let store = Store {
+            db,
+            dir: dir.to_path_buf(),
+        };
+        store.sync_dirs()?;
+        Ok(store)
+    }
+
+    /// Makes the store's directory entries durable: the store's directory
+    /// and the directories in it (fjall creates a keyspace's directory
+    /// without syncing the directory that holds it, so a power cut soon
+    /// after a space is created could lose the whole space).
+    fn sync_dirs(&self) -> Result<(), StoreError> {
+        let sync = |p: &Path| std::fs::File::open(p).and_then(|f| f.sync_all());
+        let io = |e: std::io::Error| StoreError::Other(format!("syncing the store's directories: {e}"));
+        if let Some(parent) = self.dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync(parent).map_err(io)?;
+        }
+        sync(&self.dir).map_err(io)?;
+        for entry in std::fs::read_dir(&self.dir).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            if entry.file_type().map_err(io)?.is_dir() {
+                sync(&entry.path()).map_err(io)?;
+            }
+        }
+        Ok(())
     }
 
     /// Opens (creating if needed) the space `name`.
@@ -125,14 +151,17 @@ impl Store {
     /// # Errors
     /// Storage errors.
     pub fn space(&self, name: &str) -> Result<Space, StoreError> {
-        Ok(Space {
-            ks: self
-                .db
-                .keyspace(name, || {
-                    fjall::KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
-                })
-                .map_err(err)?,
-        })
+        let existed = self.db.keyspace_exists(name);
+        let ks = self
+            .db
+            .keyspace(name, || {
+                fjall::KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+            })
+            .map_err(err)?;
+        if !existed {
+            self.sync_dirs()?;
+        }
+        Ok(Space { ks })
     }
 
     /// Starts an atomic batch.
