@@ -84,7 +84,10 @@ fn a_c2d_message_whose_ack_is_lost_reaches_the_device_once() {
     proxy.cmd("blackhole-up");
     let (code, body) = root.post("/api/v1/devices/dev1/messages", &json!({"payload": "m1"}));
     assert_eq!(code, 202, "{body}");
-    let got = dev.recv(Duration::from_secs(15)).unwrap().expect("m1 reaches the device");
+    let got = dev
+        .recv(Duration::from_secs(15))
+        .unwrap()
+        .expect("m1 reaches the device");
     assert_eq!(got.payload, "m1");
     wait_until(10, "gw1 to dequeue m1 (the device acknowledged it)", || {
         queued(&gw1, "dev1") == 0
@@ -100,12 +103,20 @@ fn a_c2d_message_whose_ack_is_lost_reaches_the_device_once() {
     // The next message is m2: m1 did not come again before it.
     let (code, body) = root.post("/api/v1/devices/dev1/messages", &json!({"payload": "m2"}));
     assert_eq!(code, 202, "{body}");
-    let next = dev.recv(Duration::from_secs(15)).unwrap().expect("m2 reaches the device");
+    let next = dev
+        .recv(Duration::from_secs(15))
+        .unwrap()
+        .expect("m2 reaches the device");
     assert_eq!(next.payload, "m2", "m1 reached the device twice");
     assert!(events(&gw1, "c2d-duplicate") >= 1.0, "{}", gw1.metrics());
     wait_until(20, "the feedback of both at the root", || {
         let fb = root.api("/api/v1/c2d")["feedback"].clone();
-        fb.as_array().unwrap().iter().filter(|f| f["outcome"] == "delivered").count() == 2
+        fb.as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["outcome"] == "delivered")
+            .count()
+            == 2
     });
 }
 
@@ -152,7 +163,11 @@ fn a_devicebound_message_published_here_waits_for_the_device_through_a_restart()
     let mut gw = Gateway::start(&format!("{ANONYMOUS}{}", identity("dev1", "device", None)));
     let mut backend = Client::connect(gw.mqtt, "backend", true).unwrap();
     let topic = "devices/dev1/messages/devicebound/k=v";
-    assert!(backend.publish_acked(topic, "open the valve", Duration::from_secs(10)).unwrap());
+    assert!(
+        backend
+            .publish_acked(topic, "open the valve", Duration::from_secs(10))
+            .unwrap()
+    );
     drop(backend);
     let c2d: Value = gw.api("/api/v1/c2d");
     assert_eq!(queued(&gw, "dev1"), 1, "{c2d}");
@@ -161,7 +176,10 @@ fn a_devicebound_message_published_here_waits_for_the_device_through_a_restart()
     assert_eq!(queued(&gw, "dev1"), 1, "kept through the crash");
     let mut dev = Client::connect(gw.mqtt, "dev1", true).unwrap();
     dev.subscribe("devices/dev1/messages/devicebound/#").unwrap();
-    let got = dev.recv(Duration::from_secs(15)).unwrap().expect("the message, once connected");
+    let got = dev
+        .recv(Duration::from_secs(15))
+        .unwrap()
+        .expect("the message, once connected");
     assert_eq!((got.topic.as_str(), got.payload.as_str()), (topic, "open the valve"));
     wait_until(10, "its delivery recorded", || queued(&gw, "dev1") == 0);
     assert!(dev.recv(Duration::from_millis(500)).unwrap().is_none(), "once");

@@ -500,10 +500,7 @@ impl Session {
         let Some(rule) = b
             .inbound
             .iter()
-            .find(|r| holdfast_mqtt::topic::matches(&r.filter, &p.topic))
-        else {
-            return None;
-        };
+            .find(|r| holdfast_mqtt::topic::matches(&r.filter, &p.topic))?;
         let rest = p.topic.strip_prefix(rule.strip_prefix.as_str()).unwrap_or(&p.topic);
         let topic = format!("{}{}", rule.add_prefix, rest);
         if !holdfast_mqtt::topic::valid_name(&topic) {

@@ -84,7 +84,11 @@ impl Lane {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
         tokio::spawn(delay_writer(rx, dest, Arc::clone(&queued), dead, Arc::clone(link)));
-        Lane { tx, queued, toward_target }
+        Lane {
+            tx,
+            queued,
+            toward_target,
+        }
     }
 
     fn route(&self, link: &Link, data: &[u8]) -> Route {
