@@ -11,6 +11,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::bindings;
+use super::metrics::{CompiledCacheMetrics, PluginMetrics};
 use super::state::{EPOCH_TICK, PluginState};
 use super::{PluginError, SlotName};
 
@@ -31,6 +32,8 @@ pub struct Runtime {
     /// Compiled-artifact cache hits and misses, for tests and metrics.
     pub(crate) cache_hits: AtomicU64,
     pub(crate) cache_misses: AtomicU64,
+    /// `holdfast_plugin_compiled_cache_total` (unregistered until [`Runtime::with_metrics`]).
+    cache_metrics: CompiledCacheMetrics,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -93,7 +96,15 @@ impl Runtime {
             cache,
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
+            cache_metrics: CompiledCacheMetrics::default(),
         })
+    }
+
+    /// Counts the compiled-plugin cache's answers in `metrics`.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: &PluginMetrics) -> Self {
+        self.cache_metrics = CompiledCacheMetrics::new(metrics);
+        self
     }
 
     pub(crate) fn linker(&self, slot: SlotName) -> &Linker<PluginState> {
@@ -120,20 +131,27 @@ impl Runtime {
         }
         let started = Instant::now();
         let source: [u8; 32] = Sha256::digest(bytes).into();
-        if let Some(cache) = &self.cache
-            && let Lookup::Hit(serialized) = cache.lookup(&source)
-        {
-            match deserialize_checked(&self.engine, &serialized) {
+        let lookup = self.cache.as_ref().map(|cache| (cache, cache.lookup(&source)));
+        if let Some((_, Lookup::Damaged)) = &lookup {
+            self.cache_metrics.damaged.inc();
+        }
+        if let Some((cache, Lookup::Hit(serialized))) = &lookup {
+            match deserialize_checked(&self.engine, serialized) {
                 Some(component) => {
                     self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    self.cache_metrics.hit.inc();
                     tracing::debug!(wasm = %hex::encode(&source[..6]), ms = started.elapsed().as_millis() as u64,
                         "plugin loaded from the compiled-plugin cache");
                     return Ok(component);
                 }
-                None => cache.reject(&source, Damage::Refused),
+                None => {
+                    cache.reject(&source, Damage::Refused);
+                    self.cache_metrics.damaged.inc();
+                }
             }
         }
         self.cache_misses.fetch_add(1, Ordering::Relaxed);
+        self.cache_metrics.compiled.inc();
         let component =
             Component::new(&self.engine, bytes).map_err(|e| PluginError::InvalidComponent(format!("{e:#}")))?;
         tracing::debug!(wasm = %hex::encode(&source[..6]), ms = started.elapsed().as_millis() as u64, "plugin compiled");

@@ -23,8 +23,8 @@ mod convert;
 mod embedded;
 mod engine;
 mod fallback;
-mod metrics;
 pub mod message;
+mod metrics;
 mod slot;
 mod state;
 mod stdio;
@@ -39,11 +39,11 @@ use wasmtime::component::Resource;
 pub use self::embedded::{artifacts, embedded_plugin};
 pub use self::engine::Runtime;
 pub use self::message::MessageRep;
+pub use self::metrics::{FailureKind, PluginMetrics};
 use self::slot::{AuthKind, ContentKind, Kind, RouterKind, Slot, SlotLimits};
 pub use self::slot::{Failure, SlotStatus, SwapRecord};
 pub use self::state::{LOG_MESSAGE_MAX, LOG_RECORDS_PER_CALL, NodeContext};
 use crate::config::{ContentFailurePolicy, PluginsConfig, RouterFailurePolicy, SlotConfig};
-pub use self::metrics::{FailureKind, PluginMetrics};
 pub use holdfast_model::Message;
 pub use holdfast_model::policy::{
     Action, Authorized, AuthzDecision, ConnectInfo, LocalAction, Operation, Policy, Principal, Refusal, RefusalCode,
@@ -236,7 +236,7 @@ impl PluginHost {
             .into_iter()
             .max()
             .unwrap_or(64) as usize;
-        let runtime = Arc::new(Runtime::new(p.max_instances, max_memory << 20, cache_dir)?);
+        let runtime = Arc::new(Runtime::new(p.max_instances, max_memory << 20, cache_dir)?.with_metrics(&node.metrics));
         let router = load_slot(&runtime, &node, &p.router)?;
         let auth = load_slot(&runtime, &node, &p.auth)?;
         let content = load_slot(&runtime, &node, &p.content_source)?;

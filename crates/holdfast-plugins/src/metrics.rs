@@ -81,6 +81,13 @@ impl EncodeLabelValue for SwapResult {
     }
 }
 
+/// Labels of compiled-plugin cache lookups.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CompiledCacheLabels {
+    /// `hit`, `compiled` or `damaged`.
+    result: String,
+}
+
 /// Labels of swaps.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SwapLabels {
@@ -115,6 +122,8 @@ pub struct PluginMetrics {
     idle_instances: Family<SlotLabels, Gauge>,
     /// `holdfast_plugin_log_records_dropped_total{slot}`
     logs_dropped: Family<SlotLabels, Counter>,
+    /// `holdfast_plugin_compiled_cache_total{result}`
+    compiled_cache: Family<CompiledCacheLabels, Counter>,
 }
 
 impl Default for PluginMetrics {
@@ -163,7 +172,14 @@ impl PluginMetrics {
             "Plugin log records dropped by the per-call limit",
             logs_dropped.clone(),
         );
+        let compiled_cache = Family::<CompiledCacheLabels, Counter>::default();
+        registry.register(
+            "plugin_compiled_cache",
+            "Component loads by the compiled-plugin cache's answer: hit (loaded), compiled (no usable entry), damaged (an entry refused, removed and rebuilt)",
+            compiled_cache.clone(),
+        );
         PluginMetrics {
+            compiled_cache,
             calls,
             failures,
             call_duration,
@@ -184,6 +200,26 @@ impl PluginMetrics {
             },
         )
         .inc();
+    }
+}
+
+/// The compiled-plugin cache's counters.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CompiledCacheMetrics {
+    pub(crate) hit: Counter,
+    pub(crate) compiled: Counter,
+    pub(crate) damaged: Counter,
+}
+
+impl CompiledCacheMetrics {
+    /// Takes the handles from `m`'s family.
+    pub(crate) fn new(m: &PluginMetrics) -> Self {
+        let result = |r: &str| handle(&m.compiled_cache, &CompiledCacheLabels { result: r.to_string() });
+        CompiledCacheMetrics {
+            hit: result("hit"),
+            compiled: result("compiled"),
+            damaged: result("damaged"),
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 
 use super::compiled_cache::{Damage, FORMAT_VERSION, HEADER_LEN, check_entry, encode_entry};
 use super::{Runtime, engine_fingerprint};
-use crate::{SlotName, embedded_plugin};
+use crate::{PluginMetrics, SlotName, embedded_plugin};
 
 /// A directory removed when dropped.
 struct TempDir(PathBuf);
@@ -31,7 +31,9 @@ impl Drop for TempDir {
 }
 
 fn runtime(dir: &Path) -> Runtime {
-    Runtime::new(4, 64 << 20, Some(dir.to_path_buf())).unwrap()
+    Runtime::new(4, 64 << 20, Some(dir.to_path_buf()))
+        .unwrap()
+        .with_metrics(&PluginMetrics::default())
 }
 
 fn source_of(bytes: &[u8]) -> [u8; 32] {
@@ -60,7 +62,11 @@ fn start(dir: &Path) -> (u64, u64, u64) {
     let rt = runtime(dir);
     let bytes = embedded_plugin(SlotName::Router);
     rt.compile(bytes, "").unwrap();
-    rt.cache_counts()
+    let counts = rt.cache_counts();
+    // What the node exports as holdfast_plugin_compiled_cache_total{result}.
+    let m = &rt.cache_metrics;
+    assert_eq!((m.hit.get(), m.compiled.get(), m.damaged.get()), counts);
+    counts
 }
 
 #[test]
