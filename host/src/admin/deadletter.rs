@@ -219,7 +219,7 @@ async fn replay_all(State(state): State<DeadLetterApi>, body: axum::body::Bytes)
     // The entries there now: what fails again while replaying comes back
     // as a new entry, not replayed in this pass.
     let ids: Vec<u64> = state
-        .blocking(|d| Ok(d.list(None, usize::MAX).map_err(internal)?))
+        .blocking(|d| d.list(None, usize::MAX).map_err(internal))
         .await?
         .into_iter()
         .map(|s| s.id)
