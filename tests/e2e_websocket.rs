@@ -90,6 +90,7 @@ fn websocket_clients_see_a_clean_close_every_time_the_node_stops() {
                 panic!("stop {stop}: the clients did not start:\n{err}\n{}", gw.describe());
             }
         }
+        let log_start = gw.log().len();
         // SIGTERM while every client is publishing.
         let _ = Command::new("kill").arg(gw.child.id().to_string()).status();
         let status = gw.child.wait().unwrap();
@@ -117,6 +118,15 @@ fn websocket_clients_see_a_clean_close_every_time_the_node_stops() {
                     .lines()
                     .filter(|l| !l.starts_with("CLEAN"))
                     .map(|l| format!("stop {stop}: {l}")),
+            );
+            // How that stop went, in the node's words.
+            let log = gw.log();
+            failures.extend(
+                log.get(log_start..)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("stopped"))
+                    .map(|l| format!("stop {stop}:   node: {l}")),
             );
         }
         if stop < STOPS {

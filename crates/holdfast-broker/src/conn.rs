@@ -277,7 +277,8 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
     }
 
     /// Ends the connection: tells the client why, detaches the session,
-    /// publishes the will if it is due.
+    /// publishes the will if it is due, then closes the stream (over a
+    /// WebSocket, the closing handshake).
     async fn finish(&mut self, exit: Exit) {
         // Revocations no longer reach it.
         self.registration.take();
@@ -312,13 +313,6 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             };
             let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
         }
-        // Over a WebSocket the shutdown is the closing handshake, bounded
-        // by its own grace (see `websocket::stream`).
-        let shutdown_bound = match self.peer.transport {
-            Transport::Websocket => crate::websocket::CLOSE_LIMIT + Duration::from_millis(200),
-            _ => Duration::from_millis(200),
-        };
-        let _ = tokio::time::timeout(shutdown_bound, self.wr.shutdown()).await;
         if let Some(client) = self.client.take() {
             let will = match exit {
                 Exit::Clean | Exit::Shutdown => None,
@@ -334,6 +328,14 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                     .publish_will(w.msg, principal, w.delay_s.min(expiry_s), session);
             }
         }
+        // The session is let go first: a reconnect (a takeover) does not
+        // wait for the close. Over a WebSocket the shutdown is the closing
+        // handshake, bounded by its own grace (see `websocket::stream`).
+        let shutdown_bound = match self.peer.transport {
+            Transport::Websocket => crate::websocket::CLOSE_LIMIT + Duration::from_millis(200),
+            _ => Duration::from_millis(200),
+        };
+        let _ = tokio::time::timeout(shutdown_bound, self.wr.shutdown()).await;
         if matches!(exit, Exit::Error(..)) {
             self.drain_input().await;
         }
