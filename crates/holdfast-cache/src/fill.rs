@@ -278,7 +278,11 @@ impl Fills {
                     ttl: u64::from(plan.ttl),
                 },
             ),
-            headers: Arc::new(rfc9111::stored_fields(resp.headers())),
+            headers: Arc::new({
+                let mut fields = rfc9111::stored_fields(resp.headers());
+                rfc9111::age::record_date_in(&mut fields, response_time);
+                fields
+            }),
             vary,
         });
         // Bind the object to this version.

@@ -270,9 +270,17 @@ pub fn is_strong_etag(tag: &str) -> bool {
             .all(|c| c == 0x21 || (0x23..=0x7e).contains(&c) || c >= 0x80)
 }
 
-/// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) to Unix seconds.
-/// The obsolete formats are not accepted (the comparison then fails safe: no 304).
+/// Parses an HTTP-date to Unix seconds: an IMF-fixdate (`Sun, 06 Nov 1994
+/// 08:49:37 GMT`), or one of the obsolete formats a recipient must accept
+/// (RFC 9110 §5.6.7; [`crate::rfc9111::age::parse_obsolete_date`]).
 pub fn parse_http_date(s: &str) -> Option<i64> {
+    imf_fixdate(s).or_else(|| {
+        let this_year = holdfast_model::civil_from_days(crate::now_secs() as i64 / 86_400).0;
+        crate::rfc9111::age::parse_obsolete_date(s, this_year)
+    })
+}
+
+fn imf_fixdate(s: &str) -> Option<i64> {
     let s = s.trim();
     let (_, rest) = s.split_once(", ")?;
     let mut it = rest.split(' ');
@@ -442,7 +450,9 @@ mod tests {
     fn http_dates_round_trip() {
         assert_eq!(parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"), Some(784_111_777));
         assert_eq!(format_http_date(784_111_777), "Sun, 06 Nov 1994 08:49:37 GMT");
-        assert_eq!(parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT"), None);
+        // RFC 9110 §5.6.7: the obsolete formats are accepted too.
+        assert_eq!(parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT"), Some(784_111_777));
+        assert_eq!(parse_http_date("Sun Nov  6 08:49:37 1994"), Some(784_111_777));
         // Found by the fuzzer: a year of 30 digits overflowed the day count.
         assert_eq!(
             parse_http_date("x, 06 Oct 000000000000000000000097000000000097 08:49:37 GMT"),

@@ -85,8 +85,12 @@ impl Revalidator {
             (Some(true), Ok(r)) => {
                 self.counters.event("revalidated");
                 // §4.3.4: the stored fields are updated with the new ones,
-                // and freshness is computed from the result.
-                let fields = rfc9111::update_fields(&meta.headers, r.headers());
+                // and freshness is computed from the result: its age from
+                // the new response's own Date, the time it was received
+                // when it has none (RFC 9110 §6.6.1), not the stored one.
+                let mut own = r.headers().clone();
+                rfc9111::age::record_date(&mut own, response_time);
+                let fields = rfc9111::update_fields(&meta.headers, &own);
                 let mut merged = hyper::HeaderMap::new();
                 for (k, v) in &fields {
                     if let (Ok(k), Ok(v)) = (
@@ -96,8 +100,8 @@ impl Revalidator {
                         merged.append(k, v);
                     }
                 }
-                if let Some(age) = r.headers().get(hyper::header::AGE) {
-                    merged.insert(hyper::header::AGE, age.clone());
+                for age in own.get_all(hyper::header::AGE) {
+                    merged.append(hyper::header::AGE, age.clone());
                 }
                 let freshness = Freshness::compute(
                     &merged,

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use super::range::parse_http_date;
 
+pub mod age;
+
 /// Parsed `Cache-Control` directives (names lowercase; a repeated directive
 /// keeps its first value).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -240,12 +242,10 @@ impl Freshness {
     /// for a request sent at `request_time` (Unix seconds).
     pub fn compute(response: &HeaderMap, request_time: u64, response_time: u64, op: Operator) -> Freshness {
         let d = Directives::of(response);
-        let date = header_date(response, &header::DATE);
-        let age_value = response
-            .get(header::AGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        // §5.1: an invalid Age is ignored; RFC 9110 §6.6.1: a response
+        // without a valid Date was generated when it was received.
+        let date = age::date_value(response);
+        let age_value = age::age_value(response).unwrap_or(0);
         // §4.2.3
         let apparent_age = date.map_or(0, |d| response_time.saturating_sub(d));
         let response_delay = response_time.saturating_sub(request_time);
