@@ -398,11 +398,11 @@ fn diff_keys(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, depth: 
 mod tests {
     use super::*;
 
-    /// `base` with every number in `[mqtt]`, `[outbox]` and `[cache]` plus
+    /// `base` with every number in `[mqtt]`, `[outbox]`, `[cache]`, `[upstream]` and `[dead_letter]` plus
     /// one, and `when_full` turned round.
     fn everything_changed(base: &Config) -> Config {
         let mut v = serde_json::to_value(base).unwrap();
-        for section in ["mqtt", "outbox", "cache", "upstream"] {
+        for section in ["mqtt", "outbox", "cache", "upstream", "dead_letter"] {
             for (_, value) in v[section].as_object_mut().unwrap() {
                 if let Some(n) = value.as_u64() {
                     *value = serde_json::json!(n + 1);
