@@ -24,6 +24,10 @@ use crate::rfc9111::{self, Freshness, RequestRules, Vary};
 use crate::store::BlockStore;
 use crate::{FillError, Handoff, Meta, Passed, Plan, now_secs};
 
+/// Largest body of another status than 200/206 that a fill reads and
+/// passes to every request waiting on it.
+const STATUS_BODY_CAP: usize = 64 << 10;
+
 /// Most private (unstored) blocks a fill keeps ahead of its reader.
 const PRIVATE_AHEAD: usize = 2;
 
@@ -213,16 +217,23 @@ impl Fills {
                 }
                 return Err(FillError::Unsatisfiable(len));
             }
-            _ => {
-                let headers = rfc9111::stored_fields(resp.headers());
-                let body = read_capped(resp.into_body(), 64 << 10, self.origin.timeout()).await;
+            // Another status: relayed with every end-to-end field. A body
+            // known to be small goes to every request waiting on the fill;
+            // a larger one, or one of unknown length, streams to the
+            // request that started it (the others ask again).
+            (204 | 304, _) => {
                 return Err(FillError::Status {
                     status,
-                    content_type,
-                    headers,
-                    body,
+                    headers: rfc9111::relayed_fields(resp.headers()),
+                    body: Bytes::new(),
                 });
             }
+            _ if content_length.is_some_and(|l| l <= STATUS_BODY_CAP as u64) => {
+                let headers = rfc9111::relayed_fields(resp.headers());
+                let body = read_capped(resp.into_body(), STATUS_BODY_CAP, self.origin.timeout()).await;
+                return Err(FillError::Status { status, headers, body });
+            }
+            _ => return Err(hand_off(resp, format!("status {status}, body of unknown or large size"))),
         };
         // RFC 9111 §3: what a shared cache must not store. A reason in the
         // response holds for everyone for a while; one in the request only

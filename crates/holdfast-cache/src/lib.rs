@@ -138,15 +138,16 @@ pub struct Plan {
 pub enum FillError {
     /// The upstream could not be reached or failed mid-way.
     Upstream(String),
-    /// The upstream answered with an error status; passed on as-is.
+    /// The upstream answered with another status (203, 204, 3xx, 4xx,
+    /// 5xx, …) and a body of known length of at most 64 KiB; passed on
+    /// as-is to every request waiting on the fill.
     Status {
         /// Status code.
         status: u16,
-        /// Its Content-Type.
-        content_type: Option<String>,
-        /// Its other end-to-end fields.
-        headers: Vec<(String, String)>,
-        /// Its body (at most 64 KiB).
+        /// Its end-to-end fields but `Content-Length` (RFC 9110 §7.6.1;
+        /// [`rfc9111::relayed_fields`]).
+        headers: hyper::HeaderMap,
+        /// Its body.
         body: Bytes,
     },
     /// The range starts past the end of an object of this length.

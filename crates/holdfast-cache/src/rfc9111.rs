@@ -395,6 +395,19 @@ pub fn end_to_end(h: &HeaderMap) -> impl Iterator<Item = (&HeaderName, &hyper::h
     h.iter().filter(move |(k, _)| !hop_by_hop(k, h))
 }
 
+/// The fields of an answer relayed as it came, stored or not: every
+/// end-to-end field, hop-by-hop ones removed (RFC 9110 §7.6.1), and
+/// `Content-Length`, which the relayed body's framing sets.
+pub fn relayed_fields(h: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(h.len());
+    for (k, v) in end_to_end(h) {
+        if k != header::CONTENT_LENGTH {
+            out.append(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
 /// Response fields the cache writes itself when it answers from storage
 /// (framing, validators, range, its own status), not taken from storage.
 pub fn generated_response_field(name: &HeaderName) -> bool {

@@ -465,22 +465,10 @@ pub(crate) fn align_end(end: u64, bs: u64) -> u64 {
 pub(crate) fn fill_error_response(cache: &Cache, key: &str, e: &FillError) -> Response<Body> {
     match e {
         FillError::Upstream(m) => server_error(cache, StatusCode::BAD_GATEWAY, key, m),
-        FillError::Status {
-            status,
-            content_type,
-            headers,
-            body,
-        } => {
+        FillError::Status { status, headers, body } => {
             let mut r = Response::new(Full::new(body.clone()).map_err(|e| match e {}).boxed());
             *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY);
-            for (k, v) in headers {
-                if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
-                    r.headers_mut().append(k, v);
-                }
-            }
-            if let Some(ct) = content_type.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
-                r.headers_mut().insert(header::CONTENT_TYPE, ct);
-            }
+            *r.headers_mut() = headers.clone();
             if *status >= 500 {
                 tracing::info!(key = %key, status, "cache: passing on the upstream's server error");
             }
