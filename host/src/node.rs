@@ -316,16 +316,25 @@ impl Node {
         let cache = match cache {
             Some(cache) => {
                 let cache = Arc::new(cache);
+                let tls_config = holdfast_cache::http::tls_config(&config.cache)?;
                 let (listener, bound) = bind(config.cache.listen, |addr, source| StartError::CacheBind {
                     addr,
                     source,
                 })
                 .await?;
                 cache.set_listen(bound.to_string());
+                let tls = match (config.cache.tls_listen, tls_config) {
+                    (Some(addr), Some(tls_config)) => {
+                        let (l, bound) = bind(addr, |addr, source| StartError::CacheBind { addr, source }).await?;
+                        tracing::info!(addr = %bound, "range cache listening (https)");
+                        Some((l, tls_config))
+                    }
+                    _ => None,
+                };
                 tasks.push(tokio::spawn(holdfast_cache::http::serve(
                     cache.clone(),
                     plugins.clone(),
-                    listener,
+                    holdfast_cache::http::Listeners { plain: listener, tls },
                     wait_for(stopped.clone()),
                 )));
                 tracing::info!(addr = %bound, "range cache listening");

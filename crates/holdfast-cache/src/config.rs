@@ -15,6 +15,13 @@ pub struct CacheConfig {
     /// TCP address of the HTTP/1.1 listener. Default `0.0.0.0:8080`; use
     /// port 80 in production (update clients expect it).
     pub listen: SocketAddr,
+    /// TCP address of an HTTPS listener (HTTP/1.1 over TLS, rustls) served
+    /// besides `listen`, e.g. `0.0.0.0:443`. Default none (off).
+    pub tls_listen: Option<SocketAddr>,
+    /// The HTTPS listener's certificate chain, PEM. Required with `tls_listen`.
+    pub tls_cert: Option<PathBuf>,
+    /// The HTTPS listener's private key, PEM. Required with `tls_listen`.
+    pub tls_key: Option<PathBuf>,
     /// Where blocks are stored. Default `<data_dir>/cache`.
     pub dir: Option<PathBuf>,
     /// Block size in bytes: a power of two, 64 KiB-16 MiB. Default 1 MiB.
@@ -55,6 +62,9 @@ impl Default for CacheConfig {
         CacheConfig {
             enabled: true,
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
             dir: None,
             block_size: 1 << 20,
             max_size: 10 << 30,
@@ -107,6 +117,17 @@ impl CacheConfig {
         if !(100..=600_000).contains(&c.header_timeout_ms) {
             return Err(("cache.header_timeout_ms", "must be 100-600000".to_string()));
         }
+        match (c.tls_listen, &c.tls_cert, &c.tls_key) {
+            (Some(_), None, _) => return Err(("cache.tls_cert", "required with cache.tls_listen".to_string())),
+            (Some(_), _, None) => return Err(("cache.tls_key", "required with cache.tls_listen".to_string())),
+            (Some(a), _, _) if a == c.listen => {
+                return Err(("cache.tls_listen", "must differ from cache.listen".to_string()));
+            }
+            (None, Some(_), _) | (None, _, Some(_)) => {
+                return Err(("cache.tls_listen", "required with cache.tls_cert and cache.tls_key".to_string()));
+            }
+            _ => {}
+        }
         Ok(())
     }
 }
@@ -143,5 +164,24 @@ mod tests {
         assert_eq!(bad(|c| c.reserved_connections_percent = 90), Ok(()));
         assert_eq!(bad(|c| c.header_timeout_ms = 99), Err("cache.header_timeout_ms"));
         assert_eq!(bad(|c| c.header_timeout_ms = 600_001), Err("cache.header_timeout_ms"));
+    }
+
+    #[test]
+    fn the_https_listener_needs_its_certificate_and_key() {
+        let with = |listen: Option<&str>, cert: bool, key: bool| {
+            let c = CacheConfig {
+                tls_listen: listen.map(|a| a.parse().unwrap()),
+                tls_cert: cert.then(|| PathBuf::from("c.pem")),
+                tls_key: key.then(|| PathBuf::from("k.pem")),
+                ..CacheConfig::default()
+            };
+            c.validate().map_err(|(key, _)| key)
+        };
+        assert_eq!(with(None, false, false), Ok(()), "off by default");
+        assert_eq!(with(Some("0.0.0.0:443"), true, true), Ok(()));
+        assert_eq!(with(Some("0.0.0.0:443"), false, true), Err("cache.tls_cert"));
+        assert_eq!(with(Some("0.0.0.0:443"), true, false), Err("cache.tls_key"));
+        assert_eq!(with(Some("0.0.0.0:8080"), true, true), Err("cache.tls_listen"));
+        assert_eq!(with(None, true, true), Err("cache.tls_listen"));
     }
 }

@@ -3,10 +3,7 @@
 //! the content-source plugin's decision, the loop guard, and the responses:
 //! 200, 206 (single range or `multipart/byteranges`), 304, 416.
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -15,8 +12,6 @@ use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::block::{Block, BlockState, Fill, Source};
@@ -33,9 +28,10 @@ pub type Body = BoxBody<Bytes, std::io::Error>;
 
 pub mod admission;
 mod cached;
+mod listen;
 
-use self::admission::Admission;
 use self::cached::{Served, align_end, serve_cached};
+pub use self::listen::{Listeners, serve, tls_config};
 
 fn full(status: StatusCode, text: String) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(text)).map_err(|e| match e {}).boxed());
@@ -66,78 +62,6 @@ impl hyper::body::Body for ChannelBody {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         self.rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
-    }
-}
-
-/// What a refused connection is told, written if the socket takes it at
-/// once; the connection is closed either way.
-const REFUSED: &[u8] =
-    b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\nretry-after: 1\r\n\r\n";
-
-/// Accepts connections until `stop` resolves. Which ones it takes:
-/// [`admission`]; a request head must arrive whole within
-/// `cache.header_timeout_ms`, however slowly its bytes come.
-pub async fn serve(
-    cache: Arc<Cache>,
-    policy: Arc<dyn ContentPolicy>,
-    listener: TcpListener,
-    stop: impl Future<Output = ()>,
-) {
-    let cfg = cache.config();
-    let admission = Admission::new(
-        cfg.max_connections,
-        cfg.max_connections_per_ip,
-        cfg.reserved_connections_percent,
-    );
-    let header_timeout = Duration::from_millis(cfg.header_timeout_ms);
-    tokio::pin!(stop);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = &mut stop => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cache: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let slot = match admission.admit(peer.ip()) {
-            Ok(slot) => slot,
-            Err(refusal) => {
-                cache.counters.event(refusal.event());
-                tracing::debug!(peer = %peer, refusal = refusal.event(), "cache: connection refused");
-                let _ = tcp.try_write(REFUSED);
-                drop(tcp);
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let (cache, policy) = (cache.clone(), policy.clone());
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn({
-                let cache = cache.clone();
-                move |req| {
-                    let (cache, policy) = (cache.clone(), policy.clone());
-                    async move { Ok::<_, Infallible>(handle(cache, policy, req).await) }
-                }
-            });
-            // hyper's header timeout runs from when it starts reading a head
-            // to the end of it: a total deadline, not one per read.
-            let served = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-            if let Err(e) = served
-                && e.is_timeout()
-            {
-                cache.counters.event("header-timeout");
-            }
-            drop(slot);
-        });
     }
 }
 
