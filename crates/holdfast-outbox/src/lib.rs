@@ -127,6 +127,19 @@ pub enum OutboxError {
     Closed,
 }
 
+/// Something holding disk space it can give up when the outbox needs it:
+/// the range cache, whose content can be fetched again (the outbox's
+/// cannot). The outbox has priority over it for the disk.
+pub trait SpaceDonor: Send + Sync + 'static {
+    /// Frees about `bytes` of disk (more or less as it can); returns how
+    /// many it freed. Called from the outbox's writer thread: it may block
+    /// briefly on file deletions, not on the network.
+    fn give_space(&self, bytes: u64) -> u64;
+}
+
+/// The donors an outbox asks, shared with its writer.
+pub(crate) type SpaceDonors = Arc<Mutex<Vec<Arc<dyn SpaceDonor>>>>;
+
 /// Where the outbox reads the time. Tests substitute a fake.
 pub trait TimeSource: Send + Sync + 'static {
     /// The machine's clocks now.
@@ -213,6 +226,7 @@ pub struct Outbox {
     dir: PathBuf,
     metrics: Arc<OutboxMetrics>,
     dead: Option<Arc<DeadLetters>>,
+    donors: SpaceDonors,
     /// Appends refused as invalid, per lane.
     rejected_invalid: Vec<Counter>,
     tx: Mutex<Option<mpsc::Sender<Request>>>,
@@ -294,7 +308,9 @@ impl Outbox {
         let epochs = Epochs::open(&meta, lanes.heads(), &mut fresh_meta)?;
         fresh_meta.commit(Durability::SyncAll)?;
         let received = received::load(&meta)?;
-        let limits = Arc::new(Limits::new(&config, dir));
+        let limits = Arc::new(Limits::new(&config, store.sizing().headroom()));
+        metrics.watch_store(store);
+        let donors = SpaceDonors::default();
         let writer = Writer::new(
             Storage {
                 store: store.clone(),
@@ -303,6 +319,7 @@ impl Outbox {
                 quarantine,
                 received,
                 dead: dead.clone(),
+                donors: donors.clone(),
             },
             lanes.clone(),
             limits.clone(),
@@ -340,6 +357,7 @@ impl Outbox {
             dir: dir.to_path_buf(),
             metrics,
             dead,
+            donors,
             rejected_invalid,
             tx: Mutex::new(Some(tx)),
             threads: Mutex::new(vec![writer, sweeper]),
@@ -518,20 +536,38 @@ impl Outbox {
         self.time.now_ms()
     }
 
-    /// The effective byte limit (the configured one, capped at 80 % of the
-    /// disk space free at open).
+    /// The effective byte limit now: the configured one, or the outbox's
+    /// share of the disk if smaller (80 % of the free space and what the
+    /// outbox holds, less what the store needs beyond its data), which
+    /// follows the free space at every commit.
     pub fn max_bytes(&self) -> u64 {
-        self.limits.max_bytes()
+        let stored = self.lanes.totals().iter().map(|l| l.2).sum();
+        self.limits.max_bytes(limits::free_disk(&self.dir), stored)
+    }
+
+    /// Adds a donor of disk space: when an append needs room (below
+    /// `min_free_disk_bytes`, or past the disk's share of the quota), the
+    /// outbox asks its donors before refusing.
+    pub fn add_space_donor(&self, donor: Arc<dyn SpaceDonor>) {
+        holdfast_model::lock(&self.donors).push(donor);
+    }
+
+    /// Why the store refuses writes, while it does: a write or sync failed
+    /// (a full disk) and the store has not reopened yet, which it does by
+    /// itself once there is room. Appends fail meanwhile; nothing stored
+    /// before is lost.
+    pub fn storage_failure(&self) -> Option<String> {
+        self.store.failure()
     }
 
     /// Applies the limits a running outbox can change:
     /// `default_ttl_seconds` (for messages appended from now on),
-    /// `max_messages`, `max_bytes` (still capped at 80 % of the free space
-    /// at start), `min_free_disk_bytes` and `when_full`. A quota lowered
+    /// `max_messages`, `max_bytes` (the disk's share still applies),
+    /// `min_free_disk_bytes` and `when_full`. A quota lowered
     /// below what is queued removes nothing by itself. With `reject-new`,
     /// appends are refused until the backlog is under it; with
     /// `drop-oldest`, the next append removes the oldest messages until the
-    /// backlog fits. Returns the keys that changed (`max_bytes` noting a cap).
+    /// backlog fits. Returns the keys that changed.
     pub fn apply_limits(&self, new: &OutboxConfig) -> Vec<String> {
         self.limits.apply(new)
     }
@@ -542,6 +578,7 @@ impl Outbox {
         for (i, s) in stats.iter().enumerate() {
             self.metrics.set_depth(i as u8, s);
         }
+        self.metrics.set_max_bytes(self.max_bytes());
         stats
     }
 

@@ -51,6 +51,18 @@ pub struct OutboxMetrics {
     /// sent again that this outbox had stored already (acknowledged, not
     /// stored twice).
     duplicates: Family<LaneLabels, Counter>,
+    /// `holdfast_outbox_storage_failed`: 1 while the store refuses writes
+    /// (a write or sync failed; it reopens by itself once there is room).
+    storage_failed: Gauge,
+    /// `holdfast_outbox_storage_failures_total`
+    storage_failures: Counter,
+    /// `holdfast_outbox_storage_recoveries_total`
+    storage_recoveries: Counter,
+    /// `holdfast_outbox_space_given_bytes_total`: disk space donors (the
+    /// range cache) freed for appends.
+    space_given: Counter,
+    /// `holdfast_outbox_max_bytes`: the byte quota now (follows the free space).
+    max_bytes: Gauge,
 }
 
 impl Default for OutboxMetrics {
@@ -115,7 +127,42 @@ impl OutboxMetrics {
             "Messages a child gateway sent again that were stored already (acknowledged, not stored twice), by lane",
             duplicates.clone(),
         );
+        let storage_failed = Gauge::default();
+        registry.register(
+            "outbox_storage_failed",
+            "1 while the store refuses writes after a failed write or sync (it reopens by itself once the disk has room)",
+            storage_failed.clone(),
+        );
+        let storage_failures = Counter::default();
+        registry.register(
+            "outbox_storage_failures",
+            "Times the store failed (a write or sync failed)",
+            storage_failures.clone(),
+        );
+        let storage_recoveries = Counter::default();
+        registry.register(
+            "outbox_storage_recoveries",
+            "Times the store reopened by itself after failing",
+            storage_recoveries.clone(),
+        );
+        let space_given = Counter::default();
+        registry.register(
+            "outbox_space_given_bytes",
+            "Disk space the range cache freed because the outbox needed it",
+            space_given.clone(),
+        );
+        let max_bytes = Gauge::default();
+        registry.register(
+            "outbox_max_bytes",
+            "The outbox's byte quota now: outbox.max_bytes or its share of the disk, whichever is smaller",
+            max_bytes.clone(),
+        );
         OutboxMetrics {
+            storage_failed,
+            storage_failures,
+            storage_recoveries,
+            space_given,
+            max_bytes,
             enqueued,
             delivered,
             expired,
@@ -153,6 +200,38 @@ impl OutboxMetrics {
                 reason: "invalid",
             },
         )
+    }
+
+    /// Follows `store`'s health in the storage gauges and counters.
+    pub(crate) fn watch_store(&self, store: &holdfast_store::Store) {
+        let (failed, failures, recoveries) = (
+            self.storage_failed.clone(),
+            self.storage_failures.clone(),
+            self.storage_recoveries.clone(),
+        );
+        if store.failure().is_some() {
+            failed.set(1);
+        }
+        store.observe(std::sync::Arc::new(move |e| match e {
+            holdfast_store::HealthEvent::Failed { .. } => {
+                failed.set(1);
+                failures.inc();
+            }
+            holdfast_store::HealthEvent::Recovered { .. } => {
+                failed.set(0);
+                recoveries.inc();
+            }
+        }));
+    }
+
+    /// The counter of space donors gave.
+    pub(crate) fn space_given(&self) -> Counter {
+        self.space_given.clone()
+    }
+
+    /// Sets the byte-quota gauge.
+    pub(crate) fn set_max_bytes(&self, bytes: u64) {
+        self.max_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// The group-commit counter.

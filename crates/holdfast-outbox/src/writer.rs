@@ -17,11 +17,11 @@ use crate::dead_letter::{DeadLetter, DeadLetters, Reason};
 use crate::lane::{Removal, Remove};
 use crate::lanes::{Lanes, Totals};
 use crate::layout::{encode_lane_meta, key, lane_meta_key};
-use crate::limits::{Limits, free_disk};
+use crate::limits::{Limits, Quota, free_disk, free_needed};
 use crate::metrics::{LaneCounters, OutboxMetrics};
 use crate::received::{self, From, FromChild, Stored};
 use crate::record::Record;
-use crate::{AppendError, LANES, MessageId, OutboxTime};
+use crate::{AppendError, LANES, MessageId, OutboxTime, SpaceDonors};
 use holdfast_model::HopMarks;
 
 /// Where an append's result goes.
@@ -155,6 +155,12 @@ pub(crate) struct Writer {
     received: std::cell::RefCell<HashMap<From, HopMarks>>,
     /// Where expired, dropped and refused records go, if anywhere.
     dead: Option<Arc<DeadLetters>>,
+    /// Who gives disk space back when an append needs it (the range cache).
+    donors: SpaceDonors,
+    /// Bytes removed since the outbox's space was last compacted.
+    removed_since_compact: std::cell::Cell<u64>,
+    /// Bytes the donors gave.
+    space_given: Counter,
 }
 
 /// The store and the spaces the outbox keeps its records in.
@@ -167,6 +173,8 @@ pub(crate) struct Storage {
     pub(crate) received: HashMap<From, HopMarks>,
     /// The dead-letter store, written in the outbox's commits.
     pub(crate) dead: Option<Arc<DeadLetters>>,
+    /// Who gives disk space back when an append needs it.
+    pub(crate) donors: SpaceDonors,
 }
 
 impl Writer {
@@ -198,6 +206,9 @@ impl Writer {
             commits: metrics.commits(),
             received: std::cell::RefCell::new(storage.received),
             dead: storage.dead,
+            donors: storage.donors,
+            removed_since_compact: std::cell::Cell::new(0),
+            space_given: metrics.space_given(),
         }
     }
 
@@ -239,7 +250,7 @@ impl Writer {
             dead: Vec::new(),
             dead_replies: Vec::new(),
         };
-        let free = free_disk(&self.dir);
+        let mut free = free_disk(&self.dir);
         let mut appends = Vec::new();
         let mut from = Vec::new();
         for req in reqs {
@@ -269,14 +280,19 @@ impl Writer {
         }
         // A publisher is acknowledged after its dead letter is synced.
         let any_append = !appends.is_empty() || !from.is_empty() || !pending.dead_replies.is_empty();
-        // One reading of the limits for the whole batch.
-        let quota = self.limits.quota();
+        // One reading of the limits for the whole batch (again after space
+        // was given back).
+        let stored_at_start = pending.total().1;
+        let mut quota = self.limits.quota(free, stored_at_start);
         for (child_batch, reply) in from {
+            let size: u64 = child_batch.records.iter().map(|(_, v)| v.len() as u64).sum();
+            self.make_room(&mut free, &mut quota, stored_at_start, pending.total().1 + size);
             self.append_from(&mut pending, &mut batch, free, &quota, child_batch, reply);
         }
         for (lane, value, reply) in appends {
             let size = value.len() as u64;
             let c = &self.counters[lane as usize];
+            self.make_room(&mut free, &mut quota, stored_at_start, pending.total().1 + size);
             if free.is_some_and(|f| f < quota.min_free_disk_bytes.saturating_add(size)) {
                 c.rejected_disk.inc();
                 let _ = reply.send(Err(AppendError::DiskFull));
@@ -333,7 +349,8 @@ impl Writer {
         let dead_ids = staged.as_ref().map(|s| s.ids.clone()).unwrap_or_default();
         if batch.is_empty() {
             // Nothing to write: child batches here were all stored before.
-            for (reply, stored, _) in pending.from {
+            for (reply, stored, lane) in pending.from {
+                self.counters[lane as usize].duplicates.inc_by(stored.duplicates);
                 let _ = reply.send(Ok(stored));
             }
             // No dead-letter store: the message was dropped (and counted by the caller).
@@ -362,6 +379,7 @@ impl Writer {
         match result {
             Ok(()) => {
                 self.lanes.committed(&pending.lanes, &pending.removes, any_append);
+                self.compact_when_drained(&pending);
                 for r in &pending.removes {
                     let c = &self.counters[r.lane as usize];
                     match r.why {
@@ -403,7 +421,12 @@ impl Writer {
             Err(e) => {
                 // Nothing was written: undo the claims so the records stay deliverable.
                 self.lanes.commit_failed(&pending.removes);
-                tracing::error!("outbox commit failed: {e}");
+                if self.store.failure().is_some() {
+                    // The store said so once, and reopens by itself.
+                    tracing::debug!("outbox commit failed: {e}");
+                } else {
+                    tracing::error!("outbox commit failed: {e}");
+                }
                 for (_, _, _, reply) in pending.appends {
                     let _ = reply.send(Err(AppendError::Store(e.clone())));
                 }
@@ -420,6 +443,57 @@ impl Writer {
         }
     }
 
+    /// Before an append of `size` bytes that would leave the disk below
+    /// `min_free_disk_bytes` or pass the disk's share of the byte quota
+    /// (but not `max_bytes`), asks the donors (the range cache, whose
+    /// content can be fetched again) for the space; re-reads the free
+    /// space and the quota if they gave some. `total` is what the outbox
+    /// would hold with the append.
+    fn make_room(&self, free: &mut Option<u64>, quota: &mut Quota, stored_at_start: u64, total: u64) {
+        let Some(f) = *free else {
+            return;
+        };
+        let size = total.saturating_sub(stored_at_start);
+        let floor = quota.min_free_disk_bytes.saturating_add(size).saturating_sub(f);
+        let share = if total > quota.max_bytes && total <= self.limits.configured_max_bytes() {
+            free_needed(stored_at_start, size, self.limits.headroom()).saturating_sub(f)
+        } else {
+            0
+        };
+        let need = floor.max(share);
+        if need == 0 {
+            return;
+        }
+        let donors = holdfast_model::lock(&self.donors).clone();
+        let mut given = 0;
+        for donor in donors {
+            if given >= need {
+                break;
+            }
+            given += donor.give_space(need - given);
+        }
+        if given > 0 {
+            self.space_given.inc_by(given);
+            tracing::debug!(need, given, "outbox: space given back for an append");
+            *free = free_disk(&self.dir);
+            *quota = self.limits.quota(*free, stored_at_start);
+        }
+    }
+
+    /// After a commit that left the outbox empty, with enough removed since
+    /// the last time, compacts its space so what the drained messages took
+    /// goes back to the file system (a small disk needs it back).
+    fn compact_when_drained(&self, pending: &Pending) {
+        let removed: u64 = pending.removes.iter().map(|r| r.size).sum();
+        let since = self.removed_since_compact.get() + removed;
+        self.removed_since_compact.set(since);
+        let (n, _) = pending.total();
+        if n == 0 && since > 0 && since >= self.store.sizing().table_bytes {
+            self.removed_since_compact.set(0);
+            self.store.compact_later(&self.data);
+        }
+    }
+
     /// A child's batch into this commit: the records not stored before
     /// (by hop id, against the marks as they will be after this commit),
     /// all of them or, when they do not fit the disk or the quota, none.
@@ -428,7 +502,7 @@ impl Writer {
         pending: &mut Pending,
         batch: &mut Batch,
         free: Option<u64>,
-        quota: &crate::limits::Quota,
+        quota: &Quota,
         child_batch: FromChild,
         reply: FromReply,
     ) {

@@ -2,6 +2,7 @@
 //! test (root only; CI runs as root). Without the right to mount, each
 //! test says so and passes without running: the end-to-end tests in
 //! `tests/e2e_small_disk.rs` need the same.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a panic is its failure
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
