@@ -71,7 +71,11 @@ fn curl_https(port: u16, ca: Option<&Path>, path: &str, args: &[&str]) -> Got {
     if let Some(ca) = ca {
         c.arg("--cacert").arg(ca);
     }
-    let out = c.args(args).arg(format!("https://{HOST}:{port}{path}")).output().expect("curl");
+    let out = c
+        .args(args)
+        .arg(format!("https://{HOST}:{port}{path}"))
+        .output()
+        .expect("curl");
     parse_got(&h, &b, out.status.code().unwrap_or(-1))
 }
 
@@ -94,7 +98,13 @@ fn the_https_listener_serves_the_cache() {
     let pki = tempfile::tempdir().unwrap();
     let (gw, tls, ca) = node(&origin, pki.path(), "");
     let g = curl_https(tls, Some(&ca), "/doc", &[]);
-    assert_eq!((g.status, g.body == doc), (200, true), "exit {}: {}", g.exit, gw.describe());
+    assert_eq!(
+        (g.status, g.body == doc),
+        (200, true),
+        "exit {}: {}",
+        g.exit,
+        gw.describe()
+    );
     let g = curl_https(tls, Some(&ca), "/doc", &["-r", "70000-70099"]);
     assert_eq!((g.status, g.body.as_slice()), (206, &doc[70_000..70_100]));
     assert_eq!(g.header("cache-status"), Some("holdfast-https; hit"));
@@ -129,11 +139,18 @@ fn tls_clients_count_against_the_connection_limits_and_handshakes_are_bounded() 
     );
     let event = |e: &str| gw.metric(&format!("holdfast_cache_events_total{{event=\"{e}\"}}"));
     // Two connections to the HTTPS port that never start a handshake.
-    let silent: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(("127.0.0.1", tls)).unwrap()).collect();
+    let silent: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(("127.0.0.1", tls)).unwrap())
+        .collect();
     // Once the listener has taken both, this client has no slot left, on
     // either listener.
     let refused = curl_https(tls, Some(&ca), "/doc", &[]);
-    assert_eq!(refused.status, 0, "a third TLS connection is refused: {}", gw.describe());
+    assert_eq!(
+        refused.status,
+        0,
+        "a third TLS connection is refused: {}",
+        gw.describe()
+    );
     let plain = curl_host(gw.cache, HOST, "/doc", &[]);
     assert_eq!(plain.status, 503, "and so is a plain one from the same client");
     assert!(event("connection-refused-per-ip") >= 2.0);

@@ -116,7 +116,11 @@ fn relayed_answers_keep_every_end_to_end_field_and_drop_hop_by_hop_ones() {
                 (_, true) => &big,
                 _ => b"the origin's body",
             };
-            assert!(g.body == body, "{what}: the origin's body, whole ({} bytes)", g.body.len());
+            assert!(
+                g.body == body,
+                "{what}: the origin's body, whole ({} bytes)",
+                g.body.len()
+            );
             for (k, v) in [
                 ("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT"),
                 ("etag", "\"origin-tag\""),
@@ -129,7 +133,13 @@ fn relayed_answers_keep_every_end_to_end_field_and_drop_hop_by_hop_ones() {
                 assert_eq!(g.header(k), Some(v), "{what}: {k} relayed: {:?}", g.headers);
             }
             assert!(g.header("age").is_some(), "{what}: Age relayed");
-            for gone in ["x-hop", "keep-alive", "proxy-connection", "proxy-authenticate", "upgrade"] {
+            for gone in [
+                "x-hop",
+                "keep-alive",
+                "proxy-connection",
+                "proxy-authenticate",
+                "upgrade",
+            ] {
                 assert!(g.header(gone).is_none(), "{what}: {gone} relayed: {:?}", g.headers);
             }
             assert!(
@@ -165,7 +175,14 @@ fn age_is_read_as_rfc_9111_says() {
         object(s, &fields)
     });
     let gw = node(&origin);
-    let fresh = ["/negative", "/fraction", "/text", "/plus", "/list-young", "/repeated-young"];
+    let fresh = [
+        "/negative",
+        "/fraction",
+        "/text",
+        "/plus",
+        "/list-young",
+        "/repeated-young",
+    ];
     let stale = ["/list-old", "/repeated-old", "/overflow", "/old"];
     for path in fresh.iter().chain(&stale) {
         for _ in 0..2 {
@@ -204,7 +221,10 @@ fn date_missing_invalid_or_obsolete() {
             }
             "/old-then-304" => object(s, &[("cache-control", "max-age=600"), ("date", &old)]),
             "/expires-rfc850" => object(s, &[("date", &format_http_date(t as i64)), ("expires", &rfc850(&soon))]),
-            "/expires-asctime" => object(s, &[("date", &format_http_date(t as i64)), ("expires", &asctime(&soon))]),
+            "/expires-asctime" => object(
+                s,
+                &[("date", &format_http_date(t as i64)), ("expires", &asctime(&soon))],
+            ),
             _ => Reply::new(404, &[], b""),
         }
     });

@@ -124,7 +124,10 @@ impl CacheConfig {
                 return Err(("cache.tls_listen", "must differ from cache.listen".to_string()));
             }
             (None, Some(_), _) | (None, _, Some(_)) => {
-                return Err(("cache.tls_listen", "required with cache.tls_cert and cache.tls_key".to_string()));
+                return Err((
+                    "cache.tls_listen",
+                    "required with cache.tls_cert and cache.tls_key".to_string(),
+                ));
             }
             _ => {}
         }

@@ -233,7 +233,12 @@ impl Fills {
                 let body = read_capped(resp.into_body(), STATUS_BODY_CAP, self.origin.timeout()).await;
                 return Err(FillError::Status { status, headers, body });
             }
-            _ => return Err(hand_off(resp, format!("status {status}, body of unknown or large size"))),
+            _ => {
+                return Err(hand_off(
+                    resp,
+                    format!("status {status}, body of unknown or large size"),
+                ));
+            }
         };
         // RFC 9111 §3: what a shared cache must not store. A reason in the
         // response holds for everyone for a while; one in the request only

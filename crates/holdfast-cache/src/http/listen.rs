@@ -54,10 +54,14 @@ pub fn tls_config(cfg: &CacheConfig) -> Result<Option<Arc<rustls::ServerConfig>>
     }
     let setup = |key: &str, e: &dyn std::fmt::Display| CacheError::Setup(format!("{key}: {e}"));
     let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else {
-        return Err(setup("cache.tls_cert", &"cache.tls_cert and cache.tls_key are required"));
+        return Err(setup(
+            "cache.tls_cert",
+            &"cache.tls_cert and cache.tls_key are required",
+        ));
     };
     let certs = load_certs(cert).map_err(|e| setup("cache.tls_cert", &e))?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| setup("cache.tls_key", &format!("{}: {e}", key.display())))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| setup("cache.tls_key", &format!("{}: {e}", key.display())))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])

@@ -165,7 +165,10 @@ mod tests {
         let mut none = HeaderMap::new();
         assert!(record_date(&mut none, 5));
         assert_eq!(date_value(&none), Some(5));
-        let mut fields = vec![("date".to_string(), "0".to_string()), ("x".to_string(), "y".to_string())];
+        let mut fields = vec![
+            ("date".to_string(), "0".to_string()),
+            ("x".to_string(), "y".to_string()),
+        ];
         record_date_in(&mut fields, 1000);
         assert_eq!(fields[0].0, "x");
         assert_eq!(fields[1], ("date".to_string(), format_http_date(1000)));
@@ -182,7 +185,12 @@ mod tests {
         let y = |s: &str, now| parse_obsolete_date(s, now).map(|t| holdfast_model::civil_from_days(t / 86_400).0);
         assert_eq!(y("Monday, 06-Nov-30 08:49:37 GMT", 2025), Some(2030));
         assert_eq!(y("Monday, 06-Nov-80 08:49:37 GMT", 2025), Some(1980));
-        for bad in ["Sun Nov 6 08:49 1994", "Sunday, 06-Nov-1994 08:49:37 GMT", "06 Nov 1994", "x, y"] {
+        for bad in [
+            "Sun Nov 6 08:49 1994",
+            "Sunday, 06-Nov-1994 08:49:37 GMT",
+            "06 Nov 1994",
+            "x, y",
+        ] {
             assert_eq!(parse_obsolete_date(bad, 2025), None, "{bad:?}");
         }
     }
