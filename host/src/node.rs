@@ -316,6 +316,8 @@ impl Node {
         let cache = match cache {
             Some(cache) => {
                 let cache = Arc::new(cache);
+                // The outbox has priority for the disk: the cache gives space back.
+                outbox.add_space_donor(Arc::new(CacheDonor(cache.clone())));
                 let tls_config = holdfast_cache::http::tls_config(&config.cache)?;
                 let (listener, bound) = bind(config.cache.listen, |addr, source| StartError::CacheBind {
                     addr,
@@ -661,6 +663,16 @@ fn create_private_dir(dir: &Path) -> Result<(), StartError> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
     }
     Ok(())
+}
+
+/// The range cache as the outbox's donor of disk space: its content can be
+/// fetched again, the outbox's messages cannot.
+struct CacheDonor(Arc<Cache>);
+
+impl holdfast_outbox::SpaceDonor for CacheDonor {
+    fn give_space(&self, bytes: u64) -> u64 {
+        self.0.give_space(bytes)
+    }
 }
 
 /// Reads the admin token file, or creates it with a random token, readable

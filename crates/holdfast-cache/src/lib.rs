@@ -434,6 +434,16 @@ impl Cache {
         ])
     }
 
+    /// Gives disk space to the outbox: evicts least recently used objects
+    /// (none being read or fetched) until about `bytes` are freed; the
+    /// bytes freed. The outbox has priority for the disk: its messages
+    /// cannot be fetched again, this content can. Blocks briefly on file
+    /// deletions. Counted as `holdfast_cache_events_total{event="yielded-to-outbox"}`
+    /// and in the evicted bytes.
+    pub fn give_space(&self, bytes: u64) -> u64 {
+        self.store.give_space(&self.objects, &self.counters, bytes)
+    }
+
     /// The `source` label for a key: its namespace before `:`, capped in
     /// number.
     pub fn source_label(&self, key: &str) -> String {

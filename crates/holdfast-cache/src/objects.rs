@@ -479,6 +479,39 @@ impl Objects {
         (ok, victims)
     }
 
+    /// Evicts least recently used objects (not pinned, not being fetched)
+    /// until `need` bytes of stored blocks are freed or none is left:
+    /// the bytes freed, and the evicted objects' keys and ids (their files
+    /// are the caller's to delete).
+    pub(crate) fn evict(&self, need: u64) -> (u64, Vec<(String, u64)>) {
+        let mut victims = Vec::new();
+        let mut freed = 0;
+        let mut t = self.lock();
+        while freed < need {
+            let victim = t
+                .lru
+                .iter()
+                .find(|(_, k)| {
+                    t.objects
+                        .get(k)
+                        .is_some_and(|o| o.readers == 0 && o.inflight.is_empty() && !o.stored.is_empty())
+                })
+                .cloned();
+            let Some((tick, vkey)) = victim else {
+                break;
+            };
+            t.lru.remove(&(tick, vkey.clone()));
+            if let Some(o) = t.objects.remove(&vkey) {
+                let bytes = o.stored_bytes();
+                t.stored_bytes -= bytes;
+                freed += bytes;
+                self.metrics.evicted(bytes);
+                victims.push((vkey, o.id));
+            }
+        }
+        (freed, victims)
+    }
+
     /// Gives back `len` reserved bytes.
     pub(crate) fn unreserve(&self, len: u64) {
         let mut t = self.lock();

@@ -89,6 +89,22 @@ impl BlockStore {
         ok
     }
 
+    /// Evicts least recently used objects until about `need` bytes are
+    /// freed on disk, for the outbox (whose messages cannot be fetched
+    /// again, as this content can); the bytes freed.
+    pub(crate) fn give_space(&self, objects: &Objects, counters: &Counters, need: u64) -> u64 {
+        let (freed, victims) = objects.evict(need);
+        objects.update_gauges();
+        for (vkey, id) in victims {
+            tracing::debug!(key = %vkey, "cache: evicted for the outbox");
+            counters.event("yielded-to-outbox");
+            if let Err(e) = disk::remove_object(&self.index, &self.dir, Some(&vkey), id) {
+                tracing::warn!(error = %e, "cache: cannot remove an evicted object's index records");
+            }
+        }
+        freed
+    }
+
     /// A buffer for block `k` (of `len` bytes) of object `obj_id`: a
     /// `.part` file when `public` and admitted, memory otherwise.
     pub(crate) fn buffer(

@@ -4,7 +4,7 @@
 //! | method | path | what |
 //! |---|---|---|
 //! | GET | `/` | the status page (HTML; its script asks for the token) |
-//! | GET | `/healthz` | `ok` (no token) |
+//! | GET | `/healthz` | `ok`, or 503 while the store refuses writes (no token) |
 //! | GET | `/openapi.json` | the OpenAPI 3.1 document of every route here (no token) |
 //! | GET | `/metrics` | OpenMetrics text, which Prometheus scrapes (no token unless `admin.metrics_require_token`) |
 //! | POST | `/api/v1/reload` | re-read the config file: `{"applied", "not_applied", "failed"}`; 422 if it does not load |
@@ -148,9 +148,28 @@ fn api_routes() -> Routes {
 fn public_routes() -> Routes {
     Routes::default()
         .get("/", status_page)
-        .get("/healthz", || async { "ok\n" })
+        .get("/healthz", healthz)
         .get("/metrics", metrics)
         .get("/openapi.json", openapi)
+}
+
+/// What `/healthz` looks at: the outbox, whose store can fail.
+#[derive(Clone)]
+struct HealthApi(Arc<holdfast_outbox::Outbox>);
+
+impl FromRef<Arc<NodeState>> for HealthApi {
+    fn from_ref(node: &Arc<NodeState>) -> Self {
+        HealthApi(node.outbox.clone())
+    }
+}
+
+/// `ok`, or 503 with why while the store refuses writes (it reopens by
+/// itself once the disk has room; `holdfast_outbox_storage_failed`).
+async fn healthz(State(api): State<HealthApi>) -> Response {
+    match api.0.storage_failure() {
+        None => "ok\n".into_response(),
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("storage failed: {reason}\n")).into_response(),
+    }
 }
 
 /// Every route served, as `(method, path)`, for checking the OpenAPI document.
