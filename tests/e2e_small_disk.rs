@@ -10,8 +10,8 @@
 //! - (d) a node started on a full disk takes messages once space is freed,
 //!   without a restart or a reload.
 //!
-//! (b), the range cache giving space to the outbox, is
-//! `e2e_cache_small_disk` below.
+//! - (b) with the range cache filling the disk to its own floor, the
+//!   outbox still takes messages: the cache gives space back.
 //!
 //! Mounting a tmpfs needs root (CI runs as root). Without it each test
 //! says so on stderr and returns.
@@ -24,8 +24,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use support::client::Client;
+use support::curl::{curl_host, data};
 use support::delivery::Consumer;
 use support::fleet::{addr, fleet, fleet_section, listen_section, upstream_section, wait_until};
+use support::origin::Origin;
 use support::proxy::Proxy;
 use support::{Gateway, free_port, http_get};
 
@@ -100,10 +102,10 @@ fn healthz(gw: &Gateway) -> u16 {
 }
 
 /// A root, a proxy in front of its link listener, and gw1 on a 64 MiB
-/// tmpfs with `outbox` in its config.
+/// tmpfs with `outbox` in its config (and `extra` after it).
 struct Tree {
-    root: Gateway,
     consumer: Consumer,
+    _root: Gateway,
     proxy: Proxy,
     gw: Gateway,
     data: PathBuf,
@@ -112,6 +114,10 @@ struct Tree {
 }
 
 fn tree(outbox: &str) -> Tree {
+    tree_with(outbox, "")
+}
+
+fn tree_with(outbox: &str, extra: &str) -> Tree {
     let certs = fleet(&["root", "gw1"]);
     let c = certs.path();
     let root_link = free_port();
@@ -129,7 +135,7 @@ fn tree(outbox: &str) -> Tree {
     let gw = Gateway::start_prepared(
         "gw1",
         &format!(
-            "{}{}[outbox]\n{outbox}",
+            "{}{}[outbox]\n{outbox}{extra}",
             fleet_section(c, "gw1"),
             upstream_section(proxy.udp, "root")
         ),
@@ -140,7 +146,7 @@ fn tree(outbox: &str) -> Tree {
     );
     let data = data.unwrap();
     Tree {
-        root,
+        _root: root,
         consumer,
         proxy,
         gw,
@@ -182,10 +188,11 @@ fn a_drained_backlog_gives_the_disk_back() {
     let acked = publish_until_refused(t.gw.mqtt, 0, 10_000);
     assert!(acked.len() > 100, "only {} taken", acked.len());
     assert!(acked.len() < 10_000, "the disk never filled");
+    let full = free(&t.data);
     eprintln!(
         "taken before the disk filled: {} ({} MiB free)",
         acked.len(),
-        free(&t.data) / MIB
+        full / MIB
     );
     t.proxy.cmd("up");
     wait_until(180, "the backlog to arrive at the root", || {
@@ -193,8 +200,10 @@ fn a_drained_backlog_gives_the_disk_back() {
     });
     assert!(acked.iter().all(|s| arrived(&t.consumer).contains(s)));
     let drained = Instant::now();
+    // The backlog took about 16 KiB × its length; most of it comes back.
+    let backlog = acked.len() as u64 * (16 << 10);
     wait_until(60, "the drained backlog's space to come back", || {
-        free(&t.data) > 16 * MIB
+        free(&t.data) > full + backlog / 4 * 3
     });
     eprintln!(
         "space back {} ms after the drain: {} MiB free",
@@ -213,7 +222,6 @@ fn a_drained_backlog_gives_the_disk_back() {
         let got = arrived(&t.consumer);
         again.iter().chain(&after).all(|s| got.contains(s))
     });
-    drop(t.root);
 }
 
 /// (c) With no floor, a write finds the disk full (another process filled
@@ -281,4 +289,59 @@ fn a_node_started_on_a_full_disk_takes_messages_once_space_is_freed() {
     let taken = publish_until_refused(t.gw.mqtt, 1, 20);
     assert_eq!(taken.len(), 20, "{}", t.gw.describe());
     assert!(t.gw.metric("holdfast_outbox_max_bytes ") > (16 * MIB) as f64);
+}
+
+/// (b) The range cache fills the disk to its own floor (1 MiB free), below
+/// the outbox's (8 MiB): the outbox, whose messages cannot be fetched
+/// again, still takes them; the cache evicts what the outbox needs. (The
+/// cache evicted only for itself, so every publish was refused while it
+/// kept its space.)
+#[test]
+fn the_outbox_has_priority_over_the_cache_for_the_disk() {
+    if !can_mount() {
+        return;
+    }
+    let origin = Origin::start();
+    let cache_port = free_port();
+    let t = tree_with(
+        "min_free_disk_bytes = 8388608\n",
+        &format!(
+            "[cache]\nlisten = \"127.0.0.1:{cache_port}\"\nmin_free = 1048576\n{}",
+            origin.sources()
+        ),
+    );
+    t.proxy.cmd("cut");
+    let file = data(3, 4 * MIB as usize);
+    let mut n = 0;
+    while free(&t.data) > 4 * MIB && n < 20 {
+        let path = format!("/pool/f{n}.bin");
+        origin.put(&path, &file);
+        let got = curl_host(cache_port, "origin.test", &path, &[]);
+        assert!(got.body == file);
+        n += 1;
+        let want = n * 4 * MIB;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while t.gw.api("/api/v1/cache")["stored_bytes"].as_u64().unwrap() < want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let cached = t.gw.api("/api/v1/cache")["stored_bytes"].as_u64().unwrap();
+    assert!(
+        free(&t.data) < 8 * MIB,
+        "the cache left {} MiB free",
+        free(&t.data) / MIB
+    );
+    eprintln!("cache holds {} MiB, {} MiB free", cached / MIB, free(&t.data) / MIB);
+    // 8 MiB of messages: none refused.
+    let acked = publish_until_refused(t.gw.mqtt, 0, 500);
+    assert_eq!(acked.len(), 500, "{}", t.gw.describe());
+    let left = t.gw.api("/api/v1/cache")["stored_bytes"].as_u64().unwrap();
+    assert!(left < cached, "the cache kept {left} of {cached} bytes");
+    assert!(t.gw.metric("holdfast_cache_events_total{event=\"yielded-to-outbox\"} ") > 0.0);
+    assert!(t.gw.metric("holdfast_outbox_space_given_bytes_total ") > 0.0);
+    t.proxy.cmd("up");
+    wait_until(120, "the messages to arrive", || {
+        let got = arrived(&t.consumer);
+        acked.iter().all(|s| got.contains(s))
+    });
 }
