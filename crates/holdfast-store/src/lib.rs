@@ -464,8 +464,14 @@ impl Batch {
 }
 
 impl Space {
-    fn keyspace(&self) -> Result<fjall::Keyspace, StoreError> {
-        self.inner.open()?.spaces.get(self.idx).cloned().ok_or_else(no_space)
+    /// Runs `f` on the keyspace of the open database, without cloning a
+    /// handle (reads are the drain's hot path).
+    fn with<T>(&self, f: impl FnOnce(&fjall::Keyspace) -> T) -> Result<T, StoreError> {
+        let open = self.inner.open.load();
+        let Some(open) = open.as_ref() else {
+            return Err(self.inner.open().err().unwrap_or_else(no_space));
+        };
+        open.spaces.get(self.idx).map(f).ok_or_else(no_space)
     }
 
     /// The value under `key`.
@@ -473,7 +479,7 @@ impl Space {
     /// # Errors
     /// Storage errors.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.keyspace()?.get(key).map_err(err)?.map(|v| v.to_vec()))
+        Ok(self.with(|ks| ks.get(key))?.map_err(err)?.map(|v| v.to_vec()))
     }
 
     /// Key/value pairs in `range`, in key order.
@@ -481,8 +487,8 @@ impl Space {
         &self,
         range: R,
     ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> {
-        let (failed, iter) = match self.keyspace() {
-            Ok(ks) => (None, Some(ks.range(range))),
+        let (failed, iter) = match self.with(|ks| ks.range(range)) {
+            Ok(iter) => (None, Some(iter)),
             Err(e) => (Some(Err(e)), None),
         };
         failed.into_iter().chain(iter.into_iter().flatten().map(|guard| {
@@ -496,8 +502,8 @@ impl Space {
         &self,
         range: R,
     ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> {
-        let (failed, iter) = match self.keyspace() {
-            Ok(ks) => (None, Some(ks.range(range).rev())),
+        let (failed, iter) = match self.with(|ks| ks.range(range).rev()) {
+            Ok(iter) => (None, Some(iter)),
             Err(e) => (Some(Err(e)), None),
         };
         failed.into_iter().chain(iter.into_iter().flatten().map(|guard| {
@@ -509,7 +515,7 @@ impl Space {
     /// Bytes this space occupies on disk (approximate; 0 while the store
     /// is being reopened).
     pub fn disk_space(&self) -> u64 {
-        self.keyspace().map(|ks| ks.disk_space()).unwrap_or(0)
+        self.with(fjall::Keyspace::disk_space).unwrap_or(0)
     }
 }
 
