@@ -497,7 +497,7 @@ impl Session {
     /// resolves once it is stored.
     fn deliver_in(&self, ctx: &Bridge, p: &Publish) -> Option<BoxFuture<'static, Result<usize, u8>>> {
         let b = &ctx.link.config.mqtt;
-        let Some(rule) = b
+        let rule = b
             .inbound
             .iter()
             .find(|r| holdfast_mqtt::topic::matches(&r.filter, &p.topic))?;

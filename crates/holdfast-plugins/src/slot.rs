@@ -15,10 +15,10 @@ use wasmtime::{Store, Trap};
 
 use super::bindings;
 use super::engine::Runtime;
+use super::metrics::{FailureKind, SlotMetrics};
 use super::state::EPOCH_TICK;
 use super::state::{NodeContext, PluginState};
 use super::{PluginError, SlotName};
-use super::metrics::{FailureKind, SlotMetrics};
 
 /// Swap records kept per slot.
 const HISTORY_LEN: usize = 100;

@@ -18,9 +18,9 @@ use super::bindings::auth::holdfast::gateway::{authn, crypto, identities};
 use super::bindings::content::holdfast::gateway::content;
 use super::bindings::router::holdfast::gateway::{host, routing, types};
 use super::message::MessageRep;
+use super::metrics::PluginMetrics;
 use super::stdio::Captured;
 pub use super::stdio::LOG_MESSAGE_MAX;
-use super::metrics::PluginMetrics;
 use holdfast_model::identity::IdentityDirectory;
 
 /// How often the epoch advances. Deadlines are whole ticks.
