@@ -122,7 +122,7 @@ fn a_new_router_reaches_every_node_of_a_three_level_tree() {
     );
     // gw3 pins its outbox settings: deployments leave them alone. Its
     // max_bytes is set below any disk's cap (the default, 10 GiB, is capped
-    // at 80 % of the free space at start, which moves between restarts).
+    // by the free space, which moves between restarts).
     let mut gw3 = Gateway::start_named(
         "gw3",
         &format!(

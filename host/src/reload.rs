@@ -306,10 +306,10 @@ fn apply(live: &Live, applied: &mut Config, new: Config, path: &str) -> ReloadRe
             "the MQTT broker is not running"
         } else if key.starts_with("cache.") && live.cache.is_none() {
             "the cache is not running"
-        } else if key == "outbox.max_bytes" {
-            "the value in force is unchanged: capped at 80 % of the free space at start"
-        } else {
+        } else if key == "cache.max_size" {
             "the value in force is unchanged: cache.max_size is at least one block"
+        } else {
+            "the value in force is unchanged"
         };
         report.not_applied.push(format!("{key} ({why})"));
     }
