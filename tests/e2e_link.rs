@@ -792,6 +792,13 @@ fn a_child_declaring_a_huge_zstd_window_is_refused() {
         data[5] = (window_log - 10) << 3;
         let mut out = BytesMut::new();
         Frame::Lane(lane).encode(&mut out).unwrap();
+        // link/4: the batch's hop ids go first.
+        Frame::Ids(wire::BatchIds {
+            epoch: 7,
+            seqs: vec![1],
+        })
+        .encode(&mut out)
+        .unwrap();
         Frame::ZBatch {
             count,
             raw_len,
@@ -821,7 +828,11 @@ fn a_child_declaring_a_huge_zstd_window_is_refused() {
         control.write_all(&hello).await.unwrap();
         let welcome = wire::FramedRecv::new(control_recv, 1 << 16).next().await.unwrap();
         assert!(matches!(welcome, Some(Frame::Welcome { .. })), "{welcome:?}");
-        assert!(wire::is_v2(&conn), "ZBATCH needs link/2 or later");
+        assert_eq!(
+            wire::negotiated(&conn),
+            4,
+            "this test speaks link/4 (IDS before each batch)"
+        );
         // The window the link allows: stored and acknowledged.
         let (mut send, recv) = conn.open_bi().await.unwrap();
         send.write_all(&zbatch(1, wire::ZSTD_WINDOW_LOG as u8)).await.unwrap();

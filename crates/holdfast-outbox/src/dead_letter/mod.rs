@@ -146,23 +146,13 @@ fn parse_key(k: &[u8]) -> Option<u64> {
     }
 }
 
+/// The counters as stored: the same three big-endian u64s as a lane's.
 fn encode_totals(t: &Totals) -> Vec<u8> {
-    [t.next_id, t.count, t.bytes]
-        .iter()
-        .flat_map(|v| v.to_be_bytes())
-        .collect()
+    crate::layout::encode_lane_meta(t.next_id, t.count, t.bytes)
 }
 
 fn decode_totals(b: &[u8]) -> Option<(u64, u64, u64)> {
-    if b.len() != 24 {
-        return None;
-    }
-    let at = |i: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[i..i + 8]);
-        u64::from_be_bytes(a)
-    };
-    Some((at(0), at(8), at(16)))
+    crate::layout::decode_lane_meta(b)
 }
 
 /// The dead-letter store. Every change holds its lock until committed, so
