@@ -40,7 +40,7 @@ fn make_pki(dir: &std::path::Path) {
 }
 
 /// Four paho-mqtt clients (MQTT 3.1.1 and 5, over ws:// and wss://) publish
-/// without pause while the node is stopped with SIGTERM, twenty times over.
+/// about every half millisecond while the node is stopped with SIGTERM, twenty times over.
 /// Every client must see a clean close every time: for MQTT 3.1.1 the
 /// WebSocket Close frame (which paho answers) and then the end of the
 /// stream, for MQTT 5 the DISCONNECT 0x8B; and never a reset, a broken pipe

@@ -10,8 +10,9 @@
 //! the kernel send a reset, and a client answering the Close (paho-mqtt's
 //! websocket transport, which the IoT Hub device SDKs use) then loses its
 //! network thread to "connection reset by peer". Bounded by
-//! [`CLOSE_GRACE`] per phase, [`CLOSE_LIMIT`] in all, and [`CLOSE_MAX`]
-//! bytes: a client that never answers is let go.
+//! [`CLOSE_GRACE`] per phase and since the last bytes the client sent (a
+//! client still sending is slow, not gone), [`CLOSE_LIMIT`] in all, and
+//! [`CLOSE_MAX`] bytes: a client that never answers is let go.
 
 use std::future::Future;
 use std::io;
@@ -136,7 +137,7 @@ pub struct WsStream<S> {
     /// The client's Close frame arrived.
     peer_closed: bool,
     /// The close, once started, and its deadline.
-    closing: Option<(Closing, Pin<Box<tokio::time::Sleep>>)>,
+    closing: Option<(Closing, Pin<Box<tokio::time::Sleep>>, tokio::time::Instant)>,
 }
 
 impl<S> WsStream<S> {
@@ -159,6 +160,7 @@ impl<S> WsStream<S> {
                     phase: Phase::Closed(e),
                     ..
                 },
+                _,
                 _,
             )) => Some(e),
             _ => None,
@@ -218,9 +220,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
 
     /// Drives the close to its end (see the module).
     fn poll_closing(&mut self, cx: &mut Context<'_>) -> Poll<Ended> {
-        let (mut closing, mut deadline) = match self.closing.take() {
+        let (mut closing, mut deadline, limit) = match self.closing.take() {
             Some(c) => c,
-            None => (Closing::start(), Box::pin(tokio::time::sleep(CLOSE_GRACE))),
+            None => (
+                Closing::start(),
+                Box::pin(tokio::time::sleep(CLOSE_GRACE)),
+                tokio::time::Instant::now() + CLOSE_LIMIT,
+            ),
         };
         let polled = loop {
             let phase = closing.phase;
@@ -239,12 +245,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
                 Phase::Closed(ended @ (Ended::GaveUp | Ended::Failed)) => {
                     tracing::debug!(?ended, ?phase, ?step, "WebSocket close cut short");
                 }
-                // Each of the client's parts gets its own grace.
-                next if next != phase => deadline.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE),
+                // Each of the client's parts gets its own grace, and so does
+                // each piece the client still sends (a busy client is slow,
+                // not gone); never past CLOSE_LIMIT from the start.
+                next if next != phase || matches!(step, Step::Discarded(_)) => deadline
+                    .as_mut()
+                    .reset((tokio::time::Instant::now() + CLOSE_GRACE).min(limit)),
                 _ => {}
             }
         };
-        self.closing = Some((closing, deadline));
+        self.closing = Some((closing, deadline, limit));
         polled
     }
 }
