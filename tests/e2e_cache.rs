@@ -99,7 +99,7 @@ fn range_forms_conditionals_and_request_modes() {
     assert_eq!(g.status, 206);
     assert_eq!(g.body, &a[100..200]);
     assert_eq!(g.header("content-range"), Some(format!("bytes 100-199/{len}").as_str()));
-    assert_eq!(g.header("cache-status"), Some("holdfast-c1; fwd=miss"));
+    assert_eq!(g.header("cache-status"), Some("holdfast-c1; fwd=uri-miss; stored"));
     assert_eq!(origin.ranges("/pool/a.bin"), ["bytes=0-1048575"]);
     let etag = g.header("etag").unwrap().to_string();
     wait_until("block 0 stored", || stored_bytes(&gw) == MIB as u64);
@@ -533,7 +533,7 @@ fn restart_eviction_and_purge() {
         "{objects}"
     );
     let g = curl(port, "/pool/h.bin", &["-r", "0-9"]);
-    assert_eq!(g.header("cache-status"), Some("holdfast-c4; fwd=miss"));
+    assert_eq!(g.header("cache-status"), Some("holdfast-c4; fwd=uri-miss; stored"));
 
     // Purge everything.
     let out = gw.cli_ok(&["cache", "purge", "--all"]);
@@ -542,7 +542,7 @@ fn restart_eviction_and_purge() {
     let stats = gw.cli_ok(&["cache", "stats"]);
     assert!(stats.contains("4.0 MiB"), "{stats}");
     let g = curl(port, "/pool/x.bin", &["-r", "0-9"]);
-    assert_eq!(g.header("cache-status"), Some("holdfast-c4; fwd=miss"));
+    assert_eq!(g.header("cache-status"), Some("holdfast-c4; fwd=uri-miss; stored"));
 }
 
 /// Three levels as separate processes: a leaf's miss goes up through the

@@ -107,7 +107,8 @@ fn the_https_listener_serves_the_cache() {
     );
     let g = curl_https(tls, Some(&ca), "/doc", &["-r", "70000-70099"]);
     assert_eq!((g.status, g.body.as_slice()), (206, &doc[70_000..70_100]));
-    assert_eq!(g.header("cache-status"), Some("holdfast-https; hit"));
+    let cs = g.header("cache-status").unwrap_or("");
+    assert!(cs.starts_with("holdfast-https; hit"), "{cs}");
     let plain = curl_host(gw.cache, HOST, "/doc", &[]);
     assert_eq!((plain.status, plain.body == doc), (200, true), "plain HTTP stays");
     assert_eq!(origin.count("/doc"), 1, "one upstream fetch for both listeners");

@@ -55,6 +55,11 @@ pub struct CacheConfig {
     /// it may send (for a kept-alive connection, from the end of the last
     /// response) to its end, ms. Default 10000.
     pub header_timeout_ms: u64,
+    /// Targeted cache-control fields this cache obeys (RFC 9213), first
+    /// match wins: when a response carries one, its directives replace
+    /// `Cache-Control` and `Expires` for this cache. Default
+    /// `["CDN-Cache-Control"]`; empty to obey `Cache-Control` only.
+    pub targeted_cache_control: Vec<String>,
 }
 
 impl Default for CacheConfig {
@@ -77,6 +82,7 @@ impl Default for CacheConfig {
             max_connections_per_ip: 64,
             reserved_connections_percent: 10,
             header_timeout_ms: 10_000,
+            targeted_cache_control: vec!["CDN-Cache-Control".to_string()],
         }
     }
 }
@@ -113,6 +119,11 @@ impl CacheConfig {
         }
         if c.reserved_connections_percent > 90 {
             return Err(("cache.reserved_connections_percent", "must be 0-90".to_string()));
+        }
+        for name in &c.targeted_cache_control {
+            if hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(("cache.targeted_cache_control", format!("{name:?} is not a field name")));
+            }
         }
         if !(100..=600_000).contains(&c.header_timeout_ms) {
             return Err(("cache.header_timeout_ms", "must be 100-600000".to_string()));
@@ -186,5 +197,16 @@ mod tests {
         assert_eq!(with(Some("0.0.0.0:443"), true, false), Err("cache.tls_key"));
         assert_eq!(with(Some("0.0.0.0:8080"), true, true), Err("cache.tls_listen"));
         assert_eq!(with(None, true, true), Err("cache.tls_listen"));
+    }
+}
+
+impl CacheConfig {
+    /// `targeted_cache_control` as field names (invalid ones, which
+    /// [`CacheConfig::validate`] refuses, are left out).
+    pub fn targeted_fields(&self) -> Vec<hyper::header::HeaderName> {
+        self.targeted_cache_control
+            .iter()
+            .filter_map(|n| hyper::header::HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect()
     }
 }

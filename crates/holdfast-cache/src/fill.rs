@@ -21,6 +21,7 @@ use crate::objects::{Claim, Found, Objects};
 use crate::origin::Origin;
 use crate::range::{self, Validator};
 use crate::rfc9111::{self, Freshness, RequestRules, Vary};
+use crate::statuses::{Answer, Head, Statuses};
 use crate::store::BlockStore;
 use crate::{FillError, Handoff, Meta, Passed, Plan, now_secs};
 
@@ -38,6 +39,9 @@ pub(crate) struct Fills {
     origin: Arc<Origin>,
     learned: Arc<Learned>,
     counters: Arc<Counters>,
+    statuses: Arc<Statuses>,
+    /// `cache.targeted_cache_control` (RFC 9213).
+    targeted: Arc<[hyper::header::HeaderName]>,
     block_size: u64,
     /// `cache.orphan_fill_bytes`, which a config reload changes.
     orphan_fill_bytes: AtomicU64,
@@ -53,6 +57,8 @@ impl Fills {
         origin: Arc<Origin>,
         learned: Arc<Learned>,
         counters: Arc<Counters>,
+        statuses: Arc<Statuses>,
+        targeted: Arc<[hyper::header::HeaderName]>,
         block_size: u64,
         orphan_fill_bytes: u64,
     ) -> Fills {
@@ -62,6 +68,8 @@ impl Fills {
             origin,
             learned,
             counters,
+            statuses,
+            targeted,
             block_size,
             orphan_fill_bytes: AtomicU64::new(orphan_fill_bytes),
         }
@@ -168,7 +176,10 @@ impl Fills {
             .await
             .map_err(|e| FillError::Upstream(e.to_string()))?;
         let response_time = now_secs();
+        let times = (request_time, response_time);
         let status = resp.status().as_u16();
+        // The fields whose caching directives rule here (RFC 9213).
+        let ruling = rfc9111::targeted(resp.headers(), &self.targeted).into_owned();
         let header = |name: hyper::header::HeaderName| {
             resp.headers()
                 .get(name)
@@ -221,16 +232,22 @@ impl Fills {
             // known to be small goes to every request waiting on the fill;
             // a larger one, or one of unknown length, streams to the
             // request that started it (the others ask again).
-            (204 | 304, _) => {
+            // An empty 200 has no byte range to store: kept as an answer.
+            (204 | 304, _) | (200, Some((0, 0, Some(0)))) => {
+                let headers = rfc9111::relayed_fields(resp.headers());
+                self.keep_answer(plan, status, &headers, &ruling, Bytes::new(), times);
                 return Err(FillError::Status {
                     status,
-                    headers: rfc9111::relayed_fields(resp.headers()),
+                    headers,
                     body: Bytes::new(),
                 });
             }
             _ if content_length.is_some_and(|l| l <= STATUS_BODY_CAP as u64) => {
                 let headers = rfc9111::relayed_fields(resp.headers());
                 let body = read_capped(resp.into_body(), STATUS_BODY_CAP, self.origin.timeout()).await;
+                if content_length == Some(body.len() as u64) {
+                    self.keep_answer(plan, status, &headers, &ruling, body.clone(), times);
+                }
                 return Err(FillError::Status { status, headers, body });
             }
             _ => {
@@ -243,21 +260,20 @@ impl Fills {
         // RFC 9111 §3: what a shared cache must not store. A reason in the
         // response holds for everyone for a while; one in the request only
         // for this request.
-        if let Some(why) = rfc9111::not_storable(status, resp.headers(), &RequestRules::default(), false) {
+        if let Some(why) = rfc9111::not_storable(status, &ruling, &RequestRules::default(), false) {
             self.learned.mark_uncacheable(&plan.key);
             return Err(hand_off(resp, why));
         }
-        if let Some(why) = rfc9111::not_storable(status, resp.headers(), &plan.rules, plan.authorized) {
+        if let Some(why) = rfc9111::not_storable(status, &ruling, &plan.rules, plan.authorized) {
             return Err(hand_off(resp, why));
         }
-        let Some(validator) = Validator::new(
+        let validator = Validator::of_response(
             header(hyper::header::ETAG).as_deref(),
             header(hyper::header::LAST_MODIFIED).as_deref(),
             length,
-        ) else {
-            self.learned.mark_uncacheable(&plan.key);
-            return Err(hand_off(resp, "upstream sent no strong validator".into()));
-        };
+            plan.class == Class::Immutable,
+            holdfast_model::random_u64(),
+        );
         if plan.max_object_size.is_some_and(|m| length > m) {
             self.learned.mark_uncacheable(&plan.key);
             return Err(hand_off(
@@ -274,6 +290,19 @@ impl Fills {
         if start >= length {
             return Err(FillError::Unsatisfiable(length));
         }
+        // Without a strong validator the blocks of one version can only come
+        // from one response (RFC 9111 §3.4): stored when this response holds
+        // the whole object, else passed on and the next fill asks for all.
+        if !validator.combinable() {
+            self.learned.learn_whole(&plan.key);
+            self.learned.learn_length(&plan.key, length);
+            if start != 0 || body_start != 0 || body_end != length {
+                return Err(hand_off(
+                    resp,
+                    "no strong validator: stored only when fetched whole".into(),
+                ));
+            }
+        }
         let vary = rfc9111::vary_names(resp.headers()).map(|names| {
             self.learned.learn_vary(&plan.primary, &names);
             let values = rfc9111::selecting_values(&names, &plan.fields);
@@ -286,7 +315,7 @@ impl Fills {
             class: plan.class,
             ttl: plan.ttl,
             freshness: Freshness::compute(
-                resp.headers(),
+                &ruling,
                 request_time,
                 response_time,
                 rfc9111::Operator {
@@ -306,6 +335,10 @@ impl Fills {
             self.counters.event("invalidated");
         });
         let obj_id = bound.obj_id;
+        // An answer of another status stored under the key is replaced.
+        if self.statuses.get(&plan.key).is_some() {
+            self.statuses.remove_where(|k| k == plan.key);
+        }
         if let Some(rec) = bound.record {
             self.store.put_object(&plan.key, &rec);
         }
@@ -313,6 +346,19 @@ impl Fills {
             self.store.delete_later(None, old);
             self.objects.update_gauges();
         }
+        // A version that cannot be combined with another fetch: this fill
+        // claims all its blocks now, so readers wait for them.
+        let whole = !meta.validator.combinable();
+        let mut ahead = Ahead {
+            objects: &self.objects,
+            key: &plan.key,
+            blocks: if !whole {
+                Default::default()
+            } else {
+                let last = u32::try_from((length - 1) / bs).unwrap_or(u32::MAX);
+                self.objects.claim_run(&plan.key, obj_id, first + 1, last)
+            },
+        };
         // Stream the body into blocks.
         let mut body = resp.into_body();
         let mut pos = body_start;
@@ -383,7 +429,16 @@ impl Fills {
                         orphan_bytes > self.orphan_fill_bytes.load(Ordering::Relaxed)
                     };
                     if !orphaned {
-                        next = self.objects.claim(&plan.key, k + 1, obj_id);
+                        next = match ahead.blocks.remove(&(k + 1)) {
+                            Some(b) if self.objects.holds(&plan.key, obj_id, k + 1, &b) => Claim::Public(b),
+                            Some(_) => Claim::Private,
+                            None => match self.objects.claim(&plan.key, k + 1, obj_id) {
+                                // Held by a fill of another version: this
+                                // fill's reader still gets its bytes.
+                                Claim::Stop if whole => Claim::Private,
+                                c => c,
+                            },
+                        };
                         if matches!(next, Claim::Stop) {
                             fill.stop();
                         }
@@ -420,6 +475,65 @@ impl Fills {
                 end.saturating_sub(1)
             ))),
             _ => Ok(()),
+        }
+    }
+
+    /// Stores an answer that is not a byte range of an object (another
+    /// status, or an empty 200) when RFC 9111 §3 allows; what the origin
+    /// says now replaces an object stored under the key.
+    fn keep_answer(
+        &self,
+        plan: &Plan,
+        status: u16,
+        relayed: &hyper::HeaderMap,
+        ruling: &hyper::HeaderMap,
+        body: Bytes,
+        (request_time, response_time): (u64, u64),
+    ) {
+        if rfc9111::not_storable(status, ruling, &plan.rules, plan.authorized).is_some() {
+            return;
+        }
+        let vary = rfc9111::vary_names(relayed).map(|names| {
+            self.learned.learn_vary(&plan.primary, &names);
+            let values = rfc9111::selecting_values(&names, &plan.fields);
+            Vary { names, values }
+        });
+        let withheld = rfc9111::withheld_fields(relayed);
+        let mut headers: Vec<(String, String)> = relayed
+            .iter()
+            .filter(|(k, _)| *k != hyper::header::AGE && !withheld.iter().any(|w| w == k.as_str()))
+            .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+            .collect();
+        rfc9111::age::record_date_in(&mut headers, response_time);
+        let freshness = Freshness::compute(
+            ruling,
+            request_time,
+            response_time,
+            rfc9111::Operator {
+                immutable: plan.class == Class::Immutable,
+                ttl: u64::from(plan.ttl),
+            },
+        );
+        let evicted = self.statuses.put(
+            &plan.key,
+            Answer {
+                head: Head {
+                    status,
+                    headers,
+                    freshness,
+                    vary,
+                },
+                body,
+            },
+        );
+        self.counters.event("stored-answer");
+        for _ in 0..evicted {
+            self.counters.event("evicted-answer");
+        }
+        let (removed, _) = self.objects.remove_where(|k| k == plan.key);
+        for (k, id) in removed {
+            self.store.delete_later(Some(k), id);
+            self.objects.update_gauges();
         }
     }
 
@@ -490,4 +604,25 @@ async fn read_capped(mut body: hyper::body::Incoming, cap: usize, timeout: Durat
         }
     }
     Bytes::from(out)
+}
+
+/// The blocks a fill of a whole object claimed ahead and has not reached:
+/// failed and given back when the fill ends, so their readers ask again.
+struct Ahead<'a> {
+    objects: &'a Objects,
+    key: &'a str,
+    blocks: std::collections::BTreeMap<u32, Arc<Block>>,
+}
+
+impl Drop for Ahead<'_> {
+    fn drop(&mut self) {
+        if self.blocks.is_empty() {
+            return;
+        }
+        let e = Arc::new(FillError::Upstream("the fill stopped before this block".into()));
+        for (k, b) in std::mem::take(&mut self.blocks) {
+            b.fail(&e);
+            self.objects.unclaim(self.key, k, &b);
+        }
+    }
 }

@@ -367,7 +367,18 @@ async fn pass_through(
             if let Some(len) = up.headers.get(header::CONTENT_LENGTH) {
                 r.headers_mut().insert(header::CONTENT_LENGTH, len.clone());
             }
-            add_cache_headers(r.headers_mut(), cache, "fwd=uri-miss");
+            // RFC 9211: other methods are forwarded as `method`; a GET or
+            // HEAD that is not stored as `uri-miss`.
+            let fwd = if parts.method == Method::GET || parts.method == Method::HEAD {
+                "uri-miss"
+            } else {
+                "method"
+            };
+            add_cache_headers(
+                r.headers_mut(),
+                cache,
+                &format!("fwd={fwd}; fwd-status={}", up.status.as_u16()),
+            );
             r
         }
         Err(e) => server_error(cache, StatusCode::BAD_GATEWAY, path, &e.to_string()),

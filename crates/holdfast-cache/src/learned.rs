@@ -14,6 +14,8 @@ use crate::{Meta, VARY_SEP, rfc9111};
 /// How long an object found uncacheable (no validator, too large) is passed
 /// through without trying to cache it again.
 const UNCACHEABLE_FOR: Duration = Duration::from_secs(60);
+/// How long a key seen without a strong validator is fetched whole.
+const WHOLE_FOR: Duration = Duration::from_secs(3600);
 /// Most keys remembered per map at once.
 const MAX_LEARNED: usize = 4096;
 
@@ -25,6 +27,9 @@ pub(crate) struct Learned {
     vary_specs: Mutex<HashMap<String, Vec<String>>>,
     /// Object lengths learned from answers that were not stored.
     lengths: Mutex<HashMap<String, u64>>,
+    /// Keys whose responses carry no strong validator: fetched whole (from
+    /// byte 0 to the end, in one response) to be stored.
+    whole: Mutex<HashMap<String, Instant>>,
 }
 
 impl Learned {
@@ -34,6 +39,7 @@ impl Learned {
             uncacheable: Mutex::new(HashMap::new()),
             vary_specs: Mutex::new(vary_specs),
             lengths: Mutex::new(HashMap::new()),
+            whole: Mutex::new(HashMap::new()),
         }
     }
 
@@ -53,6 +59,26 @@ impl Learned {
             }
         }
         m.insert(key.to_string(), Instant::now() + UNCACHEABLE_FOR);
+    }
+
+    /// True when responses for `key` were seen without a strong validator
+    /// lately: a fill for it asks for the whole object.
+    pub(crate) fn whole(&self, key: &str) -> bool {
+        lock(&self.whole).get(key).is_some_and(|t| Instant::now() < *t)
+    }
+
+    /// Remembers that `key` answered without a strong validator (for an hour,
+    /// renewed by every such answer).
+    pub(crate) fn learn_whole(&self, key: &str) {
+        let mut m = lock(&self.whole);
+        if m.len() >= MAX_LEARNED {
+            let now = Instant::now();
+            m.retain(|_, t| now < *t);
+            if m.len() >= MAX_LEARNED {
+                m.clear();
+            }
+        }
+        m.insert(key.to_string(), Instant::now() + WHOLE_FOR);
     }
 
     /// The length of the object under `key`, when known without storage.

@@ -43,6 +43,7 @@ mod metrics;
 mod objects;
 mod origin;
 mod revalidate;
+mod statuses;
 mod store;
 
 use std::collections::HashMap;
@@ -65,6 +66,7 @@ use self::objects::{Objects, Pin};
 use self::origin::Origin;
 use self::range::Validator;
 use self::revalidate::Revalidator;
+use self::statuses::Statuses;
 use self::rfc9111::{Freshness, RequestRules, Vary};
 use self::store::BlockStore;
 use self::upstream::{Client, Endpoint};
@@ -206,8 +208,11 @@ pub(crate) enum Revalidation {
     Validated,
     /// The origin has another version, or none: the object was dropped.
     Invalidated,
-    /// The upstream could not be reached or failed: nothing changed.
+    /// The upstream could not be reached: nothing changed.
     Unreachable,
+    /// The upstream answered with an error (5xx, or another status that
+    /// neither confirms nor replaces it): nothing changed.
+    Failed,
 }
 
 /// A stored-object summary for the admin API.
@@ -240,6 +245,11 @@ pub struct Stats {
     pub stored_bytes: u64,
     /// Bytes of blocks being fetched into storage.
     pub reserved_bytes: u64,
+    /// Stored answers that are not byte ranges of an object (301, 404,
+    /// 410, empty 200s, …).
+    pub stored_answers: usize,
+    /// Their bytes (fields and bodies).
+    pub stored_answer_bytes: u64,
     /// `cache.max_size`.
     pub max_size: u64,
     /// `cache.min_free`.
@@ -281,6 +291,8 @@ pub struct Cache {
     pub(crate) origin: Arc<Origin>,
     pub(crate) learned: Arc<Learned>,
     pub(crate) counters: Arc<Counters>,
+    /// Stored answers that are not byte ranges (other statuses).
+    pub(crate) statuses: Arc<Statuses>,
     listen: Mutex<Option<String>>,
     /// Makes multipart boundaries unique.
     boundary_seq: AtomicU64,
@@ -332,6 +344,7 @@ impl Cache {
     ) -> Result<Cache, CacheError> {
         std::fs::create_dir_all(&dir).map_err(|e| CacheError::Setup(format!("{}: {e}", dir.display())))?;
         let index = Index::open(store)?;
+        let statuses = Arc::new(Statuses::open(store)?);
         let loaded = disk::load(&index, &dir, cfg.block_size)?;
         if loaded.removed_files > 0 {
             tracing::info!(
@@ -362,6 +375,7 @@ impl Cache {
         let objects = Arc::new(Objects::load(objects, loaded.next_id, cfg.block_size, metrics.clone()));
         let store = Arc::new(BlockStore::new(dir, index, cfg.block_size, cfg.max_size, cfg.min_free));
         let counters = Arc::new(Counters::new(metrics));
+        let targeted: Arc<[hyper::header::HeaderName]> = cfg.targeted_fields().into();
         let origin = Arc::new(Origin::new(client, node_id, counters.clone()));
         let learned = Arc::new(Learned::new(vary_specs));
         let fills = Arc::new(Fills::new(
@@ -370,10 +384,18 @@ impl Cache {
             origin.clone(),
             learned.clone(),
             counters.clone(),
+            statuses.clone(),
+            targeted.clone(),
             cfg.block_size,
             cfg.orphan_fill_bytes,
         ));
-        let revalidator = Revalidator::new(objects.clone(), store.clone(), origin.clone(), counters.clone());
+        let revalidator = Revalidator::new(
+            objects.clone(),
+            store.clone(),
+            origin.clone(),
+            counters.clone(),
+            targeted,
+        );
         Ok(Cache {
             cfg: cfg.clone(),
             objects,
@@ -383,6 +405,7 @@ impl Cache {
             origin,
             learned,
             counters,
+            statuses,
             listen: Mutex::new(None),
             boundary_seq: AtomicU64::new(0),
         })
@@ -492,13 +515,14 @@ impl Cache {
     /// Drops every object whose key passes `which` (its blocks are deleted
     /// in the background). Returns (objects that had a version, bytes).
     fn remove_where(&self, which: impl Fn(&str) -> bool) -> (usize, u64) {
+        let answers = self.statuses.remove_where(&which);
         let (removed, bytes) = self.objects.remove_where(which);
         let n = removed.len();
         for (k, id) in removed {
             self.store.delete_later(Some(k), id);
             self.objects.update_gauges();
         }
-        (n, bytes)
+        (n + answers, bytes)
     }
 
     /// Stored objects, largest first, at most `limit`.
@@ -517,12 +541,15 @@ impl Cache {
         let upstream_bytes = t.upstream_bytes.load(Ordering::Relaxed);
         let served = hit_bytes + miss_bytes;
         let sizes = self.objects.totals();
+        let (stored_answers, stored_answer_bytes) = self.statuses.totals();
         Stats {
             listen: lock(&self.listen).clone(),
             block_size: self.cfg.block_size,
             objects: sizes.objects,
             stored_bytes: sizes.stored_bytes,
             reserved_bytes: sizes.reserved_bytes,
+            stored_answers,
+            stored_answer_bytes,
             max_size: self.store.max_size().load(Ordering::Relaxed),
             min_free: self.store.min_free().load(Ordering::Relaxed),
             free_bytes: free,

@@ -365,6 +365,41 @@ impl Objects {
         }
     }
 
+    /// Claims blocks `from..=to` of object `obj_id` that nobody holds, for
+    /// a fill of the whole object: the blocks of a version without a strong
+    /// validator can only come from the fill that fetched it, so readers
+    /// must wait for that fill instead of starting their own.
+    pub(crate) fn claim_run(&self, key: &str, obj_id: u64, from: u32, to: u32) -> BTreeMap<u32, Arc<Block>> {
+        let mut out = BTreeMap::new();
+        let mut t = self.lock();
+        if let Some(o) = t.objects.get_mut(key)
+            && o.id == obj_id
+        {
+            for k in from..=to {
+                if !o.stored.contains_key(&k) && !o.inflight.contains_key(&k) {
+                    let b = Block::new();
+                    o.inflight.insert(k, b.clone());
+                    out.insert(k, b);
+                }
+            }
+        }
+        out
+    }
+
+    /// True when `key` holds `validator`'s version with blocks missing and
+    /// none being fetched: for a version that cannot be combined with
+    /// another fetch, nothing will complete it.
+    pub(crate) fn stalled(&self, key: &str, validator: &Validator) -> bool {
+        let t = self.lock();
+        let Some(o) = t.objects.get(key) else {
+            return false;
+        };
+        let blocks = validator.length.div_ceil(self.block_size);
+        o.meta.as_ref().is_some_and(|m| m.validator.same_version(validator))
+            && o.inflight.is_empty()
+            && (o.stored.len() as u64) < blocks
+    }
+
     /// True when `block` is object `obj_id`'s block `k` in flight.
     pub(crate) fn holds(&self, key: &str, obj_id: u64, k: u32, block: &Arc<Block>) -> bool {
         self.lock()

@@ -180,7 +180,19 @@ pub fn known_start(specs: &[Spec]) -> Option<u64> {
     }
 }
 
-/// A strong validator binding a cached object to one version at the origin.
+/// What binds a cached object to one version at the origin.
+///
+/// Usually a strong validator: a strong `ETag` or `Last-Modified`, and the
+/// length. Blocks of such an object can be fetched by separate range
+/// requests and combined (RFC 9111 §3.4).
+///
+/// A response without one is still stored (§3 asks for a validator only to
+/// combine partial responses). Its version is then the fill that fetched it
+/// ([`Validator::fetch`], a number drawn for that fill): two fetches are
+/// never taken for the same version, so its blocks all come from one
+/// upstream response and are never combined with another's. An object the
+/// content source calls immutable needs no validator at all: its name is
+/// its version, and its blocks may come from separate fetches.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Validator {
     /// Strong ETag, with quotes, if the origin sent one.
@@ -189,6 +201,16 @@ pub struct Validator {
     pub last_modified: Option<String>,
     /// Object length in bytes.
     pub length: u64,
+    /// For a response stored without a strong validator (and not
+    /// immutable): the fill that fetched it. Absent in records written
+    /// before such responses were stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch: Option<u64>,
+    /// A weak `ETag` the origin sent instead of a strong one: used to
+    /// revalidate the complete response and for `If-None-Match` (weak
+    /// comparison), never for `If-Range` or to combine parts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weak_etag: Option<String>,
 }
 
 impl Validator {
@@ -207,18 +229,59 @@ impl Validator {
             etag,
             last_modified,
             length,
+            fetch: None,
+            weak_etag: None,
         })
     }
 
+    /// The version of a response of `length` bytes: its strong validator,
+    /// or else, for an immutable object, its name (no validator), or else
+    /// the fill `fetch` that fetched it. A weak `ETag` is kept.
+    pub fn of_response(
+        etag: Option<&str>,
+        last_modified: Option<&str>,
+        length: u64,
+        immutable: bool,
+        fetch: u64,
+    ) -> Validator {
+        if let Some(v) = Validator::new(etag, last_modified, length) {
+            return v;
+        }
+        let weak_etag = etag
+            .map(str::trim)
+            .filter(|e| e.starts_with("W/") && is_strong_etag(&e[2..]))
+            .map(str::to_string);
+        Validator {
+            etag: None,
+            last_modified: None,
+            length,
+            fetch: (!immutable).then_some(fetch),
+            weak_etag,
+        }
+    }
+
+    /// Whether blocks of this version may be fetched by separate upstream
+    /// requests and combined: under a strong validator, or an immutable
+    /// name; not for a response stored without a validator.
+    pub fn combinable(&self) -> bool {
+        self.fetch.is_none()
+    }
+
     /// Whether two responses are the same version: equal ETags when both have
-    /// one, else equal Last-Modified; the length must match either way.
+    /// one, else equal Last-Modified; the length must match either way. A
+    /// response without a strong validator is only the same version as
+    /// itself (the same fill); an immutable one without any validator is
+    /// the same as another without one.
     pub fn same_version(&self, other: &Validator) -> bool {
-        if self.length != other.length {
+        if self.length != other.length || self.fetch != other.fetch {
             return false;
+        }
+        if self.fetch.is_some() {
+            return true;
         }
         match (&self.etag, &other.etag) {
             (Some(a), Some(b)) => a == b,
-            (None, None) => self.last_modified.is_some() && self.last_modified == other.last_modified,
+            (None, None) => self.last_modified == other.last_modified,
             _ => false,
         }
     }
@@ -237,14 +300,10 @@ impl Validator {
     /// Evaluates `If-None-Match` (weak comparison): true when the client's
     /// copy is current (answer 304).
     pub fn none_match(&self, value: &str) -> bool {
-        let Some(ours) = &self.etag else {
-            return false;
-        };
-        let ours = ours.trim_start_matches("W/");
-        value
-            .split(',')
-            .map(str::trim)
-            .any(|t| t == "*" || t.trim_start_matches("W/") == ours)
+        self.etag
+            .as_ref()
+            .or(self.weak_etag.as_ref())
+            .is_some_and(|ours| weak_match(ours, value))
     }
 
     /// Evaluates `If-Modified-Since`: true when not modified since (answer
@@ -258,6 +317,16 @@ impl Validator {
         };
         ours <= theirs
     }
+}
+
+/// Whether the entity tag `ours` matches an `If-None-Match` value by weak
+/// comparison (RFC 9110 §8.8.3.2), or the value is `*`.
+pub fn weak_match(ours: &str, if_none_match: &str) -> bool {
+    let ours = ours.trim().trim_start_matches("W/");
+    if_none_match
+        .split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t.trim_start_matches("W/") == ours)
 }
 
 /// Whether `tag` is a strong entity tag: `"..."` with no `W/` prefix.
@@ -444,6 +513,30 @@ mod tests {
             ..lm_only.clone()
         }));
         assert!(!v.same_version(&lm_only));
+    }
+
+    #[test]
+    fn responses_without_a_strong_validator_are_their_own_version() {
+        let a = Validator::of_response(None, None, 10, false, 1);
+        let b = Validator::of_response(None, None, 10, false, 2);
+        assert!(!a.combinable());
+        assert!(a.same_version(&a.clone()));
+        assert!(!a.same_version(&b), "two fetches are two versions");
+        let weak = Validator::of_response(Some("W/\"w1\""), None, 10, false, 3);
+        assert_eq!(weak.weak_etag.as_deref(), Some("W/\"w1\""));
+        assert!(weak.none_match("\"w1\""), "If-None-Match compares weakly");
+        assert!(!weak.if_range_matches("W/\"w1\""), "If-Range never matches a weak tag");
+        // Immutable: the name is the version; blocks may be combined.
+        let i1 = Validator::of_response(None, None, 10, true, 4);
+        let i2 = Validator::of_response(None, None, 10, true, 5);
+        assert!(i1.combinable() && i1.same_version(&i2));
+        assert!(!i1.same_version(&Validator::of_response(None, None, 11, true, 6)));
+        // A strong validator wins over the fetch.
+        let s = Validator::of_response(Some("\"s\""), None, 10, false, 7);
+        assert!(s.combinable() && s.same_version(&Validator::new(Some("\"s\""), None, 10).unwrap()));
+        // Records written before these fields existed read as before.
+        let old: Validator = serde_json::from_str(r#"{"etag":"\"e\"","last_modified":null,"length":3}"#).unwrap();
+        assert!(old.combinable() && old.weak_etag.is_none());
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub(crate) struct Revalidator {
     store: Arc<BlockStore>,
     origin: Arc<Origin>,
     counters: Arc<Counters>,
+    /// `cache.targeted_cache_control` (RFC 9213).
+    targeted: Arc<[hyper::header::HeaderName]>,
 }
 
 impl Revalidator {
@@ -29,12 +31,14 @@ impl Revalidator {
         store: Arc<BlockStore>,
         origin: Arc<Origin>,
         counters: Arc<Counters>,
+        targeted: Arc<[hyper::header::HeaderName]>,
     ) -> Revalidator {
         Revalidator {
             objects,
             store,
             origin,
             counters,
+            targeted,
         }
     }
 
@@ -57,11 +61,24 @@ impl Revalidator {
     }
 
     async fn revalidate_now(&self, plan: &Plan, meta: &Arc<Meta>) -> Revalidation {
-        let condition = match (&meta.validator.etag, &meta.validator.last_modified) {
-            (Some(e), _) => (hyper::header::IF_NONE_MATCH, e.clone()),
-            (None, Some(lm)) => (hyper::header::IF_MODIFIED_SINCE, lm.clone()),
-            // A validator always has one of the two.
-            (None, None) => return Revalidation::Invalidated,
+        let v = &meta.validator;
+        // RFC 9111 §4.3.1: the strong ETag, else Last-Modified; for a
+        // response stored without them, its weak ETag, else its Date (RFC
+        // 9110 §13.1.3 allows the Date of the stored response).
+        let date = || {
+            meta.headers
+                .iter()
+                .find(|(k, _)| k == "date")
+                .map(|(_, d)| d.clone())
+        };
+        let condition = match (&v.etag, &v.last_modified, &v.weak_etag) {
+            (Some(e), _, _) => (hyper::header::IF_NONE_MATCH, e.clone()),
+            (None, Some(lm), _) => (hyper::header::IF_MODIFIED_SINCE, lm.clone()),
+            (None, None, Some(w)) => (hyper::header::IF_NONE_MATCH, w.clone()),
+            (None, None, None) => match date() {
+                Some(d) => (hyper::header::IF_MODIFIED_SINCE, d),
+                None => return Revalidation::Invalidated,
+            },
         };
         let request_time = now_secs();
         let resp = self.origin.send(plan, hyper::Method::HEAD, condition).await;
@@ -75,7 +92,8 @@ impl Revalidator {
                     .unwrap_or(u64::MAX);
                 let v = Validator::new(h(hyper::header::ETAG), h(hyper::header::LAST_MODIFIED), len);
                 // A response that may no longer be stored replaces it too.
-                let storable = rfc9111::not_storable(200, r.headers(), &RequestRules::default(), false).is_none();
+                let ruling = rfc9111::targeted(r.headers(), &self.targeted);
+                let storable = rfc9111::not_storable(200, &ruling, &RequestRules::default(), false).is_none();
                 Some(storable && v.is_some_and(|v| v.same_version(&meta.validator)))
             }
             Ok(r) if r.status().as_u16() == 404 || r.status().as_u16() == 410 => Some(false),
@@ -104,7 +122,7 @@ impl Revalidator {
                     merged.append(hyper::header::AGE, age.clone());
                 }
                 let freshness = Freshness::compute(
-                    &merged,
+                    &rfc9111::targeted(&merged, &self.targeted),
                     request_time,
                     response_time,
                     rfc9111::Operator {
@@ -132,16 +150,13 @@ impl Revalidator {
                 }
                 Revalidation::Invalidated
             }
-            (None, resp) => {
-                match &resp {
-                    Err(e) => {
-                        tracing::info!(key = %plan.key, error = %e, "cache: upstream unreachable for revalidation");
-                    }
-                    Ok(r) => {
-                        tracing::info!(key = %plan.key, status = r.status().as_u16(), "cache: upstream failed the revalidation");
-                    }
-                }
+            (None, Err(e)) => {
+                tracing::info!(key = %plan.key, error = %e, "cache: upstream unreachable for revalidation");
                 Revalidation::Unreachable
+            }
+            (None, Ok(r)) => {
+                tracing::info!(key = %plan.key, status = r.status().as_u16(), "cache: upstream failed the revalidation");
+                Revalidation::Failed
             }
         }
     }

@@ -100,6 +100,33 @@ impl Directives {
         Some(Ok(a.parse::<u64>().unwrap_or(u64::MAX)))
     }
 
+    /// Whether the directive is present without an argument (`no-cache`,
+    /// not `no-cache="set-cookie"`).
+    pub fn unqualified(&self, name: &str) -> bool {
+        self.0.iter().any(|(n, a)| n == name && a.is_none())
+    }
+
+    /// The field names a qualified directive lists (`private="a, b"`),
+    /// lowercase; empty when absent or unqualified.
+    pub fn fields(&self, name: &str) -> Vec<String> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, a)| a.as_deref())
+            .map(|a| {
+                a.split(',')
+                    .map(|f| f.trim().to_ascii_lowercase())
+                    .filter(|f| !f.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A delta-seconds argument that is valid, `None` otherwise.
+    pub fn valid_seconds(&self, name: &str) -> Option<u64> {
+        self.seconds(name).and_then(Result::ok)
+    }
+
     /// Whether there is no directive at all.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
@@ -132,6 +159,9 @@ pub struct RequestRules {
     pub min_fresh: Option<u64>,
     /// `only-if-cached`: answer from storage or with 504.
     pub only_if_cached: bool,
+    /// `stale-if-error` (RFC 5861 §4): a stale response this much past its
+    /// lifetime is acceptable when the origin fails.
+    pub stale_if_error: Option<u64>,
 }
 
 impl RequestRules {
@@ -151,21 +181,48 @@ impl RequestRules {
             max_stale: d.seconds("max-stale").map(|r| r.unwrap_or(u64::MAX)),
             min_fresh: d.seconds("min-fresh").map(|r| r.unwrap_or(0)),
             only_if_cached: d.has("only-if-cached"),
+            stale_if_error: d.valid_seconds("stale-if-error"),
         }
     }
 }
 
+/// The statuses RFC 9110 §15.1 calls heuristically cacheable: stored
+/// without explicit freshness.
+pub const HEURISTICALLY_CACHEABLE: [u16; 12] = [200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501];
+
+/// Whether the cache knows what a final status means well enough to store
+/// it (`must-understand`, §5.2.2.3): the statuses RFC 9110 defines that
+/// this cache stores, 304 (a validation answer) and 206 excepted.
+pub fn understood(status: u16) -> bool {
+    matches!(status, 200..=205 | 300..=303 | 307 | 308 | 400..=417 | 421 | 422 | 426 | 500..=505)
+}
+
 /// Why a response may not be stored, or `None` when it may (RFC 9111 §3 for
 /// a shared cache). `authorized`: the request carried `Authorization`.
+/// `response` holds the fields that rule (see [`targeted`]).
+///
+/// Every final status may be stored when the response gives explicit
+/// freshness (`max-age`, `s-maxage`, `Expires`) or says `public`; without,
+/// only the [`HEURISTICALLY_CACHEABLE`] ones. `private` and `no-cache` with
+/// field names store the response without those fields ([`stored_fields`]).
 pub fn not_storable(status: u16, response: &HeaderMap, request: &RequestRules, authorized: bool) -> Option<String> {
     let d = Directives::of(response);
     if request.no_store {
         return Some("the request said no-store".into());
     }
-    if d.has("no-store") {
+    if !(200..600).contains(&status) || status == 304 {
+        return Some(format!("status {status} is not stored"));
+    }
+    // §5.2.2.3: with must-understand, a cache that understands the status
+    // ignores no-store; one that does not must not store.
+    let must_understand = d.has("must-understand");
+    if must_understand && !understood(status) {
+        return Some(format!("must-understand, and status {status} is not understood here"));
+    }
+    if d.has("no-store") && !must_understand {
         return Some("the response said no-store".into());
     }
-    if d.has("private") {
+    if d.unqualified("private") {
         return Some("the response is private".into());
     }
     if authorized && !(d.has("public") || d.has("s-maxage") || d.has("must-revalidate")) {
@@ -173,13 +230,20 @@ pub fn not_storable(status: u16, response: &HeaderMap, request: &RequestRules, a
     }
     // A cookie is one client's: stored only when the origin says the
     // response is for everyone (the choice of nginx and Varnish; RFC 9111
-    // allows storing it).
-    if response.contains_key(header::SET_COOKIE) && !(d.has("public") || d.has("s-maxage")) {
+    // allows storing it), or withholds the cookie from what is stored.
+    let withheld = withheld_fields(response);
+    if response.contains_key(header::SET_COOKIE)
+        && !(d.has("public") || d.has("s-maxage"))
+        && !withheld.iter().any(|f| f == "set-cookie")
+    {
         return Some("the response sets a cookie".into());
     }
-    // The cache stores 200 and 206 only (both heuristically cacheable).
-    if status != 200 && status != 206 {
-        return Some(format!("status {status} is not stored"));
+    let explicit =
+        d.has("max-age") || d.has("s-maxage") || d.has("public") || response.contains_key(header::EXPIRES);
+    if !explicit && !HEURISTICALLY_CACHEABLE.contains(&status) {
+        return Some(format!(
+            "status {status} is not heuristically cacheable and the response gives no explicit freshness"
+        ));
     }
     if response
         .get_all(header::VARY)
@@ -190,6 +254,42 @@ pub fn not_storable(status: u16, response: &HeaderMap, request: &RequestRules, a
         return Some("the response has Vary: *".into());
     }
     None
+}
+
+/// The fields a shared cache must not store or reuse without validation:
+/// those named by `private="…"` (§5.2.2.7) and `no-cache="…"` (§5.2.2.4),
+/// lowercase. The rest of the response is stored.
+pub fn withheld_fields(response: &HeaderMap) -> Vec<String> {
+    let d = Directives::of(response);
+    let mut out = d.fields("private");
+    out.extend(d.fields("no-cache"));
+    out
+}
+
+/// The fields whose caching directives rule for this cache (RFC 9213): when
+/// the response carries one of the `targeted` fields (in order of the list)
+/// with a valid, non-empty value, that value replaces `Cache-Control` and
+/// `Expires` is ignored; otherwise the response as it is.
+pub fn targeted<'a>(response: &'a HeaderMap, targeted: &[HeaderName]) -> std::borrow::Cow<'a, HeaderMap> {
+    for name in targeted {
+        let value = response
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if value.trim().is_empty() || Directives::parse(&value).is_empty() {
+            continue;
+        }
+        let mut h = response.clone();
+        h.remove(header::EXPIRES);
+        h.remove(header::CACHE_CONTROL);
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&value) {
+            h.insert(header::CACHE_CONTROL, v);
+        }
+        return std::borrow::Cow::Owned(h);
+    }
+    std::borrow::Cow::Borrowed(response)
 }
 
 /// A stored response's freshness information (RFC 9111 §4.2), fixed when it
@@ -210,6 +310,14 @@ pub struct Freshness {
     /// Where the lifetime came from: `explicit`, `heuristic`, `operator`
     /// (the source's TTL) or `immutable`.
     pub basis: Basis,
+    /// `stale-while-revalidate` (RFC 5861 §3): seconds past its lifetime
+    /// during which it is served while validated in the background.
+    #[serde(default)]
+    pub stale_while_revalidate: u64,
+    /// `stale-if-error` (RFC 5861 §4): seconds past its lifetime during
+    /// which it is served when the origin answers with an error.
+    #[serde(default)]
+    pub stale_if_error: u64,
 }
 
 /// Where a freshness lifetime came from.
@@ -252,7 +360,8 @@ impl Freshness {
         let corrected_age_value = age_value.saturating_add(response_delay);
         let initial_age = apparent_age.max(corrected_age_value);
         let must_revalidate = d.has("must-revalidate") || d.has("proxy-revalidate") || d.has("s-maxage");
-        let no_cache = d.has("no-cache");
+        // `no-cache="field"` withholds the field instead (§5.2.2.4).
+        let no_cache = d.unqualified("no-cache");
         if op.immutable {
             return Freshness {
                 response_time,
@@ -261,6 +370,8 @@ impl Freshness {
                 no_cache: false,
                 must_revalidate,
                 basis: Basis::Immutable,
+                stale_while_revalidate: 0,
+                stale_if_error: 0,
             };
         }
         // §4.2.1: s-maxage, then max-age, then Expires - Date. An invalid
@@ -309,6 +420,8 @@ impl Freshness {
             no_cache,
             must_revalidate,
             basis,
+            stale_while_revalidate: d.valid_seconds("stale-while-revalidate").unwrap_or(0),
+            stale_if_error: d.valid_seconds("stale-if-error").unwrap_or(0),
         }
     }
 
@@ -322,6 +435,8 @@ impl Freshness {
             no_cache: false,
             must_revalidate: false,
             basis: if immutable { Basis::Immutable } else { Basis::Operator },
+            stale_while_revalidate: 0,
+            stale_if_error: 0,
         }
     }
 
@@ -358,6 +473,39 @@ impl Freshness {
     /// reached (§4.2.4): not when the response or the request forbids it.
     pub fn may_serve_stale(&self, req: &RequestRules) -> bool {
         !(self.no_cache || self.must_revalidate || req.no_cache)
+    }
+
+    /// How long past its lifetime it is at `now` (0 while fresh).
+    pub fn staleness(&self, now: u64) -> u64 {
+        self.age(now).saturating_sub(self.lifetime)
+    }
+
+    /// Whether a stale response may be served at once while it is validated
+    /// in the background (`stale-while-revalidate`, RFC 5861 §3): within its
+    /// window, and not when either side requires validation first.
+    pub fn serve_while_revalidating(&self, now: u64, req: &RequestRules) -> bool {
+        self.stale_while_revalidate > 0
+            && self.may_serve_stale(req)
+            && req.max_age.is_none()
+            && self.staleness(now) <= self.stale_while_revalidate
+    }
+
+    /// Whether a stale response may be served because the origin answered
+    /// with an error (`stale-if-error` of the response or the request, RFC
+    /// 5861 §4; the request's wins).
+    pub fn serve_on_error(&self, now: u64, req: &RequestRules) -> bool {
+        let window = req.stale_if_error.unwrap_or(self.stale_if_error);
+        window > 0 && !(self.no_cache || self.must_revalidate) && self.staleness(now) <= window
+    }
+
+    /// Seconds of freshness left at `now`, negative once stale (RFC 9211
+    /// `ttl`).
+    pub fn ttl(&self, now: u64) -> i64 {
+        if self.basis == Basis::Immutable {
+            return i64::MAX;
+        }
+        let age = i64::try_from(self.age(now)).unwrap_or(i64::MAX);
+        i64::try_from(self.lifetime).unwrap_or(i64::MAX).saturating_sub(age)
     }
 }
 
@@ -427,8 +575,10 @@ pub fn generated_response_field(name: &HeaderName) -> bool {
 /// The stored fields of a response: its end-to-end fields that are not
 /// generated, as text (values that are not visible ASCII are dropped).
 pub fn stored_fields(h: &HeaderMap) -> Vec<(String, String)> {
+    let withheld = withheld_fields(h);
     end_to_end(h)
         .filter(|(k, _)| !generated_response_field(k))
+        .filter(|(k, _)| !withheld.iter().any(|w| w == k.as_str()))
         .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
         .collect()
 }
@@ -624,13 +774,101 @@ mod tests {
         assert!(!ok(&[], 200, true));
         assert!(ok(&[("cache-control", "public")], 200, true));
         assert!(ok(&[("cache-control", "s-maxage=5")], 200, true));
-        assert!(!ok(&[("cache-control", "max-age=60")], 302, false));
+        // Explicit freshness stores any final status; without it only the
+        // heuristically cacheable ones (RFC 9110 §15.1).
+        assert!(ok(&[("cache-control", "max-age=60")], 302, false));
+        assert!(ok(&[("expires", "Sun, 06 Nov 2094 08:49:37 GMT")], 500, false));
+        assert!(ok(&[("cache-control", "public")], 403, false));
+        for s in HEURISTICALLY_CACHEABLE {
+            assert!(ok(&[], s, false), "{s}");
+        }
+        for s in [201, 202, 302, 303, 307, 403, 500, 502, 503] {
+            assert!(!ok(&[], s, false), "{s}");
+        }
+        assert!(!ok(&[("cache-control", "max-age=60")], 304, false));
+        assert!(!ok(&[("cache-control", "max-age=60")], 103, false));
+        // must-understand: a known status ignores no-store; an unknown one
+        // is never stored.
+        assert!(ok(&[("cache-control", "must-understand, no-store, max-age=60")], 200, false));
+        assert!(!ok(&[("cache-control", "must-understand, no-store, max-age=60")], 299, false));
+        assert!(!ok(&[("cache-control", "must-understand, max-age=60")], 299, false));
+        // Qualified private / no-cache withhold fields, not the response.
+        assert!(ok(&[("cache-control", "private=\"x-user\"")], 200, false));
+        assert!(ok(
+            &[("set-cookie", "id=1"), ("cache-control", "no-cache=\"set-cookie\", max-age=60")],
+            200,
+            false
+        ));
+        let h = map(&[
+            ("cache-control", "private=\"X-User, x-other\", no-cache=\"x-fresh\""),
+            ("x-user", "alice"),
+            ("x-other", "1"),
+            ("x-fresh", "2"),
+            ("x-kept", "3"),
+        ]);
+        let kept: Vec<String> = stored_fields(&h).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(kept, ["cache-control", "x-kept"]);
+        let f = Freshness::compute(&h, 0, 0, Operator { immutable: false, ttl: 0 });
+        assert!(!f.no_cache, "qualified no-cache does not make every use validate");
         assert!(!ok(&[("vary", "Accept, *")], 200, false));
         assert!(ok(&[("vary", "accept-language")], 200, false));
         assert!(!ok(&[("set-cookie", "id=1")], 200, false));
         assert!(ok(&[("set-cookie", "id=1"), ("cache-control", "public")], 200, false));
         let no_store = RequestRules::of(&map(&[("cache-control", "no-store")]));
         assert!(not_storable(200, &HeaderMap::new(), &no_store, false).is_some());
+    }
+
+    #[test]
+    fn stale_while_revalidate_and_stale_if_error() {
+        let op = Operator { immutable: false, ttl: 0 };
+        let f = Freshness::compute(
+            &map(&[("cache-control", "max-age=10, stale-while-revalidate=20, stale-if-error=100")]),
+            1000,
+            1000,
+            op,
+        );
+        let none = RequestRules::default();
+        assert_eq!(f.ttl(1004), 6);
+        assert!(f.serve_while_revalidating(1025, &none));
+        assert!(!f.serve_while_revalidating(1031, &none), "past the window");
+        assert_eq!(f.ttl(1031), -21);
+        assert!(f.serve_on_error(1100, &none) && !f.serve_on_error(1111, &none));
+        // The request's stale-if-error wins; no-cache forbids both.
+        let strict = RequestRules::of(&map(&[("cache-control", "stale-if-error=0")]));
+        assert!(!f.serve_on_error(1015, &strict));
+        let nc = RequestRules::of(&map(&[("cache-control", "no-cache")]));
+        assert!(!f.serve_while_revalidating(1015, &nc));
+        let mr = Freshness::compute(
+            &map(&[("cache-control", "max-age=10, must-revalidate, stale-while-revalidate=20, stale-if-error=20")]),
+            1000,
+            1000,
+            op,
+        );
+        assert!(!mr.serve_while_revalidating(1015, &none) && !mr.serve_on_error(1015, &none));
+        // Records written before these fields existed read as before.
+        let old: Freshness = serde_json::from_str(
+            r#"{"response_time":1,"initial_age":0,"lifetime":5,"no_cache":false,"must_revalidate":false,"basis":"explicit"}"#,
+        )
+        .unwrap();
+        assert_eq!((old.stale_while_revalidate, old.stale_if_error), (0, 0));
+    }
+
+    #[test]
+    fn targeted_fields_rule_over_cache_control_and_expires() {
+        let cdn = [HeaderName::from_static("cdn-cache-control")];
+        let h = map(&[
+            ("cache-control", "no-store"),
+            ("expires", "Thu, 01 Jan 1970 00:00:00 GMT"),
+            ("cdn-cache-control", "max-age=600"),
+        ]);
+        let t = targeted(&h, &cdn);
+        assert_eq!(t.get(header::CACHE_CONTROL).unwrap(), "max-age=600");
+        assert!(t.get(header::EXPIRES).is_none());
+        assert!(not_storable(200, &t, &RequestRules::default(), false).is_none());
+        // Not on the list, empty, or absent: Cache-Control rules.
+        assert!(matches!(targeted(&h, &[]), std::borrow::Cow::Borrowed(_)));
+        let empty = map(&[("cache-control", "max-age=5"), ("cdn-cache-control", "")]);
+        assert_eq!(targeted(&empty, &cdn).get(header::CACHE_CONTROL).unwrap(), "max-age=5");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use super::{
 use crate::block::{Fill, Source};
 use crate::range::{self, ByteRange, Spec};
 use crate::rfc9111;
+use crate::statuses::Answer;
 use crate::{Cache, FillError, Meta, Passed, Plan, Revalidation, now_secs};
 
 /// What [`serve_cached`] did.
@@ -45,27 +46,81 @@ pub(crate) async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Pa
             None
         }
     };
+    // An answer of another status stored under this key (RFC 9111 §3).
+    if let Some(a) = cache.statuses.get(&plan.key)
+        && a.selected_for(&plan.fields)
+    {
+        let now = now_secs();
+        let f = &a.head.freshness;
+        if f.usable(now, &plan.rules) {
+            count("hit");
+            return Served::Response(answer_stored(cache, &a, parts, &hit_status(f, now)));
+        }
+        if f.serve_while_revalidating(now, &plan.rules) {
+            count("hit");
+            cache.counters.event("served-stale-while-revalidate");
+            refetch_in_background(cache, &plan);
+            return Served::Response(answer_stored(cache, &a, parts, &hit_status(f, now)));
+        }
+        if !plan.rules.only_if_cached {
+            // Stale: asked for again below, and stored again or replaced.
+            cache.statuses.remove_where(|k| k == plan.key);
+        }
+    }
     // RFC 9111 §4: a stored response is used while fresh enough for this
     // request, else validated with the origin; served stale only when the
-    // origin cannot be reached and neither side forbids it (§4.2.4).
-    if let Some(m) = cache.objects.meta_of(&plan.key)
-        && !m.freshness.usable(now_secs(), &plan.rules)
-    {
-        if plan.rules.only_if_cached {
-            count("error");
-            return Served::Response(only_if_cached_miss(cache, &plan, "the stored response is stale"));
-        }
-        if cache.revalidator.revalidate(&plan, &m).await == Revalidation::Unreachable {
-            if !m.freshness.may_serve_stale(&plan.rules) {
+    // origin cannot be reached and neither side forbids it (§4.2.4), or
+    // within its stale-while-revalidate or stale-if-error window (RFC 5861).
+    let mut status = Status::default();
+    if let Some(m) = cache.objects.meta_of(&plan.key) {
+        let now = now_secs();
+        if !m.freshness.usable(now, &plan.rules) {
+            if plan.rules.only_if_cached {
                 count("error");
-                return Served::Response(server_error(
-                    cache,
-                    StatusCode::GATEWAY_TIMEOUT,
-                    &plan.key,
-                    "the origin cannot be reached and the stored response may not be served stale",
-                ));
+                return Served::Response(only_if_cached_miss(cache, &plan, "the stored response is stale"));
             }
-            cache.counters.event("served-stale");
+            if m.freshness.serve_while_revalidating(now, &plan.rules) {
+                cache.counters.event("served-stale-while-revalidate");
+                let (c, p, stale) = (cache.clone(), plan.clone(), m.clone());
+                tokio::spawn(async move {
+                    c.revalidator.revalidate(&p, &stale).await;
+                });
+            } else {
+                status.fwd = Some(if plan.rules.no_cache || plan.rules.max_age.is_some() {
+                    "request"
+                } else {
+                    "stale"
+                });
+                match cache.revalidator.revalidate(&plan, &m).await {
+                    Revalidation::Validated => status.fwd_status = Some(304),
+                    Revalidation::Invalidated => {}
+                    Revalidation::Unreachable => {
+                        if !m.freshness.may_serve_stale(&plan.rules) {
+                            count("error");
+                            return Served::Response(server_error(
+                                cache,
+                                StatusCode::GATEWAY_TIMEOUT,
+                                &plan.key,
+                                "the origin cannot be reached and the stored response may not be served stale",
+                            ));
+                        }
+                        cache.counters.event("served-stale");
+                        status.fwd = None;
+                    }
+                    Revalidation::Failed => {
+                        if !m.freshness.serve_on_error(now_secs(), &plan.rules) {
+                            // Not allowed stale: the client gets the
+                            // origin's own answer.
+                            count("pass");
+                            return Served::Response(
+                                pass_through(cache, &plan.origin, &plan.origin_path, parts, None).await,
+                            );
+                        }
+                        cache.counters.event("served-stale-if-error");
+                        status.fwd = None;
+                    }
+                }
+            }
         }
     }
     if plan.rules.only_if_cached {
@@ -86,19 +141,42 @@ pub(crate) async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Pa
         }
     }
     let mut own: Option<Arc<Fill>> = None;
-    let mut meta = match cache.objects.meta_of(&plan.key) {
+    let mut stored = cache.objects.meta_of(&plan.key);
+    if let Some(m) = &stored
+        && !m.validator.combinable()
+        && cache.objects.stalled(&plan.key, &m.validator)
+    {
+        // Part of a version without a strong validator (its fill stopped):
+        // no other fetch can complete it, so it is fetched again whole.
+        if let Some(old) = cache.objects.invalidate_version(&plan.key, &m.validator) {
+            cache.store.delete_later(Some(plan.key.clone()), old);
+            cache.objects.update_gauges();
+        }
+        cache.counters.event("refetched-incomplete");
+        stored = None;
+    }
+    let mut meta = match stored {
         Some(m) => m,
         None => {
+            status.fwd.get_or_insert("uri-miss");
             let hint = cache.learned.length_hint(&plan.key);
+            let whole = cache.learned.whole(&plan.key);
             if let Some([Spec::Suffix(n)]) = specs.as_deref()
                 && hint.is_none()
+                && !whole
             {
                 // The last n bytes of an object of unknown length: asked for
                 // as they are (one request); the length it tells makes the
                 // next such request an aligned, stored fill.
                 return Served::Response(suffix_miss(cache, &plan, parts, *n, count).await);
             }
-            let (first, end) = cold_target(specs.as_deref(), bs, hint);
+            // Responses without a strong validator are stored only when
+            // fetched whole.
+            let (first, end) = if whole {
+                (0, None)
+            } else {
+                cold_target(specs.as_deref(), bs, hint)
+            };
             let Ok(first) = u32::try_from(first) else {
                 count("error");
                 return Served::Response(full(
@@ -173,6 +251,7 @@ pub(crate) async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Pa
             }
         }
     };
+    status.ttl = meta.freshness.ttl(now_secs());
     if !meta.selected_for(&plan.fields) {
         // Stored for, or being fetched for, other `Vary` values.
         drop(pin);
@@ -191,7 +270,7 @@ pub(crate) async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Pa
         *r.status_mut() = StatusCode::NOT_MODIFIED;
         stored_headers(r.headers_mut(), &meta);
         validator_headers(r.headers_mut(), &meta);
-        add_cache_headers(r.headers_mut(), cache, "hit");
+        add_cache_headers(r.headers_mut(), cache, &status.render(true));
         return Served::Response(r);
     }
     if specs.is_some() && ranges.is_empty() {
@@ -246,7 +325,7 @@ pub(crate) async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Pa
                 h.insert(header::CONTENT_RANGE, v);
             }
         }
-        add_cache_headers(h, cache, if hit { "hit" } else { "fwd=miss" });
+        add_cache_headers(h, cache, &status.render(hit));
     }
     *resp.status_mut() = if ranged {
         StatusCode::PARTIAL_CONTENT
@@ -337,6 +416,92 @@ pub(crate) fn stored_headers(h: &mut HeaderMap, meta: &Meta) {
         }
     }
     h.insert(header::AGE, HeaderValue::from(meta.freshness.age(now_secs())));
+}
+
+/// What `Cache-Status` (RFC 9211) says of an answer from an object.
+#[derive(Default)]
+struct Status {
+    /// Why the request went upstream (`uri-miss`, `stale`, `request`), if
+    /// it did before the answer's head.
+    fwd: Option<&'static str>,
+    /// The status the upstream answered a validation with.
+    fwd_status: Option<u16>,
+    /// Freshness left (negative: stale).
+    ttl: i64,
+}
+
+impl Status {
+    /// The parameters after the cache's name: `hit` when every byte came
+    /// from storage without asking upstream, else `fwd=…`; blocks fetched
+    /// for an object already partly stored are `fwd=partial`.
+    fn render(&self, hit: bool) -> String {
+        let mut out = match (self.fwd, hit) {
+            (None, true) => "hit".to_string(),
+            (None, false) => "fwd=partial; stored".to_string(),
+            (Some(f), _) => format!("fwd={f}; stored"),
+        };
+        if let Some(s) = self.fwd_status {
+            out.push_str(&format!("; fwd-status={s}"));
+        }
+        if self.ttl != i64::MAX {
+            out.push_str(&format!("; ttl={}", self.ttl));
+        }
+        out
+    }
+}
+
+/// `hit` with the freshness left.
+fn hit_status(f: &rfc9111::Freshness, now: u64) -> String {
+    match f.ttl(now) {
+        i64::MAX => "hit".to_string(),
+        t => format!("hit; ttl={t}"),
+    }
+}
+
+/// Asks the origin again for `plan`'s key in the background (a stored
+/// answer served while revalidating): its answer is stored as usual.
+fn refetch_in_background(cache: &Arc<Cache>, plan: &Arc<Plan>) {
+    let (cache, plan) = (cache.clone(), plan.clone());
+    tokio::spawn(async move {
+        let mut own = None;
+        if let Source::Block(b) = cache.fills.acquire(&plan, 0, None, &mut own) {
+            let _ = b.meta().await;
+        }
+    });
+}
+
+/// The answer from a stored answer of another status: its status, fields
+/// and body, `Age`; a 304 for a 2xx whose `ETag` the request's
+/// `If-None-Match` names (RFC 9110 §13.2.1: preconditions apply to 2xx).
+pub(crate) fn answer_stored(cache: &Cache, a: &Answer, parts: &Parts, cache_status: &str) -> Response<Body> {
+    let code = StatusCode::from_u16(a.head.status).unwrap_or(StatusCode::OK);
+    let not_modified = code.is_success()
+        && match (a.field("etag"), header_str(&parts.headers, &header::IF_NONE_MATCH)) {
+            (Some(tag), Some(inm)) => range::weak_match(tag, inm),
+            _ => false,
+        };
+    let mut r = Response::new(empty());
+    for (k, v) in &a.head.headers {
+        if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            r.headers_mut().append(k, v);
+        }
+    }
+    r.headers_mut()
+        .insert(header::AGE, HeaderValue::from(a.head.freshness.age(now_secs())));
+    add_cache_headers(r.headers_mut(), cache, cache_status);
+    if not_modified {
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        return r;
+    }
+    *r.status_mut() = code;
+    if code != StatusCode::NO_CONTENT && code != StatusCode::NOT_MODIFIED {
+        r.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(a.body.len()));
+        if parts.method != Method::HEAD {
+            *r.body_mut() = Full::new(a.body.clone()).map_err(|e| match e {}).boxed();
+        }
+    }
+    r
 }
 
 /// 504 for `only-if-cached` when storage cannot answer (RFC 9111 §5.2.1.7).
@@ -472,7 +637,12 @@ pub(crate) fn fill_error_response(cache: &Cache, key: &str, e: &FillError) -> Re
             if *status >= 500 {
                 tracing::info!(key = %key, status, "cache: passing on the upstream's server error");
             }
-            add_cache_headers(r.headers_mut(), cache, "fwd=miss");
+            let stored = cache.statuses.get(key).is_some_and(|a| a.head.status == *status);
+            let cs = format!(
+                "fwd=uri-miss{}; fwd-status={status}",
+                if stored { "; stored" } else { "" }
+            );
+            add_cache_headers(r.headers_mut(), cache, &cs);
             r
         }
         FillError::Unsatisfiable(len) => unsatisfiable(*len),
@@ -565,7 +735,11 @@ fn answer_from(cache: &Cache, passed: Passed, parts: &Parts) -> Option<Response<
     if let Some(cr) = content_range.and_then(|c| HeaderValue::from_str(&c).ok()) {
         r.headers_mut().insert(header::CONTENT_RANGE, cr);
     }
-    add_cache_headers(r.headers_mut(), cache, "fwd=uri-miss");
+    add_cache_headers(
+        r.headers_mut(),
+        cache,
+        &format!("fwd=uri-miss; fwd-status={}", head.status.as_u16()),
+    );
     if parts.method == Method::HEAD {
         return Some(r);
     }
