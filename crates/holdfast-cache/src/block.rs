@@ -129,6 +129,9 @@ pub(crate) struct Fill {
     pub(crate) cursor: watch::Sender<(u32, bool)>,
     /// The block it is writing: failed if the fill fails.
     pub(crate) writing: Mutex<Option<Arc<Block>>>,
+    /// Fields of its response that are not stored (`private="…"`,
+    /// `no-cache="…"`): passed on only to the request that started it.
+    pub(crate) withheld: Mutex<Vec<(String, String)>>,
 }
 
 impl Fill {
@@ -138,6 +141,7 @@ impl Fill {
             blocks: Mutex::new(BTreeMap::from([(k, block)])),
             cursor: watch::Sender::new((k + 1, false)),
             writing: Mutex::new(None),
+            withheld: Mutex::new(Vec::new()),
         })
     }
 

@@ -330,6 +330,13 @@ impl Fills {
             }),
             vary,
         });
+        let withheld = rfc9111::withheld_fields(resp.headers());
+        if !withheld.is_empty() {
+            *lock(&fill.withheld) = rfc9111::end_to_end(resp.headers())
+                .filter(|(k, _)| withheld.iter().any(|w| w == k.as_str()))
+                .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+                .collect();
+        }
         // Bind the object to this version.
         let bound = self.objects.bind(&plan.key, &meta, obj_id, first, first_block, || {
             self.counters.event("invalidated");

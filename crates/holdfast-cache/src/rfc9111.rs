@@ -191,10 +191,10 @@ impl RequestRules {
 pub const HEURISTICALLY_CACHEABLE: [u16; 12] = [200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501];
 
 /// Whether the cache knows what a final status means well enough to store
-/// it (`must-understand`, §5.2.2.3): the statuses RFC 9110 defines that
-/// this cache stores, 304 (a validation answer) and 206 excepted.
+/// it (`must-understand`, §5.2.2.3): the final statuses RFC 9110 defines,
+/// 304 (a validation answer) excepted.
 pub fn understood(status: u16) -> bool {
-    matches!(status, 200..=205 | 300..=303 | 307 | 308 | 400..=417 | 421 | 422 | 426 | 500..=505)
+    matches!(status, 200..=206 | 300..=303 | 307 | 308 | 400..=417 | 421 | 422 | 426 | 500..=505)
 }
 
 /// Why a response may not be stored, or `None` when it may (RFC 9111 §3 for

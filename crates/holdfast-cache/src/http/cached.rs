@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use holdfast_model::lock;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
@@ -310,6 +311,14 @@ pub(crate) async fn serve_cached(cache: &Arc<Cache>, plan: Arc<Plan>, parts: &Pa
     {
         let h = resp.headers_mut();
         stored_headers(h, &meta);
+        // Fields not stored go to the request whose fill received them.
+        if let Some(f) = &own {
+            for (k, v) in lock(&f.withheld).iter() {
+                if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+                    h.append(k, v);
+                }
+            }
+        }
         validator_headers(h, &meta);
         h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(total));
