@@ -74,10 +74,18 @@ fn a_complete_response_without_a_validator_is_stored_and_serves_every_range() {
     let gw = node("plain", &origin, "", "");
     let g = get(&gw, "/plain", &[]);
     assert_eq!((g.status, g.body == body), (200, true), "{}", gw.describe());
-    assert!(cache_status(&g).contains("fwd=uri-miss; stored"), "{}", cache_status(&g));
+    assert!(
+        cache_status(&g).contains("fwd=uri-miss; stored"),
+        "{}",
+        cache_status(&g)
+    );
     let g = get(&gw, "/plain", &[]);
     assert_eq!((g.status, g.body == body), (200, true));
-    assert!(cache_status(&g).starts_with("holdfast-plain; hit; ttl="), "{}", cache_status(&g));
+    assert!(
+        cache_status(&g).starts_with("holdfast-plain; hit; ttl="),
+        "{}",
+        cache_status(&g)
+    );
     for (arg, range) in [
         ("0-1", 0..2),
         ("5-", 5..200_000),
@@ -117,7 +125,10 @@ fn a_cold_range_without_a_validator_is_passed_on_then_fetched_whole() {
         .filter(|s| s.path == "/cold")
         .map(|s| s.header("range").unwrap_or("").to_string())
         .collect();
-    assert_eq!(asked[1], "bytes=0-", "the second miss asks for the whole object: {asked:?}");
+    assert_eq!(
+        asked[1], "bytes=0-",
+        "the second miss asks for the whole object: {asked:?}"
+    );
     let g = get(&gw, "/cold", &[]);
     assert_eq!((g.status, g.body == body), (200, true));
     assert!(cache_status(&g).contains("; hit"), "{}", cache_status(&g));
@@ -185,7 +196,11 @@ fn an_immutable_object_without_a_validator_is_stored_from_ranges() {
     assert_eq!(g.body.as_slice(), &body[..10]);
     let g = get(&gw, "/pool/p.deb", &[]);
     assert_eq!((g.status, g.body == body), (200, true), "{}", gw.describe());
-    assert_eq!(count(&origin, "GET", "/pool/p.deb"), 2, "block 0 from the first request");
+    assert_eq!(
+        count(&origin, "GET", "/pool/p.deb"),
+        2,
+        "block 0 from the first request"
+    );
     assert!(cache_status(&g).contains("fwd=partial; stored"), "{}", cache_status(&g));
     let g = get(&gw, "/pool/p.deb", &[]);
     assert_eq!((g.body == body, cache_status(&g)), (true, "holdfast-imm; hit"));
@@ -203,7 +218,12 @@ fn other_statuses_are_stored_as_rfc_9111_allows() {
         let mut it = s.path.trim_start_matches('/').split('/');
         let status: u16 = it.next().and_then(|p| p.parse().ok()).unwrap_or(200);
         let how = it.next().unwrap_or("");
-        let mut fields = vec![("last-modified", LM), ("etag", "\"e\""), ("location", "/there"), ("x-o", "1")];
+        let mut fields = vec![
+            ("last-modified", LM),
+            ("etag", "\"e\""),
+            ("location", "/there"),
+            ("x-o", "1"),
+        ];
         match how {
             "max-age" => fields.push(("cache-control", "max-age=600")),
             "expires" => fields.push(("expires", "Sun, 06 Nov 2094 08:49:37 GMT")),
@@ -215,8 +235,21 @@ fn other_statuses_are_stored_as_rfc_9111_allows() {
     });
     let mut gw = node("status", &origin, "", "");
     let stored = [
-        "/203", "/204", "/300", "/301", "/308", "/404", "/405", "/410", "/414", "/501", "/302/max-age",
-        "/201/max-age", "/500/expires", "/403/public", "/503/max-age",
+        "/203",
+        "/204",
+        "/300",
+        "/301",
+        "/308",
+        "/404",
+        "/405",
+        "/410",
+        "/414",
+        "/501",
+        "/302/max-age",
+        "/201/max-age",
+        "/500/expires",
+        "/403/public",
+        "/503/max-age",
     ];
     let not_stored = ["/201", "/202", "/302", "/303", "/307", "/403", "/500", "/502", "/503"];
     for path in stored.iter().chain(&not_stored) {
@@ -226,7 +259,12 @@ fn other_statuses_are_stored_as_rfc_9111_allows() {
             assert_eq!(g.status, status, "{path} ({round}): {}", gw.describe());
             let body: &[u8] = if status == 204 { b"" } else { b"answer" };
             assert_eq!(g.body.as_slice(), body, "{path} ({round})");
-            for (k, v) in [("location", "/there"), ("last-modified", LM), ("etag", "\"e\""), ("x-o", "1")] {
+            for (k, v) in [
+                ("location", "/there"),
+                ("last-modified", LM),
+                ("etag", "\"e\""),
+                ("x-o", "1"),
+            ] {
                 assert_eq!(g.header(k), Some(v), "{path} ({round}): {k}");
             }
             if round == 1 && stored.contains(path) {
@@ -249,7 +287,11 @@ fn other_statuses_are_stored_as_rfc_9111_allows() {
     gw.restart();
     for path in stored {
         let g = get(&gw, path, &[]);
-        assert!(cache_status(&g).contains("; hit"), "{path} after a restart: {}", cache_status(&g));
+        assert!(
+            cache_status(&g).contains("; hit"),
+            "{path} after a restart: {}",
+            cache_status(&g)
+        );
         assert_eq!(count(&origin, "GET", path), 1, "{path}");
     }
     // A purge drops them too.
@@ -313,7 +355,11 @@ fn partial_content_is_stored_reused_and_updates_stored_fields() {
     assert_eq!(count(&origin, "GET", "/big"), 2);
     let g = get(&gw, "/big", &["-r", "70000-70009"]);
     assert!(cache_status(&g).contains("; hit"), "{}", cache_status(&g));
-    assert_eq!(g.header("x-version"), Some("2"), "the stored fields follow the newer 206");
+    assert_eq!(
+        g.header("x-version"),
+        Some("2"),
+        "the stored fields follow the newer 206"
+    );
     gw.stop();
 }
 
@@ -340,7 +386,11 @@ fn stale_while_revalidate_and_stale_if_error() {
         if s.header("if-none-match") == Some(tag.as_str()) {
             return Reply::new(304, &[("etag", &tag), ("cache-control", cc)], b"");
         }
-        ranged(s, format!("version {n}").as_bytes(), &[("etag", &tag), ("cache-control", cc)])
+        ranged(
+            s,
+            format!("version {n}").as_bytes(),
+            &[("etag", &tag), ("cache-control", cc)],
+        )
     });
     let gw = node("stale", &origin, "", "");
     for p in ["/swr", "/sie", "/plain"] {
@@ -380,7 +430,10 @@ fn targeted_fields_qualified_directives_and_must_understand() {
             "/cdn" => vec![("cache-control", "no-store"), ("cdn-cache-control", "max-age=600")],
             "/cdn-no" => vec![("cache-control", "max-age=600"), ("cdn-cache-control", "no-store")],
             "/qualified" => vec![
-                ("cache-control", "max-age=600, private=\"x-user\", no-cache=\"set-cookie\""),
+                (
+                    "cache-control",
+                    "max-age=600, private=\"x-user\", no-cache=\"set-cookie\"",
+                ),
                 ("x-user", "alice"),
                 ("set-cookie", "session=1"),
                 ("x-kept", "yes"),
@@ -396,7 +449,13 @@ fn targeted_fields_qualified_directives_and_must_understand() {
         ranged(s, b"content", &fields)
     });
     let gw = node("targeted", &origin, "", "");
-    for (path, fetches) in [("/cdn", 1), ("/cdn-no", 2), ("/qualified", 1), ("/mu", 1), ("/mu-unknown", 2)] {
+    for (path, fetches) in [
+        ("/cdn", 1),
+        ("/cdn-no", 2),
+        ("/qualified", 1),
+        ("/mu", 1),
+        ("/mu-unknown", 2),
+    ] {
         let first = get(&gw, path, &[]);
         let second = get(&gw, path, &[]);
         assert_eq!(second.body, b"content", "{path}");
@@ -405,7 +464,11 @@ fn targeted_fields_qualified_directives_and_must_understand() {
             assert_eq!(first.header("x-user"), Some("alice"), "relayed the first time");
             assert_eq!(first.header("set-cookie"), Some("session=1"));
             assert_eq!(second.header("x-user"), None, "private=\"x-user\" is not stored");
-            assert_eq!(second.header("set-cookie"), None, "no-cache=\"set-cookie\" is not stored");
+            assert_eq!(
+                second.header("set-cookie"),
+                None,
+                "no-cache=\"set-cookie\" is not stored"
+            );
             assert_eq!(second.header("x-kept"), Some("yes"));
         }
     }

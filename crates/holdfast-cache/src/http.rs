@@ -134,7 +134,18 @@ pub(crate) fn server_error(cache: &Cache, status: StatusCode, key: &str, why: &s
     } else {
         "server-error"
     });
-    full(status, format!("{why}\n"))
+    let mut r = full(status, format!("{why}\n"));
+    // RFC 9211: an answer the cache made itself says why (an sf-string:
+    // printable ASCII, quotes and backslashes escaped).
+    let detail: String = why
+        .chars()
+        .take(200)
+        .map(|c| if (' '..='~').contains(&c) { c } else { '?' })
+        .collect::<String>()
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"");
+    add_cache_headers(r.headers_mut(), cache, &format!("detail=\"{detail}\""));
+    r
 }
 
 async fn handle(cache: Arc<Cache>, policy: Arc<dyn ContentPolicy>, req: Request<Incoming>) -> Response<Body> {

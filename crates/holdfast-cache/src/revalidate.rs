@@ -65,12 +65,7 @@ impl Revalidator {
         // RFC 9111 §4.3.1: the strong ETag, else Last-Modified; for a
         // response stored without them, its weak ETag, else its Date (RFC
         // 9110 §13.1.3 allows the Date of the stored response).
-        let date = || {
-            meta.headers
-                .iter()
-                .find(|(k, _)| k == "date")
-                .map(|(_, d)| d.clone())
-        };
+        let date = || meta.headers.iter().find(|(k, _)| k == "date").map(|(_, d)| d.clone());
         let condition = match (&v.etag, &v.last_modified, &v.weak_etag) {
             (Some(e), _, _) => (hyper::header::IF_NONE_MATCH, e.clone()),
             (None, Some(lm), _) => (hyper::header::IF_MODIFIED_SINCE, lm.clone()),

@@ -238,8 +238,7 @@ pub fn not_storable(status: u16, response: &HeaderMap, request: &RequestRules, a
     {
         return Some("the response sets a cookie".into());
     }
-    let explicit =
-        d.has("max-age") || d.has("s-maxage") || d.has("public") || response.contains_key(header::EXPIRES);
+    let explicit = d.has("max-age") || d.has("s-maxage") || d.has("public") || response.contains_key(header::EXPIRES);
     if !explicit && !HEURISTICALLY_CACHEABLE.contains(&status) {
         return Some(format!(
             "status {status} is not heuristically cacheable and the response gives no explicit freshness"
@@ -789,13 +788,24 @@ mod tests {
         assert!(!ok(&[("cache-control", "max-age=60")], 103, false));
         // must-understand: a known status ignores no-store; an unknown one
         // is never stored.
-        assert!(ok(&[("cache-control", "must-understand, no-store, max-age=60")], 200, false));
-        assert!(!ok(&[("cache-control", "must-understand, no-store, max-age=60")], 299, false));
+        assert!(ok(
+            &[("cache-control", "must-understand, no-store, max-age=60")],
+            200,
+            false
+        ));
+        assert!(!ok(
+            &[("cache-control", "must-understand, no-store, max-age=60")],
+            299,
+            false
+        ));
         assert!(!ok(&[("cache-control", "must-understand, max-age=60")], 299, false));
         // Qualified private / no-cache withhold fields, not the response.
         assert!(ok(&[("cache-control", "private=\"x-user\"")], 200, false));
         assert!(ok(
-            &[("set-cookie", "id=1"), ("cache-control", "no-cache=\"set-cookie\", max-age=60")],
+            &[
+                ("set-cookie", "id=1"),
+                ("cache-control", "no-cache=\"set-cookie\", max-age=60")
+            ],
             200,
             false
         ));
@@ -808,7 +818,15 @@ mod tests {
         ]);
         let kept: Vec<String> = stored_fields(&h).into_iter().map(|(k, _)| k).collect();
         assert_eq!(kept, ["cache-control", "x-kept"]);
-        let f = Freshness::compute(&h, 0, 0, Operator { immutable: false, ttl: 0 });
+        let f = Freshness::compute(
+            &h,
+            0,
+            0,
+            Operator {
+                immutable: false,
+                ttl: 0,
+            },
+        );
         assert!(!f.no_cache, "qualified no-cache does not make every use validate");
         assert!(!ok(&[("vary", "Accept, *")], 200, false));
         assert!(ok(&[("vary", "accept-language")], 200, false));
@@ -820,9 +838,15 @@ mod tests {
 
     #[test]
     fn stale_while_revalidate_and_stale_if_error() {
-        let op = Operator { immutable: false, ttl: 0 };
+        let op = Operator {
+            immutable: false,
+            ttl: 0,
+        };
         let f = Freshness::compute(
-            &map(&[("cache-control", "max-age=10, stale-while-revalidate=20, stale-if-error=100")]),
+            &map(&[(
+                "cache-control",
+                "max-age=10, stale-while-revalidate=20, stale-if-error=100",
+            )]),
             1000,
             1000,
             op,
@@ -839,7 +863,10 @@ mod tests {
         let nc = RequestRules::of(&map(&[("cache-control", "no-cache")]));
         assert!(!f.serve_while_revalidating(1015, &nc));
         let mr = Freshness::compute(
-            &map(&[("cache-control", "max-age=10, must-revalidate, stale-while-revalidate=20, stale-if-error=20")]),
+            &map(&[(
+                "cache-control",
+                "max-age=10, must-revalidate, stale-while-revalidate=20, stale-if-error=20",
+            )]),
             1000,
             1000,
             op,

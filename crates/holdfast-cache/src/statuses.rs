@@ -242,7 +242,15 @@ mod tests {
             head: Head {
                 status,
                 headers: vec![("location".into(), "/x".into())],
-                freshness: Freshness::compute(&hyper::HeaderMap::new(), 1, 1, Operator { immutable: false, ttl: 60 }),
+                freshness: Freshness::compute(
+                    &hyper::HeaderMap::new(),
+                    1,
+                    1,
+                    Operator {
+                        immutable: false,
+                        ttl: 60,
+                    },
+                ),
                 vary: None,
             },
             body: Bytes::copy_from_slice(body),

@@ -42,12 +42,13 @@ pub(crate) fn cache_command(client: &AdminClient, cmd: CacheCommand, json: bool)
             let bytes = |k: &str| bytes_of(&v[k]);
             print_table(
                 &[
-                    "listen", "objects", "stored", "max size", "min free", "free", "fills", "parent",
+                    "listen", "objects", "stored", "answers", "max size", "min free", "free", "fills", "parent",
                 ],
                 &[vec![
                     str_of(&v["listen"]),
                     str_of(&v["objects"]),
                     bytes("stored_bytes"),
+                    str_of(&v["stored_answers"]),
                     bytes("max_size"),
                     bytes("min_free"),
                     bytes("free_bytes"),
