@@ -205,7 +205,7 @@ impl Fills {
             FillError::Uncacheable(why, Handoff::new(owner, Passed { head, body, range }))
         };
         let (body_start, body_end, length) = match (status, held) {
-            (206 | 200, Some((a, e, Some(len)))) if a <= start => (a, e, len),
+            (206 | 200, Some((a, e, Some(len)))) if a <= start && len > 0 => (a, e, len),
             (206 | 200, Some((_, _, None))) => {
                 return Err(hand_off(resp, "upstream sent no object length".into()));
             }
