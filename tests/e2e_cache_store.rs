@@ -230,7 +230,11 @@ fn other_statuses_are_stored_as_rfc_9111_allows() {
             "public" => fields.push(("cache-control", "public")),
             _ => {}
         }
-        let body: &[u8] = if status == 204 || how == "empty" { b"" } else { b"answer" };
+        let body: &[u8] = if status == 204 || how == "empty" {
+            b""
+        } else {
+            b"answer"
+        };
         Reply::new(status, &fields, body)
     });
     let mut gw = node("status", &origin, "", "");

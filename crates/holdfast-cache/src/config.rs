@@ -146,6 +146,17 @@ impl CacheConfig {
     }
 }
 
+impl CacheConfig {
+    /// `targeted_cache_control` as field names (invalid ones, which
+    /// [`CacheConfig::validate`] refuses, are left out).
+    pub fn targeted_fields(&self) -> Vec<hyper::header::HeaderName> {
+        self.targeted_cache_control
+            .iter()
+            .filter_map(|n| hyper::header::HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,16 +208,5 @@ mod tests {
         assert_eq!(with(Some("0.0.0.0:443"), true, false), Err("cache.tls_key"));
         assert_eq!(with(Some("0.0.0.0:8080"), true, true), Err("cache.tls_listen"));
         assert_eq!(with(None, true, true), Err("cache.tls_listen"));
-    }
-}
-
-impl CacheConfig {
-    /// `targeted_cache_control` as field names (invalid ones, which
-    /// [`CacheConfig::validate`] refuses, are left out).
-    pub fn targeted_fields(&self) -> Vec<hyper::header::HeaderName> {
-        self.targeted_cache_control
-            .iter()
-            .filter_map(|n| hyper::header::HeaderName::from_bytes(n.as_bytes()).ok())
-            .collect()
     }
 }

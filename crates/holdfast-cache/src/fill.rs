@@ -47,21 +47,32 @@ pub(crate) struct Fills {
     orphan_fill_bytes: AtomicU64,
 }
 
+/// The parts of the cache a fill works with.
+pub(crate) struct FillParts {
+    pub(crate) objects: Arc<Objects>,
+    pub(crate) store: Arc<BlockStore>,
+    pub(crate) origin: Arc<Origin>,
+    pub(crate) learned: Arc<Learned>,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) statuses: Arc<Statuses>,
+    /// `cache.targeted_cache_control` (RFC 9213).
+    pub(crate) targeted: Arc<[hyper::header::HeaderName]>,
+}
+
 /// A claimed block being written: the block, its data, bytes written.
 type Writing = (Arc<Block>, BlockData, u64);
 
 impl Fills {
-    pub(crate) fn new(
-        objects: Arc<Objects>,
-        store: Arc<BlockStore>,
-        origin: Arc<Origin>,
-        learned: Arc<Learned>,
-        counters: Arc<Counters>,
-        statuses: Arc<Statuses>,
-        targeted: Arc<[hyper::header::HeaderName]>,
-        block_size: u64,
-        orphan_fill_bytes: u64,
-    ) -> Fills {
+    pub(crate) fn new(parts: FillParts, block_size: u64, orphan_fill_bytes: u64) -> Fills {
+        let FillParts {
+            objects,
+            store,
+            origin,
+            learned,
+            counters,
+            statuses,
+            targeted,
+        } = parts;
         Fills {
             objects,
             store,

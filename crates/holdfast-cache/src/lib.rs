@@ -59,7 +59,7 @@ use holdfast_store::{Store, StoreError};
 use self::block::Fill;
 use self::counters::Counters;
 use self::disk::{Class, Index};
-use self::fill::Fills;
+use self::fill::{FillParts, Fills};
 use self::learned::Learned;
 pub use self::metrics::CacheMetrics;
 use self::objects::{Objects, Pin};
@@ -379,13 +379,15 @@ impl Cache {
         let origin = Arc::new(Origin::new(client, node_id, counters.clone()));
         let learned = Arc::new(Learned::new(vary_specs));
         let fills = Arc::new(Fills::new(
-            objects.clone(),
-            store.clone(),
-            origin.clone(),
-            learned.clone(),
-            counters.clone(),
-            statuses.clone(),
-            targeted.clone(),
+            FillParts {
+                objects: objects.clone(),
+                store: store.clone(),
+                origin: origin.clone(),
+                learned: learned.clone(),
+                counters: counters.clone(),
+                statuses: statuses.clone(),
+                targeted: targeted.clone(),
+            },
             cfg.block_size,
             cfg.orphan_fill_bytes,
         ));
