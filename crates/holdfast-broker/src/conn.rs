@@ -102,7 +102,9 @@ where
         keep_alive: Duration::ZERO,
     };
     let served = CatchPanic(Box::pin(async {
-        match conn.handshake(over).await {
+        // The handshake's state is boxed: it is not carried for the life of
+        // the connection.
+        match Box::pin(conn.handshake(over)).await {
             Ok(()) => conn.run().await,
             Err(e) => e,
         }
@@ -115,12 +117,42 @@ where
         tracing::error!(peer = %conn.peer.addr, "connection task panicked: {what}");
         Exit::Error(reason::UNSPECIFIED, "internal-error")
     });
-    conn.finish(exit).await;
+    // Boxed: its state (the closing writes, the drain) is only needed at
+    // the end, not carried by every idle connection's task.
+    Box::pin(conn.finish(exit)).await;
     // The socket closes before the connection stops counting: a node that
     // stops waits for the count, not for this task.
     drop(conn);
     broker.release();
     gauge.dec();
+}
+
+/// Reads what the client sent into `buf`. With less than 256 bytes of room
+/// in `buf` (an idle connection has none), it reads into a buffer on the
+/// stack, only while polled, and copies what came: a connection waiting for
+/// its client holds no read buffer.
+fn read_some<'a, R: AsyncRead + Unpin>(
+    rd: &'a mut R,
+    buf: &'a mut BytesMut,
+) -> impl Future<Output = std::io::Result<usize>> + 'a {
+    poll_fn(move |cx| {
+        let room = buf.capacity() - buf.len();
+        if room >= 256 {
+            let start = buf.len();
+            buf.resize(start + room.min(64 << 10), 0);
+            let mut rb = tokio::io::ReadBuf::new(&mut buf[start..]);
+            let r = Pin::new(&mut *rd).poll_read(cx, &mut rb);
+            let n = rb.filled().len();
+            buf.truncate(start + n);
+            return r.map_ok(|()| n);
+        }
+        let mut tmp = [0u8; 1024];
+        let mut rb = tokio::io::ReadBuf::new(&mut tmp);
+        let r = Pin::new(&mut *rd).poll_read(cx, &mut rb);
+        let n = rb.filled().len();
+        buf.extend_from_slice(rb.filled());
+        r.map_ok(|()| n)
+    })
 }
 
 /// Resolves to the future's output, or to the panic's message if polling it
@@ -150,9 +182,10 @@ struct Conn<S> {
     conn_id: u64,
     /// Registered as its principal (from authentication until it ends).
     registration: Option<Registration>,
-    /// The client's protocol, once CONNECT is accepted.
-    client: Option<Client>,
-    will: Option<WillInfo>,
+    /// The client's protocol, once CONNECT is accepted (boxed, like the
+    /// will, so the task of a connection stays small).
+    client: Option<Box<Client>>,
+    will: Option<Box<WillInfo>>,
     keep_alive: Duration,
 }
 
@@ -172,9 +205,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
         }
         .run(over_limit)
         .await?;
-        self.will = connected.will;
+        self.will = connected.will.map(Box::new);
         self.keep_alive = connected.keep_alive;
-        let client = self.client.insert(connected.client);
+        let client = self.client.insert(Box::new(connected.client));
         // Resume: unacknowledged messages go again, in order.
         client.outbound.resend(&client.session);
         // A resumed session may already be subscribed to what waits for it.
@@ -219,11 +252,26 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             let paused_until = client.paused_until;
             let reading = client.reading();
             let deadline = last_rx + keep_alive;
-            // Small while idle, larger while the client keeps the buffer full.
-            if rbuf.capacity() - rbuf.len() < 256 {
-                rbuf.reserve(if busy { 16 << 10 } else { 1024 });
+            let timer = match (paused_until, keep_alive.is_zero()) {
+                (Some(p), true) => Some(p),
+                (Some(p), false) => Some(p.min(deadline)),
+                (None, false) => Some(deadline),
+                (None, true) => None,
+            };
+            // No buffer while idle (a read waits with none and lands in a
+            // buffer on the stack, see `read_some`); a large one while the
+            // client keeps it full. An idle connection holds no write
+            // buffer either.
+            if rbuf.is_empty() && !busy && rbuf.capacity() > 0 {
+                *rbuf = BytesMut::new();
             }
-            let Client { outbound, pending, .. } = client;
+            if busy && rbuf.capacity() - rbuf.len() < 256 {
+                rbuf.reserve(16 << 10);
+            }
+            if client.outbound.buf.is_empty() && !busy && client.outbound.buf.capacity() > 0 {
+                client.outbound.buf = BytesMut::new();
+            }
+            let Client { outbound, pending, .. } = &mut **client;
             let out = &mut outbound.buf;
             let ack_ready = poll_fn(|cx| match pending.front_mut() {
                 Some(p) => p.poll(cx),
@@ -232,7 +280,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
             tokio::select! {
                 biased;
                 _ = async { stop.wait_for(|s| *s).await.is_ok() } => {
-                    return client.finish_in_flight(Instant::now() + broker.shutdown_wait()).await;
+                    return Box::pin(client.finish_in_flight(Instant::now() + broker.shutdown_wait())).await;
                 }
                 _ = session.kick.notified() => {
                     if session.kick_pending.swap(false, Ordering::AcqRel) {
@@ -256,7 +304,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                         return exit;
                     }
                 }
-                r = rd.read_buf(rbuf), if reading => {
+                r = read_some(rd, rbuf), if reading => {
                     match r {
                         Ok(0) | Err(_) => return Exit::Unclean("closed"),
                         Ok(n) => {
@@ -266,9 +314,9 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
                     }
                 }
                 _ = session.wake.notified() => {}
-                _ = tokio::time::sleep_until(paused_until.unwrap_or_else(Instant::now)), if paused_until.is_some() => {}
-                _ = tokio::time::sleep_until(deadline), if !keep_alive.is_zero() => {
-                    if Instant::now() >= last_rx + keep_alive {
+                // One timer for the end of a pause and the keep-alive.
+                _ = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
+                    if !keep_alive.is_zero() && Instant::now() >= last_rx + keep_alive {
                         return Exit::Error(reason::KEEP_ALIVE_TIMEOUT, "keep-alive-timeout");
                     }
                 }
@@ -348,7 +396,7 @@ impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn<S> {
     async fn drain_input(&mut self) {
         let deadline = Instant::now() + DRAIN_GRACE;
         let mut left = DRAIN_MAX;
-        let mut buf = [0u8; 8192];
+        let mut buf = vec![0u8; 8192];
         while left > 0 {
             match tokio::time::timeout_at(deadline, self.rd.read(&mut buf)).await {
                 Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
