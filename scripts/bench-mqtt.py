@@ -44,8 +44,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def raise_nofile():
+def raise_nofile(want=0):
+    """Raises the open-files limit to the hard limit, and above it to `want` when
+    allowed (root): the brokers and the load generator inherit it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if want > hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return
+        except (ValueError, OSError) as e:
+            print(f"warning: cannot raise the open-files limit to {want} ({e}); it stays at {hard}", flush=True)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
@@ -111,7 +119,7 @@ def start_holdfast(workdir, name, router, fresh=True):
             f'[node]\nid = "{name}"\ndata_dir = "{data}"\n'
             f'[admin]\nlisten = "127.0.0.1:{free_port()}"\n'
             f'[mqtt.tcp]\nlisten = "127.0.0.1:{port}"\n'
-            "[mqtt]\nmax_queued_messages = 1000000\n"
+            "[mqtt]\nmax_queued_messages = 1000000\nmax_connections = 1000000\n"
             f"[plugins.router.config]\n{router}\n"
             "[plugins.auth.config]\nallow_anonymous = true\n"
         )
@@ -158,7 +166,7 @@ def main():
         )
     if not os.path.exists("/usr/sbin/mosquitto"):
         sys.exit("Mosquitto is not installed: run scripts/setup.sh")
-    raise_nofile()
+    raise_nofile(a.idle_clients * 2 + 4096)
     work = tempfile.mkdtemp(prefix="holdfast-bench-")
     dur = ["--duration", str(a.duration), "--warmup", "2"]
     scenarios = {
@@ -210,7 +218,10 @@ def main():
         try:
             time.sleep(2)
             idle = rss_kib(b.proc.pid)
-            res = bench(b.port, ["--idle-clients", str(a.idle_clients), "--duration", "5", "--broker-pid", str(b.proc.pid)])
+            # One loopback address has about 28,000 ephemeral ports.
+            sources = max(1, -(-a.idle_clients // 25000))
+            res = bench(b.port, ["--idle-clients", str(a.idle_clients), "--duration", "5", "--broker-pid", str(b.proc.pid),
+                                 "--source-ips", str(sources)])
         finally:
             b.stop()
         before, after = res["broker_rss_before_kib"], res["broker_rss_after_kib"]
@@ -218,11 +229,12 @@ def main():
         per = (after - before) * 1024 / max(1, connected)
         memory[peer] = {"idle_rss_kib": idle, "first_start_rss_kib": first_start if peer == "holdfast" else None,
                         "rss_before_kib": before, "rss_with_clients_kib": after,
-                        "clients": a.idle_clients, "connected": connected, "bytes_per_connection": per}
+                        "clients": a.idle_clients, "connected": connected, "bytes_per_connection": per,
+                        "connect_s": res.get("connect_s")}
         if peer == "holdfast":
             print(f"memory holdfast : first start (compiling the plugins) {first_start / 1024:.1f} MiB", flush=True)
         print(f"memory {peer:9}: idle RSS {idle / 1024:.1f} MiB; with {connected}/{a.idle_clients} clients "
-              f"{after / 1024:.1f} MiB = {per:.0f} B per connection", flush=True)
+              f"{after / 1024:.1f} MiB = {per:.0f} B per connection; all connected in {res.get('connect_s')} s", flush=True)
 
     print("\nmedians (Holdfast / Mosquitto):")
     summary = {}

@@ -6,6 +6,9 @@
 //! publishes without a second task or a channel in between.
 
 use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -14,7 +17,7 @@ use holdfast_mqtt::{
     ConnAck, Connect, DecodeError, Packet, Properties, QoS, SubOptions, Subscribe, Version, decode, encode,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::timeout;
 
 /// Keep-alive requested in CONNECT; the loops send PINGREQ at half of it.
@@ -36,9 +39,35 @@ pub struct Endpoint {
     pub username: Option<String>,
     pub password: Option<String>,
     pub timeout: Duration,
+    /// Loopback source addresses to spread connections over (1: let the kernel choose).
+    pub source_ips: u8,
+    pub next_source: Arc<AtomicU32>,
 }
 
 impl Endpoint {
+    /// Opens the TCP connection, from the next loopback source address when
+    /// `source_ips` is above 1.
+    async fn open(&self) -> io::Result<TcpStream> {
+        let addr = self.addr();
+        if self.source_ips <= 1 {
+            return TcpStream::connect(&addr).await;
+        }
+        let k = self.next_source.fetch_add(1, Ordering::Relaxed) % u32::from(self.source_ips);
+        let mut last = io::Error::other(format!("cannot resolve {addr}"));
+        for target in tokio::net::lookup_host(&addr).await? {
+            let SocketAddr::V4(v4) = target else { continue };
+            let socket = TcpSocket::new_v4()?;
+            let [a, b, c, d] = Ipv4Addr::LOCALHOST.octets();
+            let src = Ipv4Addr::new(a, b, c, d.wrapping_add(k as u8));
+            socket.bind(SocketAddr::new(IpAddr::V4(src), 0))?;
+            match socket.connect(SocketAddr::V4(v4)).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
     pub fn addr(&self) -> String {
         if self.host.contains(':') && !self.host.starts_with('[') {
             format!("[{}]:{}", self.host, self.port)
@@ -63,7 +92,7 @@ impl Conn {
     /// Opens a TCP connection and completes CONNECT/CONNACK.
     pub async fn connect(ep: &Endpoint, client_id: String) -> Result<Conn> {
         let addr = ep.addr();
-        let stream = timeout(ep.timeout, TcpStream::connect(&addr))
+        let stream = timeout(ep.timeout, ep.open())
             .await
             .map_err(|_| anyhow!("cannot connect to {addr}: timed out after {:?}", ep.timeout))?
             .with_context(|| format!("cannot connect to {addr}"))?;

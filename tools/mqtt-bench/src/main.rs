@@ -11,7 +11,7 @@ mod load;
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
@@ -82,6 +82,10 @@ struct Args {
     /// With --idle-clients: the broker's process id, to report its resident memory before and after.
     #[arg(long)]
     broker_pid: Option<u32>,
+    /// Spread the connections over this many loopback source addresses (127.0.0.1, 127.0.0.2, ...): one
+    /// address has only about 28,000 ephemeral ports, so 100,000 clients on loopback need four.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+    source_ips: u8,
     /// Seconds to wait after the run for outstanding acknowledgements and deliveries.
     #[arg(long, default_value_t = 5.0)]
     drain: f64,
@@ -173,6 +177,8 @@ fn endpoint(a: &Args) -> Arc<Endpoint> {
         username: a.username.clone(),
         password: a.password.clone(),
         timeout: Duration::from_secs_f64(a.connect_timeout),
+        source_ips: a.source_ips,
+        next_source: Arc::new(AtomicU32::new(0)),
     })
 }
 
