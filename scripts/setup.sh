@@ -44,6 +44,11 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
+# promtool checks and unit-tests the example alert rules (packaging/prometheus/).
+if ! command -v promtool >/dev/null 2>&1; then
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 if ! python3 -c 'import paho.mqtt' >/dev/null 2>&1; then
     python3 -m pip install --quiet 'paho-mqtt>=2,<3'
 fi

@@ -863,3 +863,91 @@ fn a_child_declaring_a_huge_zstd_window_is_refused() {
     assert_eq!(got[0].payload, "lane 1");
     drop(consumer);
 }
+
+/// A parent whose outbox is full (its own upstream is not there yet) cannot take
+/// more: the child's lane stops moving while its link keeps connecting, and is
+/// reported stuck (API, metrics, log, `holdfast queue`). Once the parent drains
+/// into a root that appears, the lane moves again.
+#[test]
+fn a_lane_a_full_parent_cannot_take_is_reported_stuck_and_moves_again() {
+    let certs = fleet(&["root", "gw2", "gw1"]);
+    let c = certs.path();
+    let (root_link, gw2_link) = (free_port(), free_port());
+    let gw2 = Gateway::start_named(
+        "gw2",
+        &format!(
+            "{}{}{}{}[outbox]\nmax_messages = 3\n",
+            fleet_section(c, "gw2"),
+            listen_section(gw2_link),
+            upstream_section(addr(root_link), "root"),
+            child_identity("gw1", "gw2")
+        ),
+    );
+    // Batches of 2: the parent takes one, and the next would pass its quota.
+    let gw1 = Gateway::start_named(
+        "gw1",
+        &format!(
+            "{}{}[outbox]\nstuck_after_seconds = 3\n",
+            fleet_section(c, "gw1"),
+            upstream_section(addr(gw2_link), "gw2").replace("[upstream]\n", "[upstream]\nbatch_messages = 2\n")
+        ),
+    );
+    let mut device = Client::connect(gw1.mqtt, "dev1", true).unwrap();
+    for i in 0..8 {
+        assert!(
+            device
+                .publish_acked("site/line1", &i.to_string(), Duration::from_secs(5))
+                .unwrap()
+        );
+    }
+    let lane = |gw: &Gateway| gw.api("/api/v1/outbox")["lanes"][5].clone();
+    wait_until(60, "gw1's lane 5 to be reported stuck", || lane(&gw1)["stuck"] == true);
+    let l = lane(&gw1);
+    assert!(l["messages"].as_u64().unwrap() >= 5, "{l}");
+    assert!(l["still_ms"].as_u64().unwrap() >= 3000, "{l}");
+    // What drained before the parent filled still shows in the smoothed rate.
+    assert!(l["drain_per_s"].as_f64().unwrap() < 1.0, "{l}");
+    assert_eq!(gw1.api("/api/v1/outbox")["stuck_lanes"], serde_json::json!([5]));
+    let parent = lane(&gw2)["messages"].as_u64().unwrap();
+    assert!(
+        (1..=3).contains(&parent),
+        "the parent holds what it could take: {parent}"
+    );
+    assert_eq!(gw1.metric("holdfast_outbox_stuck{lane=\"5\"}"), 1.0);
+    assert_eq!(gw1.metric("holdfast_outbox_stuck_episodes_total{lane=\"5\"}"), 1.0);
+    let queue = gw1.cli_ok(&["queue"]);
+    assert!(queue.contains("STUCK for"), "{queue}");
+    assert!(gw1.log().contains("outbox lane stuck"), "{}", gw1.describe());
+    // A full parent is retried with back-off (at most 2 s here), not as fast as
+    // handshakes go.
+    let connects = |gw: &Gateway| gw.api("/api/v1/link")["link"]["connects"].as_u64().unwrap();
+    let before = connects(&gw1);
+    std::thread::sleep(Duration::from_secs(5));
+    let during = connects(&gw1) - before;
+    assert!(during <= 10, "{during} connections in 5 s to a full parent");
+
+    // The root appears: the parent drains into it, takes the rest, and the lane moves.
+    let root = start_root(c, root_link, "gw2");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let l = lane(&gw1);
+        if l["messages"] == 0 && l["stuck"] == false {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gw1's lane 5 did not drain: {l}\ngw1 link: {}\ngw2 link: {}\ngw2 lane: {}\n{}\n{}\n{}",
+            gw1.api("/api/v1/link"),
+            gw2.api("/api/v1/link"),
+            lane(&gw2),
+            gw1.describe(),
+            gw2.describe(),
+            root.describe()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_until(30, "gw2's outbox to drain", || lane(&gw2)["messages"] == 0);
+    assert_eq!(gw1.metric("holdfast_outbox_stuck{lane=\"5\"}"), 0.0);
+    assert!(gw1.log().contains("outbox lane moves again"), "{}", gw1.describe());
+    drop(root);
+}

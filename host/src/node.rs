@@ -295,6 +295,12 @@ impl Node {
             (None, Arc::new(Hub::new(hub_parts(holdfast_iothub::clients::none()))))
         };
         let link = Arc::new(holdfast_link::Status::new(config.link_sections()));
+        tasks.push(tokio::spawn(watch_lanes(
+            outbox.clone(),
+            link.clone(),
+            Duration::from_secs(config.outbox.stuck_after_seconds),
+            stopped.clone(),
+        )));
         let link_metrics = Arc::new(LinkMetrics::new(metrics.registry()));
         let link_rate = Arc::new(holdfast_link::rate::RateLimit::new(
             config.upstream.max_bytes_per_second,
@@ -646,6 +652,46 @@ fn release_freed_memory() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn release_freed_memory() {}
+
+/// How often the outbox's lanes are sampled for their drain rate and whether
+/// they are stuck.
+const LANE_WATCH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Samples the outbox's lanes every [`LANE_WATCH_INTERVAL`] until the node
+/// stops ([`Outbox::watch_lanes`]). The lanes could drain during an interval
+/// when the link is up at its end, connected during it (a parent that closes
+/// the link when it is full), or this node is a root.
+async fn watch_lanes(
+    outbox: Arc<Outbox>,
+    link: Arc<holdfast_link::Status>,
+    stuck_after: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let start = Instant::now();
+    let mut connects = link.snapshot().connects;
+    let mut tick = tokio::time::interval(LANE_WATCH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped.wait_for(|s| *s) => return,
+        }
+        let status = link.snapshot();
+        let up = matches!(
+            status.state,
+            holdfast_link::LinkState::Up | holdfast_link::LinkState::Root
+        ) || status.connects != connects;
+        connects = status.connects;
+        let now_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let o = outbox.clone();
+        if tokio::task::spawn_blocking(move || o.watch_lanes(now_ms, up, stuck_after))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
 
 async fn wait_for(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|s| *s).await;

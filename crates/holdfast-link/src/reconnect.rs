@@ -140,7 +140,6 @@ pub(crate) async fn drive<U: Upstream>(up: &U, stop: &mut watch::Receiver<bool>)
                 if let Some(p) = probe.take() {
                     p.abort();
                 }
-                backoff.reset();
                 ctx.status.set_state(LinkState::Up, None);
                 m.link_up.set(1);
                 ctx.outbox.mark_live();
@@ -153,6 +152,12 @@ pub(crate) async fn drive<U: Upstream>(up: &U, stop: &mut watch::Receiver<bool>)
                 m.link_disconnects.get_or_create(&ReasonLabels { reason }).inc();
                 if let Ended::Unreachable(e) | Ended::Refused(e) = &ended {
                     tracing::warn!(%target, error = %e, "link down");
+                }
+                // A session the parent ended by refusing (its outbox is full, or
+                // it does not take this child) keeps backing off: reconnecting at
+                // once would only be refused again, as fast as handshakes go.
+                if !matches!(ended, Ended::Refused(_)) {
+                    backoff.reset();
                 }
                 ended
             }

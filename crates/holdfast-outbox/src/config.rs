@@ -37,6 +37,10 @@ pub struct OutboxConfig {
     pub expire_interval_ms: u64,
     /// Most messages examined per sweep. Default 20000.
     pub expire_scan_limit: usize,
+    /// A lane is *stuck* when it holds messages and its oldest message has not
+    /// moved for this long while the link was up, seconds: logged at warn, counted
+    /// and shown (`holdfast_outbox_stuck`). 0 turns the check off. Default 300.
+    pub stuck_after_seconds: u64,
 }
 
 impl Default for OutboxConfig {
@@ -55,6 +59,7 @@ impl Default for OutboxConfig {
             live_first_lanes: Vec::new(),
             expire_interval_ms: 5000,
             expire_scan_limit: 20_000,
+            stuck_after_seconds: 300,
         }
     }
 }

@@ -38,6 +38,8 @@ pub mod config;
 pub mod dead_letter;
 pub mod record;
 
+pub use watch::LaneHealth;
+
 mod epochs;
 mod lane;
 mod lanes;
@@ -45,6 +47,7 @@ mod layout;
 mod limits;
 mod metrics;
 mod received;
+mod watch;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -232,6 +235,8 @@ pub struct Outbox {
     tx: Mutex<Option<mpsc::Sender<Request>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stop_sweeper: Mutex<Option<mpsc::Sender<()>>>,
+    /// The stuck-and-slow watch over the lanes ([`Outbox::watch_lanes`]).
+    watch: Mutex<watch::LaneWatch>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -362,6 +367,7 @@ impl Outbox {
             tx: Mutex::new(Some(tx)),
             threads: Mutex::new(vec![writer, sweeper]),
             stop_sweeper: Mutex::new(Some(stop_tx)),
+            watch: Mutex::new(watch::LaneWatch::default()),
         };
         outbox.send(Request::SaveClock).map_err(|_| OutboxError::Closed)?;
         Ok(outbox)
@@ -570,6 +576,62 @@ impl Outbox {
     /// backlog fits. Returns the keys that changed.
     pub fn apply_limits(&self, new: &OutboxConfig) -> Vec<String> {
         self.limits.apply(new)
+    }
+
+    /// Samples every lane for the stuck-and-slow watch at `now_ms` on a monotonic
+    /// clock (the node calls it every few seconds). It updates the drain-rate,
+    /// time-to-drain and stuck gauges, logs a lane that becomes stuck (at warn, and
+    /// counts it) or moves again, and returns what it found.
+    ///
+    /// `link_up`: the lanes can drain now (the link is up, or this node is a root).
+    /// A lane is stuck when it holds messages and its oldest message has not moved
+    /// for `stuck_after` while the link was up; zero turns that check off.
+    pub fn watch_lanes(&self, now_ms: u64, link_up: bool, stuck_after: Duration) -> [LaneHealth; LANES] {
+        let stats = self.stats();
+        let heads = self.lanes.heads();
+        let samples: [watch::Sample; LANES] = std::array::from_fn(|i| watch::Sample {
+            head: heads[i].0,
+            messages: stats.get(i).map_or(0, |s| s.messages),
+            delivered: self.metrics.delivered(i as u8),
+        });
+        let stuck_after_ms = u64::try_from(stuck_after.as_millis()).unwrap_or(u64::MAX);
+        let (changes, health) = {
+            let mut w = holdfast_model::lock(&self.watch);
+            let changes = w.observe(now_ms, link_up, stuck_after_ms, &samples);
+            (changes, w.health())
+        };
+        for (i, h) in health.iter().enumerate() {
+            self.metrics.set_health(i as u8, h);
+        }
+        for change in changes {
+            match change {
+                watch::Change::Stuck {
+                    lane,
+                    still_ms,
+                    messages,
+                } => {
+                    self.metrics.stuck_episode(lane);
+                    let oldest_age_s = stats.get(lane as usize).and_then(|s| s.oldest_age_ms).map(|a| a / 1000);
+                    tracing::warn!(
+                        lane,
+                        messages,
+                        still_s = still_ms / 1000,
+                        oldest_age_s,
+                        "outbox lane stuck: its oldest message has not moved while the link was up"
+                    );
+                }
+                watch::Change::Moved { lane, stuck_ms } => {
+                    tracing::info!(lane, stuck_s = stuck_ms / 1000, "outbox lane moves again");
+                }
+            }
+        }
+        health
+    }
+
+    /// What the last [`Outbox::watch_lanes`] found, per lane (all zero before the
+    /// first sample).
+    pub fn lane_health(&self) -> [LaneHealth; LANES] {
+        holdfast_model::lock(&self.watch).health()
     }
 
     /// Per-lane figures; also refreshes the depth and age gauges.

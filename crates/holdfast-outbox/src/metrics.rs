@@ -6,6 +6,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use std::sync::atomic::AtomicU64;
 
 use crate::LaneStats;
 use holdfast_metrics::{Registry, handle};
@@ -63,6 +64,16 @@ pub struct OutboxMetrics {
     space_given: Counter,
     /// `holdfast_outbox_max_bytes`: the byte quota now (follows the free space).
     max_bytes: Gauge,
+    /// `holdfast_outbox_drain_messages_per_second{lane}`: smoothed over about a minute.
+    drain_rate: Family<LaneLabels, Gauge<f64, AtomicU64>>,
+    /// `holdfast_outbox_time_to_drain_seconds{lane}`: backlog / drain rate; absent
+    /// while the lane holds messages and nothing drains.
+    time_to_drain: Family<LaneLabels, Gauge<f64, AtomicU64>>,
+    /// `holdfast_outbox_stuck{lane}`: 1 while the lane's oldest message has not moved
+    /// for `outbox.stuck_after_seconds` with the link up.
+    stuck: Family<LaneLabels, Gauge>,
+    /// `holdfast_outbox_stuck_episodes_total{lane}`: times the lane became stuck.
+    stuck_episodes: Family<LaneLabels, Counter>,
 }
 
 impl Default for OutboxMetrics {
@@ -157,7 +168,35 @@ impl OutboxMetrics {
             "The outbox's byte quota now: outbox.max_bytes or its share of the disk, whichever is smaller",
             max_bytes.clone(),
         );
+        let drain_rate = Family::<LaneLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "outbox_drain_messages_per_second",
+            "Messages acknowledged upstream per second, smoothed over about a minute, by lane",
+            drain_rate.clone(),
+        );
+        let time_to_drain = Family::<LaneLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "outbox_time_to_drain_seconds",
+            "Backlog divided by the drain rate, by lane: 0 when empty, absent while messages wait and none drain",
+            time_to_drain.clone(),
+        );
+        let stuck = Family::<LaneLabels, Gauge>::default();
+        registry.register(
+            "outbox_stuck",
+            "1 while the lane's oldest message has not moved for outbox.stuck_after_seconds with the link up",
+            stuck.clone(),
+        );
+        let stuck_episodes = Family::<LaneLabels, Counter>::default();
+        registry.register(
+            "outbox_stuck_episodes",
+            "Times the lane became stuck",
+            stuck_episodes.clone(),
+        );
         OutboxMetrics {
+            drain_rate,
+            time_to_drain,
+            stuck,
+            stuck_episodes,
             storage_failed,
             storage_failures,
             storage_recoveries,
@@ -237,6 +276,33 @@ impl OutboxMetrics {
     /// The group-commit counter.
     pub(crate) fn commits(&self) -> Counter {
         self.commits.clone()
+    }
+
+    /// Sets the watch's gauges of `lane` to `h`.
+    pub(crate) fn set_health(&self, lane: u8, h: &crate::watch::LaneHealth) {
+        let labels = LaneLabels { lane };
+        self.drain_rate.get_or_create(&labels).set(h.drain_per_s);
+        // Unknown (messages wait and none drain) is no sample at all: the text
+        // format has no infinity that every parser takes.
+        match h.time_to_drain_s {
+            Some(s) => {
+                self.time_to_drain.get_or_create(&labels).set(s);
+            }
+            None => {
+                self.time_to_drain.remove(&labels);
+            }
+        }
+        self.stuck.get_or_create(&labels).set(i64::from(h.stuck));
+    }
+
+    /// Counts a stuck episode of `lane`.
+    pub(crate) fn stuck_episode(&self, lane: u8) {
+        self.stuck_episodes.get_or_create(&LaneLabels { lane }).inc();
+    }
+
+    /// Messages `lane` has delivered since start.
+    pub(crate) fn delivered(&self, lane: u8) -> u64 {
+        self.delivered.get_or_create(&LaneLabels { lane }).get()
     }
 
     /// Sets the depth and age gauges of `lane` to `s`.

@@ -432,6 +432,73 @@ fn stats_report_depth_bytes_and_age() {
     assert!(text.contains("holdfast_outbox_oldest_age_seconds{lane=\"5\"} 90"));
 }
 
+#[test]
+fn a_lane_whose_oldest_message_does_not_move_is_stuck_and_its_drain_is_measured() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = open(dir.path(), config(""), FakeTime::new());
+    let after = Duration::from_secs(60);
+    for n in 0..100 {
+        o.outbox.append_blocking(3, msg("t", n), None).unwrap();
+    }
+    // The oldest message is leased again and again and never acknowledged (a parent
+    // that refuses it): nothing moves for a minute with the link up.
+    let mut t = 0;
+    for _ in 0..12 {
+        let b = o.outbox.lease(1).unwrap().unwrap();
+        assert_eq!(b.items[0].id.seq, 0);
+        o.outbox.release_all();
+        let h = o.outbox.watch_lanes(t, true, after)[3];
+        assert!(!h.stuck, "{t}: {h:?}");
+        t += 5_000;
+    }
+    let h = o.outbox.watch_lanes(t, true, after)[3];
+    assert!(h.stuck, "{h:?}");
+    assert_eq!(h.still_ms, 60_000);
+    assert_eq!(h.time_to_drain_s, None, "nothing drains");
+    assert_eq!(o.outbox.lane_health()[3], h);
+    let text = o.metrics.render();
+    assert!(text.contains("holdfast_outbox_stuck{lane=\"3\"} 1"), "{text}");
+    assert!(
+        text.contains("holdfast_outbox_stuck_episodes_total{lane=\"3\"} 1"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("holdfast_outbox_time_to_drain_seconds{lane=\"3\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("holdfast_outbox_time_to_drain_seconds{lane=\"0\"} 0.0"),
+        "{text}"
+    );
+    assert!(text.contains("holdfast_outbox_stuck{lane=\"0\"} 0"), "{text}");
+
+    // It drains: 10 messages acknowledged every 5 s.
+    for _ in 0..6 {
+        t += 5_000;
+        let b = o.outbox.lease(10).unwrap().unwrap();
+        let ids: Vec<MessageId> = b.items.iter().map(|i| i.id).collect();
+        o.outbox.ack_blocking(&ids).unwrap();
+        let h = o.outbox.watch_lanes(t, true, after)[3];
+        assert!(!h.stuck, "{h:?}");
+    }
+    let h = o.outbox.lane_health()[3];
+    assert!(h.drain_per_s > 0.5 && h.drain_per_s < 2.0, "{h:?}");
+    let ttd = h.time_to_drain_s.unwrap();
+    assert!((ttd - 40.0 / h.drain_per_s).abs() < 0.01, "{h:?}");
+    let text = o.metrics.render();
+    assert!(text.contains("holdfast_outbox_stuck{lane=\"3\"} 0"), "{text}");
+    assert!(
+        text.contains("holdfast_outbox_stuck_episodes_total{lane=\"3\"} 1"),
+        "{text}"
+    );
+
+    // With the link down, a lane that does not move is not stuck.
+    for _ in 0..30 {
+        t += 5_000;
+        assert!(!o.outbox.watch_lanes(t, false, after)[3].stuck);
+    }
+}
+
 mod model {
     //! Random sequences of append / lease / ack / release / time / sweep /
     //! restart, checked against a plain in-memory model of the outbox.

@@ -158,12 +158,30 @@ async fn outbox_json(outbox: &Arc<Outbox>) -> Result<Value, ApiError> {
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("stats task failed: {e}")))?;
     let (messages, bytes) = lanes.iter().fold((0, 0), |(m, b), s| (m + s.messages, b + s.bytes));
     let oldest = lanes.iter().filter_map(|s| s.oldest_age_ms).max();
+    let health = outbox.lane_health();
+    let stuck: Vec<usize> = (0..lanes.len())
+        .filter(|&l| health.get(l).is_some_and(|h| h.stuck))
+        .collect();
     let lanes: Vec<Value> = lanes
         .iter()
         .enumerate()
-        .map(|(lane, s)| json!({ "lane": lane, "messages": s.messages, "bytes": s.bytes, "in_flight": s.in_flight, "oldest_age_ms": s.oldest_age_ms }))
+        .map(|(lane, s)| {
+            let h = health.get(lane).copied().unwrap_or_default();
+            json!({
+                "lane": lane,
+                "messages": s.messages,
+                "bytes": s.bytes,
+                "in_flight": s.in_flight,
+                "oldest_age_ms": s.oldest_age_ms,
+                "drain_per_s": h.drain_per_s,
+                "time_to_drain_s": h.time_to_drain_s,
+                "stuck": h.stuck,
+                "still_ms": h.still_ms,
+            })
+        })
         .collect();
     Ok(json!({
+        "stuck_lanes": stuck,
         "instance": format!("{:016x}", outbox.instance()),
         "max_bytes": outbox.max_bytes(),
         "messages": messages,

@@ -138,6 +138,21 @@ fn lane_rows(outbox: &Value) -> Vec<Vec<String>> {
             bytes_of(&l["bytes"]),
             str_of(&l["in_flight"]),
             human_ms(l["oldest_age_ms"].as_u64()),
+            l["drain_per_s"]
+                .as_f64()
+                .map_or_else(|| "-".to_string(), |r| format!("{r:.1}/s")),
+            match (l["messages"].as_u64(), l["time_to_drain_s"].as_f64()) {
+                (Some(0), _) => "-".to_string(),
+                (_, Some(s)) => human_ms(Some((s * 1000.0) as u64)),
+                (_, None) => "never at this rate".to_string(),
+            },
+            if l["stuck"].as_bool() == Some(true) {
+                format!("STUCK for {}", human_ms(l["still_ms"].as_u64()))
+            } else if l["drain_per_s"].as_f64().is_some_and(|r| r > 0.001) {
+                "draining".to_string()
+            } else {
+                "waiting".to_string()
+            },
         ]
     })
     .into_iter()
@@ -167,7 +182,19 @@ fn print_backlog(prefix: &str, outbox: &Value) {
     );
     let rows = lane_rows(outbox);
     if !rows.is_empty() {
-        print_table(&["LANE", "MESSAGES", "BYTES", "IN FLIGHT", "OLDEST"], &rows);
+        print_table(
+            &[
+                "LANE",
+                "MESSAGES",
+                "BYTES",
+                "IN FLIGHT",
+                "OLDEST",
+                "DRAIN",
+                "TO DRAIN",
+                "STATE",
+            ],
+            &rows,
+        );
     }
 }
 
