@@ -140,7 +140,7 @@ fn lane_rows(outbox: &Value) -> Vec<Vec<String>> {
             human_ms(l["oldest_age_ms"].as_u64()),
             l["drain_per_s"]
                 .as_f64()
-                .map_or_else(|| "-".to_string(), |r| format!("{r:.1}/s")),
+                .map_or_else(|| "-".to_string(), |r| format!("{r:.2}/s")),
             match (l["messages"].as_u64(), l["time_to_drain_s"].as_f64()) {
                 (Some(0), _) => "-".to_string(),
                 (_, Some(s)) => human_ms(Some((s * 1000.0) as u64)),
