@@ -313,11 +313,26 @@ fn status_page_in_headless_chromium() {
     );
     let lanes = browser.text("backlog-lanes");
     let rows: Vec<Vec<&str>> = lanes.lines().map(|l| l.split('\t').collect()).collect();
-    assert_eq!(rows[0], ["lane", "messages", "bytes", "in flight", "oldest"], "{lanes}");
+    assert_eq!(
+        rows[0],
+        [
+            "lane",
+            "messages",
+            "bytes",
+            "in flight",
+            "oldest",
+            "drain",
+            "to drain",
+            "state"
+        ],
+        "{lanes}"
+    );
     assert_eq!(rows.len(), 3, "{lanes}");
     assert_eq!((rows[1][0], rows[1][1]), ("2", "3"), "{lanes}");
     assert_eq!((rows[2][0], rows[2][1]), ("5", "7"), "{lanes}");
     assert!(rows[2][4].ends_with(" s"), "oldest age: {lanes}");
+    // The parent is down: nothing drains, and that is waiting, not stuck.
+    assert_eq!(rows[2][7], "waiting", "{lanes}");
     assert_ne!(browser.text("backlog-oldest"), "–");
     browser.wait_text("clients-count", "1");
     assert!(browser.text("clients-list").contains("status-probe"));
@@ -332,6 +347,19 @@ fn status_page_in_headless_chromium() {
         swaps.lines().nth(1).is_some_and(|l| l.contains("router\treconfigure")),
         "{swaps}"
     );
+    // At 1400 px the plugin tables fit their card (they used to run past its edge).
+    browser.call(
+        "POST",
+        &format!("/session/{}/window/rect", browser.session),
+        json!({"width": 1400, "height": 1600}),
+    );
+    for id in ["plugins", "plugins-list", "plugins-swaps"] {
+        let v = browser.eval(&format!(
+            "const s = document.getElementById('{id}'); return [s.scrollWidth, s.clientWidth];"
+        ));
+        let (scroll, client) = (v[0].as_u64().unwrap(), v[1].as_u64().unwrap());
+        assert!(scroll <= client, "#{id} overflows at 1400 px: {scroll} > {client} px");
+    }
     assert_eq!(browser.text("cache-hit-ratio"), "50.0 %");
     assert_eq!(browser.text("cache-saved"), "256.0 KiB");
     assert!(browser.text("cache-detail").contains("1 of 2 requests were hits"));
