@@ -143,6 +143,7 @@ pub(crate) async fn drive<U: Upstream>(up: &U, stop: &mut watch::Receiver<bool>)
                 ctx.status.set_state(LinkState::Up, None);
                 m.link_up.set(1);
                 ctx.outbox.mark_live();
+                let began = tokio::time::Instant::now();
                 let ended = up.serve(session, stop).await;
                 let reason = match &ended {
                     Ended::Unreachable(_) => "lost",
@@ -153,10 +154,12 @@ pub(crate) async fn drive<U: Upstream>(up: &U, stop: &mut watch::Receiver<bool>)
                 if let Ended::Unreachable(e) | Ended::Refused(e) = &ended {
                     tracing::warn!(%target, error = %e, "link down");
                 }
-                // A session the parent ended by refusing (its outbox is full, or
-                // it does not take this child) keeps backing off: reconnecting at
-                // once would only be refused again, as fast as handshakes go.
-                if !matches!(ended, Ended::Refused(_)) {
+                // A session the parent closed soon after it began (its outbox is
+                // full, or it does not take this child) keeps backing off:
+                // reconnecting at once would only be refused again, as fast as
+                // handshakes go. Any other end of a session, and the close of one
+                // that had settled (a parent restarting), starts the back-off again.
+                if !matches!(ended, Ended::Refused(_)) || began.elapsed() >= SETTLED_SESSION {
                     backoff.reset();
                 }
                 ended
@@ -224,6 +227,10 @@ async fn resolve(target: &str) -> Result<SocketAddr, String> {
         .map_err(|e| format!("cannot resolve {target}: {e}"))?;
     addrs.next().ok_or_else(|| format!("{target} resolves to no address"))
 }
+
+/// A session that lasted this long counts as a success for the back-off, even
+/// when the parent closed it.
+const SETTLED_SESSION: Duration = Duration::from_secs(10);
 
 /// Capped exponential back-off with full jitter.
 #[derive(Debug, Clone)]
