@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use serde_json::{Value, json};
 use support::client::Client;
 use support::delivery::Consumer;
@@ -353,7 +354,7 @@ fn status_page_in_headless_chromium() {
         &format!("/session/{}/window/rect", browser.session),
         json!({"width": 1400, "height": 1600}),
     );
-    for id in ["plugins", "plugins-list", "plugins-swaps"] {
+    for id in ["plugins", "plugins-list", "plugins-swaps", "backlog", "backlog-lanes"] {
         let v = browser.eval(&format!(
             "const s = document.getElementById('{id}'); return [s.scrollWidth, s.clientWidth];"
         ));
@@ -370,6 +371,48 @@ fn status_page_in_headless_chromium() {
     browser.wait_text("backlog-messages", "15");
     browser.wait_text("clients-count", "2");
     assert!(browser.text("updated").contains("refreshes every 2 s"));
+
+    // The last hour, drawn from the node's in-memory samples (one every 10 s):
+    // once there are two, the rates have a line; the parent is down throughout.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let lines = browser.eval("return document.querySelectorAll('#chart-traffic polyline').length;");
+        if lines.as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no traffic chart: {}",
+            browser.text("history")
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let history = gw.api("/api/v1/history");
+    let samples = history["samples"].as_array().unwrap();
+    assert!(samples.len() >= 2, "{history}");
+    assert_eq!(history["interval_seconds"], 10);
+    assert!(samples.iter().all(|x| x["link_up"] == false), "{history}");
+    assert_eq!(samples.last().unwrap()["backlog"], 15, "{history}");
+    assert!(browser.text("chart-backlog-now").starts_with("15 messages"));
+    let link = browser.text("chart-link-now");
+    assert!(link.starts_with("down in "), "{link}");
+    let bars = browser.eval("return document.querySelectorAll('#chart-link rect.bad').length;");
+    assert!(bars.as_u64().unwrap() >= 2, "{bars}");
+    assert!(
+        browser
+            .eval("return document.querySelectorAll('#chart-backlog polyline').length;")
+            .as_u64()
+            >= Some(1)
+    );
+    // A picture of the page for the operator guide (docs/images/status-page.png is a copy).
+    let png = browser.call("GET", &format!("/session/{}/screenshot", browser.session), json!({}));
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(png.as_str().unwrap())
+        .unwrap();
+    assert!(png.starts_with(b"\x89PNG"));
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    std::fs::write(shots.join("status-page.png"), png).unwrap();
 
     // A wrong token: the page asks for one instead of showing figures.
     browser.open(&format!("http://127.0.0.1:{}/#token=wrong", gw.port));

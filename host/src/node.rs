@@ -382,8 +382,13 @@ impl Node {
             admin_token,
             cache,
             deploy: deployer.clone(),
+            history: Arc::new(crate::history::History::default()),
         });
         tasks.push(tokio::spawn(deployer.run(Arc::new(applier), stopped.clone())));
+        tasks.push(tokio::spawn(crate::history::sample_task(
+            state.clone(),
+            stopped.clone(),
+        )));
         let mut admin_addr = None;
         if state.config.admin.enabled {
             let (listener, bound) = bind(state.config.admin.listen, |addr, source| StartError::AdminBind {

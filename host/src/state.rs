@@ -60,6 +60,8 @@ pub struct NodeState {
     pub reloader: Arc<Reloader>,
     /// Fleet deployments.
     pub deploy: Arc<Deployer>,
+    /// The last hour, sampled for the status page's charts.
+    pub history: Arc<crate::history::History>,
 }
 
 impl std::fmt::Debug for NodeState {

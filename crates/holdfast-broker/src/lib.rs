@@ -321,6 +321,12 @@ impl Broker {
         &self.config
     }
 
+    /// PUBLISH packets received from clients and sent to them since start
+    /// (`holdfast_mqtt_messages_received_total`, `..._sent_total`).
+    pub fn message_counts(&self) -> (u64, u64) {
+        self.metrics.message_totals()
+    }
+
     /// Figures for the admin API.
     pub fn stats(&self) -> BrokerStats {
         BrokerStats {

@@ -225,6 +225,14 @@ impl BrokerMetrics {
         self.revoked.inc();
     }
 
+    /// PUBLISH packets received from clients and sent to them, since start.
+    pub(crate) fn message_totals(&self) -> (u64, u64) {
+        (
+            self.received.iter().map(Counter::get).sum(),
+            self.sent.iter().map(Counter::get).sum(),
+        )
+    }
+
     /// A PUBLISH received at `qos`.
     pub(crate) fn received(&self, qos: QoS) {
         self.received[qos as usize].inc();

@@ -129,6 +129,26 @@ pub fn routes() -> Routes {
         .get("/mqtt", mqtt_stats)
         .get("/mqtt/clients", mqtt_clients)
         .get("/link", link_status)
+        .get("/history", history)
+}
+
+/// The node's last hour: a sample every 10 s (the status page's charts).
+async fn history(State(HistoryApi(history)): State<HistoryApi>) -> Json<Value> {
+    Json(json!({
+        "interval_seconds": crate::history::INTERVAL.as_secs(),
+        "capacity": crate::history::CAPACITY,
+        "samples": history.samples(),
+    }))
+}
+
+/// What `/history` reads.
+#[derive(Clone)]
+struct HistoryApi(Arc<crate::history::History>);
+
+impl FromRef<Arc<NodeState>> for HistoryApi {
+    fn from_ref(node: &Arc<NodeState>) -> Self {
+        HistoryApi(node.history.clone())
+    }
 }
 
 async fn node_info(State(api): State<NodeApi>) -> Json<Value> {
