@@ -106,42 +106,28 @@ impl History {
 }
 
 /// Samples `node` every [`INTERVAL`] until it stops.
-pub async fn sample_task(node: Arc<NodeState>, mut stopped: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stopped.wait_for(|s| *s) => return,
-        }
-        let n = node.clone();
-        let sampled = tokio::task::spawn_blocking(move || {
-            let (received, sent) = n.broker.as_ref().map_or((0, 0), |b| b.message_counts());
-            let link = n.link.snapshot();
-            let (cache_requests, cache_hits) = n.cache.as_ref().map_or((0, 0), |c| {
-                let s = c.stats();
-                (s.requests, s.hit_requests)
-            });
-            let backlog = n.outbox.stats().iter().map(|l| l.messages).sum();
-            let counters = Counters {
-                at_ms: u64::try_from(n.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                received,
-                sent,
-                acked: link.acked,
-                cache_requests,
-                cache_hits,
-            };
-            let up = matches!(
-                link.state,
-                holdfast_link::LinkState::Up | holdfast_link::LinkState::Root
-            );
-            n.history.record(holdfast_model::unix_ms(), counters, backlog, up);
-        })
-        .await;
-        if sampled.is_err() {
-            return;
-        }
-    }
+pub async fn sample_task(node: Arc<NodeState>, stopped: watch::Receiver<bool>) {
+    crate::node::every(INTERVAL, stopped, move || {
+        let n = &node;
+        let (received, sent) = n.broker.as_ref().map_or((0, 0), |b| b.message_counts());
+        let link = n.link.snapshot();
+        let (cache_requests, cache_hits) = n.cache.as_ref().map_or((0, 0), |c| {
+            let s = c.stats();
+            (s.requests, s.hit_requests)
+        });
+        let backlog = n.outbox.stats().iter().map(|l| l.messages).sum();
+        let counters = Counters {
+            at_ms: u64::try_from(n.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            received,
+            sent,
+            acked: link.acked,
+            cache_requests,
+            cache_hits,
+        };
+        n.history
+            .record(holdfast_model::unix_ms(), counters, backlog, link.is_up());
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
@@ -670,29 +671,34 @@ async fn watch_lanes(
     outbox: Arc<Outbox>,
     link: Arc<holdfast_link::Status>,
     stuck_after: Duration,
-    mut stopped: watch::Receiver<bool>,
+    stopped: watch::Receiver<bool>,
 ) {
     let start = Instant::now();
-    let mut connects = link.snapshot().connects;
-    let mut tick = tokio::time::interval(LANE_WATCH_INTERVAL);
+    let connects = Arc::new(AtomicU64::new(link.snapshot().connects));
+    every(LANE_WATCH_INTERVAL, stopped, move || {
+        let status = link.snapshot();
+        let reconnected = connects.swap(status.connects, Ordering::Relaxed) != status.connects;
+        let now_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        outbox.watch_lanes(now_ms, status.is_up() || reconnected, stuck_after);
+    })
+    .await;
+}
+
+/// Runs `sample` on a blocking thread every `interval`, the first time at
+/// once, until the node stops (the lane watch, the status page's history).
+pub(crate) async fn every(
+    interval: Duration,
+    mut stopped: watch::Receiver<bool>,
+    sample: impl Fn() + Clone + Send + 'static,
+) {
+    let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stopped.wait_for(|s| *s) => return,
         }
-        let status = link.snapshot();
-        let up = matches!(
-            status.state,
-            holdfast_link::LinkState::Up | holdfast_link::LinkState::Root
-        ) || status.connects != connects;
-        connects = status.connects;
-        let now_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let o = outbox.clone();
-        if tokio::task::spawn_blocking(move || o.watch_lanes(now_ms, up, stuck_after))
-            .await
-            .is_err()
-        {
+        if tokio::task::spawn_blocking(sample.clone()).await.is_err() {
             return;
         }
     }

@@ -164,6 +164,13 @@ pub struct LinkStatus {
     pub children: BTreeMap<String, ChildInfo>,
 }
 
+impl LinkStatus {
+    /// Messages can leave now: the link is up, or this node is a root.
+    pub fn is_up(&self) -> bool {
+        matches!(self.state, LinkState::Up | LinkState::Root)
+    }
+}
+
 /// The link's shared status.
 #[derive(Debug)]
 pub struct Status(Mutex<LinkStatus>);

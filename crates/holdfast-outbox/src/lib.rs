@@ -578,62 +578,6 @@ impl Outbox {
         self.limits.apply(new)
     }
 
-    /// Samples every lane for the stuck-and-slow watch at `now_ms` on a monotonic
-    /// clock (the node calls it every few seconds). It updates the drain-rate,
-    /// time-to-drain and stuck gauges, logs a lane that becomes stuck (at warn, and
-    /// counts it) or moves again, and returns what it found.
-    ///
-    /// `link_up`: the lanes can drain now (the link is up, or this node is a root).
-    /// A lane is stuck when it holds messages and its oldest message has not moved
-    /// for `stuck_after` while the link was up; zero turns that check off.
-    pub fn watch_lanes(&self, now_ms: u64, link_up: bool, stuck_after: Duration) -> [LaneHealth; LANES] {
-        let stats = self.stats();
-        let heads = self.lanes.heads();
-        let samples: [watch::Sample; LANES] = std::array::from_fn(|i| watch::Sample {
-            head: heads[i].0,
-            messages: stats.get(i).map_or(0, |s| s.messages),
-            delivered: self.metrics.delivered(i as u8),
-        });
-        let stuck_after_ms = u64::try_from(stuck_after.as_millis()).unwrap_or(u64::MAX);
-        let (changes, health) = {
-            let mut w = holdfast_model::lock(&self.watch);
-            let changes = w.observe(now_ms, link_up, stuck_after_ms, &samples);
-            (changes, w.health())
-        };
-        for (i, h) in health.iter().enumerate() {
-            self.metrics.set_health(i as u8, h);
-        }
-        for change in changes {
-            match change {
-                watch::Change::Stuck {
-                    lane,
-                    still_ms,
-                    messages,
-                } => {
-                    self.metrics.stuck_episode(lane);
-                    let oldest_age_s = stats.get(lane as usize).and_then(|s| s.oldest_age_ms).map(|a| a / 1000);
-                    tracing::warn!(
-                        lane,
-                        messages,
-                        still_s = still_ms / 1000,
-                        oldest_age_s,
-                        "outbox lane stuck: its oldest message has not moved while the link was up"
-                    );
-                }
-                watch::Change::Moved { lane, stuck_ms } => {
-                    tracing::info!(lane, stuck_s = stuck_ms / 1000, "outbox lane moves again");
-                }
-            }
-        }
-        health
-    }
-
-    /// What the last [`Outbox::watch_lanes`] found, per lane (all zero before the
-    /// first sample).
-    pub fn lane_health(&self) -> [LaneHealth; LANES] {
-        holdfast_model::lock(&self.watch).health()
-    }
-
     /// Per-lane figures; also refreshes the depth and age gauges.
     pub fn stats(&self) -> Vec<LaneStats> {
         let stats = self.lanes.stats(self.clock_ms());
