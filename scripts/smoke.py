@@ -64,6 +64,7 @@ def rss_kib(pid):
 def qos1_round_trip(port, topic, payload, timeout=30):
     """Subscribes at QoS 1, publishes at QoS 1, waits for the PUBACK and the delivery."""
     got = threading.Event()
+    subscribed = threading.Event()
     received = []
 
     def on_message(_c, _u, msg):
@@ -72,6 +73,7 @@ def qos1_round_trip(port, topic, payload, timeout=30):
 
     sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="smoke-sub", protocol=mqtt.MQTTv5)
     sub.on_message = on_message
+    sub.on_subscribe = lambda *_a: subscribed.set()
     sub.connect("127.0.0.1", port)
     sub.loop_start()
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="smoke-pub", protocol=mqtt.MQTTv5)
@@ -79,7 +81,9 @@ def qos1_round_trip(port, topic, payload, timeout=30):
         r, _mid = sub.subscribe(topic, qos=1)
         if r != mqtt.MQTT_ERR_SUCCESS:
             raise RuntimeError(f"subscribe: {mqtt.error_string(r)}")
-        time.sleep(0.5)
+        # Wait for the SUBACK (under qemu the auth plugin's ACL check can take a while).
+        if not subscribed.wait(timeout):
+            raise RuntimeError("no SUBACK")
         pub.connect("127.0.0.1", port)
         pub.loop_start()
         info = pub.publish(topic, payload, qos=1)
@@ -110,12 +114,16 @@ def main():
                     help="component to swap in (default: the example alert router built by the last cargo build)")
     ap.add_argument("--max-instances", type=int, default=None,
                     help="plugins.max_instances (default: 8 with --runner, else the node's default)")
+    ap.add_argument("--deadline-ms", type=int, default=None,
+                    help="plugins.*.deadline_ms (default: 1000 with --runner, else the node's default)")
     ap.add_argument("--start-timeout", type=float, default=600)
     a = ap.parse_args()
 
     runner = shlex.split(a.runner)
     if a.max_instances is None and runner:
         a.max_instances = 8
+    if a.deadline_ms is None and runner:
+        a.deadline_ms = 1000
     binary = os.path.abspath(a.binary)
     plugin = a.plugin or os.path.join(ROOT, "target/wasm-plugins/wasm32-wasip2/plugin/holdfast_example_alert_router.wasm")
     if not os.path.exists(plugin):
@@ -137,18 +145,25 @@ def main():
 
         mqtt_port, cache_port, admin_port = free_port(), free_port(), free_port()
         conf = os.path.join(work, "holdfast.toml")
+        # Under qemu-user a debug build runs tens of times slower than native: a plugin
+        # call's 10 ms deadline would interrupt ordinary calls (the CI machine saw the
+        # auth and router calls time out), so emulated runs give each call a second.
+        slot = f"deadline_ms = {a.deadline_ms}\n" if a.deadline_ms else ""
         with open(conf, "w") as f:
             f.write(
                 f'[node]\nid = "smoke"\ndata_dir = "{work}/data"\n'
                 f'[admin]\nlisten = "127.0.0.1:{admin_port}"\n'
                 f'[mqtt.tcp]\nlisten = "127.0.0.1:{mqtt_port}"\n'
                 f'[cache]\nlisten = "127.0.0.1:{cache_port}"\n'
-                "[plugins.router.config]\ndefault_upstream = false\nlocal_by_default = true\n"
                 # Under qemu-user the pool's reserved address space costs real memory (qemu
                 # tracks the guest's pages): reserve for 8 instances instead of 128.
                 + (f"[plugins]\nmax_instances = {a.max_instances}\n" if a.max_instances else "")
+                + f"[plugins.router]\n{slot}"
+                + "[plugins.router.config]\ndefault_upstream = false\nlocal_by_default = true\n"
+                + f"[plugins.auth]\n{slot}"
                 + "[plugins.auth.config]\nallow_anonymous = true\n"
-                '[[plugins.content-source.config.sources]]\nname = "smoke"\nhosts = ["origin.test"]\n'
+                + f"[plugins.content-source]\n{slot}"
+                + '[[plugins.content-source.config.sources]]\nname = "smoke"\nhosts = ["origin.test"]\n'
                 f'origin = "http://127.0.0.1:{origin.server_address[1]}"\nimmutable = ["/pool/**"]\nother = "deny"\n'
             )
 
