@@ -207,6 +207,7 @@ impl Node {
                     accept: config.deploy.accept,
                     max_component_bytes: config.deploy.max_component_bytes,
                     expiry_seconds: config.deploy.expiry_seconds,
+                    fleet_report: std::time::Duration::from_secs(config.deploy.fleet_report_seconds),
                 },
                 deploy_store,
                 registry.clone(),
@@ -274,6 +275,7 @@ impl Node {
                     metrics,
                     registry,
                 };
+                let store = store.clone();
                 tokio::task::spawn_blocking(move || {
                     Broker::open(mqtt, parts, &store, stopped, |broker| {
                         Arc::new(Hub::new(hub_parts(broker)))
@@ -384,10 +386,15 @@ impl Node {
             cache,
             deploy: deployer.clone(),
             history: Arc::new(crate::history::History::default()),
+            store: store.clone(),
         });
         tasks.push(tokio::spawn(deployer.run(Arc::new(applier), stopped.clone())));
         tasks.push(tokio::spawn(crate::history::sample_task(
             state.clone(),
+            stopped.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::fleet::sample_task(
+            axum::extract::FromRef::from_ref(&state),
             stopped.clone(),
         )));
         let mut admin_addr = None;

@@ -62,6 +62,8 @@ pub struct NodeState {
     pub deploy: Arc<Deployer>,
     /// The last hour, sampled for the status page's charts.
     pub history: Arc<crate::history::History>,
+    /// The node's store (its size on disk goes into the fleet view).
+    pub store: holdfast_store::Store,
 }
 
 impl std::fmt::Debug for NodeState {

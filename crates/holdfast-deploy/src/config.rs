@@ -30,6 +30,9 @@ pub struct DeployConfig {
     /// reports the deployment `expired` (and keeps running it), and refuses
     /// to import it. Default 2592000 (30 days); at least 60.
     pub expiry_seconds: u64,
+    /// How often at most this node sends the fleet view's changes to its
+    /// parent, seconds (1-3600). Default 5. Restart-only.
+    pub fleet_report_seconds: u64,
 }
 
 impl Default for DeployConfig {
@@ -41,6 +44,7 @@ impl Default for DeployConfig {
             signing_key: None,
             max_component_bytes: 64 << 20,
             expiry_seconds: 30 * 86_400,
+            fleet_report_seconds: 5,
         }
     }
 }
@@ -83,6 +87,9 @@ impl DeployConfig {
         }
         if self.max_component_bytes < 1024 {
             return Err(("deploy.max_component_bytes".into(), "must be at least 1024".into()));
+        }
+        if !(1..=3600).contains(&self.fleet_report_seconds) {
+            return Err(("deploy.fleet_report_seconds".into(), "must be 1-3600".into()));
         }
         if self.expiry_seconds < 60 {
             return Err(("deploy.expiry_seconds".into(), "must be at least 60".into()));

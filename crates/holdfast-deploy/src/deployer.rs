@@ -100,6 +100,7 @@ pub struct Deployer {
     docs_changed: watch::Sender<u64>,
     reports_changed: watch::Sender<u64>,
     kick: Notify,
+    fleet: Arc<crate::fleet::Fleet>,
 }
 
 impl std::fmt::Debug for Deployer {
@@ -137,7 +138,14 @@ impl Deployer {
         let applying = Applying::open(node.clone(), store.clone(), events.clone())?;
         let watch = HealthWatch::open(store.clone(), applying.applied())?;
         let reports = ReportBook::open(node.clone(), store.clone(), reports_changed.clone())?;
+        let fleet = Arc::new(crate::fleet::Fleet::open(
+            &node,
+            store.clone(),
+            Some(registry.clone()),
+            options.fleet_report,
+        ));
         Ok(Deployer {
+            fleet,
             trust: Trust::new(node.clone(), options.verifier),
             node,
             parent: options.parent_id,
@@ -172,6 +180,11 @@ impl Deployer {
     /// What the deployer counts.
     pub fn metrics(&self) -> &DeployMetrics {
         &self.events
+    }
+
+    /// The fleet view of this node's subtree.
+    pub fn fleet(&self) -> &Arc<crate::fleet::Fleet> {
+        &self.fleet
     }
 
     /// This node's id.

@@ -19,10 +19,14 @@
 //!   and both keep the report book (`reports`): every node's last report,
 //!   sent up the tree.
 //!
+//! - [`fleet`]: the fleet view, every node of the subtree as it last
+//!   reported, carried up on the same stream.
+//!
 //! The link carries [`proto::Msg`] between a parent and a child
 //! (`holdfast-link/3`); this crate does not touch the network.
 
 pub mod config;
+pub mod fleet;
 pub mod model;
 pub mod proto;
 pub mod store;
@@ -178,6 +182,9 @@ pub struct Options {
     /// (`deploy.expiry_seconds`). The owner signs a new revision of every
     /// live deployment when half of it has passed.
     pub expiry_seconds: u64,
+    /// How often at most the fleet view's changes go to the parent
+    /// (`deploy.fleet_report_seconds`).
+    pub fleet_report: std::time::Duration,
 }
 
 #[cfg(test)]

@@ -72,6 +72,15 @@ async fn parent(deployer: Arc<Deployer>, stream: ServiceStream) {
     let write = tokio::spawn(writer(send, rx));
     let mut changes = deployer.doc_changes();
     let mut last_offer: Option<(Vec<String>, Vec<crate::model::Signed>)> = None;
+    let fleet = deployer.fleet().clone();
+    let fleet_stream = fleet.attach(&child);
+    // However the stream ends (the link may drop this future), what came
+    // through it stops reporting.
+    let _attached = Attached {
+        fleet: fleet.clone(),
+        child: child.clone(),
+        stream: fleet_stream,
+    };
     loop {
         let offer = deployer.offer_for(&child);
         if last_offer.as_ref() != Some(&offer) {
@@ -131,6 +140,14 @@ async fn parent(deployer: Arc<Deployer>, stream: ServiceStream) {
                             break;
                         }
                     }
+                    Ok(Msg::Fleet { rows, forgotten }) => {
+                        let (f, c) = (fleet.clone(), child.clone());
+                        let n = rows.len();
+                        if tokio::task::spawn_blocking(move || f.receive(&c, fleet_stream, rows, forgotten)).await.is_err() {
+                            break;
+                        }
+                        tracing::debug!(child = %child, rows = n, "fleet: rows received");
+                    }
                     Ok(other) => {
                         tracing::warn!(child = %child, message = ?other, "link: unexpected deploy message from a child");
                         peer.protocol_error("unexpected deploy message");
@@ -159,6 +176,19 @@ async fn parent(deployer: Arc<Deployer>, stream: ServiceStream) {
     write.abort();
 }
 
+/// A child's stream as the fleet view knows it; detached when dropped.
+struct Attached {
+    fleet: Arc<crate::fleet::Fleet>,
+    child: Arc<str>,
+    stream: u64,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.fleet.detach(&self.child, self.stream);
+    }
+}
+
 /// A component being received.
 struct Incoming {
     sha256: String,
@@ -180,6 +210,11 @@ async fn child(deployer: Arc<Deployer>, stream: ServiceStream) {
     let mut reports = deployer.report_changes();
     let mut docs = deployer.doc_changes();
     let mut sent_seq = 0u64;
+    let fleet = deployer.fleet().clone();
+    let mut fleet_changes = fleet.changes();
+    // The fleet view's rows sent on this stream, and when more may go.
+    let mut fleet_seq = 0u64;
+    let mut fleet_at = tokio::time::Instant::now();
     // What the parent understands, from its offers (none until the first).
     let mut parent_features: Vec<String> = Vec::new();
     let mut queue: VecDeque<String> = VecDeque::new();
@@ -200,6 +235,37 @@ async fn child(deployer: Arc<Deployer>, stream: ServiceStream) {
             }
         }
         sent_seq = seq;
+        // The fleet view's changes, at most once per interval.
+        let fleet_on = parent_features.iter().any(|f| f == "fleet");
+        if fleet_on && fleet_at <= tokio::time::Instant::now() && fleet.seq() > fleet_seq {
+            loop {
+                let c = fleet.since(fleet_seq, crate::fleet::MAX_ROWS_PER_MESSAGE);
+                let done = c.seq >= fleet.seq();
+                if !c.rows.is_empty() || !c.forgotten.is_empty() {
+                    let Some(b) = msg(&Msg::Fleet {
+                        rows: c.rows,
+                        forgotten: c.forgotten,
+                    }) else {
+                        break 'outer;
+                    };
+                    if tx.send(b).await.is_err() {
+                        break 'outer;
+                    }
+                }
+                fleet_seq = c.seq;
+                if done {
+                    break;
+                }
+            }
+            fleet_at = tokio::time::Instant::now() + fleet.report_every;
+        }
+        let fleet_due = async {
+            if fleet_on && fleet.seq() > fleet_seq {
+                tokio::time::sleep_until(fleet_at).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         // One fetch at a time.
         if asked.is_none() && retry_at.is_none_or(|t| t <= tokio::time::Instant::now()) {
             retry_at = None;
@@ -224,6 +290,8 @@ async fn child(deployer: Arc<Deployer>, stream: ServiceStream) {
         };
         tokio::select! {
             r = reports.changed() => if r.is_err() { break },
+            r = fleet_changes.changed() => if r.is_err() { break },
+            () = fleet_due => {}
             // A component found damaged here is fetched again.
             r = docs.changed() => {
                 if r.is_err() {
@@ -245,6 +313,7 @@ async fn child(deployer: Arc<Deployer>, stream: ServiceStream) {
                             // Reports sent for a parent of before go again as they are.
                             parent_features = features;
                             sent_seq = 0;
+                            fleet_seq = 0;
                         }
                         let (d, p) = (deployer.clone(), parent.clone());
                         match tokio::task::spawn_blocking(move || d.receive_offer(&p, ancestors, deployments)).await {

@@ -7,7 +7,10 @@
 //!   child's subtree; then the components the child asks for.
 //! - child → parent: [`Msg::Hello`] first; [`Msg::Fetch`] for each missing
 //!   component, one at a time; [`Msg::Reports`] with its own and its
-//!   subtree's states, all of them on connect, then each change.
+//!   subtree's states, all of them on connect, then each change;
+//!   [`Msg::Fleet`] with the fleet view's rows (to a parent that announces
+//!   the `fleet` feature), all of them on connect, then what changed, at
+//!   most once per `deploy.fleet_report_seconds`.
 
 use serde::{Deserialize, Serialize};
 
@@ -15,9 +18,10 @@ use crate::model::{NodeState, Report, Signed};
 
 /// What this version understands beyond `holdfast-link/3` as first
 /// released, said in [`Msg::Offer`]: `expired`, the [`NodeState::Expired`]
-/// state in reports. A parent that does not say it gets such reports as
-/// `applied` (or `pending`) with the reason `expired: …`.
-pub const FEATURES: &[&str] = &["expired"];
+/// state in reports (a parent that does not say it gets such reports as
+/// `applied` (or `pending`) with the reason `expired: …`); `fleet`, the
+/// [`Msg::Fleet`] message (a parent that does not say it gets none).
+pub const FEATURES: &[&str] = &["expired", "fleet"];
 
 /// Largest DEPLOY frame.
 pub const MAX_FRAME: usize = 4 << 20;
@@ -63,6 +67,16 @@ pub enum Msg {
         /// Reports.
         reports: Vec<Report>,
     },
+    /// Child → parent: rows of the fleet view that changed (`fleet`
+    /// feature), and nodes an operator removed from it.
+    Fleet {
+        /// Rows.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        rows: Vec<crate::fleet::FleetRow>,
+        /// Nodes forgotten.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        forgotten: Vec<String>,
+    },
 }
 
 /// Reports as a parent understands them: for one that does not know the
@@ -100,7 +114,7 @@ mod tests {
         let text = serde_json::to_string(&offer).unwrap();
         let old: Msg = serde_json::from_str(r#"{"type":"offer","ancestors":["root"],"deployments":[]}"#).unwrap();
         assert!(matches!(old, Msg::Offer { ref features, .. } if features.is_empty()));
-        assert!(text.contains("\"features\":[\"expired\"]"));
+        assert!(text.contains("\"features\":[\"expired\",\"fleet\"]"));
         let r = Report {
             deployment: "d1".into(),
             revision: 1,

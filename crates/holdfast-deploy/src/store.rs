@@ -13,6 +13,7 @@
 //! | `ancestors` | this node's ancestors, nearest first (JSON list) |
 //! | `seen/<id>` | the highest revision of a deployment this node has held (decimal) |
 //! | `watch` | the health watch of the applied deployment ([`StoredWatch`]) |
+//! | `fleet/<node>` | a row of the fleet view (`crate::fleet`) |
 //!
 //! Components are files `<dir>/<sha256>`, written to a temporary name,
 //! synced and renamed, and checked against their hash whenever they are
@@ -225,6 +226,44 @@ impl DeployStore {
         let mut b = self.store.batch();
         for (d, n) in keys {
             b.remove(&self.space, rep_key(d, n));
+        }
+        b.commit(Durability::Buffered)?;
+        Ok(())
+    }
+
+    /// The fleet rows kept (a row that does not load is skipped, logged).
+    pub(crate) fn fleet_rows(&self) -> Vec<crate::fleet::Kept> {
+        let rows = match self.prefixed("fleet/") {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "fleet: the rows kept do not load");
+                return Vec::new();
+            }
+        };
+        rows.into_iter()
+            .filter_map(|(node, v)| match serde_json::from_slice(&v) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    tracing::warn!(node, error = %e, "fleet: a row kept does not load; skipped");
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// Stores fleet rows and removes others (buffered: a lost change is
+    /// reported again).
+    pub(crate) fn put_fleet_rows(&self, rows: &[&crate::fleet::Kept], removed: &[String]) -> Result<(), DeployError> {
+        let mut b = self.store.batch();
+        for k in rows {
+            b.insert(
+                &self.space,
+                format!("fleet/{}", k.row.entry.node),
+                serde_json::to_vec(k)?,
+            );
+        }
+        for n in removed {
+            b.remove(&self.space, format!("fleet/{n}"));
         }
         b.commit(Durability::Buffered)?;
         Ok(())

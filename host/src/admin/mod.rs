@@ -18,6 +18,7 @@
 mod cache;
 mod deadletter;
 mod deploy;
+mod fleet;
 mod iothub;
 mod node;
 mod plugins;
@@ -142,6 +143,7 @@ fn api_routes() -> Routes {
         .merge(cache::routes())
         .merge(deploy::routes())
         .merge(deadletter::routes())
+        .merge(fleet::routes())
 }
 
 /// The routes outside `/api/v1`: no token.

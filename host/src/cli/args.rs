@@ -68,6 +68,28 @@ pub enum Command {
         #[command(subcommand)]
         command: Option<QueueCommand>,
     },
+    /// Every node of a running node's subtree: state, link, backlog, drain,
+    /// clients, deployment (the root sees the whole fleet).
+    Fleet {
+        /// `forget NODE`; without one, the nodes are listed.
+        #[command(subcommand)]
+        command: Option<FleetCommand>,
+        /// Only nodes in these states: ok, warning, stuck, offline, not-reporting, unknown.
+        #[arg(long, value_delimiter = ',')]
+        state: Vec<String>,
+        /// Only nodes carrying this label (key=value; repeat for all of several).
+        #[arg(long)]
+        label: Vec<String>,
+        /// Only this node and the nodes under it.
+        #[arg(long)]
+        subtree: Option<String>,
+        /// Only nodes whose id contains this.
+        #[arg(long, short = 'q')]
+        search: Option<String>,
+        /// Redraw every SECS seconds (default 2) until interrupted.
+        #[arg(long, num_args = 0..=1, default_missing_value = "2", value_name = "SECS")]
+        watch: Option<u64>,
+    },
     /// MQTT clients connected to a running node.
     Clients {
         /// At most this many.
@@ -190,6 +212,17 @@ pub enum QueueCommand {
         /// Poll interval, milliseconds.
         #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..))]
         interval_ms: u64,
+    },
+}
+
+/// `holdfast fleet …`
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// Remove a node that stopped reporting (decommissioned or moved) from
+    /// this node's view; the removal goes up to its ancestors.
+    Forget {
+        /// The node.
+        node: String,
     },
 }
 

@@ -35,6 +35,7 @@ mod deadletter;
 mod debug;
 mod deploy;
 mod device;
+mod fleet;
 mod link;
 mod ops;
 mod plugin;
@@ -42,7 +43,8 @@ mod print;
 mod twin;
 
 pub use self::args::{
-    AdminArgs, CertCommand, Cli, Command, ConfigCommand, DebugCommand, LinkCommand, MethodCommand, QueueCommand,
+    AdminArgs, CertCommand, Cli, Command, ConfigCommand, DebugCommand, FleetCommand, LinkCommand, MethodCommand,
+    QueueCommand,
 };
 pub use self::cache::CacheCommand;
 pub use self::client::AdminClient;
@@ -92,6 +94,30 @@ pub fn execute(cli: Cli) -> Result<()> {
                     lane,
                     timeout.map(Duration::from_secs),
                     Duration::from_millis(interval_ms),
+                    cli.admin.json,
+                ),
+            }
+        }
+        Command::Fleet {
+            command,
+            state,
+            label,
+            subtree,
+            search,
+            watch,
+        } => {
+            let client = AdminClient::discover(&cli.admin)?;
+            match command {
+                Some(FleetCommand::Forget { node }) => fleet::forget(&client, &node, cli.admin.json),
+                None => fleet::fleet(
+                    &client,
+                    &fleet::Query {
+                        states: state,
+                        labels: label,
+                        subtree,
+                        search,
+                    },
+                    watch,
                     cli.admin.json,
                 ),
             }

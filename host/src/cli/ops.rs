@@ -31,7 +31,7 @@ pub fn init(path: &Path, force: bool) -> Result<()> {
 }
 
 /// `2 h 5 min`-style durations.
-fn human_ms(ms: Option<u64>) -> String {
+pub(crate) fn human_ms(ms: Option<u64>) -> String {
     let Some(ms) = ms else { return "-".to_string() };
     let s = ms / 1000;
     match s {
