@@ -13,8 +13,10 @@
 //! encoded by the sender and decoded by the receiver. Bytes are the DEPLOY
 //! frame bodies (the link adds 5 bytes of framing per message, and QUIC
 //! its own). The root's CPU is the thread CPU time spent decoding and
-//! applying what the 10 gateways send. Three cases, each for the same
-//! simulated time:
+//! applying what the 10 gateways send. The peer, side by side in the same
+//! run: each gateway sending its whole table every interval (a periodic
+//! heartbeat, what a design without change tracking sends). Three cases,
+//! each for the same simulated time:
 //! - busy: every node's backlog and clients change every interval (the
 //!   worst case: every row changes every time it may be sent);
 //! - idle: nothing changes after the first report (the steady state of a
@@ -87,6 +89,7 @@ struct Figures {
     leaf_messages: u64,
     up_bytes: u64,
     up_messages: u64,
+    naive_bytes: u64,
     root_cpu: Duration,
     mid_cpu: Duration,
 }
@@ -149,6 +152,13 @@ fn run(case: &str, minutes: u64) -> Figures {
                 }
                 f.mid_cpu += cpu.elapsed();
             }
+            // The peer: every row every interval, as a periodic heartbeat would send.
+            let all: Vec<FleetRow> = mid.rows().into_iter().map(|(r, _)| r).collect();
+            f.naive_bytes += encode(&Msg::Fleet {
+                rows: all,
+                forgotten: vec![],
+            })
+            .len() as u64;
             // The gateway's message to the root: what changed since the last.
             loop {
                 let cpu = ThreadTime::now();
@@ -192,23 +202,32 @@ fn main() {
         MIDS * (LEAVES_PER_MID + 1)
     );
     println!(
-        "{:<6} {:>16} {:>16} {:>14} {:>16} {:>16}",
-        "case", "B/node/min leaf", "B/node/min root", "msgs/min root", "root CPU ms/min", "gw CPU ms/min"
+        "{:<6} {:>16} {:>16} {:>14} {:>16} {:>16} {:>18} {:>6}",
+        "case",
+        "B/node/min leaf",
+        "B/node/min root",
+        "msgs/min root",
+        "root CPU ms/min",
+        "gw CPU ms/min",
+        "peer B/node/min",
+        "ratio"
     );
     for case in ["busy", "idle", "cuts"] {
         let f = run(case, minutes);
         let per_min = |v: f64| v / minutes as f64;
         println!(
-            "{case:<6} {:>16.0} {:>16.0} {:>14.0} {:>16.1} {:>16.1}",
+            "{case:<6} {:>16.0} {:>16.0} {:>14.0} {:>16.1} {:>16.1} {:>18.0} {:>6.2}",
             per_min(f.leaf_bytes as f64) / (MIDS * LEAVES_PER_MID) as f64,
             per_min(f.up_bytes as f64) / nodes,
             per_min(f.up_messages as f64),
             per_min(f.root_cpu.as_secs_f64() * 1000.0),
             per_min(f.mid_cpu.as_secs_f64() * 1000.0) / MIDS as f64,
+            per_min(f.naive_bytes as f64) / nodes,
+            f.up_bytes as f64 / f.naive_bytes as f64,
         );
         let _ = f.leaf_messages;
     }
     println!(
-        "(B/node/min leaf: what one leaf sends its gateway; root: what reaches the root per node of the fleet;\n root CPU: decoding and applying the gateways' messages, of 60,000 ms per minute of one core)"
+        "(B/node/min leaf: what one leaf sends its gateway; root: what reaches the root per node of the fleet;\n root CPU: decoding and applying the gateways' messages, of 60,000 ms per minute of one core;\n peer: every gateway sending its whole table every interval, a periodic heartbeat; ratio: ours / peer)"
     );
 }
