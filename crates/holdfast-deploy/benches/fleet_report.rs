@@ -108,7 +108,7 @@ fn run(case: &str, minutes: u64) -> Figures {
                 .collect()
         })
         .collect();
-    let mut sent_up = vec![0u64; MIDS];
+    let mut sent_up = [0u64; MIDS];
     let mut last_leaf: Vec<Vec<Option<FleetEntry>>> = vec![vec![None; LEAVES_PER_MID]; MIDS];
     let mut f = Figures::default();
     let busy = case != "idle";
