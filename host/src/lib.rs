@@ -19,6 +19,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod deploy;
+pub mod edge_manifest;
 pub mod fleet;
 pub mod history;
 pub mod logging;

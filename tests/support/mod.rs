@@ -13,6 +13,7 @@ pub mod browser;
 pub mod client;
 pub mod curl;
 pub mod delivery;
+pub mod device;
 pub mod fleet;
 pub mod origin;
 pub mod powercut;

@@ -10,6 +10,7 @@ use super::cache::CacheCommand;
 use super::deadletter::DeadLetterCommand;
 use super::deploy::DeployCommand;
 use super::device::DeviceCommand;
+use super::import::ImportCommand;
 use super::plugin::PluginCommand;
 use super::twin::TwinCommand;
 
@@ -129,6 +130,10 @@ pub enum Command {
     /// out down the tree, in waves, signed by the owning node.
     #[command(subcommand)]
     Deploy(DeployCommand),
+    /// Take another gateway's configuration as it is: an IoT Edge
+    /// deployment manifest (`import edge-manifest`).
+    #[command(subcommand)]
+    Import(ImportCommand),
     /// Make a running node re-read its config file (as SIGHUP does) and
     /// print what was applied live and what needs a restart.
     Reload,

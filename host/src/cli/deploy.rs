@@ -39,6 +39,11 @@ pub enum DeployCommand {
         /// A live setting, KEY=VALUE (e.g. outbox.default_ttl_seconds=600).
         #[arg(long = "set")]
         settings: Vec<String>,
+        /// Take the routes, the store-and-forward TTL and the Connected Cache
+        /// settings from an IoT Edge deployment manifest (as `holdfast import
+        /// edge-manifest` maps them); --plugin-config and --set add to it.
+        #[arg(long, value_name = "FILE")]
+        from_edge_manifest: Option<std::path::PathBuf>,
         /// Waves, cumulative, comma-separated: counts or percentages (e.g. 1,10%,100%).
         #[arg(long, default_value = "100%")]
         waves: String,
@@ -109,6 +114,7 @@ pub(crate) fn deploy_command(client: &AdminClient, cmd: DeployCommand, json: boo
             plugins,
             plugin_configs,
             settings,
+            from_edge_manifest,
             waves,
             soak,
             max_failure_rate,
@@ -117,17 +123,45 @@ pub(crate) fn deploy_command(client: &AdminClient, cmd: DeployCommand, json: boo
             release_without_traffic,
         } => {
             let mut slots = serde_json::Map::new();
+            let mut set = serde_json::Map::new();
+            if let Some(file) = &from_edge_manifest {
+                let m = super::import::read_manifest(file)?;
+                super::import::report(&m);
+                slots.insert(
+                    "router".into(),
+                    json!({ "config": crate::edge_manifest::router_config(&m) }),
+                );
+                if let Some(c) = crate::edge_manifest::content_source_config(&m) {
+                    slots.insert("content-source".into(), json!({ "config": c }));
+                }
+                set = super::import::settings(&m);
+                for (key, v) in [
+                    ("cache.listen", &m.cache_listen),
+                    ("cache.parent", &m.cache_parent),
+                    ("cache.dir", &m.cache_dir),
+                ] {
+                    if let Some(v) = v {
+                        eprintln!(
+                            "not deployable: {key} = {v:?} is set in each node's config file (it needs a restart)"
+                        );
+                    }
+                }
+            }
             for (slot, file) in slot_values(&plugins, "--plugin")? {
                 let bytes = std::fs::read(&file).with_context(|| format!("cannot read {file}"))?;
                 let up = client.post_bytes("/api/v1/deployments/components", &bytes)?;
-                slots.insert(slot, json!({ "sha256": up["sha256"] }));
+                slots.entry(slot).or_insert_with(|| json!({}))["sha256"] = up["sha256"].clone();
             }
             for (slot, file) in slot_values(&plugin_configs, "--plugin-config")? {
                 let config = read_plugin_config(Path::new(&file))?;
-                let entry = slots.entry(slot).or_insert_with(|| json!({}));
+                let entry = slots.entry(slot.clone()).or_insert_with(|| json!({}));
+                if from_edge_manifest.is_some() && entry.get("config").is_some() {
+                    anyhow::bail!(
+                        "--plugin-config {slot}=… and --from-edge-manifest both set the {slot} plugin's config"
+                    );
+                }
                 entry["config"] = config;
             }
-            let mut set = serde_json::Map::new();
             for (k, v) in key_values(&settings, "--set")? {
                 let text = v.as_str().unwrap_or_default();
                 // Numbers and booleans as such; anything else as a string.

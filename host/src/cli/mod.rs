@@ -36,6 +36,7 @@ mod debug;
 mod deploy;
 mod device;
 mod fleet;
+mod import;
 mod link;
 mod ops;
 mod plugin;
@@ -212,6 +213,7 @@ pub fn execute(cli: Cli) -> Result<()> {
             let client = AdminClient::discover(&cli.admin)?;
             deadletter::dead_letter_command(&client, cmd, cli.admin.json)
         }
+        Command::Import(cmd) => import::import_command(cmd, cli.admin.json),
         Command::Deploy(cmd) => {
             let client = AdminClient::discover(&cli.admin)?;
             deploy::deploy_command(&client, cmd, cli.admin.json)
