@@ -5,8 +5,8 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,6 +14,7 @@ use std::time::Duration;
 use support::client::Client;
 use support::delivery::{Consumer, check_delivery};
 use support::fleet::{addr, fleet, fleet_section, listen_section, upstream_section, wait_until};
+use support::mosquitto::Mosquitto;
 use support::proxy::Proxy;
 use support::{Gateway, free_port};
 
@@ -245,74 +246,6 @@ fn three_levels_survive_cuts_kills_and_long_outages() {
                 .iter()
                 .all(|l| l["messages"] == 0)
         });
-    }
-}
-
-/// A Mosquitto broker for the bridge, on a free port, persisting to `dir`.
-struct Mosquitto {
-    child: Option<Child>,
-    conf: PathBuf,
-    port: u16,
-}
-
-impl Mosquitto {
-    fn start(dir: &Path) -> Mosquitto {
-        let port = free_port();
-        // Started as root, Mosquitto runs as the `mosquitto` user: let it
-        // write its database here.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-        }
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_inflight_messages 10\n",
-                dir.display()
-            ),
-        )
-        .unwrap();
-        let mut m = Mosquitto {
-            child: None,
-            conf,
-            port,
-        };
-        m.spawn();
-        m
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&self.conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto is installed (scripts/setup.sh)");
-        self.child = Some(child);
-        let port = self.port;
-        wait_until(10, "mosquitto", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-    }
-
-    /// SIGTERM: Mosquitto saves its sessions and exits.
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg(c.id().to_string()).status();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 

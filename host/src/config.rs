@@ -86,6 +86,8 @@ pub struct Config {
     pub iothub: holdfast_iothub::config::IothubConfig,
     /// `[deploy]`: fleet deployments (pins, signing key).
     pub deploy: holdfast_deploy::config::DeployConfig,
+    /// `[trace]`: traces of messages across hops, exported over OTLP/HTTP.
+    pub trace: crate::trace_export::TraceConfig,
     /// The file this config was read from (`None`: the embedded default).
     #[serde(skip)]
     pub source_path: Option<PathBuf>,
@@ -272,6 +274,7 @@ impl Config {
         self.deploy
             .validate()
             .map_err(|(key, why)| ConfigError::key(key, why))?;
+        self.trace.validate().map_err(|(key, why)| ConfigError::key(key, why))?;
         self.validate_link()?;
         self.plugins
             .router

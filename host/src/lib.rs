@@ -28,3 +28,4 @@ pub mod node;
 pub mod reload;
 pub mod scaffold;
 pub mod state;
+pub mod trace_export;

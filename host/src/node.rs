@@ -124,6 +124,7 @@ impl Node {
             },
             _ => Role::Owner,
         };
+        crate::trace_export::install(&config.node.id, &config.trace);
         let seeds = config.identities.clone();
         let node_id = config.node.id.clone();
         let replica = matches!(role, Role::Replica { .. });
@@ -397,6 +398,14 @@ impl Node {
             axum::extract::FromRef::from_ref(&state),
             stopped.clone(),
         )));
+        if state.config.trace.enabled {
+            tasks.push(tokio::spawn(crate::trace_export::export_task(
+                state.config.trace.clone(),
+                state.metrics.clone(),
+                state.link.clone(),
+                stopped.clone(),
+            )));
+        }
         let mut admin_addr = None;
         if state.config.admin.enabled {
             let (listener, bound) = bind(state.config.admin.listen, |addr, source| StartError::AdminBind {

@@ -130,14 +130,30 @@ impl Client {
     /// Publishes with QoS 1 and waits for the PUBACK: true if it came with
     /// a success code within `timeout`.
     pub fn publish_acked(&mut self, topic: &str, payload: &str, timeout: Duration) -> std::io::Result<bool> {
+        self.publish_acked_with(topic, payload, &[], timeout)
+    }
+
+    /// [`Client::publish_acked`] with MQTT 5 user properties.
+    pub fn publish_acked_with(
+        &mut self,
+        topic: &str,
+        payload: &str,
+        user_properties: &[(&str, &str)],
+        timeout: Duration,
+    ) -> std::io::Result<bool> {
         let pkid = self.next;
         self.next = self.next.checked_add(1).unwrap_or(1);
-        self.send(&Packet::Publish(Publish::new(
+        let mut publish = Publish::new(
             topic,
             Bytes::copy_from_slice(payload.as_bytes()),
             QoS::AtLeastOnce,
             pkid,
-        )))?;
+        );
+        publish.properties.user_properties = user_properties
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.send(&Packet::Publish(publish))?;
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             match self.read(deadline.saturating_duration_since(Instant::now()))? {

@@ -15,6 +15,7 @@ pub mod curl;
 pub mod delivery;
 pub mod device;
 pub mod fleet;
+pub mod mosquitto;
 pub mod origin;
 pub mod powercut;
 pub mod proxy;

@@ -10,9 +10,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use holdfast_model::policy::{Action, Policy, RouteOutcome};
-use holdfast_model::{Message, Source};
+use holdfast_model::trace::{self, AttrValue, SpanKind, Started, Tracer};
+use holdfast_model::{Message, MessageId, Source};
 use holdfast_mqtt::topic;
+use holdfast_outbox::AppendError;
 use holdfast_outbox::Outbox;
+use tokio::sync::oneshot;
 
 use crate::metrics::BrokerMetrics;
 use crate::retained::Retained;
@@ -75,8 +78,32 @@ impl Router {
     /// Routes a received message through the router plugin and acts on
     /// every action. `principal` is the authenticated identity.
     pub(crate) fn route(&self, msg: &Arc<Msg>, principal: Option<&str>) -> Routed {
-        let pm = Arc::new(plugin_message(msg, principal));
+        let mut pm = plugin_message(msg, principal);
+        // A traced message: its receive span, and the store span the stored
+        // message hangs under (written into its traceparent for the next hop).
+        let mut trace = trace::tracer().and_then(|t| {
+            let (ctx, new) = t.context_for(&pm.properties)?;
+            let receive = Started::new(t, ctx, new);
+            let store = receive.child(t);
+            trace::set_parent(&mut pm.properties, &ctx, store.span_id);
+            Some(Traced {
+                tracer: t,
+                receive,
+                store: Some(store),
+            })
+        });
+        let pm = Arc::new(pm);
+        let route_span = trace.as_ref().map(|t| t.receive.child(t.tracer));
         let outcome = self.policy.route(pm.clone());
+        if let (Some(t), Some(span)) = (&trace, route_span) {
+            span.finish(
+                t.tracer,
+                "route",
+                SpanKind::Internal,
+                vec![("holdfast.route.decision", AttrValue::Str(decision(&outcome)))],
+                None,
+            );
+        }
         let mut routed = Routed::default();
         match outcome {
             RouteOutcome::Actions(actions) => {
@@ -111,7 +138,11 @@ impl Router {
                             match self.outbox.submit(u.lane, m, ttl) {
                                 Ok(rx) => {
                                     self.metrics.routed_upstream();
-                                    routed.waits.push(rx);
+                                    let store = trace.as_mut().and_then(|t| Some((t.tracer, t.store.take()?)));
+                                    routed.waits.push(match store {
+                                        Some((tracer, span)) => traced_store(rx, tracer, span, u.lane),
+                                        None => rx,
+                                    });
                                 }
                                 Err(e) => {
                                     tracing::debug!(error = %e, "outbox refused a message");
@@ -151,7 +182,18 @@ impl Router {
                                 msg.clone()
                             };
                             self.metrics.routed_local();
+                            let deliver = trace.as_ref().map(|t| (t.tracer, t.receive.child(t.tracer)));
+                            let topic_name = deliver.as_ref().map(|_| local.topic.clone());
                             let (backlog, stored) = self.deliver_stored(local);
+                            if let (Some((tracer, span)), Some(topic_name)) = (deliver, topic_name) {
+                                span.finish(
+                                    tracer,
+                                    "deliver",
+                                    SpanKind::Consumer,
+                                    vec![("messaging.destination.name", AttrValue::Str(topic_name))],
+                                    None,
+                                );
+                            }
                             routed.backlog = routed.backlog.max(backlog);
                             // A device's message is acknowledged once in its durable queue.
                             routed.waits.extend(stored);
@@ -189,6 +231,25 @@ impl Router {
                 tracing::debug!(%reason, topic = %msg.topic, "router failed; message dropped");
                 self.metrics.dropped("router-failure");
             }
+        }
+        if let Some(t) = trace {
+            t.receive.finish(
+                t.tracer,
+                "receive",
+                SpanKind::Server,
+                vec![
+                    ("messaging.system", AttrValue::Str("mqtt".into())),
+                    ("messaging.destination.name", AttrValue::Str(msg.topic.clone())),
+                    (
+                        "messaging.client_id",
+                        AttrValue::Str(msg.publisher.as_deref().unwrap_or("").to_string()),
+                    ),
+                    ("holdfast.node", AttrValue::Str(t.tracer.node.clone())),
+                ],
+                routed
+                    .refusal
+                    .map(|code| format!("refused with reason code 0x{code:02x}")),
+            );
         }
         routed
     }
@@ -330,6 +391,73 @@ impl Router {
 }
 
 /// The message the router plugin sees.
+/// A message traced here: the tracer, its receive span, and the store span
+/// (taken by its first upstream action).
+struct Traced {
+    tracer: &'static Tracer,
+    receive: Started,
+    store: Option<Started>,
+}
+
+/// What the router decided, for the route span.
+fn decision(outcome: &RouteOutcome) -> String {
+    match outcome {
+        RouteOutcome::Actions(actions) if actions.is_empty() => "no route: dropped".into(),
+        RouteOutcome::Actions(actions) => actions
+            .iter()
+            .map(|a| match a {
+                Action::Upstream(u) => match u.ttl_seconds {
+                    Some(ttl) => format!("upstream lane {} ttl {ttl} s", u.lane),
+                    None => format!("upstream lane {}", u.lane),
+                },
+                Action::Local(l) => match &l.topic {
+                    Some(t) => format!("local {t}"),
+                    None => "local".into(),
+                },
+                Action::Drop(reason) => format!("drop: {reason}"),
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        RouteOutcome::DeadLetter(reason) => format!("dead-letter: {reason}"),
+        RouteOutcome::Drop(reason) => format!("router failed, dropped: {reason}"),
+    }
+}
+
+/// The append's answer, once the store span is recorded: it ends when the
+/// message is durable (or the append failed).
+fn traced_store(
+    rx: oneshot::Receiver<Result<MessageId, AppendError>>,
+    tracer: &'static Tracer,
+    span: Started,
+    lane: u8,
+) -> oneshot::Receiver<Result<MessageId, AppendError>> {
+    let attrs = move |id: Option<&MessageId>| {
+        let mut a = vec![("holdfast.lane", AttrValue::Int(i64::from(lane)))];
+        if let Some(id) = id {
+            a.push(("holdfast.message_id", AttrValue::Str(id.to_string())));
+        }
+        a
+    };
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        span.finish(tracer, "store", SpanKind::Internal, attrs(None), None);
+        return rx;
+    };
+    let (tx, out) = oneshot::channel();
+    handle.spawn(async move {
+        let answer = rx.await;
+        let (id, error) = match &answer {
+            Ok(Ok(id)) => (Some(*id), None),
+            Ok(Err(e)) => (None, Some(e.to_string())),
+            Err(_) => (None, Some("the outbox closed".to_string())),
+        };
+        span.finish(tracer, "store", SpanKind::Internal, attrs(id.as_ref()), error);
+        if let Ok(a) = answer {
+            let _ = tx.send(a);
+        }
+    });
+    out
+}
+
 fn plugin_message(msg: &Msg, principal: Option<&str>) -> Message {
     Message {
         topic: msg.topic.clone(),

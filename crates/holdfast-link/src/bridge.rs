@@ -13,6 +13,7 @@
 //! The client is built on the `holdfast-mqtt` codec so that every PUBACK can
 //! be matched to the outbox message it acknowledges.
 
+use holdfast_model::trace;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -274,6 +275,8 @@ impl Session {
         let b = &ctx.link.config.mqtt;
         let mut work = ctx.link.outbox.watch_work();
         let mut inflight: HashMap<u16, MessageId> = HashMap::new();
+        // Traced messages in flight: their send span, ended by the PUBACK.
+        let mut traced: HashMap<u16, trace::Started> = HashMap::new();
         let mut next_pkid: u16 = 1;
         let mut out = BytesMut::with_capacity(64 << 10);
         let keep_alive = Duration::from_secs(u64::from(b.keep_alive_seconds.max(1)));
@@ -337,6 +340,11 @@ impl Session {
                         continue;
                     }
                     inflight.insert(next_pkid, item.id);
+                    if let Some(t) = trace::tracer()
+                        && let Some(c) = trace::TraceContext::of(&msg.properties).filter(|c| c.sampled())
+                    {
+                        traced.insert(next_pkid, trace::Started::new(t, c, false));
+                    }
                     next_pkid = next_pkid.wrapping_add(1);
                     sent += 1;
                 }
@@ -365,7 +373,7 @@ impl Session {
                     Ok(0) => return Ended::Unreachable("the broker closed the connection".into()),
                     Ok(_) => {
                         last_heard = tokio::time::Instant::now();
-                        if let Some(e) = self.handle_input(ctx, &mut inflight).await {
+                        if let Some(e) = self.handle_input(ctx, &mut inflight, &mut traced).await {
                             return e;
                         }
                     }
@@ -396,7 +404,12 @@ impl Session {
     }
 
     /// Handles what the broker sent; `Some` ends the session.
-    async fn handle_input(&mut self, ctx: &Bridge, inflight: &mut HashMap<u16, MessageId>) -> Option<Ended> {
+    async fn handle_input(
+        &mut self,
+        ctx: &Bridge,
+        inflight: &mut HashMap<u16, MessageId>,
+        traced: &mut HashMap<u16, trace::Started>,
+    ) -> Option<Ended> {
         let mut acked = Vec::new();
         let mut refused = Vec::new();
         let mut replies = BytesMut::new();
@@ -409,6 +422,19 @@ impl Session {
             match packet {
                 Packet::PubAck(a) => {
                     let Some(id) = inflight.remove(&a.pkid) else { continue };
+                    if let (Some(span), Some(t)) = (traced.remove(&a.pkid), trace::tracer()) {
+                        span.finish(
+                            t,
+                            "send",
+                            trace::SpanKind::Producer,
+                            vec![
+                                ("holdfast.lane", trace::AttrValue::Int(i64::from(id.lane))),
+                                ("holdfast.message_id", trace::AttrValue::Str(id.to_string())),
+                                ("holdfast.broker", trace::AttrValue::Str(ctx.target())),
+                            ],
+                            (a.code >= 0x80).then(|| format!("PUBACK 0x{:02x}", a.code)),
+                        );
+                    }
                     match a.code {
                         c if c < 0x80 => acked.push(id),
                         0x97 => {

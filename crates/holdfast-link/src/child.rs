@@ -8,6 +8,7 @@
 //! priorities (lane 0 highest). When the link drops, unacknowledged messages
 //! return to their lanes and are sent again, in order, on the next link.
 
+use holdfast_model::trace;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -273,6 +274,8 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8, compress:
     // link/4: every batch names its records by hop id.
     let with_ids = wire::negotiated(conn) >= 4;
     let mut stream: Option<(quinn::SendStream, wire::FramedRecv)> = None;
+    // Traced messages in flight: their send span, ended by the parent's ack.
+    let mut sending = Sending::default();
     loop {
         // Acks that are here already, without waiting (reading is cancel-safe).
         if let Some((_, acks)) = stream.as_mut() {
@@ -282,7 +285,7 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8, compress:
                     f = acks.next() => f,
                     () = std::future::ready(()) => break,
                 };
-                take_ack(ctx, &mut state, frame)?;
+                take_ack(ctx, &mut state, &mut sending, frame)?;
             }
         }
         let room = state.room();
@@ -303,6 +306,7 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8, compress:
                     let _ = send.set_priority(i32::from(LANES as u8 - lane));
                     stream = Some((send, wire::FramedRecv::new(recv, MAX_DOWN_FRAME)));
                 }
+                sending.started(&leased, &records);
                 let out = state
                     .send(records, epoch.filter(|_| with_ids))
                     .map_err(|e| e.to_string())?;
@@ -332,7 +336,7 @@ async fn lane_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, lane: u8, compress:
             }
         };
         tokio::select! {
-            f = next_ack => take_ack(ctx, &mut state, f)?,
+            f = next_ack => take_ack(ctx, &mut state, &mut sending, f)?,
             r = work.changed(), if room > 0 => r.map_err(|_| "outbox closed".to_string())?,
         }
     }
@@ -391,7 +395,12 @@ async fn batch(ctx: &Ctx, leased: &holdfast_outbox::LeaseBatch) -> Records {
 ///
 /// # Errors
 /// Anything but a valid ack, a malformed frame, or the stream's end.
-fn take_ack(ctx: &Ctx, state: &mut ChildLane, frame: Result<Option<Frame>, wire::ReadError>) -> Result<(), String> {
+fn take_ack(
+    ctx: &Ctx,
+    state: &mut ChildLane,
+    sending: &mut Sending,
+    frame: Result<Option<Frame>, wire::ReadError>,
+) -> Result<(), String> {
     let frame = match frame {
         Ok(Some(f)) => f,
         Ok(None) => return Err("the parent ended a lane stream".into()),
@@ -405,9 +414,57 @@ fn take_ack(ctx: &Ctx, state: &mut ChildLane, frame: Result<Option<Frame>, wire:
         // Claimed at once (a release after a cut does not hand them out
         // again) and deleted by the outbox's writer, while the lane goes on
         // sending.
+        sending.acked(&ids, &ctx.config.quic.parent_id);
         ctx.outbox.ack_detached(&ids);
         ctx.metrics.link_acked.inc_by(ids.len() as u64);
         ctx.status.update(|s| s.acked += ids.len() as u64);
     }
     Ok(())
+}
+
+/// The send spans of traced messages in flight on a lane, from the batch
+/// that carried them to the parent's ack (spans of a batch the link lost
+/// are not recorded: the message is sent again).
+#[derive(Default)]
+struct Sending(std::collections::HashMap<holdfast_model::MessageId, trace::Started>);
+
+impl Sending {
+    /// The traced messages of a batch about to go.
+    fn started(
+        &mut self,
+        leased: &holdfast_outbox::LeaseBatch,
+        records: &[(holdfast_model::MessageId, Vec<u8>, bytes::Bytes)],
+    ) {
+        let Some(t) = trace::tracer() else { return };
+        for item in &leased.items {
+            if let Some(ctx) = trace::TraceContext::of(&item.record.message.properties).filter(|c| c.sampled())
+                && records.iter().any(|(id, _, _)| *id == item.id)
+            {
+                self.0.insert(item.id, trace::Started::new(t, ctx, false));
+            }
+        }
+    }
+
+    /// The parent acknowledged `ids`: their spans end.
+    fn acked(&mut self, ids: &[holdfast_model::MessageId], parent: &str) {
+        if self.0.is_empty() {
+            return;
+        }
+        let Some(t) = trace::tracer() else { return };
+        for id in ids {
+            if let Some(span) = self.0.remove(id) {
+                span.finish(
+                    t,
+                    "send",
+                    trace::SpanKind::Producer,
+                    vec![
+                        ("holdfast.lane", trace::AttrValue::Int(i64::from(id.lane))),
+                        ("holdfast.message_id", trace::AttrValue::Str(id.to_string())),
+                        ("holdfast.parent", trace::AttrValue::Str(parent.to_string())),
+                    ],
+                    None,
+                );
+            }
+        }
+    }
 }

@@ -8,6 +8,7 @@
 //! durable here. A root drains its outbox to local subscribers; any other
 //! node forwards it further up.
 
+use holdfast_model::trace;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -347,6 +348,10 @@ async fn lane(
             |ids| ids.into_iter().map(Some).collect(),
         );
         let mut records = Vec::with_capacity(received.records.len());
+        // Traced messages: a receive span each, from the batch's arrival to
+        // its append; the stored message hangs under it.
+        let arrived_ns = trace::now_ns();
+        let mut traced: Vec<(trace::Started, holdfast_model::MessageId)> = Vec::new();
         for (raw, id) in received.records.into_iter().zip(ids) {
             let record = match Record::decode_shared(&raw) {
                 Ok(r) if r.message.origin.is_some() => r,
@@ -362,6 +367,16 @@ async fn lane(
                 let m = Arc::make_mut(&mut message);
                 m.source.path.push(child.to_string());
                 m.delivered_locally = false;
+                if let Some(t) = trace::tracer()
+                    && let Some(c) = trace::TraceContext::of(&m.properties).filter(|c| c.sampled())
+                {
+                    let mut span = trace::Started::new(t, c, false);
+                    span.start_ns = arrived_ns;
+                    trace::set_parent(&mut m.properties, &c, span.span_id);
+                    if let Some(origin) = m.origin {
+                        traced.push((span, origin));
+                    }
+                }
             }
             match ctx
                 .outbox
@@ -382,7 +397,25 @@ async fn lane(
             records,
         };
         let pending = match ctx.outbox.submit_from(batch) {
-            Ok(rx) => (n, rx),
+            Ok(rx) => {
+                if let Some(t) = trace::tracer() {
+                    for (span, origin) in traced {
+                        span.finish(
+                            t,
+                            "receive",
+                            trace::SpanKind::Server,
+                            vec![
+                                ("holdfast.node", trace::AttrValue::Str(t.node.clone())),
+                                ("holdfast.child", trace::AttrValue::Str(child.to_string())),
+                                ("holdfast.lane", trace::AttrValue::Int(i64::from(lane))),
+                                ("holdfast.origin_id", trace::AttrValue::Str(origin.to_string())),
+                            ],
+                            None,
+                        );
+                    }
+                }
+                (n, rx)
+            }
             Err(e) => {
                 tracing::warn!(child = %child, lane, error = %e, "link: outbox refused a child's batch");
                 refused(&ctx, "full");

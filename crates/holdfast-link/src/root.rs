@@ -8,6 +8,7 @@
 //! consumers: their queues are written through to the `sessions` space
 //! before the message leaves the outbox.
 
+use holdfast_model::trace;
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -64,8 +65,25 @@ pub async fn run(
                 .record
                 .ttl_ms
                 .saturating_sub(now.saturating_sub(item.record.enqueued_clock_ms));
+            let span = trace::tracer().and_then(|t| {
+                let c = trace::TraceContext::of(&m.properties).filter(|c| c.sampled())?;
+                Some((t, trace::Started::new(t, c, false)))
+            });
             let backlog = local.deliver(to_local(m, origin_id(item), Some(left)));
             count("delivered", 1);
+            if let Some((t, span)) = span {
+                span.finish(
+                    t,
+                    "deliver",
+                    trace::SpanKind::Consumer,
+                    vec![
+                        ("holdfast.node", trace::AttrValue::Str(t.node.clone())),
+                        ("messaging.destination.name", trace::AttrValue::Str(m.topic.clone())),
+                        ("holdfast.path", trace::AttrValue::Str(m.source.path.join("/"))),
+                    ],
+                    None,
+                );
+            }
             if backlog > 256 {
                 // A connected subscriber is behind: let it catch up.
                 tokio::time::sleep(std::time::Duration::from_millis(1)).await;

@@ -3,7 +3,8 @@
 //! The types the gateway's crates share, owned by the host rather than by
 //! the plugin contract: a [`Message`] and its [`MessageId`] and [`Source`],
 //! an [`Identity`] and the [`IdentityDirectory`] the auth policy reads, and
-//! the [`ports`] through which the link reaches the rest of the node, and
+//! the [`ports`] through which the link reaches the rest of the node, the
+//! [`trace`] context and spans of traced messages, and
 //! the few helpers every crate needs (wall clock, randomness, calendar
 //! arithmetic, a poison-ignoring lock, live limits).
 //!
@@ -20,6 +21,7 @@ pub mod policy;
 pub mod ports;
 pub mod sys;
 pub mod time;
+pub mod trace;
 
 pub use content::{CachePlan, ContentClass, ContentDecision, ContentPolicy, RequestHead};
 pub use hop::{HopId, HopMarks};
