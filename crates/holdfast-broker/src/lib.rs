@@ -79,6 +79,55 @@ pub struct Routed {
     /// The deepest queue of a connected subscriber the message went to; the
     /// publisher's connection slows down when it is deep.
     pub backlog: usize,
+    /// A traced message's store span, ended when the appends are durable
+    /// (or when dropped, for a publisher that does not wait).
+    pub store_span: Option<StoreSpan>,
+}
+
+/// The store span of a traced message (`holdfast_model::trace`): it ends
+/// when [`StoreSpan::finish`] is called with the append's outcome, or when
+/// it is dropped unfinished.
+#[derive(Debug)]
+pub struct StoreSpan(
+    Option<(
+        &'static holdfast_model::trace::Tracer,
+        holdfast_model::trace::Started,
+        u8,
+    )>,
+);
+
+impl StoreSpan {
+    pub(crate) fn new(
+        tracer: &'static holdfast_model::trace::Tracer,
+        span: holdfast_model::trace::Started,
+        lane: u8,
+    ) -> StoreSpan {
+        StoreSpan(Some((tracer, span, lane)))
+    }
+
+    /// Ends it: the appends finished with MQTT reason `code` (0x80 and up: failed).
+    pub fn finish(mut self, code: u8) {
+        self.end(code);
+    }
+
+    fn end(&mut self, code: u8) {
+        use holdfast_model::trace::{AttrValue, SpanKind};
+        if let Some((tracer, span, lane)) = self.0.take() {
+            span.finish(
+                tracer,
+                "store",
+                SpanKind::Internal,
+                vec![("holdfast.lane", AttrValue::Int(i64::from(lane)))],
+                (code >= 0x80).then(|| format!("the append failed with reason code 0x{code:02x}")),
+            );
+        }
+    }
+}
+
+impl Drop for StoreSpan {
+    fn drop(&mut self) {
+        self.end(0);
+    }
 }
 
 /// Resolves once a message a [`Dialect`] took for a device is stored (the

@@ -11,11 +11,9 @@ use std::time::Duration;
 
 use holdfast_model::policy::{Action, Policy, RouteOutcome};
 use holdfast_model::trace::{self, AttrValue, SpanKind, Started, Tracer};
-use holdfast_model::{Message, MessageId, Source};
+use holdfast_model::{Message, Source};
 use holdfast_mqtt::topic;
-use holdfast_outbox::AppendError;
 use holdfast_outbox::Outbox;
-use tokio::sync::oneshot;
 
 use crate::metrics::BrokerMetrics;
 use crate::retained::Retained;
@@ -138,11 +136,12 @@ impl Router {
                             match self.outbox.submit(u.lane, m, ttl) {
                                 Ok(rx) => {
                                     self.metrics.routed_upstream();
-                                    let store = trace.as_mut().and_then(|t| Some((t.tracer, t.store.take()?)));
-                                    routed.waits.push(match store {
-                                        Some((tracer, span)) => traced_store(rx, tracer, span, u.lane),
-                                        None => rx,
-                                    });
+                                    if let Some(t) = trace.as_mut()
+                                        && let Some(span) = t.store.take()
+                                    {
+                                        routed.store_span = Some(crate::StoreSpan::new(t.tracer, span, u.lane));
+                                    }
+                                    routed.waits.push(rx);
                                 }
                                 Err(e) => {
                                     tracing::debug!(error = %e, "outbox refused a message");
@@ -421,41 +420,6 @@ fn decision(outcome: &RouteOutcome) -> String {
         RouteOutcome::DeadLetter(reason) => format!("dead-letter: {reason}"),
         RouteOutcome::Drop(reason) => format!("router failed, dropped: {reason}"),
     }
-}
-
-/// The append's answer, once the store span is recorded: it ends when the
-/// message is durable (or the append failed).
-fn traced_store(
-    rx: oneshot::Receiver<Result<MessageId, AppendError>>,
-    tracer: &'static Tracer,
-    span: Started,
-    lane: u8,
-) -> oneshot::Receiver<Result<MessageId, AppendError>> {
-    let attrs = move |id: Option<&MessageId>| {
-        let mut a = vec![("holdfast.lane", AttrValue::Int(i64::from(lane)))];
-        if let Some(id) = id {
-            a.push(("holdfast.message_id", AttrValue::Str(id.to_string())));
-        }
-        a
-    };
-    let Ok(handle) = tokio::runtime::Handle::try_current() else {
-        span.finish(tracer, "store", SpanKind::Internal, attrs(None), None);
-        return rx;
-    };
-    let (tx, out) = oneshot::channel();
-    handle.spawn(async move {
-        let answer = rx.await;
-        let (id, error) = match &answer {
-            Ok(Ok(id)) => (Some(*id), None),
-            Ok(Err(e)) => (None, Some(e.to_string())),
-            Err(_) => (None, Some("the outbox closed".to_string())),
-        };
-        span.finish(tracer, "store", SpanKind::Internal, attrs(id.as_ref()), error);
-        if let Ok(a) = answer {
-            let _ = tx.send(a);
-        }
-    });
-    out
 }
 
 fn plugin_message(msg: &Msg, principal: Option<&str>) -> Message {

@@ -423,17 +423,8 @@ impl Session {
                 Packet::PubAck(a) => {
                     let Some(id) = inflight.remove(&a.pkid) else { continue };
                     if let (Some(span), Some(t)) = (traced.remove(&a.pkid), trace::tracer()) {
-                        span.finish(
-                            t,
-                            "send",
-                            trace::SpanKind::Producer,
-                            vec![
-                                ("holdfast.lane", trace::AttrValue::Int(i64::from(id.lane))),
-                                ("holdfast.message_id", trace::AttrValue::Str(id.to_string())),
-                                ("holdfast.broker", trace::AttrValue::Str(ctx.target())),
-                            ],
-                            (a.code >= 0x80).then(|| format!("PUBACK 0x{:02x}", a.code)),
-                        );
+                        let error = (a.code >= 0x80).then(|| format!("PUBACK 0x{:02x}", a.code));
+                        trace::finish_send(t, span, id, "holdfast.broker", ctx.target(), error);
                     }
                     match a.code {
                         c if c < 0x80 => acked.push(id),

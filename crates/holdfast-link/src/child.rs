@@ -453,17 +453,7 @@ impl Sending {
         let Some(t) = trace::tracer() else { return };
         for id in ids {
             if let Some(span) = self.0.remove(id) {
-                span.finish(
-                    t,
-                    "send",
-                    trace::SpanKind::Producer,
-                    vec![
-                        ("holdfast.lane", trace::AttrValue::Int(i64::from(id.lane))),
-                        ("holdfast.message_id", trace::AttrValue::Str(id.to_string())),
-                        ("holdfast.parent", trace::AttrValue::Str(parent.to_string())),
-                    ],
-                    None,
-                );
+                trace::finish_send(t, span, *id, "holdfast.parent", parent.to_string(), None);
             }
         }
     }

@@ -45,7 +45,13 @@ fn hex_into(s: &str, out: &mut [u8]) -> Option<()> {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    s
 }
 
 impl TraceContext {
@@ -85,7 +91,14 @@ impl TraceContext {
 
     /// The `traceparent` value for a child hanging under `span`.
     pub fn header_for(&self, span: [u8; 8]) -> String {
-        format!("00-{}-{}-{:02x}", hex(&self.trace_id), hex(&span), self.flags)
+        let mut s = String::with_capacity(55);
+        s.push_str("00-");
+        s.push_str(&hex(&self.trace_id));
+        s.push('-');
+        s.push_str(&hex(&span));
+        s.push('-');
+        s.push_str(&hex(&[self.flags]));
+        s
     }
 
     /// The trace id in hex.
@@ -358,6 +371,29 @@ impl Started {
             error,
         });
     }
+}
+
+/// Ends the send span of message `id` at its acknowledgement by `peer`
+/// (`peer_key`: `holdfast.parent` or `holdfast.broker`).
+pub fn finish_send(
+    tracer: &Tracer,
+    span: Started,
+    id: crate::MessageId,
+    peer_key: &'static str,
+    peer: String,
+    error: Option<String>,
+) {
+    span.finish(
+        tracer,
+        "send",
+        SpanKind::Producer,
+        vec![
+            ("holdfast.lane", AttrValue::Int(i64::from(id.lane))),
+            ("holdfast.message_id", AttrValue::Str(id.to_string())),
+            (peer_key, AttrValue::Str(peer)),
+        ],
+        error,
+    );
 }
 
 #[cfg(test)]

@@ -16,6 +16,8 @@ pub(super) struct PendingAck {
     pub(super) waits: Vec<oneshot::Receiver<Result<MessageId, AppendError>>>,
     /// The reason code so far (a refusal, or the first failed append's).
     pub(super) code: u8,
+    /// A traced message's store span, ended with the appends.
+    pub(super) span: Option<crate::StoreSpan>,
 }
 
 impl PendingAck {
@@ -30,6 +32,9 @@ impl PendingAck {
             }
             self.waits.pop();
         }
+        if let Some(span) = self.span.take() {
+            span.finish(self.code);
+        }
         Some(self.code)
     }
 
@@ -43,6 +48,9 @@ impl PendingAck {
                 Poll::Pending => return Poll::Pending,
             }
             self.waits.pop();
+        }
+        if let Some(span) = self.span.take() {
+            span.finish(self.code);
         }
         Poll::Ready(self.code)
     }

@@ -277,6 +277,7 @@ impl Client {
             waits,
             refusal,
             backlog,
+            store_span,
         } = broker.router.route(&msg, principal.as_deref());
         if backlog > BACKPRESSURE_DEPTH {
             self.paused_until = Some(Instant::now() + BACKPRESSURE_PAUSE);
@@ -293,6 +294,7 @@ impl Client {
             qos: p.qos,
             waits,
             code,
+            span: store_span,
         });
         None
     }
