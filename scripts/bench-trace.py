@@ -12,6 +12,8 @@ PUBACK after the group commit's fdatasync) against one node, three ways:
              server on the same 2 cores, takes CPU from the node).
   100 %, away  every message traced, the endpoint refusing connections: the cost
              of recording alone (the export backs off; the ring drops the oldest).
+  no hooks   with --baseline BINARY: a build without the trace hooks, to show
+             what `off` costs.
 
     python3 scripts/bench-trace.py [--rounds 3] [--duration 10] [--quick]
 
@@ -55,7 +57,7 @@ class Sink(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def start(workdir, name, trace):
+def start(workdir, name, trace, binary=None):
     port, admin = bm.free_port(), bm.free_port()
     data = os.path.join(workdir, name + "-data")
     conf = os.path.join(workdir, name + ".toml")
@@ -70,7 +72,7 @@ def start(workdir, name, trace):
             + trace
         )
     log = open(os.path.join(workdir, name + ".log"), "w")
-    proc = subprocess.Popen([bm.HOLDFAST, "run", "--config", conf], stdout=log, stderr=log,
+    proc = subprocess.Popen([binary or bm.HOLDFAST, "run", "--config", conf], stdout=log, stderr=log,
                             env=dict(os.environ, RUST_LOG="warn"), preexec_fn=bm.raise_nofile)
     b = bm.Broker.__new__(bm.Broker)
     b.name, b.port, b.proc, b.log = name, port, proc, log
@@ -91,6 +93,9 @@ def main():
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="1 round of 3 s")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--baseline", metavar="BINARY",
+                    help="also run this holdfast binary (e.g. a release build of the commit before the trace hooks), "
+                         "with no [trace] section: the cost of the hooks when tracing is off")
     a = ap.parse_args()
     if a.quick:
         a.rounds, a.duration = 1, 3
@@ -105,6 +110,7 @@ def main():
     away = f'[trace]\nenabled = true\nendpoint = "http://127.0.0.1:{bm.free_port()}/v1/traces"\n'
     cases = [
         ("off", ""),
+    ] + ([("no hooks", "")] if a.baseline else []) + [
         ("on, 0 %", on + "sample_ratio = 0.0\n"),
         ("on, 1 %", on + "sample_ratio = 0.01\n"),
         ("on, 100 %", on + "sample_ratio = 1.0\nmax_spans = 100000\n"),
@@ -117,13 +123,13 @@ def main():
     with tempfile.TemporaryDirectory() as work:
         for r in range(a.rounds):
             for i, (case, trace) in enumerate(cases):
-                node = start(work, f"n{r}{i}", trace)
+                node = start(work, f"n{r}{i}", trace, a.baseline if case == "no hooks" else None)
                 try:
                     res = bm.bench(node.port, ["--publishers", "32", "--subscribers", "0", "--qos", "1",
                                                "--payload", "256", "--duration", str(a.duration), "--warmup", "2"])
                     time.sleep(2)
-                    exported = metric(node.admin, 'holdfast_trace_spans_total{result="exported"}')
-                    dropped = metric(node.admin, 'holdfast_trace_spans_total{result="dropped"}')
+                    exported = metric(node.admin, 'holdfast_trace_spans_total{result="exported"}') if trace else 0
+                    dropped = metric(node.admin, 'holdfast_trace_spans_total{result="dropped"}') if trace else 0
                 finally:
                     node.stop()
                 rates[case].append(res["publish"]["throughput_per_s"])
