@@ -21,6 +21,11 @@ pub const LINK_CUT: u8 = 2;
 /// the target's still reach the client (a child's acknowledgements are lost,
 /// its parent's messages arrive). TCP data is discarded both ways.
 pub const LINK_BLACKHOLE_UP: u8 = 3;
+/// UDP datagrams from the target toward the client are read and discarded;
+/// the client's still reach the target (a child's batches arrive and are
+/// stored, its parent's acknowledgements are lost). TCP data is discarded
+/// both ways.
+pub const LINK_BLACKHOLE_DOWN: u8 = 4;
 
 /// Longest delay or flap phase accepted, in milliseconds (one hour).
 const MAX_MS: u64 = 3_600_000;
@@ -32,6 +37,7 @@ pub enum Mode {
     Cut,
     Blackhole,
     BlackholeUp,
+    BlackholeDown,
     Flap { up_ms: u64, down_ms: u64 },
 }
 
@@ -42,6 +48,7 @@ impl Mode {
             Mode::Cut => "cut",
             Mode::Blackhole => "blackhole",
             Mode::BlackholeUp => "blackhole-up",
+            Mode::BlackholeDown => "blackhole-down",
             Mode::Flap { .. } => "flap",
         }
     }
@@ -132,6 +139,7 @@ impl Link {
         match self.state() {
             LINK_UP => true,
             LINK_BLACKHOLE_UP => !toward_target,
+            LINK_BLACKHOLE_DOWN => toward_target,
             _ => false,
         }
     }
@@ -168,6 +176,7 @@ impl Link {
             ("cut", []) => self.set_mode(Mode::Cut),
             ("blackhole", []) => self.set_mode(Mode::Blackhole),
             ("blackhole-up", []) => self.set_mode(Mode::BlackholeUp),
+            ("blackhole-down", []) => self.set_mode(Mode::BlackholeDown),
             ("stats", []) => return self.stats_json(),
             ("delay", [ms]) => match parse_ms(ms, 0) {
                 Ok(ms) => {
@@ -180,7 +189,9 @@ impl Link {
                 (Ok(up_ms), Ok(down_ms)) => self.set_mode(Mode::Flap { up_ms, down_ms }),
                 (Err(e), _) | (_, Err(e)) => return e,
             },
-            ("up" | "cut" | "blackhole" | "blackhole-up" | "stats", _) => return format!("error usage: {cmd}"),
+            ("up" | "cut" | "blackhole" | "blackhole-up" | "blackhole-down" | "stats", _) => {
+                return format!("error usage: {cmd}");
+            }
             ("delay", _) => return "error usage: delay <ms>".to_owned(),
             ("flap", _) => return "error usage: flap <up_ms> <down_ms>".to_owned(),
             _ => return "error unknown command".to_owned(),
@@ -199,6 +210,7 @@ impl Link {
             Mode::Up => self.state.store(LINK_UP, Ordering::SeqCst),
             Mode::Blackhole => self.state.store(LINK_BLACKHOLE, Ordering::SeqCst),
             Mode::BlackholeUp => self.state.store(LINK_BLACKHOLE_UP, Ordering::SeqCst),
+            Mode::BlackholeDown => self.state.store(LINK_BLACKHOLE_DOWN, Ordering::SeqCst),
             Mode::Cut => {
                 // Order matters: the state first, so that a UDP listener that takes its table
                 // lock after the table is cleared sees the cut and makes no new mapping, and a

@@ -20,6 +20,8 @@
 //! - `blackhole`: silently discard all data, but keep UDP mappings and TCP connections.
 //! - `blackhole-up`: discard the client's UDP datagrams toward the target, keep forwarding
 //!   the target's to the client (the child's acknowledgements are lost); TCP as `blackhole`.
+//! - `blackhole-down`: the other way round: the client's datagrams reach the target, the
+//!   target's are discarded (a child's batches are stored, its parent's acks are lost).
 //! - `flap <up_ms> <down_ms>`: alternate between up and blackhole, starting up, until the
 //!   next mode command.
 //!
@@ -55,7 +57,7 @@ struct Args {
     /// Forward TCP connections accepted at LISTEN to TARGET (repeatable; LISTEN may use port 0).
     #[arg(long = "tcp", value_name = "LISTEN=TARGET", value_parser = parse_mapping)]
     tcp: Vec<Mapping>,
-    /// Address of the control listener (line protocol: up, cut, blackhole, blackhole-up, delay, flap, stats).
+    /// Address of the control listener (line protocol: up, cut, blackhole, blackhole-up, blackhole-down, delay, flap, stats).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
     control: String,
 }
