@@ -44,6 +44,11 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
+# The JetStream upstream's tests start a three-node cluster of nats-server.
+if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
+fi
 # promtool checks and unit-tests the example alert rules (packaging/prometheus/).
 if ! command -v promtool >/dev/null 2>&1; then
     as_root apt-get update -qq

@@ -409,10 +409,33 @@ impl Config {
                     ));
                 }
             }
+            UpstreamKind::Nats => {
+                u.nats.validate().map_err(|(k, why)| ConfigError::key(k, why))?;
+                let n = &u.nats;
+                let tls = n.tls || n.urls().iter().any(|s| s.starts_with("tls://"));
+                if tls && n.ca.is_none() && f.ca.is_none() {
+                    return Err(ConfigError::key("upstream.nats.ca", "is required with TLS"));
+                }
+                if !n.c2d.add_prefix.is_empty() && !holdfast_mqtt::topic::valid_name(&n.c2d.add_prefix) {
+                    return Err(ConfigError::key(
+                        "upstream.nats.c2d.add_prefix",
+                        "is not a valid topic prefix",
+                    ));
+                }
+            }
             UpstreamKind::Mqtt => {
                 let m = &u.mqtt;
-                if m.host.is_empty() {
-                    return Err(ConfigError::key("upstream.mqtt.host", "is required"));
+                if m.host.is_empty() && m.servers.is_empty() {
+                    return Err(ConfigError::key(
+                        "upstream.mqtt.host",
+                        "is required (or upstream.mqtt.servers)",
+                    ));
+                }
+                if let Some(i) = m.servers.iter().position(|s| s.trim().is_empty() || s.contains("://")) {
+                    return Err(ConfigError::key(
+                        format!("upstream.mqtt.servers[{i}]"),
+                        "must be host or host:port",
+                    ));
                 }
                 if m.inflight == 0 {
                     return Err(ConfigError::key("upstream.mqtt.inflight", "must be 1-65535"));

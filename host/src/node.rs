@@ -563,7 +563,7 @@ fn start_link(
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> Result<Option<SocketAddr>, StartError> {
     use crate::config::UpstreamKind;
-    use holdfast_link::{Services, bridge, child, parent, root};
+    use holdfast_link::{Services, bridge, child, nats, parent, root};
     use holdfast_model::ports::{LinkService, LocalDelivery};
     // The services the link carries, each run by its own crate.
     let scope: Arc<dyn LinkService> = Arc::new(holdfast_registry::ScopeSync::new(
@@ -631,8 +631,17 @@ fn start_link(
                 local,
                 tls: bridge::tls_connector(config.link_sections())?,
             };
-            tracing::info!(broker = %format!("{}:{}", config.upstream.mqtt.host, config.upstream.mqtt.port), "upstream: MQTT bridge");
+            tracing::info!(brokers = %config.upstream.mqtt.targets().join(","), "upstream: MQTT bridge");
             tasks.push(tokio::spawn(bridge::run(bridge, stop)));
+        }
+        UpstreamKind::Nats => {
+            let upstream = nats::Nats {
+                link: ctx,
+                local,
+                tls: nats::tls_config(config.link_sections())?,
+            };
+            tracing::info!(servers = %config.upstream.nats.servers.join(","), stream = %config.upstream.nats.stream, "upstream: NATS JetStream");
+            tasks.push(tokio::spawn(nats::run(upstream, stop)));
         }
     }
     Ok(listen)

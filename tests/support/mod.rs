@@ -16,6 +16,7 @@ pub mod delivery;
 pub mod device;
 pub mod fleet;
 pub mod mosquitto;
+pub mod nats;
 pub mod origin;
 pub mod powercut;
 pub mod proxy;

@@ -43,16 +43,14 @@ pub struct Bridge {
     /// Local delivery for `in` mappings.
     pub local: Option<Arc<dyn LocalDelivery>>,
     /// TLS, when configured.
-    pub tls: Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>,
+    pub tls: Option<tokio_rustls::TlsConnector>,
 }
 
 /// Builds the TLS connector of the bridge, if `tls = true`.
 ///
 /// # Errors
 /// Unusable certificates or keys, or a bad server name.
-pub fn tls_connector(
-    config: Sections<'_>,
-) -> Result<Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>, LinkError> {
+pub fn tls_connector(config: Sections<'_>) -> Result<Option<tokio_rustls::TlsConnector>, LinkError> {
     let b = &config.upstream.mqtt;
     if !b.tls {
         return Ok(None);
@@ -71,10 +69,25 @@ pub fn tls_connector(
             .map_err(|e| LinkError::Tls(e.to_string()))?,
         _ => builder.with_no_client_auth(),
     };
-    let name = b.server_name.clone().unwrap_or_else(|| b.host.clone());
-    let name = rustls::pki_types::ServerName::try_from(name.clone())
-        .map_err(|_| LinkError::Tls(format!("{name:?} is not a valid TLS server name")))?;
-    Ok(Some((tokio_rustls::TlsConnector::from(Arc::new(tls)), name)))
+    // Every server's name must be usable before the first attempt.
+    for target in b.targets() {
+        server_name(b, &target)?;
+    }
+    Ok(Some(tokio_rustls::TlsConnector::from(Arc::new(tls))))
+}
+
+/// The name expected in the certificate of the broker at `target`
+/// (`host:port`): `server_name`, else its host.
+fn server_name(b: &BridgeConfig, target: &str) -> Result<rustls::pki_types::ServerName<'static>, LinkError> {
+    let name = b.server_name.clone().unwrap_or_else(|| host_of(target).to_string());
+    rustls::pki_types::ServerName::try_from(name.clone())
+        .map_err(|_| LinkError::Tls(format!("{name:?} is not a valid TLS server name")))
+}
+
+/// The host of `host:port` (`[v6]:port` without its brackets).
+pub(crate) fn host_of(target: &str) -> &str {
+    let host = target.rsplit_once(':').map_or(target, |(h, _)| h);
+    host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
 }
 
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -93,16 +106,20 @@ impl Upstream for Bridge {
         &self.link
     }
 
-    fn target(&self) -> String {
-        format!("{}:{}", self.link.config.mqtt.host, self.link.config.mqtt.port)
+    fn targets(&self) -> Vec<String> {
+        self.link.config.mqtt.targets()
+    }
+
+    fn failback(&self) -> bool {
+        !self.link.config.mqtt.round_robin
     }
 
     fn probe(&self) -> Probe {
         Probe::Tcp
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<Session, Ended> {
-        connect(self, addr).await
+    async fn connect(&self, target: &str, addr: SocketAddr) -> Result<Session, Ended> {
+        connect(self, target, addr).await
     }
 
     async fn serve(&self, session: Session, stop: &mut watch::Receiver<bool>) -> Ended {
@@ -127,7 +144,7 @@ pub(crate) struct Session {
     rbuf: BytesMut,
 }
 
-async fn connect(ctx: &Bridge, addr: SocketAddr) -> Result<Session, Ended> {
+async fn connect(ctx: &Bridge, target: &str, addr: SocketAddr) -> Result<Session, Ended> {
     let m = &ctx.link.metrics;
     let result = |r: &'static str| {
         m.link_connects.get_or_create(&ResultLabels { result: r }).inc();
@@ -145,9 +162,16 @@ async fn connect(ctx: &Bridge, addr: SocketAddr) -> Result<Session, Ended> {
     let _ = tcp.set_nodelay(true);
     let mut stream: Box<dyn Stream> = match &ctx.tls {
         None => Box::new(tcp),
-        Some((connector, name)) => {
+        Some(connector) => {
+            let name = match server_name(b, target) {
+                Ok(n) => n,
+                Err(e) => {
+                    result("tls");
+                    return Err(Ended::Refused(e.to_string()));
+                }
+            };
             let timed_out = || "TLS handshake timed out".to_string();
-            match within(timeout, &result, timed_out, connector.connect(name.clone(), tcp)).await? {
+            match within(timeout, &result, timed_out, connector.connect(name, tcp)).await? {
                 Ok(s) => Box::new(s),
                 Err(e) => {
                     result("tls");
@@ -265,7 +289,7 @@ async fn connect(ctx: &Bridge, addr: SocketAddr) -> Result<Session, Ended> {
         }
     }
     result("ok");
-    tracing::info!(%addr, window, "bridge up");
+    tracing::info!(%target, %addr, window, "bridge up");
     ctx.link.status.update(|s| s.window = window);
     Ok(session)
 }
@@ -424,7 +448,8 @@ impl Session {
                     let Some(id) = inflight.remove(&a.pkid) else { continue };
                     if let (Some(span), Some(t)) = (traced.remove(&a.pkid), trace::tracer()) {
                         let error = (a.code >= 0x80).then(|| format!("PUBACK 0x{:02x}", a.code));
-                        trace::finish_send(t, span, id, "holdfast.broker", ctx.target(), error);
+                        let target = ctx.link.status.snapshot().target;
+                        trace::finish_send(t, span, id, "holdfast.broker", target, error);
                     }
                     match a.code {
                         c if c < 0x80 => acked.push(id),

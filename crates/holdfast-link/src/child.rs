@@ -76,15 +76,15 @@ impl Upstream for Quic {
         &self.ctx
     }
 
-    fn target(&self) -> String {
-        self.ctx.config.quic.parent.clone()
+    fn targets(&self) -> Vec<String> {
+        vec![self.ctx.config.quic.parent.clone()]
     }
 
     fn probe(&self) -> Probe {
         Probe::Quic
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<Session, Ended> {
+    async fn connect(&self, _target: &str, addr: SocketAddr) -> Result<Session, Ended> {
         connect(&self.ctx, &self.endpoint, addr).await
     }
 

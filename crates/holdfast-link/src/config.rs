@@ -74,13 +74,16 @@ pub enum UpstreamKind {
     Quic,
     /// Any MQTT broker through the bridge (`[upstream.mqtt]`).
     Mqtt,
+    /// A NATS JetStream stream (`[upstream.nats]`), exactly once through
+    /// its de-duplication window.
+    Nats,
 }
 
 /// `[upstream]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
-    /// `none` (root), `quic` or `mqtt`. Default `none`.
+    /// `none` (root), `quic`, `mqtt` or `nats`. Default `none`.
     pub kind: UpstreamKind,
     /// Messages sent per batch. Default 512.
     pub batch_messages: usize,
@@ -113,6 +116,8 @@ pub struct UpstreamConfig {
     pub quic: UpstreamQuicConfig,
     /// `[upstream.mqtt]`
     pub mqtt: BridgeConfig,
+    /// `[upstream.nats]`
+    pub nats: crate::nats::NatsConfig,
 }
 
 impl Default for UpstreamConfig {
@@ -131,6 +136,7 @@ impl Default for UpstreamConfig {
             max_bytes_per_second: 0,
             quic: UpstreamQuicConfig::default(),
             mqtt: BridgeConfig::default(),
+            nats: crate::nats::NatsConfig::default(),
         }
     }
 }
@@ -180,6 +186,15 @@ pub struct BridgeConfig {
     pub host: String,
     /// Broker port. Default 1883 (8883 is usual with TLS).
     pub port: u16,
+    /// Several brokers of a cluster, `host:port` each (`host` alone takes
+    /// `port`); when set, `host` is not used. A broker that cannot be
+    /// reached or drops the bridge is followed by the next in the list;
+    /// back-off starts only when all of them failed in turn.
+    pub servers: Vec<String>,
+    /// `false`: the first server is the main one; while connected to
+    /// another, the bridge probes it and goes back to it when it answers.
+    /// `true`: the servers are equals, taken in turn. Default false.
+    pub round_robin: bool,
     /// `"3.1.1"` or `"5"`. Default `"5"`.
     pub protocol: BridgeProtocol,
     /// Client id. Default: `node.id`.
@@ -220,6 +235,8 @@ impl Default for BridgeConfig {
         BridgeConfig {
             host: String::new(),
             port: 1883,
+            servers: Vec::new(),
+            round_robin: false,
             protocol: BridgeProtocol::V5,
             client_id: None,
             username: None,
@@ -236,6 +253,30 @@ impl Default for BridgeConfig {
             add_prefix: String::new(),
             inbound: Vec::new(),
         }
+    }
+}
+
+impl BridgeConfig {
+    /// The brokers as `host:port`, in order: `servers`, or `host:port`.
+    pub fn targets(&self) -> Vec<String> {
+        if self.servers.is_empty() {
+            return vec![format!("{}:{}", self.host, self.port)];
+        }
+        self.servers.iter().map(|s| with_port(s, self.port)).collect()
+    }
+}
+
+/// `host:port` from `host` or `host:port` (`[v6]:port` too).
+pub(crate) fn with_port(server: &str, port: u16) -> String {
+    let bracketed_v6 = server.starts_with('[') && server.ends_with(']');
+    let has_port = !bracketed_v6
+        && server
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    if has_port {
+        server.to_string()
+    } else {
+        format!("{server}:{port}")
     }
 }
 

@@ -8,7 +8,10 @@
 //!   batches with cumulative acks).
 //! - [`parent`]: the QUIC listener children connect to. Every message is
 //!   stored in this node's outbox before the child is acknowledged.
-//! - [`bridge`]: MQTT to any broker, QoS 1 with an in-flight window.
+//! - [`bridge`]: MQTT to any broker (a list of them, with failover), QoS 1
+//!   with an in-flight window.
+//! - [`nats`]: a NATS JetStream stream, exactly once through its
+//!   de-duplication window; cloud-to-device from a durable consumer.
 //! - [`streams`]: the service streams of a connection (scope sync, twins
 //!   and methods, deployments), run by the crates that own those services
 //!   through the [`LinkService`](holdfast_model::ports::LinkService) port.
@@ -27,6 +30,7 @@ pub mod bridge;
 pub mod child;
 pub mod config;
 mod metrics;
+pub mod nats;
 pub mod parent;
 pub mod rate;
 pub mod reconnect;
@@ -140,7 +144,7 @@ pub struct ChildInfo {
 /// What the admin API shows about the link.
 #[derive(Debug, Clone, Serialize)]
 pub struct LinkStatus {
-    /// `none` (root), `quic` or `mqtt`.
+    /// `none` (root), `quic`, `mqtt` or `nats`.
     pub kind: &'static str,
     /// The parent or broker address.
     pub target: String,
@@ -182,11 +186,8 @@ impl Status {
         let (kind, target, state) = match config.upstream.kind {
             UpstreamKind::None => ("none", String::new(), LinkState::Root),
             UpstreamKind::Quic => ("quic", config.upstream.quic.parent.clone(), LinkState::Connecting),
-            UpstreamKind::Mqtt => (
-                "mqtt",
-                format!("{}:{}", config.upstream.mqtt.host, config.upstream.mqtt.port),
-                LinkState::Connecting,
-            ),
+            UpstreamKind::Mqtt => ("mqtt", config.upstream.mqtt.targets().join(","), LinkState::Connecting),
+            UpstreamKind::Nats => ("nats", config.upstream.nats.targets().join(","), LinkState::Connecting),
         };
         Status(Mutex::new(LinkStatus {
             kind,

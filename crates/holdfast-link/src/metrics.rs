@@ -39,6 +39,15 @@ pub struct LinkMetrics {
     /// `holdfast_link_root_messages_total{result}`: what a root did with messages
     /// reaching its outbox (delivered, already-delivered, no-broker).
     pub(crate) link_root: Family<ResultLabels, Counter>,
+    /// `holdfast_link_upstream_duplicates_total`: sends the upstream recognised
+    /// as duplicates of what it already stored (JetStream's de-duplication).
+    pub(crate) link_duplicates: Counter,
+    /// `holdfast_link_dedup_window_seconds`: the JetStream stream's
+    /// de-duplication window, read at connect.
+    pub(crate) link_dedup_window: Gauge,
+    /// `holdfast_link_c2d_messages_total{result}`: cloud-to-device messages taken
+    /// from the upstream's durable consumer (stored, refused, retried).
+    pub(crate) link_c2d: Family<ResultLabels, Counter>,
 }
 
 impl Default for LinkMetrics {
@@ -125,7 +134,28 @@ impl LinkMetrics {
             "Messages reaching a root's outbox, by what was done with them",
             link_root.clone(),
         );
+        let link_duplicates = Counter::default();
+        registry.register(
+            "link_upstream_duplicates",
+            "Sends the upstream recognised as duplicates of what it had stored (JetStream de-duplication)",
+            link_duplicates.clone(),
+        );
+        let link_dedup_window = Gauge::default();
+        registry.register(
+            "link_dedup_window_seconds",
+            "The JetStream stream's de-duplication window, read at connect",
+            link_dedup_window.clone(),
+        );
+        let link_c2d = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "link_c2d_messages",
+            "Cloud-to-device messages taken from the upstream's durable consumer, by result",
+            link_c2d.clone(),
+        );
         LinkMetrics {
+            link_duplicates,
+            link_dedup_window,
+            link_c2d,
             link_up,
             link_connects,
             link_disconnects,

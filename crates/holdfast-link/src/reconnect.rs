@@ -32,6 +32,8 @@ pub(crate) enum Ended {
     Unreachable(String),
     /// The upstream answered and refused, or failed: back off.
     Refused(String),
+    /// The main server answers again: the session on another one ends.
+    Failback,
     /// Shutting down.
     Stopped,
 }
@@ -61,25 +63,84 @@ pub(crate) enum Probe {
     Tcp,
 }
 
-/// One kind of upstream, as [`drive`] runs it: the QUIC parent link or the
-/// MQTT bridge.
+/// One kind of upstream, as [`drive`] runs it: the QUIC parent link, the
+/// MQTT bridge or JetStream.
 pub(crate) trait Upstream: Send + Sync {
     /// An established connection.
     type Session: Send;
-    /// What both kinds share.
+    /// What every kind shares.
     fn ctx(&self) -> &Ctx;
-    /// `host:port`, resolved again before every attempt.
-    fn target(&self) -> String;
+    /// The servers, `host:port` each, resolved again before every attempt.
+    fn targets(&self) -> Vec<String>;
+    /// True when the first target is the main one: while connected to
+    /// another, it is probed, and the link goes back to it when it answers.
+    fn failback(&self) -> bool {
+        false
+    }
     /// How to probe it.
     fn probe(&self) -> Probe;
-    /// One attempt: connect and handshake.
-    fn connect(&self, addr: SocketAddr) -> impl Future<Output = Result<Self::Session, Ended>> + Send;
+    /// One attempt: connect to `target` (one of [`Upstream::targets`]) at
+    /// `addr`, and handshake.
+    fn connect(&self, target: &str, addr: SocketAddr) -> impl Future<Output = Result<Self::Session, Ended>> + Send;
     /// Drains the outbox over `session` until it ends or `stop`.
     fn serve(&self, session: Self::Session, stop: &mut watch::Receiver<bool>) -> impl Future<Output = Ended> + Send;
 }
 
+/// Which server of the list the next attempt goes to.
+#[derive(Debug)]
+pub(crate) struct Servers {
+    count: usize,
+    next: usize,
+    failed_in_turn: usize,
+    failback: bool,
+}
+
+impl Servers {
+    pub(crate) fn new(count: usize, failback: bool) -> Servers {
+        Servers {
+            count: count.max(1),
+            next: 0,
+            failed_in_turn: 0,
+            failback,
+        }
+    }
+
+    /// The server of the next attempt.
+    pub(crate) fn current(&self) -> usize {
+        self.next
+    }
+
+    /// The attempt at [`Servers::current`] failed, or its session ended:
+    /// the next server is tried. True when every server failed in turn,
+    /// so the link should back off before the next round.
+    pub(crate) fn failed(&mut self) -> bool {
+        self.next = (self.next + 1) % self.count;
+        self.failed_in_turn += 1;
+        if self.failed_in_turn >= self.count {
+            self.failed_in_turn = 0;
+            if self.failback {
+                self.next = 0;
+            }
+            return true;
+        }
+        false
+    }
+
+    /// A session was established at [`Servers::current`].
+    pub(crate) fn connected(&mut self) {
+        self.failed_in_turn = 0;
+    }
+
+    /// Back to the main server (failback).
+    pub(crate) fn back_to_main(&mut self) {
+        self.next = 0;
+        self.failed_in_turn = 0;
+    }
+}
+
 /// Keeps `up` connected until `stop`: resolves, connects, serves, and after
-/// a failure backs off, cut short by a probe answer (when the upstream was
+/// a failure tries the next server; once every server failed in turn it
+/// backs off, cut short by a probe answer (when the upstream was
 /// unreachable) or a network change. Unacknowledged messages return to the
 /// outbox whenever a link ends.
 pub(crate) async fn drive<U: Upstream>(up: &U, stop: &mut watch::Receiver<bool>) {
@@ -93,35 +154,41 @@ pub(crate) async fn drive<U: Upstream>(up: &U, stop: &mut watch::Receiver<bool>)
         Duration::from_millis(ctx.config.backoff_initial_ms),
         Duration::from_millis(ctx.config.backoff_max_ms),
     );
-    let mut probe: Option<tokio::task::JoinHandle<()>> = None;
-    let target = up.target();
+    let mut probe: Option<(SocketAddr, tokio::task::JoinHandle<()>)> = None;
+    let targets = up.targets();
+    let mut servers = Servers::new(targets.len(), up.failback() && targets.len() > 1);
     let woke = |reason| m.link_wakeups.get_or_create(&ReasonLabels { reason }).inc();
+    let probe_interval = Duration::from_millis(ctx.config.probe_interval_ms);
     loop {
         if *stop.borrow() {
             break;
         }
+        let index = servers.current();
+        let target = targets.get(index).cloned().unwrap_or_default();
         ctx.status.set_state(LinkState::Connecting, None);
+        ctx.status.update(|s| s.target.clone_from(&target));
         let addr = match resolve(&target).await {
             Ok(a) => a,
             Err(e) => {
                 m.link_connects.get_or_create(&ResultLabels { result: "resolve" }).inc();
                 ctx.status.set_state(LinkState::Down, Some(e));
-                if wait(&mut backoff, &wake, stop, false, m).await {
+                if servers.failed() && wait(&mut backoff, &wake, stop, false, m).await {
                     break;
                 }
                 continue;
             }
         };
         // While the upstream is unreachable, probe it.
+        if probe.as_ref().is_some_and(|(a, _)| *a != addr)
+            && let Some((_, p)) = probe.take()
+        {
+            p.abort();
+        }
         if probe.is_none() && ctx.config.probe_interval_ms > 0 {
-            let interval = Duration::from_millis(ctx.config.probe_interval_ms);
-            probe = Some(match up.probe() {
-                Probe::Quic => tokio::spawn(probe_quic(addr, interval, wake.clone())),
-                Probe::Tcp => tokio::spawn(probe_tcp(addr, interval, wake.clone())),
-            });
+            probe = Some((addr, spawn_probe(up.probe(), addr, probe_interval, wake.clone())));
         }
         let connected = tokio::select! {
-            c = up.connect(addr) => c,
+            c = up.connect(&target, addr) => c,
             _ = wake.restored.notified() => {
                 woke("probe");
                 tracing::info!(%target, "link: the upstream answers again; reconnecting now");
@@ -137,17 +204,29 @@ pub(crate) async fn drive<U: Upstream>(up: &U, stop: &mut watch::Receiver<bool>)
         let ended = match connected {
             Err(e) => e,
             Ok(session) => {
-                if let Some(p) = probe.take() {
+                if let Some((_, p)) = probe.take() {
                     p.abort();
                 }
+                servers.connected();
                 ctx.status.set_state(LinkState::Up, None);
                 m.link_up.set(1);
                 ctx.outbox.mark_live();
                 let began = tokio::time::Instant::now();
-                let ended = up.serve(session, stop).await;
+                // On a server other than the main one, with failback: go back
+                // to the main one when it answers.
+                let main = (servers.failback && index != 0)
+                    .then(|| targets.first().cloned())
+                    .flatten();
+                let ended = tokio::select! {
+                    e = up.serve(session, stop) => e,
+                    () = main_answers(main, up.probe(), probe_interval.max(Duration::from_millis(500))) => {
+                        Ended::Failback
+                    }
+                };
                 let reason = match &ended {
                     Ended::Unreachable(_) => "lost",
                     Ended::Refused(_) => "closed",
+                    Ended::Failback => "failback",
                     Ended::Stopped => "shutdown",
                 };
                 m.link_disconnects.get_or_create(&ReasonLabels { reason }).inc();
@@ -169,6 +248,11 @@ pub(crate) async fn drive<U: Upstream>(up: &U, stop: &mut watch::Receiver<bool>)
         m.link_up.set(0);
         let probing = match ended {
             Ended::Stopped => break,
+            Ended::Failback => {
+                tracing::info!(main = ?targets.first(), "link: the main server answers again; going back to it");
+                servers.back_to_main();
+                continue;
+            }
             Ended::Unreachable(e) => {
                 ctx.status.set_state(LinkState::Down, Some(e));
                 true
@@ -176,21 +260,48 @@ pub(crate) async fn drive<U: Upstream>(up: &U, stop: &mut watch::Receiver<bool>)
             Ended::Refused(e) => {
                 ctx.status.set_state(LinkState::Down, Some(e));
                 // It answers: probing would tell nothing new.
-                if let Some(p) = probe.take() {
+                if let Some((_, p)) = probe.take() {
                     p.abort();
                 }
                 false
             }
         };
-        if wait(&mut backoff, &wake, stop, probing, m).await {
+        // Another server is tried at once; after a whole round, back off.
+        if servers.failed() && wait(&mut backoff, &wake, stop, probing, m).await {
             break;
         }
     }
-    if let Some(p) = probe {
+    if let Some((_, p)) = probe {
         p.abort();
     }
     m.link_up.set(0);
     ctx.outbox.release_all();
+}
+
+fn spawn_probe(kind: Probe, addr: SocketAddr, interval: Duration, wake: Arc<Wakeups>) -> tokio::task::JoinHandle<()> {
+    match kind {
+        Probe::Quic => tokio::spawn(probe_quic(addr, interval, wake)),
+        Probe::Tcp => tokio::spawn(probe_tcp(addr, interval, wake)),
+    }
+}
+
+/// Resolves when `main` (if any) answers a TCP connect; pending for ever
+/// otherwise (failback is for TCP upstreams: a QUIC parent is one server).
+async fn main_answers(main: Option<String>, kind: Probe, interval: Duration) {
+    let (Some(main), Probe::Tcp) = (main, kind) else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        let Ok(addr) = resolve(&main).await else { continue };
+        let answered = matches!(
+            tokio::time::timeout(interval, tokio::net::TcpStream::connect(addr)).await,
+            Ok(Ok(_))
+        );
+        if answered {
+            return;
+        }
+    }
 }
 
 /// Waits out a back-off delay, or less if woken. True when stopping.

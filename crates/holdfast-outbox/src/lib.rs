@@ -537,6 +537,11 @@ impl Outbox {
         self.lanes.instance()
     }
 
+    /// The time-to-live of a message whose route sets none, ms.
+    pub fn default_ttl_ms(&self) -> u64 {
+        self.limits.default_ttl_ms()
+    }
+
     /// The outbox clock now, ms.
     pub fn clock_ms(&self) -> u64 {
         self.time.now_ms()
