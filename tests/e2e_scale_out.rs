@@ -48,13 +48,17 @@ async fn js_of(urls: &[String]) -> jetstream::Context {
 /// Creates a file stream with three replicas, retrying while the cluster
 /// elects its meta leader.
 async fn create_stream(js: &jetstream::Context, name: &str, subjects: &str) {
+    create_stream_with(js, name, subjects, 3).await;
+}
+
+async fn create_stream_with(js: &jetstream::Context, name: &str, subjects: &str, replicas: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let made = js
             .get_or_create_stream(stream::Config {
                 name: name.to_string(),
                 subjects: vec![subjects.to_string()],
-                num_replicas: 3,
+                num_replicas: replicas,
                 storage: stream::StorageType::File,
                 duplicate_window: Duration::from_secs(7200),
                 ..Default::default()
@@ -410,6 +414,70 @@ fn c2d_round_trip(
         let info = consumer_info();
         info.delivered.stream_sequence == n && info.num_ack_pending == 0
     });
+}
+
+#[test]
+fn tls_and_nkey_authentication_to_the_servers() {
+    let rt = runtime();
+    let certs = fleet(&["localhost"]);
+    let c = certs.path();
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().unwrap();
+    std::fs::write(c.join("user.nk"), format!("{seed}\n")).unwrap();
+    let stranger = nkeys::KeyPair::new_user();
+    std::fs::write(c.join("stranger.nk"), stranger.seed().unwrap()).unwrap();
+    let server = NatsCluster::start_with(
+        1,
+        &format!(
+            "tls {{ cert_file: {:?}, key_file: {:?} }}\nauthorization {{ users = [ {{ nkey: {} }} ] }}",
+            c.join("localhost.pem").display().to_string(),
+            c.join("localhost.key").display().to_string(),
+            user.public_key()
+        ),
+    );
+    let url = format!("tls://localhost:{}", server.nodes[0].port);
+    let js = |seed: String| {
+        let (url, ca) = (url.clone(), c.join("ca.pem"));
+        async move {
+            let client = async_nats::ConnectOptions::with_nkey(seed)
+                .add_root_certificates(ca)
+                .require_tls(true)
+                .connect(url.as_str())
+                .await
+                .unwrap();
+            jetstream::new(client)
+        }
+    };
+    rt.block_on(async { create_stream_with(&js(seed.clone()).await, "HOLDFAST", "holdfast.>", 1).await });
+    let config = |seed_file: &str| {
+        format!(
+            "[upstream]\nkind = \"nats\"\nbackoff_max_ms = 500\n[upstream.nats]\nservers = [{url:?}]\n\
+             ca = {:?}\nnkey_seed = {:?}\n",
+            c.join("ca.pem").display().to_string(),
+            c.join(seed_file).display().to_string()
+        )
+    };
+    let gw = Gateway::start_named("tls-gw", &config("user.nk"));
+    link_up(&gw);
+    let msgs = (0..10).map(|i| ("tele/a".to_string(), format!("5:{i}").into_bytes())).collect();
+    assert_eq!(publish_pipelined(gw.mqtt, "pub", msgs, 10), 10);
+    wait_until(30, "ten messages over TLS", || {
+        rt.block_on(async {
+            let mut s = js(seed.clone()).await.get_stream("HOLDFAST").await.unwrap();
+            s.info().await.unwrap().state.messages == 10
+        })
+    });
+    // An unknown NKey is refused, counted, and shown.
+    let refused = Gateway::start_named("stranger", &config("stranger.nk"));
+    wait_until(30, "the stranger refused", || {
+        refused.metric("holdfast_link_connects_total{result=\"refused\"}") >= 1.0
+    });
+    let link = refused.api("/api/v1/link")["link"].clone();
+    assert_ne!(link["state"], "up");
+    assert!(
+        link["last_error"].as_str().unwrap().contains("authorization"),
+        "{link}"
+    );
 }
 
 #[test]

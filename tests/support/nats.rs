@@ -58,6 +58,12 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     pub fn start(size: usize) -> NatsCluster {
+        NatsCluster::start_with(size, "")
+    }
+
+    /// A cluster whose servers' configs end with `extra`; one server (no
+    /// cluster block) when `size` is 1.
+    pub fn start_with(size: usize, extra: &str) -> NatsCluster {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
         let routes: Vec<String> = ports
@@ -69,14 +75,21 @@ impl NatsCluster {
             let name = format!("n{}", i + 1);
             let store = dir.path().join(&name);
             let conf = dir.path().join(format!("{name}.conf"));
+            let cluster_block = if size > 1 {
+                format!(
+                    "cluster {{ name: holdfast-test, listen: \"127.0.0.1:{cluster}\", no_advertise: true, routes: [{}] }}\n",
+                    routes.join(", ")
+                )
+            } else {
+                String::new()
+            };
             std::fs::write(
                 &conf,
                 format!(
                     "server_name: {name}\nlisten: \"127.0.0.1:{port}\"\n\
                      jetstream {{ store_dir: {:?}, max_memory_store: 64MB, max_file_store: 8GB }}\n\
-                     cluster {{ name: holdfast-test, listen: \"127.0.0.1:{cluster}\", no_advertise: true, routes: [{}] }}\n",
+                     {cluster_block}{extra}\n",
                     store.display().to_string(),
-                    routes.join(", ")
                 ),
             )
             .unwrap();

@@ -226,7 +226,7 @@ fn node(bin: &Path, dir: &Path, upstream: &str) -> (Procs, u16, u16) {
     (procs, admin, mqtt)
 }
 
-/// Publishes `n` QoS 1 messages over MQTT 5, 1000 in flight.
+/// Publishes `n` QoS 1 messages over MQTT 5, up to 1000 in flight.
 fn fill(port: u16, n: u64, payload: &Bytes) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_nodelay(true).unwrap();
@@ -256,11 +256,15 @@ fn fill(port: u16, n: u64, payload: &Bytes) {
             rbuf.extend_from_slice(&chunk[..got]);
         }
     };
-    assert!(matches!(read(&mut s, &mut rbuf), Packet::ConnAck(_)));
+    let Packet::ConnAck(ack) = read(&mut s, &mut rbuf) else {
+        panic!("no CONNACK")
+    };
+    // In flight: 1000, or the node's receive maximum if lower.
+    let window = u64::from(ack.properties.receive_maximum.unwrap_or(u16::MAX)).min(1000);
     let (mut sent, mut acked) = (0u64, 0u64);
     while acked < n {
         out.clear();
-        while sent < n && sent - acked < 1000 {
+        while sent < n && sent - acked < window {
             let pkid = (sent % 65_000 + 1) as u16;
             let p = Publish::new("bench/line1/temp", payload.clone(), QoS::AtLeastOnce, pkid);
             holdfast_mqtt::encode(&Packet::Publish(p), v, &mut out);
