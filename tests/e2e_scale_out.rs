@@ -459,7 +459,9 @@ fn tls_and_nkey_authentication_to_the_servers() {
     };
     let gw = Gateway::start_named("tls-gw", &config("user.nk"));
     link_up(&gw);
-    let msgs = (0..10).map(|i| ("tele/a".to_string(), format!("5:{i}").into_bytes())).collect();
+    let msgs = (0..10)
+        .map(|i| ("tele/a".to_string(), format!("5:{i}").into_bytes()))
+        .collect();
     assert_eq!(publish_pipelined(gw.mqtt, "pub", msgs, 10), 10);
     wait_until(30, "ten messages over TLS", || {
         rt.block_on(async {
@@ -474,10 +476,38 @@ fn tls_and_nkey_authentication_to_the_servers() {
     });
     let link = refused.api("/api/v1/link")["link"].clone();
     assert_ne!(link["state"], "up");
-    assert!(
-        link["last_error"].as_str().unwrap().contains("authorization"),
-        "{link}"
+    assert!(link["last_error"].as_str().unwrap().contains("authorization"), "{link}");
+}
+
+#[test]
+fn a_message_too_large_for_the_server_is_dead_lettered_and_the_drain_goes_on() {
+    let rt = runtime();
+    let server = NatsCluster::start_with(1, "max_payload: 4096");
+    rt.block_on(async { create_stream_with(&js_of(&server.urls()).await, "HOLDFAST", "holdfast.>", 1).await });
+    let gw = Gateway::start_named("small", &nats_upstream(&server, ""));
+    link_up(&gw);
+    let msgs = vec![
+        ("tele/a".to_string(), b"5:0".to_vec()),
+        ("tele/big".to_string(), vec![b'x'; 8192]),
+        ("tele/a".to_string(), b"5:1".to_vec()),
+    ];
+    assert_eq!(publish_pipelined(gw.mqtt, "pub", msgs, 1), 3);
+    let state = || stream_state(&rt, &server.urls(), "HOLDFAST").map(|(n, _)| n);
+    wait_until(30, "the two small messages stored", || state() == Some(2));
+    // Later messages go on flowing.
+    let more = (2..5)
+        .map(|i| ("tele/a".to_string(), format!("5:{i}").into_bytes()))
+        .collect();
+    assert_eq!(publish_pipelined(gw.mqtt, "pub2", more, 1), 3);
+    wait_until(30, "the later messages stored", || state() == Some(5));
+    let seqs: Vec<u64> = read_all(&rt, &server.urls(), 5).iter().map(|s| s.seq).collect();
+    assert_eq!(seqs, [0, 1, 2, 3, 4]);
+    assert_eq!(
+        gw.metric("holdfast_link_refused_total{reason=\"too-large-for-server\"}"),
+        1.0
     );
+    let dead = gw.api("/api/v1/dead-letter");
+    assert!(dead.to_string().contains("too-large-for-server"), "{dead}");
 }
 
 #[test]

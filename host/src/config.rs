@@ -431,10 +431,12 @@ impl Config {
                         "is required (or upstream.mqtt.servers)",
                     ));
                 }
-                if let Some(i) = m.servers.iter().position(|s| s.trim().is_empty() || s.contains("://")) {
+                if let Some(i) = m.servers.iter().position(|s| {
+                    s.trim().is_empty() || s.contains("://") || !holdfast_link::nats::config::unambiguous(s)
+                }) {
                     return Err(ConfigError::key(
                         format!("upstream.mqtt.servers[{i}]"),
-                        "must be host or host:port",
+                        "must be host, host:port or [IPv6]:port",
                     ));
                 }
                 if m.inflight == 0 {

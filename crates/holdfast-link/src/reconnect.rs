@@ -159,6 +159,10 @@ pub(crate) async fn drive<U: Upstream>(up: &U, stop: &mut watch::Receiver<bool>)
     let mut servers = Servers::new(targets.len(), up.failback() && targets.len() > 1);
     let woke = |reason| m.link_wakeups.get_or_create(&ReasonLabels { reason }).inc();
     let probe_interval = Duration::from_millis(ctx.config.probe_interval_ms);
+    // Set by a failback; and how long the next session waits before probing
+    // the main server again when going back to it failed.
+    let mut failed_back = false;
+    let mut failback_hold: Option<Duration> = None;
     loop {
         if *stop.borrow() {
             break;
@@ -207,7 +211,8 @@ pub(crate) async fn drive<U: Upstream>(up: &U, stop: &mut watch::Receiver<bool>)
                 if let Some((_, p)) = probe.take() {
                     p.abort();
                 }
-                servers.connected();
+                // Going back to the main server worked (if that is what this was).
+                failed_back = false;
                 ctx.status.set_state(LinkState::Up, None);
                 m.link_up.set(1);
                 ctx.outbox.mark_live();
@@ -217,12 +222,19 @@ pub(crate) async fn drive<U: Upstream>(up: &U, stop: &mut watch::Receiver<bool>)
                 let main = (servers.failback && index != 0)
                     .then(|| targets.first().cloned())
                     .flatten();
+                let hold = failback_hold.take().unwrap_or_default();
                 let ended = tokio::select! {
                     e = up.serve(session, stop) => e,
-                    () = main_answers(main, up.probe(), probe_interval.max(Duration::from_millis(500))) => {
+                    () = main_answers(main, up.probe(), probe_interval.max(Duration::from_millis(500)), hold) => {
                         Ended::Failback
                     }
                 };
+                // Only a session that lasted starts a new round of the list: one
+                // refused at once (a full stream, a quota) counts as a failure of
+                // its server, so a list of them still ends in a back-off.
+                if began.elapsed() >= SETTLED_SESSION {
+                    servers.connected();
+                }
                 let reason = match &ended {
                     Ended::Unreachable(_) => "lost",
                     Ended::Refused(_) => "closed",
@@ -251,6 +263,7 @@ pub(crate) async fn drive<U: Upstream>(up: &U, stop: &mut watch::Receiver<bool>)
             Ended::Failback => {
                 tracing::info!(main = ?targets.first(), "link: the main server answers again; going back to it");
                 servers.back_to_main();
+                failed_back = true;
                 continue;
             }
             Ended::Unreachable(e) => {
@@ -266,6 +279,11 @@ pub(crate) async fn drive<U: Upstream>(up: &U, stop: &mut watch::Receiver<bool>)
                 false
             }
         };
+        // The main server answered a probe but not the handshake: do not go
+        // back to it again before a back-off ceiling has passed.
+        if std::mem::take(&mut failed_back) && index == 0 {
+            failback_hold = Some(Duration::from_millis(ctx.config.backoff_max_ms).max(Duration::from_secs(5)));
+        }
         // Another server is tried at once; after a whole round, back off.
         if servers.failed() && wait(&mut backoff, &wake, stop, probing, m).await {
             break;
@@ -287,10 +305,11 @@ fn spawn_probe(kind: Probe, addr: SocketAddr, interval: Duration, wake: Arc<Wake
 
 /// Resolves when `main` (if any) answers a TCP connect; pending for ever
 /// otherwise (failback is for TCP upstreams: a QUIC parent is one server).
-async fn main_answers(main: Option<String>, kind: Probe, interval: Duration) {
+async fn main_answers(main: Option<String>, kind: Probe, interval: Duration, hold: Duration) {
     let (Some(main), Probe::Tcp) = (main, kind) else {
         return std::future::pending().await;
     };
+    tokio::time::sleep(hold).await;
     loop {
         tokio::time::sleep(interval).await;
         let Ok(addr) = resolve(&main).await else { continue };
@@ -550,6 +569,37 @@ mod tests {
         for _ in 0..100 {
             assert!(huge.next_delay() <= Duration::from_secs(60));
         }
+    }
+
+    #[test]
+    fn a_server_list_is_taken_in_turn_and_backs_off_after_a_round() {
+        // One server (the QUIC parent): every failure backs off.
+        let mut one = Servers::new(1, false);
+        assert!(one.failed());
+        assert!(one.failed());
+        assert_eq!(one.current(), 0);
+        // Three: the next one at once, back-off after the third.
+        let mut three = Servers::new(3, false);
+        assert!(!three.failed());
+        assert_eq!(three.current(), 1);
+        assert!(!three.failed());
+        assert!(three.failed());
+        assert_eq!(three.current(), 0);
+        // A settled session starts a new round.
+        assert!(!three.failed());
+        three.connected();
+        assert!(!three.failed());
+        assert!(!three.failed());
+        assert!(three.failed());
+        // With failback, a round ends back at the main server.
+        let mut main = Servers::new(2, true);
+        assert!(!main.failed());
+        assert_eq!(main.current(), 1);
+        assert!(main.failed());
+        assert_eq!(main.current(), 0);
+        assert!(!main.failed());
+        main.back_to_main();
+        assert_eq!(main.current(), 0);
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! local topic (see [`super::subject`]); its headers become user properties.
 //! It is acknowledged only once stored here (a message for a device or
 //! module goes through its durable queue), so a node that dies before that
-//! gets it again. A full queue asks for redelivery later; a message that can
-//! never be delivered (a bad topic, refused) is terminated and counted.
+//! gets it again. A full queue or a local failure asks for redelivery later;
+//! a message that can never be delivered (a bad topic, refused) is
+//! terminated and counted.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -132,7 +133,9 @@ impl Consumer {
                     count("stored");
                     m.double_ack().await
                 }
-                Err(0x97) => {
+                // A full queue (0x97), or a failure here (0x80: the store's
+                // I/O, a shutdown): it comes again later.
+                Err(0x97 | 0x80) => {
                     count("retried");
                     m.ack_with(AckKind::Nak(Some(RETRY_FULL))).await
                 }

@@ -90,7 +90,9 @@ pub struct NatsC2dConfig {
     /// The stream holding cloud-to-device messages; empty turns this off.
     pub stream: String,
     /// Subject prefix of this node's messages (`{node}` is its id); the
-    /// rest of a subject is the local topic. Default `holdfast.c2d.{node}`.
+    /// rest of a subject is the local topic. Default `c2d.{node}` (outside
+    /// the default upstream subjects, `holdfast.>`: JetStream streams may not
+    /// overlap).
     pub subject_prefix: String,
     /// The durable consumer's name (`{node}` is the node's id). Default
     /// `holdfast-{node}`.
@@ -105,7 +107,7 @@ impl Default for NatsC2dConfig {
     fn default() -> Self {
         NatsC2dConfig {
             stream: String::new(),
-            subject_prefix: "holdfast.c2d.{node}".into(),
+            subject_prefix: "c2d.{node}".into(),
             consumer: "holdfast-{node}".into(),
             add_prefix: String::new(),
             max_ack_pending: 1000,
@@ -150,7 +152,13 @@ impl NatsConfig {
         if self.servers.is_empty() {
             return Err(("upstream.nats.servers", "at least one server is required".into()));
         }
-        for u in self.urls() {
+        for (u, t) in self.urls().iter().zip(self.targets()) {
+            if !unambiguous(&t) {
+                return Err((
+                    "upstream.nats.servers",
+                    format!("{u:?}: write an IPv6 address in brackets, [addr]:port"),
+                ));
+            }
             let scheme = u.split_once("://").map_or("", |(s, _)| s);
             if !matches!(scheme, "nats" | "tls") {
                 return Err((
@@ -212,6 +220,12 @@ impl NatsConfig {
     }
 }
 
+/// False for `host:port` whose host is an IPv6 address without brackets
+/// (`fe80::1:4222` could be read two ways).
+pub fn unambiguous(target: &str) -> bool {
+    target.starts_with('[') || target.matches(':').count() <= 1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,6 +258,7 @@ mod tests {
         };
         assert_eq!(bad(|c| c.servers.clear()), "upstream.nats.servers");
         assert_eq!(bad(|c| c.servers = vec!["http://x".into()]), "upstream.nats.servers");
+        assert_eq!(bad(|c| c.servers = vec!["fe80::1".into()]), "upstream.nats.servers");
         assert_eq!(bad(|c| c.stream = "a.b".into()), "upstream.nats.stream");
         assert_eq!(
             bad(|c| c.subject_prefix = "x.{node}".into()),

@@ -47,6 +47,10 @@ pub const HEADER_TOPIC: &str = "holdfast-topic";
 /// Header with the message's expiry, ms since the Unix epoch.
 pub const HEADER_EXPIRES: &str = "holdfast-expires-ms";
 
+/// The longest subject sent: the server's control line (`max_control_line`,
+/// 4 KiB by default) holds the subject, the reply inbox and the sizes.
+const MAX_SUBJECT: usize = 3072;
+
 /// JetStream as [`drive`] runs it.
 pub struct Nats {
     /// What every upstream needs.
@@ -282,6 +286,8 @@ async fn serve(ctx: &Nats, session: Session, stop: &mut watch::Receiver<bool>) -
         if room > 0 && !stalled {
             work.borrow_and_update();
             match send_batch(link, &js, room, &mut pending, &mut sent_at).await {
+                // All it leased was set aside (expired, too large): lease again.
+                Ok(Some(0)) => continue,
                 Ok(sent) => idle = sent.is_none(),
                 Err(e) => return e,
             }
@@ -358,6 +364,17 @@ async fn send_batch(
         let msg = &r.message;
         let topic = msg.topic.strip_prefix(n.strip_prefix.as_str()).unwrap_or(&msg.topic);
         let subject = subject::subject_of(&prefix, topic);
+        if subject.len() > MAX_SUBJECT {
+            // The server would drop the connection over it, again at every resend.
+            link.metrics
+                .link_refused
+                .get_or_create(&ReasonLabels {
+                    reason: "subject-too-long",
+                })
+                .inc();
+            aside.push((item.id, Reason::UpstreamRefused, "subject-too-long".to_string()));
+            continue;
+        }
         let id = origin_id(item).to_string();
         let mut h = HeaderMap::new();
         for (k, v) in &msg.properties {

@@ -100,11 +100,17 @@ pub fn valid_subject(s: &str) -> bool {
 
 /// A header name from a user property name: characters a NATS header name
 /// cannot hold (`:`, white space, control and non-ASCII characters, `%`)
-/// are escaped as `%XX` per UTF-8 byte.
+/// are escaped as `%XX` per UTF-8 byte. A name starting with `Nats-` (any
+/// case) has its first letter escaped: those headers are JetStream's
+/// controls (`Nats-Rollup` purges a subject, `Nats-Expected-*` makes every
+/// publish fail), never a device's to set.
 pub fn header_name(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
-    for c in name.chars() {
-        if c.is_ascii_graphic() && c != ':' && c != '%' {
+    let control = name.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("nats-"));
+    for (i, c) in name.chars().enumerate() {
+        if i == 0 && control {
+            push_escaped(&mut out, c as u8);
+        } else if c.is_ascii_graphic() && c != ':' && c != '%' {
             out.push(c);
         } else {
             let mut buf = [0u8; 4];
@@ -180,6 +186,9 @@ mod tests {
         assert_eq!(header_name("with space:colon"), "with%20space%3Acolon");
         assert_eq!(header_name("é"), "%C3%A9");
         assert_eq!(header_name(""), "%");
+        assert_eq!(header_name("Nats-Rollup"), "%4Eats-Rollup");
+        assert_eq!(header_name("nats-expected-stream"), "%6Eats-expected-stream");
+        assert_eq!(header_name("Natsu"), "Natsu");
         assert_eq!(header_value("a\r\nb"), "a%0D%0Ab");
         assert_eq!(header_value("100%"), "100%");
     }
