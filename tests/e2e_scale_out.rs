@@ -510,6 +510,67 @@ fn a_message_too_large_for_the_server_is_dead_lettered_and_the_drain_goes_on() {
     assert!(dead.to_string().contains("too-large-for-server"), "{dead}");
 }
 
+/// The bridge checks each broker of its list for that broker's own host
+/// name: `localhost` has a certificate for it, `127.0.0.1` does not.
+#[test]
+fn the_bridge_verifies_each_brokers_certificate_for_its_own_host() {
+    use std::os::unix::fs::PermissionsExt;
+    let certs = fleet(&["localhost"]);
+    let c = certs.path();
+    // Mosquitto drops to its own user: let it read the key.
+    std::fs::set_permissions(c.join("localhost.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let port = free_port();
+    let conf = d.path().join("tls.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\ncafile {}\ncertfile {}\nkeyfile {}\n",
+            c.join("ca.pem").display(),
+            c.join("localhost.pem").display(),
+            c.join("localhost.key").display()
+        ),
+    )
+    .unwrap();
+    let mut broker = std::process::Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(10, "mosquitto over TLS", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let gw = Gateway::start_named(
+        "gw-tls-bridge",
+        &format!(
+            "[upstream]\nkind = \"mqtt\"\nprobe_interval_ms = 50\nbackoff_max_ms = 500\n\
+             [upstream.mqtt]\nservers = [\"127.0.0.1:{port}\", \"localhost:{port}\"]\nround_robin = true\n\
+             tls = true\nca = {:?}\n",
+            c.join("ca.pem").display().to_string()
+        ),
+    );
+    // 127.0.0.1 is refused (no such name in the certificate), localhost taken.
+    wait_until(30, "the bridge up on localhost", || {
+        let l = gw.api("/api/v1/link")["link"].clone();
+        l["state"] == "up" && l["target"] == format!("localhost:{port}")
+    });
+    assert!(gw.metric("holdfast_link_connects_total{result=\"tls\"}") >= 1.0);
+    let mut publisher = Client::connect(gw.mqtt, "sensor", true).unwrap();
+    assert!(
+        publisher
+            .publish_acked("site/a", "over tls", Duration::from_secs(5))
+            .unwrap()
+    );
+    wait_until(10, "the message acknowledged by the broker", || {
+        gw.metric("holdfast_link_messages_acked_total") >= 1.0
+    });
+    let _ = broker.kill();
+    let _ = broker.wait();
+}
+
 #[test]
 fn the_bridge_fails_over_along_its_server_list_and_back_to_the_main_broker() {
     let d1 = tempfile::tempdir().unwrap();

@@ -58,17 +58,7 @@ pub fn tls_connector(config: Sections<'_>) -> Result<Option<tokio_rustls::TlsCon
     let Some(ca) = b.ca.as_ref().or(config.fleet.ca.as_ref()) else {
         return Err(LinkError::Tls("upstream.mqtt.ca is required with tls = true".into()));
     };
-    let roots = holdfast_tls::load_roots(ca)?;
-    let builder = rustls::ClientConfig::builder_with_provider(holdfast_tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| LinkError::Tls(e.to_string()))?
-        .with_root_certificates(roots);
-    let tls = match (&b.cert, &b.key) {
-        (Some(cert), Some(key)) => builder
-            .with_client_auth_cert(holdfast_tls::load_certs(cert)?, holdfast_tls::load_key(key)?)
-            .map_err(|e| LinkError::Tls(e.to_string()))?,
-        _ => builder.with_no_client_auth(),
-    };
+    let tls = super::client_tls(ca, b.cert.as_deref(), b.key.as_deref())?;
     // Every server's name must be usable before the first attempt.
     for target in b.targets() {
         server_name(b, &target)?;

@@ -93,6 +93,25 @@ pub struct Ctx {
     pub rate: Arc<rate::RateLimit>,
 }
 
+/// TLS client settings of an upstream (the bridge, JetStream): the servers'
+/// certificates verified against `ca`, and a client certificate if given.
+pub(crate) fn client_tls(
+    ca: &std::path::Path,
+    cert: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+) -> Result<rustls::ClientConfig, LinkError> {
+    let builder = rustls::ClientConfig::builder_with_provider(holdfast_tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| LinkError::Tls(e.to_string()))?
+        .with_root_certificates(holdfast_tls::load_roots(ca)?);
+    match (cert, key) {
+        (Some(cert), Some(key)) => builder
+            .with_client_auth_cert(holdfast_tls::load_certs(cert)?, holdfast_tls::load_key(key)?)
+            .map_err(|e| LinkError::Tls(e.to_string())),
+        _ => Ok(builder.with_no_client_auth()),
+    }
+}
+
 /// This node's fleet TLS material: the CA roots, its certificate chain and key.
 pub(crate) type FleetMaterial = (
     Arc<rustls::RootCertStore>,

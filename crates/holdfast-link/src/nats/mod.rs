@@ -73,18 +73,7 @@ pub fn tls_config(config: crate::config::Sections<'_>) -> Result<Option<rustls::
     let Some(ca) = n.ca.as_ref().or(config.fleet.ca.as_ref()) else {
         return Err(LinkError::Tls("upstream.nats.ca is required with TLS".into()));
     };
-    let roots = holdfast_tls::load_roots(ca)?;
-    let builder = rustls::ClientConfig::builder_with_provider(holdfast_tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| LinkError::Tls(e.to_string()))?
-        .with_root_certificates(roots);
-    let tls = match (&n.cert, &n.key) {
-        (Some(cert), Some(key)) => builder
-            .with_client_auth_cert(holdfast_tls::load_certs(cert)?, holdfast_tls::load_key(key)?)
-            .map_err(|e| LinkError::Tls(e.to_string()))?,
-        _ => builder.with_no_client_auth(),
-    };
-    Ok(Some(tls))
+    Ok(Some(super::client_tls(ca, n.cert.as_deref(), n.key.as_deref())?))
 }
 
 /// Runs the JetStream upstream until `stop`.
